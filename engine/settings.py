@@ -1,0 +1,264 @@
+"""config.yaml + environment -> one `Settings` object, loaded once and passed down.
+
+The file is strict: `version: 1`, unknown keys rejected, every error names file, line and field.
+Secrets (API key, WorkPro token, WeCom secret) may be written as `${ENV_NAME}` or left out and given in
+the environment (`WECAST_API_KEY`, `WECAST_WORKPRO_TOKEN`, `WECAST_WECOM_SECRET`); they are `SecretStr`,
+so they never show in logs, errors or `repr`. `WECAST_DATABASE_URL` and `WECAST_GATEWAY` override the file.
+Relative paths are relative to the config file's folder.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from datetime import time, timedelta
+from pathlib import Path
+from typing import Any, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+
+from engine import yamlsrc
+from engine.durations import Duration
+from engine.errors import ConfigError, Location
+
+DEFAULT_TIMEZONE = "Asia/Shanghai"
+GatewayName = Literal["sandbox", "workpro", "wecom"]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def check_timezone(value: str) -> str:
+    try:
+        ZoneInfo(value)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ValueError(f"unknown time zone {value!r}; use an IANA name such as Asia/Shanghai") from None
+    return value
+
+
+_HHMM = re.compile(r"^([01]?\d|2[0-3]):([0-5]\d)$")
+
+
+def parse_hhmm(value: Any) -> time:
+    if isinstance(value, time):
+        return value
+    if isinstance(value, int) and not isinstance(value, bool):  # YAML 1.1 reads 21:00 as 1260 (sexagesimal)
+        value = f"{value // 60:02d}:{value % 60:02d}"
+    match = _HHMM.match(str(value))
+    if not match:
+        raise ValueError(f"{value!r} is not a time of day; write it like 21:00")
+    return time(int(match.group(1)), int(match.group(2)))
+
+
+class Throttle(Strict):
+    """How fast to send. Both limits apply when both are set."""
+
+    per_second: float | None = Field(default=None, gt=0)
+    per_minute: float | None = Field(default=None, gt=0)
+
+    @property
+    def interval(self) -> float:
+        """Seconds between two sends (0: unlimited)."""
+        gaps = [1.0 / self.per_second] if self.per_second else []
+        if self.per_minute:
+            gaps.append(60.0 / self.per_minute)
+        return max(gaps, default=0.0)
+
+
+class FrequencyCap(Strict):
+    """At most `max` capped messages per contact per `per` (calendar day/week in the campaign's zone)."""
+
+    max: int = Field(default=1, ge=1)
+    per: Literal["day", "week", "month"] = "day"
+
+
+class QuietHours(Strict):
+    """No sends from `start` to `end` local time (may cross midnight); sends wait for the window to open."""
+
+    start: time
+    end: time
+
+    _parse = field_validator("start", "end", mode="before")(lambda v: parse_hhmm(v))
+
+    @model_validator(mode="after")
+    def _not_empty(self) -> QuietHours:
+        if self.start == self.end:
+            raise ValueError("quiet hours start and end are the same time")
+        return self
+
+    def contains(self, t: time) -> bool:
+        if self.start < self.end:
+            return self.start <= t < self.end
+        return t >= self.start or t < self.end
+
+
+class Retry(Strict):
+    max_attempts: int = Field(default=4, ge=1, le=20)
+    base_delay: Duration = timedelta(seconds=1)
+    max_delay: Duration = timedelta(seconds=60)
+
+
+class Sending(Strict):
+    throttle: Throttle = Throttle(per_second=10)
+    concurrency: int = Field(default=8, ge=1, le=256)
+    retry: Retry = Retry()
+    send_timeout: Duration = timedelta(seconds=30)
+    frequency_cap: FrequencyCap | None = FrequencyCap()
+    quiet_hours: QuietHours | None = QuietHours(start=time(21, 0), end=time(9, 0))
+    max_errors: int = Field(default=50, ge=0)   # a run pauses after this many failed deliveries; 0 = never
+    login_wait: Duration = timedelta(minutes=10)  # how long `wecast run` waits for a login before leaving sends pending
+
+
+class Faults(Strict):
+    """Sandbox fault injection. Rates are probabilities per send (0..1)."""
+
+    latency_ms: float = Field(default=0, ge=0)
+    latency_jitter_ms: float = Field(default=0, ge=0)
+    error_rate: float = Field(default=0, ge=0, le=1)
+    rate_limit_rate: float = Field(default=0, ge=0, le=1)
+    timeout_rate: float = Field(default=0, ge=0, le=1)
+
+
+class SandboxSettings(Strict):
+    contacts: int = Field(default=200, ge=0)
+    seed: int = 2024
+    auto_login: bool = True
+    scan_delay: Duration = timedelta(seconds=3)   # the simulated phone scans the QR this long after it shows
+    second_verification: bool = False             # after login, ask for WeCom's "new device" QR once
+    state_file: Path = Path("data/sandbox.sqlite")
+    honor_idempotency_key: bool = True
+    faults: Faults = Faults()
+
+
+class WorkproSettings(Strict):
+    token: SecretStr | None = None
+    endpoint: str | None = None                   # host:port skips discovery
+    discovery_authorities: list[str] = ["token-service-discovery-test.juzibot.com", "api.chatie.io"]
+    ding_interval: Duration = timedelta(seconds=60)
+    call_timeout: Duration = timedelta(seconds=30)
+    contact_batch_size: int = Field(default=100, ge=1, le=1000)
+
+
+class WecomSettings(Strict):
+    corp_id: str = ""
+    secret: SecretStr | None = None
+    base_url: str = "https://qyapi.weixin.qq.com"
+    sender: str = ""                              # member userid whose customers are synced / messaged
+
+
+class ApiSettings(Strict):
+    host: str = "127.0.0.1"
+    port: int = Field(default=9898, ge=1, le=65535)
+    key: SecretStr | None = None
+
+
+class SchedulerSettings(Strict):
+    catch_up: Literal["skip", "once", "all"] = "once"
+    grace: Duration = timedelta(hours=1)          # a missed fire is caught up only if this recent
+    contacts_sync: Duration | None = timedelta(hours=6)
+    reload_interval: Duration = timedelta(seconds=5)
+
+
+class Settings(Strict):
+    version: Literal[1]
+    gateway: GatewayName = "sandbox"
+    timezone: str = DEFAULT_TIMEZONE
+    database_url: str = "sqlite:///data/wecast.sqlite"
+    campaigns_dir: Path = Path("campaigns")
+    sending: Sending = Sending()
+    sandbox: SandboxSettings = SandboxSettings()
+    workpro: WorkproSettings = WorkproSettings()
+    wecom: WecomSettings = WecomSettings()
+    api: ApiSettings = ApiSettings()
+    scheduler: SchedulerSettings = SchedulerSettings()
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    # Where the settings came from (not a config key).
+    source: str = Field(default="<defaults>", exclude=True)
+
+    _tz = field_validator("timezone")(lambda v: check_timezone(v))
+
+    @property
+    def tz(self) -> ZoneInfo:
+        return ZoneInfo(self.timezone)
+
+
+_ENV_REF = re.compile(r"^\$\{([A-Z_][A-Z0-9_]*)\}$")
+_SECRET_ENV = {("api", "key"): "WECAST_API_KEY", ("workpro", "token"): "WECAST_WORKPRO_TOKEN",
+               ("wecom", "secret"): "WECAST_WECOM_SECRET"}
+
+
+def _expand_env(data: Any, lines: yamlsrc.Lines, path: tuple[str | int, ...] = ()) -> Any:
+    if isinstance(data, dict):
+        return {k: _expand_env(v, lines, (*path, k)) for k, v in data.items()}
+    if isinstance(data, list):
+        return [_expand_env(v, lines, (*path, i)) for i, v in enumerate(data)]
+    if isinstance(data, str):
+        match = _ENV_REF.match(data.strip())
+        if match:
+            name = match.group(1)
+            if name not in os.environ:
+                raise ConfigError(f"environment variable {name} is not set", lines.at(path))
+            return os.environ[name]
+    return data
+
+
+def load_settings(path: str | Path | None = None, *, overrides: dict[str, Any] | None = None) -> Settings:
+    """Load config.yaml (or `$WECAST_CONFIG`, or defaults if there is no file) plus the environment."""
+    env_path = os.environ.get("WECAST_CONFIG")
+    config_path = Path(path) if path else Path(env_path) if env_path else Path("config.yaml")
+    explicit = path is not None or env_path is not None
+    data: dict[str, Any] = {"version": 1}
+    lines = yamlsrc.Lines(str(config_path))
+    if config_path.exists():
+        try:
+            raw, lines = yamlsrc.load(config_path.read_text(encoding="utf-8"), str(config_path))
+        except yamlsrc.YamlSyntaxError as exc:
+            raise ConfigError(str(exc), Location(str(config_path), exc.line)) from None
+        if raw is None:
+            raw = {}
+        if not isinstance(raw, dict):
+            raise ConfigError("config must be a mapping of keys to values", Location(str(config_path), 1))
+        if "version" not in raw:
+            raise ConfigError("missing `version: 1` at the top", Location(str(config_path), 1, "version"))
+        data = _expand_env(raw, lines)
+    elif explicit:
+        raise ConfigError(f"config file not found: {config_path}")
+    base = config_path.resolve().parent
+    for (section, key), env in _SECRET_ENV.items():
+        if os.environ.get(env):
+            data.setdefault(section, {})
+            if isinstance(data[section], dict):
+                data[section] = {**data[section], key: os.environ[env]}
+    if os.environ.get("WECAST_DATABASE_URL"):
+        data["database_url"] = os.environ["WECAST_DATABASE_URL"]
+    if os.environ.get("WECAST_GATEWAY"):
+        data["gateway"] = os.environ["WECAST_GATEWAY"]
+    for key, value in (overrides or {}).items():
+        data[key] = value
+    try:
+        settings = Settings.model_validate({**data, "source": str(config_path)})
+    except ValidationError as exc:
+        problems = yamlsrc.located(exc, lines)
+        first_loc, first_reason = problems[0]
+        more = "".join(f"\n  {loc}: {reason}" for loc, reason in problems[1:])
+        raise ConfigError(first_reason + more, first_loc) from None
+    return _resolve_paths(settings, base)
+
+
+def _resolve_paths(settings: Settings, base: Path) -> Settings:
+    def rel(p: Path) -> Path:
+        return p if p.is_absolute() else base / p
+
+    url = settings.database_url
+    if url.startswith("sqlite:///") and not url.startswith("sqlite:////") and ":memory:" not in url:
+        url = "sqlite:///" + str(rel(Path(url.removeprefix("sqlite:///"))))
+    sandbox = settings.sandbox.model_copy(update={"state_file": rel(settings.sandbox.state_file)})
+    return settings.model_copy(update={"database_url": url, "campaigns_dir": rel(settings.campaigns_dir),
+                                       "sandbox": sandbox})
+
+
+def redact_url(url: str) -> str:
+    """A database URL with any password hidden, for logs and CLI output."""
+    return re.sub(r"(://[^:/@]+:)[^@]+@", r"\1***@", url)

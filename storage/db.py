@@ -1,0 +1,101 @@
+"""Database engine and schema management.
+
+`make_db_engine(url)` builds a SQLAlchemy engine (SQLite gets WAL, a busy timeout and foreign keys) and
+brings the schema to `SCHEMA_VERSION`: a new database is created, an older one is migrated step by step,
+a newer one is refused rather than damaged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import event, inspect, select
+from sqlalchemy.engine import Connection, Engine, make_url
+from sqlmodel import Session, SQLModel, create_engine
+
+from storage.models import SCHEMA_VERSION, Meta
+
+# Migrations from version N to N+1, keyed by N. Each runs inside one transaction.
+MIGRATIONS: dict[int, Callable[[Connection], None]] = {}
+
+
+class SchemaError(RuntimeError):
+    """The database was written by a newer wecast, or a migration failed."""
+
+
+def make_db_engine(url: str, *, migrate: bool = True, echo: bool = False) -> Engine:
+    """Create an engine for `url` (any SQLAlchemy URL) and make sure its schema is current."""
+    parsed = make_url(url)
+    kwargs: dict[str, Any] = {"echo": echo}
+    if parsed.get_backend_name() == "sqlite":
+        database = parsed.database
+        if database and database != ":memory:":
+            Path(database).parent.mkdir(parents=True, exist_ok=True)
+        kwargs["connect_args"] = {"check_same_thread": False, "timeout": 30}
+    engine = create_engine(url, **kwargs)
+    if parsed.get_backend_name() == "sqlite":
+        event.listen(engine, "connect", _sqlite_pragmas)
+    if migrate:
+        ensure_schema(engine)
+    return engine
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    # WAL lets readers (the CLI, the API) run beside the dispatcher; NORMAL sync is durable across process
+    # crashes (the kill -9 case), which is what the delivery log needs.
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.execute("PRAGMA busy_timeout=30000")
+    cursor.close()
+
+
+def schema_version(engine: Engine) -> int | None:
+    """The stored schema version, or None for an empty database."""
+    if not inspect(engine).has_table(Meta.__tablename__):
+        return None
+    with Session(engine) as session:
+        row = session.exec(select(Meta.value).where(Meta.key == "schema_version")).first()  # type: ignore[call-overload]
+        return int(row[0]) if row else None
+
+
+def ensure_schema(engine: Engine) -> None:
+    """Create or migrate the schema to SCHEMA_VERSION."""
+    current = schema_version(engine)
+    if current is None:
+        SQLModel.metadata.create_all(engine)
+        with Session(engine) as session:
+            session.merge(Meta(key="schema_version", value=str(SCHEMA_VERSION)))
+            session.commit()
+        return
+    if current > SCHEMA_VERSION:
+        raise SchemaError(
+            f"database schema version {current} is newer than this wecast understands ({SCHEMA_VERSION}); "
+            "upgrade wecast instead of using an older release on this database")
+    while current < SCHEMA_VERSION:
+        step = MIGRATIONS.get(current)
+        if step is None:
+            raise SchemaError(f"no migration from schema version {current}")
+        with engine.begin() as conn:
+            step(conn)
+            conn.execute(Meta.__table__.update().where(Meta.__table__.c.key == "schema_version")  # type: ignore[attr-defined]
+                         .values(value=str(current + 1)))
+        current += 1
+    # New tables added without a data migration are created idempotently.
+    SQLModel.metadata.create_all(engine)
+
+
+@contextmanager
+def session_scope(engine: Engine) -> Iterator[Session]:
+    """A session that commits on success and rolls back on error."""
+    with Session(engine, expire_on_commit=False) as session:
+        try:
+            yield session
+            session.commit()
+        except BaseException:
+            session.rollback()
+            raise

@@ -1,0 +1,207 @@
+"""Tables. Times are stored as UTC and always come back timezone-aware (see `UTCDateTime`).
+
+Delivery states (the only ones; every delivery ends in a terminal one):
+
+    pending ──claim──> claimed ──mark──> sending ──> sent
+       ^                  │                 ├────> failed     (permanent error, or retries exhausted)
+       └──── retry ───────┴─────────────────┤────> unknown    (may have been delivered; never retried silently)
+                                            └────> submitted  (batch gateways: a task staff must confirm) -> sent/failed
+    skipped   (decided at plan or dispatch time: dedupe, frequency cap, rule, missing data; `reason` says which)
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any
+
+from sqlalchemy import JSON, Column, DateTime, Index, String, Text, UniqueConstraint
+from sqlalchemy.engine import Dialect
+from sqlalchemy.types import TypeDecorator
+from sqlmodel import Field, SQLModel
+
+SCHEMA_VERSION = 1
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Stores aware datetimes as naive UTC; returns them aware (UTC). Naive input is rejected."""
+
+    impl = DateTime
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError(f"naive datetime {value!r}: wecast stores only timezone-aware times")
+        return value.astimezone(UTC).replace(tzinfo=None)
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC)
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def _ts(nullable: bool = True, index: bool = False) -> Any:
+    return Field(default=None, sa_column=Column(UTCDateTime(), nullable=nullable, index=index))
+
+
+class DeliveryStatus(StrEnum):
+    PENDING = "pending"
+    CLAIMED = "claimed"
+    SENDING = "sending"
+    SUBMITTED = "submitted"
+    SENT = "sent"
+    FAILED = "failed"
+    SKIPPED = "skipped"
+    UNKNOWN = "unknown"
+
+
+TERMINAL_STATUSES = frozenset({DeliveryStatus.SENT, DeliveryStatus.FAILED, DeliveryStatus.SKIPPED,
+                               DeliveryStatus.UNKNOWN})
+# Deliveries that count against the per-contact frequency cap: anything that reached (or may have
+# reached) the gateway, plus what is about to.
+CAP_COUNTED_STATUSES = frozenset({DeliveryStatus.SENDING, DeliveryStatus.SUBMITTED, DeliveryStatus.SENT,
+                                  DeliveryStatus.UNKNOWN})
+
+
+class RunStatus(StrEnum):
+    RUNNING = "running"        # planned; deliveries are being dispatched (or wait for login / quiet hours)
+    PAUSED = "paused"          # too many errors, or paused by a person; resume explicitly
+    COMPLETED = "completed"    # every delivery is in a terminal state
+    CANCELLED = "cancelled"    # stopped by a person; unsent deliveries were skipped
+
+
+class Meta(SQLModel, table=True):
+    """Key/value facts about the database itself (schema_version)."""
+
+    __tablename__ = "wecast_meta"
+    key: str = Field(primary_key=True)
+    value: str
+
+
+class Contact(SQLModel, table=True):
+    """A customer as the gateway reports it, with every field of the source document's payload."""
+
+    __tablename__ = "contacts"
+    id: str = Field(primary_key=True)
+    name: str = ""
+    alias: str = ""
+    avatar: str = ""
+    gender: int = 0                       # 0 unknown, 1 male, 2 female (puppet ContactGender)
+    city: str = ""
+    province: str = ""
+    address: str = ""
+    corporation: str = ""
+    title: str = ""
+    phones: list[str] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    weixin: str = ""
+    description: str = ""
+    signature: str = ""
+    friend: bool = False
+    coworker: bool = False
+    star: bool = False
+    type: int = 0                         # 1 personal WeChat, 2 official account, 3 WeCom, 4 app
+    real_name: str = ""
+    aka: str = ""
+    additional_info: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    corp_id: str = ""
+    added_at: datetime | None = _ts(index=True)      # when the customer added us (additionalInfo.addContactTime)
+    created_at: datetime | None = _ts()              # first seen by wecast
+    updated_at: datetime | None = _ts()              # last changed by a sync
+    removed_at: datetime | None = _ts()              # no longer in the gateway's list
+
+
+class Tag(SQLModel, table=True):
+    __tablename__ = "tags"
+    id: str = Field(primary_key=True)
+    name: str = Field(index=True)
+    group_name: str = ""
+    type: int = 0                         # 1 personal, 2 corporate
+
+
+class ContactTag(SQLModel, table=True):
+    __tablename__ = "contact_tags"
+    contact_id: str = Field(primary_key=True, foreign_key="contacts.id")
+    tag_id: str = Field(primary_key=True, foreign_key="tags.id", index=True)
+
+
+class CampaignRun(SQLModel, table=True):
+    """One firing of a campaign (scheduled, manual or an API send). `run_key` identifies the slot."""
+
+    __tablename__ = "campaign_runs"
+    __table_args__ = (UniqueConstraint("campaign_id", "run_key", name="uq_run_campaign_key"),)
+    id: int | None = Field(default=None, primary_key=True)
+    campaign_id: str = Field(index=True)
+    run_key: str
+    trigger: str = "manual"               # schedule | manual | api
+    status: str = Field(default=RunStatus.RUNNING, index=True)
+    timezone: str = "Asia/Shanghai"
+    campaign_file: str = ""
+    campaign_hash: str = ""
+    settings: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    scheduled_for: datetime | None = _ts()
+    created_at: datetime | None = _ts()
+    finished_at: datetime | None = _ts()
+    owner: str = ""                       # host:pid of the process dispatching it
+    heartbeat_at: datetime | None = _ts()
+    error: str = ""
+    planned: int = 0
+    skipped_at_plan: int = 0
+
+
+class Delivery(SQLModel, table=True):
+    """One message to one contact in one run. The unique `dedupe_key` makes planning idempotent."""
+
+    __tablename__ = "deliveries"
+    __table_args__ = (
+        UniqueConstraint("run_id", "contact_id", name="uq_delivery_run_contact"),
+        UniqueConstraint("dedupe_key", name="uq_delivery_dedupe_key"),
+        Index("ix_delivery_dispatch", "run_id", "status", "next_attempt_at"),
+        Index("ix_delivery_contact_sent", "contact_id", "capped", "sent_at"),
+        Index("ix_delivery_campaign_contact", "campaign_id", "contact_id"),
+    )
+    id: int | None = Field(default=None, primary_key=True)
+    run_id: int = Field(foreign_key="campaign_runs.id")
+    campaign_id: str
+    contact_id: str
+    contact_name: str = ""
+    text: str = Field(default="", sa_column=Column(Text, nullable=False))
+    dedupe_key: str | None = Field(default=None, sa_column=Column(String(300), nullable=True))
+    status: str = Field(default=DeliveryStatus.PENDING, index=True)
+    reason: str = ""                      # why skipped / failed / unknown, in words
+    attempts: int = 0
+    last_error: str = ""
+    capped: bool = True                   # counts toward the shared per-contact frequency cap
+    gateway_message_id: str = ""
+    gateway_task_id: str = ""
+    claim_token: str = ""
+    next_attempt_at: datetime | None = _ts()
+    created_at: datetime | None = _ts()
+    updated_at: datetime | None = _ts()
+    sent_at: datetime | None = _ts()
+
+
+class ScheduleState(SQLModel, table=True):
+    """Last fire time the scheduler handled per campaign, so missed fires can be caught up after downtime."""
+
+    __tablename__ = "schedule_state"
+    campaign_id: str = Field(primary_key=True)
+    last_fire_at: datetime | None = _ts()
+    updated_at: datetime | None = _ts()
+
+
+class GatewayEvent(SQLModel, table=True):
+    """Login lifecycle and other gateway events, for the log and the API."""
+
+    __tablename__ = "gateway_events"
+    id: int | None = Field(default=None, primary_key=True)
+    at: datetime | None = _ts(index=True)
+    gateway: str = ""
+    kind: str = ""
+    message: str = ""
+    data: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
