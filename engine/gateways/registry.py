@@ -1,0 +1,31 @@
+"""The one place gateway names map to classes. Config says `gateway: workpro`; nothing scans folders.
+
+Imports are lazy so the sandbox needs neither grpc nor httpx loaded.
+"""
+
+from __future__ import annotations
+
+from engine.clock import Clock
+from engine.errors import ConfigError
+from engine.gateways.base import Gateway
+from engine.settings import Settings
+
+GATEWAYS = ("sandbox", "workpro", "wecom")
+
+
+def build_gateway(settings: Settings, clock: Clock | None = None) -> Gateway:
+    """A new, not yet started gateway of the kind `settings.gateway` names."""
+    name = settings.gateway
+    if name == "sandbox":
+        from engine.gateways.sandbox import SandboxGateway
+
+        return SandboxGateway(settings.sandbox, clock)
+    if name == "workpro":
+        from engine.gateways.workpro import WorkproGateway
+
+        if settings.workpro.token is None:
+            raise ConfigError("gateway workpro needs a token: set WECAST_WORKPRO_TOKEN or workpro.token")
+        return WorkproGateway(settings.workpro, clock)
+    if name == "wecom":
+        raise ConfigError("the wecom gateway is not available in this release yet; use sandbox or workpro")
+    raise ConfigError(f"unknown gateway {name!r}; choose one of {', '.join(GATEWAYS)}")

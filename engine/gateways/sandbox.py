@@ -1,0 +1,418 @@
+"""The sandbox gateway: a simulated WeCom account inside the process. The demo, and the test double.
+
+It behaves like the real thing where it matters:
+
+* **Login**: `start_login` shows a QR (same URL shape as WorkPro's); the simulated phone scans it after
+  `scan_delay` (or at once with `sandbox_scan()`), then shows a 6-digit code in the log and through
+  `sandbox_phone_code()`. Wrong codes are rejected with the tries left; after 3 a new QR is shown.
+  With `second_verification`, WeCom's "new device" QR follows the first login once.
+* **Customers**: about 200 realistic Chinese demo customers with tags (any number, deterministic per seed).
+* **Sending**: every message a customer receives lands in the *outbox*, a SQLite file, so tests and the
+  CLI can count deliveries across processes (`wecast sandbox outbox`). A send is delivered exactly when its
+  outbox row is committed. With `honor_idempotency_key` (the default) a resend with the same key returns
+  the first message id instead of delivering twice, as idempotent APIs do.
+* **Faults**: latency, transient errors, rate limiting and timeouts whose outcome is unknown to the caller,
+  at configurable rates, from a seeded random source.
+
+The login state is kept in the same file, so `wecast login` in one process serves `wecast run` in the next.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import secrets
+import sqlite3
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import ClassVar
+
+from engine.clock import Clock
+from engine.errors import (
+    LoginError,
+    NotLoggedInError,
+    PermanentError,
+    RateLimitedError,
+    TransientError,
+    UnknownOutcomeError,
+)
+from engine.gateways.base import (
+    Capabilities,
+    ContactPage,
+    ContactRecord,
+    EventKind,
+    Gateway,
+    LoginState,
+    LoginStatus,
+    SendReceipt,
+    TagRecord,
+)
+from engine.gateways.demo_data import demo_contacts, demo_tags
+from engine.settings import Faults, SandboxSettings
+
+log = logging.getLogger("wecast.sandbox")
+
+ACCOUNT_ID = "1688850000000001"
+ACCOUNT_NAME = "门店小助手(沙箱)"
+MAX_CODE_TRIES = 3
+NEW_DEVICE_TEXT = "你正在一台新设备上使用企业微信，需通过手机企业微信扫码进行安全验证"
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS account (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS outbox (
+    id INTEGER PRIMARY KEY,
+    message_id TEXT NOT NULL UNIQUE,
+    contact_id TEXT NOT NULL,
+    text TEXT NOT NULL,
+    idempotency_key TEXT NOT NULL,
+    sent_at TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS ix_outbox_key ON outbox (idempotency_key);
+CREATE INDEX IF NOT EXISTS ix_outbox_contact ON outbox (contact_id);
+"""
+
+
+@dataclass(frozen=True)
+class OutboxMessage:
+    message_id: str
+    contact_id: str
+    text: str
+    idempotency_key: str
+    sent_at: str
+
+
+class SandboxStore:
+    """The sandbox's SQLite file: login state and the outbox. Safe to open from several processes."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        if str(path) != ":memory:":
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._conn = sqlite3.connect(str(path), timeout=30, isolation_level=None, check_same_thread=False)
+        self._lock = threading.Lock()
+        self._conn.execute("PRAGMA journal_mode=WAL")
+        self._conn.execute("PRAGMA synchronous=NORMAL")
+        self._conn.executescript(_SCHEMA)
+
+    def close(self) -> None:
+        self._conn.close()
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._conn
+                self._conn.execute("COMMIT")
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+
+    def get(self, key: str) -> str | None:
+        with self._lock:
+            row = self._conn.execute("SELECT value FROM account WHERE key = ?", (key,)).fetchone()
+        return row[0] if row else None
+
+    def put(self, key: str, value: str | None) -> None:
+        with self._tx() as conn:
+            if value is None:
+                conn.execute("DELETE FROM account WHERE key = ?", (key,))
+            else:
+                conn.execute("INSERT INTO account (key, value) VALUES (?, ?) "
+                             "ON CONFLICT(key) DO UPDATE SET value = excluded.value", (key, value))
+
+    def deliver(self, contact_id: str, text: str, key: str, *, dedupe: bool) -> tuple[str, bool]:
+        """Record a delivered message; returns (message_id, duplicate)."""
+        with self._tx() as conn:
+            if dedupe:
+                row = conn.execute("SELECT message_id FROM outbox WHERE idempotency_key = ? LIMIT 1",
+                                   (key,)).fetchone()
+                if row:
+                    return row[0], True
+            message_id = "sbx-" + secrets.token_hex(8)
+            conn.execute("INSERT INTO outbox (message_id, contact_id, text, idempotency_key, sent_at) "
+                         "VALUES (?, ?, ?, ?, ?)",
+                         (message_id, contact_id, text, key, datetime.now(UTC).isoformat()))
+            return message_id, False
+
+    def messages(self, contact_id: str | None = None) -> list[OutboxMessage]:
+        sql = "SELECT message_id, contact_id, text, idempotency_key, sent_at FROM outbox"
+        args: tuple[str, ...] = ()
+        if contact_id:
+            sql += " WHERE contact_id = ?"
+            args = (contact_id,)
+        with self._lock:
+            rows = self._conn.execute(sql + " ORDER BY id", args).fetchall()
+        return [OutboxMessage(*row) for row in rows]
+
+    def count(self) -> int:
+        with self._lock:
+            return int(self._conn.execute("SELECT COUNT(*) FROM outbox").fetchone()[0])
+
+    def clear(self) -> None:
+        with self._tx() as conn:
+            conn.execute("DELETE FROM outbox")
+
+
+class SandboxGateway(Gateway):
+    """An in-process simulated WeCom account. See the module docstring."""
+
+    name: ClassVar[str] = "sandbox"
+
+    def __init__(self, settings: SandboxSettings, clock: Clock | None = None) -> None:
+        super().__init__(clock)
+        self.settings = settings
+        self.capabilities = Capabilities(direct_send=True, batch_send=False,
+                                         idempotent_sends=settings.honor_idempotency_key)
+        self.faults: Faults = settings.faults
+        self._rng = random.Random(settings.seed)
+        self._store: SandboxStore | None = None
+        self._contacts: list[ContactRecord] | None = None
+        self._by_id: dict[str, ContactRecord] = {}
+        self._state = LoginState.LOGGED_OUT
+        self._qr_key: str | None = None
+        self._code: str | None = None
+        self._tries_left = MAX_CODE_TRIES
+        self._second_pending = False
+        self._second_done = False
+        self._phone_task: asyncio.Task[None] | None = None
+
+    # -- lifecycle -------------------------------------------------------------------------------
+    @property
+    def store(self) -> SandboxStore:
+        if self._store is None:
+            self._store = SandboxStore(self.settings.state_file)
+        return self._store
+
+    async def start(self) -> None:
+        if self.store.get("logged_in") == "1":
+            self._state = LoginState.LOGGED_IN
+            self._second_done = True
+        elif self.settings.auto_login:
+            await self._auto_login()
+
+    async def close(self) -> None:
+        if self._phone_task and not self._phone_task.done():
+            self._phone_task.cancel()
+        if self._store is not None:
+            self._store.close()
+            self._store = None
+
+    async def _auto_login(self) -> None:
+        """Play the whole login flow at once (the demo default): QR, scan, code, logged in."""
+        await self.start_login(schedule_phone=False)
+        await self.sandbox_scan()
+        if self._state is LoginState.WAITING_VERIFY_CODE and self._code:
+            await self.submit_verify_code(self._code, self._qr_key)
+        if self._state is not LoginState.LOGGED_IN and self._second_pending:
+            await self.sandbox_scan()
+
+    # -- login -----------------------------------------------------------------------------------
+    async def login_status(self) -> LoginStatus:
+        qr = self._qr_url() if self._state in (LoginState.WAITING_SCAN, LoginState.SCANNED) else None
+        return LoginStatus(
+            state=self._state, qr_url=qr,
+            qrcode_key=self._qr_key if self._state is not LoginState.LOGGED_IN else None,
+            second_verification=self._second_pending,
+            account_id=ACCOUNT_ID if self._state is LoginState.LOGGED_IN else None,
+            account_name=ACCOUNT_NAME if self._state is LoginState.LOGGED_IN else None,
+            tries_left=self._tries_left if self._state is LoginState.WAITING_VERIFY_CODE else None,
+            message=self._message())
+
+    def _message(self) -> str:
+        return {
+            LoginState.LOGGED_OUT: "未登录：请调用 /goStart 获取二维码 (not logged in: call /goStart for a QR)",
+            LoginState.WAITING_SCAN: ("请用手机企业微信扫码进行安全验证 (scan the security-check QR)"
+                                      if self._second_pending else
+                                      "请用手机企业微信扫描二维码 (scan the QR with WeCom on the phone)"),
+            LoginState.SCANNED: "已扫码，请在手机上确认 (scanned: confirm on the phone)",
+            LoginState.WAITING_VERIFY_CODE: "请输入企业微信手机端展示的验证码，以继续登录",
+            LoginState.LOGGED_IN: "已登录 (logged in)",
+        }[self._state]
+
+    def _qr_url(self) -> str:
+        base = "https://wx.work.weixin.qq.com/cgi-bin/crtx_auth?key="
+        extra = "&secondaryEquipment=1" if self._second_pending else ""
+        return f"{base}{self._qr_key}&wx=1&sandbox=1{extra}"
+
+    def _new_qr(self) -> None:
+        self._qr_key = secrets.token_hex(16).upper()
+        self._code = None
+        self._tries_left = MAX_CODE_TRIES
+        self._state = LoginState.WAITING_SCAN
+        self.emit(EventKind.QR, self._message(), qr_url=self._qr_url(), qrcode_key=self._qr_key,
+                  second_verification=self._second_pending)
+
+    async def start_login(self, *, schedule_phone: bool = True) -> LoginStatus:
+        if self._state is LoginState.LOGGED_IN:
+            return await self.login_status()
+        if self._state is LoginState.LOGGED_OUT:
+            self._new_qr()
+        if schedule_phone and self._state is LoginState.WAITING_SCAN:
+            self._schedule_phone()
+        return await self.login_status()
+
+    def _schedule_phone(self) -> None:
+        if self._phone_task and not self._phone_task.done():
+            return
+        key = self._qr_key
+
+        async def phone() -> None:
+            await self.clock.sleep(self.settings.scan_delay.total_seconds())
+            if self._qr_key == key and self._state is LoginState.WAITING_SCAN:
+                await self.sandbox_scan()
+
+        self._phone_task = asyncio.get_running_loop().create_task(phone())
+
+    async def sandbox_scan(self) -> LoginStatus:
+        """Sandbox only: the simulated phone scans the current QR and confirms."""
+        if self._state is not LoginState.WAITING_SCAN:
+            raise LoginError("no QR is waiting to be scanned; call start_login (POST /goStart) first")
+        self.emit(EventKind.SCANNED, "二维码已扫描 (QR scanned)")
+        if self._second_pending:
+            # The security check needs only the scan; the session carries on.
+            self._second_pending = False
+            self._second_done = True
+            self._logged_in()
+            return await self.login_status()
+        self._code = f"{self._rng.randrange(10**6):06d}"
+        self._state = LoginState.WAITING_VERIFY_CODE
+        log.warning("sandbox phone: WeCom shows verification code %s for QR %s", self._code, self._qr_key)
+        self.emit(EventKind.VERIFY_CODE, self._message(), qrcode_key=self._qr_key)
+        return await self.login_status()
+
+    def sandbox_phone_code(self) -> str | None:
+        """Sandbox only: the 6-digit code the simulated phone shows (None when no code is showing)."""
+        return self._code if self._state is LoginState.WAITING_VERIFY_CODE else None
+
+    async def submit_verify_code(self, code: str, qrcode_key: str | None = None) -> LoginStatus:
+        if self._state is LoginState.LOGGED_IN:
+            raise LoginError("already logged in; no verification code is needed")
+        if self._state is not LoginState.WAITING_VERIFY_CODE:
+            raise LoginError("no verification code is expected now: scan the QR first"
+                             if self._state is not LoginState.LOGGED_OUT else
+                             "no login in progress; call /goStart first")
+        if qrcode_key and qrcode_key != self._qr_key:
+            raise LoginError("qrcodeKey does not match the current QR code (it may have expired); "
+                             "use the key of the latest QR", tries_left=self._tries_left)
+        cleaned = "".join(ch for ch in str(code) if ch.isdigit())
+        if len(cleaned) != 6:
+            raise LoginError("the verification code must be the 6 digits shown on the phone",
+                             tries_left=self._tries_left)
+        if cleaned != self._code:
+            self._tries_left -= 1
+            if self._tries_left <= 0:
+                self.emit(EventKind.VERIFY_CODE_WRONG, "验证码错误次数超过阈值，请重新扫码")
+                self._new_qr()
+                self._schedule_phone_if_running()
+                raise LoginError("too many wrong verification codes: a new QR code is shown, scan it again",
+                                 tries_left=0)
+            self.emit(EventKind.VERIFY_CODE_WRONG, "验证码错误输入错误，请重新输入", tries_left=self._tries_left)
+            raise LoginError(f"wrong verification code; {self._tries_left} tries left",
+                             tries_left=self._tries_left)
+        self._logged_in()
+        if self.settings.second_verification and not self._second_done:
+            # WeCom's "new device" check: the session drops and a security QR follows.
+            self._second_pending = True
+            self._state = LoginState.LOGGED_OUT
+            self.store.put("logged_in", None)
+            self.emit(EventKind.LOGOUT, NEW_DEVICE_TEXT, reason=NEW_DEVICE_TEXT)
+            self.emit(EventKind.SECOND_VERIFICATION, NEW_DEVICE_TEXT)
+            self._new_qr()
+            self._schedule_phone_if_running()
+        return await self.login_status()
+
+    def _schedule_phone_if_running(self) -> None:
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        if self._phone_task is not None:   # the phone is only simulated when a login was started for it
+            self._phone_task = None
+            self._schedule_phone()
+
+    def _logged_in(self) -> None:
+        self._state = LoginState.LOGGED_IN
+        self._code = None
+        self.store.put("logged_in", "1")
+        self.emit(EventKind.LOGIN, f"登录成功：{ACCOUNT_NAME}", account_id=ACCOUNT_ID, account_name=ACCOUNT_NAME)
+        self.emit(EventKind.READY, "data ready")
+
+    async def logout(self) -> LoginStatus:
+        was = self._state
+        self._state = LoginState.LOGGED_OUT
+        self._qr_key = None
+        self._code = None
+        self._second_pending = False
+        self.store.put("logged_in", None)
+        if was is LoginState.LOGGED_IN:
+            self.emit(EventKind.LOGOUT, "logout()", reason="logout()")
+        return await self.login_status()
+
+    # -- contacts --------------------------------------------------------------------------------
+    def _all_contacts(self) -> list[ContactRecord]:
+        if self._contacts is None:
+            self._contacts = demo_contacts(self.settings.contacts, self.settings.seed)
+            self._by_id = {c.id: c for c in self._contacts}
+        return self._contacts
+
+    async def list_contacts(self, cursor: str | None = None, page_size: int = 500) -> ContactPage:
+        self._require_login()
+        contacts = self._all_contacts()
+        try:
+            start = int(cursor) if cursor else 0
+        except ValueError:
+            raise PermanentError(f"invalid contact page cursor {cursor!r}") from None
+        end = start + max(1, page_size)
+        return ContactPage(contacts[start:end], str(end) if end < len(contacts) else None, total=len(contacts))
+
+    async def list_tags(self) -> list[TagRecord]:
+        self._require_login()
+        return demo_tags()
+
+    async def get_contact(self, contact_id: str) -> ContactRecord | None:
+        self._all_contacts()
+        return self._by_id.get(contact_id)
+
+    # -- sending ---------------------------------------------------------------------------------
+    def _require_login(self) -> None:
+        if self._state is not LoginState.LOGGED_IN:
+            raise NotLoggedInError("the WeCom account is not logged in")
+
+    async def send_text(self, contact_id: str, text: str, *, idempotency_key: str) -> SendReceipt:
+        self._require_login()
+        self._all_contacts()
+        contact = self._by_id.get(contact_id)
+        if contact is None:
+            raise PermanentError(f"unknown contact {contact_id}")
+        if not contact.friend:
+            raise PermanentError(f"{contact_id} is not a friend of this account (deleted or never added)")
+        if not text.strip():
+            raise PermanentError("empty message")
+        faults = self.faults
+        if faults.latency_ms or faults.latency_jitter_ms:
+            await self.clock.sleep((faults.latency_ms + self._rng.random() * faults.latency_jitter_ms) / 1000)
+        roll = self._rng.random()
+        if roll < faults.rate_limit_rate:
+            raise RateLimitedError("WorkproErrorCode: 20001, Feature temporarily unavailable (sandbox)",
+                                   retry_after=1.0)
+        roll -= faults.rate_limit_rate
+        if roll < faults.error_rate:
+            raise TransientError("sandbox: injected transient error (UNAVAILABLE)")
+        roll -= faults.error_rate
+        if roll < faults.timeout_rate:
+            if self._rng.random() < 0.5:   # the message went out, the answer was lost
+                self.store.deliver(contact_id, text, idempotency_key, dedupe=self.capabilities.idempotent_sends)
+            raise UnknownOutcomeError("sandbox: injected timeout after the request was sent")
+        message_id, duplicate = self.store.deliver(contact_id, text, idempotency_key,
+                                                   dedupe=self.capabilities.idempotent_sends)
+        return SendReceipt(message_id=message_id, duplicate=duplicate)
+
+    # -- sandbox-only helpers ------------------------------------------------------------------------
+    def outbox_messages(self, contact_id: str | None = None) -> list[OutboxMessage]:
+        return self.store.messages(contact_id)
