@@ -139,6 +139,10 @@ class WorkproSettings(Strict):
     ding_interval: Duration = timedelta(seconds=60)
     call_timeout: Duration = timedelta(seconds=30)
     contact_batch_size: int = Field(default=100, ge=1, le=1000)
+    reconnect_delay: Duration = timedelta(seconds=1)       # first wait after the event stream drops; doubles
+    reconnect_max_delay: Duration = timedelta(seconds=60)  # ... up to this (jittered)
+    qr_wait: Duration = timedelta(seconds=10)             # how long start_login waits for the QR to arrive
+    stop_on_close: bool = False                           # call Stop on close (stops the account on the puppet)
 
 
 class WecomSettings(Strict):
