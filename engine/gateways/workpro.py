@@ -104,7 +104,6 @@ AFTER_SEND_MARKERS = (
     "broken pipe",
     "stream closed",
     "end of tcp stream",
-    "eof",
 )
 
 _INVISIBLE = re.compile(r"[\s\u200b-\u200f\u202a-\u202e\u2060-\u2064\ufeff]")

@@ -1,0 +1,508 @@
+"""Dispatch: claim -> throttle -> send -> record, for one planned run at a time.
+
+Guarantees (each has a test):
+
+* **Nothing twice.** A delivery is claimed atomically (`UPDATE … WHERE status = 'pending'`) and marked
+  `sending` — durably, before the gateway is called. After a crash (`kill -9`) the run is taken over by the
+  next process: claimed rows go back to pending; rows caught `sending` are resent only when the gateway
+  deduplicates by idempotency key (the sandbox does), and otherwise recorded as `unknown`, never retried
+  silently.
+* **Nothing lost.** Every delivery ends `sent`, `failed` (with the reason), `skipped` (with the reason) or
+  `unknown`. Transient errors retry with exponential backoff and jitter, up to `retry.max_attempts`.
+* **Rate.** Sends are spaced `1/rate` apart by a pacer that never catches up on missed slots, so the
+  achieved rate never exceeds the configured one; concurrency hides gateway latency, so a slow gateway
+  still reaches the rate. Rate-limit errors pause all sends and slow the pace, recovering gradually.
+* **Policy at send time.** The per-contact frequency cap is re-checked just before each send (other
+  campaigns may have sent since planning); quiet hours hold sends until the window opens; a logged-out
+  account holds them until it logs in again; `max_errors` failures pause the run.
+
+Results are written in small batches (group commit), which is what lets a SQLite log keep up with
+thousands of sends per second.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import os
+import random
+import socket
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, time, timedelta
+from typing import Any
+from zoneinfo import ZoneInfo
+
+from sqlalchemy import update
+from sqlalchemy.engine import Engine
+
+from engine.clock import Clock, SystemClock
+from engine.errors import (
+    GatewayError,
+    NotFoundError,
+    NotLoggedInError,
+    RateLimitedError,
+    TransientError,
+    UnknownOutcomeError,
+    WecastError,
+)
+from engine.gateways.base import Gateway
+from engine.plan import cap_period
+from engine.settings import Settings
+from storage import queries
+from storage.models import CampaignRun, DeliveryStatus, RunStatus
+
+log = logging.getLogger("wecast.dispatch")
+HEARTBEAT_EVERY = 5.0
+STALE_AFTER = timedelta(seconds=60)
+
+
+@dataclass
+class RunSummary:
+    run_id: int
+    status: str
+    counts: dict[str, int]
+    message: str = ""
+    recovered: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def sent(self) -> int:
+        return self.counts.get("sent", 0)
+
+    @property
+    def open(self) -> int:
+        return sum(self.counts.get(s, 0) for s in ("pending", "claimed", "sending", "submitted"))
+
+
+Progress = Callable[[dict[str, int]], None]
+
+
+def process_owner() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+def owner_alive(owner: str, heartbeat: datetime | None, now: datetime) -> bool:
+    """Whether the process that owns a run may still be sending it."""
+    if not owner:
+        return False
+    host, _, rest = owner.partition(":")
+    pid_text = rest.split(":", 1)[0]
+    fresh = heartbeat is not None and now - heartbeat < STALE_AFTER
+    if host == socket.gethostname() and pid_text.isdigit():
+        try:
+            os.kill(int(pid_text), 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return fresh
+        return fresh
+    return fresh
+
+
+class Pacer:
+    """Spaces calls `interval` seconds apart and never bursts to catch up on missed slots."""
+
+    def __init__(self, clock: Clock, interval: float) -> None:
+        self.clock = clock
+        self.interval = interval
+        self.factor = 1.0                 # < 1 after rate limiting: sends are spaced further apart
+        self._next: float | None = None
+        self._paused_until = 0.0
+        self._ok_streak = 0
+
+    async def wait(self) -> None:
+        now = self.clock.monotonic()
+        start = max(now, self._paused_until, self._next if self._next is not None else now)
+        if start > now:
+            await self.clock.sleep(start - now)
+        gap = self.interval / self.factor if self.interval else 0.0
+        self._next = start + gap
+
+    def rate_limited(self, retry_after: float) -> None:
+        self._paused_until = max(self._paused_until, self.clock.monotonic() + retry_after)
+        self.factor = max(0.1, self.factor * 0.5)
+        self._ok_streak = 0
+        if not self.interval:
+            self.interval = 0.01    # an unthrottled run that hits a limit starts pacing at 100/s and adapts
+
+    def succeeded(self) -> None:
+        if self.factor < 1.0:
+            self._ok_streak += 1
+            if self._ok_streak >= 20:
+                self.factor = min(1.0, self.factor * 1.25)
+                self._ok_streak = 0
+
+
+def quiet_wait(now: datetime, tz: ZoneInfo, window: dict[str, str] | None) -> float:
+    """Seconds until sending may start again (0 when outside quiet hours)."""
+    if not window:
+        return 0.0
+    start = time.fromisoformat(window["start"])
+    end = time.fromisoformat(window["end"])
+    local = now.astimezone(tz)
+    t = local.time()
+    inside = (start <= t < end) if start < end else (t >= start or t < end)
+    if not inside:
+        return 0.0
+    opens = local.replace(hour=end.hour, minute=end.minute, second=0, microsecond=0)
+    if opens <= local:
+        opens += timedelta(days=1)
+    opens = opens.replace(tzinfo=None).replace(tzinfo=tz)     # re-resolve across DST
+    return max(1.0, (opens - now).total_seconds())
+
+
+class Dispatcher:
+    """Sends the deliveries of planned runs through one gateway."""
+
+    def __init__(self, db: Engine, gateway: Gateway, settings: Settings, *, clock: Clock | None = None,
+                 owner: str | None = None, rng: random.Random | None = None) -> None:
+        self.db = db
+        self.gateway = gateway
+        self.settings = settings
+        self.clock = clock or SystemClock()
+        self.owner = owner or process_owner()
+        self.rng = rng or random.Random()
+        self.retry = settings.sending.retry
+        self.concurrency = settings.sending.concurrency
+        self.send_timeout = settings.sending.send_timeout.total_seconds()
+        self.stopping = asyncio.Event()
+
+    # -- public ----------------------------------------------------------------------------------
+    async def run(self, run_id: int, *, login_wait: float | None = None, progress: Progress | None = None,
+                  quiet_wait_max: float | None = None) -> RunSummary:
+        """Send a run's pending deliveries. Returns when the run is done, paused, cancelled, or — with
+        `login_wait` / `quiet_wait_max` set — when it would have to wait longer than that."""
+        run = queries.get_run(self.db, run_id)
+        if run is None:
+            raise NotFoundError(f"no run {run_id}")
+        if run["status"] != RunStatus.RUNNING.value:
+            return self._summary(run_id, run["status"], f"run {run_id} is {run['status']}")
+        recovered = self._take_over(run)
+        sending = _RunSender(self, run, progress)
+        try:
+            message = await sending.loop(login_wait=login_wait, quiet_wait_max=quiet_wait_max)
+        finally:
+            await sending.drain()
+            self._release(run_id)
+        final = queries.get_run(self.db, run_id)
+        assert final is not None
+        summary = self._summary(run_id, final["status"], message)
+        summary.recovered = recovered
+        return summary
+
+    def stop(self) -> None:
+        """Finish in-flight sends, record them, release the rest, and return from `run`."""
+        self.stopping.set()
+
+    # -- ownership -------------------------------------------------------------------------------
+    def _take_over(self, run: dict[str, Any]) -> dict[str, int]:
+        now = self.clock.now()
+        owner = run.get("owner") or ""
+        if owner and owner != self.owner and owner_alive(owner, run.get("heartbeat_at"), now):
+            raise WecastError(f"run {run['id']} is being sent by another process ({owner.rsplit(':', 1)[0]}); "
+                              "wait for it, or stop that process first")
+        r = queries.R
+        with self.db.begin() as conn:
+            changed = conn.execute(update(CampaignRun.__table__)  # type: ignore[arg-type]
+                                   .where(r.id == run["id"], r.owner == owner)
+                                   .values(owner=self.owner, heartbeat_at=now)).rowcount
+            if not changed:
+                raise WecastError(f"run {run['id']} was taken over by another process just now")
+            recovered = queries.recover_run(conn, run["id"], now=now,
+                                            resend_in_flight=self.gateway.capabilities.idempotent_sends)
+        if any(recovered.values()):
+            log.warning("run %s: recovered after an interruption: %s", run["id"], recovered)
+        return recovered
+
+    def _release(self, run_id: int) -> None:
+        r = queries.R
+        with self.db.begin() as conn:
+            conn.execute(update(CampaignRun.__table__)  # type: ignore[arg-type]
+                         .where(r.id == run_id, r.owner == self.owner).values(owner=""))
+
+    def _summary(self, run_id: int, status: str, message: str) -> RunSummary:
+        with self.db.connect() as conn:
+            counts = queries.status_counts(conn, run_id)
+        return RunSummary(run_id, status, counts, message)
+
+
+class _RunSender:
+    """The state of sending one run (one per `Dispatcher.run` call)."""
+
+    def __init__(self, d: Dispatcher, run: dict[str, Any], progress: Progress | None) -> None:
+        self.d = d
+        self.run_id: int = run["id"]
+        cfg: dict[str, Any] = run.get("settings") or {}
+        self.cfg = cfg
+        self.tz = ZoneInfo(cfg.get("timezone") or d.settings.timezone)
+        self.pacer = Pacer(d.clock, float(cfg.get("interval") or 0.0))
+        self.max_errors = int(cfg.get("max_errors") or 0)
+        self.cap: dict[str, Any] | None = cfg.get("frequency_cap")
+        self.quiet: dict[str, str] | None = cfg.get("quiet_hours")
+        self.progress = progress
+        self.token = uuid.uuid4().hex
+        self.sem = asyncio.Semaphore(d.concurrency)
+        self.inflight: set[asyncio.Task[None]] = set()
+        self.results: list[dict[str, Any]] = []
+        self.logged_out = False
+        self.last_flush = d.clock.monotonic()
+        self.last_beat = d.clock.monotonic()
+        with d.db.connect() as conn:
+            counts = queries.status_counts(conn, self.run_id)
+        self.failed = counts.get("failed", 0)
+        self.counts = counts
+
+    # -- main loop -------------------------------------------------------------------------------
+    async def loop(self, *, login_wait: float | None, quiet_wait_max: float | None) -> str:
+        d = self.d
+        rate = 1.0 / self.pacer.interval if self.pacer.interval else 0.0
+        chunk_size = max(1, min(d.concurrency, math.ceil(rate * 0.05))) if rate else d.concurrency
+        claim_size = max(chunk_size * 4, min(500, math.ceil(rate * 2) if rate else 500))
+        while True:
+            if d.stopping.is_set():
+                return "stopped; unsent deliveries stay pending and resume on the next start"
+            status = self._run_status()
+            if status != RunStatus.RUNNING.value:
+                return f"run {status}"
+            if self.max_errors and self.failed >= self.max_errors:
+                self._pause(f"paused after {self.failed} failed deliveries (max_errors {self.max_errors})")
+                return f"paused after {self.failed} failures; see `wecast log --status failed`"
+            wait = quiet_wait(d.clock.now(), self.tz, self.quiet)
+            if wait:
+                if quiet_wait_max is not None and wait > quiet_wait_max:
+                    return (f"quiet hours ({self.quiet['start'] if self.quiet else ''}–"
+                            f"{self.quiet['end'] if self.quiet else ''}): sends wait; "
+                            "they go out when the window opens (`wecast serve`, or `wecast run --resume`)")
+                log.info("run %s: quiet hours, waiting %.0fs", self.run_id, wait)
+                await self._idle(min(wait, 60.0))
+                continue
+            if self.logged_out or not (await d.gateway.login_status()).logged_in:
+                await self._wait_inflight()
+                status_now = await d.gateway.wait_for_login(login_wait if login_wait is not None else 3600.0)
+                if not status_now.logged_in:
+                    if login_wait is not None:
+                        return ("the WeCom account is not logged in: deliveries stay pending and go out "
+                                "after login (`wecast login`, then `wecast run --resume`)")
+                    continue
+                self.logged_out = False
+            with d.db.begin() as conn:
+                rows = queries.claim(conn, self.run_id, self.token, claim_size, d.clock.now())
+            if not rows:
+                self._flush()
+                if self.inflight:
+                    await self._wait_any()
+                    continue
+                due = self._next_due()
+                if due is None:
+                    self._finish_if_done()
+                    return "done"
+                await self._idle(min(max(0.0, (due - d.clock.now()).total_seconds()), 5.0))
+                continue
+            await self._send_rows(rows, chunk_size)
+
+    async def _send_rows(self, rows: list[dict[str, Any]], chunk_size: int) -> None:
+        d = self.d
+        for start in range(0, len(rows), chunk_size):
+            chunk = rows[start:start + chunk_size]
+            if (d.stopping.is_set() or self.logged_out or self._run_status() != RunStatus.RUNNING.value
+                    or (self.max_errors and self.failed >= self.max_errors)
+                    or quiet_wait(d.clock.now(), self.tz, self.quiet)):
+                self._unclaim([r["id"] for r in rows[start:]])
+                return
+            for _ in chunk:
+                await self.d_acquire()
+            chunk = self._apply_cap(chunk)
+            self._mark_sending(chunk)
+            for row in chunk:
+                await self.pacer.wait()
+                task = asyncio.get_running_loop().create_task(self._send_one(row))
+                self.inflight.add(task)
+                task.add_done_callback(self.inflight.discard)
+            self._maybe_flush()
+            self._beat()
+
+    async def d_acquire(self) -> None:
+        await self.sem.acquire()
+
+    # -- one send --------------------------------------------------------------------------------
+    async def _send_one(self, row: dict[str, Any]) -> None:
+        d = self.d
+        attempts = row["attempts"] + 1
+        base: dict[str, Any] = {"id": row["id"], "claim_token": ""}
+        try:
+            receipt = await asyncio.wait_for(
+                d.gateway.send_text(row["contact_id"], row["text"], idempotency_key=row["dedupe_key"] or
+                                    f"delivery-{row['id']}"), timeout=d.send_timeout)
+        except TimeoutError:
+            self._record({**base, "status": "unknown", "reason": f"no answer from the gateway within "
+                          f"{d.send_timeout:g}s; it may have been delivered", "last_error": "timeout"})
+        except RateLimitedError as exc:
+            self.pacer.rate_limited(exc.retry_after)
+            self._retry(base, attempts, str(exc), delay=exc.retry_after)
+        except NotLoggedInError as exc:
+            self.logged_out = True
+            # Not an attempt: nothing was sent. The row waits for the login.
+            self._record({**base, "status": "pending", "attempts": attempts - 1, "last_error": str(exc)})
+        except TransientError as exc:
+            self._retry(base, attempts, str(exc))
+        except UnknownOutcomeError as exc:
+            self._record({**base, "status": "unknown", "reason": str(exc), "last_error": str(exc)})
+        except GatewayError as exc:
+            self.failed += 1
+            self._record({**base, "status": "failed", "reason": str(exc), "last_error": str(exc)})
+        except Exception as exc:   # a bug behind the gateway boundary: the request may have left
+            log.exception("run %s: unexpected error sending delivery %s", self.run_id, row["id"])
+            self._record({**base, "status": "unknown", "reason": f"unexpected error: {type(exc).__name__}: {exc}",
+                          "last_error": repr(exc)})
+        else:
+            self.pacer.succeeded()
+            self._record({**base, "status": "sent", "gateway_message_id": receipt.message_id,
+                          "sent_at": d.clock.now(), "last_error": "", "reason": ""})
+        finally:
+            self.sem.release()
+
+    def _retry(self, base: dict[str, Any], attempts: int, error: str, delay: float | None = None) -> None:
+        retry = self.d.retry
+        if attempts >= retry.max_attempts:
+            self.failed += 1
+            self._record({**base, "status": "failed", "last_error": error,
+                          "reason": f"gave up after {attempts} attempts: {error}"})
+            return
+        if delay is None:
+            cap = retry.max_delay.total_seconds()
+            backoff = min(cap, retry.base_delay.total_seconds() * 2 ** (attempts - 1))
+            delay = backoff / 2 + self.d.rng.random() * backoff / 2     # "equal jitter"
+        self._record({**base, "status": "pending", "last_error": error,
+                      "next_attempt_at": self.d.clock.now() + timedelta(seconds=delay)})
+
+    # -- database --------------------------------------------------------------------------------
+    def _record(self, update_: dict[str, Any]) -> None:
+        update_["updated_at"] = self.d.clock.now()
+        self.results.append(update_)
+        status = update_["status"]
+        self.counts[status] = self.counts.get(status, 0) + 1
+
+    def _maybe_flush(self) -> None:
+        if len(self.results) >= 200 or self.d.clock.monotonic() - self.last_flush >= 0.05:
+            self._flush()
+
+    def _flush(self) -> None:
+        self.last_flush = self.d.clock.monotonic()
+        if not self.results:
+            return
+        batch, self.results = self.results, []
+        with self.d.db.begin() as conn:
+            queries.apply_updates(conn, batch)
+        if self.progress:
+            with self.d.db.connect() as conn:
+                self.progress(queries.status_counts(conn, self.run_id))
+
+    def _mark_sending(self, chunk: list[dict[str, Any]]) -> None:
+        if not chunk:
+            return
+        now = self.d.clock.now()
+        with self.d.db.begin() as conn:
+            queries.apply_updates(conn, [{"id": r["id"], "status": "sending", "attempts": r["attempts"] + 1,
+                                          "updated_at": now} for r in chunk])
+
+    def _apply_cap(self, chunk: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Re-check the shared frequency cap just before sending; over-cap rows are skipped."""
+        if not self.cap:
+            return chunk
+        capped = [r for r in chunk if r["capped"]]
+        if not capped:
+            return chunk
+        start, end = cap_period(self.d.clock.now(), self.tz, self.cap["per"])
+        with self.d.db.connect() as conn:
+            counts = queries.cap_counts(conn, start, end, [r["contact_id"] for r in capped])
+        keep, skip = [], []
+        for r in chunk:
+            if r["capped"] and counts.get(r["contact_id"], 0) >= self.cap["max"]:
+                skip.append({"id": r["id"], "status": "skipped", "claim_token": "", "updated_at": self.d.clock.now(),
+                             "reason": f"frequency_cap: already got {counts[r['contact_id']]} marketing message(s) "
+                                       f"this {self.cap['per']} (max {self.cap['max']})"})
+                self.sem.release()
+            else:
+                keep.append(r)
+        if skip:
+            with self.d.db.begin() as conn:
+                queries.apply_updates(conn, skip)
+        return keep
+
+    def _unclaim(self, ids: list[int]) -> None:
+        if not ids:
+            return
+        with self.d.db.begin() as conn:
+            queries.apply_updates(conn, [{"id": i, "status": "pending", "claim_token": ""} for i in ids
+                                         ])
+
+    def _run_status(self) -> str:
+        run = queries.get_run(self.d.db, self.run_id)
+        return str(run["status"]) if run else RunStatus.CANCELLED.value
+
+    def _next_due(self) -> datetime | None:
+        with self.d.db.connect() as conn:
+            return queries.next_due(conn, self.run_id)
+
+    def _pause(self, why: str) -> None:
+        r = queries.R
+        with self.d.db.begin() as conn:
+            conn.execute(update(CampaignRun.__table__).where(r.id == self.run_id)  # type: ignore[arg-type]
+                         .values(status=RunStatus.PAUSED.value, error=why))
+        log.warning("run %s: %s", self.run_id, why)
+
+    def _finish_if_done(self) -> None:
+        with self.d.db.begin() as conn:
+            counts = queries.status_counts(conn, self.run_id)
+            if any(counts.get(s, 0) for s in ("pending", "claimed", "sending", "submitted")):
+                return
+            r = queries.R
+            conn.execute(update(CampaignRun.__table__)  # type: ignore[arg-type]
+                         .where(r.id == self.run_id, r.status == RunStatus.RUNNING.value)
+                         .values(status=RunStatus.COMPLETED.value, finished_at=self.d.clock.now()))
+
+    def _beat(self) -> None:
+        if self.d.clock.monotonic() - self.last_beat < HEARTBEAT_EVERY:
+            return
+        self.last_beat = self.d.clock.monotonic()
+        r = queries.R
+        with self.d.db.begin() as conn:
+            conn.execute(update(CampaignRun.__table__).where(r.id == self.run_id)  # type: ignore[arg-type]
+                         .values(heartbeat_at=self.d.clock.now()))
+
+    # -- waiting ---------------------------------------------------------------------------------
+    async def _wait_any(self) -> None:
+        if self.inflight:
+            await asyncio.wait(set(self.inflight), timeout=0.05, return_when=asyncio.FIRST_COMPLETED)
+        self._maybe_flush()
+        self._beat()
+
+    async def _wait_inflight(self) -> None:
+        if self.inflight:
+            await asyncio.wait(set(self.inflight))
+        self._flush()
+
+    async def _idle(self, seconds: float) -> None:
+        self._flush()
+        self._beat()
+        if seconds <= 0:
+            await asyncio.sleep(0)
+            return
+        stop = asyncio.ensure_future(self.d.stopping.wait())
+        nap = asyncio.ensure_future(self.d.clock.sleep(seconds))
+        await asyncio.wait({stop, nap}, return_when=asyncio.FIRST_COMPLETED)
+        for f in (stop, nap):
+            f.cancel()
+
+    async def drain(self) -> None:
+        """Let in-flight sends finish and record everything, then give back unsent claims."""
+        await self._wait_inflight()
+        self._flush()
+        with self.d.db.begin() as conn:
+            c = queries.D
+            conn.execute(update(queries.Delivery.__table__)  # type: ignore[attr-defined]
+                         .where(c.run_id == self.run_id, c.status == DeliveryStatus.CLAIMED.value,
+                                c.claim_token == self.token)
+                         .values(status=DeliveryStatus.PENDING.value, claim_token=""))

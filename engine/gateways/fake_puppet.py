@@ -1,0 +1,580 @@
+"""A fake juzibot WorkPro puppet: a real gRPC server (grpc.aio, loopback) speaking our `wechaty.Puppet` proto.
+
+It plays the whole flow the way the fact sheet describes the real one (`shared/reference/workpro_puppet.md` §8):
+token auth on every RPC, HEARTBEAT on connect (then LOGIN/READY when logged in, or the cached SCAN), a WeCom QR
+URL, the phone's scan, the VERIFY_CODE event whose id is the QR key, EnterVerifyCode with 3 tries, LOGIN, READY
+(twice), WeCom's optional "new device" second QR, Logout, a deterministic Chinese contact book with tags and tag
+groups, and sends recorded in memory. Faults are switched on through a Python control API (`drop_event_stream`,
+`fail_sends`, `throttle_sends`, `send_delay`, `batch_mode`).
+
+Tests drive it in-process. As a manual demo:
+
+    python -m engine.gateways.fake_puppet --port 50051 --contacts 200
+
+then point wecast at it (the command prints the config) and finish the login with the code it prints.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import random
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import grpc
+
+from engine.gateways.proto import puppet_pb2 as pb
+from engine.gateways.proto import puppet_pb2_grpc as pb_grpc
+
+log = logging.getLogger("wecast.fake_puppet")
+
+DEFAULT_TOKEN = "puppet_workpro_fake0123456789abcdef"
+NEW_DEVICE_TEXT = "你正在一台新设备上使用企业微信，需通过手机企业微信扫码进行安全验证"
+VERIFY_TEXT = "请输入企业微信手机端展示的验证码，以继续登录"
+JS_STACK = "\n    at PuppetWorkPro.{fn} (/app/node_modules/@juzi/wechaty-puppet-workpro/dist/cjs/src/puppet.js:{line}:17)"
+
+BatchMode = Literal["ok", "unimplemented", "not_a_function", "fail"]
+
+_SURNAMES = "王李张刘陈杨黄赵吴周徐孙马朱胡郭何高林罗郑梁谢宋唐许韩冯邓曹彭曾肖田董袁潘蒋蔡余杜叶程苏魏吕丁沈"
+_GIVEN = ("伟 芳 娜 秀英 敏 静 丽 强 磊 军 洋 勇 艳 杰 娟 涛 明 超 霞 平 刚 婷 雪 琳 晨 欣怡 子涵 梓萱 浩然 "
+          "宇轩 思雨 佳怡 一诺 雨桐 可馨 俊杰 晓燕 海燕 春梅 文博 嘉怡 诗涵 雅琪 梦瑶 子轩 晓明 建华").split()
+_CITIES = [("上海", "上海"), ("北京", "北京"), ("浙江", "杭州"), ("广东", "广州"), ("广东", "深圳"),
+           ("江苏", "南京"), ("江苏", "苏州"), ("四川", "成都"), ("湖北", "武汉"), ("陕西", "西安")]
+_CORPS = ["", "", "", "腾讯", "阿里巴巴", "字节跳动", "招商银行", "华为", "美团", "某某贸易有限公司"]
+_TITLES = ["", "", "", "设计师", "教师", "产品经理", "销售经理", "工程师", "财务"]
+# (group id, group name, [(tag id, tag name)]); tags without a group are personal tags.
+_TAG_GROUPS = [
+    ("et_group_level", "客户等级", [("et_vip", "VIP"), ("et_normal", "普通客户"), ("et_lead", "潜在客户")]),
+    ("et_group_source", "来源", [("et_expo", "展会"), ("et_site", "官网"), ("et_referral", "转介绍")]),
+    ("et_group_interest", "意向产品", [("et_prod_a", "A系列"), ("et_prod_b", "B系列")]),
+]
+_PERSONAL_TAGS = [("pt_old", "老客户"), ("pt_callback", "待回访")]
+CORP_ID = "ww7d3f2a9c61b5e0a4"
+SELF_ID = "1688850000000001"
+SELF_NAME = "小王（演示账号）"
+
+
+@dataclass
+class SentMessage:
+    """One MessageSendText the fake accepted."""
+
+    contact_id: str
+    text: str
+    message_id: str
+    at: float = field(default_factory=time.time)
+
+
+def demo_contacts(count: int, seed: int = 2024) -> list[pb.ContactPayloadResponse]:
+    """`count` realistic, deterministic Chinese customers (external contacts, ids like 7881…)."""
+    rng = random.Random(seed)
+    tag_choices = [t for _, _, tags in _TAG_GROUPS for t, _ in tags] + [t for t, _ in _PERSONAL_TAGS]
+    now_ms = 1_767_000_000_000
+    contacts = []
+    for i in range(count):
+        name = rng.choice(_SURNAMES) + rng.choice(_GIVEN)
+        province, city = rng.choice(_CITIES)
+        added = now_ms - rng.randrange(1, 900) * 86_400_000
+        # Mostly ms, sometimes seconds, once in a while broken: the real additionalInfo is that varied.
+        roll = rng.random()
+        if roll < 0.8:
+            info = json.dumps({"addContactTime": added, "corpId": CORP_ID})
+        elif roll < 0.97:
+            info = json.dumps({"addContactTime": added // 1000})
+        else:
+            info = "{not json"
+        contacts.append(pb.ContactPayloadResponse(
+            id=f"7881{300000000000 + i * 7919:012d}",
+            gender=rng.choice([0, 1, 2, 2]),
+            type=pb.CONTACT_TYPE_PERSONAL,
+            name=name,
+            avatar=f"https://wework.qpic.cn/wwhead/demo{i % 97:02d}/0",
+            alias=f"{name}-{city}" if rng.random() < 0.4 else "",
+            city=city,
+            province=province,
+            friend=True,
+            star=rng.random() < 0.05,
+            weixin=f"wxid_{rng.randrange(16 ** 10):010x}",
+            corporation=rng.choice(_CORPS),
+            title=rng.choice(_TITLES),
+            description="",
+            phones=[f"13{rng.randrange(10 ** 9):09d}"] if rng.random() < 0.6 else [],
+            additional_info=info,
+            tag_ids=sorted(set(rng.sample(tag_choices, rng.choice([0, 1, 1, 2, 3])))),
+            real_name="",
+            aka="",
+        ))
+    return contacts
+
+
+class _AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc has no type information
+    """Every RPC needs `authorization: Wechaty <token>` (juzi's server builds it from :authority when absent)."""
+
+    def __init__(self, fake: FakePuppet) -> None:
+        self.fake = fake
+
+    async def intercept_service(self, continuation: Callable[[Any], Awaitable[Any]], details: Any) -> Any:
+        handler = await continuation(details)
+        metadata = {key: value for key, value in (details.invocation_metadata or ())}
+        auth = metadata.get("authorization") or (
+            f"Wechaty {metadata[':authority']}" if ":authority" in metadata else "")
+        self.fake.calls.append(details.method.rsplit("/", 1)[-1])
+        if handler is None or auth == f"Wechaty {self.fake.token}":
+            return handler
+        message = f'Invalid Wechaty TOKEN "{auth.removeprefix("Wechaty ")}"' if auth else "No Authorization found."
+
+        async def deny_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+
+        async def deny_stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+            yield None  # pragma: no cover - abort raises
+
+        if handler.unary_stream:
+            return grpc.unary_stream_rpc_method_handler(
+                deny_stream, request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer)
+        return grpc.unary_unary_rpc_method_handler(
+            deny_unary, request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer)
+
+
+class FakePuppet(pb_grpc.PuppetServicer):  # type: ignore[misc]
+    """The fake server and its control API. `await start()`, drive it, `await stop()`."""
+
+    def __init__(self, *, token: str = DEFAULT_TOKEN, contacts: int = 200, seed: int = 2024,
+                 batch_mode: BatchMode = "ok", second_verification: bool = False, ready_twice: bool = True,
+                 auto_scan_after: float | None = None, ready_delay: float = 0.01) -> None:
+        self.token = token
+        self.batch_mode: BatchMode = batch_mode
+        self.second_verification = second_verification   # ask for WeCom's "new device" QR after the next login
+        self.ready_twice = ready_twice
+        self.auto_scan_after = auto_scan_after           # the phone scans each QR this long after it shows
+        self.ready_delay = ready_delay
+        self.send_delay = 0.0                            # seconds each MessageSendText takes (after recording)
+        self.sends: list[SentMessage] = []
+        self.calls: list[str] = []                       # RPC names, in order (auth failures included)
+        self.event_requests: list[tuple[int, str]] = []  # (seq, account_id) of each Event call
+        self._rng = random.Random(seed)
+        self._contacts = {c.id: c for c in demo_contacts(contacts, seed)}
+        self._tags = {tid: pb.TagPayload(id=tid, name=name, group_id=gid, type=pb.TAG_TYPE_CORPORATION)
+                      for gid, _, tags in _TAG_GROUPS for tid, name in tags}
+        self._tags.update({tid: pb.TagPayload(id=tid, name=name, type=pb.TAG_TYPE_PERSONAL)
+                           for tid, name in _PERSONAL_TAGS})
+        self._groups = {gid: pb.TagGroupPayload(id=gid, name=name, type=pb.TAG_TYPE_CORPORATION)
+                        for gid, name, _ in _TAG_GROUPS}
+        self._server: Any = None
+        self.port = 0
+        self._stream: asyncio.Queue[pb.EventResponse | str] | None = None
+        self._seq = 0
+        self._faults: list[tuple[grpc.StatusCode, str]] = []
+        self._message_counter = 0
+        self._tasks: set[asyncio.Task[Any]] = set()
+        # account state
+        self.running = False
+        self.logged_in = False
+        self.phase: Literal["idle", "waiting_scan", "waiting_code", "logged_in"] = "idle"
+        self.qr_key: str | None = None
+        self.qr_url: str | None = None
+        self._second_qr = False
+        self._code: str | None = None
+        self._tries = 3
+        self._cached_scan: pb.EventResponse | None = None
+
+    # -- lifecycle -------------------------------------------------------------------------------
+    async def start(self, host: str = "127.0.0.1", port: int = 0) -> int:
+        """Listen on host:port (0: any free port); returns the port."""
+        self._server = grpc.aio.server(interceptors=[_AuthInterceptor(self)])
+        pb_grpc.add_PuppetServicer_to_server(self, self._server)
+        self.port = self._server.add_insecure_port(f"{host}:{port}")
+        await self._server.start()
+        return int(self.port)
+
+    @property
+    def endpoint(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    async def stop(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        self._end_stream()
+        if self._server is not None:
+            await self._server.stop(grace=0.2)
+            self._server = None
+
+    def _later(self, delay: float, action: Callable[[], Any]) -> None:
+        async def run() -> None:
+            await asyncio.sleep(delay)
+            result = action()
+            if asyncio.iscoroutine(result):
+                await result
+
+        task = asyncio.create_task(run())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # -- control API -----------------------------------------------------------------------------
+    def phone_code(self) -> str | None:
+        """The 6-digit code the phone shows after a scan (None if none is pending)."""
+        return self._code
+
+    def contact_ids(self) -> list[str]:
+        return list(self._contacts)
+
+    def sent_to(self, contact_id: str) -> list[SentMessage]:
+        return [s for s in self.sends if s.contact_id == contact_id]
+
+    async def scan(self) -> None:
+        """The phone scans the QR on screen: SCAN(scanned), then VERIFY_CODE (or LOGIN for a security QR)."""
+        if self.phase != "waiting_scan" or self.qr_url is None:
+            raise RuntimeError(f"nothing to scan (phase {self.phase})")
+        self.emit(pb.EVENT_TYPE_SCAN, {"status": 3, "qrcode": self.qr_url, "timestamp": _ms()})
+        if self._second_qr:
+            self._second_qr = False
+            self._login()
+            return
+        self._code = f"{self._rng.randrange(10 ** 6):06d}"
+        self._tries = 3
+        self.phase = "waiting_code"
+        self.emit(pb.EVENT_TYPE_VERIFY_CODE, {"id": self.qr_key, "scene": 1, "status": 1, "message": VERIFY_TEXT})
+
+    def drop_event_stream(self) -> None:
+        """Break the open Event stream the way a network reset does (the client sees UNAVAILABLE)."""
+        if self._stream is not None:
+            self._stream.put_nowait("drop")
+
+    def fail_sends(self, count: int, code: grpc.StatusCode = grpc.StatusCode.UNAVAILABLE,
+                   details: str = "WorkPro service unavailable, try again later") -> None:
+        """The next `count` MessageSendText calls fail with `code` (nothing is recorded)."""
+        self._faults.extend([(code, details)] * count)
+
+    def throttle_sends(self, count: int) -> None:
+        """The next `count` sends get WorkPro's rate-limit answer (13 INTERNAL, WorkproErrorCode 20001)."""
+        self.fail_sends(count, grpc.StatusCode.INTERNAL, "WorkproErrorCode: 20001, Feature temporarily unavailable.")
+
+    def touch_contact(self, contact_id: str, **changes: Any) -> None:
+        """Change a contact and push DIRTY, as WeCom does when a remark or tag changes."""
+        contact = self._contacts[contact_id]
+        for key, value in changes.items():
+            if key in ("tag_ids", "phones"):
+                del getattr(contact, key)[:]
+                getattr(contact, key).extend(value)
+            else:
+                setattr(contact, key, value)
+        self.emit(pb.EVENT_TYPE_DIRTY, {"payloadId": contact_id, "payloadType": 2})
+
+    def emit(self, event_type: int, payload: dict[str, Any]) -> None:
+        """Push one event to the open stream; like the real server, it is dropped when no stream is open."""
+        self._seq += 1
+        event = pb.EventResponse(type=event_type, payload=json.dumps(payload, ensure_ascii=False), seq=self._seq)
+        if event_type == pb.EVENT_TYPE_SCAN and payload.get("status") == 2:
+            self._cached_scan = event
+        if self._stream is not None:
+            self._stream.put_nowait(event)
+
+    def require_second_verification(self) -> None:
+        """Now (if logged in): LOGOUT with WeCom's new-device text, then a security QR (secondaryEquipment)."""
+        if not self.logged_in:
+            raise RuntimeError("not logged in")
+        self.logged_in = False
+        self.emit(pb.EVENT_TYPE_LOGOUT, {"contactId": SELF_ID, "data": NEW_DEVICE_TEXT})
+        self._new_qr(second=True)
+
+    # -- internals -------------------------------------------------------------------------------
+    def _new_qr(self, *, second: bool = False) -> None:
+        self.qr_key = f"{self._rng.getrandbits(128):032X}"
+        extra = "&secondaryEquipment=1" if second else ""
+        self.qr_url = f"https://wx.work.weixin.qq.com/cgi-bin/crtx_auth?key={self.qr_key}&wx=1{extra}"
+        self._second_qr = second
+        self._code = None
+        self.phase = "waiting_scan"
+        self.emit(pb.EVENT_TYPE_SCAN, {"status": 2, "qrcode": self.qr_url, "timestamp": _ms()})
+        if self.auto_scan_after is not None:
+            key = self.qr_key
+
+            async def auto_scan() -> None:
+                if self.qr_key == key and self.phase == "waiting_scan":
+                    await self.scan()
+
+            self._later(self.auto_scan_after, auto_scan)
+
+    def _login(self) -> None:
+        self.logged_in = True
+        self.phase = "logged_in"
+        self.qr_key = self.qr_url = self._code = None
+        self._cached_scan = None  # only a LOGIN clears the SCAN cache
+        self.emit(pb.EVENT_TYPE_LOGIN, {"contactId": SELF_ID})
+        self._later(self.ready_delay, lambda: self.emit(pb.EVENT_TYPE_READY, {"data": "data ready"}))
+        if self.ready_twice:
+            self._later(self.ready_delay * 3, lambda: self.emit(pb.EVENT_TYPE_READY, {"data": "ready"}))
+        if self.second_verification:
+            self.second_verification = False
+            self._later(self.ready_delay * 4, self.require_second_verification)
+
+    def _end_stream(self) -> None:
+        if self._stream is not None:
+            self._stream.put_nowait("end")
+
+    async def _fault(self, context: grpc.aio.ServicerContext) -> None:
+        if self._faults:
+            code, details = self._faults.pop(0)
+            await context.abort(code, details)
+
+    async def _need_login(self, context: grpc.aio.ServicerContext, fn: str) -> None:
+        if not self.logged_in:
+            await context.abort(grpc.StatusCode.UNKNOWN,
+                                "Error: not logged in, no this.__currentUserId yet." + JS_STACK.format(fn=fn, line=88))
+
+    # -- the service -----------------------------------------------------------------------------
+    async def Event(self, request: pb.EventRequest, context: grpc.aio.ServicerContext  # noqa: N802
+                    ) -> AsyncIterator[pb.EventResponse]:
+        if self._stream is not None:
+            await context.abort(grpc.StatusCode.ALREADY_EXISTS, "Event stream already exists")
+        self.event_requests.append((request.seq, request.account_id))
+        queue: asyncio.Queue[pb.EventResponse | str] = asyncio.Queue()
+        self._stream = queue
+        try:
+            yield pb.EventResponse(type=pb.EVENT_TYPE_HEARTBEAT,
+                                   payload=json.dumps({"data": "Wechaty Puppet gRPC stream connect successfully"}))
+            if self.logged_in:
+                yield pb.EventResponse(type=pb.EVENT_TYPE_LOGIN, payload=json.dumps({"contactId": SELF_ID}))
+                self._later(self.ready_delay, lambda: self.emit(pb.EVENT_TYPE_READY, {"data": "ready"}))
+            elif self._cached_scan is not None:
+                yield self._cached_scan
+            while True:
+                event = await queue.get()
+                if event == "drop":  # what a client sees when a proxy or the network resets the stream
+                    await context.abort(grpc.StatusCode.UNAVAILABLE, "Stream removed")
+                if isinstance(event, str):  # Stop: the real server ends the stream with OK
+                    return
+                yield event
+        finally:
+            if self._stream is queue:
+                self._stream = None
+
+    async def Start(self, request: pb.StartRequest, context: grpc.aio.ServicerContext  # noqa: N802
+                    ) -> pb.StartResponse:
+        if not self.running:
+            self.running = True
+            if self.logged_in:
+                self._login()
+            else:
+                self._new_qr()
+        return pb.StartResponse()
+
+    async def Stop(self, request: pb.StopRequest, context: grpc.aio.ServicerContext) -> pb.StopResponse:  # noqa: N802
+        self.running = False
+        self._end_stream()
+        return pb.StopResponse()
+
+    async def Logout(self, request: pb.LogoutRequest, context: grpc.aio.ServicerContext  # noqa: N802
+                     ) -> pb.LogoutResponse:
+        if self.logged_in:
+            self.logged_in = False
+            self.phase = "idle"
+            self.emit(pb.EVENT_TYPE_LOGOUT, {"contactId": SELF_ID, "data": "logout()"})
+            self._new_qr()
+        return pb.LogoutResponse()
+
+    async def Ding(self, request: pb.DingRequest, context: grpc.aio.ServicerContext) -> pb.DingResponse:  # noqa: N802
+        self.emit(pb.EVENT_TYPE_DONG, {"data": request.data})
+        return pb.DingResponse()
+
+    async def Version(self, request: pb.VersionRequest, context: grpc.aio.ServicerContext  # noqa: N802
+                      ) -> pb.VersionResponse:
+        return pb.VersionResponse(version="fake-workpro 1.0")
+
+    async def CurrentUser(self, request: pb.CurrentUserRequest, context: grpc.aio.ServicerContext  # noqa: N802
+                          ) -> pb.CurrentUserResponse:
+        await self._need_login(context, "currentUser")
+        return pb.CurrentUserResponse(user_id=SELF_ID)
+
+    async def RefreshQRCode(self, request: pb.RefreshQRCodeRequest, context: grpc.aio.ServicerContext  # noqa: N802
+                            ) -> pb.RefreshQRCodeRequest:
+        if self.logged_in:
+            await context.abort(grpc.StatusCode.UNKNOWN, "Error: already logged in, can not refresh qrcode")
+        self._new_qr()
+        return pb.RefreshQRCodeRequest()
+
+    async def EnterVerifyCode(self, request: pb.EnterVerifyCodeRequest,  # noqa: N802
+                              context: grpc.aio.ServicerContext) -> pb.EnterVerifyCodeResponse:
+        if self.phase != "waiting_code" or request.id != self.qr_key:
+            await context.abort(grpc.StatusCode.INTERNAL, "no verify code is pending for this id")
+        if request.code != self._code:
+            self._tries -= 1
+            if self._tries <= 0:
+                self._later(0.01, self._new_qr)
+                await context.abort(grpc.StatusCode.INTERNAL, "验证码错误次数超过阈值，请重新扫码")
+            await context.abort(grpc.StatusCode.INTERNAL, "Invalid verify code!")
+        self.emit(pb.EVENT_TYPE_SCAN, {"status": 4, "qrcode": self.qr_url, "timestamp": _ms()})
+        self._login()
+        return pb.EnterVerifyCodeResponse()
+
+    async def CancelVerifyCode(self, request: pb.CancelVerifyCodeRequest,  # noqa: N802
+                               context: grpc.aio.ServicerContext) -> pb.CancelVerifyCodeResponse:
+        self._code = None
+        return pb.CancelVerifyCodeResponse()
+
+    async def DirtyPayload(self, request: pb.DirtyPayloadRequest,  # noqa: N802
+                           context: grpc.aio.ServicerContext) -> pb.DirtyPayloadResponse:
+        self.emit(pb.EVENT_TYPE_DIRTY, {"payloadId": request.id, "payloadType": int(request.type)})
+        return pb.DirtyPayloadResponse()
+
+    async def ContactList(self, request: pb.ContactListRequest,  # noqa: N802
+                          context: grpc.aio.ServicerContext) -> pb.ContactListResponse:
+        await self._need_login(context, "contactList")
+        return pb.ContactListResponse(ids=list(self._contacts))
+
+    def _payload(self, contact_id: str) -> pb.ContactPayloadResponse | None:
+        if contact_id == SELF_ID:
+            return pb.ContactPayloadResponse(id=SELF_ID, name=SELF_NAME, type=pb.CONTACT_TYPE_CORPORATION,
+                                             coworker=True, corporation="演示科技")
+        return self._contacts.get(contact_id)
+
+    async def ContactPayload(self, request: pb.ContactPayloadRequest,  # noqa: N802
+                             context: grpc.aio.ServicerContext) -> pb.ContactPayloadResponse:
+        await self._need_login(context, "contactRawPayload")
+        payload = self._payload(request.id)
+        if payload is None:
+            await context.abort(grpc.StatusCode.UNKNOWN, f"Error: contact not found: {request.id}"
+                                + JS_STACK.format(fn="contactRawPayload", line=412))
+        return payload
+
+    async def BatchContactPayload(self, request: pb.BatchContactPayloadRequest,  # noqa: N802
+                                  context: grpc.aio.ServicerContext) -> pb.BatchContactPayloadResponse:
+        if self.batch_mode == "unimplemented":
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, "Method not found!")
+        if self.batch_mode == "not_a_function":
+            await context.abort(grpc.StatusCode.UNKNOWN, "TypeError: this.puppet.batchContactPayload is not a function"
+                                + JS_STACK.format(fn="batchContactPayload", line=97))
+        await self._need_login(context, "batchContactPayload")
+        if self.batch_mode == "fail" and any(i not in self._contacts for i in request.ids):
+            await context.abort(grpc.StatusCode.UNKNOWN, "Error: batch failed" + JS_STACK.format(fn="b", line=1))
+        found = [p for p in (self._payload(i) for i in request.ids) if p is not None]
+        self._rng.shuffle(found)  # the order is not guaranteed: clients must match by id
+        return pb.BatchContactPayloadResponse(contact_payloads=found)
+
+    async def MessageSendText(self, request: pb.MessageSendTextRequest,  # noqa: N802
+                              context: grpc.aio.ServicerContext) -> pb.MessageSendTextResponse:
+        await self._fault(context)
+        await self._need_login(context, "messageSendText")
+        if request.conversation_id not in self._contacts:
+            await context.abort(grpc.StatusCode.UNKNOWN, f"Error: conversation {request.conversation_id} not found"
+                                + JS_STACK.format(fn="messageSendText", line=233))
+        self._message_counter += 1
+        message_id = f"fake-msg-{self._message_counter:08d}"
+        self.sends.append(SentMessage(request.conversation_id, request.text, message_id))
+        self.emit(pb.EVENT_TYPE_MESSAGE, {"messageId": message_id})
+        if self.send_delay:
+            await asyncio.sleep(self.send_delay)  # delivered, but the answer is slow (a timeout is "unknown")
+        response = pb.MessageSendTextResponse(id=message_id)
+        response.id_string_value_deprecated.value = message_id
+        return response
+
+    async def TagTagList(self, request: pb.TagTagListRequest,  # noqa: N802
+                         context: grpc.aio.ServicerContext) -> pb.TagTagListResponse:
+        await self._need_login(context, "tagTagList")
+        return pb.TagTagListResponse(tag_ids=list(self._tags))
+
+    async def TagPayload(self, request: pb.TagPayloadRequest,  # noqa: N802
+                         context: grpc.aio.ServicerContext) -> pb.TagPayloadResponse:
+        tag = self._tags.get(request.tag_id)
+        if tag is None:
+            await context.abort(grpc.StatusCode.UNKNOWN, f"Error: tag not found: {request.tag_id}")
+        return pb.TagPayloadResponse(payload=tag)
+
+    async def TagGroupList(self, request: pb.TagGroupListRequest,  # noqa: N802
+                           context: grpc.aio.ServicerContext) -> pb.TagGroupListResponse:
+        return pb.TagGroupListResponse(tag_group_ids=list(self._groups))
+
+    async def TagGroupPayload(self, request: pb.TagGroupPayloadRequest,  # noqa: N802
+                              context: grpc.aio.ServicerContext) -> pb.TagGroupPayloadResponse:
+        group = self._groups.get(request.group_id)
+        if group is None:
+            await context.abort(grpc.StatusCode.UNKNOWN, f"Error: tag group not found: {request.group_id}")
+        return pb.TagGroupPayloadResponse(payload=group)
+
+    async def TagGroupTagList(self, request: pb.TagGroupTagListRequest,  # noqa: N802
+                              context: grpc.aio.ServicerContext) -> pb.TagGroupTagListResponse:
+        return pb.TagGroupTagListResponse(
+            tag_ids=[t.id for t in self._tags.values() if t.group_id == request.tag_group_id])
+
+    async def TagContactTagList(self, request: pb.TagContactTagListRequest,  # noqa: N802
+                                context: grpc.aio.ServicerContext) -> pb.TagContactTagListResponse:
+        contact = self._contacts.get(request.contact_id)
+        return pb.TagContactTagListResponse(tag_ids=list(contact.tag_ids) if contact else [])
+
+    async def TagTagContactList(self, request: pb.TagTagContactListRequest,  # noqa: N802
+                                context: grpc.aio.ServicerContext) -> pb.TagTagContactListResponse:
+        return pb.TagTagContactListResponse(
+            contact_ids=[c.id for c in self._contacts.values() if request.tag_id in c.tag_ids])
+
+    async def TagContactTagAdd(self, request: pb.TagContactTagAddRequest,  # noqa: N802
+                               context: grpc.aio.ServicerContext) -> pb.TagContactTagAddResponse:
+        for contact_id in request.contact_ids:
+            if contact_id in self._contacts:
+                tags = sorted(set(self._contacts[contact_id].tag_ids) | set(request.tag_ids))
+                self.touch_contact(contact_id, tag_ids=tags)
+        return pb.TagContactTagAddResponse()
+
+    async def TagContactTagRemove(self, request: pb.TagContactTagRemoveRequest,  # noqa: N802
+                                  context: grpc.aio.ServicerContext) -> pb.TagContactTagRemoveResponse:
+        for contact_id in request.contact_ids:
+            if contact_id in self._contacts:
+                tags = [t for t in self._contacts[contact_id].tag_ids if t not in set(request.tag_ids)]
+                self.touch_contact(contact_id, tag_ids=tags)
+        return pb.TagContactTagRemoveResponse()
+
+
+def _ms() -> int:
+    return int(time.time() * 1000)
+
+
+async def _serve(args: argparse.Namespace) -> None:
+    fake = FakePuppet(token=args.token, contacts=args.contacts, seed=args.seed,
+                      auto_scan_after=args.scan_after, second_verification=args.second_verification)
+    port = await fake.start(args.host, args.port)
+    print(f"fake WorkPro puppet listening on {args.host}:{port} with {args.contacts} contacts\n")
+    print("Point wecast at it (config.yaml):\n")
+    print("  gateway: workpro\n  workpro:\n"
+          f"    endpoint: 127.0.0.1:{port}\n    token: {args.token}\n")
+    print(f"The phone scans each QR {args.scan_after:g} s after it shows; the verification code appears here.")
+    shown: str | None = None
+    sent = 0
+    try:
+        while True:
+            await asyncio.sleep(0.5)
+            code = fake.phone_code()
+            if code and code != shown:
+                shown = code
+                print(f"phone shows verification code {code} (QR key {fake.qr_key})", flush=True)
+            if len(fake.sends) != sent:
+                sent = len(fake.sends)
+                print(f"{sent} messages received; last to {fake.sends[-1].contact_id}", flush=True)
+    finally:
+        with contextlib.suppress(Exception):
+            await fake.stop()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="A fake juzibot WorkPro puppet (gRPC) for wecast demos and tests.")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=50051)
+    parser.add_argument("--contacts", type=int, default=200)
+    parser.add_argument("--seed", type=int, default=2024)
+    parser.add_argument("--token", default=DEFAULT_TOKEN)
+    parser.add_argument("--scan-after", type=float, default=5.0, help="seconds until the simulated phone scans")
+    parser.add_argument("--second-verification", action="store_true", help="ask for the new-device QR once")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(_serve(args))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,330 @@
+"""Planning: who gets what in a run, and the dry-run preview that shows it before anything is sent.
+
+`build_preview` is the single place the audience is selected, deduplicated, capped and rendered; the
+preview shows its result, and `plan_run` writes exactly that result: one pending delivery per recipient,
+and a skipped delivery (with the reason) for each contact the audience named but a policy held back —
+dedupe, frequency cap, exclusion lists, missing data — all in one transaction. Re-planning the same run
+changes nothing: the run's (campaign, run_key) and each delivery's dedupe key are unique in the database.
+
+Run keys name the schedule slot a run belongs to (`2026-11-23T02:00:00Z`), so a manual `wecast run` in the
+same week as the scheduler's firing is the *same* run and sends nothing twice. A campaign without a
+schedule (or before its first slot) gets one manual run key per local day.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+from zoneinfo import ZoneInfo
+
+from sqlalchemy.engine import Engine
+
+from engine import audience as aud
+from engine.errors import TemplateError
+from engine.render import describe_missing, render_all
+from engine.schedule import build_trigger, latest_fire_time, next_fire_times
+from engine.settings import FrequencyCap, Settings
+from engine.spec import Campaign
+from storage import queries
+from storage.models import CampaignRun, Delivery, DeliveryStatus, RunStatus
+
+
+@dataclass(frozen=True)
+class Recipient:
+    contact_id: str
+    name: str
+    text: str
+
+
+@dataclass(frozen=True)
+class Excluded:
+    contact_id: str
+    name: str
+    reason: str
+    category: str       # audience | exclusion | dedupe | frequency_cap | missing_field | too_long
+    recorded: bool      # written as a skipped delivery when planned (audience mismatches are not)
+
+
+@dataclass(repr=False)
+class Preview:
+    campaign: Campaign
+    run_key: str
+    now: datetime
+    total_contacts: int
+    recipients: list[Recipient]
+    excluded: list[Excluded]
+    missing: dict[str, list[str]] = field(default_factory=dict)
+    too_long: list[str] = field(default_factory=list)
+    unknown_ids: list[str] = field(default_factory=list)
+    unknown_tags: list[str] = field(default_factory=list)
+    next_fires: list[datetime] = field(default_factory=list)
+    existing_run: dict[str, Any] | None = None
+
+    def __repr__(self) -> str:
+        return (f"Preview({self.campaign.id!r}, run_key={self.run_key!r}, recipients={len(self.recipients)}, "
+                f"excluded={len(self.excluded)})")
+
+    @property
+    def distinct_texts(self) -> int:
+        return len({r.text for r in self.recipients})
+
+    def excluded_by_category(self) -> Counter[str]:
+        return Counter(e.category for e in self.excluded)
+
+    def problems(self) -> list[TemplateError]:
+        """Errors that stop a run: recipients lacking template fields, messages over the length limit."""
+        out: list[TemplateError] = []
+        total = len(self.recipients) + sum(len(v) for v in self.missing.values()) + len(self.too_long)
+        origin = self.campaign.template.origin
+        if self.missing:
+            out.append(TemplateError(describe_missing(self.missing, total), origin))
+        if self.too_long:
+            out.append(TemplateError(
+                f"the message is longer than message.max_length ({self.campaign.message.max_length}) for "
+                f"{len(self.too_long)} recipients", origin))
+        return out
+
+    def raise_for_problems(self) -> None:
+        problems = self.problems()
+        if problems:
+            first = problems[0]
+            if len(problems) > 1:
+                raise TemplateError(first.reason + "; " + problems[1].reason, first.location, problems=problems)
+            raise first
+
+
+def run_key_for(campaign: Campaign, now: datetime, explicit: str | None = None) -> str:
+    """The run a manual or API start at `now` belongs to (see the module docstring)."""
+    if explicit:
+        return explicit
+    if campaign.schedule is not None:
+        trigger = build_trigger(campaign.schedule, campaign.tz)
+        if campaign.schedule.at is not None:
+            fires = next_fire_times(trigger, datetime(1970, 1, 2, tzinfo=UTC), 1)
+            if fires:
+                return slot_key(fires[0])
+        last = latest_fire_time(trigger, now)
+        if last is not None:
+            return slot_key(last)
+    return "manual-" + now.astimezone(campaign.tz).date().isoformat()
+
+
+def slot_key(fire: datetime) -> str:
+    return fire.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def dedupe_key(campaign: Campaign, run_key: str, contact_id: str) -> str:
+    if campaign.dedupe == "once":
+        return f"{campaign.id}|once|{contact_id}"
+    return f"{campaign.id}|{run_key}|{contact_id}"
+
+
+def cap_period(now: datetime, tz: ZoneInfo, per: str) -> tuple[datetime, datetime]:
+    """The calendar day/week/month containing `now`, in zone `tz`, as UTC bounds."""
+    local = now.astimezone(tz)
+    start = local.replace(hour=0, minute=0, second=0, microsecond=0)
+    if per == "week":
+        start -= timedelta(days=start.weekday())
+        end = start + timedelta(days=7)
+    elif per == "month":
+        start = start.replace(day=1)
+        end = (start + timedelta(days=32)).replace(day=1)
+    else:
+        end = start + timedelta(days=1)
+    # Re-resolve through the zone so a DST change inside the period is handled.
+    start = start.replace(tzinfo=None).replace(tzinfo=tz)
+    end = end.replace(tzinfo=None).replace(tzinfo=tz)
+    return start.astimezone(UTC), end.astimezone(UTC)
+
+
+def run_settings(campaign: Campaign, settings: Settings) -> dict[str, Any]:
+    """What the dispatcher needs, frozen at plan time so a resumed run behaves as planned."""
+    return {
+        "interval": campaign.throttle.interval,
+        "per_second": campaign.throttle.per_second,
+        "per_minute": campaign.throttle.per_minute,
+        "max_errors": campaign.max_errors,
+        "timezone": campaign.timezone,
+        "frequency_cap": campaign.frequency_cap.model_dump() if campaign.frequency_cap else None,
+        "quiet_hours": ({"start": campaign.quiet_hours.start.strftime("%H:%M"),
+                         "end": campaign.quiet_hours.end.strftime("%H:%M")} if campaign.quiet_hours else None),
+        "campaign_name": campaign.name,
+    }
+
+
+def build_preview(db: Engine, campaign: Campaign, *, now: datetime, run_key: str | None = None,
+                  contacts: list[dict[str, Any]] | None = None) -> Preview:
+    """Everything a run would do, computed without writing anything."""
+    key = run_key_for(campaign, now, run_key)
+    with db.connect() as conn:
+        views = contacts if contacts is not None else queries.load_contact_views(conn)
+        known_tags = queries.tag_names(conn)
+        existing_run = _find_run(conn, campaign.id, key)
+        held = queries.campaign_keys(conn, campaign.id) if campaign.dedupe != "run" or existing_run else {}
+        window = campaign.dedupe_window
+        recent = queries.last_sends(conn, campaign.id, now - window) if window else {}
+        cap: FrequencyCap | None = campaign.frequency_cap
+        counts: dict[str, int] = {}
+        if cap is not None:
+            start, end = cap_period(now, campaign.tz, cap.per)
+            counts = queries.cap_counts(conn, start, end,
+                                        exclude_run=existing_run["id"] if existing_run else None)
+    a = campaign.audience
+    selection = aud.select(views, ids=a.ids, tags_any=a.tags_any, tags_all=a.tags_all, tags_none=a.tags_none,
+                           rules=campaign.rules, exclude_ids=a.exclude_ids, limit=a.limit,
+                           include_coworkers=a.include_coworkers, now=now, known_tags=known_tags)
+    excluded = [Excluded(e.contact_id, e.name, e.reason, _category(e.reason), _category(e.reason) != "audience")
+                for e in selection.excluded]
+    eligible: list[dict[str, Any]] = []
+    local = campaign.tz
+    for c in selection.recipients:
+        cid = c["id"]
+        name = str(c.get("name") or "")
+        held_by = held.get(dedupe_key(campaign, key, cid))
+        if held_by is not None:
+            when = held_by.get("sent_at")
+            at = f" on {when.astimezone(local):%Y-%m-%d %H:%M}" if when else ""
+            excluded.append(Excluded(cid, name, f"already {held_by['status']} in run {held_by['run_id']}{at} "
+                                     f"(dedupe: {campaign.dedupe})", "dedupe", False))
+            continue
+        last = recent.get(cid)
+        if last is not None:
+            excluded.append(Excluded(cid, name, f"got this campaign on {last.astimezone(local):%Y-%m-%d %H:%M}, "
+                                     f"within the dedupe window {campaign.dedupe}", "dedupe", True))
+            continue
+        if cap is not None and counts.get(cid, 0) >= cap.max:
+            excluded.append(Excluded(cid, name, f"frequency cap: already got {counts[cid]} marketing "
+                                     f"message(s) this {cap.per} (max {cap.max})", "frequency_cap", True))
+            continue
+        eligible.append(c)
+    rendered = render_all(campaign.template.for_zone(campaign.timezone), eligible,
+                          campaign={"id": campaign.id, "name": campaign.name}, now=now.astimezone(local),
+                          max_length=campaign.message.max_length)
+    missing: dict[str, list[str]] = {}
+    too_long: list[str] = []
+    recipients: list[Recipient] = []
+    skip_missing = campaign.message.on_missing_field == "skip"
+    lacking_by_id: dict[str, list[str]] = {}
+    for fname, ids in rendered.missing.items():
+        for cid in ids:
+            lacking_by_id.setdefault(cid, []).append(fname)
+    if not skip_missing:
+        missing = rendered.missing
+    too_long = rendered.too_long
+    for c in eligible:
+        cid = c["id"]
+        name = str(c.get("name") or "")
+        text = rendered.texts.get(cid)
+        if text is not None:
+            recipients.append(Recipient(cid, name, text))
+        elif cid in lacking_by_id and skip_missing:
+            excluded.append(Excluded(cid, name, "lacks " + ", ".join(lacking_by_id[cid]) + " used by the template",
+                                     "missing_field", True))
+    next_fires: list[datetime] = []
+    if campaign.schedule is not None and campaign.enabled:
+        next_fires = next_fire_times(build_trigger(campaign.schedule, campaign.tz), now, 5)
+    return Preview(campaign=campaign, run_key=key, now=now, total_contacts=len(views), recipients=recipients,
+                   excluded=excluded, missing=missing, too_long=too_long, unknown_ids=selection.unknown_ids,
+                   unknown_tags=selection.unknown_tags, next_fires=next_fires, existing_run=existing_run)
+
+
+def _category(reason: str) -> str:
+    if reason.startswith(("listed in exclude_ids", "has excluded tag", "not a friend", "coworker",
+                          "over the audience limit")):
+        return "exclusion"
+    return "audience"
+
+
+def _find_run(conn: Any, campaign_id: str, run_key: str) -> dict[str, Any] | None:
+    from sqlalchemy import select
+
+    r = queries.R
+    row = conn.execute(select(CampaignRun.__table__).where(r.campaign_id == campaign_id, r.run_key == run_key)).first()
+    return dict(row._mapping) if row else None
+
+
+@dataclass
+class PlanResult:
+    run_id: int
+    run_key: str
+    created: bool
+    planned: int = 0
+    skipped: int = 0
+    preview: Preview | None = None
+
+
+def plan_run(db: Engine, campaign: Campaign, settings: Settings, *, now: datetime, run_key: str | None = None,
+             trigger: str = "manual", preview: Preview | None = None) -> PlanResult:
+    """Write the run and its deliveries in one transaction (or return the run that already exists)."""
+    preview = preview or build_preview(db, campaign, now=now, run_key=run_key)
+    if preview.existing_run is not None:
+        return PlanResult(preview.existing_run["id"], preview.run_key, created=False, preview=preview)
+    preview.raise_for_problems()
+    key = preview.run_key
+    scheduled_for = None
+    if not key.startswith("manual-"):
+        try:
+            scheduled_for = datetime.strptime(key, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
+        except ValueError:
+            scheduled_for = None
+    capped = campaign.frequency_cap is not None
+    with db.begin() as conn:
+        inserted = queries.insert_ignore(conn, CampaignRun.__table__, [{  # type: ignore[attr-defined]
+            "campaign_id": campaign.id, "run_key": key, "trigger": trigger, "status": RunStatus.RUNNING.value,
+            "timezone": campaign.timezone, "campaign_file": str(campaign.file),
+            "campaign_hash": campaign.content_hash, "settings": run_settings(campaign, settings),
+            "scheduled_for": scheduled_for, "created_at": now, "owner": "", "error": "",
+            "planned": len(preview.recipients),
+            "skipped_at_plan": sum(1 for e in preview.excluded if e.recorded)}])
+        existing = _find_run(conn, campaign.id, key)
+        assert existing is not None
+        if not inserted:   # planned concurrently by another process: theirs stands
+            return PlanResult(existing["id"], key, created=False, preview=preview)
+        run_id = existing["id"]
+        rows = [{"run_id": run_id, "campaign_id": campaign.id, "contact_id": r.contact_id,
+                 "contact_name": r.name, "text": r.text, "dedupe_key": dedupe_key(campaign, key, r.contact_id),
+                 "status": DeliveryStatus.PENDING.value, "reason": "", "attempts": 0, "last_error": "",
+                 "capped": capped, "gateway_message_id": "", "gateway_task_id": "", "claim_token": "",
+                 "next_attempt_at": None, "created_at": now, "updated_at": now, "sent_at": None}
+                for r in preview.recipients]
+        rows += [{"run_id": run_id, "campaign_id": campaign.id, "contact_id": e.contact_id,
+                  "contact_name": e.name, "text": "", "dedupe_key": None, "status": DeliveryStatus.SKIPPED.value,
+                  "reason": f"{e.category}: {e.reason}", "attempts": 0, "last_error": "", "capped": capped,
+                  "gateway_message_id": "", "gateway_task_id": "", "claim_token": "", "next_attempt_at": None,
+                  "created_at": now, "updated_at": now, "sent_at": None}
+                 for e in preview.excluded if e.recorded]
+        queries.insert_ignore(conn, Delivery.__table__, rows)  # type: ignore[attr-defined]
+        counts = queries.status_counts(conn, run_id)
+    return PlanResult(run_id, key, created=True, planned=counts.get("pending", 0),
+                      skipped=counts.get("skipped", 0), preview=preview)
+
+
+def plan_adhoc(db: Engine, *, contact_ids: list[str], text: str, run_key: str, now: datetime, timezone: str,
+               campaign_id: str = "api", throttle_interval: float = 0.0, trigger: str = "api",
+               names: dict[str, str] | None = None) -> PlanResult:
+    """A run for a direct send (the HTTP API's /send-message and /send-message-all): one text, given
+    contacts, no audience rules, not counted against the marketing frequency cap. `run_key` is the
+    client's Idempotency-Key (or a fresh id), so a retried request plans nothing new."""
+    with db.begin() as conn:
+        inserted = queries.insert_ignore(conn, CampaignRun.__table__, [{  # type: ignore[attr-defined]
+            "campaign_id": campaign_id, "run_key": run_key, "trigger": trigger,
+            "status": RunStatus.RUNNING.value, "timezone": timezone, "campaign_file": "", "campaign_hash": "",
+            "settings": {"interval": throttle_interval, "max_errors": 0, "timezone": timezone,
+                         "frequency_cap": None, "quiet_hours": None, "campaign_name": campaign_id},
+            "scheduled_for": None, "created_at": now, "owner": "", "error": "",
+            "planned": len(contact_ids), "skipped_at_plan": 0}])
+        existing = _find_run(conn, campaign_id, run_key)
+        assert existing is not None
+        if not inserted:
+            return PlanResult(existing["id"], run_key, created=False)
+        run_id = existing["id"]
+        rows = [{"run_id": run_id, "campaign_id": campaign_id, "contact_id": cid,
+                 "contact_name": (names or {}).get(cid, ""), "text": text,
+                 "dedupe_key": f"{campaign_id}|{run_key}|{cid}", "status": DeliveryStatus.PENDING.value,
+                 "reason": "", "attempts": 0, "last_error": "", "capped": False, "gateway_message_id": "",
+                 "gateway_task_id": "", "claim_token": "", "next_attempt_at": None, "created_at": now,
+                 "updated_at": now, "sent_at": None} for cid in dict.fromkeys(contact_ids)]
+        queries.insert_ignore(conn, Delivery.__table__, rows)  # type: ignore[attr-defined]
+    return PlanResult(run_id, run_key, created=True, planned=len(rows))

@@ -1,0 +1,244 @@
+"""Sandboxed Jinja message templates.
+
+* `SandboxedEnvironment` + `StrictUndefined`: a template cannot reach Python internals, and a field a
+  recipient lacks is an error (naming the field), never a silent blank — unless the template says what
+  to use instead (`{{ city | default("您所在的城市") }}` or `{% if city is defined %}`).
+* Contact values are data: they are passed in as values, never parsed as templates, so a remark that
+  reads `{{ 7*7 }}` arrives as exactly that text.
+* A field is "missing" for a contact when it is empty; empty fields are left out of the context.
+
+Names a template can use: every contact field (`name`, `alias`, `city`, `phone`, ...), `display_name`
+(the remark if set, else the name), `honorific` (先生/女士, when gender is known), `tags` (tag names),
+`contact` (the same fields as an object), `campaign` (`id`, `name`), `now` (the run's time, in the
+campaign's zone). Filters beyond Jinja's own: `datefmt` (default `%Y年%m月%d日`, in the campaign's zone)
+and `days_since`.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import date, datetime
+from typing import Any, NoReturn
+from zoneinfo import ZoneInfo
+
+from jinja2 import StrictUndefined, TemplateSyntaxError, UndefinedError, meta, nodes
+from jinja2.sandbox import SandboxedEnvironment, SecurityError
+
+from engine.errors import Location, TemplateError
+
+CONTACT_FIELDS = ("id", "name", "alias", "avatar", "gender", "city", "province", "address", "corporation",
+                  "title", "phone", "phones", "weixin", "description", "signature", "friend", "coworker",
+                  "star", "type", "real_name", "aka", "additional_info", "corp_id", "added_at",
+                  "display_name", "honorific")
+GLOBAL_NAMES = ("contact", "tags", "campaign", "now")
+KNOWN_NAMES = frozenset(CONTACT_FIELDS) | frozenset(GLOBAL_NAMES)
+
+
+class MissingField(UndefinedError):
+    """A template used a field this recipient does not have."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(f"{name!r} is undefined")
+        self.field = name
+
+
+class _Strict(StrictUndefined):
+    def _fail_with_undefined_error(self, *args: Any, **kwargs: Any) -> NoReturn:
+        raise MissingField(str(self._undefined_name or "?"))
+
+    __str__ = __iter__ = __len__ = __bool__ = __eq__ = __ne__ = __hash__ = _fail_with_undefined_error  # type: ignore[assignment]
+    __add__ = __radd__ = __mul__ = __rmul__ = __lt__ = __le__ = __gt__ = __ge__ = _fail_with_undefined_error  # type: ignore[assignment]
+    __int__ = __float__ = __contains__ = __getitem__ = _fail_with_undefined_error  # type: ignore[assignment]
+
+
+def _env(tz: ZoneInfo) -> SandboxedEnvironment:
+    env = SandboxedEnvironment(undefined=_Strict, autoescape=False, trim_blocks=True, lstrip_blocks=True,
+                               keep_trailing_newline=False)
+
+    def datefmt(value: Any, fmt: str = "%Y年%m月%d日") -> str:
+        if isinstance(value, datetime):
+            if value.tzinfo is not None:
+                value = value.astimezone(tz)
+            return value.strftime(fmt)
+        if isinstance(value, date):
+            return value.strftime(fmt)
+        raise TypeError(f"datefmt expects a date, got {type(value).__name__}")
+
+    def days_since(value: Any, now: datetime | None = None) -> int:
+        if not isinstance(value, datetime):
+            raise TypeError(f"days_since expects a date and time, got {type(value).__name__}")
+        ref = now or datetime.now(value.tzinfo)
+        return max(0, (ref - value).days)
+
+    env.filters["datefmt"] = datefmt
+    env.filters["days_since"] = days_since
+    return env
+
+
+_ENVS: dict[str, SandboxedEnvironment] = {}
+
+
+def environment(tz: str) -> SandboxedEnvironment:
+    env = _ENVS.get(tz)
+    if env is None:
+        env = _ENVS[tz] = _env(ZoneInfo(tz))
+    return env
+
+
+@dataclass
+class CompiledTemplate:
+    source: str
+    origin: Location
+    names: frozenset[str]
+    tz: str = "Asia/Shanghai"
+    _templates: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    def template(self) -> Any:
+        compiled = self._templates.get(self.tz)
+        if compiled is None:
+            compiled = self._templates[self.tz] = environment(self.tz).from_string(self.source)
+        return compiled
+
+    def for_zone(self, tz: str) -> CompiledTemplate:
+        return CompiledTemplate(self.source, self.origin, self.names, tz)
+
+    def render(self, context: Mapping[str, Any]) -> str:
+        """Render for one recipient. Raises MissingField, or TemplateError for other failures."""
+        try:
+            return str(self.template().render(context)).strip()
+        except MissingField:
+            raise
+        except SecurityError as exc:
+            raise TemplateError(f"the template tried something not allowed: {exc}", self.origin) from None
+        except UndefinedError as exc:  # attribute of a present value that does not exist
+            raise MissingField(_undefined_name(str(exc))) from None
+        except Exception as exc:
+            raise TemplateError(f"the template failed: {type(exc).__name__}: {exc}", self.origin) from None
+
+
+def _undefined_name(message: str) -> str:
+    m = re.search(r"has no attribute '([^']+)'|'([^']+)' is undefined", message)
+    return (m.group(1) or m.group(2)) if m else message
+
+
+def _line_of(source: str, name: str) -> int:
+    for i, line in enumerate(source.splitlines(), 1):
+        if re.search(rf"\b{re.escape(name)}\b", line):
+            return i
+    return 1
+
+
+def _at(origin: Location, template_line: int) -> Location:
+    line = (origin.line or 1) + template_line - 1
+    return Location(origin.file, line, origin.field)
+
+
+def compile_template(source: str, origin: Location, tz: str = "Asia/Shanghai") -> CompiledTemplate:
+    """Parse and check a template: syntax, and that every name it uses exists. Raises TemplateError."""
+    if not source.strip():
+        raise TemplateError("the message template is empty", origin)
+    env = environment(tz)
+    try:
+        ast = env.parse(source)
+    except TemplateSyntaxError as exc:
+        raise TemplateError(f"template syntax error: {exc.message}", _at(origin, exc.lineno)) from None
+    names = meta.find_undeclared_variables(ast)
+    for name in sorted(names):
+        if name not in KNOWN_NAMES:
+            raise TemplateError(
+                f"unknown field {name!r} in the template; contact fields are: {', '.join(CONTACT_FIELDS)}",
+                _at(origin, _line_of(source, name)))
+    for node in ast.find_all(nodes.Getattr):
+        if node.attr.startswith("_"):
+            raise TemplateError(f"attribute {node.attr!r} is not allowed in templates", _at(origin, node.lineno))
+        if isinstance(node.node, nodes.Name) and node.node.name == "contact" and node.attr not in CONTACT_FIELDS:
+            raise TemplateError(f"unknown field 'contact.{node.attr}' in the template",
+                                _at(origin, node.lineno))
+    for node in ast.find_all(nodes.Filter):
+        if node.name not in env.filters:
+            raise TemplateError(f"unknown filter {node.name!r}", _at(origin, node.lineno))
+    try:
+        compiled = CompiledTemplate(source, origin, frozenset(names), tz)
+        compiled.template()
+    except TemplateSyntaxError as exc:
+        raise TemplateError(f"template syntax error: {exc.message}", _at(origin, exc.lineno)) from None
+    return compiled
+
+
+def contact_context(contact: Mapping[str, Any]) -> dict[str, Any]:
+    """The template fields of one contact: non-empty values only, plus derived names."""
+    ctx = {k: v for k, v in contact.items() if v not in (None, "", [], (), {}) and k != "tags"}
+    phones = contact.get("phones") or ()
+    if phones:
+        ctx["phone"] = phones[0]
+    gender = contact.get("gender") or 0
+    ctx.pop("gender", None)
+    if gender:
+        ctx["gender"] = gender
+        ctx["honorific"] = "先生" if gender == 1 else "女士"
+    display = contact.get("alias") or contact.get("name")
+    if display:
+        ctx["display_name"] = display
+    for flag in ("friend", "coworker", "star"):
+        ctx[flag] = bool(contact.get(flag))
+    return ctx
+
+
+@dataclass
+class Rendered:
+    texts: dict[str, str]                        # contact id -> message
+    missing: dict[str, list[str]]                # field -> contact ids lacking it
+    too_long: list[str]                          # contact ids whose message exceeds max_length
+    groups: Counter[str] = field(default_factory=Counter)  # identical texts (a task-based gateway's tasks)
+
+    @property
+    def failed_ids(self) -> set[str]:
+        out = set(self.too_long)
+        for ids in self.missing.values():
+            out.update(ids)
+        return out
+
+
+def render_all(template: CompiledTemplate, recipients: Iterable[Mapping[str, Any]], *,
+               campaign: Mapping[str, Any], now: datetime, max_length: int = 2000) -> Rendered:
+    """Render for every recipient. Recipients lacking a field are reported per field (all fields they
+    lack, not just the first), not rendered."""
+    base = {"campaign": dict(campaign), "now": now}
+    texts: dict[str, str] = {}
+    missing: dict[str, list[str]] = {}
+    too_long: list[str] = []
+    for contact in recipients:
+        fields = contact_context(contact)
+        ctx = {**base, **fields, "contact": fields, "tags": sorted(contact.get("tags_named") or ())}
+        cid = str(contact["id"])
+        lacking: list[str] = []
+        for _ in range(len(CONTACT_FIELDS) + 1):
+            try:
+                text = template.render(ctx)
+                break
+            except MissingField as exc:
+                lacking.append(exc.field)
+                # Fill the gap with a placeholder to find any other field this contact lacks.
+                ctx = {**ctx, exc.field: "…", "contact": {**ctx["contact"], exc.field: "…"}}
+        else:  # pragma: no cover - a template cannot reference more names than exist
+            lacking.append("?")
+        if lacking:
+            for name in lacking:
+                missing.setdefault(name, []).append(cid)
+            continue
+        if len(text) > max_length:
+            too_long.append(cid)
+            continue
+        texts[cid] = text
+    rendered = Rendered(texts, missing, too_long)
+    rendered.groups = Counter(texts.values())
+    return rendered
+
+
+def describe_missing(missing: Mapping[str, Sequence[str]], total: int) -> str:
+    parts = [f"{name!r} is missing for {len(ids)} of {total} recipients" for name, ids in
+             sorted(missing.items(), key=lambda kv: -len(kv[1]))]
+    return "; ".join(parts) + " – give a default in the template, e.g. {{ city | default(\"您所在的城市\") }}"

@@ -1,0 +1,117 @@
+"""Campaign schedules -> APScheduler 3 triggers, and the fire times they produce.
+
+Only trigger classes are used here; `engine.scheduler` runs them. A cron expression has 5 fields
+(minute hour day month day-of-week) and is read in the campaign's time zone; `at` without a zone is in
+the campaign's zone too; `every` counts from `start` (or the Unix epoch in the campaign's zone, so the
+slots are stable across restarts).
+"""
+
+from __future__ import annotations
+
+from datetime import date, datetime, time, timedelta
+from typing import TYPE_CHECKING, Any
+from zoneinfo import ZoneInfo
+
+from apscheduler.triggers.cron import CronTrigger
+from apscheduler.triggers.date import DateTrigger
+from apscheduler.triggers.interval import IntervalTrigger
+
+if TYPE_CHECKING:
+    from engine.spec import ScheduleSpec
+
+EPOCH = datetime(2020, 1, 6)  # a Monday; interval slots count from here when no start is given
+
+
+class ScheduleError(ValueError):
+    def __init__(self, message: str, field: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+def _aware(value: datetime | date | None, tz: ZoneInfo, *, end: bool = False) -> datetime | None:
+    if value is None:
+        return None
+    if not isinstance(value, datetime):
+        value = datetime.combine(value, time.max if end else time.min)
+    return value if value.tzinfo else value.replace(tzinfo=tz)
+
+
+def build_trigger(spec: ScheduleSpec, tz: ZoneInfo) -> Any:
+    """An APScheduler trigger for `spec` in zone `tz`. Raises ScheduleError naming the field."""
+    start = _aware(spec.start, tz)
+    end = _aware(spec.end, tz, end=True)
+    if start and end and end <= start:
+        raise ScheduleError("end must be after start", "end")
+    jitter = int(spec.jitter.total_seconds()) if spec.jitter else None
+    if spec.cron is not None:
+        fields = spec.cron.split()
+        if len(fields) != 5:
+            raise ScheduleError(f"cron needs 5 fields (minute hour day month weekday), got {len(fields)}: "
+                                f"{spec.cron!r}", "cron")
+        try:
+            return CronTrigger(minute=fields[0], hour=fields[1], day=fields[2], month=fields[3],
+                               day_of_week=cron_weekdays(fields[4]), timezone=tz, start_date=start,
+                               end_date=end, jitter=jitter)
+        except ValueError as exc:
+            raise ScheduleError(f"invalid cron expression {spec.cron!r}: {exc}", "cron") from None
+    if spec.at is not None:
+        return DateTrigger(run_date=_aware(spec.at, tz), timezone=tz)
+    assert spec.every is not None
+    anchor = start or EPOCH.replace(tzinfo=tz)
+    return IntervalTrigger(seconds=int(spec.every.total_seconds()), start_date=anchor, end_date=end,
+                           timezone=tz, jitter=jitter)
+
+
+def next_fire_times(trigger: Any, after: datetime, count: int = 5) -> list[datetime]:
+    """The next `count` fire times strictly after `after` (aware)."""
+    out: list[datetime] = []
+    previous: datetime | None = None
+    now = after + timedelta(microseconds=1)
+    for _ in range(count):
+        fire = trigger.get_next_fire_time(previous, now)
+        if fire is None:
+            break
+        out.append(fire)
+        previous = fire
+        now = fire + timedelta(microseconds=1)
+    return out
+
+
+def latest_fire_time(trigger: Any, now: datetime) -> datetime | None:
+    """The most recent fire time at or before `now` (None if the schedule has not fired within a year).
+
+    Used to name a manual run after the schedule slot it belongs to, so `wecast run` and the scheduler
+    agree on what "this week's run" is and never send it twice.
+    """
+    # Triggers only answer "next after"; look back over growing windows, then walk forward.
+    for window in (timedelta(minutes=2), timedelta(hours=2), timedelta(days=2), timedelta(days=8),
+                   timedelta(days=32), timedelta(days=370)):
+        fire = trigger.get_next_fire_time(None, now - window)
+        if fire is None or fire > now:
+            continue
+        while True:
+            following = trigger.get_next_fire_time(fire, fire + timedelta(microseconds=1))
+            if following is None or following > now:
+                return fire  # type: ignore[no-any-return]
+            fire = following
+    return None
+
+
+_DOW = ["sun", "mon", "tue", "wed", "thu", "fri", "sat", "sun"]
+
+
+def cron_weekdays(field: str) -> str:
+    """Standard cron weekday numbers (0 or 7 = Sunday) -> names; APScheduler 3 counts 0 = Monday."""
+    out: list[str] = []
+    for part in field.split(","):
+        body, _, step = part.partition("/")
+        if body.isdigit() or (("-" in body) and all(x.isdigit() for x in body.split("-", 1))):
+            lo, _, hi = body.partition("-")
+            first, last = int(lo), int(hi or lo)
+            if not (0 <= first <= 7 and 0 <= last <= 7) or first > last:
+                raise ValueError(f"weekday {body!r} out of range 0-7")
+            days = list(range(first, last + 1, int(step) if step else 1)) if step or hi else [first]
+            out.extend(_DOW[d] for d in days)
+        else:
+            out.append(part)
+    return ",".join(dict.fromkeys(out))

@@ -1,0 +1,374 @@
+"""Campaign YAML -> validated `Campaign` objects, with `file:line: field: why` in every error.
+
+A campaign file (see README "Campaign reference"):
+
+    id: weekly_vip                  # optional; defaults to the file name
+    name: 每周VIP专享
+    timezone: Asia/Shanghai         # optional; defaults to config.yaml's
+    schedule: {cron: "0 10 * * MON"}        # or {at: 2026-12-31 20:00} or {every: 2h}; optional start/end
+    audience:
+      tags_any: [VIP]
+      rules: [{city: [上海, 杭州]}, {added_within: 30d}]
+    message:
+      template: "{{ name }}您好，本周VIP专享……"
+    dedupe: run                     # run | once | 7d
+    frequency_cap: true             # true: config default; false: exempt; or {max: 2, per: week}
+    quiet_hours: {start: "21:00", end: "09:00"}
+    throttle: {per_second: 5}
+    max_errors: 20
+
+`load_campaign(path, settings)` checks everything that can be checked without contacts: YAML syntax,
+unknown or missing fields, types, time zones, cron syntax, rule fields and operators, template syntax
+and the names it uses. All problems in a file are reported together.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass, field
+from datetime import date, datetime, timedelta
+from pathlib import Path
+from typing import Any, Literal
+from zoneinfo import ZoneInfo
+
+from pydantic import Field, ValidationError, field_validator, model_validator
+
+from engine import yamlsrc
+from engine.audience import Rule, RuleError, parse_rules
+from engine.durations import Duration, parse_duration
+from engine.errors import CampaignError, Location, TemplateError
+from engine.render import CompiledTemplate, compile_template
+from engine.schedule import ScheduleError, build_trigger
+from engine.settings import FrequencyCap, QuietHours, Settings, Strict, Throttle, check_timezone
+
+ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+class ScheduleSpec(Strict):
+    """When a campaign fires. Exactly one of cron / at / every; none means manual runs only."""
+
+    cron: str | None = None
+    at: datetime | None = None
+    every: Duration | None = None
+    start: datetime | date | None = None
+    end: datetime | date | None = None
+    jitter: Duration | None = None
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> ScheduleSpec:
+        kinds = [k for k in ("cron", "at", "every") if getattr(self, k) is not None]
+        if len(kinds) > 1:
+            raise ValueError(f"give only one of cron, at, every (found {', '.join(kinds)})")
+        if not kinds:
+            raise ValueError("give one of cron (e.g. \"0 10 * * MON\"), at (a date and time) or every (e.g. 1d)")
+        if self.every is not None and self.every < timedelta(minutes=1):
+            raise ValueError("every must be at least 1m")
+        return self
+
+
+class Audience(Strict):
+    """Who gets the message: (ids, or everyone) ∩ tag filters ∩ rules − exclusions, then `limit`."""
+
+    ids: list[str] = []
+    tags_any: list[str] = []
+    tags_all: list[str] = []
+    tags_none: list[str] = []
+    rules: Any = None
+    exclude_ids: list[str] = []
+    limit: int | None = Field(default=None, ge=1)
+    include_coworkers: bool = False
+
+
+class LinkSpec(Strict):
+    title: str
+    url: str
+    description: str = ""
+    image_url: str = ""
+
+
+class MiniProgramSpec(Strict):
+    title: str
+    appid: str
+    page: str
+    image: str = ""
+
+
+class MessageSpec(Strict):
+    """What is sent. Text today; the other types are reserved so files can be written for them."""
+
+    type: Literal["text", "image", "link", "miniprogram"] = "text"
+    template: str | None = None
+    template_file: str | None = None
+    image: str | None = None
+    link: LinkSpec | None = None
+    miniprogram: MiniProgramSpec | None = None
+    max_length: int = Field(default=2000, ge=1, le=10000)
+    on_missing_field: Literal["error", "skip"] = "error"
+
+    @model_validator(mode="after")
+    def _shape(self) -> MessageSpec:
+        if self.type != "text":
+            raise ValueError(f"message type {self.type!r} is reserved for a later release; "
+                             "only text messages can be sent now")
+        if (self.template is None) == (self.template_file is None):
+            raise ValueError("give exactly one of template (inline) or template_file (a path)")
+        return self
+
+
+def _parse_dedupe(value: Any) -> str:
+    if value in ("run", "once"):
+        return str(value)
+    try:
+        parse_duration(value)
+    except ValueError:
+        raise ValueError(f"dedupe must be run, once or a window like 7d (got {value!r})") from None
+    return str(value)
+
+
+class CampaignModel(Strict):
+    id: str | None = None
+    name: str = Field(min_length=1)
+    description: str = ""
+    enabled: bool = True
+    timezone: str | None = None
+    schedule: ScheduleSpec | None = None
+    audience: Audience
+    message: MessageSpec
+    dedupe: str = "run"
+    frequency_cap: bool | FrequencyCap = True
+    quiet_hours: bool | QuietHours | None = None
+    throttle: Throttle | None = None
+    max_errors: int | None = Field(default=None, ge=0)
+    tags: list[str] = []           # labels for people, not audience tags
+
+    _tz = field_validator("timezone")(lambda v: check_timezone(v) if v is not None else v)
+    _dedupe = field_validator("dedupe", mode="before")(lambda v: _parse_dedupe(v))
+
+    @field_validator("id")
+    @classmethod
+    def _id(cls, v: str | None) -> str | None:
+        if v is not None and not ID_RE.match(v):
+            raise ValueError("id may use letters, digits, _ . - (up to 64), starting with a letter or digit")
+        return v
+
+    @field_validator("quiet_hours")
+    @classmethod
+    def _quiet(cls, v: bool | QuietHours | None) -> bool | QuietHours | None:
+        if v is True:
+            raise ValueError("quiet_hours: true is ambiguous; leave it out to use config.yaml's, "
+                             "give {start, end}, or false for none")
+        return v
+
+
+@dataclass
+class Campaign:
+    """A validated campaign, resolved against the settings (defaults filled in)."""
+
+    id: str
+    name: str
+    file: Path
+    enabled: bool
+    timezone: str
+    schedule: ScheduleSpec | None
+    audience: Audience
+    rules: Rule | None
+    message: MessageSpec
+    template: CompiledTemplate
+    dedupe: str                      # run | once | a window like 7d
+    frequency_cap: FrequencyCap | None
+    quiet_hours: QuietHours | None
+    throttle: Throttle
+    max_errors: int
+    description: str = ""
+    content_hash: str = ""
+    lines: yamlsrc.Lines = field(default_factory=lambda: yamlsrc.Lines(""))
+
+    @property
+    def tz(self) -> ZoneInfo:
+        return ZoneInfo(self.timezone)
+
+    @property
+    def dedupe_window(self) -> timedelta | None:
+        return None if self.dedupe in ("run", "once") else parse_duration(self.dedupe)
+
+    def location(self, *path: str | int) -> Location:
+        return self.lines.at(path)
+
+
+def _err(lines: yamlsrc.Lines, path: tuple[str | int, ...], reason: str,
+         cls: type[CampaignError] = CampaignError) -> CampaignError:
+    return cls(reason, lines.at(path))
+
+
+def _raise_all(problems: list[CampaignError]) -> None:
+    if not problems:
+        return
+    first = problems[0]
+    if len(problems) == 1:
+        raise first
+    more = "".join(f"\n  {p}" for p in problems[1:])
+    raise type(first)(first.reason + more, first.location, problems=problems)
+
+
+def load_campaign(path: str | Path, settings: Settings) -> Campaign:
+    """Read and validate one campaign file. Raises CampaignError (all problems, first one first)."""
+    file = Path(path)
+    try:
+        text = file.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise CampaignError("file not found", Location(str(file))) from None
+    except UnicodeDecodeError:
+        raise CampaignError("the file is not UTF-8 text", Location(str(file))) from None
+    return parse_campaign(text, file, settings)
+
+
+def parse_campaign(text: str, file: Path, settings: Settings) -> Campaign:
+    name = str(file)
+    try:
+        data, lines = yamlsrc.load(text, name)
+    except yamlsrc.YamlSyntaxError as exc:
+        raise CampaignError(str(exc), Location(name, exc.line)) from None
+    if not isinstance(data, dict):
+        raise CampaignError("a campaign file must be a mapping (name:, audience:, message:, ...)",
+                            Location(name, 1))
+    try:
+        model = CampaignModel.model_validate(data)
+    except ValidationError as exc:
+        _raise_all([CampaignError(reason, loc) for loc, reason in yamlsrc.located(exc, lines)])
+        raise AssertionError("unreachable") from None
+
+    problems: list[CampaignError] = []
+    campaign_id = model.id or file.stem
+    if not ID_RE.match(campaign_id):
+        problems.append(_err(lines, ("id",), f"the file name {file.stem!r} is not a valid campaign id; "
+                                             "add an explicit id: field"))
+    tz_name = model.timezone or settings.timezone
+
+    if model.schedule is not None:
+        try:
+            build_trigger(model.schedule, ZoneInfo(tz_name))
+        except ScheduleError as exc:
+            problems.append(_err(lines, ("schedule", exc.field), str(exc)))
+
+    rules: Rule | None = None
+    if model.audience.rules is not None:
+        try:
+            rules = parse_rules(model.audience.rules)
+        except RuleError as exc:
+            problems.append(_err(lines, ("audience", "rules", *exc.path), exc.reason))
+
+    template_text: str
+    template_origin: Location
+    if model.message.template_file is not None:
+        tpath = Path(model.message.template_file)
+        tpath = tpath if tpath.is_absolute() else file.parent / tpath
+        try:
+            template_text = tpath.read_text(encoding="utf-8")
+            template_origin = Location(str(tpath), 1, None)
+        except OSError:
+            problems.append(_err(lines, ("message", "template_file"), f"template file not found: {tpath}"))
+            template_text, template_origin = "", Location(str(tpath), 1)
+    else:
+        template_text = model.message.template or ""
+        key_line = lines.line(("message", "template")) or 1
+        # A block scalar (|) starts on the line after its key; an inline one on the key's line.
+        first = key_line + 1 if text_has_block(text, key_line) else key_line
+        template_origin = Location(name, first, "message.template")
+    compiled: CompiledTemplate | None = None
+    try:
+        compiled = compile_template(template_text, template_origin)
+    except TemplateError as exc:
+        problems.append(exc)
+    _raise_all(problems)
+    assert compiled is not None
+
+    sending = settings.sending
+    cap: FrequencyCap | None
+    if model.frequency_cap is True:
+        cap = sending.frequency_cap
+    elif model.frequency_cap is False:
+        cap = None
+    else:
+        cap = model.frequency_cap
+    quiet: QuietHours | None
+    if model.quiet_hours is None:
+        quiet = sending.quiet_hours
+    elif model.quiet_hours is False:
+        quiet = None
+    else:
+        assert isinstance(model.quiet_hours, QuietHours)
+        quiet = model.quiet_hours
+    return Campaign(
+        id=campaign_id, name=model.name, file=file, enabled=model.enabled, timezone=tz_name,
+        schedule=model.schedule, audience=model.audience, rules=rules, message=model.message,
+        template=compiled, dedupe=model.dedupe, frequency_cap=cap, quiet_hours=quiet,
+        throttle=model.throttle or sending.throttle,
+        max_errors=model.max_errors if model.max_errors is not None else sending.max_errors,
+        description=model.description,
+        content_hash=hashlib.sha256((text + template_text).encode()).hexdigest()[:16], lines=lines)
+
+
+def text_has_block(text: str, key_line: int) -> bool:
+    """Whether the YAML line `key_line` ends in a block-scalar indicator (| or >)."""
+    lines = text.splitlines()
+    if not 0 < key_line <= len(lines):
+        return False
+    return bool(re.search(r":\s*[|>][+-]?\d*\s*(#.*)?$", lines[key_line - 1]))
+
+
+@dataclass
+class LoadResult:
+    campaigns: list[Campaign]
+    errors: list[CampaignError]
+
+
+def campaign_files(paths: list[Path]) -> list[Path]:
+    """Expand folders to their *.yaml / *.yml files (sorted); keep files as given."""
+    out: list[Path] = []
+    for p in paths:
+        if p.is_dir():
+            out.extend(sorted([*p.glob("*.yaml"), *p.glob("*.yml")]))
+        else:
+            out.append(p)
+    return out
+
+
+def load_campaigns(paths: list[Path], settings: Settings) -> LoadResult:
+    """Load many campaign files; collects errors instead of stopping, and rejects duplicate ids."""
+    result = LoadResult([], [])
+    seen: dict[str, Path] = {}
+    for file in campaign_files(paths):
+        try:
+            campaign = load_campaign(file, settings)
+        except CampaignError as exc:
+            result.errors.append(exc)
+            continue
+        if campaign.id in seen:
+            result.errors.append(CampaignError(
+                f"campaign id {campaign.id!r} is already used by {seen[campaign.id]}", campaign.location("id")))
+            continue
+        seen[campaign.id] = file
+        result.campaigns.append(campaign)
+    return result
+
+
+def find_campaign(ref: str, settings: Settings) -> Campaign:
+    """A campaign by file path, or by id among the files in campaigns_dir."""
+    path = Path(ref)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        return load_campaign(path, settings)
+    directory = settings.campaigns_dir
+    candidates = campaign_files([directory]) if directory.is_dir() else []
+    for file in candidates:
+        if file.stem == ref:
+            return load_campaign(file, settings)
+    result = load_campaigns(candidates, settings)
+    for campaign in result.campaigns:
+        if campaign.id == ref:
+            return campaign
+    from engine.errors import NotFoundError
+
+    raise NotFoundError(f"no campaign {ref!r}: not a file, and no campaign with that id in {directory}")
+
+
