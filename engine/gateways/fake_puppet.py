@@ -42,8 +42,7 @@ JS_STACK = "\n    at PuppetWorkPro.{fn} (/app/node_modules/@juzi/wechaty-puppet-
 BatchMode = Literal["ok", "unimplemented", "not_a_function", "fail"]
 
 _SURNAMES = "王李张刘陈杨黄赵吴周徐孙马朱胡郭何高林罗郑梁谢宋唐许韩冯邓曹彭曾肖田董袁潘蒋蔡余杜叶程苏魏吕丁沈"
-_GIVEN = ("伟 芳 娜 秀英 敏 静 丽 强 磊 军 洋 勇 艳 杰 娟 涛 明 超 霞 平 刚 婷 雪 琳 晨 欣怡 子涵 梓萱 浩然 "
-          "宇轩 思雨 佳怡 一诺 雨桐 可馨 俊杰 晓燕 海燕 春梅 文博 嘉怡 诗涵 雅琪 梦瑶 子轩 晓明 建华").split()
+_GIVEN = ["伟", "芳", "娜", "秀英", "敏", "静", "丽", "强", "磊", "军", "洋", "勇", "艳", "杰", "娟", "涛", "明", "超", "霞", "平", "刚", "婷", "雪", "琳", "晨", "欣怡", "子涵", "梓萱", "浩然", "宇轩", "思雨", "佳怡", "一诺", "雨桐", "可馨", "俊杰", "晓燕", "海燕", "春梅", "文博", "嘉怡", "诗涵", "雅琪", "梦瑶", "子轩", "晓明", "建华"]
 _CITIES = [("上海", "上海"), ("北京", "北京"), ("浙江", "杭州"), ("广东", "广州"), ("广东", "深圳"),
            ("江苏", "南京"), ("江苏", "苏州"), ("四川", "成都"), ("湖北", "武汉"), ("陕西", "西安")]
 _CORPS = ["", "", "", "腾讯", "阿里巴巴", "字节跳动", "招商银行", "华为", "美团", "某某贸易有限公司"]
@@ -331,7 +330,7 @@ class FakePuppet(pb_grpc.PuppetServicer):  # type: ignore[misc]
                                 "Error: not logged in, no this.__currentUserId yet." + JS_STACK.format(fn=fn, line=88))
 
     # -- the service -----------------------------------------------------------------------------
-    async def Event(self, request: pb.EventRequest, context: grpc.aio.ServicerContext  # noqa: N802
+    async def Event(self, request: pb.EventRequest, context: grpc.aio.ServicerContext
                     ) -> AsyncIterator[pb.EventResponse]:
         if self._stream is not None:
             await context.abort(grpc.StatusCode.ALREADY_EXISTS, "Event stream already exists")
@@ -357,7 +356,7 @@ class FakePuppet(pb_grpc.PuppetServicer):  # type: ignore[misc]
             if self._stream is queue:
                 self._stream = None
 
-    async def Start(self, request: pb.StartRequest, context: grpc.aio.ServicerContext  # noqa: N802
+    async def Start(self, request: pb.StartRequest, context: grpc.aio.ServicerContext
                     ) -> pb.StartResponse:
         if not self.running:
             self.running = True
@@ -367,12 +366,12 @@ class FakePuppet(pb_grpc.PuppetServicer):  # type: ignore[misc]
                 self._new_qr()
         return pb.StartResponse()
 
-    async def Stop(self, request: pb.StopRequest, context: grpc.aio.ServicerContext) -> pb.StopResponse:  # noqa: N802
+    async def Stop(self, request: pb.StopRequest, context: grpc.aio.ServicerContext) -> pb.StopResponse:
         self.running = False
         self._end_stream()
         return pb.StopResponse()
 
-    async def Logout(self, request: pb.LogoutRequest, context: grpc.aio.ServicerContext  # noqa: N802
+    async def Logout(self, request: pb.LogoutRequest, context: grpc.aio.ServicerContext
                      ) -> pb.LogoutResponse:
         if self.logged_in:
             self.logged_in = False
@@ -381,27 +380,27 @@ class FakePuppet(pb_grpc.PuppetServicer):  # type: ignore[misc]
             self._new_qr()
         return pb.LogoutResponse()
 
-    async def Ding(self, request: pb.DingRequest, context: grpc.aio.ServicerContext) -> pb.DingResponse:  # noqa: N802
+    async def Ding(self, request: pb.DingRequest, context: grpc.aio.ServicerContext) -> pb.DingResponse:
         self.emit(pb.EVENT_TYPE_DONG, {"data": request.data})
         return pb.DingResponse()
 
-    async def Version(self, request: pb.VersionRequest, context: grpc.aio.ServicerContext  # noqa: N802
+    async def Version(self, request: pb.VersionRequest, context: grpc.aio.ServicerContext
                       ) -> pb.VersionResponse:
         return pb.VersionResponse(version="fake-workpro 1.0")
 
-    async def CurrentUser(self, request: pb.CurrentUserRequest, context: grpc.aio.ServicerContext  # noqa: N802
+    async def CurrentUser(self, request: pb.CurrentUserRequest, context: grpc.aio.ServicerContext
                           ) -> pb.CurrentUserResponse:
         await self._need_login(context, "currentUser")
         return pb.CurrentUserResponse(user_id=SELF_ID)
 
-    async def RefreshQRCode(self, request: pb.RefreshQRCodeRequest, context: grpc.aio.ServicerContext  # noqa: N802
+    async def RefreshQRCode(self, request: pb.RefreshQRCodeRequest, context: grpc.aio.ServicerContext
                             ) -> pb.RefreshQRCodeRequest:
         if self.logged_in:
             await context.abort(grpc.StatusCode.UNKNOWN, "Error: already logged in, can not refresh qrcode")
         self._new_qr()
         return pb.RefreshQRCodeRequest()
 
-    async def EnterVerifyCode(self, request: pb.EnterVerifyCodeRequest,  # noqa: N802
+    async def EnterVerifyCode(self, request: pb.EnterVerifyCodeRequest,
                               context: grpc.aio.ServicerContext) -> pb.EnterVerifyCodeResponse:
         if self.phase != "waiting_code" or request.id != self.qr_key:
             await context.abort(grpc.StatusCode.INTERNAL, "no verify code is pending for this id")
@@ -415,17 +414,17 @@ class FakePuppet(pb_grpc.PuppetServicer):  # type: ignore[misc]
         self._login()
         return pb.EnterVerifyCodeResponse()
 
-    async def CancelVerifyCode(self, request: pb.CancelVerifyCodeRequest,  # noqa: N802
+    async def CancelVerifyCode(self, request: pb.CancelVerifyCodeRequest,
                                context: grpc.aio.ServicerContext) -> pb.CancelVerifyCodeResponse:
         self._code = None
         return pb.CancelVerifyCodeResponse()
 
-    async def DirtyPayload(self, request: pb.DirtyPayloadRequest,  # noqa: N802
+    async def DirtyPayload(self, request: pb.DirtyPayloadRequest,
                            context: grpc.aio.ServicerContext) -> pb.DirtyPayloadResponse:
         self.emit(pb.EVENT_TYPE_DIRTY, {"payloadId": request.id, "payloadType": int(request.type)})
         return pb.DirtyPayloadResponse()
 
-    async def ContactList(self, request: pb.ContactListRequest,  # noqa: N802
+    async def ContactList(self, request: pb.ContactListRequest,
                           context: grpc.aio.ServicerContext) -> pb.ContactListResponse:
         await self._need_login(context, "contactList")
         return pb.ContactListResponse(ids=list(self._contacts))
@@ -436,7 +435,7 @@ class FakePuppet(pb_grpc.PuppetServicer):  # type: ignore[misc]
                                              coworker=True, corporation="演示科技")
         return self._contacts.get(contact_id)
 
-    async def ContactPayload(self, request: pb.ContactPayloadRequest,  # noqa: N802
+    async def ContactPayload(self, request: pb.ContactPayloadRequest,
                              context: grpc.aio.ServicerContext) -> pb.ContactPayloadResponse:
         await self._need_login(context, "contactRawPayload")
         payload = self._payload(request.id)
@@ -445,7 +444,7 @@ class FakePuppet(pb_grpc.PuppetServicer):  # type: ignore[misc]
                                 + JS_STACK.format(fn="contactRawPayload", line=412))
         return payload
 
-    async def BatchContactPayload(self, request: pb.BatchContactPayloadRequest,  # noqa: N802
+    async def BatchContactPayload(self, request: pb.BatchContactPayloadRequest,
                                   context: grpc.aio.ServicerContext) -> pb.BatchContactPayloadResponse:
         if self.batch_mode == "unimplemented":
             await context.abort(grpc.StatusCode.UNIMPLEMENTED, "Method not found!")
@@ -459,7 +458,7 @@ class FakePuppet(pb_grpc.PuppetServicer):  # type: ignore[misc]
         self._rng.shuffle(found)  # the order is not guaranteed: clients must match by id
         return pb.BatchContactPayloadResponse(contact_payloads=found)
 
-    async def MessageSendText(self, request: pb.MessageSendTextRequest,  # noqa: N802
+    async def MessageSendText(self, request: pb.MessageSendTextRequest,
                               context: grpc.aio.ServicerContext) -> pb.MessageSendTextResponse:
         await self._fault(context)
         await self._need_login(context, "messageSendText")
@@ -476,45 +475,45 @@ class FakePuppet(pb_grpc.PuppetServicer):  # type: ignore[misc]
         response.id_string_value_deprecated.value = message_id
         return response
 
-    async def TagTagList(self, request: pb.TagTagListRequest,  # noqa: N802
+    async def TagTagList(self, request: pb.TagTagListRequest,
                          context: grpc.aio.ServicerContext) -> pb.TagTagListResponse:
         await self._need_login(context, "tagTagList")
         return pb.TagTagListResponse(tag_ids=list(self._tags))
 
-    async def TagPayload(self, request: pb.TagPayloadRequest,  # noqa: N802
+    async def TagPayload(self, request: pb.TagPayloadRequest,
                          context: grpc.aio.ServicerContext) -> pb.TagPayloadResponse:
         tag = self._tags.get(request.tag_id)
         if tag is None:
             await context.abort(grpc.StatusCode.UNKNOWN, f"Error: tag not found: {request.tag_id}")
         return pb.TagPayloadResponse(payload=tag)
 
-    async def TagGroupList(self, request: pb.TagGroupListRequest,  # noqa: N802
+    async def TagGroupList(self, request: pb.TagGroupListRequest,
                            context: grpc.aio.ServicerContext) -> pb.TagGroupListResponse:
         return pb.TagGroupListResponse(tag_group_ids=list(self._groups))
 
-    async def TagGroupPayload(self, request: pb.TagGroupPayloadRequest,  # noqa: N802
+    async def TagGroupPayload(self, request: pb.TagGroupPayloadRequest,
                               context: grpc.aio.ServicerContext) -> pb.TagGroupPayloadResponse:
         group = self._groups.get(request.group_id)
         if group is None:
             await context.abort(grpc.StatusCode.UNKNOWN, f"Error: tag group not found: {request.group_id}")
         return pb.TagGroupPayloadResponse(payload=group)
 
-    async def TagGroupTagList(self, request: pb.TagGroupTagListRequest,  # noqa: N802
+    async def TagGroupTagList(self, request: pb.TagGroupTagListRequest,
                               context: grpc.aio.ServicerContext) -> pb.TagGroupTagListResponse:
         return pb.TagGroupTagListResponse(
             tag_ids=[t.id for t in self._tags.values() if t.group_id == request.tag_group_id])
 
-    async def TagContactTagList(self, request: pb.TagContactTagListRequest,  # noqa: N802
+    async def TagContactTagList(self, request: pb.TagContactTagListRequest,
                                 context: grpc.aio.ServicerContext) -> pb.TagContactTagListResponse:
         contact = self._contacts.get(request.contact_id)
         return pb.TagContactTagListResponse(tag_ids=list(contact.tag_ids) if contact else [])
 
-    async def TagTagContactList(self, request: pb.TagTagContactListRequest,  # noqa: N802
+    async def TagTagContactList(self, request: pb.TagTagContactListRequest,
                                 context: grpc.aio.ServicerContext) -> pb.TagTagContactListResponse:
         return pb.TagTagContactListResponse(
             contact_ids=[c.id for c in self._contacts.values() if request.tag_id in c.tag_ids])
 
-    async def TagContactTagAdd(self, request: pb.TagContactTagAddRequest,  # noqa: N802
+    async def TagContactTagAdd(self, request: pb.TagContactTagAddRequest,
                                context: grpc.aio.ServicerContext) -> pb.TagContactTagAddResponse:
         for contact_id in request.contact_ids:
             if contact_id in self._contacts:
@@ -522,7 +521,7 @@ class FakePuppet(pb_grpc.PuppetServicer):  # type: ignore[misc]
                 self.touch_contact(contact_id, tag_ids=tags)
         return pb.TagContactTagAddResponse()
 
-    async def TagContactTagRemove(self, request: pb.TagContactTagRemoveRequest,  # noqa: N802
+    async def TagContactTagRemove(self, request: pb.TagContactTagRemoveRequest,
                                   context: grpc.aio.ServicerContext) -> pb.TagContactTagRemoveResponse:
         for contact_id in request.contact_ids:
             if contact_id in self._contacts:

@@ -1,0 +1,212 @@
+"""The gateway contract, as one test suite every gateway must pass (the APScheduler data-store pattern).
+
+A gateway plugs in through a small *driver*: the gateway under test plus the few things only a test can do
+to its far side (scan the QR with the "phone", read the code the phone shows, look at what the recipient
+received). `tests/test_gateway_contract.py` builds one driver per gateway and runs `GatewayContract` on each.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
+from typing import Protocol
+
+import pytest
+
+from engine.errors import LoginError, NotLoggedInError, PermanentError
+from engine.gateways.base import EventKind, Gateway, LoginState, LoginStatus
+
+
+@dataclass(frozen=True)
+class Delivered:
+    """A message as the recipient's side recorded it."""
+
+    contact_id: str
+    text: str
+    message_id: str
+
+
+class GatewayDriver(Protocol):
+    """What the contract suite needs besides the gateway itself."""
+
+    gateway: Gateway
+    unknown_contact_id: str
+
+    async def scan(self) -> None:
+        """The phone scans the QR that is showing."""
+
+    def phone_code(self) -> str | None:
+        """The verification code the phone shows after a scan."""
+
+    def sent_messages(self) -> list[Delivered]:
+        """Every message the far side received, oldest first."""
+
+    def contact_ids(self) -> set[str]:
+        """The ids of all contacts the account has."""
+
+
+DriverFactory = Callable[[], AbstractAsyncContextManager[GatewayDriver]]
+
+
+async def wait_for_state(gateway: Gateway, state: LoginState, timeout: float = 5.0) -> LoginStatus:
+    """Poll login_status until it reaches `state` (events arrive asynchronously on real gateways)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        status = await gateway.login_status()
+        if status.state is state or loop.time() > deadline:
+            return status
+        await asyncio.sleep(0.01)
+
+
+async def wait_for_phone_code(driver: GatewayDriver, timeout: float = 5.0) -> str:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while (code := driver.phone_code()) is None:
+        assert loop.time() < deadline, "the phone never showed a verification code"
+        await asyncio.sleep(0.01)
+    return code
+
+
+async def log_in(driver: GatewayDriver) -> LoginStatus:
+    """The happy path: QR, scan, right code, logged in."""
+    gateway = driver.gateway
+    status = await gateway.start_login()
+    if status.logged_in:
+        return status
+    await driver.scan()
+    await wait_for_state(gateway, LoginState.WAITING_VERIFY_CODE)
+    await gateway.submit_verify_code(await wait_for_phone_code(driver), status.qrcode_key)
+    status = await gateway.wait_for_login(5.0)
+    assert status.logged_in, status
+    return status
+
+
+def wrong_code(right: str) -> str:
+    return f"{(int(right) + 1) % 10**6:06d}"
+
+
+async def all_contacts(gateway: Gateway, page_size: int) -> list[str]:
+    ids: list[str] = []
+    cursor: str | None = None
+    for _ in range(10_000):
+        page = await gateway.list_contacts(cursor, page_size)
+        assert len(page.contacts) <= page_size
+        ids.extend(c.id for c in page.contacts)
+        if page.next_cursor is None:
+            return ids
+        cursor = page.next_cursor
+    raise AssertionError("list_contacts never reached the last page")
+
+
+class GatewayContract:
+    """The shared suite. Subclasses provide a `driver` fixture (an async generator of GatewayDriver)."""
+
+    @pytest.fixture
+    def gateway(self, driver: GatewayDriver) -> Gateway:
+        return driver.gateway
+
+    async def test_login_flow(self, driver: GatewayDriver, gateway: Gateway) -> None:
+        """A QR with a key, a scan, a wrong code (LoginError with tries left), the right code, LOGIN."""
+        status = await gateway.start_login()
+        assert status.state is LoginState.WAITING_SCAN
+        assert status.qr_url and status.qr_url.startswith("https://")
+        assert status.qrcode_key
+        await driver.scan()
+        status = await wait_for_state(gateway, LoginState.WAITING_VERIFY_CODE)
+        assert status.state is LoginState.WAITING_VERIFY_CODE
+        code = await wait_for_phone_code(driver)
+        with pytest.raises(LoginError) as wrong:
+            await gateway.submit_verify_code(wrong_code(code), status.qrcode_key)
+        assert wrong.value.tries_left is not None and 0 < wrong.value.tries_left < 3
+        assert not (await gateway.login_status()).logged_in
+        await gateway.submit_verify_code(f" {code}\n", status.qrcode_key)  # as pasted from a chat
+        status = await gateway.wait_for_login(5.0)
+        assert status.logged_in
+        assert any(e.kind is EventKind.LOGIN for e in gateway.events)
+
+    async def test_too_many_wrong_codes_need_a_new_qr(self, driver: GatewayDriver, gateway: Gateway) -> None:
+        """After 3 wrong codes the error says so (tries_left 0) and a new QR is shown."""
+        first = await gateway.start_login()
+        await driver.scan()
+        await wait_for_state(gateway, LoginState.WAITING_VERIFY_CODE)
+        code = await wait_for_phone_code(driver)
+        errors = []
+        for _ in range(3):
+            with pytest.raises(LoginError) as caught:
+                await gateway.submit_verify_code(wrong_code(code))
+            errors.append(caught.value)
+        assert [e.tries_left for e in errors] == [2, 1, 0]
+        assert "qr" in str(errors[-1]).lower()
+        status = await wait_for_state(gateway, LoginState.WAITING_SCAN)
+        assert status.qrcode_key and status.qrcode_key != first.qrcode_key
+
+    async def test_contact_pages_cover_everyone_once(self, driver: GatewayDriver, gateway: Gateway) -> None:
+        """Paging with any page size returns every contact exactly once, with tags."""
+        await log_in(driver)
+        ids = await all_contacts(gateway, page_size=7)
+        assert len(ids) == len(set(ids))
+        assert set(ids) == driver.contact_ids()
+        first = await gateway.list_contacts(None, 1000)
+        assert first.total in (None, len(ids))
+        assert any(c.tag_ids for c in first.contacts)
+        assert all(c.id and c.name for c in first.contacts)
+
+    async def test_list_tags(self, driver: GatewayDriver, gateway: Gateway) -> None:
+        """Tags have ids and names, and every tag a contact carries is among them."""
+        await log_in(driver)
+        tags = await gateway.list_tags()
+        assert tags and all(t.id and t.name for t in tags)
+        assert any(t.group_name for t in tags)
+        known = {t.id for t in tags}
+        page = await gateway.list_contacts(None, 1000)
+        used = {tag for c in page.contacts for tag in c.tag_ids}
+        assert used <= known
+
+    async def test_get_contact(self, driver: GatewayDriver, gateway: Gateway) -> None:
+        """get_contact returns one fresh contact, or None for an unknown id."""
+        await log_in(driver)
+        contact_id = sorted(driver.contact_ids())[0]
+        contact = await gateway.get_contact(contact_id)
+        assert contact is not None and contact.id == contact_id
+        assert await gateway.get_contact(driver.unknown_contact_id) is None
+
+    async def test_send_text(self, driver: GatewayDriver, gateway: Gateway) -> None:
+        """send_text returns a message id, and the recipient received exactly that message."""
+        await log_in(driver)
+        contact_id = sorted(driver.contact_ids())[3]
+        receipt = await gateway.send_text(contact_id, "您好，周末店庆全场八折 🎉", idempotency_key="k-1")
+        assert receipt.message_id
+        assert Delivered(contact_id, "您好，周末店庆全场八折 🎉", receipt.message_id) in driver.sent_messages()
+
+    async def test_send_to_unknown_contact_is_permanent(self, driver: GatewayDriver, gateway: Gateway) -> None:
+        """Sending to an id the account does not know fails for good, and nothing is delivered."""
+        await log_in(driver)
+        with pytest.raises(PermanentError):
+            await gateway.send_text(driver.unknown_contact_id, "hello", idempotency_key="k-2")
+        assert driver.sent_messages() == []
+
+    async def test_logout_then_new_qr(self, driver: GatewayDriver, gateway: Gateway) -> None:
+        """logout ends the session (LOGOUT event), and start_login then shows a new QR."""
+        first = await gateway.start_login()
+        await log_in(driver)
+        status = await gateway.logout()
+        assert not status.logged_in
+        assert any(e.kind is EventKind.LOGOUT for e in gateway.events)
+        again = await gateway.start_login()
+        assert again.state is LoginState.WAITING_SCAN
+        assert again.qrcode_key and again.qrcode_key != first.qrcode_key
+
+    async def test_send_while_logged_out(self, driver: GatewayDriver, gateway: Gateway) -> None:
+        """Sends while logged out raise NotLoggedInError (before and after a session)."""
+        contact_id = sorted(driver.contact_ids())[0]
+        await gateway.start_login()
+        with pytest.raises(NotLoggedInError):
+            await gateway.send_text(contact_id, "hi", idempotency_key="k-3")
+        await log_in(driver)
+        await gateway.logout()
+        with pytest.raises(NotLoggedInError):
+            await gateway.send_text(contact_id, "hi", idempotency_key="k-4")
+        assert driver.sent_messages() == []
