@@ -148,13 +148,14 @@ class FakePuppet(pb_grpc.PuppetServicer):  # type: ignore[misc]
 
     def __init__(self, *, token: str = DEFAULT_TOKEN, contacts: int = 200, seed: int = 2024,
                  batch_mode: BatchMode = "ok", second_verification: bool = False, ready_twice: bool = True,
-                 auto_scan_after: float | None = None, ready_delay: float = 0.01) -> None:
+                 auto_scan_after: float | None = None, ready_delay: float = 0.01, zero_seq: bool = False) -> None:
         self.token = token
         self.batch_mode: BatchMode = batch_mode
         self.second_verification = second_verification   # ask for WeCom's "new device" QR after the next login
         self.ready_twice = ready_twice
         self.auto_scan_after = auto_scan_after           # the phone scans each QR this long after it shows
         self.ready_delay = ready_delay
+        self.zero_seq = zero_seq                         # like juzi's open-source server: EventResponse.seq is 0
         self.send_delay = 0.0                            # seconds each MessageSendText takes (after recording)
         self.sends: list[SentMessage] = []
         self.calls: list[str] = []                       # RPC names, in order (auth failures included)
@@ -270,7 +271,8 @@ class FakePuppet(pb_grpc.PuppetServicer):  # type: ignore[misc]
     def emit(self, event_type: int, payload: dict[str, Any]) -> None:
         """Push one event to the open stream; like the real server, it is dropped when no stream is open."""
         self._seq += 1
-        event = pb.EventResponse(type=event_type, payload=json.dumps(payload, ensure_ascii=False), seq=self._seq)
+        event = pb.EventResponse(type=event_type, payload=json.dumps(payload, ensure_ascii=False),
+                                 seq=0 if self.zero_seq else self._seq)
         if event_type == pb.EVENT_TYPE_SCAN and payload.get("status") == 2:
             self._cached_scan = event
         if self._stream is not None:
@@ -452,8 +454,9 @@ class FakePuppet(pb_grpc.PuppetServicer):  # type: ignore[misc]
             await context.abort(grpc.StatusCode.UNKNOWN, "TypeError: this.puppet.batchContactPayload is not a function"
                                 + JS_STACK.format(fn="batchContactPayload", line=97))
         await self._need_login(context, "batchContactPayload")
-        if self.batch_mode == "fail" and any(i not in self._contacts for i in request.ids):
-            await context.abort(grpc.StatusCode.UNKNOWN, "Error: batch failed" + JS_STACK.format(fn="b", line=1))
+        if self.batch_mode == "fail":  # some accounts fail the whole batch (e.g. over one odd id)
+            await context.abort(grpc.StatusCode.UNKNOWN, "Error: get contact payload failed for some ids"
+                                + JS_STACK.format(fn="batchContactPayload", line=131))
         found = [p for p in (self._payload(i) for i in request.ids) if p is not None]
         self._rng.shuffle(found)  # the order is not guaranteed: clients must match by id
         return pb.BatchContactPayloadResponse(contact_payloads=found)

@@ -565,6 +565,11 @@ class WorkproGateway(Gateway):
                     f"the connection to WorkPro broke during {method} ({text}); it may have been delivered"
                 )
             return TransientError(f"WorkPro is unavailable ({text or name})")
+        if code == grpc.StatusCode.ALREADY_EXISTS and method == "Event":
+            return TransientError(
+                "another client is already connected to this WorkPro token (the puppet allows one event stream); "
+                "stop it, or wait for its connection to time out"
+            )
         if code == grpc.StatusCode.CANCELLED:
             if mutating:
                 return UnknownOutcomeError(

@@ -1,0 +1,546 @@
+"""The workpro gateway against the fake WorkPro puppet on loopback: discovery, auth, login variants, faults,
+reconnects, contact sync at scale, error mapping, and the token staying out of logs."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import grpc
+import httpx
+import pytest
+from grpc import aio
+from pydantic import SecretStr
+
+from engine.errors import (
+    LoginError,
+    NotLoggedInError,
+    PermanentError,
+    RateLimitedError,
+    TransientError,
+    UnknownOutcomeError,
+)
+from engine.gateways.base import EventKind, LoginState
+from engine.gateways.fake_puppet import NEW_DEVICE_TEXT, SELF_ID, FakePuppet
+from engine.gateways.proto import generate
+from engine.gateways.proto import puppet_pb2 as pb
+from engine.gateways.workpro import WorkproGateway, clean_verify_code, contact_record, first_line, qr_key
+from engine.settings import WorkproSettings
+
+pytestmark = pytest.mark.anyio
+
+TOKEN = "puppet_workpro_s3cr3t7f0e9d8c7b6a5"
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+def settings_for(fake: FakePuppet | None, **overrides: Any) -> WorkproSettings:
+    values: dict[str, Any] = {
+        "token": SecretStr(fake.token if fake else TOKEN),
+        "endpoint": fake.endpoint if fake else None,
+        "reconnect_delay": timedelta(seconds=0.05),
+        "reconnect_max_delay": timedelta(seconds=0.2),
+        "call_timeout": timedelta(seconds=5),
+        "qr_wait": timedelta(seconds=3),
+    }
+    values.update(overrides)
+    return WorkproSettings.model_validate(values)
+
+
+Factory = Callable[..., Awaitable[Any]]
+
+
+@pytest.fixture
+async def make_fake() -> AsyncIterator[Factory]:
+    fakes: list[FakePuppet] = []
+
+    async def make(**kwargs: Any) -> FakePuppet:
+        fake = FakePuppet(**{"token": TOKEN, "contacts": 40, **kwargs})
+        await fake.start()
+        fakes.append(fake)
+        return fake
+
+    yield make
+    for fake in fakes:
+        await fake.stop()
+
+
+@pytest.fixture
+async def make_gateway() -> AsyncIterator[Factory]:
+    gateways: list[WorkproGateway] = []
+
+    async def make(settings: WorkproSettings, http_client: httpx.AsyncClient | None = None,
+                   start: bool = True) -> WorkproGateway:
+        gateway = WorkproGateway(settings, http_client=http_client)
+        gateways.append(gateway)
+        if start:
+            await gateway.start()
+        return gateway
+
+    yield make
+    for gateway in gateways:
+        await gateway.close()
+
+
+async def until(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not predicate():
+        assert loop.time() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.01)
+
+
+async def login(gateway: WorkproGateway, fake: FakePuppet) -> None:
+    status = await gateway.start_login()
+    assert status.qrcode_key == fake.qr_key
+    await fake.scan()
+    await until(lambda: fake.phone_code() is not None)
+    await until(lambda: gateway._state is LoginState.WAITING_VERIFY_CODE)
+    code = fake.phone_code()
+    assert code is not None
+    status = await gateway.submit_verify_code(code)
+    assert (await gateway.wait_for_login(5)).logged_in
+
+
+def kinds(gateway: WorkproGateway, kind: EventKind) -> list[Any]:
+    return [e for e in gateway.events if e.kind is kind]
+
+
+# -- stubs ------------------------------------------------------------------------------------------
+def test_committed_stubs_match_the_proto(tmp_path: Path) -> None:
+    """Regenerating the stubs from puppet.proto gives exactly the committed files."""
+    pytest.importorskip("grpc_tools")
+    for fresh in generate.generate(tmp_path):
+        committed = generate.HERE / fresh.name
+        assert committed.read_text(encoding="utf-8") == fresh.read_text(encoding="utf-8"), (
+            f"{committed.name} is stale: run `python -m engine.gateways.proto.generate`")
+
+
+def test_proto_is_wire_compatible_with_juzi() -> None:
+    """Service path, and the field numbers the fact sheet pins down."""
+    service = pb.DESCRIPTOR.services_by_name["Puppet"]
+    assert service.full_name == "wechaty.Puppet"
+    assert {"Start", "Stop", "Logout", "Ding", "Event", "EnterVerifyCode", "RefreshQRCode", "ContactList",
+            "ContactPayload", "BatchContactPayload", "MessageSendText", "TagTagList", "TagPayload",
+            "TagGroupPayload", "CurrentUser", "DirtyPayload"} <= set(service.methods_by_name)
+
+    def numbers(message: Any) -> dict[str, int]:
+        return {f.name: f.number for f in message.DESCRIPTOR.fields}
+
+    assert numbers(pb.EventRequest) == {"seq": 1, "account_id": 2}
+    assert numbers(pb.EventResponse) == {"type": 1, "payload": 2, "seq": 3}
+    assert numbers(pb.EnterVerifyCodeRequest) == {"id": 1, "code": 2}
+    assert numbers(pb.MessageSendTextResponse) == {"id_string_value_deprecated": 1, "id": 2}
+    contact = numbers(pb.ContactPayloadResponse)
+    assert sorted(contact.values()) == list(range(1, 23))
+    assert (contact["additional_info"], contact["tag_ids"], contact["real_name"], contact["aka"]) == (19, 20, 21, 22)
+    assert pb.EVENT_TYPE_VERIFY_CODE == 33 and pb.EVENT_TYPE_SCAN == 22 and pb.EVENT_TYPE_DIRTY == 27
+
+
+# -- pure helpers -----------------------------------------------------------------------------------
+def test_verify_code_is_cleaned() -> None:
+    """Spaces, newlines, zero-width characters and full-width digits do not reach the server."""
+    assert clean_verify_code(" 12 34\u200b56\n") == "123456"
+    assert clean_verify_code("\ufeff１２３４５６\t") == "123456"
+
+
+def test_qr_key_and_first_line() -> None:
+    """The key comes from the QR URL; server texts are cut to their first line."""
+    assert qr_key("https://wx.work.weixin.qq.com/cgi-bin/crtx_auth?key=ABCDEF0123&wx=1") == "ABCDEF0123"
+    assert qr_key("https://example.com/no-key") is None
+    assert first_line("Error: boom\n    at foo (/app/x.js:1:2)") == "Error: boom"
+
+
+def test_contact_mapping_tolerates_odd_additional_info() -> None:
+    """Fields 19–22 map through; addContactTime in ms or s becomes a date; bad JSON becomes {}."""
+    ms = pb.ContactPayloadResponse(id="7881", name="王芳", phones=["13800000000", ""], tag_ids=["a", "a", "b"],
+                                   additional_info=json.dumps({"addContactTime": 1_700_000_000_000,
+                                                               "corpId": "ww1"}),
+                                   real_name="王芳芳", aka="Fang", gender=2, type=1)
+    record = contact_record(ms)
+    assert record.phones == ("13800000000",)
+    assert record.tag_ids == ("a", "b")
+    assert record.corp_id == "ww1"
+    assert record.real_name == "王芳芳" and record.aka == "Fang" and record.gender == 2
+    assert record.added_at is not None and record.added_at.year == 2023
+    seconds = contact_record(pb.ContactPayloadResponse(id="x", additional_info='{"addContactTime": "1700000000"}'))
+    assert seconds.added_at == record.added_at
+    broken = contact_record(pb.ContactPayloadResponse(id="y", additional_info="{not json"))
+    assert broken.additional_info == {} and broken.added_at is None
+    assert contact_record(pb.ContactPayloadResponse(id="z", additional_info="[1]")).additional_info == {}
+
+
+@pytest.mark.parametrize(
+    ("code", "details", "mutating", "expected"),
+    [
+        (grpc.StatusCode.INTERNAL, "WorkproErrorCode: 20001, Feature temporarily unavailable.", True,
+         RateLimitedError),
+        (grpc.StatusCode.UNAVAILABLE, "failed to connect to all addresses; last error: Connection refused", True,
+         TransientError),
+        (grpc.StatusCode.UNAVAILABLE, "Socket closed", True, UnknownOutcomeError),
+        (grpc.StatusCode.UNAVAILABLE, "Socket closed", False, TransientError),
+        (grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded", True, UnknownOutcomeError),
+        (grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded", False, TransientError),
+        (grpc.StatusCode.UNKNOWN, "Error: not logged in, no this.__currentUserId yet.\n    at x", True,
+         NotLoggedInError),
+        (grpc.StatusCode.UNAUTHENTICATED, f'Invalid Wechaty TOKEN "{TOKEN}"', False, PermanentError),
+        (grpc.StatusCode.UNKNOWN, "Error: conversation 1 not found\n    at PuppetWorkPro.send (/app/x.js:1:2)",
+         True, PermanentError),
+    ],
+)
+def test_error_mapping(code: grpc.StatusCode, details: str, mutating: bool, expected: type) -> None:
+    """gRPC failures map to the engine's kinds by the details' first line, never leaking stacks or tokens."""
+    gateway = WorkproGateway(settings_for(None))
+    error = gateway._map_rpc_error(aio.AioRpcError(code, aio.Metadata(), aio.Metadata(), details=details),
+                                   "MessageSendText", mutating=mutating)
+    assert type(error) is expected
+    assert TOKEN not in str(error)
+    assert "\n" not in str(error) and " at " not in str(error)
+
+
+# -- discovery --------------------------------------------------------------------------------------
+def discovery(answers: dict[str, tuple[int, Any]], seen: list[str]) -> httpx.AsyncClient:
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request.url.host)
+        assert request.url.path == f"/v0/hosties/{TOKEN}"
+        status, body = answers[request.url.host]
+        if isinstance(body, Exception):
+            raise body
+        return httpx.Response(status, json=body)
+
+    return httpx.AsyncClient(transport=httpx.MockTransport(handler))
+
+
+async def test_discovery_tries_authorities_in_order(make_fake: Factory, make_gateway: Factory) -> None:
+    """0.0.0.0/port 0 (HTTP 404 or 200) means "not here"; `ip` works as well as `host`."""
+    fake = await make_fake()
+    seen: list[str] = []
+    answers = {
+        "juzi.example": (404, {"host": "0.0.0.0", "ip": "0.0.0.0", "port": 0}),
+        "zero.example": (200, {"host": "0.0.0.0", "port": 0}),
+        "chatie.example": (200, {"ip": "127.0.0.1", "port": fake.port}),
+    }
+    async with discovery(answers, seen) as client:
+        gateway = await make_gateway(settings_for(None, discovery_authorities=list(answers)), client)
+        assert seen == ["juzi.example", "zero.example", "chatie.example"]
+        assert (await gateway.start_login()).state is LoginState.WAITING_SCAN
+
+
+async def test_discovery_prefers_host(make_fake: Factory, make_gateway: Factory) -> None:
+    """Juzi answers with both `host` and `ip`; `host` is used."""
+    fake = await make_fake()
+    seen: list[str] = []
+    answers = {"juzi.example": (200, {"host": "127.0.0.1", "ip": "10.255.255.1", "port": fake.port})}
+    async with discovery(answers, seen) as client:
+        gateway = await make_gateway(settings_for(None, discovery_authorities=["juzi.example"]), client)
+        assert gateway._endpoint == f"127.0.0.1:{fake.port}"
+
+
+async def test_discovery_not_found_and_unreachable(make_gateway: Factory) -> None:
+    """Unknown everywhere: a permanent error; no discovery reachable: a transient one. Neither shows the token."""
+    seen: list[str] = []
+    answers: dict[str, tuple[int, Any]] = {"a.example": (404, {"host": "0.0.0.0", "port": 0}),
+                                           "b.example": (200, {"host": "0.0.0.0", "ip": "0.0.0.0", "port": 0})}
+    async with discovery(answers, seen) as client:
+        with pytest.raises(PermanentError) as not_found:
+            await make_gateway(settings_for(None, discovery_authorities=list(answers)), client)
+    assert "not registered" in str(not_found.value) and TOKEN not in str(not_found.value)
+    down: dict[str, tuple[int, Any]] = {"a.example": (0, httpx.ConnectError("boom"))}
+    async with discovery(down, seen) as client:
+        with pytest.raises(TransientError) as unreachable:
+            await make_gateway(settings_for(None, discovery_authorities=["a.example"]), client)
+    assert TOKEN not in str(unreachable.value)
+
+
+async def test_explicit_endpoint_skips_discovery(make_fake: Factory, make_gateway: Factory) -> None:
+    """workpro.endpoint wins: discovery is never asked."""
+    fake = await make_fake()
+    seen: list[str] = []
+    async with discovery({}, seen) as client:
+        await make_gateway(settings_for(fake), client)
+    assert seen == []
+
+
+# -- connection and auth ----------------------------------------------------------------------------
+async def test_wrong_token_is_a_clear_error_without_the_token(
+        make_fake: Factory, make_gateway: Factory, caplog: pytest.LogCaptureFixture) -> None:
+    """UNAUTHENTICATED becomes a PermanentError about the token; the token is in neither error nor logs."""
+    caplog.set_level(logging.DEBUG)
+    fake = await make_fake()
+    wrong = "puppet_workpro_wr0ng0000000000000"
+    with pytest.raises(PermanentError) as caught:
+        await make_gateway(settings_for(fake, token=SecretStr(wrong)))
+    assert "token" in str(caught.value).lower()
+    assert wrong not in str(caught.value) and wrong not in caplog.text
+    assert fake.calls == ["Event"]  # Start is not even tried
+
+
+async def test_connection_refused_is_transient(make_gateway: Factory) -> None:
+    """Nothing listening: start raises TransientError quickly (and can be retried)."""
+    started = time.monotonic()
+    with pytest.raises(TransientError):
+        await make_gateway(settings_for(None, endpoint="127.0.0.1:1"))
+    assert time.monotonic() - started < 4
+
+
+async def test_second_client_is_refused_politely(make_fake: Factory, make_gateway: Factory) -> None:
+    """Only one event stream per token: a second gateway gets a clear, retryable error."""
+    fake = await make_fake()
+    await make_gateway(settings_for(fake))
+    with pytest.raises(TransientError, match="already connected"):
+        await make_gateway(settings_for(fake))
+
+
+async def test_event_stream_first_then_start_and_ding(make_fake: Factory, make_gateway: Factory) -> None:
+    """Event is opened before Start; Ding runs on its interval and the DONG is noted."""
+    fake = await make_fake()
+    gateway = await make_gateway(settings_for(fake, ding_interval=timedelta(seconds=0.05)))
+    assert fake.calls[:2] == ["Event", "Start"]
+    await until(lambda: gateway.last_dong is not None)
+    assert "Ding" in fake.calls
+
+
+# -- login ------------------------------------------------------------------------------------------
+async def test_login_events_and_ready_once(make_fake: Factory, make_gateway: Factory) -> None:
+    """QR → VERIFY_CODE (id = QR key) → LOGIN → READY once, though the server sends it twice."""
+    fake = await make_fake(ready_twice=True)
+    gateway = await make_gateway(settings_for(fake))
+    status = await gateway.start_login()
+    assert status.qr_url and "crtx_auth?key=" in status.qr_url and status.qrcode_key == fake.qr_key
+    await login(gateway, fake)
+    assert kinds(gateway, EventKind.VERIFY_CODE)[0].data["qrcode_key"] == status.qrcode_key
+    await asyncio.sleep(0.1)  # let both READY events arrive
+    assert len(kinds(gateway, EventKind.READY)) == 1
+    assert len(kinds(gateway, EventKind.LOGIN)) == 1
+    assert (await gateway.login_status()).account_id == SELF_ID
+
+
+async def test_too_many_tries_message(make_fake: Factory, make_gateway: Factory) -> None:
+    """The third wrong code is WeCom's threshold: the error tells the user to scan the new QR."""
+    fake = await make_fake()
+    gateway = await make_gateway(settings_for(fake))
+    await gateway.start_login()
+    await fake.scan()
+    await until(lambda: gateway._state is LoginState.WAITING_VERIFY_CODE)
+    for expected in (2, 1):
+        with pytest.raises(LoginError, match="wrong verification code") as wrong:
+            await gateway.submit_verify_code("000000" if fake.phone_code() != "000000" else "111111")
+        assert wrong.value.tries_left == expected
+    with pytest.raises(LoginError, match="scan the new QR") as final:
+        await gateway.submit_verify_code("000000" if fake.phone_code() != "000000" else "111111")
+    assert final.value.tries_left == 0
+
+
+async def test_second_verification_qr(make_fake: Factory, make_gateway: Factory) -> None:
+    """After login WeCom may log out with the new-device text and show a secondaryEquipment QR; scanning it
+    logs in again."""
+    fake = await make_fake(second_verification=True)
+    gateway = await make_gateway(settings_for(fake))
+    await login(gateway, fake)
+    await until(lambda: gateway._state is LoginState.WAITING_SCAN)
+    status = await gateway.login_status()
+    assert status.second_verification and status.qrcode_key == fake.qr_key
+    logout = kinds(gateway, EventKind.LOGOUT)[-1]
+    assert logout.message == NEW_DEVICE_TEXT and logout.data["second_verification"] is True
+    assert kinds(gateway, EventKind.SECOND_VERIFICATION)
+    await fake.scan()
+    assert (await gateway.wait_for_login(5)).logged_in
+    assert len(kinds(gateway, EventKind.LOGIN)) == 2
+
+
+async def test_second_verification_without_marker_in_url(make_fake: Factory, make_gateway: Factory) -> None:
+    """A plain QR right after the new-device LOGOUT, or one with type=2, is also the security QR."""
+    fake = await make_fake()
+    gateway = await make_gateway(settings_for(fake))
+    await login(gateway, fake)
+    fake.emit(pb.EVENT_TYPE_LOGOUT, {"contactId": SELF_ID, "data": NEW_DEVICE_TEXT})
+    fake.emit(pb.EVENT_TYPE_SCAN, {"status": 2, "qrcode": "https://wx.work.weixin.qq.com/cgi-bin/crtx_auth?key=AB&wx=1"})
+    await until(lambda: gateway._state is LoginState.WAITING_SCAN)
+    assert (await gateway.login_status()).second_verification
+    fake.emit(pb.EVENT_TYPE_SCAN, {"status": 2, "type": 2, "qrcode": "https://x.example/q?key=CD"})
+    await until(lambda: gateway._qr_key == "CD")
+    assert (await gateway.login_status()).second_verification
+    fake.emit(pb.EVENT_TYPE_SCAN, {"status": 2, "qrcode": "https://x.example/q?key=EF"})
+    await until(lambda: gateway._qr_key == "EF")
+    assert not (await gateway.login_status()).second_verification
+
+
+# -- reconnect --------------------------------------------------------------------------------------
+async def test_dropped_stream_reconnects_and_keeps_the_login(make_fake: Factory, make_gateway: Factory) -> None:
+    """A reset stream is re-opened with the last seq and account id; the replayed LOGIN changes nothing."""
+    fake = await make_fake()
+    gateway = await make_gateway(settings_for(fake))
+    await login(gateway, fake)
+    fake.drop_event_stream()
+    await until(lambda: len(fake.event_requests) == 2 and fake._stream is not None)
+    await until(lambda: any(e.data.get("state") == "up" and "re-opened" in e.message
+                            for e in kinds(gateway, EventKind.CONNECTION)))
+    seq, account = fake.event_requests[1]
+    assert seq > 0 and account == SELF_ID
+    assert (await gateway.login_status()).logged_in
+    assert len(kinds(gateway, EventKind.LOGIN)) == 1
+    receipt = await gateway.send_text(fake.contact_ids()[0], "still here", idempotency_key="r1")
+    assert receipt.message_id == fake.sends[-1].message_id
+
+
+async def test_reconnect_does_not_need_seq(make_fake: Factory, make_gateway: Factory) -> None:
+    """juzi's server always sends seq 0: the gateway neither requires nor invents one."""
+    fake = await make_fake(zero_seq=True)
+    gateway = await make_gateway(settings_for(fake))
+    await login(gateway, fake)
+    fake.drop_event_stream()
+    await until(lambda: len(fake.event_requests) == 2)
+    assert fake.event_requests[1] == (0, SELF_ID)
+    await until(lambda: fake._stream is not None)
+    assert (await gateway.login_status()).logged_in
+
+
+# -- contacts ---------------------------------------------------------------------------------------
+async def test_contacts_and_tags(make_fake: Factory, make_gateway: Factory) -> None:
+    """Contacts come through BatchContactPayload (matched by id); tags carry their group names."""
+    fake = await make_fake(contacts=250)
+    gateway = await make_gateway(settings_for(fake, contact_batch_size=40))
+    await login(gateway, fake)
+    page = await gateway.list_contacts(None, 100)
+    assert page.total == 250 and page.next_cursor == "100" and len(page.contacts) == 100
+    assert [c.id for c in page.contacts] == fake.contact_ids()[:100]  # our order, whatever the server's
+    assert fake.calls.count("BatchContactPayload") == 3
+    assert "ContactPayload" not in fake.calls[fake.calls.index("ContactList"):]
+    tags = {t.id: t for t in await gateway.list_tags()}
+    assert tags["et_vip"].group_name == "客户等级" and tags["et_vip"].type == 2
+    assert tags["pt_old"].group_name == "" and tags["pt_old"].type == 1
+
+
+@pytest.mark.parametrize("mode", ["unimplemented", "not_a_function", "fail"])
+async def test_batch_fallback(mode: str, make_fake: Factory, make_gateway: Factory) -> None:
+    """Without a working BatchContactPayload every contact still arrives, via ContactPayload per id."""
+    fake = await make_fake(contacts=120, batch_mode=mode)
+    gateway = await make_gateway(settings_for(fake, contact_batch_size=50))
+    await login(gateway, fake)
+    ids = await all_ids(gateway, 1000)
+    assert sorted(ids) == sorted(fake.contact_ids())
+    assert fake.calls.count("ContactPayload") >= 120
+    if mode != "fail":
+        assert fake.calls.count("BatchContactPayload") <= 3  # tried once per chunk, then never again
+        await gateway.list_contacts(None, 1000)
+        assert fake.calls.count("BatchContactPayload") <= 3
+
+
+async def all_ids(gateway: WorkproGateway, page_size: int) -> list[str]:
+    ids: list[str] = []
+    cursor: str | None = None
+    while True:
+        page = await gateway.list_contacts(cursor, page_size)
+        ids.extend(c.id for c in page.contacts)
+        if page.next_cursor is None:
+            return ids
+        cursor = page.next_cursor
+
+
+async def test_ten_thousand_contacts_sync_fast(make_fake: Factory, make_gateway: Factory) -> None:
+    """10,000 contacts: one ContactList and 100 batch calls, no per-contact call on the critical path."""
+    fake = await make_fake(contacts=10_000)
+    gateway = await make_gateway(settings_for(fake))
+    await login(gateway, fake)
+    before = len(fake.calls)
+    started = time.perf_counter()
+    ids = await all_ids(gateway, 500)
+    elapsed = time.perf_counter() - started
+    assert len(ids) == len(set(ids)) == 10_000
+    calls = fake.calls[before:]
+    assert calls.count("ContactList") == 1 and calls.count("BatchContactPayload") == 100
+    assert calls.count("ContactPayload") == 0
+    print(f"\n10,000-contact sync: {elapsed:.2f} s")
+    assert elapsed < 30
+
+
+async def test_dirty_event_refreshes_contact(make_fake: Factory, make_gateway: Factory) -> None:
+    """DIRTY(contact) becomes CONTACT_CHANGED, and get_contact reads the new data."""
+    fake = await make_fake()
+    gateway = await make_gateway(settings_for(fake))
+    await login(gateway, fake)
+    contact_id = fake.contact_ids()[5]
+    fake.touch_contact(contact_id, name="新名字", tag_ids=["et_vip"])
+    await until(lambda: bool(kinds(gateway, EventKind.CONTACT_CHANGED)))
+    assert kinds(gateway, EventKind.CONTACT_CHANGED)[0].data == {"contact_id": contact_id}
+    contact = await gateway.get_contact(contact_id)
+    assert contact is not None and contact.name == "新名字" and contact.tag_ids == ("et_vip",)
+
+
+# -- sending ----------------------------------------------------------------------------------------
+async def test_send_faults_map_to_error_kinds(make_fake: Factory, make_gateway: Factory) -> None:
+    """20001 → rate limited, UNAVAILABLE → transient; neither delivered anything, the next send works."""
+    fake = await make_fake()
+    gateway = await make_gateway(settings_for(fake))
+    await login(gateway, fake)
+    contact_id = fake.contact_ids()[0]
+    fake.throttle_sends(1)
+    with pytest.raises(RateLimitedError):
+        await gateway.send_text(contact_id, "a", idempotency_key="1")
+    fake.fail_sends(1)
+    with pytest.raises(TransientError) as unavailable:
+        await gateway.send_text(contact_id, "a", idempotency_key="1")
+    assert type(unavailable.value) is TransientError
+    assert fake.sends == []
+    await gateway.send_text(contact_id, "a", idempotency_key="1")
+    assert len(fake.sends) == 1
+
+
+async def test_send_timeout_is_unknown_outcome(make_fake: Factory, make_gateway: Factory) -> None:
+    """A deadline after the request left is UnknownOutcomeError: the fake did deliver it."""
+    fake = await make_fake()
+    gateway = await make_gateway(settings_for(fake, call_timeout=timedelta(seconds=0.3)))
+    await login(gateway, fake)
+    fake.send_delay = 1.0
+    with pytest.raises(UnknownOutcomeError):
+        await gateway.send_text(fake.contact_ids()[0], "slow", idempotency_key="1")
+    assert len(fake.sends) == 1
+
+
+async def test_message_id_falls_back_to_field_one(make_fake: Factory, make_gateway: Factory,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """Servers that fill only the old wrapped id (field 1) still give us a message id."""
+    fake = await make_fake()
+    gateway = await make_gateway(settings_for(fake))
+    await login(gateway, fake)
+    original = FakePuppet.MessageSendText
+
+    async def old_style(self: FakePuppet, request: Any, context: Any) -> Any:
+        response = await original(self, request, context)
+        response.id = ""
+        return response
+
+    monkeypatch.setattr(FakePuppet, "MessageSendText", old_style)
+    receipt = await gateway.send_text(fake.contact_ids()[0], "hi", idempotency_key="1")
+    assert receipt.message_id == fake.sends[-1].message_id
+
+
+# -- secrets ----------------------------------------------------------------------------------------
+async def test_token_never_logged(make_fake: Factory, make_gateway: Factory,
+                                  caplog: pytest.LogCaptureFixture) -> None:
+    """Discovery (httpx logs the URL), login, faults, reconnects and logout: the token appears nowhere."""
+    caplog.set_level(logging.DEBUG)
+    fake = await make_fake()
+    seen: list[str] = []
+    async with discovery({"juzi.example": (200, {"host": "127.0.0.1", "port": fake.port})}, seen) as client:
+        gateway = await make_gateway(settings_for(None, discovery_authorities=["juzi.example"]), client)
+    assert seen == ["juzi.example"]
+    await login(gateway, fake)
+    fake.throttle_sends(1)
+    with pytest.raises(RateLimitedError):
+        await gateway.send_text(fake.contact_ids()[0], "x", idempotency_key="1")
+    fake.drop_event_stream()
+    await until(lambda: len(fake.event_requests) == 2)
+    await gateway.logout()
+    assert "hosties" in caplog.text  # httpx did log the request...
+    assert TOKEN not in caplog.text  # ...with the token redacted
+    assert TOKEN not in repr(gateway)
