@@ -79,7 +79,7 @@ def demo_contacts(n: int, seed: int = 2024, *, now: datetime | None = None) -> l
         if rng.random() < 0.05:
             tag_ids.append("tag-followup")
         added = anchor - timedelta(days=rng.random() ** 1.6 * 720, minutes=rng.randrange(1440))
-        alias = f"{real}-{city or '未知'}" if rng.random() < 0.5 else ""
+        alias = real if rng.random() < 0.5 else ""          # the remark staff gave the customer
         phone = f"1{rng.choice('3578')}{rng.randrange(10**9):09d}" if rng.random() < 0.8 else ""
         coworker = rng.random() < 0.02
         friend = not coworker and rng.random() > 0.03

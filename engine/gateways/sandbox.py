@@ -206,7 +206,7 @@ class SandboxGateway(Gateway):
     async def _auto_login(self) -> None:
         """Play the whole login flow at once (the demo default): QR, scan, code, logged in."""
         await self.start_login(schedule_phone=False)
-        await self.sandbox_scan()
+        await self.sandbox_scan(quiet=True)
         if self._state is LoginState.WAITING_VERIFY_CODE and self._code:
             await self.submit_verify_code(self._code, self._qr_key)
         if self._state is not LoginState.LOGGED_IN and self._second_pending:
@@ -269,7 +269,7 @@ class SandboxGateway(Gateway):
 
         self._phone_task = asyncio.get_running_loop().create_task(phone())
 
-    async def sandbox_scan(self) -> LoginStatus:
+    async def sandbox_scan(self, *, quiet: bool = False) -> LoginStatus:
         """Sandbox only: the simulated phone scans the current QR and confirms."""
         if self._state is not LoginState.WAITING_SCAN:
             raise LoginError("no QR is waiting to be scanned; call start_login (POST /goStart) first")
@@ -282,7 +282,8 @@ class SandboxGateway(Gateway):
             return await self.login_status()
         self._code = f"{self._rng.randrange(10**6):06d}"
         self._state = LoginState.WAITING_VERIFY_CODE
-        log.warning("sandbox phone: WeCom shows verification code %s for QR %s", self._code, self._qr_key)
+        log.log(logging.INFO if quiet else logging.WARNING,
+                "sandbox phone: WeCom shows verification code %s for QR %s", self._code, self._qr_key)
         self.emit(EventKind.VERIFY_CODE, self._message(), qrcode_key=self._qr_key)
         return await self.login_status()
 
@@ -357,7 +358,14 @@ class SandboxGateway(Gateway):
     # -- contacts --------------------------------------------------------------------------------
     def _all_contacts(self) -> list[ContactRecord]:
         if self._contacts is None:
-            self._contacts = demo_contacts(self.settings.contacts, self.settings.seed)
+            # "Added" dates count back from the day this sandbox was first used, so the demo always has
+            # recent customers, and stays the same from one run to the next.
+            epoch = self.store.get("demo_epoch")
+            if epoch is None:
+                epoch = self.clock.now().replace(hour=0, minute=0, second=0, microsecond=0).isoformat()
+                self.store.put("demo_epoch", epoch)
+            self._contacts = demo_contacts(self.settings.contacts, self.settings.seed,
+                                           now=datetime.fromisoformat(epoch))
             self._by_id = {c.id: c for c in self._contacts}
         return self._contacts
 

@@ -1,0 +1,636 @@
+"""The `wecast` command line.
+
+    wecast validate [PATHS]        check campaign files (and config.yaml)
+    wecast preview CAMPAIGN        dry run: who gets what, who is left out and why, next fire times
+    wecast run CAMPAIGN            send now (the current schedule slot), with progress and a summary
+    wecast run --resume [RUN]      continue interrupted runs
+    wecast contacts sync|list      pull customers from WeCom / list them
+    wecast runs | log              run history / delivery log
+    wecast login | logout          log the WeCom account in (QR + code) or out
+    wecast serve                   the HTTP API (port 9898) with the scheduler
+    wecast sandbox outbox          what the sandbox's simulated customers received
+
+Errors go to stderr as one message (never a traceback; `-v` adds it) and the exit status is non-zero.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import io
+import json
+import logging
+import sys
+from collections.abc import Awaitable, Callable, Coroutine
+from datetime import datetime
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from engine import __version__
+from engine.errors import CampaignError, WecastError
+from engine.settings import Settings, load_settings, redact_url
+
+T = TypeVar("T")
+out = Console(highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+log = logging.getLogger("wecast")
+
+EXIT_ERROR = 1
+EXIT_INVALID = 2
+EXIT_INTERNAL = 70
+
+
+class Ctx:
+    def __init__(self, config: str | None, verbose: int) -> None:
+        self.config_path = config
+        self.verbose = verbose
+        self._settings: Settings | None = None
+
+    @property
+    def settings(self) -> Settings:
+        if self._settings is None:
+            self._settings = load_settings(self.config_path)
+        return self._settings
+
+
+pass_ctx = click.make_pass_decorator(Ctx)
+
+
+def _setup_logging(verbose: int) -> None:
+    level = logging.DEBUG if verbose > 1 else logging.INFO if verbose else logging.WARNING
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S", stream=sys.stderr)
+
+
+class WecastGroup(click.Group):
+    """Turns wecast errors into one line on stderr and an exit status, never a traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except CampaignError as exc:
+            err.print(f"[red]error:[/red] {_escape(str(exc))}")
+            ctx.exit(EXIT_INVALID)
+        except WecastError as exc:
+            err.print(f"[red]error:[/red] {_escape(str(exc))}")
+            ctx.exit(EXIT_ERROR)
+        except (click.exceptions.Exit, click.ClickException, click.Abort):
+            raise
+        except KeyboardInterrupt:
+            err.print("interrupted: unsent deliveries stay pending; `wecast run --resume` continues them")
+            ctx.exit(130)
+        except Exception as exc:
+            obj = ctx.find_object(Ctx)
+            if obj is not None and obj.verbose:
+                raise
+            err.print(f"[red]internal error:[/red] {type(exc).__name__}: {_escape(str(exc))} "
+                      "(run with -v to see where)")
+            ctx.exit(EXIT_INTERNAL)
+
+
+def _escape(text: str) -> str:
+    return text.replace("[", r"\[")
+
+
+def _run(coro: Coroutine[Any, Any, T]) -> T:
+    return asyncio.run(coro)
+
+
+def _app(ctx: Ctx, **overrides: Any) -> Any:
+    from engine.service import Wecast
+
+    settings = ctx.settings
+    if overrides:
+        settings = settings.model_copy(update=overrides)
+    return Wecast(settings)
+
+
+async def _with_app(ctx: Ctx, fn: Callable[[Any], Awaitable[T]]) -> T:
+    app = _app(ctx)
+    async with app:
+        return await fn(app)
+
+
+@click.group(cls=WecastGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.option("-c", "--config", type=click.Path(dir_okay=False), envvar="WECAST_CONFIG",
+              help="config file (default: ./config.yaml, or $WECAST_CONFIG)")
+@click.option("-v", "--verbose", count=True, help="more logging (-vv for debug); tracebacks on errors")
+@click.version_option(__version__, prog_name="wecast")
+@click.pass_context
+def main(click_ctx: click.Context, config: str | None, verbose: int) -> None:
+    """wecast – scheduled, rule-driven WeCom (企业微信) customer messaging.
+
+    Campaigns are YAML files in campaigns/. Start with `wecast preview CAMPAIGN` (a dry run that
+    sends nothing), then `wecast run CAMPAIGN`. `wecast serve` runs the HTTP API and the scheduler.
+    """
+    _setup_logging(verbose)
+    click_ctx.obj = Ctx(config, verbose)
+
+
+# -- validate ----------------------------------------------------------------------------------------
+
+@main.command()
+@click.argument("paths", nargs=-1, type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+@pass_ctx
+def validate(ctx: Ctx, paths: tuple[Path, ...], as_json: bool) -> None:
+    """Check campaign files (default: every file in campaigns_dir) and config.yaml.
+
+    Every problem is reported with file, line and field. With synced contacts, templates are also
+    checked against the data: a field some recipients lack is an error unless the template gives a
+    default. Exit status 2 when anything is invalid.
+    """
+    from engine.plan import build_preview
+    from engine.spec import campaign_files, load_campaigns
+    from storage.db import make_db_engine
+
+    settings = ctx.settings
+    files = campaign_files(list(paths) or [settings.campaigns_dir])
+    if not files:
+        raise WecastError(f"no campaign files found in {', '.join(str(p) for p in paths) or settings.campaigns_dir}")
+    result = load_campaigns(files, settings)
+    problems: list[str] = [str(p) for e in result.errors for p in e.problems]
+    data_checked = False
+    db = make_db_engine(settings.database_url)
+    try:
+        from engine.clock import SystemClock
+
+        now = SystemClock().now()
+        with db.connect() as conn:
+            from storage import queries
+
+            views = queries.load_contact_views(conn)
+        if views:
+            data_checked = True
+            for campaign in result.campaigns:
+                preview = build_preview(db, campaign, now=now, contacts=views)
+                problems.extend(str(p) for p in preview.problems())
+    finally:
+        db.dispose()
+    if as_json:
+        out.print_json(json.dumps({"ok": not problems, "files": [str(f) for f in files],
+                                   "campaigns": [c.id for c in result.campaigns], "errors": problems,
+                                   "checked_against_contacts": data_checked}, ensure_ascii=False))
+    else:
+        for campaign in result.campaigns:
+            mark = "[green]ok[/green]" if not any(str(campaign.file) in p for p in problems) else "[red]!![/red]"
+            out.print(f"{mark} {campaign.file}  ({campaign.id}: {_escape(campaign.name)})")
+        for problem in problems:
+            err.print(f"[red]error:[/red] {_escape(problem)}")
+        if not data_checked:
+            out.print("[dim]templates not checked against contacts yet (run `wecast contacts sync`)[/dim]")
+    if problems:
+        sys.exit(EXIT_INVALID)
+
+
+# -- preview -----------------------------------------------------------------------------------------
+
+@main.command()
+@click.argument("campaign")
+@click.option("--run-key", help="preview a specific run (default: the current schedule slot)")
+@click.option("--json", "as_json", is_flag=True, help="everything as JSON on stdout")
+@click.option("--csv", "csv_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="write every contact with its decision and message to this CSV file ('-' for stdout)")
+@click.option("--show", default=20, show_default=True, help="how many recipients and exclusions to list (0: all)")
+@pass_ctx
+def preview(ctx: Ctx, campaign: str, run_key: str | None, as_json: bool, csv_path: Path | None, show: int) -> None:
+    """Dry run: who would get which message, who is left out and why. Sends nothing.
+
+    CAMPAIGN is a file path or a campaign id from campaigns_dir.
+    """
+    from engine.spec import find_campaign
+
+    spec = find_campaign(campaign, ctx.settings)
+
+    async def go(app: Any) -> Any:
+        await app.ensure_contacts()
+        return app.preview(spec, run_key=run_key)
+
+    result = _run(_with_app(ctx, go))
+    if csv_path is not None:
+        _write_csv(result, csv_path)
+    if as_json:
+        out.print_json(json.dumps(_preview_json(result), ensure_ascii=False, default=str))
+    elif str(csv_path) != "-":
+        _print_preview(result, show)
+    if result.problems():
+        for p in result.problems():
+            err.print(f"[red]error:[/red] {_escape(str(p))}")
+        sys.exit(EXIT_INVALID)
+
+
+def _preview_json(p: Any) -> dict[str, Any]:
+    return {
+        "campaign": p.campaign.id, "name": p.campaign.name, "run_key": p.run_key,
+        "timezone": p.campaign.timezone, "now": p.now.isoformat(),
+        "already_planned": p.existing_run is not None,
+        "counts": {"contacts": p.total_contacts, "recipients": len(p.recipients), "excluded": len(p.excluded),
+                   "distinct_messages": p.distinct_texts, **dict(p.excluded_by_category())},
+        "recipients": [{"id": r.contact_id, "name": r.name, "message": r.text} for r in p.recipients],
+        "excluded": [{"id": e.contact_id, "name": e.name, "reason": e.reason, "category": e.category}
+                     for e in p.excluded],
+        "errors": [str(x) for x in p.problems()],
+        "unknown_ids": p.unknown_ids, "unknown_tags": p.unknown_tags,
+        "next_fire_times": [t.isoformat() for t in p.next_fires],
+    }
+
+
+def _write_csv(p: Any, path: Path) -> None:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(["contact_id", "name", "decision", "reason", "message"])
+    for r in p.recipients:
+        writer.writerow([r.contact_id, r.name, "send", "", r.text])
+    for e in p.excluded:
+        writer.writerow([e.contact_id, e.name, "excluded", f"{e.category}: {e.reason}", ""])
+    if str(path) == "-":
+        sys.stdout.write(buffer.getvalue())
+    else:
+        path.write_text("\ufeff" + buffer.getvalue(), encoding="utf-8")   # BOM: Excel opens Chinese correctly
+        err.print(f"wrote {len(p.recipients) + len(p.excluded)} rows to {path}")
+
+
+def _print_preview(p: Any, show: int) -> None:
+    c = p.campaign
+    out.print(f"[bold]{_escape(c.name)}[/bold] ({c.id})  run [cyan]{p.run_key}[/cyan]  zone {c.timezone}")
+    if p.existing_run is not None:
+        out.print(f"[yellow]this run was already planned (run {p.existing_run['id']}, "
+                  f"{p.existing_run['status']}): running it again sends nothing new[/yellow]")
+    cats = p.excluded_by_category()
+    out.print(f"contacts {p.total_contacts}  →  [green]recipients {len(p.recipients)}[/green]  "
+              f"excluded {len(p.excluded)} ("
+              + ", ".join(f"{k} {v}" for k, v in sorted(cats.items())) + ")"
+              + f"  distinct messages {p.distinct_texts}")
+    if p.unknown_tags:
+        out.print(f"[yellow]warning: no contact has the tag(s) {', '.join(p.unknown_tags)}[/yellow]")
+    if p.unknown_ids:
+        out.print(f"[yellow]warning: {len(p.unknown_ids)} listed id(s) are not known contacts: "
+                  f"{', '.join(p.unknown_ids[:5])}[/yellow]")
+    limit = show or None
+    table = Table("contact", "name", "message", title="Recipients", title_justify="left", show_lines=True)
+    for r in p.recipients[:limit]:
+        table.add_row(r.contact_id, _escape(r.name), _escape(r.text))
+    if p.recipients:
+        out.print(table)
+        if limit and len(p.recipients) > limit:
+            out.print(f"[dim]… and {len(p.recipients) - limit} more (--show 0 lists all, --csv FILE writes all)[/dim]")
+    ordered = sorted(p.excluded, key=lambda e: e.category == "audience")
+    table = Table("contact", "name", "why not", title="Excluded", title_justify="left")
+    for e in ordered[:limit]:
+        table.add_row(e.contact_id, _escape(e.name), _escape(f"{e.category}: {e.reason}"))
+    if p.excluded:
+        out.print(table)
+        if limit and len(ordered) > limit:
+            out.print(f"[dim]… and {len(ordered) - limit} more[/dim]")
+    if p.next_fires:
+        out.print("next fire times: " + ", ".join(t.strftime("%Y-%m-%d %H:%M %a") for t in p.next_fires))
+    elif c.schedule is None:
+        out.print("no schedule: runs only when started (`wecast run`, or the API)")
+    elif not c.enabled:
+        out.print("[yellow]disabled: the scheduler will not fire it[/yellow]")
+
+
+# -- run ---------------------------------------------------------------------------------------------
+
+@main.command()
+@click.argument("campaign", required=False)
+@click.option("--resume", "resume_run", is_flag=True, help="continue interrupted runs instead of starting one")
+@click.option("--run", "run_id", type=int, help="with --resume: only this run")
+@click.option("--run-key", help="name the run explicitly (default: the current schedule slot)")
+@click.option("--no-wait", is_flag=True, help="don't wait for login or quiet hours; leave those sends pending")
+@click.option("--json", "as_json", is_flag=True, help="print the summary as JSON")
+@pass_ctx
+def run(ctx: Ctx, campaign: str | None, resume_run: bool, run_id: int | None, run_key: str | None,
+        no_wait: bool, as_json: bool) -> None:
+    """Send a campaign now, or resume interrupted runs (--resume).
+
+    The run is the campaign's current schedule slot, so running it twice — or the scheduler firing the
+    same slot — sends nothing twice. Ctrl-C stops cleanly; `wecast run --resume` continues.
+    """
+    from engine.spec import find_campaign
+
+    if resume_run == bool(campaign):
+        raise click.UsageError("give a CAMPAIGN to run, or --resume to continue interrupted runs")
+    login_wait = 0.0 if no_wait else ctx.settings.sending.login_wait.total_seconds()
+    quiet_max = 0.0 if no_wait else None
+    spec = find_campaign(campaign, ctx.settings) if campaign else None
+
+    async def go(app: Any) -> list[Any]:
+        with _progress() as progress:
+            task = progress.add_task("sending", total=None)
+
+            def on_progress(counts: dict[str, int]) -> None:
+                total = sum(v for k, v in counts.items() if k != "skipped")
+                done = sum(counts.get(k, 0) for k in ("sent", "failed", "unknown"))
+                progress.update(task, total=total, completed=done,
+                                description=f"sent {counts.get('sent', 0)}  failed {counts.get('failed', 0)}")
+
+            if spec is not None:
+                await app.ensure_contacts()
+                outcome = await app.run_campaign(spec, run_key=run_key, progress=on_progress,
+                                                 login_wait=login_wait, quiet_wait_max=quiet_max)
+                if not outcome.plan.created:
+                    progress.stop()
+                    out.print(f"[yellow]run {outcome.plan.run_id} ({outcome.plan.run_key}) was already planned: "
+                              "only its unsent deliveries (if any) are sent[/yellow]")
+                return [outcome.summary]
+            return list(await app.resume(run_id, progress=on_progress, login_wait=login_wait,
+                                         quiet_wait_max=quiet_max))
+
+    summaries = _run(_with_app(ctx, go))
+    if as_json:
+        out.print_json(json.dumps([{"run_id": s.run_id, "status": s.status, "counts": s.counts,
+                                    "message": s.message, "recovered": s.recovered} for s in summaries]))
+    else:
+        if not summaries:
+            out.print("no interrupted runs to resume")
+        for s in summaries:
+            counts = "  ".join(f"{k} {v}" for k, v in sorted(s.counts.items()))
+            out.print(f"run {s.run_id}: [bold]{s.status}[/bold]  {counts}")
+            if s.recovered and any(s.recovered.values()):
+                out.print(f"  recovered after an interruption: {s.recovered}")
+            if s.message and s.message not in ("done",):
+                out.print(f"  {_escape(s.message)}")
+    if any(s.status == "paused" or s.counts.get("failed") for s in summaries):
+        sys.exit(EXIT_ERROR)
+
+
+def _progress() -> Progress:
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    console=err, transient=False)
+
+
+# -- contacts ----------------------------------------------------------------------------------------
+
+@main.group()
+def contacts() -> None:
+    """Customers: sync from WeCom, list and filter."""
+
+
+@contacts.command("sync")
+@pass_ctx
+def contacts_sync(ctx: Ctx) -> None:
+    """Pull every customer and tag from the gateway into the database."""
+
+    async def go(app: Any) -> Any:
+        status = await app.gateway.login_status()
+        if not status.logged_in:
+            raise WecastError("the WeCom account is not logged in; run `wecast login` first")
+        with _progress() as progress:
+            task = progress.add_task("syncing contacts", total=None)
+            return await app.sync(progress=lambda n, total: progress.update(task, completed=n, total=total))
+
+    r = _run(_with_app(ctx, go))
+    out.print(f"contacts: {r.seen} listed, {r.added} new, {r.updated} changed, {r.removed} removed; {r.tags} tags")
+
+
+@contacts.command("list")
+@click.option("--tag", "tags", multiple=True, help="only contacts with this tag (repeatable: all of them)")
+@click.option("--where", "wheres", multiple=True, metavar="FIELD=VALUE",
+              help="field filter, e.g. city=上海 or gender=female (repeatable)")
+@click.option("--limit", default=50, show_default=True, help="0: all")
+@click.option("--json", "as_json", is_flag=True)
+@pass_ctx
+def contacts_list(ctx: Ctx, tags: tuple[str, ...], wheres: tuple[str, ...], limit: int, as_json: bool) -> None:
+    """List synced contacts, filtered by tag and field."""
+    from engine.audience import RuleError, parse_rules, select
+    from engine.clock import SystemClock
+    from storage import queries
+    from storage.db import make_db_engine
+
+    rules = []
+    for w in wheres:
+        field, sep, value = w.partition("=")
+        if not sep:
+            raise click.BadParameter(f"{w!r}: write FIELD=VALUE", param_hint="--where")
+        rules.append({field.strip(): value.strip()})
+    try:
+        rule = parse_rules(rules) if rules else None
+    except RuleError as exc:
+        raise click.BadParameter(exc.reason, param_hint="--where") from None
+    db = make_db_engine(ctx.settings.database_url)
+    with db.connect() as conn:
+        views = queries.load_contact_views(conn)
+    db.dispose()
+    chosen = select(views, tags_all=tags, rules=rule, now=SystemClock().now(), include_coworkers=True).recipients
+    chosen = [c for c in chosen if c.get("friend") or True]
+    shown = chosen[:limit] if limit else chosen
+    if as_json:
+        out.print_json(json.dumps([_contact_json(c) for c in shown], ensure_ascii=False, default=str))
+        return
+    table = Table("id", "name", "remark", "gender", "city", "tags", "added")
+    for c in shown:
+        table.add_row(c["id"], _escape(c["name"]), _escape(c["alias"]), {1: "男", 2: "女"}.get(c["gender"], ""),
+                      c["city"], _escape(", ".join(c["tags_named"])),
+                      c["added_at"].date().isoformat() if c.get("added_at") else "")
+    out.print(table)
+    out.print(f"{len(chosen)} of {len(views)} contacts match" + (f" (showing {len(shown)})" if len(shown) < len(chosen)
+                                                                 else ""))
+    if not views:
+        out.print("[dim]no contacts yet: run `wecast contacts sync`[/dim]")
+
+
+def _contact_json(c: dict[str, Any]) -> dict[str, Any]:
+    d = {k: v for k, v in c.items() if k not in ("tags", "tags_named")}
+    d["tags"] = list(c["tags_named"])
+    return d
+
+
+# -- runs / log --------------------------------------------------------------------------------------
+
+@main.command()
+@click.option("--campaign", help="only this campaign id")
+@click.option("--status", type=click.Choice(["running", "paused", "completed", "cancelled"]))
+@click.option("--limit", default=30, show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+@pass_ctx
+def runs(ctx: Ctx, campaign: str | None, status: str | None, limit: int, as_json: bool) -> None:
+    """Run history with per-status counts."""
+    from storage import queries
+    from storage.db import make_db_engine
+
+    db = make_db_engine(ctx.settings.database_url)
+    with db.connect() as conn:
+        rows = queries.runs(conn, campaign_id=campaign, status=status, limit=limit)
+        for r in rows:
+            r["counts"] = queries.status_counts(conn, r["id"])
+    db.dispose()
+    if as_json:
+        out.print_json(json.dumps(rows, ensure_ascii=False, default=str))
+        return
+    tz = ctx.settings.tz
+    table = Table("run", "campaign", "run key", "trigger", "status", "sent", "failed", "skipped", "open", "created")
+    for r in rows:
+        c = r["counts"]
+        open_ = sum(c.get(s, 0) for s in ("pending", "claimed", "sending", "submitted"))
+        table.add_row(str(r["id"]), r["campaign_id"], r["run_key"], r["trigger"], r["status"],
+                      str(c.get("sent", 0)), str(c.get("failed", 0) + c.get("unknown", 0)), str(c.get("skipped", 0)),
+                      str(open_), _local(r["created_at"], tz))
+    out.print(table)
+
+
+@main.command("log")
+@click.option("--campaign", help="campaign id")
+@click.option("--run", "run_id", type=int, help="run id")
+@click.option("--status", type=click.Choice(["pending", "claimed", "sending", "submitted", "sent", "failed",
+                                              "skipped", "unknown"]))
+@click.option("--contact", help="contact id")
+@click.option("--limit", default=50, show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+@pass_ctx
+def log_cmd(ctx: Ctx, campaign: str | None, run_id: int | None, status: str | None, contact: str | None,
+            limit: int, as_json: bool) -> None:
+    """The delivery log, newest first."""
+    from storage import queries
+    from storage.db import make_db_engine
+
+    db = make_db_engine(ctx.settings.database_url)
+    with db.connect() as conn:
+        rows = queries.deliveries(conn, campaign_id=campaign, run_id=run_id, status=status, contact_id=contact,
+                                  limit=limit)
+    db.dispose()
+    if as_json:
+        out.print_json(json.dumps(rows, ensure_ascii=False, default=str))
+        return
+    tz = ctx.settings.tz
+    table = Table("id", "run", "campaign", "contact", "status", "tries", "when", "message / reason")
+    for d in rows:
+        detail = d["reason"] or d["last_error"] if d["status"] != "sent" else d["text"]
+        table.add_row(str(d["id"]), str(d["run_id"]), d["campaign_id"], f"{d['contact_id']} {_escape(d['contact_name'])}",
+                      d["status"], str(d["attempts"]), _local(d["sent_at"] or d["updated_at"], tz),
+                      _escape((detail or "")[:80]))
+    out.print(table)
+
+
+def _local(value: datetime | None, tz: Any) -> str:
+    return value.astimezone(tz).strftime("%Y-%m-%d %H:%M:%S") if value else ""
+
+
+# -- login / logout ----------------------------------------------------------------------------------
+
+@main.command()
+@click.option("--timeout", default=600, show_default=True, help="seconds to wait for the scan and the code")
+@pass_ctx
+def login(ctx: Ctx, timeout: int) -> None:
+    """Log the WeCom account in: scan the QR with WeCom on the phone, then type the 6-digit code."""
+    settings = ctx.settings.model_copy(update={"sandbox": ctx.settings.sandbox.model_copy(
+        update={"auto_login": False})})
+
+    async def go() -> None:
+        from engine.errors import LoginError
+        from engine.service import Wecast
+
+        async with Wecast(settings) as app:
+            gw = app.gateway
+            status = await gw.start_login()
+            if status.logged_in:
+                out.print(f"already logged in as {_escape(status.account_name or status.account_id or '')}")
+                return
+            shown_key = None
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + timeout
+            while loop.time() < deadline:
+                status = await gw.login_status()
+                if status.logged_in:
+                    out.print(f"[green]logged in[/green] as {_escape(status.account_name or status.account_id or '')}")
+                    return
+                if status.qr_url and status.qrcode_key != shown_key:
+                    shown_key = status.qrcode_key
+                    out.print(_terminal_qr(status.qr_url))
+                    out.print(f"{_escape(status.message)}\nqrcodeKey: {status.qrcode_key}")
+                if status.state.value == "waiting_verify_code":
+                    code = await loop.run_in_executor(None, lambda: click.prompt("verification code shown on the phone"))
+                    try:
+                        status = await gw.submit_verify_code(code, status.qrcode_key)
+                    except LoginError as exc:
+                        err.print(f"[red]{_escape(str(exc))}[/red]")
+                    continue
+                await gw.wait_for_login(1.0)
+            raise WecastError("login timed out; run `wecast login` again")
+
+    _run(go())
+
+
+def _terminal_qr(url: str) -> str:
+    import qrcode
+
+    qr = qrcode.QRCode(border=1)
+    qr.add_data(url)
+    buffer = io.StringIO()
+    qr.print_ascii(out=buffer, invert=True)
+    return buffer.getvalue()
+
+
+@main.command()
+@pass_ctx
+def logout(ctx: Ctx) -> None:
+    """Log the WeCom account out (to switch accounts; `wecast login` shows a new QR)."""
+
+    async def go(app: Any) -> Any:
+        return await app.gateway.logout()
+
+    status = _run(_with_app(ctx, go))
+    out.print(f"logged out ({status.state.value})")
+
+
+# -- serve -------------------------------------------------------------------------------------------
+
+@main.command()
+@click.option("--host", help="address to bind (default from config: 127.0.0.1)")
+@click.option("--port", type=int, help="port (default from config: 9898)")
+@pass_ctx
+def serve(ctx: Ctx, host: str | None, port: int | None) -> None:
+    """Run the HTTP API (the source document's endpoints + /api/v1) and the campaign scheduler."""
+    from engine.web.server import serve as run_server
+
+    sys.exit(run_server(ctx.settings, host=host, port=port))
+
+
+# -- sandbox -----------------------------------------------------------------------------------------
+
+@main.group()
+def sandbox() -> None:
+    """The simulated account (gateway: sandbox)."""
+
+
+@sandbox.command("outbox")
+@click.option("--contact", help="only messages to this contact id")
+@click.option("--limit", default=30, show_default=True, help="0: all")
+@click.option("--json", "as_json", is_flag=True)
+@pass_ctx
+def sandbox_outbox(ctx: Ctx, contact: str | None, limit: int, as_json: bool) -> None:
+    """Messages the sandbox's customers received (newest last)."""
+    from engine.gateways.sandbox import SandboxStore
+
+    store = SandboxStore(ctx.settings.sandbox.state_file)
+    messages = store.messages(contact)
+    store.close()
+    shown = messages[-limit:] if limit else messages
+    if as_json:
+        out.print_json(json.dumps([m.__dict__ for m in shown], ensure_ascii=False))
+        return
+    table = Table("message id", "contact", "sent at (UTC)", "text")
+    for m in shown:
+        table.add_row(m.message_id, m.contact_id, m.sent_at[:19], _escape(m.text))
+    out.print(table)
+    out.print(f"{len(messages)} message(s) in the sandbox outbox ({ctx.settings.sandbox.state_file})")
+
+
+@main.command("config")
+@pass_ctx
+def show_config(ctx: Ctx) -> None:
+    """Show the effective configuration (secrets hidden)."""
+    s = ctx.settings
+    data = json.loads(s.model_dump_json())
+    data["database_url"] = redact_url(s.database_url)
+    out.print(f"# from {s.source}")
+    out.print_json(json.dumps(data, ensure_ascii=False))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
