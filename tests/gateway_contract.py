@@ -112,7 +112,8 @@ class GatewayContract:
         """A QR with a key, a scan, a wrong code (LoginError with tries left), the right code, LOGIN."""
         status = await gateway.start_login()
         assert status.state is LoginState.WAITING_SCAN
-        assert status.qr_url and status.qr_url.startswith("https://")
+        assert status.qr_url
+        assert status.qr_url.startswith("https://")
         assert status.qrcode_key
         await driver.scan()
         status = await wait_for_state(gateway, LoginState.WAITING_VERIFY_CODE)
@@ -120,7 +121,8 @@ class GatewayContract:
         code = await wait_for_phone_code(driver)
         with pytest.raises(LoginError) as wrong:
             await gateway.submit_verify_code(wrong_code(code), status.qrcode_key)
-        assert wrong.value.tries_left is not None and 0 < wrong.value.tries_left < 3
+        assert wrong.value.tries_left is not None
+        assert 0 < wrong.value.tries_left < 3
         assert not (await gateway.login_status()).logged_in
         await gateway.submit_verify_code(f" {code}\n", status.qrcode_key)  # as pasted from a chat
         status = await gateway.wait_for_login(5.0)
@@ -141,7 +143,8 @@ class GatewayContract:
         assert [e.tries_left for e in errors] == [2, 1, 0]
         assert "qr" in str(errors[-1]).lower()
         status = await wait_for_state(gateway, LoginState.WAITING_SCAN)
-        assert status.qrcode_key and status.qrcode_key != first.qrcode_key
+        assert status.qrcode_key
+        assert status.qrcode_key != first.qrcode_key
 
     async def test_contact_pages_cover_everyone_once(self, driver: GatewayDriver, gateway: Gateway) -> None:
         """Paging with any page size returns every contact exactly once, with tags."""
@@ -158,7 +161,8 @@ class GatewayContract:
         """Tags have ids and names, and every tag a contact carries is among them."""
         await log_in(driver)
         tags = await gateway.list_tags()
-        assert tags and all(t.id and t.name for t in tags)
+        assert tags
+        assert all(t.id and t.name for t in tags)
         assert any(t.group_name for t in tags)
         known = {t.id for t in tags}
         page = await gateway.list_contacts(None, 1000)
@@ -170,7 +174,8 @@ class GatewayContract:
         await log_in(driver)
         contact_id = sorted(driver.contact_ids())[0]
         contact = await gateway.get_contact(contact_id)
-        assert contact is not None and contact.id == contact_id
+        assert contact is not None
+        assert contact.id == contact_id
         assert await gateway.get_contact(driver.unknown_contact_id) is None
 
     async def test_send_text(self, driver: GatewayDriver, gateway: Gateway) -> None:
@@ -179,9 +184,13 @@ class GatewayContract:
         contact_id = sorted(driver.contact_ids())[3]
         receipt = await gateway.send_text(contact_id, "您好，周末店庆全场八折 🎉", idempotency_key="k-1")
         assert receipt.message_id
-        assert Delivered(contact_id, "您好，周末店庆全场八折 🎉", receipt.message_id) in driver.sent_messages()
+        assert (
+            Delivered(contact_id, "您好，周末店庆全场八折 🎉", receipt.message_id) in driver.sent_messages()
+        )
 
-    async def test_send_to_unknown_contact_is_permanent(self, driver: GatewayDriver, gateway: Gateway) -> None:
+    async def test_send_to_unknown_contact_is_permanent(
+        self, driver: GatewayDriver, gateway: Gateway
+    ) -> None:
         """Sending to an id the account does not know fails for good, and nothing is delivered."""
         await log_in(driver)
         with pytest.raises(PermanentError):
@@ -197,7 +206,8 @@ class GatewayContract:
         assert any(e.kind is EventKind.LOGOUT for e in gateway.events)
         again = await gateway.start_login()
         assert again.state is LoginState.WAITING_SCAN
-        assert again.qrcode_key and again.qrcode_key != first.qrcode_key
+        assert again.qrcode_key
+        assert again.qrcode_key != first.qrcode_key
 
     async def test_send_while_logged_out(self, driver: GatewayDriver, gateway: Gateway) -> None:
         """Sends while logged out raise NotLoggedInError (before and after a session)."""

@@ -107,8 +107,12 @@ class SandboxDriver:
 def sandbox_driver_factory(tmp_path: Path):  # type: ignore[no-untyped-def]
     @asynccontextmanager
     async def make() -> AsyncIterator[GatewayDriver]:
-        settings = SandboxSettings(contacts=60, auto_login=False, scan_delay=timedelta(hours=1),
-                                   state_file=tmp_path / "sandbox.sqlite")
+        settings = SandboxSettings(
+            contacts=60,
+            auto_login=False,
+            scan_delay=timedelta(hours=1),
+            state_file=tmp_path / "sandbox.sqlite",
+        )
         gateway = SandboxGateway(settings)
         try:
             await gateway.start()

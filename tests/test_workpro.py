@@ -78,8 +78,9 @@ async def make_fake() -> AsyncIterator[Factory]:
 async def make_gateway() -> AsyncIterator[Factory]:
     gateways: list[WorkproGateway] = []
 
-    async def make(settings: WorkproSettings, http_client: httpx.AsyncClient | None = None,
-                   start: bool = True) -> WorkproGateway:
+    async def make(
+        settings: WorkproSettings, http_client: httpx.AsyncClient | None = None, start: bool = True
+    ) -> WorkproGateway:
         gateway = WorkproGateway(settings, http_client=http_client)
         gateways.append(gateway)
         if start:
@@ -122,16 +123,32 @@ def test_committed_stubs_match_the_proto(tmp_path: Path) -> None:
     for fresh in generate.generate(tmp_path):
         committed = generate.HERE / fresh.name
         assert committed.read_text(encoding="utf-8") == fresh.read_text(encoding="utf-8"), (
-            f"{committed.name} is stale: run `python -m engine.gateways.proto.generate`")
+            f"{committed.name} is stale: run `python -m engine.gateways.proto.generate`"
+        )
 
 
 def test_proto_is_wire_compatible_with_juzi() -> None:
     """Service path, and the field numbers the fact sheet pins down."""
     service = pb.DESCRIPTOR.services_by_name["Puppet"]
     assert service.full_name == "wechaty.Puppet"
-    assert {"Start", "Stop", "Logout", "Ding", "Event", "EnterVerifyCode", "RefreshQRCode", "ContactList",
-            "ContactPayload", "BatchContactPayload", "MessageSendText", "TagTagList", "TagPayload",
-            "TagGroupPayload", "CurrentUser", "DirtyPayload"} <= set(service.methods_by_name)
+    assert {
+        "Start",
+        "Stop",
+        "Logout",
+        "Ding",
+        "Event",
+        "EnterVerifyCode",
+        "RefreshQRCode",
+        "ContactList",
+        "ContactPayload",
+        "BatchContactPayload",
+        "MessageSendText",
+        "TagTagList",
+        "TagPayload",
+        "TagGroupPayload",
+        "CurrentUser",
+        "DirtyPayload",
+    } <= set(service.methods_by_name)
 
     def numbers(message: Any) -> dict[str, int]:
         return {f.name: f.number for f in message.DESCRIPTOR.fields}
@@ -142,8 +159,15 @@ def test_proto_is_wire_compatible_with_juzi() -> None:
     assert numbers(pb.MessageSendTextResponse) == {"id_string_value_deprecated": 1, "id": 2}
     contact = numbers(pb.ContactPayloadResponse)
     assert sorted(contact.values()) == list(range(1, 23))
-    assert (contact["additional_info"], contact["tag_ids"], contact["real_name"], contact["aka"]) == (19, 20, 21, 22)
-    assert pb.EVENT_TYPE_VERIFY_CODE == 33 and pb.EVENT_TYPE_SCAN == 22 and pb.EVENT_TYPE_DIRTY == 27
+    assert (contact["additional_info"], contact["tag_ids"], contact["real_name"], contact["aka"]) == (
+        19,
+        20,
+        21,
+        22,
+    )
+    assert pb.EVENT_TYPE_VERIFY_CODE == 33
+    assert pb.EVENT_TYPE_SCAN == 22
+    assert pb.EVENT_TYPE_DIRTY == 27
 
 
 # -- pure helpers -----------------------------------------------------------------------------------
@@ -162,49 +186,82 @@ def test_qr_key_and_first_line() -> None:
 
 def test_contact_mapping_tolerates_odd_additional_info() -> None:
     """Fields 19–22 map through; addContactTime in ms or s becomes a date; bad JSON becomes {}."""
-    ms = pb.ContactPayloadResponse(id="7881", name="王芳", phones=["13800000000", ""], tag_ids=["a", "a", "b"],
-                                   additional_info=json.dumps({"addContactTime": 1_700_000_000_000,
-                                                               "corpId": "ww1"}),
-                                   real_name="王芳芳", aka="Fang", gender=2, type=1)
+    ms = pb.ContactPayloadResponse(
+        id="7881",
+        name="王芳",
+        phones=["13800000000", ""],
+        tag_ids=["a", "a", "b"],
+        additional_info=json.dumps({"addContactTime": 1_700_000_000_000, "corpId": "ww1"}),
+        real_name="王芳芳",
+        aka="Fang",
+        gender=2,
+        type=1,
+    )
     record = contact_record(ms)
     assert record.phones == ("13800000000",)
     assert record.tag_ids == ("a", "b")
     assert record.corp_id == "ww1"
-    assert record.real_name == "王芳芳" and record.aka == "Fang" and record.gender == 2
-    assert record.added_at is not None and record.added_at.year == 2023
-    seconds = contact_record(pb.ContactPayloadResponse(id="x", additional_info='{"addContactTime": "1700000000"}'))
+    assert record.real_name == "王芳芳"
+    assert record.aka == "Fang"
+    assert record.gender == 2
+    assert record.added_at is not None
+    assert record.added_at.year == 2023
+    seconds = contact_record(
+        pb.ContactPayloadResponse(id="x", additional_info='{"addContactTime": "1700000000"}')
+    )
     assert seconds.added_at == record.added_at
     broken = contact_record(pb.ContactPayloadResponse(id="y", additional_info="{not json"))
-    assert broken.additional_info == {} and broken.added_at is None
+    assert broken.additional_info == {}
+    assert broken.added_at is None
     assert contact_record(pb.ContactPayloadResponse(id="z", additional_info="[1]")).additional_info == {}
 
 
 @pytest.mark.parametrize(
     ("code", "details", "mutating", "expected"),
     [
-        (grpc.StatusCode.INTERNAL, "WorkproErrorCode: 20001, Feature temporarily unavailable.", True,
-         RateLimitedError),
-        (grpc.StatusCode.UNAVAILABLE, "failed to connect to all addresses; last error: Connection refused", True,
-         TransientError),
+        (
+            grpc.StatusCode.INTERNAL,
+            "WorkproErrorCode: 20001, Feature temporarily unavailable.",
+            True,
+            RateLimitedError,
+        ),
+        (
+            grpc.StatusCode.UNAVAILABLE,
+            "failed to connect to all addresses; last error: Connection refused",
+            True,
+            TransientError,
+        ),
         (grpc.StatusCode.UNAVAILABLE, "Socket closed", True, UnknownOutcomeError),
         (grpc.StatusCode.UNAVAILABLE, "Socket closed", False, TransientError),
         (grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded", True, UnknownOutcomeError),
         (grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded", False, TransientError),
-        (grpc.StatusCode.UNKNOWN, "Error: not logged in, no this.__currentUserId yet.\n    at x", True,
-         NotLoggedInError),
+        (
+            grpc.StatusCode.UNKNOWN,
+            "Error: not logged in, no this.__currentUserId yet.\n    at x",
+            True,
+            NotLoggedInError,
+        ),
         (grpc.StatusCode.UNAUTHENTICATED, f'Invalid Wechaty TOKEN "{TOKEN}"', False, PermanentError),
-        (grpc.StatusCode.UNKNOWN, "Error: conversation 1 not found\n    at PuppetWorkPro.send (/app/x.js:1:2)",
-         True, PermanentError),
+        (
+            grpc.StatusCode.UNKNOWN,
+            "Error: conversation 1 not found\n    at PuppetWorkPro.send (/app/x.js:1:2)",
+            True,
+            PermanentError,
+        ),
     ],
 )
 def test_error_mapping(code: grpc.StatusCode, details: str, mutating: bool, expected: type) -> None:
     """gRPC failures map to the engine's kinds by the details' first line, never leaking stacks or tokens."""
     gateway = WorkproGateway(settings_for(None))
-    error = gateway._map_rpc_error(aio.AioRpcError(code, aio.Metadata(), aio.Metadata(), details=details),
-                                   "MessageSendText", mutating=mutating)
+    error = gateway._map_rpc_error(
+        aio.AioRpcError(code, aio.Metadata(), aio.Metadata(), details=details),
+        "MessageSendText",
+        mutating=mutating,
+    )
     assert type(error) is expected
     assert TOKEN not in str(error)
-    assert "\n" not in str(error) and " at " not in str(error)
+    assert "\n" not in str(error)
+    assert " at " not in str(error)
 
 
 # -- discovery --------------------------------------------------------------------------------------
@@ -246,14 +303,17 @@ async def test_discovery_prefers_host(make_fake: Factory, make_gateway: Factory)
 
 
 async def test_discovery_not_found_and_unreachable(make_gateway: Factory) -> None:
-    """Unknown everywhere: a permanent error; no discovery reachable: a transient one. Neither shows the token."""
+    """Unknown everywhere: a permanent error; no discovery reachable: a transient one. No token shown."""
     seen: list[str] = []
-    answers: dict[str, tuple[int, Any]] = {"a.example": (404, {"host": "0.0.0.0", "port": 0}),
-                                           "b.example": (200, {"host": "0.0.0.0", "ip": "0.0.0.0", "port": 0})}
+    answers: dict[str, tuple[int, Any]] = {
+        "a.example": (404, {"host": "0.0.0.0", "port": 0}),
+        "b.example": (200, {"host": "0.0.0.0", "ip": "0.0.0.0", "port": 0}),
+    }
     async with discovery(answers, seen) as client:
         with pytest.raises(PermanentError) as not_found:
             await make_gateway(settings_for(None, discovery_authorities=list(answers)), client)
-    assert "not registered" in str(not_found.value) and TOKEN not in str(not_found.value)
+    assert "not registered" in str(not_found.value)
+    assert TOKEN not in str(not_found.value)
     down: dict[str, tuple[int, Any]] = {"a.example": (0, httpx.ConnectError("boom"))}
     async with discovery(down, seen) as client:
         with pytest.raises(TransientError) as unreachable:
@@ -272,7 +332,8 @@ async def test_explicit_endpoint_skips_discovery(make_fake: Factory, make_gatewa
 
 # -- connection and auth ----------------------------------------------------------------------------
 async def test_wrong_token_is_a_clear_error_without_the_token(
-        make_fake: Factory, make_gateway: Factory, caplog: pytest.LogCaptureFixture) -> None:
+    make_fake: Factory, make_gateway: Factory, caplog: pytest.LogCaptureFixture
+) -> None:
     """UNAUTHENTICATED becomes a PermanentError about the token; the token is in neither error nor logs."""
     caplog.set_level(logging.DEBUG)
     fake = await make_fake()
@@ -280,7 +341,8 @@ async def test_wrong_token_is_a_clear_error_without_the_token(
     with pytest.raises(PermanentError) as caught:
         await make_gateway(settings_for(fake, token=SecretStr(wrong)))
     assert "token" in str(caught.value).lower()
-    assert wrong not in str(caught.value) and wrong not in caplog.text
+    assert wrong not in str(caught.value)
+    assert wrong not in caplog.text
     assert fake.calls == ["Event"]  # Start is not even tried
 
 
@@ -296,8 +358,11 @@ async def test_second_client_is_refused_politely(make_fake: Factory, make_gatewa
     """Only one event stream per token: a second gateway gets a clear, retryable error."""
     fake = await make_fake()
     await make_gateway(settings_for(fake))
+    second = await make_gateway(settings_for(fake), start=False)
+    second.first_event_wait = 0.5  # start() keeps retrying this long in case the other stream is a stale one
     with pytest.raises(TransientError, match="already connected"):
-        await make_gateway(settings_for(fake))
+        await second.start()
+    assert fake.calls.count("Event") >= 3
 
 
 async def test_event_stream_first_then_start_and_ding(make_fake: Factory, make_gateway: Factory) -> None:
@@ -315,7 +380,9 @@ async def test_login_events_and_ready_once(make_fake: Factory, make_gateway: Fac
     fake = await make_fake(ready_twice=True)
     gateway = await make_gateway(settings_for(fake))
     status = await gateway.start_login()
-    assert status.qr_url and "crtx_auth?key=" in status.qr_url and status.qrcode_key == fake.qr_key
+    assert status.qr_url
+    assert "crtx_auth?key=" in status.qr_url
+    assert status.qrcode_key == fake.qr_key
     await login(gateway, fake)
     assert kinds(gateway, EventKind.VERIFY_CODE)[0].data["qrcode_key"] == status.qrcode_key
     await asyncio.sleep(0.1)  # let both READY events arrive
@@ -348,9 +415,11 @@ async def test_second_verification_qr(make_fake: Factory, make_gateway: Factory)
     await login(gateway, fake)
     await until(lambda: gateway._state is LoginState.WAITING_SCAN)
     status = await gateway.login_status()
-    assert status.second_verification and status.qrcode_key == fake.qr_key
+    assert status.second_verification
+    assert status.qrcode_key == fake.qr_key
     logout = kinds(gateway, EventKind.LOGOUT)[-1]
-    assert logout.message == NEW_DEVICE_TEXT and logout.data["second_verification"] is True
+    assert logout.message == NEW_DEVICE_TEXT
+    assert logout.data["second_verification"] is True
     assert kinds(gateway, EventKind.SECOND_VERIFICATION)
     await fake.scan()
     assert (await gateway.wait_for_login(5)).logged_in
@@ -363,7 +432,10 @@ async def test_second_verification_without_marker_in_url(make_fake: Factory, mak
     gateway = await make_gateway(settings_for(fake))
     await login(gateway, fake)
     fake.emit(pb.EVENT_TYPE_LOGOUT, {"contactId": SELF_ID, "data": NEW_DEVICE_TEXT})
-    fake.emit(pb.EVENT_TYPE_SCAN, {"status": 2, "qrcode": "https://wx.work.weixin.qq.com/cgi-bin/crtx_auth?key=AB&wx=1"})
+    fake.emit(
+        pb.EVENT_TYPE_SCAN,
+        {"status": 2, "qrcode": "https://wx.work.weixin.qq.com/cgi-bin/crtx_auth?key=AB&wx=1"},
+    )
     await until(lambda: gateway._state is LoginState.WAITING_SCAN)
     assert (await gateway.login_status()).second_verification
     fake.emit(pb.EVENT_TYPE_SCAN, {"status": 2, "type": 2, "qrcode": "https://x.example/q?key=CD"})
@@ -375,17 +447,24 @@ async def test_second_verification_without_marker_in_url(make_fake: Factory, mak
 
 
 # -- reconnect --------------------------------------------------------------------------------------
-async def test_dropped_stream_reconnects_and_keeps_the_login(make_fake: Factory, make_gateway: Factory) -> None:
+async def test_dropped_stream_reconnects_and_keeps_the_login(
+    make_fake: Factory, make_gateway: Factory
+) -> None:
     """A reset stream is re-opened with the last seq and account id; the replayed LOGIN changes nothing."""
     fake = await make_fake()
     gateway = await make_gateway(settings_for(fake))
     await login(gateway, fake)
     fake.drop_event_stream()
     await until(lambda: len(fake.event_requests) == 2 and fake._stream is not None)
-    await until(lambda: any(e.data.get("state") == "up" and "re-opened" in e.message
-                            for e in kinds(gateway, EventKind.CONNECTION)))
+    await until(
+        lambda: any(
+            e.data.get("state") == "up" and "re-opened" in e.message
+            for e in kinds(gateway, EventKind.CONNECTION)
+        )
+    )
     seq, account = fake.event_requests[1]
-    assert seq > 0 and account == SELF_ID
+    assert seq > 0
+    assert account == SELF_ID
     assert (await gateway.login_status()).logged_in
     assert len(kinds(gateway, EventKind.LOGIN)) == 1
     receipt = await gateway.send_text(fake.contact_ids()[0], "still here", idempotency_key="r1")
@@ -411,13 +490,17 @@ async def test_contacts_and_tags(make_fake: Factory, make_gateway: Factory) -> N
     gateway = await make_gateway(settings_for(fake, contact_batch_size=40))
     await login(gateway, fake)
     page = await gateway.list_contacts(None, 100)
-    assert page.total == 250 and page.next_cursor == "100" and len(page.contacts) == 100
+    assert page.total == 250
+    assert page.next_cursor == "100"
+    assert len(page.contacts) == 100
     assert [c.id for c in page.contacts] == fake.contact_ids()[:100]  # our order, whatever the server's
     assert fake.calls.count("BatchContactPayload") == 3
-    assert "ContactPayload" not in fake.calls[fake.calls.index("ContactList"):]
+    assert "ContactPayload" not in fake.calls[fake.calls.index("ContactList") :]
     tags = {t.id: t for t in await gateway.list_tags()}
-    assert tags["et_vip"].group_name == "客户等级" and tags["et_vip"].type == 2
-    assert tags["pt_old"].group_name == "" and tags["pt_old"].type == 1
+    assert tags["et_vip"].group_name == "客户等级"
+    assert tags["et_vip"].type == 2
+    assert tags["pt_old"].group_name == ""
+    assert tags["pt_old"].type == 1
 
 
 @pytest.mark.parametrize("mode", ["unimplemented", "not_a_function", "fail"])
@@ -457,7 +540,8 @@ async def test_ten_thousand_contacts_sync_fast(make_fake: Factory, make_gateway:
     elapsed = time.perf_counter() - started
     assert len(ids) == len(set(ids)) == 10_000
     calls = fake.calls[before:]
-    assert calls.count("ContactList") == 1 and calls.count("BatchContactPayload") == 100
+    assert calls.count("ContactList") == 1
+    assert calls.count("BatchContactPayload") == 100
     assert calls.count("ContactPayload") == 0
     print(f"\n10,000-contact sync: {elapsed:.2f} s")
     assert elapsed < 30
@@ -473,7 +557,9 @@ async def test_dirty_event_refreshes_contact(make_fake: Factory, make_gateway: F
     await until(lambda: bool(kinds(gateway, EventKind.CONTACT_CHANGED)))
     assert kinds(gateway, EventKind.CONTACT_CHANGED)[0].data == {"contact_id": contact_id}
     contact = await gateway.get_contact(contact_id)
-    assert contact is not None and contact.name == "新名字" and contact.tag_ids == ("et_vip",)
+    assert contact is not None
+    assert contact.name == "新名字"
+    assert contact.tag_ids == ("et_vip",)
 
 
 # -- sending ----------------------------------------------------------------------------------------
@@ -506,8 +592,9 @@ async def test_send_timeout_is_unknown_outcome(make_fake: Factory, make_gateway:
     assert len(fake.sends) == 1
 
 
-async def test_message_id_falls_back_to_field_one(make_fake: Factory, make_gateway: Factory,
-                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_message_id_falls_back_to_field_one(
+    make_fake: Factory, make_gateway: Factory, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Servers that fill only the old wrapped id (field 1) still give us a message id."""
     fake = await make_fake()
     gateway = await make_gateway(settings_for(fake))
@@ -525,8 +612,9 @@ async def test_message_id_falls_back_to_field_one(make_fake: Factory, make_gatew
 
 
 # -- secrets ----------------------------------------------------------------------------------------
-async def test_token_never_logged(make_fake: Factory, make_gateway: Factory,
-                                  caplog: pytest.LogCaptureFixture) -> None:
+async def test_token_never_logged(
+    make_fake: Factory, make_gateway: Factory, caplog: pytest.LogCaptureFixture
+) -> None:
     """Discovery (httpx logs the URL), login, faults, reconnects and logout: the token appears nowhere."""
     caplog.set_level(logging.DEBUG)
     fake = await make_fake()
@@ -544,3 +632,19 @@ async def test_token_never_logged(make_fake: Factory, make_gateway: Factory,
     assert "hosties" in caplog.text  # httpx did log the request...
     assert TOKEN not in caplog.text  # ...with the token redacted
     assert TOKEN not in repr(gateway)
+
+
+async def test_session_lost_while_disconnected_is_noticed(make_fake: Factory, make_gateway: Factory) -> None:
+    """If the account logged out while the stream was down, the reconnect's CurrentUser check says so."""
+    fake = await make_fake()
+    gateway = await make_gateway(
+        settings_for(fake, reconnect_delay=timedelta(seconds=0.3), reconnect_max_delay=timedelta(seconds=0.3))
+    )
+    await login(gateway, fake)
+    fake.drop_event_stream()
+    await until(lambda: fake._stream is None)
+    fake.logged_in = False  # e.g. logged out on the phone; the LOGOUT event went nowhere
+    await until(lambda: gateway._state is LoginState.LOGGED_OUT)
+    assert "while the event stream was down" in kinds(gateway, EventKind.LOGOUT)[-1].message
+    with pytest.raises(NotLoggedInError):
+        await gateway.send_text(fake.contact_ids()[0], "x", idempotency_key="1")

@@ -1,10 +1,11 @@
 """A fake juzibot WorkPro puppet: a real gRPC server (grpc.aio, loopback) speaking our `wechaty.Puppet` proto.
 
-It plays the whole flow the way the fact sheet describes the real one (`shared/reference/workpro_puppet.md` §8):
-token auth on every RPC, HEARTBEAT on connect (then LOGIN/READY when logged in, or the cached SCAN), a WeCom QR
-URL, the phone's scan, the VERIFY_CODE event whose id is the QR key, EnterVerifyCode with 3 tries, LOGIN, READY
-(twice), WeCom's optional "new device" second QR, Logout, a deterministic Chinese contact book with tags and tag
-groups, and sends recorded in memory. Faults are switched on through a Python control API (`drop_event_stream`,
+It plays the whole flow as the fact sheet describes the real one (`shared/reference/workpro_puppet.md` §8):
+token auth on every RPC, HEARTBEAT on connect (then LOGIN/READY when logged in, or the cached SCAN), a
+WeCom QR URL, the phone's scan, the VERIFY_CODE event whose id is the QR key, EnterVerifyCode with 3
+tries, LOGIN, READY (twice), WeCom's optional "new device" second QR, Logout, a deterministic Chinese
+contact book with tags and tag groups, and sends recorded in memory. Faults are switched on through a
+Python control API (`drop_event_stream`,
 `fail_sends`, `throttle_sends`, `send_delay`, `batch_mode`).
 
 Tests drive it in-process. As a manual demo:
@@ -37,14 +38,75 @@ log = logging.getLogger("wecast.fake_puppet")
 DEFAULT_TOKEN = "puppet_workpro_fake0123456789abcdef"
 NEW_DEVICE_TEXT = "你正在一台新设备上使用企业微信，需通过手机企业微信扫码进行安全验证"
 VERIFY_TEXT = "请输入企业微信手机端展示的验证码，以继续登录"
-JS_STACK = "\n    at PuppetWorkPro.{fn} (/app/node_modules/@juzi/wechaty-puppet-workpro/dist/cjs/src/puppet.js:{line}:17)"
+# What a Node server appends to an error's details; the client must show only the first line.
+JS_STACK = (
+    "\n    at PuppetWorkPro.{fn} (/app/node_modules/@juzi/puppet-workpro/dist/cjs/src/puppet.js:{line}:17)"
+)
 
 BatchMode = Literal["ok", "unimplemented", "not_a_function", "fail"]
 
 _SURNAMES = "王李张刘陈杨黄赵吴周徐孙马朱胡郭何高林罗郑梁谢宋唐许韩冯邓曹彭曾肖田董袁潘蒋蔡余杜叶程苏魏吕丁沈"
-_GIVEN = ["伟", "芳", "娜", "秀英", "敏", "静", "丽", "强", "磊", "军", "洋", "勇", "艳", "杰", "娟", "涛", "明", "超", "霞", "平", "刚", "婷", "雪", "琳", "晨", "欣怡", "子涵", "梓萱", "浩然", "宇轩", "思雨", "佳怡", "一诺", "雨桐", "可馨", "俊杰", "晓燕", "海燕", "春梅", "文博", "嘉怡", "诗涵", "雅琪", "梦瑶", "子轩", "晓明", "建华"]
-_CITIES = [("上海", "上海"), ("北京", "北京"), ("浙江", "杭州"), ("广东", "广州"), ("广东", "深圳"),
-           ("江苏", "南京"), ("江苏", "苏州"), ("四川", "成都"), ("湖北", "武汉"), ("陕西", "西安")]
+_GIVEN = [
+    "伟",
+    "芳",
+    "娜",
+    "秀英",
+    "敏",
+    "静",
+    "丽",
+    "强",
+    "磊",
+    "军",
+    "洋",
+    "勇",
+    "艳",
+    "杰",
+    "娟",
+    "涛",
+    "明",
+    "超",
+    "霞",
+    "平",
+    "刚",
+    "婷",
+    "雪",
+    "琳",
+    "晨",
+    "欣怡",
+    "子涵",
+    "梓萱",
+    "浩然",
+    "宇轩",
+    "思雨",
+    "佳怡",
+    "一诺",
+    "雨桐",
+    "可馨",
+    "俊杰",
+    "晓燕",
+    "海燕",
+    "春梅",
+    "文博",
+    "嘉怡",
+    "诗涵",
+    "雅琪",
+    "梦瑶",
+    "子轩",
+    "晓明",
+    "建华",
+]
+_CITIES = [
+    ("上海", "上海"),
+    ("北京", "北京"),
+    ("浙江", "杭州"),
+    ("广东", "广州"),
+    ("广东", "深圳"),
+    ("江苏", "南京"),
+    ("江苏", "苏州"),
+    ("四川", "成都"),
+    ("湖北", "武汉"),
+    ("陕西", "西安"),
+]
 _CORPS = ["", "", "", "腾讯", "阿里巴巴", "字节跳动", "招商银行", "华为", "美团", "某某贸易有限公司"]
 _TITLES = ["", "", "", "设计师", "教师", "产品经理", "销售经理", "工程师", "财务"]
 # (group id, group name, [(tag id, tag name)]); tags without a group are personal tags.
@@ -87,45 +149,50 @@ def demo_contacts(count: int, seed: int = 2024) -> list[pb.ContactPayloadRespons
             info = json.dumps({"addContactTime": added // 1000})
         else:
             info = "{not json"
-        contacts.append(pb.ContactPayloadResponse(
-            id=f"7881{300000000000 + i * 7919:012d}",
-            gender=rng.choice([0, 1, 2, 2]),
-            type=pb.CONTACT_TYPE_PERSONAL,
-            name=name,
-            avatar=f"https://wework.qpic.cn/wwhead/demo{i % 97:02d}/0",
-            alias=f"{name}-{city}" if rng.random() < 0.4 else "",
-            city=city,
-            province=province,
-            friend=True,
-            star=rng.random() < 0.05,
-            weixin=f"wxid_{rng.randrange(16 ** 10):010x}",
-            corporation=rng.choice(_CORPS),
-            title=rng.choice(_TITLES),
-            description="",
-            phones=[f"13{rng.randrange(10 ** 9):09d}"] if rng.random() < 0.6 else [],
-            additional_info=info,
-            tag_ids=sorted(set(rng.sample(tag_choices, rng.choice([0, 1, 1, 2, 3])))),
-            real_name="",
-            aka="",
-        ))
+        contacts.append(
+            pb.ContactPayloadResponse(
+                id=f"7881{300000000000 + i * 7919:012d}",
+                gender=rng.choice([0, 1, 2, 2]),
+                type=pb.CONTACT_TYPE_PERSONAL,
+                name=name,
+                avatar=f"https://wework.qpic.cn/wwhead/demo{i % 97:02d}/0",
+                alias=f"{name}-{city}" if rng.random() < 0.4 else "",
+                city=city,
+                province=province,
+                friend=True,
+                star=rng.random() < 0.05,
+                weixin=f"wxid_{rng.randrange(16**10):010x}",
+                corporation=rng.choice(_CORPS),
+                title=rng.choice(_TITLES),
+                description="",
+                phones=[f"13{rng.randrange(10**9):09d}"] if rng.random() < 0.6 else [],
+                additional_info=info,
+                tag_ids=sorted(set(rng.sample(tag_choices, rng.choice([0, 1, 1, 2, 3])))),
+                real_name="",
+                aka="",
+            )
+        )
     return contacts
 
 
 class _AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc has no type information
-    """Every RPC needs `authorization: Wechaty <token>` (juzi's server builds it from :authority when absent)."""
+    """Every RPC needs `authorization: Wechaty <token>` (juzi's server falls back to :authority)."""
 
     def __init__(self, fake: FakePuppet) -> None:
         self.fake = fake
 
     async def intercept_service(self, continuation: Callable[[Any], Awaitable[Any]], details: Any) -> Any:
         handler = await continuation(details)
-        metadata = {key: value for key, value in (details.invocation_metadata or ())}
+        metadata = dict(details.invocation_metadata or ())
         auth = metadata.get("authorization") or (
-            f"Wechaty {metadata[':authority']}" if ":authority" in metadata else "")
+            f"Wechaty {metadata[':authority']}" if ":authority" in metadata else ""
+        )
         self.fake.calls.append(details.method.rsplit("/", 1)[-1])
         if handler is None or auth == f"Wechaty {self.fake.token}":
             return handler
-        message = f'Invalid Wechaty TOKEN "{auth.removeprefix("Wechaty ")}"' if auth else "No Authorization found."
+        message = (
+            f'Invalid Wechaty TOKEN "{auth.removeprefix("Wechaty ")}"' if auth else "No Authorization found."
+        )
 
         async def deny_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
@@ -136,38 +203,58 @@ class _AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grp
 
         if handler.unary_stream:
             return grpc.unary_stream_rpc_method_handler(
-                deny_stream, request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer)
+                deny_stream,
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
         return grpc.unary_unary_rpc_method_handler(
-            deny_unary, request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer)
+            deny_unary,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
 
 
 class FakePuppet(pb_grpc.PuppetServicer):  # type: ignore[misc]
     """The fake server and its control API. `await start()`, drive it, `await stop()`."""
 
-    def __init__(self, *, token: str = DEFAULT_TOKEN, contacts: int = 200, seed: int = 2024,
-                 batch_mode: BatchMode = "ok", second_verification: bool = False, ready_twice: bool = True,
-                 auto_scan_after: float | None = None, ready_delay: float = 0.01, zero_seq: bool = False) -> None:
+    def __init__(
+        self,
+        *,
+        token: str = DEFAULT_TOKEN,
+        contacts: int = 200,
+        seed: int = 2024,
+        batch_mode: BatchMode = "ok",
+        second_verification: bool = False,
+        ready_twice: bool = True,
+        auto_scan_after: float | None = None,
+        ready_delay: float = 0.01,
+        zero_seq: bool = False,
+    ) -> None:
         self.token = token
         self.batch_mode: BatchMode = batch_mode
-        self.second_verification = second_verification   # ask for WeCom's "new device" QR after the next login
+        self.second_verification = second_verification  # ask for WeCom's "new device" QR after the next login
         self.ready_twice = ready_twice
-        self.auto_scan_after = auto_scan_after           # the phone scans each QR this long after it shows
+        self.auto_scan_after = auto_scan_after  # the phone scans each QR this long after it shows
         self.ready_delay = ready_delay
-        self.zero_seq = zero_seq                         # like juzi's open-source server: EventResponse.seq is 0
-        self.send_delay = 0.0                            # seconds each MessageSendText takes (after recording)
+        self.zero_seq = zero_seq  # like juzi's open-source server: EventResponse.seq is 0
+        self.send_delay = 0.0  # seconds each MessageSendText takes (after recording)
         self.sends: list[SentMessage] = []
-        self.calls: list[str] = []                       # RPC names, in order (auth failures included)
+        self.calls: list[str] = []  # RPC names, in order (auth failures included)
         self.event_requests: list[tuple[int, str]] = []  # (seq, account_id) of each Event call
         self._rng = random.Random(seed)
         self._contacts = {c.id: c for c in demo_contacts(contacts, seed)}
-        self._tags = {tid: pb.TagPayload(id=tid, name=name, group_id=gid, type=pb.TAG_TYPE_CORPORATION)
-                      for gid, _, tags in _TAG_GROUPS for tid, name in tags}
-        self._tags.update({tid: pb.TagPayload(id=tid, name=name, type=pb.TAG_TYPE_PERSONAL)
-                           for tid, name in _PERSONAL_TAGS})
-        self._groups = {gid: pb.TagGroupPayload(id=gid, name=name, type=pb.TAG_TYPE_CORPORATION)
-                        for gid, name, _ in _TAG_GROUPS}
+        self._tags = {
+            tid: pb.TagPayload(id=tid, name=name, group_id=gid, type=pb.TAG_TYPE_CORPORATION)
+            for gid, _, tags in _TAG_GROUPS
+            for tid, name in tags
+        }
+        self._tags.update(
+            {tid: pb.TagPayload(id=tid, name=name, type=pb.TAG_TYPE_PERSONAL) for tid, name in _PERSONAL_TAGS}
+        )
+        self._groups = {
+            gid: pb.TagGroupPayload(id=gid, name=name, type=pb.TAG_TYPE_CORPORATION)
+            for gid, name, _ in _TAG_GROUPS
+        }
         self._server: Any = None
         self.port = 0
         self._stream: asyncio.Queue[pb.EventResponse | str] | None = None
@@ -238,24 +325,32 @@ class FakePuppet(pb_grpc.PuppetServicer):  # type: ignore[misc]
             self._second_qr = False
             self._login()
             return
-        self._code = f"{self._rng.randrange(10 ** 6):06d}"
+        self._code = f"{self._rng.randrange(10**6):06d}"
         self._tries = 3
         self.phase = "waiting_code"
-        self.emit(pb.EVENT_TYPE_VERIFY_CODE, {"id": self.qr_key, "scene": 1, "status": 1, "message": VERIFY_TEXT})
+        self.emit(
+            pb.EVENT_TYPE_VERIFY_CODE, {"id": self.qr_key, "scene": 1, "status": 1, "message": VERIFY_TEXT}
+        )
 
     def drop_event_stream(self) -> None:
         """Break the open Event stream the way a network reset does (the client sees UNAVAILABLE)."""
         if self._stream is not None:
             self._stream.put_nowait("drop")
 
-    def fail_sends(self, count: int, code: grpc.StatusCode = grpc.StatusCode.UNAVAILABLE,
-                   details: str = "WorkPro service unavailable, try again later") -> None:
+    def fail_sends(
+        self,
+        count: int,
+        code: grpc.StatusCode = grpc.StatusCode.UNAVAILABLE,
+        details: str = "WorkPro service unavailable, try again later",
+    ) -> None:
         """The next `count` MessageSendText calls fail with `code` (nothing is recorded)."""
         self._faults.extend([(code, details)] * count)
 
     def throttle_sends(self, count: int) -> None:
         """The next `count` sends get WorkPro's rate-limit answer (13 INTERNAL, WorkproErrorCode 20001)."""
-        self.fail_sends(count, grpc.StatusCode.INTERNAL, "WorkproErrorCode: 20001, Feature temporarily unavailable.")
+        self.fail_sends(
+            count, grpc.StatusCode.INTERNAL, "WorkproErrorCode: 20001, Feature temporarily unavailable."
+        )
 
     def touch_contact(self, contact_id: str, **changes: Any) -> None:
         """Change a contact and push DIRTY, as WeCom does when a remark or tag changes."""
@@ -271,15 +366,18 @@ class FakePuppet(pb_grpc.PuppetServicer):  # type: ignore[misc]
     def emit(self, event_type: int, payload: dict[str, Any]) -> None:
         """Push one event to the open stream; like the real server, it is dropped when no stream is open."""
         self._seq += 1
-        event = pb.EventResponse(type=event_type, payload=json.dumps(payload, ensure_ascii=False),
-                                 seq=0 if self.zero_seq else self._seq)
+        event = pb.EventResponse(
+            type=event_type,
+            payload=json.dumps(payload, ensure_ascii=False),
+            seq=0 if self.zero_seq else self._seq,
+        )
         if event_type == pb.EVENT_TYPE_SCAN and payload.get("status") == 2:
             self._cached_scan = event
         if self._stream is not None:
             self._stream.put_nowait(event)
 
     def require_second_verification(self) -> None:
-        """Now (if logged in): LOGOUT with WeCom's new-device text, then a security QR (secondaryEquipment)."""
+        """Now (if logged in): LOGOUT with WeCom's new-device text, then a secondaryEquipment QR."""
         if not self.logged_in:
             raise RuntimeError("not logged in")
         self.logged_in = False
@@ -328,20 +426,25 @@ class FakePuppet(pb_grpc.PuppetServicer):  # type: ignore[misc]
 
     async def _need_login(self, context: grpc.aio.ServicerContext, fn: str) -> None:
         if not self.logged_in:
-            await context.abort(grpc.StatusCode.UNKNOWN,
-                                "Error: not logged in, no this.__currentUserId yet." + JS_STACK.format(fn=fn, line=88))
+            await context.abort(
+                grpc.StatusCode.UNKNOWN,
+                "Error: not logged in, no this.__currentUserId yet." + JS_STACK.format(fn=fn, line=88),
+            )
 
     # -- the service -----------------------------------------------------------------------------
-    async def Event(self, request: pb.EventRequest, context: grpc.aio.ServicerContext
-                    ) -> AsyncIterator[pb.EventResponse]:
+    async def Event(
+        self, request: pb.EventRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.EventResponse]:
         if self._stream is not None:
             await context.abort(grpc.StatusCode.ALREADY_EXISTS, "Event stream already exists")
         self.event_requests.append((request.seq, request.account_id))
         queue: asyncio.Queue[pb.EventResponse | str] = asyncio.Queue()
         self._stream = queue
         try:
-            yield pb.EventResponse(type=pb.EVENT_TYPE_HEARTBEAT,
-                                   payload=json.dumps({"data": "Wechaty Puppet gRPC stream connect successfully"}))
+            yield pb.EventResponse(
+                type=pb.EVENT_TYPE_HEARTBEAT,
+                payload=json.dumps({"data": "Wechaty Puppet gRPC stream connect successfully"}),
+            )
             if self.logged_in:
                 yield pb.EventResponse(type=pb.EVENT_TYPE_LOGIN, payload=json.dumps({"contactId": SELF_ID}))
                 self._later(self.ready_delay, lambda: self.emit(pb.EVENT_TYPE_READY, {"data": "ready"}))
@@ -358,8 +461,7 @@ class FakePuppet(pb_grpc.PuppetServicer):  # type: ignore[misc]
             if self._stream is queue:
                 self._stream = None
 
-    async def Start(self, request: pb.StartRequest, context: grpc.aio.ServicerContext
-                    ) -> pb.StartResponse:
+    async def Start(self, request: pb.StartRequest, context: grpc.aio.ServicerContext) -> pb.StartResponse:
         if not self.running:
             self.running = True
             if self.logged_in:
@@ -373,8 +475,7 @@ class FakePuppet(pb_grpc.PuppetServicer):  # type: ignore[misc]
         self._end_stream()
         return pb.StopResponse()
 
-    async def Logout(self, request: pb.LogoutRequest, context: grpc.aio.ServicerContext
-                     ) -> pb.LogoutResponse:
+    async def Logout(self, request: pb.LogoutRequest, context: grpc.aio.ServicerContext) -> pb.LogoutResponse:
         if self.logged_in:
             self.logged_in = False
             self.phase = "idle"
@@ -386,24 +487,28 @@ class FakePuppet(pb_grpc.PuppetServicer):  # type: ignore[misc]
         self.emit(pb.EVENT_TYPE_DONG, {"data": request.data})
         return pb.DingResponse()
 
-    async def Version(self, request: pb.VersionRequest, context: grpc.aio.ServicerContext
-                      ) -> pb.VersionResponse:
+    async def Version(
+        self, request: pb.VersionRequest, context: grpc.aio.ServicerContext
+    ) -> pb.VersionResponse:
         return pb.VersionResponse(version="fake-workpro 1.0")
 
-    async def CurrentUser(self, request: pb.CurrentUserRequest, context: grpc.aio.ServicerContext
-                          ) -> pb.CurrentUserResponse:
+    async def CurrentUser(
+        self, request: pb.CurrentUserRequest, context: grpc.aio.ServicerContext
+    ) -> pb.CurrentUserResponse:
         await self._need_login(context, "currentUser")
         return pb.CurrentUserResponse(user_id=SELF_ID)
 
-    async def RefreshQRCode(self, request: pb.RefreshQRCodeRequest, context: grpc.aio.ServicerContext
-                            ) -> pb.RefreshQRCodeRequest:
+    async def RefreshQRCode(
+        self, request: pb.RefreshQRCodeRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RefreshQRCodeRequest:
         if self.logged_in:
             await context.abort(grpc.StatusCode.UNKNOWN, "Error: already logged in, can not refresh qrcode")
         self._new_qr()
         return pb.RefreshQRCodeRequest()
 
-    async def EnterVerifyCode(self, request: pb.EnterVerifyCodeRequest,
-                              context: grpc.aio.ServicerContext) -> pb.EnterVerifyCodeResponse:
+    async def EnterVerifyCode(
+        self, request: pb.EnterVerifyCodeRequest, context: grpc.aio.ServicerContext
+    ) -> pb.EnterVerifyCodeResponse:
         if self.phase != "waiting_code" or request.id != self.qr_key:
             await context.abort(grpc.StatusCode.INTERNAL, "no verify code is pending for this id")
         if request.code != self._code:
@@ -416,58 +521,80 @@ class FakePuppet(pb_grpc.PuppetServicer):  # type: ignore[misc]
         self._login()
         return pb.EnterVerifyCodeResponse()
 
-    async def CancelVerifyCode(self, request: pb.CancelVerifyCodeRequest,
-                               context: grpc.aio.ServicerContext) -> pb.CancelVerifyCodeResponse:
+    async def CancelVerifyCode(
+        self, request: pb.CancelVerifyCodeRequest, context: grpc.aio.ServicerContext
+    ) -> pb.CancelVerifyCodeResponse:
         self._code = None
         return pb.CancelVerifyCodeResponse()
 
-    async def DirtyPayload(self, request: pb.DirtyPayloadRequest,
-                           context: grpc.aio.ServicerContext) -> pb.DirtyPayloadResponse:
+    async def DirtyPayload(
+        self, request: pb.DirtyPayloadRequest, context: grpc.aio.ServicerContext
+    ) -> pb.DirtyPayloadResponse:
         self.emit(pb.EVENT_TYPE_DIRTY, {"payloadId": request.id, "payloadType": int(request.type)})
         return pb.DirtyPayloadResponse()
 
-    async def ContactList(self, request: pb.ContactListRequest,
-                          context: grpc.aio.ServicerContext) -> pb.ContactListResponse:
+    async def ContactList(
+        self, request: pb.ContactListRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ContactListResponse:
         await self._need_login(context, "contactList")
         return pb.ContactListResponse(ids=list(self._contacts))
 
     def _payload(self, contact_id: str) -> pb.ContactPayloadResponse | None:
         if contact_id == SELF_ID:
-            return pb.ContactPayloadResponse(id=SELF_ID, name=SELF_NAME, type=pb.CONTACT_TYPE_CORPORATION,
-                                             coworker=True, corporation="演示科技")
+            return pb.ContactPayloadResponse(
+                id=SELF_ID,
+                name=SELF_NAME,
+                type=pb.CONTACT_TYPE_CORPORATION,
+                coworker=True,
+                corporation="演示科技",
+            )
         return self._contacts.get(contact_id)
 
-    async def ContactPayload(self, request: pb.ContactPayloadRequest,
-                             context: grpc.aio.ServicerContext) -> pb.ContactPayloadResponse:
+    async def ContactPayload(
+        self, request: pb.ContactPayloadRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ContactPayloadResponse:
         await self._need_login(context, "contactRawPayload")
         payload = self._payload(request.id)
         if payload is None:
-            await context.abort(grpc.StatusCode.UNKNOWN, f"Error: contact not found: {request.id}"
-                                + JS_STACK.format(fn="contactRawPayload", line=412))
+            await context.abort(
+                grpc.StatusCode.UNKNOWN,
+                f"Error: contact not found: {request.id}" + JS_STACK.format(fn="contactRawPayload", line=412),
+            )
         return payload
 
-    async def BatchContactPayload(self, request: pb.BatchContactPayloadRequest,
-                                  context: grpc.aio.ServicerContext) -> pb.BatchContactPayloadResponse:
+    async def BatchContactPayload(
+        self, request: pb.BatchContactPayloadRequest, context: grpc.aio.ServicerContext
+    ) -> pb.BatchContactPayloadResponse:
         if self.batch_mode == "unimplemented":
             await context.abort(grpc.StatusCode.UNIMPLEMENTED, "Method not found!")
         if self.batch_mode == "not_a_function":
-            await context.abort(grpc.StatusCode.UNKNOWN, "TypeError: this.puppet.batchContactPayload is not a function"
-                                + JS_STACK.format(fn="batchContactPayload", line=97))
+            await context.abort(
+                grpc.StatusCode.UNKNOWN,
+                "TypeError: this.puppet.batchContactPayload is not a function"
+                + JS_STACK.format(fn="batchContactPayload", line=97),
+            )
         await self._need_login(context, "batchContactPayload")
         if self.batch_mode == "fail":  # some accounts fail the whole batch (e.g. over one odd id)
-            await context.abort(grpc.StatusCode.UNKNOWN, "Error: get contact payload failed for some ids"
-                                + JS_STACK.format(fn="batchContactPayload", line=131))
+            await context.abort(
+                grpc.StatusCode.UNKNOWN,
+                "Error: get contact payload failed for some ids"
+                + JS_STACK.format(fn="batchContactPayload", line=131),
+            )
         found = [p for p in (self._payload(i) for i in request.ids) if p is not None]
         self._rng.shuffle(found)  # the order is not guaranteed: clients must match by id
         return pb.BatchContactPayloadResponse(contact_payloads=found)
 
-    async def MessageSendText(self, request: pb.MessageSendTextRequest,
-                              context: grpc.aio.ServicerContext) -> pb.MessageSendTextResponse:
+    async def MessageSendText(
+        self, request: pb.MessageSendTextRequest, context: grpc.aio.ServicerContext
+    ) -> pb.MessageSendTextResponse:
         await self._fault(context)
         await self._need_login(context, "messageSendText")
         if request.conversation_id not in self._contacts:
-            await context.abort(grpc.StatusCode.UNKNOWN, f"Error: conversation {request.conversation_id} not found"
-                                + JS_STACK.format(fn="messageSendText", line=233))
+            await context.abort(
+                grpc.StatusCode.UNKNOWN,
+                f"Error: conversation {request.conversation_id} not found"
+                + JS_STACK.format(fn="messageSendText", line=233),
+            )
         self._message_counter += 1
         message_id = f"fake-msg-{self._message_counter:08d}"
         self.sends.append(SentMessage(request.conversation_id, request.text, message_id))
@@ -478,54 +605,65 @@ class FakePuppet(pb_grpc.PuppetServicer):  # type: ignore[misc]
         response.id_string_value_deprecated.value = message_id
         return response
 
-    async def TagTagList(self, request: pb.TagTagListRequest,
-                         context: grpc.aio.ServicerContext) -> pb.TagTagListResponse:
+    async def TagTagList(
+        self, request: pb.TagTagListRequest, context: grpc.aio.ServicerContext
+    ) -> pb.TagTagListResponse:
         await self._need_login(context, "tagTagList")
         return pb.TagTagListResponse(tag_ids=list(self._tags))
 
-    async def TagPayload(self, request: pb.TagPayloadRequest,
-                         context: grpc.aio.ServicerContext) -> pb.TagPayloadResponse:
+    async def TagPayload(
+        self, request: pb.TagPayloadRequest, context: grpc.aio.ServicerContext
+    ) -> pb.TagPayloadResponse:
         tag = self._tags.get(request.tag_id)
         if tag is None:
             await context.abort(grpc.StatusCode.UNKNOWN, f"Error: tag not found: {request.tag_id}")
         return pb.TagPayloadResponse(payload=tag)
 
-    async def TagGroupList(self, request: pb.TagGroupListRequest,
-                           context: grpc.aio.ServicerContext) -> pb.TagGroupListResponse:
+    async def TagGroupList(
+        self, request: pb.TagGroupListRequest, context: grpc.aio.ServicerContext
+    ) -> pb.TagGroupListResponse:
         return pb.TagGroupListResponse(tag_group_ids=list(self._groups))
 
-    async def TagGroupPayload(self, request: pb.TagGroupPayloadRequest,
-                              context: grpc.aio.ServicerContext) -> pb.TagGroupPayloadResponse:
+    async def TagGroupPayload(
+        self, request: pb.TagGroupPayloadRequest, context: grpc.aio.ServicerContext
+    ) -> pb.TagGroupPayloadResponse:
         group = self._groups.get(request.group_id)
         if group is None:
             await context.abort(grpc.StatusCode.UNKNOWN, f"Error: tag group not found: {request.group_id}")
         return pb.TagGroupPayloadResponse(payload=group)
 
-    async def TagGroupTagList(self, request: pb.TagGroupTagListRequest,
-                              context: grpc.aio.ServicerContext) -> pb.TagGroupTagListResponse:
+    async def TagGroupTagList(
+        self, request: pb.TagGroupTagListRequest, context: grpc.aio.ServicerContext
+    ) -> pb.TagGroupTagListResponse:
         return pb.TagGroupTagListResponse(
-            tag_ids=[t.id for t in self._tags.values() if t.group_id == request.tag_group_id])
+            tag_ids=[t.id for t in self._tags.values() if t.group_id == request.tag_group_id]
+        )
 
-    async def TagContactTagList(self, request: pb.TagContactTagListRequest,
-                                context: grpc.aio.ServicerContext) -> pb.TagContactTagListResponse:
+    async def TagContactTagList(
+        self, request: pb.TagContactTagListRequest, context: grpc.aio.ServicerContext
+    ) -> pb.TagContactTagListResponse:
         contact = self._contacts.get(request.contact_id)
         return pb.TagContactTagListResponse(tag_ids=list(contact.tag_ids) if contact else [])
 
-    async def TagTagContactList(self, request: pb.TagTagContactListRequest,
-                                context: grpc.aio.ServicerContext) -> pb.TagTagContactListResponse:
+    async def TagTagContactList(
+        self, request: pb.TagTagContactListRequest, context: grpc.aio.ServicerContext
+    ) -> pb.TagTagContactListResponse:
         return pb.TagTagContactListResponse(
-            contact_ids=[c.id for c in self._contacts.values() if request.tag_id in c.tag_ids])
+            contact_ids=[c.id for c in self._contacts.values() if request.tag_id in c.tag_ids]
+        )
 
-    async def TagContactTagAdd(self, request: pb.TagContactTagAddRequest,
-                               context: grpc.aio.ServicerContext) -> pb.TagContactTagAddResponse:
+    async def TagContactTagAdd(
+        self, request: pb.TagContactTagAddRequest, context: grpc.aio.ServicerContext
+    ) -> pb.TagContactTagAddResponse:
         for contact_id in request.contact_ids:
             if contact_id in self._contacts:
                 tags = sorted(set(self._contacts[contact_id].tag_ids) | set(request.tag_ids))
                 self.touch_contact(contact_id, tag_ids=tags)
         return pb.TagContactTagAddResponse()
 
-    async def TagContactTagRemove(self, request: pb.TagContactTagRemoveRequest,
-                                  context: grpc.aio.ServicerContext) -> pb.TagContactTagRemoveResponse:
+    async def TagContactTagRemove(
+        self, request: pb.TagContactTagRemoveRequest, context: grpc.aio.ServicerContext
+    ) -> pb.TagContactTagRemoveResponse:
         for contact_id in request.contact_ids:
             if contact_id in self._contacts:
                 tags = [t for t in self._contacts[contact_id].tag_ids if t not in set(request.tag_ids)]
@@ -538,14 +676,20 @@ def _ms() -> int:
 
 
 async def _serve(args: argparse.Namespace) -> None:
-    fake = FakePuppet(token=args.token, contacts=args.contacts, seed=args.seed,
-                      auto_scan_after=args.scan_after, second_verification=args.second_verification)
+    fake = FakePuppet(
+        token=args.token,
+        contacts=args.contacts,
+        seed=args.seed,
+        auto_scan_after=args.scan_after,
+        second_verification=args.second_verification,
+    )
     port = await fake.start(args.host, args.port)
     print(f"fake WorkPro puppet listening on {args.host}:{port} with {args.contacts} contacts\n")
     print("Point wecast at it (config.yaml):\n")
-    print("  gateway: workpro\n  workpro:\n"
-          f"    endpoint: 127.0.0.1:{port}\n    token: {args.token}\n")
-    print(f"The phone scans each QR {args.scan_after:g} s after it shows; the verification code appears here.")
+    print(f"  gateway: workpro\n  workpro:\n    endpoint: 127.0.0.1:{port}\n    token: {args.token}\n")
+    print(
+        f"The phone scans each QR {args.scan_after:g} s after it shows; the verification code appears here."
+    )
     shown: str | None = None
     sent = 0
     try:
@@ -564,13 +708,17 @@ async def _serve(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="A fake juzibot WorkPro puppet (gRPC) for wecast demos and tests.")
+    parser = argparse.ArgumentParser(
+        description="A fake juzibot WorkPro puppet (gRPC) for wecast demos and tests."
+    )
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=50051)
     parser.add_argument("--contacts", type=int, default=200)
     parser.add_argument("--seed", type=int, default=2024)
     parser.add_argument("--token", default=DEFAULT_TOKEN)
-    parser.add_argument("--scan-after", type=float, default=5.0, help="seconds until the simulated phone scans")
+    parser.add_argument(
+        "--scan-after", type=float, default=5.0, help="seconds until the simulated phone scans"
+    )
     parser.add_argument("--second-verification", action="store_true", help="ask for the new-device QR once")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -9,9 +9,9 @@ How it talks (facts from `shared/reference/workpro_puppet.md`):
   `authorization: Wechaty <token>` metadata (servers check one or the other), 80 MiB message limits.
 * **Order**: the `Event` stream is opened first and `Start` called after it, because events emitted while no
   stream is open are dropped by the server (the VERIFY_CODE event would be lost). `Ding` runs every
-  `ding_interval`. A dropped stream is re-opened with exponential backoff and jitter, sending the last `seq` and
-  account id; the server replays LOGIN/READY/SCAN on connect, so those are handled idempotently and `seq` is
-  never required to grow (juzi's open-source server always sends 0).
+  `ding_interval`. A dropped stream is re-opened with exponential backoff and jitter, sending the last `seq`
+  and account id; the server replays LOGIN/READY/SCAN on connect, so those are handled idempotently, and
+  `seq` is never required to grow (juzi's open-source server always sends 0).
 * **Errors**: every gRPC failure is mapped to the engine's error tree at one boundary (`_map_rpc_error`),
   matching substrings of the details' first line rather than the status code alone, because WorkPro reports
   most failures as INTERNAL/UNKNOWN with the meaning in the text. The token never appears in logs, errors or
@@ -241,6 +241,7 @@ class WorkproGateway(Gateway):
 
     name: ClassVar[str] = "workpro"
     capabilities = Capabilities(direct_send=True, batch_send=False, idempotent_sends=False)
+    first_event_wait: float = FIRST_EVENT_WAIT  # how long start() waits for the event stream to open
 
     def __init__(
         self,
@@ -266,6 +267,7 @@ class WorkproGateway(Gateway):
         self._ding_task: asyncio.Task[None] | None = None
         self._stream_up = asyncio.Event()
         self._stream_error: GatewayError | None = None  # why the stream last failed (None: it is fine)
+        self._stream_taken = False  # ... because another client holds the token's one event stream
         self._fatal: GatewayError | None = None  # the server rejected us; reconnecting will not help
         self._connects = 0
         self._last_seq = 0
@@ -322,8 +324,12 @@ class WorkproGateway(Gateway):
             self._stream_up.clear()
             self._event_task = asyncio.create_task(self._event_loop(), name="workpro-events")
             # Wait for the stream's first message (the server's HEARTBEAT) so Start's events are not lost.
+            # ALREADY_EXISTS is retried for a while: a previous process's stream may not have closed yet.
             await self._wait_until(
-                lambda: self._stream_up.is_set() or self._stream_error is not None, FIRST_EVENT_WAIT
+                lambda: (
+                    self._stream_up.is_set() or (self._stream_error is not None and not self._stream_taken)
+                ),
+                self.first_event_wait,
             )
             failure = self._fatal or (None if self._stream_up.is_set() else self._stream_error)
             if failure is not None:
@@ -448,6 +454,7 @@ class WorkproGateway(Gateway):
                     self.emit(EventKind.ERROR, str(error))
                     return
                 self._stream_error = error
+                self._stream_taken = exc.code() == grpc.StatusCode.ALREADY_EXISTS
                 reason = str(error)
             except Exception as exc:  # a bug in event handling must not kill the connection for good
                 log.exception("workpro: event handling failed")
@@ -534,7 +541,7 @@ class WorkproGateway(Gateway):
             raise self._map_rpc_error(exc, method, mutating=mutating) from None
 
     def _map_rpc_error(self, exc: grpc.aio.AioRpcError, method: str, *, mutating: bool) -> GatewayError:
-        """The one place a gRPC failure becomes an engine error. `mutating`: the call may have had an effect."""
+        """The one place a gRPC failure becomes an engine error. `mutating`: the call may have had effects."""
         code = exc.code()
         text = self._scrub(first_line(exc.details() or "")).removeprefix("Error: ")
         lower = text.lower()
@@ -567,7 +574,7 @@ class WorkproGateway(Gateway):
             return TransientError(f"WorkPro is unavailable ({text or name})")
         if code == grpc.StatusCode.ALREADY_EXISTS and method == "Event":
             return TransientError(
-                "another client is already connected to this WorkPro token (the puppet allows one event stream); "
+                "another client is already connected with this WorkPro token (one event stream is allowed); "
                 "stop it, or wait for its connection to time out"
             )
         if code == grpc.StatusCode.CANCELLED:
@@ -655,16 +662,15 @@ class WorkproGateway(Gateway):
                 self._state = LoginState.SCANNED
                 self._message = "scanned; confirm the login on the phone"
                 self.emit(EventKind.SCANNED, self._message)
-        elif status in (SCAN_CANCEL, SCAN_TIMEOUT, SCAN_IDLE):
-            if self._state is not LoginState.LOGGED_IN:
-                self._state = LoginState.LOGGED_OUT
-                self._qr_url = self._qr_key = self._verify_id = None
-                self._message = (
-                    "the QR code expired or was cancelled; start the login again"
-                    if status != SCAN_IDLE
-                    else "the puppet waits for a login to be started"
-                )
-                self._status_changed.set()
+        elif status in (SCAN_CANCEL, SCAN_TIMEOUT, SCAN_IDLE) and self._state is not LoginState.LOGGED_IN:
+            self._state = LoginState.LOGGED_OUT
+            self._qr_url = self._qr_key = self._verify_id = None
+            self._message = (
+                "the QR code expired or was cancelled; start the login again"
+                if status != SCAN_IDLE
+                else "the puppet waits for a login to be started"
+            )
+            self._status_changed.set()
 
     def _on_verify_code(self, payload: dict[str, Any]) -> None:
         verify_id = str(payload.get("id") or "") or self._qr_key
@@ -995,7 +1001,7 @@ class WorkproGateway(Gateway):
 
     # -- sending ---------------------------------------------------------------------------------
     async def send_text(self, contact_id: str, text: str, *, idempotency_key: str) -> SendReceipt:
-        """MessageSendText to one contact. WorkPro has no idempotency keys: a timeout is an unknown outcome."""
+        """MessageSendText to one contact. WorkPro has no idempotency keys: a timeout is an unknown outcome"""
         if not contact_id:
             raise PermanentError("no contact id to send to")
         if not text:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 PROTO = "puppet.proto"
-# No .pyi: protobuf ships no type information, so typed stubs would only restate Any (mypy skips this package).
+# No .pyi: protobuf ships no type information, so typed stubs would only restate Any (mypy skips them).
 OUTPUTS = ("puppet_pb2.py", "puppet_pb2_grpc.py")
 
 
