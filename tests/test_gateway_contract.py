@@ -21,9 +21,9 @@ from engine.gateways.workpro import WorkproGateway
 from engine.settings import SandboxSettings, WorkproSettings
 
 try:  # pytest puts tests/ on sys.path (no __init__.py); keep working if it becomes a package
-    from gateway_contract import Delivered, GatewayContract, GatewayDriver
+    from gateway_contract import Delivered, DriverFactory, GatewayContract, GatewayDriver
 except ImportError:  # pragma: no cover
-    from tests.gateway_contract import Delivered, GatewayContract, GatewayDriver
+    from tests.gateway_contract import Delivered, DriverFactory, GatewayContract, GatewayDriver
 
 pytestmark = pytest.mark.anyio
 
@@ -104,7 +104,7 @@ class SandboxDriver:
         return {c.id for c in self.sandbox._all_contacts()}
 
 
-def sandbox_driver_factory(tmp_path: Path):  # type: ignore[no-untyped-def]
+def sandbox_driver_factory(tmp_path: Path) -> DriverFactory:
     @asynccontextmanager
     async def make() -> AsyncIterator[GatewayDriver]:
         settings = SandboxSettings(

@@ -312,6 +312,7 @@ class WorkproGateway(Gateway):
                     "no WorkPro token: set workpro.token in config.yaml or WECAST_WORKPRO_TOKEN"
                 )
             self._closing = False
+            self._connects = 0
             self._fatal = self._stream_error = None
             self._endpoint = self.settings.endpoint or await self._discover()
             options = [
@@ -441,7 +442,10 @@ class WorkproGateway(Gateway):
                     if not self._stream_up.is_set():
                         self._on_stream_up()
                         attempt = 0
-                    self._handle_event(response)
+                    try:
+                        self._handle_event(response)
+                    except Exception:  # one odd event must not cost us the stream
+                        log.exception("workpro: could not handle event type %d", int(response.type))
             except asyncio.CancelledError:
                 raise
             except grpc.aio.AioRpcError as exc:
@@ -456,9 +460,9 @@ class WorkproGateway(Gateway):
                 self._stream_error = error
                 self._stream_taken = exc.code() == grpc.StatusCode.ALREADY_EXISTS
                 reason = str(error)
-            except Exception as exc:  # a bug in event handling must not kill the connection for good
-                log.exception("workpro: event handling failed")
-                reason = f"{type(exc).__name__} while handling an event"
+            except Exception as exc:  # never let the event task die: it is the gateway's lifeline
+                log.exception("workpro: event stream failed")
+                reason = f"{type(exc).__name__} in the event stream"
             was_up = self._stream_up.is_set()
             self._stream_up.clear()
             if self._closing:
@@ -654,14 +658,21 @@ class WorkproGateway(Gateway):
                 if second
                 else "scan the QR code with WeCom on the phone"
             )
-            self.emit(EventKind.QR, self._message, qr_url=url, qrcode_key=key, second_verification=second)
+            self.emit(
+                EventKind.QR,
+                self._message,
+                qr_url=url,
+                qrcode_key=key,
+                second_verification=second,
+                status=status,
+            )
             if second:
                 self.emit(EventKind.SECOND_VERIFICATION, self._message, qr_url=url, qrcode_key=key)
         elif status in (SCAN_SCANNED, SCAN_CONFIRMED):
             if self._state in (LoginState.WAITING_SCAN, LoginState.LOGGED_OUT):
                 self._state = LoginState.SCANNED
                 self._message = "scanned; confirm the login on the phone"
-                self.emit(EventKind.SCANNED, self._message)
+                self.emit(EventKind.SCANNED, self._message, status=status)
         elif status in (SCAN_CANCEL, SCAN_TIMEOUT, SCAN_IDLE) and self._state is not LoginState.LOGGED_IN:
             self._state = LoginState.LOGGED_OUT
             self._qr_url = self._qr_key = self._verify_id = None
@@ -837,7 +848,14 @@ class WorkproGateway(Gateway):
                     f"again ({self._tries_left} tries left)",
                     tries_left=self._tries_left,
                 ) from None
-            raise self._map_rpc_error(exc, "EnterVerifyCode", mutating=False) from None
+            error = self._map_rpc_error(exc, "EnterVerifyCode", mutating=False)
+            if type(error) is PermanentError and exc.code() != grpc.StatusCode.UNAUTHENTICATED:
+                # e.g. an expired QR or a key that is not the latest one: a login problem, not a send failure
+                raise LoginError(
+                    f"WorkPro did not accept the code: {text}; start the login again if the QR has expired",
+                    tries_left=self._tries_left,
+                ) from None
+            raise error from None
         self._message = "code accepted; waiting for WeCom to log in"
         await self._wait_until(
             lambda: self._state is LoginState.LOGGED_IN, min(10.0, self.settings.call_timeout.total_seconds())
@@ -873,6 +891,8 @@ class WorkproGateway(Gateway):
         ids = self._contact_ids
         try:
             offset = int(cursor) if cursor else 0
+            if offset < 0:
+                raise ValueError(cursor)
         except ValueError:
             raise PermanentError(f"bad contacts cursor {cursor!r}") from None
         page_ids = ids[offset : offset + page_size]
