@@ -145,7 +145,16 @@ def compile_template(source: str, origin: Location, tz: str = "Asia/Shanghai") -
         ast = env.parse(source)
     except TemplateSyntaxError as exc:
         raise TemplateError(f"template syntax error: {exc.message}", _at(origin, exc.lineno)) from None
-    names = meta.find_undeclared_variables(ast)
+    for node in ast.find_all(nodes.Filter):  # before find_undeclared_variables, which fails on them
+        if node.name not in env.filters:
+            raise TemplateError(f"unknown filter {node.name!r}", _at(origin, node.lineno))
+    for test in ast.find_all(nodes.Test):  # Jinja defers unknown tests in `if` to render time
+        if test.name not in env.tests:
+            raise TemplateError(f"unknown test {test.name!r}", _at(origin, test.lineno))
+    try:
+        names = meta.find_undeclared_variables(ast)
+    except TemplateSyntaxError as exc:  # e.g. an unknown test (`is foo`)
+        raise TemplateError(f"template error: {exc.message}", _at(origin, exc.lineno or 1)) from None
     for name in sorted(names):
         if name not in KNOWN_NAMES:
             raise TemplateError(
@@ -157,9 +166,6 @@ def compile_template(source: str, origin: Location, tz: str = "Asia/Shanghai") -
         if isinstance(node.node, nodes.Name) and node.node.name == "contact" and node.attr not in CONTACT_FIELDS:
             raise TemplateError(f"unknown field 'contact.{node.attr}' in the template",
                                 _at(origin, node.lineno))
-    for node in ast.find_all(nodes.Filter):
-        if node.name not in env.filters:
-            raise TemplateError(f"unknown filter {node.name!r}", _at(origin, node.lineno))
     try:
         compiled = CompiledTemplate(source, origin, frozenset(names), tz)
         compiled.template()

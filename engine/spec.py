@@ -279,7 +279,8 @@ def parse_campaign(text: str, file: Path, settings: Settings) -> Campaign:
     try:
         compiled = compile_template(template_text, template_origin)
     except TemplateError as exc:
-        problems.append(exc)
+        if template_text or model.message.template_file is None:  # a missing file is reported once
+            problems.append(exc)
     _raise_all(problems)
     assert compiled is not None
 

@@ -90,8 +90,12 @@ def load(text: str, file: str) -> tuple[Any, Lines]:
         data = _build(node, (), lines, loader)
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
+        problem = str(exc.problem or exc)
+        if exc.context_mark is not None and "quoted scalar" in str(exc.context):
+            # An unclosed quote is found at the end of the file; point at where it opened.
+            mark, problem = exc.context_mark, f"unclosed quote ({problem})"
         line = mark.line + 1 if mark else None
-        raise YamlSyntaxError(f"invalid YAML: {exc.problem or exc}", line) from None
+        raise YamlSyntaxError(f"invalid YAML: {problem}", line) from None
     except yaml.YAMLError as exc:
         raise YamlSyntaxError(f"invalid YAML: {exc}", None) from None
     finally:
@@ -111,11 +115,38 @@ def describe_pydantic_error(err: dict[str, Any]) -> str:
     return msg
 
 
+_SCALAR_BRANCHES = frozenset({"bool", "int", "float", "str", "none"})
+
+
+def _is_branch(part: str | int, path: Path_, lines: Lines) -> bool:
+    """Whether a pydantic loc part names a union branch (`bool`, `FrequencyCap`, ...) rather than a key."""
+    if not isinstance(part, str):
+        return False
+    if "[" in part or part.startswith("function-"):
+        return True
+    return (part in _SCALAR_BRANCHES or part[:1].isupper()) and (*path, part) not in lines.by_path
+
+
 def located(exc: ValidationError, lines: Lines, prefix: Path_ = ()) -> list[tuple[Location, str]]:
-    """Each pydantic error as (location, reason), with tagged-union noise removed from the path."""
+    """Each pydantic error as (location, reason), with union-branch noise removed from the path.
+
+    For a field like `bool | QuietHours`, a mapping fails the `bool` branch too; that error is dropped
+    when another branch explains what is wrong with the mapping."""
     out: list[tuple[Location, str]] = []
+    noise: list[tuple[Location, str]] = []
     for err in exc.errors():
-        loc = [p for p in err["loc"] if not (isinstance(p, str) and ("[" in p or p.startswith("function-")))]
-        path: Path_ = (*prefix, *loc)
-        out.append((lines.at(path), describe_pydantic_error(dict(err))))
-    return out
+        path: Path_ = prefix
+        in_branch = False
+        for part in err["loc"]:
+            if _is_branch(part, path, lines):
+                in_branch = True
+            else:
+                path = (*path, part)
+        item = (lines.at(path), describe_pydantic_error(dict(err)))
+        kind = str(err.get("type", ""))
+        scalar_miss = kind.endswith(("_type", "_parsing")) and kind != "model_type"
+        if in_branch and isinstance(err.get("input"), dict) and scalar_miss:
+            noise.append(item)
+        else:
+            out.append(item)
+    return out or noise
