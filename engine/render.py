@@ -145,9 +145,9 @@ def compile_template(source: str, origin: Location, tz: str = "Asia/Shanghai") -
         ast = env.parse(source)
     except TemplateSyntaxError as exc:
         raise TemplateError(f"template syntax error: {exc.message}", _at(origin, exc.lineno)) from None
-    for node in ast.find_all(nodes.Filter):  # before find_undeclared_variables, which fails on them
-        if node.name not in env.filters:
-            raise TemplateError(f"unknown filter {node.name!r}", _at(origin, node.lineno))
+    for filt in ast.find_all(nodes.Filter):  # before find_undeclared_variables, which fails on them
+        if filt.name not in env.filters:
+            raise TemplateError(f"unknown filter {filt.name!r}", _at(origin, filt.lineno))
     for test in ast.find_all(nodes.Test):  # Jinja defers unknown tests in `if` to render time
         if test.name not in env.tests:
             raise TemplateError(f"unknown test {test.name!r}", _at(origin, test.lineno))
