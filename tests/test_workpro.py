@@ -385,7 +385,11 @@ async def test_login_events_and_ready_once(make_fake: Factory, make_gateway: Fac
     assert status.qrcode_key == fake.qr_key
     await login(gateway, fake)
     assert kinds(gateway, EventKind.VERIFY_CODE)[0].data["qrcode_key"] == status.qrcode_key
-    await asyncio.sleep(0.1)  # let both READY events arrive
+    await until(lambda: [e.type for e in fake.emitted].count(pb.EVENT_TYPE_READY) == 2)
+    fake.emit(
+        pb.EVENT_TYPE_DONG, {"data": "marker"}
+    )  # events arrive in order: once this is seen, so are both
+    await until(lambda: gateway.last_dong is not None)
     assert len(kinds(gateway, EventKind.READY)) == 1
     assert len(kinds(gateway, EventKind.LOGIN)) == 1
     assert (await gateway.login_status()).account_id == SELF_ID
@@ -462,6 +466,8 @@ async def test_dropped_stream_reconnects_and_keeps_the_login(
             for e in kinds(gateway, EventKind.CONNECTION)
         )
     )
+    fake.emit(pb.EVENT_TYPE_DONG, {"data": "marker"})  # after the replayed LOGIN in stream order
+    await until(lambda: gateway.last_dong is not None)
     seq, account = fake.event_requests[1]
     assert seq > 0
     assert account == SELF_ID

@@ -241,6 +241,7 @@ class FakePuppet(pb_grpc.PuppetServicer):  # type: ignore[misc]
         self.sends: list[SentMessage] = []
         self.calls: list[str] = []  # RPC names, in order (auth failures included)
         self.event_requests: list[tuple[int, str]] = []  # (seq, account_id) of each Event call
+        self.emitted: list[pb.EventResponse] = []  # every event pushed (delivered or dropped)
         self._rng = random.Random(seed)
         self._contacts = {c.id: c for c in demo_contacts(contacts, seed)}
         self._tags = {
@@ -371,6 +372,7 @@ class FakePuppet(pb_grpc.PuppetServicer):  # type: ignore[misc]
             payload=json.dumps(payload, ensure_ascii=False),
             seq=0 if self.zero_seq else self._seq,
         )
+        self.emitted.append(event)
         if event_type == pb.EVENT_TYPE_SCAN and payload.get("status") == 2:
             self._cached_scan = event
         if self._stream is not None:
