@@ -181,7 +181,8 @@ def _compare(field: str, op: str, arg: Any, path: tuple[str | int, ...]) -> Rule
                 ok = (target in v) if op == "eq" else (target not in v) if op == "ne" else False
             else:
                 try:
-                    ok = v is not None and compare(v, target)
+                    # A missing value is "not equal" to anything, as with `not_in` and `not`.
+                    ok = compare(v, target) if op == "ne" else v is not None and compare(v, target)
                 except TypeError:
                     ok = False
             return None if ok else f"{label} is {shown(v)}, not {symbol} {shown(target)}"
