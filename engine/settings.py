@@ -156,6 +156,8 @@ class ApiSettings(Strict):
     host: str = "127.0.0.1"
     port: int = Field(default=9898, ge=1, le=65535)
     key: SecretStr | None = None
+    send_wait: Duration = timedelta(seconds=30)        # an API send answers 202 (still sending) after this long
+    shutdown_timeout: Duration = timedelta(seconds=10)  # on stop, wait this long for in-flight sends
 
 
 class SchedulerSettings(Strict):

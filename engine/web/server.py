@@ -1,0 +1,113 @@
+"""`wecast serve`: the Wecast instance, the scheduler and uvicorn, in one process and one event loop.
+
+Binding: 127.0.0.1 by default (`api.host`). On any other address the server refuses to start without an
+API key (`WECAST_API_KEY` or `api.key`), and with a key every endpoint but /healthz needs it.
+
+Sandbox: unless `sandbox.auto_login` is set in config.yaml, serve starts the sandbox *logged out*, so the
+source document's flow (POST /goStart, scan, POST /submit-verify-code) is the real way in. A login made
+earlier is remembered in the sandbox's state file, as a real session would be.
+
+Stopping (SIGINT / SIGTERM): the scheduler stops firing, `Dispatcher.stop()` lets sends in flight finish
+and be recorded; runs still waiting (for a login, quiet hours) keep their deliveries pending for the next
+start.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+
+import uvicorn
+
+from engine.scheduler import CampaignScheduler
+from engine.service import Wecast
+from engine.settings import Settings
+from engine.web.app import create_app
+
+log = logging.getLogger("wecast.serve")
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_CONFIG = 2
+
+
+def is_loopback(host: str) -> bool:
+    """Whether `host` only accepts connections from this machine. Names other than localhost count as
+    not loopback: they may resolve to anything."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def serve_settings(settings: Settings) -> Settings:
+    """Settings for serve mode: the sandbox starts logged out unless config.yaml says otherwise."""
+    sandbox = settings.sandbox
+    if settings.gateway == "sandbox" and "auto_login" not in sandbox.model_fields_set:
+        return settings.model_copy(update={"sandbox": sandbox.model_copy(update={"auto_login": False})})
+    return settings
+
+
+def configure_logging(level: str) -> None:
+    """Log to stderr at `level` unless the caller already configured logging."""
+    root = logging.getLogger()
+    if not root.handlers:
+        logging.basicConfig(level=level, format="%(asctime)s %(levelname)-7s %(name)s: %(message)s")
+    logging.getLogger("wecast").setLevel(level)
+
+
+def serve(settings: Settings, *, host: str | None = None, port: int | None = None) -> int:
+    """Run the service until SIGINT/SIGTERM. Returns the process exit code (0 after a clean stop)."""
+    host = host or settings.api.host
+    port = port or settings.api.port
+    configure_logging(settings.log_level)
+    loopback = is_loopback(host)
+    if not loopback and settings.api.key is None:
+        log.error(
+            "refusing to listen on %s without an API key: anyone who can reach it could send messages "
+            "as your WeCom account. Set WECAST_API_KEY (or api.key in config.yaml), or bind 127.0.0.1",
+            host,
+        )
+        return EXIT_CONFIG
+    try:
+        return asyncio.run(
+            _serve(
+                serve_settings(settings), host, port, require_key=not loopback or settings.api.key is not None
+            )
+        )
+    except KeyboardInterrupt:  # a second Ctrl-C while stopping
+        return EXIT_FAILED
+
+
+async def _serve(settings: Settings, host: str, port: int, *, require_key: bool) -> int:
+    app = Wecast(settings)
+    scheduler = CampaignScheduler(app)
+    api = create_app(app, scheduler=scheduler, require_key=require_key, close_app=False)
+    config = uvicorn.Config(
+        api,
+        host=host,
+        port=port,
+        log_config=None,
+        lifespan="on",
+        server_header=False,
+        timeout_graceful_shutdown=int(settings.api.shutdown_timeout.total_seconds()) + 5,
+    )
+    server = uvicorn.Server(config)
+    log.info(
+        "wecast serve: gateway %s, http://%s:%s (API key %s), campaigns in %s",
+        settings.gateway,
+        host,
+        port,
+        "required" if require_key else "not required on loopback",
+        settings.campaigns_dir,
+    )
+    try:
+        await server.serve()
+    except SystemExit as exc:  # uvicorn exits this way when it cannot bind
+        return int(exc.code) if isinstance(exc.code, int) else EXIT_FAILED
+    finally:
+        await app.close()
+    return EXIT_OK if server.started else EXIT_FAILED
