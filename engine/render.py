@@ -47,6 +47,8 @@ class MissingField(UndefinedError):
 
 class _Strict(StrictUndefined):
     def _fail_with_undefined_error(self, *args: Any, **kwargs: Any) -> NoReturn:
+        if self._undefined_exception is SecurityError:  # the sandbox refused an attribute: not a missing field
+            raise SecurityError(self._undefined_hint or "unsafe access")
         raise MissingField(str(self._undefined_name or "?"))
 
     __str__ = __iter__ = __len__ = __bool__ = __eq__ = __ne__ = __hash__ = _fail_with_undefined_error  # type: ignore[assignment]
@@ -226,6 +228,8 @@ def render_all(template: CompiledTemplate, recipients: Iterable[Mapping[str, Any
                 text = template.render(ctx)
                 break
             except MissingField as exc:
+                if exc.field in lacking:  # a placeholder did not help (an attribute, not a field): stop
+                    break
                 lacking.append(exc.field)
                 # Fill the gap with a placeholder to find any other field this contact lacks.
                 ctx = {**ctx, exc.field: "…", "contact": {**ctx["contact"], exc.field: "…"}}
