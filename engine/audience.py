@@ -56,9 +56,14 @@ class RuleError(ValueError):
 class Rule:
     check: Check
     text: str
+    fields: frozenset[str] = frozenset()   # contact fields the rule reads (so planning loads only those)
 
     def __call__(self, contact: ContactView, now: datetime) -> str | None:
         return self.check(contact, now)
+
+
+def _reads(field: str) -> frozenset[str]:
+    return frozenset({"phones" if field == "phone" else field})
 
 
 def _field(name: str, path: tuple[str | int, ...]) -> str:
@@ -128,7 +133,7 @@ def _compare(field: str, op: str, arg: Any, path: tuple[str | int, ...]) -> Rule
             if has == arg:
                 return None
             return f"{label} is empty" if arg else f"{label} is set ({shown(v)})"
-        return Rule(present, f"{label} {'is set' if arg else 'is empty'}")
+        return Rule(present, f"{label} {'is set' if arg else 'is empty'}", _reads(field))
 
     if op in ("in", "not_in"):
         if not isinstance(arg, list) or not arg:
@@ -143,7 +148,7 @@ def _compare(field: str, op: str, arg: Any, path: tuple[str | int, ...]) -> Rule
             if hit == want:
                 return None
             return f"{label} is {shown(v)}, " + (f"not one of {listed}" if want else f"which is excluded ({listed})")
-        return Rule(member, f"{label} {'in' if want else 'not in'} [{listed}]")
+        return Rule(member, f"{label} {'in' if want else 'not in'} [{listed}]", _reads(field))
 
     if op in ("contains", "not_contains", "startswith", "endswith", "matches"):
         if not isinstance(arg, str):
@@ -164,7 +169,7 @@ def _compare(field: str, op: str, arg: Any, path: tuple[str | int, ...]) -> Rule
             else:
                 ok = _text_ok(op, "" if v is None else str(v), arg, pattern)
             return None if ok else f"{label} {_show(v)} does not satisfy {op} {arg!r}"
-        return Rule(text_op, f"{label} {op} {arg!r}")
+        return Rule(text_op, f"{label} {op} {arg!r}", _reads(field))
 
     if op in ("eq", "ne", "gt", "gte", "lt", "lte"):
         target = _norm(field, arg, path)
@@ -186,7 +191,7 @@ def _compare(field: str, op: str, arg: Any, path: tuple[str | int, ...]) -> Rule
                 except TypeError:
                     ok = False
             return None if ok else f"{label} is {shown(v)}, not {symbol} {shown(target)}"
-        return Rule(cmp, f"{label} {symbol} {shown(target)}")
+        return Rule(cmp, f"{label} {symbol} {shown(target)}", _reads(field))
 
     raise RuleError(f"unknown operator {op!r}; use one of {', '.join(OPS)}", path)
 
@@ -221,7 +226,7 @@ def _added(kind: str, arg: Any, path: tuple[str | int, ...]) -> Rule:
                 return None
             days = max(0, (now - added).days)
             return f"added {days} days ago ({added.date().isoformat()})"
-        return Rule(by_age, f"added {'within' if within else 'more than'} {arg} ago")
+        return Rule(by_age, f"added {'within' if within else 'more than'} {arg} ago", frozenset({"added_at"}))
     moment = _moment(arg, path)
     after = kind == "added_after"
 
@@ -231,7 +236,7 @@ def _added(kind: str, arg: Any, path: tuple[str | int, ...]) -> Rule:
             return "added date unknown"
         ok = added >= moment if after else added < moment
         return None if ok else f"added on {added.date().isoformat()}"
-    return Rule(by_date, f"{kind.replace('_', ' ')} {moment.date().isoformat()}")
+    return Rule(by_date, f"{kind.replace('_', ' ')} {moment.date().isoformat()}", frozenset({"added_at"}))
 
 
 def parse_rules(raw: Any, path: tuple[str | int, ...] = ()) -> Rule:
@@ -255,7 +260,7 @@ def parse_rules(raw: Any, path: tuple[str | int, ...] = ()) -> Rule:
 
         def negate(c: ContactView, now: datetime) -> str | None:
             return f"matches excluded rule: {inner.text}" if inner(c, now) is None else None
-        return Rule(negate, f"not ({inner.text})")
+        return Rule(negate, f"not ({inner.text})", inner.fields)
     if key in ("added_within", "added_over", "added_after", "added_before"):
         return _added(key, arg, here)
     field = _field(key, here)
@@ -288,7 +293,7 @@ def _all(parts: list[Rule]) -> Rule:
             if reason is not None:
                 return reason
         return None
-    return Rule(check, " and ".join(p.text for p in parts))
+    return Rule(check, " and ".join(p.text for p in parts), frozenset().union(*(p.fields for p in parts)))
 
 
 def _any(parts: list[Rule]) -> Rule:
@@ -300,7 +305,8 @@ def _any(parts: list[Rule]) -> Rule:
                 return None
             reasons.append(reason)
         return "matches none of: " + "; ".join(reasons)
-    return Rule(check, "any of (" + "; ".join(p.text for p in parts) + ")")
+    return Rule(check, "any of (" + "; ".join(p.text for p in parts) + ")",
+                frozenset().union(*(p.fields for p in parts)))
 
 
 @dataclass(frozen=True)

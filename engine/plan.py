@@ -13,6 +13,7 @@ schedule (or before its first slot) gets one manual run key per local day.
 
 from __future__ import annotations
 
+import itertools
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -159,7 +160,8 @@ def build_preview(db: Engine, campaign: Campaign, *, now: datetime, run_key: str
     """Everything a run would do, computed without writing anything."""
     key = run_key_for(campaign, now, run_key)
     with db.connect() as conn:
-        views = contacts if contacts is not None else queries.load_contact_views(conn)
+        views = contacts if contacts is not None else queries.load_contact_views(
+            conn, columns=needed_columns(campaign))
         known_tags = queries.tag_names(conn)
         existing_run = _find_run(conn, campaign.id, key)
         held = queries.campaign_keys(conn, campaign.id) if campaign.dedupe != "run" or existing_run else {}
@@ -230,6 +232,23 @@ def build_preview(db: Engine, campaign: Campaign, *, now: datetime, run_key: str
                    unknown_tags=selection.unknown_tags, next_fires=next_fires, existing_run=existing_run)
 
 
+ALWAYS_READ = frozenset({"id", "name", "friend", "coworker"})
+DERIVED_FROM = {"display_name": {"alias", "name"}, "honorific": {"gender"}, "phone": {"phones"}}
+
+
+def needed_columns(campaign: Campaign) -> set[str] | None:
+    """The contact columns a campaign's audience and template read (None: all of them)."""
+    names = campaign.template.names
+    if "contact" in names:
+        return None
+    cols = set(ALWAYS_READ)
+    if campaign.rules is not None:
+        cols |= campaign.rules.fields
+    for name in names:
+        cols |= DERIVED_FROM.get(name, {name})
+    return cols
+
+
 def _category(reason: str) -> str:
     if reason.startswith(("listed in exclude_ids", "has excluded tag", "not a friend", "coworker",
                           "over the audience limit")):
@@ -243,6 +262,11 @@ def _find_run(conn: Any, campaign_id: str, run_key: str) -> dict[str, Any] | Non
     r = queries.R
     row = conn.execute(select(CampaignRun.__table__).where(r.campaign_id == campaign_id, r.run_key == run_key)).first()
     return dict(row._mapping) if row else None
+
+
+DELIVERY_INSERT_COLUMNS = ("run_id", "campaign_id", "contact_id", "contact_name", "text", "dedupe_key", "status",
+                           "reason", "capped", "created_at", "updated_at", "attempts", "last_error",
+                           "gateway_message_id", "gateway_task_id", "claim_token", "next_attempt_at", "sent_at")
 
 
 @dataclass
@@ -283,19 +307,14 @@ def plan_run(db: Engine, campaign: Campaign, settings: Settings, *, now: datetim
         if not inserted:   # planned concurrently by another process: theirs stands
             return PlanResult(existing["id"], key, created=False, preview=preview)
         run_id = existing["id"]
-        rows = [{"run_id": run_id, "campaign_id": campaign.id, "contact_id": r.contact_id,
-                 "contact_name": r.name, "text": r.text, "dedupe_key": dedupe_key(campaign, key, r.contact_id),
-                 "status": DeliveryStatus.PENDING.value, "reason": "", "attempts": 0, "last_error": "",
-                 "capped": capped, "gateway_message_id": "", "gateway_task_id": "", "claim_token": "",
-                 "next_attempt_at": None, "created_at": now, "updated_at": now, "sent_at": None}
-                for r in preview.recipients]
-        rows += [{"run_id": run_id, "campaign_id": campaign.id, "contact_id": e.contact_id,
-                  "contact_name": e.name, "text": "", "dedupe_key": None, "status": DeliveryStatus.SKIPPED.value,
-                  "reason": f"{e.category}: {e.reason}", "attempts": 0, "last_error": "", "capped": capped,
-                  "gateway_message_id": "", "gateway_task_id": "", "claim_token": "", "next_attempt_at": None,
-                  "created_at": now, "updated_at": now, "sent_at": None}
-                 for e in preview.excluded if e.recorded]
-        queries.insert_ignore(conn, Delivery.__table__, rows)  # type: ignore[attr-defined]
+        ts = queries.db_time(conn, now)
+        tail = (0, "", "", "", "", None, None)   # attempts, last_error, message id, task id, claim, next, sent
+        pending = ((run_id, campaign.id, r.contact_id, r.name, r.text, dedupe_key(campaign, key, r.contact_id),
+                    DeliveryStatus.PENDING.value, "", capped, ts, ts, *tail) for r in preview.recipients)
+        skipped = ((run_id, campaign.id, e.contact_id, e.name, "", None, DeliveryStatus.SKIPPED.value,
+                    f"{e.category}: {e.reason}", capped, ts, ts, *tail) for e in preview.excluded if e.recorded)
+        queries.insert_fast(conn, Delivery.__table__, itertools.chain(pending, skipped),  # type: ignore[attr-defined]
+                            DELIVERY_INSERT_COLUMNS)
         counts = queries.status_counts(conn, run_id)
     return PlanResult(run_id, key, created=True, planned=counts.get("pending", 0),
                       skipped=counts.get("skipped", 0), preview=preview)

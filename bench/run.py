@@ -1,0 +1,207 @@
+"""wecast benchmarks: `python -m bench.run` (or `python -m bench.run plan|dispatch|rate`).
+
+Prints, as medians of several runs (these machines are noisy), against the targets of issue 2:
+
+* plan   – select + render + record 100,000 recipients: seconds and peak memory (target < 3 s, < 300 MB)
+* dispatch – sends per second on the sandbox with no latency (target >= 2,000/s)
+* rate   – achieved vs configured rate when every send takes 200 ms (20/s: within 5 %, never above)
+
+Each measurement runs in a fresh subprocess so peak memory (ru_maxrss) belongs to that measurement only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+CAMPAIGN = """
+id: bench
+name: 压测活动
+schedule: {cron: "0 10 * * 1"}
+audience:
+  tags_none: [勿扰]
+message:
+  template: |
+    {{ display_name }}{{ honorific | default("") }}您好！{{ city | default("全国") }}门店本周会员日，
+    全场8折{% if "VIP" in tags %}，VIP再享95折{% endif %}。回复TD退订。
+dedupe: run
+frequency_cap: true
+quiet_hours: false
+throttle: {per_second: %(rate)s}
+max_errors: 0
+"""
+
+
+def _settings(tmp: Path, *, latency_ms: float = 0, concurrency: int = 64, contacts: int = 200):  # type: ignore[no-untyped-def]
+    from engine.settings import load_settings
+
+    cfg = tmp / "config.yaml"
+    cfg.write_text(
+        "version: 1\n"
+        f"database_url: sqlite:///{tmp}/wecast.sqlite\n"
+        f"campaigns_dir: {tmp}\n"
+        f"sending: {{concurrency: {concurrency}, quiet_hours: null}}\n"
+        f"sandbox: {{contacts: {contacts}, state_file: {tmp}/sandbox.sqlite, faults: {{latency_ms: {latency_ms}}}}}\n",
+        encoding="utf-8")
+    return load_settings(cfg)
+
+
+def _seed_contacts(db, n: int) -> None:  # type: ignore[no-untyped-def]
+    from engine.contacts import record_to_row
+    from engine.gateways.demo_data import demo_contacts, demo_tags
+    from storage import queries
+
+    contacts = demo_contacts(n, 7, now=datetime(2026, 11, 1, tzinfo=UTC))
+    now = datetime.now(UTC)
+    with db.begin() as conn:
+        queries.upsert_tags(conn, [t.__dict__ for t in demo_tags()])
+        queries.upsert_contacts(conn, [record_to_row(c) for c in contacts], {c.id: c.tag_ids for c in contacts}, now)
+
+
+def _campaign(tmp: Path, settings, rate: float):  # type: ignore[no-untyped-def]
+    from engine.spec import load_campaign
+
+    path = tmp / "bench.yaml"
+    path.write_text(CAMPAIGN.replace("%(rate)s", str(rate)), encoding="utf-8")
+    return load_campaign(path, settings)
+
+
+def one_plan(n: int) -> dict[str, float]:
+    """Plan n recipients into a fresh SQLite database; report time and peak RSS."""
+    from engine.plan import plan_run
+    from storage.db import make_db_engine
+
+    with tempfile.TemporaryDirectory() as d:
+        tmp = Path(d)
+        settings = _settings(tmp)
+        db = make_db_engine(settings.database_url)
+        _seed_contacts(db, n)
+        campaign = _campaign(tmp, settings, 1000)
+        base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        t0 = time.perf_counter()
+        result = plan_run(db, campaign, settings, now=datetime.now(UTC))
+        elapsed = time.perf_counter() - t0
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return {"seconds": elapsed, "planned": result.planned, "skipped": result.skipped,
+                "peak_rss_mb": peak / 1024, "rss_before_mb": base_rss / 1024}
+
+
+def one_dispatch(n: int) -> dict[str, float]:
+    """Plan then dispatch n deliveries on the sandbox with no latency and no throttle."""
+    from engine.service import Wecast
+
+    async def go() -> dict[str, float]:
+        with tempfile.TemporaryDirectory() as d:
+            tmp = Path(d)
+            settings = _settings(tmp, concurrency=64, contacts=n)
+            async with Wecast(settings) as app:
+                await app.sync()
+                campaign = _campaign(tmp, settings, 1_000_000)
+                plan = app.plan(campaign)
+                t0 = time.perf_counter()
+                summary = await app.dispatcher.run(plan.run_id)
+                elapsed = time.perf_counter() - t0
+                outbox = app.gateway.store.count()  # type: ignore[attr-defined]
+                return {"seconds": elapsed, "sent": summary.sent, "per_second": summary.sent / elapsed,
+                        "outbox": outbox}
+    return asyncio.run(go())
+
+
+def one_rate(n: int, rate: float, latency_ms: float) -> dict[str, float]:
+    """Dispatch n deliveries at `rate`/s when each send takes `latency_ms`; report the achieved rate."""
+    from engine.service import Wecast
+
+    async def go() -> dict[str, float]:
+        with tempfile.TemporaryDirectory() as d:
+            tmp = Path(d)
+            settings = _settings(tmp, latency_ms=latency_ms, concurrency=16, contacts=int(n * 1.3) + 20)
+            async with Wecast(settings) as app:
+                await app.sync()
+                campaign = _campaign(tmp, settings, rate)
+                plan = app.plan(campaign)
+                starts: list[float] = []
+                gw = app.gateway
+                original = gw.send_text
+
+                async def timed(contact_id: str, text: str, *, idempotency_key: str):  # type: ignore[no-untyped-def]
+                    starts.append(time.perf_counter())
+                    return await original(contact_id, text, idempotency_key=idempotency_key)
+
+                gw.send_text = timed  # type: ignore[method-assign]
+                with app.db.begin() as conn:   # keep exactly n pending deliveries
+                    from sqlalchemy import text as sql
+                    conn.execute(sql("UPDATE deliveries SET status='skipped', reason='bench: trimmed' "
+                                     "WHERE run_id=:r AND status='pending' AND id NOT IN (SELECT id FROM deliveries "
+                                     "WHERE run_id=:r AND status='pending' ORDER BY id LIMIT :n)"),
+                                 {"r": plan.run_id, "n": n})
+                summary = await app.dispatcher.run(plan.run_id)
+                starts.sort()
+                # Rate over the sends' start times: (n - 1) gaps between the first and the last start.
+                achieved = (len(starts) - 1) / (starts[-1] - starts[0])
+                # The busiest 1-second window, to check "never above".
+                peak = max(sum(1 for t in starts if s <= t < s + 1.0) for s in starts)
+                return {"configured": rate, "achieved": achieved, "ratio": achieved / rate,
+                        "max_in_any_1s": peak, "sent": summary.sent}
+    return asyncio.run(go())
+
+
+def _sub(kind: str, *args: str) -> dict[str, float]:
+    proc = subprocess.run([sys.executable, "-m", "bench.run", "_one", kind, *args], cwd=ROOT,
+                          capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise SystemExit(f"benchmark {kind} failed:\n{proc.stderr}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("which", nargs="*", default=["plan", "dispatch", "rate"])
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--plan-n", type=int, default=100_000)
+    parser.add_argument("--dispatch-n", type=int, default=10_000)
+    args = parser.parse_args()
+    if args.which and args.which[0] == "_one":
+        kind = args.which[1]
+        if kind == "plan":
+            result = one_plan(int(args.which[2]))
+        elif kind == "dispatch":
+            result = one_dispatch(int(args.which[2]))
+        else:
+            result = one_rate(int(args.which[2]), float(args.which[3]), float(args.which[4]))
+        print(json.dumps(result))
+        return
+    print(f"wecast benchmarks – median of {args.repeat} runs each, fresh process per run")
+    if "plan" in args.which:
+        runs = [_sub("plan", str(args.plan_n)) for _ in range(args.repeat)]
+        secs = statistics.median(r["seconds"] for r in runs)
+        mem = statistics.median(r["peak_rss_mb"] for r in runs)
+        print(f"plan {args.plan_n:,} recipients (select+render+record): {secs:.2f} s (target < 3 s), "
+              f"peak RSS {mem:.0f} MB (target < 300 MB); runs: "
+              + ", ".join(f"{r['seconds']:.2f}s" for r in runs) + f"; planned {runs[0]['planned']:,.0f}")
+    if "dispatch" in args.which:
+        runs = [_sub("dispatch", str(args.dispatch_n)) for _ in range(args.repeat)]
+        rate = statistics.median(r["per_second"] for r in runs)
+        print(f"dispatch on the sandbox, no latency: {rate:,.0f} deliveries/s (target >= 2,000/s); runs: "
+              + ", ".join(f"{r['per_second']:,.0f}/s" for r in runs)
+              + f"; sent {runs[0]['sent']:,.0f}, outbox {runs[0]['outbox']:,.0f}")
+    if "rate" in args.which:
+        runs = [_sub("rate", "200", "20", "200") for _ in range(args.repeat)]
+        ratio = statistics.median(r["ratio"] for r in runs)
+        peak = max(r["max_in_any_1s"] for r in runs)
+        print(f"rate with 200 ms sends, configured 20/s: achieved {ratio * 20:.2f}/s = {ratio:.3f} of configured "
+              f"(target 0.95–1.00); busiest 1 s window {peak:.0f} sends (limit 20); runs: "
+              + ", ".join(f"{r['achieved']:.2f}/s" for r in runs))
+
+
+if __name__ == "__main__":
+    main()
