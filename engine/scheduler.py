@@ -128,7 +128,7 @@ class Workers:
             result = await work
         except asyncio.CancelledError:
             log.info(
-                "run %s: dispatch cancelled at shutdown; unsent deliveries resume on the next start", run_id
+                "run %s: dispatch stopped; unsent deliveries stay pending until the run is resumed", run_id
             )
             raise
         except Exception:  # a background task has nobody to raise to: log it, keep the service up

@@ -414,9 +414,7 @@ def router(ctx: WebContext) -> APIRouter:
     @r.post("/runs/{run_id}/pause", tags=["runs"], summary="Pause a running run (sends in flight finish)")
     async def run_pause(run_id: RunId) -> dict[str, Any]:
         _transition(ctx, run_id, {RunStatus.RUNNING}, RunStatus.PAUSED, "paused through the API")
-        task = ctx.workers.task(run_id)
-        if task is not None:
-            await asyncio.wait({asyncio.shield(task)}, timeout=ctx.send_wait)
+        await _settle(ctx, run_id)
         return run_json(ctx, _run(ctx, run_id))
 
     @r.post("/runs/{run_id}/resume", tags=["runs"], summary="Resume a paused (or interrupted) run")
@@ -439,9 +437,7 @@ def router(ctx: WebContext) -> APIRouter:
             RunStatus.CANCELLED,
             "cancelled through the API",
         )
-        task = ctx.workers.task(run_id)
-        if task is not None:  # let it notice and give back its claims, then skip what is left
-            await asyncio.wait({asyncio.shield(task)}, timeout=ctx.send_wait)
+        await _settle(ctx, run_id)  # let it give back its claims, then skip what is left
         d = queries.D
         with app.db.begin() as conn:
             conn.execute(
@@ -562,6 +558,20 @@ def _events(ctx: WebContext, kind: str | None, limit: int) -> list[dict[str, Any
         stmt = stmt.where(e.kind == kind)
     with ctx.app.db.connect() as conn:
         return [{k: v for k, v in row._mapping.items() if k != "id"} for row in conn.execute(stmt)]
+
+
+async def _settle(ctx: WebContext, run_id: int, wait: float = 5.0) -> None:
+    """After a pause or cancel: let the run's dispatch task notice (sends in flight finish and are recorded).
+    A task waiting for a login (or quiet hours) would only notice when that wait ends, so it is stopped:
+    its `finally` drains and records what was in flight, and nothing else of it was going out."""
+    task = ctx.workers.task(run_id)
+    if task is None:
+        return
+    logged_in = (await ctx.login_status()).logged_in
+    done, _ = await asyncio.wait({task}, timeout=wait if logged_in else 0)
+    if not done:
+        task.cancel()
+        await asyncio.wait({task}, timeout=ctx.shutdown_timeout)
 
 
 def _run(ctx: WebContext, run_id: int) -> dict[str, Any]:
