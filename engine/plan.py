@@ -77,7 +77,8 @@ class Preview:
     def problems(self) -> list[TemplateError]:
         """Errors that stop a run: recipients lacking template fields, messages over the length limit."""
         out: list[TemplateError] = []
-        total = len(self.recipients) + sum(len(v) for v in self.missing.values()) + len(self.too_long)
+        lacking: set[str] = set().union(*self.missing.values())  # a recipient may lack several fields
+        total = len(self.recipients) + len(lacking) + len(self.too_long)
         origin = self.campaign.template.origin
         if self.missing:
             out.append(TemplateError(describe_missing(self.missing, total), origin))
