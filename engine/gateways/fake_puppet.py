@@ -293,6 +293,9 @@ class FakePuppet(pb_grpc.PuppetServicer):  # type: ignore[misc]
         self._end_stream()
         if self._server is not None:
             await self._server.stop(grace=0.2)
+            await asyncio.sleep(
+                0.02
+            )  # let gRPC core's last completions land on this loop (see workpro.close)
             self._server = None
 
     def _later(self, delay: float, action: Callable[[], Any]) -> None:

@@ -366,6 +366,9 @@ class WorkproGateway(Gateway):
         self._tasks.clear()
         if self._channel is not None:
             await self._channel.close(grace=1.0)
+            # gRPC core completes the cancelled calls' last operations a moment later; let them land on this
+            # event loop, not on a closed one (which breaks the next loop that uses grpc.aio in the process).
+            await asyncio.sleep(0.02)
         self._channel = self._stub = None
         self._stream_up.clear()
 
