@@ -57,5 +57,8 @@ class FakeClock:
 
     async def sleep(self, seconds: float) -> None:
         self.slept.append(seconds)
+        # Let everything that is ready run at the current time first, then jump ahead.
+        for _ in range(3):
+            await asyncio.sleep(0)
         self.advance(max(0.0, seconds))
         await asyncio.sleep(0)

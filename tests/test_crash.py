@@ -1,0 +1,117 @@
+"""A run killed with `kill -9` mid-send resumes and every recipient gets exactly one message —
+counted in the sandbox outbox (what customers received), not only in our own log."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+RECIPIENTS = 1000
+
+
+def _setup(tmp: Path, *, idempotent: bool) -> Path:
+    (tmp / "campaigns").mkdir()
+    (tmp / "campaigns" / "big.yaml").write_text(
+        "id: big\nname: 大促通知\n"
+        "audience: {limit: %d}\n"
+        "message: {template: '{{ display_name }}您好，双十二大促开始啦！'}\n"
+        "frequency_cap: false\nquiet_hours: false\nthrottle: {per_second: 400}\n" % RECIPIENTS,
+        encoding="utf-8")
+    cfg = tmp / "config.yaml"
+    cfg.write_text(
+        "version: 1\n"
+        f"database_url: sqlite:///{tmp}/wecast.sqlite\n"
+        f"campaigns_dir: {tmp}/campaigns\n"
+        "sending: {concurrency: 16}\n"
+        f"sandbox: {{contacts: 1100, seed: 5, state_file: {tmp}/sandbox.sqlite, "
+        f"honor_idempotency_key: {str(idempotent).lower()}, faults: {{latency_ms: 3, latency_jitter_ms: 4}}}}\n",
+        encoding="utf-8")
+    return cfg
+
+
+def _wecast(cfg: Path, *args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen([sys.executable, "-m", "engine.cli", "-c", str(cfg), *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            cwd=Path(__file__).resolve().parent.parent)
+
+
+def _outbox(tmp: Path) -> list[tuple[str, str]]:
+    path = tmp / "sandbox.sqlite"
+    if not path.exists():
+        return []
+    conn = sqlite3.connect(path, timeout=30)
+    try:
+        return conn.execute("SELECT contact_id, idempotency_key FROM outbox").fetchall()
+    except sqlite3.OperationalError:
+        return []
+    finally:
+        conn.close()
+
+
+def _kill_when_outbox_reaches(proc: subprocess.Popen[str], tmp: Path, count: int) -> None:
+    deadline = time.monotonic() + 60
+    while len(_outbox(tmp)) < count:
+        assert proc.poll() is None, f"the run ended before it could be killed: {proc.communicate()}"
+        assert time.monotonic() < deadline, "the run made no progress"
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+def _deliveries(tmp: Path) -> dict[str, str]:
+    conn = sqlite3.connect(tmp / "wecast.sqlite")
+    try:
+        rows = conn.execute("SELECT contact_id, status FROM deliveries WHERE reason NOT LIKE 'exclusion:%'")
+        return dict(rows.fetchall())
+    finally:
+        conn.close()
+
+
+@pytest.mark.slow
+def test_kill_9_twice_then_resume_sends_each_recipient_exactly_once(tmp_path: Path) -> None:
+    """Killed twice mid-run (idempotent gateway), the resumed run completes with one message per recipient."""
+    cfg = _setup(tmp_path, idempotent=True)
+    proc = _wecast(cfg, "run", "big")
+    _kill_when_outbox_reaches(proc, tmp_path, 250)
+    proc = _wecast(cfg, "run", "--resume")
+    _kill_when_outbox_reaches(proc, tmp_path, 600)
+    partial = _deliveries(tmp_path)
+    assert "pending" in partial.values() or "sending" in partial.values()
+    done = _wecast(cfg, "run", "--resume")
+    out, err = done.communicate(timeout=120)
+    assert done.returncode == 0, err
+    received = _outbox(tmp_path)
+    contacts = [c for c, _ in received]
+    assert len(contacts) == RECIPIENTS
+    assert len(set(contacts)) == RECIPIENTS
+    statuses = _deliveries(tmp_path)
+    assert set(statuses.values()) == {"sent"}
+    assert set(statuses) == set(contacts)
+
+
+@pytest.mark.slow
+def test_kill_9_without_idempotent_gateway_never_sends_twice_and_records_unknowns(tmp_path: Path) -> None:
+    """When the gateway cannot deduplicate, in-flight sends at the kill become `unknown` (never resent):
+    nobody gets two messages, and every delivery ends in a recorded state."""
+    cfg = _setup(tmp_path, idempotent=False)
+    proc = _wecast(cfg, "run", "big")
+    _kill_when_outbox_reaches(proc, tmp_path, 400)
+    done = _wecast(cfg, "run", "--resume")
+    out, err = done.communicate(timeout=120)
+    statuses = _deliveries(tmp_path)
+    received = [c for c, _ in _outbox(tmp_path)]
+    assert len(received) == len(set(received)), "a recipient got two messages"
+    assert set(statuses.values()) <= {"sent", "unknown"}
+    sent = {c for c, s in statuses.items() if s == "sent"}
+    unknown = {c for c, s in statuses.items() if s == "unknown"}
+    assert sent <= set(received)
+    assert set(received) <= sent | unknown
+    assert len(sent) + len(unknown) == RECIPIENTS
+    assert len(unknown) <= 64, "only sends in flight at the kill may be unknown"

@@ -1,0 +1,443 @@
+"""Dispatch: nothing twice, nothing lost, throttle, retries, caps, quiet hours, login loss, races."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from engine.clock import FakeClock
+from engine.errors import PermanentError, WecastError
+from engine.gateways.sandbox import SandboxGateway
+from engine.plan import plan_run
+from engine.service import Wecast
+from engine.settings import Settings, load_settings
+from engine.spec import Campaign, parse_campaign
+from storage import queries
+
+# Monday 2026-01-05 10:00 in Shanghai (02:00 UTC): inside the default sending window.
+MONDAY_10 = datetime(2026, 1, 5, 2, 0, tzinfo=UTC)
+
+
+def make_settings(tmp: Path, *, contacts: int = 120, faults: str = "{}", extra: str = "",
+                  idempotent: bool = True) -> Settings:
+    cfg = tmp / "config.yaml"
+    cfg.write_text(
+        "version: 1\n"
+        f"database_url: sqlite:///{tmp}/wecast.sqlite\n"
+        f"campaigns_dir: {tmp}/campaigns\n"
+        "sending:\n"
+        "  concurrency: 8\n"
+        "  retry: {max_attempts: 3, base_delay: 1s, max_delay: 10s}\n"
+        f"{extra}"
+        f"sandbox: {{contacts: {contacts}, seed: 11, state_file: {tmp}/sandbox.sqlite, "
+        f"honor_idempotency_key: {str(idempotent).lower()}, faults: {faults}}}\n",
+        encoding="utf-8")
+    return load_settings(cfg)
+
+
+def campaign(settings: Settings, body: str, name: str = "c1") -> Campaign:
+    text = f"id: {name}\nname: 测试活动\n" + body
+    return parse_campaign(text, settings.campaigns_dir / f"{name}.yaml", settings)
+
+
+PLAIN = """
+audience: {}
+message:
+  template: "{{ display_name }}您好，测试消息。"
+frequency_cap: false
+quiet_hours: false
+throttle: {per_second: 1000}
+"""
+
+
+def outbox_by_contact(gw: Any) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for m in gw.outbox_messages():
+        counts[m.contact_id] = counts.get(m.contact_id, 0) + 1
+    return counts
+
+
+def run(coro: Any) -> Any:
+    return asyncio.run(coro)
+
+
+async def started(settings: Settings, clock: FakeClock | None = None) -> Wecast:
+    app = Wecast(settings, clock=clock or FakeClock(MONDAY_10))
+    await app.start()
+    await app.sync()
+    return app
+
+
+def test_same_run_twice_sends_nothing_the_second_time(tmp_path: Path) -> None:
+    """Running the same campaign run again plans and sends nothing new; the outbox holds one message each."""
+    settings = make_settings(tmp_path)
+
+    async def go() -> None:
+        app = await started(settings)
+        c = campaign(settings, PLAIN)
+        first = await app.run_campaign(c)
+        second = await app.run_campaign(c)
+        assert first.plan.created and not second.plan.created
+        assert first.plan.run_id == second.plan.run_id
+        assert first.summary is not None and first.summary.sent > 50
+        per_contact = outbox_by_contact(app.gateway)
+        assert sum(per_contact.values()) == first.summary.sent
+        assert set(per_contact.values()) == {1}
+        await app.close()
+    run(go())
+
+
+def test_manual_run_and_scheduled_fire_of_the_same_slot_are_one_run(tmp_path: Path) -> None:
+    """A manual run names itself after the current schedule slot, so the scheduler's fire of that slot adds nothing."""
+    settings = make_settings(tmp_path)
+
+    async def go() -> None:
+        app = await started(settings)
+        c = campaign(settings, PLAIN + 'schedule: {cron: "0 9 * * 1"}\n')
+        manual = await app.run_campaign(c)
+        assert manual.plan.run_key == "2026-01-05T01:00:00Z"          # Monday 09:00 Shanghai
+        scheduled = await app.run_campaign(c, run_key="2026-01-05T01:00:00Z", trigger="schedule")
+        assert not scheduled.plan.created
+        assert set(outbox_by_contact(app.gateway).values()) == {1}
+        await app.close()
+    run(go())
+
+
+def test_dedupe_once_and_window(tmp_path: Path) -> None:
+    """dedupe: once never repeats a contact across runs; a 7d window repeats only after 7 days."""
+    settings = make_settings(tmp_path, contacts=40)
+    clock = FakeClock(MONDAY_10)
+
+    async def go() -> None:
+        app = await started(settings, clock)
+        once = campaign(settings, PLAIN + "dedupe: once\n", "once")
+        r1 = await app.run_campaign(once, run_key="a")
+        r2 = await app.run_campaign(once, run_key="b")
+        assert r1.summary and r1.summary.sent > 10
+        assert r2.summary and r2.summary.sent == 0
+        preview = app.preview(once, run_key="c")
+        assert preview.recipients == []
+        assert all(e.category in ("dedupe", "exclusion") for e in preview.excluded)
+
+        window = campaign(settings, PLAIN + "dedupe: 7d\n", "win")
+        w1 = await app.run_campaign(window, run_key="w1")
+        clock.advance(3 * 86400)
+        w2 = await app.run_campaign(window, run_key="w2")
+        clock.advance(5 * 86400)
+        w3 = await app.run_campaign(window, run_key="w3")
+        assert w1.summary and w2.summary and w3.summary
+        assert w2.summary.sent == 0 and w2.summary.counts.get("skipped", 0) >= w1.summary.sent
+        assert w3.summary.sent == w1.summary.sent
+        await app.close()
+    run(go())
+
+
+def test_faults_every_delivery_ends_recorded_and_none_twice(tmp_path: Path) -> None:
+    """With transient errors, rate limits and timeouts injected, every delivery ends in a terminal state,
+    sent ones are in the outbox exactly once, and unknown ones are never retried."""
+    settings = make_settings(tmp_path, contacts=300,
+                             faults="{error_rate: 0.2, rate_limit_rate: 0.05, timeout_rate: 0.05}")
+
+    async def go() -> None:
+        app = await started(settings)
+        outcome = await app.run_campaign(campaign(settings, PLAIN + "max_errors: 0\n"))
+        s = outcome.summary
+        assert s is not None and s.status == "completed"
+        assert s.open == 0
+        with app.db.connect() as conn:
+            rows = queries.deliveries(conn, run_id=s.run_id, limit=10_000)
+        per_contact = outbox_by_contact(app.gateway)
+        assert max(per_contact.values()) == 1
+        sent = {r["contact_id"] for r in rows if r["status"] == "sent"}
+        unknown = {r["contact_id"] for r in rows if r["status"] == "unknown"}
+        assert sent <= set(per_contact)                      # every "sent" really arrived
+        assert set(per_contact) <= sent | unknown             # nothing arrived unrecorded
+        assert unknown, "the injected timeouts should produce unknown outcomes"
+        assert all(r["reason"] for r in rows if r["status"] in ("failed", "unknown", "skipped"))
+        assert any(r["attempts"] > 1 for r in rows if r["status"] == "sent"), "transient errors are retried"
+        await app.close()
+    run(go())
+
+
+def test_transient_errors_give_up_after_max_attempts(tmp_path: Path) -> None:
+    """A send that keeps failing transiently is retried with growing delays, then failed with the reason."""
+    settings = make_settings(tmp_path, contacts=30, faults="{error_rate: 1.0}")
+    clock = FakeClock(MONDAY_10)
+
+    async def go() -> None:
+        app = await started(settings, clock)
+        s = (await app.run_campaign(campaign(settings, PLAIN + "max_errors: 0\n"))).summary
+        assert s is not None and s.sent == 0 and s.counts["failed"] > 0
+        with app.db.connect() as conn:
+            rows = queries.deliveries(conn, run_id=s.run_id, status="failed", limit=1000)
+        assert all(r["attempts"] == 3 and r["reason"].startswith("gave up after 3 attempts") for r in rows)
+        # base 1s, doubling with jitter: the fake clock moved at least 0.5 + 1 seconds for the retries
+        assert clock.now() - MONDAY_10 >= timedelta(seconds=1.5)
+        await app.close()
+    run(go())
+
+
+def test_throttle_spaces_sends_and_never_exceeds_the_rate(tmp_path: Path) -> None:
+    """At 4/s, sends start 0.25 s apart on the (fake) clock: the achieved rate equals the configured one."""
+    settings = make_settings(tmp_path, contacts=60)
+    clock = FakeClock(MONDAY_10)
+
+    async def go() -> None:
+        app = await started(settings, clock)
+        starts: list[float] = []
+        original = app.gateway.send_text
+
+        async def timed(contact_id: str, text: str, *, idempotency_key: str) -> Any:
+            starts.append(clock.monotonic())
+            return await original(contact_id, text, idempotency_key=idempotency_key)
+
+        app.gateway.send_text = timed  # type: ignore[method-assign]
+        body = PLAIN.replace("per_second: 1000", "per_second: 4")
+        s = (await app.run_campaign(campaign(settings, body))).summary
+        assert s is not None and s.sent == len(starts) > 20
+        gaps = [b - a for a, b in zip(starts, starts[1:], strict=False)]
+        assert min(gaps) >= 0.25 - 1e-9
+        achieved = (len(starts) - 1) / (starts[-1] - starts[0])
+        assert 0.95 * 4 <= achieved <= 4.0 + 1e-9
+        await app.close()
+    run(go())
+
+
+def test_frequency_cap_is_shared_across_campaigns_per_local_day(tmp_path: Path) -> None:
+    """With 1 marketing message per contact per day, a second campaign the same Shanghai day skips them all;
+    the next local day it sends again."""
+    settings = make_settings(tmp_path, contacts=40)
+    clock = FakeClock(MONDAY_10)
+
+    async def go() -> None:
+        app = await started(settings, clock)
+        capped = PLAIN.replace("frequency_cap: false", "frequency_cap: {max: 1, per: day}")
+        a = (await app.run_campaign(campaign(settings, capped, "a"))).summary
+        b_preview = app.preview(campaign(settings, capped, "b"))
+        assert b_preview.recipients == []
+        assert {e.category for e in b_preview.excluded} >= {"frequency_cap"}
+        b = (await app.run_campaign(campaign(settings, capped, "b"))).summary
+        assert a and b and a.sent > 10 and b.sent == 0
+        # 15:59 UTC is 23:59 in Shanghai: still the same local day
+        clock.set(datetime(2026, 1, 5, 15, 59, tzinfo=UTC))
+        assert app.preview(campaign(settings, capped, "c")).recipients == []
+        clock.set(datetime(2026, 1, 5, 16, 1, tzinfo=UTC))         # 00:01 Tuesday in Shanghai
+        assert len(app.preview(campaign(settings, capped, "c")).recipients) == a.sent
+        await app.close()
+    run(go())
+
+
+def test_frequency_cap_rechecked_at_send_time(tmp_path: Path) -> None:
+    """Two runs planned before either sent: the second one's deliveries are skipped at send time by the cap."""
+    settings = make_settings(tmp_path, contacts=40)
+
+    async def go() -> None:
+        app = await started(settings)
+        capped = PLAIN.replace("frequency_cap: false", "frequency_cap: {max: 1, per: day}")
+        pa = app.plan(campaign(settings, capped, "a"))
+        pb = app.plan(campaign(settings, capped, "b"))
+        assert pa.planned == pb.planned > 10
+        sa = await app.dispatcher.run(pa.run_id)
+        sb = await app.dispatcher.run(pb.run_id)
+        assert sa.sent == pa.planned and sb.sent == 0
+        with app.db.connect() as conn:
+            rows = queries.deliveries(conn, run_id=pb.run_id, limit=1000)
+        planned = [r for r in rows if not r["reason"].startswith("exclusion:")]
+        assert len(planned) == pb.planned
+        assert all(r["status"] == "skipped" and r["reason"].startswith("frequency_cap") for r in planned)
+        assert set(outbox_by_contact(app.gateway).values()) == {1}
+        await app.close()
+    run(go())
+
+
+def test_quiet_hours_hold_sends_until_the_window_opens(tmp_path: Path) -> None:
+    """Planned at 22:00 Shanghai with quiet hours 21:00–09:00, nothing goes out before 09:00 local."""
+    settings = make_settings(tmp_path, contacts=30)
+    clock = FakeClock(datetime(2026, 1, 5, 14, 0, tzinfo=UTC))   # 22:00 Shanghai
+
+    async def go() -> None:
+        app = await started(settings, clock)
+        body = PLAIN.replace("quiet_hours: false", 'quiet_hours: {start: "21:00", end: "09:00"}')
+        c = campaign(settings, body)
+        held = await app.run_campaign(c, quiet_wait_max=0)
+        assert held.summary and held.summary.sent == 0 and held.summary.status == "running"
+        assert "quiet hours" in held.summary.message
+        assert app.gateway.outbox_messages() == []
+        sent_at: list[datetime] = []
+        original = app.gateway.send_text
+
+        async def timed(contact_id: str, text: str, *, idempotency_key: str) -> Any:
+            sent_at.append(clock.now())
+            return await original(contact_id, text, idempotency_key=idempotency_key)
+
+        app.gateway.send_text = timed  # type: ignore[method-assign]
+        [done] = await app.resume()          # waits (on the fake clock) for the window to open
+        assert done.status == "completed" and done.sent > 10
+        assert min(sent_at) >= datetime(2026, 1, 6, 1, 0, tzinfo=UTC)   # 09:00 Tuesday Shanghai
+        await app.close()
+    run(go())
+
+
+def test_logged_out_sends_wait_pending_then_go_out_after_login(tmp_path: Path) -> None:
+    """A run started while the account is logged out keeps its deliveries pending; after login they go out."""
+    settings = make_settings(tmp_path, contacts=30)
+
+    async def go() -> None:
+        app = await started(settings)
+        gw = app.gateway
+        assert isinstance(gw, SandboxGateway)
+        await gw.logout()
+        waiting = await app.run_campaign(campaign(settings, PLAIN), login_wait=0)
+        assert waiting.summary and waiting.summary.sent == 0 and waiting.summary.counts.get("pending", 0) > 10
+        assert "not logged in" in waiting.summary.message
+        status = await gw.start_login(schedule_phone=False)
+        await gw.sandbox_scan()
+        code = gw.sandbox_phone_code()
+        assert code is not None
+        await gw.submit_verify_code(code, status.qrcode_key)
+        [done] = await app.resume(login_wait=0)
+        assert done.status == "completed" and done.sent == waiting.summary.counts["pending"]
+        await app.close()
+    run(go())
+
+
+def test_logout_mid_run_requeues_without_counting_an_attempt(tmp_path: Path) -> None:
+    """When the account drops mid-run, the unsent deliveries go back to pending (no attempt used) and finish later."""
+    settings = make_settings(tmp_path, contacts=60)
+
+    async def go() -> None:
+        app = await started(settings)
+        gw = app.gateway
+        assert isinstance(gw, SandboxGateway)
+        original = gw.send_text
+        calls = 0
+
+        async def dropping(contact_id: str, text: str, *, idempotency_key: str) -> Any:
+            nonlocal calls
+            calls += 1
+            if calls == 10:
+                await gw.logout()
+            return await original(contact_id, text, idempotency_key=idempotency_key)
+
+        gw.send_text = dropping  # type: ignore[method-assign]
+        first = (await app.run_campaign(campaign(settings, PLAIN), login_wait=0)).summary
+        assert first is not None and 0 < first.sent < 20 and first.counts.get("pending", 0) > 0
+        with app.db.connect() as conn:
+            pending = queries.deliveries(conn, run_id=first.run_id, status="pending", limit=1000)
+        assert all(r["attempts"] == 0 for r in pending)
+        status = await gw.start_login(schedule_phone=False)
+        await gw.sandbox_scan()
+        await gw.submit_verify_code(gw.sandbox_phone_code() or "", status.qrcode_key)
+        [done] = await app.resume(login_wait=0)
+        assert done.status == "completed" and done.open == 0
+        assert set(outbox_by_contact(gw).values()) == {1}
+        await app.close()
+    run(go())
+
+
+def test_too_many_errors_pause_the_run(tmp_path: Path) -> None:
+    """After max_errors permanent failures the run pauses and the rest stay pending."""
+    settings = make_settings(tmp_path, contacts=80)
+
+    async def go() -> None:
+        app = await started(settings)
+
+        async def broken(contact_id: str, text: str, *, idempotency_key: str) -> Any:
+            raise PermanentError("message rejected by WeCom (test)")
+
+        app.gateway.send_text = broken  # type: ignore[method-assign]
+        s = (await app.run_campaign(campaign(settings, PLAIN + "max_errors: 5\n"))).summary
+        assert s is not None and s.status == "paused"
+        assert 5 <= s.counts["failed"] <= 5 + settings.sending.concurrency
+        assert s.counts.get("pending", 0) > 30
+        await app.close()
+    run(go())
+
+
+def test_planning_is_one_transaction_and_idempotent_under_races(tmp_path: Path) -> None:
+    """Several threads planning the same run at once create one run with one delivery per recipient."""
+    settings = make_settings(tmp_path, contacts=100)
+
+    async def setup() -> Wecast:
+        return await started(settings)
+
+    app = run(setup())
+    c = campaign(settings, PLAIN)
+    results: list[Any] = []
+    errors: list[BaseException] = []
+
+    def plan() -> None:
+        try:
+            results.append(plan_run(app.db, c, settings, now=MONDAY_10, run_key="race"))
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=plan) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert len({r.run_id for r in results}) == 1
+    assert sum(r.created for r in results) == 1
+    with app.db.connect() as conn:
+        rows = queries.deliveries(conn, run_id=results[0].run_id, limit=10_000)
+    contacts = [r["contact_id"] for r in rows]
+    assert len(contacts) == len(set(contacts)) > 50
+    run(app.close())
+
+
+def test_claims_are_atomic_across_threads(tmp_path: Path) -> None:
+    """Concurrent claimers of one run never get the same delivery."""
+    settings = make_settings(tmp_path, contacts=200)
+    app = run(started(settings))
+    p = app.plan(campaign(settings, PLAIN))
+    got: list[list[int]] = []
+    lock = threading.Lock()
+
+    def claimer(token: str) -> None:
+        mine: list[int] = []
+        while True:
+            with app.db.begin() as conn:
+                rows = queries.claim(conn, p.run_id, token, 7, MONDAY_10)
+            if not rows:
+                break
+            mine.extend(r["id"] for r in rows)
+        with lock:
+            got.append(mine)
+
+    threads = [threading.Thread(target=claimer, args=(f"t{i}",)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    flat = [i for ids in got for i in ids]
+    assert len(flat) == len(set(flat)) == p.planned
+    run(app.close())
+
+
+def test_a_live_owner_blocks_a_second_dispatcher(tmp_path: Path) -> None:
+    """A run being sent by a live process cannot be taken over by another dispatcher."""
+    settings = make_settings(tmp_path, contacts=30)
+
+    async def go() -> None:
+        app = await started(settings)
+        p = app.plan(campaign(settings, PLAIN))
+        import os
+        import socket
+
+        from sqlalchemy import update
+
+        from storage.models import CampaignRun
+        with app.db.begin() as conn:   # pretend this very (live) process owns it from another dispatcher
+            conn.execute(update(CampaignRun.__table__).where(queries.R.id == p.run_id).values(  # type: ignore[arg-type]
+                owner=f"{socket.gethostname()}:{os.getpid()}:other", heartbeat_at=datetime.now(UTC)))
+        with pytest.raises(WecastError, match="being sent by another process"):
+            await app.dispatcher.run(p.run_id)
+        await app.close()
+    run(go())
