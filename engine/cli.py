@@ -21,7 +21,7 @@ import io
 import json
 import logging
 import sys
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeVar
@@ -435,7 +435,7 @@ def contacts_list(ctx: Ctx, tags: tuple[str, ...], wheres: tuple[str, ...], limi
         out.print("[dim]no contacts yet: run `wecast contacts sync`[/dim]")
 
 
-def _contact_json(c: dict[str, Any]) -> dict[str, Any]:
+def _contact_json(c: Mapping[str, Any]) -> dict[str, Any]:
     d = {k: v for k, v in c.items() if k not in ("tags", "tags_named")}
     d["tags"] = list(c["tags_named"])
     return d
@@ -501,7 +501,8 @@ def log_cmd(ctx: Ctx, campaign: str | None, run_id: int | None, status: str | No
     table = Table("id", "run", "campaign", "contact", "status", "tries", "when", "message / reason")
     for d in rows:
         detail = d["reason"] or d["last_error"] if d["status"] != "sent" else d["text"]
-        table.add_row(str(d["id"]), str(d["run_id"]), d["campaign_id"], f"{d['contact_id']} {_escape(d['contact_name'])}",
+        who = f"{d['contact_id']} {_escape(d['contact_name'])}"
+        table.add_row(str(d["id"]), str(d["run_id"]), d["campaign_id"], who,
                       d["status"], str(d["attempts"]), _local(d["sent_at"] or d["updated_at"], tz),
                       _escape((detail or "")[:80]))
     out.print(table)
@@ -544,7 +545,8 @@ def login(ctx: Ctx, timeout: int) -> None:
                     out.print(_terminal_qr(status.qr_url))
                     out.print(f"{_escape(status.message)}\nqrcodeKey: {status.qrcode_key}")
                 if status.state.value == "waiting_verify_code":
-                    code = await loop.run_in_executor(None, lambda: click.prompt("verification code shown on the phone"))
+                    code = await loop.run_in_executor(
+                        None, lambda: click.prompt("verification code shown on the phone"))
                     try:
                         status = await gw.submit_verify_code(code, status.qrcode_key)
                     except LoginError as exc:

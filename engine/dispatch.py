@@ -52,7 +52,7 @@ from engine.gateways.base import Gateway
 from engine.plan import cap_period
 from engine.settings import Settings
 from storage import queries
-from storage.models import CampaignRun, DeliveryStatus, RunStatus
+from storage.models import DELIVERIES, RUNS, DeliveryStatus, RunStatus
 
 log = logging.getLogger("wecast.dispatch")
 HEARTBEAT_EVERY = 5.0
@@ -205,7 +205,7 @@ class Dispatcher:
                               "wait for it, or stop that process first")
         r = queries.R
         with self.db.begin() as conn:
-            changed = conn.execute(update(CampaignRun.__table__)  # type: ignore[arg-type]
+            changed = conn.execute(update(RUNS)
                                    .where(r.id == run["id"], r.owner == owner)
                                    .values(owner=self.owner, heartbeat_at=now)).rowcount
             if not changed:
@@ -219,7 +219,7 @@ class Dispatcher:
     def _release(self, run_id: int) -> None:
         r = queries.R
         with self.db.begin() as conn:
-            conn.execute(update(CampaignRun.__table__)  # type: ignore[arg-type]
+            conn.execute(update(RUNS)
                          .where(r.id == run_id, r.owner == self.owner).values(owner=""))
 
     def _summary(self, run_id: int, status: str, message: str) -> RunSummary:
@@ -449,7 +449,7 @@ class _RunSender:
     def _pause(self, why: str) -> None:
         r = queries.R
         with self.d.db.begin() as conn:
-            conn.execute(update(CampaignRun.__table__).where(r.id == self.run_id)  # type: ignore[arg-type]
+            conn.execute(update(RUNS).where(r.id == self.run_id)
                          .values(status=RunStatus.PAUSED.value, error=why))
         log.warning("run %s: %s", self.run_id, why)
 
@@ -459,7 +459,7 @@ class _RunSender:
             if any(counts.get(s, 0) for s in ("pending", "claimed", "sending", "submitted")):
                 return
             r = queries.R
-            conn.execute(update(CampaignRun.__table__)  # type: ignore[arg-type]
+            conn.execute(update(RUNS)
                          .where(r.id == self.run_id, r.status == RunStatus.RUNNING.value)
                          .values(status=RunStatus.COMPLETED.value, finished_at=self.d.clock.now()))
 
@@ -469,7 +469,7 @@ class _RunSender:
         self.last_beat = self.d.clock.monotonic()
         r = queries.R
         with self.d.db.begin() as conn:
-            conn.execute(update(CampaignRun.__table__).where(r.id == self.run_id)  # type: ignore[arg-type]
+            conn.execute(update(RUNS).where(r.id == self.run_id)
                          .values(heartbeat_at=self.d.clock.now()))
 
     # -- waiting ---------------------------------------------------------------------------------
@@ -502,7 +502,7 @@ class _RunSender:
         self._flush()
         with self.d.db.begin() as conn:
             c = queries.D
-            conn.execute(update(queries.Delivery.__table__)  # type: ignore[attr-defined]
+            conn.execute(update(DELIVERIES)
                          .where(c.run_id == self.run_id, c.status == DeliveryStatus.CLAIMED.value,
                                 c.claim_token == self.token)
                          .values(status=DeliveryStatus.PENDING.value, claim_token=""))

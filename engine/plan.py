@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import itertools
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -29,7 +30,7 @@ from engine.schedule import build_trigger, latest_fire_time, next_fire_times
 from engine.settings import FrequencyCap, Settings
 from engine.spec import Campaign
 from storage import queries
-from storage.models import CampaignRun, Delivery, DeliveryStatus, RunStatus
+from storage.models import DELIVERIES, RUNS, DeliveryStatus, RunStatus
 
 
 @dataclass(frozen=True)
@@ -180,7 +181,7 @@ def build_preview(db: Engine, campaign: Campaign, *, now: datetime, run_key: str
                            include_coworkers=a.include_coworkers, now=now, known_tags=known_tags)
     excluded = [Excluded(e.contact_id, e.name, e.reason, _category(e.reason), _category(e.reason) != "audience")
                 for e in selection.excluded]
-    eligible: list[dict[str, Any]] = []
+    eligible: list[Mapping[str, Any]] = []
     local = campaign.tz
     for c in selection.recipients:
         cid = c["id"]
@@ -261,7 +262,7 @@ def _find_run(conn: Any, campaign_id: str, run_key: str) -> dict[str, Any] | Non
     from sqlalchemy import select
 
     r = queries.R
-    row = conn.execute(select(CampaignRun.__table__).where(r.campaign_id == campaign_id, r.run_key == run_key)).first()
+    row = conn.execute(select(RUNS).where(r.campaign_id == campaign_id, r.run_key == run_key)).first()
     return dict(row._mapping) if row else None
 
 
@@ -296,7 +297,7 @@ def plan_run(db: Engine, campaign: Campaign, settings: Settings, *, now: datetim
             scheduled_for = None
     capped = campaign.frequency_cap is not None
     with db.begin() as conn:
-        inserted = queries.insert_ignore(conn, CampaignRun.__table__, [{  # type: ignore[attr-defined]
+        inserted = queries.insert_ignore(conn, RUNS, [{
             "campaign_id": campaign.id, "run_key": key, "trigger": trigger, "status": RunStatus.RUNNING.value,
             "timezone": campaign.timezone, "campaign_file": str(campaign.file),
             "campaign_hash": campaign.content_hash, "settings": run_settings(campaign, settings),
@@ -314,7 +315,7 @@ def plan_run(db: Engine, campaign: Campaign, settings: Settings, *, now: datetim
                     DeliveryStatus.PENDING.value, "", capped, ts, ts, *tail) for r in preview.recipients)
         skipped = ((run_id, campaign.id, e.contact_id, e.name, "", None, DeliveryStatus.SKIPPED.value,
                     f"{e.category}: {e.reason}", capped, ts, ts, *tail) for e in preview.excluded if e.recorded)
-        queries.insert_fast(conn, Delivery.__table__, itertools.chain(pending, skipped),  # type: ignore[attr-defined]
+        queries.insert_fast(conn, DELIVERIES, itertools.chain(pending, skipped),
                             DELIVERY_INSERT_COLUMNS)
         counts = queries.status_counts(conn, run_id)
     return PlanResult(run_id, key, created=True, planned=counts.get("pending", 0),
@@ -328,7 +329,7 @@ def plan_adhoc(db: Engine, *, contact_ids: list[str], text: str, run_key: str, n
     contacts, no audience rules, not counted against the marketing frequency cap. `run_key` is the
     client's Idempotency-Key (or a fresh id), so a retried request plans nothing new."""
     with db.begin() as conn:
-        inserted = queries.insert_ignore(conn, CampaignRun.__table__, [{  # type: ignore[attr-defined]
+        inserted = queries.insert_ignore(conn, RUNS, [{
             "campaign_id": campaign_id, "run_key": run_key, "trigger": trigger,
             "status": RunStatus.RUNNING.value, "timezone": timezone, "campaign_file": "", "campaign_hash": "",
             "settings": {"interval": throttle_interval, "max_errors": 0, "timezone": timezone,
@@ -346,5 +347,5 @@ def plan_adhoc(db: Engine, *, contact_ids: list[str], text: str, run_key: str, n
                  "reason": "", "attempts": 0, "last_error": "", "capped": False, "gateway_message_id": "",
                  "gateway_task_id": "", "claim_token": "", "next_attempt_at": None, "created_at": now,
                  "updated_at": now, "sent_at": None} for cid in dict.fromkeys(contact_ids)]
-        queries.insert_ignore(conn, Delivery.__table__, rows)  # type: ignore[attr-defined]
+        queries.insert_ignore(conn, DELIVERIES, rows)
     return PlanResult(run_id, run_key, created=True, planned=len(rows))

@@ -25,8 +25,9 @@ from typing import Any, NoReturn
 from zoneinfo import ZoneInfo
 
 from jinja2 import StrictUndefined, TemplateSyntaxError, UndefinedError, meta, nodes
+from jinja2.exceptions import SecurityError
 from jinja2.runtime import new_context
-from jinja2.sandbox import SandboxedEnvironment, SecurityError
+from jinja2.sandbox import SandboxedEnvironment
 
 from engine.errors import Location, TemplateError
 
@@ -52,9 +53,9 @@ class _Strict(StrictUndefined):
             raise SecurityError(self._undefined_hint or "unsafe access")
         raise MissingField(str(self._undefined_name or "?"))
 
-    __str__ = __iter__ = __len__ = __bool__ = __eq__ = __ne__ = __hash__ = _fail_with_undefined_error  # type: ignore[assignment]
-    __add__ = __radd__ = __mul__ = __rmul__ = __lt__ = __le__ = __gt__ = __ge__ = _fail_with_undefined_error  # type: ignore[assignment]
-    __int__ = __float__ = __contains__ = __getitem__ = _fail_with_undefined_error  # type: ignore[assignment]
+    __str__ = __iter__ = __len__ = __bool__ = __eq__ = __ne__ = __hash__ = _fail_with_undefined_error
+    __add__ = __radd__ = __mul__ = __rmul__ = __lt__ = __le__ = __gt__ = __ge__ = _fail_with_undefined_error
+    __int__ = __float__ = __contains__ = __getitem__ = _fail_with_undefined_error
 
 
 def _env(tz: ZoneInfo) -> SandboxedEnvironment:
@@ -65,7 +66,7 @@ def _env(tz: ZoneInfo) -> SandboxedEnvironment:
         if isinstance(value, datetime):
             if value.tzinfo is not None:
                 value = value.astimezone(tz)
-            return value.strftime(fmt)
+            return str(value.strftime(fmt))
         if isinstance(value, date):
             return value.strftime(fmt)
         raise TypeError(f"datefmt expects a date, got {type(value).__name__}")

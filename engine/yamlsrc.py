@@ -111,8 +111,7 @@ def describe_pydantic_error(err: dict[str, Any]) -> str:
     if kind == "missing":
         return "required field is missing"
     msg = str(err.get("msg", "invalid value"))
-    msg = msg.removeprefix("Value error, ")
-    return msg
+    return msg.removeprefix("Value error, ")
 
 
 _SCALAR_BRANCHES = frozenset({"bool", "int", "float", "str", "none"})

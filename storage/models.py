@@ -15,7 +15,7 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import JSON, Column, DateTime, Index, String, Text, UniqueConstraint
+from sqlalchemy import JSON, Column, DateTime, Index, String, Table, Text, UniqueConstraint
 from sqlalchemy.engine import Dialect
 from sqlalchemy.types import TypeDecorator
 from sqlmodel import Field, SQLModel
@@ -205,3 +205,12 @@ class GatewayEvent(SQLModel, table=True):
     kind: str = ""
     message: str = ""
     data: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+
+
+# The tables as SQLAlchemy Core objects, typed (SQLModel's `__table__` is not visible to type checkers).
+CONTACTS: Table = Contact.__table__  # type: ignore[attr-defined]
+TAGS: Table = Tag.__table__  # type: ignore[attr-defined]
+CONTACT_TAGS: Table = ContactTag.__table__  # type: ignore[attr-defined]
+RUNS: Table = CampaignRun.__table__  # type: ignore[attr-defined]
+DELIVERIES: Table = Delivery.__table__  # type: ignore[attr-defined]
+META: Table = Meta.__table__  # type: ignore[attr-defined]

@@ -17,21 +17,21 @@ from sqlalchemy.engine import Connection, Engine
 
 from storage.models import (
     CAP_COUNTED_STATUSES,
-    CampaignRun,
-    Contact,
-    ContactTag,
-    Delivery,
+    CONTACT_TAGS,
+    CONTACTS,
+    DELIVERIES,
+    RUNS,
+    TAGS,
     DeliveryStatus,
-    Tag,
     utcnow,
 )
 
-C = Contact.__table__.c  # type: ignore[attr-defined]
-T = Tag.__table__.c  # type: ignore[attr-defined]
-CT = ContactTag.__table__.c  # type: ignore[attr-defined]
-D = Delivery.__table__.c  # type: ignore[attr-defined]
-R = CampaignRun.__table__.c  # type: ignore[attr-defined]
-CONTACT_COLUMNS = [c.name for c in Contact.__table__.columns]  # type: ignore[attr-defined]
+C = CONTACTS.c
+T = TAGS.c
+CT = CONTACT_TAGS.c
+D = DELIVERIES.c
+R = RUNS.c
+CONTACT_COLUMNS = [c.name for c in CONTACTS.columns]
 
 
 def insert_ignore(conn: Connection, table: Any, rows: Sequence[dict[str, Any]], index: Sequence[str] | None = None,
@@ -43,6 +43,7 @@ def insert_ignore(conn: Connection, table: Any, rows: Sequence[dict[str, Any]], 
     inserted = 0
     for i in range(0, len(rows), chunk):
         part = rows[i:i + chunk]
+        stmt: Any
         if dialect == "sqlite":
             stmt = sqlite.insert(table).on_conflict_do_nothing()
         elif dialect == "postgresql":
@@ -53,7 +54,7 @@ def insert_ignore(conn: Connection, table: Any, rows: Sequence[dict[str, Any]], 
                     with conn.begin_nested():
                         conn.execute(table.insert(), row)
                     inserted += 1
-                except Exception:  # noqa: BLE001 - a duplicate; anything else re-raises on the next query
+                except Exception:  # a duplicate; anything else re-raises on the next query
                     continue
             continue
         result = conn.execute(stmt, list(part))
@@ -70,10 +71,10 @@ def upsert_tags(conn: Connection, tags: Iterable[dict[str, Any]]) -> None:
     existing = {r.id for r in conn.execute(select(T.id))}
     new = [r for r in rows if r["id"] not in existing]
     if new:
-        conn.execute(Tag.__table__.insert(), new)  # type: ignore[attr-defined]
+        conn.execute(TAGS.insert(), new)
     for r in rows:
         if r["id"] in existing:
-            conn.execute(update(Tag.__table__).where(T.id == r["id"])  # type: ignore[arg-type]
+            conn.execute(update(TAGS).where(T.id == r["id"])
                          .values(name=r["name"], group_name=r["group_name"], type=r["type"]))
 
 
@@ -85,7 +86,7 @@ def upsert_contacts(conn: Connection, contacts: Sequence[dict[str, Any]], tag_id
     ids = [c["id"] for c in contacts]
     existing: dict[str, dict[str, Any]] = {}
     for i in range(0, len(ids), 900):
-        for row in conn.execute(select(Contact.__table__).where(C.id.in_(ids[i:i + 900]))):  # type: ignore[arg-type]
+        for row in conn.execute(select(CONTACTS).where(C.id.in_(ids[i:i + 900]))):
             existing[row.id] = dict(row._mapping)
     fields = [f for f in CONTACT_COLUMNS if f not in ("created_at", "updated_at", "removed_at")]
     new_rows, changed = [], []
@@ -97,17 +98,17 @@ def upsert_contacts(conn: Connection, contacts: Sequence[dict[str, Any]], tag_id
                 c.get("added_at") and old.get("added_at") != c.get("added_at")):
             changed.append(c)
     if new_rows:
-        conn.execute(Contact.__table__.insert(), new_rows)  # type: ignore[attr-defined]
+        conn.execute(CONTACTS.insert(), new_rows)
     for c in changed:
-        conn.execute(update(Contact.__table__).where(C.id == c["id"])  # type: ignore[arg-type]
+        conn.execute(update(CONTACTS).where(C.id == c["id"])
                      .values(**{k: v for k, v in c.items() if k != "id"}, updated_at=now, removed_at=None))
     for i in range(0, len(ids), 900):
-        conn.execute(delete(ContactTag.__table__).where(CT.contact_id.in_(ids[i:i + 900])))  # type: ignore[arg-type]
+        conn.execute(delete(CONTACT_TAGS).where(CT.contact_id.in_(ids[i:i + 900])))
     links = [{"contact_id": cid, "tag_id": t} for cid, tags in tag_ids.items() for t in dict.fromkeys(tags)]
     known = {r.id for r in conn.execute(select(T.id))}
     links = [link for link in links if link["tag_id"] in known]
     if links:
-        conn.execute(ContactTag.__table__.insert(), links)  # type: ignore[attr-defined]
+        conn.execute(CONTACT_TAGS.insert(), links)
     return len(new_rows), len(changed)
 
 
@@ -116,7 +117,7 @@ def mark_removed(conn: Connection, seen_ids: set[str], now: datetime) -> int:
     current = {r.id for r in conn.execute(select(C.id).where(C.removed_at.is_(None)))}
     gone = sorted(current - seen_ids)
     for i in range(0, len(gone), 900):
-        conn.execute(update(Contact.__table__).where(C.id.in_(gone[i:i + 900]))  # type: ignore[arg-type]
+        conn.execute(update(CONTACTS).where(C.id.in_(gone[i:i + 900]))
                      .values(removed_at=now, updated_at=now))
     return len(gone)
 
@@ -198,7 +199,7 @@ def insert_fast(conn: Connection, table: Any, rows: Iterable[tuple[Any, ...]], c
 
 def _exec_many(conn: Connection, sql: str, batch: list[tuple[Any, ...]]) -> int:
     before = _changes(conn)
-    result = conn.exec_driver_sql(sql, batch)  # type: ignore[arg-type]
+    result = conn.exec_driver_sql(sql, batch)
     if conn.dialect.name == "sqlite":
         return _changes(conn) - before
     return max(result.rowcount or 0, 0)
@@ -291,7 +292,7 @@ def claim(conn: Connection, run_id: int, token: str, limit: int, now: datetime) 
     ids = [r.id for r in conn.execute(due)]
     if not ids:
         return []
-    conn.execute(update(Delivery.__table__)  # type: ignore[arg-type]
+    conn.execute(update(DELIVERIES)
                  .where(D.id.in_(ids), D.status == DeliveryStatus.PENDING.value)
                  .values(status=DeliveryStatus.CLAIMED.value, claim_token=token, updated_at=now))
     rows = conn.execute(select(D.id, D.contact_id, D.text, D.dedupe_key, D.attempts, D.capped)
@@ -314,7 +315,7 @@ def set_status(conn: Connection, ids: Sequence[int], status: DeliveryStatus, now
                **values: Any) -> int:
     total = 0
     for i in range(0, len(ids), 900):
-        result = conn.execute(update(Delivery.__table__).where(D.id.in_(ids[i:i + 900]))  # type: ignore[arg-type]
+        result = conn.execute(update(DELIVERIES).where(D.id.in_(ids[i:i + 900]))
                               .values(status=status.value, updated_at=now, **values))
         total += result.rowcount or 0
     return total
@@ -331,7 +332,7 @@ def apply_updates(conn: Connection, updates: Sequence[dict[str, Any]]) -> None:
 
     for keys, group in by_keys.items():
         cols = [k for k in keys if k != "id"]
-        stmt = (update(Delivery.__table__).where(D.id == bindparam("_id"))  # type: ignore[arg-type]
+        stmt = (update(DELIVERIES).where(D.id == bindparam("_id"))
                 .values({k: bindparam(f"_{k}") for k in cols}))
         conn.execute(stmt, [{f"_{k}": v for k, v in u.items()} for u in group])
 
@@ -339,16 +340,16 @@ def apply_updates(conn: Connection, updates: Sequence[dict[str, Any]]) -> None:
 def recover_run(conn: Connection, run_id: int, *, resend_in_flight: bool, now: datetime) -> dict[str, int]:
     """After a crash: claimed-but-unsent rows go back to pending; rows that were being sent are resent
     (only when the gateway dedupes by idempotency key) or recorded as unknown."""
-    back = conn.execute(update(Delivery.__table__)  # type: ignore[arg-type]
+    back = conn.execute(update(DELIVERIES)
                         .where(D.run_id == run_id, D.status == DeliveryStatus.CLAIMED.value)
                         .values(status=DeliveryStatus.PENDING.value, claim_token="", updated_at=now)).rowcount
     if resend_in_flight:
-        inflight = conn.execute(update(Delivery.__table__)  # type: ignore[arg-type]
+        inflight = conn.execute(update(DELIVERIES)
                                 .where(D.run_id == run_id, D.status == DeliveryStatus.SENDING.value)
                                 .values(status=DeliveryStatus.PENDING.value, claim_token="", updated_at=now)
                                 ).rowcount
         return {"requeued": back or 0, "resent": inflight or 0, "unknown": 0}
-    unknown = conn.execute(update(Delivery.__table__)  # type: ignore[arg-type]
+    unknown = conn.execute(update(DELIVERIES)
                            .where(D.run_id == run_id, D.status == DeliveryStatus.SENDING.value)
                            .values(status=DeliveryStatus.UNKNOWN.value, claim_token="", updated_at=now,
                                    reason="interrupted while sending: the gateway may or may not have "
@@ -359,7 +360,7 @@ def recover_run(conn: Connection, run_id: int, *, resend_in_flight: bool, now: d
 def deliveries(conn: Connection, *, campaign_id: str | None = None, run_id: int | None = None,
                status: str | None = None, contact_id: str | None = None, limit: int = 100,
                offset: int = 0) -> list[dict[str, Any]]:
-    stmt = select(Delivery.__table__)
+    stmt = select(DELIVERIES)
     conds = []
     if campaign_id:
         conds.append(D.campaign_id == campaign_id)
@@ -377,7 +378,7 @@ def deliveries(conn: Connection, *, campaign_id: str | None = None, run_id: int 
 
 def runs(conn: Connection, *, campaign_id: str | None = None, status: str | None = None,
          limit: int = 50) -> list[dict[str, Any]]:
-    stmt = select(CampaignRun.__table__)
+    stmt = select(RUNS)
     if campaign_id:
         stmt = stmt.where(R.campaign_id == campaign_id)
     if status:
@@ -386,13 +387,13 @@ def runs(conn: Connection, *, campaign_id: str | None = None, status: str | None
 
 
 def unfinished_runs(conn: Connection) -> list[dict[str, Any]]:
-    stmt = select(CampaignRun.__table__).where(R.status == "running").order_by(R.id)
+    stmt = select(RUNS).where(R.status == "running").order_by(R.id)
     return [dict(r._mapping) for r in conn.execute(stmt)]
 
 
 def get_run(engine_or_conn: Engine | Connection, run_id: int) -> dict[str, Any] | None:
     def go(conn: Connection) -> dict[str, Any] | None:
-        row = conn.execute(select(CampaignRun.__table__).where(R.id == run_id)).first()
+        row = conn.execute(select(RUNS).where(R.id == run_id)).first()
         return dict(row._mapping) if row else None
     if isinstance(engine_or_conn, Engine):
         with engine_or_conn.connect() as conn:

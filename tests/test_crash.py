@@ -20,9 +20,9 @@ def _setup(tmp: Path, *, idempotent: bool) -> Path:
     (tmp / "campaigns").mkdir()
     (tmp / "campaigns" / "big.yaml").write_text(
         "id: big\nname: 大促通知\n"
-        "audience: {limit: %d}\n"
+        f"audience: {{limit: {RECIPIENTS}}}\n"
         "message: {template: '{{ display_name }}您好，双十二大促开始啦！'}\n"
-        "frequency_cap: false\nquiet_hours: false\nthrottle: {per_second: 400}\n" % RECIPIENTS,
+        "frequency_cap: false\nquiet_hours: false\nthrottle: {per_second: 400}\n",
         encoding="utf-8")
     cfg = tmp / "config.yaml"
     cfg.write_text(
@@ -85,7 +85,7 @@ def test_kill_9_twice_then_resume_sends_each_recipient_exactly_once(tmp_path: Pa
     partial = _deliveries(tmp_path)
     assert "pending" in partial.values() or "sending" in partial.values()
     done = _wecast(cfg, "run", "--resume")
-    out, err = done.communicate(timeout=120)
+    _, err = done.communicate(timeout=120)
     assert done.returncode == 0, err
     received = _outbox(tmp_path)
     contacts = [c for c, _ in received]
@@ -104,7 +104,7 @@ def test_kill_9_without_idempotent_gateway_never_sends_twice_and_records_unknown
     proc = _wecast(cfg, "run", "big")
     _kill_when_outbox_reaches(proc, tmp_path, 400)
     done = _wecast(cfg, "run", "--resume")
-    out, err = done.communicate(timeout=120)
+    done.communicate(timeout=120)
     statuses = _deliveries(tmp_path)
     received = [c for c, _ in _outbox(tmp_path)]
     assert len(received) == len(set(received)), "a recipient got two messages"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import threading
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -200,7 +201,7 @@ def test_throttle_spaces_sends_and_never_exceeds_the_rate(tmp_path: Path) -> Non
         body = PLAIN.replace("per_second: 1000", "per_second: 4")
         s = (await app.run_campaign(campaign(settings, body))).summary
         assert s is not None and s.sent == len(starts) > 20
-        gaps = [b - a for a, b in zip(starts, starts[1:], strict=False)]
+        gaps = [b - a for a, b in itertools.pairwise(starts)]
         assert min(gaps) >= 0.25 - 1e-9
         achieved = (len(starts) - 1) / (starts[-1] - starts[0])
         assert 0.95 * 4 <= achieved <= 4.0 + 1e-9

@@ -18,6 +18,7 @@ gateway, at one boundary.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from abc import ABC, abstractmethod
 from collections.abc import Callable
@@ -213,10 +214,8 @@ class Gateway(ABC):
             if remaining <= 0:
                 return status
             self._status_changed.clear()
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._status_changed.wait(), timeout=min(remaining, 1.0))
-            except TimeoutError:
-                pass
 
     # -- contacts --------------------------------------------------------------------------------
     @abstractmethod
