@@ -110,7 +110,7 @@ def test_source_document_flow_end_to_end(live: LiveServer, client: httpx.Client)
 
 
 def test_idempotency_key_retry_sends_once(live: LiveServer, client: httpx.Client) -> None:
-    """Retries (also concurrent ones) with the same Idempotency-Key send once; a reused key for another text is refused."""
+    """Retries (concurrent ones too) with one Idempotency-Key send once; reusing the key for another text is refused."""
     login(client)
     contact = client.get("/api/v1/contacts", params={"friend": True, "limit": 1, "offset": 3}).json()["items"][0]
     before = len(outbox(live).outbox_messages(contact["id"]))

@@ -1,0 +1,246 @@
+"""The campaign scheduler with an injected clock: cron in Asia/Shanghai, one-off, interval, catch-up across
+a restart (once, not zero, not twice), no overlap of a long run with its next fire, file reloads that report
+invalid files, interrupted runs resumed, contact re-sync."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from engine.clock import FakeClock
+from engine.gateways.base import SendReceipt
+from engine.gateways.sandbox import SandboxGateway
+from engine.scheduler import CampaignScheduler
+from engine.service import Wecast
+from engine.settings import Settings
+from engine.spec import load_campaign
+from storage import queries
+
+pytestmark = pytest.mark.anyio
+
+# 2026-01-05 is a Monday; 02:00 UTC is 10:00 in Asia/Shanghai.
+T0 = datetime(2026, 1, 5, 1, 0, tzinfo=UTC)
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+def settings_for(root: Path, **scheduler: Any) -> Settings:
+    return Settings.model_validate({
+        "version": 1, "database_url": f"sqlite:///{root / 'w.sqlite'}", "campaigns_dir": str(root / "campaigns"),
+        "sandbox": {"contacts": 30, "auto_login": True, "state_file": str(root / "sandbox.sqlite")},
+        "sending": {"throttle": {"per_second": 1000}, "quiet_hours": None, "frequency_cap": None},
+        "scheduler": {"contacts_sync": None, **scheduler},
+    })
+
+
+def write_campaign(root: Path, schedule: str, name: str = "greet") -> Path:
+    folder = root / "campaigns"
+    folder.mkdir(exist_ok=True)
+    path = folder / f"{name}.yaml"
+    path.write_text(f"id: {name}\nname: 问候\ntimezone: Asia/Shanghai\nschedule: {schedule}\naudience: {{}}\n"
+                    "message:\n  template: \"{{ name }}您好\"\nquiet_hours: false\nfrequency_cap: false\n",
+                    encoding="utf-8")
+    return path
+
+
+class GatedSandbox(SandboxGateway):
+    """A sandbox whose sends wait for `gate`: a run that lasts as long as the test wants."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.gate = asyncio.Event()
+
+    async def send_text(self, contact_id: str, text: str, *, idempotency_key: str) -> SendReceipt:
+        await self.gate.wait()
+        return await super().send_text(contact_id, text, idempotency_key=idempotency_key)
+
+
+@asynccontextmanager
+async def service(root: Path, clock: FakeClock, *, gated: bool = False,
+                  **scheduler: Any) -> AsyncIterator[tuple[Wecast, CampaignScheduler]]:
+    """A started Wecast (synced contacts) and a scheduler driven by hand (no loop)."""
+    settings = settings_for(root, **scheduler)
+    gateway = GatedSandbox(settings.sandbox, clock) if gated else None
+    app = Wecast(settings, clock=clock, gateway=gateway)
+    await app.start()
+    await app.sync()
+    sched = CampaignScheduler(app)
+    await sched.start(loop=False)
+    try:
+        yield app, sched
+    finally:
+        await sched.stop()
+        app.dispatcher.stop()
+        await sched.workers.drain(5)
+        await app.close()
+
+
+async def settle(sched: CampaignScheduler) -> None:
+    """Wait for every dispatch the scheduler started."""
+    while sched.workers.running():
+        task = sched.workers.task(sched.workers.running()[0])
+        if task is not None:
+            await task
+
+
+def runs(app: Wecast, campaign_id: str = "greet") -> list[dict[str, Any]]:
+    with app.db.connect() as conn:
+        return sorted(queries.runs(conn, campaign_id=campaign_id), key=lambda r: r["id"])
+
+
+async def test_cron_fires_in_the_campaigns_time_zone(tmp_path: Path) -> None:
+    """A 10:00 Asia/Shanghai cron fires at 02:00 UTC, once per slot, and a manual run of the slot is the same run."""
+    write_campaign(tmp_path, '{cron: "0 10 * * *"}')
+    clock = FakeClock(datetime(2026, 1, 5, 1, 59, tzinfo=UTC))
+    async with service(tmp_path, clock) as (app, sched):
+        assert await sched.tick() == []
+        assert sched.next_fire(sched.entries["greet"].campaign) == datetime(2026, 1, 5, 2, 0, tzinfo=UTC)
+        clock.set(datetime(2026, 1, 5, 2, 0, 0, tzinfo=UTC))
+        fired = await sched.tick()
+        assert [(f.action, f.run_key) for f in fired] == [("started", "2026-01-05T02:00:00Z")]
+        await settle(sched)
+        assert await sched.tick() == []
+        [run] = runs(app)
+        assert run["trigger"] == "schedule" and run["status"] == "completed" and run["planned"] > 0
+        manual = app.plan(load_campaign(tmp_path / "campaigns" / "greet.yaml", app.settings))
+        assert (manual.run_id, manual.created) == (run["id"], False)
+        clock.set(datetime(2026, 1, 6, 2, 0, 5, tzinfo=UTC))
+        assert [f.run_key for f in await sched.tick()] == ["2026-01-06T02:00:00Z"]
+        await settle(sched)
+        assert len(runs(app)) == 2
+
+
+async def test_one_off_fires_once(tmp_path: Path) -> None:
+    """`at` fires at its local time once and never again."""
+    write_campaign(tmp_path, '{at: "2026-01-05T12:00:00"}')
+    clock = FakeClock(datetime(2026, 1, 5, 3, 0, tzinfo=UTC))
+    async with service(tmp_path, clock) as (app, sched):
+        await sched.tick()
+        clock.set(datetime(2026, 1, 5, 4, 0, 10, tzinfo=UTC))
+        assert [f.run_key for f in await sched.tick()] == ["2026-01-05T04:00:00Z"]
+        await settle(sched)
+        clock.set(datetime(2026, 1, 9, tzinfo=UTC))
+        assert await sched.tick() == []
+        assert len(runs(app)) == 1
+
+
+async def test_interval_fires_every_slot(tmp_path: Path) -> None:
+    """`every: 2h` fires at each 2-hour slot, each its own run."""
+    write_campaign(tmp_path, "{every: 2h}")
+    clock = FakeClock(T0)
+    async with service(tmp_path, clock) as (app, sched):
+        await sched.tick()
+        for hour in (2, 4):
+            clock.set(datetime(2026, 1, 5, hour, 0, 1, tzinfo=UTC))
+            assert [f.run_key for f in await sched.tick()] == [f"2026-01-05T0{hour}:00:00Z"]
+            await settle(sched)
+        assert [r["run_key"] for r in runs(app)] == ["2026-01-05T02:00:00Z", "2026-01-05T04:00:00Z"]
+
+
+@pytest.mark.parametrize(("policy", "down_until", "expected"), [
+    ("once", datetime(2026, 1, 5, 2, 20, tzinfo=UTC), ["2026-01-05T02:00:00Z"]),
+    ("skip", datetime(2026, 1, 5, 2, 20, tzinfo=UTC), []),
+    ("once", datetime(2026, 1, 5, 3, 30, tzinfo=UTC), []),            # outside the 1h grace window
+    ("all", datetime(2026, 1, 5, 2, 20, tzinfo=UTC), ["2026-01-05T01:30:00Z", "2026-01-05T02:00:00Z"]),
+])
+async def test_restart_across_fire_times_follows_the_catch_up_policy(
+        tmp_path: Path, policy: str, down_until: datetime, expected: list[str]) -> None:
+    """Fires missed while down are caught up per policy, exactly once, and never again after another restart."""
+    write_campaign(tmp_path, "{every: 30m}" if policy == "all" else '{cron: "0 10 * * *"}')
+    clock = FakeClock(T0)
+    async with service(tmp_path, clock, catch_up=policy) as (_, sched):
+        assert await sched.tick() == []          # first sight: counts from now
+    clock.set(down_until)
+    async with service(tmp_path, clock, catch_up=policy) as (app, sched):
+        fired = await sched.tick()
+        assert [f.run_key for f in fired if f.action == "started"] == expected
+        await settle(sched)
+        assert await sched.tick() == []
+    async with service(tmp_path, clock, catch_up=policy) as (app, sched):
+        assert await sched.tick() == []
+        assert [r["run_key"] for r in runs(app)] == expected
+        assert all(r["status"] == "completed" for r in runs(app))
+
+
+async def test_a_long_run_never_overlaps_its_next_fire(tmp_path: Path) -> None:
+    """Fires during a run wait for it; afterwards one run starts, for the latest slot."""
+    write_campaign(tmp_path, "{every: 1m}")
+    clock = FakeClock(datetime(2026, 1, 5, 2, 0, 30, tzinfo=UTC))
+    async with service(tmp_path, clock, gated=True) as (app, sched):
+        gateway = app.gateway
+        assert isinstance(gateway, GatedSandbox)
+        await sched.tick()
+        clock.set(datetime(2026, 1, 5, 2, 1, tzinfo=UTC))
+        assert [f.action for f in await sched.tick()] == ["started"]
+        for minute in (2, 3):
+            clock.set(datetime(2026, 1, 5, 2, minute, tzinfo=UTC))
+            assert await sched.tick() == []
+            assert len(runs(app)) == 1 and sched.workers.running()
+        gateway.gate.set()
+        await settle(sched)
+        fired = {f.run_key: f.action for f in await sched.tick()}
+        assert fired == {"2026-01-05T02:03:00Z": "started", "2026-01-05T02:02:00Z": "skipped"}
+        await settle(sched)
+        first, second = runs(app)
+        assert first["status"] == second["status"] == "completed"
+        assert first["finished_at"] <= second["created_at"]
+
+
+async def test_reload_reports_invalid_files_and_keeps_the_valid_ones(tmp_path: Path) -> None:
+    """A broken file is listed with file:line and logged, the others keep running; fixing it loads it."""
+    write_campaign(tmp_path, '{cron: "0 10 * * *"}')
+    clock = FakeClock(T0)
+    async with service(tmp_path, clock, reload_interval="5s") as (_, sched):
+        assert set(sched.entries) == {"greet"} and sched.errors == []
+        broken = tmp_path / "campaigns" / "other.yaml"
+        broken.write_text("name: x\naudience: {}\nmessage:\n  templat: oops\n", encoding="utf-8")
+        await sched.tick()
+        assert sched.errors == []                # not polled yet: the interval has not passed
+        clock.advance(5)
+        await sched.tick()
+        assert set(sched.entries) == {"greet"}
+        [error] = sched.errors
+        assert error.location.file == str(broken) and error.location.line == 4
+        write_campaign(tmp_path, "{every: 1h}", name="other")
+        assert sched.reload() == [] and set(sched.entries) == {"greet", "other"}
+
+
+async def test_interrupted_runs_resume_on_start(tmp_path: Path) -> None:
+    """A run left running by a crash is dispatched when the scheduler starts."""
+    write_campaign(tmp_path, '{cron: "0 10 * * *"}')
+    clock = FakeClock(T0)
+    async with service(tmp_path, clock) as (app, sched):
+        plan = app.plan(sched.entries["greet"].campaign)   # planned, never dispatched: as after a crash
+    async with service(tmp_path, clock) as (app, sched):
+        await settle(sched)
+        run = queries.get_run(app.db, plan.run_id)
+        assert run is not None and run["status"] == "completed"
+
+
+async def test_contacts_resync_on_schedule(tmp_path: Path) -> None:
+    """Contacts re-sync every `scheduler.contacts_sync`, not more often."""
+    write_campaign(tmp_path, '{cron: "0 10 * * *"}')
+    clock = FakeClock(T0)
+    async with service(tmp_path, clock, contacts_sync="1h") as (_, sched):
+        await sched.tick()
+        await sched.workers.wait_sync()
+        first = sched.workers.last_sync_at
+        assert first is not None and first >= T0
+        clock.advance(1800)
+        await sched.tick()
+        await sched.workers.wait_sync()
+        assert sched.workers.last_sync_at == first
+        clock.advance(1800)
+        await sched.tick()
+        await sched.workers.wait_sync()
+        assert sched.workers.last_sync_at is not None
+        assert sched.workers.last_sync_at >= first + timedelta(hours=1)
