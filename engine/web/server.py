@@ -15,8 +15,11 @@ start.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import logging
+import signal
+from collections.abc import Iterator
 
 import uvicorn
 
@@ -30,6 +33,27 @@ log = logging.getLogger("wecast.serve")
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_CONFIG = 2
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server, with signals handled on the event loop. uvicorn re-raises SIGTERM after its own
+    graceful shutdown, which kills the process with -15; `serve` returns 0 after a clean stop instead."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        loop = asyncio.get_running_loop()
+        installed = []
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                loop.add_signal_handler(sig, self.handle_exit, sig, None)
+                installed.append(sig)
+            except (NotImplementedError, RuntimeError, ValueError):  # not the main thread / platform
+                pass
+        try:
+            yield
+        finally:
+            for sig in installed:
+                loop.remove_signal_handler(sig)
 
 
 def is_loopback(host: str) -> bool:
@@ -95,7 +119,7 @@ async def _serve(settings: Settings, host: str, port: int, *, require_key: bool)
         server_header=False,
         timeout_graceful_shutdown=int(settings.api.shutdown_timeout.total_seconds()) + 5,
     )
-    server = uvicorn.Server(config)
+    server = _Server(config)
     log.info(
         "wecast serve: gateway %s, http://%s:%s (API key %s), campaigns in %s",
         settings.gateway,
