@@ -82,8 +82,8 @@ def _build(node: yaml.Node, path: Path_, lines: dict[Path_, int], loader: _Loade
 def load(text: str, file: str) -> tuple[Any, Lines]:
     """Parse one YAML document, keeping the line of every field. Raises YamlSyntaxError."""
     lines: dict[Path_, int] = {}
-    loader = _Loader(text)
     try:
+        loader = _Loader(text)   # the reader rejects control characters here already
         node = loader.get_single_node()
         if node is None:
             return None, Lines(file, lines)
