@@ -83,7 +83,11 @@ def load(text: str, file: str) -> tuple[Any, Lines]:
     """Parse one YAML document, keeping the line of every field. Raises YamlSyntaxError."""
     lines: dict[Path_, int] = {}
     try:
-        loader = _Loader(text)   # the reader rejects control characters here already
+        loader = _Loader(text)
+    except yaml.reader.ReaderError as exc:   # the reader rejects control characters before any parsing
+        at = text.count("\n", 0, exc.position) + 1
+        raise YamlSyntaxError(f"invalid YAML: character #x{exc.character:04x} is not allowed", at) from None
+    try:
         node = loader.get_single_node()
         if node is None:
             return None, Lines(file, lines)
