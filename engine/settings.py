@@ -158,6 +158,7 @@ class ApiSettings(Strict):
     key: SecretStr | None = None
     send_wait: Duration = timedelta(seconds=30)        # an API send answers 202 (still sending) after this long
     shutdown_timeout: Duration = timedelta(seconds=10)  # on stop, wait this long for in-flight sends
+    sandbox_auto_login: bool = False   # `wecast serve` on the sandbox logs in by itself (else: POST /goStart)
 
 
 class SchedulerSettings(Strict):

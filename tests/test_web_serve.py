@@ -54,9 +54,10 @@ def test_require_key_without_a_key_is_a_config_error(tmp_path: Path) -> None:
 
 
 def test_serve_starts_the_sandbox_logged_out_unless_configured(tmp_path: Path) -> None:
-    """In serve mode the sandbox waits for /goStart, unless config.yaml sets sandbox.auto_login."""
-    assert serve_settings(make_settings(tmp_path)).sandbox.auto_login is False
-    explicit = make_settings(tmp_path, sandbox={"auto_login": True})
+    """In serve mode the sandbox waits for /goStart (even with the CLI's sandbox.auto_login: true), unless
+    api.sandbox_auto_login is set."""
+    assert serve_settings(make_settings(tmp_path, sandbox={"auto_login": True})).sandbox.auto_login is False
+    explicit = make_settings(tmp_path, api={"sandbox_auto_login": True})
     assert serve_settings(explicit).sandbox.auto_login is True
 
 

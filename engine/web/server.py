@@ -3,9 +3,10 @@
 Binding: 127.0.0.1 by default (`api.host`). On any other address the server refuses to start without an
 API key (`WECAST_API_KEY` or `api.key`), and with a key every endpoint but /healthz needs it.
 
-Sandbox: unless `sandbox.auto_login` is set in config.yaml, serve starts the sandbox *logged out*, so the
-source document's flow (POST /goStart, scan, POST /submit-verify-code) is the real way in. A login made
-earlier is remembered in the sandbox's state file, as a real session would be.
+Sandbox: serve starts the sandbox *logged out* (whatever `sandbox.auto_login` says: that switch is for the
+CLI demo), so the source document's flow (POST /goStart, scan, POST /submit-verify-code) is the real way
+in; `api.sandbox_auto_login: true` makes serve log in by itself. A login made earlier is remembered in the
+sandbox's state file, as a real session would be.
 
 Stopping (SIGINT / SIGTERM): the scheduler stops firing, `Dispatcher.stop()` lets sends in flight finish
 and be recorded; runs still waiting (for a login, quiet hours) keep their deliveries pending for the next
@@ -68,11 +69,9 @@ def is_loopback(host: str) -> bool:
 
 
 def serve_settings(settings: Settings) -> Settings:
-    """Settings for serve mode: the sandbox starts logged out unless config.yaml says otherwise."""
-    sandbox = settings.sandbox
-    if settings.gateway == "sandbox" and "auto_login" not in sandbox.model_fields_set:
-        return settings.model_copy(update={"sandbox": sandbox.model_copy(update={"auto_login": False})})
-    return settings
+    """Settings for serve mode: the sandbox logs in by itself only with `api.sandbox_auto_login`."""
+    sandbox = settings.sandbox.model_copy(update={"auto_login": settings.api.sandbox_auto_login})
+    return settings.model_copy(update={"sandbox": sandbox})
 
 
 def configure_logging(level: str) -> None:
