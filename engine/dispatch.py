@@ -405,7 +405,7 @@ class _RunSender:
         now = self.d.clock.now()
         with self.d.db.begin() as conn:
             queries.apply_updates(conn, [{"id": r["id"], "status": "sending", "attempts": r["attempts"] + 1,
-                                          "updated_at": now} for r in chunk])
+                                          "updated_at": now, "sent_at": now} for r in chunk])
 
     def _apply_cap(self, chunk: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """Re-check the shared frequency cap just before sending; over-cap rows are skipped."""

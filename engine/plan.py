@@ -13,12 +13,11 @@ schedule (or before its first slot) gets one manual run key per local day.
 
 from __future__ import annotations
 
-import itertools
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, NamedTuple
 from zoneinfo import ZoneInfo
 
 from sqlalchemy.engine import Engine
@@ -33,15 +32,13 @@ from storage import queries
 from storage.models import DELIVERIES, RUNS, DeliveryStatus, RunStatus
 
 
-@dataclass(frozen=True)
-class Recipient:
+class Recipient(NamedTuple):
     contact_id: str
     name: str
     text: str
 
 
-@dataclass(frozen=True)
-class Excluded:
+class Excluded(NamedTuple):
     contact_id: str
     name: str
     reason: str
@@ -186,7 +183,7 @@ def build_preview(db: Engine, campaign: Campaign, *, now: datetime, run_key: str
     for c in selection.recipients:
         cid = c["id"]
         name = str(c.get("name") or "")
-        held_by = held.get(dedupe_key(campaign, key, cid))
+        held_by = held.get(dedupe_key(campaign, key, cid)) if held else None
         if held_by is not None:
             when = held_by.get("sent_at")
             at = f" on {when.astimezone(local):%Y-%m-%d %H:%M}" if when else ""
@@ -267,8 +264,7 @@ def _find_run(conn: Any, campaign_id: str, run_key: str) -> dict[str, Any] | Non
 
 
 DELIVERY_INSERT_COLUMNS = ("run_id", "campaign_id", "contact_id", "contact_name", "text", "dedupe_key", "status",
-                           "reason", "capped", "created_at", "updated_at", "attempts", "last_error",
-                           "gateway_message_id", "gateway_task_id", "claim_token", "next_attempt_at", "sent_at")
+                           "capped", "created_at", "updated_at")
 
 
 @dataclass
@@ -310,13 +306,14 @@ def plan_run(db: Engine, campaign: Campaign, settings: Settings, *, now: datetim
             return PlanResult(existing["id"], key, created=False, preview=preview)
         run_id = existing["id"]
         ts = queries.db_time(conn, now)
-        tail = (0, "", "", "", "", None, None)   # attempts, last_error, message id, task id, claim, next, sent
-        pending = ((run_id, campaign.id, r.contact_id, r.name, r.text, dedupe_key(campaign, key, r.contact_id),
-                    DeliveryStatus.PENDING.value, "", capped, ts, ts, *tail) for r in preview.recipients)
-        skipped = ((run_id, campaign.id, e.contact_id, e.name, "", None, DeliveryStatus.SKIPPED.value,
-                    f"{e.category}: {e.reason}", capped, ts, ts, *tail) for e in preview.excluded if e.recorded)
-        queries.insert_fast(conn, DELIVERIES, itertools.chain(pending, skipped),
-                            DELIVERY_INSERT_COLUMNS)
+        status = DeliveryStatus.PENDING.value
+        queries.insert_fast(conn, DELIVERIES, (
+            (run_id, campaign.id, r.contact_id, r.name, r.text, dedupe_key(campaign, key, r.contact_id), status,
+             capped, ts, ts) for r in preview.recipients), DELIVERY_INSERT_COLUMNS)
+        status = DeliveryStatus.SKIPPED.value
+        queries.insert_fast(conn, DELIVERIES, (
+            (run_id, campaign.id, e.contact_id, e.name, "", None, status, capped, ts, ts, f"{e.category}: {e.reason}")
+            for e in preview.excluded if e.recorded), (*DELIVERY_INSERT_COLUMNS, "reason"))
         counts = queries.status_counts(conn, run_id)
     return PlanResult(run_id, key, created=True, planned=counts.get("pending", 0),
                       skipped=counts.get("skipped", 0), preview=preview)

@@ -51,6 +51,8 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.execute("PRAGMA synchronous=NORMAL")
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.execute("PRAGMA busy_timeout=30000")
+    # Big plans touch several indexes at once; a 64 MB page cache keeps them in memory.
+    cursor.execute("PRAGMA cache_size=-65536")
     cursor.close()
 
 

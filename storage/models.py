@@ -15,7 +15,7 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import JSON, Column, DateTime, Index, String, Table, Text, UniqueConstraint
+from sqlalchemy import JSON, Column, DateTime, Index, String, Table, Text, UniqueConstraint, text
 from sqlalchemy.engine import Dialect
 from sqlalchemy.types import TypeDecorator
 from sqlmodel import Field, SQLModel
@@ -110,6 +110,8 @@ class Contact(SQLModel, table=True):
     aka: str = ""
     additional_info: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
     corp_id: str = ""
+    # The contact's tag ids, also kept here (beside contact_tags) so planning reads one table.
+    tag_ids: list[str] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
     added_at: datetime | None = _ts(index=True)      # when the customer added us (additionalInfo.addContactTime)
     created_at: datetime | None = _ts()              # first seen by wecast
     updated_at: datetime | None = _ts()              # last changed by a sync
@@ -159,11 +161,14 @@ class Delivery(SQLModel, table=True):
 
     __tablename__ = "deliveries"
     __table_args__ = (
-        UniqueConstraint("run_id", "contact_id", name="uq_delivery_run_contact"),
+        # Few indexes on purpose: a 100,000-recipient plan writes every one of them.
+        # (contact_id, run_id) also serves "this contact's deliveries" (frequency cap at send time);
+        # dedupe keys start with the campaign id, so their index also serves "this campaign's deliveries".
+        UniqueConstraint("contact_id", "run_id", name="uq_delivery_contact_run"),
         UniqueConstraint("dedupe_key", name="uq_delivery_dedupe_key"),
         Index("ix_delivery_dispatch", "run_id", "status", "next_attempt_at"),
-        Index("ix_delivery_contact_sent", "contact_id", "capped", "sent_at"),
-        Index("ix_delivery_campaign_contact", "campaign_id", "contact_id"),
+        Index("ix_delivery_sent_at", "sent_at", sqlite_where=text("sent_at IS NOT NULL"),
+              postgresql_where=text("sent_at IS NOT NULL")),
     )
     id: int | None = Field(default=None, primary_key=True)
     run_id: int = Field(foreign_key="campaign_runs.id")
@@ -172,18 +177,19 @@ class Delivery(SQLModel, table=True):
     contact_name: str = ""
     text: str = Field(default="", sa_column=Column(Text, nullable=False))
     dedupe_key: str | None = Field(default=None, sa_column=Column(String(300), nullable=True))
-    status: str = Field(default=DeliveryStatus.PENDING, index=True)
-    reason: str = ""                      # why skipped / failed / unknown, in words
-    attempts: int = 0
-    last_error: str = ""
+    status: str = Field(default=DeliveryStatus.PENDING)   # indexed with run_id in ix_delivery_dispatch
+    # Server defaults let a big plan insert only the columns that vary (fewer bound values per row).
+    reason: str = Field(default="", sa_column_kwargs={"server_default": ""})   # why skipped/failed/unknown
+    attempts: int = Field(default=0, sa_column_kwargs={"server_default": "0"})
+    last_error: str = Field(default="", sa_column_kwargs={"server_default": ""})
     capped: bool = True                   # counts toward the shared per-contact frequency cap
-    gateway_message_id: str = ""
-    gateway_task_id: str = ""
-    claim_token: str = ""
+    gateway_message_id: str = Field(default="", sa_column_kwargs={"server_default": ""})
+    gateway_task_id: str = Field(default="", sa_column_kwargs={"server_default": ""})
+    claim_token: str = Field(default="", sa_column_kwargs={"server_default": ""})
     next_attempt_at: datetime | None = _ts()
     created_at: datetime | None = _ts()
     updated_at: datetime | None = _ts()
-    sent_at: datetime | None = _ts()
+    sent_at: datetime | None = _ts()      # when handed to the gateway (last attempt), then when accepted
 
 
 class ScheduleState(SQLModel, table=True):

@@ -84,6 +84,9 @@ def upsert_contacts(conn: Connection, contacts: Sequence[dict[str, Any]], tag_id
     if not contacts:
         return 0, 0
     ids = [c["id"] for c in contacts]
+    known = {r.id for r in conn.execute(select(T.id))}
+    contacts = [{**c, "tag_ids": sorted(t for t in dict.fromkeys(tag_ids.get(c["id"], ())) if t in known)}
+                for c in contacts]
     existing: dict[str, dict[str, Any]] = {}
     for i in range(0, len(ids), 900):
         for row in conn.execute(select(CONTACTS).where(C.id.in_(ids[i:i + 900]))):
@@ -104,9 +107,7 @@ def upsert_contacts(conn: Connection, contacts: Sequence[dict[str, Any]], tag_id
                      .values(**{k: v for k, v in c.items() if k != "id"}, updated_at=now, removed_at=None))
     for i in range(0, len(ids), 900):
         conn.execute(delete(CONTACT_TAGS).where(CT.contact_id.in_(ids[i:i + 900])))
-    links = [{"contact_id": cid, "tag_id": t} for cid, tags in tag_ids.items() for t in dict.fromkeys(tags)]
-    known = {r.id for r in conn.execute(select(T.id))}
-    links = [link for link in links if link["tag_id"] in known]
+    links = [{"contact_id": c["id"], "tag_id": t} for c in contacts for t in c["tag_ids"]]
     if links:
         conn.execute(CONTACT_TAGS.insert(), links)
     return len(new_rows), len(changed)
@@ -131,28 +132,26 @@ def load_contact_views(conn: Connection, *, include_removed: bool = False,
     JSON and time columns are decoded here, because this is the hot path of planning.
     """
     wanted = [c for c in CONTACT_COLUMNS if columns is None or c in set(columns) or c == "id"]
+    wanted = [c for c in wanted if c != "tag_ids"]
     tag_name = {r[0]: r[1] for r in conn.exec_driver_sql("SELECT id, name FROM tags")}
-    concat = ("group_concat(tag_id, char(31))" if conn.dialect.name == "sqlite"
-              else "string_agg(tag_id, chr(31) ORDER BY tag_id)")
-    cols = ", ".join(f"c.{name}" for name in wanted)
-    sql = (f"SELECT {cols}, t.tag_ids FROM contacts c LEFT JOIN "
-           f"(SELECT contact_id, {concat} AS tag_ids FROM contact_tags GROUP BY contact_id) t "
-           "ON t.contact_id = c.id")
+    sql = f"SELECT {', '.join(wanted)}, tag_ids FROM contacts"
     if not include_removed:
-        sql += " WHERE c.removed_at IS NULL"
+        sql += " WHERE removed_at IS NULL"
     special = [(i, name, _DECODERS[name]) for i, name in enumerate(wanted) if name in _DECODERS]
     n = len(wanted)
     out = []
     # Many contacts share a tag combination: build each combination's sets once.
-    combos: dict[str | None, tuple[frozenset[str], tuple[str, ...]]] = {None: (frozenset(), ())}
+    combos: dict[Any, tuple[frozenset[str], tuple[str, ...]]] = {None: (frozenset(), ()), "[]": (frozenset(), ())}
     for row in conn.exec_driver_sql(sql).fetchall():
         view = dict(zip(wanted, row, strict=False))
         for i, name, fn in special:
             view[name] = fn(row[i])
         joined = row[n]
+        if not isinstance(joined, str | None):     # PostgreSQL returns JSON decoded
+            joined = json.dumps(joined)
         combo = combos.get(joined)
         if combo is None:
-            tag_ids = sorted(joined.split("\x1f"))
+            tag_ids = sorted(_decode_json(joined))
             named = tuple(tag_name[t] for t in tag_ids if t in tag_name)
             combo = combos[joined] = (frozenset(named).union(tag_ids), named)
         view["tags"], view["tags_named"] = combo
@@ -238,10 +237,9 @@ def existing_keys(conn: Connection, keys: Sequence[str]) -> dict[str, dict[str, 
 
 def last_sends(conn: Connection, campaign_id: str, since: datetime) -> dict[str, datetime]:
     """contact id -> latest time this campaign sent (or may have sent) to them, since `since`."""
-    when = func.coalesce(D.sent_at, D.updated_at)
-    stmt = (select(D.contact_id, func.max(when).label("at"))
-            .where(D.campaign_id == campaign_id, D.status.in_([s.value for s in CAP_COUNTED_STATUSES]),
-                   when >= since)
+    stmt = (select(D.contact_id, func.max(D.sent_at).label("at"))
+            .where(*_campaign_range(campaign_id), D.status.in_([s.value for s in CAP_COUNTED_STATUSES]),
+                   D.sent_at >= since)
             .group_by(D.contact_id))
     out = {}
     for row in conn.execute(stmt):
@@ -255,11 +253,12 @@ def last_sends(conn: Connection, campaign_id: str, since: datetime) -> dict[str,
 def cap_counts(conn: Connection, start: datetime, end: datetime, contact_ids: Sequence[str] | None = None,
                exclude_run: int | None = None) -> dict[str, int]:
     """How many capped messages each contact got (or may have got) in [start, end). All contacts when
-    `contact_ids` is None (one grouped query, for planning 100,000 recipients)."""
-    when = func.coalesce(D.sent_at, D.updated_at)
+    `contact_ids` is None (one grouped query, for planning 100,000 recipients).
+
+    A delivery's `sent_at` is set when it is handed to the gateway, so sends in flight count too."""
     base = (select(D.contact_id, func.count())
-            .where(D.capped.is_(True), D.status.in_([s.value for s in CAP_COUNTED_STATUSES]),
-                   when >= start, when < end)
+            .where(D.sent_at >= start, D.sent_at < end, D.capped.is_(True),
+                   D.status.in_([s.value for s in CAP_COUNTED_STATUSES]))
             .group_by(D.contact_id))
     if exclude_run is not None:
         base = base.where(D.run_id != exclude_run)
@@ -274,9 +273,14 @@ def cap_counts(conn: Connection, start: datetime, end: datetime, contact_ids: Se
 
 def campaign_keys(conn: Connection, campaign_id: str) -> dict[str, dict[str, Any]]:
     """Every dedupe key this campaign holds: key -> {run_id, status, sent_at}."""
-    stmt = select(D.dedupe_key, D.run_id, D.status, D.sent_at).where(
-        D.campaign_id == campaign_id, D.dedupe_key.is_not(None))
+    stmt = select(D.dedupe_key, D.run_id, D.status, D.sent_at).where(*_campaign_range(campaign_id))
     return {row.dedupe_key: dict(row._mapping) for row in conn.execute(stmt)}
+
+
+def _campaign_range(campaign_id: str) -> tuple[Any, ...]:
+    """Deliveries of one campaign, found through the dedupe-key index (keys start with `<campaign id>|`;
+    campaign ids cannot contain `|`, and `}` sorts right after it)."""
+    return (D.dedupe_key >= f"{campaign_id}|", D.dedupe_key < f"{campaign_id}}}", D.campaign_id == campaign_id)
 
 
 def status_counts(conn: Connection, run_id: int) -> dict[str, int]:
