@@ -280,7 +280,9 @@ class _RunSender:
                 continue
             if self.logged_out or not (await d.gateway.login_status()).logged_in:
                 await self._wait_inflight()
-                status_now = await d.gateway.wait_for_login(login_wait if login_wait is not None else 3600.0)
+                status_now = await self._wait_for_login(login_wait)
+                if d.stopping.is_set() or self._run_status() != RunStatus.RUNNING.value:
+                    continue
                 if not status_now.logged_in:
                     if login_wait is not None:
                         return ("the WeCom account is not logged in: deliveries stay pending and go out "
@@ -473,6 +475,25 @@ class _RunSender:
                          .values(heartbeat_at=self.d.clock.now()))
 
     # -- waiting ---------------------------------------------------------------------------------
+    async def _wait_for_login(self, limit: float | None) -> Any:
+        """Wait for the account to log in, up to `limit` seconds (None: until stopped), while still
+        noticing a stop request or the run being paused or cancelled."""
+        loop = asyncio.get_running_loop()
+        deadline = None if limit is None else loop.time() + limit
+        while True:
+            step = 5.0 if deadline is None else max(0.0, min(5.0, deadline - loop.time()))
+            login = asyncio.ensure_future(self.d.gateway.wait_for_login(step))
+            stop = asyncio.ensure_future(self.d.stopping.wait())
+            await asyncio.wait({login, stop}, return_when=asyncio.FIRST_COMPLETED)
+            stop.cancel()
+            if not login.done():
+                login.cancel()
+                return await self.d.gateway.login_status()
+            status = login.result()
+            if (status.logged_in or self.d.stopping.is_set() or self._run_status() != RunStatus.RUNNING.value
+                    or (deadline is not None and loop.time() >= deadline)):
+                return status
+
     async def _wait_any(self) -> None:
         if self.inflight:
             await asyncio.wait(set(self.inflight), timeout=0.05, return_when=asyncio.FIRST_COMPLETED)

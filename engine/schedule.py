@@ -42,7 +42,6 @@ def build_trigger(spec: ScheduleSpec, tz: ZoneInfo) -> Any:
     end = _aware(spec.end, tz, end=True)
     if start and end and end <= start:
         raise ScheduleError("end must be after start", "end")
-    jitter = int(spec.jitter.total_seconds()) if spec.jitter else None
     if spec.cron is not None:
         fields = spec.cron.split()
         if len(fields) != 5:
@@ -51,7 +50,7 @@ def build_trigger(spec: ScheduleSpec, tz: ZoneInfo) -> Any:
         try:
             return CronTrigger(minute=fields[0], hour=fields[1], day=fields[2], month=fields[3],
                                day_of_week=cron_weekdays(fields[4]), timezone=tz, start_date=start,
-                               end_date=end, jitter=jitter)
+                               end_date=end)
         except ValueError as exc:
             raise ScheduleError(f"invalid cron expression {spec.cron!r}: {exc}", "cron") from None
     if spec.at is not None:
@@ -59,7 +58,7 @@ def build_trigger(spec: ScheduleSpec, tz: ZoneInfo) -> Any:
     assert spec.every is not None
     anchor = start or EPOCH.replace(tzinfo=tz)
     return IntervalTrigger(seconds=int(spec.every.total_seconds()), start_date=anchor, end_date=end,
-                           timezone=tz, jitter=jitter)
+                           timezone=tz)
 
 
 def next_fire_times(trigger: Any, after: datetime, count: int = 5) -> list[datetime]:
@@ -71,6 +70,9 @@ def next_fire_times(trigger: Any, after: datetime, count: int = 5) -> list[datet
         fire = trigger.get_next_fire_time(previous, now)
         if fire is None:
             break
+        if fire <= after:      # a one-off date in the past is "next" to APScheduler, not to people
+            previous, now = fire, fire + timedelta(microseconds=1)
+            continue
         out.append(fire)
         previous = fire
         now = fire + timedelta(microseconds=1)

@@ -53,7 +53,6 @@ class ScheduleSpec(Strict):
     every: Duration | None = None
     start: datetime | date | None = None
     end: datetime | date | None = None
-    jitter: Duration | None = None
 
     @model_validator(mode="after")
     def _one_kind(self) -> ScheduleSpec:
