@@ -58,9 +58,29 @@ class _Strict(StrictUndefined):
     __int__ = __float__ = __contains__ = __getitem__ = _fail_with_undefined_error
 
 
+MAX_PRODUCT = 100_000   # longest string/list a template may build with * or ** (messages are ~2,000 chars)
+
+
+class _Env(SandboxedEnvironment):
+    """The sandbox, plus a cap on `*` and `**` so `{{ 'a' * 10**9 }}` cannot exhaust memory."""
+
+    intercepted_binops = frozenset({"*", "**"})
+
+    def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
+        if operator == "**":
+            if isinstance(right, int | float) and abs(right) > 100:
+                raise SecurityError("exponent too large in template")
+            return left**right
+        if isinstance(left, str | list | tuple) and isinstance(right, int) and len(left) * right > MAX_PRODUCT:
+            raise SecurityError("template builds a value that is too large")
+        if isinstance(right, str | list | tuple) and isinstance(left, int) and len(right) * left > MAX_PRODUCT:
+            raise SecurityError("template builds a value that is too large")
+        return left * right
+
+
 def _env(tz: ZoneInfo) -> SandboxedEnvironment:
-    env = SandboxedEnvironment(undefined=_Strict, autoescape=False, trim_blocks=True, lstrip_blocks=True,
-                               keep_trailing_newline=False)
+    env = _Env(undefined=_Strict, autoescape=False, trim_blocks=True, lstrip_blocks=True,
+               keep_trailing_newline=False)
 
     def datefmt(value: Any, fmt: str = "%Y年%m月%d日") -> str:
         if isinstance(value, datetime):

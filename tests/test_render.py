@@ -223,3 +223,12 @@ def test_compile_errors_point_at_the_template_line(source: str, line: int, words
         compile_template(source, ORIGIN)
     assert info.value.location == Location("c.yaml", line, "message.template")
     assert words in str(info.value)
+
+
+def test_templates_cannot_build_huge_values() -> None:
+    """`*` and `**` are capped in templates, so a template cannot exhaust memory; ordinary arithmetic works."""
+    huge = compile_template("{{ 'a' * 10**9 }}", Location("c.yaml", 3, "message.template"))
+    with pytest.raises(TemplateError, match="not allowed"):
+        huge.render({})
+    fine = compile_template("{{ name * 2 }}{{ 3 * 4 }} {{ 2 ** 10 }}", Location("c.yaml", 3, "message.template"))
+    assert fine.render({"name": "ab"}) == "abab12 1024"
