@@ -296,11 +296,7 @@ def test_logged_out_sends_wait_pending_then_go_out_after_login(tmp_path: Path) -
         waiting = await app.run_campaign(campaign(settings, PLAIN), login_wait=0)
         assert waiting.summary and waiting.summary.sent == 0 and waiting.summary.counts.get("pending", 0) > 10
         assert "not logged in" in waiting.summary.message
-        status = await gw.start_login(schedule_phone=False)
-        await gw.sandbox_scan()
-        code = gw.sandbox_phone_code()
-        assert code is not None
-        await gw.submit_verify_code(code, status.qrcode_key)
+        assert (await gw.sandbox_login()).logged_in
         [done] = await app.resume(login_wait=0)
         assert done.status == "completed" and done.sent == waiting.summary.counts["pending"]
         await app.close()
@@ -331,9 +327,7 @@ def test_logout_mid_run_requeues_without_counting_an_attempt(tmp_path: Path) -> 
         with app.db.connect() as conn:
             pending = queries.deliveries(conn, run_id=first.run_id, status="pending", limit=1000)
         assert all(r["attempts"] == 0 for r in pending)
-        status = await gw.start_login(schedule_phone=False)
-        await gw.sandbox_scan()
-        await gw.submit_verify_code(gw.sandbox_phone_code() or "", status.qrcode_key)
+        assert (await gw.sandbox_login()).logged_in
         [done] = await app.resume(login_wait=0)
         assert done.status == "completed" and done.open == 0
         assert set(outbox_by_contact(gw).values()) == {1}

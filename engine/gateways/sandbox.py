@@ -194,7 +194,7 @@ class SandboxGateway(Gateway):
             self._state = LoginState.LOGGED_IN
             self._second_done = True
         elif self.settings.auto_login:
-            await self._auto_login()
+            await self.sandbox_login()
 
     async def close(self) -> None:
         if self._phone_task and not self._phone_task.done():
@@ -203,14 +203,16 @@ class SandboxGateway(Gateway):
             self._store.close()
             self._store = None
 
-    async def _auto_login(self) -> None:
-        """Play the whole login flow at once (the demo default): QR, scan, code, logged in."""
-        await self.start_login(schedule_phone=False)
+    async def sandbox_login(self) -> LoginStatus:
+        """Sandbox only: play the whole login flow at once (the demo default): QR, scan, code, logged in."""
+        if (await self.start_login(schedule_phone=False)).logged_in:
+            return await self.login_status()
         await self.sandbox_scan(quiet=True)
         if self._state is LoginState.WAITING_VERIFY_CODE and self._code:
             await self.submit_verify_code(self._code, self._qr_key)
         if self._state is not LoginState.LOGGED_IN and self._second_pending:
             await self.sandbox_scan()
+        return await self.login_status()
 
     # -- login -----------------------------------------------------------------------------------
     async def login_status(self) -> LoginStatus:
