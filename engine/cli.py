@@ -336,7 +336,7 @@ def run(ctx: Ctx, campaign: str | None, resume_run: bool, run_id: int | None, ru
                                                  login_wait=login_wait, quiet_wait_max=quiet_max)
                 if not outcome.plan.created:
                     progress.stop()
-                    out.print(f"[yellow]run {outcome.plan.run_id} ({outcome.plan.run_key}) was already planned: "
+                    err.print(f"[yellow]run {outcome.plan.run_id} ({outcome.plan.run_key}) was already planned: "
                               "only its unsent deliveries (if any) are sent[/yellow]")
                 return [outcome.summary]
             return list(await app.resume(run_id, progress=on_progress, login_wait=login_wait,

@@ -1,0 +1,119 @@
+"""The command line, end to end on the sandbox: preview, run, logs, contacts, and clean errors."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from engine.cli import main
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def workdir(tmp_path: Path) -> Path:
+    shutil.copytree(ROOT / "campaigns", tmp_path / "campaigns")
+    (tmp_path / "config.yaml").write_text(
+        "version: 1\n"
+        f"database_url: sqlite:///{tmp_path}/data/wecast.sqlite\n"
+        f"campaigns_dir: {tmp_path}/campaigns\n"
+        "sending: {throttle: {per_second: 1000}}\n"
+        f"sandbox: {{state_file: {tmp_path}/data/sandbox.sqlite}}\n", encoding="utf-8")
+    return tmp_path
+
+
+def wecast(workdir: Path, *args: str) -> tuple[int, str, str]:
+    runner = CliRunner()
+    result = runner.invoke(main, ["-c", str(workdir / "config.yaml"), *args], catch_exceptions=False)
+    return result.exit_code, result.stdout, result.stderr
+
+
+def test_preview_json_accounts_for_every_contact(workdir: Path) -> None:
+    """`preview --json` lists each recipient with the exact message and each excluded contact with a reason."""
+    code, out, _ = wecast(workdir, "preview", "weekly_vip", "--json")
+    assert code == 0
+    data = json.loads(out)
+    counts = data["counts"]
+    assert counts["contacts"] == 200
+    assert counts["recipients"] == len(data["recipients"]) > 5
+    assert counts["recipients"] + counts["excluded"] == 200
+    assert all("VIP专享" in r["message"] for r in data["recipients"])
+    assert all(e["reason"] and e["category"] for e in data["excluded"])
+    assert any(e["category"] == "exclusion" and "勿扰" in e["reason"] for e in data["excluded"])
+    assert len(data["next_fire_times"]) == 5
+    assert data["errors"] == []
+
+
+def test_preview_csv_has_one_row_per_contact(workdir: Path) -> None:
+    """`preview --csv FILE` writes every contact with its decision, reason and message."""
+    target = workdir / "preview.csv"
+    code, _, _ = wecast(workdir, "preview", "store_opening_hz", "--csv", str(target))
+    assert code == 0
+    rows = list(csv.DictReader(target.read_text(encoding="utf-8-sig").splitlines()))
+    assert len(rows) == 200
+    sent = [r for r in rows if r["decision"] == "send"]
+    assert sent and all("湖滨店" in r["message"] for r in sent)
+    assert all(r["reason"] for r in rows if r["decision"] == "excluded")
+
+
+def test_run_twice_sends_once_and_logs_every_delivery(workdir: Path) -> None:
+    """`run` sends the current slot; a second `run` sends nothing; `log` and `runs` show what happened."""
+    code, out, _ = wecast(workdir, "run", "weekly_vip", "--json")
+    assert code == 0
+    [first] = json.loads(out)
+    assert first["status"] == "completed" and first["counts"]["sent"] > 5
+    code, out, _ = wecast(workdir, "run", "weekly_vip", "--json")
+    [second] = json.loads(out)
+    assert second["run_id"] == first["run_id"] and second["counts"] == first["counts"]
+    code, out, _ = wecast(workdir, "sandbox", "outbox", "--json", "--limit", "0")
+    received = json.loads(out)
+    assert len(received) == first["counts"]["sent"]
+    assert len({m["contact_id"] for m in received}) == len(received)
+    code, out, _ = wecast(workdir, "log", "--status", "sent", "--json", "--limit", "1000")
+    assert code == 0 and len(json.loads(out)) == first["counts"]["sent"]
+    code, out, _ = wecast(workdir, "runs", "--json")
+    assert [r["campaign_id"] for r in json.loads(out)] == ["weekly_vip"]
+
+
+def test_contacts_list_filters_by_tag_and_field(workdir: Path) -> None:
+    """`contacts list` filters by tag and by field after a sync."""
+    assert wecast(workdir, "contacts", "sync")[0] == 0
+    code, out, _ = wecast(workdir, "contacts", "list", "--tag", "VIP", "--where", "city=上海", "--limit", "0",
+                          "--json")
+    assert code == 0
+    rows = json.loads(out)
+    assert rows and all(r["city"] == "上海" and "VIP" in r["tags"] for r in rows)
+
+
+def test_unknown_campaign_is_one_clear_error_without_traceback(workdir: Path) -> None:
+    """A missing campaign exits non-zero with one message on stderr and no traceback."""
+    code, out, err = wecast(workdir, "preview", "no_such_campaign")
+    assert code == 1
+    assert err.startswith("error:") and "no_such_campaign" in err
+    assert "Traceback" not in err + out
+
+
+def test_invalid_campaign_exits_2_naming_file_line_and_field(workdir: Path) -> None:
+    """An invalid campaign file makes `run` exit 2 with file:line: field on stderr, and nothing is sent."""
+    bad = workdir / "campaigns" / "bad.yaml"
+    bad.write_text("name: 坏活动\naudience: {tags_any: [VIP]}\nmessage:\n  template: 'hi'\nthrotle: {per_second: 1}\n",
+                   encoding="utf-8")
+    code, _, err = wecast(workdir, "run", str(bad))
+    assert code == 2
+    assert f"{bad}:5: throtle: unknown field" in err
+    assert not (workdir / "data" / "sandbox.sqlite").exists() or "0 message" in wecast(
+        workdir, "sandbox", "outbox")[1]
+
+
+def test_config_error_names_file_line_and_field(workdir: Path) -> None:
+    """A typo in config.yaml is reported with file, line and field, exit status non-zero."""
+    cfg = workdir / "config.yaml"
+    cfg.write_text(cfg.read_text(encoding="utf-8") + "sendng: {}\n", encoding="utf-8")
+    code, _, err = wecast(workdir, "runs")
+    assert code == 1
+    assert f"{cfg}:6: sendng: unknown field" in err
