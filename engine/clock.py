@@ -57,8 +57,12 @@ class FakeClock:
 
     async def sleep(self, seconds: float) -> None:
         self.slept.append(seconds)
-        # Let everything that is ready run at the current time first, then jump ahead.
+        target = self._mono + max(0.0, seconds)
+        # Let everything that is ready run at the current time first, then jump to the wake-up time
+        # (unless another sleeper already moved the clock past it: concurrent sleeps overlap, as in
+        # real time, instead of adding up).
         for _ in range(3):
             await asyncio.sleep(0)
-        self.advance(max(0.0, seconds))
+        if self._mono < target:
+            self.advance(target - self._mono)
         await asyncio.sleep(0)

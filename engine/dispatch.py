@@ -102,7 +102,7 @@ def owner_alive(owner: str, heartbeat: datetime | None, now: datetime) -> bool:
 
 
 class Pacer:
-    """Spaces calls `interval` seconds apart and never bursts to catch up on missed slots."""
+    """Spaces calls at least `interval` seconds apart and never bursts to catch up on missed slots."""
 
     def __init__(self, clock: Clock, interval: float) -> None:
         self.clock = clock
@@ -111,6 +111,21 @@ class Pacer:
         self._next: float | None = None
         self._paused_until = 0.0
         self._ok_streak = 0
+        self._lock: asyncio.Lock | None = None
+
+    async def slot(self) -> None:
+        """Wait for this caller's turn (first come, first served); the caller acts right after."""
+        if self._lock is None:
+            self._lock = asyncio.Lock()
+        async with self._lock:
+            await self.wait()
+
+    async def until_due(self) -> None:
+        """Sleep until the next slot is due, without taking it."""
+        now = self.clock.monotonic()
+        due = max(self._paused_until, self._next if self._next is not None else now)
+        if due > now:
+            await self.clock.sleep(due - now)
 
     async def wait(self) -> None:
         now = self.clock.monotonic()
@@ -118,7 +133,9 @@ class Pacer:
         if start > now:
             await self.clock.sleep(start - now)
         gap = self.interval / self.factor if self.interval else 0.0
-        self._next = start + gap
+        # The next slot counts from when this one really began (a late wake-up never lets the next
+        # send come sooner), so no window of 1/rate seconds ever holds more than one send.
+        self._next = max(start, self.clock.monotonic()) + gap
 
     def rate_limited(self, retry_after: float) -> None:
         self._paused_until = max(self._paused_until, self.clock.monotonic() + retry_after)
@@ -315,10 +332,11 @@ class _RunSender:
                 return
             for _ in chunk:
                 await self.d_acquire()
+            # Mark rows `sending` only when their turn is near, so a crash leaves few ambiguous rows.
+            await self.pacer.until_due()
             chunk = self._apply_cap(chunk)
             self._mark_sending(chunk)
             for row in chunk:
-                await self.pacer.wait()
                 task = asyncio.get_running_loop().create_task(self._send_one(row))
                 self.inflight.add(task)
                 task.add_done_callback(self.inflight.discard)
@@ -333,10 +351,12 @@ class _RunSender:
         d = self.d
         attempts = row["attempts"] + 1
         base: dict[str, Any] = {"id": row["id"], "claim_token": ""}
+        await self.pacer.slot()
         try:
-            receipt = await asyncio.wait_for(
-                d.gateway.send_text(row["contact_id"], row["text"], idempotency_key=row["dedupe_key"] or
-                                    f"delivery-{row['id']}"), timeout=d.send_timeout)
+            # The call starts in this very step, right at the paced moment (no task hop in between).
+            async with asyncio.timeout(d.send_timeout):
+                receipt = await d.gateway.send_text(row["contact_id"], row["text"],
+                                                    idempotency_key=row["dedupe_key"] or f"delivery-{row['id']}")
         except TimeoutError:
             self._record({**base, "status": "unknown", "reason": f"no answer from the gateway within "
                           f"{d.send_timeout:g}s; it may have been delivered", "last_error": "timeout"})
