@@ -143,6 +143,7 @@ class WorkproSettings(Strict):
     reconnect_max_delay: Duration = timedelta(seconds=60)  # ... up to this (jittered)
     qr_wait: Duration = timedelta(seconds=10)             # how long start_login waits for the QR to arrive
     stop_on_close: bool = False                           # call Stop on close (stops the account on the puppet)
+    throttle_backoff: Duration = timedelta(seconds=30)    # sends pause this long after WorkproErrorCode 20001
 
 
 class WecomSettings(Strict):

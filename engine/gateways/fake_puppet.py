@@ -6,7 +6,7 @@ WeCom QR URL, the phone's scan, the VERIFY_CODE event whose id is the QR key, En
 tries, LOGIN, READY (twice), WeCom's optional "new device" second QR, Logout, a deterministic Chinese
 contact book with tags and tag groups, and sends recorded in memory. Faults are switched on through a
 Python control API (`drop_event_stream`,
-`fail_sends`, `throttle_sends`, `send_delay`, `batch_mode`).
+`fail_sends`, `throttle_sends`, `send_delay`, `batch_mode`); sends a fault refused are kept in `rejected`.
 
 Tests drive it in-process. As a manual demo:
 
@@ -131,6 +131,16 @@ class SentMessage:
     at: float = field(default_factory=time.time)
 
 
+@dataclass
+class RejectedSend:
+    """One MessageSendText an injected fault refused before anything was delivered (nothing recorded)."""
+
+    contact_id: str
+    code: grpc.StatusCode
+    details: str
+    at: float = field(default_factory=time.time)
+
+
 def demo_contacts(count: int, seed: int = 2024) -> list[pb.ContactPayloadResponse]:
     """`count` realistic, deterministic Chinese customers (external contacts, ids like 7881…)."""
     rng = random.Random(seed)
@@ -239,6 +249,7 @@ class FakePuppet(pb_grpc.PuppetServicer):  # type: ignore[misc]
         self.zero_seq = zero_seq  # like juzi's open-source server: EventResponse.seq is 0
         self.send_delay = 0.0  # seconds each MessageSendText takes (after recording)
         self.sends: list[SentMessage] = []
+        self.rejected: list[RejectedSend] = []  # sends refused by `fail_sends` / `throttle_sends`
         self.calls: list[str] = []  # RPC names, in order (auth failures included)
         self.event_requests: list[tuple[int, str]] = []  # (seq, account_id) of each Event call
         self.emitted: list[pb.EventResponse] = []  # every event pushed (delivered or dropped)
@@ -319,6 +330,14 @@ class FakePuppet(pb_grpc.PuppetServicer):  # type: ignore[misc]
 
     def sent_to(self, contact_id: str) -> list[SentMessage]:
         return [s for s in self.sends if s.contact_id == contact_id]
+
+    def pending_faults(self) -> int:
+        """Injected send faults not yet served."""
+        return len(self._faults)
+
+    def tag_names(self, contact_id: str) -> set[str]:
+        """The names of a contact's tags, as the account shows them."""
+        return {self._tags[t].name for t in self._contacts[contact_id].tag_ids if t in self._tags}
 
     async def scan(self) -> None:
         """The phone scans the QR on screen: SCAN(scanned), then VERIFY_CODE (or LOGIN for a security QR)."""
@@ -424,9 +443,10 @@ class FakePuppet(pb_grpc.PuppetServicer):  # type: ignore[misc]
         if self._stream is not None:
             self._stream.put_nowait("end")
 
-    async def _fault(self, context: grpc.aio.ServicerContext) -> None:
+    async def _fault(self, context: grpc.aio.ServicerContext, contact_id: str) -> None:
         if self._faults:
             code, details = self._faults.pop(0)
+            self.rejected.append(RejectedSend(contact_id, code, details))
             await context.abort(code, details)
 
     async def _need_login(self, context: grpc.aio.ServicerContext, fn: str) -> None:
@@ -592,7 +612,7 @@ class FakePuppet(pb_grpc.PuppetServicer):  # type: ignore[misc]
     async def MessageSendText(
         self, request: pb.MessageSendTextRequest, context: grpc.aio.ServicerContext
     ) -> pb.MessageSendTextResponse:
-        await self._fault(context)
+        await self._fault(context, request.conversation_id)
         await self._need_login(context, "messageSendText")
         if request.conversation_id not in self._contacts:
             await context.abort(

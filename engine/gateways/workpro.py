@@ -554,8 +554,9 @@ class WorkproGateway(Gateway):
         lower = text.lower()
         name = code.name if code is not None else "UNKNOWN"
         log.debug("workpro: %s failed: %s %s", method, name, text)
+        backoff = self.settings.throttle_backoff.total_seconds()
         if "workproerrorcode: 20001" in lower:
-            return RateLimitedError(f"WorkPro is throttling sends ({text}); slow down", retry_after=30.0)
+            return RateLimitedError(f"WorkPro is throttling sends ({text}); slow down", retry_after=backoff)
         if code == grpc.StatusCode.UNAUTHENTICATED or "invalid wechaty token" in lower:
             return PermanentError(
                 "the WorkPro puppet rejected the token (UNAUTHENTICATED): check workpro.token "
@@ -591,7 +592,7 @@ class WorkproGateway(Gateway):
                 )
             return TransientError(f"WorkPro {method} was cancelled")
         if code == grpc.StatusCode.RESOURCE_EXHAUSTED and "larger than max" not in lower:
-            return RateLimitedError(f"WorkPro is out of resources ({text})", retry_after=30.0)
+            return RateLimitedError(f"WorkPro is out of resources ({text})", retry_after=backoff)
         return PermanentError(f"WorkPro {method} failed: {text or name}")
 
     # -- events ----------------------------------------------------------------------------------
