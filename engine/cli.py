@@ -333,14 +333,14 @@ def run(ctx: Ctx, campaign: str | None, resume_run: bool, run_id: int | None, ru
             if spec is not None:
                 await app.ensure_contacts()
                 outcome = await app.run_campaign(spec, run_key=run_key, progress=on_progress,
-                                                 login_wait=login_wait, quiet_wait_max=quiet_max)
+                                                 login_wait=login_wait, quiet_wait_max=quiet_max, confirm_wait=0)
                 if not outcome.plan.created:
                     progress.stop()
                     err.print(f"[yellow]run {outcome.plan.run_id} ({outcome.plan.run_key}) was already planned: "
                               "only its unsent deliveries (if any) are sent[/yellow]")
                 return [outcome.summary]
             return list(await app.resume(run_id, progress=on_progress, login_wait=login_wait,
-                                         quiet_wait_max=quiet_max))
+                                         quiet_wait_max=quiet_max, confirm_wait=0))
 
     summaries = _run(_with_app(ctx, go))
     if as_json:

@@ -23,6 +23,7 @@ thousands of sends per second.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import math
 import os
@@ -35,7 +36,7 @@ from datetime import datetime, time, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from sqlalchemy import update
+from sqlalchemy import select, update
 from sqlalchemy.engine import Engine
 
 from engine.clock import Clock, SystemClock
@@ -48,7 +49,7 @@ from engine.errors import (
     UnknownOutcomeError,
     WecastError,
 )
-from engine.gateways.base import Gateway
+from engine.gateways.base import BatchOutcome, Gateway
 from engine.plan import cap_period
 from engine.settings import Settings
 from storage import queries
@@ -56,6 +57,7 @@ from storage.models import DELIVERIES, RUNS, DeliveryStatus, RunStatus
 
 log = logging.getLogger("wecast.dispatch")
 HEARTBEAT_EVERY = 5.0
+RECONCILE_EVERY = 30.0   # seconds between asking about mass-message tasks staff have not confirmed yet
 STALE_AFTER = timedelta(seconds=60)
 
 
@@ -188,9 +190,10 @@ class Dispatcher:
 
     # -- public ----------------------------------------------------------------------------------
     async def run(self, run_id: int, *, login_wait: float | None = None, progress: Progress | None = None,
-                  quiet_wait_max: float | None = None) -> RunSummary:
+                  quiet_wait_max: float | None = None, confirm_wait: float | None = None) -> RunSummary:
         """Send a run's pending deliveries. Returns when the run is done, paused, cancelled, or — with
-        `login_wait` / `quiet_wait_max` set — when it would have to wait longer than that."""
+        `login_wait` / `quiet_wait_max` / `confirm_wait` set — when it would have to wait longer than that
+        (for a login, for quiet hours to end, for staff to confirm mass-message tasks)."""
         run = queries.get_run(self.db, run_id)
         if run is None:
             raise NotFoundError(f"no run {run_id}")
@@ -199,7 +202,8 @@ class Dispatcher:
         recovered = self._take_over(run)
         sending = _RunSender(self, run, progress)
         try:
-            message = await sending.loop(login_wait=login_wait, quiet_wait_max=quiet_wait_max)
+            message = await sending.loop(login_wait=login_wait, quiet_wait_max=quiet_wait_max,
+                                         confirm_wait=confirm_wait)
         finally:
             await sending.drain()
             self._release(run_id)
@@ -270,13 +274,19 @@ class _RunSender:
             counts = queries.status_counts(conn, self.run_id)
         self.failed = counts.get("failed", 0)
         self.counts = counts
+        caps = d.gateway.capabilities
+        self.batch = caps.batch_send and not caps.direct_send
 
     # -- main loop -------------------------------------------------------------------------------
-    async def loop(self, *, login_wait: float | None, quiet_wait_max: float | None) -> str:
+    async def loop(self, *, login_wait: float | None, quiet_wait_max: float | None,
+                   confirm_wait: float | None = None) -> str:
         d = self.d
         rate = 1.0 / self.pacer.interval if self.pacer.interval else 0.0
         chunk_size = max(1, min(d.concurrency, math.ceil(rate * 0.05))) if rate else d.concurrency
         claim_size = max(chunk_size * 4, min(500, math.ceil(rate * 2) if rate else 500))
+        if self.batch:     # one API call carries many recipients: claim enough to fill tasks
+            claim_size = max(claim_size, min(d.gateway.capabilities.max_batch, 10_000))
+        confirm_deadline = None if confirm_wait is None else d.clock.monotonic() + confirm_wait
         while True:
             if d.stopping.is_set():
                 return "stopped; unsent deliveries stay pending and resume on the next start"
@@ -315,11 +325,22 @@ class _RunSender:
                     continue
                 due = self._next_due()
                 if due is None:
+                    waiting = await self._reconcile() if self.batch else 0
+                    if waiting:
+                        if confirm_deadline is not None and d.clock.monotonic() >= confirm_deadline:
+                            return (f"{waiting} deliveries were submitted as WeCom mass-message tasks and wait for "
+                                    "staff to confirm them in WeCom; `wecast run --resume` (or `wecast serve`) "
+                                    "collects the results")
+                        await self._idle(RECONCILE_EVERY)
+                        continue
                     self._finish_if_done()
                     return "done"
                 await self._idle(min(max(0.0, (due - d.clock.now()).total_seconds()), 5.0))
                 continue
-            await self._send_rows(rows, chunk_size)
+            if self.batch:
+                await self._submit_rows(rows)
+            else:
+                await self._send_rows(rows, chunk_size)
 
     async def _send_rows(self, rows: list[dict[str, Any]], chunk_size: int) -> None:
         d = self.d
@@ -334,7 +355,10 @@ class _RunSender:
                 await self.d_acquire()
             # Mark rows `sending` only when their turn is near, so a crash leaves few ambiguous rows.
             await self.pacer.until_due()
-            chunk = self._apply_cap(chunk)
+            kept = self._apply_cap(chunk)
+            for _ in range(len(chunk) - len(kept)):
+                self.sem.release()
+            chunk = kept
             self._mark_sending(chunk)
             for row in chunk:
                 task = asyncio.get_running_loop().create_task(self._send_one(row))
@@ -399,6 +423,128 @@ class _RunSender:
         self._record({**base, "status": "pending", "last_error": error,
                       "next_attempt_at": self.d.clock.now() + timedelta(seconds=delay)})
 
+    # -- mass-message tasks (batch gateways) ------------------------------------------------------
+    async def _submit_rows(self, rows: list[dict[str, Any]]) -> None:
+        """Group claimed rows by identical text and submit each group as one task (up to max_batch).
+
+        A group's idempotency key is derived from its rows and saved on them before the call, so after
+        a crash exactly the same group is resubmitted under the same key (the gateway then answers with
+        the task it already has) instead of a new, overlapping task."""
+        d = self.d
+        saved = self._saved_batch_keys([r["id"] for r in rows])
+        groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+        for r in rows:
+            groups.setdefault((r["text"], saved.get(r["id"], "")), []).append(r)
+        max_batch = max(1, d.gateway.capabilities.max_batch)
+        parts = [(text, key, group[i:i + max_batch]) if not key else (text, key, group)
+                 for (text, key), group in groups.items()
+                 for i in (range(0, len(group), max_batch) if not key else [0])]
+        for index, (text, key, part) in enumerate(parts):
+            if (d.stopping.is_set() or self.logged_out or self._run_status() != RunStatus.RUNNING.value
+                    or (self.max_errors and self.failed >= self.max_errors)
+                    or quiet_wait(d.clock.now(), self.tz, self.quiet)):
+                self._unclaim([r["id"] for _, _, rest in parts[index:] for r in rest])
+                return
+            part = self._apply_cap(part)
+            if not part:
+                continue
+            ids = sorted(r["contact_id"] for r in part)
+            key = key or "batch:" + hashlib.sha256(f"{self.run_id}|{text}|{','.join(ids)}".encode()).hexdigest()[:32]
+            now = d.clock.now()
+            with d.db.begin() as conn:
+                queries.apply_updates(conn, [{"id": r["id"], "status": "sending", "attempts": r["attempts"] + 1,
+                                              "gateway_task_id": key, "updated_at": now, "sent_at": now}
+                                             for r in part])
+            await self.pacer.slot()
+            by_contact = {r["contact_id"]: r for r in part}
+            try:
+                async with asyncio.timeout(d.send_timeout):
+                    receipt = await d.gateway.submit_batch(ids, text, idempotency_key=key)
+            except TimeoutError:
+                for r in part:
+                    self._record({"id": r["id"], "status": "unknown", "last_error": "timeout",
+                                  "reason": "no answer when submitting the mass-message task; it may exist"})
+            except GatewayError as exc:
+                for r in part:
+                    self._outcome(r, exc)
+            else:
+                self.pacer.succeeded()
+                for cid in receipt.accepted:
+                    if cid in by_contact:
+                        self._record({"id": by_contact[cid]["id"], "status": "submitted", "claim_token": "",
+                                      "gateway_task_id": receipt.task_id, "reason": "", "last_error": ""})
+                for cid, why in receipt.rejected.items():
+                    if cid in by_contact:
+                        self.failed += 1
+                        self._record({"id": by_contact[cid]["id"], "status": "failed", "claim_token": "",
+                                      "reason": why, "last_error": why})
+                missing = set(by_contact) - set(receipt.accepted) - set(receipt.rejected)
+                for cid in missing:
+                    self._record({"id": by_contact[cid]["id"], "status": "unknown", "claim_token": "",
+                                  "reason": f"task {receipt.task_id} did not say whether it includes this contact"})
+            self._flush()
+            self._beat()
+
+    def _outcome(self, row: dict[str, Any], exc: GatewayError) -> None:
+        """Record a failed gateway call for one row (the same rules as a direct send)."""
+        base: dict[str, Any] = {"id": row["id"], "claim_token": ""}
+        attempts = row["attempts"] + 1
+        if isinstance(exc, RateLimitedError):
+            self.pacer.rate_limited(exc.retry_after)
+            self._retry(base, attempts, str(exc), delay=exc.retry_after)
+        elif isinstance(exc, NotLoggedInError):
+            self.logged_out = True
+            self._record({**base, "status": "pending", "attempts": attempts - 1, "last_error": str(exc)})
+        elif isinstance(exc, TransientError):
+            self._retry(base, attempts, str(exc))
+        elif isinstance(exc, UnknownOutcomeError):
+            self._record({**base, "status": "unknown", "reason": str(exc), "last_error": str(exc)})
+        else:
+            self.failed += 1
+            self._record({**base, "status": "failed", "reason": str(exc), "last_error": str(exc)})
+
+    def _saved_batch_keys(self, ids: list[int]) -> dict[int, str]:
+        c = queries.D
+        with self.d.db.connect() as conn:
+            rows = conn.execute(select(c.id, c.gateway_task_id).where(c.id.in_(ids),
+                                                                      c.gateway_task_id.like("batch:%")))
+            return {r.id: r.gateway_task_id for r in rows}
+
+    async def _reconcile(self) -> int:
+        """Ask the gateway how submitted tasks went; returns how many deliveries still wait."""
+        c = queries.D
+        with self.d.db.connect() as conn:
+            rows = conn.execute(select(c.id, c.contact_id, c.gateway_task_id).where(
+                c.run_id == self.run_id, c.status == DeliveryStatus.SUBMITTED.value)).all()
+        by_task: dict[str, dict[str, int]] = {}
+        for r in rows:
+            by_task.setdefault(r.gateway_task_id, {})[r.contact_id] = r.id
+        waiting = 0
+        for task_id, members in by_task.items():
+            try:
+                results = await self.d.gateway.batch_results(task_id)
+            except GatewayError as exc:
+                log.warning("run %s: could not read results of task %s: %s", self.run_id, task_id, exc)
+                waiting += len(members)
+                continue
+            seen = set()
+            for res in results:
+                row_id = members.get(res.contact_id)
+                if row_id is None:
+                    continue
+                seen.add(res.contact_id)
+                if res.outcome is BatchOutcome.SENT:
+                    self._record({"id": row_id, "status": "sent", "gateway_message_id": res.message_id,
+                                  "sent_at": self.d.clock.now(), "reason": ""})
+                elif res.outcome is BatchOutcome.FAILED:
+                    self.failed += 1
+                    self._record({"id": row_id, "status": "failed", "reason": res.reason or "not delivered"})
+                else:
+                    waiting += 1
+            waiting += len(set(members) - seen)
+        self._flush()
+        return waiting
+
     # -- database --------------------------------------------------------------------------------
     def _record(self, update_: dict[str, Any]) -> None:
         update_["updated_at"] = self.d.clock.now()
@@ -445,7 +591,6 @@ class _RunSender:
                 skip.append({"id": r["id"], "status": "skipped", "claim_token": "", "updated_at": self.d.clock.now(),
                              "reason": f"frequency_cap: already got {counts[r['contact_id']]} marketing message(s) "
                                        f"this {self.cap['per']} (max {self.cap['max']})"})
-                self.sem.release()
             else:
                 keep.append(r)
         if skip:

@@ -88,14 +88,15 @@ class Wecast:
 
     async def run_campaign(self, campaign: Campaign, *, run_key: str | None = None, trigger: str = "manual",
                            progress: Progress | None = None, login_wait: float | None = None,
-                           quiet_wait_max: float | None = None) -> RunOutcome:
+                           quiet_wait_max: float | None = None, confirm_wait: float | None = None) -> RunOutcome:
         plan = self.plan(campaign, run_key=run_key, trigger=trigger)
         summary = await self.dispatcher.run(plan.run_id, progress=progress, login_wait=login_wait,
-                                            quiet_wait_max=quiet_wait_max)
+                                            quiet_wait_max=quiet_wait_max, confirm_wait=confirm_wait)
         return RunOutcome(plan, summary)
 
     async def resume(self, run_id: int | None = None, *, progress: Progress | None = None,
-                     login_wait: float | None = None, quiet_wait_max: float | None = None) -> list[RunSummary]:
+                     login_wait: float | None = None, quiet_wait_max: float | None = None,
+                     confirm_wait: float | None = None) -> list[RunSummary]:
         """Continue interrupted runs (all of them, or one)."""
         if run_id is not None:
             ids = [run_id]
@@ -103,4 +104,4 @@ class Wecast:
             with self.db.connect() as conn:
                 ids = [r["id"] for r in queries.unfinished_runs(conn)]
         return [await self.dispatcher.run(i, progress=progress, login_wait=login_wait,
-                                          quiet_wait_max=quiet_wait_max) for i in ids]
+                                          quiet_wait_max=quiet_wait_max, confirm_wait=confirm_wait) for i in ids]

@@ -129,6 +129,10 @@ class SandboxSettings(Strict):
     second_verification: bool = False             # after login, ask for WeCom's "new device" QR once
     state_file: Path = Path("data/sandbox.sqlite")
     honor_idempotency_key: bool = True
+    # direct: one text per customer, delivered at once (like workpro). batch: 群发 tasks like the official
+    # API (one text for many customers, delivered when staff confirm, `confirm_delay` after submission).
+    mode: Literal["direct", "batch"] = "direct"
+    confirm_delay: Duration = timedelta(0)
     faults: Faults = Faults()
 
 

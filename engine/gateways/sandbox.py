@@ -20,6 +20,7 @@ The login state is kept in the same file, so `wecast login` in one process serve
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import random
 import secrets
@@ -30,7 +31,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from engine.clock import Clock
 from engine.errors import (
@@ -42,6 +43,9 @@ from engine.errors import (
     UnknownOutcomeError,
 )
 from engine.gateways.base import (
+    BatchOutcome,
+    BatchReceipt,
+    BatchResult,
     Capabilities,
     ContactPage,
     ContactRecord,
@@ -73,6 +77,14 @@ CREATE TABLE IF NOT EXISTS outbox (
     sent_at TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS ix_outbox_key ON outbox (idempotency_key);
+CREATE TABLE IF NOT EXISTS tasks (
+    task_id TEXT PRIMARY KEY,
+    idempotency_key TEXT NOT NULL UNIQUE,
+    text TEXT NOT NULL,
+    contact_ids TEXT NOT NULL,
+    created_at TEXT NOT NULL,
+    confirmed_at TEXT
+);
 CREATE INDEX IF NOT EXISTS ix_outbox_contact ON outbox (contact_id);
 """
 
@@ -140,6 +152,36 @@ class SandboxStore:
                          (message_id, contact_id, text, key, datetime.now(UTC).isoformat()))
             return message_id, False
 
+    def add_task(self, key: str, text: str, contact_ids: list[str], now: datetime) -> tuple[str, list[str], bool]:
+        """Record a mass-message task; returns (task_id, contact ids, already existed)."""
+        with self._tx() as conn:
+            row = conn.execute("SELECT task_id, contact_ids FROM tasks WHERE idempotency_key = ?", (key,)).fetchone()
+            if row:
+                return row[0], json.loads(row[1]), True
+            task_id = "msgtask-" + secrets.token_hex(8)
+            conn.execute("INSERT INTO tasks (task_id, idempotency_key, text, contact_ids, created_at) "
+                         "VALUES (?, ?, ?, ?, ?)", (task_id, key, text, json.dumps(contact_ids), now.isoformat()))
+            return task_id, contact_ids, False
+
+    def task(self, task_id: str) -> dict[str, Any] | None:
+        with self._lock:
+            row = self._conn.execute("SELECT task_id, idempotency_key, text, contact_ids, created_at, confirmed_at "
+                                     "FROM tasks WHERE task_id = ?", (task_id,)).fetchone()
+        if row is None:
+            return None
+        return {"task_id": row[0], "key": row[1], "text": row[2], "contact_ids": json.loads(row[3]),
+                "created_at": datetime.fromisoformat(row[4]),
+                "confirmed_at": datetime.fromisoformat(row[5]) if row[5] else None}
+
+    def open_tasks(self) -> list[str]:
+        with self._lock:
+            return [r[0] for r in self._conn.execute("SELECT task_id FROM tasks WHERE confirmed_at IS NULL")]
+
+    def confirm_task(self, task_id: str, now: datetime) -> None:
+        with self._tx() as conn:
+            conn.execute("UPDATE tasks SET confirmed_at = ? WHERE task_id = ? AND confirmed_at IS NULL",
+                         (now.isoformat(), task_id))
+
     def messages(self, contact_id: str | None = None) -> list[OutboxMessage]:
         sql = "SELECT message_id, contact_id, text, idempotency_key, sent_at FROM outbox"
         args: tuple[str, ...] = ()
@@ -167,8 +209,10 @@ class SandboxGateway(Gateway):
     def __init__(self, settings: SandboxSettings, clock: Clock | None = None) -> None:
         super().__init__(clock)
         self.settings = settings
-        self.capabilities = Capabilities(direct_send=True, batch_send=False,
-                                         idempotent_sends=settings.honor_idempotency_key)
+        batch = settings.mode == "batch"
+        self.capabilities = Capabilities(direct_send=not batch, batch_send=batch,
+                                         idempotent_sends=settings.honor_idempotency_key,
+                                         max_batch=10_000 if batch else 1)
         self.faults: Faults = settings.faults
         self._rng = random.Random(settings.seed)
         self._store: SandboxStore | None = None
@@ -394,16 +438,38 @@ class SandboxGateway(Gateway):
         if self._state is not LoginState.LOGGED_IN:
             raise NotLoggedInError("the WeCom account is not logged in")
 
+    def _reachable(self, contact_id: str) -> str | None:
+        """Why a contact cannot receive messages (None: it can)."""
+        contact = self._by_id.get(contact_id)
+        if contact is None:
+            return f"unknown contact {contact_id}"
+        if not contact.friend:
+            return f"{contact_id} is not a friend of this account (deleted or never added)"
+        return None
+
     async def send_text(self, contact_id: str, text: str, *, idempotency_key: str) -> SendReceipt:
         self._require_login()
         self._all_contacts()
-        contact = self._by_id.get(contact_id)
-        if contact is None:
-            raise PermanentError(f"unknown contact {contact_id}")
-        if not contact.friend:
-            raise PermanentError(f"{contact_id} is not a friend of this account (deleted or never added)")
+        if self.settings.mode == "batch":
+            raise PermanentError("this account sends through mass-message tasks (群发) only")
+        problem = self._reachable(contact_id)
+        if problem:
+            raise PermanentError(problem)
         if not text.strip():
             raise PermanentError("empty message")
+        await self._faults_before_send()
+        faults = self.faults
+        roll = self._rng.random()
+        if roll < faults.timeout_rate:
+            if self._rng.random() < 0.5:   # the message went out, the answer was lost
+                self.store.deliver(contact_id, text, idempotency_key, dedupe=self.capabilities.idempotent_sends)
+            raise UnknownOutcomeError("sandbox: injected timeout after the request was sent")
+        message_id, duplicate = self.store.deliver(contact_id, text, idempotency_key,
+                                                   dedupe=self.capabilities.idempotent_sends)
+        return SendReceipt(message_id=message_id, duplicate=duplicate)
+
+    async def _faults_before_send(self) -> None:
+        """Injected latency, rate limiting and transient errors (all before anything is delivered)."""
         faults = self.faults
         if faults.latency_ms or faults.latency_jitter_ms:
             await self.clock.sleep((faults.latency_ms + self._rng.random() * faults.latency_jitter_ms) / 1000)
@@ -414,14 +480,45 @@ class SandboxGateway(Gateway):
         roll -= faults.rate_limit_rate
         if roll < faults.error_rate:
             raise TransientError("sandbox: injected transient error (UNAVAILABLE)")
-        roll -= faults.error_rate
-        if roll < faults.timeout_rate:
-            if self._rng.random() < 0.5:   # the message went out, the answer was lost
-                self.store.deliver(contact_id, text, idempotency_key, dedupe=self.capabilities.idempotent_sends)
-            raise UnknownOutcomeError("sandbox: injected timeout after the request was sent")
-        message_id, duplicate = self.store.deliver(contact_id, text, idempotency_key,
-                                                   dedupe=self.capabilities.idempotent_sends)
-        return SendReceipt(message_id=message_id, duplicate=duplicate)
+
+    # -- mass-message tasks (mode: batch) --------------------------------------------------------
+    async def submit_batch(self, contact_ids: list[str], text: str, *, idempotency_key: str) -> BatchReceipt:
+        """Create a 群发 task: one text for many customers, delivered when staff confirm it."""
+        if self.settings.mode != "batch":
+            return await super().submit_batch(contact_ids, text, idempotency_key=idempotency_key)
+        self._require_login()
+        self._all_contacts()
+        if not text.strip():
+            raise PermanentError("empty message")
+        await self._faults_before_send()
+        rejected = {cid: why for cid in contact_ids if (why := self._reachable(cid))}
+        accepted = [cid for cid in contact_ids if cid not in rejected]
+        task_id, ids, _existing = self.store.add_task(idempotency_key, text, accepted, self.clock.now())
+        return BatchReceipt(task_id=task_id, accepted=tuple(ids), rejected=rejected)
+
+    async def batch_results(self, task_id: str) -> list[BatchResult]:
+        if self.settings.mode != "batch":
+            return await super().batch_results(task_id)
+        task = self.store.task(task_id)
+        if task is None:
+            raise PermanentError(f"unknown task {task_id}")
+        if task["confirmed_at"] is None and self.clock.now() >= task["created_at"] + self.settings.confirm_delay:
+            self.store.confirm_task(task_id, self.clock.now())
+            task["confirmed_at"] = self.clock.now()
+        if task["confirmed_at"] is None:
+            return [BatchResult(cid, BatchOutcome.PENDING) for cid in task["contact_ids"]]
+        out = []
+        for cid in task["contact_ids"]:
+            message_id, _ = self.store.deliver(cid, task["text"], f"{task['key']}|{cid}", dedupe=True)
+            out.append(BatchResult(cid, BatchOutcome.SENT, message_id=message_id))
+        return out
+
+    def sandbox_confirm_tasks(self) -> int:
+        """Sandbox only: staff confirm every waiting task now (delivery happens at the next results query)."""
+        waiting = self.store.open_tasks()
+        for task_id in waiting:
+            self.store.confirm_task(task_id, self.clock.now())
+        return len(waiting)
 
     # -- sandbox-only helpers ------------------------------------------------------------------------
     def outbox_messages(self, contact_id: str | None = None) -> list[OutboxMessage]:
