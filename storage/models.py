@@ -176,7 +176,9 @@ class Delivery(SQLModel, table=True):
     contact_id: str
     contact_name: str = ""
     text: str = Field(default="", sa_column=Column(Text, nullable=False))
-    dedupe_key: str | None = Field(default=None, sa_column=Column(String(300), nullable=True))
+    # Code-point order on PostgreSQL too, so the index serves the per-campaign key ranges (queries._campaign_range).
+    dedupe_key: str | None = Field(default=None, sa_column=Column(
+        String(300).with_variant(String(300, collation="C"), "postgresql"), nullable=True))
     status: str = Field(default=DeliveryStatus.PENDING)   # indexed with run_id in ix_delivery_dispatch
     # Server defaults let a big plan insert only the columns that vary (fewer bound values per row).
     reason: str = Field(default="", sa_column_kwargs={"server_default": ""})   # why skipped/failed/unknown

@@ -57,8 +57,14 @@ def insert_ignore(conn: Connection, table: Any, rows: Sequence[dict[str, Any]], 
                 except Exception:  # a duplicate; anything else re-raises on the next query
                     continue
             continue
-        result = conn.execute(stmt, list(part))
-        inserted += max(result.rowcount or 0, 0)
+        if dialect == "postgresql":
+            # An executemany's rowcount is not reliable here (SQLAlchemy batches it as INSERT ... VALUES
+            # (...), (...) RETURNING): count the keys the server returns, which are the inserted rows only.
+            result = conn.execute(stmt.returning(*table.primary_key.columns), list(part))
+            inserted += len(result.all())
+        else:
+            result = conn.execute(stmt, list(part))
+            inserted += max(result.rowcount or 0, 0)
     return inserted
 
 
@@ -238,7 +244,7 @@ def existing_keys(conn: Connection, keys: Sequence[str]) -> dict[str, dict[str, 
 def last_sends(conn: Connection, campaign_id: str, since: datetime) -> dict[str, datetime]:
     """contact id -> latest time this campaign sent (or may have sent) to them, since `since`."""
     stmt = (select(D.contact_id, func.max(D.sent_at).label("at"))
-            .where(*_campaign_range(campaign_id), D.status.in_([s.value for s in CAP_COUNTED_STATUSES]),
+            .where(*_campaign_range(conn, campaign_id), D.status.in_([s.value for s in CAP_COUNTED_STATUSES]),
                    D.sent_at >= since)
             .group_by(D.contact_id))
     out = {}
@@ -246,7 +252,7 @@ def last_sends(conn: Connection, campaign_id: str, since: datetime) -> dict[str,
         at = row.at
         if isinstance(at, str):
             at = datetime.fromisoformat(at)
-        out[row.contact_id] = at if at.tzinfo else at.replace(tzinfo=since.tzinfo)
+        out[row.contact_id] = at if at.tzinfo else at.replace(tzinfo=UTC)   # stored as naive UTC
     return out
 
 
@@ -273,14 +279,18 @@ def cap_counts(conn: Connection, start: datetime, end: datetime, contact_ids: Se
 
 def campaign_keys(conn: Connection, campaign_id: str) -> dict[str, dict[str, Any]]:
     """Every dedupe key this campaign holds: key -> {run_id, status, sent_at}."""
-    stmt = select(D.dedupe_key, D.run_id, D.status, D.sent_at).where(*_campaign_range(campaign_id))
+    stmt = select(D.dedupe_key, D.run_id, D.status, D.sent_at).where(*_campaign_range(conn, campaign_id))
     return {row.dedupe_key: dict(row._mapping) for row in conn.execute(stmt)}
 
 
-def _campaign_range(campaign_id: str) -> tuple[Any, ...]:
+def _campaign_range(conn: Connection, campaign_id: str) -> tuple[Any, ...]:
     """Deliveries of one campaign, found through the dedupe-key index (keys start with `<campaign id>|`;
-    campaign ids cannot contain `|`, and `}` sorts right after it)."""
-    return (D.dedupe_key >= f"{campaign_id}|", D.dedupe_key < f"{campaign_id}}}", D.campaign_id == campaign_id)
+    campaign ids cannot contain `|`, and `}` sorts right after it — in code-point order, which PostgreSQL
+    only uses under the "C" collation: linguistic collations such as ICU's en-US put `}` before `|`)."""
+    key: Any = D.dedupe_key
+    if conn.dialect.name == "postgresql":
+        key = key.collate("C")    # the column is created with it (see Delivery), so its index still serves
+    return (key >= f"{campaign_id}|", key < f"{campaign_id}}}", D.campaign_id == campaign_id)
 
 
 def status_counts(conn: Connection, run_id: int) -> dict[str, int]:
@@ -292,7 +302,11 @@ def claim(conn: Connection, run_id: int, token: str, limit: int, now: datetime) 
     """Atomically claim up to `limit` due pending deliveries of a run for this dispatcher."""
     due = (select(D.id).where(D.run_id == run_id, D.status == DeliveryStatus.PENDING.value,
                               or_(D.next_attempt_at.is_(None), D.next_attempt_at <= now))
-           .order_by(D.next_attempt_at.is_not(None), D.id).limit(limit))
+           .order_by(D.next_attempt_at.is_not(None), D.id).limit(limit)
+           # PostgreSQL: lock the picked rows and pass over rows another claimer holds, so two claimers in
+           # flight take different rows instead of one waiting on the other and then finding nothing
+           # (SQLite serializes writers and renders no FOR UPDATE).
+           .with_for_update(skip_locked=True))
     ids = [r.id for r in conn.execute(due)]
     if not ids:
         return []
