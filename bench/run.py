@@ -52,7 +52,8 @@ def _settings(tmp: Path, *, latency_ms: float = 0, concurrency: int = 64, contac
         f"campaigns_dir: {tmp}\n"
         f"sending: {{concurrency: {concurrency}, quiet_hours: null}}\n"
         f"sandbox: {{contacts: {contacts}, state_file: {tmp}/sandbox.sqlite, faults: {{latency_ms: {latency_ms}}}}}\n",
-        encoding="utf-8")
+        encoding="utf-8",
+    )
     return load_settings(cfg)
 
 
@@ -105,8 +106,13 @@ def one_plan(folder: str) -> dict[str, float]:
         result = plan_run(db, campaign, settings, now=datetime.now(UTC))
         elapsed = time.perf_counter() - t0
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        return {"seconds": elapsed, "planned": result.planned, "skipped": result.skipped,
-                "peak_rss_mb": peak / 1024, "rss_before_mb": base_rss / 1024}
+        return {
+            "seconds": elapsed,
+            "planned": result.planned,
+            "skipped": result.skipped,
+            "peak_rss_mb": peak / 1024,
+            "rss_before_mb": base_rss / 1024,
+        }
 
 
 def one_dispatch(n: int) -> dict[str, float]:
@@ -125,8 +131,13 @@ def one_dispatch(n: int) -> dict[str, float]:
                 summary = await app.dispatcher.run(plan.run_id)
                 elapsed = time.perf_counter() - t0
                 outbox = app.gateway.store.count()  # type: ignore[attr-defined]
-                return {"seconds": elapsed, "sent": summary.sent, "per_second": summary.sent / elapsed,
-                        "outbox": outbox}
+                return {
+                    "seconds": elapsed,
+                    "sent": summary.sent,
+                    "per_second": summary.sent / elapsed,
+                    "outbox": outbox,
+                }
+
     return asyncio.run(go())
 
 
@@ -151,26 +162,38 @@ def one_rate(n: int, rate: float, latency_ms: float) -> dict[str, float]:
                     return await original(contact_id, text, idempotency_key=idempotency_key)
 
                 gw.send_text = timed  # type: ignore[method-assign]
-                with app.db.begin() as conn:   # keep exactly n pending deliveries
+                with app.db.begin() as conn:  # keep exactly n pending deliveries
                     from sqlalchemy import text as sql
-                    conn.execute(sql("UPDATE deliveries SET status='skipped', reason='bench: trimmed' "
-                                     "WHERE run_id=:r AND status='pending' AND id NOT IN (SELECT id FROM deliveries "
-                                     "WHERE run_id=:r AND status='pending' ORDER BY id LIMIT :n)"),
-                                 {"r": plan.run_id, "n": n})
+
+                    conn.execute(
+                        sql(
+                            "UPDATE deliveries SET status='skipped', reason='bench: trimmed' "
+                            "WHERE run_id=:r AND status='pending' AND id NOT IN (SELECT id FROM deliveries "
+                            "WHERE run_id=:r AND status='pending' ORDER BY id LIMIT :n)"
+                        ),
+                        {"r": plan.run_id, "n": n},
+                    )
                 summary = await app.dispatcher.run(plan.run_id)
                 starts.sort()
                 # Rate over the sends' start times: (n - 1) gaps between the first and the last start.
                 achieved = (len(starts) - 1) / (starts[-1] - starts[0])
                 # The busiest 1-second window, to check "never above".
                 peak = max(sum(1 for t in starts if s <= t < s + 1.0) for s in starts)
-                return {"configured": rate, "achieved": achieved, "ratio": achieved / rate,
-                        "max_in_any_1s": peak, "sent": summary.sent}
+                return {
+                    "configured": rate,
+                    "achieved": achieved,
+                    "ratio": achieved / rate,
+                    "max_in_any_1s": peak,
+                    "sent": summary.sent,
+                }
+
     return asyncio.run(go())
 
 
 def _sub(kind: str, *args: str) -> dict[str, float]:
-    proc = subprocess.run([sys.executable, "-m", "bench.run", "_one", kind, *args], cwd=ROOT,
-                          capture_output=True, text=True, check=False)
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.run", "_one", kind, *args], cwd=ROOT, capture_output=True, text=True, check=False
+    )
     if proc.returncode != 0:
         raise SystemExit(f"benchmark {kind} failed:\n{proc.stderr}")
     return json.loads(proc.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
@@ -202,22 +225,29 @@ def main() -> None:
             runs = [_sub("plan", seeded) for _ in range(args.repeat)]
         secs = statistics.median(r["seconds"] for r in runs)
         mem = statistics.median(r["peak_rss_mb"] for r in runs)
-        print(f"plan {args.plan_n:,} recipients (select+render+record): {secs:.2f} s (target < 3 s), "
-              f"peak RSS {mem:.0f} MB (target < 300 MB; {runs[0]['rss_before_mb']:.0f} MB before planning); runs: "
-              + ", ".join(f"{r['seconds']:.2f}s" for r in runs) + f"; planned {runs[0]['planned']:,.0f}")
+        print(
+            f"plan {args.plan_n:,} recipients (select+render+record): {secs:.2f} s (target < 3 s), "
+            f"peak RSS {mem:.0f} MB (target < 300 MB; {runs[0]['rss_before_mb']:.0f} MB before planning); runs: "
+            + ", ".join(f"{r['seconds']:.2f}s" for r in runs)
+            + f"; planned {runs[0]['planned']:,.0f}"
+        )
     if "dispatch" in args.which:
         runs = [_sub("dispatch", str(args.dispatch_n)) for _ in range(args.repeat)]
         rate = statistics.median(r["per_second"] for r in runs)
-        print(f"dispatch on the sandbox, no latency: {rate:,.0f} deliveries/s (target >= 2,000/s); runs: "
-              + ", ".join(f"{r['per_second']:,.0f}/s" for r in runs)
-              + f"; sent {runs[0]['sent']:,.0f}, outbox {runs[0]['outbox']:,.0f}")
+        print(
+            f"dispatch on the sandbox, no latency: {rate:,.0f} deliveries/s (target >= 2,000/s); runs: "
+            + ", ".join(f"{r['per_second']:,.0f}/s" for r in runs)
+            + f"; sent {runs[0]['sent']:,.0f}, outbox {runs[0]['outbox']:,.0f}"
+        )
     if "rate" in args.which:
         runs = [_sub("rate", "200", "20", "200") for _ in range(args.repeat)]
         ratio = statistics.median(r["ratio"] for r in runs)
         peak = max(r["max_in_any_1s"] for r in runs)
-        print(f"rate with 200 ms sends, configured 20/s: achieved {ratio * 20:.2f}/s = {ratio:.3f} of configured "
-              f"(target 0.95–1.00); busiest 1 s window {peak:.0f} sends (limit 20); runs: "
-              + ", ".join(f"{r['achieved']:.2f}/s" for r in runs))
+        print(
+            f"rate with 200 ms sends, configured 20/s: achieved {ratio * 20:.2f}/s = {ratio:.3f} of configured "
+            f"(target 0.95–1.00); busiest 1 s window {peak:.0f} sends (limit 20); runs: "
+            + ", ".join(f"{r['achieved']:.2f}/s" for r in runs)
+        )
 
 
 if __name__ == "__main__":

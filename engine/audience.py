@@ -31,16 +31,61 @@ from engine.durations import parse_duration
 ContactView = Mapping[str, Any]
 Check = Callable[[ContactView, datetime], str | None]
 
-FIELDS = ("id", "name", "alias", "gender", "city", "province", "address", "corporation", "title", "phone",
-          "phones", "weixin", "description", "signature", "friend", "coworker", "star", "type", "real_name",
-          "aka", "corp_id", "added_at", "tags", "avatar")
-ALIASES = {"realName": "real_name", "corpId": "corp_id", "addedAt": "added_at", "tag": "tags",
-           "remark": "alias", "备注": "alias", "城市": "city", "省份": "province", "性别": "gender"}
-GENDERS = {"male": 1, "m": 1, "男": 1, "1": 1, "female": 2, "f": 2, "女": 2, "2": 2,
-           "unknown": 0, "未知": 0, "0": 0}
+FIELDS = (
+    "id",
+    "name",
+    "alias",
+    "gender",
+    "city",
+    "province",
+    "address",
+    "corporation",
+    "title",
+    "phone",
+    "phones",
+    "weixin",
+    "description",
+    "signature",
+    "friend",
+    "coworker",
+    "star",
+    "type",
+    "real_name",
+    "aka",
+    "corp_id",
+    "added_at",
+    "tags",
+    "avatar",
+)
+ALIASES = {
+    "realName": "real_name",
+    "corpId": "corp_id",
+    "addedAt": "added_at",
+    "tag": "tags",
+    "remark": "alias",
+    "备注": "alias",
+    "城市": "city",
+    "省份": "province",
+    "性别": "gender",
+}
+GENDERS = {"male": 1, "m": 1, "男": 1, "1": 1, "female": 2, "f": 2, "女": 2, "2": 2, "unknown": 0, "未知": 0, "0": 0}
 GENDER_NAMES = {0: "unknown", 1: "male", 2: "female"}
-OPS = ("eq", "ne", "in", "not_in", "contains", "not_contains", "startswith", "endswith", "matches",
-       "gt", "gte", "lt", "lte", "present")
+OPS = (
+    "eq",
+    "ne",
+    "in",
+    "not_in",
+    "contains",
+    "not_contains",
+    "startswith",
+    "endswith",
+    "matches",
+    "gt",
+    "gte",
+    "lt",
+    "lte",
+    "present",
+)
 
 
 class RuleError(ValueError):
@@ -56,7 +101,7 @@ class RuleError(ValueError):
 class Rule:
     check: Check
     text: str
-    fields: frozenset[str] = frozenset()   # contact fields the rule reads (so planning loads only those)
+    fields: frozenset[str] = frozenset()  # contact fields the rule reads (so planning loads only those)
 
     def __call__(self, contact: ContactView, now: datetime) -> str | None:
         return self.check(contact, now)
@@ -133,6 +178,7 @@ def _compare(field: str, op: str, arg: Any, path: tuple[str | int, ...]) -> Rule
             if has == arg:
                 return None
             return f"{label} is empty" if arg else f"{label} is set ({shown(v)})"
+
         return Rule(present, f"{label} {'is set' if arg else 'is empty'}", _reads(field))
 
     if op in ("in", "not_in"):
@@ -148,6 +194,7 @@ def _compare(field: str, op: str, arg: Any, path: tuple[str | int, ...]) -> Rule
             if hit == want:
                 return None
             return f"{label} is {shown(v)}, " + (f"not one of {listed}" if want else f"which is excluded ({listed})")
+
         return Rule(member, f"{label} {'in' if want else 'not in'} [{listed}]", _reads(field))
 
     if op in ("contains", "not_contains", "startswith", "endswith", "matches"):
@@ -163,12 +210,16 @@ def _compare(field: str, op: str, arg: Any, path: tuple[str | int, ...]) -> Rule
         def text_op(c: ContactView, _now: datetime) -> str | None:
             v = _value(c, field)
             if isinstance(v, frozenset | set | list | tuple):
-                ok = arg in v if op in ("contains", "not_contains") else any(
-                    _text_ok(op, str(x), arg, pattern) for x in v)
+                ok = (
+                    arg in v
+                    if op in ("contains", "not_contains")
+                    else any(_text_ok(op, str(x), arg, pattern) for x in v)
+                )
                 ok = not ok if op == "not_contains" else ok
             else:
                 ok = _text_ok(op, "" if v is None else str(v), arg, pattern)
             return None if ok else f"{label} {_show(v)} does not satisfy {op} {arg!r}"
+
         return Rule(text_op, f"{label} {op} {arg!r}", _reads(field))
 
     if op in ("eq", "ne", "gt", "gte", "lt", "lte"):
@@ -176,8 +227,13 @@ def _compare(field: str, op: str, arg: Any, path: tuple[str | int, ...]) -> Rule
         if op in ("gt", "gte", "lt", "lte") and not isinstance(target, int | float | datetime):
             raise RuleError(f"{op} compares numbers or dates, not {arg!r}", path)
         compare: Callable[[Any, Any], bool] = {
-            "eq": lambda a, b: a == b, "ne": lambda a, b: a != b, "gt": lambda a, b: a > b,
-            "gte": lambda a, b: a >= b, "lt": lambda a, b: a < b, "lte": lambda a, b: a <= b}[op]
+            "eq": lambda a, b: a == b,
+            "ne": lambda a, b: a != b,
+            "gt": lambda a, b: a > b,
+            "gte": lambda a, b: a >= b,
+            "lt": lambda a, b: a < b,
+            "lte": lambda a, b: a <= b,
+        }[op]
         symbol = {"eq": "=", "ne": "≠", "gt": ">", "gte": "≥", "lt": "<", "lte": "≤"}[op]
 
         def cmp(c: ContactView, _now: datetime) -> str | None:
@@ -191,6 +247,7 @@ def _compare(field: str, op: str, arg: Any, path: tuple[str | int, ...]) -> Rule
                 except TypeError:
                     ok = False
             return None if ok else f"{label} is {shown(v)}, not {symbol} {shown(target)}"
+
         return Rule(cmp, f"{label} {symbol} {shown(target)}", _reads(field))
 
     raise RuleError(f"unknown operator {op!r}; use one of {', '.join(OPS)}", path)
@@ -226,6 +283,7 @@ def _added(kind: str, arg: Any, path: tuple[str | int, ...]) -> Rule:
                 return None
             days = max(0, (now - added).days)
             return f"added {days} days ago ({added.date().isoformat()})"
+
         return Rule(by_age, f"added {'within' if within else 'more than'} {arg} ago", frozenset({"added_at"}))
     moment = _moment(arg, path)
     after = kind == "added_after"
@@ -236,6 +294,7 @@ def _added(kind: str, arg: Any, path: tuple[str | int, ...]) -> Rule:
             return "added date unknown"
         ok = added >= moment if after else added < moment
         return None if ok else f"added on {added.date().isoformat()}"
+
     return Rule(by_date, f"{kind.replace('_', ' ')} {moment.date().isoformat()}", frozenset({"added_at"}))
 
 
@@ -260,6 +319,7 @@ def parse_rules(raw: Any, path: tuple[str | int, ...] = ()) -> Rule:
 
         def negate(c: ContactView, now: datetime) -> str | None:
             return f"matches excluded rule: {inner.text}" if inner(c, now) is None else None
+
         return Rule(negate, f"not ({inner.text})", inner.fields)
     if key in ("added_within", "added_over", "added_after", "added_before"):
         return _added(key, arg, here)
@@ -293,6 +353,7 @@ def _all(parts: list[Rule]) -> Rule:
             if reason is not None:
                 return reason
         return None
+
     return Rule(check, " and ".join(p.text for p in parts), frozenset().union(*(p.fields for p in parts)))
 
 
@@ -305,8 +366,10 @@ def _any(parts: list[Rule]) -> Rule:
                 return None
             reasons.append(reason)
         return "matches none of: " + "; ".join(reasons)
-    return Rule(check, "any of (" + "; ".join(p.text for p in parts) + ")",
-                frozenset().union(*(p.fields for p in parts)))
+
+    return Rule(
+        check, "any of (" + "; ".join(p.text for p in parts) + ")", frozenset().union(*(p.fields for p in parts))
+    )
 
 
 @dataclass(frozen=True)
@@ -324,10 +387,20 @@ class Selection:
     unknown_tags: list[str]
 
 
-def select(contacts: Iterable[ContactView], *, ids: Sequence[str] = (), tags_any: Sequence[str] = (),
-           tags_all: Sequence[str] = (), tags_none: Sequence[str] = (), rules: Rule | None = None,
-           exclude_ids: Sequence[str] = (), limit: int | None = None, include_coworkers: bool = False,
-           now: datetime, known_tags: Iterable[str] = ()) -> Selection:
+def select(
+    contacts: Iterable[ContactView],
+    *,
+    ids: Sequence[str] = (),
+    tags_any: Sequence[str] = (),
+    tags_all: Sequence[str] = (),
+    tags_none: Sequence[str] = (),
+    rules: Rule | None = None,
+    exclude_ids: Sequence[str] = (),
+    limit: int | None = None,
+    include_coworkers: bool = False,
+    now: datetime,
+    known_tags: Iterable[str] = (),
+) -> Selection:
     """Apply an audience to contacts (each a mapping with the contact fields and `tags`, a set of tag
     names and ids). Recipients keep the input order; `limit` keeps the first N."""
     id_set = frozenset(ids)
@@ -340,7 +413,7 @@ def select(contacts: Iterable[ContactView], *, ids: Sequence[str] = (), tags_any
         cid = c["id"]
         if id_set:
             if cid not in id_set:
-                continue            # not a candidate at all: ids narrow the audience, silently
+                continue  # not a candidate at all: ids narrow the audience, silently
             seen_ids.add(cid)
         reason: str | None = None
         tags: frozenset[str] = c.get("tags") or frozenset()
@@ -366,8 +439,9 @@ def select(contacts: Iterable[ContactView], *, ids: Sequence[str] = (), tags_any
             excluded.append(Exclusion(cid, str(c.get("name") or ""), reason))
     known = frozenset(known_tags)
     wanted = t_any | t_all | t_none
-    return Selection(recipients, excluded, unknown_ids=sorted(id_set - seen_ids),
-                     unknown_tags=sorted(wanted - known) if known else [])
-
-
-
+    return Selection(
+        recipients,
+        excluded,
+        unknown_ids=sorted(id_set - seen_ids),
+        unknown_tags=sorted(wanted - known) if known else [],
+    )

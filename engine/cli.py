@@ -63,8 +63,9 @@ pass_ctx = click.make_pass_decorator(Ctx)
 
 def _setup_logging(verbose: int) -> None:
     level = logging.DEBUG if verbose > 1 else logging.INFO if verbose else logging.WARNING
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S", stream=sys.stderr)
+    logging.basicConfig(
+        level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S", stream=sys.stderr
+    )
 
 
 class WecastGroup(click.Group):
@@ -88,8 +89,9 @@ class WecastGroup(click.Group):
             obj = ctx.find_object(Ctx)
             if obj is not None and obj.verbose:
                 raise
-            err.print(f"[red]internal error:[/red] {type(exc).__name__}: {_escape(str(exc))} "
-                      "(run with -v to see where)")
+            err.print(
+                f"[red]internal error:[/red] {type(exc).__name__}: {_escape(str(exc))} (run with -v to see where)"
+            )
             ctx.exit(EXIT_INTERNAL)
 
 
@@ -117,8 +119,13 @@ async def _with_app(ctx: Ctx, fn: Callable[[Any], Awaitable[T]]) -> T:
 
 
 @click.group(cls=WecastGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
-@click.option("-c", "--config", type=click.Path(dir_okay=False), envvar="WECAST_CONFIG",
-              help="config file (default: ./config.yaml, or $WECAST_CONFIG)")
+@click.option(
+    "-c",
+    "--config",
+    type=click.Path(dir_okay=False),
+    envvar="WECAST_CONFIG",
+    help="config file (default: ./config.yaml, or $WECAST_CONFIG)",
+)
 @click.option("-v", "--verbose", count=True, help="more logging (-vv for debug); tracebacks on errors")
 @click.version_option(__version__, prog_name="wecast")
 @click.pass_context
@@ -133,6 +140,7 @@ def main(click_ctx: click.Context, config: str | None, verbose: int) -> None:
 
 
 # -- validate ----------------------------------------------------------------------------------------
+
 
 @main.command()
 @click.argument("paths", nargs=-1, type=click.Path(path_type=Path))
@@ -173,9 +181,18 @@ def validate(ctx: Ctx, paths: tuple[Path, ...], as_json: bool) -> None:
     finally:
         db.dispose()
     if as_json:
-        out.print_json(json.dumps({"ok": not problems, "files": [str(f) for f in files],
-                                   "campaigns": [c.id for c in result.campaigns], "errors": problems,
-                                   "checked_against_contacts": data_checked}, ensure_ascii=False))
+        out.print_json(
+            json.dumps(
+                {
+                    "ok": not problems,
+                    "files": [str(f) for f in files],
+                    "campaigns": [c.id for c in result.campaigns],
+                    "errors": problems,
+                    "checked_against_contacts": data_checked,
+                },
+                ensure_ascii=False,
+            )
+        )
     else:
         for campaign in result.campaigns:
             mark = "[green]ok[/green]" if not any(str(campaign.file) in p for p in problems) else "[red]!![/red]"
@@ -190,12 +207,17 @@ def validate(ctx: Ctx, paths: tuple[Path, ...], as_json: bool) -> None:
 
 # -- preview -----------------------------------------------------------------------------------------
 
+
 @main.command()
 @click.argument("campaign")
 @click.option("--run-key", help="preview a specific run (default: the current schedule slot)")
 @click.option("--json", "as_json", is_flag=True, help="everything as JSON on stdout")
-@click.option("--csv", "csv_path", type=click.Path(dir_okay=False, path_type=Path),
-              help="write every contact with its decision and message to this CSV file ('-' for stdout)")
+@click.option(
+    "--csv",
+    "csv_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="write every contact with its decision and message to this CSV file ('-' for stdout)",
+)
 @click.option("--show", default=20, show_default=True, help="how many recipients and exclusions to list (0: all)")
 @pass_ctx
 def preview(ctx: Ctx, campaign: str, run_key: str | None, as_json: bool, csv_path: Path | None, show: int) -> None:
@@ -226,16 +248,26 @@ def preview(ctx: Ctx, campaign: str, run_key: str | None, as_json: bool, csv_pat
 
 def _preview_json(p: Any) -> dict[str, Any]:
     return {
-        "campaign": p.campaign.id, "name": p.campaign.name, "run_key": p.run_key,
-        "timezone": p.campaign.timezone, "now": p.now.isoformat(),
+        "campaign": p.campaign.id,
+        "name": p.campaign.name,
+        "run_key": p.run_key,
+        "timezone": p.campaign.timezone,
+        "now": p.now.isoformat(),
         "already_planned": p.existing_run is not None,
-        "counts": {"contacts": p.total_contacts, "recipients": len(p.recipients), "excluded": len(p.excluded),
-                   "distinct_messages": p.distinct_texts, **dict(p.excluded_by_category())},
+        "counts": {
+            "contacts": p.total_contacts,
+            "recipients": len(p.recipients),
+            "excluded": len(p.excluded),
+            "distinct_messages": p.distinct_texts,
+            **dict(p.excluded_by_category()),
+        },
         "recipients": [{"id": r.contact_id, "name": r.name, "message": r.text} for r in p.recipients],
-        "excluded": [{"id": e.contact_id, "name": e.name, "reason": e.reason, "category": e.category}
-                     for e in p.excluded],
+        "excluded": [
+            {"id": e.contact_id, "name": e.name, "reason": e.reason, "category": e.category} for e in p.excluded
+        ],
         "errors": [str(x) for x in p.problems()],
-        "unknown_ids": p.unknown_ids, "unknown_tags": p.unknown_tags,
+        "unknown_ids": p.unknown_ids,
+        "unknown_tags": p.unknown_tags,
         "next_fire_times": [t.isoformat() for t in p.next_fires],
     }
 
@@ -251,7 +283,7 @@ def _write_csv(p: Any, path: Path) -> None:
     if str(path) == "-":
         sys.stdout.write(buffer.getvalue())
     else:
-        path.write_text("\ufeff" + buffer.getvalue(), encoding="utf-8")   # BOM: Excel opens Chinese correctly
+        path.write_text("\ufeff" + buffer.getvalue(), encoding="utf-8")  # BOM: Excel opens Chinese correctly
         err.print(f"wrote {len(p.recipients) + len(p.excluded)} rows to {path}")
 
 
@@ -259,18 +291,25 @@ def _print_preview(p: Any, show: int) -> None:
     c = p.campaign
     out.print(f"[bold]{_escape(c.name)}[/bold] ({c.id})  run [cyan]{p.run_key}[/cyan]  zone {c.timezone}")
     if p.existing_run is not None:
-        out.print(f"[yellow]this run was already planned (run {p.existing_run['id']}, "
-                  f"{p.existing_run['status']}): running it again sends nothing new[/yellow]")
+        out.print(
+            f"[yellow]this run was already planned (run {p.existing_run['id']}, "
+            f"{p.existing_run['status']}): running it again sends nothing new[/yellow]"
+        )
     cats = p.excluded_by_category()
-    out.print(f"contacts {p.total_contacts}  →  [green]recipients {len(p.recipients)}[/green]  "
-              f"excluded {len(p.excluded)} ("
-              + ", ".join(f"{k} {v}" for k, v in sorted(cats.items())) + ")"
-              + f"  distinct messages {p.distinct_texts}")
+    out.print(
+        f"contacts {p.total_contacts}  →  [green]recipients {len(p.recipients)}[/green]  "
+        f"excluded {len(p.excluded)} ("
+        + ", ".join(f"{k} {v}" for k, v in sorted(cats.items()))
+        + ")"
+        + f"  distinct messages {p.distinct_texts}"
+    )
     if p.unknown_tags:
         out.print(f"[yellow]warning: no contact has the tag(s) {', '.join(p.unknown_tags)}[/yellow]")
     if p.unknown_ids:
-        out.print(f"[yellow]warning: {len(p.unknown_ids)} listed id(s) are not known contacts: "
-                  f"{', '.join(p.unknown_ids[:5])}[/yellow]")
+        out.print(
+            f"[yellow]warning: {len(p.unknown_ids)} listed id(s) are not known contacts: "
+            f"{', '.join(p.unknown_ids[:5])}[/yellow]"
+        )
     limit = show or None
     table = Table("contact", "name", "message", title="Recipients", title_justify="left", show_lines=True)
     for r in p.recipients[:limit]:
@@ -297,6 +336,7 @@ def _print_preview(p: Any, show: int) -> None:
 
 # -- run ---------------------------------------------------------------------------------------------
 
+
 @main.command()
 @click.argument("campaign", required=False)
 @click.option("--resume", "resume_run", is_flag=True, help="continue interrupted runs instead of starting one")
@@ -305,8 +345,15 @@ def _print_preview(p: Any, show: int) -> None:
 @click.option("--no-wait", is_flag=True, help="don't wait for login or quiet hours; leave those sends pending")
 @click.option("--json", "as_json", is_flag=True, help="print the summary as JSON")
 @pass_ctx
-def run(ctx: Ctx, campaign: str | None, resume_run: bool, run_id: int | None, run_key: str | None,
-        no_wait: bool, as_json: bool) -> None:
+def run(
+    ctx: Ctx,
+    campaign: str | None,
+    resume_run: bool,
+    run_id: int | None,
+    run_key: str | None,
+    no_wait: bool,
+    as_json: bool,
+) -> None:
     """Send a campaign now, or resume interrupted runs (--resume).
 
     The run is the campaign's current schedule slot, so running it twice — or the scheduler firing the
@@ -327,25 +374,52 @@ def run(ctx: Ctx, campaign: str | None, resume_run: bool, run_id: int | None, ru
             def on_progress(counts: dict[str, int]) -> None:
                 total = sum(v for k, v in counts.items() if k != "skipped")
                 done = sum(counts.get(k, 0) for k in ("sent", "failed", "unknown"))
-                progress.update(task, total=total, completed=done,
-                                description=f"sent {counts.get('sent', 0)}  failed {counts.get('failed', 0)}")
+                progress.update(
+                    task,
+                    total=total,
+                    completed=done,
+                    description=f"sent {counts.get('sent', 0)}  failed {counts.get('failed', 0)}",
+                )
 
             if spec is not None:
                 await app.ensure_contacts()
-                outcome = await app.run_campaign(spec, run_key=run_key, progress=on_progress,
-                                                 login_wait=login_wait, quiet_wait_max=quiet_max, confirm_wait=0)
+                outcome = await app.run_campaign(
+                    spec,
+                    run_key=run_key,
+                    progress=on_progress,
+                    login_wait=login_wait,
+                    quiet_wait_max=quiet_max,
+                    confirm_wait=0,
+                )
                 if not outcome.plan.created:
                     progress.stop()
-                    err.print(f"[yellow]run {outcome.plan.run_id} ({outcome.plan.run_key}) was already planned: "
-                              "only its unsent deliveries (if any) are sent[/yellow]")
+                    err.print(
+                        f"[yellow]run {outcome.plan.run_id} ({outcome.plan.run_key}) was already planned: "
+                        "only its unsent deliveries (if any) are sent[/yellow]"
+                    )
                 return [outcome.summary]
-            return list(await app.resume(run_id, progress=on_progress, login_wait=login_wait,
-                                         quiet_wait_max=quiet_max, confirm_wait=0))
+            return list(
+                await app.resume(
+                    run_id, progress=on_progress, login_wait=login_wait, quiet_wait_max=quiet_max, confirm_wait=0
+                )
+            )
 
     summaries = _run(_with_app(ctx, go))
     if as_json:
-        out.print_json(json.dumps([{"run_id": s.run_id, "status": s.status, "counts": s.counts,
-                                    "message": s.message, "recovered": s.recovered} for s in summaries]))
+        out.print_json(
+            json.dumps(
+                [
+                    {
+                        "run_id": s.run_id,
+                        "status": s.status,
+                        "counts": s.counts,
+                        "message": s.message,
+                        "recovered": s.recovered,
+                    }
+                    for s in summaries
+                ]
+            )
+        )
     else:
         if not summaries:
             out.print("no interrupted runs to resume")
@@ -361,11 +435,18 @@ def run(ctx: Ctx, campaign: str | None, resume_run: bool, run_id: int | None, ru
 
 
 def _progress() -> Progress:
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    console=err, transient=False)
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=err,
+        transient=False,
+    )
 
 
 # -- contacts ----------------------------------------------------------------------------------------
+
 
 @main.group()
 def contacts() -> None:
@@ -391,8 +472,13 @@ def contacts_sync(ctx: Ctx) -> None:
 
 @contacts.command("list")
 @click.option("--tag", "tags", multiple=True, help="only contacts with this tag (repeatable: all of them)")
-@click.option("--where", "wheres", multiple=True, metavar="FIELD=VALUE",
-              help="field filter, e.g. city=上海 or gender=female (repeatable)")
+@click.option(
+    "--where",
+    "wheres",
+    multiple=True,
+    metavar="FIELD=VALUE",
+    help="field filter, e.g. city=上海 or gender=female (repeatable)",
+)
 @click.option("--limit", default=50, show_default=True, help="0: all")
 @click.option("--json", "as_json", is_flag=True)
 @pass_ctx
@@ -425,12 +511,20 @@ def contacts_list(ctx: Ctx, tags: tuple[str, ...], wheres: tuple[str, ...], limi
         return
     table = Table("id", "name", "remark", "gender", "city", "tags", "added")
     for c in shown:
-        table.add_row(c["id"], _escape(c["name"]), _escape(c["alias"]), {1: "男", 2: "女"}.get(c["gender"], ""),
-                      c["city"], _escape(", ".join(c["tags_named"])),
-                      c["added_at"].date().isoformat() if c.get("added_at") else "")
+        table.add_row(
+            c["id"],
+            _escape(c["name"]),
+            _escape(c["alias"]),
+            {1: "男", 2: "女"}.get(c["gender"], ""),
+            c["city"],
+            _escape(", ".join(c["tags_named"])),
+            c["added_at"].date().isoformat() if c.get("added_at") else "",
+        )
     out.print(table)
-    out.print(f"{len(chosen)} of {len(views)} contacts match" + (f" (showing {len(shown)})" if len(shown) < len(chosen)
-                                                                 else ""))
+    out.print(
+        f"{len(chosen)} of {len(views)} contacts match"
+        + (f" (showing {len(shown)})" if len(shown) < len(chosen) else "")
+    )
     if not views:
         out.print("[dim]no contacts yet: run `wecast contacts sync`[/dim]")
 
@@ -442,6 +536,7 @@ def _contact_json(c: Mapping[str, Any]) -> dict[str, Any]:
 
 
 # -- runs / log --------------------------------------------------------------------------------------
+
 
 @main.command()
 @click.option("--campaign", help="only this campaign id")
@@ -468,31 +563,50 @@ def runs(ctx: Ctx, campaign: str | None, status: str | None, limit: int, as_json
     for r in rows:
         c = r["counts"]
         open_ = sum(c.get(s, 0) for s in ("pending", "claimed", "sending", "submitted"))
-        table.add_row(str(r["id"]), r["campaign_id"], r["run_key"], r["trigger"], r["status"],
-                      str(c.get("sent", 0)), str(c.get("failed", 0) + c.get("unknown", 0)), str(c.get("skipped", 0)),
-                      str(open_), _local(r["created_at"], tz))
+        table.add_row(
+            str(r["id"]),
+            r["campaign_id"],
+            r["run_key"],
+            r["trigger"],
+            r["status"],
+            str(c.get("sent", 0)),
+            str(c.get("failed", 0) + c.get("unknown", 0)),
+            str(c.get("skipped", 0)),
+            str(open_),
+            _local(r["created_at"], tz),
+        )
     out.print(table)
 
 
 @main.command("log")
 @click.option("--campaign", help="campaign id")
 @click.option("--run", "run_id", type=int, help="run id")
-@click.option("--status", type=click.Choice(["pending", "claimed", "sending", "submitted", "sent", "failed",
-                                              "skipped", "unknown"]))
+@click.option(
+    "--status",
+    type=click.Choice(["pending", "claimed", "sending", "submitted", "sent", "failed", "skipped", "unknown"]),
+)
 @click.option("--contact", help="contact id")
 @click.option("--limit", default=50, show_default=True)
 @click.option("--json", "as_json", is_flag=True)
 @pass_ctx
-def log_cmd(ctx: Ctx, campaign: str | None, run_id: int | None, status: str | None, contact: str | None,
-            limit: int, as_json: bool) -> None:
+def log_cmd(
+    ctx: Ctx,
+    campaign: str | None,
+    run_id: int | None,
+    status: str | None,
+    contact: str | None,
+    limit: int,
+    as_json: bool,
+) -> None:
     """The delivery log, newest first."""
     from storage import queries
     from storage.db import make_db_engine
 
     db = make_db_engine(ctx.settings.database_url)
     with db.connect() as conn:
-        rows = queries.deliveries(conn, campaign_id=campaign, run_id=run_id, status=status, contact_id=contact,
-                                  limit=limit)
+        rows = queries.deliveries(
+            conn, campaign_id=campaign, run_id=run_id, status=status, contact_id=contact, limit=limit
+        )
     db.dispose()
     if as_json:
         out.print_json(json.dumps(rows, ensure_ascii=False, default=str))
@@ -502,9 +616,16 @@ def log_cmd(ctx: Ctx, campaign: str | None, run_id: int | None, status: str | No
     for d in rows:
         detail = d["reason"] or d["last_error"] if d["status"] != "sent" else d["text"]
         who = f"{d['contact_id']} {_escape(d['contact_name'])}"
-        table.add_row(str(d["id"]), str(d["run_id"]), d["campaign_id"], who,
-                      d["status"], str(d["attempts"]), _local(d["sent_at"] or d["updated_at"], tz),
-                      _escape((detail or "")[:80]))
+        table.add_row(
+            str(d["id"]),
+            str(d["run_id"]),
+            d["campaign_id"],
+            who,
+            d["status"],
+            str(d["attempts"]),
+            _local(d["sent_at"] or d["updated_at"], tz),
+            _escape((detail or "")[:80]),
+        )
     out.print(table)
 
 
@@ -514,13 +635,15 @@ def _local(value: datetime | None, tz: Any) -> str:
 
 # -- login / logout ----------------------------------------------------------------------------------
 
+
 @main.command()
 @click.option("--timeout", default=600, show_default=True, help="seconds to wait for the scan and the code")
 @pass_ctx
 def login(ctx: Ctx, timeout: int) -> None:
     """Log the WeCom account in: scan the QR with WeCom on the phone, then type the 6-digit code."""
-    settings = ctx.settings.model_copy(update={"sandbox": ctx.settings.sandbox.model_copy(
-        update={"auto_login": False})})
+    settings = ctx.settings.model_copy(
+        update={"sandbox": ctx.settings.sandbox.model_copy(update={"auto_login": False})}
+    )
 
     async def go() -> None:
         from engine.errors import LoginError
@@ -546,7 +669,8 @@ def login(ctx: Ctx, timeout: int) -> None:
                     out.print(f"{_escape(status.message)}\nqrcodeKey: {status.qrcode_key}")
                 if status.state.value == "waiting_verify_code":
                     code = await loop.run_in_executor(
-                        None, lambda: click.prompt("verification code shown on the phone"))
+                        None, lambda: click.prompt("verification code shown on the phone")
+                    )
                     try:
                         status = await gw.submit_verify_code(code, status.qrcode_key)
                     except LoginError as exc:
@@ -582,6 +706,7 @@ def logout(ctx: Ctx) -> None:
 
 # -- serve -------------------------------------------------------------------------------------------
 
+
 @main.command()
 @click.option("--host", help="address to bind (default from config: 127.0.0.1)")
 @click.option("--port", type=int, help="port (default from config: 9898)")
@@ -594,6 +719,7 @@ def serve(ctx: Ctx, host: str | None, port: int | None) -> None:
 
 
 # -- sandbox -----------------------------------------------------------------------------------------
+
 
 @main.group()
 def sandbox() -> None:

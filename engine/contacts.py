@@ -29,24 +29,49 @@ class SyncResult:
 
 def record_to_row(c: ContactRecord) -> dict[str, Any]:
     return {
-        "id": c.id, "name": c.name, "alias": c.alias, "avatar": c.avatar, "gender": c.gender, "city": c.city,
-        "province": c.province, "address": c.address, "corporation": c.corporation, "title": c.title,
-        "phones": list(c.phones), "weixin": c.weixin, "description": c.description, "signature": c.signature,
-        "friend": c.friend, "coworker": c.coworker, "star": c.star, "type": c.type, "real_name": c.real_name,
-        "aka": c.aka, "additional_info": dict(c.additional_info), "corp_id": c.corp_id, "added_at": c.added_at,
+        "id": c.id,
+        "name": c.name,
+        "alias": c.alias,
+        "avatar": c.avatar,
+        "gender": c.gender,
+        "city": c.city,
+        "province": c.province,
+        "address": c.address,
+        "corporation": c.corporation,
+        "title": c.title,
+        "phones": list(c.phones),
+        "weixin": c.weixin,
+        "description": c.description,
+        "signature": c.signature,
+        "friend": c.friend,
+        "coworker": c.coworker,
+        "star": c.star,
+        "type": c.type,
+        "real_name": c.real_name,
+        "aka": c.aka,
+        "additional_info": dict(c.additional_info),
+        "corp_id": c.corp_id,
+        "added_at": c.added_at,
     }
 
 
-async def sync_contacts(gateway: Gateway, db: Engine, *, clock: Clock | None = None, page_size: int = 500,
-                        progress: Callable[[int, int | None], None] | None = None) -> SyncResult:
+async def sync_contacts(
+    gateway: Gateway,
+    db: Engine,
+    *,
+    clock: Clock | None = None,
+    page_size: int = 500,
+    progress: Callable[[int, int | None], None] | None = None,
+) -> SyncResult:
     """Pull every contact and tag from the gateway into the database."""
     clock = clock or SystemClock()
     now = clock.now()
     result = SyncResult()
     tags = await gateway.list_tags()
     with db.begin() as conn:
-        queries.upsert_tags(conn, [{"id": t.id, "name": t.name, "group_name": t.group_name, "type": t.type}
-                                   for t in tags])
+        queries.upsert_tags(
+            conn, [{"id": t.id, "name": t.name, "group_name": t.group_name, "type": t.type} for t in tags]
+        )
     result.tags = len(tags)
     seen: set[str] = set()
     cursor: str | None = None
@@ -55,8 +80,9 @@ async def sync_contacts(gateway: Gateway, db: Engine, *, clock: Clock | None = N
         fresh = [c for c in page.contacts if c.id not in seen]
         seen.update(c.id for c in fresh)
         with db.begin() as conn:
-            added, updated = queries.upsert_contacts(conn, [record_to_row(c) for c in fresh],
-                                                     {c.id: c.tag_ids for c in fresh}, now)
+            added, updated = queries.upsert_contacts(
+                conn, [record_to_row(c) for c in fresh], {c.id: c.tag_ids for c in fresh}, now
+            )
         result.added += added
         result.updated += updated
         if progress:

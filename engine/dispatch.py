@@ -57,7 +57,7 @@ from storage.models import DELIVERIES, RUNS, DeliveryStatus, RunStatus
 
 log = logging.getLogger("wecast.dispatch")
 HEARTBEAT_EVERY = 5.0
-RECONCILE_EVERY = 30.0   # seconds between asking about mass-message tasks staff have not confirmed yet
+RECONCILE_EVERY = 30.0  # seconds between asking about mass-message tasks staff have not confirmed yet
 STALE_AFTER = timedelta(seconds=60)
 
 
@@ -109,7 +109,7 @@ class Pacer:
     def __init__(self, clock: Clock, interval: float) -> None:
         self.clock = clock
         self.interval = interval
-        self.factor = 1.0                 # < 1 after rate limiting: sends are spaced further apart
+        self.factor = 1.0  # < 1 after rate limiting: sends are spaced further apart
         self._next: float | None = None
         self._paused_until = 0.0
         self._ok_streak = 0
@@ -144,7 +144,7 @@ class Pacer:
         self.factor = max(0.1, self.factor * 0.5)
         self._ok_streak = 0
         if not self.interval:
-            self.interval = 0.01    # an unthrottled run that hits a limit starts pacing at 100/s and adapts
+            self.interval = 0.01  # an unthrottled run that hits a limit starts pacing at 100/s and adapts
 
     def succeeded(self) -> None:
         if self.factor < 1.0:
@@ -168,15 +168,23 @@ def quiet_wait(now: datetime, tz: ZoneInfo, window: dict[str, str] | None) -> fl
     opens = local.replace(hour=end.hour, minute=end.minute, second=0, microsecond=0)
     if opens <= local:
         opens += timedelta(days=1)
-    opens = opens.replace(tzinfo=None).replace(tzinfo=tz)     # re-resolve across DST
+    opens = opens.replace(tzinfo=None).replace(tzinfo=tz)  # re-resolve across DST
     return max(1.0, (opens - now).total_seconds())
 
 
 class Dispatcher:
     """Sends the deliveries of planned runs through one gateway."""
 
-    def __init__(self, db: Engine, gateway: Gateway, settings: Settings, *, clock: Clock | None = None,
-                 owner: str | None = None, rng: random.Random | None = None) -> None:
+    def __init__(
+        self,
+        db: Engine,
+        gateway: Gateway,
+        settings: Settings,
+        *,
+        clock: Clock | None = None,
+        owner: str | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
         self.db = db
         self.gateway = gateway
         self.settings = settings
@@ -189,8 +197,15 @@ class Dispatcher:
         self.stopping = asyncio.Event()
 
     # -- public ----------------------------------------------------------------------------------
-    async def run(self, run_id: int, *, login_wait: float | None = None, progress: Progress | None = None,
-                  quiet_wait_max: float | None = None, confirm_wait: float | None = None) -> RunSummary:
+    async def run(
+        self,
+        run_id: int,
+        *,
+        login_wait: float | None = None,
+        progress: Progress | None = None,
+        quiet_wait_max: float | None = None,
+        confirm_wait: float | None = None,
+    ) -> RunSummary:
         """Send a run's pending deliveries. Returns when the run is done, paused, cancelled, or — with
         `login_wait` / `quiet_wait_max` / `confirm_wait` set — when it would have to wait longer than that
         (for a login, for quiet hours to end, for staff to confirm mass-message tasks)."""
@@ -202,8 +217,9 @@ class Dispatcher:
         recovered = self._take_over(run)
         sending = _RunSender(self, run, progress)
         try:
-            message = await sending.loop(login_wait=login_wait, quiet_wait_max=quiet_wait_max,
-                                         confirm_wait=confirm_wait)
+            message = await sending.loop(
+                login_wait=login_wait, quiet_wait_max=quiet_wait_max, confirm_wait=confirm_wait
+            )
         finally:
             await sending.drain()
             self._release(run_id)
@@ -222,17 +238,20 @@ class Dispatcher:
         now = self.clock.now()
         owner = run.get("owner") or ""
         if owner and owner != self.owner and owner_alive(owner, run.get("heartbeat_at"), now):
-            raise WecastError(f"run {run['id']} is being sent by another process ({owner.rsplit(':', 1)[0]}); "
-                              "wait for it, or stop that process first")
+            raise WecastError(
+                f"run {run['id']} is being sent by another process ({owner.rsplit(':', 1)[0]}); "
+                "wait for it, or stop that process first"
+            )
         r = queries.R
         with self.db.begin() as conn:
-            changed = conn.execute(update(RUNS)
-                                   .where(r.id == run["id"], r.owner == owner)
-                                   .values(owner=self.owner, heartbeat_at=now)).rowcount
+            changed = conn.execute(
+                update(RUNS).where(r.id == run["id"], r.owner == owner).values(owner=self.owner, heartbeat_at=now)
+            ).rowcount
             if not changed:
                 raise WecastError(f"run {run['id']} was taken over by another process just now")
-            recovered = queries.recover_run(conn, run["id"], now=now,
-                                            resend_in_flight=self.gateway.capabilities.idempotent_sends)
+            recovered = queries.recover_run(
+                conn, run["id"], now=now, resend_in_flight=self.gateway.capabilities.idempotent_sends
+            )
         if any(recovered.values()):
             log.warning("run %s: recovered after an interruption: %s", run["id"], recovered)
         return recovered
@@ -240,8 +259,7 @@ class Dispatcher:
     def _release(self, run_id: int) -> None:
         r = queries.R
         with self.db.begin() as conn:
-            conn.execute(update(RUNS)
-                         .where(r.id == run_id, r.owner == self.owner).values(owner=""))
+            conn.execute(update(RUNS).where(r.id == run_id, r.owner == self.owner).values(owner=""))
 
     def _summary(self, run_id: int, status: str, message: str) -> RunSummary:
         with self.db.connect() as conn:
@@ -278,13 +296,14 @@ class _RunSender:
         self.batch = caps.batch_send and not caps.direct_send
 
     # -- main loop -------------------------------------------------------------------------------
-    async def loop(self, *, login_wait: float | None, quiet_wait_max: float | None,
-                   confirm_wait: float | None = None) -> str:
+    async def loop(
+        self, *, login_wait: float | None, quiet_wait_max: float | None, confirm_wait: float | None = None
+    ) -> str:
         d = self.d
         rate = 1.0 / self.pacer.interval if self.pacer.interval else 0.0
         chunk_size = max(1, min(d.concurrency, math.ceil(rate * 0.05))) if rate else d.concurrency
         claim_size = max(chunk_size * 4, min(500, math.ceil(rate * 2) if rate else 500))
-        if self.batch:     # one API call carries many recipients: claim enough to fill tasks
+        if self.batch:  # one API call carries many recipients: claim enough to fill tasks
             claim_size = max(claim_size, min(d.gateway.capabilities.max_batch, 10_000))
         confirm_deadline = None if confirm_wait is None else d.clock.monotonic() + confirm_wait
         while True:
@@ -299,9 +318,11 @@ class _RunSender:
             wait = quiet_wait(d.clock.now(), self.tz, self.quiet)
             if wait:
                 if quiet_wait_max is not None and wait > quiet_wait_max:
-                    return (f"quiet hours ({self.quiet['start'] if self.quiet else ''}–"
-                            f"{self.quiet['end'] if self.quiet else ''}): sends wait; "
-                            "they go out when the window opens (`wecast serve`, or `wecast run --resume`)")
+                    return (
+                        f"quiet hours ({self.quiet['start'] if self.quiet else ''}–"
+                        f"{self.quiet['end'] if self.quiet else ''}): sends wait; "
+                        "they go out when the window opens (`wecast serve`, or `wecast run --resume`)"
+                    )
                 log.info("run %s: quiet hours, waiting %.0fs", self.run_id, wait)
                 await self._idle(min(wait, 60.0))
                 continue
@@ -312,8 +333,10 @@ class _RunSender:
                     continue
                 if not status_now.logged_in:
                     if login_wait is not None:
-                        return ("the WeCom account is not logged in: deliveries stay pending and go out "
-                                "after login (`wecast login`, then `wecast run --resume`)")
+                        return (
+                            "the WeCom account is not logged in: deliveries stay pending and go out "
+                            "after login (`wecast login`, then `wecast run --resume`)"
+                        )
                     continue
                 self.logged_out = False
             with d.db.begin() as conn:
@@ -328,9 +351,11 @@ class _RunSender:
                     waiting = await self._reconcile() if self.batch else 0
                     if waiting:
                         if confirm_deadline is not None and d.clock.monotonic() >= confirm_deadline:
-                            return (f"{waiting} deliveries were submitted as WeCom mass-message tasks and wait for "
-                                    "staff to confirm them in WeCom; `wecast run --resume` (or `wecast serve`) "
-                                    "collects the results")
+                            return (
+                                f"{waiting} deliveries were submitted as WeCom mass-message tasks and wait for "
+                                "staff to confirm them in WeCom; `wecast run --resume` (or `wecast serve`) "
+                                "collects the results"
+                            )
                         await self._idle(RECONCILE_EVERY)
                         continue
                     self._finish_if_done()
@@ -345,10 +370,14 @@ class _RunSender:
     async def _send_rows(self, rows: list[dict[str, Any]], chunk_size: int) -> None:
         d = self.d
         for start in range(0, len(rows), chunk_size):
-            chunk = rows[start:start + chunk_size]
-            if (d.stopping.is_set() or self.logged_out or self._run_status() != RunStatus.RUNNING.value
-                    or (self.max_errors and self.failed >= self.max_errors)
-                    or quiet_wait(d.clock.now(), self.tz, self.quiet)):
+            chunk = rows[start : start + chunk_size]
+            if (
+                d.stopping.is_set()
+                or self.logged_out
+                or self._run_status() != RunStatus.RUNNING.value
+                or (self.max_errors and self.failed >= self.max_errors)
+                or quiet_wait(d.clock.now(), self.tz, self.quiet)
+            ):
                 self._unclaim([r["id"] for r in rows[start:]])
                 return
             for _ in chunk:
@@ -379,11 +408,18 @@ class _RunSender:
         try:
             # The call starts in this very step, right at the paced moment (no task hop in between).
             async with asyncio.timeout(d.send_timeout):
-                receipt = await d.gateway.send_text(row["contact_id"], row["text"],
-                                                    idempotency_key=row["dedupe_key"] or f"delivery-{row['id']}")
+                receipt = await d.gateway.send_text(
+                    row["contact_id"], row["text"], idempotency_key=row["dedupe_key"] or f"delivery-{row['id']}"
+                )
         except TimeoutError:
-            self._record({**base, "status": "unknown", "reason": f"no answer from the gateway within "
-                          f"{d.send_timeout:g}s; it may have been delivered", "last_error": "timeout"})
+            self._record(
+                {
+                    **base,
+                    "status": "unknown",
+                    "reason": f"no answer from the gateway within {d.send_timeout:g}s; it may have been delivered",
+                    "last_error": "timeout",
+                }
+            )
         except RateLimitedError as exc:
             self.pacer.rate_limited(exc.retry_after)
             self._retry(base, attempts, str(exc), delay=exc.retry_after)
@@ -398,14 +434,28 @@ class _RunSender:
         except GatewayError as exc:
             self.failed += 1
             self._record({**base, "status": "failed", "reason": str(exc), "last_error": str(exc)})
-        except Exception as exc:   # a bug behind the gateway boundary: the request may have left
+        except Exception as exc:  # a bug behind the gateway boundary: the request may have left
             log.exception("run %s: unexpected error sending delivery %s", self.run_id, row["id"])
-            self._record({**base, "status": "unknown", "reason": f"unexpected error: {type(exc).__name__}: {exc}",
-                          "last_error": repr(exc)})
+            self._record(
+                {
+                    **base,
+                    "status": "unknown",
+                    "reason": f"unexpected error: {type(exc).__name__}: {exc}",
+                    "last_error": repr(exc),
+                }
+            )
         else:
             self.pacer.succeeded()
-            self._record({**base, "status": "sent", "gateway_message_id": receipt.message_id,
-                          "sent_at": d.clock.now(), "last_error": "", "reason": ""})
+            self._record(
+                {
+                    **base,
+                    "status": "sent",
+                    "gateway_message_id": receipt.message_id,
+                    "sent_at": d.clock.now(),
+                    "last_error": "",
+                    "reason": "",
+                }
+            )
         finally:
             self.sem.release()
 
@@ -413,15 +463,27 @@ class _RunSender:
         retry = self.d.retry
         if attempts >= retry.max_attempts:
             self.failed += 1
-            self._record({**base, "status": "failed", "last_error": error,
-                          "reason": f"gave up after {attempts} attempts: {error}"})
+            self._record(
+                {
+                    **base,
+                    "status": "failed",
+                    "last_error": error,
+                    "reason": f"gave up after {attempts} attempts: {error}",
+                }
+            )
             return
         if delay is None:
             cap = retry.max_delay.total_seconds()
             backoff = min(cap, retry.base_delay.total_seconds() * 2 ** (attempts - 1))
-            delay = backoff / 2 + self.d.rng.random() * backoff / 2     # "equal jitter"
-        self._record({**base, "status": "pending", "last_error": error,
-                      "next_attempt_at": self.d.clock.now() + timedelta(seconds=delay)})
+            delay = backoff / 2 + self.d.rng.random() * backoff / 2  # "equal jitter"
+        self._record(
+            {
+                **base,
+                "status": "pending",
+                "last_error": error,
+                "next_attempt_at": self.d.clock.now() + timedelta(seconds=delay),
+            }
+        )
 
     # -- mass-message tasks (batch gateways) ------------------------------------------------------
     async def _submit_rows(self, rows: list[dict[str, Any]]) -> None:
@@ -436,13 +498,19 @@ class _RunSender:
         for r in rows:
             groups.setdefault((r["text"], saved.get(r["id"], "")), []).append(r)
         max_batch = max(1, d.gateway.capabilities.max_batch)
-        parts = [(text, key, group[i:i + max_batch]) if not key else (text, key, group)
-                 for (text, key), group in groups.items()
-                 for i in (range(0, len(group), max_batch) if not key else [0])]
+        parts = [
+            (text, key, group[i : i + max_batch]) if not key else (text, key, group)
+            for (text, key), group in groups.items()
+            for i in (range(0, len(group), max_batch) if not key else [0])
+        ]
         for index, (text, key, part) in enumerate(parts):
-            if (d.stopping.is_set() or self.logged_out or self._run_status() != RunStatus.RUNNING.value
-                    or (self.max_errors and self.failed >= self.max_errors)
-                    or quiet_wait(d.clock.now(), self.tz, self.quiet)):
+            if (
+                d.stopping.is_set()
+                or self.logged_out
+                or self._run_status() != RunStatus.RUNNING.value
+                or (self.max_errors and self.failed >= self.max_errors)
+                or quiet_wait(d.clock.now(), self.tz, self.quiet)
+            ):
                 self._unclaim([r["id"] for _, _, rest in parts[index:] for r in rest])
                 return
             part = self._apply_cap(part)
@@ -452,9 +520,20 @@ class _RunSender:
             key = key or "batch:" + hashlib.sha256(f"{self.run_id}|{text}|{','.join(ids)}".encode()).hexdigest()[:32]
             now = d.clock.now()
             with d.db.begin() as conn:
-                queries.apply_updates(conn, [{"id": r["id"], "status": "sending", "attempts": r["attempts"] + 1,
-                                              "gateway_task_id": key, "updated_at": now, "sent_at": now}
-                                             for r in part])
+                queries.apply_updates(
+                    conn,
+                    [
+                        {
+                            "id": r["id"],
+                            "status": "sending",
+                            "attempts": r["attempts"] + 1,
+                            "gateway_task_id": key,
+                            "updated_at": now,
+                            "sent_at": now,
+                        }
+                        for r in part
+                    ],
+                )
             await self.pacer.slot()
             by_contact = {r["contact_id"]: r for r in part}
             try:
@@ -462,8 +541,14 @@ class _RunSender:
                     receipt = await d.gateway.submit_batch(ids, text, idempotency_key=key)
             except TimeoutError:
                 for r in part:
-                    self._record({"id": r["id"], "status": "unknown", "last_error": "timeout",
-                                  "reason": "no answer when submitting the mass-message task; it may exist"})
+                    self._record(
+                        {
+                            "id": r["id"],
+                            "status": "unknown",
+                            "last_error": "timeout",
+                            "reason": "no answer when submitting the mass-message task; it may exist",
+                        }
+                    )
             except GatewayError as exc:
                 for r in part:
                     self._outcome(r, exc)
@@ -471,17 +556,38 @@ class _RunSender:
                 self.pacer.succeeded()
                 for cid in receipt.accepted:
                     if cid in by_contact:
-                        self._record({"id": by_contact[cid]["id"], "status": "submitted", "claim_token": "",
-                                      "gateway_task_id": receipt.task_id, "reason": "", "last_error": ""})
+                        self._record(
+                            {
+                                "id": by_contact[cid]["id"],
+                                "status": "submitted",
+                                "claim_token": "",
+                                "gateway_task_id": receipt.task_id,
+                                "reason": "",
+                                "last_error": "",
+                            }
+                        )
                 for cid, why in receipt.rejected.items():
                     if cid in by_contact:
                         self.failed += 1
-                        self._record({"id": by_contact[cid]["id"], "status": "failed", "claim_token": "",
-                                      "reason": why, "last_error": why})
+                        self._record(
+                            {
+                                "id": by_contact[cid]["id"],
+                                "status": "failed",
+                                "claim_token": "",
+                                "reason": why,
+                                "last_error": why,
+                            }
+                        )
                 missing = set(by_contact) - set(receipt.accepted) - set(receipt.rejected)
                 for cid in missing:
-                    self._record({"id": by_contact[cid]["id"], "status": "unknown", "claim_token": "",
-                                  "reason": f"task {receipt.task_id} did not say whether it includes this contact"})
+                    self._record(
+                        {
+                            "id": by_contact[cid]["id"],
+                            "status": "unknown",
+                            "claim_token": "",
+                            "reason": f"task {receipt.task_id} did not say whether it includes this contact",
+                        }
+                    )
             self._flush()
             self._beat()
 
@@ -506,16 +612,18 @@ class _RunSender:
     def _saved_batch_keys(self, ids: list[int]) -> dict[int, str]:
         c = queries.D
         with self.d.db.connect() as conn:
-            rows = conn.execute(select(c.id, c.gateway_task_id).where(c.id.in_(ids),
-                                                                      c.gateway_task_id.like("batch:%")))
+            rows = conn.execute(select(c.id, c.gateway_task_id).where(c.id.in_(ids), c.gateway_task_id.like("batch:%")))
             return {r.id: r.gateway_task_id for r in rows}
 
     async def _reconcile(self) -> int:
         """Ask the gateway how submitted tasks went; returns how many deliveries still wait."""
         c = queries.D
         with self.d.db.connect() as conn:
-            rows = conn.execute(select(c.id, c.contact_id, c.gateway_task_id).where(
-                c.run_id == self.run_id, c.status == DeliveryStatus.SUBMITTED.value)).all()
+            rows = conn.execute(
+                select(c.id, c.contact_id, c.gateway_task_id).where(
+                    c.run_id == self.run_id, c.status == DeliveryStatus.SUBMITTED.value
+                )
+            ).all()
         by_task: dict[str, dict[str, int]] = {}
         for r in rows:
             by_task.setdefault(r.gateway_task_id, {})[r.contact_id] = r.id
@@ -534,8 +642,15 @@ class _RunSender:
                     continue
                 seen.add(res.contact_id)
                 if res.outcome is BatchOutcome.SENT:
-                    self._record({"id": row_id, "status": "sent", "gateway_message_id": res.message_id,
-                                  "sent_at": self.d.clock.now(), "reason": ""})
+                    self._record(
+                        {
+                            "id": row_id,
+                            "status": "sent",
+                            "gateway_message_id": res.message_id,
+                            "sent_at": self.d.clock.now(),
+                            "reason": "",
+                        }
+                    )
                 elif res.outcome is BatchOutcome.FAILED:
                     self.failed += 1
                     self._record({"id": row_id, "status": "failed", "reason": res.reason or "not delivered"})
@@ -572,8 +687,19 @@ class _RunSender:
             return
         now = self.d.clock.now()
         with self.d.db.begin() as conn:
-            queries.apply_updates(conn, [{"id": r["id"], "status": "sending", "attempts": r["attempts"] + 1,
-                                          "updated_at": now, "sent_at": now} for r in chunk])
+            queries.apply_updates(
+                conn,
+                [
+                    {
+                        "id": r["id"],
+                        "status": "sending",
+                        "attempts": r["attempts"] + 1,
+                        "updated_at": now,
+                        "sent_at": now,
+                    }
+                    for r in chunk
+                ],
+            )
 
     def _apply_cap(self, chunk: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """Re-check the shared frequency cap just before sending; over-cap rows are skipped."""
@@ -588,9 +714,16 @@ class _RunSender:
         keep, skip = [], []
         for r in chunk:
             if r["capped"] and counts.get(r["contact_id"], 0) >= self.cap["max"]:
-                skip.append({"id": r["id"], "status": "skipped", "claim_token": "", "updated_at": self.d.clock.now(),
-                             "reason": f"frequency_cap: already got {counts[r['contact_id']]} marketing message(s) "
-                                       f"this {self.cap['per']} (max {self.cap['max']})"})
+                skip.append(
+                    {
+                        "id": r["id"],
+                        "status": "skipped",
+                        "claim_token": "",
+                        "updated_at": self.d.clock.now(),
+                        "reason": f"frequency_cap: already got {counts[r['contact_id']]} marketing message(s) "
+                        f"this {self.cap['per']} (max {self.cap['max']})",
+                    }
+                )
             else:
                 keep.append(r)
         if skip:
@@ -602,8 +735,7 @@ class _RunSender:
         if not ids:
             return
         with self.d.db.begin() as conn:
-            queries.apply_updates(conn, [{"id": i, "status": "pending", "claim_token": ""} for i in ids
-                                         ])
+            queries.apply_updates(conn, [{"id": i, "status": "pending", "claim_token": ""} for i in ids])
 
     def _run_status(self) -> str:
         run = queries.get_run(self.d.db, self.run_id)
@@ -616,8 +748,7 @@ class _RunSender:
     def _pause(self, why: str) -> None:
         r = queries.R
         with self.d.db.begin() as conn:
-            conn.execute(update(RUNS).where(r.id == self.run_id)
-                         .values(status=RunStatus.PAUSED.value, error=why))
+            conn.execute(update(RUNS).where(r.id == self.run_id).values(status=RunStatus.PAUSED.value, error=why))
         log.warning("run %s: %s", self.run_id, why)
 
     def _finish_if_done(self) -> None:
@@ -626,9 +757,11 @@ class _RunSender:
             if any(counts.get(s, 0) for s in ("pending", "claimed", "sending", "submitted")):
                 return
             r = queries.R
-            conn.execute(update(RUNS)
-                         .where(r.id == self.run_id, r.status == RunStatus.RUNNING.value)
-                         .values(status=RunStatus.COMPLETED.value, finished_at=self.d.clock.now()))
+            conn.execute(
+                update(RUNS)
+                .where(r.id == self.run_id, r.status == RunStatus.RUNNING.value)
+                .values(status=RunStatus.COMPLETED.value, finished_at=self.d.clock.now())
+            )
 
     def _beat(self) -> None:
         if self.d.clock.monotonic() - self.last_beat < HEARTBEAT_EVERY:
@@ -636,8 +769,7 @@ class _RunSender:
         self.last_beat = self.d.clock.monotonic()
         r = queries.R
         with self.d.db.begin() as conn:
-            conn.execute(update(RUNS).where(r.id == self.run_id)
-                         .values(heartbeat_at=self.d.clock.now()))
+            conn.execute(update(RUNS).where(r.id == self.run_id).values(heartbeat_at=self.d.clock.now()))
 
     # -- waiting ---------------------------------------------------------------------------------
     async def _wait_for_login(self, limit: float | None) -> Any:
@@ -655,8 +787,12 @@ class _RunSender:
                 login.cancel()
                 return await self.d.gateway.login_status()
             status = login.result()
-            if (status.logged_in or self.d.stopping.is_set() or self._run_status() != RunStatus.RUNNING.value
-                    or (deadline is not None and loop.time() >= deadline)):
+            if (
+                status.logged_in
+                or self.d.stopping.is_set()
+                or self._run_status() != RunStatus.RUNNING.value
+                or (deadline is not None and loop.time() >= deadline)
+            ):
                 return status
 
     async def _wait_any(self) -> None:
@@ -688,7 +824,8 @@ class _RunSender:
         self._flush()
         with self.d.db.begin() as conn:
             c = queries.D
-            conn.execute(update(DELIVERIES)
-                         .where(c.run_id == self.run_id, c.status == DeliveryStatus.CLAIMED.value,
-                                c.claim_token == self.token)
-                         .values(status=DeliveryStatus.PENDING.value, claim_token=""))
+            conn.execute(
+                update(DELIVERIES)
+                .where(c.run_id == self.run_id, c.status == DeliveryStatus.CLAIMED.value, c.claim_token == self.token)
+                .values(status=DeliveryStatus.PENDING.value, claim_token="")
+            )

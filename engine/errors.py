@@ -1,19 +1,19 @@
 """The exception tree. Every error a user can cause says *where* (file, line, field) and *why*.
 
-    WecastError                       base; `str(e)` is the one-line message the CLI prints
-    ├── ConfigError                   config.yaml or environment is wrong (file, line, field)
-    ├── CampaignError                 a campaign file is wrong (file, line, field)
-    │   └── TemplateError             a message template does not compile or render
-    ├── AudienceError                 a rule cannot be evaluated against the data
-    ├── NotFoundError                 a campaign, run, contact or delivery does not exist
-    ├── LoginError                    login flow misuse: wrong verify code, expired QR, ...
-    └── GatewayError                  a gateway call failed; `kind` tells the sender what to do
-        ├── TransientError            retry with backoff (network blip, 5xx, UNAVAILABLE)
-        │   └── RateLimitedError      retry after `retry_after` seconds and slow down
-        ├── NotLoggedInError          nothing can be sent until the account logs in again
-        ├── PermanentError            this recipient/message will never work (not a friend, bad id)
-        └── UnknownOutcomeError       the gateway may or may not have delivered (timeout after
-                                      the request left); never retried silently
+WecastError                       base; `str(e)` is the one-line message the CLI prints
+├── ConfigError                   config.yaml or environment is wrong (file, line, field)
+├── CampaignError                 a campaign file is wrong (file, line, field)
+│   └── TemplateError             a message template does not compile or render
+├── AudienceError                 a rule cannot be evaluated against the data
+├── NotFoundError                 a campaign, run, contact or delivery does not exist
+├── LoginError                    login flow misuse: wrong verify code, expired QR, ...
+└── GatewayError                  a gateway call failed; `kind` tells the sender what to do
+    ├── TransientError            retry with backoff (network blip, 5xx, UNAVAILABLE)
+    │   └── RateLimitedError      retry after `retry_after` seconds and slow down
+    ├── NotLoggedInError          nothing can be sent until the account logs in again
+    ├── PermanentError            this recipient/message will never work (not a friend, bad id)
+    └── UnknownOutcomeError       the gateway may or may not have delivered (timeout after
+                                  the request left); never retried silently
 """
 
 from __future__ import annotations
@@ -59,8 +59,7 @@ class ConfigError(LocatedError):
 class CampaignError(LocatedError):
     """A campaign file is invalid. `problems` holds every problem found, not just the first."""
 
-    def __init__(self, message: str, location: Location | None = None,
-                 problems: Sequence[CampaignError] = ()) -> None:
+    def __init__(self, message: str, location: Location | None = None, problems: Sequence[CampaignError] = ()) -> None:
         super().__init__(message, location)
         self.problems: list[CampaignError] = list(problems) or [self]
 

@@ -42,8 +42,8 @@ class Excluded(NamedTuple):
     contact_id: str
     name: str
     reason: str
-    category: str       # audience | exclusion | dedupe | frequency_cap | missing_field | too_long
-    recorded: bool      # written as a skipped delivery when planned (audience mismatches are not)
+    category: str  # audience | exclusion | dedupe | frequency_cap | missing_field | too_long
+    recorded: bool  # written as a skipped delivery when planned (audience mismatches are not)
 
 
 @dataclass(repr=False)
@@ -62,8 +62,10 @@ class Preview:
     existing_run: dict[str, Any] | None = None
 
     def __repr__(self) -> str:
-        return (f"Preview({self.campaign.id!r}, run_key={self.run_key!r}, recipients={len(self.recipients)}, "
-                f"excluded={len(self.excluded)})")
+        return (
+            f"Preview({self.campaign.id!r}, run_key={self.run_key!r}, recipients={len(self.recipients)}, "
+            f"excluded={len(self.excluded)})"
+        )
 
     @property
     def distinct_texts(self) -> int:
@@ -81,9 +83,13 @@ class Preview:
         if self.missing:
             out.append(TemplateError(describe_missing(self.missing, total), origin))
         if self.too_long:
-            out.append(TemplateError(
-                f"the message is longer than message.max_length ({self.campaign.message.max_length}) for "
-                f"{len(self.too_long)} recipients", origin))
+            out.append(
+                TemplateError(
+                    f"the message is longer than message.max_length ({self.campaign.message.max_length}) for "
+                    f"{len(self.too_long)} recipients",
+                    origin,
+                )
+            )
         return out
 
     def raise_for_problems(self) -> None:
@@ -148,19 +154,27 @@ def run_settings(campaign: Campaign, settings: Settings) -> dict[str, Any]:
         "max_errors": campaign.max_errors,
         "timezone": campaign.timezone,
         "frequency_cap": campaign.frequency_cap.model_dump() if campaign.frequency_cap else None,
-        "quiet_hours": ({"start": campaign.quiet_hours.start.strftime("%H:%M"),
-                         "end": campaign.quiet_hours.end.strftime("%H:%M")} if campaign.quiet_hours else None),
+        "quiet_hours": (
+            {"start": campaign.quiet_hours.start.strftime("%H:%M"), "end": campaign.quiet_hours.end.strftime("%H:%M")}
+            if campaign.quiet_hours
+            else None
+        ),
         "campaign_name": campaign.name,
     }
 
 
-def build_preview(db: Engine, campaign: Campaign, *, now: datetime, run_key: str | None = None,
-                  contacts: list[dict[str, Any]] | None = None) -> Preview:
+def build_preview(
+    db: Engine,
+    campaign: Campaign,
+    *,
+    now: datetime,
+    run_key: str | None = None,
+    contacts: list[dict[str, Any]] | None = None,
+) -> Preview:
     """Everything a run would do, computed without writing anything."""
     key = run_key_for(campaign, now, run_key)
     with db.connect() as conn:
-        views = contacts if contacts is not None else queries.load_contact_views(
-            conn, columns=needed_columns(campaign))
+        views = contacts if contacts is not None else queries.load_contact_views(conn, columns=needed_columns(campaign))
         known_tags = queries.tag_names(conn)
         existing_run = _find_run(conn, campaign.id, key)
         held = queries.campaign_keys(conn, campaign.id) if campaign.dedupe != "run" or existing_run else {}
@@ -170,14 +184,25 @@ def build_preview(db: Engine, campaign: Campaign, *, now: datetime, run_key: str
         counts: dict[str, int] = {}
         if cap is not None:
             start, end = cap_period(now, campaign.tz, cap.per)
-            counts = queries.cap_counts(conn, start, end,
-                                        exclude_run=existing_run["id"] if existing_run else None)
+            counts = queries.cap_counts(conn, start, end, exclude_run=existing_run["id"] if existing_run else None)
     a = campaign.audience
-    selection = aud.select(views, ids=a.ids, tags_any=a.tags_any, tags_all=a.tags_all, tags_none=a.tags_none,
-                           rules=campaign.rules, exclude_ids=a.exclude_ids, limit=a.limit,
-                           include_coworkers=a.include_coworkers, now=now, known_tags=known_tags)
-    excluded = [Excluded(e.contact_id, e.name, e.reason, _category(e.reason), _category(e.reason) != "audience")
-                for e in selection.excluded]
+    selection = aud.select(
+        views,
+        ids=a.ids,
+        tags_any=a.tags_any,
+        tags_all=a.tags_all,
+        tags_none=a.tags_none,
+        rules=campaign.rules,
+        exclude_ids=a.exclude_ids,
+        limit=a.limit,
+        include_coworkers=a.include_coworkers,
+        now=now,
+        known_tags=known_tags,
+    )
+    excluded = [
+        Excluded(e.contact_id, e.name, e.reason, _category(e.reason), _category(e.reason) != "audience")
+        for e in selection.excluded
+    ]
     eligible: list[Mapping[str, Any]] = []
     local = campaign.tz
     for c in selection.recipients:
@@ -187,22 +212,48 @@ def build_preview(db: Engine, campaign: Campaign, *, now: datetime, run_key: str
         if held_by is not None:
             when = held_by.get("sent_at")
             at = f" on {when.astimezone(local):%Y-%m-%d %H:%M}" if when else ""
-            excluded.append(Excluded(cid, name, f"already {held_by['status']} in run {held_by['run_id']}{at} "
-                                     f"(dedupe: {campaign.dedupe})", "dedupe", False))
+            excluded.append(
+                Excluded(
+                    cid,
+                    name,
+                    f"already {held_by['status']} in run {held_by['run_id']}{at} (dedupe: {campaign.dedupe})",
+                    "dedupe",
+                    False,
+                )
+            )
             continue
         last = recent.get(cid)
         if last is not None:
-            excluded.append(Excluded(cid, name, f"got this campaign on {last.astimezone(local):%Y-%m-%d %H:%M}, "
-                                     f"within the dedupe window {campaign.dedupe}", "dedupe", True))
+            excluded.append(
+                Excluded(
+                    cid,
+                    name,
+                    f"got this campaign on {last.astimezone(local):%Y-%m-%d %H:%M}, "
+                    f"within the dedupe window {campaign.dedupe}",
+                    "dedupe",
+                    True,
+                )
+            )
             continue
         if cap is not None and counts.get(cid, 0) >= cap.max:
-            excluded.append(Excluded(cid, name, f"frequency cap: already got {counts[cid]} marketing "
-                                     f"message(s) this {cap.per} (max {cap.max})", "frequency_cap", True))
+            excluded.append(
+                Excluded(
+                    cid,
+                    name,
+                    f"frequency cap: already got {counts[cid]} marketing message(s) this {cap.per} (max {cap.max})",
+                    "frequency_cap",
+                    True,
+                )
+            )
             continue
         eligible.append(c)
-    rendered = render_all(campaign.template.for_zone(campaign.timezone), eligible,
-                          campaign={"id": campaign.id, "name": campaign.name}, now=now.astimezone(local),
-                          max_length=campaign.message.max_length)
+    rendered = render_all(
+        campaign.template.for_zone(campaign.timezone),
+        eligible,
+        campaign={"id": campaign.id, "name": campaign.name},
+        now=now.astimezone(local),
+        max_length=campaign.message.max_length,
+    )
     missing: dict[str, list[str]] = {}
     too_long: list[str] = []
     recipients: list[Recipient] = []
@@ -221,14 +272,28 @@ def build_preview(db: Engine, campaign: Campaign, *, now: datetime, run_key: str
         if text is not None:
             recipients.append(Recipient(cid, name, text))
         elif cid in lacking_by_id and skip_missing:
-            excluded.append(Excluded(cid, name, "lacks " + ", ".join(lacking_by_id[cid]) + " used by the template",
-                                     "missing_field", True))
+            excluded.append(
+                Excluded(
+                    cid, name, "lacks " + ", ".join(lacking_by_id[cid]) + " used by the template", "missing_field", True
+                )
+            )
     next_fires: list[datetime] = []
     if campaign.schedule is not None and campaign.enabled:
         next_fires = next_fire_times(build_trigger(campaign.schedule, campaign.tz), now, 5)
-    return Preview(campaign=campaign, run_key=key, now=now, total_contacts=len(views), recipients=recipients,
-                   excluded=excluded, missing=missing, too_long=too_long, unknown_ids=selection.unknown_ids,
-                   unknown_tags=selection.unknown_tags, next_fires=next_fires, existing_run=existing_run)
+    return Preview(
+        campaign=campaign,
+        run_key=key,
+        now=now,
+        total_contacts=len(views),
+        recipients=recipients,
+        excluded=excluded,
+        missing=missing,
+        too_long=too_long,
+        unknown_ids=selection.unknown_ids,
+        unknown_tags=selection.unknown_tags,
+        next_fires=next_fires,
+        existing_run=existing_run,
+    )
 
 
 ALWAYS_READ = frozenset({"id", "name", "friend", "coworker"})
@@ -249,8 +314,9 @@ def needed_columns(campaign: Campaign) -> set[str] | None:
 
 
 def _category(reason: str) -> str:
-    if reason.startswith(("listed in exclude_ids", "has excluded tag", "not a friend", "coworker",
-                          "over the audience limit")):
+    if reason.startswith(
+        ("listed in exclude_ids", "has excluded tag", "not a friend", "coworker", "over the audience limit")
+    ):
         return "exclusion"
     return "audience"
 
@@ -263,8 +329,18 @@ def _find_run(conn: Any, campaign_id: str, run_key: str) -> dict[str, Any] | Non
     return dict(row._mapping) if row else None
 
 
-DELIVERY_INSERT_COLUMNS = ("run_id", "campaign_id", "contact_id", "contact_name", "text", "dedupe_key", "status",
-                           "capped", "created_at", "updated_at")
+DELIVERY_INSERT_COLUMNS = (
+    "run_id",
+    "campaign_id",
+    "contact_id",
+    "contact_name",
+    "text",
+    "dedupe_key",
+    "status",
+    "capped",
+    "created_at",
+    "updated_at",
+)
 
 
 @dataclass
@@ -277,8 +353,16 @@ class PlanResult:
     preview: Preview | None = None
 
 
-def plan_run(db: Engine, campaign: Campaign, settings: Settings, *, now: datetime, run_key: str | None = None,
-             trigger: str = "manual", preview: Preview | None = None) -> PlanResult:
+def plan_run(
+    db: Engine,
+    campaign: Campaign,
+    settings: Settings,
+    *,
+    now: datetime,
+    run_key: str | None = None,
+    trigger: str = "manual",
+    preview: Preview | None = None,
+) -> PlanResult:
     """Write the run and its deliveries in one transaction (or return the run that already exists)."""
     preview = preview or build_preview(db, campaign, now=now, run_key=run_key)
     if preview.existing_run is not None:
@@ -293,56 +377,157 @@ def plan_run(db: Engine, campaign: Campaign, settings: Settings, *, now: datetim
             scheduled_for = None
     capped = campaign.frequency_cap is not None
     with db.begin() as conn:
-        inserted = queries.insert_ignore(conn, RUNS, [{
-            "campaign_id": campaign.id, "run_key": key, "trigger": trigger, "status": RunStatus.RUNNING.value,
-            "timezone": campaign.timezone, "campaign_file": str(campaign.file),
-            "campaign_hash": campaign.content_hash, "settings": run_settings(campaign, settings),
-            "scheduled_for": scheduled_for, "created_at": now, "owner": "", "error": "",
-            "planned": len(preview.recipients),
-            "skipped_at_plan": sum(1 for e in preview.excluded if e.recorded)}])
+        inserted = queries.insert_ignore(
+            conn,
+            RUNS,
+            [
+                {
+                    "campaign_id": campaign.id,
+                    "run_key": key,
+                    "trigger": trigger,
+                    "status": RunStatus.RUNNING.value,
+                    "timezone": campaign.timezone,
+                    "campaign_file": str(campaign.file),
+                    "campaign_hash": campaign.content_hash,
+                    "settings": run_settings(campaign, settings),
+                    "scheduled_for": scheduled_for,
+                    "created_at": now,
+                    "owner": "",
+                    "error": "",
+                    "planned": len(preview.recipients),
+                    "skipped_at_plan": sum(1 for e in preview.excluded if e.recorded),
+                }
+            ],
+        )
         existing = _find_run(conn, campaign.id, key)
         assert existing is not None
-        if not inserted:   # planned concurrently by another process: theirs stands
+        if not inserted:  # planned concurrently by another process: theirs stands
             return PlanResult(existing["id"], key, created=False, preview=preview)
         run_id = existing["id"]
         ts = queries.db_time(conn, now)
         status = DeliveryStatus.PENDING.value
-        queries.insert_fast(conn, DELIVERIES, (
-            (run_id, campaign.id, r.contact_id, r.name, r.text, dedupe_key(campaign, key, r.contact_id), status,
-             capped, ts, ts) for r in preview.recipients), DELIVERY_INSERT_COLUMNS)
+        queries.insert_fast(
+            conn,
+            DELIVERIES,
+            (
+                (
+                    run_id,
+                    campaign.id,
+                    r.contact_id,
+                    r.name,
+                    r.text,
+                    dedupe_key(campaign, key, r.contact_id),
+                    status,
+                    capped,
+                    ts,
+                    ts,
+                )
+                for r in preview.recipients
+            ),
+            DELIVERY_INSERT_COLUMNS,
+        )
         status = DeliveryStatus.SKIPPED.value
-        queries.insert_fast(conn, DELIVERIES, (
-            (run_id, campaign.id, e.contact_id, e.name, "", None, status, capped, ts, ts, f"{e.category}: {e.reason}")
-            for e in preview.excluded if e.recorded), (*DELIVERY_INSERT_COLUMNS, "reason"))
+        queries.insert_fast(
+            conn,
+            DELIVERIES,
+            (
+                (
+                    run_id,
+                    campaign.id,
+                    e.contact_id,
+                    e.name,
+                    "",
+                    None,
+                    status,
+                    capped,
+                    ts,
+                    ts,
+                    f"{e.category}: {e.reason}",
+                )
+                for e in preview.excluded
+                if e.recorded
+            ),
+            (*DELIVERY_INSERT_COLUMNS, "reason"),
+        )
         counts = queries.status_counts(conn, run_id)
-    return PlanResult(run_id, key, created=True, planned=counts.get("pending", 0),
-                      skipped=counts.get("skipped", 0), preview=preview)
+    return PlanResult(
+        run_id, key, created=True, planned=counts.get("pending", 0), skipped=counts.get("skipped", 0), preview=preview
+    )
 
 
-def plan_adhoc(db: Engine, *, contact_ids: list[str], text: str, run_key: str, now: datetime, timezone: str,
-               campaign_id: str = "api", throttle_interval: float = 0.0, trigger: str = "api",
-               names: dict[str, str] | None = None) -> PlanResult:
+def plan_adhoc(
+    db: Engine,
+    *,
+    contact_ids: list[str],
+    text: str,
+    run_key: str,
+    now: datetime,
+    timezone: str,
+    campaign_id: str = "api",
+    throttle_interval: float = 0.0,
+    trigger: str = "api",
+    names: dict[str, str] | None = None,
+) -> PlanResult:
     """A run for a direct send (the HTTP API's /send-message and /send-message-all): one text, given
     contacts, no audience rules, not counted against the marketing frequency cap. `run_key` is the
     client's Idempotency-Key (or a fresh id), so a retried request plans nothing new."""
     with db.begin() as conn:
-        inserted = queries.insert_ignore(conn, RUNS, [{
-            "campaign_id": campaign_id, "run_key": run_key, "trigger": trigger,
-            "status": RunStatus.RUNNING.value, "timezone": timezone, "campaign_file": "", "campaign_hash": "",
-            "settings": {"interval": throttle_interval, "max_errors": 0, "timezone": timezone,
-                         "frequency_cap": None, "quiet_hours": None, "campaign_name": campaign_id},
-            "scheduled_for": None, "created_at": now, "owner": "", "error": "",
-            "planned": len(contact_ids), "skipped_at_plan": 0}])
+        inserted = queries.insert_ignore(
+            conn,
+            RUNS,
+            [
+                {
+                    "campaign_id": campaign_id,
+                    "run_key": run_key,
+                    "trigger": trigger,
+                    "status": RunStatus.RUNNING.value,
+                    "timezone": timezone,
+                    "campaign_file": "",
+                    "campaign_hash": "",
+                    "settings": {
+                        "interval": throttle_interval,
+                        "max_errors": 0,
+                        "timezone": timezone,
+                        "frequency_cap": None,
+                        "quiet_hours": None,
+                        "campaign_name": campaign_id,
+                    },
+                    "scheduled_for": None,
+                    "created_at": now,
+                    "owner": "",
+                    "error": "",
+                    "planned": len(contact_ids),
+                    "skipped_at_plan": 0,
+                }
+            ],
+        )
         existing = _find_run(conn, campaign_id, run_key)
         assert existing is not None
         if not inserted:
             return PlanResult(existing["id"], run_key, created=False)
         run_id = existing["id"]
-        rows = [{"run_id": run_id, "campaign_id": campaign_id, "contact_id": cid,
-                 "contact_name": (names or {}).get(cid, ""), "text": text,
-                 "dedupe_key": f"{campaign_id}|{run_key}|{cid}", "status": DeliveryStatus.PENDING.value,
-                 "reason": "", "attempts": 0, "last_error": "", "capped": False, "gateway_message_id": "",
-                 "gateway_task_id": "", "claim_token": "", "next_attempt_at": None, "created_at": now,
-                 "updated_at": now, "sent_at": None} for cid in dict.fromkeys(contact_ids)]
+        rows = [
+            {
+                "run_id": run_id,
+                "campaign_id": campaign_id,
+                "contact_id": cid,
+                "contact_name": (names or {}).get(cid, ""),
+                "text": text,
+                "dedupe_key": f"{campaign_id}|{run_key}|{cid}",
+                "status": DeliveryStatus.PENDING.value,
+                "reason": "",
+                "attempts": 0,
+                "last_error": "",
+                "capped": False,
+                "gateway_message_id": "",
+                "gateway_task_id": "",
+                "claim_token": "",
+                "next_attempt_at": None,
+                "created_at": now,
+                "updated_at": now,
+                "sent_at": None,
+            }
+            for cid in dict.fromkeys(contact_ids)
+        ]
         queries.insert_ignore(conn, DELIVERIES, rows)
     return PlanResult(run_id, run_key, created=True, planned=len(rows))

@@ -31,10 +31,34 @@ from jinja2.sandbox import SandboxedEnvironment
 
 from engine.errors import Location, TemplateError
 
-CONTACT_FIELDS = ("id", "name", "alias", "avatar", "gender", "city", "province", "address", "corporation",
-                  "title", "phone", "phones", "weixin", "description", "signature", "friend", "coworker",
-                  "star", "type", "real_name", "aka", "additional_info", "corp_id", "added_at",
-                  "display_name", "honorific")
+CONTACT_FIELDS = (
+    "id",
+    "name",
+    "alias",
+    "avatar",
+    "gender",
+    "city",
+    "province",
+    "address",
+    "corporation",
+    "title",
+    "phone",
+    "phones",
+    "weixin",
+    "description",
+    "signature",
+    "friend",
+    "coworker",
+    "star",
+    "type",
+    "real_name",
+    "aka",
+    "additional_info",
+    "corp_id",
+    "added_at",
+    "display_name",
+    "honorific",
+)
 GLOBAL_NAMES = ("contact", "tags", "campaign", "now")
 KNOWN_NAMES = frozenset(CONTACT_FIELDS) | frozenset(GLOBAL_NAMES)
 
@@ -58,7 +82,7 @@ class _Strict(StrictUndefined):
     __int__ = __float__ = __contains__ = __getitem__ = _fail_with_undefined_error
 
 
-MAX_PRODUCT = 100_000   # longest string/list a template may build with * or ** (messages are ~2,000 chars)
+MAX_PRODUCT = 100_000  # longest string/list a template may build with * or ** (messages are ~2,000 chars)
 
 
 class _Env(SandboxedEnvironment):
@@ -79,8 +103,7 @@ class _Env(SandboxedEnvironment):
 
 
 def _env(tz: ZoneInfo) -> SandboxedEnvironment:
-    env = _Env(undefined=_Strict, autoescape=False, trim_blocks=True, lstrip_blocks=True,
-               keep_trailing_newline=False)
+    env = _Env(undefined=_Strict, autoescape=False, trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=False)
 
     def datefmt(value: Any, fmt: str = "%Y年%m月%d日") -> str:
         if isinstance(value, datetime):
@@ -137,8 +160,7 @@ class CompiledTemplate:
         try:
             template = self.template()
             if prepared:
-                ctx = new_context(template.environment, template.name, template.blocks, dict(context),
-                                  shared=True)
+                ctx = new_context(template.environment, template.name, template.blocks, dict(context), shared=True)
                 return str(template.environment.concat(template.root_render_func(ctx))).strip()
             return str(template.render(context)).strip()
         except MissingField:
@@ -191,13 +213,13 @@ def compile_template(source: str, origin: Location, tz: str = "Asia/Shanghai") -
         if name not in KNOWN_NAMES:
             raise TemplateError(
                 f"unknown field {name!r} in the template; contact fields are: {', '.join(CONTACT_FIELDS)}",
-                _at(origin, _line_of(source, name)))
+                _at(origin, _line_of(source, name)),
+            )
     for node in ast.find_all(nodes.Getattr):
         if node.attr.startswith("_"):
             raise TemplateError(f"attribute {node.attr!r} is not allowed in templates", _at(origin, node.lineno))
         if isinstance(node.node, nodes.Name) and node.node.name == "contact" and node.attr not in CONTACT_FIELDS:
-            raise TemplateError(f"unknown field 'contact.{node.attr}' in the template",
-                                _at(origin, node.lineno))
+            raise TemplateError(f"unknown field 'contact.{node.attr}' in the template", _at(origin, node.lineno))
     try:
         compiled = CompiledTemplate(source, origin, frozenset(names), tz)
         compiled.template()
@@ -253,9 +275,9 @@ def _derive(contact: Mapping[str, Any], name: str) -> Any:
 
 @dataclass
 class Rendered:
-    texts: dict[str, str]                        # contact id -> message
-    missing: dict[str, list[str]]                # field -> contact ids lacking it
-    too_long: list[str]                          # contact ids whose message exceeds max_length
+    texts: dict[str, str]  # contact id -> message
+    missing: dict[str, list[str]]  # field -> contact ids lacking it
+    too_long: list[str]  # contact ids whose message exceeds max_length
     groups: Counter[str] = field(default_factory=Counter)  # identical texts (a task-based gateway's tasks)
 
     @property
@@ -266,8 +288,14 @@ class Rendered:
         return out
 
 
-def render_all(template: CompiledTemplate, recipients: Iterable[Mapping[str, Any]], *,
-               campaign: Mapping[str, Any], now: datetime, max_length: int = 2000) -> Rendered:
+def render_all(
+    template: CompiledTemplate,
+    recipients: Iterable[Mapping[str, Any]],
+    *,
+    campaign: Mapping[str, Any],
+    now: datetime,
+    max_length: int = 2000,
+) -> Rendered:
     """Render for every recipient. Recipients lacking a field are reported per field (all fields they
     lack, not just the first), not rendered."""
     base = {**dict(template.template().globals), "campaign": dict(campaign), "now": now}
@@ -330,6 +358,8 @@ def render_all(template: CompiledTemplate, recipients: Iterable[Mapping[str, Any
 
 
 def describe_missing(missing: Mapping[str, Sequence[str]], total: int) -> str:
-    parts = [f"{name!r} is missing for {len(ids)} of {total} recipients" for name, ids in
-             sorted(missing.items(), key=lambda kv: -len(kv[1]))]
-    return "; ".join(parts) + " – give a default in the template, e.g. {{ city | default(\"您所在的城市\") }}"
+    parts = [
+        f"{name!r} is missing for {len(ids)} of {total} recipients"
+        for name, ids in sorted(missing.items(), key=lambda kv: -len(kv[1]))
+    ]
+    return "; ".join(parts) + ' – give a default in the template, e.g. {{ city | default("您所在的城市") }}'

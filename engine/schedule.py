@@ -45,20 +45,27 @@ def build_trigger(spec: ScheduleSpec, tz: ZoneInfo) -> Any:
     if spec.cron is not None:
         fields = spec.cron.split()
         if len(fields) != 5:
-            raise ScheduleError(f"cron needs 5 fields (minute hour day month weekday), got {len(fields)}: "
-                                f"{spec.cron!r}", "cron")
+            raise ScheduleError(
+                f"cron needs 5 fields (minute hour day month weekday), got {len(fields)}: {spec.cron!r}", "cron"
+            )
         try:
-            return CronTrigger(minute=fields[0], hour=fields[1], day=fields[2], month=fields[3],
-                               day_of_week=cron_weekdays(fields[4]), timezone=tz, start_date=start,
-                               end_date=end)
+            return CronTrigger(
+                minute=fields[0],
+                hour=fields[1],
+                day=fields[2],
+                month=fields[3],
+                day_of_week=cron_weekdays(fields[4]),
+                timezone=tz,
+                start_date=start,
+                end_date=end,
+            )
         except ValueError as exc:
             raise ScheduleError(f"invalid cron expression {spec.cron!r}: {exc}", "cron") from None
     if spec.at is not None:
         return DateTrigger(run_date=_aware(spec.at, tz), timezone=tz)
     assert spec.every is not None
     anchor = start or EPOCH.replace(tzinfo=tz)
-    return IntervalTrigger(seconds=int(spec.every.total_seconds()), start_date=anchor, end_date=end,
-                           timezone=tz)
+    return IntervalTrigger(seconds=int(spec.every.total_seconds()), start_date=anchor, end_date=end, timezone=tz)
 
 
 def next_fire_times(trigger: Any, after: datetime, count: int = 5) -> list[datetime]:
@@ -70,7 +77,7 @@ def next_fire_times(trigger: Any, after: datetime, count: int = 5) -> list[datet
         fire = trigger.get_next_fire_time(previous, now)
         if fire is None:
             break
-        if fire <= after:      # a one-off date in the past is "next" to APScheduler, not to people
+        if fire <= after:  # a one-off date in the past is "next" to APScheduler, not to people
             previous, now = fire, fire + timedelta(microseconds=1)
             continue
         out.append(fire)
@@ -86,8 +93,14 @@ def latest_fire_time(trigger: Any, now: datetime) -> datetime | None:
     agree on what "this week's run" is and never send it twice.
     """
     # Triggers only answer "next after"; look back over growing windows, then walk forward.
-    for window in (timedelta(minutes=2), timedelta(hours=2), timedelta(days=2), timedelta(days=8),
-                   timedelta(days=32), timedelta(days=370)):
+    for window in (
+        timedelta(minutes=2),
+        timedelta(hours=2),
+        timedelta(days=2),
+        timedelta(days=8),
+        timedelta(days=32),
+        timedelta(days=370),
+    ):
         fire = trigger.get_next_fire_time(None, now - window)
         if fire is None or fire > now:
             continue

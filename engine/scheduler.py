@@ -91,9 +91,7 @@ class Workers:
     def running(self) -> list[int]:
         return sorted(self._runs)
 
-    def start(
-        self, run_id: int, campaign_id: str, work: Callable[[], Coroutine[Any, Any, Any]]
-    ) -> asyncio.Task[Any]:
+    def start(self, run_id: int, campaign_id: str, work: Callable[[], Coroutine[Any, Any, Any]]) -> asyncio.Task[Any]:
         """Start `work` (dispatching run `run_id`) unless that run, or another run of the same campaign, is
         already being dispatched; returns the task that dispatches it."""
         existing = self._runs.get(run_id)
@@ -105,9 +103,7 @@ class Workers:
                 f"campaign {campaign_id!r} is still sending run {other}; a campaign's runs never "
                 "overlap: wait for it, or pause or cancel it first"
             )
-        task = asyncio.get_running_loop().create_task(
-            self._guard(run_id, work()), name=f"wecast-run-{run_id}"
-        )
+        task = asyncio.get_running_loop().create_task(self._guard(run_id, work()), name=f"wecast-run-{run_id}")
         self._runs[run_id] = task
         if campaign_id != API_CAMPAIGN:
             self._campaigns[campaign_id] = run_id
@@ -127,9 +123,7 @@ class Workers:
         try:
             result = await work
         except asyncio.CancelledError:
-            log.info(
-                "run %s: dispatch stopped; unsent deliveries stay pending until the run is resumed", run_id
-            )
+            log.info("run %s: dispatch stopped; unsent deliveries stay pending until the run is resumed", run_id)
             raise
         except Exception:  # a background task has nobody to raise to: log it, keep the service up
             log.exception("run %s: dispatch failed", run_id)
@@ -375,9 +369,7 @@ class CampaignScheduler:
     # -- schedule state --------------------------------------------------------------------------
     def last_fire(self, campaign_id: str) -> datetime | None:
         with self.app.db.connect() as conn:
-            value: datetime | None = conn.execute(
-                select(S.last_fire_at).where(S.campaign_id == campaign_id)
-            ).scalar()
+            value: datetime | None = conn.execute(select(S.last_fire_at).where(S.campaign_id == campaign_id)).scalar()
         return value
 
     def _set_last_fire(self, campaign_id: str, when: datetime, *, only_if_later: bool = False) -> None:
@@ -490,8 +482,7 @@ class CampaignScheduler:
                 why,
             )
             acted += [
-                self._record(entry, Fire(campaign.id, f, slot_key(f), "skipped", reason=why))
-                for f in skipped[-5:]
+                self._record(entry, Fire(campaign.id, f, slot_key(f), "skipped", reason=why)) for f in skipped[-5:]
             ]
         planned: list[int] = []
         for fire in chosen:
@@ -499,9 +490,7 @@ class CampaignScheduler:
             try:
                 plan = self.app.plan(campaign, run_key=key, trigger="schedule")
             except WecastError as exc:
-                log.error(
-                    "campaign %s: fire at %s could not be planned: %s", campaign.id, self._show(fire), exc
-                )
+                log.error("campaign %s: fire at %s could not be planned: %s", campaign.id, self._show(fire), exc)
                 acted.append(self._record(entry, Fire(campaign.id, fire, key, "failed", reason=str(exc))))
                 continue
             late = now - fire > LATE_AFTER
@@ -516,9 +505,7 @@ class CampaignScheduler:
             )
             planned.append(plan.run_id)
             acted.append(
-                self._record(
-                    entry, Fire(campaign.id, fire, key, "started", plan.run_id, "catch-up" if late else "")
-                )
+                self._record(entry, Fire(campaign.id, fire, key, "started", plan.run_id, "catch-up" if late else ""))
             )
         # Recorded after planning: a crash in between re-plans the same slot (idempotent), never loses it.
         self._set_last_fire(campaign.id, due[-1])
@@ -566,9 +553,7 @@ class CampaignScheduler:
     async def _maybe_sync(self) -> None:
         interval = self.config.contacts_sync
         last = self.workers.last_sync_at
-        due = self._sync_wanted or (
-            interval is not None and (last is None or self.clock.now() - last >= interval)
-        )
+        due = self._sync_wanted or (interval is not None and (last is None or self.clock.now() - last >= interval))
         if not due or self.workers.syncing:
             return
         if not (await self.app.gateway.login_status()).logged_in:

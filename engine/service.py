@@ -35,8 +35,14 @@ class RunOutcome:
 class Wecast:
     """One wecast instance. Use `async with Wecast(settings) as app:` (starts and closes the gateway)."""
 
-    def __init__(self, settings: Settings, *, gateway: Gateway | None = None, clock: Clock | None = None,
-                 db: Engine | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        gateway: Gateway | None = None,
+        clock: Clock | None = None,
+        db: Engine | None = None,
+    ) -> None:
         self.settings = settings
         self.clock = clock or SystemClock()
         self.db = db or make_db_engine(settings.database_url)
@@ -65,8 +71,10 @@ class Wecast:
     # -- contacts --------------------------------------------------------------------------------
     def contact_count(self) -> int:
         with self.db.connect() as conn:
-            return int(conn.execute(select(func.count()).select_from(Contact).where(
-                queries.C.removed_at.is_(None))).scalar() or 0)
+            return int(
+                conn.execute(select(func.count()).select_from(Contact).where(queries.C.removed_at.is_(None))).scalar()
+                or 0
+            )
 
     async def sync(self, progress: Any = None) -> SyncResult:
         return await sync_contacts(self.gateway, self.db, clock=self.clock, progress=progress)
@@ -86,22 +94,45 @@ class Wecast:
     def plan(self, campaign: Campaign, *, run_key: str | None = None, trigger: str = "manual") -> PlanResult:
         return plan_run(self.db, campaign, self.settings, now=self.clock.now(), run_key=run_key, trigger=trigger)
 
-    async def run_campaign(self, campaign: Campaign, *, run_key: str | None = None, trigger: str = "manual",
-                           progress: Progress | None = None, login_wait: float | None = None,
-                           quiet_wait_max: float | None = None, confirm_wait: float | None = None) -> RunOutcome:
+    async def run_campaign(
+        self,
+        campaign: Campaign,
+        *,
+        run_key: str | None = None,
+        trigger: str = "manual",
+        progress: Progress | None = None,
+        login_wait: float | None = None,
+        quiet_wait_max: float | None = None,
+        confirm_wait: float | None = None,
+    ) -> RunOutcome:
         plan = self.plan(campaign, run_key=run_key, trigger=trigger)
-        summary = await self.dispatcher.run(plan.run_id, progress=progress, login_wait=login_wait,
-                                            quiet_wait_max=quiet_wait_max, confirm_wait=confirm_wait)
+        summary = await self.dispatcher.run(
+            plan.run_id,
+            progress=progress,
+            login_wait=login_wait,
+            quiet_wait_max=quiet_wait_max,
+            confirm_wait=confirm_wait,
+        )
         return RunOutcome(plan, summary)
 
-    async def resume(self, run_id: int | None = None, *, progress: Progress | None = None,
-                     login_wait: float | None = None, quiet_wait_max: float | None = None,
-                     confirm_wait: float | None = None) -> list[RunSummary]:
+    async def resume(
+        self,
+        run_id: int | None = None,
+        *,
+        progress: Progress | None = None,
+        login_wait: float | None = None,
+        quiet_wait_max: float | None = None,
+        confirm_wait: float | None = None,
+    ) -> list[RunSummary]:
         """Continue interrupted runs (all of them, or one)."""
         if run_id is not None:
             ids = [run_id]
         else:
             with self.db.connect() as conn:
                 ids = [r["id"] for r in queries.unfinished_runs(conn)]
-        return [await self.dispatcher.run(i, progress=progress, login_wait=login_wait,
-                                          quiet_wait_max=quiet_wait_max, confirm_wait=confirm_wait) for i in ids]
+        return [
+            await self.dispatcher.run(
+                i, progress=progress, login_wait=login_wait, quiet_wait_max=quiet_wait_max, confirm_wait=confirm_wait
+            )
+            for i in ids
+        ]

@@ -107,7 +107,7 @@ class Sending(Strict):
     send_timeout: Duration = timedelta(seconds=30)
     frequency_cap: FrequencyCap | None = FrequencyCap()
     quiet_hours: QuietHours | None = QuietHours(start=time(21, 0), end=time(9, 0))
-    max_errors: int = Field(default=50, ge=0)   # a run pauses after this many failed deliveries; 0 = never
+    max_errors: int = Field(default=50, ge=0)  # a run pauses after this many failed deliveries; 0 = never
     login_wait: Duration = timedelta(minutes=10)  # how long `wecast run` waits for a login before leaving sends pending
 
 
@@ -125,8 +125,8 @@ class SandboxSettings(Strict):
     contacts: int = Field(default=200, ge=0)
     seed: int = 2024
     auto_login: bool = True
-    scan_delay: Duration = timedelta(seconds=3)   # the simulated phone scans the QR this long after it shows
-    second_verification: bool = False             # after login, ask for WeCom's "new device" QR once
+    scan_delay: Duration = timedelta(seconds=3)  # the simulated phone scans the QR this long after it shows
+    second_verification: bool = False  # after login, ask for WeCom's "new device" QR once
     state_file: Path = Path("data/sandbox.sqlite")
     honor_idempotency_key: bool = True
     # direct: one text per customer, delivered at once (like workpro). batch: 群发 tasks like the official
@@ -138,37 +138,37 @@ class SandboxSettings(Strict):
 
 class WorkproSettings(Strict):
     token: SecretStr | None = None
-    endpoint: str | None = None                   # host:port skips discovery
+    endpoint: str | None = None  # host:port skips discovery
     discovery_authorities: list[str] = ["token-service-discovery-test.juzibot.com", "api.chatie.io"]
     ding_interval: Duration = timedelta(seconds=60)
     call_timeout: Duration = timedelta(seconds=30)
     contact_batch_size: int = Field(default=100, ge=1, le=1000)
-    reconnect_delay: Duration = timedelta(seconds=1)       # first wait after the event stream drops; doubles
+    reconnect_delay: Duration = timedelta(seconds=1)  # first wait after the event stream drops; doubles
     reconnect_max_delay: Duration = timedelta(seconds=60)  # ... up to this (jittered)
-    qr_wait: Duration = timedelta(seconds=10)             # how long start_login waits for the QR to arrive
-    stop_on_close: bool = False                           # call Stop on close (stops the account on the puppet)
-    throttle_backoff: Duration = timedelta(seconds=30)    # sends pause this long after WorkproErrorCode 20001
+    qr_wait: Duration = timedelta(seconds=10)  # how long start_login waits for the QR to arrive
+    stop_on_close: bool = False  # call Stop on close (stops the account on the puppet)
+    throttle_backoff: Duration = timedelta(seconds=30)  # sends pause this long after WorkproErrorCode 20001
 
 
 class WecomSettings(Strict):
     corp_id: str = ""
     secret: SecretStr | None = None
     base_url: str = "https://qyapi.weixin.qq.com"
-    sender: str = ""                              # member userid whose customers are synced / messaged
+    sender: str = ""  # member userid whose customers are synced / messaged
 
 
 class ApiSettings(Strict):
     host: str = "127.0.0.1"
     port: int = Field(default=9898, ge=1, le=65535)
     key: SecretStr | None = None
-    send_wait: Duration = timedelta(seconds=30)        # an API send answers 202 (still sending) after this long
+    send_wait: Duration = timedelta(seconds=30)  # an API send answers 202 (still sending) after this long
     shutdown_timeout: Duration = timedelta(seconds=10)  # on stop, wait this long for in-flight sends
-    sandbox_auto_login: bool = False   # `wecast serve` on the sandbox logs in by itself (else: POST /goStart)
+    sandbox_auto_login: bool = False  # `wecast serve` on the sandbox logs in by itself (else: POST /goStart)
 
 
 class SchedulerSettings(Strict):
     catch_up: Literal["skip", "once", "all"] = "once"
-    grace: Duration = timedelta(hours=1)          # a missed fire is caught up only if this recent
+    grace: Duration = timedelta(hours=1)  # a missed fire is caught up only if this recent
     contacts_sync: Duration | None = timedelta(hours=6)
     reload_interval: Duration = timedelta(seconds=5)
 
@@ -197,8 +197,11 @@ class Settings(Strict):
 
 
 _ENV_REF = re.compile(r"^\$\{([A-Z_][A-Z0-9_]*)\}$")
-_SECRET_ENV = {("api", "key"): "WECAST_API_KEY", ("workpro", "token"): "WECAST_WORKPRO_TOKEN",
-               ("wecom", "secret"): "WECAST_WECOM_SECRET"}
+_SECRET_ENV = {
+    ("api", "key"): "WECAST_API_KEY",
+    ("workpro", "token"): "WECAST_WORKPRO_TOKEN",
+    ("wecom", "secret"): "WECAST_WECOM_SECRET",
+}
 
 
 def _expand_env(data: Any, lines: yamlsrc.Lines, path: tuple[str | int, ...] = ()) -> Any:
@@ -267,8 +270,9 @@ def _resolve_paths(settings: Settings, base: Path) -> Settings:
     if url.startswith("sqlite:///") and not url.startswith("sqlite:////") and ":memory:" not in url:
         url = "sqlite:///" + str(rel(Path(url.removeprefix("sqlite:///"))))
     sandbox = settings.sandbox.model_copy(update={"state_file": rel(settings.sandbox.state_file)})
-    return settings.model_copy(update={"database_url": url, "campaigns_dir": rel(settings.campaigns_dir),
-                                       "sandbox": sandbox})
+    return settings.model_copy(
+        update={"database_url": url, "campaigns_dir": rel(settings.campaigns_dir), "sandbox": sandbox}
+    )
 
 
 def redact_url(url: str) -> str:

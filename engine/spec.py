@@ -60,7 +60,7 @@ class ScheduleSpec(Strict):
         if len(kinds) > 1:
             raise ValueError(f"give only one of cron, at, every (found {', '.join(kinds)})")
         if not kinds:
-            raise ValueError("give one of cron (e.g. \"0 10 * * MON\"), at (a date and time) or every (e.g. 1d)")
+            raise ValueError('give one of cron (e.g. "0 10 * * MON"), at (a date and time) or every (e.g. 1d)')
         if self.every is not None and self.every < timedelta(minutes=1):
             raise ValueError("every must be at least 1m")
         return self
@@ -108,8 +108,9 @@ class MessageSpec(Strict):
     @model_validator(mode="after")
     def _shape(self) -> MessageSpec:
         if self.type != "text":
-            raise ValueError(f"message type {self.type!r} is reserved for a later release; "
-                             "only text messages can be sent now")
+            raise ValueError(
+                f"message type {self.type!r} is reserved for a later release; only text messages can be sent now"
+            )
         if (self.template is None) == (self.template_file is None):
             raise ValueError("give exactly one of template (inline) or template_file (a path)")
         return self
@@ -139,7 +140,7 @@ class CampaignModel(Strict):
     quiet_hours: bool | QuietHours | None = None
     throttle: Throttle | None = None
     max_errors: int | None = Field(default=None, ge=0)
-    tags: list[str] = []           # labels for people, not audience tags
+    tags: list[str] = []  # labels for people, not audience tags
 
     _tz = field_validator("timezone")(lambda v: check_timezone(v) if v is not None else v)
     _dedupe = field_validator("dedupe", mode="before")(lambda v: _parse_dedupe(v))
@@ -155,8 +156,10 @@ class CampaignModel(Strict):
     @classmethod
     def _quiet(cls, v: bool | QuietHours | None) -> bool | QuietHours | None:
         if v is True:
-            raise ValueError("quiet_hours: true is ambiguous; leave it out to use config.yaml's, "
-                             "give {start, end}, or false for none")
+            raise ValueError(
+                "quiet_hours: true is ambiguous; leave it out to use config.yaml's, "
+                "give {start, end}, or false for none"
+            )
         return v
 
 
@@ -174,7 +177,7 @@ class Campaign:
     rules: Rule | None
     message: MessageSpec
     template: CompiledTemplate
-    dedupe: str                      # run | once | a window like 7d
+    dedupe: str  # run | once | a window like 7d
     frequency_cap: FrequencyCap | None
     quiet_hours: QuietHours | None
     throttle: Throttle
@@ -195,8 +198,9 @@ class Campaign:
         return self.lines.at(path)
 
 
-def _err(lines: yamlsrc.Lines, path: tuple[str | int, ...], reason: str,
-         cls: type[CampaignError] = CampaignError) -> CampaignError:
+def _err(
+    lines: yamlsrc.Lines, path: tuple[str | int, ...], reason: str, cls: type[CampaignError] = CampaignError
+) -> CampaignError:
     return cls(reason, lines.at(path))
 
 
@@ -229,8 +233,7 @@ def parse_campaign(text: str, file: Path, settings: Settings) -> Campaign:
     except yamlsrc.YamlSyntaxError as exc:
         raise CampaignError(str(exc), Location(name, exc.line)) from None
     if not isinstance(data, dict):
-        raise CampaignError("a campaign file must be a mapping (name:, audience:, message:, ...)",
-                            Location(name, 1))
+        raise CampaignError("a campaign file must be a mapping (name:, audience:, message:, ...)", Location(name, 1))
     try:
         model = CampaignModel.model_validate(data)
     except ValidationError as exc:
@@ -240,8 +243,9 @@ def parse_campaign(text: str, file: Path, settings: Settings) -> Campaign:
     problems: list[CampaignError] = []
     campaign_id = model.id or file.stem
     if not ID_RE.match(campaign_id):
-        problems.append(_err(lines, ("id",), f"the file name {file.stem!r} is not a valid campaign id; "
-                                             "add an explicit id: field"))
+        problems.append(
+            _err(lines, ("id",), f"the file name {file.stem!r} is not a valid campaign id; add an explicit id: field")
+        )
     tz_name = model.timezone or settings.timezone
 
     if model.schedule is not None:
@@ -300,13 +304,25 @@ def parse_campaign(text: str, file: Path, settings: Settings) -> Campaign:
         assert isinstance(model.quiet_hours, QuietHours)
         quiet = model.quiet_hours
     return Campaign(
-        id=campaign_id, name=model.name, file=file, enabled=model.enabled, timezone=tz_name,
-        schedule=model.schedule, audience=model.audience, rules=rules, message=model.message,
-        template=compiled, dedupe=model.dedupe, frequency_cap=cap, quiet_hours=quiet,
+        id=campaign_id,
+        name=model.name,
+        file=file,
+        enabled=model.enabled,
+        timezone=tz_name,
+        schedule=model.schedule,
+        audience=model.audience,
+        rules=rules,
+        message=model.message,
+        template=compiled,
+        dedupe=model.dedupe,
+        frequency_cap=cap,
+        quiet_hours=quiet,
         throttle=model.throttle or sending.throttle,
         max_errors=model.max_errors if model.max_errors is not None else sending.max_errors,
         description=model.description,
-        content_hash=hashlib.sha256((text + template_text).encode()).hexdigest()[:16], lines=lines)
+        content_hash=hashlib.sha256((text + template_text).encode()).hexdigest()[:16],
+        lines=lines,
+    )
 
 
 def text_has_block(text: str, key_line: int) -> bool:
@@ -345,8 +361,11 @@ def load_campaigns(paths: list[Path], settings: Settings) -> LoadResult:
             result.errors.append(exc)
             continue
         if campaign.id in seen:
-            result.errors.append(CampaignError(
-                f"campaign id {campaign.id!r} is already used by {seen[campaign.id]}", campaign.location("id")))
+            result.errors.append(
+                CampaignError(
+                    f"campaign id {campaign.id!r} is already used by {seen[campaign.id]}", campaign.location("id")
+                )
+            )
             continue
         seen[campaign.id] = file
         result.campaigns.append(campaign)
@@ -370,5 +389,3 @@ def find_campaign(ref: str, settings: Settings) -> Campaign:
     from engine.errors import NotFoundError
 
     raise NotFoundError(f"no campaign {ref!r}: not a file, and no campaign with that id in {directory}")
-
-

@@ -84,7 +84,7 @@ def load(text: str, file: str) -> tuple[Any, Lines]:
     lines: dict[Path_, int] = {}
     try:
         loader = _Loader(text)
-    except yaml.reader.ReaderError as exc:   # the reader rejects control characters before any parsing
+    except yaml.reader.ReaderError as exc:  # the reader rejects control characters before any parsing
         at = text.count("\n", 0, exc.position) + 1
         raise YamlSyntaxError(f"invalid YAML: character #x{exc.character:04x} is not allowed", at) from None
     try:

@@ -16,7 +16,7 @@ from sqlalchemy import event, inspect, select
 from sqlalchemy.engine import Connection, Engine, make_url
 from sqlmodel import Session, SQLModel, create_engine
 
-from storage.models import SCHEMA_VERSION, Meta
+from storage.models import META, SCHEMA_VERSION, Meta
 
 # Migrations from version N to N+1, keyed by N. Each runs inside one transaction.
 MIGRATIONS: dict[int, Callable[[Connection], None]] = {}
@@ -77,15 +77,15 @@ def ensure_schema(engine: Engine) -> None:
     if current > SCHEMA_VERSION:
         raise SchemaError(
             f"database schema version {current} is newer than this wecast understands ({SCHEMA_VERSION}); "
-            "upgrade wecast instead of using an older release on this database")
+            "upgrade wecast instead of using an older release on this database"
+        )
     while current < SCHEMA_VERSION:
         step = MIGRATIONS.get(current)
         if step is None:
             raise SchemaError(f"no migration from schema version {current}")
         with engine.begin() as conn:
             step(conn)
-            conn.execute(Meta.__table__.update().where(Meta.__table__.c.key == "schema_version")  # type: ignore[attr-defined]
-                         .values(value=str(current + 1)))
+            conn.execute(META.update().where(META.c.key == "schema_version").values(value=str(current + 1)))
         current += 1
     # New tables added without a data migration are created idempotently.
     SQLModel.metadata.create_all(engine)

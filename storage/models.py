@@ -61,19 +61,21 @@ class DeliveryStatus(StrEnum):
     UNKNOWN = "unknown"
 
 
-TERMINAL_STATUSES = frozenset({DeliveryStatus.SENT, DeliveryStatus.FAILED, DeliveryStatus.SKIPPED,
-                               DeliveryStatus.UNKNOWN})
+TERMINAL_STATUSES = frozenset(
+    {DeliveryStatus.SENT, DeliveryStatus.FAILED, DeliveryStatus.SKIPPED, DeliveryStatus.UNKNOWN}
+)
 # Deliveries that count against the per-contact frequency cap: anything that reached (or may have
 # reached) the gateway, plus what is about to.
-CAP_COUNTED_STATUSES = frozenset({DeliveryStatus.SENDING, DeliveryStatus.SUBMITTED, DeliveryStatus.SENT,
-                                  DeliveryStatus.UNKNOWN})
+CAP_COUNTED_STATUSES = frozenset(
+    {DeliveryStatus.SENDING, DeliveryStatus.SUBMITTED, DeliveryStatus.SENT, DeliveryStatus.UNKNOWN}
+)
 
 
 class RunStatus(StrEnum):
-    RUNNING = "running"        # planned; deliveries are being dispatched (or wait for login / quiet hours)
-    PAUSED = "paused"          # too many errors, or paused by a person; resume explicitly
-    COMPLETED = "completed"    # every delivery is in a terminal state
-    CANCELLED = "cancelled"    # stopped by a person; unsent deliveries were skipped
+    RUNNING = "running"  # planned; deliveries are being dispatched (or wait for login / quiet hours)
+    PAUSED = "paused"  # too many errors, or paused by a person; resume explicitly
+    COMPLETED = "completed"  # every delivery is in a terminal state
+    CANCELLED = "cancelled"  # stopped by a person; unsent deliveries were skipped
 
 
 class Meta(SQLModel, table=True):
@@ -92,7 +94,7 @@ class Contact(SQLModel, table=True):
     name: str = ""
     alias: str = ""
     avatar: str = ""
-    gender: int = 0                       # 0 unknown, 1 male, 2 female (puppet ContactGender)
+    gender: int = 0  # 0 unknown, 1 male, 2 female (puppet ContactGender)
     city: str = ""
     province: str = ""
     address: str = ""
@@ -105,17 +107,17 @@ class Contact(SQLModel, table=True):
     friend: bool = False
     coworker: bool = False
     star: bool = False
-    type: int = 0                         # 1 personal WeChat, 2 official account, 3 WeCom, 4 app
+    type: int = 0  # 1 personal WeChat, 2 official account, 3 WeCom, 4 app
     real_name: str = ""
     aka: str = ""
     additional_info: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
     corp_id: str = ""
     # The contact's tag ids, also kept here (beside contact_tags) so planning reads one table.
     tag_ids: list[str] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
-    added_at: datetime | None = _ts(index=True)      # when the customer added us (additionalInfo.addContactTime)
-    created_at: datetime | None = _ts()              # first seen by wecast
-    updated_at: datetime | None = _ts()              # last changed by a sync
-    removed_at: datetime | None = _ts()              # no longer in the gateway's list
+    added_at: datetime | None = _ts(index=True)  # when the customer added us (additionalInfo.addContactTime)
+    created_at: datetime | None = _ts()  # first seen by wecast
+    updated_at: datetime | None = _ts()  # last changed by a sync
+    removed_at: datetime | None = _ts()  # no longer in the gateway's list
 
 
 class Tag(SQLModel, table=True):
@@ -123,7 +125,7 @@ class Tag(SQLModel, table=True):
     id: str = Field(primary_key=True)
     name: str = Field(index=True)
     group_name: str = ""
-    type: int = 0                         # 1 personal, 2 corporate
+    type: int = 0  # 1 personal, 2 corporate
 
 
 class ContactTag(SQLModel, table=True):
@@ -140,7 +142,7 @@ class CampaignRun(SQLModel, table=True):
     id: int | None = Field(default=None, primary_key=True)
     campaign_id: str = Field(index=True)
     run_key: str
-    trigger: str = "manual"               # schedule | manual | api
+    trigger: str = "manual"  # schedule | manual | api
     status: str = Field(default=RunStatus.RUNNING, index=True)
     timezone: str = "Asia/Shanghai"
     campaign_file: str = ""
@@ -149,7 +151,7 @@ class CampaignRun(SQLModel, table=True):
     scheduled_for: datetime | None = _ts()
     created_at: datetime | None = _ts()
     finished_at: datetime | None = _ts()
-    owner: str = ""                       # host:pid of the process dispatching it
+    owner: str = ""  # host:pid of the process dispatching it
     heartbeat_at: datetime | None = _ts()
     error: str = ""
     planned: int = 0
@@ -167,8 +169,12 @@ class Delivery(SQLModel, table=True):
         UniqueConstraint("contact_id", "run_id", name="uq_delivery_contact_run"),
         UniqueConstraint("dedupe_key", name="uq_delivery_dedupe_key"),
         Index("ix_delivery_dispatch", "run_id", "status", "next_attempt_at"),
-        Index("ix_delivery_sent_at", "sent_at", sqlite_where=text("sent_at IS NOT NULL"),
-              postgresql_where=text("sent_at IS NOT NULL")),
+        Index(
+            "ix_delivery_sent_at",
+            "sent_at",
+            sqlite_where=text("sent_at IS NOT NULL"),
+            postgresql_where=text("sent_at IS NOT NULL"),
+        ),
     )
     id: int | None = Field(default=None, primary_key=True)
     run_id: int = Field(foreign_key="campaign_runs.id")
@@ -177,21 +183,23 @@ class Delivery(SQLModel, table=True):
     contact_name: str = ""
     text: str = Field(default="", sa_column=Column(Text, nullable=False))
     # Code-point order on PostgreSQL too, so the index serves the per-campaign key ranges (queries._campaign_range).
-    dedupe_key: str | None = Field(default=None, sa_column=Column(
-        String(300).with_variant(String(300, collation="C"), "postgresql"), nullable=True))
-    status: str = Field(default=DeliveryStatus.PENDING)   # indexed with run_id in ix_delivery_dispatch
+    dedupe_key: str | None = Field(
+        default=None,
+        sa_column=Column(String(300).with_variant(String(300, collation="C"), "postgresql"), nullable=True),
+    )
+    status: str = Field(default=DeliveryStatus.PENDING)  # indexed with run_id in ix_delivery_dispatch
     # Server defaults let a big plan insert only the columns that vary (fewer bound values per row).
-    reason: str = Field(default="", sa_column_kwargs={"server_default": ""})   # why skipped/failed/unknown
+    reason: str = Field(default="", sa_column_kwargs={"server_default": ""})  # why skipped/failed/unknown
     attempts: int = Field(default=0, sa_column_kwargs={"server_default": "0"})
     last_error: str = Field(default="", sa_column_kwargs={"server_default": ""})
-    capped: bool = True                   # counts toward the shared per-contact frequency cap
+    capped: bool = True  # counts toward the shared per-contact frequency cap
     gateway_message_id: str = Field(default="", sa_column_kwargs={"server_default": ""})
     gateway_task_id: str = Field(default="", sa_column_kwargs={"server_default": ""})
     claim_token: str = Field(default="", sa_column_kwargs={"server_default": ""})
     next_attempt_at: datetime | None = _ts()
     created_at: datetime | None = _ts()
     updated_at: datetime | None = _ts()
-    sent_at: datetime | None = _ts()      # when handed to the gateway (last attempt), then when accepted
+    sent_at: datetime | None = _ts()  # when handed to the gateway (last attempt), then when accepted
 
 
 class ScheduleState(SQLModel, table=True):

@@ -34,15 +34,16 @@ R = RUNS.c
 CONTACT_COLUMNS = [c.name for c in CONTACTS.columns]
 
 
-def insert_ignore(conn: Connection, table: Any, rows: Sequence[dict[str, Any]], index: Sequence[str] | None = None,
-                  chunk: int = 5000) -> int:
+def insert_ignore(
+    conn: Connection, table: Any, rows: Sequence[dict[str, Any]], index: Sequence[str] | None = None, chunk: int = 5000
+) -> int:
     """INSERT rows, skipping those that violate a unique constraint. Returns how many were inserted."""
     if not rows:
         return 0
     dialect = conn.dialect.name
     inserted = 0
     for i in range(0, len(rows), chunk):
-        part = rows[i:i + chunk]
+        part = rows[i : i + chunk]
         stmt: Any
         if dialect == "sqlite":
             stmt = sqlite.insert(table).on_conflict_do_nothing()
@@ -70,6 +71,7 @@ def insert_ignore(conn: Connection, table: Any, rows: Sequence[dict[str, Any]], 
 
 # -- contacts -----------------------------------------------------------------------------------------
 
+
 def upsert_tags(conn: Connection, tags: Iterable[dict[str, Any]]) -> None:
     rows = list(tags)
     if not rows:
@@ -80,22 +82,25 @@ def upsert_tags(conn: Connection, tags: Iterable[dict[str, Any]]) -> None:
         conn.execute(TAGS.insert(), new)
     for r in rows:
         if r["id"] in existing:
-            conn.execute(update(TAGS).where(T.id == r["id"])
-                         .values(name=r["name"], group_name=r["group_name"], type=r["type"]))
+            conn.execute(
+                update(TAGS).where(T.id == r["id"]).values(name=r["name"], group_name=r["group_name"], type=r["type"])
+            )
 
 
-def upsert_contacts(conn: Connection, contacts: Sequence[dict[str, Any]], tag_ids: dict[str, Sequence[str]],
-                    now: datetime) -> tuple[int, int]:
+def upsert_contacts(
+    conn: Connection, contacts: Sequence[dict[str, Any]], tag_ids: dict[str, Sequence[str]], now: datetime
+) -> tuple[int, int]:
     """Insert or update contacts and replace their tag links. Returns (added, updated)."""
     if not contacts:
         return 0, 0
     ids = [c["id"] for c in contacts]
     known = {r.id for r in conn.execute(select(T.id))}
-    contacts = [{**c, "tag_ids": sorted(t for t in dict.fromkeys(tag_ids.get(c["id"], ())) if t in known)}
-                for c in contacts]
+    contacts = [
+        {**c, "tag_ids": sorted(t for t in dict.fromkeys(tag_ids.get(c["id"], ())) if t in known)} for c in contacts
+    ]
     existing: dict[str, dict[str, Any]] = {}
     for i in range(0, len(ids), 900):
-        for row in conn.execute(select(CONTACTS).where(C.id.in_(ids[i:i + 900]))):
+        for row in conn.execute(select(CONTACTS).where(C.id.in_(ids[i : i + 900]))):
             existing[row.id] = dict(row._mapping)
     fields = [f for f in CONTACT_COLUMNS if f not in ("created_at", "updated_at", "removed_at")]
     new_rows, changed = [], []
@@ -103,16 +108,22 @@ def upsert_contacts(conn: Connection, contacts: Sequence[dict[str, Any]], tag_id
         old = existing.get(c["id"])
         if old is None:
             new_rows.append({**c, "created_at": now, "updated_at": now, "removed_at": None})
-        elif any(old.get(f) != c.get(f) for f in fields if f != "added_at") or old.get("removed_at") or (
-                c.get("added_at") and old.get("added_at") != c.get("added_at")):
+        elif (
+            any(old.get(f) != c.get(f) for f in fields if f != "added_at")
+            or old.get("removed_at")
+            or (c.get("added_at") and old.get("added_at") != c.get("added_at"))
+        ):
             changed.append(c)
     if new_rows:
         conn.execute(CONTACTS.insert(), new_rows)
     for c in changed:
-        conn.execute(update(CONTACTS).where(C.id == c["id"])
-                     .values(**{k: v for k, v in c.items() if k != "id"}, updated_at=now, removed_at=None))
+        conn.execute(
+            update(CONTACTS)
+            .where(C.id == c["id"])
+            .values(**{k: v for k, v in c.items() if k != "id"}, updated_at=now, removed_at=None)
+        )
     for i in range(0, len(ids), 900):
-        conn.execute(delete(CONTACT_TAGS).where(CT.contact_id.in_(ids[i:i + 900])))
+        conn.execute(delete(CONTACT_TAGS).where(CT.contact_id.in_(ids[i : i + 900])))
     links = [{"contact_id": c["id"], "tag_id": t} for c in contacts for t in c["tag_ids"]]
     if links:
         conn.execute(CONTACT_TAGS.insert(), links)
@@ -124,13 +135,13 @@ def mark_removed(conn: Connection, seen_ids: set[str], now: datetime) -> int:
     current = {r.id for r in conn.execute(select(C.id).where(C.removed_at.is_(None)))}
     gone = sorted(current - seen_ids)
     for i in range(0, len(gone), 900):
-        conn.execute(update(CONTACTS).where(C.id.in_(gone[i:i + 900]))
-                     .values(removed_at=now, updated_at=now))
+        conn.execute(update(CONTACTS).where(C.id.in_(gone[i : i + 900])).values(removed_at=now, updated_at=now))
     return len(gone)
 
 
-def load_contact_views(conn: Connection, *, include_removed: bool = False,
-                       columns: Iterable[str] | None = None) -> list[dict[str, Any]]:
+def load_contact_views(
+    conn: Connection, *, include_removed: bool = False, columns: Iterable[str] | None = None
+) -> list[dict[str, Any]]:
     """Contacts as plain dicts, with `tags` (a frozenset of tag names and ids) and `tags_named`.
 
     `columns` limits what is read (planning 100,000 recipients reads only the fields the audience and the
@@ -153,7 +164,7 @@ def load_contact_views(conn: Connection, *, include_removed: bool = False,
         for i, name, fn in special:
             view[name] = fn(row[i])
         joined = row[n]
-        if not isinstance(joined, str | None):     # PostgreSQL returns JSON decoded
+        if not isinstance(joined, str | None):  # PostgreSQL returns JSON decoded
             joined = json.dumps(joined)
         combo = combos.get(joined)
         if combo is None:
@@ -162,7 +173,7 @@ def load_contact_views(conn: Connection, *, include_removed: bool = False,
             combo = combos[joined] = (frozenset(named).union(tag_ids), named)
         view["tags"], view["tags_named"] = combo
         out.append(view)
-    out.sort(key=lambda v: v["id"])      # a stable order, so `limit` always keeps the same contacts
+    out.sort(key=lambda v: v["id"])  # a stable order, so `limit` always keeps the same contacts
     return out
 
 
@@ -178,13 +189,22 @@ def _decode_time(value: Any) -> datetime | None:
     return datetime.fromisoformat(str(value)).replace(tzinfo=UTC)
 
 
-_DECODERS: dict[str, Any] = {"phones": _decode_json, "additional_info": _decode_json, "added_at": _decode_time,
-                             "created_at": _decode_time, "updated_at": _decode_time, "removed_at": _decode_time,
-                             "friend": bool, "coworker": bool, "star": bool}
+_DECODERS: dict[str, Any] = {
+    "phones": _decode_json,
+    "additional_info": _decode_json,
+    "added_at": _decode_time,
+    "created_at": _decode_time,
+    "updated_at": _decode_time,
+    "removed_at": _decode_time,
+    "friend": bool,
+    "coworker": bool,
+    "star": bool,
+}
 
 
-def insert_fast(conn: Connection, table: Any, rows: Iterable[tuple[Any, ...]], columns: Sequence[str],
-                chunk: int = 20000) -> int:
+def insert_fast(
+    conn: Connection, table: Any, rows: Iterable[tuple[Any, ...]], columns: Sequence[str], chunk: int = 20000
+) -> int:
     """INSERT … ON CONFLICT DO NOTHING for many rows given as tuples in `columns` order, through the DB-API
     cursor (values must already be plain: str/int/float/None; times via `db_time`). Returns rows inserted."""
     cols = ", ".join(columns)
@@ -230,12 +250,14 @@ def tag_names(conn: Connection) -> list[str]:
 
 # -- deliveries -------------------------------------------------------------------------------------
 
+
 def existing_keys(conn: Connection, keys: Sequence[str]) -> dict[str, dict[str, Any]]:
     """Deliveries holding any of these dedupe keys: key -> {run_id, status, sent_at}."""
     out: dict[str, dict[str, Any]] = {}
     for i in range(0, len(keys), 900):
         stmt = select(D.dedupe_key, D.run_id, D.status, D.sent_at, D.created_at).where(
-            D.dedupe_key.in_(keys[i:i + 900]))
+            D.dedupe_key.in_(keys[i : i + 900])
+        )
         for row in conn.execute(stmt):
             out[row.dedupe_key] = dict(row._mapping)
     return out
@@ -243,33 +265,49 @@ def existing_keys(conn: Connection, keys: Sequence[str]) -> dict[str, dict[str, 
 
 def last_sends(conn: Connection, campaign_id: str, since: datetime) -> dict[str, datetime]:
     """contact id -> latest time this campaign sent (or may have sent) to them, since `since`."""
-    stmt = (select(D.contact_id, func.max(D.sent_at).label("at"))
-            .where(*_campaign_range(conn, campaign_id), D.status.in_([s.value for s in CAP_COUNTED_STATUSES]),
-                   D.sent_at >= since)
-            .group_by(D.contact_id))
+    stmt = (
+        select(D.contact_id, func.max(D.sent_at).label("at"))
+        .where(
+            *_campaign_range(conn, campaign_id),
+            D.status.in_([s.value for s in CAP_COUNTED_STATUSES]),
+            D.sent_at >= since,
+        )
+        .group_by(D.contact_id)
+    )
     out = {}
     for row in conn.execute(stmt):
         at = row.at
         if isinstance(at, str):
             at = datetime.fromisoformat(at)
-        out[row.contact_id] = at if at.tzinfo else at.replace(tzinfo=UTC)   # stored as naive UTC
+        out[row.contact_id] = at if at.tzinfo else at.replace(tzinfo=UTC)  # stored as naive UTC
     return out
 
 
-def cap_counts(conn: Connection, start: datetime, end: datetime, contact_ids: Sequence[str] | None = None,
-               exclude_run: int | None = None) -> dict[str, int]:
+def cap_counts(
+    conn: Connection,
+    start: datetime,
+    end: datetime,
+    contact_ids: Sequence[str] | None = None,
+    exclude_run: int | None = None,
+) -> dict[str, int]:
     """How many capped messages each contact got (or may have got) in [start, end). All contacts when
     `contact_ids` is None (one grouped query, for planning 100,000 recipients).
 
     A delivery's `sent_at` is set when it is handed to the gateway, so sends in flight count too."""
-    base = (select(D.contact_id, func.count())
-            .where(D.sent_at >= start, D.sent_at < end, D.capped.is_(True),
-                   D.status.in_([s.value for s in CAP_COUNTED_STATUSES]))
-            .group_by(D.contact_id))
+    base = (
+        select(D.contact_id, func.count())
+        .where(
+            D.sent_at >= start,
+            D.sent_at < end,
+            D.capped.is_(True),
+            D.status.in_([s.value for s in CAP_COUNTED_STATUSES]),
+        )
+        .group_by(D.contact_id)
+    )
     if exclude_run is not None:
         base = base.where(D.run_id != exclude_run)
     out: dict[str, int] = {}
-    chunks = [None] if contact_ids is None else [contact_ids[i:i + 900] for i in range(0, len(contact_ids), 900)]
+    chunks = [None] if contact_ids is None else [contact_ids[i : i + 900] for i in range(0, len(contact_ids), 900)]
     for part in chunks:
         stmt = base if part is None else base.where(D.contact_id.in_(part))
         for cid, n in conn.execute(stmt):
@@ -289,7 +327,7 @@ def _campaign_range(conn: Connection, campaign_id: str) -> tuple[Any, ...]:
     only uses under the "C" collation: linguistic collations such as ICU's en-US put `}` before `|`)."""
     key: Any = D.dedupe_key
     if conn.dialect.name == "postgresql":
-        key = key.collate("C")    # the column is created with it (see Delivery), so its index still serves
+        key = key.collate("C")  # the column is created with it (see Delivery), so its index still serves
     return (key >= f"{campaign_id}|", key < f"{campaign_id}}}", D.campaign_id == campaign_id)
 
 
@@ -300,22 +338,33 @@ def status_counts(conn: Connection, run_id: int) -> dict[str, int]:
 
 def claim(conn: Connection, run_id: int, token: str, limit: int, now: datetime) -> list[dict[str, Any]]:
     """Atomically claim up to `limit` due pending deliveries of a run for this dispatcher."""
-    due = (select(D.id).where(D.run_id == run_id, D.status == DeliveryStatus.PENDING.value,
-                              or_(D.next_attempt_at.is_(None), D.next_attempt_at <= now))
-           .order_by(D.next_attempt_at.is_not(None), D.id).limit(limit)
-           # PostgreSQL: lock the picked rows and pass over rows another claimer holds, so two claimers in
-           # flight take different rows instead of one waiting on the other and then finding nothing
-           # (SQLite serializes writers and renders no FOR UPDATE).
-           .with_for_update(skip_locked=True))
+    due = (
+        select(D.id)
+        .where(
+            D.run_id == run_id,
+            D.status == DeliveryStatus.PENDING.value,
+            or_(D.next_attempt_at.is_(None), D.next_attempt_at <= now),
+        )
+        .order_by(D.next_attempt_at.is_not(None), D.id)
+        .limit(limit)
+        # PostgreSQL: lock the picked rows and pass over rows another claimer holds, so two claimers in
+        # flight take different rows instead of one waiting on the other and then finding nothing
+        # (SQLite serializes writers and renders no FOR UPDATE).
+        .with_for_update(skip_locked=True)
+    )
     ids = [r.id for r in conn.execute(due)]
     if not ids:
         return []
-    conn.execute(update(DELIVERIES)
-                 .where(D.id.in_(ids), D.status == DeliveryStatus.PENDING.value)
-                 .values(status=DeliveryStatus.CLAIMED.value, claim_token=token, updated_at=now))
-    rows = conn.execute(select(D.id, D.contact_id, D.text, D.dedupe_key, D.attempts, D.capped)
-                        .where(D.id.in_(ids), D.claim_token == token,
-                               D.status == DeliveryStatus.CLAIMED.value).order_by(D.id))
+    conn.execute(
+        update(DELIVERIES)
+        .where(D.id.in_(ids), D.status == DeliveryStatus.PENDING.value)
+        .values(status=DeliveryStatus.CLAIMED.value, claim_token=token, updated_at=now)
+    )
+    rows = conn.execute(
+        select(D.id, D.contact_id, D.text, D.dedupe_key, D.attempts, D.capped)
+        .where(D.id.in_(ids), D.claim_token == token, D.status == DeliveryStatus.CLAIMED.value)
+        .order_by(D.id)
+    )
     return [dict(r._mapping) for r in rows]
 
 
@@ -329,12 +378,12 @@ def next_due(conn: Connection, run_id: int) -> datetime | None:
     return value.replace(tzinfo=utcnow().tzinfo) if value.tzinfo is None else value
 
 
-def set_status(conn: Connection, ids: Sequence[int], status: DeliveryStatus, now: datetime,
-               **values: Any) -> int:
+def set_status(conn: Connection, ids: Sequence[int], status: DeliveryStatus, now: datetime, **values: Any) -> int:
     total = 0
     for i in range(0, len(ids), 900):
-        result = conn.execute(update(DELIVERIES).where(D.id.in_(ids[i:i + 900]))
-                              .values(status=status.value, updated_at=now, **values))
+        result = conn.execute(
+            update(DELIVERIES).where(D.id.in_(ids[i : i + 900])).values(status=status.value, updated_at=now, **values)
+        )
         total += result.rowcount or 0
     return total
 
@@ -350,34 +399,48 @@ def apply_updates(conn: Connection, updates: Sequence[dict[str, Any]]) -> None:
 
     for keys, group in by_keys.items():
         cols = [k for k in keys if k != "id"]
-        stmt = (update(DELIVERIES).where(D.id == bindparam("_id"))
-                .values({k: bindparam(f"_{k}") for k in cols}))
+        stmt = update(DELIVERIES).where(D.id == bindparam("_id")).values({k: bindparam(f"_{k}") for k in cols})
         conn.execute(stmt, [{f"_{k}": v for k, v in u.items()} for u in group])
 
 
 def recover_run(conn: Connection, run_id: int, *, resend_in_flight: bool, now: datetime) -> dict[str, int]:
     """After a crash: claimed-but-unsent rows go back to pending; rows that were being sent are resent
     (only when the gateway dedupes by idempotency key) or recorded as unknown."""
-    back = conn.execute(update(DELIVERIES)
-                        .where(D.run_id == run_id, D.status == DeliveryStatus.CLAIMED.value)
-                        .values(status=DeliveryStatus.PENDING.value, claim_token="", updated_at=now)).rowcount
+    back = conn.execute(
+        update(DELIVERIES)
+        .where(D.run_id == run_id, D.status == DeliveryStatus.CLAIMED.value)
+        .values(status=DeliveryStatus.PENDING.value, claim_token="", updated_at=now)
+    ).rowcount
     if resend_in_flight:
-        inflight = conn.execute(update(DELIVERIES)
-                                .where(D.run_id == run_id, D.status == DeliveryStatus.SENDING.value)
-                                .values(status=DeliveryStatus.PENDING.value, claim_token="", updated_at=now)
-                                ).rowcount
+        inflight = conn.execute(
+            update(DELIVERIES)
+            .where(D.run_id == run_id, D.status == DeliveryStatus.SENDING.value)
+            .values(status=DeliveryStatus.PENDING.value, claim_token="", updated_at=now)
+        ).rowcount
         return {"requeued": back or 0, "resent": inflight or 0, "unknown": 0}
-    unknown = conn.execute(update(DELIVERIES)
-                           .where(D.run_id == run_id, D.status == DeliveryStatus.SENDING.value)
-                           .values(status=DeliveryStatus.UNKNOWN.value, claim_token="", updated_at=now,
-                                   reason="interrupted while sending: the gateway may or may not have "
-                                          "delivered it; not retried automatically")).rowcount
+    unknown = conn.execute(
+        update(DELIVERIES)
+        .where(D.run_id == run_id, D.status == DeliveryStatus.SENDING.value)
+        .values(
+            status=DeliveryStatus.UNKNOWN.value,
+            claim_token="",
+            updated_at=now,
+            reason="interrupted while sending: the gateway may or may not have delivered it; not retried automatically",
+        )
+    ).rowcount
     return {"requeued": back or 0, "resent": 0, "unknown": unknown or 0}
 
 
-def deliveries(conn: Connection, *, campaign_id: str | None = None, run_id: int | None = None,
-               status: str | None = None, contact_id: str | None = None, limit: int = 100,
-               offset: int = 0) -> list[dict[str, Any]]:
+def deliveries(
+    conn: Connection,
+    *,
+    campaign_id: str | None = None,
+    run_id: int | None = None,
+    status: str | None = None,
+    contact_id: str | None = None,
+    limit: int = 100,
+    offset: int = 0,
+) -> list[dict[str, Any]]:
     stmt = select(DELIVERIES)
     conds = []
     if campaign_id:
@@ -394,8 +457,9 @@ def deliveries(conn: Connection, *, campaign_id: str | None = None, run_id: int 
     return [dict(r._mapping) for r in conn.execute(stmt)]
 
 
-def runs(conn: Connection, *, campaign_id: str | None = None, status: str | None = None,
-         limit: int = 50) -> list[dict[str, Any]]:
+def runs(
+    conn: Connection, *, campaign_id: str | None = None, status: str | None = None, limit: int = 50
+) -> list[dict[str, Any]]:
     stmt = select(RUNS)
     if campaign_id:
         stmt = stmt.where(R.campaign_id == campaign_id)
@@ -413,6 +477,7 @@ def get_run(engine_or_conn: Engine | Connection, run_id: int) -> dict[str, Any] 
     def go(conn: Connection) -> dict[str, Any] | None:
         row = conn.execute(select(RUNS).where(R.id == run_id)).first()
         return dict(row._mapping) if row else None
+
     if isinstance(engine_or_conn, Engine):
         with engine_or_conn.connect() as conn:
             return go(conn)

@@ -184,13 +184,9 @@ class GatewayContract:
         contact_id = sorted(driver.contact_ids())[3]
         receipt = await gateway.send_text(contact_id, "您好，周末店庆全场八折 🎉", idempotency_key="k-1")
         assert receipt.message_id
-        assert (
-            Delivered(contact_id, "您好，周末店庆全场八折 🎉", receipt.message_id) in driver.sent_messages()
-        )
+        assert Delivered(contact_id, "您好，周末店庆全场八折 🎉", receipt.message_id) in driver.sent_messages()
 
-    async def test_send_to_unknown_contact_is_permanent(
-        self, driver: GatewayDriver, gateway: Gateway
-    ) -> None:
+    async def test_send_to_unknown_contact_is_permanent(self, driver: GatewayDriver, gateway: Gateway) -> None:
         """Sending to an id the account does not know fails for good, and nothing is delivered."""
         await log_in(driver)
         with pytest.raises(PermanentError):

@@ -16,9 +16,23 @@ NOW = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 
 
 def contact(cid: str, **fields: Any) -> dict[str, Any]:
-    base: dict[str, Any] = {"id": cid, "name": cid, "alias": "", "gender": 0, "city": "", "province": "",
-                            "phones": [], "friend": True, "coworker": False, "star": False, "type": 1,
-                            "corporation": "", "title": "", "added_at": None, "tags": frozenset()}
+    base: dict[str, Any] = {
+        "id": cid,
+        "name": cid,
+        "alias": "",
+        "gender": 0,
+        "city": "",
+        "province": "",
+        "phones": [],
+        "friend": True,
+        "coworker": False,
+        "star": False,
+        "type": 1,
+        "corporation": "",
+        "title": "",
+        "added_at": None,
+        "tags": frozenset(),
+    }
     tags = fields.pop("tags", ())
     base.update(fields)
     base["tags"] = frozenset(tags)
@@ -26,12 +40,40 @@ def contact(cid: str, **fields: Any) -> dict[str, Any]:
 
 
 PEOPLE = [
-    contact("wang", name="王芳", gender=2, city="上海", province="上海", phones=["13800000001"],
-            tags={"VIP", "护肤"}, added_at=NOW - timedelta(days=3), star=True, type=1),
-    contact("li", name="李强", gender=1, city="杭州", province="浙江", tags={"新客"},
-            added_at=NOW - timedelta(days=40), type=2),
-    contact("zhang", name="张伟", gender=0, city="北京", province="北京", phones=["13900000002"],
-            tags={"VIP", "勿扰"}, added_at=NOW - timedelta(days=200), type=1, alias="张总"),
+    contact(
+        "wang",
+        name="王芳",
+        gender=2,
+        city="上海",
+        province="上海",
+        phones=["13800000001"],
+        tags={"VIP", "护肤"},
+        added_at=NOW - timedelta(days=3),
+        star=True,
+        type=1,
+    ),
+    contact(
+        "li",
+        name="李强",
+        gender=1,
+        city="杭州",
+        province="浙江",
+        tags={"新客"},
+        added_at=NOW - timedelta(days=40),
+        type=2,
+    ),
+    contact(
+        "zhang",
+        name="张伟",
+        gender=0,
+        city="北京",
+        province="北京",
+        phones=["13900000002"],
+        tags={"VIP", "勿扰"},
+        added_at=NOW - timedelta(days=200),
+        type=1,
+        alias="张总",
+    ),
     contact("chen", name="陈静", gender=2, city="", province="广东", added_at=None, type=3),
 ]
 
@@ -42,69 +84,74 @@ def chosen(rule: Any, people: list[dict[str, Any]] = PEOPLE, now: datetime = NOW
     return [c["id"] for c in people if compiled(c, now) is None]
 
 
-@pytest.mark.parametrize(("rule", "ids"), [
-    ({"city": "上海"}, ["wang"]),                                   # scalar shorthand: equals
-    ({"city": ["上海", "杭州"]}, ["wang", "li"]),                      # list shorthand: one of
-    ({"城市": "北京"}, ["zhang"]),                                   # Chinese alias
-    ({"city": {"eq": "杭州"}}, ["li"]),
-    ({"city": {"ne": "杭州"}}, ["wang", "zhang", "chen"]),
-    ({"city": {"in": ["北京", "杭州"]}}, ["li", "zhang"]),
-    ({"city": {"not_in": ["北京", "杭州"]}}, ["wang", "chen"]),
-    ({"name": {"contains": "芳"}}, ["wang"]),
-    ({"name": {"not_contains": "王"}}, ["li", "zhang", "chen"]),
-    ({"name": {"startswith": "张"}}, ["zhang"]),
-    ({"name": {"endswith": "静"}}, ["chen"]),
-    ({"name": {"matches": "^(王|李)"}}, ["wang", "li"]),
-    ({"type": {"gt": 1}}, ["li", "chen"]),
-    ({"type": {"gte": 2}}, ["li", "chen"]),
-    ({"type": {"lt": 2}}, ["wang", "zhang"]),
-    ({"type": {"lte": 1}}, ["wang", "zhang"]),
-    ({"type": {"gte": 2, "lt": 3}}, ["li"]),                         # several operators: all hold
-    ({"phone": {"present": True}}, ["wang", "zhang"]),
-    ({"phone": {"present": False}}, ["li", "chen"]),
-    ({"phone": {"startswith": "139"}}, ["zhang"]),
-    ({"city": {"present": False}}, ["chen"]),
-    ({"alias": {"present": True}}, ["zhang"]),
-    ({"备注": "张总"}, ["zhang"]),
-    ({"gender": "female"}, ["wang", "chen"]),
-    ({"gender": "女"}, ["wang", "chen"]),
-    ({"gender": "male"}, ["li"]),
-    ({"gender": "男"}, ["li"]),
-    ({"gender": 1}, ["li"]),
-    ({"gender": "unknown"}, ["zhang"]),
-    ({"gender": {"in": ["male", "female"]}}, ["wang", "li", "chen"]),
-    ({"gender": {"present": True}}, ["wang", "li", "chen"]),
-    ({"star": True}, ["wang"]),
-    ({"tag": "VIP"}, ["wang", "zhang"]),
-    ({"tag": ["新客", "护肤"]}, ["wang", "li"]),
-    ({"tags": {"contains": "勿扰"}}, ["zhang"]),
-    ({"tags": {"not_contains": "VIP"}}, ["li", "chen"]),
-    ({"tags": {"ne": "VIP"}}, ["li", "chen"]),
-    ({"tags": {"present": False}}, ["chen"]),
-    ({"tags": {"matches": "^护"}}, ["wang"]),
-    ({"added_within": "7d"}, ["wang"]),
-    ({"added_within": "60d"}, ["wang", "li"]),
-    ({"added_over": "30d"}, ["li", "zhang"]),
-    ({"added_after": datetime(2026, 1, 1, tzinfo=UTC)}, ["wang", "li"]),
-    ({"added_before": datetime(2026, 1, 1).date()}, ["zhang"]),
-    ({"addedAt": {"gte": datetime(2026, 1, 1, tzinfo=UTC)}}, ["wang", "li"]),
-    ({"addedAt": {"gte": datetime(2026, 2, 1, tzinfo=UTC)}}, ["wang"]),
-])
+@pytest.mark.parametrize(
+    ("rule", "ids"),
+    [
+        ({"city": "上海"}, ["wang"]),  # scalar shorthand: equals
+        ({"city": ["上海", "杭州"]}, ["wang", "li"]),  # list shorthand: one of
+        ({"城市": "北京"}, ["zhang"]),  # Chinese alias
+        ({"city": {"eq": "杭州"}}, ["li"]),
+        ({"city": {"ne": "杭州"}}, ["wang", "zhang", "chen"]),
+        ({"city": {"in": ["北京", "杭州"]}}, ["li", "zhang"]),
+        ({"city": {"not_in": ["北京", "杭州"]}}, ["wang", "chen"]),
+        ({"name": {"contains": "芳"}}, ["wang"]),
+        ({"name": {"not_contains": "王"}}, ["li", "zhang", "chen"]),
+        ({"name": {"startswith": "张"}}, ["zhang"]),
+        ({"name": {"endswith": "静"}}, ["chen"]),
+        ({"name": {"matches": "^(王|李)"}}, ["wang", "li"]),
+        ({"type": {"gt": 1}}, ["li", "chen"]),
+        ({"type": {"gte": 2}}, ["li", "chen"]),
+        ({"type": {"lt": 2}}, ["wang", "zhang"]),
+        ({"type": {"lte": 1}}, ["wang", "zhang"]),
+        ({"type": {"gte": 2, "lt": 3}}, ["li"]),  # several operators: all hold
+        ({"phone": {"present": True}}, ["wang", "zhang"]),
+        ({"phone": {"present": False}}, ["li", "chen"]),
+        ({"phone": {"startswith": "139"}}, ["zhang"]),
+        ({"city": {"present": False}}, ["chen"]),
+        ({"alias": {"present": True}}, ["zhang"]),
+        ({"备注": "张总"}, ["zhang"]),
+        ({"gender": "female"}, ["wang", "chen"]),
+        ({"gender": "女"}, ["wang", "chen"]),
+        ({"gender": "male"}, ["li"]),
+        ({"gender": "男"}, ["li"]),
+        ({"gender": 1}, ["li"]),
+        ({"gender": "unknown"}, ["zhang"]),
+        ({"gender": {"in": ["male", "female"]}}, ["wang", "li", "chen"]),
+        ({"gender": {"present": True}}, ["wang", "li", "chen"]),
+        ({"star": True}, ["wang"]),
+        ({"tag": "VIP"}, ["wang", "zhang"]),
+        ({"tag": ["新客", "护肤"]}, ["wang", "li"]),
+        ({"tags": {"contains": "勿扰"}}, ["zhang"]),
+        ({"tags": {"not_contains": "VIP"}}, ["li", "chen"]),
+        ({"tags": {"ne": "VIP"}}, ["li", "chen"]),
+        ({"tags": {"present": False}}, ["chen"]),
+        ({"tags": {"matches": "^护"}}, ["wang"]),
+        ({"added_within": "7d"}, ["wang"]),
+        ({"added_within": "60d"}, ["wang", "li"]),
+        ({"added_over": "30d"}, ["li", "zhang"]),
+        ({"added_after": datetime(2026, 1, 1, tzinfo=UTC)}, ["wang", "li"]),
+        ({"added_before": datetime(2026, 1, 1).date()}, ["zhang"]),
+        ({"addedAt": {"gte": datetime(2026, 1, 1, tzinfo=UTC)}}, ["wang", "li"]),
+        ({"addedAt": {"gte": datetime(2026, 2, 1, tzinfo=UTC)}}, ["wang"]),
+    ],
+)
 def test_operator_and_shorthand(rule: dict[str, Any], ids: list[str]) -> None:
     """Each operator and shorthand selects exactly the contacts it describes."""
     assert chosen(rule) == ids
 
 
-@pytest.mark.parametrize(("rule", "ids"), [
-    ([{"tag": "VIP"}, {"city": "北京"}], ["zhang"]),                  # a list means all
-    ({"all": [{"tag": "VIP"}, {"gender": "female"}]}, ["wang"]),
-    ({"any": [{"city": "杭州"}, {"province": "广东"}]}, ["li", "chen"]),
-    ({"not": {"tag": "VIP"}}, ["li", "chen"]),
-    ({"not": [{"tag": "VIP"}, {"city": "上海"}]}, ["li", "zhang", "chen"]),   # not (all of a list)
-    ({"not": {"not": {"city": "上海"}}}, ["wang"]),
-    ({"any": [{"all": [{"tag": "VIP"}, {"star": True}]}, {"not": {"added_within": "365d"}}]},
-     ["wang", "chen"]),
-])
+@pytest.mark.parametrize(
+    ("rule", "ids"),
+    [
+        ([{"tag": "VIP"}, {"city": "北京"}], ["zhang"]),  # a list means all
+        ({"all": [{"tag": "VIP"}, {"gender": "female"}]}, ["wang"]),
+        ({"any": [{"city": "杭州"}, {"province": "广东"}]}, ["li", "chen"]),
+        ({"not": {"tag": "VIP"}}, ["li", "chen"]),
+        ({"not": [{"tag": "VIP"}, {"city": "上海"}]}, ["li", "zhang", "chen"]),  # not (all of a list)
+        ({"not": {"not": {"city": "上海"}}}, ["wang"]),
+        ({"any": [{"all": [{"tag": "VIP"}, {"star": True}]}, {"not": {"added_within": "365d"}}]}, ["wang", "chen"]),
+    ],
+)
 def test_combinators(rule: Any, ids: list[str]) -> None:
     """all / any / not (and a bare list meaning all) combine rules as boolean logic does."""
     assert chosen(rule) == ids
@@ -126,17 +173,20 @@ def test_added_date_unknown_fails_both_directions_with_reason() -> None:
         assert parse_rules({kind: arg})(chen, NOW) == "added date unknown"
 
 
-@pytest.mark.parametrize(("rule", "cid", "words"), [
-    ({"city": ["上海", "杭州"]}, "zhang", ["city", "北京", "上海", "杭州"]),
-    ({"city": "上海"}, "chen", ["city", "empty"]),
-    ({"gender": "female"}, "li", ["gender", "male", "female"]),
-    ({"name": {"startswith": "王"}}, "li", ["name", "李强", "startswith", "王"]),
-    ({"type": {"gt": 2}}, "li", ["type", "2", ">"]),
-    ({"phone": {"present": True}}, "li", ["phone", "empty"]),
-    ({"added_within": "7d"}, "li", ["added", "40 days ago"]),
-    ({"not": {"tag": "VIP"}}, "wang", ["excluded rule", "VIP"]),
-    ({"any": [{"city": "杭州"}, {"tag": "新客"}]}, "wang", ["none of", "上海", "杭州", "新客"]),
-])
+@pytest.mark.parametrize(
+    ("rule", "cid", "words"),
+    [
+        ({"city": ["上海", "杭州"]}, "zhang", ["city", "北京", "上海", "杭州"]),
+        ({"city": "上海"}, "chen", ["city", "empty"]),
+        ({"gender": "female"}, "li", ["gender", "male", "female"]),
+        ({"name": {"startswith": "王"}}, "li", ["name", "李强", "startswith", "王"]),
+        ({"type": {"gt": 2}}, "li", ["type", "2", ">"]),
+        ({"phone": {"present": True}}, "li", ["phone", "empty"]),
+        ({"added_within": "7d"}, "li", ["added", "40 days ago"]),
+        ({"not": {"tag": "VIP"}}, "wang", ["excluded rule", "VIP"]),
+        ({"any": [{"city": "杭州"}, {"tag": "新客"}]}, "wang", ["none of", "上海", "杭州", "新客"]),
+    ],
+)
 def test_rule_reasons_say_why(rule: Any, cid: str, words: list[str]) -> None:
     """The reason a contact fails a rule names the field, its value and what was wanted."""
     person = next(c for c in PEOPLE if c["id"] == cid)
@@ -146,27 +196,30 @@ def test_rule_reasons_say_why(rule: Any, cid: str, words: list[str]) -> None:
         assert word in reason, (word, reason)
 
 
-@pytest.mark.parametrize(("rule", "path", "words"), [
-    ({"cty": "上海"}, ("cty",), "unknown contact field"),
-    ({"city": {"like": "上"}}, ("city", "like"), "unknown operator"),
-    ({"city": {}}, ("city",), "empty operator mapping"),
-    ([], (), "empty list"),
-    ({"city": "上海", "gender": "male"}, (), "one key"),
-    ("city", (), "one key"),
-    ({"any": []}, ("any",), "non-empty list"),
-    ({"all": {"city": "上海"}}, ("all",), "non-empty list"),
-    ({"not": [{"city": {"in": "上海"}}]}, ("not", 0, "city", "in"), "non-empty list"),
-    ([{"tag": "VIP"}, {"any": [{"gender": "二"}]}], (1, "any", 0, "gender"), "gender must be"),
-    ({"name": {"matches": "("}}, ("name", "matches"), "invalid regular expression"),
-    ({"name": {"gt": "王"}}, ("name", "gt"), "compares numbers or dates"),
-    ({"star": "yes"}, ("star",), "true or false"),
-    ({"added_within": "soon"}, ("added_within",), "not a duration"),
-    ({"added_after": "last year"}, ("added_after",), "expected a date"),
-    ({"added_at": "2026-01-01"}, ("added_at",), "added_within"),
-    ({"phone": {"present": "yes"}}, ("phone", "present"), "true or false"),
-    ({"city": {"contains": 3}}, ("city", "contains"), "takes text"),
-    ({"city": {"eq": ["上海"]}}, ("city", "eq"), "single value"),
-])
+@pytest.mark.parametrize(
+    ("rule", "path", "words"),
+    [
+        ({"cty": "上海"}, ("cty",), "unknown contact field"),
+        ({"city": {"like": "上"}}, ("city", "like"), "unknown operator"),
+        ({"city": {}}, ("city",), "empty operator mapping"),
+        ([], (), "empty list"),
+        ({"city": "上海", "gender": "male"}, (), "one key"),
+        ("city", (), "one key"),
+        ({"any": []}, ("any",), "non-empty list"),
+        ({"all": {"city": "上海"}}, ("all",), "non-empty list"),
+        ({"not": [{"city": {"in": "上海"}}]}, ("not", 0, "city", "in"), "non-empty list"),
+        ([{"tag": "VIP"}, {"any": [{"gender": "二"}]}], (1, "any", 0, "gender"), "gender must be"),
+        ({"name": {"matches": "("}}, ("name", "matches"), "invalid regular expression"),
+        ({"name": {"gt": "王"}}, ("name", "gt"), "compares numbers or dates"),
+        ({"star": "yes"}, ("star",), "true or false"),
+        ({"added_within": "soon"}, ("added_within",), "not a duration"),
+        ({"added_after": "last year"}, ("added_after",), "expected a date"),
+        ({"added_at": "2026-01-01"}, ("added_at",), "added_within"),
+        ({"phone": {"present": "yes"}}, ("phone", "present"), "true or false"),
+        ({"city": {"contains": 3}}, ("city", "contains"), "takes text"),
+        ({"city": {"eq": ["上海"]}}, ("city", "eq"), "single value"),
+    ],
+)
 def test_malformed_rules_raise_with_a_path(rule: Any, path: tuple[str | int, ...], words: str) -> None:
     """A malformed rule raises RuleError whose path points at the offending part of the rule."""
     with pytest.raises(RuleError) as info:
@@ -176,6 +229,7 @@ def test_malformed_rules_raise_with_a_path(rule: Any, path: tuple[str | int, ...
 
 
 # -- select ------------------------------------------------------------------------------------------
+
 
 def ids_of(rows: list[Any]) -> list[str]:
     return [r["id"] if isinstance(r, dict) else r.contact_id for r in rows]
@@ -236,8 +290,12 @@ def test_limit_counts_only_matching_contacts() -> None:
 
 def test_coworkers_and_non_friends_are_excluded() -> None:
     """Coworkers are left out unless include_coworkers; non-friends are always left out."""
-    people = [*PEOPLE, contact("cw", coworker=True), contact("gone", friend=False),
-              contact("cw_gone", coworker=True, friend=False)]
+    people = [
+        *PEOPLE,
+        contact("cw", coworker=True),
+        contact("gone", friend=False),
+        contact("cw_gone", coworker=True, friend=False),
+    ]
     s = select(people, now=NOW)
     assert "cw" not in ids_of(s.recipients)
     assert "coworker" in reasons(s)["cw"]
@@ -258,8 +316,7 @@ def test_rules_apply_after_tag_filters_with_rule_reason() -> None:
 
 def test_unknown_tags_are_reported_only_when_tags_are_known() -> None:
     """Tags the audience names that the account does not have are listed (a likely typo)."""
-    s = select(PEOPLE, tags_any=["VIP", "VPI"], tags_none=["勿扰"], now=NOW,
-               known_tags=["VIP", "勿扰", "新客"])
+    s = select(PEOPLE, tags_any=["VIP", "VPI"], tags_none=["勿扰"], now=NOW, known_tags=["VIP", "勿扰", "新客"])
     assert s.unknown_tags == ["VPI"]
     assert select(PEOPLE, tags_any=["VPI"], now=NOW).unknown_tags == []
 
@@ -286,12 +343,24 @@ contacts_st = st.lists(
     max_size=25,
 ).map(lambda rows: [{"id": f"c{i}", **row} for i, row in enumerate(rows)])
 
-leaf_rules = st.sampled_from([
-    {"city": "上海"}, {"city": ["杭州", "北京"]}, {"city": {"ne": "北京"}}, {"city": {"present": True}},
-    {"gender": "female"}, {"star": True}, {"type": {"gte": 2}}, {"tag": "VIP"}, {"tag": ["新客", "勿扰"]},
-    {"name": {"startswith": "王"}}, {"name": {"contains": "{{"}}, {"phone": {"present": True}},
-    {"added_within": "30d"}, {"added_over": "100d"},
-])
+leaf_rules = st.sampled_from(
+    [
+        {"city": "上海"},
+        {"city": ["杭州", "北京"]},
+        {"city": {"ne": "北京"}},
+        {"city": {"present": True}},
+        {"gender": "female"},
+        {"star": True},
+        {"type": {"gte": 2}},
+        {"tag": "VIP"},
+        {"tag": ["新客", "勿扰"]},
+        {"name": {"startswith": "王"}},
+        {"name": {"contains": "{{"}},
+        {"phone": {"present": True}},
+        {"added_within": "30d"},
+        {"added_over": "100d"},
+    ]
+)
 rules_st = st.recursive(
     leaf_rules,
     lambda inner: st.one_of(
@@ -334,15 +403,19 @@ def test_ne_agrees_with_not_eq(people: list[dict[str, Any]]) -> None:
 
 
 @fast
-@given(people=contacts_st, rule=rules_st, limit=st.one_of(st.none(), st.integers(1, 10)),
-       tags_any=st.lists(st.sampled_from(TAGS), max_size=2),
-       tags_none=st.lists(st.sampled_from(TAGS), max_size=1))
-def test_every_contact_is_accounted_for_once(people: list[dict[str, Any]], rule: Any, limit: int | None,
-                                             tags_any: list[str], tags_none: list[str]) -> None:
+@given(
+    people=contacts_st,
+    rule=rules_st,
+    limit=st.one_of(st.none(), st.integers(1, 10)),
+    tags_any=st.lists(st.sampled_from(TAGS), max_size=2),
+    tags_none=st.lists(st.sampled_from(TAGS), max_size=1),
+)
+def test_every_contact_is_accounted_for_once(
+    people: list[dict[str, Any]], rule: Any, limit: int | None, tags_any: list[str], tags_none: list[str]
+) -> None:
     """Each contact is either a recipient or excluded with a non-empty reason, never both or neither;
     recipients keep input order, and a limit keeps a prefix of the unlimited selection."""
-    kwargs: dict[str, Any] = {"rules": parse_rules(rule), "tags_any": tags_any, "tags_none": tags_none,
-                              "now": NOW}
+    kwargs: dict[str, Any] = {"rules": parse_rules(rule), "tags_any": tags_any, "tags_none": tags_none, "now": NOW}
     s = select(people, limit=limit, **kwargs)
     got, out = ids_of(s.recipients), ids_of(s.excluded)
     assert sorted(got + out) == sorted(c["id"] for c in people)

@@ -31,13 +31,17 @@ def settings_for(tmp: Path, *, confirm_delay: str = "0s", contacts: int = 80) ->
         f"database_url: sqlite:///{tmp}/wecast.sqlite\n"
         f"campaigns_dir: {tmp}\n"
         f"sandbox: {{contacts: {contacts}, seed: 3, state_file: {tmp}/sandbox.sqlite, mode: batch, "
-        f"confirm_delay: {confirm_delay}}}\n", encoding="utf-8")
+        f"confirm_delay: {confirm_delay}}}\n",
+        encoding="utf-8",
+    )
     return load_settings(cfg)
 
 
 def campaign(settings: Settings, template: str, name: str = "mass") -> Campaign:
-    text = (f"id: {name}\nname: 群发测试\naudience: {{}}\nmessage: {{template: '{template}'}}\n"
-            "frequency_cap: false\nquiet_hours: false\nthrottle: {per_second: 50}\n")
+    text = (
+        f"id: {name}\nname: 群发测试\naudience: {{}}\nmessage: {{template: '{template}'}}\n"
+        "frequency_cap: false\nquiet_hours: false\nthrottle: {per_second: 50}\n"
+    )
     return parse_campaign(text, settings.campaigns_dir / f"{name}.yaml", settings)
 
 
@@ -65,7 +69,7 @@ def test_identical_texts_go_out_as_one_task_and_complete_after_confirmation(tmp_
         assert len(calls) == 1 and first.counts["submitted"] == calls[0] > 50
         assert "wait for staff to confirm" in first.message
         assert gw.outbox_messages() == []
-        clock.advance(3601)                       # staff confirmed in WeCom
+        clock.advance(3601)  # staff confirmed in WeCom
         [done] = await app.resume(confirm_wait=0)
         assert done.status == "completed" and done.sent == calls[0]
         per_contact = [m.contact_id for m in gw.outbox_messages()]
@@ -74,6 +78,7 @@ def test_identical_texts_go_out_as_one_task_and_complete_after_confirmation(tmp_
             rows = queries.deliveries(conn, run_id=done.run_id, status="sent", limit=1000)
         assert {r["gateway_task_id"] for r in rows} and all(r["gateway_task_id"].startswith("msgtask-") for r in rows)
         await app.close()
+
     asyncio.run(go())
 
 
@@ -99,6 +104,7 @@ def test_personalised_texts_make_one_task_per_distinct_text(tmp_path: Path) -> N
         received = {m.contact_id: m.text for m in gw.outbox_messages()}
         assert received == {r.contact_id: r.text for r in preview.recipients}
         await app.close()
+
     asyncio.run(go())
 
 
@@ -120,7 +126,7 @@ def test_a_crash_mid_submit_resubmits_the_same_group_under_the_same_key(tmp_path
             keys.append(idempotency_key)
             receipt = await original(ids, text, idempotency_key=idempotency_key)
             if len(keys) == 1:
-                raise KeyboardInterrupt   # the process dies after WeCom accepted the task
+                raise KeyboardInterrupt  # the process dies after WeCom accepted the task
             return receipt
 
         gw.submit_batch = crash_after_submit  # type: ignore[method-assign]
@@ -137,6 +143,7 @@ def test_a_crash_mid_submit_resubmits_the_same_group_under_the_same_key(tmp_path
         received = [m.contact_id for m in gw.outbox_messages()]
         assert len(received) == len(set(received)) == plan.planned
         await app.close()
+
     asyncio.run(go())
 
 
@@ -151,4 +158,5 @@ def test_direct_sends_are_refused_by_a_task_only_account(tmp_path: Path) -> None
         with pytest.raises(PermanentError, match="群发"):
             await gw.send_text(page.contacts[0].id, "hi", idempotency_key="k")
         await gw.close()
+
     asyncio.run(go())

@@ -142,13 +142,14 @@ def test_template_file_is_read_relative_to_the_campaign(settings: Settings) -> N
 
 
 @pytest.mark.parametrize(("indicator", "offset"), [("|", 1), ("|-", 1), ("|+", 1), ("| # 注释", 1), ("", 0)])
-def test_template_error_line_is_the_exact_file_line(tmp_path: Path, settings: Settings, indicator: str,
-                                                     offset: int) -> None:
+def test_template_error_line_is_the_exact_file_line(
+    tmp_path: Path, settings: Settings, indicator: str, offset: int
+) -> None:
     """A template error's line is the file line of the bad template line, for block and inline scalars."""
     bad = "{{ nmae }}"
     if indicator:
         body = f"  template: {indicator}\n    第一行\n    第二行\n    {bad}\n"
-        want = 5 + 2 + offset      # key on line 5, third template line
+        want = 5 + 2 + offset  # key on line 5, third template line
     else:
         body = f'  template: "{bad}"\n'
         want = 5
@@ -168,7 +169,9 @@ def test_all_problems_in_a_file_are_reported_together(tmp_path: Path, settings: 
         "audience:\n"
         "  rules: [{cty: 上海}]\n"
         "message:\n"
-        "  template: '{{ nmae }}'\n", encoding="utf-8")
+        "  template: '{{ nmae }}'\n",
+        encoding="utf-8",
+    )
     with pytest.raises(CampaignError) as info:
         load_campaign(path, settings)
     located = [(p.location.line, p.location.field) for p in info.value.problems]
@@ -210,8 +213,7 @@ def test_load_campaigns_rejects_duplicate_ids_naming_both_files(tmp_path: Path, 
     """Two files with one id: the first loads; the second is an error at its id line naming both files."""
     first, second = tmp_path / "one.yaml", tmp_path / "two.yaml"
     for path in (first, second):
-        path.write_text("# 注释\nid: same\nname: x\naudience: {}\nmessage: {template: hi}\n",
-                        encoding="utf-8")
+        path.write_text("# 注释\nid: same\nname: x\naudience: {}\nmessage: {template: hi}\n", encoding="utf-8")
     result = load_campaigns([first, second], settings)
     assert [c.file for c in result.campaigns] == [first]
     assert len(result.errors) == 1

@@ -23,7 +23,9 @@ def workdir(tmp_path: Path) -> Path:
         f"database_url: sqlite:///{tmp_path}/data/wecast.sqlite\n"
         f"campaigns_dir: {tmp_path}/campaigns\n"
         "sending: {throttle: {per_second: 1000}}\n"
-        f"sandbox: {{state_file: {tmp_path}/data/sandbox.sqlite}}\n", encoding="utf-8")
+        f"sandbox: {{state_file: {tmp_path}/data/sandbox.sqlite}}\n",
+        encoding="utf-8",
+    )
     return tmp_path
 
 
@@ -83,8 +85,7 @@ def test_run_twice_sends_once_and_logs_every_delivery(workdir: Path) -> None:
 def test_contacts_list_filters_by_tag_and_field(workdir: Path) -> None:
     """`contacts list` filters by tag and by field after a sync."""
     assert wecast(workdir, "contacts", "sync")[0] == 0
-    code, out, _ = wecast(workdir, "contacts", "list", "--tag", "VIP", "--where", "city=上海", "--limit", "0",
-                          "--json")
+    code, out, _ = wecast(workdir, "contacts", "list", "--tag", "VIP", "--where", "city=上海", "--limit", "0", "--json")
     assert code == 0
     rows = json.loads(out)
     assert rows and all(r["city"] == "上海" and "VIP" in r["tags"] for r in rows)
@@ -101,13 +102,14 @@ def test_unknown_campaign_is_one_clear_error_without_traceback(workdir: Path) ->
 def test_invalid_campaign_exits_2_naming_file_line_and_field(workdir: Path) -> None:
     """An invalid campaign file makes `run` exit 2 with file:line: field on stderr, and nothing is sent."""
     bad = workdir / "campaigns" / "bad.yaml"
-    bad.write_text("name: 坏活动\naudience: {tags_any: [VIP]}\nmessage:\n  template: 'hi'\nthrotle: {per_second: 1}\n",
-                   encoding="utf-8")
+    bad.write_text(
+        "name: 坏活动\naudience: {tags_any: [VIP]}\nmessage:\n  template: 'hi'\nthrotle: {per_second: 1}\n",
+        encoding="utf-8",
+    )
     code, _, err = wecast(workdir, "run", str(bad))
     assert code == 2
     assert f"{bad}:5: throtle: unknown field" in err
-    assert not (workdir / "data" / "sandbox.sqlite").exists() or "0 message" in wecast(
-        workdir, "sandbox", "outbox")[1]
+    assert not (workdir / "data" / "sandbox.sqlite").exists() or "0 message" in wecast(workdir, "sandbox", "outbox")[1]
 
 
 def test_config_error_names_file_line_and_field(workdir: Path) -> None:

@@ -14,8 +14,14 @@ from engine.errors import ConfigError
 from engine.settings import load_settings
 
 SECRET = "s3cr3t-Zq9-do-not-print"
-ENV_NAMES = ("WECAST_CONFIG", "WECAST_API_KEY", "WECAST_WORKPRO_TOKEN", "WECAST_WECOM_SECRET",
-             "WECAST_DATABASE_URL", "WECAST_GATEWAY")
+ENV_NAMES = (
+    "WECAST_CONFIG",
+    "WECAST_API_KEY",
+    "WECAST_WORKPRO_TOKEN",
+    "WECAST_WECOM_SECRET",
+    "WECAST_DATABASE_URL",
+    "WECAST_GATEWAY",
+)
 
 
 @pytest.fixture(autouse=True)
@@ -30,26 +36,39 @@ def write(tmp_path: Path, text: str, name: str = "config.yaml") -> Path:
     return path
 
 
-@pytest.mark.parametrize(("body", "line", "field", "reason"), [
-    ("version: 1\nsendng:\n  concurrency: 4\n", 2, "sendng", "unknown field"),
-    ("version: 1\nsending:\n  throttle: {per_second: 5, per_hour: 9}\n", 3, "sending.throttle.per_hour",
-     "unknown field"),
-    ("version: 1\ngateway: sandbox\nsending:\n  concurrency: many\n", 4, "sending.concurrency",
-     "valid integer"),
-    ("version: 1\napi:\n  port: 70000\n", 3, "api.port", "less than or equal to 65535"),
-    ("version: 1\ngateway: wechat\n", 2, "gateway", "'sandbox', 'workpro' or 'wecom'"),
-    ("# 配置\nversion: 2\n", 2, "version", "Input should be 1"),
-    ("version: 1\ntimezone: Asia/Beijing\n", 2, "timezone", "unknown time zone 'Asia/Beijing'"),
-    ("version: 1\nscheduler:\n  grace: 1 hour\n", 3, "scheduler.grace", "'1 hour' is not a duration"),
-    ("version: 1\nsending:\n  retry: {base_delay: 5x}\n", 3, "sending.retry.base_delay", "not a duration"),
-    ("version: 1\nsending:\n  quiet_hours: {start: '25:00', end: '09:00'}\n", 3, "sending.quiet_hours.start",
-     "not a time of day"),
-    ("version: 1\nsandbox:\n  faults: {error_rate: 1.5}\n", 3, "sandbox.faults.error_rate",
-     "less than or equal to 1"),
-    ("gateway: sandbox\ntimezone: UTC\n", 1, "version", "missing `version: 1`"),
-])
-def test_config_error_names_file_line_and_field(tmp_path: Path, body: str, line: int, field: str,
-                                                reason: str) -> None:
+@pytest.mark.parametrize(
+    ("body", "line", "field", "reason"),
+    [
+        ("version: 1\nsendng:\n  concurrency: 4\n", 2, "sendng", "unknown field"),
+        (
+            "version: 1\nsending:\n  throttle: {per_second: 5, per_hour: 9}\n",
+            3,
+            "sending.throttle.per_hour",
+            "unknown field",
+        ),
+        ("version: 1\ngateway: sandbox\nsending:\n  concurrency: many\n", 4, "sending.concurrency", "valid integer"),
+        ("version: 1\napi:\n  port: 70000\n", 3, "api.port", "less than or equal to 65535"),
+        ("version: 1\ngateway: wechat\n", 2, "gateway", "'sandbox', 'workpro' or 'wecom'"),
+        ("# 配置\nversion: 2\n", 2, "version", "Input should be 1"),
+        ("version: 1\ntimezone: Asia/Beijing\n", 2, "timezone", "unknown time zone 'Asia/Beijing'"),
+        ("version: 1\nscheduler:\n  grace: 1 hour\n", 3, "scheduler.grace", "'1 hour' is not a duration"),
+        ("version: 1\nsending:\n  retry: {base_delay: 5x}\n", 3, "sending.retry.base_delay", "not a duration"),
+        (
+            "version: 1\nsending:\n  quiet_hours: {start: '25:00', end: '09:00'}\n",
+            3,
+            "sending.quiet_hours.start",
+            "not a time of day",
+        ),
+        (
+            "version: 1\nsandbox:\n  faults: {error_rate: 1.5}\n",
+            3,
+            "sandbox.faults.error_rate",
+            "less than or equal to 1",
+        ),
+        ("gateway: sandbox\ntimezone: UTC\n", 1, "version", "missing `version: 1`"),
+    ],
+)
+def test_config_error_names_file_line_and_field(tmp_path: Path, body: str, line: int, field: str, reason: str) -> None:
     """Each kind of config.yaml mistake is a ConfigError starting `file:line: field:` with the reason."""
     path = write(tmp_path, body)
     with pytest.raises(ConfigError) as info:
@@ -140,8 +159,11 @@ def test_secret_env_vars_fill_missing_sections(tmp_path: Path, monkeypatch: pyte
 def test_secrets_are_secretstr_and_hidden_in_repr(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """API key, WorkPro token and WeCom secret are SecretStr and never appear in repr or str of Settings."""
     monkeypatch.setenv("TOKEN_VAR", "tok-" + SECRET)
-    path = write(tmp_path, "version: 1\napi: {key: key-" + SECRET + "}\nworkpro:\n  token: ${TOKEN_VAR}\n"
-                 "wecom: {secret: sec-" + SECRET + "}\n")
+    path = write(
+        tmp_path,
+        "version: 1\napi: {key: key-" + SECRET + "}\nworkpro:\n  token: ${TOKEN_VAR}\n"
+        "wecom: {secret: sec-" + SECRET + "}\n",
+    )
     settings = load_settings(path)
     for value in (settings.api.key, settings.workpro.token, settings.wecom.secret):
         assert isinstance(value, SecretStr)
@@ -152,8 +174,10 @@ def test_secrets_are_secretstr_and_hidden_in_repr(tmp_path: Path, monkeypatch: p
 def test_secrets_never_appear_in_config_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A config error elsewhere in a file with secrets does not print them."""
     monkeypatch.setenv("WECAST_API_KEY", SECRET)
-    path = write(tmp_path, "version: 1\nworkpro: {token: tok-" + SECRET + ", endpont: x}\n"
-                 "api: {key: key-" + SECRET + ", port: nope}\n")
+    path = write(
+        tmp_path,
+        "version: 1\nworkpro: {token: tok-" + SECRET + ", endpont: x}\napi: {key: key-" + SECRET + ", port: nope}\n",
+    )
     with pytest.raises(ConfigError) as info:
         load_settings(path)
     assert "workpro.endpont" in str(info.value)
@@ -165,8 +189,10 @@ def test_secrets_never_appear_in_config_errors(tmp_path: Path, monkeypatch: pyte
 def test_wecast_config_hides_secrets(tmp_path: Path) -> None:
     """`wecast config` shows the effective settings with secrets and database passwords hidden."""
     path = write(tmp_path, "version: 1\napi: {key: key-" + SECRET + "}\n")
-    env = {"WECAST_WECOM_SECRET": "sec-" + SECRET,
-           "WECAST_DATABASE_URL": f"postgresql+psycopg://wecast:{SECRET}@db.example:5432/wecast"}
+    env = {
+        "WECAST_WECOM_SECRET": "sec-" + SECRET,
+        "WECAST_DATABASE_URL": f"postgresql+psycopg://wecast:{SECRET}@db.example:5432/wecast",
+    }
     result = CliRunner().invoke(main, ["-c", str(path), "config"], env=env)
     assert result.exit_code == 0, result.output
     assert SECRET not in result.output
@@ -186,16 +212,18 @@ def test_wecast_config_error_is_one_located_line(tmp_path: Path) -> None:
     assert "Traceback" not in result.output
 
 
-def test_relative_paths_resolve_against_the_config_folder(tmp_path: Path,
-                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+def test_relative_paths_resolve_against_the_config_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """database_url, campaigns_dir and sandbox.state_file are relative to config.yaml, not the cwd."""
     folder = tmp_path / "deploy"
     folder.mkdir()
     elsewhere = tmp_path / "cwd"
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)
-    path = write(folder, "version: 1\ndatabase_url: sqlite:///data/w.sqlite\ncampaigns_dir: my_campaigns\n"
-                 "sandbox:\n  state_file: state/s.sqlite\n")
+    path = write(
+        folder,
+        "version: 1\ndatabase_url: sqlite:///data/w.sqlite\ncampaigns_dir: my_campaigns\n"
+        "sandbox:\n  state_file: state/s.sqlite\n",
+    )
     settings = load_settings(path)
     base = folder.resolve()
     assert settings.database_url == f"sqlite:///{base / 'data' / 'w.sqlite'}"
@@ -206,8 +234,7 @@ def test_relative_paths_resolve_against_the_config_folder(tmp_path: Path,
 def test_absolute_paths_and_other_urls_are_kept(tmp_path: Path) -> None:
     """Absolute paths, in-memory SQLite and non-SQLite URLs are not rewritten."""
     absolute = tmp_path / "abs" / "w.sqlite"
-    path = write(tmp_path,
-                 f"version: 1\ndatabase_url: sqlite:///{absolute}\ncampaigns_dir: {tmp_path / 'c'}\n")
+    path = write(tmp_path, f"version: 1\ndatabase_url: sqlite:///{absolute}\ncampaigns_dir: {tmp_path / 'c'}\n")
     settings = load_settings(path)
     assert settings.database_url == f"sqlite:///{absolute}"
     assert settings.campaigns_dir == tmp_path / "c"

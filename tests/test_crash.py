@@ -23,7 +23,8 @@ def _setup(tmp: Path, *, idempotent: bool) -> Path:
         f"audience: {{limit: {RECIPIENTS}}}\n"
         "message: {template: '{{ display_name }}您好，双十二大促开始啦！'}\n"
         "frequency_cap: false\nquiet_hours: false\nthrottle: {per_second: 400}\n",
-        encoding="utf-8")
+        encoding="utf-8",
+    )
     cfg = tmp / "config.yaml"
     cfg.write_text(
         "version: 1\n"
@@ -32,14 +33,19 @@ def _setup(tmp: Path, *, idempotent: bool) -> Path:
         "sending: {concurrency: 16}\n"
         f"sandbox: {{contacts: 1100, seed: 5, state_file: {tmp}/sandbox.sqlite, "
         f"honor_idempotency_key: {str(idempotent).lower()}, faults: {{latency_ms: 3, latency_jitter_ms: 4}}}}\n",
-        encoding="utf-8")
+        encoding="utf-8",
+    )
     return cfg
 
 
 def _wecast(cfg: Path, *args: str) -> subprocess.Popen[str]:
-    return subprocess.Popen([sys.executable, "-m", "engine.cli", "-c", str(cfg), *args],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            cwd=Path(__file__).resolve().parent.parent)
+    return subprocess.Popen(
+        [sys.executable, "-m", "engine.cli", "-c", str(cfg), *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
 
 
 def _outbox(tmp: Path) -> list[tuple[str, str]]:

@@ -24,8 +24,9 @@ from storage import queries
 MONDAY_10 = datetime(2026, 1, 5, 2, 0, tzinfo=UTC)
 
 
-def make_settings(tmp: Path, *, contacts: int = 120, faults: str = "{}", extra: str = "",
-                  idempotent: bool = True) -> Settings:
+def make_settings(
+    tmp: Path, *, contacts: int = 120, faults: str = "{}", extra: str = "", idempotent: bool = True
+) -> Settings:
     cfg = tmp / "config.yaml"
     cfg.write_text(
         "version: 1\n"
@@ -37,7 +38,8 @@ def make_settings(tmp: Path, *, contacts: int = 120, faults: str = "{}", extra: 
         f"{extra}"
         f"sandbox: {{contacts: {contacts}, seed: 11, state_file: {tmp}/sandbox.sqlite, "
         f"honor_idempotency_key: {str(idempotent).lower()}, faults: {faults}}}\n",
-        encoding="utf-8")
+        encoding="utf-8",
+    )
     return load_settings(cfg)
 
 
@@ -90,6 +92,7 @@ def test_same_run_twice_sends_nothing_the_second_time(tmp_path: Path) -> None:
         assert sum(per_contact.values()) == first.summary.sent
         assert set(per_contact.values()) == {1}
         await app.close()
+
     run(go())
 
 
@@ -101,11 +104,12 @@ def test_manual_run_and_scheduled_fire_of_the_same_slot_are_one_run(tmp_path: Pa
         app = await started(settings)
         c = campaign(settings, PLAIN + 'schedule: {cron: "0 9 * * 1"}\n')
         manual = await app.run_campaign(c)
-        assert manual.plan.run_key == "2026-01-05T01:00:00Z"          # Monday 09:00 Shanghai
+        assert manual.plan.run_key == "2026-01-05T01:00:00Z"  # Monday 09:00 Shanghai
         scheduled = await app.run_campaign(c, run_key="2026-01-05T01:00:00Z", trigger="schedule")
         assert not scheduled.plan.created
         assert set(outbox_by_contact(app.gateway).values()) == {1}
         await app.close()
+
     run(go())
 
 
@@ -135,14 +139,16 @@ def test_dedupe_once_and_window(tmp_path: Path) -> None:
         assert w2.summary.sent == 0 and w2.summary.counts.get("skipped", 0) >= w1.summary.sent
         assert w3.summary.sent == w1.summary.sent
         await app.close()
+
     run(go())
 
 
 def test_faults_every_delivery_ends_recorded_and_none_twice(tmp_path: Path) -> None:
     """With transient errors, rate limits and timeouts injected, every delivery ends in a terminal state,
     sent ones are in the outbox exactly once, and unknown ones are never retried."""
-    settings = make_settings(tmp_path, contacts=300,
-                             faults="{error_rate: 0.2, rate_limit_rate: 0.05, timeout_rate: 0.05}")
+    settings = make_settings(
+        tmp_path, contacts=300, faults="{error_rate: 0.2, rate_limit_rate: 0.05, timeout_rate: 0.05}"
+    )
 
     async def go() -> None:
         app = await started(settings)
@@ -156,12 +162,13 @@ def test_faults_every_delivery_ends_recorded_and_none_twice(tmp_path: Path) -> N
         assert max(per_contact.values()) == 1
         sent = {r["contact_id"] for r in rows if r["status"] == "sent"}
         unknown = {r["contact_id"] for r in rows if r["status"] == "unknown"}
-        assert sent <= set(per_contact)                      # every "sent" really arrived
-        assert set(per_contact) <= sent | unknown             # nothing arrived unrecorded
+        assert sent <= set(per_contact)  # every "sent" really arrived
+        assert set(per_contact) <= sent | unknown  # nothing arrived unrecorded
         assert unknown, "the injected timeouts should produce unknown outcomes"
         assert all(r["reason"] for r in rows if r["status"] in ("failed", "unknown", "skipped"))
         assert any(r["attempts"] > 1 for r in rows if r["status"] == "sent"), "transient errors are retried"
         await app.close()
+
     run(go())
 
 
@@ -180,6 +187,7 @@ def test_transient_errors_give_up_after_max_attempts(tmp_path: Path) -> None:
         # base 1s, doubling with jitter: the fake clock moved at least 0.5 + 1 seconds for the retries
         assert clock.now() - MONDAY_10 >= timedelta(seconds=1.5)
         await app.close()
+
     run(go())
 
 
@@ -206,6 +214,7 @@ def test_throttle_spaces_sends_and_never_exceeds_the_rate(tmp_path: Path) -> Non
         achieved = (len(starts) - 1) / (starts[-1] - starts[0])
         assert 0.95 * 4 <= achieved <= 4.0 + 1e-9
         await app.close()
+
     run(go())
 
 
@@ -227,9 +236,10 @@ def test_frequency_cap_is_shared_across_campaigns_per_local_day(tmp_path: Path) 
         # 15:59 UTC is 23:59 in Shanghai: still the same local day
         clock.set(datetime(2026, 1, 5, 15, 59, tzinfo=UTC))
         assert app.preview(campaign(settings, capped, "c")).recipients == []
-        clock.set(datetime(2026, 1, 5, 16, 1, tzinfo=UTC))         # 00:01 Tuesday in Shanghai
+        clock.set(datetime(2026, 1, 5, 16, 1, tzinfo=UTC))  # 00:01 Tuesday in Shanghai
         assert len(app.preview(campaign(settings, capped, "c")).recipients) == a.sent
         await app.close()
+
     run(go())
 
 
@@ -253,13 +263,14 @@ def test_frequency_cap_rechecked_at_send_time(tmp_path: Path) -> None:
         assert all(r["status"] == "skipped" and r["reason"].startswith("frequency_cap") for r in planned)
         assert set(outbox_by_contact(app.gateway).values()) == {1}
         await app.close()
+
     run(go())
 
 
 def test_quiet_hours_hold_sends_until_the_window_opens(tmp_path: Path) -> None:
     """Planned at 22:00 Shanghai with quiet hours 21:00–09:00, nothing goes out before 09:00 local."""
     settings = make_settings(tmp_path, contacts=30)
-    clock = FakeClock(datetime(2026, 1, 5, 14, 0, tzinfo=UTC))   # 22:00 Shanghai
+    clock = FakeClock(datetime(2026, 1, 5, 14, 0, tzinfo=UTC))  # 22:00 Shanghai
 
     async def go() -> None:
         app = await started(settings, clock)
@@ -277,10 +288,11 @@ def test_quiet_hours_hold_sends_until_the_window_opens(tmp_path: Path) -> None:
             return await original(contact_id, text, idempotency_key=idempotency_key)
 
         app.gateway.send_text = timed  # type: ignore[method-assign]
-        [done] = await app.resume()          # waits (on the fake clock) for the window to open
+        [done] = await app.resume()  # waits (on the fake clock) for the window to open
         assert done.status == "completed" and done.sent > 10
-        assert min(sent_at) >= datetime(2026, 1, 6, 1, 0, tzinfo=UTC)   # 09:00 Tuesday Shanghai
+        assert min(sent_at) >= datetime(2026, 1, 6, 1, 0, tzinfo=UTC)  # 09:00 Tuesday Shanghai
         await app.close()
+
     run(go())
 
 
@@ -300,6 +312,7 @@ def test_logged_out_sends_wait_pending_then_go_out_after_login(tmp_path: Path) -
         [done] = await app.resume(login_wait=0)
         assert done.status == "completed" and done.sent == waiting.summary.counts["pending"]
         await app.close()
+
     run(go())
 
 
@@ -332,6 +345,7 @@ def test_logout_mid_run_requeues_without_counting_an_attempt(tmp_path: Path) -> 
         assert done.status == "completed" and done.open == 0
         assert set(outbox_by_contact(gw).values()) == {1}
         await app.close()
+
     run(go())
 
 
@@ -352,6 +366,7 @@ def test_too_many_errors_pause_the_run(tmp_path: Path) -> None:
         assert 5 <= s.counts["failed"] <= 5 + 2 * settings.sending.concurrency
         assert s.counts.get("pending", 0) > 30
         await app.close()
+
     run(go())
 
 
@@ -430,10 +445,17 @@ def test_a_live_owner_blocks_a_second_dispatcher(tmp_path: Path) -> None:
         from sqlalchemy import update
 
         from storage.models import CampaignRun
-        with app.db.begin() as conn:   # pretend this very (live) process owns it from another dispatcher
-            conn.execute(update(CampaignRun.__table__).where(queries.R.id == p.run_id).values(  # type: ignore[arg-type]
-                owner=f"{socket.gethostname()}:{os.getpid()}:other", heartbeat_at=datetime.now(UTC)))
+
+        with app.db.begin() as conn:  # pretend this very (live) process owns it from another dispatcher
+            conn.execute(
+                update(CampaignRun.__table__)
+                .where(queries.R.id == p.run_id)
+                .values(  # type: ignore[arg-type]
+                    owner=f"{socket.gethostname()}:{os.getpid()}:other", heartbeat_at=datetime.now(UTC)
+                )
+            )
         with pytest.raises(WecastError, match="being sent by another process"):
             await app.dispatcher.run(p.run_id)
         await app.close()
+
     run(go())

@@ -41,7 +41,7 @@ def imports_of(name: str, path: Path) -> Iterator[tuple[str, int]]:
         elif isinstance(node, ast.ImportFrom):
             if node.level:
                 base = package.split(".")
-                base = base[:len(base) - node.level + 1]
+                base = base[: len(base) - node.level + 1]
                 target = ".".join([*base, node.module] if node.module else base)
             else:
                 target = node.module or ""
@@ -57,24 +57,40 @@ def within(target: str, prefix: str) -> bool:
 
 RULES: dict[str, tuple[str, Callable[[str, str], bool]]] = {
     # rule: (what it says, importer module x imported module -> is it a violation)
-    "storage": ("storage imports nothing from engine",
-                lambda name, target: within(name, "storage") and within(target, "engine")),
+    "storage": (
+        "storage imports nothing from engine",
+        lambda name, target: within(name, "storage") and within(target, "engine"),
+    ),
     # `from engine.gateways.x import SomeClass` yields engine.gateways.x.SomeClass, which stays within the allowed.
-    "gateways": ("engine.gateways import only engine.errors, clock, settings, durations and engine.gateways.*",
-                 lambda name, target: within(name, "engine.gateways") and within(target, "engine")
-                 and not any(within(target, ok) for ok in GATEWAY_MAY_IMPORT)),
-    "apscheduler": ("only engine/scheduler.py and engine/schedule.py import apscheduler",
-                    lambda name, target: within(target, "apscheduler") and name not in SCHEDULER_MODULES),
-    "cli": ("nothing in engine/ or storage/ imports engine.cli",
-            lambda name, target: within(target, "engine.cli") and name != "engine.cli"),
+    "gateways": (
+        "engine.gateways import only engine.errors, clock, settings, durations and engine.gateways.*",
+        lambda name, target: (
+            within(name, "engine.gateways")
+            and within(target, "engine")
+            and not any(within(target, ok) for ok in GATEWAY_MAY_IMPORT)
+        ),
+    ),
+    "apscheduler": (
+        "only engine/scheduler.py and engine/schedule.py import apscheduler",
+        lambda name, target: within(target, "apscheduler") and name not in SCHEDULER_MODULES,
+    ),
+    "cli": (
+        "nothing in engine/ or storage/ imports engine.cli",
+        lambda name, target: within(target, "engine.cli") and name != "engine.cli",
+    ),
 }
 
 
 def violations(rule: str) -> list[str]:
     broken = RULES[rule][1]
-    return sorted({f"{path.relative_to(ROOT)}:{line} imports {target}"
-                   for name, path in modules().items()
-                   for target, line in imports_of(name, path) if broken(name, target)})
+    return sorted(
+        {
+            f"{path.relative_to(ROOT)}:{line} imports {target}"
+            for name, path in modules().items()
+            for target, line in imports_of(name, path)
+            if broken(name, target)
+        }
+    )
 
 
 def test_the_walk_sees_the_packages_and_their_imports() -> None:

@@ -80,9 +80,10 @@ def pg_url(pg_server: None) -> Iterator[str]:
     name = f"wecast_test_{uuid.uuid4().hex[:12]}"
     with _admin() as admin:
         try:
-            admin.execute(f"CREATE DATABASE {name} TEMPLATE template0 LOCALE_PROVIDER icu ICU_LOCALE 'en-US' "
-                          "LOCALE 'C.UTF-8'")
-        except Exception:   # a server built without ICU: the default collation still tests the rest
+            admin.execute(
+                f"CREATE DATABASE {name} TEMPLATE template0 LOCALE_PROVIDER icu ICU_LOCALE 'en-US' LOCALE 'C.UTF-8'"
+            )
+        except Exception:  # a server built without ICU: the default collation still tests the rest
             admin.execute(f"CREATE DATABASE {name} TEMPLATE template0")
     url = make_url(ADMIN_URL).set(database=name, query={"options": "-c timezone=Asia/Shanghai"})
     try:
@@ -103,7 +104,8 @@ def make_settings(tmp: Path, url: str, *, contacts: int = 120, idempotent: bool 
         "  retry: {max_attempts: 3, base_delay: 1s, max_delay: 10s}\n"
         f"sandbox: {{contacts: {contacts}, seed: 11, state_file: {tmp}/sandbox.sqlite, "
         f"honor_idempotency_key: {str(idempotent).lower()}}}\n",
-        encoding="utf-8")
+        encoding="utf-8",
+    )
     return load_settings(cfg)
 
 
@@ -179,16 +181,40 @@ def test_raw_sql_times_agree_with_the_orm(pg_url: str) -> None:
     with db.begin() as conn:
         queries.insert_ignore(conn, RUNS, [{"campaign_id": "t", "run_key": "k", "settings": {}, "created_at": at}])
         run_id = conn.execute(select(RUNS.c.id)).scalar_one()
-        columns = ("run_id", "campaign_id", "contact_id", "contact_name", "text", "dedupe_key", "status", "capped",
-                   "created_at", "sent_at")
+        columns = (
+            "run_id",
+            "campaign_id",
+            "contact_id",
+            "contact_name",
+            "text",
+            "dedupe_key",
+            "status",
+            "capped",
+            "created_at",
+            "sent_at",
+        )
         ts = queries.db_time(conn, at)
-        fast = queries.insert_fast(conn, DELIVERIES, [(run_id, "t", "c1", "", "", "t|k|c1", "sent", True, ts, ts)],
-                                   columns)
+        fast = queries.insert_fast(
+            conn, DELIVERIES, [(run_id, "t", "c1", "", "", "t|k|c1", "sent", True, ts, ts)], columns
+        )
         assert fast == 1
-        queries.insert_ignore(conn, DELIVERIES, [{"run_id": run_id, "campaign_id": "t", "contact_id": "c2",
-                                                  "text": "", "dedupe_key": "t|k|c2", "status": "sent", "capped": True,
-                                                  "created_at": at,
-                                                  "sent_at": at.astimezone(ZoneInfo("America/New_York"))}])
+        queries.insert_ignore(
+            conn,
+            DELIVERIES,
+            [
+                {
+                    "run_id": run_id,
+                    "campaign_id": "t",
+                    "contact_id": "c2",
+                    "text": "",
+                    "dedupe_key": "t|k|c2",
+                    "status": "sent",
+                    "capped": True,
+                    "created_at": at,
+                    "sent_at": at.astimezone(ZoneInfo("America/New_York")),
+                }
+            ],
+        )
     with db.connect() as conn:
         rows = queries.deliveries(conn, run_id=run_id)
         assert [r["sent_at"] for r in rows] == [at, at] and [r["created_at"] for r in rows] == [at, at]
@@ -302,14 +328,15 @@ def test_frequency_cap_is_counted_across_two_campaigns(pg_url: str, tmp_path: Pa
             counts = queries.cap_counts(conn, *day)
             assert set(counts.values()) == {1} and len(counts) == sa.sent
             assert queries.cap_counts(conn, *day, contact_ids=sorted(counts)[:5]) == dict.fromkeys(
-                sorted(counts)[:5], 1)
+                sorted(counts)[:5], 1
+            )
             assert queries.cap_counts(conn, *day, exclude_run=pa.run_id) == {}
             skipped = queries.deliveries(conn, run_id=pb.run_id, status="skipped", limit=1000)
         assert sum(r["reason"].startswith("frequency_cap") for r in skipped) == pb.planned
         assert app.preview(campaign(settings, CAPPED, "c")).recipients == []
-        clock.set(datetime(2026, 1, 5, 15, 59, tzinfo=UTC))          # 23:59 Shanghai: the same local day
+        clock.set(datetime(2026, 1, 5, 15, 59, tzinfo=UTC))  # 23:59 Shanghai: the same local day
         assert app.preview(campaign(settings, CAPPED, "c")).recipients == []
-        clock.set(datetime(2026, 1, 5, 16, 1, tzinfo=UTC))           # 00:01 Tuesday in Shanghai
+        clock.set(datetime(2026, 1, 5, 16, 1, tzinfo=UTC))  # 00:01 Tuesday in Shanghai
         assert len(app.preview(campaign(settings, CAPPED, "c")).recipients) == sa.sent
         assert set(outbox_by_contact(app.gateway).values()) == {1}
         await app.close()
@@ -332,8 +359,7 @@ def test_dedupe_window_reads_last_sends_and_campaign_keys(pg_url: str, tmp_path:
         with app.db.connect() as conn:
             sends = queries.last_sends(conn, "win", MONDAY_10 - timedelta(days=1))
             keys = queries.campaign_keys(conn, "win")
-        assert len(sends) == w1.sent and all(MONDAY_10 <= t < MONDAY_10 + timedelta(minutes=5)
-                                             for t in sends.values())
+        assert len(sends) == w1.sent and all(MONDAY_10 <= t < MONDAY_10 + timedelta(minutes=5) for t in sends.values())
         assert all(t.utcoffset() == timedelta(0) for t in sends.values())
         assert len(keys) == w1.sent and all(k.startswith("win|w1|") for k in keys)
         clock.advance(3 * 86400)
@@ -361,12 +387,17 @@ def test_recover_run_requeues_claimed_and_settles_in_flight(pg_url: str, tmp_pat
         queries.set_status(conn, ids[:4], DeliveryStatus.SENDING, MONDAY_10, sent_at=MONDAY_10)
     with app.db.begin() as conn:
         assert queries.recover_run(conn, p.run_id, resend_in_flight=False, now=MONDAY_10) == {
-            "requeued": 6, "resent": 0, "unknown": 4}
-        assert queries.status_counts(conn, p.run_id) == {"pending": p.planned - 4, "unknown": 4,
-                                                         "skipped": p.skipped}
+            "requeued": 6,
+            "resent": 0,
+            "unknown": 4,
+        }
+        assert queries.status_counts(conn, p.run_id) == {"pending": p.planned - 4, "unknown": 4, "skipped": p.skipped}
         conn.execute(update(DELIVERIES).where(DELIVERIES.c.id.in_(ids[:4])).values(status="sending"))
         assert queries.recover_run(conn, p.run_id, resend_in_flight=True, now=MONDAY_10) == {
-            "requeued": 0, "resent": 4, "unknown": 0}
+            "requeued": 0,
+            "resent": 4,
+            "unknown": 0,
+        }
         assert queries.status_counts(conn, p.run_id) == {"pending": p.planned, "skipped": p.skipped}
     asyncio.run(app.close())
 

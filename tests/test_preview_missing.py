@@ -61,8 +61,9 @@ def synced(tmp_path_factory: pytest.TempPathFactory) -> Any:
 
 def campaign(folder: Path, template: str, *, extra: str = "", name: str = "city_promo") -> Campaign:
     path = folder / f"{name}.yaml"
-    path.write_text(f"name: 城市推广\naudience: {{}}\nmessage:\n  template: |\n    {template}\n{extra}",
-                    encoding="utf-8")
+    path.write_text(
+        f"name: 城市推广\naudience: {{}}\nmessage:\n  template: |\n    {template}\n{extra}", encoding="utf-8"
+    )
     return load_campaign(path, Settings(version=1))
 
 
@@ -133,16 +134,23 @@ def test_two_missing_fields_are_both_reported(synced: Synced, tmp_path: Path) ->
 
 # -- wecast validate ---------------------------------------------------------------------------------
 
+
 def write_config(folder: Path, synced: Synced, campaigns_dir: Path) -> Path:
     path = folder / "config.yaml"
-    path.write_text(f"version: 1\ndatabase_url: '{synced.db_url}'\ncampaigns_dir: '{campaigns_dir}'\n"
-                    f"sandbox:\n  state_file: '{synced.state_file}'\n", encoding="utf-8")
+    path.write_text(
+        f"version: 1\ndatabase_url: '{synced.db_url}'\ncampaigns_dir: '{campaigns_dir}'\n"
+        f"sandbox:\n  state_file: '{synced.state_file}'\n",
+        encoding="utf-8",
+    )
     return path
 
 
 def validate(config: Path, *paths: Path) -> Any:
-    return CliRunner().invoke(main, ["-c", str(config), "validate", *map(str, paths)],
-                              env={"WECAST_CONFIG": None, "WECAST_DATABASE_URL": None})
+    return CliRunner().invoke(
+        main,
+        ["-c", str(config), "validate", *map(str, paths)],
+        env={"WECAST_CONFIG": None, "WECAST_DATABASE_URL": None},
+    )
 
 
 def test_validate_reports_a_bad_campaign_with_file_line_field(synced: Synced, tmp_path: Path) -> None:
@@ -150,10 +158,8 @@ def test_validate_reports_a_bad_campaign_with_file_line_field(synced: Synced, tm
     folder = tmp_path / "campaigns"
     folder.mkdir()
     bad = folder / "bad.yaml"
-    bad.write_text("name: 坏活动\naudience:\n  tag_any: [VIP]\nmessage:\n  template: 你好\n",
-                   encoding="utf-8")
-    (folder / "good.yaml").write_text("name: 好活动\naudience: {}\nmessage:\n  template: 你好\n",
-                                      encoding="utf-8")
+    bad.write_text("name: 坏活动\naudience:\n  tag_any: [VIP]\nmessage:\n  template: 你好\n", encoding="utf-8")
+    (folder / "good.yaml").write_text("name: 好活动\naudience: {}\nmessage:\n  template: 你好\n", encoding="utf-8")
     result = validate(write_config(tmp_path, synced, folder))
     assert result.exit_code == 2, result.output
     assert f"{bad}:3: audience.tag_any: unknown field" in re.sub(r"\s*\n\s*", "", result.stderr)

@@ -16,16 +16,27 @@ NOW = datetime(2026, 1, 1, 2, 0, tzinfo=UTC)
 
 
 def person(cid: str = "a", **fields: Any) -> dict[str, Any]:
-    base: dict[str, Any] = {"id": cid, "name": "王芳", "alias": "", "gender": 0, "city": "", "phones": [],
-                            "friend": True, "coworker": False, "star": False, "tags_named": ()}
+    base: dict[str, Any] = {
+        "id": cid,
+        "name": "王芳",
+        "alias": "",
+        "gender": 0,
+        "city": "",
+        "phones": [],
+        "friend": True,
+        "coworker": False,
+        "star": False,
+        "tags_named": (),
+    }
     base.update(fields)
     return base
 
 
 def render(source: str, *people: dict[str, Any], tz: str = "Asia/Shanghai", max_length: int = 2000) -> Any:
     template = compile_template(source, ORIGIN, tz)
-    return render_all(template, list(people) or [person()], campaign={"id": "vip", "name": "每周VIP"},
-                      now=NOW, max_length=max_length)
+    return render_all(
+        template, list(people) or [person()], campaign={"id": "vip", "name": "每周VIP"}, now=NOW, max_length=max_length
+    )
 
 
 def one(source: str, contact: dict[str, Any] | None = None, **kw: Any) -> str:
@@ -36,15 +47,19 @@ def one(source: str, contact: dict[str, Any] | None = None, **kw: Any) -> str:
 
 # -- sandbox -----------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("source", [
-    "{{ ''.__class__ }}",
-    "{{ ''.__class__.__mro__[1].__subclasses__() }}",
-    "{{ name.__class__ }}",
-    "{{ contact.__init__ }}",
-    "{{ lipsum.__globals__ }}",
-    "{{ cycler.__init__.__globals__.os }}",
-    "第一行\n{{ campaign._secret }}",
-])
+
+@pytest.mark.parametrize(
+    "source",
+    [
+        "{{ ''.__class__ }}",
+        "{{ ''.__class__.__mro__[1].__subclasses__() }}",
+        "{{ name.__class__ }}",
+        "{{ contact.__init__ }}",
+        "{{ lipsum.__globals__ }}",
+        "{{ cycler.__init__.__globals__.os }}",
+        "第一行\n{{ campaign._secret }}",
+    ],
+)
 def test_underscore_attributes_are_rejected_at_compile_time(source: str) -> None:
     """Attributes starting with `_` are refused when the template is checked, with file and line."""
     with pytest.raises(TemplateError, match="is not allowed in templates") as info:
@@ -53,19 +68,21 @@ def test_underscore_attributes_are_rejected_at_compile_time(source: str) -> None
     assert info.value.location.line == 10 + source.count("\n")
 
 
-@pytest.mark.parametrize("source", [
-    "{{ name | attr('__class__') }}",
-    "{{ '{0.__class__}'.format(name) }}",
-    "{{ name.format_map({}).__class__ if false else ('{0.__init__}'.format(name)) }}",
-])
+@pytest.mark.parametrize(
+    "source",
+    [
+        "{{ name | attr('__class__') }}",
+        "{{ '{0.__class__}'.format(name) }}",
+        "{{ name.format_map({}).__class__ if false else ('{0.__init__}'.format(name)) }}",
+    ],
+)
 def test_runtime_escapes_are_blocked_by_the_sandbox(source: str) -> None:
     """Escapes that only show at render time raise TemplateError instead of reaching Python internals."""
     with pytest.raises(TemplateError, match="not allowed"):
         render(source)
 
 
-@pytest.mark.parametrize("source", ["{{ range(10**9) | length }}",
-                                    "{% for i in range(10**9) %}{% endfor %}x"])
+@pytest.mark.parametrize("source", ["{{ range(10**9) | length }}", "{% for i in range(10**9) %}{% endfor %}x"])
 def test_huge_ranges_are_blocked(source: str) -> None:
     """`range(10**9)` is refused by the sandbox (quickly, without building the range)."""
     with pytest.raises(TemplateError, match="Range too big"):
@@ -74,8 +91,18 @@ def test_huge_ranges_are_blocked(source: str) -> None:
 
 # -- contact data is data ------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("value", ["{{ 7*7 }}", "{% raw %}", "{% endraw %}{{ name }}", "{# 注释 #}",
-                                   "{{ ''.__class__ }}", "{% for x in range(10**9) %}"])
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "{{ 7*7 }}",
+        "{% raw %}",
+        "{% endraw %}{{ name }}",
+        "{# 注释 #}",
+        "{{ ''.__class__ }}",
+        "{% for x in range(10**9) %}",
+    ],
+)
 def test_contact_values_stay_literal(value: str) -> None:
     """Template syntax inside contact values is output as-is, never evaluated."""
     c = person(name=value, alias=value, city=value)
@@ -84,10 +111,15 @@ def test_contact_values_stay_literal(value: str) -> None:
 
 # -- missing fields ----------------------------------------------------------------------------------
 
+
 def test_missing_field_is_counted_per_field() -> None:
     """Each field a recipient lacks is counted once for them, and such recipients get no text."""
-    people = [person("a", city="上海", phones=["138"]), person("b", city="", phones=["139"]),
-              person("c", city="", phones=[]), person("d", city="杭州", phones=[])]
+    people = [
+        person("a", city="上海", phones=["138"]),
+        person("b", city="", phones=["139"]),
+        person("c", city="", phones=[]),
+        person("d", city="杭州", phones=[]),
+    ]
     result = render("{{ city }} {{ phone }}", *people)
     assert result.missing == {"city": ["b", "c"], "phone": ["c", "d"]}
     assert set(result.texts) == {"a"}
@@ -114,13 +146,16 @@ def test_describe_missing_names_field_and_count() -> None:
     assert "default" in text
 
 
-@pytest.mark.parametrize(("source", "expected"), [
-    ("{{ city | default('您所在的城市') }}", "您所在的城市"),
-    ("{{ contact.city | default('本地') }}", "本地"),
-    ("{% if city is defined %}{{ city }}{% else %}全国{% endif %}", "全国"),
-    ("{% if city is not defined %}无{% endif %}", "无"),
-    ("{{ honorific | default('') }}您好", "您好"),
-])
+@pytest.mark.parametrize(
+    ("source", "expected"),
+    [
+        ("{{ city | default('您所在的城市') }}", "您所在的城市"),
+        ("{{ contact.city | default('本地') }}", "本地"),
+        ("{% if city is defined %}{{ city }}{% else %}全国{% endif %}", "全国"),
+        ("{% if city is not defined %}无{% endif %}", "无"),
+        ("{{ honorific | default('') }}您好", "您好"),
+    ],
+)
 def test_default_and_is_defined_avoid_the_error(source: str, expected: str) -> None:
     """`default(...)` and `is defined` let a template handle a missing field without an error."""
     assert one(source, person(city="")) == expected
@@ -132,6 +167,7 @@ def test_empty_values_count_as_missing() -> None:
 
 
 # -- dates, names, tags, length ------------------------------------------------------------------------
+
 
 def test_datefmt_renders_in_the_campaign_zone() -> None:
     """`datefmt` converts to the campaign's zone: 2026-01-01T17:00Z is already 1月2日 in Shanghai."""
@@ -210,13 +246,16 @@ def test_output_is_stripped_and_grouped() -> None:
     assert result.groups["你好"] == 2
 
 
-@pytest.mark.parametrize(("source", "line", "words"), [
-    ("你好\n{{ nmae }}", 11, "unknown field 'nmae'"),
-    ("{{ name | shout }}", 10, "unknown filter 'shout'"),
-    ("\n\n{% if name is shiny %}x{% endif %}", 12, "unknown test 'shiny'"),
-    ("a\nb\n{% if %}", 12, "syntax error"),
-    ("   ", 10, "empty"),
-])
+@pytest.mark.parametrize(
+    ("source", "line", "words"),
+    [
+        ("你好\n{{ nmae }}", 11, "unknown field 'nmae'"),
+        ("{{ name | shout }}", 10, "unknown filter 'shout'"),
+        ("\n\n{% if name is shiny %}x{% endif %}", 12, "unknown test 'shiny'"),
+        ("a\nb\n{% if %}", 12, "syntax error"),
+        ("   ", 10, "empty"),
+    ],
+)
 def test_compile_errors_point_at_the_template_line(source: str, line: int, words: str) -> None:
     """Compile errors carry the origin's file and the line of the problem within the template."""
     with pytest.raises(TemplateError) as info:

@@ -34,21 +34,27 @@ def anyio_backend() -> str:
 
 
 def settings_for(root: Path, **scheduler: Any) -> Settings:
-    return Settings.model_validate({
-        "version": 1, "database_url": f"sqlite:///{root / 'w.sqlite'}", "campaigns_dir": str(root / "campaigns"),
-        "sandbox": {"contacts": 30, "auto_login": True, "state_file": str(root / "sandbox.sqlite")},
-        "sending": {"throttle": {"per_second": 1000}, "quiet_hours": None, "frequency_cap": None},
-        "scheduler": {"contacts_sync": None, **scheduler},
-    })
+    return Settings.model_validate(
+        {
+            "version": 1,
+            "database_url": f"sqlite:///{root / 'w.sqlite'}",
+            "campaigns_dir": str(root / "campaigns"),
+            "sandbox": {"contacts": 30, "auto_login": True, "state_file": str(root / "sandbox.sqlite")},
+            "sending": {"throttle": {"per_second": 1000}, "quiet_hours": None, "frequency_cap": None},
+            "scheduler": {"contacts_sync": None, **scheduler},
+        }
+    )
 
 
 def write_campaign(root: Path, schedule: str, name: str = "greet") -> Path:
     folder = root / "campaigns"
     folder.mkdir(exist_ok=True)
     path = folder / f"{name}.yaml"
-    path.write_text(f"id: {name}\nname: 问候\ntimezone: Asia/Shanghai\nschedule: {schedule}\naudience: {{}}\n"
-                    "message:\n  template: \"{{ name }}您好\"\nquiet_hours: false\nfrequency_cap: false\n",
-                    encoding="utf-8")
+    path.write_text(
+        f"id: {name}\nname: 问候\ntimezone: Asia/Shanghai\nschedule: {schedule}\naudience: {{}}\n"
+        'message:\n  template: "{{ name }}您好"\nquiet_hours: false\nfrequency_cap: false\n',
+        encoding="utf-8",
+    )
     return path
 
 
@@ -65,8 +71,9 @@ class GatedSandbox(SandboxGateway):
 
 
 @asynccontextmanager
-async def service(root: Path, clock: FakeClock, *, gated: bool = False,
-                  **scheduler: Any) -> AsyncIterator[tuple[Wecast, CampaignScheduler]]:
+async def service(
+    root: Path, clock: FakeClock, *, gated: bool = False, **scheduler: Any
+) -> AsyncIterator[tuple[Wecast, CampaignScheduler]]:
     """A started Wecast (synced contacts) and a scheduler driven by hand (no loop)."""
     settings = settings_for(root, **scheduler)
     gateway = GatedSandbox(settings.sandbox, clock) if gated else None
@@ -146,19 +153,23 @@ async def test_interval_fires_every_slot(tmp_path: Path) -> None:
         assert [r["run_key"] for r in runs(app)] == ["2026-01-05T02:00:00Z", "2026-01-05T04:00:00Z"]
 
 
-@pytest.mark.parametrize(("policy", "down_until", "expected"), [
-    ("once", datetime(2026, 1, 5, 2, 20, tzinfo=UTC), ["2026-01-05T02:00:00Z"]),
-    ("skip", datetime(2026, 1, 5, 2, 20, tzinfo=UTC), []),
-    ("once", datetime(2026, 1, 5, 3, 30, tzinfo=UTC), []),            # outside the 1h grace window
-    ("all", datetime(2026, 1, 5, 2, 20, tzinfo=UTC), ["2026-01-05T01:30:00Z", "2026-01-05T02:00:00Z"]),
-])
+@pytest.mark.parametrize(
+    ("policy", "down_until", "expected"),
+    [
+        ("once", datetime(2026, 1, 5, 2, 20, tzinfo=UTC), ["2026-01-05T02:00:00Z"]),
+        ("skip", datetime(2026, 1, 5, 2, 20, tzinfo=UTC), []),
+        ("once", datetime(2026, 1, 5, 3, 30, tzinfo=UTC), []),  # outside the 1h grace window
+        ("all", datetime(2026, 1, 5, 2, 20, tzinfo=UTC), ["2026-01-05T01:30:00Z", "2026-01-05T02:00:00Z"]),
+    ],
+)
 async def test_restart_across_fire_times_follows_the_catch_up_policy(
-        tmp_path: Path, policy: str, down_until: datetime, expected: list[str]) -> None:
+    tmp_path: Path, policy: str, down_until: datetime, expected: list[str]
+) -> None:
     """Fires missed while down are caught up per policy, exactly once, and never again after another restart."""
     write_campaign(tmp_path, "{every: 30m}" if policy == "all" else '{cron: "0 10 * * *"}')
     clock = FakeClock(T0)
     async with service(tmp_path, clock, catch_up=policy) as (_, sched):
-        assert await sched.tick() == []          # first sight: counts from now
+        assert await sched.tick() == []  # first sight: counts from now
     clock.set(down_until)
     async with service(tmp_path, clock, catch_up=policy) as (app, sched):
         fired = await sched.tick()
@@ -204,7 +215,7 @@ async def test_reload_reports_invalid_files_and_keeps_the_valid_ones(tmp_path: P
         broken = tmp_path / "campaigns" / "other.yaml"
         broken.write_text("name: x\naudience: {}\nmessage:\n  templat: oops\n", encoding="utf-8")
         await sched.tick()
-        assert sched.errors == []                # not polled yet: the interval has not passed
+        assert sched.errors == []  # not polled yet: the interval has not passed
         clock.advance(5)
         await sched.tick()
         assert set(sched.entries) == {"greet"}
@@ -219,7 +230,7 @@ async def test_interrupted_runs_resume_on_start(tmp_path: Path) -> None:
     write_campaign(tmp_path, '{cron: "0 10 * * *"}')
     clock = FakeClock(T0)
     async with service(tmp_path, clock) as (app, sched):
-        plan = app.plan(sched.entries["greet"].campaign)   # planned, never dispatched: as after a crash
+        plan = app.plan(sched.entries["greet"].campaign)  # planned, never dispatched: as after a crash
     async with service(tmp_path, clock) as (app, sched):
         await settle(sched)
         run = queries.get_run(app.db, plan.run_id)

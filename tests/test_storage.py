@@ -40,18 +40,44 @@ def test_times_are_stored_utc_and_returned_aware(tmp_path: Path) -> None:
     shanghai = timezone(timedelta(hours=8))
     when = datetime(2026, 1, 5, 10, 0, tzinfo=shanghai)
     with db.begin() as conn:
-        conn.execute(RUNS.insert().values(campaign_id="c", run_key="k", trigger="manual", status="running",
-                                          timezone="Asia/Shanghai", campaign_file="", campaign_hash="",
-                                          settings={}, owner="", error="", planned=0, skipped_at_plan=0,
-                                          created_at=when))
+        conn.execute(
+            RUNS.insert().values(
+                campaign_id="c",
+                run_key="k",
+                trigger="manual",
+                status="running",
+                timezone="Asia/Shanghai",
+                campaign_file="",
+                campaign_hash="",
+                settings={},
+                owner="",
+                error="",
+                planned=0,
+                skipped_at_plan=0,
+                created_at=when,
+            )
+        )
     with db.connect() as conn:
         stored = conn.execute(select(RUNS.c.created_at)).scalar_one()
         raw = conn.exec_driver_sql("SELECT created_at FROM campaign_runs").scalar_one()
     assert stored == when and stored.tzinfo is UTC
     assert str(raw).startswith("2026-01-05 02:00:00")
     with pytest.raises(Exception, match="naive datetime"), db.begin() as conn:
-        conn.execute(RUNS.insert().values(campaign_id="c", run_key="k2", trigger="manual", status="running",
-                                          timezone="Asia/Shanghai", campaign_file="", campaign_hash="",
-                                          settings={}, owner="", error="", planned=0, skipped_at_plan=0,
-                                          created_at=datetime(2026, 1, 5, 10, 0)))
+        conn.execute(
+            RUNS.insert().values(
+                campaign_id="c",
+                run_key="k2",
+                trigger="manual",
+                status="running",
+                timezone="Asia/Shanghai",
+                campaign_file="",
+                campaign_hash="",
+                settings={},
+                owner="",
+                error="",
+                planned=0,
+                skipped_at_plan=0,
+                created_at=datetime(2026, 1, 5, 10, 0),
+            )
+        )
     db.dispose()

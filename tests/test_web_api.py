@@ -73,9 +73,31 @@ def test_source_document_flow_end_to_end(live: LiveServer, client: httpx.Client)
         page += 1
     assert page == 3 and len(seen) == len(set(seen)) == 60
     contact = client.post("/get-all-user", json={"pageSize": 1}).json()["datas"][0]
-    for name in ("id", "name", "alias", "avatar", "gender", "city", "province", "address", "corporation", "title",
-                 "phone", "weixin", "description", "signature", "friend", "coworker", "star", "type", "realName",
-                 "aka", "additionalInfo", "corpId", "tags"):
+    for name in (
+        "id",
+        "name",
+        "alias",
+        "avatar",
+        "gender",
+        "city",
+        "province",
+        "address",
+        "corporation",
+        "title",
+        "phone",
+        "weixin",
+        "description",
+        "signature",
+        "friend",
+        "coworker",
+        "star",
+        "type",
+        "realName",
+        "aka",
+        "additionalInfo",
+        "corpId",
+        "tags",
+    ):
         assert name in contact
     by_cursor: list[str] = []
     cursor = None
@@ -94,8 +116,7 @@ def test_source_document_flow_end_to_end(live: LiveServer, client: httpx.Client)
     assert sent.json()["sent"] == 1
     assert len(outbox(live).outbox_messages(friend["id"])) == before + 1
 
-    vip = client.get("/api/v1/contacts", params={"tag": "VIP", "friend": True, "coworker": False,
-                                                  "limit": 500}).json()
+    vip = client.get("/api/v1/contacts", params={"tag": "VIP", "friend": True, "coworker": False, "limit": 500}).json()
     total_before = len(outbox(live).outbox_messages())
     many = client.post("/send-message-all", json={"tag": "VIP", "message": "VIP专享：满500减50"})
     assert many.status_code == 200, many.text
@@ -142,8 +163,10 @@ def test_send_while_logged_out_is_refused_at_once(live: LiveServer, client: http
     contact = client.get("/api/v1/contacts", params={"friend": True, "limit": 1}).json()["items"][0]
     client.post("/goEnd")
     total = len(outbox(live).outbox_messages())
-    for path, body in (("/send-message", {"id": contact["id"], "message": "hi"}),
-                       ("/send-message-all", {"tag": "VIP", "message": "hi"})):
+    for path, body in (
+        ("/send-message", {"id": contact["id"], "message": "hi"}),
+        ("/send-message-all", {"tag": "VIP", "message": "hi"}),
+    ):
         answer = client.post(path, json=body)
         assert answer.status_code == 409
         assert "not logged in" in answer.json()["error"] and "/goStart" in answer.json()["error"]
@@ -151,21 +174,24 @@ def test_send_while_logged_out_is_refused_at_once(live: LiveServer, client: http
     login(client)
 
 
-@pytest.mark.parametrize(("path", "body", "field"), [
-    ("/submit-verify-code", {}, "verifyCode"),
-    ("/submit-verify-code", {"verifyCode": "12ab56"}, "verifyCode"),
-    ("/submit-verify-code", {"verifyCode": "123456", "qrcodeKey": ["x"]}, "qrcodeKey"),
-    ("/get-all-user", {"pageSize": "many"}, "pageSize"),
-    ("/get-all-user", {"pageSize": 0}, "pageSize"),
-    ("/get-all-user", {"pageSize": 10, "page": 2, "cursor": "x"}, "cursor"),
-    ("/send-message", {"message": "hi"}, "id"),
-    ("/send-message", {"id": "7881"}, "message"),
-    ("/send-message", {"id": "7881", "message": "   "}, "message"),
-    ("/send-message-all", {"message": "hi"}, "ids"),
-    ("/send-message-all", {"message": "hi", "ids": "not-a-list"}, "ids"),
-    ("/api/v1/login/verify-code", {"verifyCode": 12}, "verifyCode"),
-    ("/api/v1/campaigns/validate", {"content": 5}, "content"),
-])
+@pytest.mark.parametrize(
+    ("path", "body", "field"),
+    [
+        ("/submit-verify-code", {}, "verifyCode"),
+        ("/submit-verify-code", {"verifyCode": "12ab56"}, "verifyCode"),
+        ("/submit-verify-code", {"verifyCode": "123456", "qrcodeKey": ["x"]}, "qrcodeKey"),
+        ("/get-all-user", {"pageSize": "many"}, "pageSize"),
+        ("/get-all-user", {"pageSize": 0}, "pageSize"),
+        ("/get-all-user", {"pageSize": 10, "page": 2, "cursor": "x"}, "cursor"),
+        ("/send-message", {"message": "hi"}, "id"),
+        ("/send-message", {"id": "7881"}, "message"),
+        ("/send-message", {"id": "7881", "message": "   "}, "message"),
+        ("/send-message-all", {"message": "hi"}, "ids"),
+        ("/send-message-all", {"message": "hi", "ids": "not-a-list"}, "ids"),
+        ("/api/v1/login/verify-code", {"verifyCode": 12}, "verifyCode"),
+        ("/api/v1/campaigns/validate", {"content": 5}, "content"),
+    ],
+)
 def test_bad_bodies_get_422_naming_the_field(client: httpx.Client, path: str, body: object, field: str) -> None:
     """A malformed body is a 422 whose message names the field, never a 500."""
     answer = client.post(path, json=body)

@@ -36,13 +36,15 @@ def test_no_server_errors(fuzz_server: LiveServer) -> None:
     for operation in operations:
 
         @given(case=operation.as_strategy())
-        @settings(max_examples=6, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True,
-                  database=None)
+        @settings(
+            max_examples=6, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True, database=None
+        )
         def check(case: schemathesis.Case) -> None:
             response = case.call(base_url=fuzz_server.url, timeout=30)
             if response.status_code >= 500:
-                failures.append(f"{case.method} {case.formatted_path} {case.body!r}: {response.status_code} "
-                                f"{response.text[:300]}")
+                failures.append(
+                    f"{case.method} {case.formatted_path} {case.body!r}: {response.status_code} {response.text[:300]}"
+                )
 
         check()
     assert failures == []

@@ -64,15 +64,16 @@ def test_serve_starts_the_sandbox_logged_out_unless_configured(tmp_path: Path) -
 @pytest.mark.slow
 def test_serve_process_with_key_on_all_interfaces(tmp_path: Path) -> None:
     """A real `serve` on 0.0.0.0: 401 without the key, 200 with it, /healthz open, clean exit on SIGTERM."""
-    (tmp_path / "config.yaml").write_text(
-        "version: 1\nsandbox:\n  contacts: 20\n  scan_delay: 1h\n", encoding="utf-8")
+    (tmp_path / "config.yaml").write_text("version: 1\nsandbox:\n  contacts: 20\n  scan_delay: 1h\n", encoding="utf-8")
     port = free_port()
-    env = {**os.environ, "WECAST_CONFIG": str(tmp_path / "config.yaml"), "WECAST_API_KEY": KEY,
-           "PYTHONPATH": str(REPO)}
-    code = ("from engine.settings import load_settings; from engine.web.server import serve; "
-            f"raise SystemExit(serve(load_settings(), host='0.0.0.0', port={port}))")
-    proc = subprocess.Popen([sys.executable, "-c", code], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    env = {**os.environ, "WECAST_CONFIG": str(tmp_path / "config.yaml"), "WECAST_API_KEY": KEY, "PYTHONPATH": str(REPO)}
+    code = (
+        "from engine.settings import load_settings; from engine.web.server import serve; "
+        f"raise SystemExit(serve(load_settings(), host='0.0.0.0', port={port}))"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     try:
         url = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 30
@@ -97,26 +98,31 @@ def test_serve_process_with_key_on_all_interfaces(tmp_path: Path) -> None:
         out, _ = proc.communicate(timeout=30)
     assert proc.returncode == 0, out
     assert "refusing" not in out and KEY not in out
-    assert started["qrcodeKey"] in out and "█" in out          # the QR was printed as terminal text
+    assert started["qrcodeKey"] in out and "█" in out  # the QR was printed as terminal text
     assert "shutting down" in out and "every in-flight send is recorded" in out
 
 
 def test_shutdown_records_in_flight_sends_and_restart_finishes_once(tmp_path: Path) -> None:
     """Stopping mid-send leaves no delivery claimed or sending; the restart completes the run; nobody gets two."""
     settings = make_settings(
-        tmp_path, sandbox={"auto_login": True, "faults": {"latency_ms": 60}},
+        tmp_path,
+        sandbox={"auto_login": True, "faults": {"latency_ms": 60}},
         sending={"throttle": {"per_second": 40}, "concurrency": 4, "quiet_hours": None},
-        api={"send_wait": "0.2s", "shutdown_timeout": "5s"})
+        api={"send_wait": "0.2s", "shutdown_timeout": "5s"},
+    )
     with LiveServer(settings) as live:
-        answer = live.client.post("/send-message-all", json={"tag": "普通会员", "message": "会员日快乐"},
-                                  headers={"Idempotency-Key": "member-day"})
+        answer = live.client.post(
+            "/send-message-all",
+            json={"tag": "普通会员", "message": "会员日快乐"},
+            headers={"Idempotency-Key": "member-day"},
+        )
         assert answer.status_code == 202, answer.text
         run_id = answer.json()["runId"]
         planned = sum(answer.json()["counts"].values())
     with Wecast(settings).db.connect() as conn:
         counts = queries.status_counts(conn, run_id)
     assert not counts.get("claimed") and not counts.get("sending"), counts
-    assert 0 < counts.get("sent", 0) < planned, counts         # stopped mid-run, and what went out is recorded
+    assert 0 < counts.get("sent", 0) < planned, counts  # stopped mid-run, and what went out is recorded
     store = SandboxStore(settings.sandbox.state_file)
     try:
         assert store.count() == counts["sent"]
@@ -130,8 +136,11 @@ def test_shutdown_records_in_flight_sends_and_restart_finishes_once(tmp_path: Pa
                 break
             time.sleep(0.05)
         assert run["status"] == "completed" and run["counts"] == {"sent": planned}
-        retry = live.client.post("/send-message-all", json={"tag": "普通会员", "message": "会员日快乐"},
-                                 headers={"Idempotency-Key": "member-day"})
+        retry = live.client.post(
+            "/send-message-all",
+            json={"tag": "普通会员", "message": "会员日快乐"},
+            headers={"Idempotency-Key": "member-day"},
+        )
         assert retry.status_code == 200 and retry.json()["replayed"] is True
     store = SandboxStore(settings.sandbox.state_file)
     try:
@@ -139,5 +148,3 @@ def test_shutdown_records_in_flight_sends_and_restart_finishes_once(tmp_path: Pa
     finally:
         store.close()
     assert len(per_contact) == planned and set(per_contact.values()) == {1}
-
-

@@ -206,9 +206,7 @@ def test_contact_mapping_tolerates_odd_additional_info() -> None:
     assert record.gender == 2
     assert record.added_at is not None
     assert record.added_at.year == 2023
-    seconds = contact_record(
-        pb.ContactPayloadResponse(id="x", additional_info='{"addContactTime": "1700000000"}')
-    )
+    seconds = contact_record(pb.ContactPayloadResponse(id="x", additional_info='{"addContactTime": "1700000000"}'))
     assert seconds.added_at == record.added_at
     broken = contact_record(pb.ContactPayloadResponse(id="y", additional_info="{not json"))
     assert broken.additional_info == {}
@@ -386,9 +384,7 @@ async def test_login_events_and_ready_once(make_fake: Factory, make_gateway: Fac
     await login(gateway, fake)
     assert kinds(gateway, EventKind.VERIFY_CODE)[0].data["qrcode_key"] == status.qrcode_key
     await until(lambda: [e.type for e in fake.emitted].count(pb.EVENT_TYPE_READY) == 2)
-    fake.emit(
-        pb.EVENT_TYPE_DONG, {"data": "marker"}
-    )  # events arrive in order: once this is seen, so are both
+    fake.emit(pb.EVENT_TYPE_DONG, {"data": "marker"})  # events arrive in order: once this is seen, so are both
     await until(lambda: gateway.last_dong is not None)
     assert len(kinds(gateway, EventKind.READY)) == 1
     assert len(kinds(gateway, EventKind.LOGIN)) == 1
@@ -451,9 +447,7 @@ async def test_second_verification_without_marker_in_url(make_fake: Factory, mak
 
 
 # -- reconnect --------------------------------------------------------------------------------------
-async def test_dropped_stream_reconnects_and_keeps_the_login(
-    make_fake: Factory, make_gateway: Factory
-) -> None:
+async def test_dropped_stream_reconnects_and_keeps_the_login(make_fake: Factory, make_gateway: Factory) -> None:
     """A reset stream is re-opened with the last seq and account id; the replayed LOGIN changes nothing."""
     fake = await make_fake()
     gateway = await make_gateway(settings_for(fake))
@@ -462,8 +456,7 @@ async def test_dropped_stream_reconnects_and_keeps_the_login(
     await until(lambda: len(fake.event_requests) == 2 and fake._stream is not None)
     await until(
         lambda: any(
-            e.data.get("state") == "up" and "re-opened" in e.message
-            for e in kinds(gateway, EventKind.CONNECTION)
+            e.data.get("state") == "up" and "re-opened" in e.message for e in kinds(gateway, EventKind.CONNECTION)
         )
     )
     fake.emit(pb.EVENT_TYPE_DONG, {"data": "marker"})  # after the replayed LOGIN in stream order
@@ -618,9 +611,7 @@ async def test_message_id_falls_back_to_field_one(
 
 
 # -- secrets ----------------------------------------------------------------------------------------
-async def test_token_never_logged(
-    make_fake: Factory, make_gateway: Factory, caplog: pytest.LogCaptureFixture
-) -> None:
+async def test_token_never_logged(make_fake: Factory, make_gateway: Factory, caplog: pytest.LogCaptureFixture) -> None:
     """Discovery (httpx logs the URL), login, faults, reconnects and logout: the token appears nowhere."""
     caplog.set_level(logging.DEBUG)
     fake = await make_fake()

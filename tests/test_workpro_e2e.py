@@ -112,8 +112,10 @@ def test_source_document_flow_through_serve_on_workpro(tmp_path: Path) -> None:
             assert zxingcpp.read_barcodes(Image.open(io.BytesIO(png.content)))[0].text == first["qrcodeUrl"]
 
             puppet.call(fake.scan())
-            wait_until(lambda: client.get("/api/v1/login").json()["state"] == "waiting_verify_code",
-                       what="the VERIFY_CODE event")
+            wait_until(
+                lambda: client.get("/api/v1/login").json()["state"] == "waiting_verify_code",
+                what="the VERIFY_CODE event",
+            )
             code = fake.phone_code()
             assert code is not None
             wrong = "000000" if code != "000000" else "111111"
@@ -154,7 +156,7 @@ def test_source_document_flow_through_serve_on_workpro(tmp_path: Path) -> None:
             assert many.status_code == 200, many.text
             assert many.json()["sent"] == len(vip) and many.json()["counts"] == {"sent": len(vip)}
             received = Counter(s.contact_id for s in fake.sends if s.text == "VIP专享：满500减50")
-            assert received == Counter(vip)                      # each VIP exactly once, nobody else
+            assert received == Counter(vip)  # each VIP exactly once, nobody else
             assert len(fake.sends) == 1 + len(vip) and not fake.rejected
 
             end = client.post("/goEnd")
@@ -204,8 +206,11 @@ async def test_campaign_survives_dropped_stream_throttling_and_unavailable(tmp_p
     and refuses sends with UNAVAILABLE reaches every recipient exactly once, counted on the fake."""
     fake = FakePuppet(token=TOKEN, contacts=150)
     await fake.start()
-    settings = workpro_settings(tmp_path, fake, sending={
-        "concurrency": 4, "retry": {"max_attempts": 10, "base_delay": "0.05s", "max_delay": "0.2s"}})
+    settings = workpro_settings(
+        tmp_path,
+        fake,
+        sending={"concurrency": 4, "retry": {"max_attempts": 10, "base_delay": "0.05s", "max_delay": "0.2s"}},
+    )
     (tmp_path / "campaigns" / "spring_sale.yaml").write_text(CAMPAIGN, encoding="utf-8")
     app = Wecast(settings)
     gateway = app.gateway
@@ -223,11 +228,11 @@ async def test_campaign_survives_dropped_stream_throttling_and_unavailable(tmp_p
 
         await until(lambda: len(fake.sends) >= 30, what="30 sends")
         fake.drop_event_stream()
-        fake.throttle_sends(8)          # WorkproErrorCode 20001, refused before delivery
+        fake.throttle_sends(8)  # WorkproErrorCode 20001, refused before delivery
         await until(lambda: stream_ups() == 2, what="the first reconnect")
         await until(lambda: fake.pending_faults() == 0 and len(fake.sends) >= 80, what="the throttling to pass")
         fake.drop_event_stream()
-        fake.fail_sends(3)              # UNAVAILABLE before the request reached WorkPro
+        fake.fail_sends(3)  # UNAVAILABLE before the request reached WorkPro
         await until(lambda: stream_ups() == 3, what="the second reconnect")
         outcome = await asyncio.wait_for(run, 20)
         elapsed = time.monotonic() - started
@@ -249,8 +254,9 @@ async def test_campaign_survives_dropped_stream_throttling_and_unavailable(tmp_p
     assert outcome.summary.status == "completed" and outcome.summary.counts == {"sent": 150}
     d = queries.D
     with app.db.connect() as conn:
-        rows = conn.execute(select(d.contact_id, d.status, d.attempts, d.gateway_message_id)
-                            .where(d.run_id == outcome.plan.run_id)).all()
+        rows = conn.execute(
+            select(d.contact_id, d.status, d.attempts, d.gateway_message_id).where(d.run_id == outcome.plan.run_id)
+        ).all()
     assert {r.contact_id: r.gateway_message_id for r in rows} == {s.contact_id: s.message_id for s in fake.sends}
     retried = Counter({r.contact_id: r.attempts - 1 for r in rows if r.attempts > 1})
     assert retried == Counter(r.contact_id for r in fake.rejected)

@@ -55,8 +55,12 @@ def make_settings(root: Path, **overrides: Any) -> Settings:
         "gateway": "sandbox",
         "database_url": f"sqlite:///{root / 'wecast.sqlite'}",
         "campaigns_dir": str(root / "campaigns"),
-        "sandbox": {"contacts": 60, "auto_login": False, "scan_delay": "1h",
-                    "state_file": str(root / "sandbox.sqlite")},
+        "sandbox": {
+            "contacts": 60,
+            "auto_login": False,
+            "scan_delay": "1h",
+            "state_file": str(root / "sandbox.sqlite"),
+        },
         "sending": {"throttle": {"per_second": 500}, "quiet_hours": None},
         "api": {"send_wait": "10s", "shutdown_timeout": "5s"},
     }
@@ -80,8 +84,9 @@ class LiveServer:
         self.sock.bind(("127.0.0.1", 0))
         self.port = self.sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
-        config = uvicorn.Config(self.api, log_config=None, lifespan="on", ws="none", http="h11",
-                                timeout_graceful_shutdown=10)
+        config = uvicorn.Config(
+            self.api, log_config=None, lifespan="on", ws="none", http="h11", timeout_graceful_shutdown=10
+        )
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
         self.client = httpx.Client(base_url=self.url, timeout=30)
@@ -113,7 +118,8 @@ def login(client: httpx.Client) -> dict[str, Any]:
     started = client.post("/goStart").json()
     client.post("/api/v1/sandbox/scan").raise_for_status()
     phone = client.get("/api/v1/sandbox/phone").json()
-    answer = client.post("/submit-verify-code", json={"verifyCode": phone["verifyCode"],
-                                                      "qrcodeKey": started["qrcodeKey"]})
+    answer = client.post(
+        "/submit-verify-code", json={"verifyCode": phone["verifyCode"], "qrcodeKey": started["qrcodeKey"]}
+    )
     answer.raise_for_status()
     return dict(answer.json())

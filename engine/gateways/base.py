@@ -34,10 +34,10 @@ log = logging.getLogger("wecast.gateway")
 
 
 class LoginState(StrEnum):
-    LOGGED_OUT = "logged_out"                      # no QR yet: call start_login (POST /goStart)
-    WAITING_SCAN = "waiting_scan"                  # a QR is showing; scan it with WeCom on the phone
-    SCANNED = "scanned"                            # scanned; confirm on the phone
-    WAITING_VERIFY_CODE = "waiting_verify_code"    # the phone shows a 6-digit code; submit it
+    LOGGED_OUT = "logged_out"  # no QR yet: call start_login (POST /goStart)
+    WAITING_SCAN = "waiting_scan"  # a QR is showing; scan it with WeCom on the phone
+    SCANNED = "scanned"  # scanned; confirm on the phone
+    WAITING_VERIFY_CODE = "waiting_verify_code"  # the phone shows a 6-digit code; submit it
     LOGGED_IN = "logged_in"
 
 
@@ -48,10 +48,10 @@ class LoginStatus:
     state: LoginState
     qr_url: str | None = None
     qrcode_key: str | None = None
-    second_verification: bool = False   # the QR is WeCom's "new device" security check, not a login
+    second_verification: bool = False  # the QR is WeCom's "new device" security check, not a login
     account_id: str | None = None
     account_name: str | None = None
-    tries_left: int | None = None       # verify-code tries left before a new QR is needed
+    tries_left: int | None = None  # verify-code tries left before a new QR is needed
     message: str = ""
 
     @property
@@ -60,17 +60,17 @@ class LoginStatus:
 
 
 class EventKind(StrEnum):
-    QR = "qr"                            # a new QR to scan (data: qr_url, qrcode_key, second_verification)
+    QR = "qr"  # a new QR to scan (data: qr_url, qrcode_key, second_verification)
     SCANNED = "scanned"
-    VERIFY_CODE = "verify_code"          # the phone shows a code; submit it (data: qrcode_key)
+    VERIFY_CODE = "verify_code"  # the phone shows a code; submit it (data: qrcode_key)
     VERIFY_CODE_WRONG = "verify_code_wrong"
-    LOGIN = "login"                      # data: account_id, account_name
-    READY = "ready"                      # contacts are loaded on the gateway side
-    LOGOUT = "logout"                    # message: the reason WeCom/puppet gave
+    LOGIN = "login"  # data: account_id, account_name
+    READY = "ready"  # contacts are loaded on the gateway side
+    LOGOUT = "logout"  # message: the reason WeCom/puppet gave
     SECOND_VERIFICATION = "second_verification"
     CONTACT_CHANGED = "contact_changed"  # data: contact_id (DIRTY)
     ERROR = "error"
-    CONNECTION = "connection"            # transport up/down/reconnecting (data: state)
+    CONNECTION = "connection"  # transport up/down/reconnecting (data: state)
 
 
 @dataclass(frozen=True)
@@ -89,7 +89,7 @@ class ContactRecord:
     name: str = ""
     alias: str = ""
     avatar: str = ""
-    gender: int = 0                  # 0 unknown, 1 male, 2 female
+    gender: int = 0  # 0 unknown, 1 male, 2 female
     city: str = ""
     province: str = ""
     address: str = ""
@@ -116,31 +116,31 @@ class TagRecord:
     id: str
     name: str
     group_name: str = ""
-    type: int = 0                    # 1 personal, 2 corporate
+    type: int = 0  # 1 personal, 2 corporate
 
 
 @dataclass(frozen=True)
 class ContactPage:
     contacts: list[ContactRecord]
-    next_cursor: str | None          # None: this was the last page
+    next_cursor: str | None  # None: this was the last page
     total: int | None = None
 
 
 @dataclass(frozen=True)
 class SendReceipt:
     message_id: str
-    duplicate: bool = False          # the gateway had already accepted this idempotency key
+    duplicate: bool = False  # the gateway had already accepted this idempotency key
 
 
 @dataclass(frozen=True)
 class BatchReceipt:
     task_id: str
-    accepted: tuple[str, ...] = ()   # contact ids the task covers
+    accepted: tuple[str, ...] = ()  # contact ids the task covers
     rejected: dict[str, str] = field(default_factory=dict)  # contact id -> reason
 
 
 class BatchOutcome(StrEnum):
-    PENDING = "pending"              # staff have not confirmed yet
+    PENDING = "pending"  # staff have not confirmed yet
     SENT = "sent"
     FAILED = "failed"
 
@@ -155,9 +155,9 @@ class BatchResult:
 
 @dataclass(frozen=True)
 class Capabilities:
-    direct_send: bool = True         # send_text: one personalised text to one contact, delivered now
-    batch_send: bool = False         # submit_batch: one text to many contacts, as a task
-    idempotent_sends: bool = False   # send_text honours idempotency_key: a resend can never duplicate
+    direct_send: bool = True  # send_text: one personalised text to one contact, delivered now
+    batch_send: bool = False  # submit_batch: one text to many contacts, as a task
+    idempotent_sends: bool = False  # send_text honours idempotency_key: a resend can never duplicate
     max_batch: int = 1
     paged_contacts: bool = True
 
@@ -175,7 +175,7 @@ class Gateway(ABC):
         self.clock: Clock = clock or SystemClock()
         self._listeners: list[Listener] = []
         self._status_changed = asyncio.Event()
-        self.events: list[GatewayEvent] = []     # recent events, newest last (bounded)
+        self.events: list[GatewayEvent] = []  # recent events, newest last (bounded)
 
     # -- lifecycle -------------------------------------------------------------------------------
     @abstractmethod

@@ -13,12 +13,97 @@ from datetime import UTC, datetime, timedelta
 from engine.gateways.base import ContactRecord, TagRecord
 
 SURNAMES = "王李张刘陈杨黄赵吴周徐孙马朱胡郭何高林罗郑梁谢宋唐许韩冯邓曹彭曾肖田董袁潘于蒋蔡余杜叶程苏魏吕丁任沈姚卢姜崔钟谭陆汪范金石廖贾夏韦付方白邹孟熊秦邱江尹薛闫段雷侯龙史陶黎贺顾毛郝龚邵万钱严覃武戴莫孔向汤"
-GIVEN = ["伟", "芳", "娜", "秀英", "敏", "静", "丽", "强", "磊", "军", "洋", "勇", "艳", "杰", "娟", "涛", "明", "超", "秀兰", "霞", "平", "刚", "桂英", "婷", "雪", "琳", "晨", "欣怡", "子涵", "梓萱", "浩然", "宇轩", "思雨", "佳怡", "一诺", "雨桐", "可馨", "俊杰", "晓燕", "海燕", "春梅", "文博", "嘉怡", "诗涵", "雅琪", "梦瑶", "子轩", "晓明", "建华"]
-NICK = ["小鹿", "阿紫", "Momo", "安安", "糖糖", "大橙子", "Lily", "晴天", "小雨", "木木", "Coco", "阿杰", "豆豆", "向日葵", "Vivian", "七七", "柠檬", "Ada", "小米粒", "Kevin", "慢慢", "一一"]
+GIVEN = [
+    "伟",
+    "芳",
+    "娜",
+    "秀英",
+    "敏",
+    "静",
+    "丽",
+    "强",
+    "磊",
+    "军",
+    "洋",
+    "勇",
+    "艳",
+    "杰",
+    "娟",
+    "涛",
+    "明",
+    "超",
+    "秀兰",
+    "霞",
+    "平",
+    "刚",
+    "桂英",
+    "婷",
+    "雪",
+    "琳",
+    "晨",
+    "欣怡",
+    "子涵",
+    "梓萱",
+    "浩然",
+    "宇轩",
+    "思雨",
+    "佳怡",
+    "一诺",
+    "雨桐",
+    "可馨",
+    "俊杰",
+    "晓燕",
+    "海燕",
+    "春梅",
+    "文博",
+    "嘉怡",
+    "诗涵",
+    "雅琪",
+    "梦瑶",
+    "子轩",
+    "晓明",
+    "建华",
+]
+NICK = [
+    "小鹿",
+    "阿紫",
+    "Momo",
+    "安安",
+    "糖糖",
+    "大橙子",
+    "Lily",
+    "晴天",
+    "小雨",
+    "木木",
+    "Coco",
+    "阿杰",
+    "豆豆",
+    "向日葵",
+    "Vivian",
+    "七七",
+    "柠檬",
+    "Ada",
+    "小米粒",
+    "Kevin",
+    "慢慢",
+    "一一",
+]
 CITIES: list[tuple[str, str, int]] = [  # (province, city, weight)
-    ("上海", "上海", 18), ("北京", "北京", 14), ("浙江", "杭州", 12), ("广东", "广州", 10), ("广东", "深圳", 11),
-    ("江苏", "南京", 7), ("江苏", "苏州", 7), ("四川", "成都", 8), ("湖北", "武汉", 6), ("陕西", "西安", 4),
-    ("重庆", "重庆", 5), ("天津", "天津", 3), ("福建", "厦门", 3), ("湖南", "长沙", 4), ("山东", "青岛", 3),
+    ("上海", "上海", 18),
+    ("北京", "北京", 14),
+    ("浙江", "杭州", 12),
+    ("广东", "广州", 10),
+    ("广东", "深圳", 11),
+    ("江苏", "南京", 7),
+    ("江苏", "苏州", 7),
+    ("四川", "成都", 8),
+    ("湖北", "武汉", 6),
+    ("陕西", "西安", 4),
+    ("重庆", "重庆", 5),
+    ("天津", "天津", 3),
+    ("福建", "厦门", 3),
+    ("湖南", "长沙", 4),
+    ("山东", "青岛", 3),
 ]
 TAGS: list[TagRecord] = [
     TagRecord("tag-vip", "VIP", "客户等级", 2),
@@ -57,11 +142,11 @@ def demo_contacts(n: int, seed: int = 2024, *, now: datetime | None = None) -> l
         surname = SURNAMES[rng.randrange(len(SURNAMES))]
         given = GIVEN[rng.randrange(len(GIVEN))]
         real = surname + given
-        gender = rng.choice((1, 2, 2, 2, 0))          # a beauty retailer's customers: mostly women
+        gender = rng.choice((1, 2, 2, 2, 0))  # a beauty retailer's customers: mostly women
         name = rng.choice(NICK) if rng.random() < 0.3 else real
         province, city = cities[rng.randrange(len(cities))]
         if rng.random() < 0.06:
-            province, city = "", ""                   # some customers never filled in their city
+            province, city = "", ""  # some customers never filled in their city
         level = rng.random()
         tag_ids = ["tag-vip" if level < 0.15 else "tag-member" if level < 0.75 else "tag-new"]
         for tag in ("tag-skincare", "tag-makeup", "tag-baby", "tag-sport"):
@@ -77,22 +162,41 @@ def demo_contacts(n: int, seed: int = 2024, *, now: datetime | None = None) -> l
         if rng.random() < 0.05:
             tag_ids.append("tag-followup")
         added = anchor - timedelta(days=rng.random() ** 1.6 * 720, minutes=rng.randrange(1440))
-        alias = real if rng.random() < 0.5 else ""          # the remark staff gave the customer
+        alias = real if rng.random() < 0.5 else ""  # the remark staff gave the customer
         phone = f"1{rng.choice('3578')}{rng.randrange(10**9):09d}" if rng.random() < 0.8 else ""
         coworker = rng.random() < 0.02
         friend = not coworker and rng.random() > 0.03
         contact_id = f"7881{(seed * 1_000_003 + i * 7919) % 10**12:012d}"
-        out.append(ContactRecord(
-            id=contact_id, name=name, alias=alias,
-            avatar=f"https://wework.qpic.cn/wwhead/demo{i % 97:02d}/0",
-            gender=gender, city=city, province=province,
-            address=f"{city}市{rng.choice('东西南北中')}区{rng.randrange(1, 999)}号" if city and rng.random() < 0.3 else "",
-            corporation=rng.choice(CORPS), title=rng.choice(TITLES),
-            phones=(phone,) if phone else (), weixin=f"wxid_{rng.randrange(16**10):010x}",
-            description="", signature=rng.choice(SIGNATURES), friend=friend, coworker=coworker,
-            star=rng.random() < 0.05, type=3 if coworker else 1, real_name=real if coworker else "",
-            aka="", additional_info={"addContactTime": int(added.timestamp() * 1000), "corpId": CORP_ID},
-            corp_id=CORP_ID, added_at=added, tag_ids=tuple(tag_ids)))
+        out.append(
+            ContactRecord(
+                id=contact_id,
+                name=name,
+                alias=alias,
+                avatar=f"https://wework.qpic.cn/wwhead/demo{i % 97:02d}/0",
+                gender=gender,
+                city=city,
+                province=province,
+                address=f"{city}市{rng.choice('东西南北中')}区{rng.randrange(1, 999)}号"
+                if city and rng.random() < 0.3
+                else "",
+                corporation=rng.choice(CORPS),
+                title=rng.choice(TITLES),
+                phones=(phone,) if phone else (),
+                weixin=f"wxid_{rng.randrange(16**10):010x}",
+                description="",
+                signature=rng.choice(SIGNATURES),
+                friend=friend,
+                coworker=coworker,
+                star=rng.random() < 0.05,
+                type=3 if coworker else 1,
+                real_name=real if coworker else "",
+                aka="",
+                additional_info={"addContactTime": int(added.timestamp() * 1000), "corpId": CORP_ID},
+                corp_id=CORP_ID,
+                added_at=added,
+                tag_ids=tuple(tag_ids),
+            )
+        )
     if n >= 10:
         # Customer data is data: a remark that looks like a template must reach the message as typed.
         c = out[7]

@@ -39,9 +39,7 @@ DEFAULT_TOKEN = "puppet_workpro_fake0123456789abcdef"
 NEW_DEVICE_TEXT = "你正在一台新设备上使用企业微信，需通过手机企业微信扫码进行安全验证"
 VERIFY_TEXT = "请输入企业微信手机端展示的验证码，以继续登录"
 # What a Node server appends to an error's details; the client must show only the first line.
-JS_STACK = (
-    "\n    at PuppetWorkPro.{fn} (/app/node_modules/@juzi/puppet-workpro/dist/cjs/src/puppet.js:{line}:17)"
-)
+JS_STACK = "\n    at PuppetWorkPro.{fn} (/app/node_modules/@juzi/puppet-workpro/dist/cjs/src/puppet.js:{line}:17)"
 
 BatchMode = Literal["ok", "unimplemented", "not_a_function", "fail"]
 
@@ -200,9 +198,7 @@ class _AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grp
         self.fake.calls.append(details.method.rsplit("/", 1)[-1])
         if handler is None or auth == f"Wechaty {self.fake.token}":
             return handler
-        message = (
-            f'Invalid Wechaty TOKEN "{auth.removeprefix("Wechaty ")}"' if auth else "No Authorization found."
-        )
+        message = f'Invalid Wechaty TOKEN "{auth.removeprefix("Wechaty ")}"' if auth else "No Authorization found."
 
         async def deny_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
@@ -264,8 +260,7 @@ class FakePuppet(pb_grpc.PuppetServicer):  # type: ignore[misc]
             {tid: pb.TagPayload(id=tid, name=name, type=pb.TAG_TYPE_PERSONAL) for tid, name in _PERSONAL_TAGS}
         )
         self._groups = {
-            gid: pb.TagGroupPayload(id=gid, name=name, type=pb.TAG_TYPE_CORPORATION)
-            for gid, name, _ in _TAG_GROUPS
+            gid: pb.TagGroupPayload(id=gid, name=name, type=pb.TAG_TYPE_CORPORATION) for gid, name, _ in _TAG_GROUPS
         }
         self._server: Any = None
         self.port = 0
@@ -304,9 +299,7 @@ class FakePuppet(pb_grpc.PuppetServicer):  # type: ignore[misc]
         self._end_stream()
         if self._server is not None:
             await self._server.stop(grace=0.2)
-            await asyncio.sleep(
-                0.02
-            )  # let gRPC core's last completions land on this loop (see workpro.close)
+            await asyncio.sleep(0.02)  # let gRPC core's last completions land on this loop (see workpro.close)
             self._server = None
 
     def _later(self, delay: float, action: Callable[[], Any]) -> None:
@@ -351,9 +344,7 @@ class FakePuppet(pb_grpc.PuppetServicer):  # type: ignore[misc]
         self._code = f"{self._rng.randrange(10**6):06d}"
         self._tries = 3
         self.phase = "waiting_code"
-        self.emit(
-            pb.EVENT_TYPE_VERIFY_CODE, {"id": self.qr_key, "scene": 1, "status": 1, "message": VERIFY_TEXT}
-        )
+        self.emit(pb.EVENT_TYPE_VERIFY_CODE, {"id": self.qr_key, "scene": 1, "status": 1, "message": VERIFY_TEXT})
 
     def drop_event_stream(self) -> None:
         """Break the open Event stream the way a network reset does (the client sees UNAVAILABLE)."""
@@ -371,9 +362,7 @@ class FakePuppet(pb_grpc.PuppetServicer):  # type: ignore[misc]
 
     def throttle_sends(self, count: int) -> None:
         """The next `count` sends get WorkPro's rate-limit answer (13 INTERNAL, WorkproErrorCode 20001)."""
-        self.fail_sends(
-            count, grpc.StatusCode.INTERNAL, "WorkproErrorCode: 20001, Feature temporarily unavailable."
-        )
+        self.fail_sends(count, grpc.StatusCode.INTERNAL, "WorkproErrorCode: 20001, Feature temporarily unavailable.")
 
     def touch_contact(self, contact_id: str, **changes: Any) -> None:
         """Change a contact and push DIRTY, as WeCom does when a remark or tag changes."""
@@ -512,9 +501,7 @@ class FakePuppet(pb_grpc.PuppetServicer):  # type: ignore[misc]
         self.emit(pb.EVENT_TYPE_DONG, {"data": request.data})
         return pb.DingResponse()
 
-    async def Version(
-        self, request: pb.VersionRequest, context: grpc.aio.ServicerContext
-    ) -> pb.VersionResponse:
+    async def Version(self, request: pb.VersionRequest, context: grpc.aio.ServicerContext) -> pb.VersionResponse:
         return pb.VersionResponse(version="fake-workpro 1.0")
 
     async def CurrentUser(
@@ -602,8 +589,7 @@ class FakePuppet(pb_grpc.PuppetServicer):  # type: ignore[misc]
         if self.batch_mode == "fail":  # some accounts fail the whole batch (e.g. over one odd id)
             await context.abort(
                 grpc.StatusCode.UNKNOWN,
-                "Error: get contact payload failed for some ids"
-                + JS_STACK.format(fn="batchContactPayload", line=131),
+                "Error: get contact payload failed for some ids" + JS_STACK.format(fn="batchContactPayload", line=131),
             )
         found = [p for p in (self._payload(i) for i in request.ids) if p is not None]
         self._rng.shuffle(found)  # the order is not guaranteed: clients must match by id
@@ -712,9 +698,7 @@ async def _serve(args: argparse.Namespace) -> None:
     print(f"fake WorkPro puppet listening on {args.host}:{port} with {args.contacts} contacts\n")
     print("Point wecast at it (config.yaml):\n")
     print(f"  gateway: workpro\n  workpro:\n    endpoint: 127.0.0.1:{port}\n    token: {args.token}\n")
-    print(
-        f"The phone scans each QR {args.scan_after:g} s after it shows; the verification code appears here."
-    )
+    print(f"The phone scans each QR {args.scan_after:g} s after it shows; the verification code appears here.")
     shown: str | None = None
     sent = 0
     try:
@@ -733,17 +717,13 @@ async def _serve(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        description="A fake juzibot WorkPro puppet (gRPC) for wecast demos and tests."
-    )
+    parser = argparse.ArgumentParser(description="A fake juzibot WorkPro puppet (gRPC) for wecast demos and tests.")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=50051)
     parser.add_argument("--contacts", type=int, default=200)
     parser.add_argument("--seed", type=int, default=2024)
     parser.add_argument("--token", default=DEFAULT_TOKEN)
-    parser.add_argument(
-        "--scan-after", type=float, default=5.0, help="seconds until the simulated phone scans"
-    )
+    parser.add_argument("--scan-after", type=float, default=5.0, help="seconds until the simulated phone scans")
     parser.add_argument("--second-verification", action="store_true", help="ask for the new-device QR once")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -135,21 +135,24 @@ class SandboxStore:
             if value is None:
                 conn.execute("DELETE FROM account WHERE key = ?", (key,))
             else:
-                conn.execute("INSERT INTO account (key, value) VALUES (?, ?) "
-                             "ON CONFLICT(key) DO UPDATE SET value = excluded.value", (key, value))
+                conn.execute(
+                    "INSERT INTO account (key, value) VALUES (?, ?) "
+                    "ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                    (key, value),
+                )
 
     def deliver(self, contact_id: str, text: str, key: str, *, dedupe: bool) -> tuple[str, bool]:
         """Record a delivered message; returns (message_id, duplicate)."""
         with self._tx() as conn:
             if dedupe:
-                row = conn.execute("SELECT message_id FROM outbox WHERE idempotency_key = ? LIMIT 1",
-                                   (key,)).fetchone()
+                row = conn.execute("SELECT message_id FROM outbox WHERE idempotency_key = ? LIMIT 1", (key,)).fetchone()
                 if row:
                     return row[0], True
             message_id = "sbx-" + secrets.token_hex(8)
-            conn.execute("INSERT INTO outbox (message_id, contact_id, text, idempotency_key, sent_at) "
-                         "VALUES (?, ?, ?, ?, ?)",
-                         (message_id, contact_id, text, key, datetime.now(UTC).isoformat()))
+            conn.execute(
+                "INSERT INTO outbox (message_id, contact_id, text, idempotency_key, sent_at) VALUES (?, ?, ?, ?, ?)",
+                (message_id, contact_id, text, key, datetime.now(UTC).isoformat()),
+            )
             return message_id, False
 
     def add_task(self, key: str, text: str, contact_ids: list[str], now: datetime) -> tuple[str, list[str], bool]:
@@ -159,19 +162,29 @@ class SandboxStore:
             if row:
                 return row[0], json.loads(row[1]), True
             task_id = "msgtask-" + secrets.token_hex(8)
-            conn.execute("INSERT INTO tasks (task_id, idempotency_key, text, contact_ids, created_at) "
-                         "VALUES (?, ?, ?, ?, ?)", (task_id, key, text, json.dumps(contact_ids), now.isoformat()))
+            conn.execute(
+                "INSERT INTO tasks (task_id, idempotency_key, text, contact_ids, created_at) VALUES (?, ?, ?, ?, ?)",
+                (task_id, key, text, json.dumps(contact_ids), now.isoformat()),
+            )
             return task_id, contact_ids, False
 
     def task(self, task_id: str) -> dict[str, Any] | None:
         with self._lock:
-            row = self._conn.execute("SELECT task_id, idempotency_key, text, contact_ids, created_at, confirmed_at "
-                                     "FROM tasks WHERE task_id = ?", (task_id,)).fetchone()
+            row = self._conn.execute(
+                "SELECT task_id, idempotency_key, text, contact_ids, created_at, confirmed_at "
+                "FROM tasks WHERE task_id = ?",
+                (task_id,),
+            ).fetchone()
         if row is None:
             return None
-        return {"task_id": row[0], "key": row[1], "text": row[2], "contact_ids": json.loads(row[3]),
-                "created_at": datetime.fromisoformat(row[4]),
-                "confirmed_at": datetime.fromisoformat(row[5]) if row[5] else None}
+        return {
+            "task_id": row[0],
+            "key": row[1],
+            "text": row[2],
+            "contact_ids": json.loads(row[3]),
+            "created_at": datetime.fromisoformat(row[4]),
+            "confirmed_at": datetime.fromisoformat(row[5]) if row[5] else None,
+        }
 
     def open_tasks(self) -> list[str]:
         with self._lock:
@@ -179,8 +192,10 @@ class SandboxStore:
 
     def confirm_task(self, task_id: str, now: datetime) -> None:
         with self._tx() as conn:
-            conn.execute("UPDATE tasks SET confirmed_at = ? WHERE task_id = ? AND confirmed_at IS NULL",
-                         (now.isoformat(), task_id))
+            conn.execute(
+                "UPDATE tasks SET confirmed_at = ? WHERE task_id = ? AND confirmed_at IS NULL",
+                (now.isoformat(), task_id),
+            )
 
     def messages(self, contact_id: str | None = None) -> list[OutboxMessage]:
         sql = "SELECT message_id, contact_id, text, idempotency_key, sent_at FROM outbox"
@@ -210,9 +225,12 @@ class SandboxGateway(Gateway):
         super().__init__(clock)
         self.settings = settings
         batch = settings.mode == "batch"
-        self.capabilities = Capabilities(direct_send=not batch, batch_send=batch,
-                                         idempotent_sends=settings.honor_idempotency_key,
-                                         max_batch=10_000 if batch else 1)
+        self.capabilities = Capabilities(
+            direct_send=not batch,
+            batch_send=batch,
+            idempotent_sends=settings.honor_idempotency_key,
+            max_batch=10_000 if batch else 1,
+        )
         self.faults: Faults = settings.faults
         self._rng = random.Random(settings.seed)
         self._store: SandboxStore | None = None
@@ -262,20 +280,24 @@ class SandboxGateway(Gateway):
     async def login_status(self) -> LoginStatus:
         qr = self._qr_url() if self._state in (LoginState.WAITING_SCAN, LoginState.SCANNED) else None
         return LoginStatus(
-            state=self._state, qr_url=qr,
+            state=self._state,
+            qr_url=qr,
             qrcode_key=self._qr_key if self._state is not LoginState.LOGGED_IN else None,
             second_verification=self._second_pending,
             account_id=ACCOUNT_ID if self._state is LoginState.LOGGED_IN else None,
             account_name=ACCOUNT_NAME if self._state is LoginState.LOGGED_IN else None,
             tries_left=self._tries_left if self._state is LoginState.WAITING_VERIFY_CODE else None,
-            message=self._message())
+            message=self._message(),
+        )
 
     def _message(self) -> str:
         return {
             LoginState.LOGGED_OUT: "未登录：请调用 /goStart 获取二维码 (not logged in: call /goStart for a QR)",
-            LoginState.WAITING_SCAN: ("请用手机企业微信扫码进行安全验证 (scan the security-check QR)"
-                                      if self._second_pending else
-                                      "请用手机企业微信扫描二维码 (scan the QR with WeCom on the phone)"),
+            LoginState.WAITING_SCAN: (
+                "请用手机企业微信扫码进行安全验证 (scan the security-check QR)"
+                if self._second_pending
+                else "请用手机企业微信扫描二维码 (scan the QR with WeCom on the phone)"
+            ),
             LoginState.SCANNED: "已扫码，请在手机上确认 (scanned: confirm on the phone)",
             LoginState.WAITING_VERIFY_CODE: "请输入企业微信手机端展示的验证码，以继续登录",
             LoginState.LOGGED_IN: "已登录 (logged in)",
@@ -291,8 +313,13 @@ class SandboxGateway(Gateway):
         self._code = None
         self._tries_left = MAX_CODE_TRIES
         self._state = LoginState.WAITING_SCAN
-        self.emit(EventKind.QR, self._message(), qr_url=self._qr_url(), qrcode_key=self._qr_key,
-                  second_verification=self._second_pending)
+        self.emit(
+            EventKind.QR,
+            self._message(),
+            qr_url=self._qr_url(),
+            qrcode_key=self._qr_key,
+            second_verification=self._second_pending,
+        )
 
     async def start_login(self, *, schedule_phone: bool = True) -> LoginStatus:
         if self._state is LoginState.LOGGED_IN:
@@ -328,8 +355,12 @@ class SandboxGateway(Gateway):
             return await self.login_status()
         self._code = f"{self._rng.randrange(10**6):06d}"
         self._state = LoginState.WAITING_VERIFY_CODE
-        log.log(logging.INFO if quiet else logging.WARNING,
-                "sandbox phone: WeCom shows verification code %s for QR %s", self._code, self._qr_key)
+        log.log(
+            logging.INFO if quiet else logging.WARNING,
+            "sandbox phone: WeCom shows verification code %s for QR %s",
+            self._code,
+            self._qr_key,
+        )
         self.emit(EventKind.VERIFY_CODE, self._message(), qrcode_key=self._qr_key)
         return await self.login_status()
 
@@ -341,27 +372,32 @@ class SandboxGateway(Gateway):
         if self._state is LoginState.LOGGED_IN:
             raise LoginError("already logged in; no verification code is needed")
         if self._state is not LoginState.WAITING_VERIFY_CODE:
-            raise LoginError("no verification code is expected now: scan the QR first"
-                             if self._state is not LoginState.LOGGED_OUT else
-                             "no login in progress; call /goStart first")
+            raise LoginError(
+                "no verification code is expected now: scan the QR first"
+                if self._state is not LoginState.LOGGED_OUT
+                else "no login in progress; call /goStart first"
+            )
         if qrcode_key and qrcode_key != self._qr_key:
-            raise LoginError("qrcodeKey does not match the current QR code (it may have expired); "
-                             "use the key of the latest QR", tries_left=self._tries_left)
+            raise LoginError(
+                "qrcodeKey does not match the current QR code (it may have expired); use the key of the latest QR",
+                tries_left=self._tries_left,
+            )
         cleaned = "".join(ch for ch in str(code) if ch.isdigit())
         if len(cleaned) != 6:
-            raise LoginError("the verification code must be the 6 digits shown on the phone",
-                             tries_left=self._tries_left)
+            raise LoginError(
+                "the verification code must be the 6 digits shown on the phone", tries_left=self._tries_left
+            )
         if cleaned != self._code:
             self._tries_left -= 1
             if self._tries_left <= 0:
                 self.emit(EventKind.VERIFY_CODE_WRONG, "验证码错误次数超过阈值，请重新扫码")
                 self._new_qr()
                 self._schedule_phone_if_running()
-                raise LoginError("too many wrong verification codes: a new QR code is shown, scan it again",
-                                 tries_left=0)
+                raise LoginError(
+                    "too many wrong verification codes: a new QR code is shown, scan it again", tries_left=0
+                )
             self.emit(EventKind.VERIFY_CODE_WRONG, "验证码错误输入错误，请重新输入", tries_left=self._tries_left)
-            raise LoginError(f"wrong verification code; {self._tries_left} tries left",
-                             tries_left=self._tries_left)
+            raise LoginError(f"wrong verification code; {self._tries_left} tries left", tries_left=self._tries_left)
         self._logged_in()
         if self.settings.second_verification and not self._second_done:
             # WeCom's "new device" check: the session drops and a security QR follows.
@@ -379,7 +415,7 @@ class SandboxGateway(Gateway):
             asyncio.get_running_loop()
         except RuntimeError:
             return
-        if self._phone_task is not None:   # the phone is only simulated when a login was started for it
+        if self._phone_task is not None:  # the phone is only simulated when a login was started for it
             self._phone_task = None
             self._schedule_phone()
 
@@ -410,8 +446,9 @@ class SandboxGateway(Gateway):
             if epoch is None:
                 epoch = self.clock.now().replace(hour=0, minute=0, second=0, microsecond=0).isoformat()
                 self.store.put("demo_epoch", epoch)
-            self._contacts = demo_contacts(self.settings.contacts, self.settings.seed,
-                                           now=datetime.fromisoformat(epoch))
+            self._contacts = demo_contacts(
+                self.settings.contacts, self.settings.seed, now=datetime.fromisoformat(epoch)
+            )
             self._by_id = {c.id: c for c in self._contacts}
         return self._contacts
 
@@ -461,11 +498,12 @@ class SandboxGateway(Gateway):
         faults = self.faults
         roll = self._rng.random()
         if roll < faults.timeout_rate:
-            if self._rng.random() < 0.5:   # the message went out, the answer was lost
+            if self._rng.random() < 0.5:  # the message went out, the answer was lost
                 self.store.deliver(contact_id, text, idempotency_key, dedupe=self.capabilities.idempotent_sends)
             raise UnknownOutcomeError("sandbox: injected timeout after the request was sent")
-        message_id, duplicate = self.store.deliver(contact_id, text, idempotency_key,
-                                                   dedupe=self.capabilities.idempotent_sends)
+        message_id, duplicate = self.store.deliver(
+            contact_id, text, idempotency_key, dedupe=self.capabilities.idempotent_sends
+        )
         return SendReceipt(message_id=message_id, duplicate=duplicate)
 
     async def _faults_before_send(self) -> None:
@@ -475,8 +513,9 @@ class SandboxGateway(Gateway):
             await self.clock.sleep((faults.latency_ms + self._rng.random() * faults.latency_jitter_ms) / 1000)
         roll = self._rng.random()
         if roll < faults.rate_limit_rate:
-            raise RateLimitedError("WorkproErrorCode: 20001, Feature temporarily unavailable (sandbox)",
-                                   retry_after=1.0)
+            raise RateLimitedError(
+                "WorkproErrorCode: 20001, Feature temporarily unavailable (sandbox)", retry_after=1.0
+            )
         roll -= faults.rate_limit_rate
         if roll < faults.error_rate:
             raise TransientError("sandbox: injected transient error (UNAVAILABLE)")

@@ -308,9 +308,7 @@ class WorkproGateway(Gateway):
             if self._started:
                 return
             if not self._token:
-                raise PermanentError(
-                    "no WorkPro token: set workpro.token in config.yaml or WECAST_WORKPRO_TOKEN"
-                )
+                raise PermanentError("no WorkPro token: set workpro.token in config.yaml or WECAST_WORKPRO_TOKEN")
             self._closing = False
             self._connects = 0
             self._fatal = self._stream_error = None
@@ -327,9 +325,7 @@ class WorkproGateway(Gateway):
             # Wait for the stream's first message (the server's HEARTBEAT) so Start's events are not lost.
             # ALREADY_EXISTS is retried for a while: a previous process's stream may not have closed yet.
             await self._wait_until(
-                lambda: (
-                    self._stream_up.is_set() or (self._stream_error is not None and not self._stream_taken)
-                ),
+                lambda: self._stream_up.is_set() or (self._stream_error is not None and not self._stream_taken),
                 self.first_event_wait,
             )
             failure = self._fatal or (None if self._stream_up.is_set() else self._stream_error)
@@ -399,9 +395,7 @@ class WorkproGateway(Gateway):
                     log.info("workpro discovery: %s resolved the token to %s", host, endpoint)
                     return endpoint
                 problems.append(f"{host}: not registered (HTTP {response.status_code})")
-                log.info(
-                    "workpro discovery: %s does not know the token (HTTP %s)", host, response.status_code
-                )
+                log.info("workpro discovery: %s does not know the token (HTTP %s)", host, response.status_code)
         finally:
             if client is not self._http:
                 await client.aclose()
@@ -491,9 +485,7 @@ class WorkproGateway(Gateway):
         self._stream_error = None
         self._stream_up.set()
         if self._connects > 1:
-            self.emit(
-                EventKind.CONNECTION, "event stream re-opened", state="up", reconnects=self._connects - 1
-            )
+            self.emit(EventKind.CONNECTION, "event stream re-opened", state="up", reconnects=self._connects - 1)
             self._spawn(self._resync())
         else:
             self.emit(EventKind.CONNECTION, "event stream open", state="up")
@@ -531,9 +523,7 @@ class WorkproGateway(Gateway):
         task.add_done_callback(self._tasks.discard)
 
     # -- calls and errors ------------------------------------------------------------------------
-    async def _unary(
-        self, method: str, request: Any, *, mutating: bool = False, timeout: float | None = None
-    ) -> Any:
+    async def _unary(self, method: str, request: Any, *, mutating: bool = False, timeout: float | None = None) -> Any:
         """One unary RPC with the auth metadata and deadline; gRPC errors mapped to GatewayErrors."""
         if self._stub is None:
             raise TransientError("the WorkPro gateway is not connected")
@@ -587,9 +577,7 @@ class WorkproGateway(Gateway):
             )
         if code == grpc.StatusCode.CANCELLED:
             if mutating:
-                return UnknownOutcomeError(
-                    f"WorkPro {method} was cancelled mid-call; it may have been delivered"
-                )
+                return UnknownOutcomeError(f"WorkPro {method} was cancelled mid-call; it may have been delivered")
             return TransientError(f"WorkPro {method} was cancelled")
         if code == grpc.StatusCode.RESOURCE_EXHAUSTED and "larger than max" not in lower:
             return RateLimitedError(f"WorkPro is out of resources ({text})", retry_after=backoff)
@@ -637,16 +625,10 @@ class WorkproGateway(Gateway):
         log.info("workpro: scan status=%s type=%s qr=%s", status, payload.get("type"), bool(url))
         if status == SCAN_WAITING or (status == SCAN_UNKNOWN and url):
             key = qr_key(url) or str(payload.get("qrcodeKey") or "") or None
-            if (
-                key
-                and key == self._qr_key
-                and self._state in (LoginState.SCANNED, LoginState.WAITING_VERIFY_CODE)
-            ):
+            if key and key == self._qr_key and self._state in (LoginState.SCANNED, LoginState.WAITING_VERIFY_CODE):
                 return  # the server replays its cached SCAN on every reconnect: not a new QR
             second = (
-                "secondaryequipment" in url.lower()
-                or payload.get("type") == SCAN_TYPE_VERIFY
-                or self._expect_second
+                "secondaryequipment" in url.lower() or payload.get("type") == SCAN_TYPE_VERIFY or self._expect_second
             )
             self._expect_second = False
             if self._state is LoginState.LOGGED_IN:
@@ -657,8 +639,7 @@ class WorkproGateway(Gateway):
             self._state = LoginState.WAITING_SCAN
             self._qr_url, self._qr_key, self._verify_id, self._second = url, key, None, second
             self._message = (
-                "WeCom asks for a security check on a new device: scan this QR with WeCom on the "
-                "phone within 2 minutes"
+                "WeCom asks for a security check on a new device: scan this QR with WeCom on the phone within 2 minutes"
                 if second
                 else "scan the QR code with WeCom on the phone"
             )
@@ -747,9 +728,7 @@ class WorkproGateway(Gateway):
                 "WeCom asks for a security check on a new device: scan the next QR with WeCom on "
                 "the phone within 2 minutes"
             )
-        self.emit(
-            EventKind.LOGOUT, reason or "logged out", account_id=account, second_verification=new_device
-        )
+        self.emit(EventKind.LOGOUT, reason or "logged out", account_id=account, second_verification=new_device)
         if new_device:
             self.emit(EventKind.SECOND_VERIFICATION, self._message)
 
@@ -809,9 +788,7 @@ class WorkproGateway(Gateway):
             raise self._fatal
         status = await self.login_status()
         if not self._qr_showing():
-            return LoginStatus(
-                state=status.state, message="no QR code from WorkPro yet; try again in a moment"
-            )
+            return LoginStatus(state=status.state, message="no QR code from WorkPro yet; try again in a moment")
         return status
 
     async def submit_verify_code(self, code: str, qrcode_key: str | None = None) -> LoginStatus:
@@ -821,9 +798,7 @@ class WorkproGateway(Gateway):
             return await self.login_status()
         key = qrcode_key or self._verify_id or self._qr_key
         if not key:
-            raise LoginError(
-                "no QR code is waiting for a verification code: start the login and scan the QR first"
-            )
+            raise LoginError("no QR code is waiting for a verification code: start the login and scan the QR first")
         clean = clean_verify_code(code)
         if not clean:
             raise LoginError("the verification code is empty", tries_left=self._tries_left)
@@ -879,9 +854,7 @@ class WorkproGateway(Gateway):
     # -- contacts --------------------------------------------------------------------------------
     def _require_login(self, action: str) -> None:
         if self._state is not LoginState.LOGGED_IN:
-            raise NotLoggedInError(
-                f"cannot {action}: the WorkPro account is not logged in ({self._state.value})"
-            )
+            raise NotLoggedInError(f"cannot {action}: the WorkPro account is not logged in ({self._state.value})")
 
     async def list_contacts(self, cursor: str | None = None, page_size: int = 500) -> ContactPage:
         """ContactList once per sync (cursor None), then payloads for one page of ids, in batches."""
@@ -903,9 +876,7 @@ class WorkproGateway(Gateway):
         payloads = await self._payloads(page_ids)
         contacts = [contact_record(payloads[i]) for i in page_ids if i in payloads]
         end = offset + len(page_ids)
-        return ContactPage(
-            contacts=contacts, next_cursor=str(end) if end < len(ids) else None, total=len(ids)
-        )
+        return ContactPage(contacts=contacts, next_cursor=str(end) if end < len(ids) else None, total=len(ids))
 
     async def get_contact(self, contact_id: str) -> ContactRecord | None:
         """One contact, fresh from the puppet (after a DIRTY event)."""
@@ -947,9 +918,7 @@ class WorkproGateway(Gateway):
                 )
             except grpc.aio.AioRpcError as exc:
                 text = first_line(exc.details() or "").lower()
-                if exc.code() == grpc.StatusCode.UNIMPLEMENTED or any(
-                    m in text for m in NOT_IMPLEMENTED_MARKERS
-                ):
+                if exc.code() == grpc.StatusCode.UNIMPLEMENTED or any(m in text for m in NOT_IMPLEMENTED_MARKERS):
                     if self._batch_supported is not False:
                         log.info("workpro: BatchContactPayload is not available; reading contacts one by one")
                     self._batch_supported = False

@@ -112,9 +112,7 @@ def router(ctx: WebContext) -> APIRouter:
         ctx.print_qr(status)
         return legacy.login_json(status)
 
-    @r.post(
-        "/login/verify-code", tags=["login"], summary="Submit the phone's code (same as /submit-verify-code)"
-    )
+    @r.post("/login/verify-code", tags=["login"], summary="Submit the phone's code (same as /submit-verify-code)")
     async def login_verify(body: VerifyCode) -> dict[str, Any]:
         status = await app.gateway.submit_verify_code(body.verifyCode, body.qrcodeKey)
         ctx.login_state = status.state
@@ -129,9 +127,7 @@ def router(ctx: WebContext) -> APIRouter:
     async def current_qr() -> str:
         status = await ctx.login_status()
         if not status.qr_url:
-            raise NotFoundError(
-                f"no QR code is showing (login state: {status.state.value}); POST /goStart to get one"
-            )
+            raise NotFoundError(f"no QR code is showing (login state: {status.state.value}); POST /goStart to get one")
         return status.qr_url
 
     @r.get(
@@ -142,9 +138,7 @@ def router(ctx: WebContext) -> APIRouter:
         responses={200: {"content": {"image/png": {}}}, 404: {"description": "no QR showing"}},
     )
     async def login_qr_png() -> Response:
-        return Response(
-            qr_png(await current_qr()), media_type="image/png", headers={"Cache-Control": "no-store"}
-        )
+        return Response(qr_png(await current_qr()), media_type="image/png", headers={"Cache-Control": "no-store"})
 
     @r.get(
         "/login/qr.svg",
@@ -154,9 +148,7 @@ def router(ctx: WebContext) -> APIRouter:
         responses={200: {"content": {"image/svg+xml": {}}}, 404: {"description": "no QR showing"}},
     )
     async def login_qr_svg() -> Response:
-        return Response(
-            qr_svg(await current_qr()), media_type="image/svg+xml", headers={"Cache-Control": "no-store"}
-        )
+        return Response(qr_svg(await current_qr()), media_type="image/svg+xml", headers={"Cache-Control": "no-store"})
 
     @r.get(
         "/login/qr.txt",
@@ -173,12 +165,8 @@ def router(ctx: WebContext) -> APIRouter:
             headers={"Cache-Control": "no-store"},
         )
 
-    @r.get(
-        "/events", tags=["login"], summary="Gateway events: QR, scanned, verify code, login, logout (reason)"
-    )
-    async def events(
-        kind: Annotated[str | None, Query(max_length=40)] = None, limit: Limit = 50
-    ) -> dict[str, Any]:
+    @r.get("/events", tags=["login"], summary="Gateway events: QR, scanned, verify code, login, logout (reason)")
+    async def events(kind: Annotated[str | None, Query(max_length=40)] = None, limit: Limit = 50) -> dict[str, Any]:
         return {"events": _events(ctx, kind, limit)}
 
     # -- contacts --------------------------------------------------------------------------------
@@ -187,23 +175,17 @@ def router(ctx: WebContext) -> APIRouter:
         tag: Annotated[
             list[str] | None, Query(max_length=20, description="tag name or id; repeat: all must match")
         ] = None,
-        any_tag: Annotated[
-            list[str] | None, Query(max_length=20, description="contacts with any of these")
-        ] = None,
+        any_tag: Annotated[list[str] | None, Query(max_length=20, description="contacts with any of these")] = None,
         city: Annotated[str | None, Query(max_length=100)] = None,
         province: Annotated[str | None, Query(max_length=100)] = None,
         gender: Annotated[int | None, Query(ge=0, le=2)] = None,
         friend: bool | None = None,
         coworker: bool | None = None,
         star: bool | None = None,
-        q: Annotated[
-            str | None, Query(max_length=100, description="text in name, alias or real name")
-        ] = None,
+        q: Annotated[str | None, Query(max_length=100, description="text in name, alias or real name")] = None,
         limit: Limit = 50,
         offset: Offset = 0,
-        cursor: Annotated[
-            str | None, Query(max_length=200, description="nextCursor of the previous page")
-        ] = None,
+        cursor: Annotated[str | None, Query(max_length=200, description="nextCursor of the previous page")] = None,
     ) -> dict[str, Any]:
         c = queries.C
         where: list[Any] = [legacy.tag_filter([t]) for t in tag or []]
@@ -278,9 +260,7 @@ def router(ctx: WebContext) -> APIRouter:
         }
 
     # -- campaigns -------------------------------------------------------------------------------
-    @r.get(
-        "/campaigns", tags=["campaigns"], summary="Campaigns, and the files that failed to load (with why)"
-    )
+    @r.get("/campaigns", tags=["campaigns"], summary="Campaigns, and the files that failed to load (with why)")
     async def campaigns() -> dict[str, Any]:
         found, errors = ctx.campaigns()
         from engine.web.app import problem_json
@@ -336,9 +316,7 @@ def router(ctx: WebContext) -> APIRouter:
         )
         return {"valid": True, "id": campaign.id, "name": campaign.name, "next_fires": fires, "errors": []}
 
-    @r.get(
-        "/campaigns/{campaign_id}", tags=["campaigns"], summary="One campaign, its schedule and recent fires"
-    )
+    @r.get("/campaigns/{campaign_id}", tags=["campaigns"], summary="One campaign, its schedule and recent fires")
     async def campaign(campaign_id: Annotated[str, PathParam(max_length=64)]) -> dict[str, Any]:
         c = ctx.campaign(campaign_id)
         with app.db.connect() as conn:
@@ -361,9 +339,7 @@ def router(ctx: WebContext) -> APIRouter:
             "total_contacts": p.total_contacts,
             "recipients": len(p.recipients),
             "distinct_texts": p.distinct_texts,
-            "sample": [
-                {"contact_id": x.contact_id, "name": x.name, "text": x.text} for x in p.recipients[:sample]
-            ],
+            "sample": [{"contact_id": x.contact_id, "name": x.name, "text": x.text} for x in p.recipients[:sample]],
             "excluded": dict(p.excluded_by_category()),
             "excluded_sample": [
                 {"contact_id": e.contact_id, "name": e.name, "category": e.category, "reason": e.reason}
@@ -512,9 +488,7 @@ def router(ctx: WebContext) -> APIRouter:
             raise NotFoundError("sandbox endpoints exist only with `gateway: sandbox`")
         return app.gateway
 
-    @r.post(
-        "/sandbox/scan", tags=["sandbox"], summary="Sandbox: the simulated phone scans the QR that is showing"
-    )
+    @r.post("/sandbox/scan", tags=["sandbox"], summary="Sandbox: the simulated phone scans the QR that is showing")
     async def sandbox_scan() -> dict[str, Any]:
         gw = sandbox()
         status = await gw.login_status()
@@ -589,9 +563,7 @@ def _transition(ctx: WebContext, run_id: int, allowed: set[RunStatus], to: RunSt
         values["finished_at"] = ctx.app.clock.now()
     with ctx.app.db.begin() as conn:
         changed = conn.execute(
-            update(table(CampaignRun))
-            .where(r.id == run_id, r.status.in_([s.value for s in allowed]))
-            .values(**values)
+            update(table(CampaignRun)).where(r.id == run_id, r.status.in_([s.value for s in allowed])).values(**values)
         ).rowcount
     if not changed:
         raise WecastError(f"run {run_id} is {run['status']}; it cannot be set to {to.value}")

@@ -131,9 +131,7 @@ class WebContext:
     # -- runs ------------------------------------------------------------------------------------
     def dispatch(self, run_id: int, campaign_id: str) -> asyncio.Task[Any]:
         """Send a planned run in the background (at most one task per run; campaigns never overlap)."""
-        return self.workers.start(
-            run_id, campaign_id, lambda: self.app.dispatcher.run(run_id, login_wait=None)
-        )
+        return self.workers.start(run_id, campaign_id, lambda: self.app.dispatcher.run(run_id, login_wait=None))
 
     # -- events ----------------------------------------------------------------------------------
     def on_event(self, event: GatewayEvent) -> None:
@@ -207,9 +205,7 @@ class DatabaseCollector:
     def collect(self) -> Iterator[GaugeMetricFamily]:
         d, r = queries.D, queries.R
         with self.ctx.app.db.connect() as conn:
-            by_status: dict[str, int] = dict(
-                conn.execute(select(d.status, func.count()).group_by(d.status)).all()
-            )
+            by_status: dict[str, int] = dict(conn.execute(select(d.status, func.count()).group_by(d.status)).all())
             queue = conn.execute(
                 select(func.count())
                 .select_from(table(Delivery))
@@ -217,9 +213,7 @@ class DatabaseCollector:
                 .where(r.status == "running", d.status.in_(["pending", "claimed"]))
             ).scalar()
             runs: dict[str, int] = dict(conn.execute(select(r.status, func.count()).group_by(r.status)).all())
-        deliveries = GaugeMetricFamily(
-            "wecast_deliveries", "Deliveries by status (all runs)", labels=["status"]
-        )
+        deliveries = GaugeMetricFamily("wecast_deliveries", "Deliveries by status (all runs)", labels=["status"])
         for status in ("pending", "claimed", "sending", "submitted", "sent", "failed", "skipped", "unknown"):
             deliveries.add_metric([status], float(by_status.get(status, 0)))
         yield deliveries
@@ -319,9 +313,7 @@ class BearerAuth:
         if ok and scheme.lower() == b"bearer":
             await self.app(scope, receive, send)
             return
-        body = json.dumps(
-            error_body("missing or wrong API key: send the header 'Authorization: Bearer <key>'")
-        )
+        body = json.dumps(error_body("missing or wrong API key: send the header 'Authorization: Bearer <key>'"))
         await send(
             {
                 "type": "http.response.start",
@@ -383,9 +375,7 @@ def install_error_handlers(api: FastAPI) -> None:
     @api.exception_handler(Exception)
     async def unexpected(_: Request, exc: Exception) -> JSONResponse:
         log.exception("unexpected error handling a request")
-        return JSONResponse(
-            error_body(f"internal error ({type(exc).__name__}); see the server log"), status_code=500
-        )
+        return JSONResponse(error_body(f"internal error ({type(exc).__name__}); see the server log"), status_code=500)
 
 
 def problem_json(e: CampaignError) -> dict[str, Any]:

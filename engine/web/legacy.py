@@ -80,9 +80,7 @@ class SendMessageBody(Legacy):
 class SendAllBody(Legacy):
     message: str = Field(min_length=1, max_length=MAX_MESSAGE, description="the text to send")
     ids: list[str] | None = Field(default=None, max_length=100_000, description="contact ids")
-    id: str | list[str] | None = Field(
-        default=None, description="a contact id or a list (the document's name)"
-    )
+    id: str | list[str] | None = Field(default=None, description="a contact id or a list (the document's name)")
     tag: str | list[str] | None = Field(default=None, description="a tag name or id, or a list: its contacts")
     tags: list[str] | None = Field(default=None, description="several tags (contacts with any of them)")
 
@@ -169,11 +167,7 @@ def tags_of(conn: Any, ids: list[str]) -> dict[str, list[tuple[str, str]]]:
 def tag_filter(names: list[str]) -> Any:
     """Contacts having any of these tags (by name or id)."""
     ct, t = queries.CT, queries.T
-    tagged = (
-        select(ct.contact_id)
-        .join(table(Tag), t.id == ct.tag_id)
-        .where(or_(t.name.in_(names), t.id.in_(names)))
-    )
+    tagged = select(ct.contact_id).join(table(Tag), t.id == ct.tag_id).where(or_(t.name.in_(names), t.id.in_(names)))
     return queries.C.id.in_(tagged)
 
 
@@ -194,9 +188,7 @@ def page_contacts(
     c = queries.C
     conds = [c.removed_at.is_(None), *where]
     with ctx.app.db.connect() as conn:
-        total = (
-            conn.execute(select(func.count()).select_from(table(Contact)).where(and_(*conds))).scalar() or 0
-        )
+        total = conn.execute(select(func.count()).select_from(table(Contact)).where(and_(*conds))).scalar() or 0
         stmt = select(table(Contact)).where(and_(*conds))
         stmt = stmt.where(c.id > cursor) if cursor else stmt.offset(offset)
         rows = [dict(r._mapping) for r in conn.execute(stmt.order_by(c.id).limit(limit + 1))]
@@ -257,9 +249,7 @@ async def send_text(
 def _api_run(ctx: WebContext, run_key: str) -> dict[str, Any] | None:
     r = queries.R
     with ctx.app.db.connect() as conn:
-        row = conn.execute(
-            select(table(CampaignRun)).where(r.campaign_id == "api", r.run_key == run_key)
-        ).first()
+        row = conn.execute(select(table(CampaignRun)).where(r.campaign_id == "api", r.run_key == run_key)).first()
     return dict(row._mapping) if row else None
 
 
@@ -402,9 +392,7 @@ def router(ctx: WebContext) -> APIRouter:
         responses={202: {"description": "accepted, still sending"}, 409: {"description": "not logged in"}},
     )
     async def send_message(body: SendMessageBody, idempotency_key: IdempotencyKey = None) -> JSONResponse:
-        code, result = await send_text(
-            ctx, [body.id.strip()], body.message, idempotency_key, what="send-message"
-        )
+        code, result = await send_text(ctx, [body.id.strip()], body.message, idempotency_key, what="send-message")
         if code == 200 and result["failed"]:
             first = result["results"][0] if result["results"] else {}
             result["error"] = first.get("reason") or "not sent"
@@ -426,9 +414,7 @@ def router(ctx: WebContext) -> APIRouter:
         recipients = list(dict.fromkeys(recipients))
         if not recipients:
             raise NotFoundError(f"no contacts to send to: nobody has the tag {', '.join(tags)}")
-        code, result = await send_text(
-            ctx, recipients, body.message, idempotency_key, what="send-message-all"
-        )
+        code, result = await send_text(ctx, recipients, body.message, idempotency_key, what="send-message-all")
         return JSONResponse(jsonable(result), status_code=code)
 
     @r.post("/goEnd", summary="Log out (then /goStart shows a new QR, for this or another account)")

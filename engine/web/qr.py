@@ -24,9 +24,7 @@ def qr_matrix(data: str, *, border: int = BORDER) -> list[list[bool]]:
 
 def qr_png(data: str, *, scale: int = 8, border: int = 4) -> bytes:
     """A PNG image of the QR code (`scale` pixels per module)."""
-    qr = qrcode.QRCode(
-        error_correction=ERROR_CORRECT_M, box_size=scale, border=border, image_factory=PilImage
-    )
+    qr = qrcode.QRCode(error_correction=ERROR_CORRECT_M, box_size=scale, border=border, image_factory=PilImage)
     qr.add_data(data)
     qr.make(fit=True)
     buf = io.BytesIO()
@@ -38,9 +36,7 @@ def qr_svg(data: str, *, border: int = 4, size: str = "300") -> str:
     """An SVG image of the QR code: one path of unit squares in a viewBox of modules."""
     matrix = qr_matrix(data, border=border)
     n = len(matrix)
-    squares = "".join(
-        f"M{x} {y}h1v1h-1z" for y, row in enumerate(matrix) for x, dark in enumerate(row) if dark
-    )
+    squares = "".join(f"M{x} {y}h1v1h-1z" for y, row in enumerate(matrix) for x, dark in enumerate(row) if dark)
     return (
         f'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {n} {n}" width="{size}" height="{size}" '
         f'shape-rendering="crispEdges"><rect width="{n}" height="{n}" fill="#fff"/>'

@@ -97,9 +97,7 @@ def serve(settings: Settings, *, host: str | None = None, port: int | None = Non
         return EXIT_CONFIG
     try:
         return asyncio.run(
-            _serve(
-                serve_settings(settings), host, port, require_key=not loopback or settings.api.key is not None
-            )
+            _serve(serve_settings(settings), host, port, require_key=not loopback or settings.api.key is not None)
         )
     except KeyboardInterrupt:  # a second Ctrl-C while stopping
         return EXIT_FAILED
