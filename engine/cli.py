@@ -6,6 +6,7 @@
     wecast run --resume [RUN]      continue interrupted runs
     wecast contacts sync|list      pull customers from WeCom / list them
     wecast runs | log              run history / delivery log
+    wecast pause|resume|cancel RUN control a run (also one being sent by `wecast serve`)
     wecast login | logout          log the WeCom account in (QR + code) or out
     wecast serve                   the HTTP API (port 9898) with the scheduler
     wecast sandbox outbox          what the sandbox's simulated customers received
@@ -576,6 +577,54 @@ def runs(ctx: Ctx, campaign: str | None, status: str | None, limit: int, as_json
             _local(r["created_at"], tz),
         )
     out.print(table)
+
+
+@main.command()
+@click.argument("run_id", type=int)
+@pass_ctx
+def pause(ctx: Ctx, run_id: int) -> None:
+    """Pause a run: nothing more is sent (sends in flight finish) until `wecast resume RUN_ID`.
+
+    Works on a run being sent by `wecast serve` or another `wecast run`: they notice before their next send.
+    """
+    app = _app(ctx)
+    try:
+        app.pause_run(run_id, "paused from the command line")
+    finally:
+        app.db.dispose()
+    out.print(f"run {run_id} paused")
+
+
+@main.command()
+@click.argument("run_id", type=int)
+@pass_ctx
+def cancel(ctx: Ctx, run_id: int) -> None:
+    """Cancel a run: its unsent deliveries are skipped and recorded as cancelled."""
+    app = _app(ctx)
+    try:
+        skipped = app.cancel_run(run_id, "cancelled from the command line")
+    finally:
+        app.db.dispose()
+    out.print(f"run {run_id} cancelled; {skipped} unsent deliveries skipped")
+
+
+@main.command()
+@click.argument("run_id", type=int)
+@click.option("--no-wait", is_flag=True, help="don't wait for login or quiet hours; leave those sends pending")
+@pass_ctx
+def resume(ctx: Ctx, run_id: int, no_wait: bool) -> None:
+    """Resume a paused (or interrupted) run and send what is left."""
+    login_wait = 0.0 if no_wait else ctx.settings.sending.login_wait.total_seconds()
+
+    async def go(app: Any) -> Any:
+        app.reopen_run(run_id)
+        return await app.resume(run_id, login_wait=login_wait, quiet_wait_max=0.0 if no_wait else None, confirm_wait=0)
+
+    [summary] = _run(_with_app(ctx, go))
+    counts = "  ".join(f"{k} {v}" for k, v in sorted(summary.counts.items()))
+    out.print(f"run {summary.run_id}: [bold]{summary.status}[/bold]  {counts}")
+    if summary.message and summary.message != "done":
+        out.print(f"  {_escape(summary.message)}")
 
 
 @main.command("log")

@@ -732,10 +732,17 @@ class _RunSender:
         return keep
 
     def _unclaim(self, ids: list[int]) -> None:
+        """Give back claimed rows: to pending, or — when the run was cancelled meanwhile — to skipped."""
         if not ids:
             return
+        cancelled = self._run_status() == RunStatus.CANCELLED.value
+        row: dict[str, Any] = (
+            {"status": "skipped", "reason": "run cancelled", "claim_token": ""}
+            if cancelled
+            else {"status": "pending", "claim_token": ""}
+        )
         with self.d.db.begin() as conn:
-            queries.apply_updates(conn, [{"id": i, "status": "pending", "claim_token": ""} for i in ids])
+            queries.apply_updates(conn, [{"id": i, **row} for i in ids])
 
     def _run_status(self) -> str:
         run = queries.get_run(self.d.db, self.run_id)
@@ -822,10 +829,15 @@ class _RunSender:
         """Let in-flight sends finish and record everything, then give back unsent claims."""
         await self._wait_inflight()
         self._flush()
+        cancelled = self._run_status() == RunStatus.CANCELLED.value
         with self.d.db.begin() as conn:
             c = queries.D
             conn.execute(
                 update(DELIVERIES)
                 .where(c.run_id == self.run_id, c.status == DeliveryStatus.CLAIMED.value, c.claim_token == self.token)
-                .values(status=DeliveryStatus.PENDING.value, claim_token="")
+                .values(
+                    status=DeliveryStatus.SKIPPED.value if cancelled else DeliveryStatus.PENDING.value,
+                    reason="run cancelled" if cancelled else "",
+                    claim_token="",
+                )
             )

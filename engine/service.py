@@ -8,12 +8,13 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 from sqlalchemy.engine import Engine
 
 from engine.clock import Clock, SystemClock
 from engine.contacts import SyncResult, sync_contacts
 from engine.dispatch import Dispatcher, Progress, RunSummary
+from engine.errors import NotFoundError, WecastError
 from engine.gateways.base import Gateway
 from engine.gateways.registry import build_gateway
 from engine.plan import PlanResult, Preview, build_preview, plan_run
@@ -21,7 +22,7 @@ from engine.settings import Settings
 from engine.spec import Campaign
 from storage import queries
 from storage.db import make_db_engine
-from storage.models import Contact
+from storage.models import DELIVERIES, RUNS, Contact, DeliveryStatus, RunStatus
 
 log = logging.getLogger("wecast")
 
@@ -114,6 +115,45 @@ class Wecast:
             confirm_wait=confirm_wait,
         )
         return RunOutcome(plan, summary)
+
+    # -- run control (the CLI and the HTTP API share these) ----------------------------------------
+    def set_run_status(self, run_id: int, to: RunStatus, *, allowed: set[RunStatus], why: str = "") -> None:
+        """Move a run between states atomically; the dispatcher (in this or another process) notices before
+        its next send. Raises WecastError when the run is not in an allowed state."""
+        run = queries.get_run(self.db, run_id)
+        if run is None:
+            raise NotFoundError(f"no run {run_id}")
+        values: dict[str, Any] = {"status": to.value, "error": why}
+        if to is RunStatus.CANCELLED:
+            values["finished_at"] = self.clock.now()
+        r = queries.R
+        with self.db.begin() as conn:
+            changed = conn.execute(
+                update(RUNS).where(r.id == run_id, r.status.in_([s.value for s in allowed])).values(**values)
+            ).rowcount
+        if not changed:
+            raise WecastError(f"run {run_id} is {run['status']}; it cannot be set to {to.value}")
+
+    def pause_run(self, run_id: int, why: str = "paused by a person") -> None:
+        """Stop sending a run; sends in flight finish. `resume_run` continues it."""
+        self.set_run_status(run_id, RunStatus.PAUSED, allowed={RunStatus.RUNNING}, why=why)
+
+    def reopen_run(self, run_id: int) -> None:
+        """Make a paused run sendable again (dispatch it with `resume`)."""
+        self.set_run_status(run_id, RunStatus.RUNNING, allowed={RunStatus.PAUSED, RunStatus.RUNNING})
+
+    def cancel_run(self, run_id: int, why: str = "cancelled by a person") -> int:
+        """Cancel a run: its unsent deliveries are skipped (with the reason). Returns how many."""
+        self.set_run_status(run_id, RunStatus.CANCELLED, allowed={RunStatus.RUNNING, RunStatus.PAUSED}, why=why)
+        d = queries.D
+        with self.db.begin() as conn:
+            # Claimed rows belong to a dispatcher, which skips them itself when it notices the cancel.
+            skipped = conn.execute(
+                update(DELIVERIES)
+                .where(d.run_id == run_id, d.status == DeliveryStatus.PENDING.value)
+                .values(status=DeliveryStatus.SKIPPED.value, reason=f"run {why}", updated_at=self.clock.now())
+            ).rowcount
+        return int(skipped or 0)
 
     async def resume(
         self,

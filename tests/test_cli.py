@@ -119,3 +119,53 @@ def test_config_error_names_file_line_and_field(workdir: Path) -> None:
     code, _, err = wecast(workdir, "runs")
     assert code == 1
     assert f"{cfg}:6: sendng: unknown field" in err
+
+
+def test_pause_cancel_and_resume_a_run_from_the_command_line(workdir: Path) -> None:
+    """A paused run sends nothing more until resumed; a cancelled run skips its unsent deliveries."""
+    from engine.service import Wecast
+    from engine.settings import load_settings
+    from engine.spec import find_campaign
+
+    assert wecast(workdir, "contacts", "sync")[0] == 0
+    settings = load_settings(workdir / "config.yaml")
+    app = Wecast(settings)
+    plan_a = app.plan(find_campaign("weekly_vip", settings))
+    (workdir / "campaigns" / "fast.yaml").write_text(
+        "name: 快速\naudience: {tags_any: [护肤]}\nmessage: {template: '护肤新品到店'}\n"
+        "frequency_cap: false\nquiet_hours: false\nthrottle: {per_second: 500}\n",
+        encoding="utf-8",
+    )
+    plan_b = app.plan(find_campaign("fast", settings), run_key="cli-test")
+    app.db.dispose()
+    assert plan_a.planned > 5 and plan_b.planned > 5
+    assert wecast(workdir, "pause", str(plan_a.run_id))[0] == 0
+    code, out, _ = wecast(workdir, "run", "--resume", "--json")
+    resumed = {r["run_id"]: r for r in json.loads(out)}
+    assert plan_a.run_id not in resumed  # paused runs are not resumed by --resume
+    assert resumed[plan_b.run_id]["status"] == "completed"
+    code, out, _ = wecast(workdir, "cancel", str(plan_a.run_id))
+    assert code == 0 and f"{plan_a.planned} unsent deliveries skipped" in out
+    code, _, err = wecast(workdir, "resume", str(plan_a.run_id))
+    assert code == 1 and "cancelled" in err
+    code, out, _ = wecast(
+        workdir, "log", "--run", str(plan_a.run_id), "--status", "skipped", "--json", "--limit", "1000"
+    )
+    assert sum(1 for d in json.loads(out) if d["reason"] == "run cancelled from the command line") == plan_a.planned
+
+
+def test_a_paused_run_resumes_and_completes(workdir: Path) -> None:
+    """`wecast resume RUN` reopens a paused run and sends what is left."""
+    from engine.service import Wecast
+    from engine.settings import load_settings
+    from engine.spec import find_campaign
+
+    assert wecast(workdir, "contacts", "sync")[0] == 0
+    settings = load_settings(workdir / "config.yaml")
+    app = Wecast(settings)
+    plan = app.plan(find_campaign("weekly_vip", settings))
+    assert plan.planned > 5
+    app.pause_run(plan.run_id)
+    app.db.dispose()
+    code, out, _ = wecast(workdir, "resume", str(plan.run_id))
+    assert code == 0 and "completed" in out and f"sent {plan.planned}" in out

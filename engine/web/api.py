@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 from fastapi import APIRouter, Body, Query, Response
 from fastapi import Path as PathParam
 from pydantic import BaseModel, ConfigDict, Field
-from sqlalchemy import func, or_, select, update
+from sqlalchemy import func, or_, select
 
 from engine.errors import CampaignError, LoginError, NotFoundError, WecastError
 from engine.gateways.base import LoginState
@@ -31,7 +31,7 @@ from engine.web import legacy
 from engine.web.app import table
 from engine.web.qr import qr_png, qr_svg, qr_terminal
 from storage import queries
-from storage.models import CampaignRun, Contact, Delivery, DeliveryStatus, RunStatus, Tag
+from storage.models import Contact, RunStatus, Tag
 from storage.models import GatewayEvent as EventRow
 
 if TYPE_CHECKING:
@@ -389,7 +389,7 @@ def router(ctx: WebContext) -> APIRouter:
 
     @r.post("/runs/{run_id}/pause", tags=["runs"], summary="Pause a running run (sends in flight finish)")
     async def run_pause(run_id: RunId) -> dict[str, Any]:
-        _transition(ctx, run_id, {RunStatus.RUNNING}, RunStatus.PAUSED, "paused through the API")
+        app.pause_run(run_id, "paused through the API")
         await _settle(ctx, run_id)
         return run_json(ctx, _run(ctx, run_id))
 
@@ -397,7 +397,7 @@ def router(ctx: WebContext) -> APIRouter:
     async def run_resume(run_id: RunId) -> dict[str, Any]:
         row = _run(ctx, run_id)
         if row["status"] == RunStatus.PAUSED.value:
-            _transition(ctx, run_id, {RunStatus.PAUSED}, RunStatus.RUNNING, "")
+            app.reopen_run(run_id)
         elif row["status"] != RunStatus.RUNNING.value:
             raise WecastError(f"run {run_id} is {row['status']}; only paused or running runs can be resumed")
         if ctx.workers.task(run_id) is None:
@@ -406,29 +406,8 @@ def router(ctx: WebContext) -> APIRouter:
 
     @r.post("/runs/{run_id}/cancel", tags=["runs"], summary="Cancel a run: unsent deliveries are skipped")
     async def run_cancel(run_id: RunId) -> dict[str, Any]:
-        _transition(
-            ctx,
-            run_id,
-            {RunStatus.RUNNING, RunStatus.PAUSED},
-            RunStatus.CANCELLED,
-            "cancelled through the API",
-        )
-        await _settle(ctx, run_id)  # let it give back its claims, then skip what is left
-        d = queries.D
-        with app.db.begin() as conn:
-            conn.execute(
-                update(table(Delivery))
-                .where(
-                    d.run_id == run_id,
-                    d.status.in_([DeliveryStatus.PENDING.value, DeliveryStatus.CLAIMED.value]),
-                )
-                .values(
-                    status=DeliveryStatus.SKIPPED.value,
-                    reason="run cancelled through the API",
-                    claim_token="",
-                    updated_at=app.clock.now(),
-                )
-            )
+        app.cancel_run(run_id, "cancelled through the API")
+        await _settle(ctx, run_id)  # its dispatcher skips the rows it had claimed
         return run_json(ctx, _run(ctx, run_id))
 
     @r.get("/deliveries", tags=["runs"], summary="Deliveries, newest first, filtered")
@@ -553,20 +532,6 @@ def _run(ctx: WebContext, run_id: int) -> dict[str, Any]:
     if run is None:
         raise NotFoundError(f"no run {run_id}")
     return run
-
-
-def _transition(ctx: WebContext, run_id: int, allowed: set[RunStatus], to: RunStatus, why: str) -> None:
-    r = queries.R
-    run = _run(ctx, run_id)
-    values: dict[str, Any] = {"status": to.value, "error": why}
-    if to is RunStatus.CANCELLED:
-        values["finished_at"] = ctx.app.clock.now()
-    with ctx.app.db.begin() as conn:
-        changed = conn.execute(
-            update(table(CampaignRun)).where(r.id == run_id, r.status.in_([s.value for s in allowed])).values(**values)
-        ).rowcount
-    if not changed:
-        raise WecastError(f"run {run_id} is {run['status']}; it cannot be set to {to.value}")
 
 
 def _fresh(ctx: WebContext) -> tuple[list[Campaign], list[CampaignError]]:
