@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import re
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime
 from typing import Any, NoReturn
@@ -257,6 +257,13 @@ def contact_context(contact: Mapping[str, Any], names: frozenset[str] | None = N
     return ctx
 
 
+def _getter(name: str) -> Callable[[Mapping[str, Any]], Any]:
+    """A fast accessor for one template name (the hot loop of rendering 100,000 messages)."""
+    if name in ("display_name", "honorific", "phone", "gender", "friend", "coworker", "star"):
+        return lambda contact: _derive(contact, name)
+    return lambda contact: contact.get(name)
+
+
 def _derive(contact: Mapping[str, Any], name: str) -> Any:
     if name == "display_name":
         return contact.get("alias") or contact.get("name")
@@ -320,9 +327,16 @@ def render_all(
         except Exception:
             return template.render(ctx, prepared=True)
 
-    names = None if wants_contact else used
+    getters = None if wants_contact else [(n, _getter(n)) for n in used if n not in GLOBAL_NAMES]
     for contact in recipients:
-        fields = contact_context(contact, names)
+        if getters is None:
+            fields = contact_context(contact)
+        else:
+            fields = {}
+            for n, get in getters:
+                value = get(contact)
+                if value is not None and value != "" and value != [] and value != {}:
+                    fields[n] = value
         ctx = {**base, **fields}
         if wants_contact:
             ctx["contact"] = fields
