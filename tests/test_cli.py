@@ -6,6 +6,7 @@ import csv
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 import pytest
 from click.testing import CliRunner
@@ -169,3 +170,37 @@ def test_a_paused_run_resumes_and_completes(workdir: Path) -> None:
     app.db.dispose()
     code, out, _ = wecast(workdir, "resume", str(plan.run_id))
     assert code == 0 and "completed" in out and f"sent {plan.planned}" in out
+
+
+def test_login_shows_the_qr_rejects_a_wrong_code_then_logs_in(workdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`wecast login` prints the QR and its key, reports a wrong code with the tries left, then logs in."""
+    import engine.cli as cli
+    from engine.gateways.sandbox import SandboxGateway
+
+    cfg = workdir / "config.yaml"
+    cfg.write_text(
+        cfg.read_text(encoding="utf-8").replace("sandbox: {", "sandbox: {scan_delay: 0s, "), encoding="utf-8"
+    )
+    gateways: list[SandboxGateway] = []
+    original_scan = SandboxGateway.sandbox_scan
+
+    async def spy_scan(self: SandboxGateway, *, quiet: bool = False) -> Any:
+        gateways.append(self)
+        return await original_scan(self, quiet=quiet)
+
+    monkeypatch.setattr(SandboxGateway, "sandbox_scan", spy_scan)
+    answers = iter(["000000", None])
+
+    def fake_prompt(text: str) -> str:
+        answer = next(answers)
+        return answer if answer is not None else gateways[-1].sandbox_phone_code() or ""
+
+    monkeypatch.setattr(cli.click, "prompt", fake_prompt)
+    code, out, err = wecast(workdir, "login", "--timeout", "30")
+    assert code == 0, err
+    assert "qrcodeKey:" in out
+    assert any(block in out for block in "█▀▄"), "the QR is drawn in the terminal"
+    assert "wrong verification code; 2 tries left" in err
+    assert "logged in" in out
+    code, out, _ = wecast(workdir, "login")
+    assert "already logged in" in out
