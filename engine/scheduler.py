@@ -47,14 +47,9 @@ from engine.schedule import build_trigger, latest_fire_time, next_fire_times
 from engine.service import Wecast
 from engine.spec import Campaign, campaign_files, load_campaigns
 from storage import queries
-from storage.models import ScheduleState
+from storage.models import SCHEDULE_STATE
 
 log = logging.getLogger("wecast.scheduler")
-
-
-def table(model: Any) -> Any:
-    """A SQLModel class's Core table, typed loosely (SQLModel's stubs do not declare `__table__`)."""
-    return model.__table__
 
 
 LATE_AFTER = timedelta(seconds=60)  # a fire handled this late is still "on time", not a catch-up
@@ -62,7 +57,7 @@ MAX_CATCH_UP = 100  # `catch_up: all` runs at most this many missed slots
 IDLE_CAP = 60.0  # the loop wakes at least this often (seconds)
 API_CAMPAIGN = "api"  # runs of direct sends (`plan_adhoc`); they may run side by side
 
-S = table(ScheduleState).c
+S = SCHEDULE_STATE.c
 
 
 class Workers:
@@ -377,11 +372,11 @@ class CampaignScheduler:
         with self.app.db.begin() as conn:
             inserted = queries.insert_ignore(
                 conn,
-                table(ScheduleState),
+                SCHEDULE_STATE,
                 [{"campaign_id": campaign_id, "last_fire_at": when, "updated_at": now}],
             )
             if not inserted:
-                stmt = update(table(ScheduleState)).where(S.campaign_id == campaign_id)
+                stmt = update(SCHEDULE_STATE).where(S.campaign_id == campaign_id)
                 if only_if_later:
                     stmt = stmt.where(S.last_fire_at < when)
                 conn.execute(stmt.values(last_fire_at=when, updated_at=now))

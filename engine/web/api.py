@@ -28,11 +28,9 @@ from engine.gateways.base import LoginState
 from engine.schedule import build_trigger, next_fire_times
 from engine.spec import Campaign, parse_campaign
 from engine.web import legacy
-from engine.web.app import table
 from engine.web.qr import qr_png, qr_svg, qr_terminal
 from storage import queries
-from storage.models import Contact, RunStatus, Tag
-from storage.models import GatewayEvent as EventRow
+from storage.models import CONTACTS, GATEWAY_EVENTS, TAGS, RunStatus
 
 if TYPE_CHECKING:
     from engine.web.app import WebContext
@@ -240,12 +238,12 @@ def router(ctx: WebContext) -> APIRouter:
             counts: dict[str, int] = dict(
                 conn.execute(
                     select(ct.tag_id, func.count())
-                    .join(table(Contact), c.id == ct.contact_id)
+                    .join(CONTACTS, c.id == ct.contact_id)
                     .where(c.removed_at.is_(None))
                     .group_by(ct.tag_id)
                 ).all()
             )
-            rows = conn.execute(select(table(Tag)).order_by(t.group_name, t.name)).all()
+            rows = conn.execute(select(TAGS).order_by(t.group_name, t.name)).all()
         return {
             "tags": [
                 {
@@ -505,8 +503,8 @@ def router(ctx: WebContext) -> APIRouter:
 
 
 def _events(ctx: WebContext, kind: str | None, limit: int) -> list[dict[str, Any]]:
-    e = table(EventRow).c
-    stmt = select(table(EventRow)).order_by(e.id.desc()).limit(limit)
+    e = GATEWAY_EVENTS.c
+    stmt = select(GATEWAY_EVENTS).order_by(e.id.desc()).limit(limit)
     if kind:
         stmt = stmt.where(e.kind == kind)
     with ctx.app.db.connect() as conn:

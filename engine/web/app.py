@@ -43,15 +43,9 @@ from engine.service import Wecast
 from engine.spec import Campaign, load_campaigns
 from engine.web.qr import qr_terminal
 from storage import queries
-from storage.models import CampaignRun, Delivery
-from storage.models import GatewayEvent as EventRow
+from storage.models import DELIVERIES, GATEWAY_EVENTS, RUNS
 
 log = logging.getLogger("wecast.web")
-
-
-def table(model: Any) -> Any:
-    """A SQLModel class's Core table, typed loosely (SQLModel's stubs do not declare `__table__`)."""
-    return model.__table__
 
 
 OPEN_PATHS = frozenset({"/healthz"})
@@ -150,7 +144,7 @@ class WebContext:
         try:
             with self.app.db.begin() as conn:
                 conn.execute(
-                    table(EventRow).insert(),
+                    GATEWAY_EVENTS.insert(),
                     [
                         {
                             "at": event.at,
@@ -208,8 +202,8 @@ class DatabaseCollector:
             by_status: dict[str, int] = dict(conn.execute(select(d.status, func.count()).group_by(d.status)).all())
             queue = conn.execute(
                 select(func.count())
-                .select_from(table(Delivery))
-                .join(table(CampaignRun), r.id == d.run_id)
+                .select_from(DELIVERIES)
+                .join(RUNS, r.id == d.run_id)
                 .where(r.status == "running", d.status.in_(["pending", "claimed"]))
             ).scalar()
             runs: dict[str, int] = dict(conn.execute(select(r.status, func.count()).group_by(r.status)).all())

@@ -29,9 +29,8 @@ from sqlalchemy import and_, func, or_, select
 from engine.errors import NotFoundError, WecastError
 from engine.gateways.base import LoginStatus
 from engine.plan import plan_adhoc
-from engine.web.app import table
 from storage import queries
-from storage.models import CampaignRun, Contact, Tag
+from storage.models import CONTACTS, RUNS, TAGS
 
 if TYPE_CHECKING:
     from engine.web.app import WebContext
@@ -155,7 +154,7 @@ def tags_of(conn: Any, ids: list[str]) -> dict[str, list[tuple[str, str]]]:
     for i in range(0, len(ids), 900):
         stmt = (
             select(ct.contact_id, t.id, t.name)
-            .join(table(Tag), t.id == ct.tag_id)
+            .join(TAGS, t.id == ct.tag_id)
             .where(ct.contact_id.in_(ids[i : i + 900]))
             .order_by(t.group_name, t.name)
         )
@@ -167,7 +166,7 @@ def tags_of(conn: Any, ids: list[str]) -> dict[str, list[tuple[str, str]]]:
 def tag_filter(names: list[str]) -> Any:
     """Contacts having any of these tags (by name or id)."""
     ct, t = queries.CT, queries.T
-    tagged = select(ct.contact_id).join(table(Tag), t.id == ct.tag_id).where(or_(t.name.in_(names), t.id.in_(names)))
+    tagged = select(ct.contact_id).join(TAGS, t.id == ct.tag_id).where(or_(t.name.in_(names), t.id.in_(names)))
     return queries.C.id.in_(tagged)
 
 
@@ -188,8 +187,8 @@ def page_contacts(
     c = queries.C
     conds = [c.removed_at.is_(None), *where]
     with ctx.app.db.connect() as conn:
-        total = conn.execute(select(func.count()).select_from(table(Contact)).where(and_(*conds))).scalar() or 0
-        stmt = select(table(Contact)).where(and_(*conds))
+        total = conn.execute(select(func.count()).select_from(CONTACTS).where(and_(*conds))).scalar() or 0
+        stmt = select(CONTACTS).where(and_(*conds))
         stmt = stmt.where(c.id > cursor) if cursor else stmt.offset(offset)
         rows = [dict(r._mapping) for r in conn.execute(stmt.order_by(c.id).limit(limit + 1))]
         more = len(rows) > limit
@@ -249,7 +248,7 @@ async def send_text(
 def _api_run(ctx: WebContext, run_key: str) -> dict[str, Any] | None:
     r = queries.R
     with ctx.app.db.connect() as conn:
-        row = conn.execute(select(table(CampaignRun)).where(r.campaign_id == "api", r.run_key == run_key)).first()
+        row = conn.execute(select(RUNS).where(r.campaign_id == "api", r.run_key == run_key)).first()
     return dict(row._mapping) if row else None
 
 
