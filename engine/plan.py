@@ -218,7 +218,7 @@ def build_preview(
                     name,
                     f"already {held_by['status']} in run {held_by['run_id']}{at} (dedupe: {campaign.dedupe})",
                     "dedupe",
-                    False,
+                    True,
                 )
             )
             continue

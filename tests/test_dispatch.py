@@ -125,6 +125,10 @@ def test_dedupe_once_and_window(tmp_path: Path) -> None:
         r2 = await app.run_campaign(once, run_key="b")
         assert r1.summary and r1.summary.sent > 10
         assert r2.summary and r2.summary.sent == 0
+        with app.db.connect() as conn:
+            skipped = queries.deliveries(conn, run_id=r2.summary.run_id, status="skipped", limit=1000)
+        held = [d for d in skipped if d["reason"].startswith("dedupe: already sent in run")]
+        assert len(held) == r1.summary.sent  # recorded with the reason, not silently dropped
         preview = app.preview(once, run_key="c")
         assert preview.recipients == []
         assert all(e.category in ("dedupe", "exclusion") for e in preview.excluded)
