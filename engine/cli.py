@@ -384,6 +384,7 @@ def run(
 
             if spec is not None:
                 await app.ensure_contacts()
+                _warn_quiet_hours(spec, app.clock.now(), no_wait)
                 outcome = await app.run_campaign(
                     spec,
                     run_key=run_key,
@@ -433,6 +434,24 @@ def run(
                 out.print(f"  {_escape(s.message)}")
     if any(s.status == "paused" or s.counts.get("failed") for s in summaries):
         sys.exit(EXIT_ERROR)
+
+
+def _warn_quiet_hours(spec: Any, now: datetime, no_wait: bool) -> None:
+    """Say so before a run sits silently waiting for its quiet hours to end."""
+    from engine.dispatch import quiet_wait
+
+    q = spec.quiet_hours
+    if q is None:
+        return
+    window = {"start": q.start.strftime("%H:%M"), "end": q.end.strftime("%H:%M")}
+    if quiet_wait(now, spec.tz, window):
+        then = (
+            "they stay pending (--no-wait)" if no_wait else f"waiting until {window['end']}; Ctrl-C leaves them pending"
+        )
+        err.print(
+            f"[yellow]quiet hours {window['start']}–{window['end']} ({spec.timezone}): no sends now; {then}. "
+            "`wecast serve` or `wecast run --resume` sends them when the window opens.[/yellow]"
+        )
 
 
 def _progress() -> Progress:

@@ -204,3 +204,23 @@ def test_login_shows_the_qr_rejects_a_wrong_code_then_logs_in(workdir: Path, mon
     assert "logged in" in out
     code, out, _ = wecast(workdir, "login")
     assert "already logged in" in out
+
+
+def test_run_during_quiet_hours_says_so_and_leaves_sends_pending(workdir: Path) -> None:
+    """Inside the campaign's quiet hours, `run --no-wait` explains the wait and sends nothing yet."""
+    from datetime import datetime, timedelta
+    from zoneinfo import ZoneInfo
+
+    now = datetime.now(ZoneInfo("Asia/Shanghai"))
+    start, end = (now - timedelta(hours=1)).strftime("%H:%M"), (now + timedelta(hours=1)).strftime("%H:%M")
+    (workdir / "campaigns" / "night.yaml").write_text(
+        "name: 夜间测试\naudience: {tags_any: [VIP]}\nmessage: {template: '晚安'}\nfrequency_cap: false\n"
+        f'quiet_hours: {{start: "{start}", end: "{end}"}}\nthrottle: {{per_second: 500}}\n',
+        encoding="utf-8",
+    )
+    code, out, err = wecast(workdir, "run", "night", "--no-wait", "--json")
+    assert code == 0, err
+    assert f"quiet hours {start}–{end}" in err
+    [summary] = json.loads(out)
+    assert summary["status"] == "running" and summary["counts"].get("sent", 0) == 0
+    assert summary["counts"]["pending"] > 5
