@@ -30,6 +30,7 @@ from typing import Any, Literal
 
 import grpc
 
+from engine.gateways.demo_data import GIVEN, SURNAMES
 from engine.gateways.proto import puppet_pb2 as pb
 from engine.gateways.proto import puppet_pb2_grpc as pb_grpc
 
@@ -43,56 +44,6 @@ JS_STACK = "\n    at PuppetWorkPro.{fn} (/app/node_modules/@juzi/puppet-workpro/
 
 BatchMode = Literal["ok", "unimplemented", "not_a_function", "fail"]
 
-_SURNAMES = "王李张刘陈杨黄赵吴周徐孙马朱胡郭何高林罗郑梁谢宋唐许韩冯邓曹彭曾肖田董袁潘蒋蔡余杜叶程苏魏吕丁沈"
-_GIVEN = [
-    "伟",
-    "芳",
-    "娜",
-    "秀英",
-    "敏",
-    "静",
-    "丽",
-    "强",
-    "磊",
-    "军",
-    "洋",
-    "勇",
-    "艳",
-    "杰",
-    "娟",
-    "涛",
-    "明",
-    "超",
-    "霞",
-    "平",
-    "刚",
-    "婷",
-    "雪",
-    "琳",
-    "晨",
-    "欣怡",
-    "子涵",
-    "梓萱",
-    "浩然",
-    "宇轩",
-    "思雨",
-    "佳怡",
-    "一诺",
-    "雨桐",
-    "可馨",
-    "俊杰",
-    "晓燕",
-    "海燕",
-    "春梅",
-    "文博",
-    "嘉怡",
-    "诗涵",
-    "雅琪",
-    "梦瑶",
-    "子轩",
-    "晓明",
-    "建华",
-]
 _CITIES = [
     ("上海", "上海"),
     ("北京", "北京"),
@@ -146,7 +97,7 @@ def demo_contacts(count: int, seed: int = 2024) -> list[pb.ContactPayloadRespons
     now_ms = 1_767_000_000_000
     contacts = []
     for i in range(count):
-        name = rng.choice(_SURNAMES) + rng.choice(_GIVEN)
+        name = rng.choice(SURNAMES) + rng.choice(GIVEN)
         province, city = rng.choice(_CITIES)
         added = now_ms - rng.randrange(1, 900) * 86_400_000
         # Mostly ms, sometimes seconds, once in a while broken: the real additionalInfo is that varied.
