@@ -20,6 +20,7 @@ Rules are compiled once into predicates that return None (pass) or the reason a 
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -27,35 +28,16 @@ from datetime import UTC, date, datetime, time
 from typing import Any
 
 from engine.durations import parse_duration
+from engine.gateways.base import ContactRecord
 
 ContactView = Mapping[str, Any]
 Check = Callable[[ContactView, datetime], str | None]
 
+# Fields a rule can test: the contact payload (see `ContactRecord`), plus `phone` (the first phone) and `tags`.
 FIELDS = (
-    "id",
-    "name",
-    "alias",
-    "gender",
-    "city",
-    "province",
-    "address",
-    "corporation",
-    "title",
+    *(f.name for f in dataclasses.fields(ContactRecord) if f.name not in ("tag_ids", "additional_info")),
     "phone",
-    "phones",
-    "weixin",
-    "description",
-    "signature",
-    "friend",
-    "coworker",
-    "star",
-    "type",
-    "real_name",
-    "aka",
-    "corp_id",
-    "added_at",
     "tags",
-    "avatar",
 )
 ALIASES = {
     "realName": "real_name",

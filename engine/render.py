@@ -16,6 +16,7 @@ and `days_since`.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -30,32 +31,12 @@ from jinja2.runtime import new_context
 from jinja2.sandbox import SandboxedEnvironment
 
 from engine.errors import Location, TemplateError
+from engine.gateways.base import ContactRecord
 
+# Names a template can use for a contact: the contact payload (see `ContactRecord`), plus derived names.
 CONTACT_FIELDS = (
-    "id",
-    "name",
-    "alias",
-    "avatar",
-    "gender",
-    "city",
-    "province",
-    "address",
-    "corporation",
-    "title",
+    *(f.name for f in dataclasses.fields(ContactRecord) if f.name != "tag_ids"),
     "phone",
-    "phones",
-    "weixin",
-    "description",
-    "signature",
-    "friend",
-    "coworker",
-    "star",
-    "type",
-    "real_name",
-    "aka",
-    "additional_info",
-    "corp_id",
-    "added_at",
     "display_name",
     "honorific",
 )

@@ -34,50 +34,36 @@ def test_a_database_from_a_newer_release_is_refused_not_damaged(tmp_path: Path) 
         make_db_engine(url)
 
 
+def run_row(run_key: str, created_at: datetime) -> dict[str, object]:
+    return {
+        "campaign_id": "c",
+        "run_key": run_key,
+        "trigger": "manual",
+        "status": "running",
+        "timezone": "Asia/Shanghai",
+        "campaign_file": "",
+        "campaign_hash": "",
+        "settings": {},
+        "owner": "",
+        "error": "",
+        "planned": 0,
+        "skipped_at_plan": 0,
+        "created_at": created_at,
+    }
+
+
 def test_times_are_stored_utc_and_returned_aware(tmp_path: Path) -> None:
     """An aware time in any zone is stored as UTC and read back aware; a naive time is rejected."""
     db = make_db_engine(f"sqlite:///{tmp_path}/w.sqlite")
     shanghai = timezone(timedelta(hours=8))
     when = datetime(2026, 1, 5, 10, 0, tzinfo=shanghai)
     with db.begin() as conn:
-        conn.execute(
-            RUNS.insert().values(
-                campaign_id="c",
-                run_key="k",
-                trigger="manual",
-                status="running",
-                timezone="Asia/Shanghai",
-                campaign_file="",
-                campaign_hash="",
-                settings={},
-                owner="",
-                error="",
-                planned=0,
-                skipped_at_plan=0,
-                created_at=when,
-            )
-        )
+        conn.execute(RUNS.insert().values(**run_row("k", when)))
     with db.connect() as conn:
         stored = conn.execute(select(RUNS.c.created_at)).scalar_one()
         raw = conn.exec_driver_sql("SELECT created_at FROM campaign_runs").scalar_one()
     assert stored == when and stored.tzinfo is UTC
     assert str(raw).startswith("2026-01-05 02:00:00")
     with pytest.raises(Exception, match="naive datetime"), db.begin() as conn:
-        conn.execute(
-            RUNS.insert().values(
-                campaign_id="c",
-                run_key="k2",
-                trigger="manual",
-                status="running",
-                timezone="Asia/Shanghai",
-                campaign_file="",
-                campaign_hash="",
-                settings={},
-                owner="",
-                error="",
-                planned=0,
-                skipped_at_plan=0,
-                created_at=datetime(2026, 1, 5, 10, 0),
-            )
-        )
+        conn.execute(RUNS.insert().values(**run_row("k2", datetime(2026, 1, 5, 10, 0))))
     db.dispose()
