@@ -63,12 +63,24 @@ def _outbox(tmp: Path) -> list[tuple[str, str]]:
 
 def _kill_when_outbox_reaches(proc: subprocess.Popen[str], tmp: Path, count: int) -> None:
     deadline = time.monotonic() + 60
-    while len(_outbox(tmp)) < count:
+    # Kill at a moment when some messages have been delivered but not yet recorded as sent: the case
+    # recovery must get right (resend only if the gateway deduplicates, else record `unknown`).
+    while len(_outbox(tmp)) < count or len(_outbox(tmp)) <= _recorded_sent(tmp):
         assert proc.poll() is None, f"the run ended before it could be killed: {proc.communicate()}"
         assert time.monotonic() < deadline, "the run made no progress"
         time.sleep(0.01)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
+
+
+def _recorded_sent(tmp: Path) -> int:
+    conn = sqlite3.connect(tmp / "wecast.sqlite", timeout=30)
+    try:
+        return int(conn.execute("SELECT COUNT(*) FROM deliveries WHERE status = 'sent'").fetchone()[0])
+    except sqlite3.OperationalError:
+        return 0
+    finally:
+        conn.close()
 
 
 def _deliveries(tmp: Path) -> dict[str, str]:
