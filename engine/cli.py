@@ -35,6 +35,7 @@ from rich.table import Table
 from engine import __version__
 from engine.errors import CampaignError, WecastError
 from engine.settings import Settings, load_settings, redact_url
+from storage.models import OPEN_STATUSES, TERMINAL_STATUSES, DeliveryStatus, RunStatus
 
 T = TypeVar("T")
 out = Console(highlight=False, soft_wrap=True)
@@ -373,8 +374,8 @@ def run(
             task = progress.add_task("sending", total=None)
 
             def on_progress(counts: dict[str, int]) -> None:
-                total = sum(v for k, v in counts.items() if k != "skipped")
-                done = sum(counts.get(k, 0) for k in ("sent", "failed", "unknown"))
+                total = sum(v for k, v in counts.items() if k != DeliveryStatus.SKIPPED)
+                done = sum(v for k, v in counts.items() if k in TERMINAL_STATUSES and k != DeliveryStatus.SKIPPED)
                 progress.update(
                     task,
                     total=total,
@@ -432,7 +433,7 @@ def run(
                 out.print(f"  recovered after an interruption: {s.recovered}")
             if s.message and s.message not in ("done",):
                 out.print(f"  {_escape(s.message)}")
-    if any(s.status == "paused" or s.counts.get("failed") for s in summaries):
+    if any(s.status == RunStatus.PAUSED or s.counts.get(DeliveryStatus.FAILED) for s in summaries):
         sys.exit(EXIT_ERROR)
 
 
@@ -560,7 +561,7 @@ def _contact_json(c: Mapping[str, Any]) -> dict[str, Any]:
 
 @main.command()
 @click.option("--campaign", help="only this campaign id")
-@click.option("--status", type=click.Choice(["running", "paused", "completed", "cancelled"]))
+@click.option("--status", type=click.Choice([s.value for s in RunStatus]))
 @click.option("--limit", default=30, show_default=True)
 @click.option("--json", "as_json", is_flag=True)
 @pass_ctx
@@ -582,16 +583,16 @@ def runs(ctx: Ctx, campaign: str | None, status: str | None, limit: int, as_json
     table = Table("run", "campaign", "run key", "trigger", "status", "sent", "failed", "skipped", "open", "created")
     for r in rows:
         c = r["counts"]
-        open_ = sum(c.get(s, 0) for s in ("pending", "claimed", "sending", "submitted"))
+        open_ = sum(c.get(s, 0) for s in OPEN_STATUSES)
         table.add_row(
             str(r["id"]),
             r["campaign_id"],
             r["run_key"],
             r["trigger"],
             r["status"],
-            str(c.get("sent", 0)),
-            str(c.get("failed", 0) + c.get("unknown", 0)),
-            str(c.get("skipped", 0)),
+            str(c.get(DeliveryStatus.SENT, 0)),
+            str(c.get(DeliveryStatus.FAILED, 0) + c.get(DeliveryStatus.UNKNOWN, 0)),
+            str(c.get(DeliveryStatus.SKIPPED, 0)),
             str(open_),
             _local(r["created_at"], tz),
         )
@@ -651,7 +652,7 @@ def resume(ctx: Ctx, run_id: int, no_wait: bool) -> None:
 @click.option("--run", "run_id", type=int, help="run id")
 @click.option(
     "--status",
-    type=click.Choice(["pending", "claimed", "sending", "submitted", "sent", "failed", "skipped", "unknown"]),
+    type=click.Choice([s.value for s in DeliveryStatus]),
 )
 @click.option("--contact", help="contact id")
 @click.option("--limit", default=50, show_default=True)
@@ -682,7 +683,7 @@ def log_cmd(
     tz = ctx.settings.tz
     table = Table("id", "run", "campaign", "contact", "status", "tries", "when", "message / reason")
     for d in rows:
-        detail = d["reason"] or d["last_error"] if d["status"] != "sent" else d["text"]
+        detail = d["reason"] or d["last_error"] if d["status"] != DeliveryStatus.SENT else d["text"]
         who = f"{d['contact_id']} {_escape(d['contact_name'])}"
         table.add_row(
             str(d["id"]),

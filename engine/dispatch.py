@@ -12,6 +12,10 @@ Guarantees (each has a test):
 * **Rate.** Sends are spaced `1/rate` apart by a pacer that never catches up on missed slots, so the
   achieved rate never exceeds the configured one; concurrency hides gateway latency, so a slow gateway
   still reaches the rate. Rate-limit errors pause all sends and slow the pace, recovering gradually.
+* **One outcome table.** Whatever a gateway call raised, on the direct path or the batch (群发 task) path, is
+  classified by `engine.outcome.classify` and acted on in one place: retried, requeued, recorded `unknown` or
+  `failed`, or — when the gateway refuses the credentials — the run pauses with every unsent delivery still
+  pending (tests/test_outcome.py, test_batch.py, test_dispatch.py::test_refused_credentials_*).
 * **Policy at send time.** The per-contact frequency cap is re-checked just before each send (other
   campaigns may have sent since planning); quiet hours hold sends until the window opens; a logged-out
   account holds them until it logs in again; `max_errors` failures pause the run.
@@ -33,27 +37,22 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, time, timedelta
+from enum import Enum
 from typing import Any
 from zoneinfo import ZoneInfo
 
 from sqlalchemy import select, update
 from sqlalchemy.engine import Engine
 
+from engine.backoff import backoff_delay
 from engine.clock import Clock, SystemClock
-from engine.errors import (
-    GatewayError,
-    NotFoundError,
-    NotLoggedInError,
-    RateLimitedError,
-    TransientError,
-    UnknownOutcomeError,
-    WecastError,
-)
+from engine.errors import GatewayError, NotFoundError, WecastError
 from engine.gateways.base import BatchOutcome, Gateway
+from engine.outcome import Outcome, Verdict, classify
 from engine.plan import cap_period
 from engine.settings import Settings
 from storage import queries
-from storage.models import DELIVERIES, RUNS, DeliveryStatus, RunStatus
+from storage.models import DELIVERIES, OPEN_STATUSES, RUNS, DeliveryStatus, RunStatus
 
 log = logging.getLogger("wecast.dispatch")
 HEARTBEAT_EVERY = 5.0
@@ -71,14 +70,25 @@ class RunSummary:
 
     @property
     def sent(self) -> int:
-        return self.counts.get("sent", 0)
+        return self.counts.get(DeliveryStatus.SENT, 0)
 
     @property
     def open(self) -> int:
-        return sum(self.counts.get(s, 0) for s in ("pending", "claimed", "sending", "submitted"))
+        return sum(self.counts.get(s, 0) for s in OPEN_STATUSES)
 
 
 Progress = Callable[[dict[str, int]], None]
+
+
+class Halt(Enum):
+    """Why sending must stop now (see `_RunSender.must_stop`)."""
+
+    STOPPING = "the dispatcher is stopping"
+    AUTH = "the gateway refused the credentials"
+    LOGGED_OUT = "the account is logged out"
+    NOT_RUNNING = "the run is no longer running"
+    TOO_MANY_ERRORS = "max_errors reached"
+    QUIET_HOURS = "quiet hours"
 
 
 def process_owner() -> str:
@@ -286,14 +296,33 @@ class _RunSender:
         self.inflight: set[asyncio.Task[None]] = set()
         self.results: list[dict[str, Any]] = []
         self.logged_out = False
+        self.auth_error = ""  # set when the gateway refused the credentials: the run pauses
         self.last_flush = d.clock.monotonic()
         self.last_beat = d.clock.monotonic()
         with d.db.connect() as conn:
             counts = queries.status_counts(conn, self.run_id)
-        self.failed = counts.get("failed", 0)
+        self.failed = counts.get(DeliveryStatus.FAILED, 0)
         self.counts = counts
         caps = d.gateway.capabilities
         self.batch = caps.batch_send and not caps.direct_send
+
+    # -- the one "must I stop now" check ---------------------------------------------------------
+    def must_stop(self) -> Halt | None:
+        """Why no further send may start now, or None. Checked before every claim and every chunk."""
+        d = self.d
+        if d.stopping.is_set():
+            return Halt.STOPPING
+        if self.auth_error:
+            return Halt.AUTH
+        if self.logged_out:
+            return Halt.LOGGED_OUT
+        if self._run_status() != RunStatus.RUNNING:
+            return Halt.NOT_RUNNING
+        if self.max_errors and self.failed >= self.max_errors:
+            return Halt.TOO_MANY_ERRORS
+        if quiet_wait(d.clock.now(), self.tz, self.quiet):
+            return Halt.QUIET_HOURS
+        return None
 
     # -- main loop -------------------------------------------------------------------------------
     async def loop(
@@ -307,16 +336,21 @@ class _RunSender:
             claim_size = max(claim_size, min(d.gateway.capabilities.max_batch, 10_000))
         confirm_deadline = None if confirm_wait is None else d.clock.monotonic() + confirm_wait
         while True:
-            if d.stopping.is_set():
+            halt = self.must_stop()
+            if halt is Halt.STOPPING:
                 return "stopped; unsent deliveries stay pending and resume on the next start"
-            status = self._run_status()
-            if status != RunStatus.RUNNING.value:
-                return f"run {status}"
-            if self.max_errors and self.failed >= self.max_errors:
+            if halt is Halt.NOT_RUNNING:
+                return f"run {self._run_status()}"
+            if halt is Halt.AUTH:
+                await self._wait_inflight()
+                self._pause(f"paused: {self.auth_error}")
+                return f"paused: {self.auth_error}; fix it, then `wecast resume {self.run_id}`"
+            if halt is Halt.TOO_MANY_ERRORS:
+                await self._wait_inflight()
                 self._pause(f"paused after {self.failed} failed deliveries (max_errors {self.max_errors})")
                 return f"paused after {self.failed} failures; see `wecast log --status failed`"
-            wait = quiet_wait(d.clock.now(), self.tz, self.quiet)
-            if wait:
+            if halt is Halt.QUIET_HOURS:
+                wait = quiet_wait(d.clock.now(), self.tz, self.quiet)
                 if quiet_wait_max is not None and wait > quiet_wait_max:
                     return (
                         f"quiet hours ({self.quiet['start'] if self.quiet else ''}–"
@@ -326,10 +360,10 @@ class _RunSender:
                 log.info("run %s: quiet hours, waiting %.0fs", self.run_id, wait)
                 await self._idle(min(wait, 60.0))
                 continue
-            if self.logged_out or not (await d.gateway.login_status()).logged_in:
+            if halt is Halt.LOGGED_OUT or not (await d.gateway.login_status()).logged_in:
                 await self._wait_inflight()
                 status_now = await self._wait_for_login(login_wait)
-                if d.stopping.is_set() or self._run_status() != RunStatus.RUNNING.value:
+                if d.stopping.is_set() or self._run_status() != RunStatus.RUNNING:
                     continue
                 if not status_now.logged_in:
                     if login_wait is not None:
@@ -368,22 +402,18 @@ class _RunSender:
                 await self._send_rows(rows, chunk_size)
 
     async def _send_rows(self, rows: list[dict[str, Any]], chunk_size: int) -> None:
-        d = self.d
         for start in range(0, len(rows), chunk_size):
             chunk = rows[start : start + chunk_size]
-            if (
-                d.stopping.is_set()
-                or self.logged_out
-                or self._run_status() != RunStatus.RUNNING.value
-                or (self.max_errors and self.failed >= self.max_errors)
-                or quiet_wait(d.clock.now(), self.tz, self.quiet)
-            ):
-                self._unclaim([r["id"] for r in rows[start:]])
-                return
             for _ in chunk:
-                await self.d_acquire()
+                await self.sem.acquire()
             # Mark rows `sending` only when their turn is near, so a crash leaves few ambiguous rows.
             await self.pacer.until_due()
+            # Checked after the wait, right before marking: what the sends in flight meanwhile ran into counts.
+            if self.must_stop() is not None:
+                for _ in chunk:
+                    self.sem.release()
+                self._unclaim([r["id"] for r in rows[start:]])
+                return
             kept = self._apply_cap(chunk)
             for _ in range(len(chunk) - len(kept)):
                 self.sem.release()
@@ -396,14 +426,9 @@ class _RunSender:
             self._maybe_flush()
             self._beat()
 
-    async def d_acquire(self) -> None:
-        await self.sem.acquire()
-
     # -- one send --------------------------------------------------------------------------------
     async def _send_one(self, row: dict[str, Any]) -> None:
         d = self.d
-        attempts = row["attempts"] + 1
-        base: dict[str, Any] = {"id": row["id"], "claim_token": ""}
         await self.pacer.slot()
         try:
             # The call starts in this very step, right at the paced moment (no task hop in between).
@@ -411,45 +436,19 @@ class _RunSender:
                 receipt = await d.gateway.send_text(
                     row["contact_id"], row["text"], idempotency_key=row["dedupe_key"] or f"delivery-{row['id']}"
                 )
-        except TimeoutError:
-            self._record(
-                {
-                    **base,
-                    "status": "unknown",
-                    "reason": f"no answer from the gateway within {d.send_timeout:g}s; it may have been delivered",
-                    "last_error": "timeout",
-                }
-            )
-        except RateLimitedError as exc:
-            self.pacer.rate_limited(exc.retry_after)
-            self._retry(base, attempts, str(exc), delay=exc.retry_after)
-        except NotLoggedInError as exc:
-            self.logged_out = True
-            # Not an attempt: nothing was sent. The row waits for the login.
-            self._record({**base, "status": "pending", "attempts": attempts - 1, "last_error": str(exc)})
-        except TransientError as exc:
-            self._retry(base, attempts, str(exc))
-        except UnknownOutcomeError as exc:
-            self._record({**base, "status": "unknown", "reason": str(exc), "last_error": str(exc)})
-        except GatewayError as exc:
-            self.failed += 1
-            self._record({**base, "status": "failed", "reason": str(exc), "last_error": str(exc)})
-        except Exception as exc:  # a bug behind the gateway boundary: the request may have left
-            log.exception("run %s: unexpected error sending delivery %s", self.run_id, row["id"])
-            self._record(
-                {
-                    **base,
-                    "status": "unknown",
-                    "reason": f"unexpected error: {type(exc).__name__}: {exc}",
-                    "last_error": repr(exc),
-                }
-            )
+        except Exception as exc:
+            outcome = classify(exc, timeout=d.send_timeout)
+            if outcome.verdict is Verdict.UNKNOWN and not isinstance(exc, GatewayError | TimeoutError):
+                log.exception("run %s: unexpected error sending delivery %s", self.run_id, row["id"])
+            self._react(outcome)
+            self._settle(row, outcome)
         else:
             self.pacer.succeeded()
             self._record(
                 {
-                    **base,
-                    "status": "sent",
+                    "id": row["id"],
+                    "claim_token": "",
+                    "status": DeliveryStatus.SENT,
                     "gateway_message_id": receipt.message_id,
                     "sent_at": d.clock.now(),
                     "last_error": "",
@@ -459,28 +458,50 @@ class _RunSender:
         finally:
             self.sem.release()
 
+    # -- outcomes (one place for both send paths) -------------------------------------------------
+    def _react(self, outcome: Outcome) -> None:
+        """What a failed call means for the whole run (once per call, however many rows it carried)."""
+        if outcome.slow_down:
+            self.pacer.rate_limited(outcome.retry_after or 0.0)
+        if outcome.logged_out:
+            self.logged_out = True
+        if outcome.verdict is Verdict.HALT:
+            self.auth_error = outcome.reason
+
+    def _settle(self, row: dict[str, Any], outcome: Outcome) -> None:
+        """Record what a failed call means for one of its rows."""
+        base: dict[str, Any] = {"id": row["id"], "claim_token": "", "last_error": outcome.reason}
+        attempts = row["attempts"] + 1
+        if outcome.verdict is Verdict.RETRY:
+            self._retry(base, attempts, outcome.reason, delay=outcome.retry_after)
+        elif outcome.verdict in (Verdict.REQUEUE, Verdict.HALT):
+            # Not an attempt: nothing was sent. The row waits for the login (or the fixed credentials).
+            self._record({**base, "status": DeliveryStatus.PENDING, "attempts": attempts - 1})
+        elif outcome.verdict is Verdict.UNKNOWN:
+            self._record({**base, "status": DeliveryStatus.UNKNOWN, "reason": outcome.reason})
+        else:
+            self.failed += 1
+            self._record({**base, "status": DeliveryStatus.FAILED, "reason": outcome.reason})
+
     def _retry(self, base: dict[str, Any], attempts: int, error: str, delay: float | None = None) -> None:
         retry = self.d.retry
         if attempts >= retry.max_attempts:
             self.failed += 1
             self._record(
-                {
-                    **base,
-                    "status": "failed",
-                    "last_error": error,
-                    "reason": f"gave up after {attempts} attempts: {error}",
-                }
+                {**base, "status": DeliveryStatus.FAILED, "reason": f"gave up after {attempts} attempts: {error}"}
             )
             return
         if delay is None:
-            cap = retry.max_delay.total_seconds()
-            backoff = min(cap, retry.base_delay.total_seconds() * 2 ** (attempts - 1))
-            delay = backoff / 2 + self.d.rng.random() * backoff / 2  # "equal jitter"
+            delay = backoff_delay(
+                attempts - 1,
+                base=retry.base_delay.total_seconds(),
+                cap=retry.max_delay.total_seconds(),
+                rng=self.d.rng,
+            )
         self._record(
             {
                 **base,
-                "status": "pending",
-                "last_error": error,
+                "status": DeliveryStatus.PENDING,
                 "next_attempt_at": self.d.clock.now() + timedelta(seconds=delay),
             }
         )
@@ -504,13 +525,7 @@ class _RunSender:
             for i in (range(0, len(group), max_batch) if not key else [0])
         ]
         for index, (text, key, part) in enumerate(parts):
-            if (
-                d.stopping.is_set()
-                or self.logged_out
-                or self._run_status() != RunStatus.RUNNING.value
-                or (self.max_errors and self.failed >= self.max_errors)
-                or quiet_wait(d.clock.now(), self.tz, self.quiet)
-            ):
+            if self.must_stop() is not None:
                 self._unclaim([r["id"] for _, _, rest in parts[index:] for r in rest])
                 return
             part = self._apply_cap(part)
@@ -525,7 +540,7 @@ class _RunSender:
                     [
                         {
                             "id": r["id"],
-                            "status": "sending",
+                            "status": DeliveryStatus.SENDING,
                             "attempts": r["attempts"] + 1,
                             "gateway_task_id": key,
                             "updated_at": now,
@@ -539,19 +554,13 @@ class _RunSender:
             try:
                 async with asyncio.timeout(d.send_timeout):
                     receipt = await d.gateway.submit_batch(ids, text, idempotency_key=key)
-            except TimeoutError:
+            except Exception as exc:
+                outcome = classify(exc, timeout=d.send_timeout)
+                if outcome.verdict is Verdict.UNKNOWN and not isinstance(exc, GatewayError | TimeoutError):
+                    log.exception("run %s: unexpected error submitting a task of %d", self.run_id, len(part))
+                self._react(outcome)
                 for r in part:
-                    self._record(
-                        {
-                            "id": r["id"],
-                            "status": "unknown",
-                            "last_error": "timeout",
-                            "reason": "no answer when submitting the mass-message task; it may exist",
-                        }
-                    )
-            except GatewayError as exc:
-                for r in part:
-                    self._outcome(r, exc)
+                    self._settle(r, outcome)
             else:
                 self.pacer.succeeded()
                 for cid in receipt.accepted:
@@ -559,7 +568,7 @@ class _RunSender:
                         self._record(
                             {
                                 "id": by_contact[cid]["id"],
-                                "status": "submitted",
+                                "status": DeliveryStatus.SUBMITTED,
                                 "claim_token": "",
                                 "gateway_task_id": receipt.task_id,
                                 "reason": "",
@@ -572,7 +581,7 @@ class _RunSender:
                         self._record(
                             {
                                 "id": by_contact[cid]["id"],
-                                "status": "failed",
+                                "status": DeliveryStatus.FAILED,
                                 "claim_token": "",
                                 "reason": why,
                                 "last_error": why,
@@ -583,31 +592,13 @@ class _RunSender:
                     self._record(
                         {
                             "id": by_contact[cid]["id"],
-                            "status": "unknown",
+                            "status": DeliveryStatus.UNKNOWN,
                             "claim_token": "",
                             "reason": f"task {receipt.task_id} did not say whether it includes this contact",
                         }
                     )
             self._flush()
             self._beat()
-
-    def _outcome(self, row: dict[str, Any], exc: GatewayError) -> None:
-        """Record a failed gateway call for one row (the same rules as a direct send)."""
-        base: dict[str, Any] = {"id": row["id"], "claim_token": ""}
-        attempts = row["attempts"] + 1
-        if isinstance(exc, RateLimitedError):
-            self.pacer.rate_limited(exc.retry_after)
-            self._retry(base, attempts, str(exc), delay=exc.retry_after)
-        elif isinstance(exc, NotLoggedInError):
-            self.logged_out = True
-            self._record({**base, "status": "pending", "attempts": attempts - 1, "last_error": str(exc)})
-        elif isinstance(exc, TransientError):
-            self._retry(base, attempts, str(exc))
-        elif isinstance(exc, UnknownOutcomeError):
-            self._record({**base, "status": "unknown", "reason": str(exc), "last_error": str(exc)})
-        else:
-            self.failed += 1
-            self._record({**base, "status": "failed", "reason": str(exc), "last_error": str(exc)})
 
     def _saved_batch_keys(self, ids: list[int]) -> dict[int, str]:
         c = queries.D
@@ -645,7 +636,7 @@ class _RunSender:
                     self._record(
                         {
                             "id": row_id,
-                            "status": "sent",
+                            "status": DeliveryStatus.SENT,
                             "gateway_message_id": res.message_id,
                             "sent_at": self.d.clock.now(),
                             "reason": "",
@@ -653,7 +644,9 @@ class _RunSender:
                     )
                 elif res.outcome is BatchOutcome.FAILED:
                     self.failed += 1
-                    self._record({"id": row_id, "status": "failed", "reason": res.reason or "not delivered"})
+                    self._record(
+                        {"id": row_id, "status": DeliveryStatus.FAILED, "reason": res.reason or "not delivered"}
+                    )
                 else:
                     waiting += 1
             waiting += len(set(members) - seen)
@@ -692,7 +685,7 @@ class _RunSender:
                 [
                     {
                         "id": r["id"],
-                        "status": "sending",
+                        "status": DeliveryStatus.SENDING,
                         "attempts": r["attempts"] + 1,
                         "updated_at": now,
                         "sent_at": now,
@@ -717,7 +710,7 @@ class _RunSender:
                 skip.append(
                     {
                         "id": r["id"],
-                        "status": "skipped",
+                        "status": DeliveryStatus.SKIPPED,
                         "claim_token": "",
                         "updated_at": self.d.clock.now(),
                         "reason": f"frequency_cap: already got {counts[r['contact_id']]} marketing message(s) "
@@ -737,9 +730,9 @@ class _RunSender:
             return
         cancelled = self._run_status() == RunStatus.CANCELLED.value
         row: dict[str, Any] = (
-            {"status": "skipped", "reason": "run cancelled", "claim_token": ""}
+            {"status": DeliveryStatus.SKIPPED, "reason": "run cancelled", "claim_token": ""}
             if cancelled
-            else {"status": "pending", "claim_token": ""}
+            else {"status": DeliveryStatus.PENDING, "claim_token": ""}
         )
         with self.d.db.begin() as conn:
             queries.apply_updates(conn, [{"id": i, **row} for i in ids])
@@ -761,7 +754,7 @@ class _RunSender:
     def _finish_if_done(self) -> None:
         with self.d.db.begin() as conn:
             counts = queries.status_counts(conn, self.run_id)
-            if any(counts.get(s, 0) for s in ("pending", "claimed", "sending", "submitted")):
+            if any(counts.get(s, 0) for s in OPEN_STATUSES):
                 return
             r = queries.R
             conn.execute(

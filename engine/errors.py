@@ -12,6 +12,8 @@ WecastError                       base; `str(e)` is the one-line message the CLI
     │   └── RateLimitedError      retry after `retry_after` seconds and slow down
     ├── NotLoggedInError          nothing can be sent until the account logs in again
     ├── PermanentError            this recipient/message will never work (not a friend, bad id)
+    │   └── AuthError             the gateway refused our credentials (token, secret): nothing will
+    │                             work until the configuration is fixed; stop sending, keep the rest
     └── UnknownOutcomeError       the gateway may or may not have delivered (timeout after
                                   the request left); never retried silently
 """
@@ -116,6 +118,13 @@ class PermanentError(GatewayError):
     """This send will never succeed (unknown contact, not a friend, message rejected)."""
 
     kind = "failed"
+
+
+class AuthError(PermanentError):
+    """The gateway refused our credentials (a wrong or expired token or secret). No send can succeed until the
+    configuration is fixed: a run stops (paused, its deliveries still pending) instead of failing them all."""
+
+    kind = "auth"
 
 
 class UnknownOutcomeError(GatewayError):

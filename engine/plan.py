@@ -451,7 +451,12 @@ def plan_run(
         )
         counts = queries.status_counts(conn, run_id)
     return PlanResult(
-        run_id, key, created=True, planned=counts.get("pending", 0), skipped=counts.get("skipped", 0), preview=preview
+        run_id,
+        key,
+        created=True,
+        planned=counts.get(DeliveryStatus.PENDING, 0),
+        skipped=counts.get(DeliveryStatus.SKIPPED, 0),
+        preview=preview,
     )
 
 

@@ -61,9 +61,16 @@ class DeliveryStatus(StrEnum):
     UNKNOWN = "unknown"
 
 
+# Every delivery is in exactly one of these two sets: it ends in a terminal state; until then it is open
+# (still to be sent, being sent, or waiting for staff to confirm a 群发 task).
 TERMINAL_STATUSES = frozenset(
     {DeliveryStatus.SENT, DeliveryStatus.FAILED, DeliveryStatus.SKIPPED, DeliveryStatus.UNKNOWN}
 )
+OPEN_STATUSES = frozenset(
+    {DeliveryStatus.PENDING, DeliveryStatus.CLAIMED, DeliveryStatus.SENDING, DeliveryStatus.SUBMITTED}
+)
+# Open deliveries not handed to the gateway yet: a run's queue.
+QUEUED_STATUSES = frozenset({DeliveryStatus.PENDING, DeliveryStatus.CLAIMED})
 # Deliveries that count against the per-contact frequency cap: anything that reached (or may have
 # reached) the gateway, plus what is about to.
 CAP_COUNTED_STATUSES = frozenset(

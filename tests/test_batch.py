@@ -160,3 +160,72 @@ def test_direct_sends_are_refused_by_a_task_only_account(tmp_path: Path) -> None
         await gw.close()
 
     asyncio.run(go())
+
+
+def test_an_unexpected_error_submitting_a_task_leaves_no_row_sending(tmp_path: Path) -> None:
+    """A bug behind the gateway boundary (not a GatewayError) while submitting a task is classified like on the
+    direct path: the task may exist, so its rows are recorded `unknown` with the reason, none left `sending`."""
+    settings = settings_for(tmp_path, contacts=40)
+
+    async def go() -> None:
+        app = Wecast(settings, clock=FakeClock(MONDAY_10))
+        await app.start()
+        await app.sync()
+
+        async def broken(ids: list[str], text: str, *, idempotency_key: str) -> Any:
+            raise RuntimeError("bug in the gateway")
+
+        app.gateway.submit_batch = broken  # type: ignore[method-assign]
+        outcome = await app.run_campaign(campaign(settings, "会员日快乐"), confirm_wait=0)
+        s = outcome.summary
+        assert s is not None and s.status == "completed"
+        assert s.counts.get("sending", 0) == 0 and s.counts["unknown"] == outcome.plan.planned
+        with app.db.connect() as conn:
+            rows = queries.deliveries(conn, run_id=s.run_id, status="unknown", limit=1000)
+        assert all(r["reason"] == "unexpected error: RuntimeError: bug in the gateway" for r in rows)
+        await app.close()
+
+    asyncio.run(go())
+
+
+def test_a_rate_limited_task_slows_the_run_once_not_once_per_recipient(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One throttled task submission slows the pace once (it was one call), and its rows are retried."""
+    from engine.dispatch import Pacer
+    from engine.errors import RateLimitedError
+
+    settings = settings_for(tmp_path, contacts=40)
+    slowed: list[float] = []
+    original_rate_limited = Pacer.rate_limited
+
+    def spy(self: Pacer, retry_after: float) -> None:
+        slowed.append(retry_after)
+        original_rate_limited(self, retry_after)
+
+    monkeypatch.setattr(Pacer, "rate_limited", spy)
+
+    async def go() -> None:
+        app = Wecast(settings, clock=FakeClock(MONDAY_10))
+        await app.start()
+        await app.sync()
+        gw = app.gateway
+        assert isinstance(gw, SandboxGateway)
+        original = gw.submit_batch
+        calls = 0
+
+        async def throttled_once(ids: list[str], text: str, *, idempotency_key: str) -> Any:
+            nonlocal calls
+            calls += 1
+            if calls == 1:
+                raise RateLimitedError("45009: too many tasks", retry_after=3.0)
+            return await original(ids, text, idempotency_key=idempotency_key)
+
+        gw.submit_batch = throttled_once  # type: ignore[method-assign]
+        outcome = await app.run_campaign(campaign(settings, "新品上市"), confirm_wait=0)
+        assert outcome.summary is not None and outcome.summary.status == "completed"
+        assert outcome.summary.sent == outcome.plan.planned > 10
+        assert slowed == [3.0] and calls == 2
+        await app.close()
+
+    asyncio.run(go())

@@ -463,3 +463,65 @@ def test_a_live_owner_blocks_a_second_dispatcher(tmp_path: Path) -> None:
         await app.close()
 
     run(go())
+
+
+def test_refused_credentials_pause_the_run_and_fail_nobody(tmp_path: Path) -> None:
+    """When the gateway refuses the credentials, the run pauses with the reason at the first refusal: no delivery
+    is failed or loses an attempt, and after the fix `resume` sends them all."""
+    from engine.errors import AuthError
+
+    settings = settings_for_auth = make_settings(tmp_path, contacts=60)
+
+    async def go() -> None:
+        app = await started(settings_for_auth)
+        original = app.gateway.send_text
+        refused = True
+        calls = 0
+
+        async def token_check(contact_id: str, text: str, *, idempotency_key: str) -> Any:
+            nonlocal calls
+            calls += 1
+            if refused:
+                raise AuthError("the WorkPro puppet rejected the token (UNAUTHENTICATED): check workpro.token")
+            return await original(contact_id, text, idempotency_key=idempotency_key)
+
+        app.gateway.send_text = token_check  # type: ignore[method-assign]
+        s = (await app.run_campaign(campaign(settings, PLAIN + "max_errors: 5\n"))).summary
+        assert s is not None and s.status == "paused" and "rejected the token" in s.message
+        assert calls <= settings.sending.concurrency  # only sends already in flight were tried
+        assert not s.counts.get("failed") and not s.counts.get("unknown")
+        with app.db.connect() as conn:
+            pending = queries.deliveries(conn, run_id=s.run_id, status="pending", limit=1000)
+            run_row = queries.get_run(conn, s.run_id)
+        assert run_row is not None and "rejected the token" in run_row["error"]
+        assert len(pending) == s.counts["pending"] > 30 and all(r["attempts"] == 0 for r in pending)
+        refused = False
+        app.reopen_run(s.run_id)
+        [done] = await app.resume(s.run_id)
+        assert done.status == "completed" and done.sent == len(pending)
+        await app.close()
+
+    run(go())
+
+
+def test_retry_delays_come_from_the_injected_random_source(tmp_path: Path) -> None:
+    """Two dispatchers given equally seeded random sources schedule the same retry times (no global random)."""
+    import random
+
+    from engine.dispatch import Dispatcher
+
+    async def retry_times(folder: Path) -> list[Any]:
+        folder.mkdir()
+        settings = make_settings(folder, contacts=20, faults="{error_rate: 1.0}")
+        app = await started(settings)
+        app.dispatcher = Dispatcher(app.db, app.gateway, settings, clock=app.clock, rng=random.Random(42))
+        plan = app.plan(campaign(settings, PLAIN + "max_errors: 0\n"))
+        await app.dispatcher.run(plan.run_id)
+        with app.db.connect() as conn:
+            rows = queries.deliveries(conn, run_id=plan.run_id, status="failed", limit=1000)
+        await app.close()
+        return sorted((r["contact_id"], r["next_attempt_at"]) for r in rows)
+
+    first, second = run(retry_times(tmp_path / "a")), run(retry_times(tmp_path / "b"))
+    assert first and all(at is not None for _, at in first)
+    assert first == second

@@ -19,6 +19,7 @@ from grpc import aio
 from pydantic import SecretStr
 
 from engine.errors import (
+    AuthError,
     LoginError,
     NotLoggedInError,
     PermanentError,
@@ -239,7 +240,7 @@ def test_contact_mapping_tolerates_odd_additional_info() -> None:
             True,
             NotLoggedInError,
         ),
-        (grpc.StatusCode.UNAUTHENTICATED, f'Invalid Wechaty TOKEN "{TOKEN}"', False, PermanentError),
+        (grpc.StatusCode.UNAUTHENTICATED, f'Invalid Wechaty TOKEN "{TOKEN}"', False, AuthError),
         (
             grpc.StatusCode.UNKNOWN,
             "Error: conversation 1 not found\n    at PuppetWorkPro.send (/app/x.js:1:2)",
@@ -332,11 +333,11 @@ async def test_explicit_endpoint_skips_discovery(make_fake: Factory, make_gatewa
 async def test_wrong_token_is_a_clear_error_without_the_token(
     make_fake: Factory, make_gateway: Factory, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """UNAUTHENTICATED becomes a PermanentError about the token; the token is in neither error nor logs."""
+    """UNAUTHENTICATED becomes an AuthError about the token; the token is in neither error nor logs."""
     caplog.set_level(logging.DEBUG)
     fake = await make_fake()
     wrong = "puppet_workpro_wr0ng0000000000000"
-    with pytest.raises(PermanentError) as caught:
+    with pytest.raises(AuthError) as caught:
         await make_gateway(settings_for(fake, token=SecretStr(wrong)))
     assert "token" in str(caught.value).lower()
     assert wrong not in str(caught.value)
@@ -468,6 +469,33 @@ async def test_dropped_stream_reconnects_and_keeps_the_login(make_fake: Factory,
     assert len(kinds(gateway, EventKind.LOGIN)) == 1
     receipt = await gateway.send_text(fake.contact_ids()[0], "still here", idempotency_key="r1")
     assert receipt.message_id == fake.sends[-1].message_id
+
+
+async def test_reconnect_delay_uses_the_injected_random_source(make_fake: Factory) -> None:
+    """The reconnect backoff draws its jitter from the gateway's injected random source (not the global one), so
+    a seeded gateway waits exactly the delay the shared backoff formula gives for that seed."""
+    import random
+
+    from engine.backoff import backoff_delay
+
+    fake = await make_fake()
+    settings = settings_for(fake)
+    gateway = WorkproGateway(settings, rng=random.Random(5))
+    await gateway.start()
+    try:
+        await login(gateway, fake)
+        fake.drop_event_stream()
+        await until(lambda: any(e.data.get("state") == "reconnecting" for e in kinds(gateway, EventKind.CONNECTION)))
+        [event] = [e for e in kinds(gateway, EventKind.CONNECTION) if e.data.get("state") == "reconnecting"]
+        expected = backoff_delay(
+            0,
+            base=settings.reconnect_delay.total_seconds(),
+            cap=settings.reconnect_max_delay.total_seconds(),
+            rng=random.Random(5),
+        )
+        assert event.data["delay"] == round(expected, 3)
+    finally:
+        await gateway.close()
 
 
 async def test_reconnect_does_not_need_seq(make_fake: Factory, make_gateway: Factory) -> None:

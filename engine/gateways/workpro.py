@@ -36,8 +36,10 @@ from urllib.parse import parse_qs, urlsplit
 import grpc
 import httpx
 
+from engine.backoff import backoff_delay
 from engine.clock import Clock
 from engine.errors import (
+    AuthError,
     GatewayError,
     LoginError,
     NotLoggedInError,
@@ -249,9 +251,11 @@ class WorkproGateway(Gateway):
         clock: Clock | None = None,
         *,
         http_client: httpx.AsyncClient | None = None,
+        rng: random.Random | None = None,
     ) -> None:
         super().__init__(clock)
         self.settings = settings
+        self._rng = rng or random.Random()  # reconnect jitter
         self._token = settings.token.get_secret_value() if settings.token else ""
         if self._token:
             _protect_secret(self._token)
@@ -466,7 +470,7 @@ class WorkproGateway(Gateway):
                 return
             base = self.settings.reconnect_delay.total_seconds()
             cap = self.settings.reconnect_max_delay.total_seconds()
-            delay = min(cap, base * 2 ** min(attempt, 16)) * random.uniform(0.5, 1.0)
+            delay = backoff_delay(attempt, base=base, cap=cap, rng=self._rng)
             attempt += 1
             if was_up or attempt == 1:
                 self.emit(
@@ -548,7 +552,7 @@ class WorkproGateway(Gateway):
         if "workproerrorcode: 20001" in lower:
             return RateLimitedError(f"WorkPro is throttling sends ({text}); slow down", retry_after=backoff)
         if code == grpc.StatusCode.UNAUTHENTICATED or "invalid wechaty token" in lower:
-            return PermanentError(
+            return AuthError(
                 "the WorkPro puppet rejected the token (UNAUTHENTICATED): check workpro.token "
                 "(or WECAST_WORKPRO_TOKEN) and that it is a puppet_workpro_… token for this server"
             )
@@ -924,7 +928,7 @@ class WorkproGateway(Gateway):
                     self._batch_supported = False
                     return None
                 error = self._map_rpc_error(exc, "BatchContactPayload", mutating=False)
-                if isinstance(error, PermanentError) and "rejected the token" not in str(error):
+                if isinstance(error, PermanentError) and not isinstance(error, AuthError):
                     # One unknown id can fail the whole batch on some accounts: read this chunk id by id.
                     log.warning(
                         "workpro: BatchContactPayload failed (%s); reading %d contacts one by one",

@@ -43,7 +43,7 @@ from engine.service import Wecast
 from engine.spec import Campaign, load_campaigns
 from engine.web.qr import qr_terminal
 from storage import queries
-from storage.models import DELIVERIES, GATEWAY_EVENTS, RUNS
+from storage.models import DELIVERIES, GATEWAY_EVENTS, QUEUED_STATUSES, RUNS, DeliveryStatus, RunStatus
 
 log = logging.getLogger("wecast.web")
 
@@ -204,19 +204,19 @@ class DatabaseCollector:
                 select(func.count())
                 .select_from(DELIVERIES)
                 .join(RUNS, r.id == d.run_id)
-                .where(r.status == "running", d.status.in_(["pending", "claimed"]))
+                .where(r.status == RunStatus.RUNNING, d.status.in_(QUEUED_STATUSES))
             ).scalar()
             runs: dict[str, int] = dict(conn.execute(select(r.status, func.count()).group_by(r.status)).all())
         deliveries = GaugeMetricFamily("wecast_deliveries", "Deliveries by status (all runs)", labels=["status"])
-        for status in ("pending", "claimed", "sending", "submitted", "sent", "failed", "skipped", "unknown"):
+        for status in DeliveryStatus:
             deliveries.add_metric([status], float(by_status.get(status, 0)))
         yield deliveries
         yield GaugeMetricFamily(
             "wecast_queue_depth", "Deliveries of running runs waiting to be sent", value=float(queue or 0)
         )
         run_family = GaugeMetricFamily("wecast_runs", "Runs by status", labels=["status"])
-        for status in ("running", "paused", "completed", "cancelled"):
-            run_family.add_metric([status], float(runs.get(status, 0)))
+        for run_status in RunStatus:
+            run_family.add_metric([run_status], float(runs.get(run_status, 0)))
         yield run_family
         login = GaugeMetricFamily("wecast_login_state", "1 for the current login state", labels=["state"])
         for state in LoginState:

@@ -30,7 +30,7 @@ from engine.errors import NotFoundError, WecastError
 from engine.gateways.base import LoginStatus
 from engine.plan import plan_adhoc
 from storage import queries
-from storage.models import CONTACTS, RUNS, TAGS
+from storage.models import CONTACTS, OPEN_STATUSES, RUNS, TAGS, DeliveryStatus, RunStatus
 
 if TYPE_CHECKING:
     from engine.web.app import WebContext
@@ -236,7 +236,7 @@ async def send_text(
         _same_request(ctx, run_id, contact_ids, text)
     task = ctx.workers.task(run_id)
     run = queries.get_run(app.db, run_id)
-    if task is None and run is not None and run["status"] == "running" and _open(ctx, run_id):
+    if task is None and run is not None and run["status"] == RunStatus.RUNNING and _open(ctx, run_id):
         task = ctx.dispatch(run_id, "api")
     if task is not None:
         await asyncio.wait({asyncio.shield(task)} if not task.done() else {task}, timeout=ctx.send_wait)
@@ -284,7 +284,7 @@ def _known_contacts(ctx: WebContext, contact_ids: list[str]) -> dict[str, str]:
 def _open(ctx: WebContext, run_id: int) -> bool:
     with ctx.app.db.connect() as conn:
         counts = queries.status_counts(conn, run_id)
-    return any(counts.get(s, 0) for s in ("pending", "claimed", "sending"))
+    return any(counts.get(s, 0) for s in OPEN_STATUSES)
 
 
 def run_result(ctx: WebContext, run_id: int, *, what: str, limit: int = 200) -> dict[str, Any]:
@@ -293,8 +293,9 @@ def run_result(ctx: WebContext, run_id: int, *, what: str, limit: int = 200) -> 
         counts = queries.status_counts(conn, run_id)
         rows = queries.deliveries(conn, run_id=run_id, limit=limit)
     run = queries.get_run(ctx.app.db, run_id) or {}
-    pending = sum(counts.get(s, 0) for s in ("pending", "claimed", "sending", "submitted"))
-    sent, failed = counts.get("sent", 0), counts.get("failed", 0) + counts.get("unknown", 0)
+    pending = sum(counts.get(s, 0) for s in OPEN_STATUSES)
+    sent = counts.get(DeliveryStatus.SENT, 0)
+    failed = counts.get(DeliveryStatus.FAILED, 0) + counts.get(DeliveryStatus.UNKNOWN, 0)
     if pending:
         message = f"{what}: {sent} sent, {pending} still going out (see /api/v1/runs/{run_id})"
     elif failed:
