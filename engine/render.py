@@ -171,6 +171,14 @@ def _at(origin: Location, template_line: int) -> Location:
     return Location(origin.file, line, origin.field)
 
 
+_FILE_TAGS: dict[type[nodes.Node], str] = {
+    nodes.Include: "include",
+    nodes.Import: "import",
+    nodes.FromImport: "from ... import",
+    nodes.Extends: "extends",
+}
+
+
 def compile_template(source: str, origin: Location, tz: str = "Asia/Shanghai") -> CompiledTemplate:
     """Parse and check a template: syntax, and that every name it uses exists. Raises TemplateError."""
     if not source.strip():
@@ -180,6 +188,12 @@ def compile_template(source: str, origin: Location, tz: str = "Asia/Shanghai") -
         ast = env.parse(source)
     except TemplateSyntaxError as exc:
         raise TemplateError(f"template syntax error: {exc.message}", _at(origin, exc.lineno)) from None
+    # No loader is configured, and these are refused outright: a message template never reads another file.
+    for reader in ast.find_all((nodes.Include, nodes.Import, nodes.FromImport, nodes.Extends)):
+        raise TemplateError(
+            f"{{% {_FILE_TAGS[type(reader)]} %}} is not allowed: a message template is one file and cannot read others",
+            _at(origin, reader.lineno),
+        )
     for filt in ast.find_all(nodes.Filter):  # before find_undeclared_variables, which fails on them
         if filt.name not in env.filters:
             raise TemplateError(f"unknown filter {filt.name!r}", _at(origin, filt.lineno))

@@ -38,6 +38,7 @@ from engine import yamlsrc
 from engine.audience import Rule, RuleError, parse_rules
 from engine.durations import Duration, parse_duration
 from engine.errors import CampaignError, Location, TemplateError
+from engine.paths import MAX_TEMPLATE_BYTES, CampaignFileError, campaign_root, resolve_campaign_file
 from engine.render import CompiledTemplate, compile_template
 from engine.schedule import ScheduleError, build_trigger
 from engine.settings import FrequencyCap, QuietHours, Settings, Strict, Throttle, check_timezone
@@ -263,15 +264,15 @@ def parse_campaign(text: str, file: Path, settings: Settings) -> Campaign:
 
     template_text: str
     template_origin: Location
+    file_refused = False
     if model.message.template_file is not None:
-        tpath = Path(model.message.template_file)
-        tpath = tpath if tpath.is_absolute() else file.parent / tpath
+        tname = model.message.template_file
+        template_origin = Location(str(file.parent / tname), 1, None)
         try:
-            template_text = tpath.read_text(encoding="utf-8")
-            template_origin = Location(str(tpath), 1, None)
-        except OSError:
-            problems.append(_err(lines, ("message", "template_file"), f"template file not found: {tpath}"))
-            template_text, template_origin = "", Location(str(tpath), 1)
+            template_text = _read_template_file(tname, file, settings)
+        except CampaignFileError as exc:
+            problems.append(_err(lines, ("message", "template_file"), str(exc)))
+            template_text, file_refused = "", True
     else:
         template_text = model.message.template or ""
         key_line = lines.line(("message", "template")) or 1
@@ -282,7 +283,7 @@ def parse_campaign(text: str, file: Path, settings: Settings) -> Campaign:
     try:
         compiled = compile_template(template_text, template_origin)
     except TemplateError as exc:
-        if template_text or model.message.template_file is None:  # a missing file is reported once
+        if not file_refused:  # a refused file is reported once, not again as an empty template
             problems.append(exc)
     _raise_all(problems)
     assert compiled is not None
@@ -323,6 +324,14 @@ def parse_campaign(text: str, file: Path, settings: Settings) -> Campaign:
         content_hash=hashlib.sha256((text + template_text).encode()).hexdigest()[:16],
         lines=lines,
     )
+
+
+def _read_template_file(name: str, campaign_file: Path, settings: Settings) -> str:
+    """The text of a `template_file`, confined to the campaign root (see engine.paths). Raises
+    CampaignFileError."""
+    root = campaign_root(settings.campaigns_dir, campaign_file)
+    checked = resolve_campaign_file(root, campaign_file.parent, name, kind="template", max_bytes=MAX_TEMPLATE_BYTES)
+    return checked.read_text()
 
 
 def text_has_block(text: str, key_line: int) -> bool:

@@ -138,7 +138,7 @@ def test_unquoted_times_are_read_as_times(settings: Settings) -> None:
 def test_template_file_is_read_relative_to_the_campaign(settings: Settings) -> None:
     """`template_file:` is resolved against the campaign file's folder."""
     c = load_campaign(CASES / "valid" / "template_file.yaml", settings)
-    assert c.template.source == (CASES / "templates" / "ok.j2").read_text(encoding="utf-8")
+    assert c.template.source == (CASES / "valid" / "templates" / "ok.j2").read_text(encoding="utf-8")
 
 
 @pytest.mark.parametrize(("indicator", "offset"), [("|", 1), ("|-", 1), ("|+", 1), ("| # 注释", 1), ("", 0)])

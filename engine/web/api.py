@@ -15,13 +15,13 @@ sandbox     POST /sandbox/scan, GET /sandbox/phone, GET /sandbox/outbox (sandbox
 from __future__ import annotations
 
 import asyncio
-import re
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from fastapi import APIRouter, Body, Query, Response
 from fastapi import Path as PathParam
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import func, or_, select
+from starlette.concurrency import run_in_threadpool
 
 from engine.errors import CampaignError, LoginError, NotFoundError, WecastError
 from engine.gateways.base import LoginState
@@ -283,28 +283,18 @@ def router(ctx: WebContext) -> APIRouter:
         from engine.web.app import problem_json
 
         if body is None:
-            found, errors = ctx.campaigns() if ctx.scheduler is None else _fresh(ctx)
+            found, errors = await run_in_threadpool(ctx.campaigns if ctx.scheduler is None else lambda: _fresh(ctx))
             return {
                 "valid": not errors,
                 "campaigns": [c.id for c in found],
                 "errors": [problem_json(p) for e in errors for p in e.problems],
             }
-        if re.search(r"^\s*template_file\s*:", body.content, re.MULTILINE):
-            # A posted file must not read templates from the server's disk.
-            return {
-                "valid": False,
-                "errors": [
-                    {
-                        "file": body.filename,
-                        "line": None,
-                        "field": "message.template_file",
-                        "message": "template_file cannot be validated over the API; inline the template",
-                        "text": "",
-                    }
-                ],
-            }
         try:
-            campaign = parse_campaign(body.content, app.settings.campaigns_dir / body.filename, app.settings)
+            # Parsing is bounded (engine.yamlsrc) but still CPU work: off the event loop. A template_file is
+            # confined to the campaigns directory like any campaign file's (engine.paths).
+            campaign = await run_in_threadpool(
+                parse_campaign, body.content, app.settings.campaigns_dir / body.filename, app.settings
+            )
         except CampaignError as exc:
             return {"valid": False, "errors": [problem_json(p) for p in exc.problems]}
         fires = (

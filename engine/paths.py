@@ -1,0 +1,114 @@
+"""Files that a campaign names are read only from inside the campaigns directory.
+
+A campaign may name other files: its message template today (`message.template_file`), images and
+attachments with rich messages. Those names come from whoever can write a campaign — or post one to
+`/api/v1/campaigns/validate` — so they are confined here, in one place, for every kind of file:
+
+* A name is a path relative to the campaign file's folder. After resolving `..` and symlinks it must lie
+  inside the campaign root (`campaign_root`): the campaigns directory, or — for a campaign file loaded from
+  elsewhere, such as `wecast validate other/x.yaml` — that file's own folder.
+* Absolute paths, and anything that resolves outside the root (`/proc/self/environ`, `../../etc/passwd`, a
+  symlink to `/dev/zero`), are refused with one message that does not depend on whether the path exists.
+* Inside the root, only regular files are read: a directory, FIFO, socket or device is refused before it is
+  opened (opening a FIFO would block), and so is a file over the kind's size cap.
+* `CampaignFile.read_bytes` opens without following a final symlink, without blocking, and checks that it
+  opened the file that was checked (same device and inode), so a swap between check and read is caught.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+
+# Templates: a message is at most 10,000 characters, so a template file needs nowhere near this much.
+MAX_TEMPLATE_BYTES = 256 * 1024
+
+
+class CampaignFileError(ValueError):
+    """A campaign names a file it may not use; `str(e)` says why, without saying what exists outside."""
+
+
+@dataclass(frozen=True)
+class CampaignFile:
+    """A checked file: regular, inside the campaign root, at most `max_bytes`."""
+
+    name: str  # as the campaign wrote it (for messages)
+    path: Path  # resolved, absolute
+    size: int
+    max_bytes: int
+    _identity: tuple[int, int]  # (st_dev, st_ino) at check time
+
+    def read_bytes(self) -> bytes:
+        """The file's content. Raises CampaignFileError if it changed into something else since the check."""
+        flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
+        try:
+            fd = os.open(self.path, flags)
+        except OSError:
+            raise CampaignFileError(f"file {self.name!r} cannot be read") from None
+        with os.fdopen(fd, "rb") as handle:
+            info = os.fstat(fd)
+            if (info.st_dev, info.st_ino) != self._identity or not stat.S_ISREG(info.st_mode):
+                raise CampaignFileError(f"file {self.name!r} changed while it was being read")
+            data = handle.read(self.max_bytes + 1)
+        if len(data) > self.max_bytes:
+            raise CampaignFileError(f"file {self.name!r} is larger than {_size(self.max_bytes)}")
+        return data
+
+    def read_text(self) -> str:
+        """The content as UTF-8 text. Raises CampaignFileError for binary or non-UTF-8 content."""
+        data = self.read_bytes()
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError:
+            raise CampaignFileError(f"file {self.name!r} is not UTF-8 text") from None
+        if "\x00" in text:
+            raise CampaignFileError(f"file {self.name!r} is binary (it contains NUL bytes), not text")
+        return text
+
+
+def campaign_root(campaigns_dir: Path, campaign_file: Path) -> Path:
+    """The folder the files a campaign names must stay inside: the campaigns directory when the campaign file
+    is in it, else the campaign file's own folder."""
+    root = Path(os.path.realpath(campaigns_dir))
+    if Path(os.path.realpath(campaign_file)).is_relative_to(root):
+        return root
+    return Path(os.path.realpath(campaign_file.parent))
+
+
+def resolve_campaign_file(root: Path, base: Path, name: str, *, kind: str, max_bytes: int) -> CampaignFile:
+    """Check the file `name` (relative to the folder `base`) that a campaign uses as its `kind` ("template",
+    "image", ...): inside `root` after resolving `..` and symlinks, a regular file, at most `max_bytes`.
+
+    Raises CampaignFileError. Every path outside the root gets the same message, existing or not."""
+    outside = CampaignFileError(
+        f"{kind} file {name!r} is outside the campaigns directory; give a path relative to the campaign file "
+        "that stays inside the campaigns directory"
+    )
+    if not name.strip():
+        raise CampaignFileError(f"the {kind} file name is empty")
+    if "\x00" in name or Path(name).is_absolute():
+        raise outside
+    resolved = Path(os.path.realpath(base / name))
+    if not resolved.is_relative_to(os.path.realpath(root)):
+        raise outside
+    try:
+        info = os.stat(resolved)
+    except FileNotFoundError:
+        raise CampaignFileError(f"{kind} file not found: {name}") from None
+    except OSError:
+        raise CampaignFileError(f"{kind} file {name!r} cannot be read") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise CampaignFileError(f"{kind} file {name!r} is not a regular file (a directory, FIFO or device)")
+    if info.st_size > max_bytes:
+        raise CampaignFileError(f"{kind} file {name!r} is larger than {_size(max_bytes)}")
+    return CampaignFile(name, resolved, info.st_size, max_bytes, (info.st_dev, info.st_ino))
+
+
+def _size(n: int) -> str:
+    if n >= 1024 * 1024 and n % (1024 * 1024) == 0:
+        return f"{n // (1024 * 1024)} MiB"
+    if n >= 1024 and n % 1024 == 0:
+        return f"{n // 1024} KiB"
+    return f"{n} bytes"
