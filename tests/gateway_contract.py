@@ -17,6 +17,7 @@ import pytest
 
 from engine.errors import LoginError, NotLoggedInError, PermanentError
 from engine.gateways.base import EventKind, Gateway, LoginState, LoginStatus
+from engine.messages import LinkPart, Message, PartKind
 
 
 @dataclass(frozen=True)
@@ -215,4 +216,27 @@ class GatewayContract:
         await gateway.logout()
         with pytest.raises(NotLoggedInError):
             await gateway.send_text(contact_id, "hi", idempotency_key="k-4")
+        assert driver.sent_messages() == []
+
+    async def test_send_message_of_one_text_part(self, driver: GatewayDriver, gateway: Gateway) -> None:
+        """send() of a one-part text message delivers that text once and returns one receipt for part 0."""
+        await log_in(driver)
+        contact_id = sorted(driver.contact_ids())[3]
+        receipts = await gateway.send(contact_id, Message.of_text("新品到店，欢迎试穿"), idempotency_key="k-5")
+        assert [(r.index, r.kind) for r in receipts] == [(0, PartKind.TEXT)]
+        assert [m for m in driver.sent_messages() if m.contact_id == contact_id] == [
+            Delivered(contact_id, "新品到店，欢迎试穿", receipts[0].message_id)
+        ]
+
+    async def test_parts_a_gateway_cannot_send_are_refused(self, driver: GatewayDriver, gateway: Gateway) -> None:
+        """Every part kind outside capabilities.supports fails for good, and nothing is delivered for it."""
+        await log_in(driver)
+        assert PartKind.TEXT in gateway.capabilities.supports
+        samples = {PartKind.LINK: LinkPart("https://shop.example.com/sale", "店庆")}
+        contact_id = sorted(driver.contact_ids())[3]
+        for kind, part in samples.items():
+            if kind in gateway.capabilities.supports:
+                continue
+            with pytest.raises(PermanentError):
+                await gateway.send_part(contact_id, part, idempotency_key=f"k-6-{kind}")
         assert driver.sent_messages() == []

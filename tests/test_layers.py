@@ -16,6 +16,7 @@ ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("engine", "storage")
 # What a gateway may build on: the contract, its siblings, and the leaf modules below the pipeline.
 GATEWAY_MAY_IMPORT = (
+    "engine.messages",
     "engine.errors",
     "engine.clock",
     "engine.settings",

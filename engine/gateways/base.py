@@ -6,9 +6,17 @@ Three gateways implement it (see `engine.gateways.registry`):
 * `workpro`  – juzibot's WorkPro puppet over gRPC: QR + verify-code login, one text per contact.
 * `wecom`    – the official server API: customer sync, tags, and 群发 tasks that staff confirm.
 
-The contract serves both direct senders (`send_text`, one personalised text per contact) and task-based
-ones (`submit_batch`, one text for many contacts, results reconciled later with `batch_results`);
-`capabilities` says which a gateway offers.
+The contract serves both direct senders (`send_part` / `send`, one personalised message per contact, part by
+part) and task-based ones (`submit_batch`, one message for many contacts as a 群发 task that staff confirm,
+results reconciled later with `batch_results`); `capabilities` says which a gateway offers and which message
+parts (`engine.messages.PartKind`) it can carry, so a campaign a gateway cannot send fails validation, not at
+send time.
+
+Besides sending, the contract covers what journeys need (issue 9): tag actions (`add_contact_tags`,
+`remove_contact_tags`, `create_tag`), WeCom's welcome message (`send_welcome`, wecom only) and the event stream
+(`subscribe`): login lifecycle events and customer events — `MESSAGE` (the customer wrote), `CONTACT_ADDED`,
+`CONTACT_REMOVED`, `CONTACT_CHANGED` (refresh that contact and diff its tags). The data keys of each event kind
+are listed at `EventKind`.
 
 Errors: every method raises only `engine.errors.GatewayError` subclasses (or `LoginError` for misuse of
 the login flow); a send never returns False. The mapping from transport errors happens inside each
@@ -21,14 +29,15 @@ import asyncio
 import contextlib
 import logging
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
 from typing import Any, ClassVar
 
 from engine.clock import Clock, SystemClock
-from engine.errors import GatewayError
+from engine.errors import GatewayError, PermanentError
+from engine.messages import Message, Part, PartKind, TextPart, part_key
 
 log = logging.getLogger("wecast.gateway")
 
@@ -68,7 +77,10 @@ class EventKind(StrEnum):
     READY = "ready"  # contacts are loaded on the gateway side
     LOGOUT = "logout"  # message: the reason WeCom/puppet gave
     SECOND_VERIFICATION = "second_verification"
-    CONTACT_CHANGED = "contact_changed"  # data: contact_id (DIRTY)
+    CONTACT_CHANGED = "contact_changed"  # data: contact_id (DIRTY): refresh it, diff its tags
+    MESSAGE = "message"  # the customer wrote. data: contact_id, message_id, text ("" for non-text), type
+    CONTACT_ADDED = "contact_added"  # data: contact_id, staff_id ("" when unknown), welcome_code (wecom, or "")
+    CONTACT_REMOVED = "contact_removed"  # data: contact_id, staff_id; the customer deleted us or we them
     ERROR = "error"
     CONNECTION = "connection"  # transport up/down/reconnecting (data: state)
 
@@ -109,6 +121,9 @@ class ContactRecord:
     corp_id: str = ""
     added_at: datetime | None = None
     tag_ids: tuple[str, ...] = ()
+    # Staff members (WeCom userids) who have this customer as a contact; a 群发 task is per staff member.
+    # The puppet gateways log in as one account, so theirs is that account (or empty).
+    follow_user_ids: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -133,6 +148,16 @@ class SendReceipt:
 
 
 @dataclass(frozen=True)
+class PartReceipt:
+    """The gateway's receipt for one part of a message."""
+
+    index: int
+    kind: PartKind
+    message_id: str
+    duplicate: bool = False
+
+
+@dataclass(frozen=True)
 class BatchReceipt:
     task_id: str
     accepted: tuple[str, ...] = ()  # contact ids the task covers
@@ -151,6 +176,7 @@ class BatchResult:
     outcome: BatchOutcome
     message_id: str = ""
     reason: str = ""
+    reason_code: str = ""  # stable machine code for FAILED: not_friend, customer_limit, cancelled, unknown_contact, …
 
 
 @dataclass(frozen=True)
@@ -160,6 +186,10 @@ class Capabilities:
     idempotent_sends: bool = False  # send_text honours idempotency_key: a resend can never duplicate
     max_batch: int = 1
     paged_contacts: bool = True
+    supports: frozenset[PartKind] = frozenset({PartKind.TEXT})  # the message parts it can send
+    tags: bool = False  # add_contact_tags / remove_contact_tags / create_tag
+    welcome: bool = False  # send_welcome with a WelcomeCode (the official API only)
+    events: bool = False  # emits customer events (MESSAGE, CONTACT_ADDED, ...) as they happen
 
 
 Listener = Callable[[GatewayEvent], None]
@@ -242,13 +272,67 @@ class Gateway(ABC):
     async def send_text(self, contact_id: str, text: str, *, idempotency_key: str) -> SendReceipt:
         """Send one text to one contact now. Raises a GatewayError subclass on failure."""
 
-    async def submit_batch(self, contact_ids: list[str], text: str, *, idempotency_key: str) -> BatchReceipt:
-        """Submit one text for many contacts as a task (task-based gateways only)."""
+    async def send_part(self, contact_id: str, part: Part, *, idempotency_key: str) -> SendReceipt:
+        """Send one part of a message to one contact now. Gateways that carry more than text override this;
+        the default sends text parts through `send_text` and refuses the rest."""
+        if isinstance(part, TextPart):
+            return await self.send_text(contact_id, part.text, idempotency_key=idempotency_key)
+        raise PermanentError(f"the {self.name} gateway cannot send {part.kind.value} messages")
+
+    async def send(
+        self, contact_id: str, message: Message, *, idempotency_key: str, skip: frozenset[int] = frozenset()
+    ) -> list[PartReceipt]:
+        """Send every part of `message` in order (except the indexes in `skip`, already sent), each under its own
+        key (`engine.messages.part_key`). Stops at the first failing part and raises its error: a caller that must
+        resume part by part after a failure (the dispatcher) calls `send_part` itself and records each receipt."""
+        receipts: list[PartReceipt] = []
+        count = len(message.parts)
+        for index, part in enumerate(message.parts):
+            if index in skip:
+                continue
+            key = part_key(idempotency_key, index, count)
+            receipt = await self.send_part(contact_id, part, idempotency_key=key)
+            receipts.append(PartReceipt(index, part.kind, receipt.message_id, receipt.duplicate))
+        return receipts
+
+    async def submit_batch(
+        self, contact_ids: list[str], message: Message | str, *, idempotency_key: str, sender: str = ""
+    ) -> BatchReceipt:
+        """Submit one message for many contacts as a task that staff confirm (task-based gateways only).
+        `sender`: the staff member (WeCom userid) whose customers these are ('' where a gateway has one account).
+        A plain `str` is a text-only message (kept for callers written before rich messages)."""
         raise GatewayError(f"the {self.name} gateway cannot submit batch tasks")
 
     async def batch_results(self, task_id: str) -> list[BatchResult]:
         """Per-contact results of a submitted task, as far as they are known."""
         raise GatewayError(f"the {self.name} gateway has no batch tasks")
+
+    async def remind_batch(self, task_id: str) -> None:
+        """Remind the staff member to confirm a task (WeCom allows 3 reminders per task per 24 h)."""
+        raise GatewayError(f"the {self.name} gateway has no batch tasks")
+
+    async def cancel_batch(self, task_id: str) -> None:
+        """Stop a task's unsent messages (messages already sent cannot be recalled)."""
+        raise GatewayError(f"the {self.name} gateway has no batch tasks")
+
+    async def send_welcome(self, welcome_code: str, message: Message) -> SendReceipt:
+        """Send the welcome message of a new customer with the event's single-use WelcomeCode, within WeCom's
+        20-second window (the official API only: `capabilities.welcome`)."""
+        raise GatewayError(f"the {self.name} gateway cannot send welcome messages")
+
+    # -- tags ------------------------------------------------------------------------------------
+    async def add_contact_tags(self, contact_id: str, tag_ids: Sequence[str]) -> None:
+        """Put tags (by id) on a contact, in WeCom. Idempotent: a tag already there is no error."""
+        raise GatewayError(f"the {self.name} gateway cannot change tags")
+
+    async def remove_contact_tags(self, contact_id: str, tag_ids: Sequence[str]) -> None:
+        """Take tags (by id) off a contact, in WeCom. Idempotent: a tag not there is no error."""
+        raise GatewayError(f"the {self.name} gateway cannot change tags")
+
+    async def create_tag(self, name: str, group_name: str = "") -> TagRecord:
+        """Create a tag (in `group_name`, created when missing) and return it; an existing tag of that name and
+        group is returned as it is."""
+        raise GatewayError(f"the {self.name} gateway cannot change tags")
 
     # -- events ----------------------------------------------------------------------------------
     def subscribe(self, listener: Listener) -> Callable[[], None]:

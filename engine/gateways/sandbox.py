@@ -57,6 +57,7 @@ from engine.gateways.base import (
     TagRecord,
 )
 from engine.gateways.demo_data import demo_contacts, demo_tags
+from engine.messages import Message
 from engine.settings import Faults, SandboxSettings
 
 log = logging.getLogger("wecast.sandbox")
@@ -521,10 +522,13 @@ class SandboxGateway(Gateway):
             raise TransientError("sandbox: injected transient error (UNAVAILABLE)")
 
     # -- mass-message tasks (mode: batch) --------------------------------------------------------
-    async def submit_batch(self, contact_ids: list[str], text: str, *, idempotency_key: str) -> BatchReceipt:
-        """Create a 群发 task: one text for many customers, delivered when staff confirm it."""
+    async def submit_batch(
+        self, contact_ids: list[str], message: Message | str, *, idempotency_key: str, sender: str = ""
+    ) -> BatchReceipt:
+        """Create a 群发 task: one message for many customers, delivered when staff confirm it."""
         if self.settings.mode != "batch":
-            return await super().submit_batch(contact_ids, text, idempotency_key=idempotency_key)
+            return await super().submit_batch(contact_ids, message, idempotency_key=idempotency_key, sender=sender)
+        text = message if isinstance(message, str) else message.text
         self._require_login()
         self._all_contacts()
         if not text.strip():
