@@ -22,8 +22,8 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
-# Templates: a message is at most 10,000 characters, so a template file needs nowhere near this much.
-MAX_TEMPLATE_BYTES = 256 * 1024
+# Templates: at most 32,768 characters (engine.render.MAX_TEMPLATE_CHARS) of up to 4 bytes each in UTF-8.
+MAX_TEMPLATE_BYTES = 128 * 1024
 
 
 class CampaignFileError(ValueError):

@@ -1,8 +1,13 @@
 """Sandboxed Jinja message templates.
 
-* `SandboxedEnvironment` + `StrictUndefined`: a template cannot reach Python internals, and a field a
-  recipient lacks is an error (naming the field), never a silent blank — unless the template says what
-  to use instead (`{{ city | default("您所在的城市") }}` or `{% if city is defined %}`).
+* `BoundedEnvironment` (engine.jinja_limits: Jinja's `ImmutableSandboxedEnvironment` within bounds on
+  size, steps and CPU time per render) + `StrictUndefined`: a template cannot reach Python internals nor
+  run away with time or memory, and a field a recipient lacks is an error (naming the field), never a
+  silent blank — unless the template says what to use instead (`{{ city | default("您所在的城市") }}` or
+  `{% if city is defined %}`).
+* A template is one file: `{% include %}`, `{% import %}` and `{% extends %}` are refused when it is
+  checked, and it is at most `MAX_TEMPLATE_CHARS` long. Checking includes a trial render over sample values,
+  so a template the sandbox refuses whatever the contact is a validation error at its line.
 * Contact values are data: they are passed in as values, never parsed as templates, so a remark that
   reads `{{ 7*7 }}` arrives as exactly that text.
 * A field is "missing" for a contact when it is empty; empty fields are left out of the context.
@@ -28,10 +33,10 @@ from zoneinfo import ZoneInfo
 from jinja2 import StrictUndefined, TemplateSyntaxError, UndefinedError, meta, nodes
 from jinja2.exceptions import SecurityError
 from jinja2.runtime import new_context
-from jinja2.sandbox import SandboxedEnvironment
 
 from engine.errors import Location, TemplateError
 from engine.gateways.base import ContactRecord
+from engine.jinja_limits import BoundedEnvironment, TemplateLimitError, begin_render
 
 # Names a template can use for a contact: the contact payload (see `ContactRecord`), plus derived names.
 CONTACT_FIELDS = (
@@ -42,6 +47,9 @@ CONTACT_FIELDS = (
 )
 GLOBAL_NAMES = ("contact", "tags", "campaign", "now")
 KNOWN_NAMES = frozenset(CONTACT_FIELDS) | frozenset(GLOBAL_NAMES)
+# A message is at most 10,000 characters; a template several times that is not a message template, and
+# compiling one costs time in proportion to its size.
+MAX_TEMPLATE_CHARS = 32_768
 
 
 class MissingField(UndefinedError):
@@ -63,28 +71,10 @@ class _Strict(StrictUndefined):
     __int__ = __float__ = __contains__ = __getitem__ = _fail_with_undefined_error
 
 
-MAX_PRODUCT = 100_000  # longest string/list a template may build with * or ** (messages are ~2,000 chars)
-
-
-class _Env(SandboxedEnvironment):
-    """The sandbox, plus a cap on `*` and `**` so `{{ 'a' * 10**9 }}` cannot exhaust memory."""
-
-    intercepted_binops = frozenset({"*", "**"})
-
-    def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
-        if operator == "**":
-            if isinstance(right, int | float) and abs(right) > 100:
-                raise SecurityError("exponent too large in template")
-            return left**right
-        if isinstance(left, str | list | tuple) and isinstance(right, int) and len(left) * right > MAX_PRODUCT:
-            raise SecurityError("template builds a value that is too large")
-        if isinstance(right, str | list | tuple) and isinstance(left, int) and len(right) * left > MAX_PRODUCT:
-            raise SecurityError("template builds a value that is too large")
-        return left * right
-
-
-def _env(tz: ZoneInfo) -> SandboxedEnvironment:
-    env = _Env(undefined=_Strict, autoescape=False, trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=False)
+def _env(tz: ZoneInfo) -> BoundedEnvironment:
+    env = BoundedEnvironment(
+        undefined=_Strict, autoescape=False, trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=False
+    )
 
     def datefmt(value: Any, fmt: str = "%Y年%m月%d日") -> str:
         if isinstance(value, datetime):
@@ -103,13 +93,14 @@ def _env(tz: ZoneInfo) -> SandboxedEnvironment:
 
     env.filters["datefmt"] = datefmt
     env.filters["days_since"] = days_since
+    env.guard_filters()
     return env
 
 
-_ENVS: dict[str, SandboxedEnvironment] = {}
+_ENVS: dict[str, BoundedEnvironment] = {}
 
 
-def environment(tz: str) -> SandboxedEnvironment:
+def environment(tz: str) -> BoundedEnvironment:
     env = _ENVS.get(tz)
     if env is None:
         env = _ENVS[tz] = _env(ZoneInfo(tz))
@@ -134,24 +125,53 @@ class CompiledTemplate:
         return CompiledTemplate(self.source, self.origin, self.names, tz)
 
     def render(self, context: Mapping[str, Any], *, prepared: bool = False) -> str:
-        """Render for one recipient. Raises MissingField, or TemplateError for other failures.
+        """Render for one recipient, within the bounds of engine.jinja_limits. Raises MissingField, or
+        TemplateError for other failures (TemplateRefused for a bound).
 
         `prepared`: the context already holds the template's globals (see `render_all`); Jinja can then
         use it as is instead of copying its globals into a new dict on every call."""
+        template = self.template()
+        begin_render()
         try:
-            template = self.template()
             if prepared:
                 ctx = new_context(template.environment, template.name, template.blocks, dict(context), shared=True)
-                return str(template.environment.concat(template.root_render_func(ctx))).strip()
-            return str(template.render(context)).strip()
+            else:
+                ctx = template.new_context(dict(context))
+            return str(template.environment.concat(template.root_render_func(ctx))).strip()
         except MissingField:
             raise
-        except SecurityError as exc:
-            raise TemplateError(f"the template tried something not allowed: {exc}", self.origin) from None
-        except UndefinedError as exc:  # attribute of a present value that does not exist
-            raise MissingField(_undefined_name(str(exc))) from None
         except Exception as exc:
-            raise TemplateError(f"the template failed: {type(exc).__name__}: {exc}", self.origin) from None
+            raise self.failure(exc) from None
+
+    def failure(self, exc: Exception) -> MissingField | TemplateError:
+        """What a render's exception means for the user: a missing field, or a TemplateError at the template
+        line where it happened."""
+        if isinstance(exc, MissingField):
+            return exc
+        if isinstance(exc, UndefinedError) and not isinstance(exc, SecurityError):
+            return MissingField(_undefined_name(str(exc)))  # an attribute of a present value that does not exist
+        where = self._line_of_error(exc)
+        if isinstance(exc, TemplateLimitError):
+            return TemplateRefused(f"the template goes over a limit: {exc}", where)
+        if isinstance(exc, SecurityError):
+            return TemplateRefused(f"the template tried something not allowed: {exc}", where)
+        return TemplateError(f"the template failed: {type(exc).__name__}: {exc}", where)
+
+    def _line_of_error(self, exc: BaseException) -> Location:
+        """The origin, moved to the template line of the innermost template frame in the traceback."""
+        compiled = self.template()
+        line = None
+        tb = exc.__traceback__
+        while tb is not None:
+            if tb.tb_frame.f_code.co_filename == "<template>":
+                line = compiled.get_corresponding_lineno(tb.tb_lineno)
+            tb = tb.tb_next
+        return _at(self.origin, line) if line else self.origin
+
+
+class TemplateRefused(TemplateError):
+    """The sandbox refused a template while rendering it: it went over a bound on time, steps or size
+    (engine.jinja_limits), or tried something not allowed (a private attribute, a method off the allowlist)."""
 
 
 def _undefined_name(message: str) -> str:
@@ -180,20 +200,41 @@ _FILE_TAGS: dict[type[nodes.Node], str] = {
 
 
 def compile_template(source: str, origin: Location, tz: str = "Asia/Shanghai") -> CompiledTemplate:
-    """Parse and check a template: syntax, and that every name it uses exists. Raises TemplateError."""
+    """Parse and check a template: size, syntax, the names it uses, and a trial render within the bounds of
+    engine.jinja_limits. Raises TemplateError."""
     if not source.strip():
         raise TemplateError("the message template is empty", origin)
+    if len(source) > MAX_TEMPLATE_CHARS:
+        raise TemplateError(
+            f"the template is longer than {MAX_TEMPLATE_CHARS:,} characters (a message is at most 10,000)", origin
+        )
     env = environment(tz)
     try:
-        ast = env.parse(source)
+        ast, names = _checked_tree(env, source, origin)
+        compiled = CompiledTemplate(source, origin, frozenset(names), tz)
+        compiled._templates[tz] = env.from_string(ast)
     except TemplateSyntaxError as exc:
         raise TemplateError(f"template syntax error: {exc.message}", _at(origin, exc.lineno)) from None
+    except (RecursionError, SyntaxError):
+        # Jinja's parser and code generator recurse, and Python compiles at most 20 nested loops.
+        raise TemplateError(
+            "the template nests too deeply (brackets, or loops and blocks inside each other)", origin
+        ) from None
+    _trial_render(compiled)
+    return compiled
+
+
+def _checked_tree(env: BoundedEnvironment, source: str, origin: Location) -> tuple[nodes.Template, set[str]]:
+    """The parsed template and the names it uses, after checking tags, filters, tests, names and attributes."""
+    ast = env.parse(source)
     # No loader is configured, and these are refused outright: a message template never reads another file.
     for reader in ast.find_all((nodes.Include, nodes.Import, nodes.FromImport, nodes.Extends)):
         raise TemplateError(
             f"{{% {_FILE_TAGS[type(reader)]} %}} is not allowed: a message template is one file and cannot read others",
             _at(origin, reader.lineno),
         )
+    for modifier in ast.find_all(nodes.EvalContextModifier):
+        raise TemplateError("{% autoescape %} is not supported: messages are plain text", _at(origin, modifier.lineno))
     for filt in ast.find_all(nodes.Filter):  # before find_undeclared_variables, which fails on them
         if filt.name not in env.filters:
             raise TemplateError(f"unknown filter {filt.name!r}", _at(origin, filt.lineno))
@@ -215,12 +256,37 @@ def compile_template(source: str, origin: Location, tz: str = "Asia/Shanghai") -
             raise TemplateError(f"attribute {node.attr!r} is not allowed in templates", _at(origin, node.lineno))
         if isinstance(node.node, nodes.Name) and node.node.name == "contact" and node.attr not in CONTACT_FIELDS:
             raise TemplateError(f"unknown field 'contact.{node.attr}' in the template", _at(origin, node.lineno))
+    return ast, names
+
+
+def _sample_context() -> dict[str, Any]:
+    """A value of the right type for every name a template can use, for the trial render."""
+    now = datetime(2026, 1, 1, 10, 0, tzinfo=ZoneInfo("UTC"))
+    by_annotation: dict[str, Any] = {"int": 1, "bool": True, "tuple[str, ...]": ("示例",), "datetime | None": now}
+    fields = {f.name: by_annotation.get(str(f.type), "示例") for f in dataclasses.fields(ContactRecord)}
+    fields.update(phone="13800000000", display_name="示例", honorific="先生")
+    return {
+        **fields,
+        "contact": dict(fields),
+        "tags": ["示例"],
+        "campaign": {"id": "sample", "name": "示例"},
+        "now": now,
+    }
+
+
+SAMPLE_CONTEXT = _sample_context()
+
+
+def _trial_render(compiled: CompiledTemplate) -> None:
+    """Render once over sample values, so a template the sandbox refuses whatever the contact (a loop bomb, a
+    huge string, a forbidden call) is a validation error at its line, not a surprise while planning. Other
+    failures depend on real contact data and are left to preview and planning."""
     try:
-        compiled = CompiledTemplate(source, origin, frozenset(names), tz)
-        compiled.template()
-    except TemplateSyntaxError as exc:
-        raise TemplateError(f"template syntax error: {exc.message}", _at(origin, exc.lineno)) from None
-    return compiled
+        compiled.render(SAMPLE_CONTEXT)
+    except TemplateRefused:
+        raise
+    except (TemplateError, MissingField):
+        pass
 
 
 def contact_context(contact: Mapping[str, Any], names: frozenset[str] | None = None) -> dict[str, Any]:
@@ -314,13 +380,14 @@ def render_all(
     concat = env.concat
 
     def render_one(ctx: dict[str, Any]) -> str:
-        # The common case, inlined (100,000 calls): on any failure, take the careful path for its error.
+        # CompiledTemplate.render, inlined (100,000 calls).
+        begin_render()
         try:
             return str(concat(root(new_context(env, tname, blocks, ctx, shared=True)))).strip()
         except MissingField:
             raise
-        except Exception:
-            return template.render(ctx, prepared=True)
+        except Exception as exc:
+            raise template.failure(exc) from None
 
     getters = None if wants_contact else [(n, _getter(n)) for n in used if n not in GLOBAL_NAMES]
     for contact in recipients:

@@ -135,8 +135,8 @@ def test_a_directory_is_refused(tree: Path) -> None:
 
 def test_an_oversized_template_file_is_refused(tree: Path) -> None:
     """A template file over the size cap is refused before it is read."""
-    (tree / "templates" / "big.j2").write_bytes(b"x" * (256 * 1024 + 1))
-    assert "larger than 256 KiB" in str(refusal(tree, "templates/big.j2"))
+    (tree / "templates" / "big.j2").write_bytes(b"x" * (128 * 1024 + 1))
+    assert "larger than 128 KiB" in str(refusal(tree, "templates/big.j2"))
 
 
 def test_a_binary_template_file_is_refused(tree: Path) -> None:

@@ -84,9 +84,9 @@ def test_runtime_escapes_are_blocked_by_the_sandbox(source: str) -> None:
 
 @pytest.mark.parametrize("source", ["{{ range(10**9) | length }}", "{% for i in range(10**9) %}{% endfor %}x"])
 def test_huge_ranges_are_blocked(source: str) -> None:
-    """`range(10**9)` is refused by the sandbox (quickly, without building the range)."""
-    with pytest.raises(TemplateError, match="Range too big"):
-        render(source)
+    """`range(10**9)` is refused when the template is checked (quickly, without building the range)."""
+    with pytest.raises(TemplateError, match=r"range\(\) may have at most 10,000 items"):
+        compile_template(source, ORIGIN)
 
 
 # -- contact data is data ------------------------------------------------------------------------------
@@ -266,8 +266,7 @@ def test_compile_errors_point_at_the_template_line(source: str, line: int, words
 
 def test_templates_cannot_build_huge_values() -> None:
     """`*` and `**` are capped in templates, so a template cannot exhaust memory; ordinary arithmetic works."""
-    huge = compile_template("{{ 'a' * 10**9 }}", Location("c.yaml", 3, "message.template"))
-    with pytest.raises(TemplateError, match="not allowed"):
-        huge.render({})
+    with pytest.raises(TemplateError, match="larger than 100,000 characters"):
+        compile_template("{{ 'a' * 10**9 }}", Location("c.yaml", 3, "message.template"))
     fine = compile_template("{{ name * 2 }}{{ 3 * 4 }} {{ 2 ** 10 }}", Location("c.yaml", 3, "message.template"))
     assert fine.render({"name": "ab"}) == "abab12 1024"
