@@ -29,7 +29,7 @@ id: bench
 name: 压测活动
 schedule: {cron: "0 10 * * 1"}
 audience:
-  tags_none: [勿扰]
+  tags_none: [勿扰]%(limit)s
 message:
   template: |
     {{ display_name }}{{ honorific | default("") }}您好！{{ city | default("全国") }}门店本周会员日，
@@ -58,22 +58,22 @@ def _settings(tmp: Path, *, latency_ms: float = 0, concurrency: int = 64, contac
 
 
 def _seed_contacts(db, n: int) -> None:  # type: ignore[no-untyped-def]
-    from engine.contacts import record_to_row
+    from engine.contacts import record_to_row, tag_to_row
     from engine.gateways.demo_data import demo_contacts, demo_tags
-    from storage import queries
+    from storage.contacts import upsert_contacts, upsert_tags
 
     contacts = demo_contacts(n, 7, now=datetime(2026, 11, 1, tzinfo=UTC))
     now = datetime.now(UTC)
-    with db.begin() as conn:
-        queries.upsert_tags(conn, [t.__dict__ for t in demo_tags()])
-        queries.upsert_contacts(conn, [record_to_row(c) for c in contacts], {c.id: c.tag_ids for c in contacts}, now)
+    upsert_tags(db, [tag_to_row(t) for t in demo_tags()])
+    upsert_contacts(db, [record_to_row(c) for c in contacts], now)
 
 
-def _campaign(tmp: Path, settings, rate: float):  # type: ignore[no-untyped-def]
+def _campaign(tmp: Path, settings, rate: float, limit: int | None = None):  # type: ignore[no-untyped-def]
     from engine.spec import load_campaign
 
     path = tmp / "bench.yaml"
-    path.write_text(CAMPAIGN.replace("%(rate)s", str(rate)), encoding="utf-8")
+    text = CAMPAIGN.replace("%(rate)s", str(rate)).replace("%(limit)s", f"\n  limit: {limit}" if limit else "")
+    path.write_text(text, encoding="utf-8")
     return load_campaign(path, settings)
 
 
@@ -103,7 +103,7 @@ def one_plan(folder: str) -> dict[str, float]:
         campaign = _campaign(tmp, settings, 1000)
         base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         t0 = time.perf_counter()
-        result = plan_run(db, campaign, settings, now=datetime.now(UTC))
+        result = plan_run(db, campaign, now=datetime.now(UTC))
         elapsed = time.perf_counter() - t0
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         return {
@@ -151,8 +151,9 @@ def one_rate(n: int, rate: float, latency_ms: float) -> dict[str, float]:
             settings = _settings(tmp, latency_ms=latency_ms, concurrency=16, contacts=int(n * 1.3) + 20)
             async with Wecast(settings) as app:
                 await app.sync()
-                campaign = _campaign(tmp, settings, rate)
+                campaign = _campaign(tmp, settings, rate, limit=n)  # exactly n to send
                 plan = app.plan(campaign)
+                assert plan.planned == n, plan
                 starts: list[float] = []
                 gw = app.gateway
                 original = gw.send_text
@@ -162,17 +163,6 @@ def one_rate(n: int, rate: float, latency_ms: float) -> dict[str, float]:
                     return await original(contact_id, text, idempotency_key=idempotency_key)
 
                 gw.send_text = timed  # type: ignore[method-assign]
-                with app.db.begin() as conn:  # keep exactly n pending deliveries
-                    from sqlalchemy import text as sql
-
-                    conn.execute(
-                        sql(
-                            "UPDATE deliveries SET status='skipped', reason='bench: trimmed' "
-                            "WHERE run_id=:r AND status='pending' AND id NOT IN (SELECT id FROM deliveries "
-                            "WHERE run_id=:r AND status='pending' ORDER BY id LIMIT :n)"
-                        ),
-                        {"r": plan.run_id, "n": n},
-                    )
                 summary = await app.dispatcher.run(plan.run_id)
                 starts.sort()
                 # Rate over the sends' start times: (n - 1) gaps between the first and the last start.

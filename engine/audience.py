@@ -25,6 +25,7 @@ import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time
+from enum import StrEnum
 from typing import Any
 
 from engine.durations import parse_duration
@@ -354,11 +355,27 @@ def _any(parts: list[Rule]) -> Rule:
     )
 
 
+class ExclusionCategory(StrEnum):
+    """Why a contact is left out of a run, as a kind (the reason says it in words)."""
+
+    AUDIENCE = "audience"  # the targeting does not select them (tags, rules): not part of the run at all
+    EXCLUSION = "exclusion"  # selected, but excluded: exclude_ids, tags_none, not a friend, a coworker, the limit
+    DEDUPE = "dedupe"  # already got this campaign (this run, ever, or within the window)
+    FREQUENCY_CAP = "frequency_cap"  # got as many marketing messages as the shared cap allows
+    MISSING_FIELD = "missing_field"  # lacks a field the template uses (on_missing_field: skip)
+
+    @property
+    def recorded(self) -> bool:
+        """Whether a planned run records the contact as a skipped delivery (everyone the audience named)."""
+        return self is not ExclusionCategory.AUDIENCE
+
+
 @dataclass(frozen=True)
 class Exclusion:
     contact_id: str
     name: str
     reason: str
+    category: ExclusionCategory
 
 
 @dataclass
@@ -398,6 +415,7 @@ def select(
                 continue  # not a candidate at all: ids narrow the audience, silently
             seen_ids.add(cid)
         reason: str | None = None
+        category = ExclusionCategory.EXCLUSION
         tags: frozenset[str] = c.get("tags") or frozenset()
         if cid in excl:
             reason = "listed in exclude_ids"
@@ -407,18 +425,20 @@ def select(
             reason = "coworker, not a customer"
         elif t_none and tags & t_none:
             reason = f"has excluded tag {', '.join(sorted(tags & t_none))}"
-        elif t_any and not tags & t_any:
-            reason = f"has none of the tags {', '.join(sorted(t_any))}"
-        elif t_all and not t_all <= tags:
-            reason = f"lacks tag {', '.join(sorted(t_all - tags))}"
-        elif rules is not None:
-            reason = rules(c, now)
+        else:
+            category = ExclusionCategory.AUDIENCE
+            if t_any and not tags & t_any:
+                reason = f"has none of the tags {', '.join(sorted(t_any))}"
+            elif t_all and not t_all <= tags:
+                reason = f"lacks tag {', '.join(sorted(t_all - tags))}"
+            elif rules is not None:
+                reason = rules(c, now)
         if reason is None and limit is not None and len(recipients) >= limit:
-            reason = f"over the audience limit of {limit}"
+            reason, category = f"over the audience limit of {limit}", ExclusionCategory.EXCLUSION
         if reason is None:
             recipients.append(c)
         else:
-            excluded.append(Exclusion(cid, str(c.get("name") or ""), reason))
+            excluded.append(Exclusion(cid, str(c.get("name") or ""), reason, category))
     known = frozenset(known_tags)
     wanted = t_any | t_all | t_none
     return Selection(

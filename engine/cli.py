@@ -22,13 +22,15 @@ import io
 import json
 import logging
 import sys
-from collections.abc import Awaitable, Callable, Coroutine, Mapping
-from datetime import datetime
+from collections.abc import Awaitable, Callable, Coroutine
+from datetime import datetime, tzinfo
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
+from pydantic_core import to_json
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -36,6 +38,14 @@ from engine import __version__
 from engine.errors import CampaignError, WecastError
 from engine.settings import Settings, load_settings, redact_url
 from storage.models import OPEN_STATUSES, TERMINAL_STATUSES, DeliveryStatus, RunStatus
+
+if TYPE_CHECKING:  # the commands import what they need when they run: `wecast --help` stays quick
+    from engine.contacts import SyncResult
+    from engine.dispatch import RunSummary
+    from engine.gateways.base import LoginStatus
+    from engine.plan import Preview
+    from engine.service import Wecast
+    from engine.spec import Campaign
 
 T = TypeVar("T")
 out = Console(highlight=False, soft_wrap=True)
@@ -77,10 +87,10 @@ class WecastGroup(click.Group):
         try:
             return super().invoke(ctx)
         except CampaignError as exc:
-            err.print(f"[red]error:[/red] {_escape(str(exc))}")
+            err.print(f"[red]error:[/red] {escape(str(exc))}")
             ctx.exit(EXIT_INVALID)
         except WecastError as exc:
-            err.print(f"[red]error:[/red] {_escape(str(exc))}")
+            err.print(f"[red]error:[/red] {escape(str(exc))}")
             ctx.exit(EXIT_ERROR)
         except (click.exceptions.Exit, click.ClickException, click.Abort):
             raise
@@ -91,33 +101,30 @@ class WecastGroup(click.Group):
             obj = ctx.find_object(Ctx)
             if obj is not None and obj.verbose:
                 raise
-            err.print(
-                f"[red]internal error:[/red] {type(exc).__name__}: {_escape(str(exc))} (run with -v to see where)"
-            )
+            err.print(f"[red]internal error:[/red] {type(exc).__name__}: {escape(str(exc))} (run with -v to see where)")
             ctx.exit(EXIT_INTERNAL)
-
-
-def _escape(text: str) -> str:
-    return text.replace("[", r"\[")
 
 
 def _run(coro: Coroutine[Any, Any, T]) -> T:
     return asyncio.run(coro)
 
 
-def _app(ctx: Ctx, **overrides: Any) -> Any:
+def _app(ctx: Ctx) -> Wecast:
     from engine.service import Wecast
 
-    settings = ctx.settings
-    if overrides:
-        settings = settings.model_copy(update=overrides)
-    return Wecast(settings)
+    return Wecast(ctx.settings)
 
 
-async def _with_app(ctx: Ctx, fn: Callable[[Any], Awaitable[T]]) -> T:
+async def _with_app(ctx: Ctx, fn: Callable[[Wecast], Awaitable[T]]) -> T:
     app = _app(ctx)
     async with app:
         return await fn(app)
+
+
+def _print_json(value: object) -> None:
+    """JSON on stdout: a view (`engine.views`, the shape the HTTP API answers with), a list of them, a dataclass
+    or a plain mapping."""
+    out.print_json(to_json(value).decode())
 
 
 @click.group(cls=WecastGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -169,12 +176,10 @@ def validate(ctx: Ctx, paths: tuple[Path, ...], as_json: bool) -> None:
     db = make_db_engine(settings.database_url)
     try:
         from engine.clock import SystemClock
+        from storage.contacts import load_contact_views
 
         now = SystemClock().now()
-        with db.connect() as conn:
-            from storage import queries
-
-            views = queries.load_contact_views(conn)
+        views = load_contact_views(db)
         if views:
             data_checked = True
             for campaign in result.campaigns:
@@ -183,24 +188,21 @@ def validate(ctx: Ctx, paths: tuple[Path, ...], as_json: bool) -> None:
     finally:
         db.dispose()
     if as_json:
-        out.print_json(
-            json.dumps(
-                {
-                    "ok": not problems,
-                    "files": [str(f) for f in files],
-                    "campaigns": [c.id for c in result.campaigns],
-                    "errors": problems,
-                    "checked_against_contacts": data_checked,
-                },
-                ensure_ascii=False,
-            )
+        _print_json(
+            {
+                "ok": not problems,
+                "files": [str(f) for f in files],
+                "campaigns": [c.id for c in result.campaigns],
+                "problems": problems,
+                "checked_against_contacts": data_checked,
+            }
         )
     else:
         for campaign in result.campaigns:
             mark = "[green]ok[/green]" if not any(str(campaign.file) in p for p in problems) else "[red]!![/red]"
-            out.print(f"{mark} {campaign.file}  ({campaign.id}: {_escape(campaign.name)})")
+            out.print(f"{mark} {campaign.file}  ({campaign.id}: {escape(campaign.name)})")
         for problem in problems:
-            err.print(f"[red]error:[/red] {_escape(problem)}")
+            err.print(f"[red]error:[/red] {escape(problem)}")
         if not data_checked:
             out.print("[dim]templates not checked against contacts yet (run `wecast contacts sync`)[/dim]")
     if problems:
@@ -231,50 +233,28 @@ def preview(ctx: Ctx, campaign: str, run_key: str | None, as_json: bool, csv_pat
 
     spec = find_campaign(campaign, ctx.settings)
 
-    async def go(app: Any) -> Any:
+    async def go(app: Wecast) -> Preview:
+        from engine.blocking import off_loop
+
         await app.ensure_contacts()
-        return app.preview(spec, run_key=run_key)
+        return await off_loop(app.preview, spec, run_key=run_key)
 
     result = _run(_with_app(ctx, go))
     if csv_path is not None:
         _write_csv(result, csv_path)
     if as_json:
-        out.print_json(json.dumps(_preview_json(result), ensure_ascii=False, default=str))
+        from engine.views import PreviewView
+
+        _print_json(PreviewView.from_preview(result))
     elif str(csv_path) != "-":
         _print_preview(result, show)
     if result.problems():
         for p in result.problems():
-            err.print(f"[red]error:[/red] {_escape(str(p))}")
+            err.print(f"[red]error:[/red] {escape(str(p))}")
         sys.exit(EXIT_INVALID)
 
 
-def _preview_json(p: Any) -> dict[str, Any]:
-    return {
-        "campaign": p.campaign.id,
-        "name": p.campaign.name,
-        "run_key": p.run_key,
-        "timezone": p.campaign.timezone,
-        "now": p.now.isoformat(),
-        "already_planned": p.existing_run is not None,
-        "counts": {
-            "contacts": p.total_contacts,
-            "recipients": len(p.recipients),
-            "excluded": len(p.excluded),
-            "distinct_messages": p.distinct_texts,
-            **dict(p.excluded_by_category()),
-        },
-        "recipients": [{"id": r.contact_id, "name": r.name, "message": r.text} for r in p.recipients],
-        "excluded": [
-            {"id": e.contact_id, "name": e.name, "reason": e.reason, "category": e.category} for e in p.excluded
-        ],
-        "errors": [str(x) for x in p.problems()],
-        "unknown_ids": p.unknown_ids,
-        "unknown_tags": p.unknown_tags,
-        "next_fire_times": [t.isoformat() for t in p.next_fires],
-    }
-
-
-def _write_csv(p: Any, path: Path) -> None:
+def _write_csv(p: Preview, path: Path) -> None:
     buffer = io.StringIO()
     writer = csv.writer(buffer)
     writer.writerow(["contact_id", "name", "decision", "reason", "message"])
@@ -289,13 +269,13 @@ def _write_csv(p: Any, path: Path) -> None:
         err.print(f"wrote {len(p.recipients) + len(p.excluded)} rows to {path}")
 
 
-def _print_preview(p: Any, show: int) -> None:
+def _print_preview(p: Preview, show: int) -> None:
     c = p.campaign
-    out.print(f"[bold]{_escape(c.name)}[/bold] ({c.id})  run [cyan]{p.run_key}[/cyan]  zone {c.timezone}")
+    out.print(f"[bold]{escape(c.name)}[/bold] ({c.id})  run [cyan]{p.run_key}[/cyan]  zone {c.timezone}")
     if p.existing_run is not None:
         out.print(
-            f"[yellow]this run was already planned (run {p.existing_run['id']}, "
-            f"{p.existing_run['status']}): running it again sends nothing new[/yellow]"
+            f"[yellow]this run was already planned (run {p.existing_run.id}, "
+            f"{p.existing_run.status}): running it again sends nothing new[/yellow]"
         )
     cats = p.excluded_by_category()
     out.print(
@@ -315,7 +295,7 @@ def _print_preview(p: Any, show: int) -> None:
     limit = show or None
     table = Table("contact", "name", "message", title="Recipients", title_justify="left", show_lines=True)
     for r in p.recipients[:limit]:
-        table.add_row(r.contact_id, _escape(r.name), _escape(r.text))
+        table.add_row(r.contact_id, escape(r.name), escape(r.text))
     if p.recipients:
         out.print(table)
         if limit and len(p.recipients) > limit:
@@ -323,7 +303,7 @@ def _print_preview(p: Any, show: int) -> None:
     ordered = sorted(p.excluded, key=lambda e: e.category == "audience")
     table = Table("contact", "name", "why not", title="Excluded", title_justify="left")
     for e in ordered[:limit]:
-        table.add_row(e.contact_id, _escape(e.name), _escape(f"{e.category}: {e.reason}"))
+        table.add_row(e.contact_id, escape(e.name), escape(f"{e.category}: {e.reason}"))
     if p.excluded:
         out.print(table)
         if limit and len(ordered) > limit:
@@ -369,18 +349,20 @@ def run(
     quiet_max = 0.0 if no_wait else None
     spec = find_campaign(campaign, ctx.settings) if campaign else None
 
-    async def go(app: Any) -> list[Any]:
+    async def go(app: Wecast) -> list[RunSummary]:
         with _progress() as progress:
             task = progress.add_task("sending", total=None)
 
-            def on_progress(counts: dict[str, int]) -> None:
+            def on_progress(counts: dict[DeliveryStatus, int]) -> None:
                 total = sum(v for k, v in counts.items() if k != DeliveryStatus.SKIPPED)
                 done = sum(v for k, v in counts.items() if k in TERMINAL_STATUSES and k != DeliveryStatus.SKIPPED)
                 progress.update(
                     task,
                     total=total,
                     completed=done,
-                    description=f"sent {counts.get('sent', 0)}  failed {counts.get('failed', 0)}",
+                    description=(
+                        f"sent {counts.get(DeliveryStatus.SENT, 0)}  failed {counts.get(DeliveryStatus.FAILED, 0)}"
+                    ),
                 )
 
             if spec is not None:
@@ -400,7 +382,7 @@ def run(
                         f"[yellow]run {outcome.plan.run_id} ({outcome.plan.run_key}) was already planned: "
                         "only its unsent deliveries (if any) are sent[/yellow]"
                     )
-                return [outcome.summary]
+                return [outcome.summary] if outcome.summary else []
             return list(
                 await app.resume(
                     run_id, progress=on_progress, login_wait=login_wait, quiet_wait_max=quiet_max, confirm_wait=0
@@ -409,20 +391,9 @@ def run(
 
     summaries = _run(_with_app(ctx, go))
     if as_json:
-        out.print_json(
-            json.dumps(
-                [
-                    {
-                        "run_id": s.run_id,
-                        "status": s.status,
-                        "counts": s.counts,
-                        "message": s.message,
-                        "recovered": s.recovered,
-                    }
-                    for s in summaries
-                ]
-            )
-        )
+        from engine.views import SummaryView
+
+        _print_json([SummaryView.from_summary(s) for s in summaries])
     else:
         if not summaries:
             out.print("no interrupted runs to resume")
@@ -432,27 +403,21 @@ def run(
             if s.recovered and any(s.recovered.values()):
                 out.print(f"  recovered after an interruption: {s.recovered}")
             if s.message and s.message not in ("done",):
-                out.print(f"  {_escape(s.message)}")
+                out.print(f"  {escape(s.message)}")
     if any(s.status == RunStatus.PAUSED or s.counts.get(DeliveryStatus.FAILED) for s in summaries):
         sys.exit(EXIT_ERROR)
 
 
-def _warn_quiet_hours(spec: Any, now: datetime, no_wait: bool) -> None:
+def _warn_quiet_hours(spec: Campaign, now: datetime, no_wait: bool) -> None:
     """Say so before a run sits silently waiting for its quiet hours to end."""
-    from engine.dispatch import quiet_wait
-
     q = spec.quiet_hours
-    if q is None:
+    if q is None or not q.seconds_until_open(now, spec.tz):
         return
-    window = {"start": q.start.strftime("%H:%M"), "end": q.end.strftime("%H:%M")}
-    if quiet_wait(now, spec.tz, window):
-        then = (
-            "they stay pending (--no-wait)" if no_wait else f"waiting until {window['end']}; Ctrl-C leaves them pending"
-        )
-        err.print(
-            f"[yellow]quiet hours {window['start']}–{window['end']} ({spec.timezone}): no sends now; {then}. "
-            "`wecast serve` or `wecast run --resume` sends them when the window opens.[/yellow]"
-        )
+    then = "they stay pending (--no-wait)" if no_wait else f"waiting until {q.end:%H:%M}; Ctrl-C leaves them pending"
+    err.print(
+        f"[yellow]quiet hours {q} ({spec.timezone}): no sends now; {then}. "
+        "`wecast serve` or `wecast run --resume` sends them when the window opens.[/yellow]"
+    )
 
 
 def _progress() -> Progress:
@@ -479,7 +444,7 @@ def contacts() -> None:
 def contacts_sync(ctx: Ctx) -> None:
     """Pull every customer and tag from the gateway into the database."""
 
-    async def go(app: Any) -> Any:
+    async def go(app: Wecast) -> SyncResult:
         status = await app.gateway.login_status()
         if not status.logged_in:
             raise WecastError("the WeCom account is not logged in; run `wecast login` first")
@@ -507,7 +472,8 @@ def contacts_list(ctx: Ctx, tags: tuple[str, ...], wheres: tuple[str, ...], limi
     """List synced contacts, filtered by tag and field."""
     from engine.audience import RuleError, parse_rules, select
     from engine.clock import SystemClock
-    from storage import queries
+    from engine.views import ContactView
+    from storage.contacts import ContactFilter, load_contact_views, page_contacts
     from storage.db import make_db_engine
 
     rules = []
@@ -521,24 +487,27 @@ def contacts_list(ctx: Ctx, tags: tuple[str, ...], wheres: tuple[str, ...], limi
     except RuleError as exc:
         raise click.BadParameter(exc.reason, param_hint="--where") from None
     db = make_db_engine(ctx.settings.database_url)
-    with db.connect() as conn:
-        views = queries.load_contact_views(conn)
-    db.dispose()
-    chosen = select(views, tags_all=tags, rules=rule, now=SystemClock().now(), include_coworkers=True).recipients
-    chosen = [c for c in chosen if c.get("friend") or True]
-    shown = chosen[:limit] if limit else chosen
-    if as_json:
-        out.print_json(json.dumps([_contact_json(c) for c in shown], ensure_ascii=False, default=str))
-        return
+    try:
+        views = load_contact_views(db)
+        # Friends only (others cannot receive messages), coworkers included: everyone a campaign could reach.
+        chosen = select(views, tags_all=tags, rules=rule, now=SystemClock().now(), include_coworkers=True).recipients
+        shown = chosen[:limit] if limit else chosen
+        if as_json:
+            ids = [c["id"] for c in shown]
+            rows = page_contacts(db, ContactFilter(ids=ids), limit=max(1, len(ids))).rows if ids else []
+            _print_json([ContactView.from_row(r) for r in rows])
+            return
+    finally:
+        db.dispose()
     table = Table("id", "name", "remark", "gender", "city", "tags", "added")
     for c in shown:
         table.add_row(
             c["id"],
-            _escape(c["name"]),
-            _escape(c["alias"]),
+            escape(c["name"]),
+            escape(c["alias"]),
             {1: "男", 2: "女"}.get(c["gender"], ""),
             c["city"],
-            _escape(", ".join(c["tags_named"])),
+            escape(", ".join(c["tags_named"])),
             c["added_at"].date().isoformat() if c.get("added_at") else "",
         )
     out.print(table)
@@ -548,12 +517,6 @@ def contacts_list(ctx: Ctx, tags: tuple[str, ...], wheres: tuple[str, ...], limi
     )
     if not views:
         out.print("[dim]no contacts yet: run `wecast contacts sync`[/dim]")
-
-
-def _contact_json(c: Mapping[str, Any]) -> dict[str, Any]:
-    d = {k: v for k, v in c.items() if k not in ("tags", "tags_named")}
-    d["tags"] = list(c["tags_named"])
-    return d
 
 
 # -- runs / log --------------------------------------------------------------------------------------
@@ -567,34 +530,35 @@ def _contact_json(c: Mapping[str, Any]) -> dict[str, Any]:
 @pass_ctx
 def runs(ctx: Ctx, campaign: str | None, status: str | None, limit: int, as_json: bool) -> None:
     """Run history with per-status counts."""
-    from storage import queries
+    from engine.views import RunView
     from storage.db import make_db_engine
+    from storage.deliveries import status_counts
+    from storage.runs import list_runs
 
     db = make_db_engine(ctx.settings.database_url)
-    with db.connect() as conn:
-        rows = queries.runs(conn, campaign_id=campaign, status=status, limit=limit)
-        for r in rows:
-            r["counts"] = queries.status_counts(conn, r["id"])
-    db.dispose()
+    try:
+        found = list_runs(db, campaign_id=campaign, status=RunStatus(status) if status else None, limit=limit)
+        rows = [RunView.from_row(r, status_counts(db, r.id)) for r in found]
+    finally:
+        db.dispose()
     if as_json:
-        out.print_json(json.dumps(rows, ensure_ascii=False, default=str))
+        _print_json(rows)
         return
     tz = ctx.settings.tz
     table = Table("run", "campaign", "run key", "trigger", "status", "sent", "failed", "skipped", "open", "created")
     for r in rows:
-        c = r["counts"]
-        open_ = sum(c.get(s, 0) for s in OPEN_STATUSES)
+        c = r.counts
         table.add_row(
-            str(r["id"]),
-            r["campaign_id"],
-            r["run_key"],
-            r["trigger"],
-            r["status"],
+            str(r.id),
+            r.campaign_id,
+            r.run_key,
+            r.trigger,
+            r.status,
             str(c.get(DeliveryStatus.SENT, 0)),
             str(c.get(DeliveryStatus.FAILED, 0) + c.get(DeliveryStatus.UNKNOWN, 0)),
             str(c.get(DeliveryStatus.SKIPPED, 0)),
-            str(open_),
-            _local(r["created_at"], tz),
+            str(sum(c.get(s, 0) for s in OPEN_STATUSES)),
+            _local(r.created_at, tz),
         )
     out.print(table)
 
@@ -636,7 +600,7 @@ def resume(ctx: Ctx, run_id: int, no_wait: bool) -> None:
     """Resume a paused (or interrupted) run and send what is left."""
     login_wait = 0.0 if no_wait else ctx.settings.sending.login_wait.total_seconds()
 
-    async def go(app: Any) -> Any:
+    async def go(app: Wecast) -> list[RunSummary]:
         app.reopen_run(run_id)
         return await app.resume(run_id, login_wait=login_wait, quiet_wait_max=0.0 if no_wait else None, confirm_wait=0)
 
@@ -644,7 +608,7 @@ def resume(ctx: Ctx, run_id: int, no_wait: bool) -> None:
     counts = "  ".join(f"{k} {v}" for k, v in sorted(summary.counts.items()))
     out.print(f"run {summary.run_id}: [bold]{summary.status}[/bold]  {counts}")
     if summary.message and summary.message != "done":
-        out.print(f"  {_escape(summary.message)}")
+        out.print(f"  {escape(summary.message)}")
 
 
 @main.command("log")
@@ -668,37 +632,43 @@ def log_cmd(
     as_json: bool,
 ) -> None:
     """The delivery log, newest first."""
-    from storage import queries
+    from engine.views import DeliveryView
     from storage.db import make_db_engine
+    from storage.deliveries import list_deliveries
 
     db = make_db_engine(ctx.settings.database_url)
-    with db.connect() as conn:
-        rows = queries.deliveries(
-            conn, campaign_id=campaign, run_id=run_id, status=status, contact_id=contact, limit=limit
+    try:
+        rows = list_deliveries(
+            db,
+            campaign_id=campaign,
+            run_id=run_id,
+            status=DeliveryStatus(status) if status else None,
+            contact_id=contact,
+            limit=limit,
         )
-    db.dispose()
+    finally:
+        db.dispose()
     if as_json:
-        out.print_json(json.dumps(rows, ensure_ascii=False, default=str))
+        _print_json([DeliveryView.from_row(d) for d in rows])
         return
     tz = ctx.settings.tz
     table = Table("id", "run", "campaign", "contact", "status", "tries", "when", "message / reason")
     for d in rows:
-        detail = d["reason"] or d["last_error"] if d["status"] != DeliveryStatus.SENT else d["text"]
-        who = f"{d['contact_id']} {_escape(d['contact_name'])}"
+        detail = d.reason or d.last_error if d.status is not DeliveryStatus.SENT else d.text
         table.add_row(
-            str(d["id"]),
-            str(d["run_id"]),
-            d["campaign_id"],
-            who,
-            d["status"],
-            str(d["attempts"]),
-            _local(d["sent_at"] or d["updated_at"], tz),
-            _escape((detail or "")[:80]),
+            str(d.id),
+            str(d.run_id),
+            d.campaign_id,
+            f"{d.contact_id} {escape(d.contact_name)}",
+            d.status,
+            str(d.attempts),
+            _local(d.sent_at or d.updated_at, tz),
+            escape((detail or "")[:80]),
         )
     out.print(table)
 
 
-def _local(value: datetime | None, tz: Any) -> str:
+def _local(value: datetime | None, tz: tzinfo) -> str:
     return value.astimezone(tz).strftime("%Y-%m-%d %H:%M:%S") if value else ""
 
 
@@ -716,13 +686,15 @@ def login(ctx: Ctx, timeout: int) -> None:
 
     async def go() -> None:
         from engine.errors import LoginError
+        from engine.gateways.base import LoginState
+        from engine.qr import qr_terminal
         from engine.service import Wecast
 
         async with Wecast(settings) as app:
             gw = app.gateway
             status = await gw.start_login()
             if status.logged_in:
-                out.print(f"already logged in as {_escape(status.account_name or status.account_id or '')}")
+                out.print(f"already logged in as {escape(status.account_name or status.account_id or '')}")
                 return
             shown_key = None
             loop = asyncio.get_running_loop()
@@ -730,20 +702,20 @@ def login(ctx: Ctx, timeout: int) -> None:
             while loop.time() < deadline:
                 status = await gw.login_status()
                 if status.logged_in:
-                    out.print(f"[green]logged in[/green] as {_escape(status.account_name or status.account_id or '')}")
+                    out.print(f"[green]logged in[/green] as {escape(status.account_name or status.account_id or '')}")
                     return
                 if status.qr_url and status.qrcode_key != shown_key:
                     shown_key = status.qrcode_key
-                    out.print(_terminal_qr(status.qr_url))
-                    out.print(f"{_escape(status.message)}\nqrcodeKey: {status.qrcode_key}")
-                if status.state.value == "waiting_verify_code":
+                    out.print(qr_terminal(status.qr_url), end="")
+                    out.print(f"{escape(status.message)}\nqrcodeKey: {status.qrcode_key}")
+                if status.state is LoginState.WAITING_VERIFY_CODE:
                     code = await loop.run_in_executor(
                         None, lambda: click.prompt("verification code shown on the phone")
                     )
                     try:
                         status = await gw.submit_verify_code(code, status.qrcode_key)
                     except LoginError as exc:
-                        err.print(f"[red]{_escape(str(exc))}[/red]")
+                        err.print(f"[red]{escape(str(exc))}[/red]")
                     continue
                 await gw.wait_for_login(1.0)
             raise WecastError("login timed out; run `wecast login` again")
@@ -751,22 +723,12 @@ def login(ctx: Ctx, timeout: int) -> None:
     _run(go())
 
 
-def _terminal_qr(url: str) -> str:
-    import qrcode
-
-    qr = qrcode.QRCode(border=1)
-    qr.add_data(url)
-    buffer = io.StringIO()
-    qr.print_ascii(out=buffer, invert=True)
-    return buffer.getvalue()
-
-
 @main.command()
 @pass_ctx
 def logout(ctx: Ctx) -> None:
     """Log the WeCom account out (to switch accounts; `wecast login` shows a new QR)."""
 
-    async def go(app: Any) -> Any:
+    async def go(app: Wecast) -> LoginStatus:
         return await app.gateway.logout()
 
     status = _run(_with_app(ctx, go))
@@ -809,11 +771,11 @@ def sandbox_outbox(ctx: Ctx, contact: str | None, limit: int, as_json: bool) -> 
     store.close()
     shown = messages[-limit:] if limit else messages
     if as_json:
-        out.print_json(json.dumps([m.__dict__ for m in shown], ensure_ascii=False))
+        _print_json(shown)
         return
     table = Table("message id", "contact", "sent at (UTC)", "text")
     for m in shown:
-        table.add_row(m.message_id, m.contact_id, m.sent_at[:19], _escape(m.text))
+        table.add_row(m.message_id, m.contact_id, m.sent_at[:19], escape(m.text))
     out.print(table)
     out.print(f"{len(messages)} message(s) in the sandbox outbox ({ctx.settings.sandbox.state_file})")
 

@@ -2,20 +2,24 @@
 
 Sync pages through `Gateway.list_contacts`, upserts each page in its own transaction (so a sync of
 100,000 contacts never holds one huge transaction), and at the end marks contacts the gateway no longer
-lists as removed (their delivery history stays).
+lists as removed (their delivery history stays). Database writes run off the event loop.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 from sqlalchemy.engine import Engine
 
+from engine.blocking import off_loop
 from engine.clock import Clock, SystemClock
-from engine.gateways.base import ContactRecord, Gateway
-from storage import queries
+from engine.gateways.base import ContactRecord, Gateway, TagRecord
+from storage import contacts as contacts_db
+from storage.contacts import ContactRow, TagRow
+
+SyncProgress = Callable[[int, int | None], None]  # (contacts seen so far, total if the gateway knows it)
 
 
 @dataclass
@@ -27,32 +31,16 @@ class SyncResult:
     tags: int = 0
 
 
-def record_to_row(c: ContactRecord) -> dict[str, Any]:
-    return {
-        "id": c.id,
-        "name": c.name,
-        "alias": c.alias,
-        "avatar": c.avatar,
-        "gender": c.gender,
-        "city": c.city,
-        "province": c.province,
-        "address": c.address,
-        "corporation": c.corporation,
-        "title": c.title,
-        "phones": list(c.phones),
-        "weixin": c.weixin,
-        "description": c.description,
-        "signature": c.signature,
-        "friend": c.friend,
-        "coworker": c.coworker,
-        "star": c.star,
-        "type": c.type,
-        "real_name": c.real_name,
-        "aka": c.aka,
-        "additional_info": dict(c.additional_info),
-        "corp_id": c.corp_id,
-        "added_at": c.added_at,
-    }
+_SHARED = [f.name for f in dataclasses.fields(ContactRecord)]
+
+
+def record_to_row(c: ContactRecord) -> ContactRow:
+    """A gateway's contact as the database stores it (the same field names)."""
+    return ContactRow(**{name: getattr(c, name) for name in _SHARED})
+
+
+def tag_to_row(t: TagRecord) -> TagRow:
+    return TagRow(t.id, t.name, t.group_name, t.type)
 
 
 async def sync_contacts(
@@ -61,17 +49,14 @@ async def sync_contacts(
     *,
     clock: Clock | None = None,
     page_size: int = 500,
-    progress: Callable[[int, int | None], None] | None = None,
+    progress: SyncProgress | None = None,
 ) -> SyncResult:
     """Pull every contact and tag from the gateway into the database."""
     clock = clock or SystemClock()
     now = clock.now()
     result = SyncResult()
     tags = await gateway.list_tags()
-    with db.begin() as conn:
-        queries.upsert_tags(
-            conn, [{"id": t.id, "name": t.name, "group_name": t.group_name, "type": t.type} for t in tags]
-        )
+    await off_loop(contacts_db.upsert_tags, db, [tag_to_row(t) for t in tags])
     result.tags = len(tags)
     seen: set[str] = set()
     cursor: str | None = None
@@ -79,10 +64,7 @@ async def sync_contacts(
         page = await gateway.list_contacts(cursor, page_size)
         fresh = [c for c in page.contacts if c.id not in seen]
         seen.update(c.id for c in fresh)
-        with db.begin() as conn:
-            added, updated = queries.upsert_contacts(
-                conn, [record_to_row(c) for c in fresh], {c.id: c.tag_ids for c in fresh}, now
-            )
+        added, updated = await off_loop(contacts_db.upsert_contacts, db, [record_to_row(c) for c in fresh], now)
         result.added += added
         result.updated += updated
         if progress:
@@ -90,18 +72,18 @@ async def sync_contacts(
         if page.next_cursor is None:
             break
         cursor = page.next_cursor
-    with db.begin() as conn:
-        result.removed = queries.mark_removed(conn, seen, now)
+    result.removed = await off_loop(contacts_db.mark_removed, db, seen, now)
     result.seen = len(seen)
     return result
 
 
 async def refresh_contact(gateway: Gateway, db: Engine, contact_id: str, *, clock: Clock | None = None) -> bool:
-    """Re-read one contact (a DIRTY event). Returns whether it still exists."""
+    """Re-read one contact (after the gateway said it changed: a DIRTY event). Returns whether it still exists;
+    a contact the gateway no longer has is marked removed."""
     clock = clock or SystemClock()
     record = await gateway.get_contact(contact_id)
     if record is None:
+        await off_loop(contacts_db.mark_gone, db, [contact_id], clock.now())
         return False
-    with db.begin() as conn:
-        queries.upsert_contacts(conn, [record_to_row(record)], {record.id: record.tag_ids}, clock.now())
+    await off_loop(contacts_db.upsert_contacts, db, [record_to_row(record)], clock.now())
     return True

@@ -21,7 +21,9 @@ Guarantees (each has a test):
   account holds them until it logs in again; `max_errors` failures pause the run.
 
 Results are written in small batches (group commit), which is what lets a SQLite log keep up with
-thousands of sends per second.
+thousands of sends per second. Every database call runs in a worker thread (`asyncio.to_thread`), never on the
+event loop: a write that waits for SQLite's lock (a 100,000-recipient plan being recorded beside this run)
+stalls only this run's bookkeeping, not the other runs, the scheduler or the HTTP answers.
 """
 
 from __future__ import annotations
@@ -36,35 +38,42 @@ import socket
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime, time, timedelta
+from datetime import datetime, timedelta
 from enum import Enum
-from typing import Any
-from zoneinfo import ZoneInfo
+from typing import ParamSpec, TypeVar
 
-from sqlalchemy import select, update
 from sqlalchemy.engine import Engine
 
+from engine.audience import ExclusionCategory
 from engine.backoff import backoff_delay
+from engine.blocking import off_loop
 from engine.clock import Clock, SystemClock
 from engine.errors import GatewayError, NotFoundError, WecastError
-from engine.gateways.base import BatchOutcome, Gateway
+from engine.gateways.base import BatchOutcome, Gateway, LoginStatus
 from engine.outcome import Outcome, Verdict, classify
-from engine.plan import cap_period
+from engine.runsettings import RunSettings
 from engine.settings import Settings
-from storage import queries
-from storage.models import DELIVERIES, OPEN_STATUSES, RUNS, DeliveryStatus, RunStatus
+from storage import deliveries as deliveries_db
+from storage import runs as runs_db
+from storage.db import transaction
+from storage.deliveries import Claimed, Result
+from storage.models import OPEN_STATUSES, DeliveryStatus, RunStatus
+from storage.runs import RunRow
 
 log = logging.getLogger("wecast.dispatch")
 HEARTBEAT_EVERY = 5.0
 RECONCILE_EVERY = 30.0  # seconds between asking about mass-message tasks staff have not confirmed yet
 STALE_AFTER = timedelta(seconds=60)
 
+P = ParamSpec("P")
+T = TypeVar("T")
+
 
 @dataclass
 class RunSummary:
     run_id: int
-    status: str
-    counts: dict[str, int]
+    status: RunStatus
+    counts: dict[DeliveryStatus, int]
     message: str = ""
     recovered: dict[str, int] = field(default_factory=dict)
 
@@ -77,7 +86,7 @@ class RunSummary:
         return sum(self.counts.get(s, 0) for s in OPEN_STATUSES)
 
 
-Progress = Callable[[dict[str, int]], None]
+Progress = Callable[[dict[DeliveryStatus, int]], None]
 
 
 class Halt(Enum):
@@ -164,24 +173,6 @@ class Pacer:
                 self._ok_streak = 0
 
 
-def quiet_wait(now: datetime, tz: ZoneInfo, window: dict[str, str] | None) -> float:
-    """Seconds until sending may start again (0 when outside quiet hours)."""
-    if not window:
-        return 0.0
-    start = time.fromisoformat(window["start"])
-    end = time.fromisoformat(window["end"])
-    local = now.astimezone(tz)
-    t = local.time()
-    inside = (start <= t < end) if start < end else (t >= start or t < end)
-    if not inside:
-        return 0.0
-    opens = local.replace(hour=end.hour, minute=end.minute, second=0, microsecond=0)
-    if opens <= local:
-        opens += timedelta(days=1)
-    opens = opens.replace(tzinfo=None).replace(tzinfo=tz)  # re-resolve across DST
-    return max(1.0, (opens - now).total_seconds())
-
-
 class Dispatcher:
     """Sends the deliveries of planned runs through one gateway."""
 
@@ -219,23 +210,24 @@ class Dispatcher:
         """Send a run's pending deliveries. Returns when the run is done, paused, cancelled, or — with
         `login_wait` / `quiet_wait_max` / `confirm_wait` set — when it would have to wait longer than that
         (for a login, for quiet hours to end, for staff to confirm mass-message tasks)."""
-        run = queries.get_run(self.db, run_id)
+        run = await off_loop(runs_db.get_run, self.db, run_id)
         if run is None:
             raise NotFoundError(f"no run {run_id}")
-        if run["status"] != RunStatus.RUNNING.value:
-            return self._summary(run_id, run["status"], f"run {run_id} is {run['status']}")
-        recovered = self._take_over(run)
-        sending = _RunSender(self, run, progress)
+        if run.status is not RunStatus.RUNNING:
+            return await self._summary(run_id, run.status, f"run {run_id} is {run.status}")
+        settings = RunSettings.from_json(run.settings, run_id=run_id)
+        recovered = await self._take_over(run)
+        sending = _RunSender(self, run, settings, progress)
         try:
+            await sending.start()
             message = await sending.loop(
                 login_wait=login_wait, quiet_wait_max=quiet_wait_max, confirm_wait=confirm_wait
             )
         finally:
             await sending.drain()
-            self._release(run_id)
-        final = queries.get_run(self.db, run_id)
-        assert final is not None
-        summary = self._summary(run_id, final["status"], message)
+            await off_loop(runs_db.release, self.db, run_id, self.owner)
+        final = await off_loop(runs_db.run_status, self.db, run_id)
+        summary = await self._summary(run_id, final or RunStatus.CANCELLED, message)
         summary.recovered = recovered
         return summary
 
@@ -244,85 +236,90 @@ class Dispatcher:
         self.stopping.set()
 
     # -- ownership -------------------------------------------------------------------------------
-    def _take_over(self, run: dict[str, Any]) -> dict[str, int]:
+    async def _take_over(self, run: RunRow) -> dict[str, int]:
         now = self.clock.now()
-        owner = run.get("owner") or ""
-        if owner and owner != self.owner and owner_alive(owner, run.get("heartbeat_at"), now):
+        if run.owner and run.owner != self.owner and owner_alive(run.owner, run.heartbeat_at, now):
             raise WecastError(
-                f"run {run['id']} is being sent by another process ({owner.rsplit(':', 1)[0]}); "
+                f"run {run.id} is being sent by another process ({run.owner.rsplit(':', 1)[0]}); "
                 "wait for it, or stop that process first"
             )
-        r = queries.R
-        with self.db.begin() as conn:
-            changed = conn.execute(
-                update(RUNS).where(r.id == run["id"], r.owner == owner).values(owner=self.owner, heartbeat_at=now)
-            ).rowcount
-            if not changed:
-                raise WecastError(f"run {run['id']} was taken over by another process just now")
-            recovered = queries.recover_run(
-                conn, run["id"], now=now, resend_in_flight=self.gateway.capabilities.idempotent_sends
-            )
+        recovered = await off_loop(
+            runs_db.take_over,
+            self.db,
+            run.id,
+            expected_owner=run.owner,
+            owner=self.owner,
+            now=now,
+            resend_in_flight=self.gateway.capabilities.idempotent_sends,
+        )
+        if recovered is None:
+            raise WecastError(f"run {run.id} was taken over by another process just now")
         if any(recovered.values()):
-            log.warning("run %s: recovered after an interruption: %s", run["id"], recovered)
+            log.warning("run %s: recovered after an interruption: %s", run.id, recovered)
         return recovered
 
-    def _release(self, run_id: int) -> None:
-        r = queries.R
-        with self.db.begin() as conn:
-            conn.execute(update(RUNS).where(r.id == run_id, r.owner == self.owner).values(owner=""))
-
-    def _summary(self, run_id: int, status: str, message: str) -> RunSummary:
-        with self.db.connect() as conn:
-            counts = queries.status_counts(conn, run_id)
+    async def _summary(self, run_id: int, status: RunStatus, message: str) -> RunSummary:
+        counts = await off_loop(deliveries_db.status_counts, self.db, run_id)
         return RunSummary(run_id, status, counts, message)
 
 
 class _RunSender:
     """The state of sending one run (one per `Dispatcher.run` call)."""
 
-    def __init__(self, d: Dispatcher, run: dict[str, Any], progress: Progress | None) -> None:
+    def __init__(self, d: Dispatcher, run: RunRow, settings: RunSettings, progress: Progress | None) -> None:
         self.d = d
-        self.run_id: int = run["id"]
-        cfg: dict[str, Any] = run.get("settings") or {}
-        self.cfg = cfg
-        self.tz = ZoneInfo(cfg.get("timezone") or d.settings.timezone)
-        self.pacer = Pacer(d.clock, float(cfg.get("interval") or 0.0))
-        self.max_errors = int(cfg.get("max_errors") or 0)
-        self.cap: dict[str, Any] | None = cfg.get("frequency_cap")
-        self.quiet: dict[str, str] | None = cfg.get("quiet_hours")
+        self.run_id = run.id
+        self.settings = settings
+        self.tz = settings.tz
+        self.pacer = Pacer(d.clock, settings.interval)
+        self.max_errors = settings.max_errors
+        self.cap = settings.frequency_cap
+        self.quiet = settings.quiet_hours
         self.progress = progress
         self.token = uuid.uuid4().hex
         self.sem = asyncio.Semaphore(d.concurrency)
         self.inflight: set[asyncio.Task[None]] = set()
-        self.results: list[dict[str, Any]] = []
+        self.results: list[Result] = []
         self.logged_out = False
         self.auth_error = ""  # set when the gateway refused the credentials: the run pauses
         self.last_flush = d.clock.monotonic()
         self.last_beat = d.clock.monotonic()
-        with d.db.connect() as conn:
-            counts = queries.status_counts(conn, self.run_id)
-        self.failed = counts.get(DeliveryStatus.FAILED, 0)
-        self.counts = counts
+        self.failed = 0
         caps = d.gateway.capabilities
         self.batch = caps.batch_send and not caps.direct_send
 
+    async def start(self) -> None:
+        counts = await self._db(deliveries_db.status_counts, self.d.db, self.run_id)
+        self.failed = counts.get(DeliveryStatus.FAILED, 0)
+
+    async def _db(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+        return await off_loop(fn, *args, **kwargs)
+
+    def quiet_wait(self) -> float:
+        """Seconds until the run's quiet hours end (0: sending is allowed now)."""
+        return self.quiet.seconds_until_open(self.d.clock.now(), self.tz) if self.quiet else 0.0
+
     # -- the one "must I stop now" check ---------------------------------------------------------
-    def must_stop(self) -> Halt | None:
-        """Why no further send may start now, or None. Checked before every claim and every chunk."""
-        d = self.d
-        if d.stopping.is_set():
+    def halt(self, status: RunStatus | None) -> Halt | None:
+        """Why no further send may start now, or None: the one check, made before every claim and every chunk.
+        `status` is the run's state as just read from the database (None: not read for this check; the caller
+        reads it with the chunk's hand-over, `_prepare`)."""
+        if self.d.stopping.is_set():
             return Halt.STOPPING
         if self.auth_error:
             return Halt.AUTH
         if self.logged_out:
             return Halt.LOGGED_OUT
-        if self._run_status() != RunStatus.RUNNING:
+        if status is not None and status is not RunStatus.RUNNING:
             return Halt.NOT_RUNNING
         if self.max_errors and self.failed >= self.max_errors:
             return Halt.TOO_MANY_ERRORS
-        if quiet_wait(d.clock.now(), self.tz, self.quiet):
+        if self.quiet_wait():
             return Halt.QUIET_HOURS
         return None
+
+    async def must_stop(self) -> Halt | None:
+        return self.halt(await self._run_status())
 
     # -- main loop -------------------------------------------------------------------------------
     async def loop(
@@ -336,25 +333,24 @@ class _RunSender:
             claim_size = max(claim_size, min(d.gateway.capabilities.max_batch, 10_000))
         confirm_deadline = None if confirm_wait is None else d.clock.monotonic() + confirm_wait
         while True:
-            halt = self.must_stop()
+            halt = await self.must_stop()
             if halt is Halt.STOPPING:
                 return "stopped; unsent deliveries stay pending and resume on the next start"
             if halt is Halt.NOT_RUNNING:
-                return f"run {self._run_status()}"
+                return f"run {await self._run_status()}"
             if halt is Halt.AUTH:
                 await self._wait_inflight()
-                self._pause(f"paused: {self.auth_error}")
+                await self._pause(f"paused: {self.auth_error}")
                 return f"paused: {self.auth_error}; fix it, then `wecast resume {self.run_id}`"
             if halt is Halt.TOO_MANY_ERRORS:
                 await self._wait_inflight()
-                self._pause(f"paused after {self.failed} failed deliveries (max_errors {self.max_errors})")
+                await self._pause(f"paused after {self.failed} failed deliveries (max_errors {self.max_errors})")
                 return f"paused after {self.failed} failures; see `wecast log --status failed`"
             if halt is Halt.QUIET_HOURS:
-                wait = quiet_wait(d.clock.now(), self.tz, self.quiet)
+                wait = self.quiet_wait()
                 if quiet_wait_max is not None and wait > quiet_wait_max:
                     return (
-                        f"quiet hours ({self.quiet['start'] if self.quiet else ''}–"
-                        f"{self.quiet['end'] if self.quiet else ''}): sends wait; "
+                        f"quiet hours ({self.quiet}): sends wait; "
                         "they go out when the window opens (`wecast serve`, or `wecast run --resume`)"
                     )
                 log.info("run %s: quiet hours, waiting %.0fs", self.run_id, wait)
@@ -363,7 +359,7 @@ class _RunSender:
             if halt is Halt.LOGGED_OUT or not (await d.gateway.login_status()).logged_in:
                 await self._wait_inflight()
                 status_now = await self._wait_for_login(login_wait)
-                if d.stopping.is_set() or self._run_status() != RunStatus.RUNNING:
+                if d.stopping.is_set() or await self._run_status() is not RunStatus.RUNNING:
                     continue
                 if not status_now.logged_in:
                     if login_wait is not None:
@@ -373,14 +369,14 @@ class _RunSender:
                         )
                     continue
                 self.logged_out = False
-            with d.db.begin() as conn:
-                rows = queries.claim(conn, self.run_id, self.token, claim_size, d.clock.now())
+            rows = await self._db(deliveries_db.claim, d.db, self.run_id, self.token, claim_size, d.clock.now())
             if not rows:
-                self._flush()
                 if self.inflight:
                     await self._wait_any()
                     continue
-                due = self._next_due()
+                # Nothing is in flight any more, so every result is in `results`: written before deciding.
+                await self._flush()
+                due = await self._db(deliveries_db.next_due, d.db, self.run_id)
                 if due is None:
                     waiting = await self._reconcile() if self.batch else 0
                     if waiting:
@@ -392,7 +388,7 @@ class _RunSender:
                             )
                         await self._idle(RECONCILE_EVERY)
                         continue
-                    self._finish_if_done()
+                    await self._db(runs_db.finish_if_done, d.db, self.run_id, d.clock.now())
                     return "done"
                 await self._idle(min(max(0.0, (due - d.clock.now()).total_seconds()), 5.0))
                 continue
@@ -401,7 +397,7 @@ class _RunSender:
             else:
                 await self._send_rows(rows, chunk_size)
 
-    async def _send_rows(self, rows: list[dict[str, Any]], chunk_size: int) -> None:
+    async def _send_rows(self, rows: list[Claimed], chunk_size: int) -> None:
         for start in range(0, len(rows), chunk_size):
             chunk = rows[start : start + chunk_size]
             for _ in chunk:
@@ -409,87 +405,87 @@ class _RunSender:
             # Mark rows `sending` only when their turn is near, so a crash leaves few ambiguous rows.
             await self.pacer.until_due()
             # Checked after the wait, right before marking: what the sends in flight meanwhile ran into counts.
-            if self.must_stop() is not None:
+            halt = self.halt(None)
+            kept: list[Claimed] = []
+            if halt is None:
+                status, kept = await self._db(self._prepare, chunk, self.d.clock.now(), mark=True)
+                halt = self.halt(status) if status is not RunStatus.RUNNING else None
+            if halt is not None:
                 for _ in chunk:
                     self.sem.release()
-                self._unclaim([r["id"] for r in rows[start:]])
+                await self._unclaim([r.id for r in rows[start:]])
                 return
-            kept = self._apply_cap(chunk)
             for _ in range(len(chunk) - len(kept)):
                 self.sem.release()
-            chunk = kept
-            self._mark_sending(chunk)
-            for row in chunk:
+            for row in kept:
                 task = asyncio.get_running_loop().create_task(self._send_one(row))
                 self.inflight.add(task)
                 task.add_done_callback(self.inflight.discard)
-            self._maybe_flush()
-            self._beat()
+            await self._maybe_flush()
+            await self._beat()
 
     # -- one send --------------------------------------------------------------------------------
-    async def _send_one(self, row: dict[str, Any]) -> None:
+    async def _send_one(self, row: Claimed) -> None:
         d = self.d
         await self.pacer.slot()
         try:
             # The call starts in this very step, right at the paced moment (no task hop in between).
             async with asyncio.timeout(d.send_timeout):
                 receipt = await d.gateway.send_text(
-                    row["contact_id"], row["text"], idempotency_key=row["dedupe_key"] or f"delivery-{row['id']}"
+                    row.contact_id, row.text, idempotency_key=row.dedupe_key or f"delivery-{row.id}"
                 )
         except Exception as exc:
-            outcome = classify(exc, timeout=d.send_timeout)
-            if outcome.verdict is Verdict.UNKNOWN and not isinstance(exc, GatewayError | TimeoutError):
-                log.exception("run %s: unexpected error sending delivery %s", self.run_id, row["id"])
-            self._react(outcome)
-            self._settle(row, outcome)
+            self._failed_call([row], exc)
         else:
             self.pacer.succeeded()
             self._record(
-                {
-                    "id": row["id"],
-                    "claim_token": "",
-                    "status": DeliveryStatus.SENT,
-                    "gateway_message_id": receipt.message_id,
-                    "sent_at": d.clock.now(),
-                    "last_error": "",
-                    "reason": "",
-                }
+                Result(
+                    row.id,
+                    DeliveryStatus.SENT,
+                    gateway_message_id=receipt.message_id,
+                    sent_at=d.clock.now(),
+                    last_error="",
+                    reason="",
+                )
             )
         finally:
             self.sem.release()
 
     # -- outcomes (one place for both send paths) -------------------------------------------------
-    def _react(self, outcome: Outcome) -> None:
-        """What a failed call means for the whole run (once per call, however many rows it carried)."""
+    def _failed_call(self, rows: list[Claimed], exc: Exception) -> None:
+        """A gateway call carrying `rows` raised `exc`: classify it once, act on the run once, record each row."""
+        outcome = classify(exc, timeout=self.d.send_timeout)
+        if outcome.verdict is Verdict.UNKNOWN and not isinstance(exc, GatewayError | TimeoutError):
+            log.exception("run %s: unexpected error sending %d deliveries", self.run_id, len(rows))
         if outcome.slow_down:
             self.pacer.rate_limited(outcome.retry_after or 0.0)
         if outcome.logged_out:
             self.logged_out = True
         if outcome.verdict is Verdict.HALT:
             self.auth_error = outcome.reason
+        for row in rows:
+            self._settle(row, outcome)
 
-    def _settle(self, row: dict[str, Any], outcome: Outcome) -> None:
+    def _settle(self, row: Claimed, outcome: Outcome) -> None:
         """Record what a failed call means for one of its rows."""
-        base: dict[str, Any] = {"id": row["id"], "claim_token": "", "last_error": outcome.reason}
-        attempts = row["attempts"] + 1
+        attempts = row.attempts + 1
         if outcome.verdict is Verdict.RETRY:
-            self._retry(base, attempts, outcome.reason, delay=outcome.retry_after)
+            self._retry(row, attempts, outcome.reason, delay=outcome.retry_after)
         elif outcome.verdict in (Verdict.REQUEUE, Verdict.HALT):
             # Not an attempt: nothing was sent. The row waits for the login (or the fixed credentials).
-            self._record({**base, "status": DeliveryStatus.PENDING, "attempts": attempts - 1})
+            self._record(Result(row.id, DeliveryStatus.PENDING, attempts=row.attempts, last_error=outcome.reason))
         elif outcome.verdict is Verdict.UNKNOWN:
-            self._record({**base, "status": DeliveryStatus.UNKNOWN, "reason": outcome.reason})
+            self._record(Result(row.id, DeliveryStatus.UNKNOWN, reason=outcome.reason, last_error=outcome.reason))
         else:
             self.failed += 1
-            self._record({**base, "status": DeliveryStatus.FAILED, "reason": outcome.reason})
+            self._record(Result(row.id, DeliveryStatus.FAILED, reason=outcome.reason, last_error=outcome.reason))
 
-    def _retry(self, base: dict[str, Any], attempts: int, error: str, delay: float | None = None) -> None:
+    def _retry(self, row: Claimed, attempts: int, error: str, delay: float | None = None) -> None:
         retry = self.d.retry
         if attempts >= retry.max_attempts:
             self.failed += 1
-            self._record(
-                {**base, "status": DeliveryStatus.FAILED, "reason": f"gave up after {attempts} attempts: {error}"}
-            )
+            reason = f"gave up after {attempts} attempts: {error}"
+            self._record(Result(row.id, DeliveryStatus.FAILED, reason=reason, last_error=error))
             return
         if delay is None:
             delay = backoff_delay(
@@ -498,126 +494,80 @@ class _RunSender:
                 cap=retry.max_delay.total_seconds(),
                 rng=self.d.rng,
             )
-        self._record(
-            {
-                **base,
-                "status": DeliveryStatus.PENDING,
-                "next_attempt_at": self.d.clock.now() + timedelta(seconds=delay),
-            }
-        )
+        due = self.d.clock.now() + timedelta(seconds=delay)
+        self._record(Result(row.id, DeliveryStatus.PENDING, last_error=error, next_attempt_at=due))
 
     # -- mass-message tasks (batch gateways) ------------------------------------------------------
-    async def _submit_rows(self, rows: list[dict[str, Any]]) -> None:
+    async def _submit_rows(self, rows: list[Claimed]) -> None:
         """Group claimed rows by identical text and submit each group as one task (up to max_batch).
 
         A group's idempotency key is derived from its rows and saved on them before the call, so after
         a crash exactly the same group is resubmitted under the same key (the gateway then answers with
         the task it already has) instead of a new, overlapping task."""
         d = self.d
-        saved = self._saved_batch_keys([r["id"] for r in rows])
-        groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+        saved = await self._db(deliveries_db.batch_keys, d.db, [r.id for r in rows])
+        groups: dict[tuple[str, str], list[Claimed]] = {}
         for r in rows:
-            groups.setdefault((r["text"], saved.get(r["id"], "")), []).append(r)
+            groups.setdefault((r.text, saved.get(r.id, "")), []).append(r)
         max_batch = max(1, d.gateway.capabilities.max_batch)
         parts = [
             (text, key, group[i : i + max_batch]) if not key else (text, key, group)
             for (text, key), group in groups.items()
             for i in (range(0, len(group), max_batch) if not key else [0])
         ]
-        for index, (text, key, part) in enumerate(parts):
-            if self.must_stop() is not None:
-                self._unclaim([r["id"] for _, _, rest in parts[index:] for r in rest])
+        for index, (text, saved_key, group) in enumerate(parts):
+            halt = self.halt(None)
+            part: list[Claimed] = []
+            if halt is None:
+                status, part = await self._db(self._prepare, group, d.clock.now(), mark=False)
+                halt = self.halt(status) if status is not RunStatus.RUNNING else None
+            if halt is not None:
+                await self._unclaim([r.id for _, _, rest in parts[index:] for r in rest])
                 return
-            part = self._apply_cap(part)
             if not part:
                 continue
-            ids = sorted(r["contact_id"] for r in part)
-            key = key or "batch:" + hashlib.sha256(f"{self.run_id}|{text}|{','.join(ids)}".encode()).hexdigest()[:32]
-            now = d.clock.now()
-            with d.db.begin() as conn:
-                queries.apply_updates(
-                    conn,
-                    [
-                        {
-                            "id": r["id"],
-                            "status": DeliveryStatus.SENDING,
-                            "attempts": r["attempts"] + 1,
-                            "gateway_task_id": key,
-                            "updated_at": now,
-                            "sent_at": now,
-                        }
-                        for r in part
-                    ],
-                )
+            ids = sorted(r.contact_id for r in part)
+            key = (
+                saved_key
+                or "batch:" + hashlib.sha256(f"{self.run_id}|{text}|{','.join(ids)}".encode()).hexdigest()[:32]
+            )
+            await self._db(deliveries_db.mark_sending, d.db, part, d.clock.now(), task_key=key)
             await self.pacer.slot()
-            by_contact = {r["contact_id"]: r for r in part}
             try:
                 async with asyncio.timeout(d.send_timeout):
                     receipt = await d.gateway.submit_batch(ids, text, idempotency_key=key)
             except Exception as exc:
-                outcome = classify(exc, timeout=d.send_timeout)
-                if outcome.verdict is Verdict.UNKNOWN and not isinstance(exc, GatewayError | TimeoutError):
-                    log.exception("run %s: unexpected error submitting a task of %d", self.run_id, len(part))
-                self._react(outcome)
-                for r in part:
-                    self._settle(r, outcome)
+                self._failed_call(part, exc)
             else:
                 self.pacer.succeeded()
+                by_contact = {r.contact_id: r for r in part}
                 for cid in receipt.accepted:
                     if cid in by_contact:
                         self._record(
-                            {
-                                "id": by_contact[cid]["id"],
-                                "status": DeliveryStatus.SUBMITTED,
-                                "claim_token": "",
-                                "gateway_task_id": receipt.task_id,
-                                "reason": "",
-                                "last_error": "",
-                            }
+                            Result(
+                                by_contact[cid].id,
+                                DeliveryStatus.SUBMITTED,
+                                gateway_task_id=receipt.task_id,
+                                reason="",
+                                last_error="",
+                            )
                         )
                 for cid, why in receipt.rejected.items():
                     if cid in by_contact:
                         self.failed += 1
-                        self._record(
-                            {
-                                "id": by_contact[cid]["id"],
-                                "status": DeliveryStatus.FAILED,
-                                "claim_token": "",
-                                "reason": why,
-                                "last_error": why,
-                            }
-                        )
-                missing = set(by_contact) - set(receipt.accepted) - set(receipt.rejected)
-                for cid in missing:
-                    self._record(
-                        {
-                            "id": by_contact[cid]["id"],
-                            "status": DeliveryStatus.UNKNOWN,
-                            "claim_token": "",
-                            "reason": f"task {receipt.task_id} did not say whether it includes this contact",
-                        }
-                    )
-            self._flush()
-            self._beat()
-
-    def _saved_batch_keys(self, ids: list[int]) -> dict[int, str]:
-        c = queries.D
-        with self.d.db.connect() as conn:
-            rows = conn.execute(select(c.id, c.gateway_task_id).where(c.id.in_(ids), c.gateway_task_id.like("batch:%")))
-            return {r.id: r.gateway_task_id for r in rows}
+                        self._record(Result(by_contact[cid].id, DeliveryStatus.FAILED, reason=why, last_error=why))
+                for cid in set(by_contact) - set(receipt.accepted) - set(receipt.rejected):
+                    why = f"task {receipt.task_id} did not say whether it includes this contact"
+                    self._record(Result(by_contact[cid].id, DeliveryStatus.UNKNOWN, reason=why))
+            await self._flush()
+            await self._beat()
 
     async def _reconcile(self) -> int:
         """Ask the gateway how submitted tasks went; returns how many deliveries still wait."""
-        c = queries.D
-        with self.d.db.connect() as conn:
-            rows = conn.execute(
-                select(c.id, c.contact_id, c.gateway_task_id).where(
-                    c.run_id == self.run_id, c.status == DeliveryStatus.SUBMITTED.value
-                )
-            ).all()
+        rows = await self._db(deliveries_db.submitted, self.d.db, self.run_id)
         by_task: dict[str, dict[str, int]] = {}
         for r in rows:
-            by_task.setdefault(r.gateway_task_id, {})[r.contact_id] = r.id
+            by_task.setdefault(r.task_id, {})[r.contact_id] = r.id
         waiting = 0
         for task_id, members in by_task.items():
             try:
@@ -634,145 +584,90 @@ class _RunSender:
                 seen.add(res.contact_id)
                 if res.outcome is BatchOutcome.SENT:
                     self._record(
-                        {
-                            "id": row_id,
-                            "status": DeliveryStatus.SENT,
-                            "gateway_message_id": res.message_id,
-                            "sent_at": self.d.clock.now(),
-                            "reason": "",
-                        }
+                        Result(
+                            row_id,
+                            DeliveryStatus.SENT,
+                            gateway_message_id=res.message_id,
+                            sent_at=self.d.clock.now(),
+                            reason="",
+                        )
                     )
                 elif res.outcome is BatchOutcome.FAILED:
                     self.failed += 1
-                    self._record(
-                        {"id": row_id, "status": DeliveryStatus.FAILED, "reason": res.reason or "not delivered"}
-                    )
+                    self._record(Result(row_id, DeliveryStatus.FAILED, reason=res.reason or "not delivered"))
                 else:
                     waiting += 1
             waiting += len(set(members) - seen)
-        self._flush()
+        await self._flush()
         return waiting
 
     # -- database --------------------------------------------------------------------------------
-    def _record(self, update_: dict[str, Any]) -> None:
-        update_["updated_at"] = self.d.clock.now()
-        self.results.append(update_)
-        status = update_["status"]
-        self.counts[status] = self.counts.get(status, 0) + 1
+    def _record(self, result: Result) -> None:
+        self.results.append(result)
 
-    def _maybe_flush(self) -> None:
+    async def _maybe_flush(self) -> None:
         if len(self.results) >= 200 or self.d.clock.monotonic() - self.last_flush >= 0.05:
-            self._flush()
+            await self._flush()
 
-    def _flush(self) -> None:
+    async def _flush(self) -> None:
         self.last_flush = self.d.clock.monotonic()
         if not self.results:
             return
         batch, self.results = self.results, []
-        with self.d.db.begin() as conn:
-            queries.apply_updates(conn, batch)
+        await self._db(deliveries_db.write_results, self.d.db, batch, self.d.clock.now())
         if self.progress:
-            with self.d.db.connect() as conn:
-                self.progress(queries.status_counts(conn, self.run_id))
+            self.progress(await self._db(deliveries_db.status_counts, self.d.db, self.run_id))
 
-    def _mark_sending(self, chunk: list[dict[str, Any]]) -> None:
-        if not chunk:
-            return
-        now = self.d.clock.now()
-        with self.d.db.begin() as conn:
-            queries.apply_updates(
-                conn,
-                [
-                    {
-                        "id": r["id"],
-                        "status": DeliveryStatus.SENDING,
-                        "attempts": r["attempts"] + 1,
-                        "updated_at": now,
-                        "sent_at": now,
-                    }
-                    for r in chunk
-                ],
-            )
+    def _prepare(self, chunk: list[Claimed], now: datetime, *, mark: bool) -> tuple[RunStatus, list[Claimed]]:
+        """The hand-over of a chunk, in one worker-thread call and one transaction: the run's state and — if it still
+        runs — the frequency cap re-checked (other campaigns may have sent since planning; over-cap rows are
+        skipped) and, with `mark`, the rest marked `sending`. Returns the state and the rows to send."""
+        with transaction(self.d.db) as conn:
+            status = runs_db.run_status(conn, self.run_id) or RunStatus.CANCELLED
+            if status is not RunStatus.RUNNING:
+                return status, []
+            keep = chunk
+            cap = self.cap
+            capped = [r.contact_id for r in chunk if r.capped]
+            if cap is not None and capped:
+                start, end = cap.window(now, self.tz)
+                counts = deliveries_db.cap_counts(conn, start, end, capped)
+                keep, skip = [], []
+                for r in chunk:
+                    if r.capped and cap.reached(counts.get(r.contact_id, 0)):
+                        reason = f"{ExclusionCategory.FREQUENCY_CAP}: {cap.reason(counts[r.contact_id])}"
+                        skip.append(Result(r.id, DeliveryStatus.SKIPPED, reason=reason))
+                    else:
+                        keep.append(r)
+                deliveries_db.write_results(conn, skip, now)
+            if mark:
+                deliveries_db.mark_sending(conn, keep, now)
+        return status, keep
 
-    def _apply_cap(self, chunk: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """Re-check the shared frequency cap just before sending; over-cap rows are skipped."""
-        if not self.cap:
-            return chunk
-        capped = [r for r in chunk if r["capped"]]
-        if not capped:
-            return chunk
-        start, end = cap_period(self.d.clock.now(), self.tz, self.cap["per"])
-        with self.d.db.connect() as conn:
-            counts = queries.cap_counts(conn, start, end, [r["contact_id"] for r in capped])
-        keep, skip = [], []
-        for r in chunk:
-            if r["capped"] and counts.get(r["contact_id"], 0) >= self.cap["max"]:
-                skip.append(
-                    {
-                        "id": r["id"],
-                        "status": DeliveryStatus.SKIPPED,
-                        "claim_token": "",
-                        "updated_at": self.d.clock.now(),
-                        "reason": f"frequency_cap: already got {counts[r['contact_id']]} marketing message(s) "
-                        f"this {self.cap['per']} (max {self.cap['max']})",
-                    }
-                )
-            else:
-                keep.append(r)
-        if skip:
-            with self.d.db.begin() as conn:
-                queries.apply_updates(conn, skip)
-        return keep
-
-    def _unclaim(self, ids: list[int]) -> None:
+    async def _unclaim(self, ids: list[int]) -> None:
         """Give back claimed rows: to pending, or — when the run was cancelled meanwhile — to skipped."""
-        if not ids:
-            return
-        cancelled = self._run_status() == RunStatus.CANCELLED.value
-        row: dict[str, Any] = (
-            {"status": DeliveryStatus.SKIPPED, "reason": "run cancelled", "claim_token": ""}
-            if cancelled
-            else {"status": DeliveryStatus.PENDING, "claim_token": ""}
+        if ids:
+            cancelled = await self._run_status() is RunStatus.CANCELLED
+            await self._db(deliveries_db.unclaim, self.d.db, ids, self.d.clock.now(), cancelled=cancelled)
+
+    async def _run_status(self) -> RunStatus:
+        status = await self._db(runs_db.run_status, self.d.db, self.run_id)
+        return status or RunStatus.CANCELLED
+
+    async def _pause(self, why: str) -> None:
+        await self._db(
+            runs_db.set_status, self.d.db, self.run_id, RunStatus.PAUSED, allowed={RunStatus.RUNNING}, error=why
         )
-        with self.d.db.begin() as conn:
-            queries.apply_updates(conn, [{"id": i, **row} for i in ids])
-
-    def _run_status(self) -> str:
-        run = queries.get_run(self.d.db, self.run_id)
-        return str(run["status"]) if run else RunStatus.CANCELLED.value
-
-    def _next_due(self) -> datetime | None:
-        with self.d.db.connect() as conn:
-            return queries.next_due(conn, self.run_id)
-
-    def _pause(self, why: str) -> None:
-        r = queries.R
-        with self.d.db.begin() as conn:
-            conn.execute(update(RUNS).where(r.id == self.run_id).values(status=RunStatus.PAUSED.value, error=why))
         log.warning("run %s: %s", self.run_id, why)
 
-    def _finish_if_done(self) -> None:
-        with self.d.db.begin() as conn:
-            counts = queries.status_counts(conn, self.run_id)
-            if any(counts.get(s, 0) for s in OPEN_STATUSES):
-                return
-            r = queries.R
-            conn.execute(
-                update(RUNS)
-                .where(r.id == self.run_id, r.status == RunStatus.RUNNING.value)
-                .values(status=RunStatus.COMPLETED.value, finished_at=self.d.clock.now())
-            )
-
-    def _beat(self) -> None:
+    async def _beat(self) -> None:
         if self.d.clock.monotonic() - self.last_beat < HEARTBEAT_EVERY:
             return
         self.last_beat = self.d.clock.monotonic()
-        r = queries.R
-        with self.d.db.begin() as conn:
-            conn.execute(update(RUNS).where(r.id == self.run_id).values(heartbeat_at=self.d.clock.now()))
+        await self._db(runs_db.heartbeat, self.d.db, self.run_id, self.d.clock.now())
 
     # -- waiting ---------------------------------------------------------------------------------
-    async def _wait_for_login(self, limit: float | None) -> Any:
+    async def _wait_for_login(self, limit: float | None) -> LoginStatus:
         """Wait for the account to log in, up to `limit` seconds (None: until stopped), while still
         noticing a stop request or the run being paused or cancelled."""
         loop = asyncio.get_running_loop()
@@ -790,7 +685,7 @@ class _RunSender:
             if (
                 status.logged_in
                 or self.d.stopping.is_set()
-                or self._run_status() != RunStatus.RUNNING.value
+                or await self._run_status() is not RunStatus.RUNNING
                 or (deadline is not None and loop.time() >= deadline)
             ):
                 return status
@@ -798,17 +693,17 @@ class _RunSender:
     async def _wait_any(self) -> None:
         if self.inflight:
             await asyncio.wait(set(self.inflight), timeout=0.05, return_when=asyncio.FIRST_COMPLETED)
-        self._maybe_flush()
-        self._beat()
+        await self._maybe_flush()
+        await self._beat()
 
     async def _wait_inflight(self) -> None:
         if self.inflight:
             await asyncio.wait(set(self.inflight))
-        self._flush()
+        await self._flush()
 
     async def _idle(self, seconds: float) -> None:
-        self._flush()
-        self._beat()
+        await self._flush()
+        await self._beat()
         if seconds <= 0:
             await asyncio.sleep(0)
             return
@@ -821,16 +716,7 @@ class _RunSender:
     async def drain(self) -> None:
         """Let in-flight sends finish and record everything, then give back unsent claims."""
         await self._wait_inflight()
-        self._flush()
-        cancelled = self._run_status() == RunStatus.CANCELLED.value
-        with self.d.db.begin() as conn:
-            c = queries.D
-            conn.execute(
-                update(DELIVERIES)
-                .where(c.run_id == self.run_id, c.status == DeliveryStatus.CLAIMED.value, c.claim_token == self.token)
-                .values(
-                    status=DeliveryStatus.SKIPPED.value if cancelled else DeliveryStatus.PENDING.value,
-                    reason="run cancelled" if cancelled else "",
-                    claim_token="",
-                )
-            )
+        cancelled = await self._run_status() is RunStatus.CANCELLED
+        await self._db(
+            deliveries_db.release_claims, self.d.db, self.run_id, self.token, self.d.clock.now(), cancelled=cancelled
+        )

@@ -16,20 +16,26 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any, NamedTuple
-from zoneinfo import ZoneInfo
 
 from sqlalchemy.engine import Engine
 
 from engine import audience as aud
+from engine.audience import ExclusionCategory
 from engine.errors import TemplateError
 from engine.render import describe_missing, render_all
+from engine.runsettings import RunSettings
 from engine.schedule import build_trigger, latest_fire_time, next_fire_times
-from engine.settings import FrequencyCap, Settings
 from engine.spec import Campaign
-from storage import queries
-from storage.models import DELIVERIES, RUNS, DeliveryStatus, RunStatus
+from storage import contacts as contacts_db
+from storage import deliveries as deliveries_db
+from storage import runs as runs_db
+from storage.contacts import ContactView
+from storage.db import snapshot
+from storage.deliveries import Planned
+from storage.models import DeliveryStatus
+from storage.runs import NewRun, RunRow
 
 
 class Recipient(NamedTuple):
@@ -42,8 +48,12 @@ class Excluded(NamedTuple):
     contact_id: str
     name: str
     reason: str
-    category: str  # audience | exclusion | dedupe | frequency_cap | missing_field | too_long
-    recorded: bool  # written as a skipped delivery when planned (audience mismatches are not)
+    category: ExclusionCategory
+
+    @property
+    def recorded(self) -> bool:
+        """Written as a skipped delivery when planned (audience mismatches are not)."""
+        return self.category.recorded
 
 
 @dataclass(repr=False)
@@ -59,7 +69,7 @@ class Preview:
     unknown_ids: list[str] = field(default_factory=list)
     unknown_tags: list[str] = field(default_factory=list)
     next_fires: list[datetime] = field(default_factory=list)
-    existing_run: dict[str, Any] | None = None
+    existing_run: RunRow | None = None
 
     def __repr__(self) -> str:
         return (
@@ -71,7 +81,7 @@ class Preview:
     def distinct_texts(self) -> int:
         return len({r.text for r in self.recipients})
 
-    def excluded_by_category(self) -> Counter[str]:
+    def excluded_by_category(self) -> Counter[ExclusionCategory]:
         return Counter(e.category for e in self.excluded)
 
     def problems(self) -> list[TemplateError]:
@@ -127,40 +137,16 @@ def dedupe_key(campaign: Campaign, run_key: str, contact_id: str) -> str:
     return f"{campaign.id}|{run_key}|{contact_id}"
 
 
-def cap_period(now: datetime, tz: ZoneInfo, per: str) -> tuple[datetime, datetime]:
-    """The calendar day/week/month containing `now`, in zone `tz`, as UTC bounds."""
-    local = now.astimezone(tz)
-    start = local.replace(hour=0, minute=0, second=0, microsecond=0)
-    if per == "week":
-        start -= timedelta(days=start.weekday())
-        end = start + timedelta(days=7)
-    elif per == "month":
-        start = start.replace(day=1)
-        end = (start + timedelta(days=32)).replace(day=1)
-    else:
-        end = start + timedelta(days=1)
-    # Re-resolve through the zone so a DST change inside the period is handled.
-    start = start.replace(tzinfo=None).replace(tzinfo=tz)
-    end = end.replace(tzinfo=None).replace(tzinfo=tz)
-    return start.astimezone(UTC), end.astimezone(UTC)
-
-
-def run_settings(campaign: Campaign, settings: Settings) -> dict[str, Any]:
-    """What the dispatcher needs, frozen at plan time so a resumed run behaves as planned."""
-    return {
-        "interval": campaign.throttle.interval,
-        "per_second": campaign.throttle.per_second,
-        "per_minute": campaign.throttle.per_minute,
-        "max_errors": campaign.max_errors,
-        "timezone": campaign.timezone,
-        "frequency_cap": campaign.frequency_cap.model_dump() if campaign.frequency_cap else None,
-        "quiet_hours": (
-            {"start": campaign.quiet_hours.start.strftime("%H:%M"), "end": campaign.quiet_hours.end.strftime("%H:%M")}
-            if campaign.quiet_hours
-            else None
-        ),
-        "campaign_name": campaign.name,
-    }
+def run_settings(campaign: Campaign) -> RunSettings:
+    """How the campaign's run is sent, frozen at plan time so a resumed run behaves as planned."""
+    return RunSettings(
+        name=campaign.name,
+        timezone=campaign.timezone,
+        interval=campaign.throttle.interval,
+        max_errors=campaign.max_errors,
+        frequency_cap=campaign.frequency_cap,
+        quiet_hours=campaign.quiet_hours,
+    )
 
 
 def build_preview(
@@ -169,22 +155,24 @@ def build_preview(
     *,
     now: datetime,
     run_key: str | None = None,
-    contacts: list[dict[str, Any]] | None = None,
+    contacts: list[ContactView] | None = None,
 ) -> Preview:
-    """Everything a run would do, computed without writing anything."""
+    """Everything a run would do, computed without writing anything (read in one snapshot of the database)."""
     key = run_key_for(campaign, now, run_key)
-    with db.connect() as conn:
-        views = contacts if contacts is not None else queries.load_contact_views(conn, columns=needed_columns(campaign))
-        known_tags = queries.tag_names(conn)
-        existing_run = _find_run(conn, campaign.id, key)
-        held = queries.campaign_keys(conn, campaign.id) if campaign.dedupe != "run" or existing_run else {}
+    cap = campaign.frequency_cap
+    with snapshot(db) as conn:
+        views = (
+            contacts if contacts is not None else contacts_db.load_contact_views(conn, columns=needed_columns(campaign))
+        )
+        known_tags = contacts_db.tag_names(conn)
+        existing_run = runs_db.find_run(conn, campaign.id, key)
+        held = deliveries_db.held_keys(conn, campaign.id) if campaign.dedupe != "run" or existing_run else {}
         window = campaign.dedupe_window
-        recent = queries.last_sends(conn, campaign.id, now - window) if window else {}
-        cap: FrequencyCap | None = campaign.frequency_cap
+        recent = deliveries_db.last_sends(conn, campaign.id, now - window) if window else {}
         counts: dict[str, int] = {}
         if cap is not None:
-            start, end = cap_period(now, campaign.tz, cap.per)
-            counts = queries.cap_counts(conn, start, end, exclude_run=existing_run["id"] if existing_run else None)
+            start, end = cap.window(now, campaign.tz)
+            counts = deliveries_db.cap_counts(conn, start, end, exclude_run=existing_run.id if existing_run else None)
     a = campaign.audience
     selection = aud.select(
         views,
@@ -199,10 +187,7 @@ def build_preview(
         now=now,
         known_tags=known_tags,
     )
-    excluded = [
-        Excluded(e.contact_id, e.name, e.reason, _category(e.reason), _category(e.reason) != "audience")
-        for e in selection.excluded
-    ]
+    excluded = [Excluded(e.contact_id, e.name, e.reason, e.category) for e in selection.excluded]
     eligible: list[Mapping[str, Any]] = []
     local = campaign.tz
     for c in selection.recipients:
@@ -210,15 +195,13 @@ def build_preview(
         name = str(c.get("name") or "")
         held_by = held.get(dedupe_key(campaign, key, cid)) if held else None
         if held_by is not None:
-            when = held_by.get("sent_at")
-            at = f" on {when.astimezone(local):%Y-%m-%d %H:%M}" if when else ""
+            at = f" on {held_by.sent_at.astimezone(local):%Y-%m-%d %H:%M}" if held_by.sent_at else ""
             excluded.append(
                 Excluded(
                     cid,
                     name,
-                    f"already {held_by['status']} in run {held_by['run_id']}{at} (dedupe: {campaign.dedupe})",
-                    "dedupe",
-                    True,
+                    f"already {held_by.status} in run {held_by.run_id}{at} (dedupe: {campaign.dedupe})",
+                    ExclusionCategory.DEDUPE,
                 )
             )
             continue
@@ -230,21 +213,12 @@ def build_preview(
                     name,
                     f"got this campaign on {last.astimezone(local):%Y-%m-%d %H:%M}, "
                     f"within the dedupe window {campaign.dedupe}",
-                    "dedupe",
-                    True,
+                    ExclusionCategory.DEDUPE,
                 )
             )
             continue
-        if cap is not None and counts.get(cid, 0) >= cap.max:
-            excluded.append(
-                Excluded(
-                    cid,
-                    name,
-                    f"frequency cap: already got {counts[cid]} marketing message(s) this {cap.per} (max {cap.max})",
-                    "frequency_cap",
-                    True,
-                )
-            )
+        if cap is not None and cap.reached(counts.get(cid, 0)):
+            excluded.append(Excluded(cid, name, cap.reason(counts[cid]), ExclusionCategory.FREQUENCY_CAP))
             continue
         eligible.append(c)
     rendered = render_all(
@@ -274,7 +248,10 @@ def build_preview(
         elif cid in lacking_by_id and skip_missing:
             excluded.append(
                 Excluded(
-                    cid, name, "lacks " + ", ".join(lacking_by_id[cid]) + " used by the template", "missing_field", True
+                    cid,
+                    name,
+                    "lacks " + ", ".join(lacking_by_id[cid]) + " used by the template",
+                    ExclusionCategory.MISSING_FIELD,
                 )
             )
     next_fires: list[datetime] = []
@@ -313,36 +290,6 @@ def needed_columns(campaign: Campaign) -> set[str] | None:
     return cols
 
 
-def _category(reason: str) -> str:
-    if reason.startswith(
-        ("listed in exclude_ids", "has excluded tag", "not a friend", "coworker", "over the audience limit")
-    ):
-        return "exclusion"
-    return "audience"
-
-
-def _find_run(conn: Any, campaign_id: str, run_key: str) -> dict[str, Any] | None:
-    from sqlalchemy import select
-
-    r = queries.R
-    row = conn.execute(select(RUNS).where(r.campaign_id == campaign_id, r.run_key == run_key)).first()
-    return dict(row._mapping) if row else None
-
-
-DELIVERY_INSERT_COLUMNS = (
-    "run_id",
-    "campaign_id",
-    "contact_id",
-    "contact_name",
-    "text",
-    "dedupe_key",
-    "status",
-    "capped",
-    "created_at",
-    "updated_at",
-)
-
-
 @dataclass
 class PlanResult:
     run_id: int
@@ -356,7 +303,6 @@ class PlanResult:
 def plan_run(
     db: Engine,
     campaign: Campaign,
-    settings: Settings,
     *,
     now: datetime,
     run_key: str | None = None,
@@ -366,7 +312,7 @@ def plan_run(
     """Write the run and its deliveries in one transaction (or return the run that already exists)."""
     preview = preview or build_preview(db, campaign, now=now, run_key=run_key)
     if preview.existing_run is not None:
-        return PlanResult(preview.existing_run["id"], preview.run_key, created=False, preview=preview)
+        return PlanResult(preview.existing_run.id, preview.run_key, created=False, preview=preview)
     preview.raise_for_problems()
     key = preview.run_key
     scheduled_for = None
@@ -375,89 +321,40 @@ def plan_run(
             scheduled_for = datetime.strptime(key, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
         except ValueError:
             scheduled_for = None
-    capped = campaign.frequency_cap is not None
-    with db.begin() as conn:
-        inserted = queries.insert_ignore(
-            conn,
-            RUNS,
-            [
-                {
-                    "campaign_id": campaign.id,
-                    "run_key": key,
-                    "trigger": trigger,
-                    "status": RunStatus.RUNNING.value,
-                    "timezone": campaign.timezone,
-                    "campaign_file": str(campaign.file),
-                    "campaign_hash": campaign.content_hash,
-                    "settings": run_settings(campaign, settings),
-                    "scheduled_for": scheduled_for,
-                    "created_at": now,
-                    "owner": "",
-                    "error": "",
-                    "planned": len(preview.recipients),
-                    "skipped_at_plan": sum(1 for e in preview.excluded if e.recorded),
-                }
-            ],
-        )
-        existing = _find_run(conn, campaign.id, key)
-        assert existing is not None
-        if not inserted:  # planned concurrently by another process: theirs stands
-            return PlanResult(existing["id"], key, created=False, preview=preview)
-        run_id = existing["id"]
-        ts = queries.db_time(conn, now)
-        status = DeliveryStatus.PENDING.value
-        queries.insert_fast(
-            conn,
-            DELIVERIES,
-            (
-                (
-                    run_id,
-                    campaign.id,
-                    r.contact_id,
-                    r.name,
-                    r.text,
-                    dedupe_key(campaign, key, r.contact_id),
-                    status,
-                    capped,
-                    ts,
-                    ts,
-                )
-                for r in preview.recipients
-            ),
-            DELIVERY_INSERT_COLUMNS,
-        )
-        status = DeliveryStatus.SKIPPED.value
-        queries.insert_fast(
-            conn,
-            DELIVERIES,
-            (
-                (
-                    run_id,
-                    campaign.id,
-                    e.contact_id,
-                    e.name,
-                    "",
-                    None,
-                    status,
-                    capped,
-                    ts,
-                    ts,
-                    f"{e.category}: {e.reason}",
-                )
-                for e in preview.excluded
-                if e.recorded
-            ),
-            (*DELIVERY_INSERT_COLUMNS, "reason"),
-        )
-        counts = queries.status_counts(conn, run_id)
+    settings = run_settings(campaign)
+    held_back = [e for e in preview.excluded if e.recorded]
+    recorded = runs_db.record_plan(
+        db,
+        NewRun(
+            campaign_id=campaign.id,
+            run_key=key,
+            trigger=trigger,
+            timezone=campaign.timezone,
+            settings=settings.to_json(),
+            created_at=now,
+            campaign_file=str(campaign.file),
+            campaign_hash=campaign.content_hash,
+            scheduled_for=scheduled_for,
+            planned=len(preview.recipients),
+            skipped_at_plan=len(held_back),
+        ),
+        (Planned(r.contact_id, r.name, r.text, dedupe_key(campaign, key, r.contact_id)) for r in preview.recipients),
+        (Planned(e.contact_id, e.name, "", None, f"{e.category}: {e.reason}") for e in held_back),
+        capped=settings.capped,
+    )
+    if not recorded.created:  # planned concurrently by another process: theirs stands
+        return PlanResult(recorded.run_id, key, created=False, preview=preview)
     return PlanResult(
-        run_id,
+        recorded.run_id,
         key,
         created=True,
-        planned=counts.get(DeliveryStatus.PENDING, 0),
-        skipped=counts.get(DeliveryStatus.SKIPPED, 0),
+        planned=recorded.counts.get(DeliveryStatus.PENDING, 0),
+        skipped=recorded.counts.get(DeliveryStatus.SKIPPED, 0),
         preview=preview,
     )
+
+
+API_CAMPAIGN = "api"  # the campaign id of direct sends' runs
 
 
 def plan_adhoc(
@@ -468,71 +365,30 @@ def plan_adhoc(
     run_key: str,
     now: datetime,
     timezone: str,
-    campaign_id: str = "api",
     throttle_interval: float = 0.0,
     trigger: str = "api",
-    names: dict[str, str] | None = None,
+    names: Mapping[str, str] | None = None,
 ) -> PlanResult:
     """A run for a direct send (the HTTP API's /send-message and /send-message-all): one text, given
     contacts, no audience rules, not counted against the marketing frequency cap. `run_key` is the
     client's Idempotency-Key (or a fresh id), so a retried request plans nothing new."""
-    with db.begin() as conn:
-        inserted = queries.insert_ignore(
-            conn,
-            RUNS,
-            [
-                {
-                    "campaign_id": campaign_id,
-                    "run_key": run_key,
-                    "trigger": trigger,
-                    "status": RunStatus.RUNNING.value,
-                    "timezone": timezone,
-                    "campaign_file": "",
-                    "campaign_hash": "",
-                    "settings": {
-                        "interval": throttle_interval,
-                        "max_errors": 0,
-                        "timezone": timezone,
-                        "frequency_cap": None,
-                        "quiet_hours": None,
-                        "campaign_name": campaign_id,
-                    },
-                    "scheduled_for": None,
-                    "created_at": now,
-                    "owner": "",
-                    "error": "",
-                    "planned": len(contact_ids),
-                    "skipped_at_plan": 0,
-                }
-            ],
-        )
-        existing = _find_run(conn, campaign_id, run_key)
-        assert existing is not None
-        if not inserted:
-            return PlanResult(existing["id"], run_key, created=False)
-        run_id = existing["id"]
-        rows = [
-            {
-                "run_id": run_id,
-                "campaign_id": campaign_id,
-                "contact_id": cid,
-                "contact_name": (names or {}).get(cid, ""),
-                "text": text,
-                "dedupe_key": f"{campaign_id}|{run_key}|{cid}",
-                "status": DeliveryStatus.PENDING.value,
-                "reason": "",
-                "attempts": 0,
-                "last_error": "",
-                "capped": False,
-                "gateway_message_id": "",
-                "gateway_task_id": "",
-                "claim_token": "",
-                "next_attempt_at": None,
-                "created_at": now,
-                "updated_at": now,
-                "sent_at": None,
-            }
-            for cid in dict.fromkeys(contact_ids)
-        ]
-        queries.insert_ignore(conn, DELIVERIES, rows)
-    return PlanResult(run_id, run_key, created=True, planned=len(rows))
+    unique = list(dict.fromkeys(contact_ids))
+    settings = RunSettings(name=API_CAMPAIGN, timezone=timezone, interval=throttle_interval)
+    recorded = runs_db.record_plan(
+        db,
+        NewRun(
+            campaign_id=API_CAMPAIGN,
+            run_key=run_key,
+            trigger=trigger,
+            timezone=timezone,
+            settings=settings.to_json(),
+            created_at=now,
+            planned=len(unique),
+        ),
+        [Planned(cid, (names or {}).get(cid, ""), text, f"{API_CAMPAIGN}|{run_key}|{cid}") for cid in unique],
+        capped=False,
+        adhoc=True,
+    )
+    return PlanResult(
+        recorded.run_id, run_key, created=recorded.created, planned=len(unique) if recorded.created else 0
+    )

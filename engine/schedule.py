@@ -9,15 +9,45 @@ slots are stable across restarts).
 from __future__ import annotations
 
 from datetime import date, datetime, time, timedelta
-from typing import TYPE_CHECKING, Any
+from typing import Protocol, cast
 from zoneinfo import ZoneInfo
 
 from apscheduler.triggers.cron import CronTrigger
 from apscheduler.triggers.date import DateTrigger
 from apscheduler.triggers.interval import IntervalTrigger
+from pydantic import model_validator
 
-if TYPE_CHECKING:
-    from engine.spec import ScheduleSpec
+from engine.durations import Duration
+from engine.settings import Strict
+
+
+class ScheduleSpec(Strict):
+    """When a campaign fires. Exactly one of cron / at / every; none means manual runs only."""
+
+    cron: str | None = None
+    at: datetime | None = None
+    every: Duration | None = None
+    start: datetime | date | None = None
+    end: datetime | date | None = None
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> ScheduleSpec:
+        kinds = [k for k in ("cron", "at", "every") if getattr(self, k) is not None]
+        if len(kinds) > 1:
+            raise ValueError(f"give only one of cron, at, every (found {', '.join(kinds)})")
+        if not kinds:
+            raise ValueError('give one of cron (e.g. "0 10 * * MON"), at (a date and time) or every (e.g. 1d)')
+        if self.every is not None and self.every < timedelta(minutes=1):
+            raise ValueError("every must be at least 1m")
+        return self
+
+
+class Trigger(Protocol):
+    """What the engine asks of a schedule (APScheduler 3's trigger interface, the part we use)."""
+
+    def get_next_fire_time(self, previous_fire_time: datetime | None, now: datetime) -> datetime | None:
+        """The first fire time after `previous_fire_time` (None: the first one) that is not before `now`."""
+
 
 EPOCH = datetime(2020, 1, 6)  # a Monday; interval slots count from here when no start is given
 
@@ -36,7 +66,7 @@ def _aware(value: datetime | date | None, tz: ZoneInfo, *, end: bool = False) ->
     return value if value.tzinfo else value.replace(tzinfo=tz)
 
 
-def build_trigger(spec: ScheduleSpec, tz: ZoneInfo) -> Any:
+def build_trigger(spec: ScheduleSpec, tz: ZoneInfo) -> Trigger:
     """An APScheduler trigger for `spec` in zone `tz`. Raises ScheduleError naming the field."""
     start = _aware(spec.start, tz)
     end = _aware(spec.end, tz, end=True)
@@ -49,7 +79,7 @@ def build_trigger(spec: ScheduleSpec, tz: ZoneInfo) -> Any:
                 f"cron needs 5 fields (minute hour day month weekday), got {len(fields)}: {spec.cron!r}", "cron"
             )
         try:
-            return CronTrigger(
+            cron = CronTrigger(
                 minute=fields[0],
                 hour=fields[1],
                 day=fields[2],
@@ -61,14 +91,16 @@ def build_trigger(spec: ScheduleSpec, tz: ZoneInfo) -> Any:
             )
         except ValueError as exc:
             raise ScheduleError(f"invalid cron expression {spec.cron!r}: {exc}", "cron") from None
+        return cast(Trigger, cron)
     if spec.at is not None:
-        return DateTrigger(run_date=_aware(spec.at, tz), timezone=tz)
+        return cast(Trigger, DateTrigger(run_date=_aware(spec.at, tz), timezone=tz))
     assert spec.every is not None
     anchor = start or EPOCH.replace(tzinfo=tz)
-    return IntervalTrigger(seconds=int(spec.every.total_seconds()), start_date=anchor, end_date=end, timezone=tz)
+    every = int(spec.every.total_seconds())
+    return cast(Trigger, IntervalTrigger(seconds=every, start_date=anchor, end_date=end, timezone=tz))
 
 
-def next_fire_times(trigger: Any, after: datetime, count: int = 5) -> list[datetime]:
+def next_fire_times(trigger: Trigger, after: datetime, count: int = 5) -> list[datetime]:
     """The next `count` fire times strictly after `after` (aware)."""
     out: list[datetime] = []
     previous: datetime | None = None
@@ -86,7 +118,7 @@ def next_fire_times(trigger: Any, after: datetime, count: int = 5) -> list[datet
     return out
 
 
-def latest_fire_time(trigger: Any, now: datetime) -> datetime | None:
+def latest_fire_time(trigger: Trigger, now: datetime) -> datetime | None:
     """The most recent fire time at or before `now` (None if the schedule has not fired within a year).
 
     Used to name a manual run after the schedule slot it belongs to, so `wecast run` and the scheduler
@@ -107,7 +139,7 @@ def latest_fire_time(trigger: Any, now: datetime) -> datetime | None:
         while True:
             following = trigger.get_next_fire_time(fire, fire + timedelta(microseconds=1))
             if following is None or following > now:
-                return fire  # type: ignore[no-any-return]
+                return fire
             fire = following
     return None
 

@@ -1,4 +1,4 @@
-"""The campaign scheduler of `wecast serve`, and the background work it shares with the HTTP API.
+"""The campaign scheduler of `wecast serve` (its background work, shared with the HTTP API, is `engine.workers`).
 
 Fire times come from APScheduler 3 *triggers* (built in `engine.schedule`); this module drives them with
 its own small loop instead of an APScheduler scheduler object, because the loop takes the injected
@@ -21,8 +21,11 @@ Rules:
   `scheduler.reload_interval`) and on `reload()`. Invalid files are kept in `errors` (shown by the API
   and logged), never silently dropped; the valid campaigns keep running.
 * **Contacts** re-sync every `scheduler.contacts_sync` and after each login, when the account is logged in.
+* **Contact changes** the gateway reports (DIRTY events) re-read that one contact (`Workers.refresh_in_background`).
 * **Start and stop.** `start()` resumes runs interrupted by the last shutdown or crash (`Wecast.resume`);
   `stop()` ends the loop, and `Workers.drain` lets in-flight sends be recorded.
+* **Never on the event loop:** reading campaign files, planning a fire and every database call run in worker
+  threads (`engine.blocking.off_loop`), so a 100,000-recipient plan does not stall sends or HTTP answers.
 """
 
 from __future__ import annotations
@@ -30,24 +33,22 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-from collections.abc import Awaitable, Callable, Coroutine
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import select, update
-
+from engine.blocking import off_loop
 from engine.clock import Clock
-from engine.contacts import SyncResult
 from engine.errors import CampaignError, WecastError
 from engine.gateways.base import EventKind, GatewayEvent
 from engine.plan import slot_key
-from engine.schedule import build_trigger, latest_fire_time, next_fire_times
+from engine.schedule import ScheduleSpec, Trigger, build_trigger, latest_fire_time, next_fire_times
 from engine.service import Wecast
-from engine.spec import Campaign, campaign_files, load_campaigns
-from storage import queries
-from storage.models import SCHEDULE_STATE
+from engine.spec import Campaign, LoadResult, campaign_files, load_campaigns
+from engine.workers import Workers
+from storage import runs as runs_db
 
 log = logging.getLogger("wecast.scheduler")
 
@@ -55,134 +56,6 @@ log = logging.getLogger("wecast.scheduler")
 LATE_AFTER = timedelta(seconds=60)  # a fire handled this late is still "on time", not a catch-up
 MAX_CATCH_UP = 100  # `catch_up: all` runs at most this many missed slots
 IDLE_CAP = 60.0  # the loop wakes at least this often (seconds)
-API_CAMPAIGN = "api"  # runs of direct sends (`plan_adhoc`); they may run side by side
-
-S = SCHEDULE_STATE.c
-
-
-class Workers:
-    """The service's background work: dispatch tasks (one per run; for campaigns, one per campaign, so a
-    campaign's run never overlaps itself) and contact syncs (one at a time: two concurrent syncs would race
-    on inserting the same new contacts)."""
-
-    def __init__(self) -> None:
-        self._runs: dict[int, asyncio.Task[Any]] = {}
-        self._campaigns: dict[str, int] = {}
-        self._sync_lock = asyncio.Lock()
-        self._sync_task: asyncio.Task[SyncResult | None] | None = None
-        self.on_done: list[Callable[[], None]] = []
-        self.last_sync_at: datetime | None = None
-        self.last_sync: SyncResult | None = None
-        self.last_sync_error: str = ""
-
-    # -- runs ------------------------------------------------------------------------------------
-    def active_run(self, campaign_id: str) -> int | None:
-        """The run this campaign is dispatching now, if any."""
-        return self._campaigns.get(campaign_id)
-
-    def task(self, run_id: int) -> asyncio.Task[Any] | None:
-        return self._runs.get(run_id)
-
-    def running(self) -> list[int]:
-        return sorted(self._runs)
-
-    def start(self, run_id: int, campaign_id: str, work: Callable[[], Coroutine[Any, Any, Any]]) -> asyncio.Task[Any]:
-        """Start `work` (dispatching run `run_id`) unless that run, or another run of the same campaign, is
-        already being dispatched; returns the task that dispatches it."""
-        existing = self._runs.get(run_id)
-        if existing is not None:
-            return existing
-        other = self._campaigns.get(campaign_id) if campaign_id != API_CAMPAIGN else None
-        if other is not None:
-            raise WecastError(
-                f"campaign {campaign_id!r} is still sending run {other}; a campaign's runs never "
-                "overlap: wait for it, or pause or cancel it first"
-            )
-        task = asyncio.get_running_loop().create_task(self._guard(run_id, work()), name=f"wecast-run-{run_id}")
-        self._runs[run_id] = task
-        if campaign_id != API_CAMPAIGN:
-            self._campaigns[campaign_id] = run_id
-
-        def done(_: asyncio.Task[Any]) -> None:
-            self._runs.pop(run_id, None)
-            if self._campaigns.get(campaign_id) == run_id:
-                del self._campaigns[campaign_id]
-            for callback in self.on_done:
-                callback()
-
-        task.add_done_callback(done)
-        return task
-
-    @staticmethod
-    async def _guard(run_id: int, work: Awaitable[Any]) -> Any:
-        try:
-            result = await work
-        except asyncio.CancelledError:
-            log.info("run %s: dispatch stopped; unsent deliveries stay pending until the run is resumed", run_id)
-            raise
-        except Exception:  # a background task has nobody to raise to: log it, keep the service up
-            log.exception("run %s: dispatch failed", run_id)
-            return None
-        return result
-
-    async def drain(self, timeout: float) -> list[int]:
-        """Wait up to `timeout` seconds (real time) for the dispatch tasks, then cancel what remains (runs
-        waiting for a login or quiet hours: nothing of theirs is in flight). Returns the cancelled run ids."""
-        tasks = list(self._runs.values())
-        if self._sync_task is not None:
-            tasks.append(self._sync_task)
-        if not tasks:
-            return []
-        _, pending = await asyncio.wait(tasks, timeout=timeout)
-        cancelled = sorted(rid for rid, t in self._runs.items() if t in pending)
-        for t in pending:
-            t.cancel()
-        if pending:
-            await asyncio.wait(pending, timeout=max(timeout, 5.0))
-        return cancelled
-
-    # -- contact sync ----------------------------------------------------------------------------
-    @property
-    def syncing(self) -> bool:
-        return self._sync_task is not None and not self._sync_task.done()
-
-    async def sync(self, app: Wecast) -> SyncResult:
-        """Sync contacts now (waits for a sync already in progress first)."""
-        async with self._sync_lock:
-            try:
-                result = await app.sync()
-            except WecastError as exc:
-                self.last_sync_error = str(exc)
-                raise
-            self.last_sync_at = app.clock.now()
-            self.last_sync, self.last_sync_error = result, ""
-            log.info(
-                "contacts synced: %s seen, %s added, %s updated, %s removed",
-                result.seen,
-                result.added,
-                result.updated,
-                result.removed,
-            )
-            return result
-
-    def sync_in_background(self, app: Wecast) -> asyncio.Task[SyncResult | None]:
-        """Start a sync unless one is running; returns its task."""
-        if self._sync_task is not None and not self._sync_task.done():
-            return self._sync_task
-
-        async def go() -> SyncResult | None:
-            try:
-                return await self.sync(app)
-            except WecastError as exc:
-                log.warning("contact sync failed: %s", exc)
-                return None
-
-        self._sync_task = asyncio.get_running_loop().create_task(go(), name="wecast-contact-sync")
-        return self._sync_task
-
-    async def wait_sync(self) -> None:
-        if self._sync_task is not None:
-            await self._sync_task
 
 
 @dataclass
@@ -200,8 +73,8 @@ class Fire:
 @dataclass
 class CampaignEntry:
     campaign: Campaign
-    trigger: Any | None
-    schedule_dump: dict[str, Any] | None = None
+    trigger: Trigger | None
+    schedule: ScheduleSpec | None = None  # as loaded: an edit is noticed by comparing it
     history: list[Fire] = field(default_factory=list)
 
 
@@ -238,11 +111,11 @@ class CampaignScheduler:
     async def start(self, *, loop: bool = True, resume: bool = True) -> None:
         """Load the campaigns, resume interrupted runs, and (with `loop`) start firing."""
         self._wake = asyncio.Event()
-        self.reload()
+        await self.reload()
         self._unsubscribe = self.app.gateway.subscribe(self._on_event)
         self.workers.on_done.append(self._poke)
         if resume:
-            self.resume_interrupted()
+            await self.resume_interrupted()
         if loop:
             self._task = asyncio.get_running_loop().create_task(self._loop(), name="wecast-scheduler")
 
@@ -268,6 +141,8 @@ class CampaignScheduler:
         if event.kind is EventKind.LOGIN:
             self._sync_wanted = True
             self._poke()
+        elif event.kind is EventKind.CONTACT_CHANGED and event.data.get("contact_id"):
+            self.workers.refresh_in_background(self.app, str(event.data["contact_id"]))
 
     async def _loop(self) -> None:
         assert self._wake is not None
@@ -311,30 +186,32 @@ class CampaignScheduler:
             out[str(path)] = (st.st_mtime_ns, st.st_size)
         return out
 
-    def reload(self) -> list[CampaignError]:
-        """Re-read every campaign file now. Returns the problems (also kept in `errors` and logged)."""
-        self._snapshot = self._files_snapshot()
+    def _load(self) -> tuple[dict[str, tuple[int, int]], LoadResult]:
+        snapshot = self._files_snapshot()
+        if not self.campaigns_dir.is_dir():
+            return snapshot, LoadResult([], [CampaignError(f"campaigns folder not found: {self.campaigns_dir}")])
+        return snapshot, load_campaigns([self.campaigns_dir], self.app.settings)
+
+    async def reload(self) -> list[CampaignError]:
+        """Re-read every campaign file now (off the event loop). Returns the problems (also kept in `errors`
+        and logged)."""
         self._last_poll = self.clock.monotonic()
-        if self.campaigns_dir.is_dir():
-            result = load_campaigns([self.campaigns_dir], self.app.settings)
-            campaigns, errors = result.campaigns, result.errors
-        else:
-            campaigns, errors = [], [CampaignError(f"campaigns folder not found: {self.campaigns_dir}")]
+        self._snapshot, result = await off_loop(self._load)
+        campaigns, errors = result.campaigns, result.errors
         now = self.clock.now()
         entries: dict[str, CampaignEntry] = {}
         for campaign in campaigns:
             trigger = build_trigger(campaign.schedule, campaign.tz) if campaign.schedule else None
-            dump = campaign.schedule.model_dump(mode="json") if campaign.schedule else None
             old = self.entries.get(campaign.id)
-            if old is not None and old.schedule_dump != dump and trigger is not None:
+            if old is not None and old.schedule != campaign.schedule and trigger is not None:
                 # An edited schedule counts from the edit: its past slots are not "missed".
-                self._set_last_fire(campaign.id, now, only_if_later=True)
+                await self._set_last_fire(campaign.id, now, only_if_later=True)
                 log.info(
                     "campaign %s: schedule changed; next fire %s",
                     campaign.id,
                     self._show(self.next_fire(campaign)),
                 )
-            entries[campaign.id] = CampaignEntry(campaign, trigger, dump, old.history if old else [])
+            entries[campaign.id] = CampaignEntry(campaign, trigger, campaign.schedule, old.history if old else [])
         added = sorted(set(entries) - set(self.entries))
         removed = sorted(set(self.entries) - set(entries))
         self.entries = entries
@@ -352,34 +229,24 @@ class CampaignScheduler:
             log.error("invalid campaign file (not scheduled until fixed): %s", error)
         return errors
 
-    def _maybe_reload(self) -> None:
+    async def _maybe_reload(self) -> None:
         if self._last_poll is not None and (
             self.clock.monotonic() - self._last_poll < self.config.reload_interval.total_seconds()
         ):
             return
         self._last_poll = self.clock.monotonic()
-        if self._files_snapshot() != self._snapshot:
-            self.reload()
+        if await off_loop(self._files_snapshot) != self._snapshot:
+            await self.reload()
 
     # -- schedule state --------------------------------------------------------------------------
     def last_fire(self, campaign_id: str) -> datetime | None:
-        with self.app.db.connect() as conn:
-            value: datetime | None = conn.execute(select(S.last_fire_at).where(S.campaign_id == campaign_id)).scalar()
-        return value
+        """The last slot handled for a campaign (a database read: async callers run it off the loop)."""
+        return runs_db.last_fire(self.app.db, campaign_id)
 
-    def _set_last_fire(self, campaign_id: str, when: datetime, *, only_if_later: bool = False) -> None:
-        now = self.clock.now()
-        with self.app.db.begin() as conn:
-            inserted = queries.insert_ignore(
-                conn,
-                SCHEDULE_STATE,
-                [{"campaign_id": campaign_id, "last_fire_at": when, "updated_at": now}],
-            )
-            if not inserted:
-                stmt = update(SCHEDULE_STATE).where(S.campaign_id == campaign_id)
-                if only_if_later:
-                    stmt = stmt.where(S.last_fire_at < when)
-                conn.execute(stmt.values(last_fire_at=when, updated_at=now))
+    async def _set_last_fire(self, campaign_id: str, when: datetime, *, only_if_later: bool = False) -> None:
+        await off_loop(
+            runs_db.set_last_fire, self.app.db, campaign_id, when, self.clock.now(), only_if_later=only_if_later
+        )
 
     def next_fire(self, campaign: Campaign) -> datetime | None:
         entry = self.entries.get(campaign.id)
@@ -392,22 +259,22 @@ class CampaignScheduler:
     async def tick(self) -> list[Fire]:
         """One pass: poll files, fire what is due, start a contact sync if one is due. Returns the fires
         acted on in this pass."""
-        self._maybe_reload()
+        await self._maybe_reload()
         acted: list[Fire] = []
         for entry in list(self.entries.values()):
             if entry.campaign.enabled and entry.trigger is not None:
-                acted += await self._check(entry)
+                acted += await self._check(entry, entry.trigger)
         await self._maybe_sync()
         return acted
 
-    def _due(self, entry: CampaignEntry, last: datetime, now: datetime) -> list[datetime]:
+    def _due(self, trigger: Trigger, last: datetime, now: datetime) -> list[datetime]:
         """Fire times in (last, now], oldest first; only the grace window is enumerated (older fires can
         only be skipped), plus the latest fire, which a deferred run needs whatever its age."""
-        latest = latest_fire_time(entry.trigger, now)
+        latest = latest_fire_time(trigger, now)
         if latest is None or latest <= last:
             return []
         since = max(last, now - self.config.grace - LATE_AFTER)
-        fires = [f for f in next_fire_times(entry.trigger, since, MAX_CATCH_UP + 2) if last < f <= now]
+        fires = [f for f in next_fire_times(trigger, since, MAX_CATCH_UP + 2) if last < f <= now]
         if latest not in fires:
             fires.append(latest)
         return sorted(fires)
@@ -425,14 +292,14 @@ class CampaignScheduler:
             extra = missed[-MAX_CATCH_UP:]
         return sorted({*extra, *on_time[-1:]})
 
-    async def _check(self, entry: CampaignEntry) -> list[Fire]:
+    async def _check(self, entry: CampaignEntry, trigger: Trigger) -> list[Fire]:
         campaign = entry.campaign
         now = self.clock.now()
-        last = self.last_fire(campaign.id)
+        last = await off_loop(self.last_fire, campaign.id)
         if last is None:  # first sight: only fires from now on count
-            self._set_last_fire(campaign.id, now)
+            await self._set_last_fire(campaign.id, now)
             return []
-        due = self._due(entry, last, now)
+        due = self._due(trigger, last, now)
         if not due:
             return []
         busy = self.workers.active_run(campaign.id)
@@ -446,9 +313,9 @@ class CampaignScheduler:
                 )
             self._deferred.add(campaign.id)
             return []
-        if self.app.contact_count() == 0:
+        if await off_loop(self.app.contact_count) == 0:
             await self.app.ensure_contacts()
-            if self.app.contact_count() == 0:
+            if await off_loop(self.app.contact_count) == 0:
                 if campaign.id not in self._deferred:
                     log.warning(
                         "campaign %s: fire at %s waits: no contacts synced yet (log in first)",
@@ -483,7 +350,7 @@ class CampaignScheduler:
         for fire in chosen:
             key = slot_key(fire)
             try:
-                plan = self.app.plan(campaign, run_key=key, trigger="schedule")
+                plan = await off_loop(self.app.plan, campaign, run_key=key, trigger="schedule")
             except WecastError as exc:
                 log.error("campaign %s: fire at %s could not be planned: %s", campaign.id, self._show(fire), exc)
                 acted.append(self._record(entry, Fire(campaign.id, fire, key, "failed", reason=str(exc))))
@@ -503,7 +370,7 @@ class CampaignScheduler:
                 self._record(entry, Fire(campaign.id, fire, key, "started", plan.run_id, "catch-up" if late else ""))
             )
         # Recorded after planning: a crash in between re-plans the same slot (idempotent), never loses it.
-        self._set_last_fire(campaign.id, due[-1])
+        await self._set_last_fire(campaign.id, due[-1])
         if planned:
             self.workers.start(planned[0], campaign.id, lambda: self._dispatch_all(planned))
         return acted
@@ -524,13 +391,11 @@ class CampaignScheduler:
         return when.isoformat() if when else "never"
 
     # -- runs started from outside the loop ------------------------------------------------------
-    def resume_interrupted(self) -> list[int]:
+    async def resume_interrupted(self) -> list[int]:
         """Start dispatching every run left `running` by the last shutdown or crash."""
-        with self.app.db.connect() as conn:
-            runs = queries.unfinished_runs(conn)
         started = []
-        for run in runs:
-            run_id, campaign_id = int(run["id"]), str(run["campaign_id"])
+        for run in await off_loop(runs_db.unfinished_runs, self.app.db):
+            run_id, campaign_id = run.id, run.campaign_id
             try:
                 self.workers.start(run_id, campaign_id, functools.partial(self._resume, run_id))
             except WecastError as exc:
@@ -558,11 +423,12 @@ class CampaignScheduler:
 
     # -- views for the API -----------------------------------------------------------------------
     def describe(self, campaign_id: str) -> dict[str, Any]:
+        """What the scheduler knows of one campaign (reads the database: call it off the event loop)."""
         entry = self.entries[campaign_id]
         return {
             "next_fire": self.next_fire(entry.campaign),
             "last_fire": self.last_fire(campaign_id),
             "active_run": self.workers.active_run(campaign_id),
             "waiting": campaign_id in self._deferred,
-            "history": [f.__dict__ for f in entry.history],
+            "history": [asdict(f) for f in entry.history],
         }

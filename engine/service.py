@@ -1,18 +1,22 @@
 """The application: settings + database + gateway + clock, and the operations the CLI and the HTTP API
 share (sync contacts, preview, run, resume, direct sends). Built explicitly and passed down; nothing
-is created at import time."""
+is created at import time.
+
+The synchronous operations (`preview`, `plan`, run control, counts) do database work: async callers run them off
+the event loop (`engine.dispatch.off_loop`); the async ones do that themselves.
+"""
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any
+from types import TracebackType
 
-from sqlalchemy import func, select, update
 from sqlalchemy.engine import Engine
 
+from engine.blocking import off_loop
 from engine.clock import Clock, SystemClock
-from engine.contacts import SyncResult, sync_contacts
+from engine.contacts import SyncProgress, SyncResult, sync_contacts
 from engine.dispatch import Dispatcher, Progress, RunSummary
 from engine.errors import NotFoundError, WecastError
 from engine.gateways.base import Gateway
@@ -20,9 +24,11 @@ from engine.gateways.registry import build_gateway
 from engine.plan import PlanResult, Preview, build_preview, plan_run
 from engine.settings import Settings
 from engine.spec import Campaign
-from storage import queries
+from storage import contacts as contacts_db
+from storage import deliveries as deliveries_db
+from storage import runs as runs_db
 from storage.db import make_db_engine
-from storage.models import DELIVERIES, RUNS, Contact, DeliveryStatus, RunStatus
+from storage.models import RunStatus
 
 log = logging.getLogger("wecast")
 
@@ -55,7 +61,9 @@ class Wecast:
         await self.start()
         return self
 
-    async def __aexit__(self, *exc: Any) -> None:
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         await self.close()
 
     async def start(self) -> None:
@@ -71,18 +79,14 @@ class Wecast:
 
     # -- contacts --------------------------------------------------------------------------------
     def contact_count(self) -> int:
-        with self.db.connect() as conn:
-            return int(
-                conn.execute(select(func.count()).select_from(Contact).where(queries.C.removed_at.is_(None))).scalar()
-                or 0
-            )
+        return contacts_db.count_contacts(self.db)
 
-    async def sync(self, progress: Any = None) -> SyncResult:
+    async def sync(self, progress: SyncProgress | None = None) -> SyncResult:
         return await sync_contacts(self.gateway, self.db, clock=self.clock, progress=progress)
 
     async def ensure_contacts(self) -> SyncResult | None:
         """Sync once if the database has no contacts yet (a fresh install)."""
-        if self.contact_count() == 0:
+        if await off_loop(self.contact_count) == 0:
             status = await self.gateway.login_status()
             if status.logged_in:
                 return await self.sync()
@@ -93,7 +97,7 @@ class Wecast:
         return build_preview(self.db, campaign, now=self.clock.now(), run_key=run_key)
 
     def plan(self, campaign: Campaign, *, run_key: str | None = None, trigger: str = "manual") -> PlanResult:
-        return plan_run(self.db, campaign, self.settings, now=self.clock.now(), run_key=run_key, trigger=trigger)
+        return plan_run(self.db, campaign, now=self.clock.now(), run_key=run_key, trigger=trigger)
 
     async def run_campaign(
         self,
@@ -106,7 +110,7 @@ class Wecast:
         quiet_wait_max: float | None = None,
         confirm_wait: float | None = None,
     ) -> RunOutcome:
-        plan = self.plan(campaign, run_key=run_key, trigger=trigger)
+        plan = await off_loop(self.plan, campaign, run_key=run_key, trigger=trigger)
         summary = await self.dispatcher.run(
             plan.run_id,
             progress=progress,
@@ -120,19 +124,12 @@ class Wecast:
     def set_run_status(self, run_id: int, to: RunStatus, *, allowed: set[RunStatus], why: str = "") -> None:
         """Move a run between states atomically; the dispatcher (in this or another process) notices before
         its next send. Raises WecastError when the run is not in an allowed state."""
-        run = queries.get_run(self.db, run_id)
+        run = runs_db.get_run(self.db, run_id)
         if run is None:
             raise NotFoundError(f"no run {run_id}")
-        values: dict[str, Any] = {"status": to.value, "error": why}
-        if to is RunStatus.CANCELLED:
-            values["finished_at"] = self.clock.now()
-        r = queries.R
-        with self.db.begin() as conn:
-            changed = conn.execute(
-                update(RUNS).where(r.id == run_id, r.status.in_([s.value for s in allowed])).values(**values)
-            ).rowcount
-        if not changed:
-            raise WecastError(f"run {run_id} is {run['status']}; it cannot be set to {to.value}")
+        finished = self.clock.now() if to is RunStatus.CANCELLED else None
+        if not runs_db.set_status(self.db, run_id, to, allowed=allowed, error=why, finished_at=finished):
+            raise WecastError(f"run {run_id} is {run.status}; it cannot be set to {to}")
 
     def pause_run(self, run_id: int, why: str = "paused by a person") -> None:
         """Stop sending a run; sends in flight finish. `resume_run` continues it."""
@@ -145,15 +142,7 @@ class Wecast:
     def cancel_run(self, run_id: int, why: str = "cancelled by a person") -> int:
         """Cancel a run: its unsent deliveries are skipped (with the reason). Returns how many."""
         self.set_run_status(run_id, RunStatus.CANCELLED, allowed={RunStatus.RUNNING, RunStatus.PAUSED}, why=why)
-        d = queries.D
-        with self.db.begin() as conn:
-            # Claimed rows belong to a dispatcher, which skips them itself when it notices the cancel.
-            skipped = conn.execute(
-                update(DELIVERIES)
-                .where(d.run_id == run_id, d.status == DeliveryStatus.PENDING.value)
-                .values(status=DeliveryStatus.SKIPPED.value, reason=f"run {why}", updated_at=self.clock.now())
-            ).rowcount
-        return int(skipped or 0)
+        return deliveries_db.skip_pending(self.db, run_id, f"run {why}", self.clock.now())
 
     async def resume(
         self,
@@ -165,11 +154,7 @@ class Wecast:
         confirm_wait: float | None = None,
     ) -> list[RunSummary]:
         """Continue interrupted runs (all of them, or one)."""
-        if run_id is not None:
-            ids = [run_id]
-        else:
-            with self.db.connect() as conn:
-                ids = [r["id"] for r in queries.unfinished_runs(conn)]
+        ids = [run_id] if run_id is not None else [r.id for r in await off_loop(runs_db.unfinished_runs, self.db)]
         return [
             await self.dispatcher.run(
                 i, progress=progress, login_wait=login_wait, quiet_wait_max=quiet_wait_max, confirm_wait=confirm_wait

@@ -11,12 +11,21 @@ from __future__ import annotations
 
 import os
 import re
-from datetime import time, timedelta
+from datetime import UTC, datetime, time, timedelta
 from pathlib import Path
 from typing import Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_serializer,
+    field_validator,
+    model_validator,
+)
 
 from engine import yamlsrc
 from engine.durations import Duration
@@ -67,11 +76,37 @@ class Throttle(Strict):
         return max(gaps, default=0.0)
 
 
+def _local_midnight(day: datetime, tz: ZoneInfo) -> datetime:
+    """Midnight of `day`'s date in `tz`, re-resolved through the zone (so a DST change is handled)."""
+    return datetime(day.year, day.month, day.day, tzinfo=tz)
+
+
 class FrequencyCap(Strict):
     """At most `max` capped messages per contact per `per` (calendar day/week in the campaign's zone)."""
 
     max: int = Field(default=1, ge=1)
     per: Literal["day", "week", "month"] = "day"
+
+    def window(self, now: datetime, tz: ZoneInfo) -> tuple[datetime, datetime]:
+        """The calendar day / week (from Monday) / month containing `now` in zone `tz`, as UTC bounds [start, end)."""
+        local = now.astimezone(tz)
+        if self.per == "week":
+            first = local - timedelta(days=local.weekday())
+            start, end = _local_midnight(first, tz), _local_midnight(first + timedelta(days=7), tz)
+        elif self.per == "month":
+            start = _local_midnight(local.replace(day=1), tz)
+            end = _local_midnight((local.replace(day=1) + timedelta(days=32)).replace(day=1), tz)
+        else:
+            start, end = _local_midnight(local, tz), _local_midnight(local + timedelta(days=1), tz)
+        return start.astimezone(UTC), end.astimezone(UTC)
+
+    def reached(self, count: int) -> bool:
+        """Whether a contact who got `count` capped messages in the window may get no more."""
+        return count >= self.max
+
+    def reason(self, count: int) -> str:
+        """Why a contact is held back, in words."""
+        return f"already got {count} marketing message(s) this {self.per} (max {self.max})"
 
 
 class QuietHours(Strict):
@@ -88,10 +123,32 @@ class QuietHours(Strict):
             raise ValueError("quiet hours start and end are the same time")
         return self
 
+    @field_serializer("start", "end", when_used="json")
+    def _hhmm(self, value: time) -> str:
+        return value.strftime("%H:%M")
+
+    def __str__(self) -> str:
+        return f"{self:%H:%M}"
+
+    def __format__(self, spec: str) -> str:
+        """`f"{q}"` reads 21:00–09:00; a time format applies to both ends."""
+        spec = spec or "%H:%M"
+        return f"{self.start.strftime(spec)}–{self.end.strftime(spec)}"
+
     def contains(self, t: time) -> bool:
         if self.start < self.end:
             return self.start <= t < self.end
         return t >= self.start or t < self.end
+
+    def seconds_until_open(self, now: datetime, tz: ZoneInfo) -> float:
+        """0 when `now` is outside the quiet hours (in zone `tz`); else the seconds until they end (at least 1)."""
+        local = now.astimezone(tz)
+        if not self.contains(local.time()):
+            return 0.0
+        opens = datetime(local.year, local.month, local.day, self.end.hour, self.end.minute, tzinfo=tz)
+        if opens <= local:
+            opens = _local_midnight(local + timedelta(days=1), tz).replace(hour=self.end.hour, minute=self.end.minute)
+        return max(1.0, (opens - now).total_seconds())
 
 
 class Retry(Strict):

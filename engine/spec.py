@@ -27,7 +27,7 @@ from __future__ import annotations
 import hashlib
 import re
 from dataclasses import dataclass, field
-from datetime import date, datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Literal
 from zoneinfo import ZoneInfo
@@ -36,35 +36,14 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 
 from engine import yamlsrc
 from engine.audience import Rule, RuleError, parse_rules
-from engine.durations import Duration, parse_duration
+from engine.durations import parse_duration
 from engine.errors import CampaignError, Location, TemplateError
 from engine.paths import MAX_TEMPLATE_BYTES, CampaignFileError, campaign_root, resolve_campaign_file
 from engine.render import CompiledTemplate, compile_template
-from engine.schedule import ScheduleError, build_trigger
+from engine.schedule import ScheduleError, ScheduleSpec, build_trigger
 from engine.settings import FrequencyCap, QuietHours, Settings, Strict, Throttle, check_timezone
 
 ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-
-
-class ScheduleSpec(Strict):
-    """When a campaign fires. Exactly one of cron / at / every; none means manual runs only."""
-
-    cron: str | None = None
-    at: datetime | None = None
-    every: Duration | None = None
-    start: datetime | date | None = None
-    end: datetime | date | None = None
-
-    @model_validator(mode="after")
-    def _one_kind(self) -> ScheduleSpec:
-        kinds = [k for k in ("cron", "at", "every") if getattr(self, k) is not None]
-        if len(kinds) > 1:
-            raise ValueError(f"give only one of cron, at, every (found {', '.join(kinds)})")
-        if not kinds:
-            raise ValueError('give one of cron (e.g. "0 10 * * MON"), at (a date and time) or every (e.g. 1d)')
-        if self.every is not None and self.every < timedelta(minutes=1):
-            raise ValueError("every must be at least 1m")
-        return self
 
 
 class Audience(Strict):

@@ -16,6 +16,7 @@ from sqlalchemy import event, inspect, select
 from sqlalchemy.engine import Connection, Engine, make_url
 from sqlmodel import Session, SQLModel, create_engine
 
+from storage._sql import reading, writing
 from storage.models import META, SCHEMA_VERSION, Meta
 
 # Migrations from version N to N+1, keyed by N. Each runs inside one transaction.
@@ -92,12 +93,16 @@ def ensure_schema(engine: Engine) -> None:
 
 
 @contextmanager
-def session_scope(engine: Engine) -> Iterator[Session]:
-    """A session that commits on success and rolls back on error."""
-    with Session(engine, expire_on_commit=False) as session:
-        try:
-            yield session
-            session.commit()
-        except BaseException:
-            session.rollback()
-            raise
+def snapshot(db: Engine) -> Iterator[Connection]:
+    """One connection to read several things consistently (one transaction: one snapshot under WAL); pass it to
+    the storage functions in place of the engine."""
+    with reading(db) as conn:
+        yield conn
+
+
+@contextmanager
+def transaction(db: Engine) -> Iterator[Connection]:
+    """One transaction for several storage functions that must happen together (pass the connection to them in
+    place of the engine); committed when the block ends, rolled back on an error."""
+    with writing(db) as conn:
+        yield conn

@@ -7,34 +7,32 @@ batch path is exercised end to end before the wecom gateway exists.
 from __future__ import annotations
 
 import asyncio
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers import MONDAY_10, write_settings
 
 from engine.clock import FakeClock
 from engine.errors import PermanentError
 from engine.gateways.sandbox import SandboxGateway
 from engine.service import Wecast
-from engine.settings import Settings, load_settings
+from engine.settings import Settings
 from engine.spec import Campaign, parse_campaign
-from storage import queries
+from storage.deliveries import list_deliveries, status_counts
+from storage.models import DeliveryStatus
 
-MONDAY_10 = datetime(2026, 1, 5, 2, 0, tzinfo=UTC)
 
+@pytest.fixture
+def settings_for(tmp_path: Path, db_url: str) -> Any:
+    """`settings_for(confirm_delay="1h", contacts=80)`: a batch-mode sandbox (群发 tasks) on this test's database."""
 
-def settings_for(tmp: Path, *, confirm_delay: str = "0s", contacts: int = 80) -> Settings:
-    cfg = tmp / "config.yaml"
-    cfg.write_text(
-        "version: 1\n"
-        f"database_url: sqlite:///{tmp}/wecast.sqlite\n"
-        f"campaigns_dir: {tmp}\n"
-        f"sandbox: {{contacts: {contacts}, seed: 3, state_file: {tmp}/sandbox.sqlite, mode: batch, "
-        f"confirm_delay: {confirm_delay}}}\n",
-        encoding="utf-8",
-    )
-    return load_settings(cfg)
+    def make(*, confirm_delay: str = "0s", contacts: int = 80) -> Settings:
+        return write_settings(
+            tmp_path, db_url, contacts=contacts, sandbox=f", mode: batch, confirm_delay: {confirm_delay}"
+        )
+
+    return make
 
 
 def campaign(settings: Settings, template: str, name: str = "mass") -> Campaign:
@@ -45,9 +43,9 @@ def campaign(settings: Settings, template: str, name: str = "mass") -> Campaign:
     return parse_campaign(text, settings.campaigns_dir / f"{name}.yaml", settings)
 
 
-def test_identical_texts_go_out_as_one_task_and_complete_after_confirmation(tmp_path: Path) -> None:
+def test_identical_texts_go_out_as_one_task_and_complete_after_confirmation(settings_for: Any) -> None:
     """A non-personalised message becomes one task; deliveries stay `submitted` until staff confirm, then `sent`."""
-    settings = settings_for(tmp_path, confirm_delay="1h")
+    settings = settings_for(confirm_delay="1h")
     clock = FakeClock(MONDAY_10)
 
     async def go() -> None:
@@ -74,17 +72,16 @@ def test_identical_texts_go_out_as_one_task_and_complete_after_confirmation(tmp_
         assert done.status == "completed" and done.sent == calls[0]
         per_contact = [m.contact_id for m in gw.outbox_messages()]
         assert len(per_contact) == len(set(per_contact)) == calls[0]
-        with app.db.connect() as conn:
-            rows = queries.deliveries(conn, run_id=done.run_id, status="sent", limit=1000)
-        assert {r["gateway_task_id"] for r in rows} and all(r["gateway_task_id"].startswith("msgtask-") for r in rows)
+        rows = list_deliveries(app.db, run_id=done.run_id, status=DeliveryStatus.SENT, limit=1000)
+        assert {r.gateway_task_id for r in rows} and all(r.gateway_task_id.startswith("msgtask-") for r in rows)
         await app.close()
 
     asyncio.run(go())
 
 
-def test_personalised_texts_make_one_task_per_distinct_text(tmp_path: Path) -> None:
+def test_personalised_texts_make_one_task_per_distinct_text(settings_for: Any) -> None:
     """Rendering per contact then grouping by identical text gives one task per distinct message."""
-    settings = settings_for(tmp_path)
+    settings = settings_for()
 
     async def go() -> None:
         app = Wecast(settings, clock=FakeClock(MONDAY_10))
@@ -95,9 +92,8 @@ def test_personalised_texts_make_one_task_per_distinct_text(tmp_path: Path) -> N
         distinct = {r.text for r in preview.recipients}
         outcome = await app.run_campaign(c, confirm_wait=0)
         assert outcome.summary is not None and outcome.summary.status == "completed"
-        with app.db.connect() as conn:
-            rows = queries.deliveries(conn, run_id=outcome.summary.run_id, status="sent", limit=1000)
-        tasks = {r["gateway_task_id"] for r in rows}
+        rows = list_deliveries(app.db, run_id=outcome.summary.run_id, status=DeliveryStatus.SENT, limit=1000)
+        tasks = {r.gateway_task_id for r in rows}
         assert len(tasks) == len(distinct) > 3
         gw = app.gateway
         assert isinstance(gw, SandboxGateway)
@@ -108,10 +104,10 @@ def test_personalised_texts_make_one_task_per_distinct_text(tmp_path: Path) -> N
     asyncio.run(go())
 
 
-def test_a_crash_mid_submit_resubmits_the_same_group_under_the_same_key(tmp_path: Path) -> None:
+def test_a_crash_mid_submit_resubmits_the_same_group_under_the_same_key(settings_for: Any) -> None:
     """Rows caught `sending` by a crash are resubmitted as exactly the same group and key: no second task,
     no second message."""
-    settings = settings_for(tmp_path)
+    settings = settings_for()
 
     async def go() -> None:
         app = Wecast(settings, clock=FakeClock(MONDAY_10))
@@ -134,8 +130,7 @@ def test_a_crash_mid_submit_resubmits_the_same_group_under_the_same_key(tmp_path
         plan = app.plan(c)
         with pytest.raises(KeyboardInterrupt):
             await app.dispatcher.run(plan.run_id, confirm_wait=0)
-        with app.db.connect() as conn:
-            counts = queries.status_counts(conn, plan.run_id)
+        counts = status_counts(app.db, plan.run_id)
         assert counts.get("sending", 0) == plan.planned
         summary = await app.dispatcher.run(plan.run_id, confirm_wait=0)
         assert summary.status == "completed" and summary.sent == plan.planned
@@ -147,9 +142,9 @@ def test_a_crash_mid_submit_resubmits_the_same_group_under_the_same_key(tmp_path
     asyncio.run(go())
 
 
-def test_direct_sends_are_refused_by_a_task_only_account(tmp_path: Path) -> None:
+def test_direct_sends_are_refused_by_a_task_only_account(settings_for: Any) -> None:
     """A task-only account rejects direct sends with a clear permanent error."""
-    settings = settings_for(tmp_path)
+    settings = settings_for()
 
     async def go() -> None:
         gw = SandboxGateway(settings.sandbox, FakeClock(MONDAY_10))
@@ -162,10 +157,10 @@ def test_direct_sends_are_refused_by_a_task_only_account(tmp_path: Path) -> None
     asyncio.run(go())
 
 
-def test_an_unexpected_error_submitting_a_task_leaves_no_row_sending(tmp_path: Path) -> None:
+def test_an_unexpected_error_submitting_a_task_leaves_no_row_sending(settings_for: Any) -> None:
     """A bug behind the gateway boundary (not a GatewayError) while submitting a task is classified like on the
     direct path: the task may exist, so its rows are recorded `unknown` with the reason, none left `sending`."""
-    settings = settings_for(tmp_path, contacts=40)
+    settings = settings_for(contacts=40)
 
     async def go() -> None:
         app = Wecast(settings, clock=FakeClock(MONDAY_10))
@@ -180,22 +175,21 @@ def test_an_unexpected_error_submitting_a_task_leaves_no_row_sending(tmp_path: P
         s = outcome.summary
         assert s is not None and s.status == "completed"
         assert s.counts.get("sending", 0) == 0 and s.counts["unknown"] == outcome.plan.planned
-        with app.db.connect() as conn:
-            rows = queries.deliveries(conn, run_id=s.run_id, status="unknown", limit=1000)
-        assert all(r["reason"] == "unexpected error: RuntimeError: bug in the gateway" for r in rows)
+        rows = list_deliveries(app.db, run_id=s.run_id, status=DeliveryStatus.UNKNOWN, limit=1000)
+        assert all(r.reason == "unexpected error: RuntimeError: bug in the gateway" for r in rows)
         await app.close()
 
     asyncio.run(go())
 
 
 def test_a_rate_limited_task_slows_the_run_once_not_once_per_recipient(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    settings_for: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """One throttled task submission slows the pace once (it was one call), and its rows are retried."""
     from engine.dispatch import Pacer
     from engine.errors import RateLimitedError
 
-    settings = settings_for(tmp_path, contacts=40)
+    settings = settings_for(contacts=40)
     slowed: list[float] = []
     original_rate_limited = Pacer.rate_limited
 

@@ -2,83 +2,31 @@
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 import threading
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers import CAPPED, MONDAY_10, PLAIN, campaign, outbox_by_contact, run, started
 
 from engine.clock import FakeClock
 from engine.errors import PermanentError, WecastError
 from engine.gateways.sandbox import SandboxGateway
 from engine.plan import plan_run
 from engine.service import Wecast
-from engine.settings import Settings, load_settings
-from engine.spec import Campaign, parse_campaign
-from storage import queries
+from engine.settings import Settings
+from storage.deliveries import claim, list_deliveries
+from storage.models import DeliveryStatus
+from storage.runs import get_run
 
-# Monday 2026-01-05 10:00 in Shanghai (02:00 UTC): inside the default sending window.
-MONDAY_10 = datetime(2026, 1, 5, 2, 0, tzinfo=UTC)
-
-
-def make_settings(
-    tmp: Path, *, contacts: int = 120, faults: str = "{}", extra: str = "", idempotent: bool = True
-) -> Settings:
-    cfg = tmp / "config.yaml"
-    cfg.write_text(
-        "version: 1\n"
-        f"database_url: sqlite:///{tmp}/wecast.sqlite\n"
-        f"campaigns_dir: {tmp}/campaigns\n"
-        "sending:\n"
-        "  concurrency: 8\n"
-        "  retry: {max_attempts: 3, base_delay: 1s, max_delay: 10s}\n"
-        f"{extra}"
-        f"sandbox: {{contacts: {contacts}, seed: 11, state_file: {tmp}/sandbox.sqlite, "
-        f"honor_idempotency_key: {str(idempotent).lower()}, faults: {faults}}}\n",
-        encoding="utf-8",
-    )
-    return load_settings(cfg)
+MakeSettings = Callable[..., Settings]
 
 
-def campaign(settings: Settings, body: str, name: str = "c1") -> Campaign:
-    text = f"id: {name}\nname: 测试活动\n" + body
-    return parse_campaign(text, settings.campaigns_dir / f"{name}.yaml", settings)
-
-
-PLAIN = """
-audience: {}
-message:
-  template: "{{ display_name }}您好，测试消息。"
-frequency_cap: false
-quiet_hours: false
-throttle: {per_second: 1000}
-"""
-
-
-def outbox_by_contact(gw: Any) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for m in gw.outbox_messages():
-        counts[m.contact_id] = counts.get(m.contact_id, 0) + 1
-    return counts
-
-
-def run(coro: Any) -> Any:
-    return asyncio.run(coro)
-
-
-async def started(settings: Settings, clock: FakeClock | None = None) -> Wecast:
-    app = Wecast(settings, clock=clock or FakeClock(MONDAY_10))
-    await app.start()
-    await app.sync()
-    return app
-
-
-def test_same_run_twice_sends_nothing_the_second_time(tmp_path: Path) -> None:
+def test_same_run_twice_sends_nothing_the_second_time(make_settings: MakeSettings) -> None:
     """Running the same campaign run again plans and sends nothing new; the outbox holds one message each."""
-    settings = make_settings(tmp_path)
+    settings = make_settings()
 
     async def go() -> None:
         app = await started(settings)
@@ -96,9 +44,9 @@ def test_same_run_twice_sends_nothing_the_second_time(tmp_path: Path) -> None:
     run(go())
 
 
-def test_manual_run_and_scheduled_fire_of_the_same_slot_are_one_run(tmp_path: Path) -> None:
+def test_manual_run_and_scheduled_fire_of_the_same_slot_are_one_run(make_settings: MakeSettings) -> None:
     """A manual run names itself after the current schedule slot, so the scheduler's fire of that slot adds nothing."""
-    settings = make_settings(tmp_path)
+    settings = make_settings()
 
     async def go() -> None:
         app = await started(settings)
@@ -113,9 +61,9 @@ def test_manual_run_and_scheduled_fire_of_the_same_slot_are_one_run(tmp_path: Pa
     run(go())
 
 
-def test_dedupe_once_and_window(tmp_path: Path) -> None:
+def test_dedupe_once_and_window(make_settings: MakeSettings) -> None:
     """dedupe: once never repeats a contact across runs; a 7d window repeats only after 7 days."""
-    settings = make_settings(tmp_path, contacts=40)
+    settings = make_settings(contacts=40)
     clock = FakeClock(MONDAY_10)
 
     async def go() -> None:
@@ -125,9 +73,8 @@ def test_dedupe_once_and_window(tmp_path: Path) -> None:
         r2 = await app.run_campaign(once, run_key="b")
         assert r1.summary and r1.summary.sent > 10
         assert r2.summary and r2.summary.sent == 0
-        with app.db.connect() as conn:
-            skipped = queries.deliveries(conn, run_id=r2.summary.run_id, status="skipped", limit=1000)
-        held = [d for d in skipped if d["reason"].startswith("dedupe: already sent in run")]
+        skipped = list_deliveries(app.db, run_id=r2.summary.run_id, status=DeliveryStatus.SKIPPED, limit=1000)
+        held = [d for d in skipped if d.reason.startswith("dedupe: already sent in run")]
         assert len(held) == r1.summary.sent  # recorded with the reason, not silently dropped
         preview = app.preview(once, run_key="c")
         assert preview.recipients == []
@@ -147,12 +94,10 @@ def test_dedupe_once_and_window(tmp_path: Path) -> None:
     run(go())
 
 
-def test_faults_every_delivery_ends_recorded_and_none_twice(tmp_path: Path) -> None:
+def test_faults_every_delivery_ends_recorded_and_none_twice(make_settings: MakeSettings) -> None:
     """With transient errors, rate limits and timeouts injected, every delivery ends in a terminal state,
     sent ones are in the outbox exactly once, and unknown ones are never retried."""
-    settings = make_settings(
-        tmp_path, contacts=300, faults="{error_rate: 0.2, rate_limit_rate: 0.05, timeout_rate: 0.05}"
-    )
+    settings = make_settings(contacts=300, faults="{error_rate: 0.2, rate_limit_rate: 0.05, timeout_rate: 0.05}")
 
     async def go() -> None:
         app = await started(settings)
@@ -160,34 +105,32 @@ def test_faults_every_delivery_ends_recorded_and_none_twice(tmp_path: Path) -> N
         s = outcome.summary
         assert s is not None and s.status == "completed"
         assert s.open == 0
-        with app.db.connect() as conn:
-            rows = queries.deliveries(conn, run_id=s.run_id, limit=10_000)
+        rows = list_deliveries(app.db, run_id=s.run_id, limit=10_000)
         per_contact = outbox_by_contact(app.gateway)
         assert max(per_contact.values()) == 1
-        sent = {r["contact_id"] for r in rows if r["status"] == "sent"}
-        unknown = {r["contact_id"] for r in rows if r["status"] == "unknown"}
+        sent = {r.contact_id for r in rows if r.status == "sent"}
+        unknown = {r.contact_id for r in rows if r.status == "unknown"}
         assert sent <= set(per_contact)  # every "sent" really arrived
         assert set(per_contact) <= sent | unknown  # nothing arrived unrecorded
         assert unknown, "the injected timeouts should produce unknown outcomes"
-        assert all(r["reason"] for r in rows if r["status"] in ("failed", "unknown", "skipped"))
-        assert any(r["attempts"] > 1 for r in rows if r["status"] == "sent"), "transient errors are retried"
+        assert all(r.reason for r in rows if r.status in ("failed", "unknown", "skipped"))
+        assert any(r.attempts > 1 for r in rows if r.status == "sent"), "transient errors are retried"
         await app.close()
 
     run(go())
 
 
-def test_transient_errors_give_up_after_max_attempts(tmp_path: Path) -> None:
+def test_transient_errors_give_up_after_max_attempts(make_settings: MakeSettings) -> None:
     """A send that keeps failing transiently is retried with growing delays, then failed with the reason."""
-    settings = make_settings(tmp_path, contacts=30, faults="{error_rate: 1.0}")
+    settings = make_settings(contacts=30, faults="{error_rate: 1.0}")
     clock = FakeClock(MONDAY_10)
 
     async def go() -> None:
         app = await started(settings, clock)
         s = (await app.run_campaign(campaign(settings, PLAIN + "max_errors: 0\n"))).summary
         assert s is not None and s.sent == 0 and s.counts["failed"] > 0
-        with app.db.connect() as conn:
-            rows = queries.deliveries(conn, run_id=s.run_id, status="failed", limit=1000)
-        assert all(r["attempts"] == 3 and r["reason"].startswith("gave up after 3 attempts") for r in rows)
+        rows = list_deliveries(app.db, run_id=s.run_id, status=DeliveryStatus.FAILED, limit=1000)
+        assert all(r.attempts == 3 and r.reason.startswith("gave up after 3 attempts") for r in rows)
         # base 1s, doubling with jitter: the fake clock moved at least 0.5 + 1 seconds for the retries
         assert clock.now() - MONDAY_10 >= timedelta(seconds=1.5)
         await app.close()
@@ -195,9 +138,9 @@ def test_transient_errors_give_up_after_max_attempts(tmp_path: Path) -> None:
     run(go())
 
 
-def test_throttle_spaces_sends_and_never_exceeds_the_rate(tmp_path: Path) -> None:
+def test_throttle_spaces_sends_and_never_exceeds_the_rate(make_settings: MakeSettings) -> None:
     """At 4/s, sends start 0.25 s apart on the (fake) clock: the achieved rate equals the configured one."""
-    settings = make_settings(tmp_path, contacts=60)
+    settings = make_settings(contacts=60)
     clock = FakeClock(MONDAY_10)
 
     async def go() -> None:
@@ -222,15 +165,15 @@ def test_throttle_spaces_sends_and_never_exceeds_the_rate(tmp_path: Path) -> Non
     run(go())
 
 
-def test_frequency_cap_is_shared_across_campaigns_per_local_day(tmp_path: Path) -> None:
+def test_frequency_cap_is_shared_across_campaigns_per_local_day(make_settings: MakeSettings) -> None:
     """With 1 marketing message per contact per day, a second campaign the same Shanghai day skips them all;
     the next local day it sends again."""
-    settings = make_settings(tmp_path, contacts=40)
+    settings = make_settings(contacts=40)
     clock = FakeClock(MONDAY_10)
 
     async def go() -> None:
         app = await started(settings, clock)
-        capped = PLAIN.replace("frequency_cap: false", "frequency_cap: {max: 1, per: day}")
+        capped = CAPPED
         a = (await app.run_campaign(campaign(settings, capped, "a"))).summary
         b_preview = app.preview(campaign(settings, capped, "b"))
         assert b_preview.recipients == []
@@ -247,33 +190,32 @@ def test_frequency_cap_is_shared_across_campaigns_per_local_day(tmp_path: Path) 
     run(go())
 
 
-def test_frequency_cap_rechecked_at_send_time(tmp_path: Path) -> None:
+def test_frequency_cap_rechecked_at_send_time(make_settings: MakeSettings) -> None:
     """Two runs planned before either sent: the second one's deliveries are skipped at send time by the cap."""
-    settings = make_settings(tmp_path, contacts=40)
+    settings = make_settings(contacts=40)
 
     async def go() -> None:
         app = await started(settings)
-        capped = PLAIN.replace("frequency_cap: false", "frequency_cap: {max: 1, per: day}")
+        capped = CAPPED
         pa = app.plan(campaign(settings, capped, "a"))
         pb = app.plan(campaign(settings, capped, "b"))
         assert pa.planned == pb.planned > 10
         sa = await app.dispatcher.run(pa.run_id)
         sb = await app.dispatcher.run(pb.run_id)
         assert sa.sent == pa.planned and sb.sent == 0
-        with app.db.connect() as conn:
-            rows = queries.deliveries(conn, run_id=pb.run_id, limit=1000)
-        planned = [r for r in rows if not r["reason"].startswith("exclusion:")]
+        rows = list_deliveries(app.db, run_id=pb.run_id, limit=1000)
+        planned = [r for r in rows if not r.reason.startswith("exclusion:")]
         assert len(planned) == pb.planned
-        assert all(r["status"] == "skipped" and r["reason"].startswith("frequency_cap") for r in planned)
+        assert all(r.status == "skipped" and r.reason.startswith("frequency_cap") for r in planned)
         assert set(outbox_by_contact(app.gateway).values()) == {1}
         await app.close()
 
     run(go())
 
 
-def test_quiet_hours_hold_sends_until_the_window_opens(tmp_path: Path) -> None:
+def test_quiet_hours_hold_sends_until_the_window_opens(make_settings: MakeSettings) -> None:
     """Planned at 22:00 Shanghai with quiet hours 21:00–09:00, nothing goes out before 09:00 local."""
-    settings = make_settings(tmp_path, contacts=30)
+    settings = make_settings(contacts=30)
     clock = FakeClock(datetime(2026, 1, 5, 14, 0, tzinfo=UTC))  # 22:00 Shanghai
 
     async def go() -> None:
@@ -300,9 +242,9 @@ def test_quiet_hours_hold_sends_until_the_window_opens(tmp_path: Path) -> None:
     run(go())
 
 
-def test_logged_out_sends_wait_pending_then_go_out_after_login(tmp_path: Path) -> None:
+def test_logged_out_sends_wait_pending_then_go_out_after_login(make_settings: MakeSettings) -> None:
     """A run started while the account is logged out keeps its deliveries pending; after login they go out."""
-    settings = make_settings(tmp_path, contacts=30)
+    settings = make_settings(contacts=30)
 
     async def go() -> None:
         app = await started(settings)
@@ -314,15 +256,16 @@ def test_logged_out_sends_wait_pending_then_go_out_after_login(tmp_path: Path) -
         assert "not logged in" in waiting.summary.message
         assert (await gw.sandbox_login()).logged_in
         [done] = await app.resume(login_wait=0)
-        assert done.status == "completed" and done.sent == waiting.summary.counts["pending"]
+        assert done.status == "completed", (done.message, done.counts)
+        assert done.sent == waiting.summary.counts["pending"]
         await app.close()
 
     run(go())
 
 
-def test_logout_mid_run_requeues_without_counting_an_attempt(tmp_path: Path) -> None:
+def test_logout_mid_run_requeues_without_counting_an_attempt(make_settings: MakeSettings) -> None:
     """When the account drops mid-run, the unsent deliveries go back to pending (no attempt used) and finish later."""
-    settings = make_settings(tmp_path, contacts=60)
+    settings = make_settings(contacts=60)
 
     async def go() -> None:
         app = await started(settings)
@@ -341,9 +284,8 @@ def test_logout_mid_run_requeues_without_counting_an_attempt(tmp_path: Path) -> 
         gw.send_text = dropping  # type: ignore[method-assign]
         first = (await app.run_campaign(campaign(settings, PLAIN), login_wait=0)).summary
         assert first is not None and 0 < first.sent < 20 and first.counts.get("pending", 0) > 0
-        with app.db.connect() as conn:
-            pending = queries.deliveries(conn, run_id=first.run_id, status="pending", limit=1000)
-        assert all(r["attempts"] == 0 for r in pending)
+        pending = list_deliveries(app.db, run_id=first.run_id, status=DeliveryStatus.PENDING, limit=1000)
+        assert all(r.attempts == 0 for r in pending)
         assert (await gw.sandbox_login()).logged_in
         [done] = await app.resume(login_wait=0)
         assert done.status == "completed" and done.open == 0
@@ -353,9 +295,9 @@ def test_logout_mid_run_requeues_without_counting_an_attempt(tmp_path: Path) -> 
     run(go())
 
 
-def test_too_many_errors_pause_the_run(tmp_path: Path) -> None:
+def test_too_many_errors_pause_the_run(make_settings: MakeSettings) -> None:
     """After max_errors permanent failures the run pauses and the rest stay pending."""
-    settings = make_settings(tmp_path, contacts=80)
+    settings = make_settings(contacts=80)
 
     async def go() -> None:
         app = await started(settings)
@@ -374,9 +316,9 @@ def test_too_many_errors_pause_the_run(tmp_path: Path) -> None:
     run(go())
 
 
-def test_planning_is_one_transaction_and_idempotent_under_races(tmp_path: Path) -> None:
+def test_planning_is_one_transaction_and_idempotent_under_races(make_settings: MakeSettings) -> None:
     """Several threads planning the same run at once create one run with one delivery per recipient."""
-    settings = make_settings(tmp_path, contacts=100)
+    settings = make_settings(contacts=100)
 
     async def setup() -> Wecast:
         return await started(settings)
@@ -388,7 +330,7 @@ def test_planning_is_one_transaction_and_idempotent_under_races(tmp_path: Path) 
 
     def plan() -> None:
         try:
-            results.append(plan_run(app.db, c, settings, now=MONDAY_10, run_key="race"))
+            results.append(plan_run(app.db, c, now=MONDAY_10, run_key="race"))
         except BaseException as exc:  # pragma: no cover - reported below
             errors.append(exc)
 
@@ -400,16 +342,15 @@ def test_planning_is_one_transaction_and_idempotent_under_races(tmp_path: Path) 
     assert not errors
     assert len({r.run_id for r in results}) == 1
     assert sum(r.created for r in results) == 1
-    with app.db.connect() as conn:
-        rows = queries.deliveries(conn, run_id=results[0].run_id, limit=10_000)
-    contacts = [r["contact_id"] for r in rows]
+    rows = list_deliveries(app.db, run_id=results[0].run_id, limit=10_000)
+    contacts = [r.contact_id for r in rows]
     assert len(contacts) == len(set(contacts)) > 50
     run(app.close())
 
 
-def test_claims_are_atomic_across_threads(tmp_path: Path) -> None:
+def test_claims_are_atomic_across_threads(make_settings: MakeSettings) -> None:
     """Concurrent claimers of one run never get the same delivery."""
-    settings = make_settings(tmp_path, contacts=200)
+    settings = make_settings(contacts=200)
     app = run(started(settings))
     p = app.plan(campaign(settings, PLAIN))
     got: list[list[int]] = []
@@ -418,11 +359,10 @@ def test_claims_are_atomic_across_threads(tmp_path: Path) -> None:
     def claimer(token: str) -> None:
         mine: list[int] = []
         while True:
-            with app.db.begin() as conn:
-                rows = queries.claim(conn, p.run_id, token, 7, MONDAY_10)
+            rows = claim(app.db, p.run_id, token, 7, MONDAY_10)
             if not rows:
                 break
-            mine.extend(r["id"] for r in rows)
+            mine.extend(r.id for r in rows)
         with lock:
             got.append(mine)
 
@@ -436,9 +376,9 @@ def test_claims_are_atomic_across_threads(tmp_path: Path) -> None:
     run(app.close())
 
 
-def test_a_live_owner_blocks_a_second_dispatcher(tmp_path: Path) -> None:
+def test_a_live_owner_blocks_a_second_dispatcher(make_settings: MakeSettings) -> None:
     """A run being sent by a live process cannot be taken over by another dispatcher."""
-    settings = make_settings(tmp_path, contacts=30)
+    settings = make_settings(contacts=30)
 
     async def go() -> None:
         app = await started(settings)
@@ -446,18 +386,11 @@ def test_a_live_owner_blocks_a_second_dispatcher(tmp_path: Path) -> None:
         import os
         import socket
 
-        from sqlalchemy import update
+        from storage.runs import take_over
 
-        from storage.models import CampaignRun
-
-        with app.db.begin() as conn:  # pretend this very (live) process owns it from another dispatcher
-            conn.execute(
-                update(CampaignRun.__table__)
-                .where(queries.R.id == p.run_id)
-                .values(  # type: ignore[arg-type]
-                    owner=f"{socket.gethostname()}:{os.getpid()}:other", heartbeat_at=datetime.now(UTC)
-                )
-            )
+        # Another dispatcher of this very (live) process owns it, with a fresh heartbeat.
+        other = f"{socket.gethostname()}:{os.getpid()}:other"
+        assert take_over(app.db, p.run_id, expected_owner="", owner=other, now=datetime.now(UTC), resend_in_flight=True)
         with pytest.raises(WecastError, match="being sent by another process"):
             await app.dispatcher.run(p.run_id)
         await app.close()
@@ -465,15 +398,15 @@ def test_a_live_owner_blocks_a_second_dispatcher(tmp_path: Path) -> None:
     run(go())
 
 
-def test_refused_credentials_pause_the_run_and_fail_nobody(tmp_path: Path) -> None:
+def test_refused_credentials_pause_the_run_and_fail_nobody(make_settings: MakeSettings) -> None:
     """When the gateway refuses the credentials, the run pauses with the reason at the first refusal: no delivery
     is failed or loses an attempt, and after the fix `resume` sends them all."""
     from engine.errors import AuthError
 
-    settings = settings_for_auth = make_settings(tmp_path, contacts=60)
+    settings = make_settings(contacts=60)
 
     async def go() -> None:
-        app = await started(settings_for_auth)
+        app = await started(settings)
         original = app.gateway.send_text
         refused = True
         calls = 0
@@ -490,11 +423,10 @@ def test_refused_credentials_pause_the_run_and_fail_nobody(tmp_path: Path) -> No
         assert s is not None and s.status == "paused" and "rejected the token" in s.message
         assert calls <= settings.sending.concurrency  # only sends already in flight were tried
         assert not s.counts.get("failed") and not s.counts.get("unknown")
-        with app.db.connect() as conn:
-            pending = queries.deliveries(conn, run_id=s.run_id, status="pending", limit=1000)
-            run_row = queries.get_run(conn, s.run_id)
-        assert run_row is not None and "rejected the token" in run_row["error"]
-        assert len(pending) == s.counts["pending"] > 30 and all(r["attempts"] == 0 for r in pending)
+        pending = list_deliveries(app.db, run_id=s.run_id, status=DeliveryStatus.PENDING, limit=1000)
+        run_row = get_run(app.db, s.run_id)
+        assert run_row is not None and "rejected the token" in run_row.error
+        assert len(pending) == s.counts["pending"] > 30 and all(r.attempts == 0 for r in pending)
         refused = False
         app.reopen_run(s.run_id)
         [done] = await app.resume(s.run_id)
@@ -504,24 +436,23 @@ def test_refused_credentials_pause_the_run_and_fail_nobody(tmp_path: Path) -> No
     run(go())
 
 
-def test_retry_delays_come_from_the_injected_random_source(tmp_path: Path) -> None:
+def test_retry_delays_come_from_the_injected_random_source(make_settings: MakeSettings) -> None:
     """Two dispatchers given equally seeded random sources schedule the same retry times (no global random)."""
     import random
 
     from engine.dispatch import Dispatcher
 
-    async def retry_times(folder: Path) -> list[Any]:
-        folder.mkdir()
-        settings = make_settings(folder, contacts=20, faults="{error_rate: 1.0}")
+    settings = make_settings(contacts=20, faults="{error_rate: 1.0}")
+
+    async def retry_times(run_key: str) -> list[Any]:
         app = await started(settings)
         app.dispatcher = Dispatcher(app.db, app.gateway, settings, clock=app.clock, rng=random.Random(42))
-        plan = app.plan(campaign(settings, PLAIN + "max_errors: 0\n"))
+        plan = app.plan(campaign(settings, PLAIN + "max_errors: 0\n"), run_key=run_key)
         await app.dispatcher.run(plan.run_id)
-        with app.db.connect() as conn:
-            rows = queries.deliveries(conn, run_id=plan.run_id, status="failed", limit=1000)
+        rows = list_deliveries(app.db, run_id=plan.run_id, status=DeliveryStatus.FAILED, limit=1000)
         await app.close()
-        return sorted((r["contact_id"], r["next_attempt_at"]) for r in rows)
+        return sorted((r.contact_id, r.next_attempt_at) for r in rows)
 
-    first, second = run(retry_times(tmp_path / "a")), run(retry_times(tmp_path / "b"))
+    first, second = run(retry_times("a")), run(retry_times("b"))
     assert first and all(at is not None for _, at in first)
     assert first == second

@@ -21,7 +21,7 @@ from engine.gateways.sandbox import SandboxGateway
 from engine.plan import build_preview
 from engine.settings import SandboxSettings, Settings
 from engine.spec import Campaign, load_campaign
-from storage import queries
+from storage.contacts import load_contact_views
 from storage.db import make_db_engine
 
 NOW = datetime(2026, 12, 1, 2, 0, tzinfo=UTC)
@@ -47,8 +47,7 @@ async def _sync(folder: Path) -> Synced:
         await sync_contacts(gateway, db)
     finally:
         await gateway.close()
-    with db.connect() as conn:
-        views = queries.load_contact_views(conn)
+    views = load_contact_views(db)
     return Synced(folder, db_url, state_file, db, views)
 
 

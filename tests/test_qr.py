@@ -9,7 +9,7 @@ import pytest
 import zxingcpp
 from PIL import Image, ImageDraw
 
-from engine.web.qr import qr_matrix, qr_png, qr_svg, qr_terminal
+from engine.qr import qr_matrix, qr_png, qr_svg, qr_terminal
 
 URL = "https://wx.work.weixin.qq.com/cgi-bin/crtx_auth?key=3F9A2C7B11D04E8AB6C5D2E1F0A9B8C7&wx=1&sandbox=1"
 

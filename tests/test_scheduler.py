@@ -20,7 +20,7 @@ from engine.scheduler import CampaignScheduler
 from engine.service import Wecast
 from engine.settings import Settings
 from engine.spec import load_campaign
-from storage import queries
+from storage.runs import RunRow, get_run, list_runs
 
 pytestmark = pytest.mark.anyio
 
@@ -99,9 +99,8 @@ async def settle(sched: CampaignScheduler) -> None:
             await task
 
 
-def runs(app: Wecast, campaign_id: str = "greet") -> list[dict[str, Any]]:
-    with app.db.connect() as conn:
-        return sorted(queries.runs(conn, campaign_id=campaign_id), key=lambda r: r["id"])
+def runs(app: Wecast, campaign_id: str = "greet") -> list[RunRow]:
+    return sorted(list_runs(app.db, campaign_id=campaign_id), key=lambda r: r.id)
 
 
 async def test_cron_fires_in_the_campaigns_time_zone(tmp_path: Path) -> None:
@@ -117,9 +116,9 @@ async def test_cron_fires_in_the_campaigns_time_zone(tmp_path: Path) -> None:
         await settle(sched)
         assert await sched.tick() == []
         [run] = runs(app)
-        assert run["trigger"] == "schedule" and run["status"] == "completed" and run["planned"] > 0
+        assert run.trigger == "schedule" and run.status == "completed" and run.planned > 0
         manual = app.plan(load_campaign(tmp_path / "campaigns" / "greet.yaml", app.settings))
-        assert (manual.run_id, manual.created) == (run["id"], False)
+        assert (manual.run_id, manual.created) == (run.id, False)
         clock.set(datetime(2026, 1, 6, 2, 0, 5, tzinfo=UTC))
         assert [f.run_key for f in await sched.tick()] == ["2026-01-06T02:00:00Z"]
         await settle(sched)
@@ -150,7 +149,7 @@ async def test_interval_fires_every_slot(tmp_path: Path) -> None:
             clock.set(datetime(2026, 1, 5, hour, 0, 1, tzinfo=UTC))
             assert [f.run_key for f in await sched.tick()] == [f"2026-01-05T0{hour}:00:00Z"]
             await settle(sched)
-        assert [r["run_key"] for r in runs(app)] == ["2026-01-05T02:00:00Z", "2026-01-05T04:00:00Z"]
+        assert [r.run_key for r in runs(app)] == ["2026-01-05T02:00:00Z", "2026-01-05T04:00:00Z"]
 
 
 @pytest.mark.parametrize(
@@ -178,8 +177,8 @@ async def test_restart_across_fire_times_follows_the_catch_up_policy(
         assert await sched.tick() == []
     async with service(tmp_path, clock, catch_up=policy) as (app, sched):
         assert await sched.tick() == []
-        assert [r["run_key"] for r in runs(app)] == expected
-        assert all(r["status"] == "completed" for r in runs(app))
+        assert [r.run_key for r in runs(app)] == expected
+        assert all(r.status == "completed" for r in runs(app))
 
 
 async def test_a_long_run_never_overlaps_its_next_fire(tmp_path: Path) -> None:
@@ -202,8 +201,8 @@ async def test_a_long_run_never_overlaps_its_next_fire(tmp_path: Path) -> None:
         assert fired == {"2026-01-05T02:03:00Z": "started", "2026-01-05T02:02:00Z": "skipped"}
         await settle(sched)
         first, second = runs(app)
-        assert first["status"] == second["status"] == "completed"
-        assert first["finished_at"] <= second["created_at"]
+        assert first.status == second.status == "completed"
+        assert first.finished_at <= second.created_at
 
 
 async def test_reload_reports_invalid_files_and_keeps_the_valid_ones(tmp_path: Path) -> None:
@@ -222,7 +221,7 @@ async def test_reload_reports_invalid_files_and_keeps_the_valid_ones(tmp_path: P
         [error] = sched.errors
         assert error.location.file == str(broken) and error.location.line == 4
         write_campaign(tmp_path, "{every: 1h}", name="other")
-        assert sched.reload() == [] and set(sched.entries) == {"greet", "other"}
+        assert await sched.reload() == [] and set(sched.entries) == {"greet", "other"}
 
 
 async def test_interrupted_runs_resume_on_start(tmp_path: Path) -> None:
@@ -233,8 +232,8 @@ async def test_interrupted_runs_resume_on_start(tmp_path: Path) -> None:
         plan = app.plan(sched.entries["greet"].campaign)  # planned, never dispatched: as after a crash
     async with service(tmp_path, clock) as (app, sched):
         await settle(sched)
-        run = queries.get_run(app.db, plan.run_id)
-        assert run is not None and run["status"] == "completed"
+        run = get_run(app.db, plan.run_id)
+        assert run is not None and run.status == "completed"
 
 
 async def test_contacts_resync_on_schedule(tmp_path: Path) -> None:

@@ -241,7 +241,7 @@ def test_rest_api(live: LiveServer, client: httpx.Client) -> None:
     assert client.post("/api/v1/campaigns/validate").json()["valid"] is False
 
     preview = client.get("/api/v1/campaigns/vip_daily/preview").json()
-    assert preview["recipients"] > 0 and "VIP专享" in preview["sample"][0]["text"]
+    assert preview["counts"]["recipients"] > 0 and "VIP专享" in preview["recipients"][0]["message"]
     run_now = client.post("/api/v1/campaigns/vip_daily/run")
     assert run_now.status_code == 202 and run_now.json()["created"] is True
     run_id = run_now.json()["run"]["id"]
@@ -252,10 +252,10 @@ def test_rest_api(live: LiveServer, client: httpx.Client) -> None:
         if run["status"] == "completed":
             break
         threading.Event().wait(0.02)
-    assert run["status"] == "completed" and run["counts"]["sent"] == preview["recipients"]
+    assert run["status"] == "completed" and run["counts"]["sent"] == preview["counts"]["recipients"]
     assert any(r["id"] == run_id for r in client.get("/api/v1/runs", params={"campaign": "vip_daily"}).json()["runs"])
     delivered = client.get("/api/v1/deliveries", params={"run_id": run_id, "status": "sent", "limit": 500}).json()
-    assert len(delivered["deliveries"]) == preview["recipients"]
+    assert len(delivered["deliveries"]) == preview["counts"]["recipients"]
     assert client.post(f"/api/v1/runs/{run_id}/pause").status_code == 409
     assert client.get("/api/v1/runs/999999").status_code == 404
 

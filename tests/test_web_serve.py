@@ -20,8 +20,9 @@ from engine.errors import ConfigError
 from engine.gateways.sandbox import SandboxStore
 from engine.service import Wecast
 from engine.web.app import create_app
-from engine.web.server import is_loopback, serve, serve_settings
-from storage import queries
+from engine.web.security import is_loopback
+from engine.web.server import serve, serve_settings
+from storage.deliveries import status_counts
 
 try:
     from web_harness import LiveServer, make_settings
@@ -119,8 +120,7 @@ def test_shutdown_records_in_flight_sends_and_restart_finishes_once(tmp_path: Pa
         assert answer.status_code == 202, answer.text
         run_id = answer.json()["runId"]
         planned = sum(answer.json()["counts"].values())
-    with Wecast(settings).db.connect() as conn:
-        counts = queries.status_counts(conn, run_id)
+    counts = status_counts(Wecast(settings).db, run_id)
     assert not counts.get("claimed") and not counts.get("sending"), counts
     assert 0 < counts.get("sent", 0) < planned, counts  # stopped mid-run, and what went out is recorded
     store = SandboxStore(settings.sandbox.state_file)

@@ -17,7 +17,6 @@ from typing import Any, TypeVar
 import pytest
 import zxingcpp
 from PIL import Image
-from sqlalchemy import select
 
 from engine.gateways.base import EventKind, LoginState
 from engine.gateways.fake_puppet import SELF_ID, FakePuppet, demo_contacts
@@ -25,7 +24,7 @@ from engine.gateways.workpro import WorkproGateway
 from engine.service import Wecast
 from engine.settings import Settings
 from engine.spec import load_campaign
-from storage import queries
+from storage.deliveries import list_deliveries
 
 try:
     from web_harness import LiveServer, make_settings
@@ -252,11 +251,7 @@ async def test_campaign_survives_dropped_stream_throttling_and_unavailable(tmp_p
     # In our log: every delivery sent, with the fake's message id; the refused ones took more attempts.
     assert outcome.summary is not None
     assert outcome.summary.status == "completed" and outcome.summary.counts == {"sent": 150}
-    d = queries.D
-    with app.db.connect() as conn:
-        rows = conn.execute(
-            select(d.contact_id, d.status, d.attempts, d.gateway_message_id).where(d.run_id == outcome.plan.run_id)
-        ).all()
+    rows = list_deliveries(app.db, run_id=outcome.plan.run_id, limit=1000)
     assert {r.contact_id: r.gateway_message_id for r in rows} == {s.contact_id: s.message_id for s in fake.sends}
     retried = Counter({r.contact_id: r.attempts - 1 for r in rows if r.attempts > 1})
     assert retried == Counter(r.contact_id for r in fake.rejected)

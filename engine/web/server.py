@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import logging
 import signal
 from collections.abc import Iterator
@@ -28,6 +27,7 @@ from engine.scheduler import CampaignScheduler
 from engine.service import Wecast
 from engine.settings import Settings
 from engine.web.app import create_app
+from engine.web.security import is_loopback
 
 log = logging.getLogger("wecast.serve")
 
@@ -55,17 +55,6 @@ class _Server(uvicorn.Server):
         finally:
             for sig in installed:
                 loop.remove_signal_handler(sig)
-
-
-def is_loopback(host: str) -> bool:
-    """Whether `host` only accepts connections from this machine. Names other than localhost count as
-    not loopback: they may resolve to anything."""
-    if host.lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
 
 
 def serve_settings(settings: Settings) -> Settings:
@@ -97,16 +86,22 @@ def serve(settings: Settings, *, host: str | None = None, port: int | None = Non
         return EXIT_CONFIG
     try:
         return asyncio.run(
-            _serve(serve_settings(settings), host, port, require_key=not loopback or settings.api.key is not None)
+            _serve(
+                serve_settings(settings),
+                host,
+                port,
+                require_key=not loopback or settings.api.key is not None,
+                loopback=loopback,
+            )
         )
     except KeyboardInterrupt:  # a second Ctrl-C while stopping
         return EXIT_FAILED
 
 
-async def _serve(settings: Settings, host: str, port: int, *, require_key: bool) -> int:
+async def _serve(settings: Settings, host: str, port: int, *, require_key: bool, loopback: bool) -> int:
     app = Wecast(settings)
     scheduler = CampaignScheduler(app)
-    api = create_app(app, scheduler=scheduler, require_key=require_key, close_app=False)
+    api = create_app(app, scheduler=scheduler, require_key=require_key, close_app=False, loopback_only=loopback)
     config = uvicorn.Config(
         api,
         host=host,

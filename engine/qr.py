@@ -1,4 +1,5 @@
-"""The login QR code as PNG (browsers, the API), SVG, and terminal text (the log, like the source
+"""The login QR code, drawn once for every place that shows it: PNG (browsers, the API), SVG, and terminal text
+(`wecast login`, and the log of `wecast serve`, like the source
 document's `qrcode-terminal`). Encoding is the `qrcode` package's; the SVG and terminal renderings are
 drawn here from its module matrix so they stay small, crisp and easy to check.
 """

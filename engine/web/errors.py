@@ -1,0 +1,77 @@
+"""Errors become answers at one boundary: every `WecastError` a clear JSON body with a fitting status, a bad
+request a 422 naming the field, anything unexpected a 500 that points to the log (never a stack trace)."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+
+from engine.errors import CampaignError, GatewayError, LoginError, NotFoundError, NotLoggedInError, WecastError
+from engine.views import Problem
+
+log = logging.getLogger("wecast.web")
+
+
+def error_body(message: str, **extra: Any) -> dict[str, Any]:
+    """The JSON of every error answer: `error` (one line, for people) plus machine-readable extras."""
+    return {"error": message, **extra}
+
+
+def invalid(field: str, message: str) -> RequestValidationError:
+    """A 422 naming `field`, for checks that span several fields."""
+    return RequestValidationError([{"loc": ("body", field), "msg": message, "type": "value_error"}])
+
+
+def _field_name(loc: tuple[Any, ...] | list[Any]) -> str:
+    parts = [str(p) for p in loc if p not in ("body", "query", "path", "header")]
+    return ".".join(parts) or str(loc[0] if loc else "body")
+
+
+def install_error_handlers(api: FastAPI) -> None:
+    """Map errors to answers (see the module docstring)."""
+
+    @api.exception_handler(RequestValidationError)
+    async def bad_request(_: Request, exc: RequestValidationError) -> JSONResponse:
+        problems = []
+        for e in exc.errors():
+            loc = tuple(e.get("loc", ()))
+            problems.append(
+                {
+                    "field": _field_name(loc),
+                    "in": str(loc[0]) if loc else "body",
+                    "message": str(e.get("msg", "invalid")),
+                }
+            )
+        first = problems[0] if problems else {"field": "body", "message": "invalid request"}
+        message = f"invalid request: {first['field']}: {first['message']}"
+        if len(problems) > 1:
+            message += f" (and {len(problems) - 1} more)"
+        return JSONResponse(error_body(message, field=first["field"], problems=problems), status_code=422)
+
+    @api.exception_handler(WecastError)
+    async def wecast_error(_: Request, exc: WecastError) -> JSONResponse:
+        extra: dict[str, Any] = {}
+        if isinstance(exc, LoginError):
+            extra["triesLeft"] = exc.tries_left
+            code = 400 if exc.tries_left is not None else 409
+        elif isinstance(exc, NotLoggedInError):
+            code, extra["state"] = 409, "logged_out"
+        elif isinstance(exc, NotFoundError):
+            code = 404
+        elif isinstance(exc, CampaignError):
+            code = 422
+            extra["problems"] = [p.model_dump() for p in Problem.all_of([exc])]
+        elif isinstance(exc, GatewayError):
+            code = 502
+        else:
+            code = 409
+        return JSONResponse(error_body(str(exc), **extra), status_code=code)
+
+    @api.exception_handler(Exception)
+    async def unexpected(_: Request, exc: Exception) -> JSONResponse:
+        log.exception("unexpected error handling a request")
+        return JSONResponse(error_body(f"internal error ({type(exc).__name__}); see the server log"), status_code=500)

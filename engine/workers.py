@@ -1,0 +1,164 @@
+"""The background work of `wecast serve`, shared by the scheduler and the HTTP API (which also runs without a
+scheduler): dispatch tasks, one per run — and for a campaign one at a time, so a campaign's runs never overlap —
+and contact syncs, one at a time (two concurrent syncs would race on inserting the same new contacts), plus the
+refresh of single contacts the gateway says changed (DIRTY events)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Coroutine
+from datetime import datetime
+from typing import Any
+
+from engine.contacts import SyncResult, refresh_contact
+from engine.errors import WecastError
+from engine.plan import API_CAMPAIGN
+from engine.service import Wecast
+
+log = logging.getLogger("wecast.workers")
+
+
+class Workers:
+    """The service's background work (see the module docstring)."""
+
+    def __init__(self) -> None:
+        self._runs: dict[int, asyncio.Task[Any]] = {}
+        self._campaigns: dict[str, int] = {}
+        self._sync_lock = asyncio.Lock()
+        self._sync_task: asyncio.Task[SyncResult | None] | None = None
+        self._refreshes: set[asyncio.Task[None]] = set()
+        self.on_done: list[Callable[[], None]] = []
+        self.last_sync_at: datetime | None = None
+        self.last_sync: SyncResult | None = None
+        self.last_sync_error: str = ""
+
+    # -- runs ------------------------------------------------------------------------------------
+    def active_run(self, campaign_id: str) -> int | None:
+        """The run this campaign is dispatching now, if any."""
+        return self._campaigns.get(campaign_id)
+
+    def task(self, run_id: int) -> asyncio.Task[Any] | None:
+        return self._runs.get(run_id)
+
+    def running(self) -> list[int]:
+        return sorted(self._runs)
+
+    def start(self, run_id: int, campaign_id: str, work: Callable[[], Coroutine[Any, Any, Any]]) -> asyncio.Task[Any]:
+        """Start `work` (dispatching run `run_id`) unless that run, or another run of the same campaign, is
+        already being dispatched; returns the task that dispatches it."""
+        existing = self._runs.get(run_id)
+        if existing is not None:
+            return existing
+        other = self._campaigns.get(campaign_id) if campaign_id != API_CAMPAIGN else None
+        if other is not None:
+            raise WecastError(
+                f"campaign {campaign_id!r} is still sending run {other}; a campaign's runs never "
+                "overlap: wait for it, or pause or cancel it first"
+            )
+        task = asyncio.get_running_loop().create_task(self._guard(run_id, work()), name=f"wecast-run-{run_id}")
+        self._runs[run_id] = task
+        if campaign_id != API_CAMPAIGN:
+            self._campaigns[campaign_id] = run_id
+
+        def done(_: asyncio.Task[Any]) -> None:
+            self._runs.pop(run_id, None)
+            if self._campaigns.get(campaign_id) == run_id:
+                del self._campaigns[campaign_id]
+            for callback in self.on_done:
+                callback()
+
+        task.add_done_callback(done)
+        return task
+
+    @staticmethod
+    async def _guard(run_id: int, work: Awaitable[Any]) -> Any:
+        try:
+            result = await work
+        except asyncio.CancelledError:
+            log.info("run %s: dispatch stopped; unsent deliveries stay pending until the run is resumed", run_id)
+            raise
+        except Exception:  # a background task has nobody to raise to: log it, keep the service up
+            log.exception("run %s: dispatch failed", run_id)
+            return None
+        return result
+
+    async def drain(self, timeout: float) -> list[int]:
+        """Wait up to `timeout` seconds (real time) for the dispatch tasks, then cancel what remains (runs
+        waiting for a login or quiet hours: nothing of theirs is in flight). Returns the cancelled run ids."""
+        tasks = [*self._runs.values(), *self._refreshes]
+        if self._sync_task is not None:
+            tasks.append(self._sync_task)
+        if not tasks:
+            return []
+        _, pending = await asyncio.wait(tasks, timeout=timeout)
+        cancelled = sorted(rid for rid, t in self._runs.items() if t in pending)
+        for t in pending:
+            t.cancel()
+        if pending:
+            await asyncio.wait(pending, timeout=max(timeout, 5.0))
+        return cancelled
+
+    # -- contact sync ----------------------------------------------------------------------------
+    @property
+    def syncing(self) -> bool:
+        return self._sync_task is not None and not self._sync_task.done()
+
+    async def sync(self, app: Wecast) -> SyncResult:
+        """Sync contacts now (waits for a sync already in progress first)."""
+        async with self._sync_lock:
+            try:
+                result = await app.sync()
+            except WecastError as exc:
+                self.last_sync_error = str(exc)
+                raise
+            self.last_sync_at = app.clock.now()
+            self.last_sync, self.last_sync_error = result, ""
+            log.info(
+                "contacts synced: %s seen, %s added, %s updated, %s removed",
+                result.seen,
+                result.added,
+                result.updated,
+                result.removed,
+            )
+            return result
+
+    def sync_in_background(self, app: Wecast) -> asyncio.Task[SyncResult | None]:
+        """Start a sync unless one is running; returns its task."""
+        if self._sync_task is not None and not self._sync_task.done():
+            return self._sync_task
+
+        async def go() -> SyncResult | None:
+            try:
+                return await self.sync(app)
+            except WecastError as exc:
+                log.warning("contact sync failed: %s", exc)
+                return None
+
+        self._sync_task = asyncio.get_running_loop().create_task(go(), name="wecast-contact-sync")
+        return self._sync_task
+
+    async def wait_sync(self) -> None:
+        if self._sync_task is not None:
+            await self._sync_task
+
+    def refresh_in_background(self, app: Wecast, contact_id: str) -> asyncio.Task[None]:
+        """Re-read one contact the gateway says changed (its remark, its tags), after any sync in progress."""
+
+        async def go() -> None:
+            async with self._sync_lock:
+                try:
+                    exists = await refresh_contact(app.gateway, app.db, contact_id, clock=app.clock)
+                except WecastError as exc:
+                    log.warning("contact %s changed, but could not be re-read: %s", contact_id, exc)
+                    return
+            log.info("contact %s %s", contact_id, "refreshed" if exists else "is gone: marked removed")
+
+        task = asyncio.get_running_loop().create_task(go(), name=f"wecast-refresh-{contact_id}")
+        self._refreshes.add(task)
+        task.add_done_callback(self._refreshes.discard)
+        return task
+
+    async def wait_refreshes(self) -> None:
+        if self._refreshes:
+            await asyncio.wait(set(self._refreshes))

@@ -1,0 +1,396 @@
+"""Contacts and tags: the gateway's customer list as synced, read for planning, listing and the API."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import ColumnElement, and_, delete, func, or_, select, update
+
+from storage._sql import DB, aware, chunks, decode_json, reading, writing
+from storage.models import CONTACT_TAGS, CONTACTS, TAGS
+
+_C = CONTACTS.c
+_T = TAGS.c
+_CT = CONTACT_TAGS.c
+CONTACT_COLUMNS = tuple(c.name for c in CONTACTS.columns)
+
+# A contact as planning reads it: its columns by name (only those asked for), plus `tags` (a frozenset of tag
+# names and ids, for rules) and `tags_named` (tag names, for templates). A mapping, not a class, because
+# audience rules and templates address fields by the names users write in campaign files.
+ContactView = dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class TagRow:
+    id: str
+    name: str
+    group_name: str = ""
+    type: int = 0  # 1 personal, 2 corporate
+
+
+@dataclass(frozen=True, slots=True)
+class TagCount:
+    """A tag and how many (not removed) contacts have it."""
+
+    id: str
+    name: str
+    group_name: str
+    type: int
+    contacts: int
+
+
+@dataclass(frozen=True, slots=True)
+class ContactRow:
+    """One contact with every column (see `storage.models.Contact`). `tags` (id, name) pairs are filled when
+    read for a page."""
+
+    id: str
+    name: str = ""
+    alias: str = ""
+    avatar: str = ""
+    gender: int = 0
+    city: str = ""
+    province: str = ""
+    address: str = ""
+    corporation: str = ""
+    title: str = ""
+    phones: tuple[str, ...] = ()
+    weixin: str = ""
+    description: str = ""
+    signature: str = ""
+    friend: bool = False
+    coworker: bool = False
+    star: bool = False
+    type: int = 0
+    real_name: str = ""
+    aka: str = ""
+    additional_info: dict[str, Any] = field(default_factory=dict)
+    corp_id: str = ""
+    tag_ids: tuple[str, ...] = ()
+    added_at: datetime | None = None
+    created_at: datetime | None = None
+    updated_at: datetime | None = None
+    removed_at: datetime | None = None
+    tags: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class ContactFilter:
+    """Which contacts a page lists (all conditions must hold; removed contacts never appear)."""
+
+    ids: Sequence[str] = ()  # only these
+    tags_all: Sequence[str] = ()  # has every one of these tags (names or ids)
+    tags_any: Sequence[str] = ()  # has at least one of these
+    city: str | None = None
+    province: str | None = None
+    gender: int | None = None
+    friend: bool | None = None
+    coworker: bool | None = None
+    star: bool | None = None
+    text: str | None = None  # in name, alias or real name
+
+
+@dataclass(frozen=True, slots=True)
+class ContactsPage:
+    rows: list[ContactRow]
+    total: int
+    has_next: bool
+    next_cursor: str | None
+
+
+# -- sync ---------------------------------------------------------------------------------------------
+
+
+def upsert_tags(db: DB, tags: Sequence[TagRow]) -> None:
+    """Insert new tags and update the names and groups of known ones."""
+    if not tags:
+        return
+    with writing(db) as conn:
+        existing = {r.id for r in conn.execute(select(_T.id))}
+        new = [dataclasses.asdict(t) for t in tags if t.id not in existing]
+        if new:
+            conn.execute(TAGS.insert(), new)
+        for t in tags:
+            if t.id in existing:
+                conn.execute(
+                    update(TAGS).where(_T.id == t.id).values(name=t.name, group_name=t.group_name, type=t.type)
+                )
+
+
+_SYNCED = [
+    f.name for f in dataclasses.fields(ContactRow) if f.name not in ("created_at", "updated_at", "removed_at", "tags")
+]
+
+
+def _columns(c: ContactRow) -> dict[str, Any]:
+    values = {name: getattr(c, name) for name in _SYNCED}
+    values["phones"] = list(c.phones)
+    values["tag_ids"] = list(c.tag_ids)
+    values["additional_info"] = dict(c.additional_info)
+    return values
+
+
+def upsert_contacts(db: DB, contacts: Sequence[ContactRow], now: datetime) -> tuple[int, int]:
+    """Insert or update contacts (a page of a sync) and replace their tag links; tag ids not known as tags
+    are dropped. A contact seen again is no longer removed. Returns (added, updated)."""
+    if not contacts:
+        return 0, 0
+    with writing(db) as conn:
+        known = {r.id for r in conn.execute(select(_T.id))}
+        fresh = [_columns(c) for c in contacts]
+        for values in fresh:
+            values["tag_ids"] = sorted(t for t in dict.fromkeys(values["tag_ids"]) if t in known)
+        ids = [v["id"] for v in fresh]
+        existing: dict[str, dict[str, Any]] = {}
+        for part in chunks(ids):
+            for row in conn.execute(select(CONTACTS).where(_C.id.in_(part))):
+                existing[row.id] = dict(row._mapping)
+        compared = [f for f in _SYNCED if f != "added_at"]
+        new_rows, changed = [], []
+        for values in fresh:
+            old = existing.get(values["id"])
+            if old is None:
+                new_rows.append({**values, "created_at": now, "updated_at": now, "removed_at": None})
+            elif (
+                any(old.get(f) != values.get(f) for f in compared)
+                or old.get("removed_at")
+                or (values.get("added_at") and old.get("added_at") != values.get("added_at"))
+            ):
+                changed.append(values)
+        if new_rows:
+            conn.execute(CONTACTS.insert(), new_rows)
+        for values in changed:
+            conn.execute(
+                update(CONTACTS)
+                .where(_C.id == values["id"])
+                .values(**{k: v for k, v in values.items() if k != "id"}, updated_at=now, removed_at=None)
+            )
+        for part in chunks(ids):
+            conn.execute(delete(CONTACT_TAGS).where(_CT.contact_id.in_(part)))
+        links = [{"contact_id": v["id"], "tag_id": t} for v in fresh for t in v["tag_ids"]]
+        if links:
+            conn.execute(CONTACT_TAGS.insert(), links)
+    return len(new_rows), len(changed)
+
+
+def mark_removed(db: DB, seen_ids: set[str], now: datetime) -> int:
+    """Contacts the gateway no longer lists are marked removed (kept: their delivery history matters)."""
+    with writing(db) as conn:
+        current = {r.id for r in conn.execute(select(_C.id).where(_C.removed_at.is_(None)))}
+        gone = sorted(current - seen_ids)
+        for part in chunks(gone):
+            conn.execute(update(CONTACTS).where(_C.id.in_(part)).values(removed_at=now, updated_at=now))
+    return len(gone)
+
+
+def mark_gone(db: DB, ids: Sequence[str], now: datetime) -> int:
+    """These contacts are no longer in the gateway's list (a refresh found them gone): marked removed."""
+    with writing(db) as conn:
+        changed = 0
+        for part in chunks(ids):
+            changed += (
+                conn.execute(
+                    update(CONTACTS)
+                    .where(_C.id.in_(part), _C.removed_at.is_(None))
+                    .values(removed_at=now, updated_at=now)
+                ).rowcount
+                or 0
+            )
+    return changed
+
+
+# -- planning -----------------------------------------------------------------------------------------
+
+_DECODERS: dict[str, Callable[[Any], Any]] = {
+    "phones": decode_json,
+    "additional_info": decode_json,
+    "added_at": aware,
+    "created_at": aware,
+    "updated_at": aware,
+    "removed_at": aware,
+    "friend": bool,
+    "coworker": bool,
+    "star": bool,
+}
+
+
+def load_contact_views(
+    db: DB, *, include_removed: bool = False, columns: Iterable[str] | None = None
+) -> list[ContactView]:
+    """Contacts as views (see `ContactView`), ordered by id.
+
+    `columns` limits what is read (planning 100,000 recipients reads only the fields the audience and the
+    template use); `id` is always included. Rows are read through the DB-API cursor, not the ORM, and
+    JSON and time columns are decoded here, because this is the hot path of planning.
+    """
+    asked = None if columns is None else set(columns)
+    wanted = [c for c in CONTACT_COLUMNS if c != "tag_ids" and (asked is None or c in asked or c == "id")]
+    sql = f"SELECT {', '.join(wanted)}, tag_ids FROM contacts"
+    if not include_removed:
+        sql += " WHERE removed_at IS NULL"
+    special = [(i, name, _DECODERS[name]) for i, name in enumerate(wanted) if name in _DECODERS]
+    n = len(wanted)
+    out: list[ContactView] = []
+    # Many contacts share a tag combination: build each combination's sets once.
+    combos: dict[Any, tuple[frozenset[str], tuple[str, ...]]] = {None: (frozenset(), ()), "[]": (frozenset(), ())}
+    with reading(db) as conn:
+        tag_name = {r[0]: r[1] for r in conn.exec_driver_sql("SELECT id, name FROM tags")}
+        rows = conn.exec_driver_sql(sql).fetchall()
+    for row in rows:
+        view = dict(zip(wanted, row, strict=False))
+        for i, name, fn in special:
+            view[name] = fn(row[i])
+        joined = row[n]
+        if not isinstance(joined, str | None):  # PostgreSQL returns JSON decoded
+            joined = json.dumps(joined)
+        combo = combos.get(joined)
+        if combo is None:
+            tag_ids = sorted(decode_json(joined))
+            named = tuple(tag_name[t] for t in tag_ids if t in tag_name)
+            combo = combos[joined] = (frozenset(named).union(tag_ids), named)
+        view["tags"], view["tags_named"] = combo
+        out.append(view)
+    out.sort(key=lambda v: v["id"])  # a stable order, so `limit` always keeps the same contacts
+    return out
+
+
+def tag_names(db: DB) -> list[str]:
+    """Every tag name, by group then name."""
+    with reading(db) as conn:
+        return [r.name for r in conn.execute(select(_T.name).order_by(_T.group_name, _T.name))]
+
+
+def tag_keys(db: DB) -> set[str]:
+    """Every tag id and tag name (what a user may write to name a tag)."""
+    with reading(db) as conn:
+        return {key for row in conn.execute(select(_T.id, _T.name)) for key in row}
+
+
+def tags_with_counts(db: DB) -> list[TagCount]:
+    """Every tag with how many contacts (not removed) have it, by group then name."""
+    with reading(db) as conn:
+        counts: dict[str, int] = {
+            tag_id: int(n)
+            for tag_id, n in conn.execute(
+                select(_CT.tag_id, func.count())
+                .join(CONTACTS, _C.id == _CT.contact_id)
+                .where(_C.removed_at.is_(None))
+                .group_by(_CT.tag_id)
+            )
+        }
+        rows = conn.execute(select(TAGS).order_by(_T.group_name, _T.name)).all()
+    return [TagCount(r.id, r.name, r.group_name, r.type, counts.get(r.id, 0)) for r in rows]
+
+
+# -- listing ------------------------------------------------------------------------------------------
+
+
+def count_contacts(db: DB) -> int:
+    """How many contacts are synced (not removed)."""
+    with reading(db) as conn:
+        return int(
+            conn.execute(select(func.count()).select_from(CONTACTS).where(_C.removed_at.is_(None))).scalar() or 0
+        )
+
+
+def _has_tag(names: Sequence[str]) -> ColumnElement[bool]:
+    """Contacts having any of these tags (by name or id)."""
+    tagged = select(_CT.contact_id).join(TAGS, _T.id == _CT.tag_id).where(or_(_T.name.in_(names), _T.id.in_(names)))
+    return _C.id.in_(tagged)
+
+
+def _conditions(f: ContactFilter) -> list[ColumnElement[bool]]:
+    conds: list[ColumnElement[bool]] = [_C.removed_at.is_(None)]
+    if f.ids:
+        conds.append(_C.id.in_(list(f.ids)))
+    conds += [_has_tag([t]) for t in f.tags_all]
+    if f.tags_any:
+        conds.append(_has_tag(list(f.tags_any)))
+    for column, value in (
+        (_C.city, f.city),
+        (_C.province, f.province),
+        (_C.gender, f.gender),
+        (_C.friend, f.friend),
+        (_C.coworker, f.coworker),
+        (_C.star, f.star),
+    ):
+        if value is not None:
+            conds.append(column == value)
+    if f.text:
+        pattern = f"%{f.text}%"
+        conds.append(or_(_C.name.like(pattern), _C.alias.like(pattern), _C.real_name.like(pattern)))
+    return conds
+
+
+def page_contacts(
+    db: DB, where: ContactFilter, *, limit: int, offset: int = 0, cursor: str | None = None
+) -> ContactsPage:
+    """One page of contacts by id: after `cursor` (the last id of the previous page) or at `offset`, with
+    their tags and the total that match."""
+    conds = and_(*_conditions(where))
+    with reading(db) as conn:
+        total = conn.execute(select(func.count()).select_from(CONTACTS).where(conds)).scalar() or 0
+        stmt = select(CONTACTS).where(conds)
+        stmt = stmt.where(_C.id > cursor) if cursor else stmt.offset(offset)
+        rows = [dict(r._mapping) for r in conn.execute(stmt.order_by(_C.id).limit(limit + 1))]
+        more = len(rows) > limit
+        rows = rows[:limit]
+        tags = _tags_of(conn, [r["id"] for r in rows])
+    return ContactsPage(
+        rows=[_contact_row(r, tags[r["id"]]) for r in rows],
+        total=int(total),
+        has_next=more,
+        next_cursor=rows[-1]["id"] if more and rows else None,
+    )
+
+
+def _contact_row(values: dict[str, Any], tags: list[tuple[str, str]]) -> ContactRow:
+    return ContactRow(
+        **{
+            **values,
+            "phones": tuple(values["phones"] or ()),
+            "tag_ids": tuple(values["tag_ids"] or ()),
+            "additional_info": values["additional_info"] or {},
+        },
+        tags=tuple(tags),
+    )
+
+
+def _tags_of(conn: Any, ids: list[str]) -> dict[str, list[tuple[str, str]]]:
+    out: dict[str, list[tuple[str, str]]] = {i: [] for i in ids}
+    for part in chunks(ids):
+        stmt = (
+            select(_CT.contact_id, _T.id, _T.name)
+            .join(TAGS, _T.id == _CT.tag_id)
+            .where(_CT.contact_id.in_(part))
+            .order_by(_T.group_name, _T.name)
+        )
+        for cid, tid, name in conn.execute(stmt):
+            out[cid].append((tid, name))
+    return out
+
+
+def contact_names(db: DB, ids: Sequence[str]) -> dict[str, str]:
+    """id -> name of those of `ids` that are synced contacts (not removed)."""
+    names: dict[str, str] = {}
+    with reading(db) as conn:
+        for part in chunks(ids):
+            for cid, name in conn.execute(select(_C.id, _C.name).where(_C.id.in_(part), _C.removed_at.is_(None))):
+                names[cid] = name
+    return names
+
+
+def customers_tagged(db: DB, tags: Sequence[str]) -> list[str]:
+    """Ids of the friends (not coworkers, not removed) having any of `tags` (names or ids), by id."""
+    stmt = (
+        select(_C.id)
+        .where(_C.removed_at.is_(None), _C.friend.is_(True), _C.coworker.is_(False), _has_tag(list(tags)))
+        .order_by(_C.id)
+    )
+    with reading(db) as conn:
+        return [row.id for row in conn.execute(stmt)]

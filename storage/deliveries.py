@@ -1,0 +1,499 @@
+"""Deliveries: one message to one contact in one run — planned, claimed, sent, recorded.
+
+The states and their moves are drawn in `storage.models`. Every write here is one statement (or one
+executemany) inside the caller's transaction or a transaction of its own; the claim is atomic
+(`UPDATE … WHERE status = 'pending'`), so two dispatchers never get the same delivery.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, fields
+from datetime import datetime
+from typing import Any, NamedTuple
+
+from sqlalchemy import ColumnElement, bindparam, func, or_, select, update
+from sqlalchemy.engine import Connection
+
+from storage._sql import DB, aware, chunks, db_time, insert_fast, insert_ignore, reading, writing
+from storage.models import (
+    CAP_COUNTED_STATUSES,
+    DELIVERIES,
+    QUEUED_STATUSES,
+    RUNS,
+    DeliveryStatus,
+    RunStatus,
+)
+
+_D = DELIVERIES.c
+
+
+@dataclass(frozen=True, slots=True)
+class DeliveryRow:
+    """One delivery with every column (see `storage.models.Delivery`)."""
+
+    id: int
+    run_id: int
+    campaign_id: str
+    contact_id: str
+    contact_name: str
+    text: str
+    dedupe_key: str | None
+    status: DeliveryStatus
+    reason: str
+    attempts: int
+    last_error: str
+    capped: bool
+    gateway_message_id: str
+    gateway_task_id: str
+    claim_token: str
+    next_attempt_at: datetime | None
+    created_at: datetime | None
+    updated_at: datetime | None
+    sent_at: datetime | None
+
+
+_DELIVERY_FIELDS = tuple(f.name for f in fields(DeliveryRow))
+
+
+def _delivery(values: Any) -> DeliveryRow:
+    row = {name: values[name] for name in _DELIVERY_FIELDS}
+    row["status"] = DeliveryStatus(row["status"])
+    return DeliveryRow(**row)
+
+
+class Claimed(NamedTuple):
+    """A delivery a dispatcher claimed: what it needs to send it."""
+
+    id: int
+    contact_id: str
+    text: str
+    dedupe_key: str | None
+    attempts: int
+    capped: bool
+
+
+class Planned(NamedTuple):
+    """A delivery to write at planning (pending), or a contact held back (skipped, with the reason)."""
+
+    contact_id: str
+    contact_name: str
+    text: str
+    dedupe_key: str | None
+    reason: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Result:
+    """What to record for one delivery after a send, a retry decision or a policy check. Fields left None are
+    not changed; the claim token is always cleared (the delivery is no longer held by a dispatcher)."""
+
+    id: int
+    status: DeliveryStatus
+    reason: str | None = None
+    last_error: str | None = None
+    attempts: int | None = None
+    next_attempt_at: datetime | None = None
+    gateway_message_id: str | None = None
+    gateway_task_id: str | None = None
+    sent_at: datetime | None = None
+
+
+_RESULT_FIELDS = tuple(f.name for f in fields(Result) if f.name != "id")
+
+
+@dataclass(frozen=True, slots=True)
+class Held:
+    """A dedupe key already held: by which run, in which state, sent when."""
+
+    run_id: int
+    status: DeliveryStatus
+    sent_at: datetime | None
+
+
+class Submitted(NamedTuple):
+    """A delivery in a 群发 task that staff have not confirmed yet."""
+
+    id: int
+    contact_id: str
+    task_id: str
+
+
+# -- planning -----------------------------------------------------------------------------------------
+
+_PLAN_COLUMNS = (
+    "run_id",
+    "campaign_id",
+    "contact_id",
+    "contact_name",
+    "text",
+    "dedupe_key",
+    "status",
+    "capped",
+    "created_at",
+    "updated_at",
+)
+
+
+def insert_planned(
+    conn: Connection,
+    run_id: int,
+    campaign_id: str,
+    rows: Iterable[Planned],
+    *,
+    status: DeliveryStatus,
+    capped: bool,
+    now: datetime,
+) -> int:
+    """Write a run's planned deliveries (`status` pending) or held-back contacts (skipped, with their reason)
+    in the caller's transaction: the fast path, 100,000 rows in about a second on SQLite. A dedupe key already
+    held, or a contact already in the run, is passed over. Returns how many were written."""
+    ts = db_time(conn, now)
+    value = status.value
+    if status is DeliveryStatus.SKIPPED:
+        return insert_fast(
+            conn,
+            DELIVERIES,
+            (
+                (
+                    run_id,
+                    campaign_id,
+                    r.contact_id,
+                    r.contact_name,
+                    r.text,
+                    r.dedupe_key,
+                    value,
+                    capped,
+                    ts,
+                    ts,
+                    r.reason,
+                )
+                for r in rows
+            ),
+            (*_PLAN_COLUMNS, "reason"),
+        )
+    # Pending rows leave `reason` (and the other empty columns) to the server defaults: fewer bound values.
+    return insert_fast(
+        conn,
+        DELIVERIES,
+        (
+            (run_id, campaign_id, r.contact_id, r.contact_name, r.text, r.dedupe_key, value, capped, ts, ts)
+            for r in rows
+        ),
+        _PLAN_COLUMNS,
+    )
+
+
+def held_keys(db: DB, campaign_id: str) -> dict[str, Held]:
+    """Every dedupe key this campaign holds."""
+    stmt = select(_D.dedupe_key, _D.run_id, _D.status, _D.sent_at).where(*_campaign_range(db, campaign_id))
+    with reading(db) as conn:
+        return {row.dedupe_key: Held(row.run_id, DeliveryStatus(row.status), row.sent_at) for row in conn.execute(stmt)}
+
+
+def last_sends(db: DB, campaign_id: str, since: datetime) -> dict[str, datetime]:
+    """contact id -> latest time this campaign sent (or may have sent) to them, since `since`."""
+    stmt = (
+        select(_D.contact_id, func.max(_D.sent_at).label("at"))
+        .where(*_campaign_range(db, campaign_id), _D.status.in_(CAP_COUNTED_STATUSES), _D.sent_at >= since)
+        .group_by(_D.contact_id)
+    )
+    out: dict[str, datetime] = {}
+    with reading(db) as conn:
+        for row in conn.execute(stmt):
+            at = aware(row.at)  # an aggregate: SQLite hands back text, not the column's type
+            if at is not None:
+                out[row.contact_id] = at
+    return out
+
+
+def cap_counts(
+    db: DB,
+    start: datetime,
+    end: datetime,
+    contact_ids: Sequence[str] | None = None,
+    *,
+    exclude_run: int | None = None,
+) -> dict[str, int]:
+    """How many capped messages each contact got (or may have got) in [start, end). All contacts when
+    `contact_ids` is None (one grouped query, for planning 100,000 recipients).
+
+    A delivery's `sent_at` is set when it is handed to the gateway, so sends in flight count too."""
+    base = (
+        select(_D.contact_id, func.count())
+        .where(_D.sent_at >= start, _D.sent_at < end, _D.capped.is_(True), _D.status.in_(CAP_COUNTED_STATUSES))
+        .group_by(_D.contact_id)
+    )
+    if exclude_run is not None:
+        base = base.where(_D.run_id != exclude_run)
+    out: dict[str, int] = {}
+    parts: Iterable[Sequence[str] | None] = [None] if contact_ids is None else chunks(contact_ids)
+    with reading(db) as conn:
+        for part in parts:
+            stmt = base if part is None else base.where(_D.contact_id.in_(part))
+            for cid, n in conn.execute(stmt):
+                out[cid] = int(n)
+    return out
+
+
+def _campaign_range(db: DB, campaign_id: str) -> tuple[ColumnElement[bool], ...]:
+    """Deliveries of one campaign, found through the dedupe-key index (keys start with `<campaign id>|`;
+    campaign ids cannot contain `|`, and `}` sorts right after it — in code-point order, which PostgreSQL
+    only uses under the "C" collation: linguistic collations such as ICU's en-US put `}` before `|`)."""
+    key: Any = _D.dedupe_key
+    if db.dialect.name == "postgresql":
+        key = key.collate("C")  # the column is created with it (see Delivery), so its index still serves
+    return (key >= f"{campaign_id}|", key < f"{campaign_id}}}", _D.campaign_id == campaign_id)
+
+
+# -- dispatch -----------------------------------------------------------------------------------------
+
+
+def claim(db: DB, run_id: int, token: str, limit: int, now: datetime) -> list[Claimed]:
+    """Atomically claim up to `limit` due pending deliveries of a run for the dispatcher holding `token`."""
+    due = (
+        select(_D.id)
+        .where(
+            _D.run_id == run_id,
+            _D.status == DeliveryStatus.PENDING,
+            or_(_D.next_attempt_at.is_(None), _D.next_attempt_at <= now),
+        )
+        .order_by(_D.next_attempt_at.is_not(None), _D.id)
+        .limit(limit)
+        # PostgreSQL: lock the picked rows and pass over rows another claimer holds, so two claimers in
+        # flight take different rows instead of one waiting on the other and then finding nothing
+        # (SQLite serializes writers and renders no FOR UPDATE).
+        .with_for_update(skip_locked=True)
+    )
+    with writing(db) as conn:
+        ids = [r.id for r in conn.execute(due)]
+        if not ids:
+            return []
+        conn.execute(
+            update(DELIVERIES)
+            .where(_D.id.in_(ids), _D.status == DeliveryStatus.PENDING)
+            .values(status=DeliveryStatus.CLAIMED, claim_token=token, updated_at=now)
+        )
+        rows = conn.execute(
+            select(_D.id, _D.contact_id, _D.text, _D.dedupe_key, _D.attempts, _D.capped)
+            .where(_D.id.in_(ids), _D.claim_token == token, _D.status == DeliveryStatus.CLAIMED)
+            .order_by(_D.id)
+        )
+        return [Claimed(*r) for r in rows]
+
+
+def mark_sending(db: DB, rows: Sequence[Claimed], now: datetime, *, task_key: str | None = None) -> None:
+    """Record, before the gateway is called, that these deliveries are being sent (one more attempt each;
+    `sent_at` is the hand-over time, which the frequency cap counts). `task_key`: the 群发 task's
+    idempotency key, saved so a resubmission after a crash uses the same one."""
+    if not rows:
+        return
+    values = {"status": DeliveryStatus.SENDING, "updated_at": now, "sent_at": now}
+    if task_key is not None:
+        values["gateway_task_id"] = task_key
+    stmt = update(DELIVERIES).where(_D.id == bindparam("_id")).values(attempts=bindparam("_attempts"), **values)
+    with writing(db) as conn:
+        conn.execute(stmt, [{"_id": r.id, "_attempts": r.attempts + 1} for r in rows])
+
+
+def write_results(db: DB, results: Sequence[Result], now: datetime) -> None:
+    """Record many deliveries' results at once (group commit: one executemany per set of changed columns)."""
+    if not results:
+        return
+    by_columns: dict[tuple[str, ...], list[dict[str, Any]]] = defaultdict(list)
+    for r in results:
+        values = {name: getattr(r, name) for name in _RESULT_FIELDS if getattr(r, name) is not None}
+        by_columns[tuple(values)].append({"_id": r.id, **{f"_{k}": v for k, v in values.items()}})
+    with writing(db) as conn:
+        for columns, group in by_columns.items():
+            stmt = (
+                update(DELIVERIES)
+                .where(_D.id == bindparam("_id"))
+                .values({**{k: bindparam(f"_{k}") for k in columns}, "claim_token": "", "updated_at": now})
+            )
+            conn.execute(stmt, group)
+
+
+def unclaim(db: DB, ids: Sequence[int], now: datetime, *, cancelled: bool) -> None:
+    """Give claimed deliveries back unsent: to pending, or — when their run was cancelled — to skipped."""
+    values: dict[str, Any] = (
+        {"status": DeliveryStatus.SKIPPED, "reason": "run cancelled"}
+        if cancelled
+        else {"status": DeliveryStatus.PENDING}
+    )
+    with writing(db) as conn:
+        for part in chunks(ids):
+            conn.execute(update(DELIVERIES).where(_D.id.in_(part)).values(**values, claim_token="", updated_at=now))
+
+
+def release_claims(db: DB, run_id: int, token: str, now: datetime, *, cancelled: bool) -> int:
+    """Give back every delivery of a run still claimed under `token` (a dispatcher finishing). Returns how many."""
+    with writing(db) as conn:
+        result = conn.execute(
+            update(DELIVERIES)
+            .where(_D.run_id == run_id, _D.status == DeliveryStatus.CLAIMED, _D.claim_token == token)
+            .values(
+                status=DeliveryStatus.SKIPPED if cancelled else DeliveryStatus.PENDING,
+                reason="run cancelled" if cancelled else "",
+                claim_token="",
+                updated_at=now,
+            )
+        )
+    return int(result.rowcount or 0)
+
+
+def skip_pending(db: DB, run_id: int, reason: str, now: datetime) -> int:
+    """Skip a run's pending deliveries with `reason` (a cancel). Claimed ones belong to a dispatcher, which
+    skips them itself when it notices. Returns how many."""
+    with writing(db) as conn:
+        result = conn.execute(
+            update(DELIVERIES)
+            .where(_D.run_id == run_id, _D.status == DeliveryStatus.PENDING)
+            .values(status=DeliveryStatus.SKIPPED, reason=reason, updated_at=now)
+        )
+    return int(result.rowcount or 0)
+
+
+def recover_run(db: DB, run_id: int, *, resend_in_flight: bool, now: datetime) -> dict[str, int]:
+    """After a crash: claimed-but-unsent deliveries go back to pending; those caught being sent are resent
+    (only when the gateway dedupes by idempotency key) or recorded as unknown."""
+    with writing(db) as conn:
+        back = conn.execute(
+            update(DELIVERIES)
+            .where(_D.run_id == run_id, _D.status == DeliveryStatus.CLAIMED)
+            .values(status=DeliveryStatus.PENDING, claim_token="", updated_at=now)
+        ).rowcount
+        in_flight = (_D.run_id == run_id, _D.status == DeliveryStatus.SENDING)
+        if resend_in_flight:
+            resent = conn.execute(
+                update(DELIVERIES)
+                .where(*in_flight)
+                .values(status=DeliveryStatus.PENDING, claim_token="", updated_at=now)
+            ).rowcount
+            return {"requeued": back or 0, "resent": resent or 0, "unknown": 0}
+        unknown = conn.execute(
+            update(DELIVERIES)
+            .where(*in_flight)
+            .values(
+                status=DeliveryStatus.UNKNOWN,
+                claim_token="",
+                updated_at=now,
+                reason="interrupted while sending: the gateway may or may not have delivered it; "
+                "not retried automatically",
+            )
+        ).rowcount
+    return {"requeued": back or 0, "resent": 0, "unknown": unknown or 0}
+
+
+def next_due(db: DB, run_id: int) -> datetime | None:
+    """When the run's next pending delivery (a retry waiting) is due; None when nothing is pending."""
+    stmt = select(func.min(_D.next_attempt_at)).where(_D.run_id == run_id, _D.status == DeliveryStatus.PENDING)
+    with reading(db) as conn:
+        return aware(conn.execute(stmt).scalar())
+
+
+def batch_keys(db: DB, ids: Sequence[int]) -> dict[int, str]:
+    """The 群发 task keys saved on these deliveries (by a submission a crash may have interrupted)."""
+    out: dict[int, str] = {}
+    with reading(db) as conn:
+        for part in chunks(ids):
+            rows = conn.execute(
+                select(_D.id, _D.gateway_task_id).where(_D.id.in_(part), _D.gateway_task_id.like("batch:%"))
+            )
+            out.update({r.id: r.gateway_task_id for r in rows})
+    return out
+
+
+def submitted(db: DB, run_id: int) -> list[Submitted]:
+    """A run's deliveries waiting in 群发 tasks for staff to confirm."""
+    stmt = select(_D.id, _D.contact_id, _D.gateway_task_id).where(
+        _D.run_id == run_id, _D.status == DeliveryStatus.SUBMITTED
+    )
+    with reading(db) as conn:
+        return [Submitted(*r) for r in conn.execute(stmt)]
+
+
+# -- reading ------------------------------------------------------------------------------------------
+
+
+def status_counts(db: DB, run_id: int) -> dict[DeliveryStatus, int]:
+    """How many of a run's deliveries are in each state (states with none are left out)."""
+    stmt = select(_D.status, func.count()).where(_D.run_id == run_id).group_by(_D.status)
+    with reading(db) as conn:
+        return {DeliveryStatus(status): int(n) for status, n in conn.execute(stmt)}
+
+
+def counts_by_status(db: DB) -> dict[DeliveryStatus, int]:
+    """How many deliveries of all runs are in each state."""
+    with reading(db) as conn:
+        return {
+            DeliveryStatus(status): int(n)
+            for status, n in conn.execute(select(_D.status, func.count()).group_by(_D.status))
+        }
+
+
+def queue_depth(db: DB) -> int:
+    """Deliveries of running runs not handed to the gateway yet."""
+    stmt = (
+        select(func.count())
+        .select_from(DELIVERIES)
+        .join(RUNS, RUNS.c.id == _D.run_id)
+        .where(RUNS.c.status == RunStatus.RUNNING, _D.status.in_(QUEUED_STATUSES))
+    )
+    with reading(db) as conn:
+        return int(conn.execute(stmt).scalar() or 0)
+
+
+def list_deliveries(
+    db: DB,
+    *,
+    campaign_id: str | None = None,
+    run_id: int | None = None,
+    status: DeliveryStatus | None = None,
+    contact_id: str | None = None,
+    limit: int = 100,
+    offset: int = 0,
+) -> list[DeliveryRow]:
+    """Deliveries, newest first, filtered."""
+    stmt = select(DELIVERIES)
+    if campaign_id:
+        stmt = stmt.where(_D.campaign_id == campaign_id)
+    if run_id is not None:
+        stmt = stmt.where(_D.run_id == run_id)
+    if status:
+        stmt = stmt.where(_D.status == status)
+    if contact_id:
+        stmt = stmt.where(_D.contact_id == contact_id)
+    stmt = stmt.order_by(_D.id.desc()).limit(limit).offset(offset)
+    with reading(db) as conn:
+        return [_delivery(r._mapping) for r in conn.execute(stmt)]
+
+
+def recipients_and_texts(db: DB, run_id: int) -> list[tuple[str, str]]:
+    """(contact id, text) of every delivery of a run: what a request that planned it asked for."""
+    with reading(db) as conn:
+        return [(r.contact_id, r.text) for r in conn.execute(select(_D.contact_id, _D.text).where(_D.run_id == run_id))]
+
+
+def insert_adhoc(conn: Connection, run_id: int, campaign_id: str, rows: Sequence[Planned], now: datetime) -> int:
+    """Write the deliveries of a direct send (not counted against the frequency cap). Returns how many."""
+    return insert_ignore(
+        conn,
+        DELIVERIES,
+        [
+            {
+                "run_id": run_id,
+                "campaign_id": campaign_id,
+                "contact_id": r.contact_id,
+                "contact_name": r.contact_name,
+                "text": r.text,
+                "dedupe_key": r.dedupe_key,
+                "status": DeliveryStatus.PENDING,
+                "capped": False,
+                "created_at": now,
+                "updated_at": now,
+            }
+            for r in rows
+        ],
+    )
