@@ -31,7 +31,10 @@ class SyncResult:
     tags: int = 0
 
 
-_SHARED = [f.name for f in dataclasses.fields(ContactRecord)]
+# The fields a contact record and a stored contact share (by name). The staff members who follow a customer
+# (`follow_user_ids`, for the official API's 群发 tasks) are not stored yet.
+_STORED = {f.name for f in dataclasses.fields(ContactRow)}
+_SHARED = [f.name for f in dataclasses.fields(ContactRecord) if f.name in _STORED]
 
 
 def record_to_row(c: ContactRecord) -> ContactRow:
