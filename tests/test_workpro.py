@@ -4,7 +4,6 @@ reconnects, contact sync at scale, error mapping, and the token staying out of l
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -12,10 +11,8 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-import grpc
 import httpx
 import pytest
-from grpc import aio
 from pydantic import SecretStr
 
 from engine.errors import (
@@ -28,10 +25,10 @@ from engine.errors import (
     UnknownOutcomeError,
 )
 from engine.gateways.base import EventKind, LoginState
-from engine.gateways.fake_puppet import NEW_DEVICE_TEXT, SELF_ID, FakePuppet
+from engine.gateways.fake_puppet import NEW_DEVICE_TEXT, SELF_ID, SELF_NAME, FakePuppet
 from engine.gateways.proto import generate
 from engine.gateways.proto import puppet_pb2 as pb
-from engine.gateways.workpro import WorkproGateway, clean_verify_code, contact_record, first_line, qr_key
+from engine.gateways.workpro import WorkproGateway
 from engine.settings import WorkproSettings
 
 pytestmark = pytest.mark.anyio
@@ -106,7 +103,7 @@ async def login(gateway: WorkproGateway, fake: FakePuppet) -> None:
     assert status.qrcode_key == fake.qr_key
     await fake.scan()
     await until(lambda: fake.phone_code() is not None)
-    await until(lambda: gateway._state is LoginState.WAITING_VERIFY_CODE)
+    await until(lambda: gateway._login.state is LoginState.WAITING_VERIFY_CODE)
     code = fake.phone_code()
     assert code is not None
     status = await gateway.submit_verify_code(code)
@@ -169,98 +166,6 @@ def test_proto_is_wire_compatible_with_juzi() -> None:
     assert pb.EVENT_TYPE_VERIFY_CODE == 33
     assert pb.EVENT_TYPE_SCAN == 22
     assert pb.EVENT_TYPE_DIRTY == 27
-
-
-# -- pure helpers -----------------------------------------------------------------------------------
-def test_verify_code_is_cleaned() -> None:
-    """Spaces, newlines, zero-width characters and full-width digits do not reach the server."""
-    assert clean_verify_code(" 12 34\u200b56\n") == "123456"
-    assert clean_verify_code("\ufeff１２３４５６\t") == "123456"
-
-
-def test_qr_key_and_first_line() -> None:
-    """The key comes from the QR URL; server texts are cut to their first line."""
-    assert qr_key("https://wx.work.weixin.qq.com/cgi-bin/crtx_auth?key=ABCDEF0123&wx=1") == "ABCDEF0123"
-    assert qr_key("https://example.com/no-key") is None
-    assert first_line("Error: boom\n    at foo (/app/x.js:1:2)") == "Error: boom"
-
-
-def test_contact_mapping_tolerates_odd_additional_info() -> None:
-    """Fields 19–22 map through; addContactTime in ms or s becomes a date; bad JSON becomes {}."""
-    ms = pb.ContactPayloadResponse(
-        id="7881",
-        name="王芳",
-        phones=["13800000000", ""],
-        tag_ids=["a", "a", "b"],
-        additional_info=json.dumps({"addContactTime": 1_700_000_000_000, "corpId": "ww1"}),
-        real_name="王芳芳",
-        aka="Fang",
-        gender=2,
-        type=1,
-    )
-    record = contact_record(ms)
-    assert record.phones == ("13800000000",)
-    assert record.tag_ids == ("a", "b")
-    assert record.corp_id == "ww1"
-    assert record.real_name == "王芳芳"
-    assert record.aka == "Fang"
-    assert record.gender == 2
-    assert record.added_at is not None
-    assert record.added_at.year == 2023
-    seconds = contact_record(pb.ContactPayloadResponse(id="x", additional_info='{"addContactTime": "1700000000"}'))
-    assert seconds.added_at == record.added_at
-    broken = contact_record(pb.ContactPayloadResponse(id="y", additional_info="{not json"))
-    assert broken.additional_info == {}
-    assert broken.added_at is None
-    assert contact_record(pb.ContactPayloadResponse(id="z", additional_info="[1]")).additional_info == {}
-
-
-@pytest.mark.parametrize(
-    ("code", "details", "mutating", "expected"),
-    [
-        (
-            grpc.StatusCode.INTERNAL,
-            "WorkproErrorCode: 20001, Feature temporarily unavailable.",
-            True,
-            RateLimitedError,
-        ),
-        (
-            grpc.StatusCode.UNAVAILABLE,
-            "failed to connect to all addresses; last error: Connection refused",
-            True,
-            TransientError,
-        ),
-        (grpc.StatusCode.UNAVAILABLE, "Socket closed", True, UnknownOutcomeError),
-        (grpc.StatusCode.UNAVAILABLE, "Socket closed", False, TransientError),
-        (grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded", True, UnknownOutcomeError),
-        (grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded", False, TransientError),
-        (
-            grpc.StatusCode.UNKNOWN,
-            "Error: not logged in, no this.__currentUserId yet.\n    at x",
-            True,
-            NotLoggedInError,
-        ),
-        (grpc.StatusCode.UNAUTHENTICATED, f'Invalid Wechaty TOKEN "{TOKEN}"', False, AuthError),
-        (
-            grpc.StatusCode.UNKNOWN,
-            "Error: conversation 1 not found\n    at PuppetWorkPro.send (/app/x.js:1:2)",
-            True,
-            PermanentError,
-        ),
-    ],
-)
-def test_error_mapping(code: grpc.StatusCode, details: str, mutating: bool, expected: type) -> None:
-    """gRPC failures map to the engine's kinds by the details' first line, never leaking stacks or tokens."""
-    gateway = WorkproGateway(settings_for(None))
-    error = gateway._map_rpc_error(
-        aio.AioRpcError(code, aio.Metadata(), aio.Metadata(), details=details),
-        "MessageSendText",
-        mutating=mutating,
-    )
-    assert type(error) is expected
-    assert TOKEN not in str(error)
-    assert "\n" not in str(error)
-    assert " at " not in str(error)
 
 
 # -- discovery --------------------------------------------------------------------------------------
@@ -392,13 +297,32 @@ async def test_login_events_and_ready_once(make_fake: Factory, make_gateway: Fac
     assert (await gateway.login_status()).account_id == SELF_ID
 
 
+async def test_verify_code_answer_names_the_account(make_fake: Factory, make_gateway: Factory) -> None:
+    """The answer to the right code says logged in, as whom (the account's own name, looked up after LOGIN), and
+    no longer "waiting for WeCom to log in" although the server sent LOGIN before answering EnterVerifyCode."""
+    fake = await make_fake()
+    fake.self_payload_delay = 0.3  # the name lookup is still running when the LOGIN has arrived
+    gateway = await make_gateway(settings_for(fake))
+    await gateway.start_login()
+    await fake.scan()
+    await until(lambda: gateway._login.state is LoginState.WAITING_VERIFY_CODE)
+    code = fake.phone_code()
+    assert code is not None
+    status = await gateway.submit_verify_code(code)
+    assert status.logged_in
+    assert status.account_id == SELF_ID
+    assert status.account_name == SELF_NAME
+    assert status.message == f"logged in as {SELF_NAME}"
+    assert (await gateway.login_status()).message == f"logged in as {SELF_NAME}"
+
+
 async def test_too_many_tries_message(make_fake: Factory, make_gateway: Factory) -> None:
     """The third wrong code is WeCom's threshold: the error tells the user to scan the new QR."""
     fake = await make_fake()
     gateway = await make_gateway(settings_for(fake))
     await gateway.start_login()
     await fake.scan()
-    await until(lambda: gateway._state is LoginState.WAITING_VERIFY_CODE)
+    await until(lambda: gateway._login.state is LoginState.WAITING_VERIFY_CODE)
     for expected in (2, 1):
         with pytest.raises(LoginError, match="wrong verification code") as wrong:
             await gateway.submit_verify_code("000000" if fake.phone_code() != "000000" else "111111")
@@ -414,7 +338,7 @@ async def test_second_verification_qr(make_fake: Factory, make_gateway: Factory)
     fake = await make_fake(second_verification=True)
     gateway = await make_gateway(settings_for(fake))
     await login(gateway, fake)
-    await until(lambda: gateway._state is LoginState.WAITING_SCAN)
+    await until(lambda: gateway._login.state is LoginState.WAITING_SCAN)
     status = await gateway.login_status()
     assert status.second_verification
     assert status.qrcode_key == fake.qr_key
@@ -437,13 +361,13 @@ async def test_second_verification_without_marker_in_url(make_fake: Factory, mak
         pb.EVENT_TYPE_SCAN,
         {"status": 2, "qrcode": "https://wx.work.weixin.qq.com/cgi-bin/crtx_auth?key=AB&wx=1"},
     )
-    await until(lambda: gateway._state is LoginState.WAITING_SCAN)
+    await until(lambda: gateway._login.state is LoginState.WAITING_SCAN)
     assert (await gateway.login_status()).second_verification
     fake.emit(pb.EVENT_TYPE_SCAN, {"status": 2, "type": 2, "qrcode": "https://x.example/q?key=CD"})
-    await until(lambda: gateway._qr_key == "CD")
+    await until(lambda: gateway._login.qr_key == "CD")
     assert (await gateway.login_status()).second_verification
     fake.emit(pb.EVENT_TYPE_SCAN, {"status": 2, "qrcode": "https://x.example/q?key=EF"})
-    await until(lambda: gateway._qr_key == "EF")
+    await until(lambda: gateway._login.qr_key == "EF")
     assert not (await gateway.login_status()).second_verification
 
 
@@ -561,12 +485,8 @@ async def test_ten_thousand_contacts_sync_fast(make_fake: Factory, make_gateway:
     fake = await make_fake(contacts=10_000)
     gateway = await make_gateway(settings_for(fake))
     await login(gateway, fake)
-    # Login looks up the account's own name in the background (one ContactPayload): let it finish first,
-    # so it is not counted as part of the sync.
-    for _ in range(500):
-        if (await gateway.login_status()).account_name:
-            break
-        await asyncio.sleep(0.01)
+    # Login looks up the account's own name (one ContactPayload) before it answers: not part of the sync.
+    assert (await gateway.login_status()).account_name == SELF_NAME
     before = len(fake.calls)
     started = time.perf_counter()
     ids = await all_ids(gateway, 500)
@@ -675,7 +595,7 @@ async def test_session_lost_while_disconnected_is_noticed(make_fake: Factory, ma
     fake.drop_event_stream()
     await until(lambda: fake._stream is None)
     fake.logged_in = False  # e.g. logged out on the phone; the LOGOUT event went nowhere
-    await until(lambda: gateway._state is LoginState.LOGGED_OUT)
+    await until(lambda: gateway._login.state is LoginState.LOGGED_OUT)
     assert "while the event stream was down" in kinds(gateway, EventKind.LOGOUT)[-1].message
     with pytest.raises(NotLoggedInError):
         await gateway.send_text(fake.contact_ids()[0], "x", idempotency_key="1")

@@ -193,7 +193,7 @@ async def log_in(gateway: WorkproGateway, fake: FakePuppet) -> None:
     status = await gateway.start_login()
     assert status.qrcode_key == fake.qr_key
     await fake.scan()
-    await until(lambda: gateway._state is LoginState.WAITING_VERIFY_CODE, what="the verify-code prompt")
+    await until(lambda: gateway._login.state is LoginState.WAITING_VERIFY_CODE, what="the verify-code prompt")
     code = fake.phone_code()
     assert code is not None
     assert (await gateway.submit_verify_code(code)).logged_in

@@ -232,6 +232,22 @@ class Gateway(ABC):
     async def logout(self) -> LoginStatus:
         """Log the account out (POST /goEnd). A new QR can follow with start_login."""
 
+    async def _wait_for(self, predicate: Callable[[], bool], timeout: float) -> bool:
+        """Wait until `predicate()` holds, re-checking it whenever the state-changed event is set (by `emit`, or
+        by a gateway's own state changes), for up to `timeout` seconds; returns whether it holds. No polling."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            # Cleared before the check, with no await in between: a change after the check sets it again.
+            self._status_changed.clear()
+            if predicate():
+                return True
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return False
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._status_changed.wait(), timeout=remaining)
+
     async def wait_for_login(self, timeout: float) -> LoginStatus:
         """Wait until logged in, or `timeout` seconds (real time). Returns the last status."""
         loop = asyncio.get_running_loop()

@@ -195,6 +195,7 @@ class FakePuppet(pb_grpc.PuppetServicer):  # type: ignore[misc]
         self.ready_delay = ready_delay
         self.zero_seq = zero_seq  # like juzi's open-source server: EventResponse.seq is 0
         self.send_delay = 0.0  # seconds each MessageSendText takes (after recording)
+        self.self_payload_delay = 0.0  # seconds ContactPayload of the account itself takes (its name lookup)
         self.sends: list[SentMessage] = []
         self.rejected: list[RejectedSend] = []  # sends refused by `fail_sends` / `throttle_sends`
         self.calls: list[str] = []  # RPC names, in order (auth failures included)
@@ -517,6 +518,8 @@ class FakePuppet(pb_grpc.PuppetServicer):  # type: ignore[misc]
         self, request: pb.ContactPayloadRequest, context: grpc.aio.ServicerContext
     ) -> pb.ContactPayloadResponse:
         await self._need_login(context, "contactRawPayload")
+        if request.id == SELF_ID and self.self_payload_delay:
+            await asyncio.sleep(self.self_payload_delay)
         payload = self._payload(request.id)
         if payload is None:
             await context.abort(

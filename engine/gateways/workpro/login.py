@@ -1,0 +1,234 @@
+"""The WorkPro login flow as a pure state machine: scan → verify code → login → logout, with WeCom's "new device"
+security QR. No gRPC, no asyncio, no clock: the gateway feeds it parsed events (`payloads`) and the outcome of its
+own calls, and emits the `Emit`s each step returns. Tests drive it directly (`tests/test_workpro_login.py`).
+
+    LOGGED_OUT ──SCAN(2)──▶ WAITING_SCAN ──SCAN(3/4)──▶ SCANNED ──VERIFY_CODE──▶ WAITING_VERIFY_CODE
+        ▲                        ▲  (a new QR: tries reset)                           │ wrong code: tries - 1
+        │                        └─────────── too many tries: the server shows a new QR ◀─┘
+        └──LOGOUT / session lost── LOGGED_IN ◀──LOGIN──────────────────────────────────┘ (code accepted)
+
+Facts it encodes (`shared/reference/workpro_puppet.md` §1.5, §8): the server replays its cached SCAN and LOGIN on
+every reconnect (a replay changes nothing); a LOGOUT whose reason is WeCom's new-device text announces a security
+QR, which may arrive without the `secondaryEquipment` marker; READY can arrive twice.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from engine.gateways.base import EventKind, LoginState, LoginStatus
+from engine.gateways.workpro.payloads import (
+    SCAN_CANCEL,
+    SCAN_CONFIRMED,
+    SCAN_IDLE,
+    SCAN_SCANNED,
+    SCAN_TIMEOUT,
+    VERIFY_EXPIRED,
+    VERIFY_WRONG,
+    ScanEvent,
+    VerifyCodeEvent,
+)
+from engine.gateways.workpro.rpc_errors import NEW_DEVICE_MARKERS
+
+VERIFY_TRIES = 3  # WeCom allows about 3 wrong codes, then the QR must be scanned again
+
+SCAN_QR = "scan the QR code with WeCom on the phone"
+SECURITY_QR = "WeCom asks for a security check on a new device: scan this QR with WeCom on the phone within 2 minutes"
+SECURITY_NEXT = (
+    "WeCom asks for a security check on a new device: scan the next QR with WeCom on the phone within 2 minutes"
+)
+SCANNED = "scanned; confirm the login on the phone"
+ENTER_CODE = "enter the verification code shown by WeCom on the phone"
+CODE_ACCEPTED = "code accepted; waiting for WeCom to log in"
+
+
+@dataclass(frozen=True)
+class Emit:
+    """An event the gateway should emit (`Gateway.emit(kind, message, **data)`)."""
+
+    kind: EventKind
+    message: str = ""
+    data: dict[str, Any] = field(default_factory=dict)
+
+
+class LoginMachine:
+    """Where the login stands, and how each event moves it. Read `status()`; never set the fields from outside."""
+
+    def __init__(self) -> None:
+        self.state = LoginState.LOGGED_OUT
+        self.qr_url: str | None = None
+        self.qr_key: str | None = None
+        self.verify_id: str | None = None  # the VERIFY_CODE event's id (the QR key) once the phone shows a code
+        self.second = False  # the QR showing is the new-device security check
+        self.expect_second = False  # a new-device LOGOUT announced a security QR
+        self.account_id: str | None = None
+        self.account_name: str | None = None
+        self.tries_left: int | None = None
+        self.ready = False
+        self.message = ""
+
+    # -- reading ---------------------------------------------------------------------------------
+    @property
+    def logged_in(self) -> bool:
+        return self.state is LoginState.LOGGED_IN
+
+    def qr_showing(self) -> bool:
+        """A QR is showing (or none is needed: logged in)."""
+        return self.logged_in or (self.qr_key is not None and self.state is not LoginState.LOGGED_OUT)
+
+    def code_key(self, given: str | None = None) -> str | None:
+        """The id to send with EnterVerifyCode: the caller's, else the VERIFY_CODE event's, else the QR key."""
+        return given or self.verify_id or self.qr_key
+
+    def status(self) -> LoginStatus:
+        return LoginStatus(
+            state=self.state,
+            qr_url=self.qr_url,
+            qrcode_key=self.verify_id or self.qr_key,
+            second_verification=self.second,
+            account_id=self.account_id,
+            account_name=self.account_name,
+            tries_left=None if self.logged_in else self.tries_left,
+            message=self.message,
+        )
+
+    # -- events from the server ------------------------------------------------------------------
+    def on_scan(self, event: ScanEvent) -> list[Emit]:
+        if event.shows_qr:
+            return self._show_qr(event)
+        if event.status in (SCAN_SCANNED, SCAN_CONFIRMED):
+            if self.state in (LoginState.WAITING_SCAN, LoginState.LOGGED_OUT):
+                self.state = LoginState.SCANNED
+                self.message = SCANNED
+                return [Emit(EventKind.SCANNED, SCANNED, {"status": event.status})]
+            return []
+        if event.status in (SCAN_CANCEL, SCAN_TIMEOUT, SCAN_IDLE) and not self.logged_in:
+            self.state = LoginState.LOGGED_OUT
+            self.qr_url = self.qr_key = self.verify_id = None
+            self.message = (
+                "the puppet waits for a login to be started"
+                if event.status == SCAN_IDLE
+                else "the QR code expired or was cancelled; start the login again"
+            )
+        return []
+
+    def _show_qr(self, event: ScanEvent) -> list[Emit]:
+        key = event.key
+        if key and key == self.qr_key and self.state in (LoginState.SCANNED, LoginState.WAITING_VERIFY_CODE):
+            return []  # the server replays its cached SCAN on every reconnect: not a new QR
+        second = event.verification or self.expect_second
+        self.expect_second = False
+        if self.logged_in:  # a QR while logged in: the session has ended
+            self._logged_out("")
+        if key != self.qr_key:
+            self.tries_left = VERIFY_TRIES
+        self.state = LoginState.WAITING_SCAN
+        self.qr_url, self.qr_key, self.verify_id, self.second = event.url, key, None, second
+        self.message = SECURITY_QR if second else SCAN_QR
+        emits = [
+            Emit(
+                EventKind.QR,
+                self.message,
+                {"qr_url": event.url, "qrcode_key": key, "second_verification": second, "status": event.status},
+            )
+        ]
+        if second:
+            emits.append(Emit(EventKind.SECOND_VERIFICATION, self.message, {"qr_url": event.url, "qrcode_key": key}))
+        return emits
+
+    def on_verify_code(self, event: VerifyCodeEvent) -> list[Emit]:
+        verify_id = event.id or self.qr_key
+        if event.status == VERIFY_EXPIRED:
+            self.state = LoginState.LOGGED_OUT
+            self.qr_url = self.qr_key = self.verify_id = None
+            self.message = "the verification code expired; start the login again"
+            return [Emit(EventKind.ERROR, self.message)]
+        if event.status == VERIFY_WRONG:
+            return [Emit(EventKind.VERIFY_CODE_WRONG, "wrong verification code", {"qrcode_key": verify_id})]
+        if self.logged_in:
+            return []
+        self.state = LoginState.WAITING_VERIFY_CODE
+        self.verify_id = verify_id
+        if self.tries_left is None:
+            self.tries_left = VERIFY_TRIES
+        self.message = event.message or ENTER_CODE
+        return [Emit(EventKind.VERIFY_CODE, self.message, {"qrcode_key": verify_id})]
+
+    def on_login(self, account_id: str) -> list[Emit]:
+        """LOGIN: logged in as `account_id`. A replay (same account, or none named) changes nothing."""
+        if self.logged_in and account_id in ("", self.account_id):
+            return []
+        if account_id != self.account_id:
+            self.account_name = None
+        self.state = LoginState.LOGGED_IN
+        self.account_id = account_id or self.account_id
+        self.qr_url = self.qr_key = self.verify_id = None
+        self.second = False
+        self.tries_left = None
+        self.message = self._logged_in_message()
+        return [Emit(EventKind.LOGIN, "logged in", {"account_id": self.account_id, "account_name": self.account_name})]
+
+    def on_account_name(self, account_id: str, name: str | None) -> None:
+        """The account's own name, looked up after LOGIN (ignored if another account logged in meanwhile)."""
+        if account_id == self.account_id:
+            self.account_name = name or None
+            if self.logged_in:
+                self.message = self._logged_in_message()
+
+    def on_ready(self) -> bool:
+        """READY: True the first time after a login (the server may send it twice)."""
+        if self.ready:
+            return False
+        self.ready = True
+        return True
+
+    def on_logout(self, reason: str) -> list[Emit]:
+        new_device = any(marker in reason.lower() for marker in NEW_DEVICE_MARKERS)
+        account = self.account_id
+        self._logged_out(reason)
+        emits = [
+            Emit(EventKind.LOGOUT, reason or "logged out", {"account_id": account, "second_verification": new_device})
+        ]
+        if new_device:
+            self.expect_second = True
+            self.message = SECURITY_NEXT
+            emits.append(Emit(EventKind.SECOND_VERIFICATION, self.message))
+        return emits
+
+    def session_lost(self, reason: str) -> list[Emit]:
+        """We learnt without a LOGOUT event that the session is gone (it ended while the stream was down, or the
+        Logout call succeeded and no event followed)."""
+        if not self.logged_in:
+            return []
+        self._logged_out(reason)
+        return [Emit(EventKind.LOGOUT, reason)]
+
+    # -- outcomes of our own calls ---------------------------------------------------------------
+    def code_accepted(self) -> None:
+        """EnterVerifyCode succeeded. The LOGIN event may already have come (the server sends it first)."""
+        if not self.logged_in:
+            self.message = CODE_ACCEPTED
+
+    def code_wrong(self, key: str, text: str) -> list[Emit]:
+        """EnterVerifyCode said the code was wrong: one try less."""
+        self.tries_left = max(0, (self.tries_left or VERIFY_TRIES) - 1)
+        return [Emit(EventKind.VERIFY_CODE_WRONG, text, {"qrcode_key": key, "tries_left": self.tries_left})]
+
+    def code_tries_exhausted(self, key: str, text: str) -> list[Emit]:
+        """EnterVerifyCode said too many wrong codes: a new QR must be scanned (the server shows one)."""
+        self.tries_left = 0
+        return [Emit(EventKind.VERIFY_CODE_WRONG, text, {"qrcode_key": key, "tries_left": 0})]
+
+    # -- internals -------------------------------------------------------------------------------
+    def _logged_in_message(self) -> str:
+        return f"logged in as {self.account_name}" if self.account_name else "logged in"
+
+    def _logged_out(self, reason: str) -> None:
+        self.state = LoginState.LOGGED_OUT
+        self.ready = False
+        self.account_id = self.account_name = None
+        self.qr_url = self.qr_key = self.verify_id = None
+        self.second = False
+        self.tries_left = None
+        self.message = reason

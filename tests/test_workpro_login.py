@@ -1,0 +1,139 @@
+"""The WorkPro login state machine (`engine.gateways.workpro.login`) driven directly with parsed events: no gRPC,
+no event loop, no clock."""
+
+from __future__ import annotations
+
+from engine.gateways.base import EventKind, LoginState
+from engine.gateways.workpro.login import CODE_ACCEPTED, VERIFY_TRIES, Emit, LoginMachine
+from engine.gateways.workpro.payloads import ScanEvent, VerifyCodeEvent
+
+URL = "https://wx.work.weixin.qq.com/cgi-bin/crtx_auth?key={key}&wx=1"
+NEW_DEVICE = "你正在一台新设备上使用企业微信，需通过手机企业微信扫码进行安全验证"
+ACCOUNT = "1688850000000001"
+
+
+def qr(key: str) -> ScanEvent:
+    return ScanEvent(status=2, url=URL.format(key=key), key=key)
+
+
+def kinds(emits: list[Emit]) -> list[EventKind]:
+    return [e.kind for e in emits]
+
+
+def at_code(machine: LoginMachine, key: str = "AB") -> None:
+    machine.on_scan(qr(key))
+    machine.on_scan(ScanEvent(status=3))
+    machine.on_verify_code(VerifyCodeEvent(id=key, message="请输入企业微信手机端展示的验证码，以继续登录"))
+
+
+def test_happy_path() -> None:
+    """QR → scanned → code shown → LOGIN: each step moves the state once and emits its event."""
+    machine = LoginMachine()
+    assert kinds(machine.on_scan(qr("AB"))) == [EventKind.QR]
+    assert machine.status().state is LoginState.WAITING_SCAN
+    assert machine.status().qrcode_key == "AB"
+    assert kinds(machine.on_scan(ScanEvent(status=3))) == [EventKind.SCANNED]
+    assert kinds(machine.on_verify_code(VerifyCodeEvent(id="AB"))) == [EventKind.VERIFY_CODE]
+    status = machine.status()
+    assert (status.state, status.qrcode_key, status.tries_left) == (LoginState.WAITING_VERIFY_CODE, "AB", 3)
+    assert machine.code_key() == "AB"
+    assert kinds(machine.on_login(ACCOUNT)) == [EventKind.LOGIN]
+    status = machine.status()
+    assert status.logged_in
+    assert (status.account_id, status.qr_url, status.qrcode_key, status.tries_left) == (ACCOUNT, None, None, None)
+
+
+def test_code_accepted_after_login_keeps_the_logged_in_message() -> None:
+    """The server sends LOGIN before EnterVerifyCode answers: the answer must not bring back "waiting for WeCom"."""
+    machine = LoginMachine()
+    at_code(machine)
+    machine.on_login(ACCOUNT)
+    machine.code_accepted()
+    assert machine.status().message == "logged in"
+    machine.on_account_name(ACCOUNT, "小王")
+    assert machine.status().message == "logged in as 小王"
+    assert machine.status().account_name == "小王"
+
+
+def test_code_accepted_before_login_says_so() -> None:
+    """A code accepted while the LOGIN event is still on its way says that it waits for WeCom."""
+    machine = LoginMachine()
+    at_code(machine)
+    machine.code_accepted()
+    assert machine.status().message == CODE_ACCEPTED
+    machine.on_login(ACCOUNT)
+    assert machine.status().message == "logged in"
+
+
+def test_a_late_name_of_another_account_is_ignored() -> None:
+    """A name lookup that finishes after another account logged in does not rename the new one."""
+    machine = LoginMachine()
+    machine.on_login(ACCOUNT)
+    machine.on_logout("logout()")
+    machine.on_login("1688850000000002")
+    machine.on_account_name(ACCOUNT, "小王")
+    assert machine.status().account_name is None
+
+
+def test_wrong_codes_count_down_and_a_new_qr_resets() -> None:
+    """Each wrong code costs a try; the threshold leaves 0; the server's new QR gives 3 tries again."""
+    machine = LoginMachine()
+    at_code(machine)
+    assert [machine.code_wrong("AB", "Invalid verify code!")[0].data["tries_left"] for _ in range(2)] == [2, 1]
+    machine.code_tries_exhausted("AB", "验证码错误次数超过阈值，请重新扫码")
+    assert machine.status().tries_left == 0
+    machine.on_scan(qr("CD"))
+    assert machine.status().tries_left == VERIFY_TRIES
+    assert machine.status().qrcode_key == "CD"
+
+
+def test_replays_change_nothing() -> None:
+    """The cached SCAN replayed on reconnect while a code is pending, and a replayed LOGIN, emit nothing."""
+    machine = LoginMachine()
+    at_code(machine)
+    assert machine.on_scan(qr("AB")) == []
+    assert machine.status().state is LoginState.WAITING_VERIFY_CODE
+    machine.on_login(ACCOUNT)
+    assert machine.on_login(ACCOUNT) == []
+    assert machine.on_login("") == []
+    assert machine.on_ready() is True
+    assert machine.on_ready() is False  # READY arrives twice
+
+
+def test_new_device_logout_announces_the_security_qr() -> None:
+    """A LOGOUT with WeCom's new-device text makes the next QR the security check, even without a URL marker;
+    the one after that is an ordinary QR again."""
+    machine = LoginMachine()
+    machine.on_login(ACCOUNT)
+    emits = machine.on_logout(NEW_DEVICE)
+    assert kinds(emits) == [EventKind.LOGOUT, EventKind.SECOND_VERIFICATION]
+    assert emits[0].data == {"account_id": ACCOUNT, "second_verification": True}
+    assert kinds(machine.on_scan(qr("EF"))) == [EventKind.QR, EventKind.SECOND_VERIFICATION]
+    assert machine.status().second_verification
+    machine.on_scan(qr("GH"))
+    assert not machine.status().second_verification
+
+
+def test_qr_while_logged_in_ends_the_session() -> None:
+    """A QR arriving while logged in means the session is over: logged out, the new QR showing."""
+    machine = LoginMachine()
+    machine.on_login(ACCOUNT)
+    machine.on_scan(qr("IJ"))
+    status = machine.status()
+    assert (status.state, status.account_id, status.qrcode_key) == (LoginState.WAITING_SCAN, None, "IJ")
+
+
+def test_expiry_and_session_loss() -> None:
+    """An expired code or QR logs out with a message; a session lost without an event emits LOGOUT once."""
+    machine = LoginMachine()
+    at_code(machine)
+    assert kinds(machine.on_verify_code(VerifyCodeEvent(id="AB", status=2))) == [EventKind.ERROR]
+    assert machine.status().state is LoginState.LOGGED_OUT
+    machine.on_scan(qr("KL"))
+    machine.on_scan(ScanEvent(status=5))  # timeout
+    assert machine.status().state is LoginState.LOGGED_OUT
+    assert "expired" in machine.status().message
+    assert machine.session_lost("gone") == []  # not logged in: nothing to lose
+    machine.on_login(ACCOUNT)
+    assert kinds(machine.session_lost("gone")) == [EventKind.LOGOUT]
+    assert machine.session_lost("gone") == []
