@@ -1,7 +1,12 @@
-"""Durations written the way people write them: `90s`, `15m`, `2h`, `7d`, `1w` (or a number of seconds)."""
+"""Durations written the way people write them: `90s`, `15m`, `2h`, `7d`, `1w` (or a number of seconds).
+
+A duration is at most `MAX_DURATION` (about 100 years): longer ones, and numbers that are not finite, are
+errors — never an OverflowError from `timedelta`, whose own limit is 999,999,999 days.
+"""
 
 from __future__ import annotations
 
+import math
 import re
 from datetime import timedelta
 from typing import Annotated, Any
@@ -9,23 +14,44 @@ from typing import Annotated, Any
 from pydantic import BeforeValidator, PlainSerializer
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
-_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$")
+_RE = re.compile(r"^\s*(\d+)(\.\d+)?\s*([smhdw])\s*$")
+MAX_DURATION = timedelta(days=36_500)
+
+
+class DurationTooLong(ValueError):
+    """A duration past MAX_DURATION (or infinite)."""
 
 
 def parse_duration(value: Any) -> timedelta:
     if isinstance(value, timedelta):
-        return value
+        return _bounded(value.total_seconds(), value)
     if isinstance(value, bool):
         raise ValueError("expected a duration like 30s, 15m, 2h or 7d")
     if isinstance(value, int | float):
         if value < 0:
             raise ValueError("a duration cannot be negative")
-        return timedelta(seconds=value)
+        return _bounded(value, value)
     if isinstance(value, str):
         match = _RE.match(value)
         if match:
-            return timedelta(seconds=float(match.group(1)) * _UNITS[match.group(2)])
-    raise ValueError(f"{value!r} is not a duration; write it like 30s, 15m, 2h, 7d or 1w")
+            whole, fraction, unit = match.groups()
+            if len(whole) > 15:  # thousands of digits: too long, without float() making it inf
+                return _bounded(math.inf, value)
+            return _bounded(float(whole + (fraction or "")[:16]) * _UNITS[unit], value)
+    raise ValueError(f"{_short(value)} is not a duration; write it like 30s, 15m, 2h, 7d or 1w")
+
+
+def _bounded(seconds: float, written: Any) -> timedelta:
+    if math.isnan(seconds):
+        raise ValueError(f"{_short(written)} is not a duration; write it like 30s, 15m, 2h, 7d or 1w")
+    if seconds > MAX_DURATION.total_seconds():
+        raise DurationTooLong(f"{_short(written)} is longer than the longest duration allowed ({MAX_DURATION.days}d)")
+    return timedelta(seconds=seconds)
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def format_duration(value: timedelta) -> str:

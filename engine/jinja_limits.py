@@ -153,16 +153,26 @@ def _check_width(width: Any, what: str) -> None:
         raise TemplateLimitError(f"{what} {width:,} is more than {MAX_SIZE:,}")
 
 
-def bounded_concat(pieces: Iterable[str]) -> str:
-    """Join rendered pieces, refusing once the text passes MAX_SIZE (the pieces are never all held)."""
+class RenderedTextTooLong(TemplateLimitError):
+    """A message's text passed MAX_SIZE: longer than any message may be (the recipient's message is too long)."""
+
+
+def bounded_concat(pieces: Iterable[str], error: type[TemplateLimitError] = TemplateLimitError) -> str:
+    """Join rendered pieces (of a macro, a set block, ...), refusing once the text passes MAX_SIZE: the pieces
+    are never all held."""
     out: list[str] = []
     total = 0
     for piece in pieces:
         total += len(piece)
         if total > MAX_SIZE:
-            raise _too_large("the rendered text")
+            raise error(f"the rendered text would be larger than {MAX_SIZE:,} characters")
         out.append(piece)
     return "".join(out)
+
+
+def bounded_text(pieces: Iterable[str]) -> str:
+    """A whole message's text: bounded_concat, raising RenderedTextTooLong."""
+    return bounded_concat(pieces, RenderedTextTooLong)
 
 
 def join_parts(parts: tuple[Any, ...]) -> str:

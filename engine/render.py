@@ -36,7 +36,7 @@ from jinja2.runtime import new_context
 
 from engine.errors import Location, TemplateError
 from engine.gateways.base import ContactRecord
-from engine.jinja_limits import BoundedEnvironment, TemplateLimitError, begin_render
+from engine.jinja_limits import BoundedEnvironment, RenderedTextTooLong, TemplateLimitError, begin_render, bounded_text
 
 # Names a template can use for a contact: the contact payload (see `ContactRecord`), plus derived names.
 CONTACT_FIELDS = (
@@ -377,15 +377,17 @@ def render_all(
     too_long: list[str] = []
     compiled = template.template()
     env, tname, blocks, root = compiled.environment, compiled.name, compiled.blocks, compiled.root_render_func
-    concat = env.concat
 
-    def render_one(ctx: dict[str, Any]) -> str:
-        # CompiledTemplate.render, inlined (100,000 calls).
+    def render_one(ctx: dict[str, Any]) -> str | None:
+        """CompiledTemplate.render, inlined (100,000 calls); None when the text passes the size cap (it is then
+        longer than any max_length: that recipient's message is too long, like any other)."""
         begin_render()
         try:
-            return str(concat(root(new_context(env, tname, blocks, ctx, shared=True)))).strip()
+            return bounded_text(root(new_context(env, tname, blocks, ctx, shared=True))).strip()
         except MissingField:
             raise
+        except RenderedTextTooLong:
+            return None
         except Exception as exc:
             raise template.failure(exc) from None
 
@@ -424,7 +426,7 @@ def render_all(
             for name in lacking:
                 missing.setdefault(name, []).append(cid)
             continue
-        if len(text) > max_length:
+        if text is None or len(text) > max_length:
             too_long.append(cid)
             continue
         texts[cid] = text

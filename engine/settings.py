@@ -36,7 +36,8 @@ GatewayName = Literal["sandbox", "workpro", "wecom"]
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # allow_inf_nan=False: "1e999" or .nan would pass every `gt=0` check (and mean "no throttle").
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 def check_timezone(value: str) -> str:
@@ -179,7 +180,7 @@ class Faults(Strict):
 
 
 class SandboxSettings(Strict):
-    contacts: int = Field(default=200, ge=0)
+    contacts: int = Field(default=200, ge=0, le=1_000_000)  # demo customers generated (and held) at start
     seed: int = 2024
     auto_login: bool = True
     scan_delay: Duration = timedelta(seconds=3)  # the simulated phone scans the QR this long after it shows
@@ -285,8 +286,10 @@ def load_settings(path: str | Path | None = None, *, overrides: dict[str, Any] |
     lines = yamlsrc.Lines(str(config_path))
     if config_path.exists():
         try:
-            raw, lines = yamlsrc.load(config_path.read_text(encoding="utf-8"), str(config_path))
-        except yamlsrc.YamlSyntaxError as exc:
+            raw, lines = yamlsrc.load(yamlsrc.read_text(config_path), str(config_path))
+        except FileNotFoundError:  # removed since exists(): as if it had not been there
+            raise ConfigError(f"config file not found: {config_path}") from None
+        except yamlsrc.YamlError as exc:
             raise ConfigError(str(exc), Location(str(config_path), exc.line)) from None
         if raw is None:
             raw = {}

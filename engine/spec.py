@@ -36,7 +36,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 
 from engine import yamlsrc
 from engine.audience import Rule, RuleError, parse_rules
-from engine.durations import parse_duration
+from engine.durations import DurationTooLong, parse_duration
 from engine.errors import CampaignError, Location, TemplateError
 from engine.paths import MAX_TEMPLATE_BYTES, CampaignFileError, campaign_root, resolve_campaign_file
 from engine.render import CompiledTemplate, compile_template
@@ -101,8 +101,10 @@ def _parse_dedupe(value: Any) -> str:
         return str(value)
     try:
         parse_duration(value)
+    except DurationTooLong:
+        raise
     except ValueError:
-        raise ValueError(f"dedupe must be run, once or a window like 7d (got {value!r})") from None
+        raise ValueError(f"dedupe must be run, once or a window like 7d (got {value!r:.40})") from None
     return str(value)
 
 
@@ -198,11 +200,11 @@ def load_campaign(path: str | Path, settings: Settings) -> Campaign:
     """Read and validate one campaign file. Raises CampaignError (all problems, first one first)."""
     file = Path(path)
     try:
-        text = file.read_text(encoding="utf-8")
+        text = yamlsrc.read_text(file)
     except FileNotFoundError:
         raise CampaignError("file not found", Location(str(file))) from None
-    except UnicodeDecodeError:
-        raise CampaignError("the file is not UTF-8 text", Location(str(file))) from None
+    except yamlsrc.YamlError as exc:
+        raise CampaignError(str(exc), Location(str(file), exc.line)) from None
     return parse_campaign(text, file, settings)
 
 
@@ -210,7 +212,7 @@ def parse_campaign(text: str, file: Path, settings: Settings) -> Campaign:
     name = str(file)
     try:
         data, lines = yamlsrc.load(text, name)
-    except yamlsrc.YamlSyntaxError as exc:
+    except yamlsrc.YamlError as exc:
         raise CampaignError(str(exc), Location(name, exc.line)) from None
     if not isinstance(data, dict):
         raise CampaignError("a campaign file must be a mapping (name:, audience:, message:, ...)", Location(name, 1))

@@ -239,3 +239,11 @@ def test_shipped_example_campaigns_are_valid(settings: Settings) -> None:
     result = load_campaigns([root], settings)
     assert result.errors == []
     assert len(result.campaigns) >= 4
+
+
+def test_anchors_aliases_and_merge_keys_still_work(settings: Settings) -> None:
+    """An alias repeats its anchor's value and a merge key's mapping is overridden by the keys beside it."""
+    c = load_campaign(CASES / "valid" / "anchors_and_merge.yaml", settings)
+    assert c.audience.tags_any == c.audience.exclude_ids == ["VIP", "金卡"]
+    assert (c.throttle.per_second, c.throttle.per_minute) == (2, 60)
+    assert c.location("throttle").line == 11

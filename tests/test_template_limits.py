@@ -190,3 +190,13 @@ def test_templates_the_bounds_cannot_run_are_refused_at_compile_time(source: str
         compile_template(source, ORIGIN)
     assert time.monotonic() - started < GENEROUS
     assert words in str(info.value)
+
+
+def test_a_contact_whose_message_passes_the_size_cap_is_too_long_not_a_crash() -> None:
+    """A contact whose data makes the text pass the size cap is listed as too long, like any long message; the
+    other recipients are rendered."""
+    template = compile_template("{{ name }}您好", ORIGIN)
+    people = [contact("huge", name="名" * 150_000), contact("ok")]
+    result = render_all(template, people, campaign={"id": "c", "name": "c"}, now=NOW)
+    assert result.too_long == ["huge"]
+    assert result.texts == {"ok": "王芳您好"}
