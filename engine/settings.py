@@ -223,6 +223,18 @@ class ApiSettings(Strict):
     shutdown_timeout: Duration = timedelta(seconds=10)  # on stop, wait this long for in-flight sends
     sandbox_auto_login: bool = False  # `wecast serve` on the sandbox logs in by itself (else: POST /goStart)
 
+    @field_validator("key")
+    @classmethod
+    def _real_key(cls, v: SecretStr | None) -> SecretStr | None:
+        """A key of spaces (an empty `${ENV}`, a stray newline from a secrets file) would be no key at all: refused.
+        Surrounding whitespace is dropped, as the Authorization header's is."""
+        if v is None:
+            return None
+        key = v.get_secret_value().strip()
+        if not key:
+            raise ValueError("the API key is empty or only whitespace; set a real key, or leave api.key out")
+        return SecretStr(key)
+
 
 class SchedulerSettings(Strict):
     catch_up: Literal["skip", "once", "all"] = "once"

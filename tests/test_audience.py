@@ -424,3 +424,37 @@ def test_every_contact_is_accounted_for_once(
     assert got == [cid for cid in order if cid in set(got)]
     unlimited = ids_of(select(people, **kwargs).recipients)
     assert got == (unlimited[:limit] if limit else unlimited)
+
+
+def test_each_exclusion_carries_its_category_whatever_its_wording() -> None:
+    """Who the targeting does not select is an `audience` mismatch and who it selects but leaves out an
+    `exclusion` — decided where the decision is made, not read back from the reason's wording: a rule
+    `{coworker: true}` fails customers with a reason that starts like the coworker exclusion, yet they are
+    audience mismatches (not recorded in a run)."""
+    from engine.audience import ExclusionCategory
+
+    people = [
+        contact("customer"),
+        contact("staff", coworker=True),
+        contact("listed"),
+        contact("stranger", friend=False),
+        contact("dnd", tags={"勿扰"}),
+        contact("extra", coworker=True),
+    ]
+    result = select(
+        people,
+        rules=parse_rules([{"coworker": True}]),
+        include_coworkers=True,
+        exclude_ids=["listed"],
+        tags_none=["勿扰"],
+        limit=1,
+        now=NOW,
+    )
+    assert [c["id"] for c in result.recipients] == ["staff"]
+    got = {e.contact_id: (e.category, e.reason) for e in result.excluded}
+    assert got["customer"] == (ExclusionCategory.AUDIENCE, "coworker is False, not = True")
+    assert got["listed"][0] is ExclusionCategory.EXCLUSION
+    assert got["stranger"][0] is ExclusionCategory.EXCLUSION
+    assert got["dnd"][0] is ExclusionCategory.EXCLUSION
+    assert got["extra"] == (ExclusionCategory.EXCLUSION, "over the audience limit of 1")
+    assert not ExclusionCategory.AUDIENCE.recorded and ExclusionCategory.EXCLUSION.recorded

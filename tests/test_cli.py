@@ -233,3 +233,36 @@ def test_run_during_quiet_hours_says_so_and_leaves_sends_pending(workdir: Path) 
     [summary] = json.loads(out)
     assert summary["status"] == "running" and summary["counts"].get("sent", 0) == 0
     assert summary["counts"]["pending"] > 5
+
+
+def test_names_with_brackets_and_backslashes_print_exactly(workdir: Path) -> None:
+    """Text from users (a campaign name, a template) prints exactly as written, backslashes and [brackets]
+    included: rich's own escape, not a hand-made one that let `\\[b]` through as bold markup."""
+    path = workdir / "campaigns" / "odd.yaml"
+    path.write_text(
+        "name: 'C:\\[b]会员[/]日'\naudience: {tags_any: [VIP]}\nmessage: {template: '路径 C:\\[red]x[/red]'}\n"
+        "frequency_cap: false\nquiet_hours: false\n",
+        encoding="utf-8",
+    )
+    code, out, err = wecast(workdir, "validate", str(path))
+    assert code == 0, err
+    assert "(odd: C:\\[b]会员[/]日)" in out
+    code, out, _ = wecast(workdir, "preview", str(path), "--show", "1")
+    assert code == 0 and "C:\\[b]会员[/]日" in out and "路径 C:\\[red]x[/red]" in out
+
+
+def test_preview_json_is_the_api_preview(workdir: Path) -> None:
+    """`wecast preview --json` and GET /api/v1/campaigns/{id}/preview answer in one shape with the same content
+    (one model, engine.views.PreviewView): the same keys, counts, recipients, exclusions and next fires."""
+    from web_harness import LiveServer
+
+    from engine.settings import load_settings
+
+    code, out, _ = wecast(workdir, "preview", "weekly_vip", "--json")
+    assert code == 0
+    cli = json.loads(out)
+    with LiveServer(load_settings(workdir / "config.yaml"), scheduler=False) as live:
+        api = live.client.get("/api/v1/campaigns/weekly_vip/preview", params={"sample": 500}).json()
+    assert set(api) == set(cli)
+    for key in set(cli) - {"now"}:
+        assert api[key] == cli[key], key

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import threading
 from collections.abc import Callable
@@ -18,7 +19,7 @@ from engine.plan import plan_run
 from engine.service import Wecast
 from engine.settings import Settings
 from storage.deliveries import claim, list_deliveries
-from storage.models import DeliveryStatus
+from storage.models import DeliveryStatus, RunStatus
 from storage.runs import get_run
 
 MakeSettings = Callable[..., Settings]
@@ -120,6 +121,9 @@ def test_faults_every_delivery_ends_recorded_and_none_twice(make_settings: MakeS
     run(go())
 
 
+@pytest.mark.parametrize(
+    "db_url", ["sqlite"], indirect=True
+)  # timing on the fake clock; its database work is tested on PostgreSQL by its neighbours
 def test_transient_errors_give_up_after_max_attempts(make_settings: MakeSettings) -> None:
     """A send that keeps failing transiently is retried with growing delays, then failed with the reason."""
     settings = make_settings(contacts=30, faults="{error_rate: 1.0}")
@@ -138,6 +142,9 @@ def test_transient_errors_give_up_after_max_attempts(make_settings: MakeSettings
     run(go())
 
 
+@pytest.mark.parametrize(
+    "db_url", ["sqlite"], indirect=True
+)  # timing on the fake clock; its database work is tested on PostgreSQL by its neighbours
 def test_throttle_spaces_sends_and_never_exceeds_the_rate(make_settings: MakeSettings) -> None:
     """At 4/s, sends start 0.25 s apart on the (fake) clock: the achieved rate equals the configured one."""
     settings = make_settings(contacts=60)
@@ -213,6 +220,9 @@ def test_frequency_cap_rechecked_at_send_time(make_settings: MakeSettings) -> No
     run(go())
 
 
+@pytest.mark.parametrize(
+    "db_url", ["sqlite"], indirect=True
+)  # timing on the fake clock; its database work is tested on PostgreSQL by its neighbours
 def test_quiet_hours_hold_sends_until_the_window_opens(make_settings: MakeSettings) -> None:
     """Planned at 22:00 Shanghai with quiet hours 21:00–09:00, nothing goes out before 09:00 local."""
     settings = make_settings(contacts=30)
@@ -436,6 +446,9 @@ def test_refused_credentials_pause_the_run_and_fail_nobody(make_settings: MakeSe
     run(go())
 
 
+@pytest.mark.parametrize(
+    "db_url", ["sqlite"], indirect=True
+)  # timing on the fake clock; its database work is tested on PostgreSQL by its neighbours
 def test_retry_delays_come_from_the_injected_random_source(make_settings: MakeSettings) -> None:
     """Two dispatchers given equally seeded random sources schedule the same retry times (no global random)."""
     import random
@@ -456,3 +469,42 @@ def test_retry_delays_come_from_the_injected_random_source(make_settings: MakeSe
     first, second = run(retry_times("a")), run(retry_times("b"))
     assert first and all(at is not None for _, at in first)
     assert first == second
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_a_locked_database_stalls_only_the_run_not_the_event_loop(make_settings: MakeSettings) -> None:
+    """While another connection holds SQLite's write lock for a second (a big plan being recorded), the
+    dispatcher's writes wait in a worker thread: other coroutines keep running every few milliseconds, and the
+    run completes once the lock is released."""
+    import sqlite3
+    import time
+
+    settings = make_settings(contacts=60)
+
+    async def go() -> None:
+        app = await started(settings)
+        plan = app.plan(campaign(settings, PLAIN))
+        path = settings.database_url.removeprefix("sqlite:///")
+        holder = sqlite3.connect(path, timeout=30)
+        holder.execute("BEGIN IMMEDIATE")  # the write lock, as a long plan's transaction holds it
+        lags: list[float] = []
+
+        async def probe() -> None:
+            while True:
+                before = time.monotonic()
+                await asyncio.sleep(0.01)
+                lags.append(time.monotonic() - before)
+
+        watch = asyncio.ensure_future(probe())
+        dispatch = asyncio.ensure_future(app.dispatcher.run(plan.run_id))
+        await asyncio.sleep(1.0)
+        assert not dispatch.done()
+        holder.rollback()
+        holder.close()
+        summary = await dispatch
+        watch.cancel()
+        assert summary.status is RunStatus.COMPLETED and summary.sent == plan.planned
+        assert max(lags) < 0.3, f"the event loop stalled for {max(lags):.2f}s"
+        await app.close()
+
+    run(go())

@@ -8,6 +8,7 @@ top level, inside functions, under TYPE_CHECKING — is resolved to an absolute 
 from __future__ import annotations
 
 import ast
+import functools
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -35,6 +36,17 @@ def module_name(path: Path) -> str:
     return ".".join(parts)
 
 
+@functools.cache
+def parsed(path: Path) -> ast.Module:
+    """A module's syntax tree (each file is parsed once for all the rules)."""
+    return ast.parse(path.read_text(encoding="utf-8"), str(path))
+
+
+@functools.cache
+def nodes(path: Path) -> tuple[ast.AST, ...]:
+    return tuple(ast.walk(parsed(path)))
+
+
 def modules() -> dict[str, Path]:
     return {module_name(p): p for pkg in PACKAGES for p in sorted((ROOT / pkg).rglob("*.py"))}
 
@@ -43,7 +55,7 @@ def imports_of(name: str, path: Path) -> Iterator[tuple[str, int]]:
     """(absolute module imported, line) for every import statement in the module; `from a import b` yields
     `a.b` as well as `a`, since b may be a submodule."""
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
-    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path))):
+    for node in nodes(path):
         if isinstance(node, ast.Import):
             for alias in node.names:
                 yield alias.name, node.lineno
@@ -144,7 +156,7 @@ def test_import_direction(rule: str) -> None:
 
 def sql_calls(path: Path) -> Iterator[tuple[str, int]]:
     """(method, line) for every call of a method that runs SQL (`conn.execute(...)`, `db.begin()` ...)."""
-    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path))):
+    for node in nodes(path):
         if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
             method = node.func.attr
             receiver = ast.unparse(node.func.value)

@@ -254,3 +254,31 @@ async def test_contacts_resync_on_schedule(tmp_path: Path) -> None:
         await sched.workers.wait_sync()
         assert sched.workers.last_sync_at is not None
         assert sched.workers.last_sync_at >= first + timedelta(hours=1)
+
+
+async def test_a_fire_is_planned_off_the_event_loop(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The tick plans a fire in a worker thread: while planning is held, other coroutines keep running (here the
+    one that releases it), so a 100,000-recipient plan never stalls sends or HTTP answers."""
+    import threading
+
+    write_campaign(tmp_path, '{cron: "0 10 * * *"}')
+    clock = FakeClock(datetime(2026, 1, 5, 1, 59, tzinfo=UTC))
+    async with service(tmp_path, clock) as (app, sched):
+        await sched.tick()
+        entered, release = threading.Event(), threading.Event()
+        released_in_time: list[bool] = []
+        real = app.plan
+
+        def held(*args: Any, **kwargs: Any) -> Any:
+            entered.set()
+            released_in_time.append(release.wait(5))
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(app, "plan", held)
+        clock.set(datetime(2026, 1, 5, 2, 0, tzinfo=UTC))
+        tick = asyncio.ensure_future(sched.tick())
+        assert await asyncio.to_thread(entered.wait, 5)
+        release.set()  # only possible because the loop is free while the plan runs
+        fired = await tick
+        assert released_in_time == [True] and [f.action for f in fired] == ["started"]
+        await settle(sched)

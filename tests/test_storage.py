@@ -245,3 +245,21 @@ def test_a_claim_in_flight_does_not_block_or_starve_another(make_settings: MakeS
     assert len(mine) == len(theirs) == 7
     assert not {r.id for r in mine} & {r.id for r in theirs}
     run(app.close())
+
+
+def test_a_rule_that_reads_like_an_exclusion_records_no_skipped_rows(make_settings: MakeSettings) -> None:
+    """A staff-only campaign (`include_coworkers`, rule `{coworker: true}`) records no skipped delivery for the
+    customers its rule does not select: their reason starts "coworker is", which the old wording match took
+    for the coworker exclusion and wrote as a skipped delivery each."""
+    settings = make_settings(contacts=120)
+    app = run(started(settings))
+    body = PLAIN.replace("audience: {}", "audience: {include_coworkers: true, rules: [{coworker: true}]}")
+    plan = app.plan(campaign(settings, body))
+    preview = plan.preview
+    assert preview is not None
+    customers = [e for e in preview.excluded if e.reason.startswith("coworker is")]
+    assert len(customers) > 100 and all(e.category == "audience" and not e.recorded for e in customers)
+    recorded = [e for e in preview.excluded if e.recorded]  # the demo's few non-friends, excluded by the audience
+    assert recorded and all(e.category == "exclusion" and e.reason.startswith("not a friend") for e in recorded)
+    assert plan.skipped == len(recorded)
+    run(app.close())

@@ -7,6 +7,7 @@ import io
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -282,3 +283,43 @@ def test_pause_resume_cancel_a_run_waiting_for_login(live: LiveServer, client: h
     assert cancelled["status"] == "cancelled" and not cancelled["counts"].get("pending")
     assert client.post(f"/api/v1/runs/{run_id}/resume").status_code == 409
     login(client)
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [("plan", "/api/v1/campaigns/new_customers/run"), ("preview", "/api/v1/campaigns/new_customers/preview")],
+)
+def test_planning_and_preview_run_off_the_event_loop(
+    live: LiveServer, monkeypatch: pytest.MonkeyPatch, method: str, path: str
+) -> None:
+    """While a run is being planned (or a preview computed) for the API — held here until released — the server
+    keeps answering: /healthz returns at once, because planning never runs on the event loop."""
+    import time
+
+    entered, release = threading.Event(), threading.Event()
+    real = getattr(live.app, method)
+
+    def held(*args: Any, **kwargs: Any) -> Any:
+        entered.set()
+        assert release.wait(10), "never released"
+        return real(*args, **kwargs)
+
+    login(live.client)
+    monkeypatch.setattr(live.app, method, held)
+    answers: list[httpx.Response] = []
+
+    def request() -> None:
+        with httpx.Client(base_url=live.url, timeout=30) as c:
+            answers.append(c.post(path) if path.endswith("/run") else c.get(path))
+
+    worker = threading.Thread(target=request)
+    worker.start()
+    try:
+        assert entered.wait(10), f"{method} was not called"
+        started = time.monotonic()
+        health = live.client.get("/healthz", timeout=2)
+        assert health.status_code == 200 and time.monotonic() - started < 1.0
+    finally:
+        release.set()
+        worker.join(30)
+    assert answers and answers[0].status_code in (200, 202), answers[0].text if answers else "no answer"

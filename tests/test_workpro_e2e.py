@@ -262,3 +262,37 @@ async def test_campaign_survives_dropped_stream_throttling_and_unavailable(tmp_p
     next_sent = min(s.at for s in fake.sends if s.at > first_throttle)
     assert next_sent - first_throttle >= THROTTLE_BACKOFF * 0.9
     assert elapsed < 15, elapsed
+
+
+@pytest.mark.anyio
+async def test_a_changed_contact_is_refreshed_from_the_dirty_event(tmp_path: Path) -> None:
+    """When WeCom says a contact changed (WorkPro's DIRTY event: a new remark, other tags), `wecast serve`'s
+    scheduler re-reads that one contact into the database: campaigns plan on the new remark and tags at once,
+    not at the next full sync."""
+    from engine.scheduler import CampaignScheduler
+    from storage.contacts import ContactFilter, page_contacts
+
+    fake = FakePuppet(token=TOKEN, contacts=20)
+    await fake.start()
+    settings = workpro_settings(tmp_path, fake, scheduler={"contacts_sync": None})
+    app = Wecast(settings)
+    gateway = app.gateway
+    assert isinstance(gateway, WorkproGateway)
+    scheduler = CampaignScheduler(app)
+    try:
+        await app.start()
+        await log_in(gateway, fake)
+        assert (await app.sync()).seen == 20
+        await scheduler.start(loop=False)
+        contact_id = fake.contact_ids()[3]
+        # The fake's tag table (its own business; read here to pick a tag the contact does not have yet).
+        tag = next(t for t in fake._tags if fake._tags[t].name not in fake.tag_names(contact_id))
+        fake.touch_contact(contact_id, alias="新备注·王姐", tag_ids=[tag])
+        await until(lambda: bool(scheduler.workers._refreshes), what="the refresh to start")
+        await scheduler.workers.wait_refreshes()
+        [row] = page_contacts(app.db, ContactFilter(ids=[contact_id]), limit=1).rows
+        assert row.alias == "新备注·王姐" and [tid for tid, _ in row.tags] == [tag]
+    finally:
+        await scheduler.stop()
+        await app.close()
+        await fake.stop()

@@ -75,10 +75,12 @@ def make_settings(root: Path, **overrides: Any) -> Settings:
 class LiveServer:
     """uvicorn in a thread on 127.0.0.1:<free port>; `with LiveServer(...) as s: s.client.get(...)`."""
 
-    def __init__(self, settings: Settings, *, require_key: bool = False, scheduler: bool = True) -> None:
+    def __init__(
+        self, settings: Settings, *, require_key: bool = False, scheduler: bool = True, loopback_only: bool = True
+    ) -> None:
         self.app = Wecast(settings)
         self.scheduler = CampaignScheduler(self.app) if scheduler else None
-        self.api = create_app(self.app, scheduler=self.scheduler, require_key=require_key)
+        self.api = create_app(self.app, scheduler=self.scheduler, require_key=require_key, loopback_only=loopback_only)
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.bind(("127.0.0.1", 0))

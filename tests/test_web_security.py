@@ -1,0 +1,144 @@
+"""The loopback default is not an open door (issue 7 item 7): a page the operator visits cannot change anything
+through the browser (Origin and Sec-Fetch-Site checks, JSON bodies only), DNS rebinding is refused (Host
+check), and an API key of whitespace is refused at start. Clients that are not browsers (curl) are unaffected."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from web_harness import MANUAL, LiveServer, login, make_settings
+
+from engine.errors import ConfigError
+from engine.gateways.sandbox import SandboxGateway
+from engine.settings import load_settings
+from storage.runs import list_runs
+
+
+@pytest.fixture(scope="module")
+def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
+    root: Path = tmp_path_factory.mktemp("security")
+    settings = make_settings(root)
+    (root / "campaigns" / "new_customers.yaml").write_text(MANUAL, encoding="utf-8")
+    with LiveServer(settings) as server:
+        login(server.client)
+        yield server
+
+
+def runs_planned(live: LiveServer) -> int:
+    return len(list_runs(live.app.db, campaign_id="new_customers"))
+
+
+def outbox_size(live: LiveServer) -> int:
+    gateway = live.app.gateway
+    assert isinstance(gateway, SandboxGateway)
+    return len(gateway.outbox_messages())
+
+
+def a_contact(live: LiveServer) -> str:
+    return str(live.client.get("/api/v1/contacts", params={"friend": True, "limit": 1}).json()["items"][0]["id"])
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {"Origin": "https://evil.example"},
+        {"Origin": "http://127.0.0.1:1"},  # another port is another origin
+        {"Origin": "null"},  # sandboxed frames, files
+        {"Sec-Fetch-Site": "cross-site"},
+    ],
+)
+def test_a_cross_site_request_changes_nothing(live: LiveServer, headers: dict[str, str]) -> None:
+    """A state-changing request a web page makes (any other Origin, `null`, or marked cross-site by the browser) is
+    refused with 403 before it runs: no run is planned, nothing is sent, the account stays logged in."""
+    before_runs, before_sent = runs_planned(live), outbox_size(live)
+    for method, path, body in (
+        ("POST", "/api/v1/campaigns/new_customers/run", None),
+        ("POST", "/send-message", {"id": a_contact(live), "message": "hi"}),
+        ("POST", "/goEnd", None),
+    ):
+        answer = live.client.request(method, path, json=body, headers=headers)
+        assert answer.status_code == 403, (path, answer.text)
+        assert "cannot change anything" in answer.json()["error"]
+    assert runs_planned(live) == before_runs and outbox_size(live) == before_sent
+    assert live.client.get("/api/v1/login").json()["state"] == "logged_in"
+
+
+def test_the_servers_own_pages_and_curl_may_change_things(live: LiveServer) -> None:
+    """A request from this server's own origin, and one without an Origin (curl, scripts), go through."""
+    contact = a_contact(live)
+    own = live.client.post("/send-message", json={"id": contact, "message": "来自本页"}, headers={"Origin": live.url})
+    assert own.status_code == 200, own.text
+    plain = live.client.post("/send-message", json={"id": contact, "message": "来自 curl"})
+    assert plain.status_code == 200, plain.text
+
+
+@pytest.mark.parametrize(
+    ("content_type", "body"),
+    [
+        ("text/plain", b'{"id": "X", "message": "hi"}'),  # what a form or fetch() sends without a preflight
+        ("application/x-www-form-urlencoded", b"id=X&message=hi"),
+        (None, b'{"id": "X", "message": "hi"}'),  # a typeless Blob
+    ],
+)
+def test_bodies_are_read_only_as_declared_json(live: LiveServer, content_type: str | None, body: bytes) -> None:
+    """A body without `Content-Type: application/json` is refused with 415 and nothing is sent: what a page can
+    post cross-site without a CORS preflight is never read as JSON."""
+    before = outbox_size(live)
+    headers = {"Content-Type": content_type} if content_type else {}
+    content = body.replace(b"X", a_contact(live).encode())
+    request = live.client.build_request("POST", "/send-message", content=content, headers=headers)
+    assert request.headers.get("content-type") == content_type
+    answer = live.client.send(request)
+    assert answer.status_code == 415, answer.text
+    assert "Content-Type: application/json" in answer.json()["error"]
+    assert outbox_size(live) == before
+
+
+@pytest.mark.parametrize("host", ["evil.example:9898", "wecast.rebind.example", "192.168.1.5:9898", ""])
+def test_a_forged_host_is_refused_on_loopback(live: LiveServer, host: str) -> None:
+    """On the loopback default a request must name a loopback host: DNS rebinding (a page whose name resolves to
+    127.0.0.1) sends its own name and gets 421, for reads and writes alike; loopback names of any form pass."""
+    with httpx.Client(base_url=live.url, timeout=10) as client:
+        for method, path in (("GET", "/api/v1/contacts"), ("POST", "/goEnd")):
+            request = client.build_request(method, path)
+            request.headers["Host"] = host
+            answer = client.send(request)
+            assert answer.status_code == 421, (host, path, answer.text)
+        for ok in (f"127.0.0.1:{live.port}", f"localhost:{live.port}", "127.0.0.2", "[::1]:9898"):
+            request = client.build_request("GET", "/healthz")
+            request.headers["Host"] = ok
+            assert client.send(request).status_code == 200, ok
+    assert live.client.get("/api/v1/login").json()["state"] == "logged_in"
+
+
+def test_beyond_loopback_any_host_is_served_behind_the_key(tmp_path: Path) -> None:
+    """Bound beyond loopback (with a key, as serve requires), the Host is not checked: the machine's names and
+    addresses all work, and the key guards every endpoint but /healthz."""
+    settings = make_settings(tmp_path, api={"key": "k-123456"})
+    with LiveServer(settings, require_key=True, loopback_only=False, scheduler=False) as server:
+        headers = {"Host": "wecast.internal:9898"}
+        assert server.client.get("/healthz", headers=headers).status_code == 200
+        assert server.client.get("/api/v1/login", headers=headers).status_code == 401
+        auth = {**headers, "Authorization": "Bearer k-123456"}
+        assert server.client.get("/api/v1/login", headers=auth).status_code == 200
+
+
+@pytest.mark.parametrize("where", ["env", "file"])
+def test_a_whitespace_api_key_is_refused_at_start(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, where: str) -> None:
+    """An API key of only whitespace (an empty secret, a stray newline) is a config error naming api.key, not a
+    key that matches an empty header; a key with a trailing newline is used without it."""
+    cfg = tmp_path / "config.yaml"
+    if where == "env":
+        cfg.write_text("version: 1\n", encoding="utf-8")
+        monkeypatch.setenv("WECAST_API_KEY", " \n")
+    else:
+        cfg.write_text('version: 1\napi:\n  key: "   "\n', encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"api\.key.*empty or only whitespace"):
+        load_settings(cfg)
+    monkeypatch.setenv("WECAST_API_KEY", "s3cret\n")
+    cfg.write_text("version: 1\n", encoding="utf-8")
+    key = load_settings(cfg).api.key
+    assert key is not None and key.get_secret_value() == "s3cret"
