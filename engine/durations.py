@@ -1,14 +1,16 @@
 """Durations written the way people write them: `90s`, `15m`, `2h`, `7d`, `1w` (or a number of seconds).
 
 A duration is at most `MAX_DURATION` (about 100 years): longer ones, and numbers that are not finite, are
-errors — never an OverflowError from `timedelta`, whose own limit is 999,999,999 days.
+errors — never an OverflowError from `timedelta`, whose own limit is 999,999,999 days. Likewise dates are
+between `MIN_YEAR` and `MAX_YEAR` (`check_date_range`): Python's own range ends at years 1 and 9999, where
+converting to or from a time zone overflows.
 """
 
 from __future__ import annotations
 
 import math
 import re
-from datetime import timedelta
+from datetime import date, timedelta
 from typing import Annotated, Any
 
 from pydantic import BeforeValidator, PlainSerializer
@@ -18,8 +20,17 @@ _RE = re.compile(r"^\s*(\d+)(\.\d+)?\s*([smhdw])\s*$")
 MAX_DURATION = timedelta(days=36_500)
 
 
+MIN_YEAR, MAX_YEAR = 1900, 9998
+
+
 class DurationTooLong(ValueError):
     """A duration past MAX_DURATION (or infinite)."""
+
+
+def check_date_range(value: date) -> None:
+    """Raise ValueError for a date (or date and time) outside MIN_YEAR..MAX_YEAR."""
+    if not MIN_YEAR <= value.year <= MAX_YEAR:
+        raise ValueError(f"dates must be in the years {MIN_YEAR} to {MAX_YEAR} (got {value.isoformat()})")
 
 
 def parse_duration(value: Any) -> timedelta:

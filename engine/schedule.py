@@ -15,9 +15,9 @@ from zoneinfo import ZoneInfo
 from apscheduler.triggers.cron import CronTrigger
 from apscheduler.triggers.date import DateTrigger
 from apscheduler.triggers.interval import IntervalTrigger
-from pydantic import model_validator
+from pydantic import field_validator, model_validator
 
-from engine.durations import Duration
+from engine.durations import Duration, check_date_range
 from engine.settings import Strict
 
 
@@ -29,6 +29,13 @@ class ScheduleSpec(Strict):
     every: Duration | None = None
     start: datetime | date | None = None
     end: datetime | date | None = None
+
+    @field_validator("at", "start", "end")
+    @classmethod
+    def _in_range(cls, value: datetime | date | None) -> datetime | date | None:
+        if value is not None:  # also when written as a quoted string, which the YAML loader does not check
+            check_date_range(value)
+        return value
 
     @model_validator(mode="after")
     def _one_kind(self) -> ScheduleSpec:

@@ -15,7 +15,8 @@ What the loader refuses, each with a `YamlError` naming the line, quickly and wi
   keys — the "billion laughs": a few hundred bytes whose anchors repeat each other into billions of values —
   weighed on the node graph before anything is built;
 * integers outside 64 bits (a number with thousands of digits), floats that are not finite (`.inf`,
-  `1e999`), dates that do not exist (`2026-02-30`, year 0), mapping keys that are not plain values,
+  `1e999`), dates that do not exist (`2026-02-30`, year 0) or lie outside the years 1900 to 9998 (where time
+  zone arithmetic overflows), mapping keys that are not plain values,
   duplicate keys, and tags beyond YAML's plain types (`!!binary`, `!!set`, `!!python/...`).
 
 Parsing is pure Python and CPU-bound: callers on an event loop run it in a thread.
@@ -29,12 +30,14 @@ import re
 import stat
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from datetime import date
 from pathlib import Path
 from typing import Any
 
 import yaml
 from pydantic import ValidationError
 
+from engine.durations import check_date_range
 from engine.errors import Location
 
 Path_ = tuple[str | int, ...]
@@ -207,6 +210,11 @@ def _scalar(node: yaml.ScalarNode, loader: Any) -> Any:
         raise YamlError("integer out of range (at most 64 bits)", line)
     if isinstance(value, float) and not math.isfinite(value):
         raise YamlError(f"{node.value[:40]!r} is not a finite number", line)
+    if isinstance(value, date):
+        try:
+            check_date_range(value)
+        except ValueError as exc:
+            raise YamlError(str(exc), line) from None
     if isinstance(value, str):
         bad = _CONTROL.search(value)
         if bad:

@@ -12,6 +12,10 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import os
+import shutil
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -175,3 +179,48 @@ def test_hostile_api_body(server: LiveServer, path: Path) -> None:
     if "outbox_text" in expect:
         sent = [m["text"] for m in server.client.get("/api/v1/sandbox/outbox").json()["messages"]]
         assert expect["outbox_text"] in sent
+
+
+# -- the command line ---------------------------------------------------------------------------------------
+
+
+def _capped() -> None:  # in the wecast child: at most 2 GiB of address space
+    import resource
+
+    resource.setrlimit(resource.RLIMIT_AS, (2 * 1024**3, resource.RLIM_INFINITY))
+
+
+def wecast(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "engine.cli", "-c", str(tmp_path / "config.yaml"), *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        preexec_fn=_capped,
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+
+
+def test_wecast_validate_reports_every_hostile_campaign_in_one_line_each(tmp_path: Path) -> None:
+    """`wecast validate` over the whole hostile campaign corpus exits 2 (never 70, never a traceback), with one
+    located error per file, and within a few seconds for all of them."""
+    campaigns = tmp_path / "campaigns"
+    shutil.copytree(HOSTILE / "campaigns", campaigns)
+    (tmp_path / "config.yaml").write_text(f"version: 1\ncampaigns_dir: {campaigns}\n", encoding="utf-8")
+    started = time.monotonic()
+    result = wecast(tmp_path, "validate")
+    assert time.monotonic() - started < 30
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr and "internal error" not in result.stderr
+    for path in sorted(campaigns.glob("*.yaml")):
+        assert str(path) in result.stdout + result.stderr, f"{path.name} not reported"
+
+
+def test_wecast_refuses_a_binary_config_cleanly(tmp_path: Path) -> None:
+    """A binary config.yaml is one located error and exit status 2 for any command, not a UnicodeDecodeError."""
+    shutil.copy(HOSTILE / "config" / "binary.yaml", tmp_path / "config.yaml")
+    result = wecast(tmp_path, "config")
+    assert result.returncode != 0 and result.returncode != 70, result.stderr
+    assert "Traceback" not in result.stderr
+    assert f"{tmp_path / 'config.yaml'}: the file is binary" in result.stderr
