@@ -8,25 +8,43 @@ received). `tests/test_gateway_contract.py` builds one driver per gateway and ru
 from __future__ import annotations
 
 import asyncio
+import hashlib
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Protocol
 
 import pytest
 
 from engine.errors import LoginError, NotLoggedInError, PermanentError
 from engine.gateways.base import EventKind, Gateway, LoginState, LoginStatus
-from engine.messages import LinkPart, Message, PartKind
+from engine.messages import (
+    FilePart,
+    ImagePart,
+    LinkPart,
+    Media,
+    Message,
+    MiniProgramPart,
+    Part,
+    PartKind,
+    TextPart,
+)
 
 
 @dataclass(frozen=True)
 class Delivered:
-    """A message as the recipient's side recorded it."""
+    """One message part as the recipient's side recorded it. `text`: a text part's text, a card's title, or an
+    image's or file's name. `sha256` / `size`: an image's or file's content as received ('' / 0 for other kinds).
+    `url`: a link card's target, or the URL an image or file was sent by ('' otherwise)."""
 
     contact_id: str
     text: str
     message_id: str
+    kind: PartKind = PartKind.TEXT
+    sha256: str = ""
+    size: int = 0
+    url: str = ""
 
 
 class GatewayDriver(Protocol):
@@ -42,10 +60,13 @@ class GatewayDriver(Protocol):
         """The verification code the phone shows after a scan."""
 
     def sent_messages(self) -> list[Delivered]:
-        """Every message the far side received, oldest first."""
+        """Every message part the far side received, oldest first."""
 
     def contact_ids(self) -> set[str]:
         """The ids of all contacts the account has."""
+
+    def refuse_next(self, kind: PartKind, reason: str) -> None:
+        """The far side refuses the next part of `kind` for good, saying `reason`."""
 
 
 DriverFactory = Callable[[], AbstractAsyncContextManager[GatewayDriver]]
@@ -83,6 +104,52 @@ async def log_in(driver: GatewayDriver) -> LoginStatus:
     status = await gateway.wait_for_login(5.0)
     assert status.logged_in, status
     return status
+
+
+def media_file(folder: Path, name: str, data: bytes, mime: str) -> Media:
+    """A local media file as validation describes it (size and sha256 of the content)."""
+    path = folder / name
+    path.write_bytes(data)
+    return Media(name=name, path=path, size=len(data), sha256=hashlib.sha256(data).hexdigest(), mime=mime)
+
+
+def png(width: int = 64, height: int = 48) -> bytes:
+    """A real PNG image (what WeCom takes as an image), different for each size."""
+    import io
+
+    from PIL import Image
+
+    out = io.BytesIO()
+    Image.new("RGB", (width, height), (230, 60, 40)).save(out, "PNG")
+    return out.getvalue()
+
+
+def sample_parts(folder: Path) -> dict[PartKind, Part]:
+    """One part of every kind, as a rendered campaign would carry them."""
+    poster = media_file(folder, "poster.png", png(), "image/png")
+    prices = media_file(folder, "价目表.pdf", b"%PDF-1.4 price list " + bytes(range(256)) * 40, "application/pdf")
+    cover = Media(name="cover.jpg", url="https://img.example.com/cover.jpg", sha256="c0" * 32, size=2048)
+    return {
+        PartKind.TEXT: TextPart("王女士您好，周末店庆全场八折"),
+        PartKind.IMAGE: ImagePart(poster),
+        PartKind.FILE: FilePart(prices),
+        PartKind.LINK: LinkPart(
+            "https://shop.example.com/sale?c=42", "店庆八折", "本周六日，全场八折", "https://img.example.com/t.jpg"
+        ),
+        PartKind.MINIPROGRAM: MiniProgramPart(
+            appid="wx4ff94de0d8038c25",
+            title="领取优惠券",
+            page="pages/coupon/index?id=42",
+            thumb=cover,
+            username="gh_69105b80ea75@app",
+        ),
+    }
+
+
+async def friends(gateway: Gateway) -> list[str]:
+    """The ids of contacts that can receive messages (friends of the account), sorted."""
+    page = await gateway.list_contacts(None, 10_000)
+    return sorted(c.id for c in page.contacts if c.friend)
 
 
 def wrong_code(right: str) -> str:
@@ -228,15 +295,126 @@ class GatewayContract:
             Delivered(contact_id, "新品到店，欢迎试穿", receipts[0].message_id)
         ]
 
-    async def test_parts_a_gateway_cannot_send_are_refused(self, driver: GatewayDriver, gateway: Gateway) -> None:
+    async def test_parts_a_gateway_cannot_send_are_refused(
+        self, driver: GatewayDriver, gateway: Gateway, tmp_path: Path
+    ) -> None:
         """Every part kind outside capabilities.supports fails for good, and nothing is delivered for it."""
         await log_in(driver)
         assert PartKind.TEXT in gateway.capabilities.supports
-        samples = {PartKind.LINK: LinkPart("https://shop.example.com/sale", "店庆")}
         contact_id = sorted(driver.contact_ids())[3]
-        for kind, part in samples.items():
+        for kind, part in sample_parts(tmp_path).items():
             if kind in gateway.capabilities.supports:
                 continue
             with pytest.raises(PermanentError):
                 await gateway.send_part(contact_id, part, idempotency_key=f"k-6-{kind}")
         assert driver.sent_messages() == []
+
+    # -- rich messages: every part kind the gateway supports ---------------------------------------------
+    @pytest.mark.parametrize("kind", list(PartKind))
+    async def test_send_each_part_kind(
+        self, driver: GatewayDriver, gateway: Gateway, tmp_path: Path, kind: PartKind
+    ) -> None:
+        """A part of each supported kind reaches the recipient once, as that kind, with its content intact (an
+        image's or file's bytes by sha256 and size, a card's title and target)."""
+        if kind not in gateway.capabilities.supports:
+            pytest.skip(f"{gateway.name} does not send {kind.value} parts")
+        await log_in(driver)
+        contact_id = (await friends(gateway))[4]
+        part = sample_parts(tmp_path)[kind]
+        receipt = await gateway.send_part(contact_id, part, idempotency_key=f"k-7-{kind}")
+        assert receipt.message_id
+        [got] = driver.sent_messages()
+        assert (got.contact_id, got.kind, got.message_id) == (contact_id, kind, receipt.message_id)
+        if isinstance(part, TextPart):
+            assert got.text == part.text
+        elif isinstance(part, ImagePart | FilePart):
+            assert (got.sha256, got.size) == (part.media.sha256, part.media.size)
+        elif isinstance(part, LinkPart):
+            assert (got.text, got.url) == (part.title, part.url)
+        else:
+            assert got.text == part.title
+
+    async def test_send_message_of_several_parts(self, driver: GatewayDriver, gateway: Gateway, tmp_path: Path) -> None:
+        """send() delivers every part in order with one receipt each; after a refused part it stops, and a resend
+        that skips the parts already sent delivers only the rest."""
+        kinds = [PartKind.TEXT, PartKind.IMAGE, PartKind.LINK]
+        if not set(kinds) <= gateway.capabilities.supports:
+            pytest.skip(f"{gateway.name} does not send images and link cards")
+        await log_in(driver)
+        parts = sample_parts(tmp_path)
+        message = Message(tuple(parts[k] for k in kinds))
+        first, second = (await friends(gateway))[5:7]
+        receipts = await gateway.send(first, message, idempotency_key="k-8")
+        assert [(r.index, r.kind) for r in receipts] == [(0, PartKind.TEXT), (1, PartKind.IMAGE), (2, PartKind.LINK)]
+        assert [(d.kind, d.message_id) for d in driver.sent_messages()] == [(r.kind, r.message_id) for r in receipts]
+
+        driver.refuse_next(PartKind.IMAGE, "图片违规 (image refused)")
+        with pytest.raises(PermanentError, match="image refused"):
+            await gateway.send(second, message, idempotency_key="k-9")
+        assert [d.kind for d in driver.sent_messages() if d.contact_id == second] == [PartKind.TEXT]
+        rest = await gateway.send(second, message, idempotency_key="k-9", skip=frozenset({0}))
+        assert [r.index for r in rest] == [1, 2]
+        assert [d.kind for d in driver.sent_messages() if d.contact_id == second] == kinds
+
+    async def test_refused_part_names_the_reason(self, driver: GatewayDriver, gateway: Gateway, tmp_path: Path) -> None:
+        """A part the far side refuses is a PermanentError carrying the server's reason; nothing is delivered, and
+        the next part of that kind goes through."""
+        if PartKind.IMAGE not in gateway.capabilities.supports:
+            pytest.skip(f"{gateway.name} does not send images")
+        await log_in(driver)
+        contact_id = (await friends(gateway))[4]
+        part = sample_parts(tmp_path)[PartKind.IMAGE]
+        driver.refuse_next(PartKind.IMAGE, "cgi error code: (-4048)")
+        with pytest.raises(PermanentError, match=r"cgi error code: \(-4048\)"):
+            await gateway.send_part(contact_id, part, idempotency_key="k-10")
+        assert driver.sent_messages() == []
+        await gateway.send_part(contact_id, part, idempotency_key="k-11")
+        assert [d.kind for d in driver.sent_messages()] == [PartKind.IMAGE]
+
+    async def test_media_is_read_once(self, driver: GatewayDriver, gateway: Gateway, tmp_path: Path) -> None:
+        """An image sent to many contacts is read once: after the first send the file may even be gone, and every
+        later recipient still gets exactly the content that was checked."""
+        if PartKind.IMAGE not in gateway.capabilities.supports:
+            pytest.skip(f"{gateway.name} does not send images")
+        await log_in(driver)
+        part = sample_parts(tmp_path)[PartKind.IMAGE]
+        assert isinstance(part, ImagePart) and part.media.path is not None
+        contacts = (await friends(gateway))[:6]
+        await gateway.send_part(contacts[0], part, idempotency_key="k-12-0")
+        part.media.path.unlink()
+        for i, contact_id in enumerate(contacts[1:], 1):
+            await gateway.send_part(contact_id, part, idempotency_key=f"k-12-{i}")
+        got = driver.sent_messages()
+        assert [d.contact_id for d in got] == contacts
+        assert {(d.sha256, d.size) for d in got} == {(part.media.sha256, part.media.size)}
+
+    async def test_bad_media_is_refused_before_sending(
+        self, driver: GatewayDriver, gateway: Gateway, tmp_path: Path
+    ) -> None:
+        """A missing file, or one whose content is not the one checked (sha256), fails for good and sends nothing."""
+        if PartKind.FILE not in gateway.capabilities.supports:
+            pytest.skip(f"{gateway.name} does not send files")
+        await log_in(driver)
+        contact_id = (await friends(gateway))[4]
+        part = sample_parts(tmp_path)[PartKind.FILE]
+        assert isinstance(part, FilePart) and part.media.path is not None
+        missing = replace(part.media, path=tmp_path / "gone.pdf")
+        with pytest.raises(PermanentError, match="missing"):
+            await gateway.send_part(contact_id, FilePart(missing), idempotency_key="k-13")
+        part.media.path.write_bytes(b"%PDF-1.4 a different price list")
+        with pytest.raises(PermanentError, match="changed"):
+            await gateway.send_part(contact_id, part, idempotency_key="k-14")
+        assert driver.sent_messages() == []
+
+    async def test_a_part_key_delivers_once(self, driver: GatewayDriver, gateway: Gateway, tmp_path: Path) -> None:
+        """On a gateway that honours idempotency keys, sending a part again under its key delivers nothing new
+        and answers with the first message id."""
+        if not gateway.capabilities.idempotent_sends or PartKind.LINK not in gateway.capabilities.supports:
+            pytest.skip(f"{gateway.name} does not honour idempotency keys for link cards")
+        await log_in(driver)
+        contact_id = (await friends(gateway))[4]
+        part = sample_parts(tmp_path)[PartKind.LINK]
+        first = await gateway.send_part(contact_id, part, idempotency_key="k-15#1")
+        again = await gateway.send_part(contact_id, part, idempotency_key="k-15#1")
+        assert (again.message_id, again.duplicate) == (first.message_id, True)
+        assert len(driver.sent_messages()) == 1

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import timedelta
@@ -16,8 +17,9 @@ from pydantic import SecretStr
 
 from engine.gateways.base import Gateway
 from engine.gateways.fake_puppet import FakePuppet
-from engine.gateways.sandbox import SandboxGateway
+from engine.gateways.sandbox import OutboxMessage, SandboxGateway
 from engine.gateways.workpro import WorkproGateway
+from engine.messages import PartKind
 from engine.settings import SandboxSettings, WorkproSettings
 
 try:  # pytest puts tests/ on sys.path (no __init__.py); keep working if it becomes a package
@@ -49,10 +51,13 @@ class WorkproDriver:
         return self.fake.phone_code()
 
     def sent_messages(self) -> list[Delivered]:
-        return [Delivered(s.contact_id, s.text, s.message_id) for s in self.fake.sends]
+        return [Delivered(s.contact_id, s.text, s.message_id, s.kind, s.sha256, s.size, s.url) for s in self.fake.sends]
 
     def contact_ids(self) -> set[str]:
         return set(self.fake.contact_ids())
+
+    def refuse_next(self, kind: PartKind, reason: str) -> None:
+        self.fake.refuse_parts(kind, details=f"WorkproErrorCode: 23060, {reason}")
 
 
 def workpro_settings(fake: FakePuppet, **overrides: object) -> WorkproSettings:
@@ -98,10 +103,30 @@ class SandboxDriver:
         return self.sandbox.sandbox_phone_code()
 
     def sent_messages(self) -> list[Delivered]:
-        return [Delivered(m.contact_id, m.text, m.message_id) for m in self.sandbox.outbox_messages()]
+        return [delivered(m) for m in self.sandbox.outbox_messages()]
 
     def contact_ids(self) -> set[str]:
         return {c.id for c in self.sandbox._all_contacts()}
+
+    def refuse_next(self, kind: PartKind, reason: str) -> None:
+        self.sandbox.sandbox_refuse(kind, reason)
+
+
+def delivered(m: OutboxMessage) -> Delivered:
+    """An outbox row as the contract's Delivered: media by content, cards by target."""
+    kind = PartKind(m.kind)
+    part = json.loads(m.part) if m.part else {}
+    media = kind in (PartKind.IMAGE, PartKind.FILE)
+    url = part.get("url") or (part.get("media") or {}).get("url") or ""
+    return Delivered(
+        m.contact_id,
+        m.text,
+        m.message_id,
+        kind,
+        m.content_hash if media else "",
+        m.size if media else 0,
+        str(url),
+    )
 
 
 def sandbox_driver_factory(tmp_path: Path) -> DriverFactory:

@@ -4,7 +4,9 @@ reconnects, contact sync at scale, error mapping, and the token staying out of l
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
+import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import timedelta
@@ -29,6 +31,7 @@ from engine.gateways.fake_puppet import NEW_DEVICE_TEXT, SELF_ID, SELF_NAME, Fak
 from engine.gateways.proto import generate
 from engine.gateways.proto import puppet_pb2 as pb
 from engine.gateways.workpro import WorkproGateway
+from engine.messages import ImagePart, Media, PartKind
 from engine.settings import WorkproSettings
 
 pytestmark = pytest.mark.anyio
@@ -141,6 +144,15 @@ def test_proto_is_wire_compatible_with_juzi() -> None:
         "ContactPayload",
         "BatchContactPayload",
         "MessageSendText",
+        "MessageSendFile",
+        "MessageSendUrl",
+        "MessageSendMiniProgram",
+        "MessagePayload",
+        "FriendshipPayload",
+        "TagContactTagAdd",
+        "TagContactTagRemove",
+        "TagTagAdd",
+        "TagGroupAdd",
         "TagTagList",
         "TagPayload",
         "TagGroupPayload",
@@ -163,6 +175,34 @@ def test_proto_is_wire_compatible_with_juzi() -> None:
         21,
         22,
     )
+    # Rich messages and events (checked field by field against npm @juzi/wechaty-grpc 1.0.100's protos).
+    assert numbers(pb.MessageSendFileRequest) == {"conversation_id": 1, "file_box": 2}
+    assert numbers(pb.MessageSendUrlRequest) == {"conversation_id": 1, "url_link_deprecated": 2, "url_link": 3}
+    assert numbers(pb.UrlLinkPayload) == {"description": 1, "thumbnail_url": 2, "title": 3, "url": 4}
+    assert numbers(pb.MessageSendMiniProgramRequest) == {
+        "conversation_id": 1,
+        "mini_program_deprecated": 2,
+        "mini_program": 3,
+    }
+    assert numbers(pb.MiniProgramPayload) == {
+        "appid": 1,
+        "description": 2,
+        "page_path": 3,
+        "icon_url": 4,
+        "share_id": 5,
+        "thumb_url": 6,
+        "title": 7,
+        "username": 8,
+        "thumb_key": 9,
+    }
+    message = numbers(pb.MessagePayloadResponse)
+    assert (message["text"], message["type"], message["talker_id"], message["room_id"]) == (3, 5, 6, 7)
+    assert numbers(pb.FriendshipPayloadResponse)["contact_id"] == 2
+    assert numbers(pb.FriendshipPayloadResponse)["type"] == 4
+    assert (pb.FRIENDSHIP_TYPE_CONFIRM, pb.FRIENDSHIP_TYPE_DELETE, pb.FRIENDSHIP_TYPE_REMOVED) == (1, 4, 5)
+    assert numbers(pb.TagTagAddRequest) == {"deprecated_tag_name": 1, "tag_group_id": 2, "tag_name": 3}
+    assert numbers(pb.TagTagAddResponse) == {"deprecated_tag_id": 1, "tag_info": 2}
+    assert numbers(pb.TagGroupAddResponse) == {"tag_group_id": 1}
     assert pb.EVENT_TYPE_VERIFY_CODE == 33
     assert pb.EVENT_TYPE_SCAN == 22
     assert pb.EVENT_TYPE_DIRTY == 27
@@ -562,6 +602,51 @@ async def test_message_id_falls_back_to_field_one(
     monkeypatch.setattr(FakePuppet, "MessageSendText", old_style)
     receipt = await gateway.send_text(fake.contact_ids()[0], "hi", idempotency_key="1")
     assert receipt.message_id == fake.sends[-1].message_id
+
+
+async def test_five_megabyte_image_is_read_and_encoded_once(
+    make_fake: Factory, make_gateway: Factory, tmp_path: Path
+) -> None:
+    """A 5 MB poster to 10 customers: the file is read and base64-encoded into a FileBox once (cached by content),
+    and every customer receives exactly its bytes."""
+    fake = await make_fake()
+    gateway = await make_gateway(settings_for(fake))
+    await login(gateway, fake)
+    data = b"\x89PNG\r\n\x1a\n" + random.Random(5).randbytes(5 * 1024 * 1024)
+    path = tmp_path / "poster.png"
+    path.write_bytes(data)
+    digest = hashlib.sha256(data).hexdigest()
+    part = ImagePart(Media(name="poster.png", path=path, size=len(data), sha256=digest, mime="image/png"))
+    contacts = fake.contact_ids()[:10]
+    for contact_id in contacts:
+        await gateway.send_part(contact_id, part, idempotency_key=f"poster-{contact_id}")
+    assert gateway.files.reads == 1
+    assert [(s.contact_id, s.kind, s.sha256, s.size) for s in fake.sends] == [
+        (c, PartKind.IMAGE, digest, len(data)) for c in contacts
+    ]
+
+
+async def test_refused_image_is_that_parts_failure(make_fake: Factory, make_gateway: Factory, tmp_path: Path) -> None:
+    """WorkPro's refusal of an image (23060) is a PermanentError naming the image and the server's reason; a
+    throttled image (20001) is rate limited like a text."""
+    fake = await make_fake()
+    gateway = await make_gateway(settings_for(fake))
+    await login(gateway, fake)
+    path = tmp_path / "poster.png"
+    path.write_bytes(b"\x89PNG\r\n\x1a\n poster")
+    part = ImagePart(Media(name="poster.png", path=path))
+    contact_id = fake.contact_ids()[0]
+    fake.refuse_parts(PartKind.IMAGE)
+    with pytest.raises(PermanentError) as refused:
+        await gateway.send_part(contact_id, part, idempotency_key="1")
+    assert (
+        str(refused.value) == "WorkPro refused the image poster.png: WorkproErrorCode: 23060, cgi error code: (-4048)"
+    )
+    fake.throttle_sends(1)
+    with pytest.raises(RateLimitedError):
+        await gateway.send_part(contact_id, part, idempotency_key="1")
+    assert fake.sends == []
+    assert [r.kind for r in fake.rejected] == [PartKind.IMAGE, PartKind.IMAGE]
 
 
 # -- secrets ----------------------------------------------------------------------------------------

@@ -3,7 +3,7 @@
 Three gateways implement it (see `engine.gateways.registry`):
 
 * `sandbox`  – an in-process simulated account: the demo, and the test double.
-* `workpro`  – juzibot's WorkPro puppet over gRPC: QR + verify-code login, one text per contact.
+* `workpro`  – juzibot's WorkPro puppet over gRPC: QR + verify-code login, one message per contact.
 * `wecom`    – the official server API: customer sync, tags, and 群发 tasks that staff confirm.
 
 The contract serves both direct senders (`send_part` / `send`, one personalised message per contact, part by

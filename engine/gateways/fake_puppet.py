@@ -4,9 +4,10 @@ It plays the whole flow as the fact sheet describes the real one (`shared/refere
 token auth on every RPC, HEARTBEAT on connect (then LOGIN/READY when logged in, or the cached SCAN), a
 WeCom QR URL, the phone's scan, the VERIFY_CODE event whose id is the QR key, EnterVerifyCode with 3
 tries, LOGIN, READY (twice), WeCom's optional "new device" second QR, Logout, a deterministic Chinese
-contact book with tags and tag groups, and sends recorded in memory. Faults are switched on through a
-Python control API (`drop_event_stream`,
-`fail_sends`, `throttle_sends`, `send_delay`, `batch_mode`); sends a fault refused are kept in `rejected`.
+contact book with tags and tag groups, and sends of every part kind recorded in memory (`sends`: text, images
+and files decoded from their FileBox, link and mini-program cards). Faults are switched on through a Python
+control API (`drop_event_stream`, `fail_sends`, `throttle_sends`, `refuse_parts`, `send_delay`, `batch_mode`);
+sends a fault refused are kept in `rejected`.
 
 Tests drive it in-process. As a manual demo:
 
@@ -19,7 +20,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
+import binascii
 import contextlib
+import hashlib
 import json
 import logging
 import random
@@ -33,11 +37,19 @@ import grpc
 from engine.gateways.demo_data import GIVEN, SURNAMES
 from engine.gateways.proto import puppet_pb2 as pb
 from engine.gateways.proto import puppet_pb2_grpc as pb_grpc
+from engine.messages import PartKind
 
 log = logging.getLogger("wecast.fake_puppet")
 
 DEFAULT_TOKEN = "puppet_workpro_fake0123456789abcdef"
 NEW_DEVICE_TEXT = "你正在一台新设备上使用企业微信，需通过手机企业微信扫码进行安全验证"
+IMAGE_REFUSED = "WorkproErrorCode: 23060, cgi error code: (-4048)"  # seen on a refused image send (#565)
+IMAGE_NAMES = (".jpg", ".jpeg", ".png")
+# juzi's PuppetServer takes messages of up to 80 MiB (wechaty-puppet-service src/config.ts GRPC_OPTIONS).
+GRPC_OPTIONS = [
+    ("grpc.max_receive_message_length", 80 * 1024 * 1024),
+    ("grpc.max_send_message_length", 80 * 1024 * 1024),
+]
 VERIFY_TEXT = "请输入企业微信手机端展示的验证码，以继续登录"
 # What a Node server appends to an error's details; the client must show only the first line.
 JS_STACK = "\n    at PuppetWorkPro.{fn} (/app/node_modules/@juzi/puppet-workpro/dist/cjs/src/puppet.js:{line}:17)"
@@ -72,22 +84,30 @@ SELF_NAME = "小王（演示账号）"
 
 @dataclass
 class SentMessage:
-    """One MessageSendText the fake accepted."""
+    """One message the fake accepted, as the recipient got it. `kind` is what the customer sees (a FileBox
+    whose name ends in .jpg/.jpeg/.png is an image, as WeCom decides); `sha256` and `size` describe an image's or
+    file's content as received (decoded from the FileBox), `url` a box sent by URL or a link card's target."""
 
     contact_id: str
-    text: str
+    text: str  # the text part's text; a card's title; an image's or file's name
     message_id: str
     at: float = field(default_factory=time.time)
+    kind: PartKind = PartKind.TEXT
+    sha256: str = ""
+    size: int = 0
+    url: str = ""
+    payload: dict[str, Any] = field(default_factory=dict)  # a card's fields as received
 
 
 @dataclass
 class RejectedSend:
-    """One MessageSendText an injected fault refused before anything was delivered (nothing recorded)."""
+    """One send an injected fault refused before anything was delivered (nothing recorded)."""
 
     contact_id: str
     code: grpc.StatusCode
     details: str
     at: float = field(default_factory=time.time)
+    kind: PartKind = PartKind.TEXT
 
 
 def demo_contacts(count: int, seed: int = 2024) -> list[pb.ContactPayloadResponse]:
@@ -219,6 +239,7 @@ class FakePuppet(pb_grpc.PuppetServicer):  # type: ignore[misc]
         self._stream: asyncio.Queue[pb.EventResponse | str] | None = None
         self._seq = 0
         self._faults: list[tuple[grpc.StatusCode, str]] = []
+        self._part_faults: dict[PartKind, list[tuple[grpc.StatusCode, str]]] = {}
         self._message_counter = 0
         self._tasks: set[asyncio.Task[Any]] = set()
         # account state
@@ -235,7 +256,7 @@ class FakePuppet(pb_grpc.PuppetServicer):  # type: ignore[misc]
     # -- lifecycle -------------------------------------------------------------------------------
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> int:
         """Listen on host:port (0: any free port); returns the port."""
-        self._server = grpc.aio.server(interceptors=[_AuthInterceptor(self)])
+        self._server = grpc.aio.server(interceptors=[_AuthInterceptor(self)], options=GRPC_OPTIONS)
         pb_grpc.add_PuppetServicer_to_server(self, self._server)
         self.port = self._server.add_insecure_port(f"{host}:{port}")
         await self._server.start()
@@ -309,8 +330,18 @@ class FakePuppet(pb_grpc.PuppetServicer):  # type: ignore[misc]
         code: grpc.StatusCode = grpc.StatusCode.UNAVAILABLE,
         details: str = "WorkPro service unavailable, try again later",
     ) -> None:
-        """The next `count` MessageSendText calls fail with `code` (nothing is recorded)."""
+        """The next `count` sends (any kind of part) fail with `code` (nothing is recorded)."""
         self._faults.extend([(code, details)] * count)
+
+    def refuse_parts(
+        self,
+        kind: PartKind,
+        count: int = 1,
+        code: grpc.StatusCode = grpc.StatusCode.INTERNAL,
+        details: str = IMAGE_REFUSED,
+    ) -> None:
+        """The next `count` sends of that kind of part fail with `code` and `details` (nothing is recorded)."""
+        self._part_faults.setdefault(kind, []).extend([(code, details)] * count)
 
     def throttle_sends(self, count: int) -> None:
         """The next `count` sends get WorkPro's rate-limit answer (13 INTERNAL, WorkproErrorCode 20001)."""
@@ -384,11 +415,37 @@ class FakePuppet(pb_grpc.PuppetServicer):  # type: ignore[misc]
         if self._stream is not None:
             self._stream.put_nowait("end")
 
-    async def _fault(self, context: grpc.aio.ServicerContext, contact_id: str) -> None:
-        if self._faults:
-            code, details = self._faults.pop(0)
-            self.rejected.append(RejectedSend(contact_id, code, details))
+    async def _fault(self, context: grpc.aio.ServicerContext, contact_id: str, kind: PartKind) -> None:
+        queue = self._faults or self._part_faults.get(kind)
+        if queue:
+            code, details = queue.pop(0)
+            self.rejected.append(RejectedSend(contact_id, code, details, kind=kind))
             await context.abort(code, details)
+
+    async def _accept(
+        self,
+        context: grpc.aio.ServicerContext,
+        fn: str,
+        contact_id: str,
+        kind: PartKind,
+        make: Callable[[str], SentMessage],
+    ) -> str:
+        """The common path of every send: faults, login, a known recipient, then record (delivered) and answer
+        (after `send_delay`: a slow answer to a delivered message is what makes a timeout's outcome unknown)."""
+        await self._fault(context, contact_id, kind)
+        await self._need_login(context, fn)
+        if contact_id not in self._contacts:
+            await context.abort(
+                grpc.StatusCode.UNKNOWN,
+                f"Error: conversation {contact_id} not found" + JS_STACK.format(fn=fn, line=233),
+            )
+        self._message_counter += 1
+        message_id = f"fake-msg-{self._message_counter:08d}"
+        self.sends.append(make(message_id))
+        self.emit(pb.EVENT_TYPE_MESSAGE, {"messageId": message_id})
+        if self.send_delay:
+            await asyncio.sleep(self.send_delay)
+        return message_id
 
     async def _need_login(self, context: grpc.aio.ServicerContext, fn: str) -> None:
         if not self.logged_in:
@@ -552,23 +609,91 @@ class FakePuppet(pb_grpc.PuppetServicer):  # type: ignore[misc]
     async def MessageSendText(
         self, request: pb.MessageSendTextRequest, context: grpc.aio.ServicerContext
     ) -> pb.MessageSendTextResponse:
-        await self._fault(context, request.conversation_id)
-        await self._need_login(context, "messageSendText")
-        if request.conversation_id not in self._contacts:
-            await context.abort(
-                grpc.StatusCode.UNKNOWN,
-                f"Error: conversation {request.conversation_id} not found"
-                + JS_STACK.format(fn="messageSendText", line=233),
-            )
-        self._message_counter += 1
-        message_id = f"fake-msg-{self._message_counter:08d}"
-        self.sends.append(SentMessage(request.conversation_id, request.text, message_id))
-        self.emit(pb.EVENT_TYPE_MESSAGE, {"messageId": message_id})
-        if self.send_delay:
-            await asyncio.sleep(self.send_delay)  # delivered, but the answer is slow (a timeout is "unknown")
-        response = pb.MessageSendTextResponse(id=message_id)
-        response.id_string_value_deprecated.value = message_id
-        return response
+        message_id = await self._accept(
+            context,
+            "messageSendText",
+            request.conversation_id,
+            PartKind.TEXT,
+            lambda mid: SentMessage(request.conversation_id, request.text, mid),
+        )
+        return _with_id(pb.MessageSendTextResponse(), message_id)
+
+    async def MessageSendFile(
+        self, request: pb.MessageSendFileRequest, context: grpc.aio.ServicerContext
+    ) -> pb.MessageSendFileResponse:
+        try:
+            box = json.loads(request.file_box)
+            name = str(box["name"])
+            box_type = int(box.get("type", box.get("boxType", 0)))
+            data = base64.b64decode(box["base64"], validate=True) if box_type == 1 else b""
+            url = str(box["url"]) if box_type == 2 else ""
+        except (ValueError, KeyError, TypeError, binascii.Error) as exc:
+            await context.abort(grpc.StatusCode.UNKNOWN, f"Error: unknown filebox json object: {exc}")
+        if box_type not in (1, 2):
+            await context.abort(grpc.StatusCode.UNKNOWN, f"Error: unknown filebox json object{{type}}: {box_type}")
+        kind = PartKind.IMAGE if name.lower().endswith(IMAGE_NAMES) else PartKind.FILE
+        message_id = await self._accept(
+            context,
+            "messageSendFile",
+            request.conversation_id,
+            kind,
+            lambda mid: SentMessage(
+                request.conversation_id,
+                name,
+                mid,
+                kind=kind,
+                sha256=hashlib.sha256(data).hexdigest() if data else "",
+                size=len(data) if data else int(box.get("size") or 0),
+                url=url,
+            ),
+        )
+        return _with_id(pb.MessageSendFileResponse(), message_id)
+
+    async def MessageSendUrl(
+        self, request: pb.MessageSendUrlRequest, context: grpc.aio.ServicerContext
+    ) -> pb.MessageSendUrlResponse:
+        link = request.url_link
+        fields = {
+            "url": link.url,
+            "title": link.title,
+            "description": link.description,
+            "thumb_url": link.thumbnail_url,
+        }
+        message_id = await self._accept(
+            context,
+            "messageSendUrl",
+            request.conversation_id,
+            PartKind.LINK,
+            lambda mid: SentMessage(
+                request.conversation_id, link.title, mid, kind=PartKind.LINK, url=link.url, payload=fields
+            ),
+        )
+        return _with_id(pb.MessageSendUrlResponse(), message_id)
+
+    async def MessageSendMiniProgram(
+        self, request: pb.MessageSendMiniProgramRequest, context: grpc.aio.ServicerContext
+    ) -> pb.MessageSendMiniProgramResponse:
+        card = request.mini_program
+        if not card.appid:
+            await context.abort(grpc.StatusCode.UNKNOWN, "Error: appid is required" + JS_STACK.format(fn="x", line=1))
+        fields = {
+            "appid": card.appid,
+            "title": card.title,
+            "page": card.page_path,
+            "description": card.description,
+            "username": card.username,
+            "thumb_url": card.thumb_url,
+        }
+        message_id = await self._accept(
+            context,
+            "messageSendMiniProgram",
+            request.conversation_id,
+            PartKind.MINIPROGRAM,
+            lambda mid: SentMessage(
+                request.conversation_id, card.title, mid, kind=PartKind.MINIPROGRAM, payload=fields
+            ),
+        )
+        return _with_id(pb.MessageSendMiniProgramResponse(), message_id)
 
     async def TagTagList(
         self, request: pb.TagTagListRequest, context: grpc.aio.ServicerContext
@@ -634,6 +759,13 @@ class FakePuppet(pb_grpc.PuppetServicer):  # type: ignore[misc]
                 tags = [t for t in self._contacts[contact_id].tag_ids if t not in set(request.tag_ids)]
                 self.touch_contact(contact_id, tag_ids=tags)
         return pb.TagContactTagRemoveResponse()
+
+
+def _with_id(response: Any, message_id: str) -> Any:
+    """Fill both id fields, as juzi's server does (field 2, and the old wrapped field 1)."""
+    response.id = message_id
+    response.id_string_value_deprecated.value = message_id
+    return response
 
 
 def _ms() -> int:

@@ -7,12 +7,15 @@ It behaves like the real thing where it matters:
   `sandbox_phone_code()`. Wrong codes are rejected with the tries left; after 3 a new QR is shown.
   With `second_verification`, WeCom's "new device" QR follows the first login once.
 * **Customers**: about 200 realistic Chinese demo customers with tags (any number, deterministic per seed).
-* **Sending**: every message a customer receives lands in the *outbox*, a SQLite file, so tests and the
-  CLI can count deliveries across processes (`wecast sandbox outbox`). A send is delivered exactly when its
-  outbox row is committed. With `honor_idempotency_key` (the default) a resend with the same key returns
-  the first message id instead of delivering twice, as idempotent APIs do.
+* **Sending**: every part of every message a customer receives (text, image, file, link card, mini-program
+  card) lands in the *outbox*, a SQLite file, one row per part with its kind, content hash and size, so tests
+  and the CLI can count deliveries across processes (`wecast sandbox outbox`). A part is delivered exactly when
+  its outbox row is committed. With `honor_idempotency_key` (the default) a resend with the same (part) key
+  returns the first message id instead of delivering twice, as idempotent APIs do. Images and files are read
+  once per content (`media_cache`) and refused as WeCom would: missing, over its size, changed since checked,
+  an image that is not a JPG or PNG, a URL that is not https.
 * **Faults**: latency, transient errors, rate limiting and timeouts whose outcome is unknown to the caller,
-  at configurable rates, from a seeded random source.
+  at configurable rates, from a seeded random source; and per part kind, `sandbox_refuse(kind, reason)`.
 
 The login state is kept in the same file, so `wecast login` in one process serves `wecast run` in the next.
 """
@@ -20,6 +23,7 @@ The login state is kept in the same file, so `wecast login` in one process serve
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 import random
@@ -28,7 +32,7 @@ import sqlite3
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, ClassVar
@@ -57,7 +61,20 @@ from engine.gateways.base import (
     TagRecord,
 )
 from engine.gateways.demo_data import demo_contacts, demo_tags
-from engine.messages import Message
+from engine.gateways.media_cache import MediaCache
+from engine.messages import (
+    FILE_MAX_BYTES,
+    IMAGE_MAX_BYTES,
+    LINK_TITLE_MAX,
+    FilePart,
+    ImagePart,
+    LinkPart,
+    Message,
+    Part,
+    PartKind,
+    TextPart,
+    part_key,
+)
 from engine.settings import Faults, SandboxSettings
 
 log = logging.getLogger("wecast.sandbox")
@@ -66,6 +83,7 @@ ACCOUNT_ID = "1688850000000001"
 ACCOUNT_NAME = "门店小助手(沙箱)"
 MAX_CODE_TRIES = 3
 NEW_DEVICE_TEXT = "你正在一台新设备上使用企业微信，需通过手机企业微信扫码进行安全验证"
+IMAGE_SIGNATURES = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n")  # JPEG, PNG: what WeCom takes as an image
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS account (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -88,15 +106,52 @@ CREATE TABLE IF NOT EXISTS tasks (
 );
 CREATE INDEX IF NOT EXISTS ix_outbox_contact ON outbox (contact_id);
 """
+# Columns added after the first release, with the defaults older rows read as: each outbox row is one part of a
+# message (older files held text only), each task may carry a whole message (older ones only its text).
+_ADDED_COLUMNS = {
+    "outbox": (
+        ("kind", "TEXT NOT NULL DEFAULT 'text'"),
+        ("content_hash", "TEXT NOT NULL DEFAULT ''"),
+        ("size", "INTEGER NOT NULL DEFAULT 0"),
+        ("part", "TEXT NOT NULL DEFAULT ''"),
+    ),
+    "tasks": (("parts", "TEXT NOT NULL DEFAULT ''"),),
+}
 
 
 @dataclass(frozen=True)
 class OutboxMessage:
+    """One part a simulated customer received. `text` is the text part's text, a card's title, or an image's or
+    file's name; `content_hash` is the sha256 of what was received (an image's or file's bytes as read, a text's
+    UTF-8, a card's fields as JSON); `part` the part's JSON (`engine.messages`) for anything but text."""
+
     message_id: str
     contact_id: str
     text: str
     idempotency_key: str
     sent_at: str
+    kind: str = PartKind.TEXT.value
+    content_hash: str = ""
+    size: int = 0
+    part: str = ""
+
+
+@dataclass(frozen=True)
+class Received:
+    """What the outbox records of one part (before it has a message id)."""
+
+    kind: PartKind
+    text: str
+    content_hash: str
+    size: int
+    part: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return {**asdict(self), "kind": self.kind.value}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Received:
+        return cls(**{**data, "kind": PartKind(data["kind"])})
 
 
 class SandboxStore:
@@ -111,6 +166,17 @@ class SandboxStore:
         self._conn.execute("PRAGMA journal_mode=WAL")
         self._conn.execute("PRAGMA synchronous=NORMAL")
         self._conn.executescript(_SCHEMA)
+        self._migrate()
+
+    def _migrate(self) -> None:
+        """Add the columns newer versions use to a file an older one made (under the write lock, so two processes
+        opening one old file do not both add them)."""
+        with self._tx() as conn:
+            for table, columns in _ADDED_COLUMNS.items():
+                have = {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
+                for name, declaration in columns:
+                    if name not in have:
+                        conn.execute(f"ALTER TABLE {table} ADD COLUMN {name} {declaration}")
 
     def close(self) -> None:
         self._conn.close()
@@ -142,8 +208,8 @@ class SandboxStore:
                     (key, value),
                 )
 
-    def deliver(self, contact_id: str, text: str, key: str, *, dedupe: bool) -> tuple[str, bool]:
-        """Record a delivered message; returns (message_id, duplicate)."""
+    def deliver(self, contact_id: str, received: Received, key: str, *, dedupe: bool) -> tuple[str, bool]:
+        """Record a delivered part; returns (message_id, duplicate)."""
         with self._tx() as conn:
             if dedupe:
                 row = conn.execute("SELECT message_id FROM outbox WHERE idempotency_key = ? LIMIT 1", (key,)).fetchone()
@@ -151,37 +217,60 @@ class SandboxStore:
                     return row[0], True
             message_id = "sbx-" + secrets.token_hex(8)
             conn.execute(
-                "INSERT INTO outbox (message_id, contact_id, text, idempotency_key, sent_at) VALUES (?, ?, ?, ?, ?)",
-                (message_id, contact_id, text, key, datetime.now(UTC).isoformat()),
+                "INSERT INTO outbox (message_id, contact_id, text, idempotency_key, sent_at, kind, content_hash, size,"
+                " part) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    message_id,
+                    contact_id,
+                    received.text,
+                    key,
+                    datetime.now(UTC).isoformat(),
+                    received.kind.value,
+                    received.content_hash,
+                    received.size,
+                    received.part,
+                ),
             )
             return message_id, False
 
-    def add_task(self, key: str, text: str, contact_ids: list[str], now: datetime) -> tuple[str, list[str], bool]:
+    def add_task(
+        self, key: str, parts: list[Received], contact_ids: list[str], now: datetime
+    ) -> tuple[str, list[str], bool]:
         """Record a mass-message task; returns (task_id, contact ids, already existed)."""
+        text = next((p.text for p in parts if p.kind is PartKind.TEXT), "")
         with self._tx() as conn:
             row = conn.execute("SELECT task_id, contact_ids FROM tasks WHERE idempotency_key = ?", (key,)).fetchone()
             if row:
                 return row[0], json.loads(row[1]), True
             task_id = "msgtask-" + secrets.token_hex(8)
             conn.execute(
-                "INSERT INTO tasks (task_id, idempotency_key, text, contact_ids, created_at) VALUES (?, ?, ?, ?, ?)",
-                (task_id, key, text, json.dumps(contact_ids), now.isoformat()),
+                "INSERT INTO tasks (task_id, idempotency_key, text, contact_ids, created_at, parts)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
+                (
+                    task_id,
+                    key,
+                    text,
+                    json.dumps(contact_ids),
+                    now.isoformat(),
+                    json.dumps([p.to_json() for p in parts], ensure_ascii=False),
+                ),
             )
             return task_id, contact_ids, False
 
     def task(self, task_id: str) -> dict[str, Any] | None:
         with self._lock:
             row = self._conn.execute(
-                "SELECT task_id, idempotency_key, text, contact_ids, created_at, confirmed_at "
+                "SELECT task_id, idempotency_key, text, contact_ids, created_at, confirmed_at, parts "
                 "FROM tasks WHERE task_id = ?",
                 (task_id,),
             ).fetchone()
         if row is None:
             return None
+        parts = [Received.from_json(p) for p in json.loads(row[6])] if row[6] else [_text_received(row[2])]
         return {
             "task_id": row[0],
             "key": row[1],
-            "text": row[2],
+            "parts": parts,
             "contact_ids": json.loads(row[3]),
             "created_at": datetime.fromisoformat(row[4]),
             "confirmed_at": datetime.fromisoformat(row[5]) if row[5] else None,
@@ -199,7 +288,9 @@ class SandboxStore:
             )
 
     def messages(self, contact_id: str | None = None) -> list[OutboxMessage]:
-        sql = "SELECT message_id, contact_id, text, idempotency_key, sent_at FROM outbox"
+        sql = (
+            "SELECT message_id, contact_id, text, idempotency_key, sent_at, kind, content_hash, size, part FROM outbox"
+        )
         args: tuple[str, ...] = ()
         if contact_id:
             sql += " WHERE contact_id = ?"
@@ -217,6 +308,29 @@ class SandboxStore:
             conn.execute("DELETE FROM outbox")
 
 
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _text_received(text: str) -> Received:
+    data = text.encode()
+    return Received(PartKind.TEXT, text, _sha256(data), len(data))
+
+
+def _card_received(part: Part, title: str, fields: dict[str, Any]) -> Received:
+    blob = json.dumps(fields, ensure_ascii=False, sort_keys=True, separators=(",", ":")).encode()
+    return Received(part.kind, title, _sha256(blob), len(blob), _part_json(part))
+
+
+def _part_json(part: Part) -> str:
+    return json.dumps(Message((part,)).to_json()[0], ensure_ascii=False, separators=(",", ":"))
+
+
+def _https(url: str, what: str) -> None:
+    if not url.startswith("https://"):
+        raise PermanentError(f"{what} must be an https URL (WeCom refuses {url[:60]!r})")
+
+
 class SandboxGateway(Gateway):
     """An in-process simulated WeCom account. See the module docstring."""
 
@@ -231,6 +345,7 @@ class SandboxGateway(Gateway):
             batch_send=batch,
             idempotent_sends=settings.honor_idempotency_key,
             max_batch=10_000 if batch else 1,
+            supports=frozenset(PartKind),
         )
         self.faults: Faults = settings.faults
         self._rng = random.Random(settings.seed)
@@ -244,6 +359,11 @@ class SandboxGateway(Gateway):
         self._second_pending = False
         self._second_done = False
         self._phone_task: asyncio.Task[None] | None = None
+        # Images and files are read once per content, like a real gateway's upload (what they hash to, how big).
+        self.files: MediaCache[tuple[str, int, bytes]] = MediaCache(
+            lambda media, content: (content.sha256, len(content.data), content.data[:8]), lambda _: 64
+        )
+        self._refusals: dict[PartKind, list[str]] = {}
 
     # -- lifecycle -------------------------------------------------------------------------------
     @property
@@ -486,6 +606,11 @@ class SandboxGateway(Gateway):
         return None
 
     async def send_text(self, contact_id: str, text: str, *, idempotency_key: str) -> SendReceipt:
+        return await self.send_part(contact_id, TextPart(text), idempotency_key=idempotency_key)
+
+    async def send_part(self, contact_id: str, part: Part, *, idempotency_key: str) -> SendReceipt:
+        """Deliver one part of any kind into the outbox (one row per part, deduplicated by the part's key), after
+        the checks WeCom would make and the injected faults."""
         self._require_login()
         self._all_contacts()
         if self.settings.mode == "batch":
@@ -493,19 +618,54 @@ class SandboxGateway(Gateway):
         problem = self._reachable(contact_id)
         if problem:
             raise PermanentError(problem)
-        if not text.strip():
-            raise PermanentError("empty message")
+        received = await self._receive(part)
+        refusals = self._refusals.get(part.kind)
+        if refusals:
+            raise PermanentError(refusals.pop(0))
         await self._faults_before_send()
-        faults = self.faults
-        roll = self._rng.random()
-        if roll < faults.timeout_rate:
+        dedupe = self.capabilities.idempotent_sends
+        if self._rng.random() < self.faults.timeout_rate:
             if self._rng.random() < 0.5:  # the message went out, the answer was lost
-                self.store.deliver(contact_id, text, idempotency_key, dedupe=self.capabilities.idempotent_sends)
+                self.store.deliver(contact_id, received, idempotency_key, dedupe=dedupe)
             raise UnknownOutcomeError("sandbox: injected timeout after the request was sent")
-        message_id, duplicate = self.store.deliver(
-            contact_id, text, idempotency_key, dedupe=self.capabilities.idempotent_sends
-        )
+        message_id, duplicate = self.store.deliver(contact_id, received, idempotency_key, dedupe=dedupe)
         return SendReceipt(message_id=message_id, duplicate=duplicate)
+
+    async def _receive(self, part: Part) -> Received:
+        """What the customer would receive for `part`, or PermanentError for what WeCom would refuse."""
+        if isinstance(part, TextPart):
+            if not part.text.strip():
+                raise PermanentError("empty message")
+            return _text_received(part.text)
+        if isinstance(part, ImagePart | FilePart):
+            media, image = part.media, isinstance(part, ImagePart)
+            what = f"the {'image' if image else 'file'} {media.name}"
+            if media.url is not None:
+                _https(media.url, what)
+                return Received(part.kind, media.name, media.sha256, media.size, _part_json(part))
+            sha, size, head = await self.files.get(media, IMAGE_MAX_BYTES if image else FILE_MAX_BYTES)
+            if image and not head.startswith(IMAGE_SIGNATURES):
+                raise PermanentError(f"{what} is not a JPG or PNG image")
+            return Received(part.kind, media.name, sha, size, _part_json(part))
+        if isinstance(part, LinkPart):
+            _https(part.url, "a link card's url")
+            if not part.title.strip():
+                raise PermanentError("a link card needs a title")
+            if len(part.title.encode()) > LINK_TITLE_MAX:
+                raise PermanentError(f"a link card's title is at most {LINK_TITLE_MAX} bytes")
+            fields = {"url": part.url, "title": part.title, "description": part.description, "thumb": part.thumb_url}
+            return _card_received(part, part.title, fields)
+        if not part.appid or not part.title.strip():
+            raise PermanentError("a mini-program card needs an appid and a title")
+        thumb = ""
+        if part.thumb is not None:
+            if part.thumb.url is not None:
+                _https(part.thumb.url, "a mini-program cover")
+                thumb = part.thumb.sha256 or part.thumb.url
+            else:
+                thumb = (await self.files.get(part.thumb, IMAGE_MAX_BYTES))[0]
+        fields = {"appid": part.appid, "title": part.title, "page": part.page, "thumb": thumb}
+        return _card_received(part, part.title, fields)
 
     async def _faults_before_send(self) -> None:
         """Injected latency, rate limiting and transient errors (all before anything is delivered)."""
@@ -528,15 +688,17 @@ class SandboxGateway(Gateway):
         """Create a 群发 task: one message for many customers, delivered when staff confirm it."""
         if self.settings.mode != "batch":
             return await super().submit_batch(contact_ids, message, idempotency_key=idempotency_key, sender=sender)
-        text = message if isinstance(message, str) else message.text
+        if isinstance(message, str):
+            message = Message.of_text(message)
         self._require_login()
         self._all_contacts()
-        if not text.strip():
+        if not message.parts:
             raise PermanentError("empty message")
+        parts = [await self._receive(part) for part in message.parts]  # bad media fails the task, as upload does
         await self._faults_before_send()
         rejected = {cid: why for cid in contact_ids if (why := self._reachable(cid))}
         accepted = [cid for cid in contact_ids if cid not in rejected]
-        task_id, ids, _existing = self.store.add_task(idempotency_key, text, accepted, self.clock.now())
+        task_id, ids, _existing = self.store.add_task(idempotency_key, parts, accepted, self.clock.now())
         return BatchReceipt(task_id=task_id, accepted=tuple(ids), rejected=rejected)
 
     async def batch_results(self, task_id: str) -> list[BatchResult]:
@@ -551,9 +713,13 @@ class SandboxGateway(Gateway):
         if task["confirmed_at"] is None:
             return [BatchResult(cid, BatchOutcome.PENDING) for cid in task["contact_ids"]]
         out = []
+        parts: list[Received] = task["parts"]
         for cid in task["contact_ids"]:
-            message_id, _ = self.store.deliver(cid, task["text"], f"{task['key']}|{cid}", dedupe=True)
-            out.append(BatchResult(cid, BatchOutcome.SENT, message_id=message_id))
+            ids = [
+                self.store.deliver(cid, received, part_key(f"{task['key']}|{cid}", i, len(parts)), dedupe=True)[0]
+                for i, received in enumerate(parts)
+            ]
+            out.append(BatchResult(cid, BatchOutcome.SENT, message_id=ids[0]))
         return out
 
     def sandbox_confirm_tasks(self) -> int:
@@ -565,4 +731,10 @@ class SandboxGateway(Gateway):
 
     # -- sandbox-only helpers ------------------------------------------------------------------------
     def outbox_messages(self, contact_id: str | None = None) -> list[OutboxMessage]:
+        """Every part delivered (to `contact_id`, or to anyone), oldest first."""
         return self.store.messages(contact_id)
+
+    def sandbox_refuse(self, kind: PartKind, reason: str, count: int = 1) -> None:
+        """Sandbox only: the next `count` parts of `kind` are refused for good with `reason` (nothing delivered),
+        as WeCom refuses an image it does not like."""
+        self._refusals.setdefault(kind, []).extend([reason] * count)

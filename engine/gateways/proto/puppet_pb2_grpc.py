@@ -104,10 +104,35 @@ class PuppetStub:
                 request_serializer=puppet__pb2.BatchContactPayloadRequest.SerializeToString,
                 response_deserializer=puppet__pb2.BatchContactPayloadResponse.FromString,
                 _registered_method=True)
+        self.MessagePayload = channel.unary_unary(
+                '/wechaty.Puppet/MessagePayload',
+                request_serializer=puppet__pb2.MessagePayloadRequest.SerializeToString,
+                response_deserializer=puppet__pb2.MessagePayloadResponse.FromString,
+                _registered_method=True)
         self.MessageSendText = channel.unary_unary(
                 '/wechaty.Puppet/MessageSendText',
                 request_serializer=puppet__pb2.MessageSendTextRequest.SerializeToString,
                 response_deserializer=puppet__pb2.MessageSendTextResponse.FromString,
+                _registered_method=True)
+        self.MessageSendFile = channel.unary_unary(
+                '/wechaty.Puppet/MessageSendFile',
+                request_serializer=puppet__pb2.MessageSendFileRequest.SerializeToString,
+                response_deserializer=puppet__pb2.MessageSendFileResponse.FromString,
+                _registered_method=True)
+        self.MessageSendUrl = channel.unary_unary(
+                '/wechaty.Puppet/MessageSendUrl',
+                request_serializer=puppet__pb2.MessageSendUrlRequest.SerializeToString,
+                response_deserializer=puppet__pb2.MessageSendUrlResponse.FromString,
+                _registered_method=True)
+        self.MessageSendMiniProgram = channel.unary_unary(
+                '/wechaty.Puppet/MessageSendMiniProgram',
+                request_serializer=puppet__pb2.MessageSendMiniProgramRequest.SerializeToString,
+                response_deserializer=puppet__pb2.MessageSendMiniProgramResponse.FromString,
+                _registered_method=True)
+        self.FriendshipPayload = channel.unary_unary(
+                '/wechaty.Puppet/FriendshipPayload',
+                request_serializer=puppet__pb2.FriendshipPayloadRequest.SerializeToString,
+                response_deserializer=puppet__pb2.FriendshipPayloadResponse.FromString,
                 _registered_method=True)
         self.TagContactTagAdd = channel.unary_unary(
                 '/wechaty.Puppet/TagContactTagAdd',
@@ -118,6 +143,16 @@ class PuppetStub:
                 '/wechaty.Puppet/TagContactTagRemove',
                 request_serializer=puppet__pb2.TagContactTagRemoveRequest.SerializeToString,
                 response_deserializer=puppet__pb2.TagContactTagRemoveResponse.FromString,
+                _registered_method=True)
+        self.TagGroupAdd = channel.unary_unary(
+                '/wechaty.Puppet/TagGroupAdd',
+                request_serializer=puppet__pb2.TagGroupAddRequest.SerializeToString,
+                response_deserializer=puppet__pb2.TagGroupAddResponse.FromString,
+                _registered_method=True)
+        self.TagTagAdd = channel.unary_unary(
+                '/wechaty.Puppet/TagTagAdd',
+                request_serializer=puppet__pb2.TagTagAddRequest.SerializeToString,
+                response_deserializer=puppet__pb2.TagTagAddResponse.FromString,
                 _registered_method=True)
         self.TagGroupList = channel.unary_unary(
                 '/wechaty.Puppet/TagGroupList',
@@ -245,7 +280,37 @@ class PuppetServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def MessagePayload(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def MessageSendText(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def MessageSendFile(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def MessageSendUrl(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def MessageSendMiniProgram(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def FriendshipPayload(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -258,6 +323,18 @@ class PuppetServicer:
         raise NotImplementedError('Method not implemented!')
 
     def TagContactTagRemove(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def TagGroupAdd(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def TagTagAdd(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -378,10 +455,35 @@ def add_PuppetServicer_to_server(servicer, server):
                     request_deserializer=puppet__pb2.BatchContactPayloadRequest.FromString,
                     response_serializer=puppet__pb2.BatchContactPayloadResponse.SerializeToString,
             ),
+            'MessagePayload': grpc.unary_unary_rpc_method_handler(
+                    servicer.MessagePayload,
+                    request_deserializer=puppet__pb2.MessagePayloadRequest.FromString,
+                    response_serializer=puppet__pb2.MessagePayloadResponse.SerializeToString,
+            ),
             'MessageSendText': grpc.unary_unary_rpc_method_handler(
                     servicer.MessageSendText,
                     request_deserializer=puppet__pb2.MessageSendTextRequest.FromString,
                     response_serializer=puppet__pb2.MessageSendTextResponse.SerializeToString,
+            ),
+            'MessageSendFile': grpc.unary_unary_rpc_method_handler(
+                    servicer.MessageSendFile,
+                    request_deserializer=puppet__pb2.MessageSendFileRequest.FromString,
+                    response_serializer=puppet__pb2.MessageSendFileResponse.SerializeToString,
+            ),
+            'MessageSendUrl': grpc.unary_unary_rpc_method_handler(
+                    servicer.MessageSendUrl,
+                    request_deserializer=puppet__pb2.MessageSendUrlRequest.FromString,
+                    response_serializer=puppet__pb2.MessageSendUrlResponse.SerializeToString,
+            ),
+            'MessageSendMiniProgram': grpc.unary_unary_rpc_method_handler(
+                    servicer.MessageSendMiniProgram,
+                    request_deserializer=puppet__pb2.MessageSendMiniProgramRequest.FromString,
+                    response_serializer=puppet__pb2.MessageSendMiniProgramResponse.SerializeToString,
+            ),
+            'FriendshipPayload': grpc.unary_unary_rpc_method_handler(
+                    servicer.FriendshipPayload,
+                    request_deserializer=puppet__pb2.FriendshipPayloadRequest.FromString,
+                    response_serializer=puppet__pb2.FriendshipPayloadResponse.SerializeToString,
             ),
             'TagContactTagAdd': grpc.unary_unary_rpc_method_handler(
                     servicer.TagContactTagAdd,
@@ -392,6 +494,16 @@ def add_PuppetServicer_to_server(servicer, server):
                     servicer.TagContactTagRemove,
                     request_deserializer=puppet__pb2.TagContactTagRemoveRequest.FromString,
                     response_serializer=puppet__pb2.TagContactTagRemoveResponse.SerializeToString,
+            ),
+            'TagGroupAdd': grpc.unary_unary_rpc_method_handler(
+                    servicer.TagGroupAdd,
+                    request_deserializer=puppet__pb2.TagGroupAddRequest.FromString,
+                    response_serializer=puppet__pb2.TagGroupAddResponse.SerializeToString,
+            ),
+            'TagTagAdd': grpc.unary_unary_rpc_method_handler(
+                    servicer.TagTagAdd,
+                    request_deserializer=puppet__pb2.TagTagAddRequest.FromString,
+                    response_serializer=puppet__pb2.TagTagAddResponse.SerializeToString,
             ),
             'TagGroupList': grpc.unary_unary_rpc_method_handler(
                     servicer.TagGroupList,
@@ -818,6 +930,33 @@ class Puppet:
             _registered_method=True)
 
     @staticmethod
+    def MessagePayload(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/wechaty.Puppet/MessagePayload',
+            puppet__pb2.MessagePayloadRequest.SerializeToString,
+            puppet__pb2.MessagePayloadResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
     def MessageSendText(request,
             target,
             options=(),
@@ -834,6 +973,114 @@ class Puppet:
             '/wechaty.Puppet/MessageSendText',
             puppet__pb2.MessageSendTextRequest.SerializeToString,
             puppet__pb2.MessageSendTextResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def MessageSendFile(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/wechaty.Puppet/MessageSendFile',
+            puppet__pb2.MessageSendFileRequest.SerializeToString,
+            puppet__pb2.MessageSendFileResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def MessageSendUrl(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/wechaty.Puppet/MessageSendUrl',
+            puppet__pb2.MessageSendUrlRequest.SerializeToString,
+            puppet__pb2.MessageSendUrlResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def MessageSendMiniProgram(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/wechaty.Puppet/MessageSendMiniProgram',
+            puppet__pb2.MessageSendMiniProgramRequest.SerializeToString,
+            puppet__pb2.MessageSendMiniProgramResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FriendshipPayload(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/wechaty.Puppet/FriendshipPayload',
+            puppet__pb2.FriendshipPayloadRequest.SerializeToString,
+            puppet__pb2.FriendshipPayloadResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -888,6 +1135,60 @@ class Puppet:
             '/wechaty.Puppet/TagContactTagRemove',
             puppet__pb2.TagContactTagRemoveRequest.SerializeToString,
             puppet__pb2.TagContactTagRemoveResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def TagGroupAdd(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/wechaty.Puppet/TagGroupAdd',
+            puppet__pb2.TagGroupAddRequest.SerializeToString,
+            puppet__pb2.TagGroupAddResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def TagTagAdd(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/wechaty.Puppet/TagTagAdd',
+            puppet__pb2.TagTagAddRequest.SerializeToString,
+            puppet__pb2.TagTagAddResponse.FromString,
             options,
             channel_credentials,
             insecure,
