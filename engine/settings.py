@@ -30,6 +30,7 @@ from pydantic import (
 from engine import yamlsrc
 from engine.durations import Duration
 from engine.errors import ConfigError, Location
+from engine.keywords import KeywordSpec, MatchKind, normalize
 
 DEFAULT_TIMEZONE = "Asia/Shanghai"
 GatewayName = Literal["sandbox", "workpro", "wecom"]
@@ -243,6 +244,26 @@ class SchedulerSettings(Strict):
     reload_interval: Duration = timedelta(seconds=5)
 
 
+class OptOutSettings(Strict):
+    """Opt-out by keyword: a customer who writes one is put on the suppression list, gets one confirmation, and
+    every campaign and journey skips them ("opted out") until they write an opt-in keyword."""
+
+    keywords: list[str] = ["TD", "退订", "取消订阅"]
+    match: MatchKind = "exact"  # exact: the whole message (give or take punctuation); contains; regex
+    reply: str = "您已成功退订，我们将不再向您推送营销消息。如需恢复接收，请回复“订阅”。"
+    opt_in_keywords: list[str] = ["订阅", "恢复订阅"]
+    opt_in_reply: str = "您已恢复订阅，感谢您的支持！"
+
+    @model_validator(mode="after")
+    def _distinct(self) -> OptOutSettings:
+        KeywordSpec(keywords=self.keywords, match=self.match)
+        KeywordSpec(keywords=self.opt_in_keywords, match=self.match)
+        both = {normalize(k) for k in self.keywords} & {normalize(k) for k in self.opt_in_keywords}
+        if both:
+            raise ValueError(f"{', '.join(sorted(both))} is both an opt-out and an opt-in keyword")
+        return self
+
+
 class Settings(Strict):
     version: Literal[1]
     gateway: GatewayName = "sandbox"
@@ -255,6 +276,7 @@ class Settings(Strict):
     wecom: WecomSettings = WecomSettings()
     api: ApiSettings = ApiSettings()
     scheduler: SchedulerSettings = SchedulerSettings()
+    opt_out: OptOutSettings = OptOutSettings()
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     # Where the settings came from (not a config key).
     source: str = Field(default="<defaults>", exclude=True)

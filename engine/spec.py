@@ -109,6 +109,7 @@ def _parse_dedupe(value: Any) -> str:
 
 
 class CampaignModel(Strict):
+    kind: Literal["campaign"] | None = None  # `kind: journey` (or a `trigger:`) makes the file a journey
     id: str | None = None
     name: str = Field(min_length=1)
     description: str = ""
@@ -180,6 +181,23 @@ class Campaign:
         return self.lines.at(path)
 
 
+def is_journey_data(data: dict[Any, Any]) -> bool:
+    """Whether a parsed file is a journey (`kind: journey`, or a `trigger:` or `steps:`) rather than a campaign.
+    Every campaign file written before journeys existed has none of these, so it stays a campaign."""
+    return data.get("kind") == "journey" or (data.get("kind") is None and ("trigger" in data or "steps" in data))
+
+
+class JourneyFileError(CampaignError):
+    """`parse_campaign` was given a journey. Carries what was parsed, so `engine.journeys.spec` need not re-read
+    the file; `load_campaigns` collects these files in `LoadResult.journey_files`."""
+
+    def __init__(self, message: str, location: Location, data: dict[Any, Any], lines: yamlsrc.Lines, text: str) -> None:
+        super().__init__(message, location)
+        self.data = data
+        self.lines = lines
+        self.text = text
+
+
 def _err(
     lines: yamlsrc.Lines, path: tuple[str | int, ...], reason: str, cls: type[CampaignError] = CampaignError
 ) -> CampaignError:
@@ -216,6 +234,10 @@ def parse_campaign(text: str, file: Path, settings: Settings) -> Campaign:
         raise CampaignError(str(exc), Location(name, exc.line)) from None
     if not isinstance(data, dict):
         raise CampaignError("a campaign file must be a mapping (name:, audience:, message:, ...)", Location(name, 1))
+    if is_journey_data(data):
+        raise JourneyFileError("this file is a journey, not a campaign", lines.at(("trigger",)), data, lines, text)
+    if data.get("kind") not in (None, "campaign"):
+        raise CampaignError(f"kind must be campaign or journey, not {data['kind']!r}", lines.at(("kind",)))
     try:
         model = CampaignModel.model_validate(data)
     except ValidationError as exc:
@@ -243,29 +265,10 @@ def parse_campaign(text: str, file: Path, settings: Settings) -> Campaign:
         except RuleError as exc:
             problems.append(_err(lines, ("audience", "rules", *exc.path), exc.reason))
 
-    template_text: str
-    template_origin: Location
-    file_refused = False
-    if model.message.template_file is not None:
-        tname = model.message.template_file
-        template_origin = Location(str(file.parent / tname), 1, None)
-        try:
-            template_text = _read_template_file(tname, file, settings)
-        except CampaignFileError as exc:
-            problems.append(_err(lines, ("message", "template_file"), str(exc)))
-            template_text, file_refused = "", True
-    else:
-        template_text = model.message.template or ""
-        key_line = lines.line(("message", "template")) or 1
-        # A block scalar (|) starts on the line after its key; an inline one on the key's line.
-        first = key_line + 1 if text_has_block(text, key_line) else key_line
-        template_origin = Location(name, first, "message.template")
-    compiled: CompiledTemplate | None = None
-    try:
-        compiled = compile_template(template_text, template_origin)
-    except TemplateError as exc:
-        if not file_refused:  # a refused file is reported once, not again as an empty template
-            problems.append(exc)
+    compiled, template_text, template_problems = compile_message(
+        model.message, ("message",), text, file, lines, settings
+    )
+    problems.extend(template_problems)
     _raise_all(problems)
     assert compiled is not None
 
@@ -307,6 +310,44 @@ def parse_campaign(text: str, file: Path, settings: Settings) -> Campaign:
     )
 
 
+def compile_message(
+    message: MessageSpec,
+    path: tuple[str | int, ...],
+    text: str,
+    file: Path,
+    lines: yamlsrc.Lines,
+    settings: Settings,
+) -> tuple[CompiledTemplate | None, str, list[CampaignError]]:
+    """Compile the template of a message spec found at `path` in a campaign or journey file: (the compiled
+    template or None, its source text, the problems). Campaigns and journey `send` steps share it, so a step's
+    message is checked exactly as a campaign's."""
+    problems: list[CampaignError] = []
+    template_text: str
+    template_origin: Location
+    file_refused = False
+    if message.template_file is not None:
+        tname = message.template_file
+        template_origin = Location(str(file.parent / tname), 1, None)
+        try:
+            template_text = _read_template_file(tname, file, settings)
+        except CampaignFileError as exc:
+            problems.append(_err(lines, (*path, "template_file"), str(exc)))
+            template_text, file_refused = "", True
+    else:
+        template_text = message.template or ""
+        key_line = lines.line((*path, "template")) or 1
+        # A block scalar (|) starts on the line after its key; an inline one on the key's line.
+        first = key_line + 1 if text_has_block(text, key_line) else key_line
+        template_origin = Location(str(file), first, yamlsrc.dotted((*path, "template")))
+    compiled: CompiledTemplate | None = None
+    try:
+        compiled = compile_template(template_text, template_origin)
+    except TemplateError as exc:
+        if not file_refused:  # a refused file is reported once, not again as an empty template
+            problems.append(exc)
+    return compiled, template_text, problems
+
+
 def _read_template_file(name: str, campaign_file: Path, settings: Settings) -> str:
     """The text of a `template_file`, confined to the campaign root (see engine.paths). Raises
     CampaignFileError."""
@@ -327,6 +368,8 @@ def text_has_block(text: str, key_line: int) -> bool:
 class LoadResult:
     campaigns: list[Campaign]
     errors: list[CampaignError]
+    # Files that are journeys (engine.journeys.spec loads them; engine.definitions loads both kinds).
+    journey_files: list[Path] = field(default_factory=list)
 
 
 def campaign_files(paths: list[Path]) -> list[Path]:
@@ -347,6 +390,9 @@ def load_campaigns(paths: list[Path], settings: Settings) -> LoadResult:
     for file in campaign_files(paths):
         try:
             campaign = load_campaign(file, settings)
+        except JourneyFileError:
+            result.journey_files.append(file)
+            continue
         except CampaignError as exc:
             result.errors.append(exc)
             continue

@@ -17,10 +17,17 @@ from sqlalchemy.engine import Connection, Engine, make_url
 from sqlmodel import Session, SQLModel, create_engine
 
 from storage._sql import reading, writing
-from storage.models import META, SCHEMA_VERSION, Meta
+from storage.models import JOURNEY_TABLES, META, SCHEMA_VERSION, Meta
+
+
+def _add_journey_tables(conn: Connection) -> None:
+    """1 -> 2: journeys (the customer-event inbox, enrolments and their path, opt-outs, journey state)."""
+    for table in JOURNEY_TABLES:
+        table.create(conn, checkfirst=True)
+
 
 # Migrations from version N to N+1, keyed by N. Each runs inside one transaction.
-MIGRATIONS: dict[int, Callable[[Connection], None]] = {}
+MIGRATIONS: dict[int, Callable[[Connection], None]] = {1: _add_journey_tables}
 
 
 class SchemaError(RuntimeError):

@@ -20,7 +20,7 @@ from sqlalchemy.engine import Dialect
 from sqlalchemy.types import TypeDecorator
 from sqlmodel import Field, SQLModel
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 
 class UTCDateTime(TypeDecorator[datetime]):
@@ -235,3 +235,133 @@ DELIVERIES: Table = Delivery.__table__  # type: ignore[attr-defined]
 META: Table = Meta.__table__  # type: ignore[attr-defined]
 SCHEDULE_STATE: Table = ScheduleState.__table__  # type: ignore[attr-defined]
 GATEWAY_EVENTS: Table = GatewayEvent.__table__  # type: ignore[attr-defined]
+
+
+# -- journeys (engine.journeys) --------------------------------------------------------------------------------
+#
+# Customer events go into an inbox before anything acts on them; an enrolment is one contact's way through one
+# journey (entry N); each step it took is logged. A journey's sends are ordinary deliveries (dedupe key
+# journey|contact|entry|step), so the ledger above keeps them exactly-once.
+#
+#     customer_events ──enter──> enrolments ──step──> enrolment_steps (path)
+#                                    └── send step ──> deliveries (run per journey step, entry and day)
+
+
+class CustomerEventKind(StrEnum):
+    CONTACT_ADDED = "contact_added"
+    CONTACT_REMOVED = "contact_removed"
+    TAG_ADDED = "tag_added"
+    TAG_REMOVED = "tag_removed"
+    MESSAGE = "message"
+
+
+class EnrolmentStatus(StrEnum):
+    ACTIVE = "active"  # at `step`, due at `due_at` (a wait ends, a send is due, a retry)
+    SENDING = "sending"  # at a send step whose delivery (`delivery_key`) is not in a terminal state yet
+    COMPLETED = "completed"  # ran off the end of its steps (or a goto took it elsewhere)
+    EXITED = "exited"  # left early: exit step, exit_when, opted out, removed; `reason` says which
+
+
+OPEN_ENROLMENT_STATUSES = frozenset({EnrolmentStatus.ACTIVE, EnrolmentStatus.SENDING})
+
+
+class CustomerEvent(SQLModel, table=True):
+    """The inbox: a customer event, recorded before it is acted on. `key` is unique, so the same event seen by
+    the gateway stream and by the next contact sync is recorded once."""
+
+    __tablename__ = "customer_events"
+    __table_args__ = (
+        UniqueConstraint("key", name="uq_event_key"),
+        Index("ix_event_contact", "contact_id", "kind", "occurred_at"),
+        Index(
+            "ix_event_unprocessed",
+            "id",
+            sqlite_where=text("processed_at IS NULL"),
+            postgresql_where=text("processed_at IS NULL"),
+        ),
+    )
+    id: int | None = Field(default=None, primary_key=True)
+    key: str = Field(sa_column=Column(String(300), nullable=False))
+    kind: str
+    contact_id: str
+    source: str = ""  # stream | sync | journey | sandbox | api
+    data: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    occurred_at: datetime | None = _ts()
+    recorded_at: datetime | None = _ts()
+    processed_at: datetime | None = _ts()
+
+
+class Enrolment(SQLModel, table=True):
+    """One contact's way through one journey: entry number `entry`, now at `step`."""
+
+    __tablename__ = "enrolments"
+    __table_args__ = (
+        UniqueConstraint("journey_id", "contact_id", "entry", name="uq_enrolment_entry"),
+        # What entered it (an event, a schedule slot, a date, a backfill, a goto): one trigger enters once.
+        UniqueConstraint("journey_id", "contact_id", "trigger_key", name="uq_enrolment_trigger"),
+        Index("ix_enrolment_due", "status", "due_at"),
+        Index("ix_enrolment_contact", "contact_id", "status"),
+    )
+    id: int | None = Field(default=None, primary_key=True)
+    journey_id: str
+    contact_id: str
+    entry: int = 1
+    trigger_key: str = Field(sa_column=Column(String(300), nullable=False))
+    event_id: int | None = None
+    status: str = EnrolmentStatus.ACTIVE
+    step: str = ""
+    due_at: datetime | None = _ts()
+    step_started_at: datetime | None = _ts()  # when the current step began, as scheduled (waits count from it)
+    delivery_key: str = ""  # the delivery a SENDING enrolment waits for
+    attempts: int = 0  # tries of the current step (tag actions retried after gateway errors)
+    version: int = 0  # bumped on every move: a move is `UPDATE … WHERE version = v`, so two workers never both win
+    reason: str = ""
+    entered_at: datetime | None = _ts()
+    updated_at: datetime | None = _ts()
+    ended_at: datetime | None = _ts()
+
+
+class EnrolmentStep(SQLModel, table=True):
+    """The path: every step an enrolment took, with its outcome (sent, skipped, waited, then/else, ...)."""
+
+    __tablename__ = "enrolment_steps"
+    __table_args__ = (Index("ix_enrolment_step_enrolment", "enrolment_id"),)
+    id: int | None = Field(default=None, primary_key=True)
+    enrolment_id: int
+    journey_id: str
+    contact_id: str
+    step: str
+    outcome: str
+    detail: str = ""
+    at: datetime | None = _ts()
+
+
+class OptOut(SQLModel, table=True):
+    """The suppression list: contacts who opted out (wrote TD, or a person put them here). Campaigns and
+    journeys skip them with the reason "opted out"."""
+
+    __tablename__ = "opt_outs"
+    contact_id: str = Field(primary_key=True)
+    opted_out_at: datetime | None = _ts()
+    source: str = ""  # keyword | cli | api
+    keyword: str = ""  # what they wrote
+    confirmed_at: datetime | None = _ts()  # when the one confirmation was planned (never twice)
+    note: str = ""
+
+
+class JourneyState(SQLModel, table=True):
+    """When the engine first ran a journey (events before it do not enter), and its backfill."""
+
+    __tablename__ = "journey_state"
+    journey_id: str = Field(primary_key=True)
+    activated_at: datetime | None = _ts()
+    content_hash: str = ""
+    backfilled_at: datetime | None = _ts()
+
+
+CUSTOMER_EVENTS: Table = CustomerEvent.__table__  # type: ignore[attr-defined]
+ENROLMENTS: Table = Enrolment.__table__  # type: ignore[attr-defined]
+ENROLMENT_STEPS: Table = EnrolmentStep.__table__  # type: ignore[attr-defined]
+OPT_OUTS: Table = OptOut.__table__  # type: ignore[attr-defined]
+JOURNEY_STATE: Table = JourneyState.__table__  # type: ignore[attr-defined]
+JOURNEY_TABLES = (CUSTOMER_EVENTS, ENROLMENTS, ENROLMENT_STEPS, OPT_OUTS, JOURNEY_STATE)

@@ -1,0 +1,106 @@
+"""The files in `campaigns/`: campaigns and journeys, loaded together.
+
+`engine.spec` reads campaigns and `engine.journeys.spec` journeys; this module loads a folder of both, checks what
+spans files — ids unique across both kinds, every `goto` naming a journey — and finds one definition by path or id.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from engine.errors import CampaignError, NotFoundError
+from engine.journeys.spec import GotoStep, Journey, load_journey_data
+from engine.settings import Settings
+from engine.spec import Campaign, JourneyFileError, campaign_files, load_campaign, load_campaigns, parse_campaign
+
+Definition = Campaign | Journey
+
+
+@dataclass
+class Definitions:
+    campaigns: list[Campaign] = field(default_factory=list)
+    journeys: list[Journey] = field(default_factory=list)
+    errors: list[CampaignError] = field(default_factory=list)
+
+    def journey(self, journey_id: str) -> Journey | None:
+        return next((j for j in self.journeys if j.id == journey_id), None)
+
+
+def load_definition(path: Path, settings: Settings) -> Definition:
+    """One file: a campaign or a journey. Raises CampaignError."""
+    try:
+        return load_campaign(path, settings)
+    except JourneyFileError as exc:
+        return load_journey_data(exc.data, exc.lines, exc.text, path, settings)
+
+
+def parse_definition(text: str, file: Path, settings: Settings) -> Definition:
+    """Text (from the API) as a campaign or a journey. Raises CampaignError."""
+    try:
+        return parse_campaign(text, file, settings)
+    except JourneyFileError as exc:
+        return load_journey_data(exc.data, exc.lines, exc.text, file, settings)
+
+
+def load_definitions(paths: list[Path], settings: Settings) -> Definitions:
+    """Load many files of both kinds; collects errors instead of stopping."""
+    result = load_campaigns(paths, settings)
+    out = Definitions(campaigns=result.campaigns, errors=list(result.errors))
+    seen: dict[str, Path] = {c.id: c.file for c in result.campaigns}
+    for file in result.journey_files:
+        try:
+            journey = load_definition(file, settings)
+        except CampaignError as exc:
+            out.errors.append(exc)
+            continue
+        assert isinstance(journey, Journey)
+        if journey.id in seen:
+            out.errors.append(
+                CampaignError(f"id {journey.id!r} is already used by {seen[journey.id]}", journey.location("id"))
+            )
+            continue
+        seen[journey.id] = file
+        out.journeys.append(journey)
+    _check_gotos(out)
+    return out
+
+
+def _check_gotos(defs: Definitions) -> None:
+    """Every `goto` names another journey that loaded; a journey with a bad goto is not run at all."""
+    ids = {j.id for j in defs.journeys}
+    campaign_ids = {c.id for c in defs.campaigns}
+    broken: list[Journey] = []
+    for journey in defs.journeys:
+        for step, _ in journey.walk():
+            if not isinstance(step, GotoStep):
+                continue
+            if step.journey == journey.id:
+                why = "a journey cannot goto itself (use entry: every_time and a trigger to start again)"
+            elif step.journey in campaign_ids:
+                why = f"{step.journey!r} is a campaign; goto names a journey"
+            elif step.journey not in ids:
+                why = f"no journey {step.journey!r} in the campaigns folder"
+            else:
+                continue
+            defs.errors.append(CampaignError(why, journey.location(*step.path, "goto")))
+            broken.append(journey)
+    defs.journeys = [j for j in defs.journeys if j not in broken]
+
+
+def find_definition(ref: str, settings: Settings) -> Definition:
+    """A campaign or journey by file path, or by id among the files in campaigns_dir."""
+    path = Path(ref)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        return load_definition(path, settings)
+    directory = settings.campaigns_dir
+    candidates = campaign_files([directory]) if directory.is_dir() else []
+    for file in candidates:
+        if file.stem == ref:
+            return load_definition(file, settings)
+    defs = load_definitions(candidates, settings)
+    every: list[Definition] = [*defs.campaigns, *defs.journeys]
+    for d in every:
+        if d.id == ref:
+            return d
+    raise NotFoundError(f"no campaign or journey {ref!r}: not a file, and no such id in {directory}")
