@@ -31,6 +31,9 @@ class RunSettings(Strict):
     max_errors: int = Field(default=0, ge=0)  # pause the run after this many failed deliveries (0: never)
     frequency_cap: FrequencyCap | None = None  # None: these sends are exempt from the cap and not counted by it
     quiet_hours: QuietHours | None = None  # None: send at any hour
+    # True for replies to a customer's own message (an opt-out confirmation, a keyword journey's transactional
+    # send): they go out even to a contact on the suppression list. Everything else skips opted-out contacts.
+    opt_out_exempt: bool = False
 
     _tz = field_validator("timezone")(lambda v: check_timezone(v))
 

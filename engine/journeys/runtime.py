@@ -49,13 +49,15 @@ from engine.journeys.conditions import Facts
 from engine.journeys.spec import EntryKind, IfStep, Journey, SendStep, TagStep, TriggerKind
 from engine.journeys.stepper import End, GotoDue, Hold, Pass, Position, SendDue, TagDue, advance
 from engine.keywords import Matcher
-from engine.plan import cap_period, slot_key
+from engine.plan import slot_key
 from engine.render import render_all
-from engine.schedule import build_trigger, latest_fire_time, next_fire_times
+from engine.runsettings import RunSettings
+from engine.schedule import ScheduleSpec, build_trigger, latest_fire_time, next_fire_times
 from engine.settings import Settings
-from engine.spec import ScheduleSpec
+from storage import contacts as contacts_db
+from storage import deliveries as deliveries_db
 from storage import journeys as store
-from storage import queries
+from storage.db import transaction
 from storage.models import CustomerEventKind, DeliveryStatus, EnrolmentStatus, RunStatus
 
 log = logging.getLogger("wecast.journeys")
@@ -181,8 +183,7 @@ class JourneyEngine:
             if record is None:
                 return 0
             old = store.contact_states(self.db, [record.id])
-            with self.db.begin() as conn:
-                queries.upsert_contacts(conn, [record_to_row(record)], {record.id: record.tag_ids}, now)
+            contacts_db.upsert_contacts(self.db, [record_to_row(record)], now)
             after = store.contact_states(self.db, [record.id])
             names = {v: k for k, v in store.tags_by_name(self.db).items() if k != v}
             found = ev.diff(
@@ -239,7 +240,7 @@ class JourneyEngine:
             views = store.contact_views(self.db, [e.contact_id for e in batch])
             done: list[int] = []
             deferred = 0
-            with self.db.begin() as conn:
+            with transaction(self.db) as conn:
                 by_journey: dict[str, list[Candidate]] = defaultdict(list)
                 wake: set[str] = set()
                 for event in batch:
@@ -316,7 +317,9 @@ class JourneyEngine:
             journey_id=OPT_OUT_CAMPAIGN,
             run_key=f"replies:{now.astimezone(tz).date().isoformat()}",
             timezone=self.settings.timezone,
-            settings=_run_settings("opt-out confirmations", self.settings.timezone, 0.0, 0, None, exempt=True),
+            settings=RunSettings(
+                name="opt-out confirmations", timezone=self.settings.timezone, opt_out_exempt=True
+            ).to_json(),
             file="",
             now=now,
         )
@@ -411,7 +414,7 @@ class JourneyEngine:
             store.set_last_fire(self.db, key, max(due), now)
 
     def _enter_fire(self, journey: Journey, fire: datetime, now: datetime) -> int:
-        views = queries_views(self.db)
+        views = all_views(self.db)
         t = journey.trigger
         if t.kind is TriggerKind.DATE:
             assert t.date is not None
@@ -421,7 +424,7 @@ class JourneyEngine:
         else:
             key = "slot:" + slot_key(fire)
         candidates = [Candidate(str(v["id"]), key, fire) for v in views]
-        with self.db.begin() as conn:
+        with transaction(self.db) as conn:
             entered = self._enter(conn, journey, candidates, {str(v["id"]): v for v in views}, now)
         log.info("journey %s: fired for %s, %d entered", journey.id, fire.isoformat(), entered)
         return entered
@@ -431,12 +434,12 @@ class JourneyEngine:
         for journey in self.running:
             if not journey.backfill or not store.mark_backfilled(self.db, journey.id, now):
                 continue
-            views = queries_views(self.db)
+            views = all_views(self.db)
             t = journey.trigger
             if t.kind is TriggerKind.TAG_ADDED:
                 views = [v for v in views if t.tag in v["tags"]]
             candidates = [Candidate(str(v["id"]), "backfill", now) for v in views]
-            with self.db.begin() as conn:
+            with transaction(self.db) as conn:
                 entered = self._enter(conn, journey, candidates, {str(v["id"]): v for v in views}, now)
             report.entered += entered
             log.info("journey %s: backfill entered %d contacts", journey.id, entered)
@@ -556,7 +559,7 @@ class JourneyEngine:
                         log=(*result.log, store.PathEntry(step or "end", stop.status.value, stop.reason)),
                     )
                 )
-        with self.db.begin() as conn:
+        with transaction(self.db) as conn:
             moves += self._plan_sends(conn, sends, views, blocked, now, report)
             moves += self._gotos(conn, gotos, views, now, report)
             won = set(store.apply_moves(conn, {e.id: (e.journey_id, e.contact_id) for e in due}, moves))
@@ -656,14 +659,14 @@ class JourneyEngine:
                         journey_id=journey.id,
                         run_key=run_key,
                         timezone=journey.timezone,
-                        settings=_run_settings(
-                            f"{journey.name} · {step_id}",
-                            journey.timezone,
-                            journey.throttle.interval,
-                            journey.max_errors,
-                            step.frequency_cap.model_dump() if step.frequency_cap else None,
-                            exempt=exempt,
-                        ),
+                        settings=RunSettings(
+                            name=f"{journey.name} · {step_id}",
+                            timezone=journey.timezone,
+                            interval=journey.throttle.interval,
+                            max_errors=journey.max_errors,
+                            frequency_cap=step.frequency_cap,
+                            opt_out_exempt=exempt,
+                        ).to_json(),
                         file=str(journey.file),
                         now=now,
                     )
@@ -721,8 +724,8 @@ class JourneyEngine:
     ) -> dict[str, int]:
         if step.frequency_cap is None:
             return {}
-        start, end = cap_period(now, journey.tz, step.frequency_cap.per)
-        return queries.cap_counts(conn, start, end, contact_ids)
+        start, end = step.frequency_cap.window(now, journey.tz)
+        return deliveries_db.cap_counts(conn, start, end, contact_ids)
 
     def _gotos(
         self,
@@ -842,9 +845,8 @@ class JourneyEngine:
 # -- helpers -----------------------------------------------------------------------------------------------------
 
 
-def queries_views(db: Engine) -> list[dict[str, Any]]:
-    with db.connect() as conn:
-        return queries.load_contact_views(conn)
+def all_views(db: Engine) -> list[dict[str, Any]]:
+    return contacts_db.load_contact_views(db)
 
 
 def _named_steps(journey: Journey) -> frozenset[str]:
@@ -932,22 +934,6 @@ def _as_date(value: Any, journey: Journey) -> Any:
 def _describe_tags(step: TagStep) -> str:
     parts = [f"+{t}" for t in step.add] + [f"-{t}" for t in step.remove]
     return " ".join(parts)
-
-
-def _run_settings(
-    name: str, timezone: str, interval: float, max_errors: int, cap: dict[str, Any] | None, *, exempt: bool
-) -> dict[str, Any]:
-    """What the dispatcher needs for a journey run (as engine.plan.run_settings): quiet hours are the journey's
-    business (it holds a due send until they end), so the run has none."""
-    return {
-        "interval": interval,
-        "max_errors": max_errors,
-        "timezone": timezone,
-        "frequency_cap": cap,
-        "quiet_hours": None,
-        "campaign_name": name,
-        "opt_out_exempt": exempt,
-    }
 
 
 # -- the runner --------------------------------------------------------------------------------------------------

@@ -65,9 +65,9 @@ from engine.errors import CampaignError, Location
 from engine.journeys.conditions import Condition, parse_condition
 from engine.keywords import KeywordSpec, Matcher
 from engine.render import CompiledTemplate
-from engine.schedule import ScheduleError, build_trigger
+from engine.schedule import ScheduleError, ScheduleSpec, build_trigger
 from engine.settings import FrequencyCap, QuietHours, Settings, Strict, Throttle, check_timezone, parse_hhmm
-from engine.spec import ID_RE, Audience, MessageSpec, ScheduleSpec, compile_message
+from engine.spec import ID_RE, Audience, MessageSpec, compile_message
 
 CatchUp = Literal["skip", "once", "all"]
 # Weekdays by name (Monday = 0), in English and Chinese.
