@@ -363,11 +363,15 @@ class ExclusionCategory(StrEnum):
     DEDUPE = "dedupe"  # already got this campaign (this run, ever, or within the window)
     FREQUENCY_CAP = "frequency_cap"  # got as many marketing messages as the shared cap allows
     MISSING_FIELD = "missing_field"  # lacks a field the template uses (on_missing_field: skip)
+    OPTED_OUT = "opted_out"  # on the suppression list (wrote an opt-out keyword such as TD; storage.optouts)
 
     @property
     def recorded(self) -> bool:
         """Whether a planned run records the contact as a skipped delivery (everyone the audience named)."""
         return self is not ExclusionCategory.AUDIENCE
+
+
+OPTED_OUT_REASON = "opted out"  # the reason, in words, for ExclusionCategory.OPTED_OUT
 
 
 @dataclass(frozen=True)

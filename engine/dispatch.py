@@ -44,7 +44,7 @@ from typing import ParamSpec, TypeVar
 
 from sqlalchemy.engine import Engine
 
-from engine.audience import ExclusionCategory
+from engine.audience import OPTED_OUT_REASON, ExclusionCategory
 from engine.backoff import backoff_delay
 from engine.blocking import off_loop
 from engine.clock import Clock, SystemClock
@@ -54,6 +54,7 @@ from engine.outcome import Outcome, Verdict, classify
 from engine.runsettings import RunSettings
 from engine.settings import Settings
 from storage import deliveries as deliveries_db
+from storage import optouts as optouts_db
 from storage import runs as runs_db
 from storage.db import transaction
 from storage.deliveries import Claimed, Result
@@ -620,26 +621,38 @@ class _RunSender:
 
     def _prepare(self, chunk: list[Claimed], now: datetime, *, mark: bool) -> tuple[RunStatus, list[Claimed]]:
         """The hand-over of a chunk, in one worker-thread call and one transaction: the run's state and — if it still
-        runs — the frequency cap re-checked (other campaigns may have sent since planning; over-cap rows are
-        skipped) and, with `mark`, the rest marked `sending`. Returns the state and the rows to send."""
+        runs — the suppression list and the frequency cap re-checked (contacts may have opted out, other campaigns
+        may have sent since planning: those rows are skipped) and, with `mark`, the rest marked `sending`. Returns
+        the state and the rows to send."""
         with transaction(self.d.db) as conn:
             status = runs_db.run_status(conn, self.run_id) or RunStatus.CANCELLED
             if status is not RunStatus.RUNNING:
                 return status, []
             keep = chunk
+            if not self.settings.opt_out_exempt:
+                suppressed = optouts_db.opted_out(conn, [r.contact_id for r in chunk])
+                if suppressed:
+                    # Opted out since planning (a delayed or resumed run): never sent (`storage.optouts`).
+                    reason = f"{ExclusionCategory.OPTED_OUT}: {OPTED_OUT_REASON}"
+                    skipped = [
+                        Result(r.id, DeliveryStatus.SKIPPED, reason=reason) for r in chunk if r.contact_id in suppressed
+                    ]
+                    deliveries_db.write_results(conn, skipped, now)
+                    keep = [r for r in chunk if r.contact_id not in suppressed]
             cap = self.cap
-            capped = [r.contact_id for r in chunk if r.capped]
+            capped = [r.contact_id for r in keep if r.capped]
             if cap is not None and capped:
                 start, end = cap.window(now, self.tz)
                 counts = deliveries_db.cap_counts(conn, start, end, capped)
-                keep, skip = [], []
-                for r in chunk:
+                kept, skip = [], []
+                for r in keep:
                     if r.capped and cap.reached(counts.get(r.contact_id, 0)):
                         reason = f"{ExclusionCategory.FREQUENCY_CAP}: {cap.reason(counts[r.contact_id])}"
                         skip.append(Result(r.id, DeliveryStatus.SKIPPED, reason=reason))
                     else:
-                        keep.append(r)
+                        kept.append(r)
                 deliveries_db.write_results(conn, skip, now)
+                keep = kept
             if mark:
                 deliveries_db.mark_sending(conn, keep, now)
         return status, keep

@@ -22,7 +22,7 @@ from typing import Any, NamedTuple
 from sqlalchemy.engine import Engine
 
 from engine import audience as aud
-from engine.audience import ExclusionCategory
+from engine.audience import OPTED_OUT_REASON, ExclusionCategory
 from engine.errors import TemplateError
 from engine.render import describe_missing, render_all
 from engine.runsettings import RunSettings
@@ -30,6 +30,7 @@ from engine.schedule import build_trigger, latest_fire_time, next_fire_times
 from engine.spec import Campaign
 from storage import contacts as contacts_db
 from storage import deliveries as deliveries_db
+from storage import optouts as optouts_db
 from storage import runs as runs_db
 from storage.contacts import ContactView
 from storage.db import snapshot
@@ -165,6 +166,7 @@ def build_preview(
             contacts if contacts is not None else contacts_db.load_contact_views(conn, columns=needed_columns(campaign))
         )
         known_tags = contacts_db.tag_names(conn)
+        suppressed = optouts_db.opted_out(conn)
         existing_run = runs_db.find_run(conn, campaign.id, key)
         held = deliveries_db.held_keys(conn, campaign.id) if campaign.dedupe != "run" or existing_run else {}
         window = campaign.dedupe_window
@@ -193,6 +195,9 @@ def build_preview(
     for c in selection.recipients:
         cid = c["id"]
         name = str(c.get("name") or "")
+        if cid in suppressed:
+            excluded.append(Excluded(cid, name, OPTED_OUT_REASON, ExclusionCategory.OPTED_OUT))
+            continue
         held_by = held.get(dedupe_key(campaign, key, cid)) if held else None
         if held_by is not None:
             at = f" on {held_by.sent_at.astimezone(local):%Y-%m-%d %H:%M}" if held_by.sent_at else ""

@@ -1,5 +1,5 @@
-"""Journeys' storage: the customer-event inbox, enrolments and their path, opt-outs, journey state, and the runs
-and deliveries journey sends are planned into (tables drawn in `storage.models`).
+"""Journeys' storage: the customer-event inbox, enrolments and their path, journey state, and the runs and
+deliveries journey sends are planned into (tables drawn in `storage.models`; opt-outs are `storage.optouts`).
 
 Every function takes the engine (it then runs in a transaction of its own) or a connection (the caller's
 transaction). Moves of an enrolment are compare-and-set on its `version`, so two processes stepping the same
@@ -27,7 +27,6 @@ from storage.models import (
     ENROLMENTS,
     JOURNEY_STATE,
     OPEN_ENROLMENT_STATUSES,
-    OPT_OUTS,
     RUNS,
     SCHEDULE_STATE,
     TAGS,
@@ -41,7 +40,6 @@ from storage.models import (
 _E = CUSTOMER_EVENTS.c
 _N = ENROLMENTS.c
 _P = ENROLMENT_STEPS.c
-_O = OPT_OUTS.c
 _J = JOURNEY_STATE.c
 _D = DELIVERIES.c
 _R = RUNS.c
@@ -772,75 +770,6 @@ def open_journey_runs(db: DB) -> list[tuple[int, str]]:
     with reading(db) as conn:
         stmt = select(_R.id, _R.campaign_id).where(_R.trigger == "journey", _R.status == RunStatus.RUNNING.value)
         return [(int(i), str(c)) for i, c in conn.execute(stmt.order_by(_R.id))]
-
-
-# -- opt-outs --------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class OptOutRow:
-    contact_id: str
-    opted_out_at: datetime | None
-    source: str
-    keyword: str
-    confirmed_at: datetime | None
-    note: str
-
-
-def opt_out(db: DB, contact_id: str, now: datetime, *, source: str, keyword: str = "", note: str = "") -> bool:
-    """Put a contact on the suppression list. Returns False when they were on it already."""
-    with writing(db) as conn:
-        return bool(
-            insert_ignore(
-                conn,
-                OPT_OUTS,
-                [
-                    {
-                        "contact_id": contact_id,
-                        "opted_out_at": now,
-                        "source": source,
-                        "keyword": keyword,
-                        "confirmed_at": None,
-                        "note": note,
-                    }
-                ],
-            )
-        )
-
-
-def claim_confirmation(db: DB, contact_id: str, now: datetime) -> bool:
-    """Claim the one confirmation an opt-out gets: True for the first caller only."""
-    with writing(db) as conn:
-        changed = conn.execute(
-            update(OPT_OUTS).where(_O.contact_id == contact_id, _O.confirmed_at.is_(None)).values(confirmed_at=now)
-        ).rowcount
-    return bool(changed)
-
-
-def opt_in(db: DB, contact_id: str) -> bool:
-    """Take a contact off the suppression list. Returns False when they were not on it."""
-    with writing(db) as conn:
-        return bool(conn.execute(delete(OPT_OUTS).where(_O.contact_id == contact_id)).rowcount)
-
-
-def opted_out(db: DB, contact_ids: Sequence[str] | None = None) -> set[str]:
-    """Who of these contacts (or of everyone) is on the suppression list."""
-    with reading(db) as conn:
-        if contact_ids is None:
-            return {r[0] for r in conn.execute(select(_O.contact_id))}
-        out: set[str] = set()
-        for part in chunks(sorted(set(contact_ids))):
-            out.update(r[0] for r in conn.execute(select(_O.contact_id).where(_O.contact_id.in_(part))))
-        return out
-
-
-def list_opt_outs(db: DB, limit: int = 1000) -> list[OptOutRow]:
-    with reading(db) as conn:
-        rows = conn.execute(select(OPT_OUTS).order_by(_O.opted_out_at.desc()).limit(limit))
-        return [
-            OptOutRow(r.contact_id, aware(r.opted_out_at), r.source, r.keyword, aware(r.confirmed_at), r.note)
-            for r in rows
-        ]
 
 
 # -- journey state and the schedule memory of schedule/date triggers -------------------------------------------

@@ -57,6 +57,7 @@ from engine.settings import Settings
 from storage import contacts as contacts_db
 from storage import deliveries as deliveries_db
 from storage import journeys as store
+from storage import optouts as optouts_db
 from storage.db import transaction
 from storage.models import CustomerEventKind, DeliveryStatus, EnrolmentStatus, RunStatus
 
@@ -295,14 +296,14 @@ class JourneyEngine:
         opt = self.settings.opt_out
         word = self.opt_out_words.find(event.text) if opt.keywords else None
         if word is not None:
-            if store.opt_out(conn, event.contact_id, now, source="keyword", keyword=event.text.strip()[:40]):
+            if optouts_db.opt_out(conn, event.contact_id, now, source="keyword", keyword=event.text.strip()[:40]):
                 report.opted_out += 1
                 log.info("contact %s opted out (wrote %r)", event.contact_id, event.text[:40])
-            if opt.reply and store.claim_confirmation(conn, event.contact_id, now):
+            if opt.reply and optouts_db.claim_confirmation(conn, event.contact_id, now):
                 self._reply(conn, view, opt.reply, f"confirm|{event.id}", now)
             return True
         word = self.opt_in_words.find(event.text) if opt.opt_in_keywords else None
-        if word is not None and store.opt_in(conn, event.contact_id):
+        if word is not None and optouts_db.opt_in(conn, event.contact_id):
             log.info("contact %s opted back in", event.contact_id)
             if opt.opt_in_reply:
                 self._reply(conn, view, opt.opt_in_reply, f"opt_in|{event.id}", now)
@@ -355,7 +356,7 @@ class JourneyEngine:
         ]
         selection = self._select(journey, present, now)
         chosen = {str(v["id"]) for v in selection}
-        blocked = set() if journey.trigger.kind is TriggerKind.MESSAGE else store.opted_out(conn, sorted(chosen))
+        blocked = set() if journey.trigger.kind is TriggerKind.MESSAGE else optouts_db.opted_out(conn, sorted(chosen))
         history = store.past_entries(conn, journey.id, sorted(chosen))
         items: list[store.NewEnrolment] = []
         taken: dict[str, int] = defaultdict(int)
@@ -498,7 +499,7 @@ class JourneyEngine:
             return []
         contacts = [e.contact_id for e in due]
         views = store.contact_views(self.db, contacts)
-        blocked = store.opted_out(self.db, contacts)
+        blocked = optouts_db.opted_out(self.db, contacts)
         since = min((e.entered_at or now) for e in due) - timedelta(seconds=1)
         history = store.contact_events(
             self.db,
