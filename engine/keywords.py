@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 MatchKind = Literal["contains", "exact", "regex"]
 # Stripped from both ends before an exact comparison: spaces, and the punctuation people add to a short reply.
@@ -43,26 +43,21 @@ class KeywordSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
+    match: MatchKind = "contains"  # before keywords: their check reads it
     keywords: list[str] = Field(default_factory=list)
-    match: MatchKind = "contains"
 
     @field_validator("keywords")
     @classmethod
-    def _not_blank(cls, value: list[str]) -> list[str]:
+    def _usable(cls, value: list[str], info: ValidationInfo) -> list[str]:
         for word in value:
             if not _bare(str(word)):
                 raise ValueError("a keyword cannot be empty or only spaces and punctuation")
-        return value
-
-    @model_validator(mode="after")
-    def _regex_compiles(self) -> KeywordSpec:
-        if self.match == "regex":
-            for word in self.keywords:
+            if info.data.get("match") == "regex":
                 try:
                     re.compile(normalize(word))
                 except re.error as exc:
                     raise ValueError(f"invalid regular expression {word!r}: {exc}") from None
-        return self
+        return value
 
     def matcher(self) -> Matcher:
         return Matcher.build(self.keywords, self.match)

@@ -131,6 +131,20 @@ class TriggerModel(Strict):
             return {value: {} if value == "message" else True}
         return value
 
+    @field_validator("contact_added")
+    @classmethod
+    def _added(cls, value: bool | None) -> bool | None:
+        if value is False:
+            raise ValueError("contact_added: false would never trigger; write `trigger: contact_added`")
+        return value
+
+    @field_validator("tag_added", "tag_removed")
+    @classmethod
+    def _tag(cls, value: str | None) -> str | None:
+        if value is not None and not value.strip():
+            raise ValueError("name a tag, like tag_added: 已购")
+        return value
+
     @model_validator(mode="after")
     def _one(self) -> TriggerModel:
         kinds = [k for k in TriggerKind if getattr(self, k.value) is not None]
@@ -139,12 +153,6 @@ class TriggerModel(Strict):
                 "give exactly one trigger: contact_added, tag_added, tag_removed, message, date or schedule"
                 + (f" (found {', '.join(kinds)})" if kinds else "")
             )
-        if self.contact_added is False:
-            raise ValueError("contact_added: false would never trigger; write `trigger: contact_added`")
-        for name in ("tag_added", "tag_removed"):
-            tag = getattr(self, name)
-            if tag is not None and not tag.strip():
-                raise ValueError(f"{name} names a tag")
         return self
 
 
@@ -160,6 +168,8 @@ class EventWaitModel(Strict):
     def _shorthand(cls, value: Any) -> Any:
         if value == "reply":
             return {"message": {}}
+        if not isinstance(value, dict):
+            raise ValueError("wait for reply, {message: {keywords: [...]}}, {tag_added: TAG} or {tag_removed: TAG}")
         return value
 
     @model_validator(mode="after")
@@ -205,6 +215,8 @@ class WaitModel(Strict):
     @model_validator(mode="after")
     def _shape(self) -> WaitModel:
         timed = [k for k in ("duration", "days", "until", "weekday") if getattr(self, k) is not None]
+        if self.at is not None and self.days is None:
+            raise ValueError("at goes with days (wait: {days: 1, at: 10:00}); for a time of day use until")
         if self.for_ is not None:
             if timed or self.at is not None:
                 raise ValueError(f"wait for an event takes only timeout, not {', '.join(timed or ['at'])}")
@@ -215,8 +227,6 @@ class WaitModel(Strict):
                 raise ValueError("timeout goes with for (wait for an event)")
             if not timed:
                 raise ValueError("a wait needs a duration (wait: 1d), days/at, until/weekday, or for + timeout")
-            if self.at is not None and self.days is None:
-                raise ValueError("at goes with days (wait: {days: 1, at: 10:00}); for a time of day use until")
         return self
 
 
@@ -571,7 +581,7 @@ class _Parser:
         step_id = raw.get("id", auto)
         if not isinstance(step_id, str) or not ID_RE.match(step_id):
             self.problem(
-                (*path, "id"), "a step id may use letters, digits, _ . - (up to 64), starting with one of the first two"
+                (*path, "id"), "a step id may use letters, digits, _ . - (up to 64), starting with a letter or digit"
             )
             return None
         step_id = self._claim_id(step_id, (*path, "id") if "id" in raw else path)
@@ -725,6 +735,13 @@ DEFAULT_ENTRY = {
 }
 
 
+# Campaign fields a journey file may carry by mistake, with what to write instead.
+CAMPAIGN_ONLY = {
+    "schedule": "a journey starts on its trigger: write trigger: {schedule: {...}} (or drop trigger: for a campaign)",
+    "dedupe": "a journey says who may enter again with entry: (once, every_time, {again_after: 30d})",
+}
+
+
 class _EntryModel(BaseModel):
     again_after: Duration
 
@@ -800,12 +817,13 @@ def parse_journey(text: str, file: Path, settings: Settings) -> Journey:
 
 def load_journey_data(data: dict[str, Any], lines: yamlsrc.Lines, text: str, file: Path, settings: Settings) -> Journey:
     """Validate parsed journey data (see the module docstring). Raises CampaignError."""
+    misplaced = [CampaignError(hint, lines.at((key,))) for key, hint in CAMPAIGN_ONLY.items() if key in data]
     try:
-        model = JourneyModel.model_validate(data)
+        model = JourneyModel.model_validate({k: v for k, v in data.items() if k not in CAMPAIGN_ONLY})
     except ValidationError as exc:
-        _raise_all([CampaignError(reason, loc) for loc, reason in yamlsrc.located(exc, lines)])
+        _raise_all([*misplaced, *(CampaignError(reason, loc) for loc, reason in yamlsrc.located(exc, lines))])
         raise AssertionError("unreachable") from None
-    problems: list[CampaignError] = []
+    problems: list[CampaignError] = misplaced
     journey_id = model.id or file.stem
     if not ID_RE.match(journey_id):
         problems.append(
@@ -848,8 +866,9 @@ def load_journey_data(data: dict[str, Any], lines: yamlsrc.Lines, text: str, fil
 
     parser = _Parser(text, file, lines, settings, quiet, cap)
     if (model.steps is None) == (model.message is None):
+        why = "not both" if model.steps is not None else "required field is missing"
         problems.append(
-            CampaignError("give steps: (a list of steps) or message: (one send step), not both", lines.at(("steps",)))
+            CampaignError(f"give steps: (a list of steps) or message: (one send step), {why}", lines.at(("steps",)))
         )
         steps: tuple[Step, ...] = ()
     elif model.message is not None:
