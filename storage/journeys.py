@@ -130,8 +130,10 @@ def record_events(db: DB, events: Sequence[NewEvent], now: datetime) -> list[int
                 opposite = _OPPOSITE[event.kind]
                 generation = _count_kind(conn, event.contact_id, opposite, event)
                 key = f"{event.kind.value}|{_subject(event)}|{generation}"
-            inserted = conn.execute(
-                _insert_ignore_stmt(conn).values(
+            # RETURNING names the row only when it was inserted (a rowcount is not reliable for this on PostgreSQL).
+            new_id = conn.execute(
+                _insert_ignore_stmt(conn)
+                .values(
                     key=key[:300],
                     kind=event.kind.value,
                     contact_id=event.contact_id,
@@ -141,9 +143,9 @@ def record_events(db: DB, events: Sequence[NewEvent], now: datetime) -> list[int
                     recorded_at=now,
                     processed_at=None,
                 )
-            )
-            if inserted.rowcount:
-                new_id = conn.execute(select(_E.id).where(_E.key == key[:300])).scalar_one()
+                .returning(_E.id)
+            ).scalar()
+            if new_id is not None:
                 new_ids.append(int(new_id))
     return new_ids
 
