@@ -22,8 +22,12 @@ Rules:
   and logged), never silently dropped; the valid campaigns keep running.
 * **Contacts** re-sync every `scheduler.contacts_sync` and after each login, when the account is logged in.
 * **Contact changes** the gateway reports (DIRTY events) re-read that one contact (`Workers.refresh_in_background`).
-* **Start and stop.** `start()` resumes runs interrupted by the last shutdown or crash (`Wecast.resume`);
-  `stop()` ends the loop, and `Workers.drain` lets in-flight sends be recorded.
+* **Journeys.** Journey files in the same folder are loaded with the campaigns (their errors beside the
+  campaigns') and handed to the app's journey engine, which a `JourneyRunner` ticks beside this loop; the
+  runner dispatches journey runs (through `Workers`, side by side: one per journey step, entry and day).
+* **Start and stop.** `start()` resumes runs interrupted by the last shutdown or crash (`Wecast.resume`; journey
+  runs are resumed by the journey runner's first tick); `stop()` ends the loops, and `Workers.drain` lets in-flight
+  sends be recorded.
 * **Never on the event loop:** reading campaign files, planning a fire and every database call run in worker
   threads (`engine.blocking.off_loop`), so a 100,000-recipient plan does not stall sends or HTTP answers.
 """
@@ -41,14 +45,17 @@ from typing import Any
 
 from engine.blocking import off_loop
 from engine.clock import Clock
+from engine.definitions import Definitions, load_definitions
 from engine.errors import CampaignError, WecastError
 from engine.gateways.base import EventKind, GatewayEvent
+from engine.journeys.runtime import Dispatch, JourneyRunner
 from engine.plan import slot_key
 from engine.schedule import ScheduleSpec, Trigger, build_trigger, latest_fire_time, next_fire_times
 from engine.service import Wecast
-from engine.spec import Campaign, LoadResult, campaign_files, load_campaigns
+from engine.spec import Campaign, campaign_files
 from engine.workers import Workers
 from storage import runs as runs_db
+from storage.journeys import JOURNEY_TRIGGER
 
 log = logging.getLogger("wecast.scheduler")
 
@@ -106,6 +113,7 @@ class CampaignScheduler:
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task[None] | None = None
         self._unsubscribe: Callable[[], None] | None = None
+        self.journeys = JourneyRunner(app.journeys, self._dispatch_journey_run, start_task=self._journey_task)
 
     # -- lifecycle -------------------------------------------------------------------------------
     async def start(self, *, loop: bool = True, resume: bool = True) -> None:
@@ -118,6 +126,7 @@ class CampaignScheduler:
             await self.resume_interrupted()
         if loop:
             self._task = asyncio.get_running_loop().create_task(self._loop(), name="wecast-scheduler")
+            self.journeys.start()
 
     async def stop(self) -> None:
         """Stop firing (running dispatch tasks are left to `Workers.drain`)."""
@@ -127,6 +136,7 @@ class CampaignScheduler:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
+        await self.journeys.stop()
         if self._unsubscribe is not None:
             self._unsubscribe()
             self._unsubscribe = None
@@ -186,11 +196,11 @@ class CampaignScheduler:
             out[str(path)] = (st.st_mtime_ns, st.st_size)
         return out
 
-    def _load(self) -> tuple[dict[str, tuple[int, int]], LoadResult]:
+    def _load(self) -> tuple[dict[str, tuple[int, int]], Definitions]:
         snapshot = self._files_snapshot()
         if not self.campaigns_dir.is_dir():
-            return snapshot, LoadResult([], [CampaignError(f"campaigns folder not found: {self.campaigns_dir}")])
-        return snapshot, load_campaigns([self.campaigns_dir], self.app.settings)
+            return snapshot, Definitions(errors=[CampaignError(f"campaigns folder not found: {self.campaigns_dir}")])
+        return snapshot, load_definitions([self.campaigns_dir], self.app.settings)
 
     async def reload(self) -> list[CampaignError]:
         """Re-read every campaign file now (off the event loop). Returns the problems (also kept in `errors`
@@ -198,6 +208,7 @@ class CampaignScheduler:
         self._last_poll = self.clock.monotonic()
         self._snapshot, result = await off_loop(self._load)
         campaigns, errors = result.campaigns, result.errors
+        await off_loop(self.app.journeys.set_journeys, result.journeys)
         now = self.clock.now()
         entries: dict[str, CampaignEntry] = {}
         for campaign in campaigns:
@@ -396,6 +407,8 @@ class CampaignScheduler:
         started = []
         for run in await off_loop(runs_db.unfinished_runs, self.app.db):
             run_id, campaign_id = run.id, run.campaign_id
+            if run.trigger == JOURNEY_TRIGGER:
+                continue  # the journey runner dispatches journey runs (from its first tick on)
             try:
                 self.workers.start(run_id, campaign_id, functools.partial(self._resume, run_id))
             except WecastError as exc:
@@ -405,6 +418,13 @@ class CampaignScheduler:
         if started:
             log.info("resuming interrupted runs: %s", ", ".join(map(str, started)))
         return started
+
+    async def _dispatch_journey_run(self, run_id: int) -> None:
+        summary = await self.app.dispatcher.run(run_id, login_wait=None)
+        log.info("run %s (journey): %s (%s)", run_id, summary.status, summary.message)
+
+    def _journey_task(self, run_id: int, dispatch: Dispatch) -> asyncio.Task[Any]:
+        return self.workers.start(run_id, "journey", lambda: dispatch(run_id), exclusive=False)
 
     async def _resume(self, run_id: int) -> None:
         for summary in await self.app.resume(run_id, login_wait=None):

@@ -9,6 +9,7 @@ the event loop (`engine.dispatch.off_loop`); the async ones do that themselves.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from types import TracebackType
 
@@ -21,6 +22,7 @@ from engine.dispatch import Dispatcher, Progress, RunSummary
 from engine.errors import NotFoundError, WecastError
 from engine.gateways.base import Gateway
 from engine.gateways.registry import build_gateway
+from engine.journeys.runtime import JourneyEngine
 from engine.plan import PlanResult, Preview, build_preview, plan_run
 from engine.settings import Settings
 from engine.spec import Campaign
@@ -55,6 +57,9 @@ class Wecast:
         self.db = db or make_db_engine(settings.database_url)
         self.gateway = gateway or build_gateway(settings, self.clock)
         self.dispatcher = Dispatcher(self.db, self.gateway, settings, clock=self.clock)
+        # The journeys (the rule engine) of this instance; the scheduler of `wecast serve` loads and ticks them.
+        self.journeys = JourneyEngine(self.db, self.gateway, settings, clock=self.clock)
+        self._unsubscribe: Callable[[], None] | None = None
         self._started = False
 
     async def __aenter__(self) -> Wecast:
@@ -68,6 +73,8 @@ class Wecast:
 
     async def start(self) -> None:
         if not self._started:
+            # Listening before the gateway starts: customer events from its first moments reach the inbox too.
+            self._unsubscribe = self.gateway.subscribe(self.journeys.on_gateway_event)
             await self.gateway.start()
             self._started = True
 
@@ -75,6 +82,9 @@ class Wecast:
         if self._started:
             await self.gateway.close()
             self._started = False
+        if self._unsubscribe is not None:
+            self._unsubscribe()
+            self._unsubscribe = None
         self.db.dispose()
 
     # -- contacts --------------------------------------------------------------------------------
@@ -82,7 +92,11 @@ class Wecast:
         return contacts_db.count_contacts(self.db)
 
     async def sync(self, progress: SyncProgress | None = None) -> SyncResult:
-        return await sync_contacts(self.gateway, self.db, clock=self.clock, progress=progress)
+        """Sync contacts; the changes it finds are recorded as customer events, and the journeys are woken."""
+        result = await sync_contacts(self.gateway, self.db, clock=self.clock, progress=progress)
+        if result.events:
+            self.journeys.poke()
+        return result
 
     async def ensure_contacts(self) -> SyncResult | None:
         """Sync once if the database has no contacts yet (a fresh install)."""

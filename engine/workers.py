@@ -44,13 +44,22 @@ class Workers:
     def running(self) -> list[int]:
         return sorted(self._runs)
 
-    def start(self, run_id: int, campaign_id: str, work: Callable[[], Coroutine[Any, Any, Any]]) -> asyncio.Task[Any]:
+    def start(
+        self,
+        run_id: int,
+        campaign_id: str,
+        work: Callable[[], Coroutine[Any, Any, Any]],
+        *,
+        exclusive: bool = True,
+    ) -> asyncio.Task[Any]:
         """Start `work` (dispatching run `run_id`) unless that run, or another run of the same campaign, is
-        already being dispatched; returns the task that dispatches it."""
+        already being dispatched; returns the task that dispatches it. `exclusive=False`: runs that may go side by
+        side with the campaign's others (a journey's runs, one per step, entry and day; direct API sends)."""
         existing = self._runs.get(run_id)
         if existing is not None:
             return existing
-        other = self._campaigns.get(campaign_id) if campaign_id != API_CAMPAIGN else None
+        exclusive = exclusive and campaign_id != API_CAMPAIGN
+        other = self._campaigns.get(campaign_id) if exclusive else None
         if other is not None:
             raise WecastError(
                 f"campaign {campaign_id!r} is still sending run {other}; a campaign's runs never "
@@ -58,7 +67,7 @@ class Workers:
             )
         task = asyncio.get_running_loop().create_task(self._guard(run_id, work()), name=f"wecast-run-{run_id}")
         self._runs[run_id] = task
-        if campaign_id != API_CAMPAIGN:
+        if exclusive:
             self._campaigns[campaign_id] = run_id
 
         def done(_: asyncio.Task[Any]) -> None:
@@ -153,6 +162,7 @@ class Workers:
                     log.warning("contact %s changed, but could not be re-read: %s", contact_id, exc)
                     return
             log.info("contact %s %s", contact_id, "refreshed" if exists else "is gone: marked removed")
+            app.journeys.poke()  # the refresh recorded what changed (tags, removal) as customer events
 
         task = asyncio.get_running_loop().create_task(go(), name=f"wecast-refresh-{contact_id}")
         self._refreshes.add(task)

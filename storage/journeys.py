@@ -37,6 +37,8 @@ from storage.models import (
     RunStatus,
 )
 
+JOURNEY_TRIGGER = "journey"  # the `trigger` of the runs that journey sends are planned into
+
 _E = CUSTOMER_EVENTS.c
 _N = ENROLMENTS.c
 _P = ENROLMENT_STEPS.c
@@ -739,7 +741,7 @@ def journey_run(
                 {
                     "campaign_id": journey_id,
                     "run_key": run_key,
-                    "trigger": "journey",
+                    "trigger": JOURNEY_TRIGGER,
                     "status": RunStatus.RUNNING.value,
                     "timezone": timezone,
                     "campaign_file": file,
@@ -770,7 +772,7 @@ def journey_run(
 def open_journey_runs(db: DB) -> list[tuple[int, str]]:
     """(run id, journey id) of journey runs still running (with deliveries to send or being sent)."""
     with reading(db) as conn:
-        stmt = select(_R.id, _R.campaign_id).where(_R.trigger == "journey", _R.status == RunStatus.RUNNING.value)
+        stmt = select(_R.id, _R.campaign_id).where(_R.trigger == JOURNEY_TRIGGER, _R.status == RunStatus.RUNNING.value)
         return [(int(i), str(c)) for i, c in conn.execute(stmt.order_by(_R.id))]
 
 

@@ -94,7 +94,6 @@ async def harness(tmp: Path, db_url: str, start: datetime, *, contacts: int = 30
     app = Wecast(settings, clock=clock)
     await app.start()
     await app.sync()
-    engine = JourneyEngine(app.db, app.gateway, settings, clock=clock)
-    app.gateway.subscribe(engine.on_gateway_event)
+    engine = app.journeys  # listening to the gateway since app.start()
     runner = JourneyRunner(engine, lambda run_id: app.dispatcher.run(run_id, login_wait=0))
     return Harness(tmp, settings, clock, app, engine, runner)

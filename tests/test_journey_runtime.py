@@ -462,3 +462,54 @@ def test_marketing_sends_respect_the_shared_frequency_cap_transactional_ones_do_
         await h.app.close()
 
     run(go())
+
+
+def test_a_sync_records_new_contacts_removals_and_tag_changes_but_the_first_sync_is_the_baseline(
+    db_url: str, tmp_path: Path
+) -> None:
+    """The first sync of a database records no events; a later one records the contacts that came back and the
+    tags the gateway has that the database did not."""
+
+    async def go() -> None:
+        from storage import contacts as contacts_db
+
+        h = await harness(tmp_path, db_url, MONDAY_9)
+        assert store.recent_events(h.db) == []
+        back, retagged = customer(h, 0), customer(h, 1, tag="普通会员")
+        contacts_db.mark_gone(h.db, [back], h.clock.now())
+        tags = sorted(store.contact_states(h.db, [retagged])[retagged].tag_ids)
+        store.set_contact_tags(h.db, retagged, [t for t in tags if t != "tag-member"], h.clock.now())
+        result = await h.app.sync()
+        found = {(e.kind, e.contact_id, e.data.get("tag", "")) for e in store.recent_events(h.db)}
+        assert (CustomerEventKind.CONTACT_ADDED, back, "") in found
+        assert (CustomerEventKind.TAG_ADDED, retagged, "普通会员") in found
+        assert result.events == len(found)
+        assert await h.app.sync() and len(store.recent_events(h.db)) == len(found)  # nothing changed since
+        await h.app.close()
+
+    run(go())
+
+
+def test_wecast_serve_s_scheduler_loads_and_runs_journeys_beside_campaigns(tmp_path: Path) -> None:
+    """The scheduler of `wecast serve` loads journey files with the campaigns and runs them: a stream event enters
+    the welcome journey and its send goes out through a dispatch task the service tracks."""
+
+    async def go() -> None:
+        from engine.scheduler import CampaignScheduler
+
+        h = await harness(tmp_path, f"sqlite:///{tmp_path}/w.sqlite", MONDAY_9)
+        h.write("welcome", WELCOME)
+        h.write("bad", "name: 坏\ntrigger: contact_added\nsteps: []\n")
+        scheduler = CampaignScheduler(h.app)
+        await scheduler.start(loop=False)
+        assert "welcome" in h.app.journeys.journeys
+        assert any("bad.yaml" in str(e) for e in scheduler.errors)
+        cid = customer(h)
+        h.gateway.emit(EventKind.CONTACT_ADDED, contact_id=cid)
+        await scheduler.journeys.until_idle()
+        assert len(h.outbox(cid)) == 1
+        await scheduler.stop()
+        await scheduler.workers.drain(5)
+        await h.app.close()
+
+    run(go())

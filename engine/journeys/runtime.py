@@ -41,9 +41,9 @@ from sqlalchemy.engine import Connection, Engine
 from engine import audience as aud
 from engine.backoff import backoff_delay
 from engine.clock import Clock, SystemClock
-from engine.contacts import record_to_row
+from engine.contacts import refresh_contact
 from engine.errors import GatewayError, PermanentError
-from engine.gateways.base import EventKind, Gateway, GatewayEvent
+from engine.gateways.base import Gateway, GatewayEvent
 from engine.journeys import events as ev
 from engine.journeys.conditions import Facts
 from engine.journeys.spec import EntryKind, IfStep, Journey, SendStep, TagStep, TriggerKind
@@ -152,13 +152,9 @@ class JourneyEngine:
 
     # -- events in -------------------------------------------------------------------------------------------
     def on_gateway_event(self, event: GatewayEvent) -> None:
-        """A gateway listener: buffer customer events for the next tick (which records them first) and wake it."""
-        if event.kind is EventKind.CONTACT_CHANGED:
-            contact_id = str(event.data.get("contact_id") or "")
-            if contact_id:
-                self._refresh.add(contact_id)
-                self.poke()
-            return
+        """A gateway listener: buffer customer events for the next tick (which records them first) and wake it. A new
+        contact is re-read from the gateway in that tick."""
+        # CONTACT_CHANGED (DIRTY) is the service's to refresh (engine.workers); the refresh records the change.
         new = ev.from_gateway(event)
         if new is None:
             return
@@ -174,27 +170,10 @@ class JourneyEngine:
             self.poke()
         return len(recorded)
 
-    async def refresh_contact(self, contact_id: str) -> int:
-        """Re-read one contact from the gateway and record how it changed (a stream's CONTACT_ADDED or DIRTY).
-        Returns how many events that recorded."""
-        record = await self.gateway.get_contact(contact_id)
-        now = self.clock.now()
-
-        def write() -> int:
-            if record is None:
-                return 0
-            old = store.contact_states(self.db, [record.id])
-            contacts_db.upsert_contacts(self.db, [record_to_row(record)], now)
-            after = store.contact_states(self.db, [record.id])
-            names = {v: k for k, v in store.tags_by_name(self.db).items() if k != v}
-            found = ev.diff(
-                old, after, now=now, tag_names=names, added_at={record.id: record.added_at}, source="stream"
-            )
-            # The stream already recorded the add itself (with its welcome code): keep only the tag changes.
-            found = [e for e in found if e.kind is not CustomerEventKind.CONTACT_ADDED]
-            return len(store.record_events(self.db, found, now))
-
-        return await asyncio.to_thread(write)
+    async def refresh_contact(self, contact_id: str) -> bool:
+        """Re-read a contact the stream says was added (its data, for the audience and the templates); the change
+        is recorded as events like a sync's (`engine.contacts.refresh_contact`). Returns whether it exists."""
+        return await refresh_contact(self.gateway, self.db, contact_id, clock=self.clock)
 
     # -- the tick --------------------------------------------------------------------------------------------
     async def tick(self) -> TickReport:
@@ -210,7 +189,7 @@ class JourneyEngine:
             refresh, self._refresh = self._refresh, set()
             for contact_id in sorted(refresh):
                 try:
-                    report.recorded += await self.refresh_contact(contact_id)
+                    await self.refresh_contact(contact_id)
                 except GatewayError as exc:
                     log.warning("contact %s: could not refresh it from the gateway: %s", contact_id, exc)
             await asyncio.to_thread(self._process_inbox, report)
