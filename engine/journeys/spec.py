@@ -808,7 +808,7 @@ def parse_journey(text: str, file: Path, settings: Settings) -> Journey:
     name = str(file)
     try:
         data, lines = yamlsrc.load(text, name)
-    except yamlsrc.YamlSyntaxError as exc:
+    except yamlsrc.YamlError as exc:
         raise CampaignError(str(exc), Location(name, exc.line)) from None
     if not isinstance(data, dict):
         raise CampaignError("a journey file must be a mapping (name:, trigger:, steps:, ...)", Location(name, 1))
