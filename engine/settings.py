@@ -1,9 +1,9 @@
 """config.yaml + environment -> one `Settings` object, loaded once and passed down.
 
 The file is strict: `version: 1`, unknown keys rejected, every error names file, line and field.
-Secrets (API key, WorkPro token, WeCom secret) may be written as `${ENV_NAME}` or left out and given in
-the environment (`WECAST_API_KEY`, `WECAST_WORKPRO_TOKEN`, `WECAST_WECOM_SECRET`); they are `SecretStr`,
-so they never show in logs, errors or `repr`. `WECAST_DATABASE_URL` and `WECAST_GATEWAY` override the file.
+Secrets (API key, WorkPro token, the WeCom credentials) may be written as `${ENV_NAME}` or left out and given
+in the environment (`WECAST_API_KEY`, `WECAST_WORKPRO_TOKEN`, `WECAST_WECOM_*`, see `_SECRET_ENV`); they are
+`SecretStr`, so they never show in logs, errors or `repr`. `WECAST_DATABASE_URL` and `WECAST_GATEWAY` override the file.
 Relative paths are relative to the config file's folder.
 """
 
@@ -209,11 +209,47 @@ class WorkproSettings(Strict):
     throttle_backoff: Duration = timedelta(seconds=30)  # sends pause this long after WorkproErrorCode 20001
 
 
+_AES_KEY = re.compile(r"^[A-Za-z0-9]{43}$")
+
+
+class WecomLimits(Strict):
+    """The client-side limiter, per API (see docs: WeCom's per-corp limits are 10,000 calls a minute and 150,000
+    an hour for each API, shared by every app of the corp; 45033 answers too many concurrent calls)."""
+
+    per_minute: int = Field(default=10_000, ge=1)
+    per_hour: int = Field(default=150_000, ge=1)
+    concurrency: int = Field(default=5, ge=1, le=100)
+
+
 class WecomSettings(Strict):
-    corp_id: str = ""
-    secret: SecretStr | None = None
+    """The official WeCom server API (gateway `wecom`). The four credentials are secrets: give them as `${ENV}` or
+    in the environment (`WECAST_WECOM_CORP_ID`, `WECAST_WECOM_SECRET`, `WECAST_WECOM_CALLBACK_TOKEN`,
+    `WECAST_WECOM_AES_KEY`); they never show in logs, errors, `wecast config` or `/metrics`."""
+
+    corp_id: SecretStr | None = None
+    secret: SecretStr | None = None  # the secret of the self-built app in 客户联系 → 可调用接口的应用
+    callback_token: SecretStr | None = None  # 接收事件服务器: Token
+    encoding_aes_key: SecretStr | None = None  # 接收事件服务器: EncodingAESKey (43 characters)
+    agent_id: int | None = None  # the app's AgentId, for run summaries to staff through message/send
+    webhook_key: SecretStr | None = None  # a group robot's key, for run summaries through its webhook
     base_url: str = "https://qyapi.weixin.qq.com"
-    sender: str = ""  # member userid whose customers are synced / messaged
+    staff: list[str] = []  # only these members' customers (default: every member with customer contact)
+    state_file: Path = Path("data/wecom.sqlite")  # 群发 task ledger, media ids, contact sync snapshots
+    call_timeout: Duration = timedelta(seconds=15)
+    limits: WecomLimits = WecomLimits()
+    max_retries: int = Field(default=3, ge=0, le=20)  # -1 / 45009 / 45033 retried this often inside one call
+    retry_delay: Duration = timedelta(seconds=1)  # first wait after -1 or 45033 (doubles, jittered)
+    rate_limit_wait: Duration = timedelta(seconds=60)  # after 45009: WeCom blocks a minute limit for 60 s
+    callback_max_age: Duration = timedelta(minutes=5)  # older (or replayed) callbacks are refused
+    media_ttl: Duration = timedelta(days=3) - timedelta(hours=1)  # media/upload ids last 3 days: re-upload before
+    customer_limit: Literal["month", "week", "day"] = "month"  # WeCom's per-customer 群发 limit (the corp's rule)
+
+    @field_validator("encoding_aes_key")
+    @classmethod
+    def _aes_key_shape(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and not _AES_KEY.match(value.get_secret_value()):
+            raise ValueError("the EncodingAESKey is 43 letters and digits (as the WeCom admin console shows it)")
+        return value
 
 
 class ApiSettings(Strict):
@@ -293,6 +329,10 @@ _SECRET_ENV = {
     ("api", "key"): "WECAST_API_KEY",
     ("workpro", "token"): "WECAST_WORKPRO_TOKEN",
     ("wecom", "secret"): "WECAST_WECOM_SECRET",
+    ("wecom", "corp_id"): "WECAST_WECOM_CORP_ID",
+    ("wecom", "callback_token"): "WECAST_WECOM_CALLBACK_TOKEN",
+    ("wecom", "encoding_aes_key"): "WECAST_WECOM_AES_KEY",
+    ("wecom", "webhook_key"): "WECAST_WECOM_WEBHOOK_KEY",
 }
 
 
@@ -364,8 +404,9 @@ def _resolve_paths(settings: Settings, base: Path) -> Settings:
     if url.startswith("sqlite:///") and not url.startswith("sqlite:////") and ":memory:" not in url:
         url = "sqlite:///" + str(rel(Path(url.removeprefix("sqlite:///"))))
     sandbox = settings.sandbox.model_copy(update={"state_file": rel(settings.sandbox.state_file)})
+    wecom = settings.wecom.model_copy(update={"state_file": rel(settings.wecom.state_file)})
     return settings.model_copy(
-        update={"database_url": url, "campaigns_dir": rel(settings.campaigns_dir), "sandbox": sandbox}
+        update={"database_url": url, "campaigns_dir": rel(settings.campaigns_dir), "sandbox": sandbox, "wecom": wecom}
     )
 
 

@@ -1,8 +1,19 @@
 """The gateway contract, as one test suite every gateway must pass (the APScheduler data-store pattern).
 
 A gateway plugs in through a small *driver*: the gateway under test plus the few things only a test can do
-to its far side (scan the QR with the "phone", read the code the phone shows, look at what the recipient
-received). `tests/test_gateway_contract.py` builds one driver per gateway and runs `GatewayContract` on each.
+to its far side (scan the QR with the "phone", read the code the phone shows, confirm 群发 tasks as the staff
+member would, look at what the recipient received). `tests/test_gateway_contract.py` builds one driver per gateway
+and runs `GatewayContract` on each.
+
+The capabilities decide which tests apply:
+
+* `qr_login` — the QR + verification-code tests; a gateway that logs in with configured credentials (the official
+  API) passes `test_credential_login` instead: start_login logs in at once, there is no code to submit, logout
+  holds every call until start_login.
+* `direct_send` — the one-message-at-a-time tests (text and every part kind); a task-based gateway must refuse
+  `send_text` for good.
+* `batch_send` — the 群发 task tests: nothing delivered before staff confirm, then exactly once per customer (every
+  part of the message), unknown customers rejected, a resubmission under the same key the same task.
 """
 
 from __future__ import annotations
@@ -18,7 +29,7 @@ from typing import Protocol
 import pytest
 
 from engine.errors import LoginError, NotLoggedInError, PermanentError
-from engine.gateways.base import EventKind, Gateway, LoginState, LoginStatus
+from engine.gateways.base import BatchOutcome, EventKind, Gateway, LoginState, LoginStatus
 from engine.messages import (
     FilePart,
     ImagePart,
@@ -67,6 +78,9 @@ class GatewayDriver(Protocol):
 
     def refuse_next(self, kind: PartKind, reason: str) -> None:
         """The far side refuses the next part of `kind` for good, saying `reason`."""
+
+    async def confirm(self) -> None:
+        """Staff confirm every waiting 群发 task (task-based gateways; nothing to do for the others)."""
 
 
 DriverFactory = Callable[[], AbstractAsyncContextManager[GatewayDriver]]
@@ -169,6 +183,31 @@ async def all_contacts(gateway: Gateway, page_size: int) -> list[str]:
     raise AssertionError("list_contacts never reached the last page")
 
 
+def needs(gateway: Gateway, **wanted: bool) -> None:
+    """Skip the test unless the gateway's capabilities have these values (the contract is per capability)."""
+    for name, value in wanted.items():
+        if getattr(gateway.capabilities, name) != value:
+            pytest.skip(f"{gateway.name}: capabilities.{name} is {not value} (the test is for {name}={value})")
+
+
+def customer_of(driver: GatewayDriver, index: int = 3) -> str:
+    return sorted(driver.contact_ids())[index]
+
+
+async def send_any(gateway: Gateway, contact_id: str, text: str, key: str, sender: str) -> None:
+    """One message the way the gateway sends: directly, or as a one-customer task of `sender`."""
+    if gateway.capabilities.direct_send:
+        await gateway.send_text(contact_id, text, idempotency_key=key)
+    else:
+        await gateway.submit_batch([contact_id], Message.of_text(text), idempotency_key=key, sender=sender)
+
+
+async def sender_of(gateway: Gateway, contact_id: str) -> str:
+    """The staff member a task to this customer is sent by ('' where the gateway has one account)."""
+    contact = await gateway.get_contact(contact_id)
+    return contact.follow_user_ids[0] if contact and contact.follow_user_ids else ""
+
+
 class GatewayContract:
     """The shared suite. Subclasses provide a `driver` fixture (an async generator of GatewayDriver)."""
 
@@ -178,6 +217,7 @@ class GatewayContract:
 
     async def test_login_flow(self, driver: GatewayDriver, gateway: Gateway) -> None:
         """A QR with a key, a scan, a wrong code (LoginError with tries left), the right code, LOGIN."""
+        needs(gateway, qr_login=True)
         status = await gateway.start_login()
         assert status.state is LoginState.WAITING_SCAN
         assert status.qr_url
@@ -199,6 +239,7 @@ class GatewayContract:
 
     async def test_too_many_wrong_codes_need_a_new_qr(self, driver: GatewayDriver, gateway: Gateway) -> None:
         """After 3 wrong codes the error says so (tries_left 0) and a new QR is shown."""
+        needs(gateway, qr_login=True)
         first = await gateway.start_login()
         await driver.scan()
         await wait_for_state(gateway, LoginState.WAITING_VERIFY_CODE)
@@ -248,6 +289,7 @@ class GatewayContract:
 
     async def test_send_text(self, driver: GatewayDriver, gateway: Gateway) -> None:
         """send_text returns a message id, and the recipient received exactly that message."""
+        needs(gateway, direct_send=True)
         await log_in(driver)
         contact_id = sorted(driver.contact_ids())[3]
         receipt = await gateway.send_text(contact_id, "您好，周末店庆全场八折 🎉", idempotency_key="k-1")
@@ -256,6 +298,7 @@ class GatewayContract:
 
     async def test_send_to_unknown_contact_is_permanent(self, driver: GatewayDriver, gateway: Gateway) -> None:
         """Sending to an id the account does not know fails for good, and nothing is delivered."""
+        needs(gateway, direct_send=True)
         await log_in(driver)
         with pytest.raises(PermanentError):
             await gateway.send_text(driver.unknown_contact_id, "hello", idempotency_key="k-2")
@@ -263,6 +306,7 @@ class GatewayContract:
 
     async def test_logout_then_new_qr(self, driver: GatewayDriver, gateway: Gateway) -> None:
         """logout ends the session (LOGOUT event), and start_login then shows a new QR."""
+        needs(gateway, qr_login=True)
         first = await gateway.start_login()
         await log_in(driver)
         status = await gateway.logout()
@@ -273,20 +317,40 @@ class GatewayContract:
         assert again.qrcode_key
         assert again.qrcode_key != first.qrcode_key
 
-    async def test_send_while_logged_out(self, driver: GatewayDriver, gateway: Gateway) -> None:
-        """Sends while logged out raise NotLoggedInError (before and after a session)."""
-        contact_id = sorted(driver.contact_ids())[0]
-        await gateway.start_login()
+    async def test_credential_login(self, driver: GatewayDriver, gateway: Gateway) -> None:
+        """Without a QR: start_login logs in at once (LOGIN), a verify code is refused, logout (LOGOUT) holds calls
+        until start_login logs in again."""
+        needs(gateway, qr_login=False)
+        status = await gateway.start_login()
+        assert status.logged_in, status.message
+        assert any(e.kind is EventKind.LOGIN for e in gateway.events)
+        with pytest.raises(LoginError):
+            await gateway.submit_verify_code("123456")
+        assert not (await gateway.logout()).logged_in
+        assert any(e.kind is EventKind.LOGOUT for e in gateway.events)
         with pytest.raises(NotLoggedInError):
-            await gateway.send_text(contact_id, "hi", idempotency_key="k-3")
+            await gateway.list_contacts(None, 10)
+        assert (await gateway.start_login()).logged_in
+        assert (await gateway.list_contacts(None, 10)).contacts
+
+    async def test_send_while_logged_out(self, driver: GatewayDriver, gateway: Gateway) -> None:
+        """Sends while logged out raise NotLoggedInError (before a QR session, and after logout)."""
+        contact_id = customer_of(driver, 0)
+        if gateway.capabilities.qr_login:
+            await gateway.start_login()
+            with pytest.raises(NotLoggedInError):
+                await send_any(gateway, contact_id, "hi", "k-3", sender="")
         await log_in(driver)
+        sender = await sender_of(gateway, contact_id)
         await gateway.logout()
         with pytest.raises(NotLoggedInError):
-            await gateway.send_text(contact_id, "hi", idempotency_key="k-4")
+            await send_any(gateway, contact_id, "hi", "k-4", sender)
+        await driver.confirm()
         assert driver.sent_messages() == []
 
     async def test_send_message_of_one_text_part(self, driver: GatewayDriver, gateway: Gateway) -> None:
         """send() of a one-part text message delivers that text once and returns one receipt for part 0."""
+        needs(gateway, direct_send=True)
         await log_in(driver)
         contact_id = sorted(driver.contact_ids())[3]
         receipts = await gateway.send(contact_id, Message.of_text("新品到店，欢迎试穿"), idempotency_key="k-5")
@@ -316,6 +380,7 @@ class GatewayContract:
     ) -> None:
         """A part of each supported kind reaches the recipient once, as that kind, with its content intact (an
         image's or file's bytes by sha256 and size, a card's title and target)."""
+        needs(gateway, direct_send=True)
         if kind not in gateway.capabilities.supports:
             pytest.skip(f"{gateway.name} does not send {kind.value} parts")
         await log_in(driver)
@@ -337,6 +402,7 @@ class GatewayContract:
     async def test_send_message_of_several_parts(self, driver: GatewayDriver, gateway: Gateway, tmp_path: Path) -> None:
         """send() delivers every part in order with one receipt each; after a refused part it stops, and a resend
         that skips the parts already sent delivers only the rest."""
+        needs(gateway, direct_send=True)
         kinds = [PartKind.TEXT, PartKind.IMAGE, PartKind.LINK]
         if not set(kinds) <= gateway.capabilities.supports:
             pytest.skip(f"{gateway.name} does not send images and link cards")
@@ -359,6 +425,7 @@ class GatewayContract:
     async def test_refused_part_names_the_reason(self, driver: GatewayDriver, gateway: Gateway, tmp_path: Path) -> None:
         """A part the far side refuses is a PermanentError carrying the server's reason; nothing is delivered, and
         the next part of that kind goes through."""
+        needs(gateway, direct_send=True)
         if PartKind.IMAGE not in gateway.capabilities.supports:
             pytest.skip(f"{gateway.name} does not send images")
         await log_in(driver)
@@ -374,6 +441,7 @@ class GatewayContract:
     async def test_media_is_read_once(self, driver: GatewayDriver, gateway: Gateway, tmp_path: Path) -> None:
         """An image sent to many contacts is read once: after the first send the file may even be gone, and every
         later recipient still gets exactly the content that was checked."""
+        needs(gateway, direct_send=True)
         if PartKind.IMAGE not in gateway.capabilities.supports:
             pytest.skip(f"{gateway.name} does not send images")
         await log_in(driver)
@@ -392,6 +460,7 @@ class GatewayContract:
         self, driver: GatewayDriver, gateway: Gateway, tmp_path: Path
     ) -> None:
         """A missing file, or one whose content is not the one checked (sha256), fails for good and sends nothing."""
+        needs(gateway, direct_send=True)
         if PartKind.FILE not in gateway.capabilities.supports:
             pytest.skip(f"{gateway.name} does not send files")
         await log_in(driver)
@@ -409,6 +478,7 @@ class GatewayContract:
     async def test_a_part_key_delivers_once(self, driver: GatewayDriver, gateway: Gateway, tmp_path: Path) -> None:
         """On a gateway that honours idempotency keys, sending a part again under its key delivers nothing new
         and answers with the first message id."""
+        needs(gateway, direct_send=True)
         if not gateway.capabilities.idempotent_sends or PartKind.LINK not in gateway.capabilities.supports:
             pytest.skip(f"{gateway.name} does not honour idempotency keys for link cards")
         await log_in(driver)
@@ -418,3 +488,89 @@ class GatewayContract:
         again = await gateway.send_part(contact_id, part, idempotency_key="k-15#1")
         assert (again.message_id, again.duplicate) == (first.message_id, True)
         assert len(driver.sent_messages()) == 1
+
+    # -- task-based sending (群发) ------------------------------------------------------------------------
+    async def test_task_based_gateways_refuse_direct_sends(self, driver: GatewayDriver, gateway: Gateway) -> None:
+        """A gateway without direct_send refuses send_text for good (the dispatcher must use tasks), sending nothing."""
+        needs(gateway, direct_send=False)
+        await log_in(driver)
+        with pytest.raises(PermanentError):
+            await gateway.send_text(customer_of(driver), "hi", idempotency_key="k-7")
+        await driver.confirm()
+        assert driver.sent_messages() == []
+
+    async def test_a_task_delivers_only_after_staff_confirm(self, driver: GatewayDriver, gateway: Gateway) -> None:
+        """submit_batch: the task covers the customers, nothing is delivered and results are pending until staff
+        confirm; then each customer got the text exactly once, and the results say sent with that message id."""
+        needs(gateway, batch_send=True)
+        await log_in(driver)
+        sender = await sender_of(gateway, customer_of(driver, 0))
+        page = await gateway.list_contacts(None, 1000)
+        ids = sorted(c.id for c in page.contacts if not sender or sender in c.follow_user_ids)[:8]
+        message = Message.of_text("会员日，全场八折")
+        receipt = await gateway.submit_batch(ids, message, idempotency_key="t-1", sender=sender)
+        assert receipt.task_id
+        assert set(receipt.accepted) | set(receipt.rejected) == set(ids)
+        assert receipt.accepted
+        assert {r.outcome for r in await gateway.batch_results(receipt.task_id)} <= {BatchOutcome.PENDING}
+        assert driver.sent_messages() == []
+        await driver.confirm()
+        results = {r.contact_id: r for r in await gateway.batch_results(receipt.task_id)}
+        sent = {cid for cid, r in results.items() if r.outcome is BatchOutcome.SENT}
+        assert sent
+        assert sent <= set(receipt.accepted)
+        assert all(results[cid].message_id for cid in sent)
+        delivered = [m for m in driver.sent_messages() if m.text == "会员日，全场八折"]
+        assert sorted(m.contact_id for m in delivered) == sorted(sent)
+        assert {(m.contact_id, m.message_id) for m in delivered} == {(cid, results[cid].message_id) for cid in sent}
+        assert all(r.reason for r in results.values() if r.outcome is BatchOutcome.FAILED)
+
+    async def test_a_task_carries_every_part(self, driver: GatewayDriver, gateway: Gateway, tmp_path: Path) -> None:
+        """A task of text, image, link and mini-program parts reaches each customer with every supported part once
+        (an image by its content), in order."""
+        needs(gateway, batch_send=True)
+        await log_in(driver)
+        parts = sample_parts(tmp_path)
+        kinds = [k for k in (PartKind.TEXT, PartKind.IMAGE, PartKind.LINK) if k in gateway.capabilities.supports]
+        message = Message(tuple(parts[k] for k in kinds))
+        contact_id = (await friends(gateway))[2]
+        sender = await sender_of(gateway, contact_id)
+        receipt = await gateway.submit_batch([contact_id], message, idempotency_key="t-4", sender=sender)
+        await driver.confirm()
+        [result] = await gateway.batch_results(receipt.task_id)
+        assert result.outcome is BatchOutcome.SENT
+        got = [m for m in driver.sent_messages() if m.contact_id == contact_id]
+        assert [m.kind for m in got] == kinds
+        image = parts[PartKind.IMAGE]
+        if PartKind.IMAGE in kinds and isinstance(image, ImagePart):
+            assert [(m.sha256, m.size) for m in got if m.kind is PartKind.IMAGE] == [
+                (image.media.sha256, image.media.size)
+            ]
+
+    async def test_a_task_rejects_unknown_customers(self, driver: GatewayDriver, gateway: Gateway) -> None:
+        """An id the account does not know is rejected with a reason; the others are still covered."""
+        needs(gateway, batch_send=True)
+        await log_in(driver)
+        known = customer_of(driver, 1)
+        sender = await sender_of(gateway, known)
+        receipt = await gateway.submit_batch(
+            [known, driver.unknown_contact_id], Message.of_text("hello"), idempotency_key="t-2", sender=sender
+        )
+        assert known in receipt.accepted
+        assert receipt.rejected[driver.unknown_contact_id]
+
+    async def test_a_task_resubmitted_under_its_key_is_the_same_task(
+        self, driver: GatewayDriver, gateway: Gateway
+    ) -> None:
+        """With idempotent_sends, submitting the same key again (after a crash) answers the same task, and each
+        customer still receives the message once."""
+        needs(gateway, batch_send=True, idempotent_sends=True)
+        await log_in(driver)
+        contact_id = customer_of(driver, 2)
+        sender = await sender_of(gateway, contact_id)
+        first = await gateway.submit_batch([contact_id], Message.of_text("一次"), idempotency_key="t-3", sender=sender)
+        again = await gateway.submit_batch([contact_id], Message.of_text("一次"), idempotency_key="t-3", sender=sender)
+        assert again.task_id == first.task_id
+        await driver.confirm()
+        await gateway.batch_results(first.task_id)
+        assert [m.contact_id for m in driver.sent_messages() if m.text == "一次"] == [contact_id]

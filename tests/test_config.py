@@ -121,12 +121,12 @@ def test_unset_env_reference_names_the_variable(tmp_path: Path) -> None:
 def test_env_reference_is_expanded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """`${NAME}` takes the variable's value (here a secret and a plain field)."""
     monkeypatch.setenv("MY_TOKEN", SECRET)
-    monkeypatch.setenv("MY_SENDER", "zhangsan")
-    path = write(tmp_path, "version: 1\nworkpro:\n  token: ${MY_TOKEN}\nwecom:\n  sender: ${MY_SENDER}\n")
+    monkeypatch.setenv("MY_BASE_URL", "http://127.0.0.1:9899")
+    path = write(tmp_path, "version: 1\nworkpro:\n  token: ${MY_TOKEN}\nwecom:\n  base_url: ${MY_BASE_URL}\n")
     settings = load_settings(path)
     assert settings.workpro.token is not None
     assert settings.workpro.token.get_secret_value() == SECRET
-    assert settings.wecom.sender == "zhangsan"
+    assert settings.wecom.base_url == "http://127.0.0.1:9899"
 
 
 def test_env_overrides_database_url_and_api_key(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

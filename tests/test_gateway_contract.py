@@ -2,6 +2,10 @@
 
 * `workpro`: the real gRPC client against the fake WorkPro puppet on loopback.
 * `sandbox`: the in-process simulated account (its phone scans only when the test says so).
+* `sandbox-batch`: the sandbox sending by 群发 task (`mode: batch`), as the official API does.
+* `wecom`: the official-API gateway against the fake WeCom server (FastAPI on loopback). It logs in with
+  credentials, not by QR, and sends by task only: the capabilities select `test_credential_login` and the task
+  tests for it instead of the QR and direct-send tests (see tests/gateway_contract.py).
 """
 
 from __future__ import annotations
@@ -18,13 +22,18 @@ from pydantic import SecretStr
 from engine.gateways.base import Gateway
 from engine.gateways.fake_puppet import FakePuppet
 from engine.gateways.sandbox import OutboxMessage, SandboxGateway
+from engine.gateways.wecom.fake_server import FakeWecom, FakeWecomServer
+from engine.gateways.wecom.gateway import WecomGateway
 from engine.gateways.workpro import WorkproGateway
 from engine.messages import PartKind
 from engine.settings import SandboxSettings, WorkproSettings
 
 try:  # pytest puts tests/ on sys.path (no __init__.py); keep working if it becomes a package
     from gateway_contract import Delivered, DriverFactory, GatewayContract, GatewayDriver
+    from wecom_harness import wecom_settings
 except ImportError:  # pragma: no cover
+    from tests.wecom_harness import wecom_settings
+
     from tests.gateway_contract import Delivered, DriverFactory, GatewayContract, GatewayDriver
 
 pytestmark = pytest.mark.anyio
@@ -58,6 +67,9 @@ class WorkproDriver:
 
     def refuse_next(self, kind: PartKind, reason: str) -> None:
         self.fake.refuse_parts(kind, details=f"WorkproErrorCode: 23060, {reason}")
+
+    async def confirm(self) -> None:
+        """Direct sends have no tasks to confirm."""
 
 
 def workpro_settings(fake: FakePuppet, **overrides: object) -> WorkproSettings:
@@ -111,6 +123,9 @@ class SandboxDriver:
     def refuse_next(self, kind: PartKind, reason: str) -> None:
         self.sandbox.sandbox_refuse(kind, reason)
 
+    async def confirm(self) -> None:
+        self.sandbox.sandbox_confirm_tasks()
+
 
 def delivered(m: OutboxMessage) -> Delivered:
     """An outbox row as the contract's Delivered: media by content, cards by target."""
@@ -129,14 +144,18 @@ def delivered(m: OutboxMessage) -> Delivered:
     )
 
 
-def sandbox_driver_factory(tmp_path: Path) -> DriverFactory:
+def sandbox_driver_factory(tmp_path: Path, mode: str = "direct") -> DriverFactory:
     @asynccontextmanager
     async def make() -> AsyncIterator[GatewayDriver]:
-        settings = SandboxSettings(
-            contacts=60,
-            auto_login=False,
-            scan_delay=timedelta(hours=1),
-            state_file=tmp_path / "sandbox.sqlite",
+        settings = SandboxSettings.model_validate(
+            {
+                "contacts": 60,
+                "auto_login": False,
+                "scan_delay": timedelta(hours=1),
+                "state_file": tmp_path / "sandbox.sqlite",
+                "mode": mode,
+                "confirm_delay": timedelta(hours=1),  # batch mode: staff confirm when the test says so
+            }
         )
         gateway = SandboxGateway(settings)
         try:
@@ -148,9 +167,67 @@ def sandbox_driver_factory(tmp_path: Path) -> DriverFactory:
     return make
 
 
+class WecomDriver:
+    """The wecom gateway and the fake WeCom server's far side (its staff and customers)."""
+
+    unknown_contact_id = "wmUnknownCustomer000000000000000"
+
+    def __init__(self, gateway: WecomGateway, fake: FakeWecom) -> None:
+        self.gateway: Gateway = gateway
+        self.fake = fake
+
+    async def scan(self) -> None:
+        raise AssertionError("the official API has no QR to scan")
+
+    def phone_code(self) -> str | None:
+        return None
+
+    def sent_messages(self) -> list[Delivered]:
+        """One Delivered per part: the text, then each attachment (media by the content the fake received)."""
+        out: list[Delivered] = []
+        for r in self.fake.received:
+            if r.text:
+                out.append(Delivered(r.contact_id, r.text, r.message_id))
+            for kind, (sha256, size) in zip(r.attachments, r.attachment_media, strict=True):
+                out.append(Delivered(r.contact_id, "", r.message_id, PartKind(kind), sha256, size))
+        return out
+
+    def contact_ids(self) -> set[str]:
+        return {ext for (_, ext) in self.fake.follows}
+
+    def refuse_next(self, kind: PartKind, reason: str) -> None:
+        raise AssertionError("the wecom gateway sends no single parts to refuse")
+
+    async def confirm(self) -> None:
+        self.fake.confirm()
+
+
+def wecom_driver_factory(tmp_path: Path) -> DriverFactory:
+    @asynccontextmanager
+    async def make() -> AsyncIterator[GatewayDriver]:
+        fake = FakeWecom(customers=60, staff=3)
+        server = FakeWecomServer(fake)
+        url = await server.start()
+        gateway = WecomGateway(wecom_settings(fake, url, tmp_path / "wecom.sqlite"))
+        try:
+            await gateway.start()
+            await gateway.logout()  # every contract test starts logged out
+            yield WecomDriver(gateway, fake)
+        finally:
+            await gateway.close()
+            await server.stop()
+
+    return make
+
+
 class TestGatewayContract(GatewayContract):
-    @pytest.fixture(params=["workpro", "sandbox"])
+    @pytest.fixture(params=["workpro", "sandbox", "sandbox-batch", "wecom"])
     async def driver(self, request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[GatewayDriver]:
-        factory = workpro_driver if request.param == "workpro" else sandbox_driver_factory(tmp_path)
-        async with factory() as driver:
+        factories: dict[str, DriverFactory] = {
+            "workpro": workpro_driver,
+            "sandbox": sandbox_driver_factory(tmp_path),
+            "sandbox-batch": sandbox_driver_factory(tmp_path, "batch"),
+            "wecom": wecom_driver_factory(tmp_path),
+        }
+        async with factories[request.param]() as driver:
             yield driver

@@ -190,6 +190,9 @@ class Capabilities:
     tags: bool = False  # add_contact_tags / remove_contact_tags / create_tag
     welcome: bool = False  # send_welcome with a WelcomeCode (the official API only)
     events: bool = False  # emits customer events (MESSAGE, CONTACT_ADDED, ...) as they happen
+    # Logs in by QR + verify code (the puppets, the sandbox). False: by configured credentials (the official API):
+    # start_login logs in at once or says why not, and there is never a code to submit.
+    qr_login: bool = True
 
 
 Listener = Callable[[GatewayEvent], None]

@@ -1,6 +1,6 @@
 """The one place gateway names map to classes. Config says `gateway: workpro`; nothing scans folders.
 
-Imports are lazy so the sandbox needs neither grpc nor httpx loaded.
+Imports are lazy so the sandbox needs neither grpc nor the wecom gateway's httpx and cryptography loaded.
 """
 
 from __future__ import annotations
@@ -27,5 +27,12 @@ def build_gateway(settings: Settings, clock: Clock | None = None) -> Gateway:
             raise ConfigError("gateway workpro needs a token: set WECAST_WORKPRO_TOKEN or workpro.token")
         return WorkproGateway(settings.workpro, clock)
     if name == "wecom":
-        raise ConfigError("the wecom gateway is not available in this release yet; use sandbox or workpro")
+        from engine.gateways.wecom.gateway import WecomGateway
+
+        if settings.wecom.corp_id is None or settings.wecom.secret is None:
+            raise ConfigError(
+                "gateway wecom needs the corp id and the app secret: set WECAST_WECOM_CORP_ID and WECAST_WECOM_SECRET "
+                "(or wecom.corp_id / wecom.secret as ${ENV} references)"
+            )
+        return WecomGateway(settings.wecom, clock)
     raise ConfigError(f"unknown gateway {name!r}; choose one of {', '.join(GATEWAYS)}")

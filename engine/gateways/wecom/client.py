@@ -1,0 +1,303 @@
+"""The WeCom server API over httpx: one access token per app, every answer's errcode checked, a limiter per API.
+
+* **Token.** Fetched with `gettoken` on first use and cached until shortly before `expires_in`. When a call answers
+  40014 / 42001 / 41001 the token is dropped (only if it is still the current one) and fetched again — by one caller
+  only (a lock: many calls failing together cause one `gettoken`) — and the call is retried once. A `gettoken`
+  refused for the credentials (40001 / 40013 / 40091) is fatal: every later call raises the same `AuthError`
+  without asking WeCom again until `reset()` (WeCom blocks an IP for an hour after repeated secret errors).
+* **Errcodes.** HTTP 200 with a non-zero errcode is an error, mapped by `errors.error_for` (one table). -1, 6000,
+  41063, 45009 and 45033 are retried inside the call (up to `max_retries`; 45009 waits `rate_limit_wait`, the
+  others back off with jitter) before the error is raised to the caller.
+* **Transport.** A connection that never opened is retried like -1. A request that left but got no (or a garbled)
+  answer is retried only for calls that are safe to repeat (`idempotent=True`); for the others it raises
+  `UnknownOutcomeError`, and the caller decides (the 群发 path looks for the task it may have created).
+* **Limits.** `limiter.ApiLimiter`, per API, from `wecom.limits`.
+* **Secrets.** The corpid and secret go only into `gettoken`'s query, the token only into query strings; no message
+  this module raises or logs contains a request, and httpx's own request log lines have these values masked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import re
+from collections import Counter
+from typing import Any
+
+import httpx
+
+from engine.backoff import backoff_delay
+from engine.clock import Clock
+from engine.errors import AuthError, GatewayError, PermanentError, TransientError, UnknownOutcomeError
+from engine.gateways.wecom.errors import Handling, error_for, handling_of, short_errmsg
+from engine.gateways.wecom.limiter import ApiLimiter, Window
+from engine.settings import WecomSettings
+
+log = logging.getLogger("wecast.wecom")
+
+JSON = dict[str, Any]
+_SECRET_PARAMS = re.compile(r"((?:access_token|corpsecret|corpid|key)=)[^&\s\"']+", re.IGNORECASE)
+
+
+def redact(text: str) -> str:
+    """`text` with the values of access_token, corpsecret, corpid and key query parameters masked."""
+    return _SECRET_PARAMS.sub(r"\1***", text)
+
+
+class _RedactQueryStrings(logging.Filter):
+    """Masks secrets in the URLs that httpx logs for every request ("HTTP Request: GET https://…?access_token=…")."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple):
+            record.args = tuple(redact(str(a)) if isinstance(a, httpx.URL | str) else a for a in record.args)
+        if isinstance(record.msg, str):
+            record.msg = redact(record.msg)
+        return True
+
+
+def install_log_redaction() -> None:
+    """Put the masking filter on httpx's logger (once)."""
+    logger = logging.getLogger("httpx")
+    if not any(isinstance(f, _RedactQueryStrings) for f in logger.filters):
+        logger.addFilter(_RedactQueryStrings())
+
+
+class WecomClient:
+    """Calls to `{base_url}/cgi-bin/{api}` for one app (corpid + secret)."""
+
+    def __init__(
+        self,
+        settings: WecomSettings,
+        clock: Clock,
+        *,
+        transport: httpx.AsyncBaseTransport | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.settings = settings
+        self.clock = clock
+        self.rng = rng or random.Random()
+        limits = settings.limits
+        self.limiter = ApiLimiter(
+            clock, [Window(limits.per_minute, 60.0), Window(limits.per_hour, 3600.0)], limits.concurrency
+        )
+        self.calls: Counter[str] = Counter()  # calls made per API (the answers WeCom gave, including errors)
+        self._transport = transport
+        self._http: httpx.AsyncClient | None = None
+        self._token: str | None = None
+        self._token_until = 0.0
+        self._token_lock: asyncio.Lock | None = None  # made in the running loop
+        self._refused: AuthError | None = None
+        install_log_redaction()
+
+    def __repr__(self) -> str:
+        return f"WecomClient({self.settings.base_url!r})"
+
+    # -- lifecycle -------------------------------------------------------------------------------
+    @property
+    def http(self) -> httpx.AsyncClient:
+        if self._http is None:
+            self._http = httpx.AsyncClient(
+                base_url=self.settings.base_url.rstrip("/") + "/cgi-bin/",
+                transport=self._transport,
+                timeout=self.settings.call_timeout.total_seconds(),
+                trust_env=False,
+            )
+        return self._http
+
+    async def close(self) -> None:
+        if self._http is not None:
+            await self._http.aclose()
+            self._http = None
+
+    def reset(self) -> None:
+        """Forget the token and any refusal of the credentials (after the configuration was fixed, or a logout)."""
+        self._token = None
+        self._token_until = 0.0
+        self._refused = None
+
+    @property
+    def has_token(self) -> bool:
+        return self._token is not None and self.clock.monotonic() < self._token_until
+
+    # -- the token -------------------------------------------------------------------------------
+    async def token(self) -> str:
+        """A valid access token (fetched when there is none, or it is about to expire)."""
+        if self._refused is not None:
+            raise self._refused
+        if self.has_token and self._token:
+            return self._token
+        if self._token_lock is None:
+            self._token_lock = asyncio.Lock()
+        async with self._token_lock:
+            if self._refused is not None:
+                raise self._refused
+            if self.has_token and self._token:
+                return self._token
+            corp_id, secret = self.settings.corp_id, self.settings.secret
+            if corp_id is None or secret is None:
+                raise AuthError(
+                    "gateway wecom needs wecom.corp_id and wecom.secret "
+                    "(or WECAST_WECOM_CORP_ID and WECAST_WECOM_SECRET)"
+                )
+            params = {"corpid": corp_id.get_secret_value(), "corpsecret": secret.get_secret_value()}
+            try:
+                data = await self._call("gettoken", "GET", params=params, with_token=False, idempotent=True)
+            except AuthError as exc:
+                self._refused = exc
+                raise
+            token = str(data.get("access_token") or "")
+            if not token:
+                raise TransientError("WeCom gettoken answered without an access_token")
+            expires_in = float(data.get("expires_in") or 7200)
+            # Refresh a little early (WeCom may also drop a token sooner: a call then refreshes it).
+            self._token = token
+            self._token_until = self.clock.monotonic() + max(1.0, expires_in - min(300.0, expires_in / 10))
+            log.info("WeCom: new access token, valid %.0fs", expires_in)
+            return token
+
+    def _drop_token(self, token: str) -> None:
+        if self._token == token:
+            self._token = None
+            self._token_until = 0.0
+
+    # -- calls -----------------------------------------------------------------------------------
+    async def get(self, api: str, params: dict[str, str] | None = None) -> JSON:
+        """A GET (reads only: always safe to repeat)."""
+        return await self._call(api, "GET", params=params, idempotent=True)
+
+    async def post(self, api: str, body: JSON, *, idempotent: bool = True) -> JSON:
+        """A POST with a JSON body. `idempotent=False` for calls that must not be repeated blindly."""
+        return await self._call(api, "POST", body=body, idempotent=idempotent)
+
+    async def upload(self, media_type: str, filename: str, content: bytes, mime: str) -> JSON:
+        """`media/upload` of one file (a new media id each time: repeating it only wastes an upload)."""
+        files = {"media": (filename, content, mime or "application/octet-stream")}
+        return await self._call("media/upload", "POST", params={"type": media_type}, files=files, idempotent=True)
+
+    async def _call(
+        self,
+        api: str,
+        method: str,
+        *,
+        params: dict[str, str] | None = None,
+        body: JSON | None = None,
+        files: dict[str, tuple[str, bytes, str]] | None = None,
+        with_token: bool = True,
+        idempotent: bool,
+    ) -> JSON:
+        token_retried = False
+        retries = 0
+        while True:
+            token = await self.token() if with_token else None
+            query = dict(params or {})
+            if token is not None:
+                query["access_token"] = token
+            try:
+                data = await self._send(api, method, query, body, files, idempotent=idempotent)
+            except TransientError as exc:
+                if retries >= self.settings.max_retries:
+                    raise
+                await self._back_off(api, retries, str(exc))
+                retries += 1
+                continue
+            errcode = _int(data.get("errcode"))
+            if errcode == 0:
+                return data
+            errmsg = str(data.get("errmsg") or "")
+            handling = handling_of(errcode)
+            if handling is Handling.REFRESH_TOKEN and token is not None:
+                if token_retried:
+                    raise AuthError(
+                        f"WeCom {api}: a freshly fetched access token was refused too (errcode {errcode}); "
+                        "check that wecom.secret belongs to the app that may call this API"
+                    )
+                log.info("WeCom %s: access token refused (errcode %s); fetching a new one", api, errcode)
+                token_retried = True
+                self._drop_token(token)
+                continue
+            wait = self._wait_for(handling, retries)
+            error = error_for(
+                api,
+                errcode,
+                errmsg,
+                rate_limit_wait=self.settings.rate_limit_wait.total_seconds(),
+                concurrency_wait=wait,
+            )
+            if wait and retries < self.settings.max_retries:
+                log.warning("WeCom %s: %s; retrying in %.1fs", api, error, wait)
+                await self.clock.sleep(wait)
+                retries += 1
+                continue
+            raise error
+
+    def _wait_for(self, handling: Handling | None, retries: int) -> float:
+        """How long to wait before retrying an errcode of this handling (0: not retried)."""
+        if handling is Handling.RATE_LIMITED:
+            return self.settings.rate_limit_wait.total_seconds()
+        if handling in (Handling.CONCURRENCY, Handling.RETRY):
+            return self._delay(retries)
+        return 0.0
+
+    def _delay(self, retries: int) -> float:
+        base = self.settings.retry_delay.total_seconds()
+        return backoff_delay(
+            retries, base=base, cap=max(base, self.settings.rate_limit_wait.total_seconds()), rng=self.rng
+        )
+
+    async def _back_off(self, api: str, retries: int, why: str) -> None:
+        wait = self._delay(retries)
+        log.warning("WeCom %s: %s; retrying in %.1fs", api, why, wait)
+        await self.clock.sleep(wait)
+
+    async def _send(
+        self,
+        api: str,
+        method: str,
+        query: dict[str, str],
+        body: JSON | None,
+        files: dict[str, tuple[str, bytes, str]] | None,
+        *,
+        idempotent: bool,
+    ) -> JSON:
+        """One HTTP exchange; transport failures mapped to engine errors (never showing the URL)."""
+        try:
+            async with self.limiter.call(api):
+                response = await self.http.request(method, api, params=query, json=body, files=files)
+        except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
+            raise TransientError(f"WeCom {api}: could not connect ({type(exc).__name__})") from None
+        except httpx.TransportError as exc:
+            raise self._no_answer(api, f"no answer ({type(exc).__name__})", idempotent=idempotent) from None
+        self.calls[api] += 1
+        if response.status_code >= 500:
+            raise self._no_answer(api, f"HTTP {response.status_code}", idempotent=idempotent)
+        if response.status_code != 200:
+            raise PermanentError(f"WeCom {api}: HTTP {response.status_code} (is wecom.base_url right?)")
+        try:
+            data = response.json()
+        except ValueError:
+            raise self._no_answer(api, "an answer that is not JSON", idempotent=idempotent) from None
+        if not isinstance(data, dict):
+            raise self._no_answer(api, "an answer that is not a JSON object", idempotent=idempotent)
+        return data
+
+    @staticmethod
+    def _no_answer(api: str, what: str, *, idempotent: bool) -> GatewayError:
+        if idempotent:
+            return TransientError(f"WeCom {api}: {what}")
+        return UnknownOutcomeError(f"WeCom {api}: the request was sent but got {what}; it may have taken effect")
+
+
+def _int(value: object) -> int:
+    """An errcode or other integer as WeCom may send it (int, numeric string, or absent = 0)."""
+    if value is None or value == "":
+        return 0
+    if isinstance(value, bool):
+        return int(value)
+    if isinstance(value, int):
+        return value
+    try:
+        return int(str(value).strip())
+    except ValueError:
+        log.warning("WeCom answered a non-numeric errcode %r", short_errmsg(str(value)))
+        return -1
