@@ -32,9 +32,8 @@ try:  # pytest puts tests/ on sys.path (no __init__.py); keep working if it beco
     from gateway_contract import Delivered, DriverFactory, GatewayContract, GatewayDriver
     from wecom_harness import wecom_settings
 except ImportError:  # pragma: no cover
-    from tests.wecom_harness import wecom_settings
-
     from tests.gateway_contract import Delivered, DriverFactory, GatewayContract, GatewayDriver
+    from tests.wecom_harness import wecom_settings
 
 pytestmark = pytest.mark.anyio
 

@@ -247,7 +247,7 @@ class WecomClient:
 
     async def _back_off(self, api: str, retries: int, why: str) -> None:
         wait = self._delay(retries)
-        log.warning("WeCom %s: %s; retrying in %.1fs", api, why, wait)
+        log.warning("%s; retrying %s in %.1fs", why, api, wait)
         await self.clock.sleep(wait)
 
     async def _send(

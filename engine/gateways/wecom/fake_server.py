@@ -15,7 +15,8 @@ It implements the endpoints the wecom gateway calls, with their documented behav
   `add_external_contact`, single-use, 20 s); `message/send` and the group robot's `webhook/send` (20 a minute).
 * limits: `per_window` calls per API per `window` seconds (sliding), then 45009; more than `concurrency` calls of
   one API at once, 45033. Injected faults: `storm` (the next N calls of an API answer an errcode), `expire_tokens`,
-  `fail_after_processing` (the call takes effect, then the answer is an HTTP 502: the client cannot know).
+  `fail_after_processing` (the call takes effect, then the answer is an HTTP 502: the client cannot know) and
+  `fail_before_processing` (the same answer, but nothing was done).
 * callbacks: `add_customer` / `remove_follow` / `edit_follow` build the change_external_contact event WeCom would
   send, encrypted and signed (`callback`), and `deliver` POSTs it to wecast's callback URL.
 
@@ -39,6 +40,8 @@ from collections import Counter, defaultdict, deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import timedelta
+from email import policy
+from email.parser import BytesParser
 from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -197,8 +200,12 @@ class FakeWecom:
         self._in_flight: Counter[str] = Counter()
         self._storms: dict[str, list[int]] = {}  # api -> errcodes to answer, next first
         self._fail_after: Counter[str] = Counter()
+        self._fail_before: Counter[str] = Counter()
         self._robot_sends: deque[float] = deque()
         self._ids = itertools.count(1)
+        self._index: dict[str, list[str]] | None = None
+        self._index_version = -1
+        self._version = 0  # bumped whenever a follow is added or removed
         self._seed = seed
         self._populate(customers, shared_every, seed)
 
@@ -250,7 +257,13 @@ class FakeWecom:
         return "wm" + hashlib.sha256(f"{self._seed}:{index}".encode()).hexdigest()[:30]
 
     def customers_of(self, userid: str) -> list[str]:
-        return [ext for (u, ext) in self.follows if u == userid]
+        """The customers of one staff member, in the order they were added (an index, rebuilt after changes)."""
+        if self._index_version != self._version or self._index is None:
+            index: dict[str, list[str]] = defaultdict(list)
+            for u, ext in self.follows:
+                index[u].append(ext)
+            self._index, self._index_version = index, self._version
+        return list(self._index.get(userid, []))
 
     def follows_of(self, external_userid: str) -> list[Follow]:
         return [f for (_, ext), f in self.follows.items() if ext == external_userid]
@@ -319,6 +332,10 @@ class FakeWecom:
         for token in self._tokens:
             self._tokens[token] = float("-inf")
 
+    def fail_before_processing(self, api: str, count: int = 1) -> None:
+        """The next `count` calls of `api` answer an HTTP 502 without doing anything (the client cannot know)."""
+        self._fail_before[api] += count
+
     def fail_after_processing(self, api: str, count: int = 1) -> None:
         """The next `count` calls of `api` take effect, but the answer is lost (an HTTP 502)."""
         self._fail_after[api] += count
@@ -329,6 +346,7 @@ class FakeWecom:
         ext = self.external_id(10_000_000 + len(self.customers))
         self.customers[ext] = Customer(ext, name, 0, "")
         self.follows[(userid, ext)] = Follow(userid, ext, createtime=int(self._now()), state=state)
+        self._version += 1
         fields = self._event("add_external_contact", userid, ext)
         if state:
             fields["State"] = state
@@ -350,6 +368,7 @@ class FakeWecom:
             self.follows[(userid, ext)].friend = False
             return self._event("del_follow_user", userid, ext)
         del self.follows[(userid, ext)]
+        self._version += 1
         return self._event("del_external_contact", userid, ext)
 
     def _event(self, change_type: str, userid: str, ext: str) -> JSON:
@@ -408,6 +427,9 @@ class FakeWecom:
                 raise FakeError(45033, "api concurrent out of limit")
             if self.latency:
                 await asyncio.sleep(self.latency)
+            if self._fail_before[api]:
+                self._fail_before[api] -= 1
+                return PlainTextResponse("bad gateway", status_code=502)
             if api != "webhook/send":
                 self._limit(api)
             storm = self._storms.get(api)
@@ -543,7 +565,7 @@ class FakeWecom:
         limit = min(int(limit), 100)
         cursor = str(body.get("cursor") or "")
         start = int(cursor) if cursor.isdigit() else 0
-        pairs = [(u, ext) for u in users for (fu, ext) in self.follows if fu == u]
+        pairs = [(u, ext) for u in users for ext in self.customers_of(str(u))]
         page = pairs[start : start + limit]
         items = []
         for userid, ext in page:
@@ -820,6 +842,17 @@ HANDLERS = {
 }
 
 
+def multipart_file(content_type: str, body: bytes, field_name: str) -> tuple[str, bytes] | None:
+    """(filename, content) of one file field of a multipart/form-data body (the stdlib's MIME parser: the fake
+    needs no form library)."""
+    message = BytesParser(policy=policy.HTTP).parsebytes(f"Content-Type: {content_type}\r\n\r\n".encode() + body)
+    for part in message.iter_parts() if message.is_multipart() else ():
+        if part.get_param("name", header="content-disposition") == field_name:
+            payload = part.get_payload(decode=True)
+            return part.get_filename() or "", payload if isinstance(payload, bytes) else b""
+    return None
+
+
 def build_app(fake: FakeWecom) -> FastAPI:
     """The HTTP face of a FakeWecom: `/cgi-bin/{api}` as WeCom, `/_fake/…` to act as staff and customers."""
     app = FastAPI(title="fake WeCom", docs_url=None, redoc_url=None, openapi_url=None)
@@ -830,11 +863,9 @@ def build_app(fake: FakeWecom) -> FastAPI:
         body: JSON = {}
         upload: tuple[str, bytes] | None = None
         if request.method == "POST":
-            if request.headers.get("content-type", "").startswith("multipart/form-data"):
-                form = await request.form()
-                media = form.get("media")
-                if media is not None and not isinstance(media, str):
-                    upload = (media.filename or "", await media.read())
+            content_type = request.headers.get("content-type", "")
+            if content_type.startswith("multipart/form-data"):
+                upload = multipart_file(content_type, await request.body(), "media")
             else:
                 raw = await request.body()
                 try:
@@ -892,13 +923,16 @@ class FakeWecomServer:
         self.port = 0
         self._server: uvicorn.Server | None = None
         self._task: asyncio.Task[None] | None = None
+        self._socket: socket.socket | None = None
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
     async def start(self) -> str:
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock = self._socket = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        # Accepted connections inherit it: without it every answer waits ~40 ms for a delayed ACK (Nagle).
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.bind(("127.0.0.1", 0))
         self.port = sock.getsockname()[1]
         config = uvicorn.Config(build_app(self.fake), log_level="warning", lifespan="off", access_log=False)
@@ -914,8 +948,11 @@ class FakeWecomServer:
         if self._server is not None and self._task is not None:
             self._server.should_exit = True
             await self._task
+        if self._socket is not None:
+            self._socket.close()
         self._server = None
         self._task = None
+        self._socket = None
 
 
 def _credentials(env_file: Path) -> dict[str, str]:
