@@ -128,6 +128,7 @@ class Received:
     sender: str
     at: float
     attachments: tuple[str, ...] = ()  # attachment msgtypes
+    attachment_media: tuple[tuple[str, int], ...] = ()  # (sha256, size) of each attachment's upload (("", 0): none)
 
 
 @dataclass
@@ -184,7 +185,7 @@ class FakeWecom:
         self.follows: dict[tuple[str, str], Follow] = {}  # (userid, external_userid) -> follow
         self.tag_groups: list[JSON] = []
         self.tasks: dict[str, Task] = {}
-        self.media: dict[str, tuple[float, str, int]] = {}  # media_id -> (uploaded at, type, size)
+        self.media: dict[str, tuple[float, str, int, str]] = {}  # media_id -> (uploaded at, type, size, sha256)
         self.welcomes: dict[str, Welcome] = {}
         self.received: list[Received] = []
         self.staff_messages: list[tuple[str, str]] = []  # (userid, text) of message/send
@@ -299,9 +300,21 @@ class FakeWecom:
             return 2
         if self._received_in_period(ext) >= self._cap():
             return 3
-        kinds = tuple(a.get("msgtype", "") for a in task.attachments)
-        self.received.append(Received(ext, task.text, f"{task.msgid}:{ext}", "task", task.sender, self._now(), kinds))
+        kinds, media = self._seen(task.attachments)
+        message_id = f"{task.msgid}:{ext}"
+        self.received.append(Received(ext, task.text, message_id, "task", task.sender, self._now(), kinds, media))
         return 1
+
+    def _seen(self, attachments: list[JSON]) -> tuple[tuple[str, ...], tuple[tuple[str, int], ...]]:
+        """The kinds of a message's attachments, and the content (sha256, size) each uploaded one carried."""
+        kinds, media = [], []
+        for a in attachments:
+            kind = str(a.get("msgtype", ""))
+            payload = a.get(kind) or {}
+            upload = self.media.get(str(payload.get("media_id") or payload.get("pic_media_id") or ""))
+            kinds.append(kind)
+            media.append((upload[3], upload[2]) if upload and kind in ("image", "file", "video") else ("", 0))
+        return tuple(kinds), tuple(media)
 
     def _cap(self) -> int:
         if self.customer_limit == "day":
@@ -786,11 +799,10 @@ class FakeWecom:
             raise FakeError(41051, "externaluser has started chatting")
         text, attachments = self._check_content(body)
         welcome.used = True
-        kinds = tuple(a.get("msgtype", "") for a in attachments)
+        kinds, media = self._seen(attachments)
+        message_id = f"welcome:{code[:8]}"
         self.received.append(
-            Received(
-                welcome.external_userid, text, f"welcome:{code[:8]}", "welcome", welcome.userid, self._now(), kinds
-            )
+            Received(welcome.external_userid, text, message_id, "welcome", welcome.userid, self._now(), kinds, media)
         )
         return {}
 
@@ -804,7 +816,7 @@ class FakeWecom:
         if size > {"image": 10, "voice": 2, "video": 10, "file": 20}[kind] * 1024 * 1024:
             raise FakeError(40006, "invalid file size")
         media_id = self._new_id("3a")
-        self.media[media_id] = (self._now(), kind, size)
+        self.media[media_id] = (self._now(), kind, size, hashlib.sha256(upload[1]).hexdigest())
         return {"type": kind, "media_id": media_id, "created_at": str(int(self._now()))}
 
     def _message_send(self, query: dict[str, str], body: JSON, upload: Any) -> JSON:

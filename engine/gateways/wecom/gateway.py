@@ -64,6 +64,7 @@ from engine.gateways.base import (
     SendReceipt,
     TagRecord,
 )
+from engine.gateways.media_cache import read_media
 from engine.gateways.wecom import customers
 from engine.gateways.wecom.callbacks import CallbackEvent, CallbackReceiver
 from engine.gateways.wecom.client import WecomClient
@@ -72,6 +73,7 @@ from engine.gateways.wecom.errors import WecomPermanentError
 from engine.gateways.wecom.store import TaskRow, WecomStore
 from engine.messages import (
     FILE_MAX_BYTES,
+    IMAGE_MAX_BYTES,
     FilePart,
     ImagePart,
     LinkPart,
@@ -570,9 +572,10 @@ class WecomGateway(Gateway):
     async def _media_id(self, media: Media, kind: str) -> str:
         """The media id of `media` (uploaded once per content and kind, again when WeCom's 3 days are nearly up)."""
         content: bytes | None = None
+        limit = IMAGE_MAX_BYTES if kind == "image" else FILE_MAX_BYTES
         digest = media.sha256
         if not digest:
-            content = await self._read_media(media)
+            content = await self._read_media(media, limit)
             digest = hashlib.sha256(content).hexdigest()
         lock = self._media_locks.setdefault((digest, kind), asyncio.Lock())
         async with lock:
@@ -581,7 +584,7 @@ class WecomGateway(Gateway):
             if cached:
                 return cached
             if content is None:
-                content = await self._read_media(media)
+                content = await self._read_media(media, limit)
             data = await self.client.upload(kind, media.name or f"{digest[:12]}", content, media.mime)
             media_id = customers.text(data.get("media_id"))
             if not media_id:
@@ -590,9 +593,10 @@ class WecomGateway(Gateway):
             log.info("wecom: uploaded %s %s (%d bytes)", kind, media.name, len(content))
             return media_id
 
-    async def _read_media(self, media: Media) -> bytes:
+    async def _read_media(self, media: Media, limit: int) -> bytes:
+        """The content of a media file (a local one checked: present, within `limit`, the content validated)."""
         if media.path is not None:
-            return await asyncio.to_thread(media.read)
+            return (await asyncio.to_thread(read_media, media, limit)).data
         assert media.url is not None  # a Media is a path or a URL
         async with (
             httpx.AsyncClient(timeout=30, follow_redirects=True) as http,
@@ -604,8 +608,8 @@ class WecomGateway(Gateway):
             size = 0
             async for chunk in response.aiter_bytes():
                 size += len(chunk)
-                if size > FILE_MAX_BYTES:
-                    raise PermanentError(f"{media.name} is larger than {FILE_MAX_BYTES} bytes")
+                if size > limit:
+                    raise PermanentError(f"{media.name} is larger than {limit:,} bytes")
                 chunks.append(chunk)
         return b"".join(chunks)
 
