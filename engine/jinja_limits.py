@@ -36,6 +36,7 @@ import types
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from datetime import date, datetime
 from datetime import time as dtime
+from itertools import islice
 from typing import Any
 
 from jinja2 import nodes, pass_context
@@ -51,6 +52,7 @@ MAX_RANGE = 10_000  # items in range(...)
 MAX_INT_BITS = 4_096  # integers a template computes (about 1,200 digits)
 TIME_BUDGET = 0.5  # seconds of the rendering thread's CPU time per render
 CHECK_EVERY = 32  # steps between two looks at the clock (reading a thread's CPU time costs ~1 µs)
+_CHUNK = 64  # rendered pieces joined at a time (each at most MAX_SIZE: a few MB held at worst)
 
 
 class TemplateLimitError(Exception):
@@ -158,16 +160,23 @@ class RenderedTextTooLong(TemplateLimitError):
 
 
 def bounded_concat(pieces: Iterable[str], error: type[TemplateLimitError] = TemplateLimitError) -> str:
-    """Join rendered pieces (of a macro, a set block, ...), refusing once the text passes MAX_SIZE: the pieces
-    are never all held."""
-    out: list[str] = []
-    total = 0
-    for piece in pieces:
-        total += len(piece)
+    """Join rendered pieces (of a macro, a set block, a whole message), refusing once the text passes MAX_SIZE.
+
+    Pieces are taken `_CHUNK` at a time and weighed with C-level calls (this runs once per recipient; a
+    message is a handful of pieces, so usually one chunk): never more than a chunk past the cap is held."""
+    iterator = iter(pieces)
+    out = list(islice(iterator, _CHUNK))
+    total = sum(map(len, out))
+    more = len(out) == _CHUNK
+    while True:
         if total > MAX_SIZE:
             raise error(f"the rendered text would be larger than {MAX_SIZE:,} characters")
-        out.append(piece)
-    return "".join(out)
+        if not more:
+            return "".join(out)
+        chunk = list(islice(iterator, _CHUNK))
+        more = len(chunk) == _CHUNK
+        total += sum(map(len, chunk))
+        out += chunk
 
 
 def bounded_text(pieces: Iterable[str]) -> str:
