@@ -3,8 +3,8 @@ looks like template code, and API bodies, each file stating its expected outcome
 file cannot hold (20 MB, a FIFO, /dev/zero) are built by `hostile_runner.GENERATED`.
 
 Files and generated cases run one by one in a child process with a capped address space (see hostile_runner):
-each must end in its expected clean error (or load, for the cases at the edge of a bound) in under 2 s, raising
-the child's peak resident memory by under 200 MB. API cases go to a real `wecast serve` on loopback, which must
+each must end in its expected clean error (or load, for the cases at the edge of a bound) in under 2 s of CPU,
+raising the child's peak resident memory by under 200 MB. API cases go to a real `wecast serve` on loopback, which must
 answer each in under 2 s with the expected status, and keep answering /healthz.
 """
 
@@ -78,7 +78,7 @@ def child() -> Iterator[Child]:
 
 def check(outcome: hostile_runner.Outcome) -> None:
     assert outcome.problem is None, outcome.problem
-    assert outcome.seconds < SECONDS, f"took {outcome.seconds:.2f} s"
+    assert outcome.seconds < SECONDS, f"took {outcome.seconds:.2f} s of CPU"
     assert outcome.peak_mb < PEAK_MB, f"peak resident memory rose {outcome.peak_mb:.0f} MB"
 
 

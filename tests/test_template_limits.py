@@ -21,8 +21,8 @@ from engine.spec import load_campaign
 
 ORIGIN = Location("c.yaml", 10, "message.template")
 NOW = datetime(2026, 3, 4, 2, 0, tzinfo=UTC)
-# Rendering keeps going this long at most for a template over the time budget (0.5 s of CPU), with room
-# for a loaded machine.
+# CPU seconds a refusal may take (the time budget is 0.5 s of the rendering thread's CPU). CPU time, not wall
+# time: a loaded machine stretches the wall clock, not the work.
 GENEROUS = 2.0
 
 
@@ -76,10 +76,10 @@ def test_ordinary_templates_render_as_before(source: str, expected: str) -> None
 )
 def test_a_template_over_a_bound_fails_validation_quickly(source: str, words: str) -> None:
     """A template over a bound whatever the contact is refused when it is checked, within the time budget."""
-    started = time.monotonic()
+    started = time.process_time()
     with pytest.raises(TemplateRefused, match="goes over a limit") as info:
         compile_template(source, ORIGIN)
-    assert time.monotonic() - started < GENEROUS
+    assert time.process_time() - started < GENEROUS
     assert words in str(info.value)
     assert info.value.location == ORIGIN
 
@@ -109,10 +109,10 @@ def test_contact_data_that_takes_a_template_over_a_bound_stops_planning_with_the
     field and line when the audience is rendered — never a hang."""
     source = "{% for a in name %}{% for b in name %}{% for c in name %}{% endfor %}{% endfor %}{% endfor %}"
     template = compile_template(source, ORIGIN)  # the sample name is short: fine at validation
-    started = time.monotonic()
+    started = time.process_time()
     with pytest.raises(TemplateRefused) as info:
         render_all(template, [contact(name="名" * 100)], campaign={"id": "c", "name": "c"}, now=NOW)
-    assert time.monotonic() - started < GENEROUS
+    assert time.process_time() - started < GENEROUS
     assert info.value.location == ORIGIN
     assert "steps" in str(info.value)
 
@@ -134,11 +134,11 @@ def test_budgets_are_per_thread_and_work_outside_the_main_thread() -> None:
     outcomes: dict[str, object] = {}
 
     def hostile() -> None:
-        started = time.monotonic()
+        started = time.process_time()
         try:
             render_all(slow, [contact(name="a" * 10, city="b" * 10)], campaign={"id": "c", "name": "c"}, now=NOW)
         except TemplateError as exc:
-            outcomes["hostile"] = (str(exc), time.monotonic() - started)
+            outcomes["hostile"] = (str(exc), time.thread_time() - started)
 
     def friendly() -> None:
         texts = {}
@@ -185,10 +185,10 @@ def test_only_allowlisted_methods_can_be_called(source: str) -> None:
 def test_templates_the_bounds_cannot_run_are_refused_at_compile_time(source: str, words: str) -> None:
     """HTML-only filters, autoescape, nesting Jinja or Python cannot compile, and oversized templates are
     refused with a clear error instead of a RecursionError or a slow compile."""
-    started = time.monotonic()
+    started = time.process_time()
     with pytest.raises(TemplateError) as info:
         compile_template(source, ORIGIN)
-    assert time.monotonic() - started < GENEROUS
+    assert time.process_time() - started < GENEROUS
     assert words in str(info.value)
 
 
