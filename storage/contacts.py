@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import ColumnElement, and_, delete, func, or_, select, update
+from sqlalchemy import ColumnElement, String, and_, cast, delete, func, or_, select, update
 
 from storage._sql import DB, aware, chunks, decode_json, reading, writing
 from storage.models import CONTACT_TAGS, CONTACTS, TAGS
@@ -92,7 +92,7 @@ class ContactFilter:
     friend: bool | None = None
     coworker: bool | None = None
     star: bool | None = None
-    text: str | None = None  # in name, alias or real name
+    text: str | None = None  # in name, alias (the remark), real name or a phone number
 
 
 @dataclass(frozen=True, slots=True)
@@ -323,7 +323,14 @@ def _conditions(f: ContactFilter) -> list[ColumnElement[bool]]:
             conds.append(column == value)
     if f.text:
         pattern = f"%{f.text}%"
-        conds.append(or_(_C.name.like(pattern), _C.alias.like(pattern), _C.real_name.like(pattern)))
+        conds.append(
+            or_(
+                _C.name.like(pattern),
+                _C.alias.like(pattern),
+                _C.real_name.like(pattern),
+                cast(_C.phones, String).like(pattern),  # the JSON text of the list: digits match as typed
+            )
+        )
     return conds
 
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass, fields
 from datetime import datetime
 from typing import Any, NamedTuple
 
-from sqlalchemy import ColumnElement, bindparam, func, or_, select, update
+from sqlalchemy import ColumnElement, Integer, bindparam, cast, func, or_, select, update
 from sqlalchemy.engine import Connection
 
 from storage._sql import DB, aware, chunks, db_time, insert_fast, insert_ignore, reading, writing
@@ -468,6 +468,62 @@ def list_deliveries(
     stmt = stmt.order_by(_D.id.desc()).limit(limit).offset(offset)
     with reading(db) as conn:
         return [_delivery(r._mapping) for r in conn.execute(stmt)]
+
+
+@dataclass(frozen=True, slots=True)
+class ReasonCount:
+    """How many of a run's deliveries ended in `status` for one `reason`."""
+
+    status: DeliveryStatus
+    reason: str
+    count: int
+
+
+def reason_counts(db: DB, run_id: int, statuses: Sequence[DeliveryStatus], limit: int = 20) -> list[ReasonCount]:
+    """A run's deliveries in `statuses`, counted by status and reason, most frequent first (at most `limit`)."""
+    stmt = (
+        select(_D.status, _D.reason, func.count().label("n"))
+        .where(_D.run_id == run_id, _D.status.in_(list(statuses)))
+        .group_by(_D.status, _D.reason)
+        .order_by(func.count().desc(), _D.reason)
+        .limit(limit)
+    )
+    with reading(db) as conn:
+        return [ReasonCount(DeliveryStatus(s), reason or "", int(n)) for s, reason, n in conn.execute(stmt)]
+
+
+@dataclass(frozen=True, slots=True)
+class SendTimes:
+    """A run's sends over time: `counts[i]` deliveries were handed to the gateway in the `i`-th bucket of
+    `width` seconds after `start` (empty when nothing was sent)."""
+
+    start: datetime | None
+    width: float
+    counts: list[int]
+
+
+def send_times(db: DB, run_id: int, statuses: Sequence[DeliveryStatus], buckets: int = 30) -> SendTimes:
+    """When a run's deliveries in `statuses` were handed to the gateway, in at most `buckets` equal buckets
+    (counted by the database: a run of 100,000 never leaves it as rows)."""
+    where = (_D.run_id == run_id, _D.status.in_(list(statuses)), _D.sent_at.is_not(None))
+    with reading(db) as conn:
+        first, last = conn.execute(select(func.min(_D.sent_at), func.max(_D.sent_at)).where(*where)).one()
+        start, end = aware(first), aware(last)
+        if start is None or end is None:
+            return SendTimes(None, 0.0, [])
+        span = (end - start).total_seconds()
+        width = max(1.0, span / buckets) if span > 0 else 1.0
+        bucket: Any
+        if db.dialect.name == "postgresql":
+            bucket = func.floor(func.extract("epoch", _D.sent_at - start) / width)
+        else:  # SQLite keeps times as text; julianday counts days
+            offset = (func.julianday(_D.sent_at) - func.julianday(db_time(conn, start))) * 86400.0
+            bucket = cast(offset / width, Integer)
+        rows = conn.execute(select(bucket.label("b"), func.count()).where(*where).group_by("b")).all()
+    counts = [0] * (min(buckets, int(span // width) + 1))
+    for b, n in rows:
+        counts[min(int(b), len(counts) - 1)] += int(n)
+    return SendTimes(start, width, counts)
 
 
 def recipients_and_texts(db: DB, run_id: int) -> list[tuple[str, str]]:

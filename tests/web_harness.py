@@ -78,6 +78,7 @@ class LiveServer:
     def __init__(
         self, settings: Settings, *, require_key: bool = False, scheduler: bool = True, loopback_only: bool = True
     ) -> None:
+        """`loopback_only=False` serves as `wecast serve` does on a non-loopback address (any Host name)."""
         self.app = Wecast(settings)
         self.scheduler = CampaignScheduler(self.app) if scheduler else None
         self.api = create_app(self.app, scheduler=self.scheduler, require_key=require_key, loopback_only=loopback_only)

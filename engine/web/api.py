@@ -136,6 +136,50 @@ async def _settle(ctx: WebContext, run_id: int, wait: float = 5.0) -> None:
         await asyncio.wait({task}, timeout=ctx.shutdown_timeout)
 
 
+# -- operations the API routes and the console share -------------------------------------------------------
+
+
+async def run_now(ctx: WebContext, campaign_id: str) -> RunNowView:
+    """Plan the campaign's current slot and send it in the background (the same run the scheduler would start)."""
+    c = await ctx.db(ctx.campaign, campaign_id)
+    plan = await ctx.db(ctx.app.plan, c, trigger="manual")
+    run = await ctx.db(_run, ctx, plan.run_id)
+    if run.status is RunStatus.RUNNING and ctx.workers.task(plan.run_id) is None:
+        ctx.dispatch(plan.run_id, c.id)
+    message = (
+        "planned and sending"
+        if plan.created
+        else f"this slot's run already exists ({run.status}); nothing is sent twice"
+    )
+    return RunNowView(message=message, created=plan.created, run=await ctx.db(run_view, ctx, run))
+
+
+async def pause_run(ctx: WebContext, run_id: int, why: str) -> RunView:
+    """Pause a running run; sends in flight finish and are recorded."""
+    await ctx.db(ctx.app.pause_run, run_id, why)
+    await _settle(ctx, run_id)
+    return await ctx.db(lambda: run_view(ctx, _run(ctx, run_id)))
+
+
+async def resume_run(ctx: WebContext, run_id: int) -> RunView:
+    """Resume a paused (or interrupted) run: send its pending deliveries in the background."""
+    row = await ctx.db(_run, ctx, run_id)
+    if row.status is RunStatus.PAUSED:
+        await ctx.db(ctx.app.reopen_run, run_id)
+    elif row.status is not RunStatus.RUNNING:
+        raise WecastError(f"run {run_id} is {row.status}; only paused or running runs can be resumed")
+    if ctx.workers.task(run_id) is None:
+        ctx.dispatch(run_id, row.campaign_id)
+    return await ctx.db(lambda: run_view(ctx, _run(ctx, run_id)))
+
+
+async def cancel_run(ctx: WebContext, run_id: int, why: str) -> RunView:
+    """Cancel a run: its unsent deliveries are skipped with the reason."""
+    await ctx.db(ctx.app.cancel_run, run_id, why)
+    await _settle(ctx, run_id)  # its dispatcher skips the rows it had claimed
+    return await ctx.db(lambda: run_view(ctx, _run(ctx, run_id)))
+
+
 def router(ctx: WebContext) -> APIRouter:
     """The /api/v1 routes, bound to `ctx`."""
     r = APIRouter(prefix="/api/v1")
@@ -360,17 +404,7 @@ def router(ctx: WebContext) -> APIRouter:
         summary="Run now: the current schedule slot's run (the same run the scheduler would start)",
     )
     async def campaign_run(campaign_id: Annotated[str, PathParam(max_length=64)]) -> RunNowView:
-        c = await ctx.db(ctx.campaign, campaign_id)
-        plan = await ctx.db(app.plan, c, trigger="manual")
-        run = await ctx.db(_run, ctx, plan.run_id)
-        if run.status is RunStatus.RUNNING and ctx.workers.task(plan.run_id) is None:
-            ctx.dispatch(plan.run_id, c.id)
-        message = (
-            "planned and sending"
-            if plan.created
-            else f"this slot's run already exists ({run.status}); nothing is sent twice"
-        )
-        return RunNowView(message=message, created=plan.created, run=await ctx.db(run_view, ctx, run))
+        return await run_now(ctx, campaign_id)
 
     # -- runs ------------------------------------------------------------------------------------
     @r.get("/runs", response_model=RunsView, tags=["runs"], summary="Runs, newest first")
@@ -388,28 +422,17 @@ def router(ctx: WebContext) -> APIRouter:
 
     @r.post("/runs/{run_id}/pause", response_model=RunView, tags=["runs"], summary="Pause a running run")
     async def run_pause(run_id: RunId) -> RunView:
-        await ctx.db(app.pause_run, run_id, "paused through the API")
-        await _settle(ctx, run_id)
-        return await ctx.db(lambda: run_view(ctx, _run(ctx, run_id)))
+        return await pause_run(ctx, run_id, "paused through the API")
 
     @r.post(
         "/runs/{run_id}/resume", response_model=RunView, tags=["runs"], summary="Resume a paused (or interrupted) run"
     )
     async def run_resume(run_id: RunId) -> RunView:
-        row = await ctx.db(_run, ctx, run_id)
-        if row.status is RunStatus.PAUSED:
-            await ctx.db(app.reopen_run, run_id)
-        elif row.status is not RunStatus.RUNNING:
-            raise WecastError(f"run {run_id} is {row.status}; only paused or running runs can be resumed")
-        if ctx.workers.task(run_id) is None:
-            ctx.dispatch(run_id, row.campaign_id)
-        return await ctx.db(lambda: run_view(ctx, _run(ctx, run_id)))
+        return await resume_run(ctx, run_id)
 
     @r.post("/runs/{run_id}/cancel", response_model=RunView, tags=["runs"], summary="Cancel a run (unsent: skipped)")
     async def run_cancel(run_id: RunId) -> RunView:
-        await ctx.db(app.cancel_run, run_id, "cancelled through the API")
-        await _settle(ctx, run_id)  # its dispatcher skips the rows it had claimed
-        return await ctx.db(lambda: run_view(ctx, _run(ctx, run_id)))
+        return await cancel_run(ctx, run_id, "cancelled through the API")
 
     @r.get("/deliveries", response_model=DeliveriesView, tags=["runs"], summary="Deliveries, newest first, filtered")
     def deliveries(

@@ -3,7 +3,8 @@
 Nothing is built at import time: the caller passes the `Wecast` instance (settings, database, gateway,
 dispatcher) and, optionally, the scheduler; tests build as many independent apps as they like. The pieces live
 beside this module: the shared context (`context`), the routers (`legacy`, `api`), request and response models
-(`models`), the error boundary (`errors`), the guards and the key (`security`), and `/metrics` (`metrics`).
+(`models`), the error boundary (`errors`), the guards and the key (`security`, `sessions`), `/metrics` (`metrics`)
+and the web console at / (`console`).
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
-from fastapi.responses import Response
+from fastapi.responses import RedirectResponse, Response
+from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel
 
@@ -20,11 +22,12 @@ from engine.errors import ConfigError
 from engine.scheduler import CampaignScheduler
 from engine.service import Wecast
 from engine.web import api as api_routes
-from engine.web import legacy
+from engine.web import console, legacy
 from engine.web.context import WebContext
 from engine.web.errors import install_error_handlers
 from engine.web.metrics import DatabaseCollector, instrument_gateway
-from engine.web.security import BearerAuth, RequestGuard
+from engine.web.security import CONSOLE, Authentication, RequestGuard
+from engine.web.sessions import SessionTokens
 from engine.workers import Workers
 
 
@@ -92,6 +95,13 @@ def create_app(
     install_error_handlers(api)
     api.include_router(legacy.router(ctx))
     api.include_router(api_routes.router(ctx))
+    sessions = SessionTokens(key)
+    api.include_router(console.router(ctx, sessions))
+    api.mount(f"{CONSOLE}/static", StaticFiles(directory=console.STATIC_DIR), name="console-static")
+
+    @api.get("/", include_in_schema=False)
+    def home() -> Response:
+        return RedirectResponse(f"{CONSOLE}/", status_code=303)
 
     @api.get("/healthz", response_model=Health, tags=["ops"], summary="Liveness (no auth)")
     async def healthz() -> Health:
@@ -101,8 +111,7 @@ def create_app(
     def metrics() -> Response:
         return Response(generate_latest(ctx.registry), media_type=CONTENT_TYPE_LATEST)
 
-    if key:
-        api.add_middleware(BearerAuth, key=key)
+    api.add_middleware(Authentication, sessions=sessions)
     # Added last, so it runs first: a forged Host or a cross-site request is refused before anything else.
     api.add_middleware(RequestGuard, loopback_only=loopback_only)
     return api

@@ -4,6 +4,7 @@ request a 422 naming the field, anything unexpected a 500 that points to the log
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -31,44 +32,54 @@ def _field_name(loc: tuple[Any, ...] | list[Any]) -> str:
     return ".".join(parts) or str(loc[0] if loc else "body")
 
 
+def answer_for(exc: WecastError) -> tuple[int, dict[str, Any]]:
+    """The HTTP status of an engine error and the machine-readable extras of its answer (the API's JSON and the
+    console's pages answer the same error the same way)."""
+    extra: dict[str, Any] = {}
+    if isinstance(exc, LoginError):
+        extra["triesLeft"] = exc.tries_left
+        code = 400 if exc.tries_left is not None else 409
+    elif isinstance(exc, NotLoggedInError):
+        code, extra["state"] = 409, "logged_out"
+    elif isinstance(exc, NotFoundError):
+        code = 404
+    elif isinstance(exc, CampaignError):
+        code = 422
+        extra["problems"] = [p.model_dump() for p in Problem.all_of([exc])]
+    elif isinstance(exc, GatewayError):
+        code = 502
+    else:
+        code = 409
+    return code, extra
+
+
+def describe_invalid(errors: Sequence[Any]) -> tuple[str, list[dict[str, str]]]:
+    """A bad request's one-line message (`invalid request: field: why`) and its problems, one per field."""
+    problems = []
+    for e in errors:
+        loc = tuple(e.get("loc", ()))
+        problems.append(
+            {"field": _field_name(loc), "in": str(loc[0]) if loc else "body", "message": str(e.get("msg", "invalid"))}
+        )
+    first = problems[0] if problems else {"field": "body", "message": "invalid request"}
+    message = f"invalid request: {first['field']}: {first['message']}"
+    if len(problems) > 1:
+        message += f" (and {len(problems) - 1} more)"
+    return message, problems
+
+
 def install_error_handlers(api: FastAPI) -> None:
     """Map errors to answers (see the module docstring)."""
 
     @api.exception_handler(RequestValidationError)
     async def bad_request(_: Request, exc: RequestValidationError) -> JSONResponse:
-        problems = []
-        for e in exc.errors():
-            loc = tuple(e.get("loc", ()))
-            problems.append(
-                {
-                    "field": _field_name(loc),
-                    "in": str(loc[0]) if loc else "body",
-                    "message": str(e.get("msg", "invalid")),
-                }
-            )
-        first = problems[0] if problems else {"field": "body", "message": "invalid request"}
-        message = f"invalid request: {first['field']}: {first['message']}"
-        if len(problems) > 1:
-            message += f" (and {len(problems) - 1} more)"
+        message, problems = describe_invalid(exc.errors())
+        first = problems[0] if problems else {"field": "body"}
         return JSONResponse(error_body(message, field=first["field"], problems=problems), status_code=422)
 
     @api.exception_handler(WecastError)
     async def wecast_error(_: Request, exc: WecastError) -> JSONResponse:
-        extra: dict[str, Any] = {}
-        if isinstance(exc, LoginError):
-            extra["triesLeft"] = exc.tries_left
-            code = 400 if exc.tries_left is not None else 409
-        elif isinstance(exc, NotLoggedInError):
-            code, extra["state"] = 409, "logged_out"
-        elif isinstance(exc, NotFoundError):
-            code = 404
-        elif isinstance(exc, CampaignError):
-            code = 422
-            extra["problems"] = [p.model_dump() for p in Problem.all_of([exc])]
-        elif isinstance(exc, GatewayError):
-            code = 502
-        else:
-            code = 409
+        code, extra = answer_for(exc)
         return JSONResponse(error_body(str(exc), **extra), status_code=code)
 
     @api.exception_handler(Exception)

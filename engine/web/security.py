@@ -13,20 +13,28 @@
   What a cross-site page can send without a CORS preflight — forms, text/plain, a typeless blob — is therefore
   never read as JSON.
 
-`BearerAuth` (when a key is configured, and always beyond loopback): every path but /healthz needs
-`Authorization: Bearer <key>`, compared in constant time; the key is never logged or echoed.
+`Authentication` (always on) lets people in:
+
+* **The key**: when a key is configured (always beyond loopback), every path but /healthz, the console's
+  sign-in page and its static files needs `Authorization: Bearer <key>` (compared in constant time) or the
+  console's session cookie, which its sign-in form gives for the key (`engine.web.sessions`). A browser asking
+  for a console page without either is sent to the sign-in page; everything else gets 401. The key is never
+  logged or echoed.
+* **CSRF**: a state-changing request that rides on the cookie — every one to the console, and any to the API
+  that is not made with the Bearer header — must carry the session's token in `X-CSRF-Token` (403 otherwise).
+  The console's pages send it with every change they make; a cross-site page cannot read it.
 """
 
 from __future__ import annotations
 
-import hmac
 import ipaddress
 import json
 from collections.abc import Awaitable, Callable, Collection, MutableMapping
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 from engine.web.errors import error_body
+from engine.web.sessions import CSRF_HEADER, SessionTokens, cookie_value
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -34,9 +42,23 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
-OPEN_PATHS = frozenset({"/healthz"})
+CONSOLE = "/console"
+SIGNIN = "/console/signin"
+# What anyone may fetch: liveness, the console's sign-in page and its static files (vendored scripts, styles).
+OPEN_PATHS = frozenset({"/healthz", SIGNIN})
+OPEN_PREFIXES = (f"{CONSOLE}/static/",)
 STATE_CHANGING = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 LOOPBACK_NAMES = frozenset({"localhost"})
+
+
+def is_console(path: str) -> bool:
+    """Whether `path` belongs to the web console (its pages, forms and files)."""
+    return path == CONSOLE or path.startswith(CONSOLE + "/")
+
+
+def is_open(path: str) -> bool:
+    """Whether `path` is served without the key."""
+    return path in OPEN_PATHS or path.startswith(OPEN_PREFIXES)
 
 
 def is_loopback(host: str) -> bool:
@@ -132,27 +154,58 @@ class RequestGuard:
         return media == b"application/json" or (media.startswith(b"application/") and media.endswith(b"+json"))
 
 
-class BearerAuth:
-    """Every path but /healthz needs `Authorization: Bearer <key>` (see the module docstring)."""
+class Authentication:
+    """The key (Bearer header or console session) and the CSRF token (see the module docstring)."""
 
-    def __init__(self, app: ASGIApp, key: str) -> None:
+    def __init__(self, app: ASGIApp, *, sessions: SessionTokens) -> None:
         self.app = app
-        self._key = key.encode()
+        self.sessions = sessions
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope.get("path") in OPEN_PATHS:
+        if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        header = _headers(scope).get(b"authorization", b"")
-        scheme, _, token = header.partition(b" ")
-        # compare_digest also runs for a wrong scheme, so timing does not tell which part was wrong.
-        ok = hmac.compare_digest(token.strip(), self._key)
-        if ok and scheme.lower() == b"bearer":
-            await self.app(scope, receive, send)
+        path: str = scope.get("path", "")
+        headers = _headers(scope)
+        session = self.sessions.read(cookie_value(headers.get(b"cookie", b"").decode("latin-1")))
+        bearer = self._bearer_ok(headers)
+        if self.sessions.key_required and not is_open(path) and not bearer and not (session and session.signed_in):
+            await self._refuse_unsigned(scope, headers, send)
             return
-        await _refuse(
-            send,
-            401,
-            "missing or wrong API key: send the header 'Authorization: Bearer <key>'",
-            [(b"www-authenticate", b"Bearer")],
-        )
+        on_cookie = not bearer and (is_console(path) or (session is not None and session.signed_in))
+        if scope.get("method", "GET") in STATE_CHANGING and on_cookie:
+            token = headers.get(CSRF_HEADER.encode(), b"").decode("latin-1")
+            if session is None or not self.sessions.check_csrf(session, token):
+                await _refuse(send, 403, "missing or wrong CSRF token: reload the page and try again")
+                return
+        await self.app(scope, receive, send)
+
+    def _bearer_ok(self, headers: dict[bytes, bytes]) -> bool:
+        header = headers.get(b"authorization", b"").decode("latin-1")
+        scheme, _, token = header.partition(" ")
+        # check_key also runs for a wrong scheme, so timing does not tell which part was wrong.
+        return self.sessions.check_key(token) and scheme.lower() == "bearer"
+
+    @staticmethod
+    async def _refuse_unsigned(scope: Scope, headers: dict[bytes, bytes], send: Send) -> None:
+        path: str = scope.get("path", "")
+        wants_page = scope.get("method") == "GET" and b"text/html" in headers.get(b"accept", b"")
+        if is_console(path) and b"hx-request" in headers:
+            # An htmx request would swap the sign-in page into a fragment: tell htmx to go there instead.
+            await _refuse(send, 401, "sign in first", [(b"hx-redirect", SIGNIN.encode())])
+        elif (is_console(path) or path == "/") and wants_page:
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": 303,
+                    "headers": [(b"location", f"{SIGNIN}?next={quote(path)}".encode()), (b"content-length", b"0")],
+                }
+            )
+            await send({"type": "http.response.body", "body": b""})
+        else:
+            await _refuse(
+                send,
+                401,
+                "missing or wrong API key: send the header 'Authorization: Bearer <key>'",
+                [(b"www-authenticate", b"Bearer")],
+            )

@@ -1,0 +1,126 @@
+"""The console's page templates: a Jinja environment of their own (not the campaign-template sandbox), with
+autoescaping on for every template and undefined names as errors, and interface text through gettext.
+
+Interface text is written in the templates as `_("English text", name=value)` and translated per request:
+Chinese (`zh_CN`) by default, English with `?lang=en` (remembered in a cookie). The catalogs are standard
+gettext files (`locale/<lang>/LC_MESSAGES/console.po`, compiled to `.mo`), extracted from the templates and
+from this package with Babel (`babel.cfg`).
+"""
+
+from __future__ import annotations
+
+import gettext as gettext_module
+from collections.abc import Callable, Mapping
+from datetime import datetime
+from functools import cache
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlencode
+from zoneinfo import ZoneInfo
+
+from jinja2 import Environment, PackageLoader, StrictUndefined
+
+from engine.audience import ExclusionCategory
+from engine.gateways.base import LoginState
+from storage.models import DeliveryStatus, RunStatus
+
+LOCALE_DIR = Path(__file__).parent / "locale"
+DOMAIN = "console"
+LANGUAGES = ("zh_CN", "en")
+DEFAULT_LANGUAGE = "zh_CN"
+
+
+def N_(message: str) -> str:
+    """Marks text for extraction that is translated later, where it is shown."""
+    return message
+
+
+STATUS_TEXT: dict[str, str] = {
+    DeliveryStatus.PENDING: N_("pending"),
+    DeliveryStatus.CLAIMED: N_("queued"),
+    DeliveryStatus.SENDING: N_("sending"),
+    DeliveryStatus.SUBMITTED: N_("awaiting staff"),
+    DeliveryStatus.SENT: N_("sent"),
+    DeliveryStatus.FAILED: N_("failed"),
+    DeliveryStatus.SKIPPED: N_("skipped"),
+    DeliveryStatus.UNKNOWN: N_("unknown"),
+    RunStatus.RUNNING: N_("running"),
+    RunStatus.PAUSED: N_("paused"),
+    RunStatus.COMPLETED: N_("completed"),
+    RunStatus.CANCELLED: N_("cancelled"),
+}
+
+
+LOGIN_TEXT: dict[str, str] = {
+    LoginState.LOGGED_OUT: N_("Logged out"),
+    LoginState.WAITING_SCAN: N_("Waiting for the scan"),
+    LoginState.SCANNED: N_("Scanned: confirm on the phone"),
+    LoginState.WAITING_VERIFY_CODE: N_("Waiting for the code"),
+    LoginState.LOGGED_IN: N_("Logged in"),
+}
+
+CATEGORY_TEXT: dict[str, str] = {
+    ExclusionCategory.AUDIENCE: N_("not targeted"),
+    ExclusionCategory.EXCLUSION: N_("excluded"),
+    ExclusionCategory.DEDUPE: N_("already sent"),
+    ExclusionCategory.FREQUENCY_CAP: N_("frequency cap"),
+    ExclusionCategory.MISSING_FIELD: N_("missing data"),
+}
+
+
+def query_string(query: Mapping[str, str], **changes: str) -> str:
+    """The page's query string with some parameters changed (the language switch keeps the filters)."""
+    return urlencode({**query, **changes})
+
+
+def language_of(asked: str | None) -> str:
+    """The catalog language for what a request asked (`zh`, `zh-CN`, `en-US` ...); Chinese by default."""
+    if asked:
+        base = asked.replace("-", "_").lower()
+        if base.startswith("en"):
+            return "en"
+        if base.startswith("zh"):
+            return "zh_CN"
+    return DEFAULT_LANGUAGE
+
+
+@cache
+def translations(language: str) -> gettext_module.NullTranslations:
+    """The compiled catalog of `language` (English, the msgids, needs none)."""
+    return gettext_module.translation(DOMAIN, LOCALE_DIR, [language], fallback=True)
+
+
+def translator(language: str) -> tuple[Callable[..., str], Callable[..., str]]:
+    """(gettext, ngettext) for templates: `_("Hello %(name)s", name=x)`, `ngettext("one", "%(num)d many", n)`."""
+    catalog = translations(language)
+
+    def gettext(message: str, **values: Any) -> str:
+        text = catalog.gettext(message)
+        return text % values if values else text
+
+    def ngettext(singular: str, plural: str, n: int, **values: Any) -> str:
+        return catalog.ngettext(singular, plural, n) % {"num": n, **values}
+
+    return gettext, ngettext
+
+
+def local_time(value: datetime | None, tz: ZoneInfo, *, seconds: bool = False) -> str:
+    """A stored (UTC) time as the operator reads it: local, `YYYY-MM-DD HH:mm`."""
+    if value is None:
+        return "—"
+    return value.astimezone(tz).strftime("%Y-%m-%d %H:%M:%S" if seconds else "%Y-%m-%d %H:%M")
+
+
+def build_environment(tz: ZoneInfo) -> Environment:
+    """The console's environment: templates from this package, autoescaped, strict about undefined names."""
+    env = Environment(
+        loader=PackageLoader("engine.web.console", "templates"),
+        autoescape=True,
+        undefined=StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
+    env.filters["local"] = lambda value, seconds=False: local_time(value, tz, seconds=seconds)
+    env.filters["number"] = lambda n: f"{n:,}"
+    env.globals.update(STATUS_TEXT=STATUS_TEXT, LOGIN_TEXT=LOGIN_TEXT, CATEGORY_TEXT=CATEGORY_TEXT, qs=query_string)
+    return env
