@@ -28,7 +28,7 @@ from engine.gateways.sandbox import SandboxGateway
 from engine.messages import IMAGE_TYPES, ImagePart, LinkPart, Media, Message, MiniProgramPart, TextPart
 from engine.views import DeliveryView, PreviewView, Problem, RunView
 from engine.web import api
-from engine.web.console import charts
+from engine.web.console.charts import bars, sends_over_time
 from engine.web.console.templating import LANGUAGES, build_environment, language_of, translator
 from engine.web.context import WebContext
 from engine.web.errors import answer_for, describe_invalid
@@ -509,11 +509,11 @@ def router(ctx: WebContext, sessions: SessionTokens) -> APIRouter:
     def run_charts(values: dict[str, Any], gettext: Callable[..., str]) -> dict[str, Any]:
         times = values["times"]
         return {
-            "chart_sends": charts.sends_over_time(
+            "chart_sends": sends_over_time(
                 times.start, times.width, times.counts, ui.tz, label=gettext("Sends over time")
             ),
-            "chart_failures": charts.bars(values["failures"], label=gettext("Failures by reason")),
-            "chart_skips": charts.bars(values["skips"], label=gettext("Skipped by reason")),
+            "chart_failures": bars(values["failures"], label=gettext("Failures by reason")),
+            "chart_skips": bars(values["skips"], label=gettext("Skipped by reason")),
         }
 
     @r.get("/runs", response_class=HTMLResponse)
