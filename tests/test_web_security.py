@@ -24,6 +24,8 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
     (root / "campaigns" / "new_customers.yaml").write_text(MANUAL, encoding="utf-8")
     with LiveServer(settings) as server:
         login(server.client)
+        # The scheduler syncs contacts after a login in the background; sync now, so the tests never race it.
+        server.client.post("/api/v1/contacts/sync").raise_for_status()
         yield server
 
 
