@@ -40,8 +40,8 @@ class SyncResult:
     events: int = 0  # customer events the changes recorded (new contacts, removals, tag changes)
 
 
-# The fields a contact record and a stored contact share (by name). The staff members who follow a customer
-# (`follow_user_ids`, for the official API's 群发 tasks) are not stored yet.
+# The fields a contact record and a stored contact share (by name), `follow_user_ids` among them (the staff
+# members a 群发 task to the customer goes out from, on the official API).
 _STORED = {f.name for f in dataclasses.fields(ContactRow)}
 _SHARED = [f.name for f in dataclasses.fields(ContactRecord) if f.name in _STORED]
 

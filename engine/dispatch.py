@@ -53,6 +53,7 @@ from engine.gateways.base import BatchOutcome, Gateway, LoginStatus
 from engine.outcome import Outcome, Verdict, classify
 from engine.runsettings import RunSettings
 from engine.settings import Settings
+from storage import contacts as contacts_db
 from storage import deliveries as deliveries_db
 from storage import optouts as optouts_db
 from storage import runs as runs_db
@@ -172,6 +173,59 @@ class Pacer:
             if self._ok_streak >= 20:
                 self.factor = min(1.0, self.factor * 1.25)
                 self._ok_streak = 0
+
+
+@dataclass
+class Reconciled:
+    """What one look at a run's 群发 tasks found: deliveries now sent or failed, and those still waiting."""
+
+    tasks: int = 0
+    sent: int = 0
+    failed: int = 0
+    waiting: int = 0
+    unreadable: int = 0  # tasks whose results could not be read this time (they count as waiting)
+
+
+async def reconcile_run(db: Engine, gateway: Gateway, run_id: int, clock: Clock) -> Reconciled:
+    """Move a run's `submitted` deliveries to their final state from the gateway's task results (sent, or failed
+    with the reason: not a friend, over WeCom's per-customer limit, cancelled …); the rest keep waiting. The
+    dispatcher does this while a run waits for staff, and `wecast reconcile` on demand; both write the same answer,
+    so running them side by side is harmless."""
+    rows = await off_loop(deliveries_db.submitted, db, run_id)
+    by_task: dict[str, dict[str, int]] = {}
+    for r in rows:
+        by_task.setdefault(r.task_id, {})[r.contact_id] = r.id
+    found = Reconciled(tasks=len(by_task))
+    results: list[Result] = []
+    for task_id, members in by_task.items():
+        try:
+            answers = await gateway.batch_results(task_id)
+        except GatewayError as exc:
+            log.warning("run %s: could not read results of task %s: %s", run_id, task_id, exc)
+            found.waiting += len(members)
+            found.unreadable += 1
+            continue
+        seen = set()
+        for res in answers:
+            row_id = members.get(res.contact_id)
+            if row_id is None:
+                continue
+            seen.add(res.contact_id)
+            if res.outcome is BatchOutcome.SENT:
+                results.append(
+                    Result(
+                        row_id, DeliveryStatus.SENT, gateway_message_id=res.message_id, sent_at=clock.now(), reason=""
+                    )
+                )
+                found.sent += 1
+            elif res.outcome is BatchOutcome.FAILED:
+                results.append(Result(row_id, DeliveryStatus.FAILED, reason=res.reason or "not delivered"))
+                found.failed += 1
+            else:
+                found.waiting += 1
+        found.waiting += len(set(members) - seen)
+    await off_loop(deliveries_db.write_results, db, results, clock.now())
+    return found
 
 
 class Dispatcher:
@@ -500,43 +554,45 @@ class _RunSender:
 
     # -- mass-message tasks (batch gateways) ------------------------------------------------------
     async def _submit_rows(self, rows: list[Claimed]) -> None:
-        """Group claimed rows by identical text and submit each group as one task (up to max_batch).
+        """Group claimed rows by identical text and the same staff member — a 群发 task is one staff member's
+        (the contact's leading `follow_user_ids`; '' where the gateway has one account) — and submit each group as
+        one task (up to max_batch).
 
         A group's idempotency key is derived from its rows and saved on them before the call, so after
         a crash exactly the same group is resubmitted under the same key (the gateway then answers with
         the task it already has) instead of a new, overlapping task."""
         d = self.d
         saved = await self._db(deliveries_db.batch_keys, d.db, [r.id for r in rows])
-        groups: dict[tuple[str, str], list[Claimed]] = {}
+        follows = await self._db(contacts_db.follow_users, d.db, [r.contact_id for r in rows])
+        groups: dict[tuple[str, str, str], list[Claimed]] = {}
         for r in rows:
-            groups.setdefault((r.text, saved.get(r.id, "")), []).append(r)
+            sender = follows.get(r.contact_id, ("",))[0]
+            groups.setdefault((r.text, sender, saved.get(r.id, "")), []).append(r)
         max_batch = max(1, d.gateway.capabilities.max_batch)
         parts = [
-            (text, key, group[i : i + max_batch]) if not key else (text, key, group)
-            for (text, key), group in groups.items()
+            (text, sender, key, group[i : i + max_batch]) if not key else (text, sender, key, group)
+            for (text, sender, key), group in groups.items()
             for i in (range(0, len(group), max_batch) if not key else [0])
         ]
-        for index, (text, saved_key, group) in enumerate(parts):
+        for index, (text, sender, saved_key, group) in enumerate(parts):
             halt = self.halt(None)
             part: list[Claimed] = []
             if halt is None:
                 status, part = await self._db(self._prepare, group, d.clock.now(), mark=False)
                 halt = self.halt(status) if status is not RunStatus.RUNNING else None
             if halt is not None:
-                await self._unclaim([r.id for _, _, rest in parts[index:] for r in rest])
+                await self._unclaim([r.id for *_, rest in parts[index:] for r in rest])
                 return
             if not part:
                 continue
             ids = sorted(r.contact_id for r in part)
-            key = (
-                saved_key
-                or "batch:" + hashlib.sha256(f"{self.run_id}|{text}|{','.join(ids)}".encode()).hexdigest()[:32]
-            )
+            group_id = f"{self.run_id}|{sender}|{text}|{','.join(ids)}"
+            key = saved_key or "batch:" + hashlib.sha256(group_id.encode()).hexdigest()[:32]
             await self._db(deliveries_db.mark_sending, d.db, part, d.clock.now(), task_key=key)
             await self.pacer.slot()
             try:
                 async with asyncio.timeout(d.send_timeout):
-                    receipt = await d.gateway.submit_batch(ids, text, idempotency_key=key)
+                    receipt = await d.gateway.submit_batch(ids, text, idempotency_key=key, sender=sender)
             except Exception as exc:
                 self._failed_call(part, exc)
             else:
@@ -565,42 +621,11 @@ class _RunSender:
 
     async def _reconcile(self) -> int:
         """Ask the gateway how submitted tasks went; returns how many deliveries still wait."""
-        rows = await self._db(deliveries_db.submitted, self.d.db, self.run_id)
-        by_task: dict[str, dict[str, int]] = {}
-        for r in rows:
-            by_task.setdefault(r.task_id, {})[r.contact_id] = r.id
-        waiting = 0
-        for task_id, members in by_task.items():
-            try:
-                results = await self.d.gateway.batch_results(task_id)
-            except GatewayError as exc:
-                log.warning("run %s: could not read results of task %s: %s", self.run_id, task_id, exc)
-                waiting += len(members)
-                continue
-            seen = set()
-            for res in results:
-                row_id = members.get(res.contact_id)
-                if row_id is None:
-                    continue
-                seen.add(res.contact_id)
-                if res.outcome is BatchOutcome.SENT:
-                    self._record(
-                        Result(
-                            row_id,
-                            DeliveryStatus.SENT,
-                            gateway_message_id=res.message_id,
-                            sent_at=self.d.clock.now(),
-                            reason="",
-                        )
-                    )
-                elif res.outcome is BatchOutcome.FAILED:
-                    self.failed += 1
-                    self._record(Result(row_id, DeliveryStatus.FAILED, reason=res.reason or "not delivered"))
-                else:
-                    waiting += 1
-            waiting += len(set(members) - seen)
-        await self._flush()
-        return waiting
+        result = await reconcile_run(self.d.db, self.d.gateway, self.run_id, self.d.clock)
+        self.failed += result.failed
+        if self.progress and (result.sent or result.failed):
+            self.progress(await self._db(deliveries_db.status_counts, self.d.db, self.run_id))
+        return result.waiting
 
     # -- database --------------------------------------------------------------------------------
     def _record(self, result: Result) -> None:

@@ -72,6 +72,7 @@ class ContactRow:
     additional_info: dict[str, Any] = field(default_factory=dict)
     corp_id: str = ""
     tag_ids: tuple[str, ...] = ()
+    follow_user_ids: tuple[str, ...] = ()
     added_at: datetime | None = None
     created_at: datetime | None = None
     updated_at: datetime | None = None
@@ -131,6 +132,7 @@ def _columns(c: ContactRow) -> dict[str, Any]:
     values = {name: getattr(c, name) for name in _SYNCED}
     values["phones"] = list(c.phones)
     values["tag_ids"] = list(c.tag_ids)
+    values["follow_user_ids"] = list(c.follow_user_ids)
     values["additional_info"] = dict(c.additional_info)
     return values
 
@@ -178,6 +180,19 @@ def upsert_contacts(db: DB, contacts: Sequence[ContactRow], now: datetime) -> tu
     return len(new_rows), len(changed)
 
 
+def follow_users(db: DB, ids: Sequence[str]) -> dict[str, tuple[str, ...]]:
+    """The staff members who follow each of these contacts, the leading one first (contacts without any, or unknown,
+    are left out)."""
+    out: dict[str, tuple[str, ...]] = {}
+    with reading(db) as conn:
+        for part in chunks(list(ids)):
+            for contact_id, follows in conn.execute(select(_C.id, _C.follow_user_ids).where(_C.id.in_(part))):
+                users = tuple(decode_json(follows) if isinstance(follows, str) else follows or ())
+                if users:
+                    out[contact_id] = users
+    return out
+
+
 def mark_removed(db: DB, seen_ids: set[str], now: datetime) -> int:
     """Contacts the gateway no longer lists are marked removed (kept: their delivery history matters)."""
     with writing(db) as conn:
@@ -208,6 +223,7 @@ def mark_gone(db: DB, ids: Sequence[str], now: datetime) -> int:
 
 _DECODERS: dict[str, Callable[[Any], Any]] = {
     "phones": decode_json,
+    "follow_user_ids": decode_json,
     "additional_info": decode_json,
     "added_at": aware,
     "created_at": aware,
@@ -362,6 +378,7 @@ def _contact_row(values: dict[str, Any], tags: list[tuple[str, str]]) -> Contact
             **values,
             "phones": tuple(values["phones"] or ()),
             "tag_ids": tuple(values["tag_ids"] or ()),
+            "follow_user_ids": tuple(values.get("follow_user_ids") or ()),
             "additional_info": values["additional_info"] or {},
         },
         tags=tuple(tags),

@@ -12,7 +12,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import event, inspect, select
+from sqlalchemy import event, inspect, select, text
 from sqlalchemy.engine import Connection, Engine, make_url
 from sqlmodel import Session, SQLModel, create_engine
 
@@ -26,8 +26,14 @@ def _add_journey_tables(conn: Connection) -> None:
         table.create(conn, checkfirst=True)
 
 
+def _add_follow_user_ids(conn: Connection) -> None:
+    """2 -> 3: `contacts.follow_user_ids`, the staff members who follow a customer (the wecom gateway's 群发 tasks
+    are per staff member); empty for existing contacts until the next sync fills it."""
+    conn.execute(text("ALTER TABLE contacts ADD COLUMN follow_user_ids JSON NOT NULL DEFAULT '[]'"))
+
+
 # Migrations from version N to N+1, keyed by N. Each runs inside one transaction.
-MIGRATIONS: dict[int, Callable[[Connection], None]] = {1: _add_journey_tables}
+MIGRATIONS: dict[int, Callable[[Connection], None]] = {1: _add_journey_tables, 2: _add_follow_user_ids}
 
 
 class SchemaError(RuntimeError):

@@ -20,7 +20,7 @@ from sqlalchemy.engine import Dialect
 from sqlalchemy.types import TypeDecorator
 from sqlmodel import Field, SQLModel
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 
 class UTCDateTime(TypeDecorator[datetime]):
@@ -117,6 +117,11 @@ class Contact(SQLModel, table=True):
     corp_id: str = ""
     # The contact's tag ids, also kept here (beside contact_tags) so planning reads one table.
     tag_ids: list[str] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    # The staff members (WeCom userids) who have the customer as a contact, the one a 群发 task goes out from first
+    # (the official API's tasks are per staff member; the puppets' contacts have none).
+    follow_user_ids: list[str] = Field(
+        default_factory=list, sa_column=Column(JSON, nullable=False, server_default=text("'[]'"))
+    )
     added_at: datetime | None = _ts(index=True)  # when the customer added us (additionalInfo.addContactTime)
     created_at: datetime | None = _ts()  # first seen by wecast
     updated_at: datetime | None = _ts()  # last changed by a sync

@@ -57,9 +57,9 @@ def test_identical_texts_go_out_as_one_task_and_complete_after_confirmation(sett
         calls: list[int] = []
         original = gw.submit_batch
 
-        async def counting(ids: list[str], text: str, *, idempotency_key: str) -> Any:
+        async def counting(ids: list[str], text: str, *, idempotency_key: str, sender: str = "") -> Any:
             calls.append(len(ids))
-            return await original(ids, text, idempotency_key=idempotency_key)
+            return await original(ids, text, idempotency_key=idempotency_key, sender=sender)
 
         gw.submit_batch = counting  # type: ignore[method-assign]
         first = (await app.run_campaign(campaign(settings, "周末会员日，全场8折！"), confirm_wait=0)).summary
@@ -118,9 +118,9 @@ def test_a_crash_mid_submit_resubmits_the_same_group_under_the_same_key(settings
         original = gw.submit_batch
         keys: list[str] = []
 
-        async def crash_after_submit(ids: list[str], text: str, *, idempotency_key: str) -> Any:
+        async def crash_after_submit(ids: list[str], text: str, *, idempotency_key: str, sender: str = "") -> Any:
             keys.append(idempotency_key)
-            receipt = await original(ids, text, idempotency_key=idempotency_key)
+            receipt = await original(ids, text, idempotency_key=idempotency_key, sender=sender)
             if len(keys) == 1:
                 raise KeyboardInterrupt  # the process dies after WeCom accepted the task
             return receipt
@@ -167,7 +167,7 @@ def test_an_unexpected_error_submitting_a_task_leaves_no_row_sending(settings_fo
         await app.start()
         await app.sync()
 
-        async def broken(ids: list[str], text: str, *, idempotency_key: str) -> Any:
+        async def broken(ids: list[str], text: str, *, idempotency_key: str, sender: str = "") -> Any:
             raise RuntimeError("bug in the gateway")
 
         app.gateway.submit_batch = broken  # type: ignore[method-assign]
@@ -208,12 +208,12 @@ def test_a_rate_limited_task_slows_the_run_once_not_once_per_recipient(
         original = gw.submit_batch
         calls = 0
 
-        async def throttled_once(ids: list[str], text: str, *, idempotency_key: str) -> Any:
+        async def throttled_once(ids: list[str], text: str, *, idempotency_key: str, sender: str = "") -> Any:
             nonlocal calls
             calls += 1
             if calls == 1:
                 raise RateLimitedError("45009: too many tasks", retry_after=3.0)
-            return await original(ids, text, idempotency_key=idempotency_key)
+            return await original(ids, text, idempotency_key=idempotency_key, sender=sender)
 
         gw.submit_batch = throttled_once  # type: ignore[method-assign]
         outcome = await app.run_campaign(campaign(settings, "新品上市"), confirm_wait=0)
