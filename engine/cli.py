@@ -22,7 +22,7 @@ import io
 import json
 import logging
 import sys
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from datetime import datetime, tzinfo
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -36,6 +36,7 @@ from rich.table import Table
 
 from engine import __version__
 from engine.errors import CampaignError, WecastError
+from engine.messages import Message, TextPart, describe
 from engine.settings import Settings, load_settings, redact_url
 from storage.models import OPEN_STATUSES, TERMINAL_STATUSES, DeliveryStatus, RunStatus
 
@@ -254,14 +255,20 @@ def preview(ctx: Ctx, campaign: str, run_key: str | None, as_json: bool, csv_pat
         sys.exit(EXIT_INVALID)
 
 
+def _message_lines(message: Message) -> str:
+    """A message for the terminal: its parts in order, the text as it is and each attachment on a line of its own."""
+    return "\n".join(("" if isinstance(part, TextPart) else "+ ") + describe(part) for part in message.parts)
+
+
 def _write_csv(p: Preview, path: Path) -> None:
     buffer = io.StringIO()
     writer = csv.writer(buffer)
-    writer.writerow(["contact_id", "name", "decision", "reason", "message"])
+    writer.writerow(["contact_id", "name", "decision", "reason", "message", "attachments"])
     for r in p.recipients:
-        writer.writerow([r.contact_id, r.name, "send", "", r.text])
+        attachments = "\n".join(describe(a) for a in r.full_message().attachments)
+        writer.writerow([r.contact_id, r.name, "send", "", r.text, attachments])
     for e in p.excluded:
-        writer.writerow([e.contact_id, e.name, "excluded", f"{e.category}: {e.reason}", ""])
+        writer.writerow([e.contact_id, e.name, "excluded", f"{e.category}: {e.reason}", "", ""])
     if str(path) == "-":
         sys.stdout.write(buffer.getvalue())
     else:
@@ -283,7 +290,7 @@ def _print_preview(p: Preview, show: int) -> None:
         f"excluded {len(p.excluded)} ("
         + ", ".join(f"{k} {v}" for k, v in sorted(cats.items()))
         + ")"
-        + f"  distinct messages {p.distinct_texts}"
+        + f"  distinct messages {p.distinct_messages}"
     )
     if p.unknown_tags:
         out.print(f"[yellow]warning: no contact has the tag(s) {', '.join(p.unknown_tags)}[/yellow]")
@@ -295,7 +302,7 @@ def _print_preview(p: Preview, show: int) -> None:
     limit = show or None
     table = Table("contact", "name", "message", title="Recipients", title_justify="left", show_lines=True)
     for r in p.recipients[:limit]:
-        table.add_row(r.contact_id, escape(r.name), escape(r.text))
+        table.add_row(r.contact_id, escape(r.name), escape(_message_lines(r.full_message())))
     if p.recipients:
         out.print(table)
         if limit and len(p.recipients) > limit:
@@ -325,6 +332,12 @@ def _print_preview(p: Preview, show: int) -> None:
 @click.option("--run", "run_id", type=int, help="with --resume: only this run")
 @click.option("--run-key", help="name the run explicitly (default: the current schedule slot)")
 @click.option("--no-wait", is_flag=True, help="don't wait for login or quiet hours; leave those sends pending")
+@click.option(
+    "--test-to",
+    "test_to",
+    metavar="ID[,ID]",
+    help="a test send: the campaign's exact message to these contacts only, outside dedupe and caps",
+)
 @click.option("--json", "as_json", is_flag=True, help="print the summary as JSON")
 @pass_ctx
 def run(
@@ -334,17 +347,24 @@ def run(
     run_id: int | None,
     run_key: str | None,
     no_wait: bool,
+    test_to: str | None,
     as_json: bool,
 ) -> None:
     """Send a campaign now, or resume interrupted runs (--resume).
 
     The run is the campaign's current schedule slot, so running it twice — or the scheduler firing the
     same slot — sends nothing twice. Ctrl-C stops cleanly; `wecast run --resume` continues.
+
+    With --test-to, the campaign's message goes only to the named contacts (staff phones, say), rendered for
+    each of them, in a run of its own marked `test`: outside the campaign's dedupe and the frequency cap, at any
+    hour, and never touching the real run.
     """
     from engine.spec import find_campaign
 
     if resume_run == bool(campaign):
         raise click.UsageError("give a CAMPAIGN to run, or --resume to continue interrupted runs")
+    if test_to is not None and (resume_run or run_key):
+        raise click.UsageError("--test-to sends a campaign to named contacts; it takes no --resume or --run-key")
     login_wait = 0.0 if no_wait else ctx.settings.sending.login_wait.total_seconds()
     quiet_max = 0.0 if no_wait else None
     spec = find_campaign(campaign, ctx.settings) if campaign else None
@@ -365,6 +385,12 @@ def run(
                     ),
                 )
 
+            if spec is not None and test_to is not None:
+                await app.ensure_contacts()
+                ids = [i.strip() for i in test_to.split(",") if i.strip()]
+                if not ids:
+                    raise click.BadParameter("name at least one contact id", param_hint="--test-to")
+                return [await app.test_send(spec, ids, progress=on_progress, login_wait=login_wait)]
             if spec is not None:
                 await app.ensure_contacts()
                 _warn_quiet_hours(spec, app.clock.now(), no_wait)
@@ -429,6 +455,83 @@ def _progress() -> Progress:
         console=err,
         transient=False,
     )
+
+
+@main.command()
+@click.argument("contact")
+@click.option("--text", help="the text")
+@click.option(
+    "--image",
+    "images",
+    multiple=True,
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="a JPG or PNG to send after the text (repeatable)",
+)
+@click.option(
+    "--file",
+    "files",
+    multiple=True,
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="a file to send (repeatable; ≤ 20 MB)",
+)
+@click.option("--no-wait", is_flag=True, help="don't wait for a login; leave the send pending")
+@click.option("--json", "as_json", is_flag=True, help="print the result as JSON")
+@pass_ctx
+def send(
+    ctx: Ctx,
+    contact: str,
+    text: str | None,
+    images: tuple[Path, ...],
+    files: tuple[Path, ...],
+    no_wait: bool,
+    as_json: bool,
+) -> None:
+    """Send one message to one contact now (a test send): text, then images, then files.
+
+    Images and files are copied into wecast's media store (by their content: sending the same poster twice
+    stores it once), checked by content (JPG/PNG, ≤ 10 MB; files ≤ 20 MB) and sent as the parts the gateway
+    can carry. The send is logged like any other (`wecast log --contact CONTACT`).
+    """
+    from engine.media import MediaError
+    from engine.message_spec import Attachment, FileAttachment, ImageAttachment
+    from engine.messages import PartKind
+
+    login_wait = 0.0 if no_wait else ctx.settings.sending.login_wait.total_seconds()
+
+    async def go(app: Wecast) -> RunSummary:
+        attachments: list[Attachment] = []
+        try:
+            for kind, paths in ((PartKind.IMAGE, images), (PartKind.FILE, files)):
+                for path in paths:
+                    stored = app.media.save(_chunks(path), path.name, kind)
+                    attachments.append(
+                        ImageAttachment(kind="image", media_id=stored.id)
+                        if kind is PartKind.IMAGE
+                        else FileAttachment(kind="file", media_id=stored.id)
+                    )
+        except MediaError as exc:
+            raise click.BadParameter(str(exc), param_hint="--image/--file") from None
+        await app.ensure_contacts()
+        return await app.send_direct(contact, text, attachments, login_wait=login_wait)
+
+    summary = _run(_with_app(ctx, go))
+    if as_json:
+        from engine.views import SummaryView
+
+        _print_json(SummaryView.from_summary(summary))
+    else:
+        counts = "  ".join(f"{k} {v}" for k, v in sorted(summary.counts.items()))
+        out.print(f"run {summary.run_id}: [bold]{summary.status}[/bold]  {counts}")
+        if summary.message and summary.message != "done":
+            out.print(f"  {escape(summary.message)}")
+    if summary.counts.get(DeliveryStatus.FAILED) or summary.counts.get(DeliveryStatus.UNKNOWN):
+        sys.exit(EXIT_ERROR)
+
+
+def _chunks(path: Path, size: int = 1024 * 1024) -> Iterator[bytes]:
+    with path.open("rb") as handle:
+        while chunk := handle.read(size):
+            yield chunk
 
 
 # -- contacts ----------------------------------------------------------------------------------------
@@ -634,7 +737,7 @@ def log_cmd(
     """The delivery log, newest first."""
     from engine.views import DeliveryView
     from storage.db import make_db_engine
-    from storage.deliveries import list_deliveries
+    from storage.deliveries import list_deliveries, list_parts
 
     db = make_db_engine(ctx.settings.database_url)
     try:
@@ -646,10 +749,11 @@ def log_cmd(
             contact_id=contact,
             limit=limit,
         )
+        parts = list_parts(db, [d.id for d in rows if d.message is not None])
     finally:
         db.dispose()
     if as_json:
-        _print_json([DeliveryView.from_row(d) for d in rows])
+        _print_json([DeliveryView.from_row(d, parts.get(d.id, ())) for d in rows])
         return
     tz = ctx.settings.tz
     table = Table("id", "run", "campaign", "contact", "status", "tries", "when", "message / reason")

@@ -36,13 +36,14 @@ import os
 import random
 import socket
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from enum import Enum
 from typing import ParamSpec, TypeVar
 
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, Engine
 
 from engine.audience import OPTED_OUT_REASON, ExclusionCategory
 from engine.backoff import backoff_delay
@@ -50,6 +51,7 @@ from engine.blocking import off_loop
 from engine.clock import Clock, SystemClock
 from engine.errors import GatewayError, NotFoundError, WecastError
 from engine.gateways.base import BatchOutcome, Gateway, LoginStatus
+from engine.messages import Message, PartKind, part_key
 from engine.outcome import Outcome, Verdict, classify
 from engine.runsettings import RunSettings
 from engine.settings import Settings
@@ -58,8 +60,8 @@ from storage import deliveries as deliveries_db
 from storage import optouts as optouts_db
 from storage import runs as runs_db
 from storage.db import transaction
-from storage.deliveries import Claimed, Result
-from storage.models import OPEN_STATUSES, DeliveryStatus, RunStatus
+from storage.deliveries import Claimed, PartMark, PartResult, PartState, Result
+from storage.models import OPEN_STATUSES, DeliveryStatus, PartStatus, RunStatus
 from storage.runs import RunRow
 
 log = logging.getLogger("wecast.dispatch")
@@ -228,6 +230,40 @@ async def reconcile_run(db: Engine, gateway: Gateway, run_id: int, clock: Clock)
     return found
 
 
+@dataclass(frozen=True)
+class _Job:
+    """A claimed delivery for one send task: its row and — for a multi-part message — the message and how far
+    earlier attempts got with each part."""
+
+    row: Claimed
+    message: Message | None = None
+    parts: Mapping[int, PartState] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class _PartFailure:
+    """The part of a multi-part delivery a failed call carried, and what the parts before it came to."""
+
+    delivery_id: int
+    index: int
+    count: int
+    kind: PartKind
+    delivered: tuple[int, ...]  # indexes of the parts the gateway accepted
+    in_doubt: bool  # a crash left it `sending` before: it may have arrived already
+
+    def describe(self, reason: str) -> str:
+        text = f"part {self.index + 1} of {self.count} ({self.kind.value}): {reason}"
+        if self.delivered:
+            text += "; delivered: part " + ", ".join(str(i + 1) for i in self.delivered)
+        return text
+
+
+def _unsent(state: PartState | None) -> bool:
+    """Whether a part still has to be handed to the gateway: never tried, failed before it left, or caught
+    `sending` by a crash (resent under its own key: only a gateway that recognises the key gets it again)."""
+    return state is None or state.status in (PartStatus.FAILED, PartStatus.SENDING)
+
+
 class Dispatcher:
     """Sends the deliveries of planned runs through one gateway."""
 
@@ -335,6 +371,7 @@ class _RunSender:
         self.sem = asyncio.Semaphore(d.concurrency)
         self.inflight: set[asyncio.Task[None]] = set()
         self.results: list[Result] = []
+        self.part_results: list[PartResult] = []  # parts whose calls failed, written with their deliveries' results
         self.logged_out = False
         self.auth_error = ""  # set when the gateway refused the credentials: the run pauses
         self.last_flush = d.clock.monotonic()
@@ -461,9 +498,9 @@ class _RunSender:
             await self.pacer.until_due()
             # Checked after the wait, right before marking: what the sends in flight meanwhile ran into counts.
             halt = self.halt(None)
-            kept: list[Claimed] = []
+            kept: list[_Job] = []
             if halt is None:
-                status, kept = await self._db(self._prepare, chunk, self.d.clock.now(), mark=True)
+                status, kept = await self._db(self._prepare_jobs, chunk, self.d.clock.now())
                 halt = self.halt(status) if status is not RunStatus.RUNNING else None
             if halt is not None:
                 for _ in chunk:
@@ -472,15 +509,24 @@ class _RunSender:
                 return
             for _ in range(len(chunk) - len(kept)):
                 self.sem.release()
-            for row in kept:
-                task = asyncio.get_running_loop().create_task(self._send_one(row))
+            for job in kept:
+                task = asyncio.get_running_loop().create_task(self._send_one(job))
                 self.inflight.add(task)
                 task.add_done_callback(self.inflight.discard)
             await self._maybe_flush()
             await self._beat()
 
     # -- one send --------------------------------------------------------------------------------
-    async def _send_one(self, row: Claimed) -> None:
+    async def _send_one(self, job: _Job) -> None:
+        try:
+            if job.message is None:
+                await self._send_text(job.row)
+            else:
+                await self._send_parts(job, job.message)
+        finally:
+            self.sem.release()
+
+    async def _send_text(self, row: Claimed) -> None:
         d = self.d
         await self.pacer.slot()
         try:
@@ -503,12 +549,54 @@ class _RunSender:
                     reason="",
                 )
             )
-        finally:
-            self.sem.release()
+
+    async def _send_parts(self, job: _Job, message: Message) -> None:
+        """Send a multi-part message part by part, each under its own idempotency key and paced as a send of its
+        own. The part about to go is on record as `sending` before its call (`_prepare_jobs` marked the first;
+        each success is recorded together with the next part's mark), so a crash between two parts leaves the
+        ledger saying which parts arrived, which one may have, and which never left."""
+        d = self.d
+        row = job.row
+        key = row.dedupe_key or f"delivery-{row.id}"
+        count = len(message.parts)
+        hashes = message.part_hashes()
+        sent = {i: p.gateway_message_id for i, p in job.parts.items() if p.status is PartStatus.SENT}
+        todo = [i for i in range(count) if i not in sent]
+        for n, index in enumerate(todo):
+            part = message.parts[index]
+            await self.pacer.slot()
+            try:
+                async with asyncio.timeout(d.send_timeout):
+                    receipt = await d.gateway.send_part(
+                        row.contact_id, part, idempotency_key=part_key(key, index, count)
+                    )
+            except Exception as exc:
+                in_doubt = index in job.parts and job.parts[index].status is PartStatus.SENDING
+                failure = _PartFailure(row.id, index, count, part.kind, tuple(sorted(sent)), in_doubt)
+                self._failed_call([row], exc, failure)
+                return
+            self.pacer.succeeded()
+            sent[index] = receipt.message_id
+            then = None
+            if n + 1 < len(todo):
+                following = todo[n + 1]
+                then = PartMark(row.id, following, message.parts[following].kind.value, hashes[following])
+            await self._db(deliveries_db.part_sent, d.db, row.id, index, receipt.message_id, d.clock.now(), then)
+        self._record(
+            Result(
+                row.id,
+                DeliveryStatus.SENT,
+                gateway_message_id=sent[min(sent)],
+                sent_at=d.clock.now(),
+                last_error="",
+                reason="",
+            )
+        )
 
     # -- outcomes (one place for both send paths) -------------------------------------------------
-    def _failed_call(self, rows: list[Claimed], exc: Exception) -> None:
-        """A gateway call carrying `rows` raised `exc`: classify it once, act on the run once, record each row."""
+    def _failed_call(self, rows: list[Claimed], exc: Exception, part: _PartFailure | None = None) -> None:
+        """A gateway call carrying `rows` (or `part` of the one row) raised `exc`: classify it once, act on the run
+        once, record each row."""
         outcome = classify(exc, timeout=self.d.send_timeout)
         if outcome.verdict is Verdict.UNKNOWN and not isinstance(exc, GatewayError | TimeoutError):
             log.exception("run %s: unexpected error sending %d deliveries", self.run_id, len(rows))
@@ -519,27 +607,44 @@ class _RunSender:
         if outcome.verdict is Verdict.HALT:
             self.auth_error = outcome.reason
         for row in rows:
-            self._settle(row, outcome)
+            self._settle(row, outcome, part)
 
-    def _settle(self, row: Claimed, outcome: Outcome) -> None:
-        """Record what a failed call means for one of its rows."""
+    def _settle(self, row: Claimed, outcome: Outcome, part: _PartFailure | None = None) -> None:
+        """Record what a failed call means for one of its rows — and, for a part of a multi-part message, for that
+        part: not delivered (`failed`: a retry sends it again), or `unknown`. A part that a crash left `sending`
+        (resent under its own key) may have arrived before: whatever its resend runs into, it is never recorded
+        as not delivered."""
         attempts = row.attempts + 1
-        if outcome.verdict is Verdict.RETRY:
-            self._retry(row, attempts, outcome.reason, delay=outcome.retry_after)
-        elif outcome.verdict in (Verdict.REQUEUE, Verdict.HALT):
+        reason = part.describe(outcome.reason) if part else outcome.reason
+        verdict = outcome.verdict
+        if part is not None and part.in_doubt and verdict is Verdict.FAILED:
+            verdict = Verdict.UNKNOWN
+        if verdict is Verdict.RETRY:
+            self._retry(row, attempts, reason, delay=outcome.retry_after, part=part)
+        elif verdict in (Verdict.REQUEUE, Verdict.HALT):
             # Not an attempt: nothing was sent. The row waits for the login (or the fixed credentials).
-            self._record(Result(row.id, DeliveryStatus.PENDING, attempts=row.attempts, last_error=outcome.reason))
-        elif outcome.verdict is Verdict.UNKNOWN:
-            self._record(Result(row.id, DeliveryStatus.UNKNOWN, reason=outcome.reason, last_error=outcome.reason))
+            self._record_part(part, PartStatus.FAILED, outcome.reason)
+            self._record(Result(row.id, DeliveryStatus.PENDING, attempts=row.attempts, last_error=reason))
+        elif verdict is Verdict.UNKNOWN:
+            self._record_part(part, PartStatus.UNKNOWN, outcome.reason)
+            self._record(Result(row.id, DeliveryStatus.UNKNOWN, reason=reason, last_error=reason))
         else:
             self.failed += 1
-            self._record(Result(row.id, DeliveryStatus.FAILED, reason=outcome.reason, last_error=outcome.reason))
+            self._record_part(part, PartStatus.FAILED, outcome.reason)
+            self._record(Result(row.id, DeliveryStatus.FAILED, reason=reason, last_error=reason))
 
-    def _retry(self, row: Claimed, attempts: int, error: str, delay: float | None = None) -> None:
+    def _retry(
+        self, row: Claimed, attempts: int, error: str, delay: float | None = None, part: _PartFailure | None = None
+    ) -> None:
         retry = self.d.retry
         if attempts >= retry.max_attempts:
-            self.failed += 1
             reason = f"gave up after {attempts} attempts: {error}"
+            if part is not None and part.in_doubt:
+                self._record_part(part, PartStatus.UNKNOWN, error)
+                self._record(Result(row.id, DeliveryStatus.UNKNOWN, reason=reason, last_error=error))
+                return
+            self.failed += 1
+            self._record_part(part, PartStatus.FAILED, error)
             self._record(Result(row.id, DeliveryStatus.FAILED, reason=reason, last_error=error))
             return
         if delay is None:
@@ -550,13 +655,21 @@ class _RunSender:
                 rng=self.d.rng,
             )
         due = self.d.clock.now() + timedelta(seconds=delay)
+        self._record_part(part, PartStatus.FAILED, error)
         self._record(Result(row.id, DeliveryStatus.PENDING, last_error=error, next_attempt_at=due))
+
+    def _record_part(self, part: _PartFailure | None, status: PartStatus, error: str) -> None:
+        """Record how a part's call ended (written with its delivery's result). A part in doubt that is to be
+        tried again stays `sending`, so the next attempt still knows it may have arrived."""
+        if part is None or (part.in_doubt and status is PartStatus.FAILED):
+            return
+        self.part_results.append(PartResult(part.delivery_id, part.index, status, error))
 
     # -- mass-message tasks (batch gateways) ------------------------------------------------------
     async def _submit_rows(self, rows: list[Claimed]) -> None:
-        """Group claimed rows by identical text and the same staff member — a 群发 task is one staff member's
-        (the contact's leading `follow_user_ids`; '' where the gateway has one account) — and submit each group as
-        one task (up to max_batch).
+        """Group claimed rows by identical message (every part) and the same staff member — a 群发 task is one staff
+        member's (the contact's leading `follow_user_ids`; '' where the gateway has one account) — and submit each
+        group as one task (up to max_batch).
 
         A group's idempotency key is derived from its rows and saved on them before the call, so after
         a crash exactly the same group is resubmitted under the same key (the gateway then answers with
@@ -567,14 +680,15 @@ class _RunSender:
         groups: dict[tuple[str, str, str], list[Claimed]] = {}
         for r in rows:
             sender = follows.get(r.contact_id, ("",))[0]
-            groups.setdefault((r.text, sender, saved.get(r.id, "")), []).append(r)
+            # A plain text message is its text; any other is its JSON (identical messages, identical JSON).
+            groups.setdefault((r.message or r.text, sender, saved.get(r.id, "")), []).append(r)
         max_batch = max(1, d.gateway.capabilities.max_batch)
         parts = [
-            (text, sender, key, group[i : i + max_batch]) if not key else (text, sender, key, group)
-            for (text, sender, key), group in groups.items()
+            (content, sender, key, group[i : i + max_batch]) if not key else (content, sender, key, group)
+            for (content, sender, key), group in groups.items()
             for i in (range(0, len(group), max_batch) if not key else [0])
         ]
-        for index, (text, sender, saved_key, group) in enumerate(parts):
+        for index, (content, sender, saved_key, group) in enumerate(parts):
             halt = self.halt(None)
             part: list[Claimed] = []
             if halt is None:
@@ -586,13 +700,14 @@ class _RunSender:
             if not part:
                 continue
             ids = sorted(r.contact_id for r in part)
-            group_id = f"{self.run_id}|{sender}|{text}|{','.join(ids)}"
+            group_id = f"{self.run_id}|{sender}|{content}|{','.join(ids)}"
             key = saved_key or "batch:" + hashlib.sha256(group_id.encode()).hexdigest()[:32]
+            message = Message.loads(content) if part[0].message is not None else Message.of_text(content)
             await self._db(deliveries_db.mark_sending, d.db, part, d.clock.now(), task_key=key)
             await self.pacer.slot()
             try:
                 async with asyncio.timeout(d.send_timeout):
-                    receipt = await d.gateway.submit_batch(ids, text, idempotency_key=key, sender=sender)
+                    receipt = await d.gateway.submit_batch(ids, message, idempotency_key=key, sender=sender)
             except Exception as exc:
                 self._failed_call(part, exc)
             else:
@@ -640,16 +755,19 @@ class _RunSender:
         if not self.results:
             return
         batch, self.results = self.results, []
-        await self._db(deliveries_db.write_results, self.d.db, batch, self.d.clock.now())
+        parts, self.part_results = self.part_results, []
+        await self._db(deliveries_db.write_results, self.d.db, batch, self.d.clock.now(), parts)
         if self.progress:
             self.progress(await self._db(deliveries_db.status_counts, self.d.db, self.run_id))
 
-    def _prepare(self, chunk: list[Claimed], now: datetime, *, mark: bool) -> tuple[RunStatus, list[Claimed]]:
-        """The hand-over of a chunk, in one worker-thread call and one transaction: the run's state and — if it still
-        runs — the suppression list and the frequency cap re-checked (contacts may have opted out, other campaigns
-        may have sent since planning: those rows are skipped) and, with `mark`, the rest marked `sending`. Returns
-        the state and the rows to send."""
-        with transaction(self.d.db) as conn:
+    def _prepare(
+        self, chunk: list[Claimed], now: datetime, *, mark: bool, conn: Connection | None = None
+    ) -> tuple[RunStatus, list[Claimed]]:
+        """The hand-over of a chunk, in one worker-thread call and one transaction (`conn`'s, or its own): the run's
+        state and — if it still runs — the suppression list and the frequency cap re-checked (contacts may have
+        opted out, other campaigns may have sent since planning: those rows are skipped) and, with `mark`, the rest
+        marked `sending`. Returns the state and the rows to send."""
+        with transaction(self.d.db) if conn is None else nullcontext(conn) as conn:
             status = runs_db.run_status(conn, self.run_id) or RunStatus.CANCELLED
             if status is not RunStatus.RUNNING:
                 return status, []
@@ -681,6 +799,31 @@ class _RunSender:
             if mark:
                 deliveries_db.mark_sending(conn, keep, now)
         return status, keep
+
+    def _prepare_jobs(self, chunk: list[Claimed], now: datetime) -> tuple[RunStatus, list[_Job]]:
+        """`_prepare` (marking the rows `sending`) and, in the same transaction, for each multi-part message: what
+        earlier attempts did with its parts, and the first part still to send marked `sending`."""
+        with transaction(self.d.db) as conn:
+            status, keep = self._prepare(chunk, now, mark=True, conn=conn)
+            rich = [r for r in keep if r.message is not None]
+            if not rich:
+                return status, [_Job(r) for r in keep]
+            states = deliveries_db.part_states(conn, [r.id for r in rich])
+            jobs: list[_Job] = []
+            marks: list[PartMark] = []
+            for r in keep:
+                if r.message is None:
+                    jobs.append(_Job(r))
+                    continue
+                message = Message.loads(r.message)
+                parts = states.get(r.id, {})
+                first = next((i for i in range(len(message.parts)) if _unsent(parts.get(i))), None)
+                if first is not None:
+                    kind = message.parts[first].kind.value
+                    marks.append(PartMark(r.id, first, kind, message.part_hashes()[first]))
+                jobs.append(_Job(r, message, parts))
+            deliveries_db.mark_parts_sending(conn, marks, now)
+        return status, jobs
 
     async def _unclaim(self, ids: list[int]) -> None:
         """Give back claimed rows: to pending, or — when the run was cancelled meanwhile — to skipped."""

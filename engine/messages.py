@@ -198,20 +198,61 @@ class Message:
                 parts.append(MiniProgramPart(**fields, thumb=Media.from_json(thumb) if thumb else None))
         return cls(tuple(parts))
 
+    def dumps(self) -> str:
+        """The message as compact JSON text: what a delivery stores (`deliveries.message`)."""
+        return json.dumps(self.to_json(), ensure_ascii=False, separators=(",", ":"))
+
+    @classmethod
+    def loads(cls, text: str) -> Message:
+        """A message from `dumps`' text."""
+        return cls.from_json(json.loads(text))
+
     def content_hash(self) -> str:
         """Equal for messages with identical content (media by content hash): what 群发 grouping compares."""
-        parts = []
-        for item in self.to_json():
-            for key in ("media", "thumb"):
-                media = item.get(key)
-                if media:
-                    item[key] = media["sha256"] or media["url"] or media["path"]
-            parts.append(item)
-        blob = json.dumps(parts, ensure_ascii=False, sort_keys=True, separators=(",", ":"))
-        return hashlib.sha256(blob.encode()).hexdigest()
+        return _hash([_by_content(item) for item in self.to_json()])
+
+    def part_hashes(self) -> list[str]:
+        """The content hash of each part, in order (media by content): what the ledger records per part sent."""
+        return [_hash(_by_content(item)) for item in self.to_json()]
+
+
+def _by_content(item: dict[str, Any]) -> dict[str, Any]:
+    """A part's JSON with its media named by content (sha256), else by URL or path."""
+    for key in ("media", "thumb"):
+        media = item.get(key)
+        if media:
+            item[key] = media["sha256"] or media["url"] or media["path"]
+    return item
+
+
+def _hash(value: object) -> str:
+    blob = json.dumps(value, ensure_ascii=False, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()
 
 
 def part_key(delivery_key: str, index: int, count: int) -> str:
     """The idempotency key of part `index` of a message with `count` parts. A one-part message keeps the
     delivery's key, so plain-text sends keep the keys they always had (the sandbox outbox dedupes on them)."""
     return delivery_key if count == 1 else f"{delivery_key}#{index}"
+
+
+def describe(part: Part) -> str:
+    """One line for people: what a part is (`image poster.png (312 KB)`, `link 店庆特卖 <https://…>`)."""
+    if isinstance(part, TextPart):
+        return part.text
+    if isinstance(part, ImagePart | FilePart):
+        size = f" ({_size(part.media.size)})" if part.media.size else ""
+        where = f" <{part.media.url}>" if part.media.url else ""
+        return f"{part.kind.value} {part.media.name}{size}{where}"
+    if isinstance(part, LinkPart):
+        desc = f" – {part.description}" if part.description else ""
+        return f"link {part.title}{desc} <{part.url}>"
+    return f"mini-program {part.title} ({part.appid}) {part.page}"
+
+
+def _size(n: int) -> str:
+    if n >= 1024 * 1024:
+        return f"{n / (1024 * 1024):.1f} MB"
+    if n >= 1024:
+        return f"{n / 1024:.0f} KB"
+    return f"{n} bytes"

@@ -21,6 +21,7 @@ import os
 import stat
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 # Templates: at most 32,768 characters (engine.render.MAX_TEMPLATE_CHARS) of up to 4 bytes each in UTF-8.
 MAX_TEMPLATE_BYTES = 128 * 1024
@@ -40,17 +41,24 @@ class CampaignFile:
     max_bytes: int
     _identity: tuple[int, int]  # (st_dev, st_ino) at check time
 
-    def read_bytes(self) -> bytes:
-        """The file's content. Raises CampaignFileError if it changed into something else since the check."""
+    def open(self) -> BinaryIO:
+        """The file, opened for reading (close it, or use `with`): without following a final symlink, without
+        blocking, and only if it is still the file that was checked. Raises CampaignFileError."""
         flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
         try:
             fd = os.open(self.path, flags)
         except OSError:
             raise CampaignFileError(f"file {self.name!r} cannot be read") from None
-        with os.fdopen(fd, "rb") as handle:
-            info = os.fstat(fd)
-            if (info.st_dev, info.st_ino) != self._identity or not stat.S_ISREG(info.st_mode):
-                raise CampaignFileError(f"file {self.name!r} changed while it was being read")
+        handle = os.fdopen(fd, "rb")
+        info = os.fstat(fd)
+        if (info.st_dev, info.st_ino) != self._identity or not stat.S_ISREG(info.st_mode):
+            handle.close()
+            raise CampaignFileError(f"file {self.name!r} changed while it was being read")
+        return handle
+
+    def read_bytes(self) -> bytes:
+        """The file's content. Raises CampaignFileError if it changed into something else since the check."""
+        with self.open() as handle:
             data = handle.read(self.max_bytes + 1)
         if len(data) > self.max_bytes:
             raise CampaignFileError(f"file {self.name!r} is larger than {_size(self.max_bytes)}")

@@ -13,8 +13,9 @@ schedule (or before its first slot) gets one manual run key per local day.
 
 from __future__ import annotations
 
+import uuid
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, NamedTuple
@@ -23,8 +24,10 @@ from sqlalchemy.engine import Engine
 
 from engine import audience as aud
 from engine.audience import OPTED_OUT_REASON, ExclusionCategory
-from engine.errors import TemplateError
-from engine.render import describe_missing, render_all
+from engine.errors import NotFoundError, TemplateError
+from engine.message_spec import Check, describe_problems, render_messages
+from engine.messages import Message
+from engine.render import describe_missing
 from engine.runsettings import RunSettings
 from engine.schedule import build_trigger, latest_fire_time, next_fire_times
 from engine.spec import Campaign
@@ -42,7 +45,11 @@ from storage.runs import NewRun, RunRow
 class Recipient(NamedTuple):
     contact_id: str
     name: str
-    text: str
+    text: str  # the text part ('' when the message has none)
+    message: Message | None = None  # the whole message, when it is more than its text
+
+    def full_message(self) -> Message:
+        return self.message if self.message is not None else Message.of_text(self.text)
 
 
 class Excluded(NamedTuple):
@@ -67,6 +74,7 @@ class Preview:
     excluded: list[Excluded]
     missing: dict[str, list[str]] = field(default_factory=dict)
     too_long: list[str] = field(default_factory=list)
+    failed: dict[tuple[int, Check], list[str]] = field(default_factory=dict)  # fields failing their checks
     unknown_ids: list[str] = field(default_factory=list)
     unknown_tags: list[str] = field(default_factory=list)
     next_fires: list[datetime] = field(default_factory=list)
@@ -79,28 +87,23 @@ class Preview:
         )
 
     @property
-    def distinct_texts(self) -> int:
-        return len({r.text for r in self.recipients})
+    def distinct_messages(self) -> int:
+        """How many different messages the recipients get (a task-based gateway sends one task per message)."""
+        return len({r.message.content_hash() if r.message is not None else r.text for r in self.recipients})
 
     def excluded_by_category(self) -> Counter[ExclusionCategory]:
         return Counter(e.category for e in self.excluded)
 
     def problems(self) -> list[TemplateError]:
-        """Errors that stop a run: recipients lacking template fields, messages over the length limit."""
+        """Errors that stop a run: recipients lacking template fields, messages over the length limit, message
+        fields that render empty, too long or not https."""
         out: list[TemplateError] = []
         lacking: set[str] = set().union(*self.missing.values())  # a recipient may lack several fields
-        total = len(self.recipients) + len(lacking) + len(self.too_long)
-        origin = self.campaign.template.origin
+        checked: set[str] = set(self.too_long).union(*self.failed.values())
+        total = len(self.recipients) + len(lacking | checked)
         if self.missing:
-            out.append(TemplateError(describe_missing(self.missing, total), origin))
-        if self.too_long:
-            out.append(
-                TemplateError(
-                    f"the message is longer than message.max_length ({self.campaign.message.max_length}) for "
-                    f"{len(self.too_long)} recipients",
-                    origin,
-                )
-            )
+            out.append(TemplateError(describe_missing(self.missing, total), self.campaign.compiled.origin))
+        out.extend(describe_problems(self.campaign.compiled, self.too_long, self.failed, total=total))
         return out
 
     def raise_for_problems(self) -> None:
@@ -226,15 +229,13 @@ def build_preview(
             excluded.append(Excluded(cid, name, cap.reason(counts[cid]), ExclusionCategory.FREQUENCY_CAP))
             continue
         eligible.append(c)
-    rendered = render_all(
-        campaign.template.for_zone(campaign.timezone),
+    rendered = render_messages(
+        campaign.compiled.for_zone(campaign.timezone),
         eligible,
         campaign={"id": campaign.id, "name": campaign.name},
         now=now.astimezone(local),
-        max_length=campaign.message.max_length,
     )
     missing: dict[str, list[str]] = {}
-    too_long: list[str] = []
     recipients: list[Recipient] = []
     skip_missing = campaign.message.on_missing_field == "skip"
     lacking_by_id: dict[str, list[str]] = {}
@@ -243,13 +244,13 @@ def build_preview(
             lacking_by_id.setdefault(cid, []).append(fname)
     if not skip_missing:
         missing = rendered.missing
-    too_long = rendered.too_long
+    messages = rendered.messages
     for c in eligible:
         cid = c["id"]
         name = str(c.get("name") or "")
         text = rendered.texts.get(cid)
         if text is not None:
-            recipients.append(Recipient(cid, name, text))
+            recipients.append(Recipient(cid, name, text, messages.get(cid)))
         elif cid in lacking_by_id and skip_missing:
             excluded.append(
                 Excluded(
@@ -270,7 +271,8 @@ def build_preview(
         recipients=recipients,
         excluded=excluded,
         missing=missing,
-        too_long=too_long,
+        too_long=rendered.too_long,
+        failed=rendered.failed,
         unknown_ids=selection.unknown_ids,
         unknown_tags=selection.unknown_tags,
         next_fires=next_fires,
@@ -284,7 +286,7 @@ DERIVED_FROM = {"display_name": {"alias", "name"}, "honorific": {"gender"}, "pho
 
 def needed_columns(campaign: Campaign) -> set[str] | None:
     """The contact columns a campaign's audience and template read (None: all of them)."""
-    names = campaign.template.names
+    names = campaign.compiled.names
     if "contact" in names:
         return None
     cols = set(ALWAYS_READ)
@@ -343,9 +345,19 @@ def plan_run(
             planned=len(preview.recipients),
             skipped_at_plan=len(held_back),
         ),
-        (Planned(r.contact_id, r.name, r.text, dedupe_key(campaign, key, r.contact_id)) for r in preview.recipients),
+        (
+            Planned(
+                r.contact_id,
+                r.name,
+                r.text,
+                dedupe_key(campaign, key, r.contact_id),
+                message=r.message.dumps() if r.message is not None else None,
+            )
+            for r in preview.recipients
+        ),
         (Planned(e.contact_id, e.name, "", None, f"{e.category}: {e.reason}") for e in held_back),
         capped=settings.capped,
+        with_messages=not campaign.compiled.plain_text,
     )
     if not recorded.created:  # planned concurrently by another process: theirs stands
         return PlanResult(recorded.run_id, key, created=False, preview=preview)
@@ -360,29 +372,34 @@ def plan_run(
 
 
 API_CAMPAIGN = "api"  # the campaign id of direct sends' runs
+# A test send's dedupe keys start with this (not with its campaign's id): outside the campaign's dedupe and history.
+TEST_PREFIX = "test|"
 
 
 def plan_adhoc(
     db: Engine,
     *,
-    contact_ids: list[str],
-    text: str,
+    messages: Sequence[tuple[str, Message]],
     run_key: str,
     now: datetime,
     timezone: str,
     throttle_interval: float = 0.0,
     trigger: str = "api",
     names: Mapping[str, str] | None = None,
+    campaign_id: str = API_CAMPAIGN,
 ) -> PlanResult:
-    """A run for a direct send (the HTTP API's /send-message and /send-message-all): one text, given
-    contacts, no audience rules, not counted against the marketing frequency cap. `run_key` is the
-    client's Idempotency-Key (or a fresh id), so a retried request plans nothing new."""
-    unique = list(dict.fromkeys(contact_ids))
-    settings = RunSettings(name=API_CAMPAIGN, timezone=timezone, interval=throttle_interval)
+    """A run for a direct send — the HTTP API's /send-message and /send-message-all, `wecast send`, or a campaign's
+    test send (`plan_test_send`): a message for each of the given contacts, no audience rules, not counted against
+    the marketing frequency cap, sent at any hour. `run_key` is the client's Idempotency-Key (or a fresh id), so a
+    retried request plans nothing new."""
+    unique = list(dict(messages).items())
+    name = names or {}
+    settings = RunSettings(name=campaign_id, timezone=timezone, interval=throttle_interval)
+    prefix = f"{API_CAMPAIGN}|" if campaign_id == API_CAMPAIGN else f"{TEST_PREFIX}{campaign_id}|"
     recorded = runs_db.record_plan(
         db,
         NewRun(
-            campaign_id=API_CAMPAIGN,
+            campaign_id=campaign_id,
             run_key=run_key,
             trigger=trigger,
             timezone=timezone,
@@ -390,10 +407,55 @@ def plan_adhoc(
             created_at=now,
             planned=len(unique),
         ),
-        [Planned(cid, (names or {}).get(cid, ""), text, f"{API_CAMPAIGN}|{run_key}|{cid}") for cid in unique],
+        [
+            Planned(
+                cid,
+                name.get(cid, ""),
+                message.text,
+                f"{prefix}{run_key}|{cid}",
+                message=None if message.is_plain_text() else message.dumps(),
+            )
+            for cid, message in unique
+        ],
         capped=False,
         adhoc=True,
     )
     return PlanResult(
         recorded.run_id, run_key, created=recorded.created, planned=len(unique) if recorded.created else 0
+    )
+
+
+def plan_test_send(db: Engine, campaign: Campaign, contact_ids: Sequence[str], *, now: datetime) -> PlanResult:
+    """A test send of a campaign (`wecast run CAMPAIGN --test-to ID,ID`): its exact message, rendered for each named
+    contact whether or not the audience picks them, in a run of its own marked `test` — outside the campaign's
+    dedupe (its keys start with `test|`), not counted by the frequency cap, sent at any hour, and never touching
+    the campaign's real runs. Raises NotFoundError for an unknown contact, TemplateError when a contact lacks a
+    field or a field fails its checks."""
+    wanted = list(dict.fromkeys(contact_ids))
+    views = {c["id"]: c for c in contacts_db.load_contact_views(db, columns=needed_columns(campaign))}
+    unknown = [cid for cid in wanted if cid not in views]
+    if unknown:
+        raise NotFoundError(f"no contact {', '.join(unknown)} (see `wecast contacts list`)")
+    chosen = [views[cid] for cid in wanted]
+    rendered = render_messages(
+        campaign.compiled.for_zone(campaign.timezone),
+        chosen,
+        campaign={"id": campaign.id, "name": campaign.name},
+        now=now.astimezone(campaign.tz),
+    )
+    if rendered.missing:
+        raise TemplateError(describe_missing(rendered.missing, len(wanted)), campaign.compiled.origin)
+    problems = describe_problems(campaign.compiled, rendered.too_long, rendered.failed, total=len(wanted))
+    if problems:
+        raise problems[0]
+    return plan_adhoc(
+        db,
+        messages=[(cid, rendered.message(cid)) for cid in wanted],
+        run_key=f"test-{now.astimezone(UTC):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:8]}",
+        now=now,
+        timezone=campaign.timezone,
+        throttle_interval=campaign.throttle.interval,
+        trigger="test",
+        names={cid: str(views[cid].get("name") or "") for cid in wanted},
+        campaign_id=campaign.id,
     )

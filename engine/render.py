@@ -24,7 +24,7 @@ from __future__ import annotations
 import dataclasses
 import re
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime
 from typing import Any, NoReturn
@@ -364,32 +364,69 @@ def render_all(
     now: datetime,
     max_length: int = 2000,
 ) -> Rendered:
-    """Render for every recipient. Recipients lacking a field are reported per field (all fields they
+    """Render one template for every recipient. Recipients lacking a field are reported per field (all fields they
     lack, not just the first), not rendered."""
-    base = {**dict(template.template().globals), "campaign": dict(campaign), "now": now}
-    # Only the names the template uses go into its context: a smaller context renders faster, and
-    # 100,000 renders are the bulk of planning a large run.
-    used = template.names
-    wants_contact = "contact" in used
-    wants_tags = "tags" in used
     texts: dict[str, str] = {}
     missing: dict[str, list[str]] = {}
     too_long: list[str] = []
-    compiled = template.template()
-    env, tname, blocks, root = compiled.environment, compiled.name, compiled.blocks, compiled.root_render_func
+    for contact, values, lacking in render_each((template,), recipients, campaign=campaign, now=now):
+        cid = str(contact["id"])
+        if values is None:
+            for name in lacking:
+                missing.setdefault(name, []).append(cid)
+        elif values[0] is None or len(values[0]) > max_length:
+            too_long.append(cid)
+        else:
+            texts[cid] = values[0]
+    rendered = Rendered(texts, missing, too_long)
+    rendered.groups = Counter(texts.values())
+    return rendered
 
-    def render_one(ctx: dict[str, Any]) -> str | None:
-        """CompiledTemplate.render, inlined (100,000 calls); None when the text passes the size cap (it is then
-        longer than any max_length: that recipient's message is too long, like any other)."""
-        begin_render()
-        try:
-            return bounded_text(root(new_context(env, tname, blocks, ctx, shared=True))).strip()
-        except MissingField:
-            raise
-        except RenderedTextTooLong:
-            return None
-        except Exception as exc:
-            raise template.failure(exc) from None
+
+# (contact, each template's text — None when over the size cap — or None when fields are lacking, the lacking fields)
+Outcome = tuple[Mapping[str, Any], list[str | None] | None, list[str]]
+
+
+def render_each(
+    templates: Sequence[CompiledTemplate],
+    recipients: Iterable[Mapping[str, Any]],
+    *,
+    campaign: Mapping[str, Any],
+    now: datetime,
+) -> Iterator[Outcome]:
+    """Render several templates (the templated fields of one message) for each recipient, in the same context:
+    yields (contact, the rendered values in template order, []) — or (contact, None, the fields it lacks, all of
+    them, over every template) for a recipient lacking fields. Templates may differ only in their names and
+    sources; they share the zone of the first."""
+    if not templates:
+        for contact in recipients:
+            yield contact, [], []
+        return
+    first = templates[0].template()
+    base = {**dict(first.globals), "campaign": dict(campaign), "now": now}
+    # Only the names the templates use go into their context: a smaller context renders faster, and
+    # 100,000 renders are the bulk of planning a large run.
+    used: frozenset[str] = frozenset().union(*(t.names for t in templates))
+    wants_contact = "contact" in used
+    wants_tags = "tags" in used
+    compiled = [(t, t.template()) for t in templates]
+    renderers = [(t, c.environment, c.name, c.blocks, c.root_render_func) for t, c in compiled]
+
+    def render_one(ctx: dict[str, Any]) -> list[str | None]:
+        """CompiledTemplate.render, inlined (100,000 calls), for each template; None for a text that passes the
+        size cap (it is then longer than any limit: that recipient's field is too long, like any other)."""
+        out: list[str | None] = []
+        for template, env, tname, blocks, root in renderers:
+            begin_render()
+            try:
+                out.append(bounded_text(root(new_context(env, tname, blocks, ctx, shared=True))).strip())
+            except MissingField:
+                raise
+            except RenderedTextTooLong:
+                out.append(None)
+            except Exception as exc:
+                raise template.failure(exc) from None
+        return out
 
     getters = None if wants_contact else [(n, _getter(n)) for n in used if n not in GLOBAL_NAMES]
     for contact in recipients:
@@ -406,11 +443,11 @@ def render_all(
             ctx["contact"] = fields
         if wants_tags:
             ctx["tags"] = sorted(contact.get("tags_named") or ())
-        cid = str(contact["id"])
         lacking: list[str] = []
+        values: list[str | None] | None = None
         for _ in range(len(CONTACT_FIELDS) + 1):
             try:
-                text = render_one(ctx)
+                values = render_one(ctx)
                 break
             except MissingField as exc:
                 if exc.field in lacking:  # a placeholder did not help (an attribute, not a field): stop
@@ -422,17 +459,7 @@ def render_all(
                     ctx["contact"] = {**ctx["contact"], exc.field: "…"}
         else:  # pragma: no cover - a template cannot reference more names than exist
             lacking.append("?")
-        if lacking:
-            for name in lacking:
-                missing.setdefault(name, []).append(cid)
-            continue
-        if text is None or len(text) > max_length:
-            too_long.append(cid)
-            continue
-        texts[cid] = text
-    rendered = Rendered(texts, missing, too_long)
-    rendered.groups = Counter(texts.values())
-    return rendered
+        yield contact, (None if lacking else values), lacking
 
 
 def describe_missing(missing: Mapping[str, Sequence[str]], total: int) -> str:

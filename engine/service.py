@@ -9,6 +9,7 @@ the event loop (`engine.dispatch.off_loop`); the async ones do that themselves.
 from __future__ import annotations
 
 import logging
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import TracebackType
@@ -23,7 +24,9 @@ from engine.errors import NotFoundError, WecastError
 from engine.gateways.base import Gateway
 from engine.gateways.registry import build_gateway
 from engine.journeys.runtime import JourneyEngine
-from engine.plan import PlanResult, Preview, build_preview, plan_run
+from engine.media import MediaStore
+from engine.message_spec import Attachment, direct_message
+from engine.plan import PlanResult, Preview, build_preview, plan_adhoc, plan_run, plan_test_send
 from engine.settings import Settings
 from engine.spec import Campaign
 from storage import contacts as contacts_db
@@ -56,6 +59,7 @@ class Wecast:
         self.clock = clock or SystemClock()
         self.db = db or make_db_engine(settings.database_url)
         self.gateway = gateway or build_gateway(settings, self.clock)
+        self.media = MediaStore(settings.media_dir)
         self.dispatcher = Dispatcher(self.db, self.gateway, settings, clock=self.clock)
         # The journeys (the rule engine) of this instance; the scheduler of `wecast serve` loads and ticks them.
         self.journeys = JourneyEngine(self.db, self.gateway, settings, clock=self.clock)
@@ -133,6 +137,42 @@ class Wecast:
             confirm_wait=confirm_wait,
         )
         return RunOutcome(plan, summary)
+
+    async def test_send(
+        self,
+        campaign: Campaign,
+        contact_ids: list[str],
+        *,
+        progress: Progress | None = None,
+        login_wait: float | None = None,
+    ) -> RunSummary:
+        """Send the campaign's exact message to the named contacts only, in a test run of its own (see
+        `engine.plan.plan_test_send`), and return how it went."""
+        plan = await off_loop(plan_test_send, self.db, campaign, contact_ids, now=self.clock.now())
+        return await self.dispatcher.run(plan.run_id, progress=progress, login_wait=login_wait, confirm_wait=0)
+
+    async def send_direct(
+        self, contact_id: str, text: str | None, attachments: list[Attachment], *, login_wait: float | None = None
+    ) -> RunSummary:
+        """Send one message given whole (text, then attachments) to one contact now (`wecast send`): checked as an
+        API send is (`engine.message_spec.direct_message`), logged as a run of its own."""
+        names = await off_loop(contacts_db.contact_names, self.db, [contact_id])
+        if contact_id not in names:
+            raise NotFoundError(f"no contact {contact_id!r} (see `wecast contacts list`)")
+        supports = self.gateway.capabilities.supports
+        message = direct_message(text, attachments, store=self.media, supports=supports, gateway=self.gateway.name)
+        plan = await off_loop(
+            lambda: plan_adhoc(
+                self.db,
+                messages=[(contact_id, message)],
+                run_key=f"cli-{uuid.uuid4().hex}",
+                now=self.clock.now(),
+                timezone=self.settings.timezone,
+                trigger="cli",
+                names=names,
+            )
+        )
+        return await self.dispatcher.run(plan.run_id, login_wait=login_wait, confirm_wait=0)
 
     # -- run control (the CLI and the HTTP API share these) ----------------------------------------
     def set_run_status(self, run_id: int, to: RunStatus, *, allowed: set[RunStatus], why: str = "") -> None:

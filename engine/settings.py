@@ -306,6 +306,7 @@ class Settings(Strict):
     timezone: str = DEFAULT_TIMEZONE
     database_url: str = "sqlite:///data/wecast.sqlite"
     campaigns_dir: Path = Path("campaigns")
+    media_dir: Path = Path("data/media")  # uploaded images and files (POST /api/v1/media, `wecast send --image`)
     sending: Sending = Sending()
     sandbox: SandboxSettings = SandboxSettings()
     workpro: WorkproSettings = WorkproSettings()
@@ -406,7 +407,13 @@ def _resolve_paths(settings: Settings, base: Path) -> Settings:
     sandbox = settings.sandbox.model_copy(update={"state_file": rel(settings.sandbox.state_file)})
     wecom = settings.wecom.model_copy(update={"state_file": rel(settings.wecom.state_file)})
     return settings.model_copy(
-        update={"database_url": url, "campaigns_dir": rel(settings.campaigns_dir), "sandbox": sandbox, "wecom": wecom}
+        update={
+            "database_url": url,
+            "campaigns_dir": rel(settings.campaigns_dir),
+            "media_dir": rel(settings.media_dir),
+            "sandbox": sandbox,
+            "wecom": wecom,
+        }
     )
 
 

@@ -19,7 +19,8 @@ A campaign file (see README "Campaign reference"):
 
 `load_campaign(path, settings)` checks everything that can be checked without contacts: YAML syntax,
 unknown or missing fields, types, time zones, cron syntax, rule fields and operators, template syntax
-and the names it uses. All problems in a file are reported together.
+and the names it uses, and the message (`engine.message_spec`: its parts, files, URLs and what the
+configured gateway can send). All problems in a file are reported together.
 """
 
 from __future__ import annotations
@@ -32,14 +33,13 @@ from pathlib import Path
 from typing import Any, Literal
 from zoneinfo import ZoneInfo
 
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator
 
 from engine import yamlsrc
 from engine.audience import Rule, RuleError, parse_rules
 from engine.durations import DurationTooLong, parse_duration
-from engine.errors import CampaignError, Location, TemplateError
-from engine.paths import MAX_TEMPLATE_BYTES, CampaignFileError, campaign_root, resolve_campaign_file
-from engine.render import CompiledTemplate, compile_template
+from engine.errors import CampaignError, Location
+from engine.message_spec import CompiledMessage, MessageSpec, compile_message
 from engine.schedule import ScheduleError, ScheduleSpec, build_trigger
 from engine.settings import FrequencyCap, QuietHours, Settings, Strict, Throttle, check_timezone
 
@@ -57,43 +57,6 @@ class Audience(Strict):
     exclude_ids: list[str] = []
     limit: int | None = Field(default=None, ge=1)
     include_coworkers: bool = False
-
-
-class LinkSpec(Strict):
-    title: str
-    url: str
-    description: str = ""
-    image_url: str = ""
-
-
-class MiniProgramSpec(Strict):
-    title: str
-    appid: str
-    page: str
-    image: str = ""
-
-
-class MessageSpec(Strict):
-    """What is sent. Text today; the other types are reserved so files can be written for them."""
-
-    type: Literal["text", "image", "link", "miniprogram"] = "text"
-    template: str | None = None
-    template_file: str | None = None
-    image: str | None = None
-    link: LinkSpec | None = None
-    miniprogram: MiniProgramSpec | None = None
-    max_length: int = Field(default=2000, ge=1, le=10000)
-    on_missing_field: Literal["error", "skip"] = "error"
-
-    @model_validator(mode="after")
-    def _shape(self) -> MessageSpec:
-        if self.type != "text":
-            raise ValueError(
-                f"message type {self.type!r} is reserved for a later release; only text messages can be sent now"
-            )
-        if (self.template is None) == (self.template_file is None):
-            raise ValueError("give exactly one of template (inline) or template_file (a path)")
-        return self
 
 
 def _parse_dedupe(value: Any) -> str:
@@ -159,7 +122,7 @@ class Campaign:
     audience: Audience
     rules: Rule | None
     message: MessageSpec
-    template: CompiledTemplate
+    compiled: CompiledMessage  # the message, checked: rendered per recipient by engine.message_spec
     dedupe: str  # run | once | a window like 7d
     frequency_cap: FrequencyCap | None
     quiet_hours: QuietHours | None
@@ -265,10 +228,8 @@ def parse_campaign(text: str, file: Path, settings: Settings) -> Campaign:
         except RuleError as exc:
             problems.append(_err(lines, ("audience", "rules", *exc.path), exc.reason))
 
-    compiled, template_text, template_problems = compile_message(
-        model.message, ("message",), text, file, lines, settings
-    )
-    problems.extend(template_problems)
+    compiled, message_problems = compile_message(model.message, ("message",), text, file, lines, settings)
+    problems.extend(message_problems)
     _raise_all(problems)
     assert compiled is not None
 
@@ -298,70 +259,16 @@ def parse_campaign(text: str, file: Path, settings: Settings) -> Campaign:
         audience=model.audience,
         rules=rules,
         message=model.message,
-        template=compiled,
+        compiled=compiled,
         dedupe=model.dedupe,
         frequency_cap=cap,
         quiet_hours=quiet,
         throttle=model.throttle or sending.throttle,
         max_errors=model.max_errors if model.max_errors is not None else sending.max_errors,
         description=model.description,
-        content_hash=hashlib.sha256((text + template_text).encode()).hexdigest()[:16],
+        content_hash=hashlib.sha256((text + compiled.source).encode()).hexdigest()[:16],
         lines=lines,
     )
-
-
-def compile_message(
-    message: MessageSpec,
-    path: tuple[str | int, ...],
-    text: str,
-    file: Path,
-    lines: yamlsrc.Lines,
-    settings: Settings,
-) -> tuple[CompiledTemplate | None, str, list[CampaignError]]:
-    """Compile the template of a message spec found at `path` in a campaign or journey file: (the compiled
-    template or None, its source text, the problems). Campaigns and journey `send` steps share it, so a step's
-    message is checked exactly as a campaign's."""
-    problems: list[CampaignError] = []
-    template_text: str
-    template_origin: Location
-    file_refused = False
-    if message.template_file is not None:
-        tname = message.template_file
-        template_origin = Location(str(file.parent / tname), 1, None)
-        try:
-            template_text = _read_template_file(tname, file, settings)
-        except CampaignFileError as exc:
-            problems.append(_err(lines, (*path, "template_file"), str(exc)))
-            template_text, file_refused = "", True
-    else:
-        template_text = message.template or ""
-        key_line = lines.line((*path, "template")) or 1
-        # A block scalar (|) starts on the line after its key; an inline one on the key's line.
-        first = key_line + 1 if text_has_block(text, key_line) else key_line
-        template_origin = Location(str(file), first, yamlsrc.dotted((*path, "template")))
-    compiled: CompiledTemplate | None = None
-    try:
-        compiled = compile_template(template_text, template_origin)
-    except TemplateError as exc:
-        if not file_refused:  # a refused file is reported once, not again as an empty template
-            problems.append(exc)
-    return compiled, template_text, problems
-
-
-def _read_template_file(name: str, campaign_file: Path, settings: Settings) -> str:
-    """The text of a `template_file`, confined to the campaign root (see engine.paths). Raises
-    CampaignFileError."""
-    root = campaign_root(settings.campaigns_dir, campaign_file)
-    checked = resolve_campaign_file(root, campaign_file.parent, name, kind="template", max_bytes=MAX_TEMPLATE_BYTES)
-    return checked.read_text()
-
-
-def text_has_block(text: str, key_line: int) -> bool:
-    """Whether the YAML line `key_line` ends in a block-scalar indicator (| or >)."""
-    lines = text.splitlines()
-    if not 0 < key_line <= len(lines):
-        return False
-    return bool(re.search(r":\s*[|>][+-]?\d*\s*(#.*)?$", lines[key_line - 1]))
 
 
 @dataclass

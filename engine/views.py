@@ -7,6 +7,7 @@ exactly what both say. Keys are stable English names; times are ISO 8601 with th
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict
 from datetime import datetime
 from typing import Any
@@ -16,10 +17,11 @@ from pydantic import BaseModel, ConfigDict
 from engine.audience import ExclusionCategory
 from engine.dispatch import RunSummary
 from engine.errors import CampaignError
+from engine.messages import Message
 from engine.plan import Preview
 from storage.contacts import ContactRow
-from storage.deliveries import DeliveryRow
-from storage.models import DeliveryStatus, RunStatus
+from storage.deliveries import DeliveryRow, PartState
+from storage.models import DeliveryStatus, PartStatus, RunStatus
 from storage.runs import RunRow
 
 
@@ -48,7 +50,8 @@ class Problem(View):
 class PreviewRecipient(View):
     id: str
     name: str
-    message: str
+    message: str  # the text part ('' when the message has none)
+    parts: list[dict[str, Any]]  # every part, with all its fields (engine.messages.Message.to_json)
 
 
 class PreviewExcluded(View):
@@ -100,10 +103,13 @@ class PreviewView(View):
                 contacts=p.total_contacts,
                 recipients=len(p.recipients),
                 excluded=len(p.excluded),
-                distinct_messages=p.distinct_texts,
+                distinct_messages=p.distinct_messages,
                 by_category=dict(p.excluded_by_category()),
             ),
-            recipients=[PreviewRecipient(id=r.contact_id, name=r.name, message=r.text) for r in p.recipients[:sample]],
+            recipients=[
+                PreviewRecipient(id=r.contact_id, name=r.name, message=r.text, parts=r.full_message().to_json())
+                for r in p.recipients[:sample]
+            ],
             excluded=[
                 PreviewExcluded(id=e.contact_id, name=e.name, category=e.category, reason=e.reason)
                 for e in p.excluded[:sample]
@@ -157,8 +163,33 @@ class SummaryView(View):
         return cls(run_id=s.run_id, status=s.status, counts=s.counts, message=s.message, recovered=s.recovered)
 
 
+class PartView(View):
+    """One part of a multi-part delivery as the ledger has it: which part, how far it got, the gateway's id."""
+
+    index: int
+    kind: str
+    content_hash: str
+    status: PartStatus
+    gateway_message_id: str
+    error: str
+    sent_at: datetime | None
+
+    @classmethod
+    def from_state(cls, p: PartState) -> PartView:
+        return cls(
+            index=p.part_index,
+            kind=p.kind,
+            content_hash=p.content_hash,
+            status=p.status,
+            gateway_message_id=p.gateway_message_id,
+            error=p.error,
+            sent_at=p.sent_at,
+        )
+
+
 class DeliveryView(View):
-    """One delivery (`wecast log --json`, /api/v1/deliveries). The dispatcher's claim token is left out."""
+    """One delivery (`wecast log --json`, /api/v1/deliveries). The dispatcher's claim token is left out. `message`:
+    every part of a multi-part message (None for a plain text, which is `text`); `parts`: how far each got."""
 
     id: int
     run_id: int
@@ -166,6 +197,8 @@ class DeliveryView(View):
     contact_id: str
     contact_name: str
     text: str
+    message: list[dict[str, Any]] | None
+    parts: list[PartView]
     dedupe_key: str | None
     status: DeliveryStatus
     reason: str
@@ -180,8 +213,10 @@ class DeliveryView(View):
     sent_at: datetime | None
 
     @classmethod
-    def from_row(cls, d: DeliveryRow) -> DeliveryView:
-        return cls(**{k: v for k, v in asdict(d).items() if k != "claim_token"})
+    def from_row(cls, d: DeliveryRow, parts: Sequence[PartState] = ()) -> DeliveryView:
+        values = {k: v for k, v in asdict(d).items() if k not in ("claim_token", "message")}
+        message = Message.loads(d.message).to_json() if d.message is not None else None
+        return cls(**values, message=message, parts=[PartView.from_state(p) for p in parts])
 
 
 class ContactView(View):

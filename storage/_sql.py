@@ -130,3 +130,15 @@ def aware(value: Any) -> datetime | None:
 def decode_json(value: Any) -> Any:
     """A JSON column read through the raw cursor: text on SQLite, decoded already on PostgreSQL."""
     return json.loads(value) if isinstance(value, str) else value
+
+
+def upsert(conn: Connection, table: Table, rows: Sequence[dict[str, Any]], keys: Sequence[str]) -> None:
+    """INSERT rows, or — for a row whose `keys` exist — UPDATE its other given columns (SQLite and PostgreSQL)."""
+    if not rows:
+        return
+    dialect = conn.dialect.name
+    if dialect not in ("sqlite", "postgresql"):
+        raise NotImplementedError(f"upsert on {dialect}")
+    stmt = (postgresql.insert if dialect == "postgresql" else sqlite.insert)(table)
+    changed = {name: stmt.excluded[name] for name in rows[0] if name not in keys}
+    conn.execute(stmt.on_conflict_do_update(index_elements=list(keys), set_=changed), list(rows))

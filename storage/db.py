@@ -17,7 +17,7 @@ from sqlalchemy.engine import Connection, Engine, make_url
 from sqlmodel import Session, SQLModel, create_engine
 
 from storage._sql import reading, writing
-from storage.models import JOURNEY_TABLES, META, SCHEMA_VERSION, Meta
+from storage.models import DELIVERIES, DELIVERY_PARTS, JOURNEY_TABLES, META, SCHEMA_VERSION, Meta
 
 
 def _add_journey_tables(conn: Connection) -> None:
@@ -32,8 +32,20 @@ def _add_follow_user_ids(conn: Connection) -> None:
     conn.execute(text("ALTER TABLE contacts ADD COLUMN follow_user_ids JSON NOT NULL DEFAULT '[]'"))
 
 
+def _rich_messages(conn: Connection) -> None:
+    """3 -> 4: a delivery's whole message (`deliveries.message`, JSON; NULL for plain text, as every delivery
+    before) and the parts it sent (`delivery_parts`)."""
+    if "message" not in {c["name"] for c in inspect(conn).get_columns(DELIVERIES.name)}:
+        conn.execute(text("ALTER TABLE deliveries ADD COLUMN message TEXT"))
+    DELIVERY_PARTS.create(conn, checkfirst=True)
+
+
 # Migrations from version N to N+1, keyed by N. Each runs inside one transaction.
-MIGRATIONS: dict[int, Callable[[Connection], None]] = {1: _add_journey_tables, 2: _add_follow_user_ids}
+MIGRATIONS: dict[int, Callable[[Connection], None]] = {
+    1: _add_journey_tables,
+    2: _add_follow_user_ids,
+    3: _rich_messages,
+}
 
 
 class SchemaError(RuntimeError):

@@ -3,6 +3,11 @@
 The states and their moves are drawn in `storage.models`. Every write here is one statement (or one
 executemany) inside the caller's transaction or a transaction of its own; the claim is atomic
 (`UPDATE … WHERE status = 'pending'`), so two dispatchers never get the same delivery.
+
+A multi-part message (a delivery with a `message`) is sent part by part: before each part's gateway call its
+`delivery_parts` row says `sending` (`mark_parts_sending`, then `part_sent`, which records a part and marks the
+next in one transaction), so after a crash `recover_run` knows, part by part, what was delivered, what may have
+been, and what was never handed over.
 """
 
 from __future__ import annotations
@@ -16,17 +21,20 @@ from typing import Any, NamedTuple
 from sqlalchemy import ColumnElement, Integer, bindparam, cast, func, or_, select, update
 from sqlalchemy.engine import Connection
 
-from storage._sql import DB, aware, chunks, db_time, insert_fast, insert_ignore, reading, writing
+from storage._sql import DB, aware, chunks, db_time, decode_json, insert_fast, insert_ignore, reading, upsert, writing
 from storage.models import (
     CAP_COUNTED_STATUSES,
     DELIVERIES,
+    DELIVERY_PARTS,
     QUEUED_STATUSES,
     RUNS,
     DeliveryStatus,
+    PartStatus,
     RunStatus,
 )
 
 _D = DELIVERIES.c
+_P = DELIVERY_PARTS.c
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,6 +47,7 @@ class DeliveryRow:
     contact_id: str
     contact_name: str
     text: str
+    message: str | None
     dedupe_key: str | None
     status: DeliveryStatus
     reason: str
@@ -69,6 +78,7 @@ class Claimed(NamedTuple):
     id: int
     contact_id: str
     text: str
+    message: str | None  # the whole message as JSON when it is more than `text`
     dedupe_key: str | None
     attempts: int
     capped: bool
@@ -82,6 +92,38 @@ class Planned(NamedTuple):
     text: str
     dedupe_key: str | None
     reason: str = ""
+    message: str | None = None  # the whole message as JSON, when it is more than `text`
+
+
+class PartMark(NamedTuple):
+    """A part about to be handed to the gateway."""
+
+    delivery_id: int
+    part_index: int
+    kind: str
+    content_hash: str
+
+
+class PartState(NamedTuple):
+    """How far one part of a delivery got (a `delivery_parts` row)."""
+
+    part_index: int
+    kind: str
+    content_hash: str
+    status: PartStatus
+    gateway_message_id: str
+    error: str
+    sent_at: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class PartResult:
+    """What to record for one part whose gateway call failed (written with the delivery's `Result`)."""
+
+    delivery_id: int
+    part_index: int
+    status: PartStatus
+    error: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,10 +187,12 @@ def insert_planned(
     status: DeliveryStatus,
     capped: bool,
     now: datetime,
+    with_message: bool = False,
 ) -> int:
     """Write a run's planned deliveries (`status` pending) or held-back contacts (skipped, with their reason)
     in the caller's transaction: the fast path, 100,000 rows in about a second on SQLite. A dedupe key already
-    held, or a contact already in the run, is passed over. Returns how many were written."""
+    held, or a contact already in the run, is passed over. `with_message`: the rows carry a whole message (JSON)
+    besides their text. Returns how many were written."""
     ts = db_time(conn, now)
     value = status.value
     if status is DeliveryStatus.SKIPPED:
@@ -172,6 +216,28 @@ def insert_planned(
                 for r in rows
             ),
             (*_PLAN_COLUMNS, "reason"),
+        )
+    if with_message:
+        return insert_fast(
+            conn,
+            DELIVERIES,
+            (
+                (
+                    run_id,
+                    campaign_id,
+                    r.contact_id,
+                    r.contact_name,
+                    r.text,
+                    r.dedupe_key,
+                    value,
+                    capped,
+                    ts,
+                    ts,
+                    r.message,
+                )
+                for r in rows
+            ),
+            (*_PLAN_COLUMNS, "message"),
         )
     # Pending rows leave `reason` (and the other empty columns) to the server defaults: fewer bound values.
     return insert_fast(
@@ -276,7 +342,7 @@ def claim(db: DB, run_id: int, token: str, limit: int, now: datetime) -> list[Cl
             .values(status=DeliveryStatus.CLAIMED, claim_token=token, updated_at=now)
         )
         rows = conn.execute(
-            select(_D.id, _D.contact_id, _D.text, _D.dedupe_key, _D.attempts, _D.capped)
+            select(_D.id, _D.contact_id, _D.text, _D.message, _D.dedupe_key, _D.attempts, _D.capped)
             .where(_D.id.in_(ids), _D.claim_token == token, _D.status == DeliveryStatus.CLAIMED)
             .order_by(_D.id)
         )
@@ -297,9 +363,10 @@ def mark_sending(db: DB, rows: Sequence[Claimed], now: datetime, *, task_key: st
         conn.execute(stmt, [{"_id": r.id, "_attempts": r.attempts + 1} for r in rows])
 
 
-def write_results(db: DB, results: Sequence[Result], now: datetime) -> None:
-    """Record many deliveries' results at once (group commit: one executemany per set of changed columns)."""
-    if not results:
+def write_results(db: DB, results: Sequence[Result], now: datetime, parts: Sequence[PartResult] = ()) -> None:
+    """Record many deliveries' results at once (group commit: one executemany per set of changed columns), with
+    the failed parts of multi-part deliveries among them, in the same transaction."""
+    if not results and not parts:
         return
     by_columns: dict[tuple[str, ...], list[dict[str, Any]]] = defaultdict(list)
     for r in results:
@@ -313,6 +380,81 @@ def write_results(db: DB, results: Sequence[Result], now: datetime) -> None:
                 .values({**{k: bindparam(f"_{k}") for k in columns}, "claim_token": "", "updated_at": now})
             )
             conn.execute(stmt, group)
+        if parts:
+            conn.execute(
+                update(DELIVERY_PARTS)
+                .where(_P.delivery_id == bindparam("_id"), _P.part_index == bindparam("_index"))
+                .values(status=bindparam("_status"), error=bindparam("_error"), updated_at=now),
+                [{"_id": p.delivery_id, "_index": p.part_index, "_status": p.status, "_error": p.error} for p in parts],
+            )
+
+
+# -- the parts of multi-part messages ------------------------------------------------------------------
+
+
+def part_states(db: DB, delivery_ids: Sequence[int]) -> dict[int, dict[int, PartState]]:
+    """delivery id -> part index -> how far that part got, for the parts handed to the gateway so far."""
+    out: dict[int, dict[int, PartState]] = {}
+    with reading(db) as conn:
+        for part in chunks(delivery_ids):
+            rows = conn.execute(
+                select(
+                    _P.delivery_id,
+                    _P.part_index,
+                    _P.kind,
+                    _P.content_hash,
+                    _P.status,
+                    _P.gateway_message_id,
+                    _P.error,
+                    _P.sent_at,
+                ).where(_P.delivery_id.in_(part))
+            )
+            for r in rows:
+                out.setdefault(r.delivery_id, {})[r.part_index] = PartState(
+                    r.part_index, r.kind, r.content_hash, PartStatus(r.status), r.gateway_message_id, r.error, r.sent_at
+                )
+    return out
+
+
+def mark_parts_sending(db: DB, marks: Sequence[PartMark], now: datetime) -> None:
+    """Record, before the gateway is called, that these parts are being handed over (a part tried before — it
+    failed, or a crash left it `sending` — is marked again)."""
+    if not marks:
+        return
+    rows = [
+        {
+            "delivery_id": m.delivery_id,
+            "part_index": m.part_index,
+            "kind": m.kind,
+            "content_hash": m.content_hash,
+            "status": PartStatus.SENDING,
+            "gateway_message_id": "",
+            "error": "",
+            "sent_at": now,
+            "updated_at": now,
+        }
+        for m in marks
+    ]
+    with writing(db) as conn:
+        upsert(conn, DELIVERY_PARTS, rows, ("delivery_id", "part_index"))
+
+
+def part_sent(db: DB, delivery_id: int, index: int, message_id: str, now: datetime, then: PartMark | None) -> None:
+    """The gateway accepted part `index`: record it, and mark the part `then` (the next one, if any) as being
+    handed over — in one transaction, so there is never a moment when neither is on record."""
+    with writing(db) as conn:
+        conn.execute(
+            update(DELIVERY_PARTS)
+            .where(_P.delivery_id == delivery_id, _P.part_index == index)
+            .values(status=PartStatus.SENT, gateway_message_id=message_id, error="", updated_at=now)
+        )
+        if then is not None:
+            mark_parts_sending(conn, [then], now)
+
+
+def list_parts(db: DB, delivery_ids: Sequence[int]) -> dict[int, list[PartState]]:
+    """delivery id -> its parts handed to the gateway so far, in order (plain text deliveries have none)."""
+    return {d: [states[i] for i in sorted(states)] for d, states in part_states(db, delivery_ids).items()}
 
 
 def unclaim(db: DB, ids: Sequence[int], now: datetime, *, cancelled: bool) -> None:
@@ -357,8 +499,10 @@ def skip_pending(db: DB, run_id: int, reason: str, now: datetime) -> int:
 
 def recover_run(db: DB, run_id: int, *, resend_in_flight: bool, now: datetime) -> dict[str, int]:
     """After a crash: claimed-but-unsent deliveries go back to pending; those caught being sent are resent
-    (only when the gateway dedupes by idempotency key) or recorded as unknown."""
+    (only when the gateway dedupes by idempotency key) or recorded as unknown. A multi-part delivery is judged by
+    its parts (`_recover_parts`): every part sent is a sent delivery; otherwise the part caught `sending` decides."""
     with writing(db) as conn:
+        settled = _recover_parts(conn, run_id, resend_in_flight=resend_in_flight, now=now)
         back = conn.execute(
             update(DELIVERIES)
             .where(_D.run_id == run_id, _D.status == DeliveryStatus.CLAIMED)
@@ -371,7 +515,7 @@ def recover_run(db: DB, run_id: int, *, resend_in_flight: bool, now: datetime) -
                 .where(*in_flight)
                 .values(status=DeliveryStatus.PENDING, claim_token="", updated_at=now)
             ).rowcount
-            return {"requeued": back or 0, "resent": resent or 0, "unknown": 0}
+            return {"requeued": back or 0, "resent": (resent or 0) + settled["resent"], "unknown": 0, **_sent(settled)}
         unknown = conn.execute(
             update(DELIVERIES)
             .where(*in_flight)
@@ -383,7 +527,67 @@ def recover_run(db: DB, run_id: int, *, resend_in_flight: bool, now: datetime) -
                 "not retried automatically",
             )
         ).rowcount
-    return {"requeued": back or 0, "resent": 0, "unknown": unknown or 0}
+    return {
+        "requeued": back or 0,
+        "resent": settled["resent"],
+        "unknown": (unknown or 0) + settled["unknown"],
+        **_sent(settled),
+    }
+
+
+def _sent(settled: dict[str, int]) -> dict[str, int]:
+    return {"sent": settled["sent"]} if settled["sent"] else {}
+
+
+def _recover_parts(conn: Connection, run_id: int, *, resend_in_flight: bool, now: datetime) -> dict[str, int]:
+    """Settle the run's multi-part deliveries caught `sending`, part by part:
+
+    * every part sent: the delivery is `sent` (the crash came after its last part, before its result was written);
+    * a part caught `sending` (it may have arrived): with a deduplicating gateway the delivery goes back to pending
+      and the dispatcher resends only the parts not sent — that one under its own key, which the gateway
+      recognises; otherwise that part and the delivery are `unknown`, the parts before it recorded as delivered
+      and the ones after never sent;
+    * nothing in flight (every part before was settled): back to pending, to send the rest.
+    """
+    counts = {"sent": 0, "resent": 0, "unknown": 0}
+    rows = conn.execute(
+        select(_D.id, _D.message).where(
+            _D.run_id == run_id, _D.status == DeliveryStatus.SENDING, _D.message.is_not(None)
+        )
+    ).all()
+    if not rows:
+        return counts
+    states = part_states(conn, [r.id for r in rows])
+    sent: list[Result] = []
+    pending: list[Result] = []
+    unknown: list[Result] = []
+    unknown_parts: list[PartResult] = []
+    for row in rows:
+        total = len(decode_json(row.message))
+        parts = states.get(row.id, {})
+        done = sorted(i for i, p in parts.items() if p.status is PartStatus.SENT)
+        doubtful = sorted(i for i, p in parts.items() if p.status is PartStatus.SENDING)
+        if len(done) == total:
+            first = parts[done[0]]
+            last = max((p.sent_at for p in parts.values() if p.sent_at is not None), default=now)
+            sent.append(
+                Result(
+                    row.id, DeliveryStatus.SENT, gateway_message_id=first.gateway_message_id, sent_at=last, reason=""
+                )
+            )
+        elif doubtful and not resend_in_flight:
+            reason = (
+                f"interrupted while sending part {doubtful[0] + 1} of {total} ({parts[doubtful[0]].kind}): the gateway "
+                "may or may not have delivered it; not retried automatically"
+                + (f"; delivered: part {', '.join(str(i + 1) for i in done)}" if done else "")
+            )
+            unknown.append(Result(row.id, DeliveryStatus.UNKNOWN, reason=reason, last_error=reason))
+            unknown_parts += [PartResult(row.id, i, PartStatus.UNKNOWN, "interrupted while sending") for i in doubtful]
+        else:
+            pending.append(Result(row.id, DeliveryStatus.PENDING))
+    write_results(conn, [*sent, *pending, *unknown], now, unknown_parts)
+    counts.update(sent=len(sent), resent=len(pending), unknown=len(unknown))
+    return counts
 
 
 def next_due(db: DB, run_id: int) -> datetime | None:
@@ -526,10 +730,12 @@ def send_times(db: DB, run_id: int, statuses: Sequence[DeliveryStatus], buckets:
     return SendTimes(start, width, counts)
 
 
-def recipients_and_texts(db: DB, run_id: int) -> list[tuple[str, str]]:
-    """(contact id, text) of every delivery of a run: what a request that planned it asked for."""
+def recipients_and_messages(db: DB, run_id: int) -> list[tuple[str, str, str | None]]:
+    """(contact id, text, whole message or None) of every delivery of a run: what a request that planned it
+    asked for."""
+    stmt = select(_D.contact_id, _D.text, _D.message).where(_D.run_id == run_id)
     with reading(db) as conn:
-        return [(r.contact_id, r.text) for r in conn.execute(select(_D.contact_id, _D.text).where(_D.run_id == run_id))]
+        return [(r.contact_id, r.text, r.message) for r in conn.execute(stmt)]
 
 
 def insert_adhoc(conn: Connection, run_id: int, campaign_id: str, rows: Sequence[Planned], now: datetime) -> int:
@@ -544,6 +750,7 @@ def insert_adhoc(conn: Connection, run_id: int, campaign_id: str, rows: Sequence
                 "contact_id": r.contact_id,
                 "contact_name": r.contact_name,
                 "text": r.text,
+                "message": r.message,
                 "dedupe_key": r.dedupe_key,
                 "status": DeliveryStatus.PENDING,
                 "capped": False,

@@ -517,6 +517,7 @@ class NewDelivery:
     status: DeliveryStatus
     capped: bool
     reason: str = ""
+    message: str | None = None  # the whole message as JSON, when it is more than `text`
 
 
 def apply_moves(db: DB, journey_of: dict[int, tuple[str, str]], moves: Sequence[Move]) -> list[int]:
@@ -576,6 +577,7 @@ def insert_deliveries(db: DB, items: Sequence[NewDelivery], now: datetime | None
             "contact_id": d.contact_id,
             "contact_name": d.contact_name,
             "text": d.text,
+            "message": d.message,
             "dedupe_key": d.dedupe_key,
             "status": d.status.value,
             "reason": d.reason,

@@ -7,6 +7,10 @@ Delivery states (the only ones; every delivery ends in a terminal one):
        └──── retry ───────┴─────────────────┤────> unknown    (may have been delivered; never retried silently)
                                             └────> submitted  (batch gateways: a task staff must confirm) -> sent/failed
     skipped   (decided at plan or dispatch time: dedupe, frequency cap, rule, missing data; `reason` says which)
+
+A message of several parts (text, image, link, ...) is one delivery, sent part by part; each part the dispatcher
+hands to the gateway has a `delivery_parts` row, written before the call, so a crash between two parts resends
+only the parts not sent (see `PartStatus`). A plain text message has no part rows: the delivery is its one part.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from sqlalchemy.engine import Dialect
 from sqlalchemy.types import TypeDecorator
 from sqlmodel import Field, SQLModel
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 
 class UTCDateTime(TypeDecorator[datetime]):
@@ -72,6 +76,15 @@ QUEUED_STATUSES = frozenset({DeliveryStatus.PENDING, DeliveryStatus.CLAIMED})
 CAP_COUNTED_STATUSES = frozenset(
     {DeliveryStatus.SENDING, DeliveryStatus.SUBMITTED, DeliveryStatus.SENT, DeliveryStatus.UNKNOWN}
 )
+
+
+class PartStatus(StrEnum):
+    """The state of one part of a multi-part message (a `delivery_parts` row)."""
+
+    SENDING = "sending"  # being handed to the gateway (written before the call): it may have arrived
+    SENT = "sent"  # the gateway accepted it (`gateway_message_id`)
+    FAILED = "failed"  # refused, or an error before it left: not delivered; a retry of the delivery sends it again
+    UNKNOWN = "unknown"  # it may or may not have arrived; never sent again
 
 
 class RunStatus(StrEnum):
@@ -189,7 +202,10 @@ class Delivery(SQLModel, table=True):
     campaign_id: str
     contact_id: str
     contact_name: str = ""
-    text: str = Field(default="", sa_column=Column(Text, nullable=False))
+    text: str = Field(default="", sa_column=Column(Text, nullable=False))  # the message's text part
+    # The whole message as JSON (engine.messages.Message.dumps) when it is more than a text; NULL for a plain text
+    # message, which `text` is (most messages: planning 100,000 of them writes nothing more).
+    message: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
     # Code-point order on PostgreSQL too, so the index serves the per-campaign key ranges (queries._campaign_range).
     dedupe_key: str | None = Field(
         default=None,
@@ -208,6 +224,22 @@ class Delivery(SQLModel, table=True):
     created_at: datetime | None = _ts()
     updated_at: datetime | None = _ts()
     sent_at: datetime | None = _ts()  # when handed to the gateway (last attempt), then when accepted
+
+
+class DeliveryPart(SQLModel, table=True):
+    """One part of a multi-part delivery that was handed to the gateway: which part (index, kind, content hash),
+    how it went, and the gateway's message id for it."""
+
+    __tablename__ = "delivery_parts"
+    delivery_id: int = Field(primary_key=True, foreign_key="deliveries.id")
+    part_index: int = Field(primary_key=True)
+    kind: str  # engine.messages.PartKind
+    content_hash: str  # engine.messages.Message.part_hashes
+    status: str = Field(default=PartStatus.SENDING)
+    gateway_message_id: str = ""
+    error: str = ""
+    sent_at: datetime | None = _ts()  # when handed to the gateway (last attempt)
+    updated_at: datetime | None = _ts()
 
 
 class ScheduleState(SQLModel, table=True):
@@ -237,6 +269,7 @@ TAGS: Table = Tag.__table__  # type: ignore[attr-defined]
 CONTACT_TAGS: Table = ContactTag.__table__  # type: ignore[attr-defined]
 RUNS: Table = CampaignRun.__table__  # type: ignore[attr-defined]
 DELIVERIES: Table = Delivery.__table__  # type: ignore[attr-defined]
+DELIVERY_PARTS: Table = DeliveryPart.__table__  # type: ignore[attr-defined]
 META: Table = Meta.__table__  # type: ignore[attr-defined]
 SCHEDULE_STATE: Table = ScheduleState.__table__  # type: ignore[attr-defined]
 GATEWAY_EVENTS: Table = GatewayEvent.__table__  # type: ignore[attr-defined]

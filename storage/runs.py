@@ -84,10 +84,12 @@ def record_plan(
     *,
     capped: bool,
     adhoc: bool = False,
+    with_messages: bool = False,
 ) -> Recorded:
     """Create a run with its pending deliveries and its skipped ones, all in one transaction; or, when the
     run (campaign, run_key) already exists — planned earlier, or concurrently by another process — change
-    nothing and return it. `adhoc`: a direct send's few deliveries (not the bulk path)."""
+    nothing and return it. `adhoc`: a direct send's few deliveries (not the bulk path). `with_messages`: the
+    recipients carry whole messages (JSON), not only their text."""
     with writing(db) as conn:
         inserted = insert_ignore(
             conn,
@@ -119,10 +121,19 @@ def record_plan(
         if adhoc:
             deliveries.insert_adhoc(conn, run_id, run.campaign_id, list(recipients), run.created_at)
         else:
-            for rows, status in ((recipients, DeliveryStatus.PENDING), (skipped, DeliveryStatus.SKIPPED)):
-                deliveries.insert_planned(
-                    conn, run_id, run.campaign_id, rows, status=status, capped=capped, now=run.created_at
-                )
+            deliveries.insert_planned(
+                conn,
+                run_id,
+                run.campaign_id,
+                recipients,
+                status=DeliveryStatus.PENDING,
+                capped=capped,
+                now=run.created_at,
+                with_message=with_messages,
+            )
+            deliveries.insert_planned(
+                conn, run_id, run.campaign_id, skipped, status=DeliveryStatus.SKIPPED, capped=capped, now=run.created_at
+            )
         return Recorded(run_id, True, deliveries.status_counts(conn, run_id))
 
 

@@ -57,7 +57,7 @@ def test_valid_campaign_loads(path: Path, settings: Settings) -> None:
     campaign = load_campaign(path, settings)
     assert campaign.id
     assert campaign.file == path
-    assert campaign.template.source.strip()
+    assert campaign.compiled.source.strip()
 
 
 @pytest.mark.parametrize("path", INVALID, ids=[p.stem for p in INVALID])
@@ -138,7 +138,7 @@ def test_unquoted_times_are_read_as_times(settings: Settings) -> None:
 def test_template_file_is_read_relative_to_the_campaign(settings: Settings) -> None:
     """`template_file:` is resolved against the campaign file's folder."""
     c = load_campaign(CASES / "valid" / "template_file.yaml", settings)
-    assert c.template.source == (CASES / "valid" / "templates" / "ok.j2").read_text(encoding="utf-8")
+    assert c.compiled.source == (CASES / "valid" / "templates" / "ok.j2").read_text(encoding="utf-8")
 
 
 @pytest.mark.parametrize(("indicator", "offset"), [("|", 1), ("|-", 1), ("|+", 1), ("| # 注释", 1), ("", 0)])

@@ -98,13 +98,13 @@ def test_symlinks_that_stay_inside_are_followed(tree: Path) -> None:
     """A symlink to another template inside the campaigns directory is read as that template."""
     (tree / "templates" / "alias.j2").symlink_to(tree / "templates" / "ok.j2")
     campaign = load_campaign(campaign_with(tree, "templates/alias.j2"), settings_for(tree))
-    assert campaign.template.source == "{{ name }}您好"
+    assert campaign.compiled.source == "{{ name }}您好"
 
 
 def test_dotdot_that_comes_back_inside_is_allowed(tree: Path) -> None:
     """`..` is fine when the resolved path is still inside the campaigns directory."""
     campaign = load_campaign(campaign_with(tree, "../campaigns/templates/ok.j2"), settings_for(tree))
-    assert campaign.template.source == "{{ name }}您好"
+    assert campaign.compiled.source == "{{ name }}您好"
 
 
 def test_a_fifo_is_refused_without_blocking(tree: Path) -> None:
@@ -167,7 +167,7 @@ def test_campaign_outside_the_campaigns_directory_is_confined_to_its_folder(tmp_
     (other / "t").mkdir(parents=True)
     (other / "t" / "a.j2").write_text("你好", encoding="utf-8")
     assert campaign_root(tree, other / "c.yaml") == other.resolve()
-    assert load_campaign(campaign_with(other, "t/a.j2"), settings_for(tree)).template.source == "你好"
+    assert load_campaign(campaign_with(other, "t/a.j2"), settings_for(tree)).compiled.source == "你好"
     with pytest.raises(CampaignError, match="outside the campaigns directory"):
         load_campaign(campaign_with(other, "../outside/secret.txt"), settings_for(tree))
 

@@ -119,7 +119,17 @@ RULES: dict[str, tuple[str, Callable[[str, str], bool]]] = {
 }
 # What code outside storage/ may take from sqlalchemy: the handles it passes to storage functions.
 SQL_TYPES_OK = {"sqlalchemy.engine", "sqlalchemy.engine.Engine", "sqlalchemy.engine.Connection"}
-TABLES = {"CONTACTS", "TAGS", "CONTACT_TAGS", "RUNS", "DELIVERIES", "META", "SCHEDULE_STATE", "GATEWAY_EVENTS"}
+TABLES = {
+    "CONTACTS",
+    "TAGS",
+    "CONTACT_TAGS",
+    "RUNS",
+    "DELIVERIES",
+    "DELIVERY_PARTS",
+    "META",
+    "SCHEDULE_STATE",
+    "GATEWAY_EVENTS",
+}
 # Calls that run SQL. Gateways are exempt: they keep their own state (the sandbox's simulated account in its own
 # SQLite file), never wecast's database (the gateways-storage rule).
 SQL_CALLS = {"execute", "exec_driver_sql", "executemany", "scalar", "scalars"}

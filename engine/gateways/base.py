@@ -38,6 +38,7 @@ from typing import Any, ClassVar
 from engine.clock import Clock, SystemClock
 from engine.errors import GatewayError, PermanentError
 from engine.messages import Message, Part, PartKind, TextPart, part_key
+from engine.settings import Settings
 
 log = logging.getLogger("wecast.gateway")
 
@@ -209,6 +210,13 @@ class Gateway(ABC):
         self._listeners: list[Listener] = []
         self._status_changed = asyncio.Event()
         self.events: list[GatewayEvent] = []  # recent events, newest last (bounded)
+
+    @classmethod
+    def capabilities_for(cls, settings: Settings) -> Capabilities:
+        """What a gateway of this class built from `settings` can do, known without building it: validation asks
+        which message parts the configured gateway can send. Gateways whose capabilities depend on their settings
+        override it."""
+        return cls.capabilities
 
     # -- lifecycle -------------------------------------------------------------------------------
     @abstractmethod

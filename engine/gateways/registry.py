@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from engine.clock import Clock
 from engine.errors import ConfigError
-from engine.gateways.base import Gateway
+from engine.gateways.base import Capabilities, Gateway
 from engine.settings import Settings
 
 GATEWAYS = ("sandbox", "workpro", "wecom")
@@ -36,3 +36,18 @@ def build_gateway(settings: Settings, clock: Clock | None = None) -> Gateway:
             )
         return WecomGateway(settings.wecom, clock)
     raise ConfigError(f"unknown gateway {name!r}; choose one of {', '.join(GATEWAYS)}")
+
+
+def gateway_capabilities(settings: Settings) -> Capabilities:
+    """What the gateway `settings.gateway` names can do, without building it (validation asks which message parts
+    it can send)."""
+    name = settings.gateway
+    if name == "sandbox":
+        from engine.gateways.sandbox import SandboxGateway
+
+        return SandboxGateway.capabilities_for(settings)
+    if name == "workpro":
+        from engine.gateways.workpro import WorkproGateway
+
+        return WorkproGateway.capabilities_for(settings)
+    return Capabilities()  # wecom, not in this release: text, as the contract's default

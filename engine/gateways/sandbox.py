@@ -75,7 +75,7 @@ from engine.messages import (
     TextPart,
     part_key,
 )
-from engine.settings import Faults, SandboxSettings
+from engine.settings import Faults, SandboxSettings, Settings
 
 log = logging.getLogger("wecast.sandbox")
 
@@ -331,6 +331,17 @@ def _https(url: str, what: str) -> None:
         raise PermanentError(f"{what} must be an https URL (WeCom refuses {url[:60]!r})")
 
 
+def _capabilities(settings: SandboxSettings) -> Capabilities:
+    batch = settings.mode == "batch"
+    return Capabilities(
+        direct_send=not batch,
+        batch_send=batch,
+        idempotent_sends=settings.honor_idempotency_key,
+        max_batch=10_000 if batch else 1,
+        supports=frozenset(PartKind),
+    )
+
+
 class SandboxGateway(Gateway):
     """An in-process simulated WeCom account. See the module docstring."""
 
@@ -339,14 +350,7 @@ class SandboxGateway(Gateway):
     def __init__(self, settings: SandboxSettings, clock: Clock | None = None) -> None:
         super().__init__(clock)
         self.settings = settings
-        batch = settings.mode == "batch"
-        self.capabilities = Capabilities(
-            direct_send=not batch,
-            batch_send=batch,
-            idempotent_sends=settings.honor_idempotency_key,
-            max_batch=10_000 if batch else 1,
-            supports=frozenset(PartKind),
-        )
+        self.capabilities = _capabilities(settings)
         self.faults: Faults = settings.faults
         self._rng = random.Random(settings.seed)
         self._store: SandboxStore | None = None
@@ -364,6 +368,10 @@ class SandboxGateway(Gateway):
             lambda media, content: (content.sha256, len(content.data), content.data[:8]), lambda _: 64
         )
         self._refusals: dict[PartKind, list[str]] = {}
+
+    @classmethod
+    def capabilities_for(cls, settings: Settings) -> Capabilities:
+        return _capabilities(settings.sandbox)
 
     # -- lifecycle -------------------------------------------------------------------------------
     @property

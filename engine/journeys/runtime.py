@@ -49,8 +49,8 @@ from engine.journeys.conditions import Facts
 from engine.journeys.spec import EntryKind, IfStep, Journey, SendStep, TagStep, TriggerKind
 from engine.journeys.stepper import End, GotoDue, Hold, Pass, Position, SendDue, TagDue, advance
 from engine.keywords import Matcher
+from engine.message_spec import render_messages
 from engine.plan import slot_key
-from engine.render import render_all
 from engine.runsettings import RunSettings
 from engine.schedule import ScheduleSpec, build_trigger, latest_fire_time, next_fire_times
 from engine.settings import Settings
@@ -617,17 +617,20 @@ class JourneyEngine:
                 else:
                     counts[e.contact_id] = counts.get(e.contact_id, 0) + 1
                     eligible.append(view)
-            rendered = render_all(
-                step.template.for_zone(journey.timezone),
+            rendered = render_messages(
+                step.compiled.for_zone(journey.timezone),
                 eligible,
                 campaign={"id": journey.id, "name": journey.name},
                 now=now.astimezone(journey.tz),
-                max_length=step.message.max_length,
             )
             lacking: dict[str, list[str]] = defaultdict(list)
             for name, ids in rendered.missing.items():
                 for cid in ids:
                     lacking[cid].append(name)
+            failing: dict[str, str] = {}  # contact id -> the message field that failed its check, and how
+            for (index, check), ids in rendered.failed.items():
+                for cid in ids:
+                    failing.setdefault(cid, f"{step.compiled.fields[index].path} {check.value}")
             runs: dict[tuple[int, str], int] = {}
             cancelled: set[int] = set()
             for e, result in items:
@@ -667,8 +670,11 @@ class JourneyEngine:
                 if not reason and text is None:
                     if e.contact_id in lacking:
                         reason = "missing_field: lacks " + ", ".join(lacking[e.contact_id]) + " used by the template"
+                    elif e.contact_id in failing:
+                        reason = f"invalid_message: {failing[e.contact_id]}"
                     else:
                         reason = f"too_long: the message is longer than message.max_length ({step.message.max_length})"
+                whole = rendered.messages.get(e.contact_id) if text is not None else None
                 status = DeliveryStatus.SKIPPED if reason else DeliveryStatus.PENDING
                 delivery = store.NewDelivery(
                     run_id,
@@ -680,6 +686,7 @@ class JourneyEngine:
                     status,
                     capped=step.frequency_cap is not None,
                     reason=reason,
+                    message=whole.dumps() if whole is not None and not reason else None,
                 )
                 moves.append(
                     store.Move(

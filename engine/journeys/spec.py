@@ -64,10 +64,10 @@ from engine.durations import Duration
 from engine.errors import CampaignError, Location
 from engine.journeys.conditions import Condition, parse_condition
 from engine.keywords import KeywordSpec, Matcher
-from engine.render import CompiledTemplate
+from engine.message_spec import CompiledMessage, MessageSpec, compile_message
 from engine.schedule import ScheduleError, ScheduleSpec, build_trigger
 from engine.settings import FrequencyCap, QuietHours, Settings, Strict, Throttle, check_timezone, parse_hhmm
-from engine.spec import ID_RE, Audience, MessageSpec, compile_message
+from engine.spec import ID_RE, Audience
 
 CatchUp = Literal["skip", "once", "all"]
 # Weekdays by name (Monday = 0), in English and Chinese.
@@ -356,7 +356,7 @@ class StepBase:
 @dataclass(frozen=True)
 class SendStep(StepBase):
     message: MessageSpec
-    template: CompiledTemplate
+    compiled: CompiledMessage  # its parts, checked; rendered per contact by engine.message_spec.render_messages
     transactional: bool
     quiet_hours: QuietHours | None  # resolved: None for transactional sends
     frequency_cap: FrequencyCap | None  # resolved: None for transactional sends
@@ -646,11 +646,11 @@ class _Parser:
         except ValidationError as exc:
             self.located(exc, here)
             return None
-        compiled, source, problems = compile_message(message, here, self.text, self.file, self.lines, self.settings)
+        compiled, problems = compile_message(message, here, self.text, self.file, self.lines, self.settings)
         self.problems.extend(problems)
-        self.template_texts.append(source)
         if compiled is None:
             return None
+        self.template_texts.append(compiled.source)
         return SendStep(
             step_id,
             path,

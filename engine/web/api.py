@@ -10,6 +10,7 @@ campaigns   GET /campaigns (invalid files listed, not dropped), POST /campaigns/
             POST /campaigns/validate, GET /campaigns/{id}, GET /campaigns/{id}/preview,
             POST /campaigns/{id}/run
 runs        GET /runs, GET /runs/{id}, POST /runs/{id}/pause | /resume | /cancel, GET /deliveries
+media       POST /media: upload an image or file (the raw bytes as the body) to send as an attachment
 scheduler   GET /scheduler
 sandbox     POST /sandbox/scan, GET /sandbox/phone, GET /sandbox/outbox (sandbox gateway only)
 """
@@ -18,19 +19,23 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import asdict
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Body, Query, Response
+from fastapi import APIRouter, Body, Query, Request, Response
 from fastapi import Path as PathParam
+from fastapi.responses import JSONResponse
 
 from engine.errors import CampaignError, LoginError, NotFoundError, WecastError
 from engine.gateways.base import LoginState
 from engine.gateways.sandbox import SandboxGateway
+from engine.media import MediaError, MediaTooLarge, MediaTypeRefused, max_bytes
+from engine.messages import PartKind
 from engine.qr import qr_png, qr_svg, qr_terminal
 from engine.schedule import build_trigger, next_fire_times
 from engine.spec import Campaign, load_campaigns, parse_campaign
 from engine.views import ContactView, DeliveryView, PreviewView, Problem, RunView
 from engine.web.context import WebContext
+from engine.web.errors import error_body
 from engine.web.models import (
     CampaignDetail,
     CampaignsView,
@@ -41,6 +46,7 @@ from engine.web.models import (
     EventView,
     LoginDetail,
     LoginView,
+    MediaView,
     OutboxMessageView,
     OutboxView,
     RunNowView,
@@ -452,7 +458,43 @@ def router(ctx: WebContext) -> APIRouter:
             limit=limit,
             offset=offset,
         )
-        return DeliveriesView(deliveries=[DeliveryView.from_row(d) for d in rows])
+        parts = deliveries_db.list_parts(app.db, [d.id for d in rows if d.message is not None])
+        return DeliveriesView(deliveries=[DeliveryView.from_row(d, parts.get(d.id, ())) for d in rows])
+
+    # -- media -----------------------------------------------------------------------------------
+    @r.post(
+        "/media",
+        response_model=MediaView,
+        status_code=201,
+        tags=["media"],
+        summary="Upload an image (JPG/PNG, ≤ 10 MB) or a file (≤ 20 MB): the raw bytes as the body",
+        responses={
+            413: {"description": "over WeCom's size limit"},
+            415: {"description": "not a JPG or PNG (by its content)"},
+        },
+    )
+    async def media_upload(
+        request: Request,
+        kind: Annotated[Literal["image", "file"], Query(description="image (JPG/PNG) or file")] = "image",
+        name: Annotated[str, Query(min_length=1, max_length=200, description="the file name to show")] = "upload",
+    ) -> JSONResponse:
+        part = PartKind(kind)
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > max_bytes(part):
+            return JSONResponse(
+                error_body(f"{name!r} is larger than {max_bytes(part) // (1024 * 1024)} MB, WeCom's limit"), 413
+            )
+        try:
+            stored = await app.media.save_stream(request.stream(), name, part)
+        except MediaTooLarge as exc:
+            return JSONResponse(error_body(str(exc)), 413)
+        except MediaTypeRefused as exc:
+            return JSONResponse(error_body(str(exc)), 415)
+        except MediaError as exc:
+            return JSONResponse(error_body(str(exc), field="body"), 422)
+        m = stored.media
+        view = MediaView(id=stored.id, name=m.name, kind=kind, mime=m.mime, size=m.size, created=stored.created)
+        return JSONResponse(view.model_dump(), status_code=201 if stored.created else 200)
 
     # -- scheduler -------------------------------------------------------------------------------
     @r.get("/scheduler", response_model=SchedulerView, tags=["campaigns"], summary="What the scheduler is doing")

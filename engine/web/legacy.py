@@ -4,9 +4,13 @@ to wecast without changing their clients:
     POST /goStart               start the login: the QR is printed in the log and returned with its qrcodeKey
     POST /submit-verify-code    {verifyCode, qrcodeKey}: the 6-digit code the phone shows
     POST /get-all-user          {pageSize, page | cursor} -> {datas: [...], hasNextPage}
-    POST /send-message          {id, message}
-    POST /send-message-all      {message, ids | id | tag | tags}
+    POST /send-message          {id, message, attachments?}
+    POST /send-message-all      {message, attachments?, ids | id | tag | tags}
     POST /goEnd                 log out (POST /goStart then shows a new QR for the next account)
+
+`message` is the text, as in the source document; `attachments` (up to 9: images and files uploaded with
+POST /api/v1/media or given by https URL, link and mini-program cards — `engine.message_spec.Attachment`) follow it,
+so a poster goes out with its caption. Parts the gateway cannot send are refused (422) before anything is planned.
 
 Sends go through `plan_adhoc` and the Dispatcher, the same deduplicating, throttled, logged path as
 campaigns. A client retry with the same `Idempotency-Key` header is the same run and never sends twice.
@@ -24,6 +28,8 @@ from fastapi.encoders import jsonable_encoder
 from fastapi.responses import JSONResponse
 
 from engine.errors import NotFoundError, WecastError
+from engine.message_spec import Attachment, PartError, direct_message
+from engine.messages import Message
 from engine.plan import API_CAMPAIGN, plan_adhoc
 from engine.views import ContactView
 from engine.web.context import WebContext
@@ -71,8 +77,20 @@ async def ensure_contacts(ctx: WebContext) -> None:
 # -- sends -------------------------------------------------------------------------------------------
 
 
-async def send_text(
-    ctx: WebContext, contact_ids: list[str], text: str, idempotency_key: str | None, *, what: str
+def body_message(ctx: WebContext, text: str | None, attachments: list[Attachment]) -> Message:
+    """The message a send body asks for, checked (media exist, URLs https, WeCom's lengths, the gateway's parts).
+    Raises a 422 naming the field."""
+    gateway = ctx.app.gateway
+    try:
+        return direct_message(
+            text, attachments, store=ctx.app.media, supports=gateway.capabilities.supports, gateway=gateway.name
+        )
+    except PartError as exc:
+        raise invalid(exc.field, exc.reason) from None
+
+
+async def send_message(
+    ctx: WebContext, contact_ids: list[str], message: Message, idempotency_key: str | None, *, what: str
 ) -> tuple[int, SendResult]:
     """Plan a direct send and dispatch it; wait up to `send_wait` for the result.
 
@@ -88,8 +106,7 @@ async def send_text(
         plan = await ctx.db(
             plan_adhoc,
             app.db,
-            contact_ids=contact_ids,
-            text=text,
+            messages=[(cid, message) for cid in contact_ids],
             run_key=run_key or f"api-{uuid.uuid4().hex}",
             now=app.clock.now(),
             timezone=app.settings.timezone,
@@ -98,10 +115,10 @@ async def send_text(
         )
         run_id = plan.run_id
         if not plan.created:  # a concurrent request with the same key planned it first
-            await ctx.db(_same_request, ctx, run_id, contact_ids, text)
+            await ctx.db(_same_request, ctx, run_id, contact_ids, message)
     else:
         run_id = existing.id
-        await ctx.db(_same_request, ctx, run_id, contact_ids, text)
+        await ctx.db(_same_request, ctx, run_id, contact_ids, message)
     task = ctx.workers.task(run_id)
     if task is None and await ctx.db(_open, ctx, run_id):
         task = ctx.dispatch(run_id, API_CAMPAIGN)
@@ -111,12 +128,13 @@ async def send_text(
     return (202 if body.pending else 200), body
 
 
-def _same_request(ctx: WebContext, run_id: int, contact_ids: list[str], text: str) -> None:
-    rows = deliveries_db.recipients_and_texts(ctx.app.db, run_id)
-    if {cid for cid, _ in rows} != set(contact_ids) or any(t != text for _, t in rows):
+def _same_request(ctx: WebContext, run_id: int, contact_ids: list[str], message: Message) -> None:
+    rows = deliveries_db.recipients_and_messages(ctx.app.db, run_id)
+    whole = None if message.is_plain_text() else message.dumps()
+    if {cid for cid, _, _ in rows} != set(contact_ids) or any((t, m) != (message.text, whole) for _, t, m in rows):
         raise WecastError(
             "this Idempotency-Key was already used for a different send (other recipients or "
-            "text); use a new key for a new message"
+            "message); use a new key for a new message"
         )
 
 
@@ -246,11 +264,12 @@ def router(ctx: WebContext) -> APIRouter:
     @r.post(
         "/send-message",
         response_model=SendResult,
-        summary="Send a text to one contact",
+        summary="Send a text (and attachments) to one contact",
         responses={202: {"description": "accepted, still sending"}, 409: {"description": "not logged in"}},
     )
-    async def send_message(body: SendMessageBody, idempotency_key: IdempotencyKey = None) -> JSONResponse:
-        code, result = await send_text(ctx, [body.id.strip()], body.message, idempotency_key, what="send-message")
+    async def send_one(body: SendMessageBody, idempotency_key: IdempotencyKey = None) -> JSONResponse:
+        message = body_message(ctx, body.message, body.attachments)
+        code, result = await send_message(ctx, [body.id.strip()], message, idempotency_key, what="send-message")
         if code == 200 and result.failed:
             first = result.results[0] if result.results else None
             result = result.model_copy(update={"error": (first.reason if first else "") or "not sent"})
@@ -260,13 +279,14 @@ def router(ctx: WebContext) -> APIRouter:
     @r.post(
         "/send-message-all",
         response_model=SendResult,
-        summary="Send one text to many contacts: by ids and/or tag",
+        summary="Send one message (text and attachments) to many contacts: by ids and/or tag",
         responses={202: {"description": "accepted, still sending"}, 409: {"description": "not logged in"}},
     )
     async def send_message_all(body: SendAllBody, idempotency_key: IdempotencyKey = None) -> JSONResponse:
         ids, tags = body.recipient_ids(), body.tag_names()
         if not ids and not tags:
             raise invalid("ids", "give the recipients: ids (or id) and/or tag")
+        message = body_message(ctx, body.message, body.attachments)
         recipients = list(ids)
         if tags:
             await ctx.require_login()
@@ -275,7 +295,7 @@ def router(ctx: WebContext) -> APIRouter:
         recipients = list(dict.fromkeys(recipients))
         if not recipients:
             raise NotFoundError(f"no contacts to send to: nobody has the tag {', '.join(tags)}")
-        code, result = await send_text(ctx, recipients, body.message, idempotency_key, what="send-message-all")
+        code, result = await send_message(ctx, recipients, message, idempotency_key, what="send-message-all")
         return JSONResponse(jsonable_encoder(result), status_code=code)
 
     @r.post("/goEnd", response_model=LoginView, summary="Log out (then /goStart shows a new QR)")

@@ -9,6 +9,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from engine.gateways.base import LoginStatus
+from engine.message_spec import Attachment
 from engine.settings import FrequencyCap, QuietHours, Throttle
 from engine.views import ContactView, DeliveryView, Problem, RunView, View
 
@@ -48,21 +49,31 @@ def _text(v: str) -> str:
     return v
 
 
-class SendMessageBody(Legacy):
+ATTACHMENTS_DOC = (
+    "up to 9 parts sent after the text: {kind: image|file, media_id (POST /api/v1/media) | url}, "
+    "{kind: link, url, title, description?, thumbnail?}, "
+    "{kind: miniprogram, appid, title, page, thumbnail_media_id | thumbnail_url, username?}"
+)
+
+
+class Sendable(Legacy):
+    """The message of a send: `message` (the text, as in the source document) and `attachments`."""
+
+    message: str | None = Field(default=None, min_length=1, max_length=MAX_MESSAGE, description="the text to send")
+    attachments: list[Attachment] = Field(default_factory=list, max_length=9, description=ATTACHMENTS_DOC)
+
+    _nonblank = field_validator("message")(lambda v: v if v is None else _text(v))
+
+
+class SendMessageBody(Sendable):
     id: str = Field(min_length=1, max_length=200, description="the contact id from /get-all-user")
-    message: str = Field(min_length=1, max_length=MAX_MESSAGE, description="the text to send")
-
-    _nonblank = field_validator("message")(_text)
 
 
-class SendAllBody(Legacy):
-    message: str = Field(min_length=1, max_length=MAX_MESSAGE, description="the text to send")
+class SendAllBody(Sendable):
     ids: list[str] | None = Field(default=None, max_length=100_000, description="contact ids")
     id: str | list[str] | None = Field(default=None, description="a contact id or a list (the document's name)")
     tag: str | list[str] | None = Field(default=None, description="a tag name or id, or a list: its contacts")
     tags: list[str] | None = Field(default=None, description="several tags (contacts with any of them)")
-
-    _nonblank = field_validator("message")(_text)
 
     def recipient_ids(self) -> list[str]:
         ids = list(self.ids or [])
@@ -154,6 +165,17 @@ class ContactsPageView(View):
     nextCursor: str | None
     limit: int
     offset: int | None
+
+
+class MediaView(View):
+    """A file in the media store (POST /api/v1/media): send it as an attachment by its `id`."""
+
+    id: str  # the sha256 of the content: `media_id` in an attachment
+    name: str
+    kind: str  # image | file
+    mime: str  # read from the content
+    size: int
+    created: bool  # False: the same content was uploaded before (stored once)
 
 
 class SyncView(View):

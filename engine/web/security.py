@@ -11,7 +11,8 @@
   (curl, scripts) send no Origin and are not affected: the source document's curl lines keep working.
 * **JSON only**: a state-changing request with a body must say `Content-Type: application/json` (415 otherwise).
   What a cross-site page can send without a CORS preflight — forms, text/plain, a typeless blob — is therefore
-  never read as JSON.
+  never read as JSON. Uploads (`POST /api/v1/media`, raw bytes) may say any other type, for the same reason:
+  everything but the preflight-free types (and no type at all) needs a preflight, which this server never grants.
 
 `Authentication` (always on) lets people in:
 
@@ -47,6 +48,9 @@ SIGNIN = "/console/signin"
 # What anyone may fetch: liveness, the console's sign-in page and its static files (vendored scripts, styles).
 OPEN_PATHS = frozenset({"/healthz", SIGNIN})
 OPEN_PREFIXES = (f"{CONSOLE}/static/",)
+UPLOAD_PATHS = frozenset({"/api/v1/media"})  # raw bodies (see the module docstring)
+# What a browser sends cross-site without a CORS preflight (the Fetch standard's CORS-safelisted types).
+PREFLIGHT_FREE = frozenset({b"application/x-www-form-urlencoded", b"multipart/form-data", b"text/plain", b""})
 STATE_CHANGING = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 LOOPBACK_NAMES = frozenset({"localhost"})
 
@@ -122,7 +126,13 @@ class RequestGuard:
             if problem:
                 await _refuse(send, 403, problem)
                 return
-            if self._has_body(headers) and not self._is_json(headers):
+            if scope.get("path") in UPLOAD_PATHS:
+                if self._media_type(headers) in PREFLIGHT_FREE:
+                    await _refuse(
+                        send, 415, "send the file's bytes with its type, e.g. 'Content-Type: application/octet-stream'"
+                    )
+                    return
+            elif self._has_body(headers) and not self._is_json(headers):
                 await _refuse(send, 415, "send the body as JSON, with the header 'Content-Type: application/json'")
                 return
         await self.app(scope, receive, send)
@@ -149,8 +159,12 @@ class RequestGuard:
         return b"transfer-encoding" in headers
 
     @staticmethod
-    def _is_json(headers: dict[bytes, bytes]) -> bool:
-        media = headers.get(b"content-type", b"").split(b";", 1)[0].strip().lower()
+    def _media_type(headers: dict[bytes, bytes]) -> bytes:
+        return headers.get(b"content-type", b"").split(b";", 1)[0].strip().lower()
+
+    @classmethod
+    def _is_json(cls, headers: dict[bytes, bytes]) -> bool:
+        media = cls._media_type(headers)
         return media == b"application/json" or (media.startswith(b"application/") and media.endswith(b"+json"))
 
 
