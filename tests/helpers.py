@@ -8,18 +8,16 @@ from __future__ import annotations
 import asyncio
 from collections import Counter
 from collections.abc import Coroutine
-from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
-from engine.clock import Clock, FakeClock
-from engine.errors import PermanentError
+from engine.clock import FakeClock
 from engine.gateways.base import Gateway, SendReceipt
 from engine.gateways.sandbox import SandboxGateway
-from engine.messages import Part, PartKind, TextPart
+from engine.messages import Part, PartKind
 from engine.service import Wecast
-from engine.settings import SandboxSettings, Settings, load_settings
+from engine.settings import Settings, load_settings
 from engine.spec import Campaign, parse_campaign
 
 T = TypeVar("T")
@@ -89,55 +87,24 @@ def run(coro: Coroutine[Any, Any, T]) -> T:
     return asyncio.run(coro)
 
 
-@dataclass(frozen=True)
-class ReceivedPart:
-    """One part a customer received, as the gateway's far side recorded it."""
-
-    contact_id: str
-    kind: PartKind
-    key: str
-    part: Part
+def parts_received(gateway: Gateway, contact_id: str) -> list[PartKind]:
+    """The kinds of the parts a contact received, in order, from the sandbox's outbox."""
+    assert isinstance(gateway, SandboxGateway)
+    return [PartKind(m.kind) for m in gateway.outbox_messages(contact_id)]
 
 
-class PartsSandbox(SandboxGateway):
-    """The sandbox, able to send every part kind: parts other than text land in `received` (deduplicated by key
-    when the sandbox honours keys, as its outbox is); `sandbox_refuse(kind, reason)` refuses the next part of a kind
-    for good, `sandbox_fail(kind, error)` raises `error` for it. (The sandbox's own outbox learns every part kind on
-    the gateways branch; these tests move to it then.)"""
+def record_part_calls(gateway: Gateway, fail: dict[PartKind, list[Exception]] | None = None) -> list[tuple[str, str]]:
+    """Record (contact id, key) of every `send_part` call the gateway gets from now on; `fail`: errors to raise
+    instead of sending, per part kind, first one first."""
+    calls: list[tuple[str, str]] = []
+    original = gateway.send_part
+    failures = fail or {}
 
-    def __init__(self, settings: SandboxSettings, clock: Clock | None = None) -> None:
-        super().__init__(settings, clock)
-        self.capabilities = replace(self.capabilities, supports=frozenset(PartKind))
-        self.received: list[ReceivedPart] = []
-        self.failures: dict[PartKind, list[Exception]] = {}
-        self.calls: list[tuple[str, str]] = []  # (contact id, key) of every send_part call
+    async def send_part(contact_id: str, part: Part, *, idempotency_key: str) -> SendReceipt:
+        calls.append((contact_id, idempotency_key))
+        if failures.get(part.kind):
+            raise failures[part.kind].pop(0)
+        return await original(contact_id, part, idempotency_key=idempotency_key)
 
-    def sandbox_refuse(self, kind: PartKind, reason: str, count: int = 1) -> None:
-        self.failures.setdefault(kind, []).extend(PermanentError(reason) for _ in range(count))
-
-    def sandbox_fail(self, kind: PartKind, error: Exception) -> None:
-        self.failures.setdefault(kind, []).append(error)
-
-    async def send_part(self, contact_id: str, part: Part, *, idempotency_key: str) -> SendReceipt:
-        self.calls.append((contact_id, idempotency_key))
-        if self.failures.get(part.kind):
-            raise self.failures[part.kind].pop(0)
-        if isinstance(part, TextPart):
-            receipt = await self.send_text(contact_id, part.text, idempotency_key=idempotency_key)
-            if not receipt.duplicate:
-                self.received.append(ReceivedPart(contact_id, part.kind, idempotency_key, part))
-            return receipt
-        self._require_login()
-        problem = self._reachable(contact_id)
-        if problem:
-            raise PermanentError(problem)
-        await self._faults_before_send()
-        if self.capabilities.idempotent_sends:
-            for i, r in enumerate(self.received):
-                if r.key == idempotency_key:
-                    return SendReceipt(f"part-{i}", duplicate=True)
-        self.received.append(ReceivedPart(contact_id, part.kind, idempotency_key, part))
-        return SendReceipt(f"part-{len(self.received) - 1}")
-
-    def parts_of(self, contact_id: str) -> list[PartKind]:
-        return [r.kind for r in self.received if r.contact_id == contact_id]
+    gateway.send_part = send_part  # type: ignore[method-assign]
+    return calls

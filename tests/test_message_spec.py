@@ -35,14 +35,6 @@ def settings() -> Settings:
     return Settings(version=1)
 
 
-@pytest.fixture(autouse=True)
-def sandbox_sends_every_kind(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The configured gateway (the sandbox) validates every part kind. (The sandbox learns to send them on the
-    gateways branch; until it lands this says so for validation.)"""
-    every = Capabilities(supports=frozenset(PartKind))
-    monkeypatch.setattr(SandboxGateway, "capabilities_for", classmethod(lambda cls, s: every))
-
-
 def contact(cid: str, **fields: object) -> dict[str, object]:
     base: dict[str, object] = {"id": cid, "name": "王芳", "alias": "", "gender": 2, "friend": True}
     return {**base, **fields}

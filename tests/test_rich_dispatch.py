@@ -9,11 +9,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from helpers import MONDAY_10, PLAIN, PartsSandbox, campaign, run
+from helpers import MONDAY_10, PLAIN, campaign, parts_received, record_part_calls, run
 
 from engine.clock import FakeClock
 from engine.errors import TransientError
-from engine.gateways.base import BatchReceipt, Capabilities
+from engine.gateways.base import BatchReceipt
 from engine.gateways.sandbox import SandboxGateway
 from engine.messages import ImagePart, LinkPart, Message, PartKind, TextPart, part_key
 from engine.service import Wecast
@@ -38,27 +38,24 @@ throttle: {per_second: 1000}
 KINDS = [PartKind.IMAGE, PartKind.TEXT, PartKind.LINK]
 
 
-@pytest.fixture(autouse=True)
-def sandbox_sends_every_kind(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The configured gateway (the sandbox) validates every part kind (see `helpers.PartsSandbox`)."""
-    every = Capabilities(supports=frozenset(PartKind))
-    monkeypatch.setattr(SandboxGateway, "capabilities_for", classmethod(lambda cls, s: every))
-
-
 async def rich_app(settings: Settings, clock: FakeClock | None = None) -> Wecast:
-    """A started Wecast on the parts-sending sandbox, contacts synced, the poster in the campaigns folder."""
+    """A started Wecast on the sandbox (a fake clock), contacts synced, the poster in the campaigns folder."""
     settings.campaigns_dir.mkdir(parents=True, exist_ok=True)
     shutil.copy(POSTER, settings.campaigns_dir / "poster.png")
-    clock = clock or FakeClock(MONDAY_10)
-    app = Wecast(settings, gateway=PartsSandbox(settings.sandbox, clock), clock=clock)
+    app = Wecast(settings, clock=clock or FakeClock(MONDAY_10))
     await app.start()
     await app.sync()
     return app
 
 
-def gateway(app: Wecast) -> PartsSandbox:
-    assert isinstance(app.gateway, PartsSandbox)
+def sandbox(app: Wecast) -> SandboxGateway:
+    assert isinstance(app.gateway, SandboxGateway)
     return app.gateway
+
+
+def outbox_keys(app: Wecast) -> Counter[str]:
+    """How many times each idempotency key reached the customers (the sandbox's outbox, one row per part)."""
+    return Counter(m.idempotency_key for m in sandbox(app).outbox_messages())
 
 
 def test_each_part_is_sent_once_in_order_under_its_own_key(make_settings: MakeSettings) -> None:
@@ -73,11 +70,10 @@ def test_each_part_is_sent_once_in_order_under_its_own_key(make_settings: MakeSe
         assert s is not None and s.status == "completed" and s.sent > 10
         rows = deliveries_db.list_deliveries(app.db, run_id=s.run_id, status=DeliveryStatus.SENT, limit=1000)
         assert len(rows) == s.sent
-        gw = gateway(app)
         parts = deliveries_db.list_parts(app.db, [r.id for r in rows])
         for r in rows:
-            assert gw.parts_of(r.contact_id) == KINDS
-            keys = [x.key for x in gw.received if x.contact_id == r.contact_id]
+            assert parts_received(app.gateway, r.contact_id) == KINDS
+            keys = [m.idempotency_key for m in sandbox(app).outbox_messages(r.contact_id)]
             assert keys == [part_key(str(r.dedupe_key), i, 3) for i in range(3)]
             assert r.message is not None
             message = Message.loads(r.message)
@@ -115,8 +111,7 @@ def test_a_refused_part_fails_the_delivery_naming_the_part_and_what_arrived(make
 
     async def go() -> None:
         app = await rich_app(settings)
-        gw = gateway(app)
-        gw.sandbox_refuse(PartKind.LINK, "链接域名未备案 (errcode 40xxx)")
+        sandbox(app).sandbox_refuse(PartKind.LINK, "链接域名未备案 (errcode 40xxx)")
         s = (await app.run_campaign(campaign(settings, RICH + "max_errors: 0\n"))).summary
         assert s is not None and s.counts[DeliveryStatus.FAILED] == 1
         [failed] = deliveries_db.list_deliveries(app.db, run_id=s.run_id, status=DeliveryStatus.FAILED)
@@ -127,9 +122,9 @@ def test_a_refused_part_fails_the_delivery_naming_the_part_and_what_arrived(make
             (PartStatus.SENT, ""),
             (PartStatus.FAILED, "链接域名未备案 (errcode 40xxx)"),
         ]
-        assert gw.parts_of(failed.contact_id) == [PartKind.IMAGE, PartKind.TEXT]
+        assert parts_received(app.gateway, failed.contact_id) == [PartKind.IMAGE, PartKind.TEXT]
         assert s.sent == s.counts[DeliveryStatus.SENT] and all(
-            gw.parts_of(r.contact_id) == KINDS
+            parts_received(app.gateway, r.contact_id) == KINDS
             for r in deliveries_db.list_deliveries(app.db, run_id=s.run_id, status=DeliveryStatus.SENT, limit=1000)
         )
         await app.close()
@@ -144,14 +139,13 @@ def test_a_transient_error_between_parts_retries_only_the_rest(make_settings: Ma
 
     async def go() -> None:
         app = await rich_app(settings, FakeClock(MONDAY_10))
-        gw = gateway(app)
-        gw.sandbox_fail(PartKind.TEXT, TransientError("UNAVAILABLE (injected)"))
+        calls = record_part_calls(app.gateway, fail={PartKind.TEXT: [TransientError("UNAVAILABLE (injected)")]})
         s = (await app.run_campaign(campaign(settings, RICH))).summary
         assert s is not None and s.status == "completed" and s.counts == {DeliveryStatus.SENT: s.sent}
         retried = [r for r in deliveries_db.list_deliveries(app.db, run_id=s.run_id, limit=1000) if r.attempts == 2]
         assert len(retried) == 1
-        assert gw.parts_of(retried[0].contact_id) == KINDS
-        keys = Counter(key for _, key in gw.calls)
+        assert parts_received(app.gateway, retried[0].contact_id) == KINDS
+        keys = Counter(key for _, key in calls)
         assert keys[part_key(str(retried[0].dedupe_key), 0, 3)] == 1  # the image was not sent again
         assert keys[part_key(str(retried[0].dedupe_key), 1, 3)] == 2  # the text: failed once, then sent
         await app.close()
@@ -208,16 +202,15 @@ def test_after_a_crash_between_parts_an_idempotent_gateway_gets_each_part_once(
 
     async def go() -> None:
         app = await rich_app(settings)
-        gw = gateway(app)
         run_id, delivery_id, key = await crashed_mid_message(app)
         [row] = [r for r in deliveries_db.list_deliveries(app.db, run_id=run_id) if r.id == delivery_id]
         if arrived:  # it reached the customer before the crash; only the answer was lost
             message = Message.loads(str(row.message))
-            await gw.send_part(row.contact_id, message.parts[1], idempotency_key=part_key(key, 1, 3))
+            await app.gateway.send_part(row.contact_id, message.parts[1], idempotency_key=part_key(key, 1, 3))
         summary = await app.dispatcher.run(run_id)
         assert summary.status == "completed" and summary.recovered["resent"] == 1
-        assert gw.parts_of(row.contact_id) == KINDS
-        assert Counter(x.key for x in gw.received) == Counter(
+        assert parts_received(app.gateway, row.contact_id) == KINDS
+        assert outbox_keys(app) == Counter(
             {
                 part_key(str(r.dedupe_key), i, 3): 1
                 for r in deliveries_db.list_deliveries(app.db, run_id=run_id)
@@ -238,7 +231,6 @@ def test_after_a_crash_between_parts_without_keys_the_part_in_doubt_is_unknown(m
 
     async def go() -> None:
         app = await rich_app(settings)
-        gw = gateway(app)
         run_id, delivery_id, _ = await crashed_mid_message(app)
         summary = await app.dispatcher.run(run_id)
         assert summary.recovered["unknown"] == 1 and summary.status == "completed"
@@ -248,7 +240,7 @@ def test_after_a_crash_between_parts_without_keys_the_part_in_doubt_is_unknown(m
         assert row.reason.endswith("; delivered: part 1")
         states = deliveries_db.list_parts(app.db, [row.id])[row.id]
         assert [p.status for p in states] == [PartStatus.SENT, PartStatus.UNKNOWN]
-        assert gw.parts_of(row.contact_id) == [PartKind.IMAGE]
+        assert parts_received(app.gateway, row.contact_id) == [PartKind.IMAGE]
         assert summary.sent == summary.counts[DeliveryStatus.SENT] > 5
         await app.close()
 
@@ -262,17 +254,16 @@ def test_a_crash_after_the_last_part_is_recovered_as_sent_without_sending(make_s
 
     async def go() -> None:
         app = await rich_app(settings)
-        gw = gateway(app)
         run_id, delivery_id, key = await crashed_mid_message(app)
+        calls = record_part_calls(app.gateway)
         now = app.clock.now()
         deliveries_db.part_sent(app.db, delivery_id, 1, "m-1", now, PartMark(delivery_id, 2, "link", "h"))
         deliveries_db.part_sent(app.db, delivery_id, 2, "m-2", now, None)
-        calls_before = len(gw.calls)
         summary = await app.dispatcher.run(run_id)
         assert summary.recovered.get("sent") == 1
         [row] = [r for r in deliveries_db.list_deliveries(app.db, run_id=run_id) if r.id == delivery_id]
         assert (row.status, row.gateway_message_id) == (DeliveryStatus.SENT, "before-crash")
-        assert not [k for _, k in gw.calls[calls_before:] if k.startswith(key)]
+        assert not [k for _, k in calls if k.startswith(key)]
         await app.close()
 
     run(go())
@@ -285,9 +276,8 @@ def test_a_part_in_doubt_that_then_fails_is_unknown_not_failed(make_settings: Ma
 
     async def go() -> None:
         app = await rich_app(settings)
-        gw = gateway(app)
         run_id, delivery_id, _ = await crashed_mid_message(app)
-        gw.sandbox_refuse(PartKind.TEXT, "内容违规")
+        sandbox(app).sandbox_refuse(PartKind.TEXT, "内容违规")
         await app.dispatcher.run(run_id)
         [row] = [r for r in deliveries_db.list_deliveries(app.db, run_id=run_id) if r.id == delivery_id]
         assert row.status is DeliveryStatus.UNKNOWN
