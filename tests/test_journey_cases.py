@@ -114,7 +114,7 @@ def test_a_journey_spells_a_campaign_with_a_schedule_trigger(tmp_path: Path) -> 
     assert campaign.schedule == journey.trigger.schedule
     assert campaign.audience == journey.audience
     (send,) = journey.sends()
-    assert send.template.source == campaign.template.source
+    assert send.compiled.source == campaign.compiled.source
     assert send.frequency_cap is None and campaign.frequency_cap is None
 
 
