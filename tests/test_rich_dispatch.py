@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 from helpers import MONDAY_10, PLAIN, campaign, parts_received, record_part_calls, run
+from sqlalchemy import text
 
 from engine.clock import FakeClock
 from engine.errors import TransientError
@@ -19,8 +20,9 @@ from engine.messages import ImagePart, LinkPart, Message, PartKind, TextPart, pa
 from engine.service import Wecast
 from engine.settings import Settings
 from storage import deliveries as deliveries_db
+from storage.db import schema_version
 from storage.deliveries import PartMark
-from storage.models import DeliveryStatus, PartStatus
+from storage.models import META, SCHEMA_VERSION, DeliveryStatus, PartStatus
 
 MakeSettings = Callable[..., Settings]
 POSTER = Path(__file__).parent / "cases" / "messages" / "valid" / "media" / "poster.png"
@@ -312,6 +314,33 @@ def test_task_gateways_get_one_task_per_identical_message(make_settings: MakeSet
         assert len(ids) == plan.planned
         assert isinstance(message, Message)
         assert [type(p) for p in message.parts] == [ImagePart, TextPart, LinkPart]
+        await app.close()
+
+    run(go())
+
+
+def test_a_schema_3_database_gains_messages_and_keeps_its_deliveries(make_settings: MakeSettings) -> None:
+    """A database from before rich messages (schema 3: no `deliveries.message`, no `delivery_parts`) is migrated on
+    open: its deliveries are kept as plain text (message NULL) and still resume; rich runs then plan and send."""
+    settings = make_settings(contacts=12)
+
+    async def go() -> None:
+        app = await rich_app(settings)
+        plan = app.plan(campaign(settings, PLAIN, "old"))
+        await app.close()
+        with app.db.begin() as conn:
+            conn.execute(text("DROP TABLE delivery_parts"))
+            conn.execute(text("ALTER TABLE deliveries DROP COLUMN message"))
+            conn.execute(text(f"UPDATE {META.name} SET value = '3' WHERE key = 'schema_version'"))
+        app.db.dispose()
+        app = await rich_app(settings)
+        assert schema_version(app.db) == SCHEMA_VERSION
+        old = deliveries_db.list_deliveries(app.db, run_id=plan.run_id, limit=100)
+        assert len(old) == plan.planned and all(r.message is None for r in old)
+        resumed = await app.dispatcher.run(plan.run_id)
+        assert resumed.sent == plan.planned
+        rich = (await app.run_campaign(campaign(settings, RICH, "new"))).summary
+        assert rich is not None and rich.sent == plan.planned
         await app.close()
 
     run(go())
