@@ -41,7 +41,6 @@ from contextlib import nullcontext
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from enum import Enum
-from typing import ParamSpec, TypeVar
 
 from sqlalchemy.engine import Connection, Engine
 
@@ -69,9 +68,6 @@ HEARTBEAT_EVERY = 5.0
 RECONCILE_EVERY = 30.0  # seconds between asking about mass-message tasks staff have not confirmed yet
 STALE_AFTER = timedelta(seconds=60)
 
-P = ParamSpec("P")
-T = TypeVar("T")
-
 
 @dataclass
 class RunSummary:
@@ -94,7 +90,7 @@ Progress = Callable[[dict[DeliveryStatus, int]], None]
 
 
 class Halt(Enum):
-    """Why sending must stop now (see `_RunSender.must_stop`)."""
+    """Why sending must stop now (see `_RunSender.halt`)."""
 
     STOPPING = "the dispatcher is stopping"
     AUTH = "the gateway refused the credentials"
@@ -381,11 +377,8 @@ class _RunSender:
         self.batch = caps.batch_send and not caps.direct_send
 
     async def start(self) -> None:
-        counts = await self._db(deliveries_db.status_counts, self.d.db, self.run_id)
+        counts = await off_loop(deliveries_db.status_counts, self.d.db, self.run_id)
         self.failed = counts.get(DeliveryStatus.FAILED, 0)
-
-    async def _db(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
-        return await off_loop(fn, *args, **kwargs)
 
     def quiet_wait(self) -> float:
         """Seconds until the run's quiet hours end (0: sending is allowed now)."""
@@ -461,14 +454,14 @@ class _RunSender:
                         )
                     continue
                 self.logged_out = False
-            rows = await self._db(deliveries_db.claim, d.db, self.run_id, self.token, claim_size, d.clock.now())
+            rows = await off_loop(deliveries_db.claim, d.db, self.run_id, self.token, claim_size, d.clock.now())
             if not rows:
                 if self.inflight:
                     await self._wait_any()
                     continue
                 # Nothing is in flight any more, so every result is in `results`: written before deciding.
                 await self._flush()
-                due = await self._db(deliveries_db.next_due, d.db, self.run_id)
+                due = await off_loop(deliveries_db.next_due, d.db, self.run_id)
                 if due is None:
                     waiting = await self._reconcile() if self.batch else 0
                     if waiting:
@@ -480,7 +473,7 @@ class _RunSender:
                             )
                         await self._idle(RECONCILE_EVERY)
                         continue
-                    await self._db(runs_db.finish_if_done, d.db, self.run_id, d.clock.now())
+                    await off_loop(runs_db.finish_if_done, d.db, self.run_id, d.clock.now())
                     return "done"
                 await self._idle(min(max(0.0, (due - d.clock.now()).total_seconds()), 5.0))
                 continue
@@ -500,7 +493,7 @@ class _RunSender:
             halt = self.halt(None)
             kept: list[_Job] = []
             if halt is None:
-                status, kept = await self._db(self._prepare_jobs, chunk, self.d.clock.now())
+                status, kept = await off_loop(self._prepare_jobs, chunk, self.d.clock.now())
                 halt = self.halt(status) if status is not RunStatus.RUNNING else None
             if halt is not None:
                 for _ in chunk:
@@ -581,7 +574,7 @@ class _RunSender:
             if n + 1 < len(todo):
                 following = todo[n + 1]
                 then = PartMark(row.id, following, message.parts[following].kind.value, hashes[following])
-            await self._db(deliveries_db.part_sent, d.db, row.id, index, receipt.message_id, d.clock.now(), then)
+            await off_loop(deliveries_db.part_sent, d.db, row.id, index, receipt.message_id, d.clock.now(), then)
         self._record(
             Result(
                 row.id,
@@ -675,8 +668,8 @@ class _RunSender:
         a crash exactly the same group is resubmitted under the same key (the gateway then answers with
         the task it already has) instead of a new, overlapping task."""
         d = self.d
-        saved = await self._db(deliveries_db.batch_keys, d.db, [r.id for r in rows])
-        follows = await self._db(contacts_db.follow_users, d.db, [r.contact_id for r in rows])
+        saved = await off_loop(deliveries_db.batch_keys, d.db, [r.id for r in rows])
+        follows = await off_loop(contacts_db.follow_users, d.db, [r.contact_id for r in rows])
         groups: dict[tuple[str, str, str], list[Claimed]] = {}
         for r in rows:
             sender = follows.get(r.contact_id, ("",))[0]
@@ -692,7 +685,7 @@ class _RunSender:
             halt = self.halt(None)
             part: list[Claimed] = []
             if halt is None:
-                status, part = await self._db(self._prepare, group, d.clock.now(), mark=False)
+                status, part = await off_loop(self._prepare, group, d.clock.now(), mark=False)
                 halt = self.halt(status) if status is not RunStatus.RUNNING else None
             if halt is not None:
                 await self._unclaim([r.id for *_, rest in parts[index:] for r in rest])
@@ -703,7 +696,7 @@ class _RunSender:
             group_id = f"{self.run_id}|{sender}|{content}|{','.join(ids)}"
             key = saved_key or "batch:" + hashlib.sha256(group_id.encode()).hexdigest()[:32]
             message = Message.loads(content) if part[0].message is not None else Message.of_text(content)
-            await self._db(deliveries_db.mark_sending, d.db, part, d.clock.now(), task_key=key)
+            await off_loop(deliveries_db.mark_sending, d.db, part, d.clock.now(), task_key=key)
             await self.pacer.slot()
             try:
                 async with asyncio.timeout(d.send_timeout):
@@ -739,7 +732,7 @@ class _RunSender:
         result = await reconcile_run(self.d.db, self.d.gateway, self.run_id, self.d.clock)
         self.failed += result.failed
         if self.progress and (result.sent or result.failed):
-            self.progress(await self._db(deliveries_db.status_counts, self.d.db, self.run_id))
+            self.progress(await off_loop(deliveries_db.status_counts, self.d.db, self.run_id))
         return result.waiting
 
     # -- database --------------------------------------------------------------------------------
@@ -756,9 +749,9 @@ class _RunSender:
             return
         batch, self.results = self.results, []
         parts, self.part_results = self.part_results, []
-        await self._db(deliveries_db.write_results, self.d.db, batch, self.d.clock.now(), parts)
+        await off_loop(deliveries_db.write_results, self.d.db, batch, self.d.clock.now(), parts)
         if self.progress:
-            self.progress(await self._db(deliveries_db.status_counts, self.d.db, self.run_id))
+            self.progress(await off_loop(deliveries_db.status_counts, self.d.db, self.run_id))
 
     def _prepare(
         self, chunk: list[Claimed], now: datetime, *, mark: bool, conn: Connection | None = None
@@ -829,14 +822,14 @@ class _RunSender:
         """Give back claimed rows: to pending, or — when the run was cancelled meanwhile — to skipped."""
         if ids:
             cancelled = await self._run_status() is RunStatus.CANCELLED
-            await self._db(deliveries_db.unclaim, self.d.db, ids, self.d.clock.now(), cancelled=cancelled)
+            await off_loop(deliveries_db.unclaim, self.d.db, ids, self.d.clock.now(), cancelled=cancelled)
 
     async def _run_status(self) -> RunStatus:
-        status = await self._db(runs_db.run_status, self.d.db, self.run_id)
+        status = await off_loop(runs_db.run_status, self.d.db, self.run_id)
         return status or RunStatus.CANCELLED
 
     async def _pause(self, why: str) -> None:
-        await self._db(
+        await off_loop(
             runs_db.set_status, self.d.db, self.run_id, RunStatus.PAUSED, allowed={RunStatus.RUNNING}, error=why
         )
         log.warning("run %s: %s", self.run_id, why)
@@ -845,7 +838,7 @@ class _RunSender:
         if self.d.clock.monotonic() - self.last_beat < HEARTBEAT_EVERY:
             return
         self.last_beat = self.d.clock.monotonic()
-        await self._db(runs_db.heartbeat, self.d.db, self.run_id, self.d.clock.now())
+        await off_loop(runs_db.heartbeat, self.d.db, self.run_id, self.d.clock.now())
 
     # -- waiting ---------------------------------------------------------------------------------
     async def _wait_for_login(self, limit: float | None) -> LoginStatus:
@@ -898,6 +891,6 @@ class _RunSender:
         """Let in-flight sends finish and record everything, then give back unsent claims."""
         await self._wait_inflight()
         cancelled = await self._run_status() is RunStatus.CANCELLED
-        await self._db(
+        await off_loop(
             deliveries_db.release_claims, self.d.db, self.run_id, self.token, self.d.clock.now(), cancelled=cancelled
         )

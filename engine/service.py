@@ -3,7 +3,7 @@ share (sync contacts, preview, run, resume, direct sends). Built explicitly and 
 is created at import time.
 
 The synchronous operations (`preview`, `plan`, run control, counts) do database work: async callers run them off
-the event loop (`engine.dispatch.off_loop`); the async ones do that themselves.
+the event loop (`engine.blocking.off_loop`); the async ones do that themselves.
 """
 
 from __future__ import annotations

@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import sys
 from collections.abc import Iterator
 
 import uvicorn
@@ -31,6 +32,7 @@ from engine.web.security import is_loopback
 
 log = logging.getLogger("wecast.serve")
 
+SWITCH_INTERVAL = 0.001  # seconds a thread may hold the GIL before another runs (see `serve`)
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_CONFIG = 2
@@ -84,6 +86,10 @@ def serve(settings: Settings, *, host: str | None = None, port: int | None = Non
             host,
         )
         return EXIT_CONFIG
+    # Planning, parsing and database calls run in worker threads beside the event loop; they share the GIL.
+    # Handing it over every millisecond (Python's default: every 5 ms) lets the loop answer between a plan's
+    # steps instead of after several of them.
+    sys.setswitchinterval(SWITCH_INTERVAL)
     try:
         return asyncio.run(
             _serve(
