@@ -383,6 +383,8 @@ def test_charts_escape_labels_and_scale_to_the_largest_bucket() -> None:
     assert "11-23 10:00:00" in svg  # local time
     bars = str(charts.bars([("<script>x</script>", 3), ("invalid", 1)], label="y"))
     assert "<script>" not in bars and "&lt;script&gt;" in bars
+    widths = [float(w) for w in re.findall(r'<rect width="([\d.]+)"', bars)]
+    assert widths == [100.0, pytest.approx(100 / 3, abs=0.1)]
     assert charts.sends_over_time(None, 0, [], ZoneInfo("UTC"), label="x") == ""
 
 

@@ -513,7 +513,7 @@ def router(ctx: WebContext, sessions: SessionTokens) -> APIRouter:
                 times.start, times.width, times.counts, ui.tz, label=gettext("Sends over time")
             ),
             "chart_failures": bars(values["failures"], label=gettext("Failures by reason")),
-            "chart_skips": bars(values["skips"], label=gettext("Skipped by reason")),
+            "chart_skips": bars(values["skips"], label=gettext("Skipped by reason"), kind="skip"),
         }
 
     @r.get("/runs", response_class=HTMLResponse)

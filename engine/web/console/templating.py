@@ -111,6 +111,11 @@ def local_time(value: datetime | None, tz: ZoneInfo, *, seconds: bool = False) -
     return value.astimezone(tz).strftime("%Y-%m-%d %H:%M:%S" if seconds else "%Y-%m-%d %H:%M")
 
 
+def schedule_text(schedule: Mapping[str, Any]) -> str:
+    """A campaign's schedule as its file says it, without the fields it leaves out: `cron 0 10 * * *`."""
+    return " · ".join(f"{key} {value}" for key, value in schedule.items() if value is not None)
+
+
 def build_environment(tz: ZoneInfo) -> Environment:
     """The console's environment: templates from this package, autoescaped, strict about undefined names."""
     env = Environment(
@@ -122,5 +127,6 @@ def build_environment(tz: ZoneInfo) -> Environment:
     )
     env.filters["local"] = lambda value, seconds=False: local_time(value, tz, seconds=seconds)
     env.filters["number"] = lambda n: f"{n:,}"
+    env.filters["schedule"] = schedule_text
     env.globals.update(STATUS_TEXT=STATUS_TEXT, LOGIN_TEXT=LOGIN_TEXT, CATEGORY_TEXT=CATEGORY_TEXT, qs=query_string)
     return env
