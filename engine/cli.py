@@ -7,6 +7,7 @@
     wecast contacts sync|list      pull customers from WeCom / list them
     wecast runs | log              run history / delivery log
     wecast pause|resume|cancel RUN control a run (also one being sent by `wecast serve`)
+    wecast reconcile [RUN] | remind RUN   群发 tasks: collect staff confirmations / remind staff to confirm
     wecast login | logout          log the WeCom account in (QR + code) or out
     wecast serve                   the HTTP API (port 9898) with the scheduler
     wecast sandbox outbox          what the sandbox's simulated customers received
@@ -690,9 +691,45 @@ def cancel(ctx: Ctx, run_id: int) -> None:
     app = _app(ctx)
     try:
         skipped = app.cancel_run(run_id, "cancelled from the command line")
+        waiting = app.gateway.capabilities.batch_send and app.task_ids(run_id)
     finally:
         app.db.dispose()
     out.print(f"run {run_id} cancelled; {skipped} unsent deliveries skipped")
+    if waiting:  # 群发 tasks staff have not all confirmed: stop them in WeCom too
+        tasks, left = _run(_with_app(ctx, lambda a: a.cancel_tasks(run_id)))
+        out.print(
+            f"  {tasks} 群发 task(s) cancelled in WeCom: {left.failed} unsent messages stopped, "
+            f"{left.sent} had already gone out"
+        )
+
+
+@main.command()
+@click.argument("run_id", type=int, required=False)
+@pass_ctx
+def reconcile(ctx: Ctx, run_id: int | None) -> None:
+    """Collect the results of 群发 tasks (of one run, or of every run waiting for staff): deliveries staff have
+    confirmed become sent, or failed with WeCom's reason; a run with nothing left open completes."""
+    found = _run(_with_app(ctx, lambda app: app.reconcile(run_id)))
+    if not found:
+        out.print("no run is waiting for 群发 tasks")
+    for each, r in found.items():
+        line = f"run {each}: {r.tasks} task(s): {r.sent} sent, {r.failed} failed, {r.waiting} still waiting for staff"
+        if r.unreadable:
+            line += f" ({r.unreadable} task(s) could not be read this time; see the log)"
+        out.print(line)
+
+
+@main.command()
+@click.argument("run_id", type=int)
+@pass_ctx
+def remind(ctx: Ctx, run_id: int) -> None:
+    """Remind staff to confirm a run's 群发 tasks in WeCom (WeCom allows 3 reminders per task per 24 hours)."""
+    reminded, problems = _run(_with_app(ctx, lambda app: app.remind(run_id)))
+    out.print(f"run {run_id}: reminded the staff of {reminded} task(s)")
+    for problem in problems:
+        err.print(f"  {escape(problem)}")
+    if problems and not reminded:
+        raise SystemExit(EXIT_ERROR)
 
 
 @main.command()

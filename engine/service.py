@@ -19,7 +19,7 @@ from sqlalchemy.engine import Engine
 from engine.blocking import off_loop
 from engine.clock import Clock, SystemClock
 from engine.contacts import SyncProgress, SyncResult, sync_contacts
-from engine.dispatch import Dispatcher, Progress, RunSummary
+from engine.dispatch import Dispatcher, Progress, Reconciled, RunSummary, reconcile_run
 from engine.errors import NotFoundError, WecastError
 from engine.gateways.base import Gateway
 from engine.gateways.registry import build_gateway
@@ -197,6 +197,45 @@ class Wecast:
         """Cancel a run: its unsent deliveries are skipped (with the reason). Returns how many."""
         self.set_run_status(run_id, RunStatus.CANCELLED, allowed={RunStatus.RUNNING, RunStatus.PAUSED}, why=why)
         return deliveries_db.skip_pending(self.db, run_id, f"run {why}", self.clock.now())
+
+    # -- 群发 tasks (task-based gateways) -----------------------------------------------------------------
+    def task_ids(self, run_id: int) -> list[str]:
+        """The 群发 tasks a run's deliveries wait in (NotFoundError for an unknown run)."""
+        if runs_db.get_run(self.db, run_id) is None:
+            raise NotFoundError(f"no run {run_id}")
+        return sorted({r.task_id for r in deliveries_db.submitted(self.db, run_id)})
+
+    async def reconcile(self, run_id: int | None = None) -> dict[int, Reconciled]:
+        """Ask the gateway how the 群发 tasks of a run (or of every run with some) went, record the final states,
+        and complete a run with nothing left open. The dispatcher does this by itself while a run waits."""
+        if run_id is not None:
+            await off_loop(self.task_ids, run_id)  # an unknown run is an error, not an empty answer
+        ids = [run_id] if run_id is not None else await off_loop(deliveries_db.runs_with_submitted, self.db)
+        out: dict[int, Reconciled] = {}
+        for each in ids:
+            out[each] = await reconcile_run(self.db, self.gateway, each, self.clock)
+            await off_loop(runs_db.finish_if_done, self.db, each, self.clock.now())
+        return out
+
+    async def remind(self, run_id: int) -> tuple[int, list[str]]:
+        """Remind the staff members of a run's unconfirmed tasks (WeCom allows 3 reminders per task a day).
+        Returns how many tasks were reminded and, for the others, why not."""
+        reminded, problems = 0, []
+        for task_id in await off_loop(self.task_ids, run_id):
+            try:
+                await self.gateway.remind_batch(task_id)
+                reminded += 1
+            except WecastError as exc:
+                problems.append(f"task {task_id}: {exc}")
+        return reminded, problems
+
+    async def cancel_tasks(self, run_id: int) -> tuple[int, Reconciled]:
+        """Cancel a run's 群发 tasks in WeCom (unsent messages are stopped; sent ones stay sent) and record what
+        that leaves: each delivery sent, or failed as cancelled. Returns how many tasks were cancelled."""
+        tasks = await off_loop(self.task_ids, run_id)
+        for task_id in tasks:
+            await self.gateway.cancel_batch(task_id)
+        return len(tasks), await reconcile_run(self.db, self.gateway, run_id, self.clock)
 
     async def resume(
         self,

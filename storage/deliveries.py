@@ -618,6 +618,13 @@ def submitted(db: DB, run_id: int) -> list[Submitted]:
         return [Submitted(*r) for r in conn.execute(stmt)]
 
 
+def runs_with_submitted(db: DB) -> list[int]:
+    """The runs that have deliveries waiting in 群发 tasks, oldest first."""
+    stmt = select(_D.run_id).where(_D.status == DeliveryStatus.SUBMITTED).group_by(_D.run_id).order_by(_D.run_id)
+    with reading(db) as conn:
+        return [int(r[0]) for r in conn.execute(stmt)]
+
+
 # -- reading ------------------------------------------------------------------------------------------
 
 

@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import asyncio
+import threading
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from engine.clock import Clock
 from engine.gateways.wecom.fake_server import FakeWecom, FakeWecomServer
 from engine.gateways.wecom.gateway import WecomGateway
 from engine.settings import WecomSettings
 
+T = TypeVar("T")
 CALLBACK_TOKEN = "faketoken"
 AES_KEY = "a" * 43
 
@@ -62,3 +65,32 @@ async def running(
             await gateway.close()
     finally:
         await server.stop()
+
+
+class FakeWecomThread:
+    """The fake WeCom server in a thread of its own (for tests that run `wecast serve` in another thread):
+    `with FakeWecomThread(fake) as url: ...`."""
+
+    def __init__(self, fake: FakeWecom) -> None:
+        self.fake = fake
+        self.server = FakeWecomServer(fake)
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+
+    def __enter__(self) -> str:
+        self._thread.start()
+        return asyncio.run_coroutine_threadsafe(self.server.start(), self._loop).result(20)
+
+    def __exit__(self, *exc: object) -> None:
+        asyncio.run_coroutine_threadsafe(self.server.stop(), self._loop).result(20)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(20)
+        self._loop.close()
+
+    def call(self, fn: Callable[[], T]) -> T:
+        """Run `fn` (e.g. staff confirming tasks) on the fake's own loop, between its requests."""
+
+        async def run() -> T:
+            return fn()
+
+        return asyncio.run_coroutine_threadsafe(run(), self._loop).result(20)

@@ -9,7 +9,8 @@ contacts    GET /contacts (filter by tag and fields, paginate), GET /contacts/{i
 campaigns   GET /campaigns (invalid files listed, not dropped), POST /campaigns/reload,
             POST /campaigns/validate, GET /campaigns/{id}, GET /campaigns/{id}/preview,
             POST /campaigns/{id}/run
-runs        GET /runs, GET /runs/{id}, POST /runs/{id}/pause | /resume | /cancel, GET /deliveries
+runs        GET /runs, GET /runs/{id}, POST /runs/{id}/pause | /resume | /cancel | /reconcile | /remind,
+            GET /deliveries
 media       POST /media: upload an image or file (the raw bytes as the body) to send as an attachment
 scheduler   GET /scheduler
 sandbox     POST /sandbox/scan, GET /sandbox/phone, GET /sandbox/outbox (sandbox gateway only)
@@ -59,6 +60,7 @@ from engine.web.models import (
     SyncView,
     TagsView,
     TagView,
+    TasksView,
     ValidateBody,
     ValidateView,
     VerifyCodeBody,
@@ -180,10 +182,36 @@ async def resume_run(ctx: WebContext, run_id: int) -> RunView:
 
 
 async def cancel_run(ctx: WebContext, run_id: int, why: str) -> RunView:
-    """Cancel a run: its unsent deliveries are skipped with the reason."""
+    """Cancel a run: its unsent deliveries are skipped with the reason, and its 群发 tasks staff have not all
+    confirmed are cancelled in WeCom (what had gone out stays sent; the rest fails as cancelled)."""
     await ctx.db(ctx.app.cancel_run, run_id, why)
     await _settle(ctx, run_id)  # its dispatcher skips the rows it had claimed
+    if ctx.app.gateway.capabilities.batch_send:
+        tasks = await ctx.db(ctx.app.task_ids, run_id)
+        if tasks:
+            await ctx.app.cancel_tasks(run_id)
     return await ctx.db(lambda: run_view(ctx, _run(ctx, run_id)))
+
+
+async def reconcile_run(ctx: WebContext, run_id: int) -> TasksView:
+    """Collect the results of a run's 群发 tasks now (the dispatcher also does, every 30 s while the run waits)."""
+    found = (await ctx.app.reconcile(run_id))[run_id]
+    problems = [f"{found.unreadable} task(s) could not be read this time"] if found.unreadable else []
+    if (await ctx.db(_run, ctx, run_id)).status is not RunStatus.RUNNING:
+        # Done: the run's dispatcher, idle until its next look at the tasks, has nothing left in flight.
+        await _settle(ctx, run_id, wait=0)
+    view = await ctx.db(lambda: run_view(ctx, _run(ctx, run_id)))
+    return TasksView(
+        tasks=found.tasks, sent=found.sent, failed=found.failed, waiting=found.waiting, problems=problems, run=view
+    )
+
+
+async def remind_run(ctx: WebContext, run_id: int) -> TasksView:
+    """Remind the staff of a run's unconfirmed 群发 tasks (WeCom allows 3 reminders per task per 24 h)."""
+    tasks = await ctx.db(ctx.app.task_ids, run_id)
+    reminded, problems = await ctx.app.remind(run_id)
+    view = await ctx.db(lambda: run_view(ctx, _run(ctx, run_id)))
+    return TasksView(tasks=len(tasks), reminded=reminded, problems=problems, run=view)
 
 
 def router(ctx: WebContext) -> APIRouter:
@@ -439,6 +467,24 @@ def router(ctx: WebContext) -> APIRouter:
     @r.post("/runs/{run_id}/cancel", response_model=RunView, tags=["runs"], summary="Cancel a run (unsent: skipped)")
     async def run_cancel(run_id: RunId) -> RunView:
         return await cancel_run(ctx, run_id, "cancelled through the API")
+
+    @r.post(
+        "/runs/{run_id}/reconcile",
+        response_model=TasksView,
+        tags=["runs"],
+        summary="Collect the results of the run's 群发 tasks (staff confirmations) now",
+    )
+    async def run_reconcile(run_id: RunId) -> TasksView:
+        return await reconcile_run(ctx, run_id)
+
+    @r.post(
+        "/runs/{run_id}/remind",
+        response_model=TasksView,
+        tags=["runs"],
+        summary="Remind staff to confirm the run's 群发 tasks (3 per task per 24 h)",
+    )
+    async def run_remind(run_id: RunId) -> TasksView:
+        return await remind_run(ctx, run_id)
 
     @r.get("/deliveries", response_model=DeliveriesView, tags=["runs"], summary="Deliveries, newest first, filtered")
     def deliveries(

@@ -22,7 +22,7 @@ from engine.errors import ConfigError
 from engine.scheduler import CampaignScheduler
 from engine.service import Wecast
 from engine.web import api as api_routes
-from engine.web import console, legacy
+from engine.web import console, legacy, wecom_callback
 from engine.web.context import WebContext
 from engine.web.errors import install_error_handlers
 from engine.web.metrics import DatabaseCollector, instrument_gateway
@@ -95,6 +95,7 @@ def create_app(
     install_error_handlers(api)
     api.include_router(legacy.router(ctx))
     api.include_router(api_routes.router(ctx))
+    api.include_router(wecom_callback.router(ctx))
     sessions = SessionTokens(key)
     api.include_router(console.router(ctx, sessions))
     api.mount(f"{CONSOLE}/static", StaticFiles(directory=console.STATIC_DIR), name="console-static")

@@ -255,6 +255,18 @@ class RunNowView(View):
     run: RunView
 
 
+class TasksView(View):
+    """What a look at (or an action on) a run's 群发 tasks found: POST /runs/{id}/reconcile | /remind."""
+
+    tasks: int = Field(description="群发 tasks the run's deliveries waited in")
+    sent: int = Field(0, description="deliveries that became sent")
+    failed: int = Field(0, description="deliveries that became failed (WeCom's reason on each)")
+    waiting: int = Field(0, description="deliveries still waiting for staff to confirm")
+    reminded: int = Field(0, description="tasks whose staff were reminded (remind only)")
+    problems: list[str] = Field(default_factory=list, description="tasks that could not be read or reminded, and why")
+    run: RunView
+
+
 class RunsView(View):
     runs: list[RunView]
 

@@ -13,14 +13,15 @@
   What a cross-site page can send without a CORS preflight — forms, text/plain, a typeless blob — is therefore
   never read as JSON. Uploads (`POST /api/v1/media`, raw bytes) may say any other type, for the same reason:
   everything but the preflight-free types (and no type at all) needs a preflight, which this server never grants.
+  WeCom's callbacks (`SIGNED_PATHS`) are XML, and are checked by their signature instead.
 
 `Authentication` (always on) lets people in:
 
 * **The key**: when a key is configured (always beyond loopback), every path but /healthz, the console's
-  sign-in page and its static files needs `Authorization: Bearer <key>` (compared in constant time) or the
-  console's session cookie, which its sign-in form gives for the key (`engine.web.sessions`). A browser asking
-  for a console page without either is sent to the sign-in page; everything else gets 401. The key is never
-  logged or echoed.
+  sign-in page and its static files, and WeCom's signed callbacks needs `Authorization: Bearer <key>` (compared
+  in constant time) or the console's session cookie, which its sign-in form gives for the key
+  (`engine.web.sessions`). A browser asking for a console page without either is sent to the sign-in page;
+  everything else gets 401. The key is never logged or echoed.
 * **CSRF**: a state-changing request that rides on the cookie — every one to the console, and any to the API
   that is not made with the Bearer header — must carry the session's token in `X-CSRF-Token` (403 otherwise).
   The console's pages send it with every change they make; a cross-site page cannot read it.
@@ -45,8 +46,11 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 CONSOLE = "/console"
 SIGNIN = "/console/signin"
-# What anyone may fetch: liveness, the console's sign-in page and its static files (vendored scripts, styles).
-OPEN_PATHS = frozenset({"/healthz", SIGNIN})
+# WeCom's callbacks (engine.web.wecom_callback): XML, no key; each is authenticated by its own signature instead.
+SIGNED_PATHS = frozenset({"/wecom/callback"})
+# What anyone may fetch: liveness, the console's sign-in page and its static files (vendored scripts, styles), and
+# the signed callbacks.
+OPEN_PATHS = frozenset({"/healthz", SIGNIN, *SIGNED_PATHS})
 OPEN_PREFIXES = (f"{CONSOLE}/static/",)
 UPLOAD_PATHS = frozenset({"/api/v1/media"})  # raw bodies (see the module docstring)
 # What a browser sends cross-site without a CORS preflight (the Fetch standard's CORS-safelisted types).
@@ -132,7 +136,7 @@ class RequestGuard:
                         send, 415, "send the file's bytes with its type, e.g. 'Content-Type: application/octet-stream'"
                     )
                     return
-            elif self._has_body(headers) and not self._is_json(headers):
+            elif self._has_body(headers) and not self._is_json(headers) and scope.get("path") not in SIGNED_PATHS:
                 await _refuse(send, 415, "send the body as JSON, with the header 'Content-Type: application/json'")
                 return
         await self.app(scope, receive, send)
