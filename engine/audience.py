@@ -21,6 +21,7 @@ Rules are compiled once into predicates that return None (pass) or the reason a 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -30,6 +31,7 @@ from typing import Any
 
 from engine.durations import parse_duration
 from engine.gateways.base import ContactRecord
+from engine.i18n import N_, tr
 
 ContactView = Mapping[str, Any]
 Check = Callable[[ContactView, datetime], str | None]
@@ -83,11 +85,23 @@ class RuleError(ValueError):
 @dataclass(frozen=True)
 class Rule:
     check: Check
-    text: str
+    describe: Callable[[], str]  # the rule in words, in the language in force when asked
     fields: frozenset[str] = frozenset()  # contact fields the rule reads (so planning loads only those)
 
     def __call__(self, contact: ContactView, now: datetime) -> str | None:
         return self.check(contact, now)
+
+    @property
+    def text(self) -> str:
+        return self.describe()
+
+
+def did_you_mean(name: str, known: Iterable[str]) -> str:
+    """` (did you mean city?)` when `name` looks like a misspelling of a known name, else empty."""
+    close = difflib.get_close_matches(name, list(known), n=3, cutoff=0.6)
+    if not close:
+        return ""
+    return tr(" (did you mean {names}?)", names=tr(" or ").join(close))
 
 
 def _reads(field: str) -> frozenset[str]:
@@ -97,7 +111,12 @@ def _reads(field: str) -> frozenset[str]:
 def _field(name: str, path: tuple[str | int, ...]) -> str:
     field = ALIASES.get(name, name)
     if field not in FIELDS:
-        raise RuleError(f"unknown contact field {name!r}; known fields: {', '.join(FIELDS)}", path)
+        raise RuleError(
+            tr("unknown contact field {name!r}{hint}; known fields: {fields}").format(
+                name=name, hint=did_you_mean(name, (*FIELDS, *ALIASES)), fields=", ".join(FIELDS)
+            ),
+            path,
+        )
     return field
 
 
@@ -112,9 +131,9 @@ def _value(contact: ContactView, field: str) -> Any:
 
 def _show(value: Any) -> str:
     if value is None or value == "":
-        return "empty"
+        return tr("empty")
     if isinstance(value, list | tuple | set | frozenset):
-        return "[" + ", ".join(sorted(str(v) for v in value)) + "]" if value else "none"
+        return "[" + ", ".join(sorted(str(v) for v in value)) + "]" if value else tr("none")
     if isinstance(value, datetime):
         return value.date().isoformat()
     return str(value)
@@ -124,14 +143,16 @@ def _norm(field: str, value: Any, path: tuple[str | int, ...]) -> Any:
     if field == "gender":
         key = str(value).strip().lower()
         if key not in GENDERS:
-            raise RuleError(f"gender must be male, female or unknown (or 男/女), not {value!r}", path)
+            raise RuleError(
+                tr("gender must be male, female or unknown (or 男/女), not {value!r}").format(value=value), path
+            )
         return GENDERS[key]
     if field in ("friend", "coworker", "star") and not isinstance(value, bool):
-        raise RuleError(f"{field} is true or false, not {value!r}", path)
+        raise RuleError(tr("{field} is true or false, not {value!r}").format(field=field, value=value), path)
     if field == "added_at":
         return _moment(value, path)
     if isinstance(value, list | dict):
-        raise RuleError(f"expected a single value, got {type(value).__name__}", path)
+        raise RuleError(tr("expected a single value, got {kind}", kind=type(value).__name__), path)
     return value
 
 
@@ -140,7 +161,7 @@ def _moment(value: Any, path: tuple[str | int, ...]) -> datetime:
         return value if value.tzinfo else value.replace(tzinfo=UTC)
     if isinstance(value, date):
         return datetime.combine(value, time.min, tzinfo=UTC)
-    raise RuleError(f"expected a date like 2026-01-31, got {value!r}", path)
+    raise RuleError(tr("expected a date like 2026-01-31, got {value!r}").format(value=value), path)
 
 
 def _compare(field: str, op: str, arg: Any, path: tuple[str | int, ...]) -> Rule:
@@ -151,7 +172,7 @@ def _compare(field: str, op: str, arg: Any, path: tuple[str | int, ...]) -> Rule
 
     if op == "present":
         if not isinstance(arg, bool):
-            raise RuleError("present is true or false", path)
+            raise RuleError(tr("present is true or false"), path)
 
         def present(c: ContactView, _now: datetime) -> str | None:
             v = _value(c, field)
@@ -160,13 +181,21 @@ def _compare(field: str, op: str, arg: Any, path: tuple[str | int, ...]) -> Rule
                 has = bool(v)
             if has == arg:
                 return None
-            return f"{label} is empty" if arg else f"{label} is set ({shown(v)})"
+            return (
+                tr("{field} is empty", field=label)
+                if arg
+                else tr("{field} is set ({value})", field=label, value=shown(v))
+            )
 
-        return Rule(present, f"{label} {'is set' if arg else 'is empty'}", _reads(field))
+        return Rule(
+            present,
+            lambda: tr("{field} is set", field=label) if arg else tr("{field} is empty", field=label),
+            _reads(field),
+        )
 
     if op in ("in", "not_in"):
         if not isinstance(arg, list) or not arg:
-            raise RuleError(f"{op} takes a non-empty list", path)
+            raise RuleError(tr("{op} takes a non-empty list", op=op), path)
         values = frozenset(_norm(field, v, (*path, i)) for i, v in enumerate(arg))
         listed = ", ".join(shown(v) for v in sorted(values, key=str))
         want = op == "in"
@@ -176,19 +205,29 @@ def _compare(field: str, op: str, arg: Any, path: tuple[str | int, ...]) -> Rule
             hit = bool(v & values) if isinstance(v, frozenset | set) else v in values
             if hit == want:
                 return None
-            return f"{label} is {shown(v)}, " + (f"not one of {listed}" if want else f"which is excluded ({listed})")
+            if want:
+                return tr("{field} is {value}, not one of {values}", field=label, value=shown(v), values=listed)
+            return tr("{field} is {value}, which is excluded ({values})", field=label, value=shown(v), values=listed)
 
-        return Rule(member, f"{label} {'in' if want else 'not in'} [{listed}]", _reads(field))
+        return Rule(
+            member,
+            lambda: (tr("{field} in [{values}]") if want else tr("{field} not in [{values}]")).format(
+                field=label, values=listed
+            ),
+            _reads(field),
+        )
 
     if op in ("contains", "not_contains", "startswith", "endswith", "matches"):
         if not isinstance(arg, str):
-            raise RuleError(f"{op} takes text", path)
+            raise RuleError(tr("{op} takes text", op=op), path)
         pattern: re.Pattern[str] | None = None
         if op == "matches":
             try:
                 pattern = re.compile(arg)
             except re.error as exc:
-                raise RuleError(f"invalid regular expression {arg!r}: {exc}", path) from None
+                raise RuleError(
+                    tr("invalid regular expression {arg!r}: {error}").format(arg=arg, error=exc), path
+                ) from None
 
         def text_op(c: ContactView, _now: datetime) -> str | None:
             v = _value(c, field)
@@ -201,14 +240,18 @@ def _compare(field: str, op: str, arg: Any, path: tuple[str | int, ...]) -> Rule
                 ok = not ok if op == "not_contains" else ok
             else:
                 ok = _text_ok(op, "" if v is None else str(v), arg, pattern)
-            return None if ok else f"{label} {_show(v)} does not satisfy {op} {arg!r}"
+            if ok:
+                return None
+            return tr("{field} {value} does not satisfy {op} {arg!r}").format(
+                field=label, value=_show(v), op=op, arg=arg
+            )
 
-        return Rule(text_op, f"{label} {op} {arg!r}", _reads(field))
+        return Rule(text_op, lambda: f"{label} {op} {arg!r}", _reads(field))
 
     if op in ("eq", "ne", "gt", "gte", "lt", "lte"):
         target = _norm(field, arg, path)
         if op in ("gt", "gte", "lt", "lte") and not isinstance(target, int | float | datetime):
-            raise RuleError(f"{op} compares numbers or dates, not {arg!r}", path)
+            raise RuleError(tr("{op} compares numbers or dates, not {arg!r}").format(op=op, arg=arg), path)
         compare: Callable[[Any, Any], bool] = {
             "eq": lambda a, b: a == b,
             "ne": lambda a, b: a != b,
@@ -229,11 +272,25 @@ def _compare(field: str, op: str, arg: Any, path: tuple[str | int, ...]) -> Rule
                     ok = compare(v, target) if op == "ne" else v is not None and compare(v, target)
                 except TypeError:
                     ok = False
-            return None if ok else f"{label} is {shown(v)}, not {symbol} {shown(target)}"
+            if ok:
+                return None
+            return tr(
+                "{field} is {value}, not {symbol} {target}",
+                field=label,
+                value=shown(v),
+                symbol=symbol,
+                target=shown(target),
+            )
 
-        return Rule(cmp, f"{label} {symbol} {shown(target)}", _reads(field))
+        return Rule(cmp, lambda: f"{label} {symbol} {shown(target)}", _reads(field))
 
-    raise RuleError(f"unknown operator {op!r}; use one of {', '.join(OPS)}", path)
+    raise RuleError(_unknown_operator(op), path)
+
+
+def _unknown_operator(op: str) -> str:
+    return tr("unknown operator {op!r}{hint}; use one of {ops}").format(
+        op=op, hint=did_you_mean(op, OPS), ops=", ".join(OPS)
+    )
 
 
 def _text_ok(op: str, value: str, arg: str, pattern: re.Pattern[str] | None) -> bool:
@@ -260,67 +317,76 @@ def _added(kind: str, arg: Any, path: tuple[str | int, ...]) -> Rule:
         def by_age(c: ContactView, now: datetime) -> str | None:
             added = c.get("added_at")
             if added is None:
-                return "added date unknown"
+                return tr("added date unknown")
             recent = added >= now - span
             if recent == within:
                 return None
             days = max(0, (now - added).days)
-            return f"added {days} days ago ({added.date().isoformat()})"
+            return tr("added {days} days ago ({date})", days=days, date=added.date().isoformat())
 
-        return Rule(by_age, f"added {'within' if within else 'more than'} {arg} ago", frozenset({"added_at"}))
+        return Rule(
+            by_age,
+            lambda: (tr("added within {span}") if within else tr("added more than {span} ago")).format(span=arg),
+            frozenset({"added_at"}),
+        )
     moment = _moment(arg, path)
     after = kind == "added_after"
 
     def by_date(c: ContactView, _now: datetime) -> str | None:
         added = c.get("added_at")
         if added is None:
-            return "added date unknown"
+            return tr("added date unknown")
         ok = added >= moment if after else added < moment
-        return None if ok else f"added on {added.date().isoformat()}"
+        return None if ok else tr("added on {date}", date=added.date().isoformat())
 
-    return Rule(by_date, f"{kind.replace('_', ' ')} {moment.date().isoformat()}", frozenset({"added_at"}))
+    day = moment.date().isoformat()
+    return Rule(
+        by_date,
+        lambda: tr("added on or after {date}", date=day) if after else tr("added before {date}", date=day),
+        frozenset({"added_at"}),
+    )
 
 
 def parse_rules(raw: Any, path: tuple[str | int, ...] = ()) -> Rule:
     """Compile a rule (or list of rules, meaning all) into a predicate. Raises RuleError with a path."""
     if isinstance(raw, list):
         if not raw:
-            raise RuleError("an empty list of rules; remove `rules:` or add a rule", path)
+            raise RuleError(tr("an empty list of rules; remove `rules:` or add a rule"), path)
         return _all([parse_rules(r, (*path, i)) for i, r in enumerate(raw)])
     if not isinstance(raw, dict) or len(raw) != 1:
-        raise RuleError("each rule is a mapping with one key, like `city: [上海]` or `all: [...]`", path)
+        raise RuleError(tr("each rule is a mapping with one key, like `city: [上海]` or `all: [...]`"), path)
     ((key, arg),) = raw.items()
     key = str(key)
     here = (*path, key)
     if key in ("all", "any"):
         if not isinstance(arg, list) or not arg:
-            raise RuleError(f"{key} takes a non-empty list of rules", here)
+            raise RuleError(tr("{key} takes a non-empty list of rules", key=key), here)
         parts = [parse_rules(r, (*here, i)) for i, r in enumerate(arg)]
         return _all(parts) if key == "all" else _any(parts)
     if key == "not":
         inner = parse_rules(arg, here)
 
         def negate(c: ContactView, now: datetime) -> str | None:
-            return f"matches excluded rule: {inner.text}" if inner(c, now) is None else None
+            return tr("matches excluded rule: {rule}", rule=inner.text) if inner(c, now) is None else None
 
-        return Rule(negate, f"not ({inner.text})", inner.fields)
+        return Rule(negate, lambda: tr("not ({rule})", rule=inner.text), inner.fields)
     if key in ("added_within", "added_over", "added_after", "added_before"):
         return _added(key, arg, here)
     field = _field(key, here)
     if isinstance(arg, dict):
         if not arg:
-            raise RuleError("an empty operator mapping", here)
+            raise RuleError(tr("an empty operator mapping"), here)
         ops = [_compare(field, str(op), value, (*here, str(op))) for op, value in arg.items()]
         for op in arg:
             if op not in OPS:
-                raise RuleError(f"unknown operator {op!r}; use one of {', '.join(OPS)}", (*here, str(op)))
+                raise RuleError(_unknown_operator(str(op)), (*here, str(op)))
         return _all(ops)
     if field == "tags":
         if isinstance(arg, list):
             return _compare(field, "in", arg, here)
         return _compare(field, "eq", arg, here)
     if field == "added_at":
-        raise RuleError("use added_within / added_over / added_after / added_before for the added date", here)
+        raise RuleError(tr("use added_within / added_over / added_after / added_before for the added date"), here)
     if isinstance(arg, list):
         return _compare(field, "in", arg, here)
     return _compare(field, "eq", arg, here)
@@ -337,7 +403,7 @@ def _all(parts: list[Rule]) -> Rule:
                 return reason
         return None
 
-    return Rule(check, " and ".join(p.text for p in parts), frozenset().union(*(p.fields for p in parts)))
+    return Rule(check, lambda: tr(" and ").join(p.text for p in parts), frozenset().union(*(p.fields for p in parts)))
 
 
 def _any(parts: list[Rule]) -> Rule:
@@ -348,15 +414,17 @@ def _any(parts: list[Rule]) -> Rule:
             if reason is None:
                 return None
             reasons.append(reason)
-        return "matches none of: " + "; ".join(reasons)
+        return tr("matches none of: {reasons}", reasons="; ".join(reasons))
 
     return Rule(
-        check, "any of (" + "; ".join(p.text for p in parts) + ")", frozenset().union(*(p.fields for p in parts))
+        check,
+        lambda: tr("any of ({rules})", rules="; ".join(p.text for p in parts)),
+        frozenset().union(*(p.fields for p in parts)),
     )
 
 
 class ExclusionCategory(StrEnum):
-    """Why a contact is left out of a run, as a kind (the reason says it in words)."""
+    """Why a contact is left out of a run, as a kind (the reason says it in words; `ReasonCode` says which rule)."""
 
     AUDIENCE = "audience"  # the targeting does not select them (tags, rules): not part of the run at all
     EXCLUSION = "exclusion"  # selected, but excluded: exclude_ids, tags_none, not a friend, a coworker, the limit
@@ -371,15 +439,54 @@ class ExclusionCategory(StrEnum):
         return self is not ExclusionCategory.AUDIENCE
 
 
-OPTED_OUT_REASON = "opted out"  # the reason, in words, for ExclusionCategory.OPTED_OUT
+OPTED_OUT_REASON = N_("opted out")  # the reason, in words (tr() it when shown or stored), for ReasonCode.OPTED_OUT
+
+
+class ReasonCode(StrEnum):
+    """Why exactly a contact is left out: a stable machine code (`reason_code` in JSON and the API; scripts
+    read this, never the words), finer than its category."""
+
+    TAGS_ANY = "tags_any"  # has none of audience.tags_any
+    TAGS_ALL = "tags_all"  # lacks a tag of audience.tags_all
+    RULE = "rule"  # an audience rule does not hold (the reason says which)
+    EXCLUDE_IDS = "exclude_ids"  # listed in audience.exclude_ids
+    TAGS_NONE = "tags_none"  # has a tag of audience.tags_none
+    NOT_FRIEND = "not_friend"  # not (or no longer) a friend of the account: cannot receive messages
+    COWORKER = "coworker"  # a coworker, and include_coworkers is false
+    LIMIT = "limit"  # over audience.limit
+    DEDUPE = "dedupe"  # already in this run (or, with dedupe: once, in any run)
+    DEDUPE_WINDOW = "dedupe_window"  # got this campaign within the dedupe window
+    FREQUENCY_CAP = "frequency_cap"  # the shared marketing cap is reached
+    MISSING_FIELD = "missing_field"  # lacks a field the template uses (on_missing_field: skip)
+    OPTED_OUT = "opted_out"  # on the suppression list (storage.optouts)
+
+    @property
+    def category(self) -> ExclusionCategory:
+        return _CATEGORY.get(self, ExclusionCategory.EXCLUSION)
+
+
+_CATEGORY = {
+    ReasonCode.TAGS_ANY: ExclusionCategory.AUDIENCE,
+    ReasonCode.TAGS_ALL: ExclusionCategory.AUDIENCE,
+    ReasonCode.RULE: ExclusionCategory.AUDIENCE,
+    ReasonCode.DEDUPE: ExclusionCategory.DEDUPE,
+    ReasonCode.DEDUPE_WINDOW: ExclusionCategory.DEDUPE,
+    ReasonCode.FREQUENCY_CAP: ExclusionCategory.FREQUENCY_CAP,
+    ReasonCode.MISSING_FIELD: ExclusionCategory.MISSING_FIELD,
+    ReasonCode.OPTED_OUT: ExclusionCategory.OPTED_OUT,
+}
 
 
 @dataclass(frozen=True)
 class Exclusion:
     contact_id: str
     name: str
-    reason: str
-    category: ExclusionCategory
+    reason: str  # in words, in the language in force when the audience was selected
+    code: ReasonCode
+
+    @property
+    def category(self) -> ExclusionCategory:
+        return self.code.category
 
 
 @dataclass
@@ -412,6 +519,11 @@ def select(
     recipients: list[ContactView] = []
     excluded: list[Exclusion] = []
     seen_ids: set[str] = set()
+    # The texts that do not depend on the contact, translated once (a plan may hold 100,000 exclusions).
+    listed = tr("listed in exclude_ids")
+    not_friend = tr("not a friend of this account (cannot receive messages)")
+    coworker = tr("coworker, not a customer")
+    none_of = tr("has none of the tags {tags}", tags=", ".join(sorted(t_any))) if t_any else ""
     for c in contacts:
         cid = c["id"]
         if id_set:
@@ -419,30 +531,28 @@ def select(
                 continue  # not a candidate at all: ids narrow the audience, silently
             seen_ids.add(cid)
         reason: str | None = None
-        category = ExclusionCategory.EXCLUSION
+        code = ReasonCode.RULE
         tags: frozenset[str] = c.get("tags") or frozenset()
         if cid in excl:
-            reason = "listed in exclude_ids"
+            reason, code = listed, ReasonCode.EXCLUDE_IDS
         elif not c.get("friend", True):
-            reason = "not a friend of this account (cannot receive messages)"
+            reason, code = not_friend, ReasonCode.NOT_FRIEND
         elif c.get("coworker") and not include_coworkers:
-            reason = "coworker, not a customer"
+            reason, code = coworker, ReasonCode.COWORKER
         elif t_none and tags & t_none:
-            reason = f"has excluded tag {', '.join(sorted(tags & t_none))}"
-        else:
-            category = ExclusionCategory.AUDIENCE
-            if t_any and not tags & t_any:
-                reason = f"has none of the tags {', '.join(sorted(t_any))}"
-            elif t_all and not t_all <= tags:
-                reason = f"lacks tag {', '.join(sorted(t_all - tags))}"
-            elif rules is not None:
-                reason = rules(c, now)
+            reason, code = tr("has excluded tag {tags}", tags=", ".join(sorted(tags & t_none))), ReasonCode.TAGS_NONE
+        elif t_any and not tags & t_any:
+            reason, code = none_of, ReasonCode.TAGS_ANY
+        elif t_all and not t_all <= tags:
+            reason, code = tr("lacks tag {tags}", tags=", ".join(sorted(t_all - tags))), ReasonCode.TAGS_ALL
+        elif rules is not None:
+            reason = rules(c, now)
         if reason is None and limit is not None and len(recipients) >= limit:
-            reason, category = f"over the audience limit of {limit}", ExclusionCategory.EXCLUSION
+            reason, code = tr("over the audience limit of {limit}", limit=limit), ReasonCode.LIMIT
         if reason is None:
             recipients.append(c)
         else:
-            excluded.append(Exclusion(cid, str(c.get("name") or ""), reason, category))
+            excluded.append(Exclusion(cid, str(c.get("name") or ""), reason, code))
     known = frozenset(known_tags)
     wanted = t_any | t_all | t_none
     return Selection(

@@ -22,14 +22,19 @@ import csv
 import io
 import json
 import logging
+import os
+import re
 import sys
-from collections.abc import Awaitable, Callable, Coroutine, Iterator
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from datetime import datetime, tzinfo
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 from pydantic_core import to_json
+from rich import box
+from rich.cells import cell_len
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -37,6 +42,7 @@ from rich.table import Table
 
 from engine import __version__
 from engine.errors import CampaignError, WecastError
+from engine.i18n import N_, Language, choose, ntr, set_language, tr
 from engine.messages import Message, TextPart, describe
 from engine.settings import Settings, load_settings, redact_url
 from storage.models import OPEN_STATUSES, TERMINAL_STATUSES, DeliveryStatus, RunStatus
@@ -57,6 +63,11 @@ log = logging.getLogger("wecast")
 EXIT_ERROR = 1
 EXIT_INVALID = 2
 EXIT_INTERNAL = 70
+WIDE = 120  # from this many columns on, tables add the columns an 80-column terminal leaves out
+LANG_CHOICES = ("zh", "zh_CN", "en")
+# click's own words, translated where wecast formats help (see TrCommand).
+N_("Show this message and exit.")
+N_("Show the version and exit.")
 
 
 class Ctx:
@@ -67,9 +78,26 @@ class Ctx:
 
     @property
     def settings(self) -> Settings:
+        """The configuration. Without a config file (wecast run from another folder) this says where it looked
+        and how to point it, instead of silently using defaults and creating data/ here."""
         if self._settings is None:
-            self._settings = load_settings(self.config_path)
+            settings = load_settings(self.config_path)
+            if not Path(settings.source).is_file():
+                raise WecastError(no_config_message(Path(settings.source)))
+            self._settings = settings
         return self._settings
+
+    def settings_or_defaults(self) -> Settings:
+        """The configuration, or the built-in defaults when there is no config file (`wecast config` shows them)."""
+        return self._settings or load_settings(self.config_path)
+
+
+def no_config_message(looked: Path) -> str:
+    return tr(
+        "no config.yaml here (looked for {path}). Run wecast in the folder that has your config.yaml, "
+        "point to it with `-c FILE` or the WECAST_CONFIG environment variable, or create one here with `wecast init`",
+        path=looked.resolve(),
+    )
 
 
 pass_ctx = click.make_pass_decorator(Ctx)
@@ -82,29 +110,206 @@ def _setup_logging(verbose: int) -> None:
     )
 
 
-class WecastGroup(click.Group):
-    """Turns wecast errors into one line on stderr and an exit status, never a traceback."""
+def language_for(args: Sequence[str], environ: os._Environ[str] | dict[str, str]) -> Language:
+    """The language of this invocation, known before click parses anything (so `--help` speaks it too): `--lang`,
+    then the config file's `language:` (the one `-c` / WECAST_CONFIG / ./config.yaml names), then the locale."""
+    cli = _option_value(args, ("--lang",))
+    config_language = None
+    if cli is None:
+        path = _option_value(args, ("-c", "--config")) or environ.get("WECAST_CONFIG") or "config.yaml"
+        try:
+            config_language = load_settings(path).language if Path(path).is_file() else None
+        except WecastError:
+            config_language = None  # reported in full when the command loads the config
+    return choose(cli=cli, config=config_language, environ=environ)
+
+
+def _option_value(args: Sequence[str], names: tuple[str, ...]) -> str | None:
+    for i, arg in enumerate(args):
+        if arg == "--":
+            break
+        for name in names:
+            if arg == name and i + 1 < len(args):
+                return args[i + 1]
+            if arg.startswith(name + "="):
+                return arg.split("=", 1)[1]
+    return None
+
+
+@contextmanager
+def _translated_help(params: Sequence[click.Parameter]) -> Iterator[None]:
+    """Options' help in the current language while click formats it (their help is the English msgid)."""
+    saved = [(p, p.help) for p in params if isinstance(p, click.Option)]
+    for p, text in saved:
+        p.help = tr(text) if text else text
+    try:
+        yield
+    finally:
+        for p, text in saved:
+            p.help = text
+
+
+def short_help(text: str, limit: int) -> str:
+    """The first sentence of a help text (English `. ` or Chinese `。`), shortened to `limit` columns."""
+    first = text.split("\n\n", 1)[0].replace("\n", " ")
+    for end in (". ", "。"):
+        if end in first:
+            first = first.split(end, 1)[0]
+    first = first.rstrip(".。")
+    if cell_len(first) <= limit:
+        return first
+    cells = 0
+    for i, ch in enumerate(first):
+        cells += cell_len(ch)  # a Chinese character takes two columns
+        if cells > limit - 1:
+            return first[:i] + "…"
+    return first
+
+
+_TOKENS = re.compile(r"[\u2e80-\uffef]|[^\s\u2e80-\uffef]+|\s+")
+_CLOSING = frozenset("，。、；：？！）》」』”’")  # never at the start of a line
+
+
+def wrap_cells(text: str, width: int) -> list[str]:
+    """Text wrapped to `width` terminal columns: words stay whole, Chinese breaks between any two characters (but
+    not before closing punctuation), a Chinese character counts two columns. Paragraphs are kept apart."""
+    lines: list[str] = []
+    for index, paragraph in enumerate(text.split("\n\n")):
+        if index:
+            lines.append("")
+        line = ""
+        for token in _TOKENS.findall(paragraph.replace("\n", " ")):
+            if token.isspace():
+                line += " " if line else ""
+            elif not line or cell_len(line) + cell_len(token) <= width or token in _CLOSING:
+                line += token
+            else:
+                lines.append(line.rstrip())
+                line = token
+        lines.append(line.rstrip())
+    return lines
+
+
+class CellFormatter(click.HelpFormatter):
+    """click's help formatter, measuring in terminal columns (click counts characters: Chinese help would run
+    twice as wide as the terminal)."""
+
+    def write_text(self, text: str) -> None:
+        indent = " " * self.current_indent
+        for line in wrap_cells(text, max(self.width - self.current_indent, 11)):
+            self.write(f"{indent}{line}\n" if line else "\n")
+
+    def write_dl(self, rows: Iterable[tuple[str, str]], col_max: int = 30, col_spacing: int = 2) -> None:
+        rows = list(rows)
+        first_col = min(max((cell_len(first) for first, _ in rows), default=0), col_max) + col_spacing
+        indent = " " * self.current_indent
+        for first, second in rows:
+            self.write(f"{indent}{first}")
+            if not second:
+                self.write("\n")
+                continue
+            if cell_len(first) <= first_col - col_spacing:
+                self.write(" " * (first_col - cell_len(first)))
+            else:
+                self.write("\n" + " " * (first_col + self.current_indent))
+            lines = wrap_cells(second, max(self.width - first_col - self.current_indent, 10))
+            self.write(lines[0] + "\n")
+            for line in lines[1:]:
+                self.write(" " * (first_col + self.current_indent) + line + "\n")
+
+
+class CellContext(click.Context):
+    formatter_class = CellFormatter
+
+
+class TrCommand(click.Command):
+    """A command whose help (the English msgid in `help=`) is shown in the current language."""
+
+    context_class = CellContext
+
+    def format_usage(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        formatter.write_usage(ctx.command_path, " ".join(self.collect_usage_pieces(ctx)), prefix=tr("Usage:") + " ")
+
+    def format_help_text(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        if self.help:
+            formatter.write_paragraph()
+            with formatter.indentation():
+                formatter.write_text(tr(self.help))
+
+    def get_short_help_str(self, limit: int = 45) -> str:
+        return short_help(tr(self.help), limit) if self.help else ""
+
+    def format_options(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        params = self.get_params(ctx)
+        with _translated_help(params):
+            records = [r for p in params if isinstance(p, click.Option) and (r := p.get_help_record(ctx)) is not None]
+        if records:
+            with formatter.section(tr("Options")):
+                formatter.write_dl(records)
+
+
+class TrGroup(TrCommand, click.Group):
+    """A group of TrCommands (its subcommands and subgroups are translated too)."""
+
+    command_class = TrCommand
+    group_class = type  # subgroups are of this class
+
+    def format_options(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        TrCommand.format_options(self, ctx, formatter)
+        rows = []
+        for name in self.list_commands(ctx):
+            cmd = self.get_command(ctx, name)
+            if cmd is not None and not cmd.hidden:
+                rows.append((name, cmd.get_short_help_str(formatter.width - 6 - max(len(n) for n in self.commands))))
+        if rows:
+            with formatter.section(tr("Commands")):
+                formatter.write_dl(rows)
+
+
+class WecastGroup(TrGroup):
+    """Speaks the user's language and turns wecast errors into one line on stderr and an exit status, never a
+    traceback. Output cut short by its reader (`wecast preview … | head`) ends quietly."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        set_language(language_for(args, os.environ))
+        return super().parse_args(ctx, args)
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
         except CampaignError as exc:
-            err.print(f"[red]error:[/red] {escape(str(exc))}")
+            err.print(styled("red", tr("error:")) + f" {escape(str(exc))}")
             ctx.exit(EXIT_INVALID)
         except WecastError as exc:
-            err.print(f"[red]error:[/red] {escape(str(exc))}")
+            err.print(styled("red", tr("error:")) + f" {escape(str(exc))}")
             ctx.exit(EXIT_ERROR)
         except (click.exceptions.Exit, click.ClickException, click.Abort):
             raise
+        except BrokenPipeError:
+            _quiet_stdout()
+            ctx.exit(0)
         except KeyboardInterrupt:
-            err.print("interrupted: unsent deliveries stay pending; `wecast run --resume` continues them")
+            err.print(tr("interrupted: unsent deliveries stay pending; `wecast run --resume` continues them"))
             ctx.exit(130)
         except Exception as exc:
             obj = ctx.find_object(Ctx)
             if obj is not None and obj.verbose:
                 raise
-            err.print(f"[red]internal error:[/red] {type(exc).__name__}: {escape(str(exc))} (run with -v to see where)")
+            err.print(
+                styled("red", tr("internal error:"))
+                + f" {type(exc).__name__}: {escape(str(exc))} "
+                + tr("(run with -v to see where)")
+            )
             ctx.exit(EXIT_INTERNAL)
+
+
+def _quiet_stdout() -> None:
+    """The reader of stdout went away: send what is still buffered nowhere, so the exit does not fail on it."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):  # not a real file (a test runner's buffer): nothing is left to flush
+        pass
 
 
 def _run(coro: Coroutine[Any, Any, T]) -> T:
@@ -129,23 +334,47 @@ def _print_json(value: object) -> None:
     out.print_json(to_json(value).decode())
 
 
-@click.group(cls=WecastGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+def _table(*columns: str, title: str | None = None) -> Table:
+    """A table in the house style: a rule under the headings, no vertical lines (more room for the text)."""
+    return Table(*columns, title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False)
+
+
+def styled(style: str, text: str) -> str:
+    """Rich markup around text (kept out of f-strings: Babel cannot extract a message written inside one)."""
+    return f"[{style}]{text}[/{style}]"
+
+
+def _wide() -> bool:
+    return out.width >= WIDE
+
+
+@click.group(
+    cls=WecastGroup,
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
+    help=N_(
+        "wecast – scheduled, rule-driven WeCom (企业微信) customer messaging.\n\n"
+        "Campaigns are YAML files in campaigns/. Start with `wecast preview CAMPAIGN` (a dry run that sends "
+        "nothing), then `wecast run CAMPAIGN`. `wecast serve` runs the HTTP API and the scheduler. "
+        "`wecast init` sets up a new folder."
+    ),
+)
 @click.option(
     "-c",
     "--config",
     type=click.Path(dir_okay=False),
     envvar="WECAST_CONFIG",
-    help="config file (default: ./config.yaml, or $WECAST_CONFIG)",
+    help=N_("config file (default: ./config.yaml, or $WECAST_CONFIG)"),
 )
-@click.option("-v", "--verbose", count=True, help="more logging (-vv for debug); tracebacks on errors")
+@click.option(
+    "--lang",
+    type=click.Choice(LANG_CHOICES),
+    help=N_("language of the output: zh (中文) or en (default: config.yaml's language, then LANG)"),
+)
+@click.option("-v", "--verbose", count=True, help=N_("more logging (-vv for debug); tracebacks on errors"))
 @click.version_option(__version__, prog_name="wecast")
 @click.pass_context
-def main(click_ctx: click.Context, config: str | None, verbose: int) -> None:
-    """wecast – scheduled, rule-driven WeCom (企业微信) customer messaging.
-
-    Campaigns are YAML files in campaigns/. Start with `wecast preview CAMPAIGN` (a dry run that
-    sends nothing), then `wecast run CAMPAIGN`. `wecast serve` runs the HTTP API and the scheduler.
-    """
+def main(click_ctx: click.Context, config: str | None, lang: str | None, verbose: int) -> None:
+    """The `wecast` group: the language was chosen before parsing (`WecastGroup.parse_args`)."""
     _setup_logging(verbose)
     click_ctx.obj = Ctx(config, verbose)
 
@@ -153,17 +382,18 @@ def main(click_ctx: click.Context, config: str | None, verbose: int) -> None:
 # -- validate ----------------------------------------------------------------------------------------
 
 
-@main.command()
+@main.command(
+    help=N_(
+        "Check campaign files (default: every file in campaigns_dir) and config.yaml.\n\n"
+        "Every problem is reported with file, line and field. With synced contacts, templates are also checked "
+        "against the data: a field some recipients lack is an error unless the template gives a default. "
+        "Exit status 2 when anything is invalid."
+    )
+)
 @click.argument("paths", nargs=-1, type=click.Path(path_type=Path))
-@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+@click.option("--json", "as_json", is_flag=True, help=N_("machine-readable output"))
 @pass_ctx
 def validate(ctx: Ctx, paths: tuple[Path, ...], as_json: bool) -> None:
-    """Check campaign files (default: every file in campaigns_dir) and config.yaml.
-
-    Every problem is reported with file, line and field. With synced contacts, templates are also
-    checked against the data: a field some recipients lack is an error unless the template gives a
-    default. Exit status 2 when anything is invalid.
-    """
     from engine.plan import build_preview
     from engine.spec import campaign_files, load_campaigns
     from storage.db import make_db_engine
@@ -171,7 +401,8 @@ def validate(ctx: Ctx, paths: tuple[Path, ...], as_json: bool) -> None:
     settings = ctx.settings
     files = campaign_files(list(paths) or [settings.campaigns_dir])
     if not files:
-        raise WecastError(f"no campaign files found in {', '.join(str(p) for p in paths) or settings.campaigns_dir}")
+        where = ", ".join(str(p) for p in paths) or str(settings.campaigns_dir)
+        raise WecastError(tr("no campaign files found in {where}", where=where))
     result = load_campaigns(files, settings)
     problems: list[str] = [str(p) for e in result.errors for p in e.problems]
     data_checked = False
@@ -185,7 +416,9 @@ def validate(ctx: Ctx, paths: tuple[Path, ...], as_json: bool) -> None:
         if views:
             data_checked = True
             for campaign in result.campaigns:
-                preview = build_preview(db, campaign, now=now, contacts=views)
+                # Everyone the targeting selects, whatever today's sends: a field missing for a contact the
+                # frequency cap holds back today is missing tomorrow.
+                preview = build_preview(db, campaign, now=now, contacts=views, policies=False)
                 problems.extend(str(p) for p in preview.problems())
     finally:
         db.dispose()
@@ -204,33 +437,42 @@ def validate(ctx: Ctx, paths: tuple[Path, ...], as_json: bool) -> None:
             mark = "[green]ok[/green]" if not any(str(campaign.file) in p for p in problems) else "[red]!![/red]"
             out.print(f"{mark} {campaign.file}  ({campaign.id}: {escape(campaign.name)})")
         for problem in problems:
-            err.print(f"[red]error:[/red] {escape(problem)}")
+            err.print(styled("red", tr("error:")) + f" {escape(problem)}")
+        if problems:
+            err.print(styled("dim", tr("every field is described in the campaign reference: {doc}", doc=GUIDE)))
         if not data_checked:
-            out.print("[dim]templates not checked against contacts yet (run `wecast contacts sync`)[/dim]")
+            out.print(styled("dim", tr("templates not checked against contacts yet (run `wecast contacts sync`)")))
     if problems:
         sys.exit(EXIT_INVALID)
+
+
+GUIDE = "docs/guide.zh.md"
 
 
 # -- preview -----------------------------------------------------------------------------------------
 
 
-@main.command()
+@main.command(
+    help=N_(
+        "Dry run: who would get which message, who is left out and why. Sends nothing.\n\n"
+        "CAMPAIGN is a file path or a campaign id from campaigns_dir."
+    )
+)
 @click.argument("campaign")
-@click.option("--run-key", help="preview a specific run (default: the current schedule slot)")
-@click.option("--json", "as_json", is_flag=True, help="everything as JSON on stdout")
+@click.option("--run-key", help=N_("preview a specific run (default: the current schedule slot)"))
+@click.option("--json", "as_json", is_flag=True, help=N_("everything as JSON on stdout"))
 @click.option(
     "--csv",
     "csv_path",
     type=click.Path(dir_okay=False, path_type=Path),
-    help="write every contact with its decision and message to this CSV file ('-' for stdout)",
+    help=N_("write every contact with its decision and message to this CSV file ('-' for stdout)"),
 )
-@click.option("--show", default=20, show_default=True, help="how many recipients and exclusions to list (0: all)")
+@click.option("--show", default=20, show_default=True, help=N_("how many recipients and exclusions to list (0: all)"))
+@click.option("--full", is_flag=True, help=N_("each message in full below its recipient, instead of a table"))
 @pass_ctx
-def preview(ctx: Ctx, campaign: str, run_key: str | None, as_json: bool, csv_path: Path | None, show: int) -> None:
-    """Dry run: who would get which message, who is left out and why. Sends nothing.
-
-    CAMPAIGN is a file path or a campaign id from campaigns_dir.
-    """
+def preview(
+    ctx: Ctx, campaign: str, run_key: str | None, as_json: bool, csv_path: Path | None, show: int, full: bool
+) -> None:
     from engine.spec import find_campaign
 
     spec = find_campaign(campaign, ctx.settings)
@@ -249,10 +491,10 @@ def preview(ctx: Ctx, campaign: str, run_key: str | None, as_json: bool, csv_pat
 
         _print_json(PreviewView.from_preview(result))
     elif str(csv_path) != "-":
-        _print_preview(result, show)
+        _print_preview(result, show, full)
     if result.problems():
         for p in result.problems():
-            err.print(f"[red]error:[/red] {escape(str(p))}")
+            err.print(styled("red", tr("error:")) + f" {escape(str(p))}")
         sys.exit(EXIT_INVALID)
 
 
@@ -264,82 +506,154 @@ def _message_lines(message: Message) -> str:
 def _write_csv(p: Preview, path: Path) -> None:
     buffer = io.StringIO()
     writer = csv.writer(buffer)
-    writer.writerow(["contact_id", "name", "decision", "reason", "message", "attachments"])
+    # Column names and the decision stay English: a CSV is for scripts and spreadsheets that filter on them.
+    writer.writerow(["contact_id", "name", "decision", "reason_code", "reason", "message", "attachments"])
     for r in p.recipients:
         attachments = "\n".join(describe(a) for a in r.full_message().attachments)
-        writer.writerow([r.contact_id, r.name, "send", "", r.text, attachments])
+        writer.writerow([r.contact_id, r.name, "send", "", "", r.text, attachments])
     for e in p.excluded:
-        writer.writerow([e.contact_id, e.name, "excluded", f"{e.category}: {e.reason}", "", ""])
+        writer.writerow([e.contact_id, e.name, "excluded", e.code, e.reason, "", ""])
     if str(path) == "-":
         sys.stdout.write(buffer.getvalue())
     else:
         path.write_text("\ufeff" + buffer.getvalue(), encoding="utf-8")  # BOM: Excel opens Chinese correctly
-        err.print(f"wrote {len(p.recipients) + len(p.excluded)} rows to {path}")
+        n = len(p.recipients) + len(p.excluded)
+        err.print(ntr("wrote {n} row to {path}", "wrote {n} rows to {path}", n, path=path))
 
 
-def _print_preview(p: Preview, show: int) -> None:
+CATEGORY_NAMES = {
+    "audience": N_("not targeted"),
+    "exclusion": N_("excluded"),
+    "dedupe": N_("already sent"),
+    "frequency_cap": N_("frequency cap"),
+    "missing_field": N_("missing data"),
+}
+
+
+def _category(name: str) -> str:
+    return tr(CATEGORY_NAMES[name]) if name in CATEGORY_NAMES else name
+
+
+def _print_preview(p: Preview, show: int, full: bool) -> None:
     c = p.campaign
-    out.print(f"[bold]{escape(c.name)}[/bold] ({c.id})  run [cyan]{p.run_key}[/cyan]  zone {c.timezone}")
+    out.print(
+        f"[bold]{escape(c.name)}[/bold] ({c.id})  "
+        + tr("run {key}  zone {zone}", key=styled("cyan", p.run_key), zone=c.timezone)
+    )
     if p.existing_run is not None:
         out.print(
-            f"[yellow]this run was already planned (run {p.existing_run.id}, "
-            f"{p.existing_run.status}): running it again sends nothing new[/yellow]"
+            "[yellow]"
+            + tr(
+                "this run was already planned (run {run}, {status}): running it again sends nothing new",
+                run=p.existing_run.id,
+                status=p.existing_run.status,
+            )
+            + "[/yellow]"
         )
     cats = p.excluded_by_category()
+    by_cat = tr(", ").join(f"{_category(k)} {v}" for k, v in sorted(cats.items()))
     out.print(
-        f"contacts {p.total_contacts}  →  [green]recipients {len(p.recipients)}[/green]  "
-        f"excluded {len(p.excluded)} ("
-        + ", ".join(f"{k} {v}" for k, v in sorted(cats.items()))
-        + ")"
-        + f"  distinct messages {p.distinct_messages}"
+        tr(
+            "contacts {total}  →  recipients {recipients}  excluded {excluded}",
+            total=p.total_contacts,
+            recipients=styled("green", str(len(p.recipients))),
+            excluded=len(p.excluded),
+        )
+        + (f" ({by_cat})" if by_cat else "")
+        + "  "
+        + tr("distinct messages {n}", n=p.distinct_messages)
     )
     if p.unknown_tags:
-        out.print(f"[yellow]warning: no contact has the tag(s) {', '.join(p.unknown_tags)}[/yellow]")
+        out.print(f"[yellow]{escape(unknown_tags_warning(p.unknown_tags, p.known_tags))}[/yellow]")
     if p.unknown_ids:
         out.print(
-            f"[yellow]warning: {len(p.unknown_ids)} listed id(s) are not known contacts: "
-            f"{', '.join(p.unknown_ids[:5])}[/yellow]"
+            "[yellow]"
+            + ntr(
+                "warning: {n} listed id is not a known contact: {ids}",
+                "warning: {n} listed ids are not known contacts: {ids}",
+                len(p.unknown_ids),
+                ids=", ".join(p.unknown_ids[:5]),
+            )
+            + "[/yellow]"
         )
     limit = show or None
-    table = Table("contact", "name", "message", title="Recipients", title_justify="left", show_lines=True)
-    for r in p.recipients[:limit]:
-        table.add_row(r.contact_id, escape(r.name), escape(_message_lines(r.full_message())))
-    if p.recipients:
+    shown = p.recipients[:limit]
+    if not p.recipients:
+        out.print(tr("Nobody would get this message."))
+    elif full:
+        out.print(styled("bold", tr("Recipients")))
+        for r in shown:
+            out.print(f"\n[cyan]{r.contact_id}[/cyan] {escape(r.name)}")
+            out.print(escape(_message_lines(r.full_message())))
+    else:
+        table = _table(tr("contact"), tr("name"), tr("message"), title=tr("Recipients"))
+        table.show_lines = True
+        table.columns[0].no_wrap = True  # ids are never cut
+        table.columns[2].overflow = "fold"  # text without spaces (Chinese) wraps too, nothing is cut
+        for r in shown:
+            table.add_row(r.contact_id, escape(r.name), escape(_message_lines(r.full_message())))
         out.print(table)
-        if limit and len(p.recipients) > limit:
-            out.print(f"[dim]… and {len(p.recipients) - limit} more (--show 0 lists all, --csv FILE writes all)[/dim]")
+    if limit and len(p.recipients) > limit:
+        more = len(p.recipients) - limit
+        out.print(styled("dim", tr("… and {n} more (--show 0 lists all, --csv FILE writes all)", n=more)))
     ordered = sorted(p.excluded, key=lambda e: e.category == "audience")
-    table = Table("contact", "name", "why not", title="Excluded", title_justify="left")
-    for e in ordered[:limit]:
-        table.add_row(e.contact_id, escape(e.name), escape(f"{e.category}: {e.reason}"))
     if p.excluded:
+        table = _table(tr("contact"), tr("name"), tr("why not"), title=tr("Excluded"))
+        table.columns[0].no_wrap = True
+        table.columns[2].overflow = "fold"
+        for e in ordered[:limit]:
+            table.add_row(e.contact_id, escape(e.name), escape(e.reason))
         out.print(table)
         if limit and len(ordered) > limit:
-            out.print(f"[dim]… and {len(ordered) - limit} more[/dim]")
+            out.print(styled("dim", tr("… and {n} more", n=len(ordered) - limit)))
     if p.next_fires:
-        out.print("next fire times: " + ", ".join(t.strftime("%Y-%m-%d %H:%M %a") for t in p.next_fires))
+        out.print(tr("next fire times: {times}", times=tr(", ").join(_fire(t) for t in p.next_fires)), soft_wrap=False)
     elif c.schedule is None:
-        out.print("no schedule: runs only when started (`wecast run`, or the API)")
+        out.print(tr("no schedule: runs only when started (`wecast run`, or the API)"))
     elif not c.enabled:
-        out.print("[yellow]disabled: the scheduler will not fire it[/yellow]")
+        out.print(styled("yellow", tr("disabled: the scheduler will not fire it")))
+
+
+WEEKDAYS = (N_("Mon"), N_("Tue"), N_("Wed"), N_("Thu"), N_("Fri"), N_("Sat"), N_("Sun"))
+
+
+def _fire(t: datetime) -> str:
+    return f"{t:%Y-%m-%d %H:%M} " + tr(WEEKDAYS[t.weekday()])
+
+
+def unknown_tags_warning(unknown: Sequence[str], known: Sequence[str]) -> str:
+    """No contact has these tags: say so, with the known tags that look like them."""
+    from engine.audience import did_you_mean
+
+    hints = "".join(did_you_mean(t, known) for t in unknown)
+    return tr("warning: no contact has the tag(s) {tags}", tags=", ".join(unknown)) + hints
 
 
 # -- run ---------------------------------------------------------------------------------------------
 
 
-@main.command()
+@main.command(
+    help=N_(
+        "Send a campaign now, or resume interrupted runs (--resume).\n\n"
+        "The run is the campaign's current schedule slot, so running it twice — or the scheduler firing the "
+        "same slot — sends nothing twice. Ctrl-C stops cleanly; `wecast run --resume` continues.\n\n"
+        "With --test-to, the campaign's message goes only to the named contacts (staff phones, say), rendered for "
+        "each of them, in a run of its own marked `test`: outside the campaign's dedupe and the frequency cap, at any "
+        "hour, and never touching the real run."
+    )
+)
 @click.argument("campaign", required=False)
-@click.option("--resume", "resume_run", is_flag=True, help="continue interrupted runs instead of starting one")
-@click.option("--run", "run_id", type=int, help="with --resume: only this run")
-@click.option("--run-key", help="name the run explicitly (default: the current schedule slot)")
-@click.option("--no-wait", is_flag=True, help="don't wait for login or quiet hours; leave those sends pending")
+@click.option("--resume", "resume_run", is_flag=True, help=N_("continue interrupted runs instead of starting one"))
+@click.option("--run", "run_id", type=int, help=N_("with --resume: only this run"))
+@click.option("--run-key", help=N_("name the run explicitly (default: the current schedule slot)"))
+@click.option("--no-wait", is_flag=True, help=N_("don't wait for login or quiet hours; leave those sends pending"))
 @click.option(
     "--test-to",
     "test_to",
     metavar="ID[,ID]",
-    help="a test send: the campaign's exact message to these contacts only, outside dedupe and caps",
+    help=N_("a test send: the campaign's exact message to these contacts only, outside dedupe and caps"),
 )
-@click.option("--json", "as_json", is_flag=True, help="print the summary as JSON")
+@click.option("--json", "as_json", is_flag=True, help=N_("print the summary as JSON"))
 @pass_ctx
 def run(
     ctx: Ctx,
@@ -351,28 +665,19 @@ def run(
     test_to: str | None,
     as_json: bool,
 ) -> None:
-    """Send a campaign now, or resume interrupted runs (--resume).
-
-    The run is the campaign's current schedule slot, so running it twice — or the scheduler firing the
-    same slot — sends nothing twice. Ctrl-C stops cleanly; `wecast run --resume` continues.
-
-    With --test-to, the campaign's message goes only to the named contacts (staff phones, say), rendered for
-    each of them, in a run of its own marked `test`: outside the campaign's dedupe and the frequency cap, at any
-    hour, and never touching the real run.
-    """
     from engine.spec import find_campaign
 
     if resume_run == bool(campaign):
-        raise click.UsageError("give a CAMPAIGN to run, or --resume to continue interrupted runs")
+        raise click.UsageError(tr("give a CAMPAIGN to run, or --resume to continue interrupted runs"))
     if test_to is not None and (resume_run or run_key):
-        raise click.UsageError("--test-to sends a campaign to named contacts; it takes no --resume or --run-key")
+        raise click.UsageError(tr("--test-to sends a campaign to named contacts; it takes no --resume or --run-key"))
     login_wait = 0.0 if no_wait else ctx.settings.sending.login_wait.total_seconds()
     quiet_max = 0.0 if no_wait else None
     spec = find_campaign(campaign, ctx.settings) if campaign else None
 
     async def go(app: Wecast) -> list[RunSummary]:
         with _progress() as progress:
-            task = progress.add_task("sending", total=None)
+            task = progress.add_task(tr("sending"), total=None)
 
             def on_progress(counts: dict[DeliveryStatus, int]) -> None:
                 total = sum(v for k, v in counts.items() if k != DeliveryStatus.SKIPPED)
@@ -381,8 +686,10 @@ def run(
                     task,
                     total=total,
                     completed=done,
-                    description=(
-                        f"sent {counts.get(DeliveryStatus.SENT, 0)}  failed {counts.get(DeliveryStatus.FAILED, 0)}"
+                    description=tr(
+                        "sent {sent}  failed {failed}",
+                        sent=counts.get(DeliveryStatus.SENT, 0),
+                        failed=counts.get(DeliveryStatus.FAILED, 0),
                     ),
                 )
 
@@ -390,7 +697,7 @@ def run(
                 await app.ensure_contacts()
                 ids = [i.strip() for i in test_to.split(",") if i.strip()]
                 if not ids:
-                    raise click.BadParameter("name at least one contact id", param_hint="--test-to")
+                    raise click.BadParameter(tr("name at least one contact id"), param_hint="--test-to")
                 return [await app.test_send(spec, ids, progress=on_progress, login_wait=login_wait)]
             if spec is not None:
                 await app.ensure_contacts()
@@ -406,8 +713,13 @@ def run(
                 if not outcome.plan.created:
                     progress.stop()
                     err.print(
-                        f"[yellow]run {outcome.plan.run_id} ({outcome.plan.run_key}) was already planned: "
-                        "only its unsent deliveries (if any) are sent[/yellow]"
+                        "[yellow]"
+                        + tr(
+                            "run {run} ({key}) was already planned: only its unsent deliveries (if any) are sent",
+                            run=outcome.plan.run_id,
+                            key=outcome.plan.run_key,
+                        )
+                        + "[/yellow]"
                     )
                 return [outcome.summary] if outcome.summary else []
             return list(
@@ -423,16 +735,46 @@ def run(
         _print_json([SummaryView.from_summary(s) for s in summaries])
     else:
         if not summaries:
-            out.print("no interrupted runs to resume")
+            out.print(tr("no interrupted runs to resume"))
         for s in summaries:
-            counts = "  ".join(f"{k} {v}" for k, v in sorted(s.counts.items()))
-            out.print(f"run {s.run_id}: [bold]{s.status}[/bold]  {counts}")
-            if s.recovered and any(s.recovered.values()):
-                out.print(f"  recovered after an interruption: {s.recovered}")
-            if s.message and s.message not in ("done",):
-                out.print(f"  {escape(s.message)}")
+            _print_summary(s)
     if any(s.status == RunStatus.PAUSED or s.counts.get(DeliveryStatus.FAILED) for s in summaries):
         sys.exit(EXIT_ERROR)
+
+
+STATUS_NAMES = {
+    "pending": N_("pending"),
+    "claimed": N_("claimed"),
+    "sending": N_("sending"),
+    "submitted": N_("submitted"),
+    "sent": N_("sent"),
+    "failed": N_("failed"),
+    "skipped": N_("skipped"),
+    "unknown": N_("unknown"),
+    "running": N_("running"),
+    "paused": N_("paused"),
+    "completed": N_("completed"),
+    "cancelled": N_("cancelled"),
+}
+
+
+def status_name(status: str) -> str:
+    """A delivery or run status in words (the JSON keeps the English value)."""
+    return tr(STATUS_NAMES[status]) if status in STATUS_NAMES else status
+
+
+def _counts(counts: dict[DeliveryStatus, int]) -> str:
+    return "  ".join(f"{status_name(k)} {v}" for k, v in sorted(counts.items()))
+
+
+def _print_summary(s: RunSummary) -> None:
+    out.print(
+        tr("run {run}: {status}", run=s.run_id, status=styled("bold", status_name(s.status))) + "  " + _counts(s.counts)
+    )
+    if s.recovered and any(s.recovered.values()):
+        out.print("  " + tr("recovered after an interruption: {counts}", counts=s.recovered))
+    if s.message and s.message not in ("done",):
+        out.print(f"  {escape(s.message)}")
 
 
 def _warn_quiet_hours(spec: Campaign, now: datetime, no_wait: bool) -> None:
@@ -440,10 +782,21 @@ def _warn_quiet_hours(spec: Campaign, now: datetime, no_wait: bool) -> None:
     q = spec.quiet_hours
     if q is None or not q.seconds_until_open(now, spec.tz):
         return
-    then = "they stay pending (--no-wait)" if no_wait else f"waiting until {q.end:%H:%M}; Ctrl-C leaves them pending"
+    then = (
+        tr("they stay pending (--no-wait)")
+        if no_wait
+        else tr("waiting until {end}; Ctrl-C leaves them pending", end=q.end.strftime("%H:%M"))
+    )
     err.print(
-        f"[yellow]quiet hours {q} ({spec.timezone}): no sends now; {then}. "
-        "`wecast serve` or `wecast run --resume` sends them when the window opens.[/yellow]"
+        "[yellow]"
+        + tr(
+            "quiet hours {hours} ({zone}): no sends now; {then}. "
+            "`wecast serve` or `wecast run --resume` sends them when the window opens.",
+            hours=q,
+            zone=spec.timezone,
+            then=then,
+        )
+        + "[/yellow]"
     )
 
 
@@ -458,25 +811,32 @@ def _progress() -> Progress:
     )
 
 
-@main.command()
+@main.command(
+    help=N_(
+        "Send one message to one contact now (a test send): text, then images, then files.\n\n"
+        "Images and files are copied into wecast's media store (by their content: sending the same poster twice "
+        "stores it once), checked by content (JPG/PNG, ≤ 10 MB; files ≤ 20 MB) and sent as the parts the gateway "
+        "can carry. The send is logged like any other (`wecast log --contact CONTACT`)."
+    )
+)
 @click.argument("contact")
-@click.option("--text", help="the text")
+@click.option("--text", help=N_("the text"))
 @click.option(
     "--image",
     "images",
     multiple=True,
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    help="a JPG or PNG to send after the text (repeatable)",
+    help=N_("a JPG or PNG to send after the text (repeatable)"),
 )
 @click.option(
     "--file",
     "files",
     multiple=True,
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    help="a file to send (repeatable; ≤ 20 MB)",
+    help=N_("a file to send (repeatable; ≤ 20 MB)"),
 )
-@click.option("--no-wait", is_flag=True, help="don't wait for a login; leave the send pending")
-@click.option("--json", "as_json", is_flag=True, help="print the result as JSON")
+@click.option("--no-wait", is_flag=True, help=N_("don't wait for a login; leave the send pending"))
+@click.option("--json", "as_json", is_flag=True, help=N_("print the result as JSON"))
 @pass_ctx
 def send(
     ctx: Ctx,
@@ -487,12 +847,6 @@ def send(
     no_wait: bool,
     as_json: bool,
 ) -> None:
-    """Send one message to one contact now (a test send): text, then images, then files.
-
-    Images and files are copied into wecast's media store (by their content: sending the same poster twice
-    stores it once), checked by content (JPG/PNG, ≤ 10 MB; files ≤ 20 MB) and sent as the parts the gateway
-    can carry. The send is logged like any other (`wecast log --contact CONTACT`).
-    """
     from engine.media import MediaError
     from engine.message_spec import Attachment, FileAttachment, ImageAttachment
     from engine.messages import PartKind
@@ -521,10 +875,7 @@ def send(
 
         _print_json(SummaryView.from_summary(summary))
     else:
-        counts = "  ".join(f"{k} {v}" for k, v in sorted(summary.counts.items()))
-        out.print(f"run {summary.run_id}: [bold]{summary.status}[/bold]  {counts}")
-        if summary.message and summary.message != "done":
-            out.print(f"  {escape(summary.message)}")
+        _print_summary(summary)
     if summary.counts.get(DeliveryStatus.FAILED) or summary.counts.get(DeliveryStatus.UNKNOWN):
         sys.exit(EXIT_ERROR)
 
@@ -538,53 +889,59 @@ def _chunks(path: Path, size: int = 1024 * 1024) -> Iterator[bytes]:
 # -- contacts ----------------------------------------------------------------------------------------
 
 
-@main.group()
+@main.group(cls=TrGroup, help=N_("Customers: sync from WeCom, list and filter."))
 def contacts() -> None:
-    """Customers: sync from WeCom, list and filter."""
+    """The `wecast contacts` group."""
 
 
-@contacts.command("sync")
+@contacts.command("sync", help=N_("Pull every customer and tag from the gateway into the database."))
 @pass_ctx
 def contacts_sync(ctx: Ctx) -> None:
-    """Pull every customer and tag from the gateway into the database."""
-
     async def go(app: Wecast) -> SyncResult:
         status = await app.gateway.login_status()
         if not status.logged_in:
-            raise WecastError("the WeCom account is not logged in; run `wecast login` first")
+            raise WecastError(tr("the WeCom account is not logged in; run `wecast login` first"))
         with _progress() as progress:
-            task = progress.add_task("syncing contacts", total=None)
+            task = progress.add_task(tr("syncing contacts"), total=None)
             return await app.sync(progress=lambda n, total: progress.update(task, completed=n, total=total))
 
     r = _run(_with_app(ctx, go))
-    out.print(f"contacts: {r.seen} listed, {r.added} new, {r.updated} changed, {r.removed} removed; {r.tags} tags")
+    out.print(
+        tr(
+            "contacts: {seen} listed, {added} new, {updated} changed, {removed} removed; {tags} tags",
+            seen=r.seen,
+            added=r.added,
+            updated=r.updated,
+            removed=r.removed,
+            tags=r.tags,
+        )
+    )
 
 
-@contacts.command("list")
-@click.option("--tag", "tags", multiple=True, help="only contacts with this tag (repeatable: all of them)")
+@contacts.command("list", help=N_("List synced contacts, filtered by tag and field."))
+@click.option("--tag", "tags", multiple=True, help=N_("only contacts with this tag (repeatable: all of them)"))
 @click.option(
     "--where",
     "wheres",
     multiple=True,
     metavar="FIELD=VALUE",
-    help="field filter, e.g. city=上海 or gender=female (repeatable)",
+    help=N_("field filter, e.g. city=上海 or gender=female (repeatable)"),
 )
-@click.option("--limit", default=50, show_default=True, help="0: all")
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--limit", default=50, show_default=True, help=N_("0: all"))
+@click.option("--json", "as_json", is_flag=True, help=N_("machine-readable output"))
 @pass_ctx
 def contacts_list(ctx: Ctx, tags: tuple[str, ...], wheres: tuple[str, ...], limit: int, as_json: bool) -> None:
-    """List synced contacts, filtered by tag and field."""
     from engine.audience import RuleError, parse_rules, select
     from engine.clock import SystemClock
     from engine.views import ContactView
-    from storage.contacts import ContactFilter, load_contact_views, page_contacts
+    from storage.contacts import ContactFilter, load_contact_views, page_contacts, tag_names
     from storage.db import make_db_engine
 
     rules = []
     for w in wheres:
         field, sep, value = w.partition("=")
         if not sep:
-            raise click.BadParameter(f"{w!r}: write FIELD=VALUE", param_hint="--where")
+            raise click.BadParameter(tr("{value!r}: write FIELD=VALUE").format(value=w), param_hint="--where")
         rules.append({field.strip(): value.strip()})
     try:
         rule = parse_rules(rules) if rules else None
@@ -593,6 +950,7 @@ def contacts_list(ctx: Ctx, tags: tuple[str, ...], wheres: tuple[str, ...], limi
     db = make_db_engine(ctx.settings.database_url)
     try:
         views = load_contact_views(db)
+        known = tag_names(db)
         # Friends only (others cannot receive messages), coworkers included: everyone a campaign could reach.
         chosen = select(views, tags_all=tags, rules=rule, now=SystemClock().now(), include_coworkers=True).recipients
         shown = chosen[:limit] if limit else chosen
@@ -603,37 +961,50 @@ def contacts_list(ctx: Ctx, tags: tuple[str, ...], wheres: tuple[str, ...], limi
             return
     finally:
         db.dispose()
-    table = Table("id", "name", "remark", "gender", "city", "tags", "added")
+    unknown = [t for t in tags if t not in known]
+    if views and unknown:
+        err.print(f"[yellow]{escape(unknown_tags_warning(unknown, sorted(known)))}[/yellow]")
+    if not views:
+        out.print(tr("No contacts yet: run `wecast contacts sync`."))
+        return
+    if not chosen:
+        out.print(tr("No contact matches (of {total}).", total=len(views)))
+        return
+    columns = [tr("id"), tr("name"), tr("remark"), tr("gender"), tr("city"), tr("tags")]
+    if _wide():
+        columns.append(tr("added"))
+    table = _table(*columns)
+    table.columns[0].no_wrap = True
+    genders = {1: tr("male"), 2: tr("female")}
     for c in shown:
-        table.add_row(
+        row = [
             c["id"],
             escape(c["name"]),
             escape(c["alias"]),
-            {1: "男", 2: "女"}.get(c["gender"], ""),
+            genders.get(c["gender"], ""),
             c["city"],
             escape(", ".join(c["tags_named"])),
-            c["added_at"].date().isoformat() if c.get("added_at") else "",
-        )
+        ]
+        if _wide():
+            row.append(c["added_at"].date().isoformat() if c.get("added_at") else "")
+        table.add_row(*row)
     out.print(table)
-    out.print(
-        f"{len(chosen)} of {len(views)} contacts match"
-        + (f" (showing {len(shown)})" if len(shown) < len(chosen) else "")
-    )
-    if not views:
-        out.print("[dim]no contacts yet: run `wecast contacts sync`[/dim]")
+    summary = tr("{n} of {total} contacts match", n=len(chosen), total=len(views))
+    if len(shown) < len(chosen):
+        summary += " " + tr("(showing {n})", n=len(shown))
+    out.print(summary)
 
 
 # -- runs / log --------------------------------------------------------------------------------------
 
 
-@main.command()
-@click.option("--campaign", help="only this campaign id")
-@click.option("--status", type=click.Choice([s.value for s in RunStatus]))
-@click.option("--limit", default=30, show_default=True)
-@click.option("--json", "as_json", is_flag=True)
+@main.command(help=N_("Run history with per-status counts."))
+@click.option("--campaign", help=N_("only this campaign id"))
+@click.option("--status", type=click.Choice([s.value for s in RunStatus]), help=N_("only runs in this state"))
+@click.option("--limit", default=30, show_default=True, help=N_("at most this many, newest first"))
+@click.option("--json", "as_json", is_flag=True, help=N_("machine-readable output"))
 @pass_ctx
 def runs(ctx: Ctx, campaign: str | None, status: str | None, limit: int, as_json: bool) -> None:
-    """Run history with per-status counts."""
     from engine.views import RunView
     from storage.db import make_db_engine
     from storage.deliveries import status_counts
@@ -648,96 +1019,126 @@ def runs(ctx: Ctx, campaign: str | None, status: str | None, limit: int, as_json
     if as_json:
         _print_json(rows)
         return
+    if not rows:
+        out.print(
+            tr("No runs yet: `wecast run CAMPAIGN` starts one.") if not (campaign or status) else tr("No run matches.")
+        )
+        return
     tz = ctx.settings.tz
-    table = Table("run", "campaign", "run key", "trigger", "status", "sent", "failed", "skipped", "open", "created")
+    wide = _wide()
+    # Short headings and local MM-DD HH:mm: the table fits 80 columns; a wide terminal adds the run key and trigger.
+    columns = [tr("run"), tr("campaign"), tr("slot"), tr("status"), tr("sent"), tr("failed"), tr("skipped"), tr("open")]
+    if wide:
+        columns[3:3] = [tr("run key"), tr("trigger")]
+    columns.append(tr("created"))
+    table = _table(*columns)
+    table.columns[0].no_wrap = True
     for r in rows:
         c = r.counts
-        table.add_row(
+        cells = [
             str(r.id),
             r.campaign_id,
-            r.run_key,
-            r.trigger,
-            r.status,
+            _short(r.scheduled_for, tz) if r.scheduled_for else "—",
+            status_name(r.status),
             str(c.get(DeliveryStatus.SENT, 0)),
             str(c.get(DeliveryStatus.FAILED, 0) + c.get(DeliveryStatus.UNKNOWN, 0)),
             str(c.get(DeliveryStatus.SKIPPED, 0)),
             str(sum(c.get(s, 0) for s in OPEN_STATUSES)),
-            _local(r.created_at, tz),
-        )
+        ]
+        if wide:
+            cells[3:3] = [r.run_key, r.trigger]
+        cells.append(_short(r.created_at, tz))
+        table.add_row(*cells)
     out.print(table)
 
 
-@main.command()
+@main.command(
+    help=N_(
+        "Pause a run: nothing more is sent (sends in flight finish) until `wecast resume RUN_ID`.\n\n"
+        "Works on a run being sent by `wecast serve` or another `wecast run`: they notice before their next send."
+    )
+)
 @click.argument("run_id", type=int)
 @pass_ctx
 def pause(ctx: Ctx, run_id: int) -> None:
-    """Pause a run: nothing more is sent (sends in flight finish) until `wecast resume RUN_ID`.
-
-    Works on a run being sent by `wecast serve` or another `wecast run`: they notice before their next send.
-    """
     app = _app(ctx)
     try:
-        app.pause_run(run_id, "paused from the command line")
+        app.pause_run(run_id, tr("paused from the command line"))
     finally:
         app.db.dispose()
-    out.print(f"run {run_id} paused")
+    out.print(tr("run {run} paused", run=run_id))
 
 
-@main.command()
+@main.command(help=N_("Cancel a run: its unsent deliveries are skipped and recorded as cancelled."))
 @click.argument("run_id", type=int)
 @pass_ctx
 def cancel(ctx: Ctx, run_id: int) -> None:
-    """Cancel a run: its unsent deliveries are skipped and recorded as cancelled."""
     app = _app(ctx)
     try:
-        skipped = app.cancel_run(run_id, "cancelled from the command line")
+        skipped = app.cancel_run(run_id, tr("cancelled from the command line"))
         waiting = app.gateway.capabilities.batch_send and app.task_ids(run_id)
     finally:
         app.db.dispose()
-    out.print(f"run {run_id} cancelled; {skipped} unsent deliveries skipped")
+    out.print(tr("run {run} cancelled; {n} unsent deliveries skipped", run=run_id, n=skipped))
     if waiting:  # 群发 tasks staff have not all confirmed: stop them in WeCom too
         tasks, left = _run(_with_app(ctx, lambda a: a.cancel_tasks(run_id)))
         out.print(
-            f"  {tasks} 群发 task(s) cancelled in WeCom: {left.failed} unsent messages stopped, "
-            f"{left.sent} had already gone out"
+            "  "
+            + tr(
+                "{tasks} 群发 task(s) cancelled in WeCom: {stopped} unsent messages stopped, "
+                "{sent} had already gone out",
+                tasks=tasks,
+                stopped=left.failed,
+                sent=left.sent,
+            )
         )
 
 
-@main.command()
+@main.command(
+    help=N_(
+        "Collect the results of 群发 tasks (of one run, or of every run waiting for staff): deliveries staff have "
+        "confirmed become sent, or failed with WeCom's reason; a run with nothing left open completes."
+    )
+)
 @click.argument("run_id", type=int, required=False)
 @pass_ctx
 def reconcile(ctx: Ctx, run_id: int | None) -> None:
-    """Collect the results of 群发 tasks (of one run, or of every run waiting for staff): deliveries staff have
-    confirmed become sent, or failed with WeCom's reason; a run with nothing left open completes."""
     found = _run(_with_app(ctx, lambda app: app.reconcile(run_id)))
     if not found:
-        out.print("no run is waiting for 群发 tasks")
+        out.print(tr("no run is waiting for 群发 tasks"))
     for each, r in found.items():
-        line = f"run {each}: {r.tasks} task(s): {r.sent} sent, {r.failed} failed, {r.waiting} still waiting for staff"
+        line = tr(
+            "run {run}: {tasks} task(s): {sent} sent, {failed} failed, {waiting} still waiting for staff",
+            run=each,
+            tasks=r.tasks,
+            sent=r.sent,
+            failed=r.failed,
+            waiting=r.waiting,
+        )
         if r.unreadable:
-            line += f" ({r.unreadable} task(s) could not be read this time; see the log)"
+            line += " " + tr("({n} task(s) could not be read this time; see the log)", n=r.unreadable)
         out.print(line)
 
 
-@main.command()
+@main.command(
+    help=N_("Remind staff to confirm a run's 群发 tasks in WeCom (WeCom allows 3 reminders per task per 24 hours).")
+)
 @click.argument("run_id", type=int)
 @pass_ctx
 def remind(ctx: Ctx, run_id: int) -> None:
-    """Remind staff to confirm a run's 群发 tasks in WeCom (WeCom allows 3 reminders per task per 24 hours)."""
     reminded, problems = _run(_with_app(ctx, lambda app: app.remind(run_id)))
-    out.print(f"run {run_id}: reminded the staff of {reminded} task(s)")
+    out.print(tr("run {run}: reminded the staff of {n} task(s)", run=run_id, n=reminded))
     for problem in problems:
         err.print(f"  {escape(problem)}")
     if problems and not reminded:
         raise SystemExit(EXIT_ERROR)
 
 
-@main.command()
+@main.command(help=N_("Resume a paused (or interrupted) run and send what is left."))
 @click.argument("run_id", type=int)
-@click.option("--no-wait", is_flag=True, help="don't wait for login or quiet hours; leave those sends pending")
+@click.option("--no-wait", is_flag=True, help=N_("don't wait for login or quiet hours; leave those sends pending"))
 @pass_ctx
 def resume(ctx: Ctx, run_id: int, no_wait: bool) -> None:
-    """Resume a paused (or interrupted) run and send what is left."""
     login_wait = 0.0 if no_wait else ctx.settings.sending.login_wait.total_seconds()
 
     async def go(app: Wecast) -> list[RunSummary]:
@@ -745,22 +1146,18 @@ def resume(ctx: Ctx, run_id: int, no_wait: bool) -> None:
         return await app.resume(run_id, login_wait=login_wait, quiet_wait_max=0.0 if no_wait else None, confirm_wait=0)
 
     [summary] = _run(_with_app(ctx, go))
-    counts = "  ".join(f"{k} {v}" for k, v in sorted(summary.counts.items()))
-    out.print(f"run {summary.run_id}: [bold]{summary.status}[/bold]  {counts}")
-    if summary.message and summary.message != "done":
-        out.print(f"  {escape(summary.message)}")
+    _print_summary(summary)
 
 
-@main.command("log")
-@click.option("--campaign", help="campaign id")
-@click.option("--run", "run_id", type=int, help="run id")
+@main.command("log", help=N_("The delivery log, newest first."))
+@click.option("--campaign", help=N_("campaign id"))
+@click.option("--run", "run_id", type=int, help=N_("run id"))
 @click.option(
-    "--status",
-    type=click.Choice([s.value for s in DeliveryStatus]),
+    "--status", type=click.Choice([s.value for s in DeliveryStatus]), help=N_("only deliveries in this state")
 )
-@click.option("--contact", help="contact id")
-@click.option("--limit", default=50, show_default=True)
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--contact", help=N_("contact id"))
+@click.option("--limit", default=50, show_default=True, help=N_("at most this many, newest first"))
+@click.option("--json", "as_json", is_flag=True, help=N_("machine-readable output"))
 @pass_ctx
 def log_cmd(
     ctx: Ctx,
@@ -771,8 +1168,7 @@ def log_cmd(
     limit: int,
     as_json: bool,
 ) -> None:
-    """The delivery log, newest first."""
-    from engine.views import DeliveryView
+    from engine.views import DeliveryView, split_reason
     from storage.db import make_db_engine
     from storage.deliveries import list_deliveries, list_parts
 
@@ -792,35 +1188,54 @@ def log_cmd(
     if as_json:
         _print_json([DeliveryView.from_row(d, parts.get(d.id, ())) for d in rows])
         return
+    if not rows:
+        filtered = campaign or run_id or status or contact
+        out.print(
+            tr("No delivery matches.") if filtered else tr("No deliveries yet: `wecast run CAMPAIGN` sends some.")
+        )
+        return
     tz = ctx.settings.tz
-    table = Table("id", "run", "campaign", "contact", "status", "tries", "when", "message / reason")
+    wide = _wide()
+    columns = [tr("id"), tr("run"), tr("contact"), tr("status"), tr("when"), tr("message / reason")]
+    if wide:
+        columns[2:2] = [tr("campaign")]
+        columns[-1:-1] = [tr("tries")]
+    table = _table(*columns)
+    table.columns[0].no_wrap = True
+    table.columns[2 + wide].no_wrap = True
+    table.columns[-1].overflow = "fold"
     for d in rows:
-        detail = d.reason or d.last_error if d.status is not DeliveryStatus.SENT else d.text
-        table.add_row(
+        detail = split_reason(d.reason or d.last_error)[1] if d.status is not DeliveryStatus.SENT else d.text
+        cells = [
             str(d.id),
             str(d.run_id),
-            d.campaign_id,
-            f"{d.contact_id} {escape(d.contact_name)}",
-            d.status,
-            str(d.attempts),
-            _local(d.sent_at or d.updated_at, tz),
-            escape((detail or "")[:80]),
-        )
+            d.contact_id,
+            status_name(d.status),
+            _short(d.sent_at or d.updated_at, tz),
+            escape(detail or ""),
+        ]
+        if wide:
+            cells[2:2] = [d.campaign_id]
+            cells[-1:-1] = [str(d.attempts)]
+        table.add_row(*cells)
     out.print(table)
 
 
-def _local(value: datetime | None, tz: tzinfo) -> str:
-    return value.astimezone(tz).strftime("%Y-%m-%d %H:%M:%S") if value else ""
+def _short(value: datetime | None, tz: tzinfo) -> str:
+    """A time as the reader's local MM-DD HH:mm (the year only when it is not this one)."""
+    if value is None:
+        return ""
+    local = value.astimezone(tz)
+    return f"{local:%m-%d %H:%M}" if local.year == datetime.now(tz).year else f"{local:%Y-%m-%d %H:%M}"
 
 
 # -- login / logout ----------------------------------------------------------------------------------
 
 
-@main.command()
-@click.option("--timeout", default=600, show_default=True, help="seconds to wait for the scan and the code")
+@main.command(help=N_("Log the WeCom account in: scan the QR with WeCom on the phone, then type the 6-digit code."))
+@click.option("--timeout", default=600, show_default=True, help=N_("seconds to wait for the scan and the code"))
 @pass_ctx
 def login(ctx: Ctx, timeout: int) -> None:
-    """Log the WeCom account in: scan the QR with WeCom on the phone, then type the 6-digit code."""
     settings = ctx.settings.model_copy(
         update={"sandbox": ctx.settings.sandbox.model_copy(update={"auto_login": False})}
     )
@@ -835,7 +1250,8 @@ def login(ctx: Ctx, timeout: int) -> None:
             gw = app.gateway
             status = await gw.start_login()
             if status.logged_in:
-                out.print(f"already logged in as {escape(status.account_name or status.account_id or '')}")
+                name = escape(status.account_name or status.account_id or "")
+                out.print(tr("already logged in as {name}", name=name))
                 return
             shown_key = None
             loop = asyncio.get_running_loop()
@@ -843,7 +1259,8 @@ def login(ctx: Ctx, timeout: int) -> None:
             while loop.time() < deadline:
                 status = await gw.login_status()
                 if status.logged_in:
-                    out.print(f"[green]logged in[/green] as {escape(status.account_name or status.account_id or '')}")
+                    name = escape(status.account_name or status.account_id or "")
+                    out.print(styled("green", tr("logged in as {name}", name=name)))
                     return
                 if status.qr_url and status.qrcode_key != shown_key:
                     shown_key = status.qrcode_key
@@ -851,7 +1268,7 @@ def login(ctx: Ctx, timeout: int) -> None:
                     out.print(f"{escape(status.message)}\nqrcodeKey: {status.qrcode_key}")
                 if status.state is LoginState.WAITING_VERIFY_CODE:
                     code = await loop.run_in_executor(
-                        None, lambda: click.prompt("verification code shown on the phone")
+                        None, lambda: click.prompt(tr("verification code shown on the phone"))
                     )
                     try:
                         status = await gw.submit_verify_code(code, status.qrcode_key)
@@ -859,32 +1276,29 @@ def login(ctx: Ctx, timeout: int) -> None:
                         err.print(f"[red]{escape(str(exc))}[/red]")
                     continue
                 await gw.wait_for_login(1.0)
-            raise WecastError("login timed out; run `wecast login` again")
+            raise WecastError(tr("login timed out; run `wecast login` again"))
 
     _run(go())
 
 
-@main.command()
+@main.command(help=N_("Log the WeCom account out (to switch accounts; `wecast login` shows a new QR)."))
 @pass_ctx
 def logout(ctx: Ctx) -> None:
-    """Log the WeCom account out (to switch accounts; `wecast login` shows a new QR)."""
-
     async def go(app: Wecast) -> LoginStatus:
         return await app.gateway.logout()
 
     status = _run(_with_app(ctx, go))
-    out.print(f"logged out ({status.state.value})")
+    out.print(tr("logged out ({state})", state=status.state.value))
 
 
 # -- serve -------------------------------------------------------------------------------------------
 
 
-@main.command()
-@click.option("--host", help="address to bind (default from config: 127.0.0.1)")
-@click.option("--port", type=int, help="port (default from config: 9898)")
+@main.command(help=N_("Run the HTTP API (the source document's endpoints + /api/v1) and the campaign scheduler."))
+@click.option("--host", help=N_("address to bind (default from config: 127.0.0.1)"))
+@click.option("--port", type=int, help=N_("port (default from config: 9898)"))
 @pass_ctx
 def serve(ctx: Ctx, host: str | None, port: int | None) -> None:
-    """Run the HTTP API (the source document's endpoints + /api/v1) and the campaign scheduler."""
     from engine.web.server import serve as run_server
 
     sys.exit(run_server(ctx.settings, host=host, port=port))
@@ -893,18 +1307,17 @@ def serve(ctx: Ctx, host: str | None, port: int | None) -> None:
 # -- sandbox -----------------------------------------------------------------------------------------
 
 
-@main.group()
+@main.group(cls=TrGroup, help=N_("The simulated account (gateway: sandbox)."))
 def sandbox() -> None:
-    """The simulated account (gateway: sandbox)."""
+    """The `wecast sandbox` group."""
 
 
-@sandbox.command("outbox")
-@click.option("--contact", help="only messages to this contact id")
-@click.option("--limit", default=30, show_default=True, help="0: all")
-@click.option("--json", "as_json", is_flag=True)
+@sandbox.command("outbox", help=N_("Messages the sandbox's customers received (newest last)."))
+@click.option("--contact", help=N_("only messages to this contact id"))
+@click.option("--limit", default=30, show_default=True, help=N_("0: all"))
+@click.option("--json", "as_json", is_flag=True, help=N_("machine-readable output"))
 @pass_ctx
 def sandbox_outbox(ctx: Ctx, contact: str | None, limit: int, as_json: bool) -> None:
-    """Messages the sandbox's customers received (newest last)."""
     from engine.gateways.sandbox import SandboxStore
 
     store = SandboxStore(ctx.settings.sandbox.state_file)
@@ -914,21 +1327,42 @@ def sandbox_outbox(ctx: Ctx, contact: str | None, limit: int, as_json: bool) -> 
     if as_json:
         _print_json(shown)
         return
-    table = Table("message id", "contact", "sent at (UTC)", "text")
+    if not messages:
+        out.print(tr("The sandbox outbox is empty ({path}).", path=ctx.settings.sandbox.state_file))
+        return
+    tz = ctx.settings.tz
+    columns = [tr("contact"), tr("sent at"), tr("text")]
+    if _wide():
+        columns.insert(0, tr("message id"))
+    table = _table(*columns)
+    table.columns[-3].no_wrap = True
+    table.columns[-1].overflow = "fold"
     for m in shown:
-        table.add_row(m.message_id, m.contact_id, m.sent_at[:19], escape(m.text))
+        cells = [m.contact_id, _short(datetime.fromisoformat(m.sent_at), tz), escape(m.text)]
+        if _wide():
+            cells.insert(0, m.message_id)
+        table.add_row(*cells)
     out.print(table)
-    out.print(f"{len(messages)} message(s) in the sandbox outbox ({ctx.settings.sandbox.state_file})")
+    out.print(
+        ntr(
+            "{n} message in the sandbox outbox ({path})",
+            "{n} messages in the sandbox outbox ({path})",
+            len(messages),
+            path=ctx.settings.sandbox.state_file,
+        )
+    )
 
 
-@main.command("config")
+@main.command("config", help=N_("Show the effective configuration (secrets hidden)."))
 @pass_ctx
 def show_config(ctx: Ctx) -> None:
-    """Show the effective configuration (secrets hidden)."""
-    s = ctx.settings
+    s = ctx.settings_or_defaults()
     data = json.loads(s.model_dump_json())
     data["database_url"] = redact_url(s.database_url)
-    out.print(f"# from {s.source}")
+    if Path(s.source).is_file():
+        out.print("# " + tr("from {path}", path=s.source))
+    else:
+        out.print("# " + tr("no config file (looked for {path}): the built-in defaults", path=Path(s.source).resolve()))
     out.print_json(json.dumps(data, ensure_ascii=False))
 
 

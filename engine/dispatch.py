@@ -44,12 +44,13 @@ from enum import Enum
 
 from sqlalchemy.engine import Connection, Engine
 
-from engine.audience import OPTED_OUT_REASON, ExclusionCategory
+from engine.audience import OPTED_OUT_REASON, ReasonCode
 from engine.backoff import backoff_delay
 from engine.blocking import off_loop
 from engine.clock import Clock, SystemClock
 from engine.errors import GatewayError, NotFoundError, WecastError
 from engine.gateways.base import BatchOutcome, Gateway, LoginStatus
+from engine.i18n import tr
 from engine.messages import Message, PartKind, part_key
 from engine.outcome import Outcome, Verdict, classify
 from engine.runsettings import RunSettings
@@ -769,7 +770,7 @@ class _RunSender:
                 suppressed = optouts_db.opted_out(conn, [r.contact_id for r in chunk])
                 if suppressed:
                     # Opted out since planning (a delayed or resumed run): never sent (`storage.optouts`).
-                    reason = f"{ExclusionCategory.OPTED_OUT}: {OPTED_OUT_REASON}"
+                    reason = f"{ReasonCode.OPTED_OUT}: {tr(OPTED_OUT_REASON)}"
                     skipped = [
                         Result(r.id, DeliveryStatus.SKIPPED, reason=reason) for r in chunk if r.contact_id in suppressed
                     ]
@@ -783,7 +784,7 @@ class _RunSender:
                 kept, skip = [], []
                 for r in keep:
                     if r.capped and cap.reached(counts.get(r.contact_id, 0)):
-                        reason = f"{ExclusionCategory.FREQUENCY_CAP}: {cap.reason(counts[r.contact_id])}"
+                        reason = f"{ReasonCode.FREQUENCY_CAP}: {cap.reason(counts[r.contact_id])}"
                         skip.append(Result(r.id, DeliveryStatus.SKIPPED, reason=reason))
                     else:
                         kept.append(r)

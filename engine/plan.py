@@ -17,14 +17,15 @@ import uuid
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, tzinfo
 from typing import Any, NamedTuple
 
 from sqlalchemy.engine import Engine
 
 from engine import audience as aud
-from engine.audience import OPTED_OUT_REASON, ExclusionCategory
+from engine.audience import OPTED_OUT_REASON, ExclusionCategory, ReasonCode
 from engine.errors import NotFoundError, TemplateError
+from engine.i18n import tr
 from engine.message_spec import Check, describe_problems, render_messages
 from engine.messages import Message
 from engine.render import describe_missing
@@ -55,8 +56,17 @@ class Recipient(NamedTuple):
 class Excluded(NamedTuple):
     contact_id: str
     name: str
-    reason: str
-    category: ExclusionCategory
+    reason: str  # in words (the language in force when the preview was built)
+    code: ReasonCode
+
+    @property
+    def category(self) -> ExclusionCategory:
+        return self.code.category
+
+    @property
+    def stored_reason(self) -> str:
+        """The reason as a skipped delivery records it: `code: words` (see `storage.models.Delivery.reason`)."""
+        return f"{self.code}: {self.reason}"
 
     @property
     def recorded(self) -> bool:
@@ -77,6 +87,7 @@ class Preview:
     failed: dict[tuple[int, Check], list[str]] = field(default_factory=dict)  # fields failing their checks
     unknown_ids: list[str] = field(default_factory=list)
     unknown_tags: list[str] = field(default_factory=list)
+    known_tags: list[str] = field(default_factory=list)  # every tag name contacts have (for "did you mean")
     next_fires: list[datetime] = field(default_factory=list)
     existing_run: RunRow | None = None
 
@@ -160,10 +171,13 @@ def build_preview(
     now: datetime,
     run_key: str | None = None,
     contacts: list[ContactView] | None = None,
+    policies: bool = True,
 ) -> Preview:
-    """Everything a run would do, computed without writing anything (read in one snapshot of the database)."""
+    """Everything a run would do, computed without writing anything (read in one snapshot of the database).
+    `policies=False` leaves out what depends on earlier sends (dedupe, the frequency cap): validation checks the
+    template against everyone the targeting selects, whatever was sent today."""
     key = run_key_for(campaign, now, run_key)
-    cap = campaign.frequency_cap
+    cap = campaign.frequency_cap if policies else None
     with snapshot(db) as conn:
         views = (
             contacts if contacts is not None else contacts_db.load_contact_views(conn, columns=needed_columns(campaign))
@@ -171,8 +185,12 @@ def build_preview(
         known_tags = contacts_db.tag_names(conn)
         suppressed = optouts_db.opted_out(conn)
         existing_run = runs_db.find_run(conn, campaign.id, key)
-        held = deliveries_db.held_keys(conn, campaign.id) if campaign.dedupe != "run" or existing_run else {}
-        window = campaign.dedupe_window
+        held = (
+            deliveries_db.held_keys(conn, campaign.id)
+            if policies and (campaign.dedupe != "run" or existing_run)
+            else {}
+        )
+        window = campaign.dedupe_window if policies else None
         recent = deliveries_db.last_sends(conn, campaign.id, now - window) if window else {}
         counts: dict[str, int] = {}
         if cap is not None:
@@ -192,26 +210,28 @@ def build_preview(
         now=now,
         known_tags=known_tags,
     )
-    excluded = [Excluded(e.contact_id, e.name, e.reason, e.category) for e in selection.excluded]
+    excluded = [Excluded(e.contact_id, e.name, e.reason, e.code) for e in selection.excluded]
     eligible: list[Mapping[str, Any]] = []
     local = campaign.tz
     for c in selection.recipients:
         cid = c["id"]
         name = str(c.get("name") or "")
         if cid in suppressed:
-            excluded.append(Excluded(cid, name, OPTED_OUT_REASON, ExclusionCategory.OPTED_OUT))
+            excluded.append(Excluded(cid, name, tr(OPTED_OUT_REASON), ReasonCode.OPTED_OUT))
             continue
         held_by = held.get(dedupe_key(campaign, key, cid)) if held else None
         if held_by is not None:
-            at = f" on {held_by.sent_at.astimezone(local):%Y-%m-%d %H:%M}" if held_by.sent_at else ""
-            excluded.append(
-                Excluded(
-                    cid,
-                    name,
-                    f"already {held_by.status} in run {held_by.run_id}{at} (dedupe: {campaign.dedupe})",
-                    ExclusionCategory.DEDUPE,
+            fields = {"status": held_by.status.value, "run": held_by.run_id, "dedupe": campaign.dedupe}
+            why = (
+                tr(
+                    "already {status} in run {run} on {at} (dedupe: {dedupe})",
+                    at=_local(held_by.sent_at, local),
+                    **fields,
                 )
+                if held_by.sent_at
+                else tr("already {status} in run {run} (dedupe: {dedupe})", **fields)
             )
+            excluded.append(Excluded(cid, name, why, ReasonCode.DEDUPE))
             continue
         last = recent.get(cid)
         if last is not None:
@@ -219,14 +239,17 @@ def build_preview(
                 Excluded(
                     cid,
                     name,
-                    f"got this campaign on {last.astimezone(local):%Y-%m-%d %H:%M}, "
-                    f"within the dedupe window {campaign.dedupe}",
-                    ExclusionCategory.DEDUPE,
+                    tr(
+                        "got this campaign on {at}, within the dedupe window {window}",
+                        at=_local(last, local),
+                        window=campaign.dedupe,
+                    ),
+                    ReasonCode.DEDUPE_WINDOW,
                 )
             )
             continue
         if cap is not None and cap.reached(counts.get(cid, 0)):
-            excluded.append(Excluded(cid, name, cap.reason(counts[cid]), ExclusionCategory.FREQUENCY_CAP))
+            excluded.append(Excluded(cid, name, cap.reason(counts[cid]), ReasonCode.FREQUENCY_CAP))
             continue
         eligible.append(c)
     rendered = render_messages(
@@ -256,8 +279,8 @@ def build_preview(
                 Excluded(
                     cid,
                     name,
-                    "lacks " + ", ".join(lacking_by_id[cid]) + " used by the template",
-                    ExclusionCategory.MISSING_FIELD,
+                    tr("lacks {fields}, used by the template", fields=", ".join(lacking_by_id[cid])),
+                    ReasonCode.MISSING_FIELD,
                 )
             )
     next_fires: list[datetime] = []
@@ -275,9 +298,14 @@ def build_preview(
         failed=rendered.failed,
         unknown_ids=selection.unknown_ids,
         unknown_tags=selection.unknown_tags,
+        known_tags=sorted(known_tags),
         next_fires=next_fires,
         existing_run=existing_run,
     )
+
+
+def _local(at: datetime, zone: tzinfo) -> str:
+    return f"{at.astimezone(zone):%Y-%m-%d %H:%M}"
 
 
 ALWAYS_READ = frozenset({"id", "name", "friend", "coworker"})
@@ -355,7 +383,7 @@ def plan_run(
             )
             for r in preview.recipients
         ),
-        (Planned(e.contact_id, e.name, "", None, f"{e.category}: {e.reason}") for e in held_back),
+        (Planned(e.contact_id, e.name, "", None, e.stored_reason) for e in held_back),
         capped=settings.capped,
         with_messages=not campaign.compiled.plain_text,
     )

@@ -30,6 +30,7 @@ from pydantic import (
 from engine import yamlsrc
 from engine.durations import Duration
 from engine.errors import ConfigError, Location
+from engine.i18n import Language, ntr, tr
 from engine.keywords import KeywordSpec, MatchKind, normalize
 
 DEFAULT_TIMEZONE = "Asia/Shanghai"
@@ -107,8 +108,27 @@ class FrequencyCap(Strict):
         return count >= self.max
 
     def reason(self, count: int) -> str:
-        """Why a contact is held back, in words."""
-        return f"already got {count} marketing message(s) this {self.per} (max {self.max})"
+        """Why a contact is held back, in words: 今天已收到 1 条营销消息（上限 1 条）."""
+        if self.per == "week":
+            return ntr(
+                "already got {n} marketing message this week (max {max})",
+                "already got {n} marketing messages this week (max {max})",
+                count,
+                max=self.max,
+            )
+        if self.per == "month":
+            return ntr(
+                "already got {n} marketing message this month (max {max})",
+                "already got {n} marketing messages this month (max {max})",
+                count,
+                max=self.max,
+            )
+        return ntr(
+            "already got {n} marketing message today (max {max})",
+            "already got {n} marketing messages today (max {max})",
+            count,
+            max=self.max,
+        )
 
 
 class QuietHours(Strict):
@@ -315,10 +335,23 @@ class Settings(Strict):
     scheduler: SchedulerSettings = SchedulerSettings()
     opt_out: OptOutSettings = OptOutSettings()
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    # zh_CN or en: the language of the CLI, the API's messages and the console (`--lang` and `?lang=` override it);
+    # left out: the locale's (LANG starting with zh: Chinese), else English.
+    language: Language | None = None
     # Where the settings came from (not a config key).
     source: str = Field(default="<defaults>", exclude=True)
 
     _tz = field_validator("timezone")(lambda v: check_timezone(v))
+
+    @field_validator("language", mode="before")
+    @classmethod
+    def _language(cls, v: Any) -> Language | None:
+        if v is None:
+            return None
+        lang = Language.parse(str(v))
+        if lang is None:
+            raise ValueError(tr("language must be zh_CN (中文) or en (English), not {value!r}").format(value=v))
+        return lang
 
     @property
     def tz(self) -> ZoneInfo:

@@ -14,7 +14,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
-from engine.audience import ExclusionCategory
+from engine.audience import ExclusionCategory, ReasonCode
 from engine.dispatch import RunSummary
 from engine.errors import CampaignError
 from engine.messages import Message
@@ -58,6 +58,7 @@ class PreviewExcluded(View):
     id: str
     name: str
     category: ExclusionCategory
+    reason_code: ReasonCode  # the stable code scripts read (the reason is for people, in their language)
     reason: str
 
 
@@ -111,7 +112,7 @@ class PreviewView(View):
                 for r in p.recipients[:sample]
             ],
             excluded=[
-                PreviewExcluded(id=e.contact_id, name=e.name, category=e.category, reason=e.reason)
+                PreviewExcluded(id=e.contact_id, name=e.name, category=e.category, reason_code=e.code, reason=e.reason)
                 for e in p.excluded[:sample]
             ],
             problems=[str(x) for x in p.problems()],
@@ -201,6 +202,7 @@ class DeliveryView(View):
     parts: list[PartView]
     dedupe_key: str | None
     status: DeliveryStatus
+    reason_code: str  # skipped deliveries: a ReasonCode (or an exclusion category, for older runs); else empty
     reason: str
     attempts: int
     last_error: str
@@ -214,9 +216,25 @@ class DeliveryView(View):
 
     @classmethod
     def from_row(cls, d: DeliveryRow, parts: Sequence[PartState] = ()) -> DeliveryView:
-        values = {k: v for k, v in asdict(d).items() if k not in ("claim_token", "message")}
+        code, reason = split_reason(d.reason)
+        values = {k: v for k, v in asdict(d).items() if k not in ("claim_token", "message", "reason")}
         message = Message.loads(d.message).to_json() if d.message is not None else None
-        return cls(**values, message=message, parts=[PartView.from_state(p) for p in parts])
+        return cls(
+            **values, reason_code=code, reason=reason, message=message, parts=[PartView.from_state(p) for p in parts]
+        )
+
+
+_CODES = frozenset(ReasonCode) | frozenset(ExclusionCategory)
+
+
+def split_reason(stored: str) -> tuple[str, str]:
+    """A stored reason as (code, words): skips are recorded as `code: words` (`plan.Excluded.stored_reason`);
+    a reason without a known code (a gateway's error, a cancel) has the code ''."""
+    code, sep, words = stored.partition(": ")
+    if sep and code in _CODES:
+        # Runs planned before reason codes repeated the category in the words ("frequency_cap: frequency cap: …").
+        return code, words.removeprefix(code.replace("_", " ") + ": ")
+    return "", stored
 
 
 class ContactView(View):

@@ -21,7 +21,22 @@ import pytest
 from helpers import write_settings
 from sqlalchemy.engine import make_url
 
+from engine import i18n
 from engine.settings import Settings
+
+
+@pytest.fixture(autouse=True)
+def english_locale(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Every test starts in English whatever the machine's locale (a test of Chinese output asks for it), and
+    leaves the process language as it found it (the CLI sets it)."""
+    for name in i18n.ENV_VARS:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("LANG", "C.UTF-8")
+    before = i18n.current()
+    i18n.set_language(i18n.Language.EN)
+    yield
+    i18n.set_language(before)
+
 
 ADMIN_URL = os.environ.get("WECAST_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
 

@@ -86,7 +86,10 @@ def _recorded_sent(tmp: Path) -> int:
 def _deliveries(tmp: Path) -> dict[str, str]:
     conn = sqlite3.connect(tmp / "wecast.sqlite")
     try:
-        rows = conn.execute("SELECT contact_id, status FROM deliveries WHERE reason NOT LIKE 'exclusion:%'")
+        # Contacts held back at planning (not friends, over the limit) are no recipients: skipped, not sent.
+        rows = conn.execute(
+            "SELECT contact_id, status FROM deliveries WHERE reason NOT LIKE 'not_friend:%' AND reason NOT LIKE 'limit:%'"
+        )
         return dict(rows.fetchall())
     finally:
         conn.close()

@@ -15,6 +15,13 @@ from engine.gateways.base import ContactRecord, TagRecord
 SURNAMES = "王李张刘陈杨黄赵吴周徐孙马朱胡郭何高林罗郑梁谢宋唐许韩冯邓曹彭曾肖田董袁潘于蒋蔡余杜叶程苏魏吕丁任沈姚卢姜崔钟谭陆汪范金石廖贾夏韦付方白邹孟熊秦邱江尹薛闫段雷侯龙史陶黎贺顾毛郝龚邵万钱严覃武戴莫孔向汤"
 GIVEN = "伟 芳 娜 秀英 敏 静 丽 强 磊 军 洋 勇 艳 杰 娟 涛 明 超 秀兰 霞 平 刚 桂英 婷 雪 琳 晨 欣怡 子涵 梓萱 浩然 宇轩 思雨 佳怡 一诺 雨桐 可馨 俊杰 晓燕 海燕 春梅 文博 嘉怡 诗涵 雅琪 梦瑶 子轩 晓明 建华".split()
 NICK = "小鹿 阿紫 Momo 安安 糖糖 大橙子 Lily 晴天 小雨 木木 Coco 阿杰 豆豆 向日葵 Vivian 七七 柠檬 Ada 小米粒 Kevin 慢慢 一一".split()
+# Names that say whether their bearer is a man or a woman (the rest could be either): a customer's name and gender
+# agree, so no 浩然 is greeted 女士.
+MALE_NAMES = frozenset("伟 强 磊 军 洋 勇 杰 涛 明 超 刚 浩然 宇轩 俊杰 文博 子轩 晓明 建华 阿杰 Kevin".split())
+FEMALE_NAMES = frozenset(
+    "芳 娜 秀英 敏 静 丽 艳 娟 秀兰 霞 桂英 婷 雪 琳 欣怡 子涵 梓萱 思雨 佳怡 雨桐 可馨 晓燕 海燕 春梅 嘉怡 诗涵 雅琪 梦瑶 "
+    "阿紫 Momo 糖糖 Lily Coco Vivian Ada".split()
+)
 CITIES: list[tuple[str, str, int]] = [  # (province, city, weight)
     ("上海", "上海", 18),
     ("北京", "北京", 14),
@@ -55,6 +62,16 @@ CORP_ID = "ww7d3f2a9c61b5e0a4"
 EPOCH = datetime(2026, 11, 1, tzinfo=UTC)
 
 
+def _agreeing(name: str, gender: int, pool: list[str], index: int) -> str:
+    """`name`, or (when it says the other gender) a name from `pool` that fits `gender`, chosen by `index` — no
+    extra random draw, so everything else about the seed's customers stays as it was."""
+    wrong = MALE_NAMES if gender == 2 else FEMALE_NAMES if gender == 1 else frozenset()
+    if name not in wrong:
+        return name
+    fitting = [n for n in pool if n not in wrong]
+    return fitting[index % len(fitting)]
+
+
 def demo_tags() -> list[TagRecord]:
     return list(TAGS)
 
@@ -70,7 +87,9 @@ def demo_contacts(n: int, seed: int = 2024, *, now: datetime | None = None) -> l
         given = GIVEN[rng.randrange(len(GIVEN))]
         real = surname + given
         gender = rng.choice((1, 2, 2, 2, 0))  # a beauty retailer's customers: mostly women
-        name = rng.choice(NICK) if rng.random() < 0.3 else real
+        given = _agreeing(given, gender, GIVEN, i)
+        real = surname + given
+        name = _agreeing(rng.choice(NICK), gender, NICK, i) if rng.random() < 0.3 else real
         province, city = cities[rng.randrange(len(cities))]
         if rng.random() < 0.06:
             province, city = "", ""  # some customers never filled in their city
