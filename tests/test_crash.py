@@ -88,7 +88,8 @@ def _deliveries(tmp: Path) -> dict[str, str]:
     try:
         # Contacts held back at planning (not friends, over the limit) are no recipients: skipped, not sent.
         rows = conn.execute(
-            "SELECT contact_id, status FROM deliveries WHERE reason NOT LIKE 'not_friend:%' AND reason NOT LIKE 'limit:%'"
+            "SELECT contact_id, status FROM deliveries "
+            "WHERE reason NOT LIKE 'not_friend:%' AND reason NOT LIKE 'limit:%'"
         )
         return dict(rows.fetchall())
     finally:

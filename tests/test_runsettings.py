@@ -70,7 +70,8 @@ def test_frequency_cap_windows_are_local_calendar_periods(
     got = cap.window(local.replace(tzinfo=SHANGHAI).astimezone(UTC), SHANGHAI)
     assert got == (start.replace(tzinfo=SHANGHAI).astimezone(UTC), end.replace(tzinfo=SHANGHAI).astimezone(UTC))
     assert not cap.reached(1) and cap.reached(2)
-    assert cap.reason(2) == f"already got 2 marketing message(s) this {per} (max 2)"
+    period = "today" if per == "day" else f"this {per}"
+    assert cap.reason(2) == f"already got 2 marketing messages {period} (max 2)"
 
 
 def test_a_dst_day_is_23_hours_long() -> None:
