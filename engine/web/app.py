@@ -15,6 +15,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from fastapi.responses import RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
+from fastapi_offline import FastAPIOffline
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel
 
@@ -79,7 +80,9 @@ def create_app(
         finally:
             await ctx.shutdown(close_app=close_app)
 
-    api = FastAPI(
+    # The docs pages load Swagger UI and ReDoc from files shipped in the fastapi-offline wheel, not from a CDN:
+    # intranets and mainland-China deployments often cannot reach one (tests/test_web_docs.py).
+    api = FastAPIOffline(
         title="wecast",
         version="1",
         description=(
@@ -90,6 +93,8 @@ def create_app(
             "JSON (`Content-Type: application/json`); browsers may change things only from this server's own pages."
         ),
         lifespan=lifespan,
+        static_url="/docs-assets",
+        favicon_url="/docs-assets/favicon.png",
     )
     api.state.wecast = ctx
     install_error_handlers(api)
