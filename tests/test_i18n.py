@@ -101,7 +101,7 @@ def _unextractable() -> list[str]:
                 literal = all(
                     isinstance(a, ast.Constant) and isinstance(a.value, str) for a in node.args[: MARKERS[node.func.id]]
                 )
-                if id(node) in in_fstring:
+                if id(node) in in_fstring and literal:  # tr(NAME) in an f-string is fine: NAME was marked with N_
                     found.append(f"{where}: {node.func.id}() inside an f-string")
                 elif not literal and not _is_table_lookup(node):
                     found.append(f"{where}: {node.func.id}() of something that is not a string literal")
