@@ -435,3 +435,59 @@ def test_every_interface_text_has_its_chinese_translation() -> None:
     shipped = templating.translations("zh_CN")
     for key in found:
         assert shipped.gettext(key) == compiled.gettext(key), f"{po.with_suffix('.mo')} is stale: pybabel compile"
+
+
+def wait_for_run(
+    client: httpx.Client, run_id: int, status: str = "completed", within: float = 30.0
+) -> dict[str, object]:
+    """The run once it reaches `status` (polled until then, at most `within` seconds)."""
+    import time
+
+    deadline = time.monotonic() + within
+    while True:
+        run = client.get(f"/api/v1/runs/{run_id}").json()
+        if run["status"] == status and not run.get("dispatching"):
+            return dict(run)
+        assert time.monotonic() < deadline, f"run {run_id} is still {run['status']}"
+        time.sleep(0.05)
+
+
+def test_test_send_reaches_only_the_named_contacts_and_leaves_the_real_run_alone(open_server: LiveServer) -> None:
+    """A test send (API and console form) is refused while logged out and for unknown contacts; it sends the
+    campaign's message to the named contacts only, in a run marked test, and the campaign's real run still sends
+    to them (a test is outside dedupe)."""
+    client = httpx.Client(base_url=open_server.url, timeout=30)
+    client.post("/goEnd")
+    refused = client.post("/api/v1/campaigns/vip_daily/test-send", json={"contacts": ["x"]})
+    assert refused.status_code == 409 and "not logged in" in refused.json()["error"]
+    gateway_login(open_server)
+    client.post("/api/v1/contacts/sync").raise_for_status()
+    vips = client.get("/api/v1/contacts", params={"tag": "VIP", "friend": True, "limit": 100}).json()["items"]
+    tester = vips[0]["id"]
+    assert client.post("/api/v1/campaigns/vip_daily/test-send", json={"contacts": []}).status_code == 422
+    unknown = client.post("/api/v1/campaigns/vip_daily/test-send", json={"contacts": ["nobody"]})
+    assert unknown.status_code == 404 and "nobody" in unknown.json()["error"]
+    token = csrf_of(client.get("/console/campaigns/vip_daily").text)
+    form = client.post(
+        "/console/campaigns/vip_daily/test-send",
+        json={"contacts": "nobody, 其他"},
+        headers={"x-csrf-token": token, "hx-request": "true"},
+    )
+    assert form.status_code == 404 and form.headers["hx-retarget"] == "#notice" and "nobody" in form.text
+
+    before = outbox_size(open_server)
+    sent = client.post(
+        "/console/campaigns/vip_daily/test-send", json={"contacts": tester}, headers={"x-csrf-token": token}
+    )
+    assert sent.status_code == 204
+    run_id = int(sent.headers["hx-redirect"].rsplit("/", 1)[1])
+    test_run = wait_for_run(client, run_id)
+    assert test_run["trigger"] == "test" and test_run["counts"] == {"sent": 1}
+    gateway = open_server.app.gateway
+    assert isinstance(gateway, SandboxGateway)
+    assert [m.contact_id for m in gateway.outbox_messages()[before:]] == [tester]
+    assert "VIP每日问候您好" not in gateway.outbox_messages()[-1].text  # rendered: the contact's name, not a template
+    real = client.post("/api/v1/campaigns/vip_daily/run").json()["run"]
+    wait_for_run(client, real["id"])
+    got = [m.contact_id for m in gateway.outbox_messages()[before:]]
+    assert got.count(tester) == 2 and set(got) == {v["id"] for v in vips}

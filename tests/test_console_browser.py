@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import shutil
 import tempfile
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -27,9 +29,9 @@ from PIL import Image
 from engine.gateways.sandbox import SandboxGateway
 
 try:
-    from web_harness import CAMPAIGN, LiveServer, make_settings
+    from web_harness import LiveServer, make_settings
 except ImportError:  # pragma: no cover - if tests/ becomes a package
-    from tests.web_harness import CAMPAIGN, LiveServer, make_settings
+    from tests.web_harness import LiveServer, make_settings
 
 pytestmark = pytest.mark.slow
 
@@ -49,6 +51,29 @@ KEY = "browser-test-key-5f1c2a"
 DESKTOP = {"width": 1280, "height": 900}
 PHONE = {"width": 390, "height": 844}
 TIMEOUT_MS = 20_000
+# A poster, a text, a link card and a mini-program card, to the VIP customers.
+POSTER_CAMPAIGN = """\
+id: vip_poster
+name: VIP双十二海报
+timezone: Asia/Shanghai
+schedule: {cron: "0 10 * * *"}
+audience: {tags_any: [VIP]}
+message:
+  parts:
+    - image: images/poster.png
+    - text: "{{ name }}您好，VIP专享双十二活动开始啦"
+    - link:
+        url: "https://mall.example.com/1212?c={{ id }}"
+        title: 双十二主会场
+        description: 满300减50，仅限VIP
+    - miniprogram:
+        appid: wx1234567890abcdef
+        title: 领取VIP专享券
+        page: "pages/coupon/index?c={{ id }}"
+        thumbnail: images/poster.png
+quiet_hours: false
+frequency_cap: false
+"""
 
 
 def _need_chromium() -> None:
@@ -65,7 +90,11 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
     settings = make_settings(
         root, api={"key": KEY}, sending={"throttle": {"per_second": 5}, "quiet_hours": None, "frequency_cap": None}
     )
-    (root / "campaigns" / "vip_daily.yaml").write_text(CAMPAIGN, encoding="utf-8")
+    (root / "campaigns" / "images").mkdir()
+    poster = Image.new("RGB", (600, 800), (200, 30, 40))
+    poster.paste((255, 210, 0), (60, 300, 540, 500))
+    poster.save(root / "campaigns" / "images" / "poster.png")
+    (root / "campaigns" / "vip_poster.yaml").write_text(POSTER_CAMPAIGN, encoding="utf-8")
     with LiveServer(settings, require_key=True, loopback_only=False) as live:
         yield live
 
@@ -186,22 +215,43 @@ def test_a_marketers_day_in_the_browser(server: LiveServer, shots: Path, capsys:
         expect(page.locator("main")).to_contain_text("VIP")
         snap("06-customer")
 
-        # -- campaigns: list, preview, run, live progress to the end ------------------------------------
+        # -- campaigns: list, preview with every part, test-send, run, live progress to the end -----------
         page.goto(f"{server.url}/console/campaigns")
-        expect(page.locator("#campaigns")).to_contain_text("VIP每日问候")
+        expect(page.locator("#campaigns")).to_contain_text("VIP双十二海报")
         snap("07-campaigns")
-        page.click("text=VIP每日问候")
+        page.click("text=VIP双十二海报")
         recipients = page.locator("#preview-recipients > li")
         expect(recipients.first).to_be_visible()
         expect(page.locator("#preview-counts")).to_contain_text(str(len(contacts)))
-        expect(recipients.first.locator(".bubble.text")).to_contain_text("VIP专享活动开始啦")
+        first = recipients.first
+        expect(first.locator(".bubble.text")).to_contain_text("VIP专享双十二活动开始啦")
+        expect(first.locator(".bubble.link")).to_contain_text("双十二主会场")
+        expect(first.locator(".bubble.link")).to_have_attribute(
+            "href", re.compile(r"^https://mall\.example\.com/1212\?c=")
+        )
+        expect(first.locator(".bubble.miniprogram")).to_contain_text("领取VIP专享券")
+        thumb = first.locator(".bubble.image img")
+        expect(thumb).to_be_visible()
+        page.wait_for_function(
+            "() => [...document.querySelectorAll('.bubble.image img, .mp-cover')].every(i => i.naturalWidth > 0)"
+        )
         snap("08-campaign-preview")
+        testers = [contacts[0]["id"], contacts[1]["id"]]
+        page.fill("#test-send input[name=contacts]", ", ".join(testers))
+        page.click("#test-send button[type=submit]")
+        expect(page.locator("h1 .badge.test")).to_be_visible()
+        expect(page.locator("#run-live")).to_have_attribute("data-status", "completed", timeout=60_000)
+        expect(page.locator("#run-counts")).to_contain_text("2 已发送")
+        tested = [m for m in gateway.outbox_messages() if m.contact_id in testers]
+        assert len(tested) == 2 * 4, "each tester got the four parts"
+        snap("09-test-send")
+        page.go_back()
         page.evaluate("window.__notReloaded = true")
         page.click("#run-now")
-        expect(page).to_have_url(f"{server.url}/console/runs/1")
+        expect(page).to_have_url(re.compile(r"/console/runs/\d+$"))
         live = page.locator("#run-live")
         expect(live).to_have_attribute("data-active", "yes")  # still sending when the page opened
-        snap("09-run-sending")
+        snap("10-run-sending")
         page.evaluate("window.__notReloaded = true")
         expect(live).to_have_attribute("data-status", "completed", timeout=60_000)
         assert page.evaluate("window.__notReloaded") is True, "progress must update without reloading the page"
@@ -209,23 +259,26 @@ def test_a_marketers_day_in_the_browser(server: LiveServer, shots: Path, capsys:
         bar = page.locator("#run-progress")  # sent and skipped are both done
         assert bar.get_attribute("value") == bar.get_attribute("max")
         expect(page.locator("figure.chart svg.columns")).to_be_visible()
-        snap("10-run-done")
+        snap("11-run-done")
 
         # -- deliveries of the run --------------------------------------------------------------------
         page.click("text=本批次的全部发送记录")
         expect(page.locator("#deliveries tbody tr", has_text="已发送")).to_have_count(len(contacts))
         expect(page.locator("#deliveries")).to_contain_text("已发送")
-        snap("11-deliveries")
+        snap("12-deliveries")
         page.goto(f"{server.url}/console/runs")
-        snap("12-runs")
+        snap("13-runs")
         page.goto(f"{server.url}/console/customers?lang=en")
         expect(page.locator("h1")).to_contain_text("Customers")
-        snap("13-customers-english")
+        snap("14-customers-english")
         browser.close()
     shutil.rmtree(profile, ignore_errors=True)
     phone.http.close()
-    received = {m.contact_id for m in gateway.outbox_messages()}
-    assert received == {c["id"] for c in contacts}, "each VIP got the campaign, nobody else"
+    received = Counter(m.contact_id for m in gateway.outbox_messages())
+    expected = {c["id"]: 4 for c in contacts}  # four parts each ...
+    for tester in testers:
+        expected[tester] += 4  # ... and the test send's again
+    assert received == expected, "each VIP got the campaign's four parts once (testers also the test), nobody else"
     assert not broken, f"script errors on the pages: {broken}"
     # The only refusals are the two the test asked for: the wrong key and the wrong code.
     assert sorted(set(refused)) == [(400, "/console/login/verify"), (401, "/console/signin")], refused

@@ -31,6 +31,7 @@ from engine.gateways.base import LoginState
 from engine.gateways.sandbox import SandboxGateway
 from engine.media import MediaError, MediaTooLarge, MediaTypeRefused, max_bytes
 from engine.messages import PartKind
+from engine.plan import plan_test_send
 from engine.qr import qr_png, qr_svg, qr_terminal
 from engine.schedule import build_trigger, next_fire_times
 from engine.spec import Campaign, load_campaigns, parse_campaign
@@ -61,6 +62,7 @@ from engine.web.models import (
     TagsView,
     TagView,
     TasksView,
+    TestSendBody,
     ValidateBody,
     ValidateView,
     VerifyCodeBody,
@@ -160,6 +162,28 @@ async def run_now(ctx: WebContext, campaign_id: str) -> RunNowView:
         else f"this slot's run already exists ({run.status}); nothing is sent twice"
     )
     return RunNowView(message=message, created=plan.created, run=await ctx.db(run_view, ctx, run))
+
+
+async def test_send(ctx: WebContext, campaign_id: str, contact_ids: list[str]) -> RunNowView:
+    """Send the campaign's exact message to the named contacts only, in a test run of its own (outside the
+    campaign's dedupe and the frequency cap: `engine.plan.plan_test_send`), in the background. Refused at once
+    while the account is logged out."""
+    await ctx.require_login()
+    c = await ctx.db(ctx.campaign, campaign_id)
+    plan = await ctx.db(plan_test_send, ctx.app.db, c, contact_ids, now=ctx.app.clock.now())
+    # Beside the campaign's real runs, never instead of them: a test does not wait for a run being sent.
+    ctx.workers.start(
+        plan.run_id,
+        c.id,
+        lambda: ctx.app.dispatcher.run(plan.run_id, login_wait=None, confirm_wait=0),
+        exclusive=False,
+    )
+    run = await ctx.db(_run, ctx, plan.run_id)
+    return RunNowView(
+        message=f"test send of {c.id} to {len(contact_ids)} contacts",
+        created=True,
+        run=await ctx.db(run_view, ctx, run),
+    )
 
 
 async def pause_run(ctx: WebContext, run_id: int, why: str) -> RunView:
@@ -439,6 +463,18 @@ def router(ctx: WebContext) -> APIRouter:
     )
     async def campaign_run(campaign_id: Annotated[str, PathParam(max_length=64)]) -> RunNowView:
         return await run_now(ctx, campaign_id)
+
+    @r.post(
+        "/campaigns/{campaign_id}/test-send",
+        response_model=RunNowView,
+        tags=["campaigns"],
+        status_code=202,
+        summary="Test-send: the campaign's exact message to the named contacts only, in a test run of its own",
+    )
+    async def campaign_test_send(
+        campaign_id: Annotated[str, PathParam(max_length=64)], body: TestSendBody
+    ) -> RunNowView:
+        return await test_send(ctx, campaign_id, list(dict.fromkeys(body.contacts)))
 
     # -- runs ------------------------------------------------------------------------------------
     @r.get("/runs", response_model=RunsView, tags=["runs"], summary="Runs, newest first")

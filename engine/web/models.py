@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from datetime import datetime
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -83,6 +83,13 @@ class SendAllBody(Sendable):
     def tag_names(self) -> list[str]:
         tags = [self.tag] if isinstance(self.tag, str) else list(self.tag or [])
         return [t for t in dict.fromkeys(x.strip() for x in [*tags, *(self.tags or [])]) if t]
+
+
+class TestSendBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    contacts: list[Annotated[str, Field(min_length=1, max_length=200)]] = Field(
+        min_length=1, max_length=50, description="contact ids: who gets the test (audience or not)"
+    )
 
 
 class ValidateBody(BaseModel):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections.abc import Callable, Mapping
 from typing import Annotated, Any, TypeVar
 from urllib.parse import urlencode
@@ -32,7 +33,7 @@ from engine.web.console.charts import bars, sends_over_time
 from engine.web.console.templating import LANGUAGES, build_environment, language_of, translator
 from engine.web.context import WebContext
 from engine.web.errors import answer_for, describe_invalid
-from engine.web.models import VerifyCodeBody
+from engine.web.models import TestSendBody, VerifyCodeBody
 from engine.web.security import CONSOLE, SIGNIN
 from engine.web.sessions import COOKIE, Session, SessionKind, SessionTokens, cookie_header
 from storage import contacts as contacts_db
@@ -64,6 +65,11 @@ class SignInBody(BaseModel):
     model_config = ConfigDict(extra="ignore")
     key: str = Field(max_length=1000)
     next: str = Field(default="", max_length=2000)
+
+
+class TestSendForm(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    contacts: str = Field(max_length=20_000, description="contact ids separated by commas or spaces")
 
 
 BodyT = TypeVar("BodyT", bound=BaseModel)
@@ -465,11 +471,9 @@ def router(ctx: WebContext, sessions: SessionTokens) -> APIRouter:
         view = PreviewView.from_preview(preview, sample=show)
         # Those the targeting never selected are counted, not listed: the list shows who was held back and why.
         held_back = [e for e in preview.excluded if e.category is not ExclusionCategory.AUDIENCE][:show]
-        # Integration point (issue 10, rich messages): each recipient's Message once the preview carries it; today
-        # a preview renders the text part.
         recipients = [
-            {"id": r.id, "name": r.name, "parts": message_parts(Message.of_text(r.message), media)}
-            for r in view.recipients
+            {"id": r.contact_id, "name": r.name, "parts": message_parts(r.full_message(), media)}
+            for r in preview.recipients[:show]
         ]
         return page(request, "_preview.html", p=view, recipients=recipients, held_back=held_back, show=show)
 
@@ -485,6 +489,19 @@ def router(ctx: WebContext, sessions: SessionTokens) -> APIRouter:
     async def campaign_run(request: Request, campaign_id: Annotated[str, PathParam(max_length=64)]) -> Response:
         try:
             started = await api.run_now(ctx, campaign_id)
+        except WecastError as exc:
+            return ui.notice(request, exc)
+        return Response(status_code=204, headers={"hx-redirect": f"{CONSOLE}/runs/{started.run.id}"})
+
+    @r.post("/campaigns/{campaign_id}/test-send", response_class=HTMLResponse)
+    async def campaign_test_send(request: Request, campaign_id: Annotated[str, PathParam(max_length=64)]) -> Response:
+        try:
+            body = await json_body(request, TestSendForm)
+            ids = list(dict.fromkeys(i for i in re.split(r"[\s,，、]+", body.contacts) if i))
+            TestSendBody(contacts=ids)  # the API's limits: 1 to 50 ids
+            started = await api.test_send(ctx, campaign_id, ids)
+        except ValidationError as exc:
+            return ui.invalid(request, exc)
         except WecastError as exc:
             return ui.notice(request, exc)
         return Response(status_code=204, headers={"hx-redirect": f"{CONSOLE}/runs/{started.run.id}"})
