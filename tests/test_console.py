@@ -14,6 +14,7 @@ import pytest
 from jinja2 import Environment
 
 from engine.gateways.sandbox import SandboxGateway
+from engine.i18n import Language
 from engine.messages import ImagePart, LinkPart, Media, Message, MiniProgramPart, TextPart
 from engine.web.console import charts
 from engine.web.console.routes import MediaIndex, message_parts
@@ -359,7 +360,7 @@ def test_messages_are_drawn_part_by_part(tmp_path: Path) -> None:
     assert [p["kind"] for p in parts] == ["text", "image", "link", "miniprogram"]
     assert parts[1]["src"] == "/console/media/" + "a" * 64 and media.get("a" * 64) is not None
     env = build_environment(ZoneInfo("Asia/Shanghai"))
-    gettext, ngettext = translator("zh_CN")
+    gettext, ngettext = translator(Language.ZH)
     macros = env.get_template("_macros.html").make_module({"_": gettext, "ngettext": ngettext})
     html = str(macros.message(parts))
     assert "&lt;b&gt;双11&lt;/b&gt; 来了" in html and "<b>" not in html
@@ -432,7 +433,7 @@ def test_every_interface_text_has_its_chinese_translation() -> None:
     fresh = io.BytesIO()
     write_mo(fresh, catalog)
     compiled = gettext.GNUTranslations(io.BytesIO(fresh.getvalue()))
-    shipped = templating.translations("zh_CN")
+    shipped = templating.translations(Language.ZH)
     for key in found:
         assert shipped.gettext(key) == compiled.gettext(key), f"{po.with_suffix('.mo')} is stale: pybabel compile"
 
@@ -491,3 +492,18 @@ def test_test_send_reaches_only_the_named_contacts_and_leaves_the_real_run_alone
     wait_for_run(client, real["id"])
     got = [m.contact_id for m in gateway.outbox_messages()[before:]]
     assert got.count(tester) == 2 and set(got) == {v["id"] for v in vips}
+
+
+def test_the_engines_words_follow_the_pages_language(open_server: LiveServer) -> None:
+    """What the engine words itself — a preview's exclusion reasons — comes out in the page's language: Chinese
+    by default, English with ?lang=en, and the browser's Accept-Language decides when the page does not."""
+    client = httpx.Client(base_url=open_server.url, timeout=30)
+    if not open_server.app.contact_count():
+        gateway_login(open_server)
+        client.post("/api/v1/contacts/sync").raise_for_status()
+    zh = client.get("/console/campaigns/vip_daily/preview").text
+    assert "不是本账号的好友（无法接收消息）" in zh and "not a friend of this account" not in zh
+    en = client.get("/console/campaigns/vip_daily/preview?lang=en").text
+    assert "not a friend of this account (cannot receive messages)" in en and "收件人及其收到的消息" not in en
+    browser = httpx.Client(base_url=open_server.url, timeout=30, headers={"accept-language": "en-US,en;q=0.9"})
+    assert "Recipients and their messages" in browser.get("/console/campaigns/vip_daily/preview").text

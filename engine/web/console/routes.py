@@ -12,12 +12,12 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Annotated, Any, TypeVar
 from urllib.parse import urlencode
 from zoneinfo import ZoneInfo
 
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Depends, Query, Request
 from fastapi import Path as PathParam
 from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -26,11 +26,12 @@ from engine.audience import ExclusionCategory
 from engine.errors import CampaignError, LoginError, NotFoundError, WecastError
 from engine.gateways.base import LoginState, LoginStatus
 from engine.gateways.sandbox import SandboxGateway
+from engine.i18n import Language, use_language
 from engine.messages import IMAGE_TYPES, ImagePart, LinkPart, Media, Message, MiniProgramPart, TextPart
 from engine.views import DeliveryView, PreviewView, Problem, RunView
 from engine.web import api
 from engine.web.console.charts import bars, sends_over_time
-from engine.web.console.templating import LANGUAGES, build_environment, language_of, translator
+from engine.web.console.templating import build_environment, language_of, translator
 from engine.web.context import WebContext
 from engine.web.errors import answer_for, describe_invalid
 from engine.web.models import TestSendBody, VerifyCodeBody
@@ -85,8 +86,13 @@ class Console:
         self.env = build_environment(self.tz)
 
     # -- rendering -------------------------------------------------------------------------------
-    def language(self, request: Request) -> str:
-        return language_of(request.query_params.get("lang") or request.cookies.get(LANG_COOKIE))
+    def language(self, request: Request) -> Language:
+        return language_of(
+            request.query_params.get("lang"),
+            request.cookies.get(LANG_COOKIE),
+            request.headers.get("accept-language"),
+            self.ctx.app.settings.language,
+        )
 
     def session(self, request: Request) -> tuple[Session, str | None]:
         """The request's session, or a new anonymous one (and its cookie value) to bind the CSRF token to."""
@@ -113,8 +119,7 @@ class Console:
         html = self.env.get_template(template).render(
             _=gettext,
             ngettext=ngettext,
-            lang=lang,
-            languages=LANGUAGES,
+            lang=lang.value,
             csrf=self.sessions.csrf_token(session),
             signed_in=session.signed_in,
             key_required=self.sessions.key_required,
@@ -130,7 +135,7 @@ class Console:
             response.headers.append("set-cookie", cookie_header(new_cookie, secure=secure))
         asked = request.query_params.get("lang")
         if asked:
-            response.set_cookie(LANG_COOKIE, lang, max_age=365 * 86400, samesite="strict", secure=secure)
+            response.set_cookie(LANG_COOKIE, lang.value, max_age=365 * 86400, samesite="strict", secure=secure)
         return response
 
     def notice(self, request: Request, exc: WecastError) -> HTMLResponse:
@@ -251,8 +256,14 @@ def _safe_next(target: str) -> str:
 
 def router(ctx: WebContext, sessions: SessionTokens) -> APIRouter:
     """The console's routes, bound to `ctx`."""
-    r = APIRouter(prefix=CONSOLE, include_in_schema=False)
     ui = Console(ctx, sessions)
+
+    async def speak(request: Request) -> AsyncIterator[None]:
+        """The whole request in the page's language: the engine's own words (errors, reasons) too."""
+        with use_language(ui.language(request)):
+            yield
+
+    r = APIRouter(prefix=CONSOLE, include_in_schema=False, dependencies=[Depends(speak)])
     app = ctx.app
     media = MediaIndex()
 

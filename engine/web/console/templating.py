@@ -1,10 +1,12 @@
 """The console's page templates: a Jinja environment of their own (not the campaign-template sandbox), with
 autoescaping on for every template and undefined names as errors, and interface text through gettext.
 
-Interface text is written in the templates as `_("English text", name=value)` and translated per request:
-Chinese (`zh_CN`) by default, English with `?lang=en` (remembered in a cookie). The catalogs are standard
-gettext files (`locale/<lang>/LC_MESSAGES/console.po`, compiled to `.mo`), extracted from the templates and
-from this package with Babel (`babel.cfg`).
+Interface text is written in the templates as `_("English text", name=value)` and translated per request
+(`language_of`: `?lang=`, remembered in a cookie, then Accept-Language, then config.yaml's `language:`, then
+Chinese). The console's words are a gettext domain of their own (`console`: `locale/zh_CN/LC_MESSAGES/console.po`,
+compiled to `.mo`, extracted from the templates and this package with Babel: `babel.cfg`), beside the engine's
+(`engine.i18n`, domain `wecast`), which speaks the same language for the request: errors and reasons the engine
+words come out in the language of the page that shows them.
 """
 
 from __future__ import annotations
@@ -22,12 +24,11 @@ from jinja2 import Environment, PackageLoader, StrictUndefined
 
 from engine.audience import ExclusionCategory
 from engine.gateways.base import LoginState
+from engine.i18n import Language, negotiate
 from storage.models import DeliveryStatus, RunStatus
 
 LOCALE_DIR = Path(__file__).parent / "locale"
 DOMAIN = "console"
-LANGUAGES = ("zh_CN", "en")
-DEFAULT_LANGUAGE = "zh_CN"
 
 
 def N_(message: str) -> str:
@@ -73,24 +74,23 @@ def query_string(query: Mapping[str, str], **changes: str) -> str:
     return urlencode({**query, **changes})
 
 
-def language_of(asked: str | None) -> str:
-    """The catalog language for what a request asked (`zh`, `zh-CN`, `en-US` ...); Chinese by default."""
-    if asked:
-        base = asked.replace("-", "_").lower()
-        if base.startswith("en"):
-            return "en"
-        if base.startswith("zh"):
-            return "zh_CN"
-    return DEFAULT_LANGUAGE
+def language_of(request_lang: str | None, cookie: str | None, accept: str | None, config: Language | None) -> Language:
+    """The console's language for a request: `?lang=`, then the one it remembered (cookie), then the browser's
+    Accept-Language, then config.yaml's `language:`, then Chinese."""
+    for given in (request_lang, cookie):
+        lang = Language.parse(given) if given else None
+        if lang is not None:
+            return lang
+    return negotiate(accept) or config or Language.ZH
 
 
 @cache
-def translations(language: str) -> gettext_module.NullTranslations:
+def translations(language: Language) -> gettext_module.NullTranslations:
     """The compiled catalog of `language` (English, the msgids, needs none)."""
-    return gettext_module.translation(DOMAIN, LOCALE_DIR, [language], fallback=True)
+    return gettext_module.translation(DOMAIN, LOCALE_DIR, [language.value], fallback=True)
 
 
-def translator(language: str) -> tuple[Callable[..., str], Callable[..., str]]:
+def translator(language: Language) -> tuple[Callable[..., str], Callable[..., str]]:
     """(gettext, ngettext) for templates: `_("Hello %(name)s", name=x)`, `ngettext("one", "%(num)d many", n)`."""
     catalog = translations(language)
 
