@@ -53,6 +53,9 @@ MAX_INT_BITS = 4_096  # integers a template computes (about 1,200 digits)
 TIME_BUDGET = 0.5  # seconds of the rendering thread's CPU time per render
 CHECK_EVERY = 32  # steps between two looks at the clock (reading a thread's CPU time costs ~1 µs)
 _CHUNK = 64  # rendered pieces joined at a time (each at most MAX_SIZE: a few MB held at worst)
+# Characters that `{{ ... }}` inside macros, set blocks, filter and call blocks may produce in one render:
+# those pieces are collected in lists before they are joined, so they are counted as they are made.
+MAX_BUFFERED = 10 * MAX_SIZE
 
 
 class TemplateLimitError(Exception):
@@ -62,32 +65,50 @@ class TemplateLimitError(Exception):
 # -- the per-render budget ---------------------------------------------------------------------------------
 
 
-class _Budget(threading.local):
-    steps = MAX_STEPS
-    next_check = MAX_STEPS - CHECK_EVERY
-    deadline = 0.0  # 0: not started (set at the first check, so a render with few steps never reads the clock)
+class Budget:
+    """One render's remaining steps, time and buffered characters (one per thread: see `current_budget`)."""
+
+    __slots__ = ("buffered", "deadline", "next_check", "steps")
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        """Start a new render's budget."""
+        self.steps = MAX_STEPS
+        self.next_check = MAX_STEPS - CHECK_EVERY
+        self.deadline = 0.0  # 0: not started (set at the first check: a render with few steps never reads the clock)
+        self.buffered = MAX_BUFFERED  # characters macros and blocks may still collect (see buffered_text)
 
 
-_budget = _Budget()
+class _PerThread(threading.local):
+    def __init__(self) -> None:
+        self.budget = Budget()
+
+
+_local = _PerThread()
+
+
+def current_budget() -> Budget:
+    """This thread's budget (renders in a loop fetch it once and `reset()` it per render: a thread-local
+    lookup is the expensive part)."""
+    return _local.budget
 
 
 def begin_render() -> None:
     """Start a new render's budget of steps and time in this thread."""
-    b = _budget
-    b.steps = MAX_STEPS
-    b.next_check = MAX_STEPS - CHECK_EVERY
-    b.deadline = 0.0
+    _local.budget.reset()
 
 
 def tick() -> None:
     """Count one step of the current render; raise TemplateLimitError past the steps or the time budget."""
-    b = _budget
+    b = _local.budget
     b.steps -= 1
     if b.steps <= b.next_check:
         _check(b)
 
 
-def _check(b: _Budget) -> None:
+def _check(b: Budget) -> None:
     if b.steps < 0:
         raise TemplateLimitError(
             f"the template takes more than {MAX_STEPS:,} steps (loop iterations, filters and calls) to render"
@@ -162,21 +183,20 @@ class RenderedTextTooLong(TemplateLimitError):
 def bounded_concat(pieces: Iterable[str], error: type[TemplateLimitError] = TemplateLimitError) -> str:
     """Join rendered pieces (of a macro, a set block, a whole message), refusing once the text passes MAX_SIZE.
 
-    Pieces are taken `_CHUNK` at a time and weighed with C-level calls (this runs once per recipient; a
-    message is a handful of pieces, so usually one chunk): never more than a chunk past the cap is held."""
+    Pieces are taken `_CHUNK` at a time and weighed with C-level calls (this runs once per recipient, and a
+    message is a handful of pieces: one chunk): never more than a chunk past the cap is held."""
     iterator = iter(pieces)
-    out = list(islice(iterator, _CHUNK))
+    out = [*islice(iterator, _CHUNK)]
     total = sum(map(len, out))
-    more = len(out) == _CHUNK
-    while True:
-        if total > MAX_SIZE:
-            raise error(f"the rendered text would be larger than {MAX_SIZE:,} characters")
-        if not more:
+    if len(out) < _CHUNK and total <= MAX_SIZE:
+        return "".join(out)
+    while total <= MAX_SIZE:
+        chunk = [*islice(iterator, _CHUNK)]
+        if not chunk:
             return "".join(out)
-        chunk = list(islice(iterator, _CHUNK))
-        more = len(chunk) == _CHUNK
         total += sum(map(len, chunk))
         out += chunk
+    raise error(f"the rendered text would be larger than {MAX_SIZE:,} characters")
 
 
 def bounded_text(pieces: Iterable[str]) -> str:
@@ -202,9 +222,20 @@ def to_text(value: Any) -> str:
     return str(value)
 
 
+def buffered_text(value: Any) -> str:
+    """to_text for `{{ ... }}` inside a macro or block, whose pieces are collected before they are joined:
+    counted against the render's MAX_BUFFERED."""
+    text = to_text(value)
+    b = _local.budget
+    b.buffered -= len(text)
+    if b.buffered < 0:
+        raise TemplateLimitError(f"macros and blocks would collect more than {MAX_BUFFERED:,} characters")
+    return text
+
+
 def guard_iter(iterable: Iterable[Any]) -> Iterator[Any]:
     """A for-loop's items, one step each (tick, inlined: this runs once per iteration of every loop)."""
-    b = _budget
+    b = _local.budget
     for item in iterable:
         b.steps -= 1
         if b.steps <= b.next_check:
@@ -382,7 +413,7 @@ def _guard_filter(name: str, func: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(func)
     def guarded(context: Context, value: Any, *args: Any, **kwargs: Any) -> Any:
         # Runs for every filter use: the common case (short strings) is kept to a few comparisons.
-        b = _budget
+        b = _local.budget
         b.steps -= 1
         if b.steps <= b.next_check:
             _check(b)
@@ -508,9 +539,10 @@ class _CodeGenerator(CodeGenerator):
             return
         super().visit_Call(node, frame, forward_caller=forward_caller)
 
-    # Every `{{ ... }}` value becomes text through environment.to_text (autoescape is never on here).
+    # Every `{{ ... }}` value becomes text through environment.to_text (autoescape is never on here), or,
+    # inside a macro or block (whose output is collected in a list), environment.buffered_text.
     def _output_child_pre(self, node: nodes.Expr, frame: Frame, finalize: Any) -> None:
-        self.write("environment.to_text(")
+        self.write("environment.buffered_text(" if frame.buffer is not None else "environment.to_text(")
 
     def _output_child_post(self, node: nodes.Expr, frame: Frame, finalize: Any) -> None:
         self.write(")")
@@ -532,6 +564,7 @@ class BoundedEnvironment(ImmutableSandboxedEnvironment):
     guard_iter = staticmethod(guard_iter)
     join_parts = staticmethod(join_parts)
     to_text = staticmethod(to_text)
+    buffered_text = staticmethod(buffered_text)
 
     def __init__(self, **options: Any) -> None:
         if options.get("autoescape"):

@@ -36,7 +36,14 @@ from jinja2.runtime import new_context
 
 from engine.errors import Location, TemplateError
 from engine.gateways.base import ContactRecord
-from engine.jinja_limits import BoundedEnvironment, RenderedTextTooLong, TemplateLimitError, begin_render, bounded_text
+from engine.jinja_limits import (
+    BoundedEnvironment,
+    RenderedTextTooLong,
+    TemplateLimitError,
+    begin_render,
+    bounded_text,
+    current_budget,
+)
 
 # Names a template can use for a contact: the contact payload (see `ContactRecord`), plus derived names.
 CONTACT_FIELDS = (
@@ -411,13 +418,14 @@ def render_each(
     wants_tags = "tags" in used
     compiled = [(t, t.template()) for t in templates]
     renderers = [(t, c.environment, c.name, c.blocks, c.root_render_func) for t, c in compiled]
+    begin = current_budget().reset  # this thread's budget, looked up once
 
     def render_one(ctx: dict[str, Any]) -> list[str | None]:
         """CompiledTemplate.render, inlined (100,000 calls), for each template; None for a text that passes the
         size cap (it is then longer than any limit: that recipient's field is too long, like any other)."""
         out: list[str | None] = []
         for template, env, tname, blocks, root in renderers:
-            begin_render()
+            begin()
             try:
                 out.append(bounded_text(root(new_context(env, tname, blocks, ctx, shared=True))).strip())
             except MissingField:
