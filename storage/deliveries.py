@@ -665,8 +665,10 @@ def list_deliveries(
     contact_id: str | None = None,
     limit: int = 100,
     offset: int = 0,
+    before: int | None = None,
 ) -> list[DeliveryRow]:
-    """Deliveries, newest first, filtered."""
+    """Deliveries, newest first, filtered; `before`: only those older than that delivery id (keyset paging: the
+    next page costs what the first does, where `offset` reads every row it skips)."""
     stmt = select(DELIVERIES)
     if campaign_id:
         stmt = stmt.where(_D.campaign_id == campaign_id)
@@ -676,6 +678,8 @@ def list_deliveries(
         stmt = stmt.where(_D.status == status)
     if contact_id:
         stmt = stmt.where(_D.contact_id == contact_id)
+    if before is not None:
+        stmt = stmt.where(_D.id < before)
     stmt = stmt.order_by(_D.id.desc()).limit(limit).offset(offset)
     with reading(db) as conn:
         return [_delivery(r._mapping) for r in conn.execute(stmt)]

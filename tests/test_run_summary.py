@@ -53,6 +53,9 @@ def test_send_times_and_reasons_are_counted_by_the_database(make_settings: MakeS
                 (DeliveryStatus.SKIPPED, "run cancelled", 2),
                 (DeliveryStatus.FAILED, "blocked", 1),
             ]
+            newest = deliveries_db.list_deliveries(app.db, run_id=plan.run_id, limit=10)
+            older = deliveries_db.list_deliveries(app.db, run_id=plan.run_id, limit=10, before=newest[-1].id)
+            assert [d.id for d in older] == [d.id for d in rows[10:20]]  # keyset: the next ten, newest first
             empty = deliveries_db.send_times(app.db, plan.run_id, [DeliveryStatus.UNKNOWN])
             assert empty.start is None and empty.counts == []
         finally:

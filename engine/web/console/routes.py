@@ -416,7 +416,8 @@ def router(ctx: WebContext, sessions: SessionTokens) -> APIRouter:
             rows=found.rows,
             total=found.total,
             filters=filters,
-            all_tags=contacts_db.tags_with_counts(app.db),
+            # Names only: counting every tag's contacts scans the whole contact list (600 ms at 100,000).
+            all_tags=contacts_db.tag_names(app.db),
             next_url=next_url,
             first_url=f"?{urlencode(base, doseq=True)}" if cursor else None,
         )
@@ -602,7 +603,7 @@ def router(ctx: WebContext, sessions: SessionTokens) -> APIRouter:
         run: Annotated[str, Query(pattern=r"^\d{0,18}$")] = "",
         status: Annotated[str, Query(max_length=20)] = "",
         contact: Annotated[str, Query(max_length=200)] = "",
-        page_no: Annotated[int, Query(alias="page", ge=1, le=10_000)] = 1,
+        before: Annotated[int | None, Query(ge=1, le=2**62)] = None,
     ) -> HTMLResponse:
         wanted = DeliveryStatus(status) if status in set(DeliveryStatus) else None
         rows = deliveries_db.list_deliveries(
@@ -612,19 +613,19 @@ def router(ctx: WebContext, sessions: SessionTokens) -> APIRouter:
             status=wanted,
             contact_id=contact or None,
             limit=PAGE_SIZE + 1,
-            offset=(page_no - 1) * PAGE_SIZE,
+            before=before,
         )
         filters = {"campaign": campaign, "run": run, "status": status, "contact": contact}
         base = {k: v for k, v in filters.items() if v}
+        shown = rows[:PAGE_SIZE]
         return page(
             request,
             "deliveries.html",
-            rows=[DeliveryView.from_row(d) for d in rows[:PAGE_SIZE]],
+            rows=[DeliveryView.from_row(d) for d in shown],
             filters=filters,
             statuses=list(DeliveryStatus),
-            page_no=page_no,
-            next_url=f"?{urlencode({**base, 'page': page_no + 1})}" if len(rows) > PAGE_SIZE else None,
-            prev_url=f"?{urlencode({**base, 'page': page_no - 1})}" if page_no > 1 else None,
+            next_url=f"?{urlencode({**base, 'before': shown[-1].id})}" if len(rows) > PAGE_SIZE else None,
+            first_url=f"?{urlencode(base)}" if before is not None else None,
         )
 
     # -- journeys --------------------------------------------------------------------------------
