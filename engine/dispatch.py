@@ -60,7 +60,7 @@ from storage import deliveries as deliveries_db
 from storage import optouts as optouts_db
 from storage import runs as runs_db
 from storage.db import transaction
-from storage.deliveries import Claimed, PartMark, PartResult, PartState, Result
+from storage.deliveries import IN_DOUBT_REASON, Claimed, PartMark, PartResult, PartState, Result
 from storage.models import OPEN_STATUSES, DeliveryStatus, PartStatus, RunStatus
 from storage.runs import RunRow
 
@@ -259,6 +259,14 @@ def _unsent(state: PartState | None) -> bool:
     """Whether a part still has to be handed to the gateway: never tried, failed before it left, or caught
     `sending` by a crash (resent under its own key: only a gateway that recognises the key gets it again)."""
     return state is None or state.status in (PartStatus.FAILED, PartStatus.SENDING)
+
+
+def _held_back(row: Claimed, reason: str) -> Result:
+    """A row a policy holds back at its hand-over: skipped with the reason — or, if an earlier attempt may have
+    arrived, `unknown` (never sent again, never reported as not delivered)."""
+    if row.in_doubt:
+        return Result(row.id, DeliveryStatus.UNKNOWN, reason=f"{reason}; {IN_DOUBT_REASON}; not sent again")
+    return Result(row.id, DeliveryStatus.SKIPPED, reason=reason)
 
 
 class Dispatcher:
@@ -605,20 +613,35 @@ class _RunSender:
 
     def _settle(self, row: Claimed, outcome: Outcome, part: _PartFailure | None = None) -> None:
         """Record what a failed call means for one of its rows — and, for a part of a multi-part message, for that
-        part: not delivered (`failed`: a retry sends it again), or `unknown`. A part that a crash left `sending`
-        (resent under its own key) may have arrived before: whatever its resend runs into, it is never recorded
-        as not delivered."""
+        part: not delivered (`failed`: a retry sends it again), or `unknown`.
+
+        A delivery in doubt (a crash caught it being sent; it is sent again under its key) or a part in doubt may
+        have arrived before: whatever its resend runs into, it is never recorded as not delivered."""
         attempts = row.attempts + 1
         reason = part.describe(outcome.reason) if part else outcome.reason
         verdict = outcome.verdict
-        if part is not None and part.in_doubt and verdict is Verdict.FAILED:
+        doubt = part.in_doubt if part is not None else row.in_doubt
+        if doubt and verdict is Verdict.FAILED:
             verdict = Verdict.UNKNOWN
+            if part is None:
+                reason = f"{reason}; {IN_DOUBT_REASON}"
+        # Whether anything of the delivery may have reached the customer (a part in doubt, or parts delivered):
+        # until it ends it counts against the frequency cap and is never skipped (`storage.deliveries`).
+        reached = doubt or (part is not None and bool(part.delivered))
         if verdict is Verdict.RETRY:
-            self._retry(row, attempts, reason, delay=outcome.retry_after, part=part)
+            self._retry(row, attempts, reason, delay=outcome.retry_after, part=part, reached=reached)
         elif verdict in (Verdict.REQUEUE, Verdict.HALT):
             # Not an attempt: nothing was sent. The row waits for the login (or the fixed credentials).
             self._record_part(part, PartStatus.FAILED, outcome.reason)
-            self._record(Result(row.id, DeliveryStatus.PENDING, attempts=row.attempts, last_error=reason))
+            self._record(
+                Result(
+                    row.id,
+                    DeliveryStatus.PENDING,
+                    attempts=row.attempts,
+                    last_error=reason,
+                    in_doubt=True if reached else None,
+                )
+            )
         elif verdict is Verdict.UNKNOWN:
             self._record_part(part, PartStatus.UNKNOWN, outcome.reason)
             self._record(Result(row.id, DeliveryStatus.UNKNOWN, reason=reason, last_error=reason))
@@ -628,12 +651,22 @@ class _RunSender:
             self._record(Result(row.id, DeliveryStatus.FAILED, reason=reason, last_error=reason))
 
     def _retry(
-        self, row: Claimed, attempts: int, error: str, delay: float | None = None, part: _PartFailure | None = None
+        self,
+        row: Claimed,
+        attempts: int,
+        error: str,
+        delay: float | None = None,
+        part: _PartFailure | None = None,
+        *,
+        reached: bool = False,
     ) -> None:
         retry = self.d.retry
+        doubt = part.in_doubt if part is not None else row.in_doubt
         if attempts >= retry.max_attempts:
             reason = f"gave up after {attempts} attempts: {error}"
-            if part is not None and part.in_doubt:
+            if doubt:
+                if part is None:
+                    reason = f"{reason}; {IN_DOUBT_REASON}"
                 self._record_part(part, PartStatus.UNKNOWN, error)
                 self._record(Result(row.id, DeliveryStatus.UNKNOWN, reason=reason, last_error=error))
                 return
@@ -650,7 +683,15 @@ class _RunSender:
             )
         due = self.d.clock.now() + timedelta(seconds=delay)
         self._record_part(part, PartStatus.FAILED, error)
-        self._record(Result(row.id, DeliveryStatus.PENDING, last_error=error, next_attempt_at=due))
+        self._record(
+            Result(
+                row.id,
+                DeliveryStatus.PENDING,
+                last_error=error,
+                next_attempt_at=due,
+                in_doubt=True if reached else None,
+            )
+        )
 
     def _record_part(self, part: _PartFailure | None, status: PartStatus, error: str) -> None:
         """Record how a part's call ended (written with its delivery's result). A part in doubt that is to be
@@ -685,8 +726,9 @@ class _RunSender:
         for index, (content, sender, saved_key, group) in enumerate(parts):
             halt = self.halt(None)
             part: list[Claimed] = []
+            key = ""
             if halt is None:
-                status, part = await off_loop(self._prepare, group, d.clock.now(), mark=False)
+                status, part, key = await off_loop(self._prepare_task, group, d.clock.now(), sender, content, saved_key)
                 halt = self.halt(status) if status is not RunStatus.RUNNING else None
             if halt is not None:
                 await self._unclaim([r.id for *_, rest in parts[index:] for r in rest])
@@ -694,10 +736,7 @@ class _RunSender:
             if not part:
                 continue
             ids = sorted(r.contact_id for r in part)
-            group_id = f"{self.run_id}|{sender}|{content}|{','.join(ids)}"
-            key = saved_key or "batch:" + hashlib.sha256(group_id.encode()).hexdigest()[:32]
             message = Message.loads(content) if part[0].message is not None else Message.of_text(content)
-            await off_loop(deliveries_db.mark_sending, d.db, part, d.clock.now(), task_key=key)
             await self.pacer.slot()
             try:
                 async with asyncio.timeout(d.send_timeout):
@@ -760,39 +799,60 @@ class _RunSender:
         """The hand-over of a chunk, in one worker-thread call and one transaction (`conn`'s, or its own): the run's
         state and — if it still runs — the suppression list and the frequency cap re-checked (contacts may have
         opted out, other campaigns may have sent since planning: those rows are skipped) and, with `mark`, the rest
-        marked `sending`. Returns the state and the rows to send."""
+        marked `sending`. Returns the state and the rows to send.
+
+        The cap's read and the marks are one step across processes (`deliveries.hold_cap`): two processes sending
+        capped campaigns to the same contacts never both see room for one more. A row in doubt (an earlier attempt
+        may have arrived) that may not be sent again is recorded `unknown`, never skipped."""
         with transaction(self.d.db) if conn is None else nullcontext(conn) as conn:
+            cap = self.cap
+            if cap is not None and any(r.capped for r in chunk):
+                deliveries_db.hold_cap(conn)
             status = runs_db.run_status(conn, self.run_id) or RunStatus.CANCELLED
             if status is not RunStatus.RUNNING:
                 return status, []
             keep = chunk
+            held: list[Result] = []
             if not self.settings.opt_out_exempt:
                 suppressed = optouts_db.opted_out(conn, [r.contact_id for r in chunk])
                 if suppressed:
                     # Opted out since planning (a delayed or resumed run): never sent (`storage.optouts`).
                     reason = f"{ReasonCode.OPTED_OUT}: {tr(OPTED_OUT_REASON)}"
-                    skipped = [
-                        Result(r.id, DeliveryStatus.SKIPPED, reason=reason) for r in chunk if r.contact_id in suppressed
-                    ]
-                    deliveries_db.write_results(conn, skipped, now)
+                    held += [_held_back(r, reason) for r in chunk if r.contact_id in suppressed]
                     keep = [r for r in chunk if r.contact_id not in suppressed]
-            cap = self.cap
             capped = [r.contact_id for r in keep if r.capped]
             if cap is not None and capped:
                 start, end = cap.window(now, self.tz)
-                counts = deliveries_db.cap_counts(conn, start, end, capped)
-                kept, skip = [], []
+                # A row in doubt already counts (its earlier attempt may have arrived): not against itself.
+                doubtful = [r.id for r in keep if r.in_doubt]
+                counts = deliveries_db.cap_counts(conn, start, end, capped, exclude_ids=doubtful)
+                kept = []
                 for r in keep:
                     if r.capped and cap.reached(counts.get(r.contact_id, 0)):
-                        reason = f"{ReasonCode.FREQUENCY_CAP}: {cap.reason(counts[r.contact_id])}"
-                        skip.append(Result(r.id, DeliveryStatus.SKIPPED, reason=reason))
+                        held.append(_held_back(r, f"{ReasonCode.FREQUENCY_CAP}: {cap.reason(counts[r.contact_id])}"))
                     else:
                         kept.append(r)
-                deliveries_db.write_results(conn, skip, now)
                 keep = kept
+            deliveries_db.write_results(conn, held, now)
             if mark:
                 deliveries_db.mark_sending(conn, keep, now)
         return status, keep
+
+    def _prepare_task(
+        self, group: list[Claimed], now: datetime, sender: str, content: str, saved_key: str
+    ) -> tuple[RunStatus, list[Claimed], str]:
+        """`_prepare` for a 群发 task, and in the same transaction the rows it lets through marked `sending` with the
+        task's idempotency key (derived from the run, the sender, the message and the recipients; or the key a
+        submission interrupted by a crash saved). Returns the state, the rows and the key."""
+        with transaction(self.d.db) as conn:
+            status, part = self._prepare(group, now, mark=False, conn=conn)
+            if not part:
+                return status, part, ""
+            ids = sorted(r.contact_id for r in part)
+            group_id = f"{self.run_id}|{sender}|{content}|{','.join(ids)}"
+            key = saved_key or "batch:" + hashlib.sha256(group_id.encode()).hexdigest()[:32]
+            deliveries_db.mark_sending(conn, part, now, task_key=key)
+        return status, part, key
 
     def _prepare_jobs(self, chunk: list[Claimed], now: datetime) -> tuple[RunStatus, list[_Job]]:
         """`_prepare` (marking the rows `sending`) and, in the same transaction, for each multi-part message: what

@@ -87,6 +87,9 @@ class Workers:
         except asyncio.CancelledError:
             log.info("run %s: dispatch stopped; unsent deliveries stay pending until the run is resumed", run_id)
             raise
+        except WecastError as exc:  # said in one line: another process owns the run, the run's settings are bad, ...
+            log.warning("run %s: not dispatched here: %s", run_id, exc)
+            return None
         except Exception:  # a background task has nobody to raise to: log it, keep the service up
             log.exception("run %s: dispatch failed", run_id)
             return None

@@ -1,17 +1,24 @@
 """Helpers shared by the storage modules (not for use outside `storage/`): transactions over an engine or a
-caller's connection, conflict-ignoring inserts, and the fast DB-API paths that big plans need."""
+caller's connection, the one place the drivers' errors become `storage.errors` (`mapped`), locks that make a
+check and the write that depends on it one step across processes (`serialize`), conflict-ignoring inserts, and
+the fast DB-API paths that big plans need."""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import sqlite3
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
-from sqlalchemy import Table
+from sqlalchemy import Table, func, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.exc import DBAPIError
+
+from storage.errors import Failure, StorageError
 
 # Every storage function takes either the engine (it then runs in a transaction of its own) or a connection
 # (it then runs in the caller's transaction: tests that hold two transactions open at once, and storage's own
@@ -24,24 +31,111 @@ IN_CHUNK = 900
 T = TypeVar("T")
 
 
+# The execution option that marks a connection as a reader: on SQLite its transaction begins deferred (a snapshot,
+# no lock), every other one with the write lock (`storage.db`'s BEGIN IMMEDIATE).
+READ_ONLY = "wecast_read_only"
+
+
 @contextmanager
 def reading(db: DB) -> Iterator[Connection]:
-    """A connection to read with: the caller's, or a fresh one."""
+    """A connection to read with: the caller's, or a fresh one (one transaction: what it reads is one snapshot)."""
     if isinstance(db, Connection):
         yield db
     else:
-        with db.connect() as conn:
+        with mapping(db), db.connect() as conn:
+            conn.execution_options(**{READ_ONLY: True})
             yield conn
 
 
 @contextmanager
 def writing(db: DB) -> Iterator[Connection]:
-    """A connection inside a transaction: the caller's, or a new one committed on success."""
+    """A connection inside a transaction: the caller's, or a new one committed on success. On SQLite a new one holds
+    the write lock from its first statement, so what it reads before it writes cannot change under it."""
     if isinstance(db, Connection):
         yield db
     else:
-        with db.begin() as conn:
+        with mapping(db), db.begin() as conn:
             yield conn
+
+
+@contextmanager
+def mapping(db: DB) -> Iterator[None]:
+    """Raise the drivers' errors that are the database's condition (full, locked, unreachable) as `StorageError`."""
+    try:
+        yield
+    except DBAPIError as exc:
+        error = mapped(exc, where(db))
+        if error is None:
+            raise
+        raise error from exc
+
+
+def where(db: DB) -> str:
+    """The database, as an error names it (a SQLite file's path; a server URL without its password)."""
+    url = db.engine.url
+    if url.get_backend_name() == "sqlite":
+        return url.database or ":memory:"
+    return url.render_as_string(hide_password=True)
+
+
+# SQLite's primary result codes (the low byte of `sqlite_errorcode`) and PostgreSQL's SQLSTATEs (class or code)
+# that are the database's condition, not a bug: the one table of what they mean.
+_SQLITE = {
+    5: Failure.BUSY,  # SQLITE_BUSY: locked past the busy timeout
+    6: Failure.BUSY,  # SQLITE_LOCKED
+    8: Failure.UNAVAILABLE,  # SQLITE_READONLY: the file or its folder cannot be written
+    10: Failure.UNAVAILABLE,  # SQLITE_IOERR
+    11: Failure.UNAVAILABLE,  # SQLITE_CORRUPT
+    13: Failure.FULL,  # SQLITE_FULL: the disk, or max_page_count
+    14: Failure.UNAVAILABLE,  # SQLITE_CANTOPEN
+    26: Failure.UNAVAILABLE,  # SQLITE_NOTADB
+}
+_POSTGRES = {
+    "53100": Failure.FULL,  # disk_full
+    "53": Failure.UNAVAILABLE,  # insufficient resources (memory, connections)
+    "55P03": Failure.BUSY,  # lock_not_available (lock_timeout)
+    "57014": Failure.BUSY,  # query_canceled (statement_timeout)
+    "40P01": Failure.BUSY,  # deadlock_detected
+    "08": Failure.UNAVAILABLE,  # connection exceptions
+    "57P": Failure.UNAVAILABLE,  # the server is shutting down or restarting
+}
+_ADVICE = {
+    Failure.FULL: "the disk is full (or the database reached its size limit): nothing of the last step was written; "
+    "free some space, then resume (`wecast run --resume`)",
+    Failure.BUSY: "another process held the database locked longer than the busy timeout: nothing of the last step "
+    "was written; try again when it is done (`wecast run --resume` continues a run)",
+    Failure.UNAVAILABLE: "the database cannot be used",
+}
+
+
+def mapped(exc: DBAPIError, where: str) -> StorageError | None:
+    """The `StorageError` a driver's error stands for, or None when it is not the database's condition (a bug)."""
+    orig = exc.orig
+    kind: Failure | None = None
+    if isinstance(orig, sqlite3.Error):
+        code = getattr(orig, "sqlite_errorcode", None)
+        kind = _SQLITE.get(code & 0xFF) if isinstance(code, int) else None
+    else:
+        state = str(getattr(orig, "sqlstate", "") or "")
+        kind = next((k for prefix, k in _POSTGRES.items() if state and state.startswith(prefix)), None)
+        if kind is None and not state and exc.connection_invalidated:
+            kind = Failure.UNAVAILABLE
+        if kind is None and not state and type(orig).__name__ == "OperationalError":  # could not connect at all
+            kind = Failure.UNAVAILABLE
+    if kind is None:
+        return None
+    detail = str(orig).strip().splitlines()[0] if str(orig).strip() else type(orig).__name__
+    return StorageError(kind, f"{where}: {_ADVICE[kind]} ({detail})", detail=detail)
+
+
+def serialize(conn: Connection, name: str) -> None:
+    """Make the rest of the caller's transaction one step, across processes, with every other transaction that
+    serializes on `name` (a check and the write that depends on it: the frequency cap and the `sending` mark, the
+    schema's version and its migration). PostgreSQL: a transaction-level advisory lock, released at commit or
+    rollback. SQLite: nothing more to do, a write transaction holds the database's one write lock from its start."""
+    if conn.dialect.name == "postgresql":
+        key = int.from_bytes(hashlib.blake2b(name.encode(), digest_size=8).digest(), "big", signed=True)
+        conn.execute(select(func.pg_advisory_xact_lock(key)))
 
 
 def chunks(items: Sequence[T], size: int = IN_CHUNK) -> Iterator[Sequence[T]]:

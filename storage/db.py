@@ -2,22 +2,40 @@
 
 `make_db_engine(url)` builds a SQLAlchemy engine (SQLite gets WAL, a busy timeout and foreign keys) and
 brings the schema to `SCHEMA_VERSION`: a new database is created, an older one is migrated step by step,
-a newer one is refused rather than damaged.
+a newer one is refused rather than damaged. Two processes opening one new database at once create it once: the
+version check, the creation and each migration happen under one lock (`storage._sql.serialize`).
+
+On SQLite wecast begins transactions itself (pysqlite would open one only at the first INSERT, UPDATE or DELETE,
+leaving the reads before it outside): a writing transaction begins `BEGIN IMMEDIATE`, holding the write lock from
+its first statement, so a check and the write that depends on it (the frequency cap and the `sending` mark, a claim)
+are one step across processes; a reading one begins deferred, one snapshot that takes no lock.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import event, inspect, select, text
+from sqlalchemy import event, func, inspect, select, text
 from sqlalchemy.engine import Connection, Engine, make_url
-from sqlmodel import Session, SQLModel, create_engine
+from sqlmodel import SQLModel, create_engine
 
-from storage._sql import reading, writing
-from storage.models import DELIVERIES, DELIVERY_PARTS, JOURNEY_TABLES, META, SCHEMA_VERSION, Meta
+from storage._sql import READ_ONLY, reading, serialize, where, writing
+from storage.errors import Failure, SchemaError
+from storage.models import (
+    CONTACT_SYNCS,
+    CONTACTS,
+    DELIVERIES,
+    DELIVERY_PARTS,
+    JOURNEY_TABLES,
+    META,
+    SCHEMA_VERSION,
+)
+
+__all__ = ["SchemaError", "ensure_schema", "make_db_engine", "schema_version", "snapshot", "transaction"]
 
 
 def _add_journey_tables(conn: Connection) -> None:
@@ -40,81 +58,112 @@ def _rich_messages(conn: Connection) -> None:
     DELIVERY_PARTS.create(conn, checkfirst=True)
 
 
-# Migrations from version N to N+1, keyed by N. Each runs inside one transaction.
+def _ledger_truth(conn: Connection) -> None:
+    """4 -> 5: `deliveries.in_doubt` (an attempt may have reached the customer) and `contact_syncs` (a sync is
+    marked complete). A database synced before syncs were recorded has its list counted as complete."""
+    if "in_doubt" not in {c["name"] for c in inspect(conn).get_columns(DELIVERIES.name)}:
+        conn.execute(text("ALTER TABLE deliveries ADD COLUMN in_doubt BOOLEAN NOT NULL DEFAULT false"))
+    CONTACT_SYNCS.create(conn, checkfirst=True)
+    has_contacts = conn.execute(select(CONTACTS.c.id).limit(1)).first() is not None
+    if has_contacts and conn.execute(select(func.count()).select_from(CONTACT_SYNCS)).scalar() == 0:
+        synced = conn.execute(select(func.max(CONTACTS.c.updated_at))).scalar()
+        conn.execute(CONTACT_SYNCS.insert().values(id=1, owner="", started_at=synced, finished_at=synced, seen=0))
+
+
+# Migrations from version N to N+1, keyed by N. All of them run inside one transaction (`ensure_schema`).
 MIGRATIONS: dict[int, Callable[[Connection], None]] = {
     1: _add_journey_tables,
     2: _add_follow_user_ids,
     3: _rich_messages,
+    4: _ledger_truth,
 }
 
 
-class SchemaError(RuntimeError):
-    """The database was written by a newer wecast, or a migration failed."""
-
-
-def make_db_engine(url: str, *, migrate: bool = True, echo: bool = False) -> Engine:
-    """Create an engine for `url` (any SQLAlchemy URL) and make sure its schema is current."""
+def make_db_engine(url: str, *, migrate: bool = True, echo: bool = False, busy_timeout: float = 30.0) -> Engine:
+    """Create an engine for `url` (any SQLAlchemy URL) and make sure its schema is current. `busy_timeout`: how long
+    (seconds) a SQLite transaction waits for another process's lock before it fails (a `StorageError`, kind BUSY)."""
     parsed = make_url(url)
     kwargs: dict[str, Any] = {"echo": echo}
     if parsed.get_backend_name() == "sqlite":
         database = parsed.database
         if database and database != ":memory:":
             Path(database).parent.mkdir(parents=True, exist_ok=True)
-        kwargs["connect_args"] = {"check_same_thread": False, "timeout": 30}
+        kwargs["connect_args"] = {"check_same_thread": False, "timeout": busy_timeout}
     engine = create_engine(url, **kwargs)
     if parsed.get_backend_name() == "sqlite":
-        event.listen(engine, "connect", _sqlite_pragmas)
+        event.listen(engine, "connect", functools.partial(_sqlite_pragmas, busy_ms=round(busy_timeout * 1000)))
+        event.listen(engine, "begin", _sqlite_begin)
     if migrate:
         ensure_schema(engine)
     return engine
 
 
-def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any, *, busy_ms: int) -> None:
+    # wecast begins its transactions itself (`_sqlite_begin`; the module docstring says why).
+    dbapi_connection.isolation_level = None
     cursor = dbapi_connection.cursor()
     # WAL lets readers (the CLI, the API) run beside the dispatcher; NORMAL sync is durable across process
     # crashes (the kill -9 case), which is what the delivery log needs.
     cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute("PRAGMA synchronous=NORMAL")
     cursor.execute("PRAGMA foreign_keys=ON")
-    cursor.execute("PRAGMA busy_timeout=30000")
+    cursor.execute(f"PRAGMA busy_timeout={busy_ms}")
     # Big plans touch several indexes at once; a 64 MB page cache keeps them in memory.
     cursor.execute("PRAGMA cache_size=-65536")
     cursor.close()
 
 
-def schema_version(engine: Engine) -> int | None:
-    """The stored schema version, or None for an empty database."""
-    if not inspect(engine).has_table(Meta.__tablename__):
+def _sqlite_begin(conn: Connection) -> None:
+    conn.exec_driver_sql("BEGIN" if conn.get_execution_options().get(READ_ONLY) else "BEGIN IMMEDIATE")
+
+
+def schema_version(db: Engine | Connection) -> int | None:
+    """The stored schema version, or None for an empty database. An unreadable one is a SchemaError."""
+    with reading(db) as conn:
+        if not inspect(conn).has_table(META.name):
+            return None
+        value = conn.execute(select(META.c.value).where(META.c.key == "schema_version")).scalar()
+    if value is None:
         return None
-    with Session(engine) as session:
-        row = session.exec(select(Meta.value).where(Meta.key == "schema_version")).first()  # type: ignore[call-overload]
-        return int(row[0]) if row else None
+    try:
+        return int(value)
+    except ValueError:
+        raise SchemaError(
+            Failure.SCHEMA_UNREADABLE,
+            f"{where(db)}: the schema version {value!r} stored in {META.name} is unreadable: this is not a database "
+            "wecast wrote, or it was damaged; point database_url at wecast's database (or restore it from a backup)",
+        ) from None
 
 
 def ensure_schema(engine: Engine) -> None:
-    """Create or migrate the schema to SCHEMA_VERSION."""
-    current = schema_version(engine)
+    """Create or migrate the schema to SCHEMA_VERSION, in one transaction under the schema's lock: a second process
+    starting at the same moment waits, then finds the schema current."""
+    with writing(engine) as conn:
+        serialize(conn, "wecast-schema")
+        _ensure_schema(conn)
+
+
+def _ensure_schema(conn: Connection) -> None:
+    current = schema_version(conn)
     if current is None:
-        SQLModel.metadata.create_all(engine)
-        with Session(engine) as session:
-            session.merge(Meta(key="schema_version", value=str(SCHEMA_VERSION)))
-            session.commit()
+        SQLModel.metadata.create_all(conn)
+        conn.execute(META.insert().values(key="schema_version", value=str(SCHEMA_VERSION)))
         return
     if current > SCHEMA_VERSION:
         raise SchemaError(
-            f"database schema version {current} is newer than this wecast understands ({SCHEMA_VERSION}); "
-            "upgrade wecast instead of using an older release on this database"
+            Failure.SCHEMA_NEWER,
+            f"{where(conn)}: database schema version {current} is newer than this wecast understands "
+            f"({SCHEMA_VERSION}); upgrade wecast instead of using an older release on this database",
         )
     while current < SCHEMA_VERSION:
         step = MIGRATIONS.get(current)
         if step is None:
-            raise SchemaError(f"no migration from schema version {current}")
-        with engine.begin() as conn:
-            step(conn)
-            conn.execute(META.update().where(META.c.key == "schema_version").values(value=str(current + 1)))
+            raise SchemaError(Failure.MIGRATION, f"{where(conn)}: no migration from schema version {current}")
+        step(conn)  # in the one transaction: a step that fails leaves the database as it was
+        conn.execute(META.update().where(META.c.key == "schema_version").values(value=str(current + 1)))
         current += 1
     # New tables added without a data migration are created idempotently.
-    SQLModel.metadata.create_all(engine)
+    SQLModel.metadata.create_all(conn)
 
 
 @contextmanager

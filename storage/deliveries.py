@@ -8,6 +8,10 @@ A multi-part message (a delivery with a `message`) is sent part by part: before 
 `delivery_parts` row says `sending` (`mark_parts_sending`, then `part_sent`, which records a part and marks the
 next in one transaction), so after a crash `recover_run` knows, part by part, what was delivered, what may have
 been, and what was never handed over.
+
+A delivery `in_doubt` (an attempt may have reached the customer: a crash caught it being sent, or some of its parts
+arrived) is counted by the frequency cap until it ends, and is never recorded as not delivered: where a pending one
+would be skipped (a cancel, the cap, an opt-out) it is recorded `unknown` instead (see `storage.models`).
 """
 
 from __future__ import annotations
@@ -18,10 +22,22 @@ from dataclasses import dataclass, fields
 from datetime import datetime
 from typing import Any, NamedTuple
 
-from sqlalchemy import ColumnElement, Integer, bindparam, cast, func, or_, select, update
+from sqlalchemy import ColumnElement, Integer, bindparam, case, cast, func, literal, or_, select, update
 from sqlalchemy.engine import Connection
 
-from storage._sql import DB, aware, chunks, db_time, decode_json, insert_fast, insert_ignore, reading, upsert, writing
+from storage._sql import (
+    DB,
+    aware,
+    chunks,
+    db_time,
+    decode_json,
+    insert_fast,
+    insert_ignore,
+    reading,
+    serialize,
+    upsert,
+    writing,
+)
 from storage.models import (
     CAP_COUNTED_STATUSES,
     DELIVERIES,
@@ -54,6 +70,7 @@ class DeliveryRow:
     attempts: int
     last_error: str
     capped: bool
+    in_doubt: bool
     gateway_message_id: str
     gateway_task_id: str
     claim_token: str
@@ -82,6 +99,7 @@ class Claimed(NamedTuple):
     dedupe_key: str | None
     attempts: int
     capped: bool
+    in_doubt: bool = False  # an earlier attempt may have reached the customer
 
 
 class Planned(NamedTuple):
@@ -140,6 +158,7 @@ class Result:
     gateway_message_id: str | None = None
     gateway_task_id: str | None = None
     sent_at: datetime | None = None
+    in_doubt: bool | None = None
 
 
 _RESULT_FIELDS = tuple(f.name for f in fields(Result) if f.name != "id")
@@ -258,11 +277,16 @@ def held_keys(db: DB, campaign_id: str) -> dict[str, Held]:
         return {row.dedupe_key: Held(row.run_id, DeliveryStatus(row.status), row.sent_at) for row in conn.execute(stmt)}
 
 
+def _may_have_reached() -> ColumnElement[bool]:
+    """Deliveries that reached, may have reached, or are about to reach the customer."""
+    return or_(_D.status.in_(CAP_COUNTED_STATUSES), _D.in_doubt.is_(True))
+
+
 def last_sends(db: DB, campaign_id: str, since: datetime) -> dict[str, datetime]:
     """contact id -> latest time this campaign sent (or may have sent) to them, since `since`."""
     stmt = (
         select(_D.contact_id, func.max(_D.sent_at).label("at"))
-        .where(*_campaign_range(db, campaign_id), _D.status.in_(CAP_COUNTED_STATUSES), _D.sent_at >= since)
+        .where(*_campaign_range(db, campaign_id), _may_have_reached(), _D.sent_at >= since)
         .group_by(_D.contact_id)
     )
     out: dict[str, datetime] = {}
@@ -281,18 +305,23 @@ def cap_counts(
     contact_ids: Sequence[str] | None = None,
     *,
     exclude_run: int | None = None,
+    exclude_ids: Sequence[int] = (),
 ) -> dict[str, int]:
     """How many capped messages each contact got (or may have got) in [start, end). All contacts when
-    `contact_ids` is None (one grouped query, for planning 100,000 recipients).
+    `contact_ids` is None (one grouped query, for planning 100,000 recipients). `exclude_ids`: deliveries not to
+    count (those being handed over, whose own earlier attempt may be in doubt).
 
-    A delivery's `sent_at` is set when it is handed to the gateway, so sends in flight count too."""
+    A delivery's `sent_at` is set when it is handed to the gateway, so sends in flight count too, and so do
+    deliveries in doubt waiting to be sent again (the earlier attempt may have arrived)."""
     base = (
         select(_D.contact_id, func.count())
-        .where(_D.sent_at >= start, _D.sent_at < end, _D.capped.is_(True), _D.status.in_(CAP_COUNTED_STATUSES))
+        .where(_D.sent_at >= start, _D.sent_at < end, _D.capped.is_(True), _may_have_reached())
         .group_by(_D.contact_id)
     )
     if exclude_run is not None:
         base = base.where(_D.run_id != exclude_run)
+    if exclude_ids:
+        base = base.where(_D.id.not_in(list(exclude_ids)))
     out: dict[str, int] = {}
     parts: Iterable[Sequence[str] | None] = [None] if contact_ids is None else chunks(contact_ids)
     with reading(db) as conn:
@@ -311,6 +340,13 @@ def _campaign_range(db: DB, campaign_id: str) -> tuple[ColumnElement[bool], ...]
     if db.dialect.name == "postgresql":
         key = key.collate("C")  # the column is created with it (see Delivery), so its index still serves
     return (key >= f"{campaign_id}|", key < f"{campaign_id}}}", _D.campaign_id == campaign_id)
+
+
+def hold_cap(conn: Connection) -> None:
+    """Make the caller's transaction — the frequency cap read (`cap_counts`), then the deliveries it lets through
+    marked `sending` — one step with every other process's hand-over: call it first, inside that transaction.
+    (SQLite: the transaction already holds the write lock; PostgreSQL: an advisory lock until it ends.)"""
+    serialize(conn, "wecast-frequency-cap")
 
 
 # -- dispatch -----------------------------------------------------------------------------------------
@@ -342,11 +378,11 @@ def claim(db: DB, run_id: int, token: str, limit: int, now: datetime) -> list[Cl
             .values(status=DeliveryStatus.CLAIMED, claim_token=token, updated_at=now)
         )
         rows = conn.execute(
-            select(_D.id, _D.contact_id, _D.text, _D.message, _D.dedupe_key, _D.attempts, _D.capped)
+            select(_D.id, _D.contact_id, _D.text, _D.message, _D.dedupe_key, _D.attempts, _D.capped, _D.in_doubt)
             .where(_D.id.in_(ids), _D.claim_token == token, _D.status == DeliveryStatus.CLAIMED)
             .order_by(_D.id)
         )
-        return [Claimed(*r) for r in rows]
+        return [Claimed(*r[:-1], in_doubt=bool(r[-1])) for r in rows]
 
 
 def mark_sending(db: DB, rows: Sequence[Claimed], now: datetime, *, task_key: str | None = None) -> None:
@@ -457,13 +493,22 @@ def list_parts(db: DB, delivery_ids: Sequence[int]) -> dict[int, list[PartState]
     return {d: [states[i] for i in sorted(states)] for d, states in part_states(db, delivery_ids).items()}
 
 
+IN_DOUBT_REASON = "an earlier attempt was interrupted and may have been delivered"
+
+
+def _withdrawn(reason: str) -> dict[str, Any]:
+    """The values of deliveries taken back unsent for `reason` (a cancel): skipped — or, for one in doubt, unknown
+    (an earlier attempt may have arrived: "skipped" would say it did not)."""
+    return {
+        "status": case((_D.in_doubt.is_(True), literal(DeliveryStatus.UNKNOWN.value)), else_=DeliveryStatus.SKIPPED),
+        "reason": case((_D.in_doubt.is_(True), literal(f"{reason}; {IN_DOUBT_REASON}")), else_=reason),
+    }
+
+
 def unclaim(db: DB, ids: Sequence[int], now: datetime, *, cancelled: bool) -> None:
-    """Give claimed deliveries back unsent: to pending, or — when their run was cancelled — to skipped."""
-    values: dict[str, Any] = (
-        {"status": DeliveryStatus.SKIPPED, "reason": "run cancelled"}
-        if cancelled
-        else {"status": DeliveryStatus.PENDING}
-    )
+    """Give claimed deliveries back unsent: to pending, or — when their run was cancelled — to skipped (unknown
+    for those in doubt)."""
+    values = _withdrawn("run cancelled") if cancelled else {"status": DeliveryStatus.PENDING}
     with writing(db) as conn:
         for part in chunks(ids):
             conn.execute(update(DELIVERIES).where(_D.id.in_(part)).values(**values, claim_token="", updated_at=now))
@@ -471,35 +516,31 @@ def unclaim(db: DB, ids: Sequence[int], now: datetime, *, cancelled: bool) -> No
 
 def release_claims(db: DB, run_id: int, token: str, now: datetime, *, cancelled: bool) -> int:
     """Give back every delivery of a run still claimed under `token` (a dispatcher finishing). Returns how many."""
+    values = _withdrawn("run cancelled") if cancelled else {"status": DeliveryStatus.PENDING, "reason": ""}
     with writing(db) as conn:
         result = conn.execute(
             update(DELIVERIES)
             .where(_D.run_id == run_id, _D.status == DeliveryStatus.CLAIMED, _D.claim_token == token)
-            .values(
-                status=DeliveryStatus.SKIPPED if cancelled else DeliveryStatus.PENDING,
-                reason="run cancelled" if cancelled else "",
-                claim_token="",
-                updated_at=now,
-            )
+            .values(**values, claim_token="", updated_at=now)
         )
     return int(result.rowcount or 0)
 
 
 def skip_pending(db: DB, run_id: int, reason: str, now: datetime) -> int:
-    """Skip a run's pending deliveries with `reason` (a cancel). Claimed ones belong to a dispatcher, which
-    skips them itself when it notices. Returns how many."""
+    """Skip a run's pending deliveries with `reason` (a cancel; those in doubt become unknown). Claimed ones belong
+    to a dispatcher, which skips them itself when it notices. Returns how many."""
     with writing(db) as conn:
         result = conn.execute(
             update(DELIVERIES)
             .where(_D.run_id == run_id, _D.status == DeliveryStatus.PENDING)
-            .values(status=DeliveryStatus.SKIPPED, reason=reason, updated_at=now)
+            .values(**_withdrawn(reason), updated_at=now)
         )
     return int(result.rowcount or 0)
 
 
 def recover_run(db: DB, run_id: int, *, resend_in_flight: bool, now: datetime) -> dict[str, int]:
-    """After a crash: claimed-but-unsent deliveries go back to pending; those caught being sent are resent
-    (only when the gateway dedupes by idempotency key) or recorded as unknown. A multi-part delivery is judged by
+    """After a crash: claimed-but-unsent deliveries go back to pending; those caught being sent are resent, in doubt
+    (only when the gateway dedupes by idempotency key), or recorded as unknown. A multi-part delivery is judged by
     its parts (`_recover_parts`): every part sent is a sent delivery; otherwise the part caught `sending` decides."""
     with writing(db) as conn:
         settled = _recover_parts(conn, run_id, resend_in_flight=resend_in_flight, now=now)
@@ -510,10 +551,12 @@ def recover_run(db: DB, run_id: int, *, resend_in_flight: bool, now: datetime) -
         ).rowcount
         in_flight = (_D.run_id == run_id, _D.status == DeliveryStatus.SENDING)
         if resend_in_flight:
+            # Resent under the same key (the gateway answers a repeat with the first message), but in doubt until
+            # then: if the resend never gets through, it may still have arrived the first time.
             resent = conn.execute(
                 update(DELIVERIES)
                 .where(*in_flight)
-                .values(status=DeliveryStatus.PENDING, claim_token="", updated_at=now)
+                .values(status=DeliveryStatus.PENDING, claim_token="", updated_at=now, in_doubt=True)
             ).rowcount
             return {"requeued": back or 0, "resent": (resent or 0) + settled["resent"], "unknown": 0, **_sent(settled)}
         unknown = conn.execute(
@@ -584,7 +627,8 @@ def _recover_parts(conn: Connection, run_id: int, *, resend_in_flight: bool, now
             unknown.append(Result(row.id, DeliveryStatus.UNKNOWN, reason=reason, last_error=reason))
             unknown_parts += [PartResult(row.id, i, PartStatus.UNKNOWN, "interrupted while sending") for i in doubtful]
         else:
-            pending.append(Result(row.id, DeliveryStatus.PENDING))
+            # Some of it may have arrived (a part sent, or caught being sent): in doubt until it ends.
+            pending.append(Result(row.id, DeliveryStatus.PENDING, in_doubt=bool(done or doubtful)))
     write_results(conn, [*sent, *pending, *unknown], now, unknown_parts)
     counts.update(sent=len(sent), resent=len(pending), unknown=len(unknown))
     return counts

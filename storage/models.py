@@ -8,6 +8,10 @@ Delivery states (the only ones; every delivery ends in a terminal one):
                                             └────> submitted  (batch gateways: a task staff must confirm) -> sent/failed
     skipped   (decided at plan or dispatch time: dedupe, frequency cap, rule, missing data; `reason` says which)
 
+A delivery is `in_doubt` once an attempt may have reached the customer but its outcome is not known (a crash caught
+it `sending`, and the gateway's idempotency key lets it be sent again): whatever later attempts run into, it ends
+`sent` or `unknown`, never `failed` or `skipped`, and the frequency cap counts it meanwhile.
+
 A message of several parts (text, image, link, ...) is one delivery, sent part by part; each part the dispatcher
 hands to the gateway has a `delivery_parts` row, written before the call, so a crash between two parts resends
 only the parts not sent (see `PartStatus`). A plain text message has no part rows: the delivery is its one part.
@@ -19,12 +23,12 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import JSON, Column, DateTime, Index, String, Table, Text, UniqueConstraint, text
+from sqlalchemy import JSON, Column, DateTime, Index, String, Table, Text, UniqueConstraint, false, text
 from sqlalchemy.engine import Dialect
 from sqlalchemy.types import TypeDecorator
 from sqlmodel import Field, SQLModel
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 
 class UTCDateTime(TypeDecorator[datetime]):
@@ -141,6 +145,21 @@ class Contact(SQLModel, table=True):
     removed_at: datetime | None = _ts()  # no longer in the gateway's list
 
 
+class ContactSync(SQLModel, table=True):
+    """One contact sync. Pages are committed one by one (100,000 contacts are never one transaction), so a sync that
+    was killed leaves a list that is only partly updated: the contact list is whole when its latest sync finished
+    (`finished_at`), and planning refuses it otherwise (`engine.contacts`)."""
+
+    __tablename__ = "contact_syncs"
+    # The generation: one more than the sync before it, so of two processes starting a sync at once one wins the key.
+    id: int = Field(primary_key=True, sa_column_kwargs={"autoincrement": False})
+    owner: str = ""  # host:pid of the process syncing
+    started_at: datetime | None = _ts()
+    heartbeat_at: datetime | None = _ts()
+    finished_at: datetime | None = _ts()
+    seen: int = 0  # contacts the gateway listed (when finished)
+
+
 class Tag(SQLModel, table=True):
     __tablename__ = "tags"
     id: str = Field(primary_key=True)
@@ -217,6 +236,8 @@ class Delivery(SQLModel, table=True):
     attempts: int = Field(default=0, sa_column_kwargs={"server_default": "0"})
     last_error: str = Field(default="", sa_column_kwargs={"server_default": ""})
     capped: bool = True  # counts toward the shared per-contact frequency cap
+    # An earlier attempt may have reached the customer (see the module docstring): never reported as not delivered.
+    in_doubt: bool = Field(default=False, sa_column_kwargs={"server_default": false()})
     gateway_message_id: str = Field(default="", sa_column_kwargs={"server_default": ""})
     gateway_task_id: str = Field(default="", sa_column_kwargs={"server_default": ""})
     claim_token: str = Field(default="", sa_column_kwargs={"server_default": ""})
@@ -265,6 +286,7 @@ class GatewayEvent(SQLModel, table=True):
 
 # The tables as SQLAlchemy Core objects, typed (SQLModel's `__table__` is not visible to type checkers).
 CONTACTS: Table = Contact.__table__  # type: ignore[attr-defined]
+CONTACT_SYNCS: Table = ContactSync.__table__  # type: ignore[attr-defined]
 TAGS: Table = Tag.__table__  # type: ignore[attr-defined]
 CONTACT_TAGS: Table = ContactTag.__table__  # type: ignore[attr-defined]
 RUNS: Table = CampaignRun.__table__  # type: ignore[attr-defined]
