@@ -563,6 +563,11 @@ def _print_preview(p: Preview, show: int, full: bool) -> None:
         + "  "
         + tr("distinct messages {n}", n=p.distinct_messages)
     )
+    if p.tasks is not None:
+        staff = ", ".join(f"{name or '(no staff member)'} {n}" for name, n in p.tasks.by_staff.items())
+        out.print(f"群发 tasks to confirm in WeCom: {p.tasks.total} ({staff or 'none'})")
+        for warning in p.tasks.warnings():
+            out.print(f"[yellow]warning: {escape(warning)}[/yellow]")
     if p.unknown_tags:
         out.print(f"[yellow]{escape(unknown_tags_warning(p.unknown_tags, p.known_tags))}[/yellow]")
     if p.unknown_ids:

@@ -74,6 +74,54 @@ class Excluded(NamedTuple):
         return self.category.recorded
 
 
+@dataclass(frozen=True)
+class TaskPlan:
+    """The 群发 tasks a run would submit on a task-based gateway, as the dispatcher will group them (one task per
+    staff member and distinct message, split at the gateway's maximum): how many each staff member must confirm
+    in WeCom. Staff '' are customers with no staff member (on the official API no task can reach them)."""
+
+    by_staff: dict[str, int]
+    recipients: int
+
+    @property
+    def total(self) -> int:
+        return sum(self.by_staff.values())
+
+    @property
+    def one_per_customer(self) -> bool:
+        """Personalisation turns the campaign into (nearly) one task per customer: at least half as many tasks as
+        customers, and more than one per staff member — each to be confirmed by hand."""
+        return self.recipients > 1 and self.total > len(self.by_staff) and 2 * self.total >= self.recipients
+
+    def warnings(self) -> list[str]:
+        out = []
+        if self.one_per_customer:
+            out.append(
+                f"personalisation makes {self.total} 群发 tasks for {self.recipients} customers (about one task per "
+                "customer), and staff confirm each task by hand in WeCom: send one text to everyone (no per-customer "
+                "fields) to need one task per staff member"
+            )
+        if self.by_staff.get(""):
+            out.append(
+                f"{self.by_staff['']} task(s) are for customers no staff member follows (sync contacts first): "
+                "WeCom cannot send them"
+            )
+        return out
+
+
+def plan_tasks(recipients: Sequence[Recipient], follows: Mapping[str, Sequence[str]], max_batch: int) -> TaskPlan:
+    """The tasks `recipients` make (see TaskPlan), each customer under their leading staff member."""
+    groups: Counter[tuple[str, str]] = Counter()
+    for r in recipients:
+        staff = next(iter(follows.get(r.contact_id, ())), "")
+        groups[(staff, r.message.content_hash() if r.message is not None else r.text)] += 1
+    by_staff: Counter[str] = Counter()
+    size = max(1, max_batch)
+    for (staff, _), count in groups.items():
+        by_staff[staff] += -(-count // size)
+    return TaskPlan(dict(sorted(by_staff.items())), len(recipients))
+
+
 @dataclass(repr=False)
 class Preview:
     campaign: Campaign
@@ -90,6 +138,7 @@ class Preview:
     known_tags: list[str] = field(default_factory=list)  # every tag name contacts have (for "did you mean")
     next_fires: list[datetime] = field(default_factory=list)
     existing_run: RunRow | None = None
+    tasks: TaskPlan | None = None  # task-based gateways: the 群发 tasks staff must confirm (`plan_tasks`)
 
     def __repr__(self) -> str:
         return (

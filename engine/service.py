@@ -26,7 +26,7 @@ from engine.gateways.registry import build_gateway
 from engine.journeys.runtime import JourneyEngine
 from engine.media import MediaStore
 from engine.message_spec import Attachment, direct_message
-from engine.plan import PlanResult, Preview, build_preview, plan_adhoc, plan_run, plan_test_send
+from engine.plan import PlanResult, Preview, build_preview, plan_adhoc, plan_run, plan_tasks, plan_test_send
 from engine.settings import Settings
 from engine.spec import Campaign
 from storage import contacts as contacts_db
@@ -112,7 +112,13 @@ class Wecast:
 
     # -- campaigns -------------------------------------------------------------------------------
     def preview(self, campaign: Campaign, *, run_key: str | None = None) -> Preview:
-        return build_preview(self.db, campaign, now=self.clock.now(), run_key=run_key)
+        """The dry run; on a task-based gateway also the 群发 tasks each staff member would have to confirm."""
+        preview = build_preview(self.db, campaign, now=self.clock.now(), run_key=run_key)
+        caps = self.gateway.capabilities
+        if caps.batch_send and not caps.direct_send:
+            follows = contacts_db.follow_users(self.db, [r.contact_id for r in preview.recipients])
+            preview.tasks = plan_tasks(preview.recipients, follows, caps.max_batch)
+        return preview
 
     def plan(self, campaign: Campaign, *, run_key: str | None = None, trigger: str = "manual") -> PlanResult:
         return plan_run(self.db, campaign, now=self.clock.now(), run_key=run_key, trigger=trigger)

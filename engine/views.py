@@ -88,6 +88,10 @@ class PreviewView(View):
     unknown_ids: list[str]
     unknown_tags: list[str]
     next_fires: list[datetime]
+    # Task-based gateways (the official API): 群发 tasks each staff member must confirm ('' = no staff member), and
+    # what to know before sending (a personalised message making one task per customer). None / [] otherwise.
+    tasks: dict[str, int] | None = None
+    warnings: list[str] = []
 
     @classmethod
     def from_preview(cls, p: Preview, *, sample: int | None = None) -> PreviewView:
@@ -119,6 +123,8 @@ class PreviewView(View):
             unknown_ids=p.unknown_ids,
             unknown_tags=p.unknown_tags,
             next_fires=p.next_fires,
+            tasks=p.tasks.by_staff if p.tasks else None,
+            warnings=p.tasks.warnings() if p.tasks else [],
         )
 
 
