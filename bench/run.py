@@ -8,6 +8,9 @@ Prints, as medians of several runs (these machines are noisy), against the targe
 * console – every web console page with 100,000 contacts and a 100,000-delivery run (p95 < 300 ms; bench/console.py)
 * healthz – /healthz latency (p50, p99, max) of a real `wecast serve` while it plans a 100,000-recipient run
   for POST /api/v1/campaigns/{id}/run (target p99 < 100 ms: planning never blocks the event loop)
+* wecom  – the official-API gateway against the fake WeCom server on loopback (issue 12): sync 10,000 customers
+  of 20 staff members (every 7th followed by two), then a plain-text campaign to all of them as 群发 tasks
+  (one per staff member), staff confirm, reconciliation to final states; seconds for each, calls made
 
 Each measurement runs in a fresh subprocess so peak memory (ru_maxrss) belongs to that measurement only.
 """
@@ -262,6 +265,70 @@ def one_healthz(folder: str) -> dict[str, float]:
     }
 
 
+def one_wecom(customers: int, staff: int) -> dict[str, float]:
+    """Sync, submit and reconcile on the wecom gateway against the fake WeCom (see the module docstring)."""
+    from engine.gateways.wecom.fake_server import FakeWecom, FakeWecomServer
+    from engine.gateways.wecom.gateway import WecomGateway
+    from engine.service import Wecast
+    from engine.settings import load_settings
+    from engine.spec import load_campaign
+
+    async def go() -> dict[str, float]:
+        fake = FakeWecom(customers=customers, staff=staff, shared_every=7)
+        server = FakeWecomServer(fake)
+        url = await server.start()
+        with tempfile.TemporaryDirectory() as d:
+            tmp = Path(d)
+            cfg = tmp / "config.yaml"
+            cfg.write_text(
+                "version: 1\ngateway: wecom\n"
+                f"database_url: sqlite:///{tmp}/wecast.sqlite\ncampaigns_dir: {tmp}\n"
+                f"wecom: {{corp_id: {fake.corp_id}, secret: {fake.secret}, base_url: '{url}', "
+                f"state_file: {tmp}/wecom.sqlite}}\n",
+                encoding="utf-8",
+            )
+            settings = load_settings(cfg)
+            app = Wecast(settings, gateway=WecomGateway(settings.wecom))
+            await app.start()
+            try:
+                t0 = time.perf_counter()
+                synced = await app.sync()
+                sync_s = time.perf_counter() - t0
+                pages = fake.calls["externalcontact/batch/get_by_user"]
+                plain = tmp / "member_day.yaml"  # one text for everyone: one task per staff member
+                plain.write_text(
+                    "id: member_day\nname: 会员日\naudience: {}\nmessage: {template: '本周六会员日，全场8折'}\n"
+                    "frequency_cap: false\nquiet_hours: false\n",
+                    encoding="utf-8",
+                )
+                campaign = load_campaign(plain, settings)
+                t0 = time.perf_counter()
+                outcome = await app.run_campaign(campaign, confirm_wait=0)
+                submit_s = time.perf_counter() - t0
+                assert outcome.summary is not None
+                fake.confirm()
+                t0 = time.perf_counter()
+                [done] = await app.resume(outcome.summary.run_id, confirm_wait=0)
+                reconcile_s = time.perf_counter() - t0
+                return {
+                    "customers": synced.seen,
+                    "sync_seconds": sync_s,
+                    "sync_pages": pages,
+                    "planned": outcome.plan.planned,
+                    "tasks": len(fake.tasks),
+                    "submit_seconds": submit_s,
+                    "reconcile_seconds": reconcile_s,
+                    "sent": done.sent,
+                    "received": len(fake.received),
+                    "status_completed": float(done.status == "completed"),
+                }
+            finally:
+                await app.close()
+                await server.stop()
+
+    return asyncio.run(go())
+
+
 def _sub(kind: str, *args: str) -> dict[str, float]:
     proc = subprocess.run(
         [sys.executable, "-m", "bench.run", "_one", kind, *args], cwd=ROOT, capture_output=True, text=True, check=False
@@ -273,7 +340,7 @@ def _sub(kind: str, *args: str) -> dict[str, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("which", nargs="*", default=["plan", "dispatch", "rate", "healthz", "console"])
+    parser.add_argument("which", nargs="*", default=["plan", "dispatch", "rate", "healthz", "console", "wecom"])
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--plan-n", type=int, default=100_000)
     parser.add_argument("--dispatch-n", type=int, default=10_000)
@@ -288,6 +355,8 @@ def main() -> None:
             result = one_dispatch(int(args.which[2]))
         elif kind == "healthz":
             result = one_healthz(args.which[2])
+        elif kind == "wecom":
+            result = one_wecom(int(args.which[2]), int(args.which[3]))
         else:
             result = one_rate(int(args.which[2]), float(args.which[3]), float(args.which[4]))
         print(json.dumps(result))
@@ -327,6 +396,18 @@ def main() -> None:
             f"dispatch on the sandbox, no latency: {rate:,.0f} deliveries/s (target >= 2,000/s); runs: "
             + ", ".join(f"{r['per_second']:,.0f}/s" for r in runs)
             + f"; sent {runs[0]['sent']:,.0f}, outbox {runs[0]['outbox']:,.0f}"
+        )
+    if "wecom" in args.which:
+        runs = [_sub("wecom", "10000", "20") for _ in range(args.repeat)]
+        r0 = runs[0]
+        print(
+            f"wecom on the fake server: sync {r0['customers']:,.0f} customers of 20 staff in "
+            f"{statistics.median(r['sync_seconds'] for r in runs):.2f} s ({r0['sync_pages']:.0f} batch/get_by_user "
+            f"pages); {r0['planned']:,.0f} deliveries as {r0['tasks']:.0f} 群发 tasks in "
+            f"{statistics.median(r['submit_seconds'] for r in runs):.2f} s; after the staff confirm, reconciled in "
+            f"{statistics.median(r['reconcile_seconds'] for r in runs):.2f} s: {r0['sent']:,.0f} sent, "
+            f"{r0['received']:,.0f} received at the fake; runs (sync): "
+            + ", ".join(f"{r['sync_seconds']:.2f}s" for r in runs)
         )
     if "rate" in args.which:
         runs = [_sub("rate", "200", "20", "200") for _ in range(args.repeat)]

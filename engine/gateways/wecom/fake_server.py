@@ -188,6 +188,7 @@ class FakeWecom:
         self.media: dict[str, tuple[float, str, int, str]] = {}  # media_id -> (uploaded at, type, size, sha256)
         self.welcomes: dict[str, Welcome] = {}
         self.received: list[Received] = []
+        self._task_receipts: dict[str, list[float]] = defaultdict(list)  # customer -> when tasks reached them
         self.staff_messages: list[tuple[str, str]] = []  # (userid, text) of message/send
         self.robot_messages: list[str] = []
         self.calls: Counter[str] = Counter()  # calls answered, per API (errors included)
@@ -207,6 +208,7 @@ class FakeWecom:
         self._index: dict[str, list[str]] | None = None
         self._index_version = -1
         self._version = 0  # bumped whenever a follow is added or removed
+        self._pairs: tuple[tuple[int, tuple[str, ...]], list[tuple[str, str]]] = ((-1, ()), [])
         self._seed = seed
         self._populate(customers, shared_every, seed)
 
@@ -303,6 +305,7 @@ class FakeWecom:
         kinds, media = self._seen(task.attachments)
         message_id = f"{task.msgid}:{ext}"
         self.received.append(Received(ext, task.text, message_id, "task", task.sender, self._now(), kinds, media))
+        self._task_receipts[ext].append(self._now())
         return 1
 
     def _seen(self, attachments: list[JSON]) -> tuple[tuple[str, ...], tuple[tuple[str, int], ...]]:
@@ -334,7 +337,7 @@ class FakeWecom:
         else:
             start = local.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
         since = start.timestamp()
-        return sum(1 for r in self.received if r.contact_id == ext and r.via == "task" and r.at >= since)
+        return sum(1 for at in self._task_receipts.get(ext, ()) if at >= since)
 
     def storm(self, api: str, errcode: int, count: int) -> None:
         """The next `count` calls of `api` answer `errcode` (as when another app of the corp used up the limit)."""
@@ -578,7 +581,10 @@ class FakeWecom:
         limit = min(int(limit), 100)
         cursor = str(body.get("cursor") or "")
         start = int(cursor) if cursor.isdigit() else 0
-        pairs = [(u, ext) for u in users for ext in self.customers_of(str(u))]
+        key = (self._version, tuple(str(u) for u in users))
+        if self._pairs[0] != key:  # the same userid_list pages on: list its pairs once
+            self._pairs = (key, [(u, ext) for u in key[1] for ext in self.customers_of(u)])
+        pairs = self._pairs[1]
         page = pairs[start : start + limit]
         items = []
         for userid, ext in page:
