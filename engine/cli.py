@@ -1258,6 +1258,8 @@ def login(ctx: Ctx, timeout: int) -> None:
                 name = escape(status.account_name or status.account_id or "")
                 out.print(tr("already logged in as {name}", name=name))
                 return
+            if not gw.capabilities.qr_login:  # credentials from config: refused, or WeCom unreachable
+                raise WecastError(status.message)
             shown_key = None
             loop = asyncio.get_running_loop()
             deadline = loop.time() + timeout
