@@ -564,10 +564,12 @@ def _print_preview(p: Preview, show: int, full: bool) -> None:
         + tr("distinct messages {n}", n=p.distinct_messages)
     )
     if p.tasks is not None:
-        staff = ", ".join(f"{name or '(no staff member)'} {n}" for name, n in p.tasks.by_staff.items())
-        out.print(f"群发 tasks to confirm in WeCom: {p.tasks.total} ({staff or 'none'})")
+        nobody = tr("(no staff member)")
+        staff = ", ".join(f"{name or nobody} {n}" for name, n in p.tasks.by_staff.items())
+        out.print(tr("群发 tasks to confirm in WeCom: {total} ({staff})", total=p.tasks.total, staff=staff or "-"))
         for warning in p.tasks.warnings():
-            out.print(f"[yellow]warning: {escape(warning)}[/yellow]")
+            line = tr("warning: {problem}", problem=warning)
+            out.print(f"[yellow]{escape(line)}[/yellow]")
     if p.unknown_tags:
         out.print(f"[yellow]{escape(unknown_tags_warning(p.unknown_tags, p.known_tags))}[/yellow]")
     if p.unknown_ids:

@@ -97,14 +97,21 @@ class TaskPlan:
         out = []
         if self.one_per_customer:
             out.append(
-                f"personalisation makes {self.total} 群发 tasks for {self.recipients} customers (about one task per "
-                "customer), and staff confirm each task by hand in WeCom: send one text to everyone (no per-customer "
-                "fields) to need one task per staff member"
+                tr(
+                    "personalisation makes {tasks} 群发 tasks for {customers} customers (about one task per customer), "
+                    "and staff confirm each task by hand in WeCom: send one text to everyone (no per-customer fields) "
+                    "to need one task per staff member",
+                    tasks=self.total,
+                    customers=self.recipients,
+                )
             )
         if self.by_staff.get(""):
             out.append(
-                f"{self.by_staff['']} task(s) are for customers no staff member follows (sync contacts first): "
-                "WeCom cannot send them"
+                tr(
+                    "{n} task(s) are for customers no staff member follows (sync contacts first): "
+                    "WeCom cannot send them",
+                    n=self.by_staff[""],
+                )
             )
         return out
 
