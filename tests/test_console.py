@@ -5,6 +5,7 @@ WeChat shows them, the run charts)."""
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from zoneinfo import ZoneInfo
@@ -13,6 +14,7 @@ import httpx
 import pytest
 from jinja2 import Environment
 
+from engine.gateways.base import EventKind
 from engine.gateways.sandbox import SandboxGateway
 from engine.i18n import Language
 from engine.messages import ImagePart, LinkPart, Media, Message, MiniProgramPart, TextPart
@@ -20,6 +22,7 @@ from engine.web.console import charts
 from engine.web.console.routes import MediaIndex, message_parts
 from engine.web.console.templating import build_environment, translator
 from engine.web.sessions import COOKIE, SessionKind, SessionTokens
+from storage import journeys as journeys_db
 
 try:
     from web_harness import BROKEN, CAMPAIGN, MANUAL, LiveServer, make_settings
@@ -54,7 +57,33 @@ API_CALLS = [
 HTML = {"accept": "text/html"}
 
 
+WELCOME = """\
+kind: journey
+id: welcome
+name: 新客欢迎
+trigger: contact_added
+entry: once
+exit_when:
+  - tag: 已购
+steps:
+  - id: hello
+    send:
+      template: "{{ name }}您好，欢迎添加门店小助手"
+    transactional: true
+  - id: later
+    wait: {days: 1, at: "10:00"}
+  - if: {tag: VIP}
+    then:
+      - id: vip_tip
+        send: {template: "VIP专属小贴士"}
+    else:
+      - id: tip
+        send: {template: "护肤小贴士"}
+"""
+
+
 def write_campaigns(root: Path) -> None:
+    (root / "campaigns" / "welcome.yaml").write_text(WELCOME, encoding="utf-8")
     (root / "campaigns" / "vip_daily.yaml").write_text(CAMPAIGN, encoding="utf-8")
     (root / "campaigns" / "new_customers.yaml").write_text(MANUAL, encoding="utf-8")
     (root / "campaigns" / "broken.yaml").write_text(BROKEN, encoding="utf-8")
@@ -507,3 +536,33 @@ def test_the_engines_words_follow_the_pages_language(open_server: LiveServer) ->
     assert "not a friend of this account (cannot receive messages)" in en and "收件人及其收到的消息" not in en
     browser = httpx.Client(base_url=open_server.url, timeout=30, headers={"accept-language": "en-US,en;q=0.9"})
     assert "Recipients and their messages" in browser.get("/console/campaigns/vip_daily/preview").text
+
+
+def test_a_journeys_tree_counts_the_contacts_at_each_step(open_server: LiveServer) -> None:
+    """A journey page draws its steps as a tree (the if's branches nested) with how many contacts stand at each
+    step: after a new contact event the contact got the welcome and waits at the next step; the customer page
+    shows the journey, the path taken and the opt-out state."""
+    client = httpx.Client(base_url=open_server.url, timeout=30)
+    if not open_server.app.contact_count():
+        gateway_login(open_server)
+        client.post("/api/v1/contacts/sync").raise_for_status()
+    gateway = open_server.app.gateway
+    assert isinstance(gateway, SandboxGateway)
+    newcomer = client.get("/api/v1/contacts", params={"friend": True, "limit": 1}).json()["items"][0]["id"]
+    listed = client.get("/console/journeys").text
+    assert "新客欢迎" in listed and 'href="/console/journeys/welcome"' in listed
+    open_server.on_loop(lambda: gateway.emit(EventKind.CONTACT_ADDED, contact_id=newcomer))
+    deadline = time.monotonic() + 30
+    while "later" not in [e.step for e in journeys_db.enrolments(open_server.app.db, journey_id="welcome")]:
+        assert time.monotonic() < deadline, "the new contact never reached the wait"
+        time.sleep(0.05)
+    page = client.get("/console/journeys/welcome").text
+    steps = re.findall(r'data-step="([^"]+)"', page)
+    assert steps[:2] == ["hello", "later"] and {"vip_tip", "tip"} <= set(steps)
+    at = {m[0]: int(m[1]) for m in re.findall(r'data-step="([^"]+)".*?<b>(\d+)</b>', page, flags=re.S)}
+    assert at["later"] == 1 and at["hello"] == 0 and at["tip"] == 0
+    assert re.search(r'data-step="hello".*?已经过 1 次', page, flags=re.S)  # the welcome was passed once
+    assert any(m.contact_id == newcomer for m in gateway.outbox_messages())
+    customer = client.get(f"/console/customers/{newcomer}").text
+    assert 'href="/console/journeys/welcome"' in customer and "<code>hello</code>" in customer
+    assert "subscribed" not in customer and "未退订" in customer

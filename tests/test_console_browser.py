@@ -26,11 +26,14 @@ import pytest
 import zxingcpp
 from PIL import Image
 
+from engine.gateways.base import EventKind
 from engine.gateways.sandbox import SandboxGateway
 
 try:
+    from test_console import WELCOME
     from web_harness import LiveServer, make_settings
 except ImportError:  # pragma: no cover - if tests/ becomes a package
+    from tests.test_console import WELCOME
     from tests.web_harness import LiveServer, make_settings
 
 pytestmark = pytest.mark.slow
@@ -95,6 +98,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
     poster.paste((255, 210, 0), (60, 300, 540, 500))
     poster.save(root / "campaigns" / "images" / "poster.png")
     (root / "campaigns" / "vip_poster.yaml").write_text(POSTER_CAMPAIGN, encoding="utf-8")
+    (root / "campaigns" / "welcome.yaml").write_text(WELCOME, encoding="utf-8")
     with LiveServer(settings, require_key=True, loopback_only=False) as live:
         yield live
 
@@ -268,9 +272,30 @@ def test_a_marketers_day_in_the_browser(server: LiveServer, shots: Path, capsys:
         snap("12-deliveries")
         page.goto(f"{server.url}/console/runs")
         snap("13-runs")
+        # -- a journey: a new contact arrives (the gateway's event, simulated), its tree counts them -----
+        page.goto(f"{server.url}/console/journeys")
+        expect(page.locator("#journeys")).to_contain_text("新客欢迎")
+        newcomer = next(c for c in contacts[2:] if c["id"] not in testers)["id"]
+        server.on_loop(lambda: gateway.emit(EventKind.CONTACT_ADDED, contact_id=newcomer))
+        page.click("text=新客欢迎")
+        later = page.locator('#journey-tree [data-step="later"] > .node .here b')
+        for _ in range(100):  # the journey runner enrols them in the background: reload until it has
+            if later.inner_text() == "1":
+                break
+            page.wait_for_timeout(100)
+            page.reload()
+        expect(later).to_have_text("1")
+        expect(page.locator("#journey-active")).to_have_text("1")
+        expect(page.locator('#journey-tree [data-step="vip_tip"]')).to_be_visible()  # the if's branches nested
+        snap("14-journey-tree")
+        page.goto(f"{server.url}/console/customers/{newcomer}")
+        expect(page.locator("#customer-journeys")).to_contain_text("welcome")
+        expect(page.locator("#opt-out")).to_contain_text("未退订")
+        snap("15-customer-journey")
+
         page.goto(f"{server.url}/console/customers?lang=en")
         expect(page.locator("h1")).to_contain_text("Customers")
-        snap("14-customers-english")
+        snap("16-customers-english")
         browser.close()
     shutil.rmtree(profile, ignore_errors=True)
     phone.http.close()
@@ -278,6 +303,7 @@ def test_a_marketers_day_in_the_browser(server: LiveServer, shots: Path, capsys:
     expected = {c["id"]: 4 for c in contacts}  # four parts each ...
     for tester in testers:
         expected[tester] += 4  # ... and the test send's again
+    expected[newcomer] += 1  # ... and the journey's welcome
     assert received == expected, "each VIP got the campaign's four parts once (testers also the test), nobody else"
     assert not broken, f"script errors on the pages: {broken}"
     # The only refusals are the two the test asked for: the wrong key and the wrong code.

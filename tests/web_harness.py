@@ -3,11 +3,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 import uvicorn
@@ -16,6 +18,8 @@ from engine.scheduler import CampaignScheduler
 from engine.service import Wecast
 from engine.settings import Settings
 from engine.web.app import create_app
+
+T = TypeVar("T")
 
 CAMPAIGN = """\
 id: vip_daily
@@ -105,6 +109,15 @@ class LiveServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+    def on_loop(self, fn: Callable[[], T]) -> T:
+        """Run `fn` on the server's event loop, as a gateway's stream delivers an event there, and return its result."""
+        loop = self.server.servers[0].get_loop()
+
+        async def call() -> T:
+            return fn()
+
+        return asyncio.run_coroutine_threadsafe(call(), loop).result(30)
 
     def stop(self) -> None:
         self.server.should_exit = True

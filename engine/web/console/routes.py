@@ -31,6 +31,7 @@ from engine.messages import IMAGE_TYPES, ImagePart, LinkPart, Media, Message, Mi
 from engine.views import DeliveryView, PreviewView, Problem, RunView
 from engine.web import api
 from engine.web.console.charts import bars, sends_over_time
+from engine.web.console.journeys import JourneyCounts, tree
 from engine.web.console.templating import build_environment, language_of, translator
 from engine.web.context import WebContext
 from engine.web.errors import answer_for, describe_invalid
@@ -40,8 +41,11 @@ from engine.web.sessions import COOKIE, Session, SessionKind, SessionTokens, coo
 from storage import contacts as contacts_db
 from storage import deliveries as deliveries_db
 from storage import events as events_db
+from storage import journeys as journeys_db
+from storage import optouts as optouts_db
 from storage import runs as runs_db
 from storage.contacts import ContactFilter
+from storage.journeys import StepCount
 from storage.models import DeliveryStatus, RunStatus
 
 LANG_COOKIE = "wecast_lang"
@@ -428,13 +432,17 @@ def router(ctx: WebContext, sessions: SessionTokens) -> APIRouter:
         if not found.rows:
             return ui.notice(request, NotFoundError(f"no contact {contact_id!r}"))
         history = deliveries_db.list_deliveries(app.db, contact_id=contact_id, limit=PAGE_SIZE)
-        # Integration point (issue 9, journeys): the contact's opt-out state and journey enrolments are shown here
-        # once storage.optouts and storage.journeys land on main.
+        path = journeys_db.contact_path(app.db, contact_id)
         return page(
             request,
             "customer.html",
             contact=found.rows[0],
             deliveries=[DeliveryView.from_row(d) for d in history],
+            opted_out=contact_id in optouts_db.opted_out(app.db, [contact_id]),
+            enrolments=[
+                (e, [p for p in path if p.enrolment_id == e.id])
+                for e in journeys_db.enrolments(app.db, contact_id=contact_id, limit=PAGE_SIZE)
+            ],
         )
 
     # -- campaigns -------------------------------------------------------------------------------
@@ -629,10 +637,35 @@ def router(ctx: WebContext, sessions: SessionTokens) -> APIRouter:
         )
 
     # -- journeys --------------------------------------------------------------------------------
+    def journey_counts(journey_id: str, counts: list[StepCount]) -> JourneyCounts:
+        return JourneyCounts.of(journey_id, counts, journeys_db.passed_counts(app.db, journey_id))
+
     @r.get("/journeys", response_class=HTMLResponse)
     def journeys(request: Request) -> HTMLResponse:
-        # Integration point (issue 9): the journey list, each journey's steps as a tree with the count of
-        # contacts at each step, once engine.journeys and storage.journeys land on main.
-        return page(request, "journeys.html")
+        counts = journeys_db.step_counts(app.db)
+        loaded = sorted(app.journeys.journeys.values(), key=lambda j: j.id)
+        _, errors = ctx.campaigns()
+        return page(
+            request,
+            "journeys.html",
+            items=[(j, journey_counts(j.id, counts)) for j in loaded],
+            problems=Problem.all_of(errors),
+        )
+
+    @r.get("/journeys/{journey_id}", response_class=HTMLResponse)
+    def journey(request: Request, journey_id: Annotated[str, PathParam(max_length=64)]) -> HTMLResponse:
+        found = app.journeys.journeys.get(journey_id)
+        if found is None:
+            return ui.notice(request, NotFoundError(f"no journey {journey_id!r} in {app.settings.campaigns_dir}"))
+        counts = journey_counts(found.id, journeys_db.step_counts(app.db, found.id))
+        return page(
+            request,
+            "journey.html",
+            j=found,
+            counts=counts,
+            nodes=tree(found, counts),
+            recent=journeys_db.enrolments(app.db, journey_id=found.id, limit=PAGE_SIZE),
+            yaml=found.file.read_text(encoding="utf-8", errors="replace") if found.file.is_file() else "",
+        )
 
     return r

@@ -25,7 +25,7 @@ from jinja2 import Environment, PackageLoader, StrictUndefined
 from engine.audience import ExclusionCategory
 from engine.gateways.base import LoginState
 from engine.i18n import Language, negotiate
-from storage.models import DeliveryStatus, RunStatus
+from storage.models import DeliveryStatus, EnrolmentStatus, RunStatus
 
 LOCALE_DIR = Path(__file__).parent / "locale"
 DOMAIN = "console"
@@ -58,6 +58,13 @@ LOGIN_TEXT: dict[str, str] = {
     LoginState.SCANNED: N_("Scanned: confirm on the phone"),
     LoginState.WAITING_VERIFY_CODE: N_("Waiting for the code"),
     LoginState.LOGGED_IN: N_("Logged in"),
+}
+
+ENROLMENT_TEXT: dict[str, str] = {
+    EnrolmentStatus.ACTIVE: N_("in progress"),
+    EnrolmentStatus.SENDING: N_("sending"),
+    EnrolmentStatus.COMPLETED: N_("completed"),
+    EnrolmentStatus.EXITED: N_("left early"),
 }
 
 CATEGORY_TEXT: dict[str, str] = {
@@ -128,5 +135,11 @@ def build_environment(tz: ZoneInfo) -> Environment:
     env.filters["local"] = lambda value, seconds=False: local_time(value, tz, seconds=seconds)
     env.filters["number"] = lambda n: f"{n:,}"
     env.filters["schedule"] = schedule_text
-    env.globals.update(STATUS_TEXT=STATUS_TEXT, LOGIN_TEXT=LOGIN_TEXT, CATEGORY_TEXT=CATEGORY_TEXT, qs=query_string)
+    env.globals.update(
+        STATUS_TEXT=STATUS_TEXT,
+        LOGIN_TEXT=LOGIN_TEXT,
+        ENROLMENT_TEXT=ENROLMENT_TEXT,
+        CATEGORY_TEXT=CATEGORY_TEXT,
+        qs=query_string,
+    )
     return env
