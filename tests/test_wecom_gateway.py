@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 
 from engine.clock import FakeClock
-from engine.errors import PermanentError, UnknownOutcomeError
+from engine.errors import PermanentError, RateLimitedError, UnknownOutcomeError
 from engine.gateways.base import BatchOutcome, ContactRecord, EventKind, Gateway, GatewayEvent
 from engine.gateways.wecom.crypto import CallbackError
 from engine.messages import FilePart, ImagePart, LinkPart, Media, Message, MiniProgramPart, TextPart
@@ -319,3 +320,22 @@ async def test_callbacks_without_configured_secrets_are_refused(tmp_path: Path) 
         query, body = r.fake.callback(r.fake.add_customer("zhangwei"))
         with pytest.raises(CallbackError, match="WECAST_WECOM_CALLBACK_TOKEN"):
             r.gateway.receive_callback(query["msg_signature"], query["timestamp"], query["nonce"], body)
+
+
+async def test_staff_and_robot_notifications(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A summary reaches staff through message/send (unknown userids reported back) and a group through the robot's
+    webhook; the robot's 21st message in a minute is throttled (45009); the robot's key is never logged."""
+    caplog.set_level(logging.DEBUG)
+    settings = {"agent_id": 1000002, "webhook_key": "fake-robot-key", "max_retries": 0}
+    async with running(tmp_path, customers=2, staff=2, settings=settings) as r:
+        missing = await r.gateway.notify_staff("会员日：已发送 120 条", ["zhangwei", "nobody"])
+        assert missing == ["nobody"]
+        assert r.fake.staff_messages == [("zhangwei", "会员日：已发送 120 条")]
+        with pytest.raises(PermanentError):
+            await r.gateway.notify_staff("x", ["nobody"])
+        for i in range(20):
+            await r.gateway.notify_robot(f"第 {i} 条")
+        assert len(r.fake.robot_messages) == 20
+        with pytest.raises(RateLimitedError):
+            await r.gateway.notify_robot("第 21 条")
+    assert all("fake-robot-key" not in rec.getMessage() for rec in caplog.records)

@@ -170,6 +170,12 @@ class WecomClient:
         """A POST with a JSON body. `idempotent=False` for calls that must not be repeated blindly."""
         return await self._call(api, "POST", body=body, idempotent=idempotent)
 
+    async def webhook(self, key: str, body: JSON) -> JSON:
+        """A group robot's `webhook/send` (its key is its credential: no access token; masked in httpx's log)."""
+        return await self._call(
+            "webhook/send", "POST", params={"key": key}, body=body, with_token=False, idempotent=False
+        )
+
     async def upload(self, media_type: str, filename: str, content: bytes, mime: str) -> JSON:
         """`media/upload` of one file (a new media id each time: repeating it only wastes an upload)."""
         files = {"media": (filename, content, mime or "application/octet-stream")}

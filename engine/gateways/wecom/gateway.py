@@ -376,6 +376,11 @@ class WecomGateway(Gateway):
             found = await self._find_task(row, content)
             if found is not None:
                 return found
+            if row.sender != sender:  # the contacts were re-synced in between: the key's task stays its sender's
+                log.warning(
+                    "wecom: task key %s was first tried for %s, not %s: kept", idempotency_key, row.sender, sender
+                )
+                sender = row.sender
             first_attempt = False
         else:
             row = await asyncio.to_thread(
@@ -505,6 +510,30 @@ class WecomGateway(Gateway):
             if exc.reason_code != "cancelled":  # already cancelled: the same end state
                 raise
         await asyncio.to_thread(self.store.cancel_task, task_id, self._now())
+
+    # -- internal notifications (to staff, not customers) ------------------------------------------------
+    async def notify_staff(self, text: str, userids: Sequence[str]) -> list[str]:
+        """An application message (`message/send`, the app `wecom.agent_id`) to staff members, e.g. a run's summary.
+        Returns the userids WeCom could not reach (all unreachable: a PermanentError). WeCom drops more than 30 a
+        minute per member silently, so this is for summaries, not chatter."""
+        self._require_login()
+        if self.settings.agent_id is None:
+            raise PermanentError("notifying staff needs wecom.agent_id (the app's AgentId)")
+        body: JSON = {
+            "touser": "|".join(userids),
+            "msgtype": "text",
+            "agentid": self.settings.agent_id,
+            "text": {"content": text},
+        }
+        data = await self.client.post("message/send", body, idempotent=False)
+        return [u for u in customers.text(data.get("invaliduser")).split("|") if u]
+
+    async def notify_robot(self, text: str) -> None:
+        """A text through the group robot of `wecom.webhook_key` (20 messages a minute per robot)."""
+        if self.settings.webhook_key is None:
+            raise PermanentError("a group robot needs wecom.webhook_key (WECAST_WECOM_WEBHOOK_KEY)")
+        body: JSON = {"msgtype": "text", "text": {"content": text}}
+        await self.client.webhook(self.settings.webhook_key.get_secret_value(), body)
 
     # -- welcome ---------------------------------------------------------------------------------
     async def send_welcome(self, welcome_code: str, message: Message) -> SendReceipt:
