@@ -110,6 +110,11 @@ def run_view(ctx: WebContext, run: RunRow) -> RunView:
     return RunView.from_row(run, counts, dispatching=ctx.workers.task(run.id) is not None)
 
 
+def run_by_id(ctx: WebContext, run_id: int) -> RunView:
+    """One run with its delivery counts (NotFoundError when there is none); reads the database."""
+    return run_view(ctx, _run(ctx, run_id))
+
+
 def _run(ctx: WebContext, run_id: int) -> RunRow:
     run = runs_db.get_run(ctx.app.db, run_id)
     if run is None:

@@ -528,7 +528,7 @@ def router(ctx: WebContext, sessions: SessionTokens) -> APIRouter:
 
     # -- runs ------------------------------------------------------------------------------------
     def run_page_values(run_id: int) -> dict[str, Any]:
-        run = api.run_view(ctx, api._run(ctx, run_id))
+        run = api.run_by_id(ctx, run_id)
         times = deliveries_db.send_times(app.db, run_id, [DeliveryStatus.SENT, DeliveryStatus.SUBMITTED])
         reasons = deliveries_db.reason_counts(
             app.db, run_id, [DeliveryStatus.FAILED, DeliveryStatus.UNKNOWN, DeliveryStatus.SKIPPED]
