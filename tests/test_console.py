@@ -566,3 +566,20 @@ def test_a_journeys_tree_counts_the_contacts_at_each_step(open_server: LiveServe
     customer = client.get(f"/console/customers/{newcomer}").text
     assert 'href="/console/journeys/welcome"' in customer and "<code>hello</code>" in customer
     assert "subscribed" not in customer and "未退订" in customer
+
+
+def test_the_new_device_check_shows_its_second_qr(tmp_path: Path) -> None:
+    """When WeCom asks to confirm a new device after the code, the login panel says so and shows the second QR;
+    once it is scanned the account is logged in."""
+    settings = make_settings(tmp_path, sandbox={"second_verification": True})
+    with LiveServer(settings) as server:
+        client = httpx.Client(base_url=server.url, timeout=30)
+        h = {"x-csrf-token": csrf_of(client.get("/console/login").text), "hx-request": "true"}
+        client.post("/console/login/start", json={}, headers=h)
+        client.post("/console/login/sandbox-scan", json={}, headers=h)
+        gateway = server.app.gateway
+        assert isinstance(gateway, SandboxGateway)
+        second = client.post("/console/login/verify", json={"verifyCode": gateway.sandbox_phone_code()}, headers=h)
+        assert second.status_code == 200 and "新设备安全验证" in second.text and 'id="login-qr"' in second.text
+        done = client.post("/console/login/sandbox-scan", json={}, headers=h)
+        assert 'data-state="logged_in"' in done.text
