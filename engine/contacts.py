@@ -4,28 +4,46 @@ Sync pages through `Gateway.list_contacts`, upserts each page in its own transac
 100,000 contacts never holds one huge transaction), and at the end marks contacts the gateway no longer
 lists as removed (their delivery history stays). Database writes run off the event loop.
 
+**A half-done sync is never a contact list.** Each sync is a generation (`contact_syncs`), marked finished in the
+transaction that ends it; until then the list is incomplete (`list_state`), and planning refuses it
+(`require_whole_list`, so a sync killed midway never sends a run to the fraction it wrote). `Wecast.ensure_contacts`
+finishes it first (syncs again). One sync at a time across processes: a process that finds another one's sync
+running (its owner alive, `engine.owners`) waits for it, then syncs; the writes are safe even when two overlap.
+
 Every sync (and every refresh of one contact) records how the contact list changed — new contacts, removed ones,
 tags added and removed — as customer events in the journeys' inbox (`engine.journeys.events.diff`), so a journey
-triggered by one of them enters even when the gateway's own event was missed. The first sync of an empty database
-is the baseline: it records nothing.
+triggered by one of them enters even when the gateway's own event was missed. Each page's changes are recorded in
+that page's transaction, and the removals in the one that finishes the sync: a sync killed and run again records
+each change once. Until a first sync has finished the list is the baseline: it records nothing.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import dataclasses
-from collections.abc import Callable
+import logging
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from enum import StrEnum
 
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, Engine
 
 from engine.blocking import off_loop
 from engine.clock import Clock, SystemClock
+from engine.errors import WecastError
 from engine.gateways.base import ContactRecord, Gateway, TagRecord
+from engine.i18n import tr
 from engine.journeys.events import SYNC, diff
+from engine.owners import owner_alive, process_owner
 from storage import contacts as contacts_db
 from storage import journeys as journeys_db
-from storage.contacts import ContactRow, TagRow
+from storage.contacts import ContactRow, SyncRow, TagRow
+from storage.db import transaction
+
+log = logging.getLogger("wecast.contacts")
+WAIT_STEP = 0.5  # seconds between two looks at another process's sync in progress
 
 SyncProgress = Callable[[int, int | None], None]  # (contacts seen so far, total if the gateway knows it)
 
@@ -55,6 +73,39 @@ def tag_to_row(t: TagRecord) -> TagRow:
     return TagRow(t.id, t.name, t.group_name, t.type)
 
 
+class ListState(StrEnum):
+    """How whole the synced contact list is."""
+
+    EMPTY = "empty"  # never synced
+    INCOMPLETE = "incomplete"  # its latest sync has not finished (killed midway, or still running somewhere)
+    WHOLE = "whole"
+
+
+def list_state(db: Engine | Connection) -> ListState:
+    """How whole the contact list is (see `ListState`)."""
+    latest = contacts_db.latest_sync(db)
+    if latest is not None and not latest.finished:
+        return ListState.INCOMPLETE
+    return ListState.WHOLE if latest is not None or contacts_db.count_contacts(db) else ListState.EMPTY
+
+
+def require_whole_list(db: Engine | Connection) -> None:
+    """Refuse to plan on a list that a sync left half-written: a WecastError saying which sync and what to do."""
+    latest = contacts_db.latest_sync(db)
+    if latest is None or latest.finished:
+        return
+    started = f"{latest.started_at:%Y-%m-%d %H:%M:%S} UTC" if latest.started_at else "?"
+    raise WecastError(
+        tr(
+            "the contact list is incomplete: contact sync {sync} (started {started}) has not finished — it was "
+            "interrupted, or another process is still running it; run `wecast contacts sync` (a run syncs first "
+            "when the account is logged in)",
+            sync=latest.id,
+            started=started,
+        )
+    )
+
+
 async def sync_contacts(
     gateway: Gateway,
     db: Engine,
@@ -63,11 +114,24 @@ async def sync_contacts(
     page_size: int = 500,
     progress: SyncProgress | None = None,
 ) -> SyncResult:
-    """Pull every contact and tag from the gateway into the database."""
+    """Pull every contact and tag from the gateway into the database (see the module docstring)."""
     clock = clock or SystemClock()
-    now = clock.now()
+    sync = await _begin(db, clock, process_owner())
+    try:
+        return await _sync(gateway, db, sync, clock, page_size, progress)
+    except BaseException:
+        # Stopped by an error or a cancel (a kill -9 leaves the owner instead, judged by its pid and heartbeat):
+        # the next sync need not wait for this one, and the list stays incomplete until one finishes.
+        with contextlib.suppress(Exception):
+            await asyncio.shield(off_loop(contacts_db.abandon_sync, db, sync.id))
+        raise
+
+
+async def _sync(
+    gateway: Gateway, db: Engine, sync: SyncRow, clock: Clock, page_size: int, progress: SyncProgress | None
+) -> SyncResult:
     result = SyncResult()
-    before = await off_loop(journeys_db.contact_states, db)
+    baseline = not await off_loop(contacts_db.ever_synced, db)
     tags = await gateway.list_tags()
     await off_loop(contacts_db.upsert_tags, db, [tag_to_row(t) for t in tags])
     result.tags = len(tags)
@@ -77,23 +141,87 @@ async def sync_contacts(
         page = await gateway.list_contacts(cursor, page_size)
         fresh = [c for c in page.contacts if c.id not in seen]
         seen.update(c.id for c in fresh)
-        added, updated = await off_loop(contacts_db.upsert_contacts, db, [record_to_row(c) for c in fresh], now)
+        added, updated, events = await off_loop(
+            _write_page, db, sync.id, [record_to_row(c) for c in fresh], clock.now(), baseline
+        )
         result.added += added
         result.updated += updated
+        result.events += events
         if progress:
             progress(len(seen), page.total)
         if page.next_cursor is None:
             break
         cursor = page.next_cursor
-    result.removed = await off_loop(contacts_db.mark_removed, db, seen, now)
+    removed, events = await off_loop(_finish, db, sync.id, seen, clock.now(), baseline)
+    result.removed = removed
+    result.events += events
     result.seen = len(seen)
-    if before:  # the first sync of a database is the baseline: its contacts are not "new"
-        result.events = await off_loop(_record_changes, db, before, None, now, SYNC)
     return result
 
 
+async def _running_elsewhere(db: Engine, clock: Clock, announced: bool) -> SyncRow | None:
+    """The latest sync, if it is unfinished and its owner alive (another process is running it); logs that once."""
+    latest = await off_loop(contacts_db.latest_sync, db)
+    if latest is None or latest.finished or not owner_alive(latest.owner, latest.heartbeat_at, clock.now()):
+        return None
+    if not announced:
+        log.info("contact sync %s is running in another process (%s): waiting for it", latest.id, latest.owner)
+    return latest
+
+
+async def wait_for_syncs(db: Engine, clock: Clock) -> ListState:
+    """Wait while another process's sync is running (its owner alive), then say how whole the list is."""
+    announced = False
+    while await _running_elsewhere(db, clock, announced):
+        announced = True
+        await clock.sleep(WAIT_STEP)
+    return await off_loop(list_state, db)
+
+
+async def _begin(db: Engine, clock: Clock, owner: str) -> SyncRow:
+    """Start a sync generation — after waiting for another process's sync, while its owner is alive."""
+    while True:
+        await wait_for_syncs(db, clock)
+        latest = await off_loop(contacts_db.latest_sync, db)
+        started = await off_loop(contacts_db.begin_sync, db, owner, clock.now(), after=latest.id if latest else 0)
+        if started is not None:
+            if latest is not None and not latest.finished:
+                log.warning("contact sync %s did not finish (interrupted): syncing again as %s", latest.id, started.id)
+            return started
+
+
+def _write_page(
+    db: Engine, sync_id: int, rows: Sequence[ContactRow], now: datetime, baseline: bool
+) -> tuple[int, int, int]:
+    """One page of a sync in one transaction: the contacts, the customer events their changes make, the heartbeat.
+    Returns (added, updated, events recorded)."""
+    ids = [r.id for r in rows]
+    with transaction(db) as conn:
+        before = {} if baseline else journeys_db.contact_states(conn, ids)
+        added, updated = contacts_db.upsert_contacts(conn, rows, now)
+        events = 0 if baseline else _record_changes(conn, before, ids, now, SYNC)
+        contacts_db.sync_heartbeat(conn, sync_id, now)
+    return added, updated, events
+
+
+def _finish(db: Engine, sync_id: int, seen: set[str], now: datetime, baseline: bool) -> tuple[int, int]:
+    """End a sync in one transaction: the contacts it did not find marked removed (and their removals recorded),
+    the sync marked finished. Returns (removed, events recorded)."""
+    with transaction(db) as conn:
+        gone = contacts_db.unlisted(conn, seen)
+        before = {} if baseline else journeys_db.contact_states(conn, gone)
+        removed = contacts_db.mark_gone(conn, gone, now)
+        events = 0 if baseline or not gone else _record_changes(conn, before, gone, now, SYNC)
+        contacts_db.finish_sync(conn, sync_id, len(seen), now)
+    return removed, events
+
+
 def _record_changes(
-    db: Engine, before: dict[str, journeys_db.ContactState], ids: list[str] | None, now: datetime, source: str
+    db: Engine | Connection,
+    before: dict[str, journeys_db.ContactState],
+    ids: list[str] | None,
+    now: datetime,
+    source: str,
 ) -> int:
     """Record the changes between `before` and the contacts now stored (all, or `ids`) as customer events."""
     after = journeys_db.contact_states(db, ids)

@@ -32,9 +32,7 @@ import asyncio
 import hashlib
 import logging
 import math
-import os
 import random
-import socket
 import uuid
 from collections.abc import Callable, Mapping
 from contextlib import nullcontext
@@ -53,6 +51,7 @@ from engine.gateways.base import BatchOutcome, Gateway, LoginStatus
 from engine.i18n import tr
 from engine.messages import Message, PartKind, part_key
 from engine.outcome import Outcome, Verdict, classify
+from engine.owners import BEAT_WITHIN, HEARTBEAT_EVERY, owner_alive, process_owner
 from engine.runsettings import RunSettings
 from engine.settings import Settings
 from storage import contacts as contacts_db
@@ -65,9 +64,7 @@ from storage.models import OPEN_STATUSES, DeliveryStatus, PartStatus, RunStatus
 from storage.runs import RunRow
 
 log = logging.getLogger("wecast.dispatch")
-HEARTBEAT_EVERY = 5.0
 RECONCILE_EVERY = 30.0  # seconds between asking about mass-message tasks staff have not confirmed yet
-STALE_AFTER = timedelta(seconds=60)
 
 
 @dataclass
@@ -99,28 +96,6 @@ class Halt(Enum):
     NOT_RUNNING = "the run is no longer running"
     TOO_MANY_ERRORS = "max_errors reached"
     QUIET_HOURS = "quiet hours"
-
-
-def process_owner() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-
-
-def owner_alive(owner: str, heartbeat: datetime | None, now: datetime) -> bool:
-    """Whether the process that owns a run may still be sending it."""
-    if not owner:
-        return False
-    host, _, rest = owner.partition(":")
-    pid_text = rest.split(":", 1)[0]
-    fresh = heartbeat is not None and now - heartbeat < STALE_AFTER
-    if host == socket.gethostname() and pid_text.isdigit():
-        try:
-            os.kill(int(pid_text), 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return fresh
-        return fresh
-    return fresh
 
 
 class Pacer:
@@ -913,6 +888,7 @@ class _RunSender:
             stop = asyncio.ensure_future(self.d.stopping.wait())
             await asyncio.wait({login, stop}, return_when=asyncio.FIRST_COMPLETED)
             stop.cancel()
+            await self._beat()
             if not login.done():
                 login.cancel()
                 return await self.d.gateway.login_status()
@@ -932,21 +908,26 @@ class _RunSender:
         await self._beat()
 
     async def _wait_inflight(self) -> None:
-        if self.inflight:
-            await asyncio.wait(set(self.inflight))
+        while self.inflight:
+            await asyncio.wait(set(self.inflight), timeout=BEAT_WITHIN)
+            await self._beat()
         await self._flush()
 
     async def _idle(self, seconds: float) -> None:
+        """Wait `seconds` (on the clock) or until stopped, beating at least every `BEAT_WITHIN` seconds meanwhile."""
         await self._flush()
         await self._beat()
         if seconds <= 0:
             await asyncio.sleep(0)
             return
-        stop = asyncio.ensure_future(self.d.stopping.wait())
-        nap = asyncio.ensure_future(self.d.clock.sleep(seconds))
-        await asyncio.wait({stop, nap}, return_when=asyncio.FIRST_COMPLETED)
-        for f in (stop, nap):
-            f.cancel()
+        end = self.d.clock.monotonic() + seconds
+        while not self.d.stopping.is_set() and (left := end - self.d.clock.monotonic()) > 0:
+            stop = asyncio.ensure_future(self.d.stopping.wait())
+            nap = asyncio.ensure_future(self.d.clock.sleep(min(left, BEAT_WITHIN)))
+            await asyncio.wait({stop, nap}, return_when=asyncio.FIRST_COMPLETED)
+            for f in (stop, nap):
+                f.cancel()
+            await self._beat()
 
     async def drain(self) -> None:
         """Let in-flight sends finish and record everything, then give back unsent claims."""

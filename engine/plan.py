@@ -24,6 +24,7 @@ from sqlalchemy.engine import Engine
 
 from engine import audience as aud
 from engine.audience import OPTED_OUT_REASON, ExclusionCategory, ReasonCode
+from engine.contacts import require_whole_list
 from engine.errors import NotFoundError, TemplateError
 from engine.i18n import tr
 from engine.message_spec import Check, describe_problems, render_messages
@@ -229,12 +230,15 @@ def build_preview(
     contacts: list[ContactView] | None = None,
     policies: bool = True,
 ) -> Preview:
-    """Everything a run would do, computed without writing anything (read in one snapshot of the database).
+    """Everything a run would do, computed without writing anything (read in one snapshot of the database); a
+    contact list that a sync left half-written is refused (`engine.contacts.require_whole_list`).
     `policies=False` leaves out what depends on earlier sends (dedupe, the frequency cap): validation checks the
     template against everyone the targeting selects, whatever was sent today."""
     key = run_key_for(campaign, now, run_key)
     cap = campaign.frequency_cap if policies else None
     with snapshot(db) as conn:
+        if policies and contacts is None:
+            require_whole_list(conn)  # never who a half-done sync happened to write
         views = (
             contacts if contacts is not None else contacts_db.load_contact_views(conn, columns=needed_columns(campaign))
         )

@@ -45,6 +45,7 @@ from typing import Any
 
 from engine.blocking import off_loop
 from engine.clock import Clock
+from engine.contacts import ListState
 from engine.definitions import Definitions, load_definitions
 from engine.errors import CampaignError, WecastError
 from engine.gateways.base import EventKind, GatewayEvent
@@ -324,14 +325,18 @@ class CampaignScheduler:
                 )
             self._deferred.add(campaign.id)
             return []
-        if await off_loop(self.app.contact_count) == 0:
+        if await off_loop(self.app.contact_list) is not ListState.WHOLE:
             await self.app.ensure_contacts()
-            if await off_loop(self.app.contact_count) == 0:
+            state = await off_loop(self.app.contact_list)
+            if state is not ListState.WHOLE:
                 if campaign.id not in self._deferred:
                     log.warning(
-                        "campaign %s: fire at %s waits: no contacts synced yet (log in first)",
+                        "campaign %s: fire at %s waits: %s",
                         campaign.id,
                         self._show(due[-1]),
+                        "no contacts synced yet (log in first)"
+                        if state is ListState.EMPTY
+                        else "the last contact sync did not finish (log in, or wait for the sync running elsewhere)",
                     )
                 self._deferred.add(campaign.id)
                 return []

@@ -18,11 +18,12 @@ from sqlalchemy.engine import Engine
 
 from engine.blocking import off_loop
 from engine.clock import Clock, SystemClock
-from engine.contacts import SyncProgress, SyncResult, sync_contacts
+from engine.contacts import ListState, SyncProgress, SyncResult, list_state, sync_contacts, wait_for_syncs
 from engine.dispatch import Dispatcher, Progress, Reconciled, RunSummary, reconcile_run
 from engine.errors import NotFoundError, WecastError
 from engine.gateways.base import Gateway
 from engine.gateways.registry import build_gateway
+from engine.i18n import tr
 from engine.journeys.runtime import JourneyEngine
 from engine.media import MediaStore
 from engine.message_spec import Attachment, direct_message
@@ -102,13 +103,26 @@ class Wecast:
             self.journeys.poke()
         return result
 
+    def contact_list(self) -> ListState:
+        """How whole the synced contact list is (never synced, a sync unfinished, whole)."""
+        return list_state(self.db)
+
     async def ensure_contacts(self) -> SyncResult | None:
-        """Sync once if the database has no contacts yet (a fresh install)."""
-        if await off_loop(self.contact_count) == 0:
-            status = await self.gateway.login_status()
-            if status.logged_in:
-                return await self.sync()
-        return None
+        """Sync unless the contact list is whole: never synced (a fresh install), or its last sync did not finish
+        (killed midway, or running in another process: that one is waited for first). Planning refuses a list
+        that is not whole; this finishes it first, when the account is logged in."""
+        state = await off_loop(self.contact_list)
+        if state is ListState.WHOLE:
+            return None
+        if not (await self.gateway.login_status()).logged_in:
+            return None
+        if state is ListState.INCOMPLETE:
+            log.warning(tr("the last contact sync did not finish: syncing the contacts again before planning"))
+        result = await self.sync()
+        # Another process may have started a sync while this one ran: wait for it; if it died, finish its work.
+        if await wait_for_syncs(self.db, self.clock) is ListState.INCOMPLETE:
+            result = await self.sync()
+        return result
 
     # -- campaigns -------------------------------------------------------------------------------
     def preview(self, campaign: Campaign, *, run_key: str | None = None) -> Preview:

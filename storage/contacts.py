@@ -1,4 +1,9 @@
-"""Contacts and tags: the gateway's customer list as synced, read for planning, listing and the API."""
+"""Contacts and tags: the gateway's customer list as synced, read for planning, listing and the API.
+
+A sync writes page by page (`upsert_contacts`), each page one transaction, and is recorded as a generation in
+`contact_syncs` (`begin_sync` … `finish_sync`): the list is whole when its latest sync finished. The writes are
+safe when two processes sync at once (they insert the same new contacts and tags: conflicts update, never fail).
+"""
 
 from __future__ import annotations
 
@@ -11,12 +16,13 @@ from typing import Any
 
 from sqlalchemy import ColumnElement, String, and_, cast, delete, func, or_, select, update
 
-from storage._sql import DB, aware, chunks, decode_json, reading, writing
-from storage.models import CONTACT_TAGS, CONTACTS, TAGS
+from storage._sql import DB, aware, chunks, decode_json, insert_ignore, reading, serialize, upsert, writing
+from storage.models import CONTACT_SYNCS, CONTACT_TAGS, CONTACTS, TAGS
 
 _C = CONTACTS.c
 _T = TAGS.c
 _CT = CONTACT_TAGS.c
+_S = CONTACT_SYNCS.c
 CONTACT_COLUMNS = tuple(c.name for c in CONTACTS.columns)
 
 # A contact as planning reads it: its columns by name (only those asked for), plus `tags` (a frozenset of tag
@@ -112,15 +118,14 @@ def upsert_tags(db: DB, tags: Sequence[TagRow]) -> None:
     if not tags:
         return
     with writing(db) as conn:
-        existing = {r.id for r in conn.execute(select(_T.id))}
-        new = [dataclasses.asdict(t) for t in tags if t.id not in existing]
-        if new:
-            conn.execute(TAGS.insert(), new)
-        for t in tags:
-            if t.id in existing:
-                conn.execute(
-                    update(TAGS).where(_T.id == t.id).values(name=t.name, group_name=t.group_name, type=t.type)
-                )
+        serialize(conn, _SYNC_LOCK)
+        unique = {t.id: dataclasses.asdict(t) for t in tags}
+        upsert(conn, TAGS, list(unique.values()), ("id",))
+
+
+# Two processes syncing at once write the same rows: on PostgreSQL their page transactions take turns (on SQLite
+# writers always do), so neither deadlocks on the other's rows.
+_SYNC_LOCK = "wecast-contacts"
 
 
 _SYNCED = [
@@ -143,6 +148,7 @@ def upsert_contacts(db: DB, contacts: Sequence[ContactRow], now: datetime) -> tu
     if not contacts:
         return 0, 0
     with writing(db) as conn:
+        serialize(conn, _SYNC_LOCK)
         known = {r.id for r in conn.execute(select(_T.id))}
         fresh = [_columns(c) for c in contacts]
         for values in fresh:
@@ -164,8 +170,8 @@ def upsert_contacts(db: DB, contacts: Sequence[ContactRow], now: datetime) -> tu
                 or (values.get("added_at") and old.get("added_at") != values.get("added_at"))
             ):
                 changed.append(values)
-        if new_rows:
-            conn.execute(CONTACTS.insert(), new_rows)
+        if new_rows:  # another process syncing at once may have inserted them since they were read
+            upsert(conn, CONTACTS, new_rows, ("id",))
         for values in changed:
             conn.execute(
                 update(CONTACTS)
@@ -175,8 +181,7 @@ def upsert_contacts(db: DB, contacts: Sequence[ContactRow], now: datetime) -> tu
         for part in chunks(ids):
             conn.execute(delete(CONTACT_TAGS).where(_CT.contact_id.in_(part)))
         links = [{"contact_id": v["id"], "tag_id": t} for v in fresh for t in v["tag_ids"]]
-        if links:
-            conn.execute(CONTACT_TAGS.insert(), links)
+        insert_ignore(conn, CONTACT_TAGS, links)
     return len(new_rows), len(changed)
 
 
@@ -193,19 +198,17 @@ def follow_users(db: DB, ids: Sequence[str]) -> dict[str, tuple[str, ...]]:
     return out
 
 
-def mark_removed(db: DB, seen_ids: set[str], now: datetime) -> int:
-    """Contacts the gateway no longer lists are marked removed (kept: their delivery history matters)."""
-    with writing(db) as conn:
+def unlisted(db: DB, seen_ids: set[str]) -> list[str]:
+    """The contacts (not removed yet) that are not among `seen_ids`: those a sync no longer found."""
+    with reading(db) as conn:
         current = {r.id for r in conn.execute(select(_C.id).where(_C.removed_at.is_(None)))}
-        gone = sorted(current - seen_ids)
-        for part in chunks(gone):
-            conn.execute(update(CONTACTS).where(_C.id.in_(part)).values(removed_at=now, updated_at=now))
-    return len(gone)
+    return sorted(current - seen_ids)
 
 
 def mark_gone(db: DB, ids: Sequence[str], now: datetime) -> int:
     """These contacts are no longer in the gateway's list (a refresh found them gone): marked removed."""
     with writing(db) as conn:
+        serialize(conn, _SYNC_LOCK)
         changed = 0
         for part in chunks(ids):
             changed += (
@@ -217,6 +220,65 @@ def mark_gone(db: DB, ids: Sequence[str], now: datetime) -> int:
                 or 0
             )
     return changed
+
+
+@dataclass(frozen=True, slots=True)
+class SyncRow:
+    """One contact sync (see `storage.models.ContactSync`)."""
+
+    id: int
+    owner: str
+    started_at: datetime | None
+    heartbeat_at: datetime | None
+    finished_at: datetime | None
+    seen: int
+
+    @property
+    def finished(self) -> bool:
+        return self.finished_at is not None
+
+
+def latest_sync(db: DB) -> SyncRow | None:
+    """The most recent sync (finished or not), or None when the list was never synced."""
+    with reading(db) as conn:
+        row = conn.execute(select(CONTACT_SYNCS).order_by(_S.id.desc()).limit(1)).first()
+    return SyncRow(**row._mapping) if row else None
+
+
+def ever_synced(db: DB) -> bool:
+    """Whether any sync finished: the first one to finish is the baseline of the customer events."""
+    with reading(db) as conn:
+        return conn.execute(select(_S.id).where(_S.finished_at.is_not(None)).limit(1)).first() is not None
+
+
+def begin_sync(db: DB, owner: str, now: datetime, *, after: int) -> SyncRow | None:
+    """Start the sync after generation `after` (0 for the first) for `owner` — unless another process started that
+    generation first (its key is taken): then None."""
+    started = SyncRow(after + 1, owner, now, now, None, 0)
+    with writing(db) as conn:
+        if not insert_ignore(conn, CONTACT_SYNCS, [dataclasses.asdict(started)]):
+            return None
+    return started
+
+
+def sync_heartbeat(db: DB, sync_id: int, now: datetime) -> None:
+    """The sync's owner is alive (a stale heartbeat lets another process sync instead)."""
+    with writing(db) as conn:
+        conn.execute(update(CONTACT_SYNCS).where(_S.id == sync_id).values(heartbeat_at=now))
+
+
+def abandon_sync(db: DB, sync_id: int) -> None:
+    """The sync stopped before its end (an error): it has no owner any more, so the next sync need not wait for
+    it. It stays unfinished: the list it leaves is not whole."""
+    with writing(db) as conn:
+        conn.execute(update(CONTACT_SYNCS).where(_S.id == sync_id, _S.finished_at.is_(None)).values(owner=""))
+
+
+def finish_sync(db: DB, sync_id: int, seen: int, now: datetime) -> None:
+    """The sync wrote every page and marked the contacts it no longer found: the list is whole (if it is the
+    latest sync)."""
+    with writing(db) as conn:
+        conn.execute(update(CONTACT_SYNCS).where(_S.id == sync_id).values(finished_at=now, heartbeat_at=now, seen=seen))
 
 
 # -- planning -----------------------------------------------------------------------------------------

@@ -27,6 +27,7 @@ from fastapi import APIRouter, Header
 from fastapi.encoders import jsonable_encoder
 from fastapi.responses import JSONResponse
 
+from engine.contacts import ListState
 from engine.errors import NotFoundError, WecastError
 from engine.message_spec import Attachment, PartError, direct_message
 from engine.messages import Message
@@ -66,10 +67,11 @@ IdempotencyKey = Annotated[
 
 async def ensure_contacts(ctx: WebContext) -> None:
     """Contacts are served (and sends addressed) from the local copy: let a sync in progress finish, so no
-    answer is read from a half-written list, and fill the copy if it is empty (just logged in)."""
+    answer is read from a half-written list, and fill the copy if it is not whole (just logged in, or a sync was
+    interrupted)."""
     if ctx.workers.syncing:
         await ctx.workers.wait_sync()
-    if await ctx.db(ctx.app.contact_count) == 0:
+    if await ctx.db(ctx.app.contact_list) is not ListState.WHOLE:
         await ctx.require_login()
         await ctx.workers.sync(ctx.app)
 
