@@ -19,6 +19,7 @@ The capabilities decide which tests apply:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
@@ -29,7 +30,15 @@ from typing import Protocol
 import pytest
 
 from engine.errors import LoginError, NotLoggedInError, PermanentError
-from engine.gateways.base import BatchOutcome, EventKind, Gateway, LoginState, LoginStatus
+from engine.gateways.base import (
+    BatchOutcome,
+    ContactRecord,
+    EventKind,
+    Gateway,
+    GatewayEvent,
+    LoginState,
+    LoginStatus,
+)
 from engine.messages import (
     FilePart,
     ImagePart,
@@ -81,6 +90,15 @@ class GatewayDriver(Protocol):
 
     async def confirm(self) -> None:
         """Staff confirm every waiting 群发 task (task-based gateways; nothing to do for the others)."""
+
+    async def customer_writes(self, contact_id: str, text: str) -> None:
+        """The customer sends the account a text message (a driver whose far side cannot skips the test)."""
+
+    async def customer_adds(self, name: str) -> str:
+        """A new customer adds the account (and is confirmed); returns the new contact's id."""
+
+    async def customer_removes(self, contact_id: str) -> None:
+        """The customer deletes the account."""
 
 
 DriverFactory = Callable[[], AbstractAsyncContextManager[GatewayDriver]]
@@ -164,6 +182,48 @@ async def friends(gateway: Gateway) -> list[str]:
     """The ids of contacts that can receive messages (friends of the account), sorted."""
     page = await gateway.list_contacts(None, 10_000)
     return sorted(c.id for c in page.contacts if c.friend)
+
+
+class EventRecorder:
+    """Collects a gateway's events from subscription on, and waits for one without polling."""
+
+    def __init__(self, gateway: Gateway) -> None:
+        self.seen: list[GatewayEvent] = []
+        self._arrived = asyncio.Event()
+        self.unsubscribe = gateway.subscribe(self._on_event)
+
+    def _on_event(self, event: GatewayEvent) -> None:
+        self.seen.append(event)
+        self._arrived.set()
+
+    def of(self, kind: EventKind) -> list[GatewayEvent]:
+        return [e for e in self.seen if e.kind is kind]
+
+    async def wait_for(self, kind: EventKind, timeout: float = 5.0, **data: object) -> GatewayEvent:
+        """The first event of `kind` whose data has these values (waiting up to `timeout` seconds for it)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            self._arrived.clear()
+            for event in self.of(kind):
+                if all(event.data.get(k) == v for k, v in data.items()):
+                    return event
+            remaining = deadline - loop.time()
+            assert remaining > 0, f"no {kind.value} event with {data} within {timeout:g} s (seen: {self.seen})"
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._arrived.wait(), remaining)
+
+
+async def listed(gateway: Gateway) -> dict[str, ContactRecord]:
+    """Every contact a fresh sync lists, by id."""
+    out: dict[str, ContactRecord] = {}
+    cursor: str | None = None
+    while True:
+        page = await gateway.list_contacts(cursor, 500)
+        out.update((c.id, c) for c in page.contacts)
+        if page.next_cursor is None:
+            return out
+        cursor = page.next_cursor
 
 
 def wrong_code(right: str) -> str:
@@ -574,3 +634,88 @@ class GatewayContract:
         await driver.confirm()
         await gateway.batch_results(first.task_id)
         assert [m.contact_id for m in driver.sent_messages() if m.text == "一次"] == [contact_id]
+
+    # -- tags ----------------------------------------------------------------------------------------------
+    async def test_tags_added_and_removed_show_in_the_next_sync(self, driver: GatewayDriver, gateway: Gateway) -> None:
+        """Tags put on a contact appear in the next list_contacts and go again when taken off; both are idempotent."""
+        if not gateway.capabilities.tags:
+            pytest.skip(f"{gateway.name} cannot change tags")
+        await log_in(driver)
+        contact_id = (await friends(gateway))[2]
+        before = (await listed(gateway))[contact_id].tag_ids
+        new = [t.id for t in await gateway.list_tags() if t.id not in before][:2]
+        assert len(new) == 2
+        await gateway.add_contact_tags(contact_id, new)
+        await gateway.add_contact_tags(contact_id, new[:1])  # already there: no error
+        assert set((await listed(gateway))[contact_id].tag_ids) == {*before, *new}
+        await gateway.remove_contact_tags(contact_id, new)
+        await gateway.remove_contact_tags(contact_id, new)  # not there any more: no error
+        assert set((await listed(gateway))[contact_id].tag_ids) == set(before)
+
+    async def test_unknown_tag_is_refused(self, driver: GatewayDriver, gateway: Gateway) -> None:
+        """Putting a tag id the account does not have on a contact fails for good and changes nothing."""
+        if not gateway.capabilities.tags:
+            pytest.skip(f"{gateway.name} cannot change tags")
+        await log_in(driver)
+        contact_id = (await friends(gateway))[2]
+        before = (await listed(gateway))[contact_id].tag_ids
+        with pytest.raises(PermanentError):
+            await gateway.add_contact_tags(contact_id, ["no-such-tag-0000"])
+        assert (await listed(gateway))[contact_id].tag_ids == before
+
+    async def test_create_tag(self, driver: GatewayDriver, gateway: Gateway) -> None:
+        """create_tag makes a tag in its group (created when missing) that list_tags shows and contacts can carry;
+        asking again returns the same tag."""
+        if not gateway.capabilities.tags:
+            pytest.skip(f"{gateway.name} cannot change tags")
+        await log_in(driver)
+        tag = await gateway.create_tag("已购", "购买状态")
+        assert tag.id
+        assert (tag.name, tag.group_name) == ("已购", "购买状态")
+        assert (await gateway.create_tag("已购", "购买状态")).id == tag.id
+        assert any((t.id, t.name, t.group_name) == (tag.id, "已购", "购买状态") for t in await gateway.list_tags())
+        contact_id = (await friends(gateway))[3]
+        await gateway.add_contact_tags(contact_id, [tag.id])
+        assert tag.id in (await listed(gateway))[contact_id].tag_ids
+
+    # -- customer events -------------------------------------------------------------------------------------
+    async def test_incoming_message_is_a_message_event(self, driver: GatewayDriver, gateway: Gateway) -> None:
+        """A customer's text arrives as one MESSAGE event with the contact and the text; our own sends are not
+        reported as messages from customers."""
+        if not gateway.capabilities.events:
+            pytest.skip(f"{gateway.name} emits no customer events")
+        await log_in(driver)
+        events = EventRecorder(gateway)
+        contact_id = (await friends(gateway))[1]
+        await send_any(gateway, contact_id, "您好，有什么可以帮您？", "k-16", await sender_of(gateway, contact_id))
+        await driver.confirm()
+        await driver.customer_writes(contact_id, "ＴＤ 退订")
+        event = await events.wait_for(EventKind.MESSAGE, contact_id=contact_id)
+        assert event.data["text"] == "ＴＤ 退订"
+        assert event.data["message_id"]
+        assert event.data["type"] == "text"
+        await driver.customer_writes(contact_id, "marker")  # in order: once this is seen, so is any echo
+        await events.wait_for(EventKind.MESSAGE, text="marker")
+        assert [e.data["text"] for e in events.of(EventKind.MESSAGE)] == ["ＴＤ 退订", "marker"]
+
+    async def test_new_and_removed_contacts_are_events(self, driver: GatewayDriver, gateway: Gateway) -> None:
+        """A customer who adds the account is a CONTACT_ADDED event and in the next sync; one who deletes it is a
+        CONTACT_REMOVED event. On a direct sender (a puppet: the account's own contact book) they are no friend in
+        the next sync and a send to them fails; WeCom's API keeps listing a one-way follow, so the official gateway
+        only promises the event."""
+        if not gateway.capabilities.events:
+            pytest.skip(f"{gateway.name} emits no customer events")
+        await log_in(driver)
+        events = EventRecorder(gateway)
+        contact_id = await driver.customer_adds("陈晓雯")
+        added = await events.wait_for(EventKind.CONTACT_ADDED, contact_id=contact_id)
+        assert "staff_id" in added.data
+        book = await listed(gateway)
+        assert book[contact_id].name == "陈晓雯"
+        await driver.customer_removes(contact_id)
+        await events.wait_for(EventKind.CONTACT_REMOVED, contact_id=contact_id)
+        if gateway.capabilities.direct_send:
+            after = (await listed(gateway)).get(contact_id)
+            assert after is None or not after.friend
+            with pytest.raises(PermanentError):
+                await gateway.send_text(contact_id, "还在吗？", idempotency_key="k-17")

@@ -70,6 +70,15 @@ class WorkproDriver:
     async def confirm(self) -> None:
         """Direct sends have no tasks to confirm."""
 
+    async def customer_writes(self, contact_id: str, text: str) -> None:
+        self.fake.incoming_message(contact_id, text)
+
+    async def customer_adds(self, name: str) -> str:
+        return self.fake.add_contact(name)
+
+    async def customer_removes(self, contact_id: str) -> None:
+        self.fake.remove_contact(contact_id)
+
 
 def workpro_settings(fake: FakePuppet, **overrides: object) -> WorkproSettings:
     """Settings pointing at the fake, with test-sized waits."""
@@ -125,6 +134,15 @@ class SandboxDriver:
     async def confirm(self) -> None:
         self.sandbox.sandbox_confirm_tasks()
 
+    async def customer_writes(self, contact_id: str, text: str) -> None:
+        self.sandbox.sandbox_incoming_message(contact_id, text)
+
+    async def customer_adds(self, name: str) -> str:
+        return self.sandbox.sandbox_add_contact(name).id
+
+    async def customer_removes(self, contact_id: str) -> None:
+        self.sandbox.sandbox_remove_contact(contact_id)
+
 
 def delivered(m: OutboxMessage) -> Delivered:
     """An outbox row as the contract's Delivered: media by content, cards by target."""
@@ -173,7 +191,25 @@ class WecomDriver:
 
     def __init__(self, gateway: WecomGateway, fake: FakeWecom) -> None:
         self.gateway: Gateway = gateway
+        self.wecom = gateway
         self.fake = fake
+
+    def _deliver(self, fields: dict[str, str]) -> None:
+        """WeCom POSTs the event's callback (encrypted and signed by the fake) to the gateway."""
+        query, body = self.fake.callback(fields)
+        self.wecom.receive_callback(query["msg_signature"], query["timestamp"], query["nonce"], body)
+
+    async def customer_writes(self, contact_id: str, text: str) -> None:
+        pytest.skip("the official API does not deliver customers' messages (only 会话存档 does)")
+
+    async def customer_adds(self, name: str) -> str:
+        fields = self.fake.add_customer(self.fake.staff[0], name, welcome=False)
+        self._deliver(fields)
+        return fields["ExternalUserID"]
+
+    async def customer_removes(self, contact_id: str) -> None:
+        for follow in self.fake.follows_of(contact_id):
+            self._deliver(self.fake.remove_follow(follow.userid, contact_id, by_customer=True))
 
     async def scan(self) -> None:
         raise AssertionError("the official API has no QR to scan")

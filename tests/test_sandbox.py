@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from engine.errors import PermanentError
-from engine.gateways.base import BatchOutcome
+from engine.gateways.base import BatchOutcome, EventKind, GatewayEvent
 from engine.gateways.sandbox import SandboxGateway, SandboxStore
 from engine.messages import ImagePart, Media, Message, PartKind, TextPart, part_key
 from engine.settings import SandboxSettings
@@ -111,3 +111,78 @@ async def test_a_task_with_a_missing_image_is_refused(batch_sandbox: SandboxGate
     with pytest.raises(PermanentError, match="missing"):
         await gateway.submit_batch(friends, Message((ImagePart(missing),)), idempotency_key="task-2")
     assert gateway.store.open_tasks() == []
+
+
+@pytest.fixture
+async def two_sandboxes(tmp_path: Path) -> AsyncIterator[tuple[SandboxGateway, SandboxGateway]]:
+    """Two sandbox gateways on one state file, as `wecast serve` and a CLI command in another process are."""
+    settings = SandboxSettings(contacts=40, auto_login=True, state_file=tmp_path / "sandbox.sqlite")
+    first, second = SandboxGateway(settings), SandboxGateway(settings)
+    await first.start()
+    await second.start()
+    try:
+        yield first, second
+    finally:
+        await first.close()
+        await second.close()
+
+
+async def test_simulated_changes_persist_across_processes(
+    two_sandboxes: tuple[SandboxGateway, SandboxGateway],
+) -> None:
+    """A customer added, tagged (a new tag by name) or removed through one gateway is what the other's next sync
+    sees; the events are emitted where the simulation ran."""
+    cli, serve = two_sandboxes
+    seen: list[GatewayEvent] = []
+    cli.subscribe(seen.append)
+    new = cli.sandbox_add_contact("陈晓雯", city="杭州", tag_ids=["tag-vip"])
+    bought = cli.sandbox_tag(new.id, "已购")
+    book = {c.id: c for c in (await serve.list_contacts(None, 1000)).contacts}
+    assert (book[new.id].name, book[new.id].city, set(book[new.id].tag_ids)) == (
+        "陈晓雯",
+        "杭州",
+        {"tag-vip", bought.id},
+    )
+    assert bought.id in {t.id for t in await serve.list_tags()}
+    old = next(iter(book))
+    cli.sandbox_remove_contact(old)
+    assert old not in {c.id for c in (await serve.list_contacts(None, 1000)).contacts}
+    with pytest.raises(PermanentError, match="unknown contact"):
+        await serve.send_text(old, "您好", idempotency_key="k")
+    assert [e.kind for e in seen] == [EventKind.CONTACT_ADDED, EventKind.CONTACT_CHANGED, EventKind.CONTACT_REMOVED]
+
+
+async def test_a_lost_event_is_found_by_the_next_sync(two_sandboxes: tuple[SandboxGateway, SandboxGateway]) -> None:
+    """A new customer added without its event (as if the stream had dropped it) still appears in the next sync."""
+    gateway, _ = two_sandboxes
+    seen: list[GatewayEvent] = []
+    gateway.subscribe(seen.append)
+    quiet = gateway.sandbox_add_contact("林小雨", emit=False)
+    assert seen == []
+    assert quiet.id in {c.id for c in (await gateway.list_contacts(None, 1000)).contacts}
+
+
+async def test_a_sync_pages_through_one_book(two_sandboxes: tuple[SandboxGateway, SandboxGateway]) -> None:
+    """A contact removed while a sync pages through the book shifts no page: every contact is listed once."""
+    gateway, other = two_sandboxes
+    first = await gateway.list_contacts(None, 10)
+    other.sandbox_remove_contact(first.contacts[0].id)
+    ids = [c.id for c in first.contacts]
+    cursor = first.next_cursor
+    while cursor is not None:
+        page = await gateway.list_contacts(cursor, 10)
+        ids.extend(c.id for c in page.contacts)
+        cursor = page.next_cursor
+    assert len(ids) == len(set(ids)) == 40
+
+
+async def test_simulation_refuses_what_cannot_be(two_sandboxes: tuple[SandboxGateway, SandboxGateway]) -> None:
+    """Unknown contacts, unknown tag ids and untagging an unknown tag are clear errors."""
+    gateway, _ = two_sandboxes
+    with pytest.raises(PermanentError, match="unknown contact"):
+        gateway.sandbox_incoming_message("7881999999999999", "hi")
+    with pytest.raises(PermanentError, match="unknown tag"):
+        gateway.sandbox_add_contact("王芳", tag_ids=["no-such-tag"])
+    contact = (await gateway.list_contacts(None, 1)).contacts[0]
+    with pytest.raises(PermanentError, match="no tag"):
+        gateway.sandbox_tag(contact.id, "没有这个标签", add=False)

@@ -649,6 +649,83 @@ async def test_refused_image_is_that_parts_failure(make_fake: Factory, make_gate
     assert [r.kind for r in fake.rejected] == [PartKind.IMAGE, PartKind.IMAGE]
 
 
+# -- customer events and tags ----------------------------------------------------------------------------
+async def test_group_chat_and_non_text_messages(make_fake: Factory, make_gateway: Factory) -> None:
+    """A message in a group chat is not a customer's message to us; an image from a customer is a MESSAGE with
+    no text and its type."""
+    fake = await make_fake()
+    gateway = await make_gateway(settings_for(fake))
+    await login(gateway, fake)
+    contact_id = fake.contact_ids()[2]
+    fake.incoming_message(contact_id, "大家好", room_id="R:10696051737544800@chatroom")
+    fake.incoming_message(contact_id, "", message_type=pb.MESSAGE_TYPE_IMAGE)
+    fake.incoming_message(contact_id, "marker")
+    await until(lambda: any(e.data.get("text") == "marker" for e in kinds(gateway, EventKind.MESSAGE)))
+    assert [(e.data["text"], e.data["type"]) for e in kinds(gateway, EventKind.MESSAGE)] == [
+        ("", "image"),
+        ("marker", "text"),
+    ]
+
+
+async def test_a_dropped_contact_event_is_caught_by_the_next_sync(make_fake: Factory, make_gateway: Factory) -> None:
+    """A new customer whose FRIENDSHIP event was lost emits nothing, but the next sync lists them; a contact the
+    account deleted is CONTACT_REMOVED by the account."""
+    fake = await make_fake()
+    gateway = await make_gateway(settings_for(fake))
+    await login(gateway, fake)
+    lost = fake.add_contact("林小雨", deliver=False)
+    seen = fake.add_contact("marker")
+    await until(lambda: bool(kinds(gateway, EventKind.CONTACT_ADDED)))
+    assert [e.data["contact_id"] for e in kinds(gateway, EventKind.CONTACT_ADDED)] == [seen]
+    assert kinds(gateway, EventKind.CONTACT_ADDED)[0].data == {
+        "contact_id": seen,
+        "staff_id": SELF_ID,
+        "welcome_code": "",
+    }
+    assert lost in {c.id for c in (await gateway.list_contacts(None, 1000)).contacts}
+    fake.remove_contact(seen, by_customer=False)
+    await until(lambda: bool(kinds(gateway, EventKind.CONTACT_REMOVED)))
+    assert kinds(gateway, EventKind.CONTACT_REMOVED)[0].data == {
+        "contact_id": seen,
+        "staff_id": SELF_ID,
+        "by": "account",
+    }
+
+
+async def test_our_own_tag_change_comes_back_as_contact_changed(make_fake: Factory, make_gateway: Factory) -> None:
+    """TagContactTagAdd makes the server push DIRTY for that contact, which is CONTACT_CHANGED (journeys diff it)."""
+    fake = await make_fake()
+    gateway = await make_gateway(settings_for(fake))
+    await login(gateway, fake)
+    contact_id = fake.contact_ids()[4]
+    tag = next(t for t in ("et_vip", "et_lead", "pt_old") if t not in fake._contacts[contact_id].tag_ids)
+    await gateway.add_contact_tags(contact_id, [tag])
+    await until(lambda: any(e.data == {"contact_id": contact_id} for e in kinds(gateway, EventKind.CONTACT_CHANGED)))
+    assert tag in fake._contacts[contact_id].tag_ids
+
+
+async def test_create_tag_makes_its_group_once(make_fake: Factory, make_gateway: Factory) -> None:
+    """create_tag adds a missing group once (TagGroupAdd), reuses it and existing groups, and reports the type."""
+    fake = await make_fake()
+    gateway = await make_gateway(settings_for(fake))
+    await login(gateway, fake)
+    bought = await gateway.create_tag("已购", "购买状态")
+    again = await gateway.create_tag("复购", "购买状态")
+    level = await gateway.create_tag("SVIP", "客户等级")
+    personal = await gateway.create_tag("待回电")
+    assert fake.calls_with == [
+        ("TagGroupAdd", "购买状态"),
+        ("TagTagAdd", "已购"),
+        ("TagTagAdd", "复购"),
+        ("TagTagAdd", "SVIP"),
+        ("TagTagAdd", "待回电"),
+    ]
+    assert {bought.type, again.type, level.type} == {pb.TAG_TYPE_CORPORATION}
+    assert personal.type == pb.TAG_TYPE_PERSONAL
+    tags = {t.id: t for t in await gateway.list_tags()}
+    assert (tags[level.id].group_name, tags[again.id].group_name) == ("客户等级", "购买状态")
+
+
 # -- secrets ----------------------------------------------------------------------------------------
 async def test_token_never_logged(make_fake: Factory, make_gateway: Factory, caplog: pytest.LogCaptureFixture) -> None:
     """Discovery (httpx logs the URL), login, faults, reconnects and logout: the token appears nowhere."""

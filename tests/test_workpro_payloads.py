@@ -12,7 +12,10 @@ from engine.gateways.workpro.payloads import (
     clean_verify_code,
     contact_record,
     first_line,
+    incoming_message,
     parse_dirty,
+    parse_friendship_id,
+    parse_message_id,
     parse_payload,
     parse_scan,
     parse_verify_code,
@@ -92,3 +95,37 @@ def test_contact_mapping_tolerates_odd_additional_info() -> None:
     assert broken.additional_info == {}
     assert broken.added_at is None
     assert contact_record(pb.ContactPayloadResponse(id="z", additional_info="[1]")).additional_info == {}
+
+
+def test_incoming_messages() -> None:
+    """A one-to-one message from a customer becomes a MESSAGE's data; our own sends, group-chat messages and
+    payloads without a sender do not; non-text messages carry no text, only their type."""
+    me = "1688850000000001"
+    text = pb.MessagePayloadResponse(
+        id="m1", text="价格多少？", type=pb.MESSAGE_TYPE_TEXT, talker_id="7881", listener_id=me
+    )
+    message = incoming_message(text, me)
+    assert message is not None
+    assert message.data() == {"contact_id": "7881", "message_id": "m1", "text": "价格多少？", "type": "text"}
+    own = pb.MessagePayloadResponse(id="m2", text="您好", type=pb.MESSAGE_TYPE_TEXT, talker_id=me, listener_id="7881")
+    assert incoming_message(own, me) is None
+    room = pb.MessagePayloadResponse(
+        id="m3", text="hi", type=pb.MESSAGE_TYPE_TEXT, talker_id="7881", room_id="r@chatroom"
+    )
+    assert incoming_message(room, me) is None
+    assert incoming_message(pb.MessagePayloadResponse(id="m4", text="x"), me) is None
+    image = incoming_message(
+        pb.MessagePayloadResponse(id="m5", text="<img>", type=pb.MESSAGE_TYPE_IMAGE, talker_id="7881"), me
+    )
+    assert image is not None
+    assert (image.text, image.type) == ("", "image")
+    card = incoming_message(pb.MessagePayloadResponse(id="m6", type=9, talker_id="7881"), me)
+    assert card is not None
+    assert card.type == "mini_program"
+
+
+def test_event_ids() -> None:
+    """MESSAGE and FRIENDSHIP events name the payload to look up, in camelCase or snake_case."""
+    assert parse_message_id({"messageId": "m1"}) == parse_message_id({"message_id": "m1"}) == "m1"
+    assert parse_friendship_id({"friendshipId": "f1"}) == parse_friendship_id({"friendship_id": "f1"}) == "f1"
+    assert parse_message_id({}) == ""

@@ -7,7 +7,10 @@ tries, LOGIN, READY (twice), WeCom's optional "new device" second QR, Logout, a 
 contact book with tags and tag groups, and sends of every part kind recorded in memory (`sends`: text, images
 and files decoded from their FileBox, link and mini-program cards). Faults are switched on through a Python
 control API (`drop_event_stream`, `fail_sends`, `throttle_sends`, `refuse_parts`, `send_delay`, `batch_mode`);
-sends a fault refused are kept in `rejected`.
+sends a fault refused are kept in `rejected`. Customers act through it too, with the events the real server
+pushes: `incoming_message` (MESSAGE, then MessagePayload), `add_contact` / `remove_contact` (FRIENDSHIP, then
+FriendshipPayload), `tag` / `touch_contact` (DIRTY); `deliver=False` loses the event, as a broken stream would.
+Tags are created with TagGroupAdd / TagTagAdd and put on with TagContactTagAdd / Remove.
 
 Tests drive it in-process. As a manual demo:
 
@@ -219,6 +222,7 @@ class FakePuppet(pb_grpc.PuppetServicer):  # type: ignore[misc]
         self.sends: list[SentMessage] = []
         self.rejected: list[RejectedSend] = []  # sends refused by `fail_sends` / `throttle_sends`
         self.calls: list[str] = []  # RPC names, in order (auth failures included)
+        self.calls_with: list[tuple[str, str]] = []  # (RPC, its main argument) for the calls that create things
         self.event_requests: list[tuple[int, str]] = []  # (seq, account_id) of each Event call
         self.emitted: list[pb.EventResponse] = []  # every event pushed (delivered or dropped)
         self._rng = random.Random(seed)
@@ -241,6 +245,9 @@ class FakePuppet(pb_grpc.PuppetServicer):  # type: ignore[misc]
         self._faults: list[tuple[grpc.StatusCode, str]] = []
         self._part_faults: dict[PartKind, list[tuple[grpc.StatusCode, str]]] = {}
         self._message_counter = 0
+        self._messages: dict[str, pb.MessagePayloadResponse] = {}  # every message sent or received, by id
+        self._friendships: dict[str, pb.FriendshipPayloadResponse] = {}
+        self._added = 0  # contacts added through add_contact
         self._tasks: set[asyncio.Task[Any]] = set()
         # account state
         self.running = False
@@ -347,7 +354,7 @@ class FakePuppet(pb_grpc.PuppetServicer):  # type: ignore[misc]
         """The next `count` sends get WorkPro's rate-limit answer (13 INTERNAL, WorkproErrorCode 20001)."""
         self.fail_sends(count, grpc.StatusCode.INTERNAL, "WorkproErrorCode: 20001, Feature temporarily unavailable.")
 
-    def touch_contact(self, contact_id: str, **changes: Any) -> None:
+    def touch_contact(self, contact_id: str, *, deliver: bool = True, **changes: Any) -> None:
         """Change a contact and push DIRTY, as WeCom does when a remark or tag changes."""
         contact = self._contacts[contact_id]
         for key, value in changes.items():
@@ -356,10 +363,70 @@ class FakePuppet(pb_grpc.PuppetServicer):  # type: ignore[misc]
                 getattr(contact, key).extend(value)
             else:
                 setattr(contact, key, value)
-        self.emit(pb.EVENT_TYPE_DIRTY, {"payloadId": contact_id, "payloadType": 2})
+        self.emit(pb.EVENT_TYPE_DIRTY, {"payloadId": contact_id, "payloadType": 2}, deliver=deliver)
 
-    def emit(self, event_type: int, payload: dict[str, Any]) -> None:
-        """Push one event to the open stream; like the real server, it is dropped when no stream is open."""
+    def tag(self, contact_id: str, tag_id: str, *, add: bool = True, deliver: bool = True) -> None:
+        """Put a tag on a contact (or take it off) on the phone: the contact changes and DIRTY is pushed."""
+        tags = [t for t in self._contacts[contact_id].tag_ids if t != tag_id] + ([tag_id] if add else [])
+        self.touch_contact(contact_id, tag_ids=tags, deliver=deliver)
+
+    def incoming_message(
+        self,
+        contact_id: str,
+        text: str,
+        *,
+        deliver: bool = True,
+        room_id: str = "",
+        message_type: int = pb.MESSAGE_TYPE_TEXT,
+    ) -> str:
+        """A customer writes to the account (in a group chat with `room_id`): MESSAGE {messageId}, whose payload
+        MessagePayload then serves. `deliver=False` drops the event, as a broken stream would. Returns its id."""
+        self._message_counter += 1
+        message_id = f"fake-in-{self._message_counter:08d}"
+        self._messages[message_id] = pb.MessagePayloadResponse(
+            id=message_id,
+            text=text,
+            type=message_type,
+            talker_id=contact_id,
+            room_id=room_id,
+            listener_id="" if room_id else SELF_ID,
+        )
+        self.emit(pb.EVENT_TYPE_MESSAGE, {"messageId": message_id}, deliver=deliver)
+        return message_id
+
+    def add_contact(self, name: str, *, deliver: bool = True, tag_ids: tuple[str, ...] = ()) -> str:
+        """A new customer adds the account and is confirmed: the contact book grows and FRIENDSHIP (confirm) is
+        pushed (`deliver=False` drops it: only the next sync can find the contact). Returns the contact id."""
+        self._added += 1
+        contact_id = f"7881{400000000000 + self._added:012d}"
+        self._contacts[contact_id] = pb.ContactPayloadResponse(
+            id=contact_id,
+            name=name,
+            type=pb.CONTACT_TYPE_PERSONAL,
+            friend=True,
+            tag_ids=list(tag_ids),
+            additional_info=json.dumps({"addContactTime": _ms(), "corpId": CORP_ID}),
+        )
+        self._friendship(contact_id, pb.FRIENDSHIP_TYPE_CONFIRM, deliver)
+        return contact_id
+
+    def remove_contact(self, contact_id: str, *, by_customer: bool = True, deliver: bool = True) -> None:
+        """The customer deletes the account (or the account deletes them): gone from the contact book, and
+        FRIENDSHIP (removed / delete) is pushed."""
+        del self._contacts[contact_id]
+        kind = pb.FRIENDSHIP_TYPE_REMOVED if by_customer else pb.FRIENDSHIP_TYPE_DELETE
+        self._friendship(contact_id, kind, deliver)
+
+    def _friendship(self, contact_id: str, kind: int, deliver: bool) -> None:
+        friendship_id = f"fake-friendship-{len(self._friendships) + 1:06d}"
+        self._friendships[friendship_id] = pb.FriendshipPayloadResponse(
+            id=friendship_id, contact_id=contact_id, type=kind, hello="你好", ticket=CORP_ID
+        )
+        self.emit(pb.EVENT_TYPE_FRIENDSHIP, {"friendshipId": friendship_id}, deliver=deliver)
+
+    def emit(self, event_type: int, payload: dict[str, Any], *, deliver: bool = True) -> None:
+        """Push one event to the open stream; like the real server, it is dropped when no stream is open (and
+        when `deliver` is False: what a test uses to lose one)."""
         self._seq += 1
         event = pb.EventResponse(
             type=event_type,
@@ -369,7 +436,7 @@ class FakePuppet(pb_grpc.PuppetServicer):  # type: ignore[misc]
         self.emitted.append(event)
         if event_type == pb.EVENT_TYPE_SCAN and payload.get("status") == 2:
             self._cached_scan = event
-        if self._stream is not None:
+        if self._stream is not None and deliver:
             self._stream.put_nowait(event)
 
     def require_second_verification(self) -> None:
@@ -441,8 +508,17 @@ class FakePuppet(pb_grpc.PuppetServicer):  # type: ignore[misc]
             )
         self._message_counter += 1
         message_id = f"fake-msg-{self._message_counter:08d}"
-        self.sends.append(make(message_id))
-        self.emit(pb.EVENT_TYPE_MESSAGE, {"messageId": message_id})
+        sent = make(message_id)
+        self.sends.append(sent)
+        self._messages[message_id] = pb.MessagePayloadResponse(
+            id=message_id,
+            text=sent.text if kind is PartKind.TEXT else "",
+            filename=sent.text if kind in (PartKind.IMAGE, PartKind.FILE) else "",
+            type=_MESSAGE_TYPES[kind],
+            talker_id=SELF_ID,
+            listener_id=contact_id,
+        )
+        self.emit(pb.EVENT_TYPE_MESSAGE, {"messageId": message_id})  # the server announces our own sends too
         if self.send_delay:
             await asyncio.sleep(self.send_delay)
         return message_id
@@ -695,6 +771,48 @@ class FakePuppet(pb_grpc.PuppetServicer):  # type: ignore[misc]
         )
         return _with_id(pb.MessageSendMiniProgramResponse(), message_id)
 
+    async def MessagePayload(
+        self, request: pb.MessagePayloadRequest, context: grpc.aio.ServicerContext
+    ) -> pb.MessagePayloadResponse:
+        await self._need_login(context, "messageRawPayload")
+        message = self._messages.get(request.id)
+        if message is None:
+            await context.abort(grpc.StatusCode.UNKNOWN, f"Error: message not found: {request.id}")
+        return message
+
+    async def FriendshipPayload(
+        self, request: pb.FriendshipPayloadRequest, context: grpc.aio.ServicerContext
+    ) -> pb.FriendshipPayloadResponse:
+        await self._need_login(context, "friendshipRawPayload")
+        friendship = self._friendships.get(request.id)
+        if friendship is None:
+            await context.abort(grpc.StatusCode.UNKNOWN, f"Error: friendship not found: {request.id}")
+        return friendship
+
+    async def TagGroupAdd(
+        self, request: pb.TagGroupAddRequest, context: grpc.aio.ServicerContext
+    ) -> pb.TagGroupAddResponse:
+        await self._need_login(context, "tagGroupAdd")
+        group_id = f"et_group_{len(self._groups) + 1:04d}"
+        self._groups[group_id] = pb.TagGroupPayload(
+            id=group_id, name=request.tag_group_name, type=pb.TAG_TYPE_CORPORATION
+        )
+        self.calls_with.append(("TagGroupAdd", request.tag_group_name))
+        return pb.TagGroupAddResponse(tag_group_id=group_id)
+
+    async def TagTagAdd(self, request: pb.TagTagAddRequest, context: grpc.aio.ServicerContext) -> pb.TagTagAddResponse:
+        await self._need_login(context, "tagTagAdd")
+        if request.tag_group_id and request.tag_group_id not in self._groups:
+            await context.abort(grpc.StatusCode.UNKNOWN, f"Error: tag group not found: {request.tag_group_id}")
+        kind = pb.TAG_TYPE_CORPORATION if request.tag_group_id else pb.TAG_TYPE_PERSONAL
+        infos = []
+        for name in request.tag_name:
+            tag_id = f"et_new_{len(self._tags) + 1:04d}"
+            self._tags[tag_id] = pb.TagPayload(id=tag_id, name=name, group_id=request.tag_group_id, type=kind)
+            infos.append(pb.TagTagInfo(tag_id=tag_id, tag_name=name))
+        self.calls_with.append(("TagTagAdd", ",".join(request.tag_name)))
+        return pb.TagTagAddResponse(tag_info=infos)
+
     async def TagTagList(
         self, request: pb.TagTagListRequest, context: grpc.aio.ServicerContext
     ) -> pb.TagTagListResponse:
@@ -742,23 +860,45 @@ class FakePuppet(pb_grpc.PuppetServicer):  # type: ignore[misc]
             contact_ids=[c.id for c in self._contacts.values() if request.tag_id in c.tag_ids]
         )
 
+    async def _check_tagging(self, request: Any, context: grpc.aio.ServicerContext, fn: str) -> None:
+        await self._need_login(context, fn)
+        unknown = [t for t in request.tag_ids if t not in self._tags]
+        if unknown:
+            await context.abort(grpc.StatusCode.UNKNOWN, f"Error: tag not found: {','.join(unknown)}")
+        strangers = [c for c in request.contact_ids if c not in self._contacts]
+        if strangers:
+            await context.abort(grpc.StatusCode.UNKNOWN, f"Error: contact not found: {','.join(strangers)}")
+
     async def TagContactTagAdd(
         self, request: pb.TagContactTagAddRequest, context: grpc.aio.ServicerContext
     ) -> pb.TagContactTagAddResponse:
+        await self._check_tagging(request, context, "tagContactTagAdd")
         for contact_id in request.contact_ids:
-            if contact_id in self._contacts:
-                tags = sorted(set(self._contacts[contact_id].tag_ids) | set(request.tag_ids))
-                self.touch_contact(contact_id, tag_ids=tags)
+            current = list(self._contacts[contact_id].tag_ids)
+            added = current + [t for t in dict.fromkeys(request.tag_ids) if t not in current]
+            if added != current:
+                self.touch_contact(contact_id, tag_ids=added)
         return pb.TagContactTagAddResponse()
 
     async def TagContactTagRemove(
         self, request: pb.TagContactTagRemoveRequest, context: grpc.aio.ServicerContext
     ) -> pb.TagContactTagRemoveResponse:
+        await self._check_tagging(request, context, "tagContactTagRemove")
         for contact_id in request.contact_ids:
-            if contact_id in self._contacts:
-                tags = [t for t in self._contacts[contact_id].tag_ids if t not in set(request.tag_ids)]
-                self.touch_contact(contact_id, tag_ids=tags)
+            current = list(self._contacts[contact_id].tag_ids)
+            kept = [t for t in current if t not in set(request.tag_ids)]
+            if kept != current:
+                self.touch_contact(contact_id, tag_ids=kept)
         return pb.TagContactTagRemoveResponse()
+
+
+_MESSAGE_TYPES = {
+    PartKind.TEXT: pb.MESSAGE_TYPE_TEXT,
+    PartKind.IMAGE: pb.MESSAGE_TYPE_IMAGE,
+    PartKind.FILE: pb.MESSAGE_TYPE_ATTACHMENT,
+    PartKind.LINK: pb.MESSAGE_TYPE_URL,
+    PartKind.MINIPROGRAM: pb.MESSAGE_TYPE_MINI_PROGRAM,
+}
 
 
 def _with_id(response: Any, message_id: str) -> Any:

@@ -7,6 +7,11 @@ It behaves like the real thing where it matters:
   `sandbox_phone_code()`. Wrong codes are rejected with the tries left; after 3 a new QR is shown.
   With `second_verification`, WeCom's "new device" QR follows the first login once.
 * **Customers**: about 200 realistic Chinese demo customers with tags (any number, deterministic per seed).
+  Changes are kept in the state file, so every process sees them at its next sync: tags put on or taken off
+  (`add_contact_tags` / `remove_contact_tags`, tags made with `create_tag`), and the simulated customers that
+  the CLI and API drive — `sandbox_add_contact`, `sandbox_incoming_message`, `sandbox_tag`,
+  `sandbox_remove_contact` — which emit what a real gateway emits (CONTACT_ADDED, MESSAGE, CONTACT_CHANGED,
+  CONTACT_REMOVED) in the process that calls them.
 * **Sending**: every part of every message a customer receives (text, image, file, link card, mini-program
   card) lands in the *outbox*, a SQLite file, one row per part with its kind, content hash and size, so tests
   and the CLI can count deliveries across processes (`wecast sandbox outbox`). A part is delivered exactly when
@@ -30,9 +35,9 @@ import random
 import secrets
 import sqlite3
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, ClassVar
@@ -55,6 +60,7 @@ from engine.gateways.base import (
     ContactRecord,
     EventKind,
     Gateway,
+    GatewayEvent,
     LoginState,
     LoginStatus,
     SendReceipt,
@@ -105,6 +111,19 @@ CREATE TABLE IF NOT EXISTS tasks (
     confirmed_at TEXT
 );
 CREATE INDEX IF NOT EXISTS ix_outbox_contact ON outbox (contact_id);
+-- How the contact book differs from the demo one: changed or new contacts as JSON, removed ones as NULL,
+-- listed after the demo book in the order of their first change (seq).
+CREATE TABLE IF NOT EXISTS contact_changes (
+    id TEXT PRIMARY KEY,
+    seq INTEGER NOT NULL,
+    data TEXT
+);
+CREATE TABLE IF NOT EXISTS created_tags (
+    id TEXT PRIMARY KEY,
+    name TEXT NOT NULL,
+    group_name TEXT NOT NULL,
+    type INTEGER NOT NULL
+);
 """
 # Columns added after the first release, with the defaults older rows read as: each outbox row is one part of a
 # message (older files held text only), each task may carry a whole message (older ones only its text).
@@ -287,6 +306,50 @@ class SandboxStore:
                 (now.isoformat(), task_id),
             )
 
+    def contacts_version(self) -> int:
+        """Grows with every change to the contact book, from any process."""
+        return int(self.get("contacts_version") or 0)
+
+    def contact_changes(self) -> dict[str, str | None]:
+        """Every changed contact (id -> JSON, None when removed), in the order they were first changed."""
+        with self._lock:
+            rows = self._conn.execute("SELECT id, data FROM contact_changes ORDER BY seq").fetchall()
+        return {row[0]: row[1] for row in rows}
+
+    def put_contact(self, contact_id: str, data: str | None) -> None:
+        """Record a contact's new state (None: removed) and bump the book's version, in one transaction."""
+        with self._tx() as conn:
+            conn.execute(
+                "INSERT INTO contact_changes (id, seq, data) VALUES "
+                "(?, (SELECT COALESCE(MAX(seq), 0) + 1 FROM contact_changes), ?) "
+                "ON CONFLICT(id) DO UPDATE SET data = excluded.data",
+                (contact_id, data),
+            )
+            conn.execute(
+                "INSERT INTO account (key, value) VALUES ('contacts_version', '1') "
+                "ON CONFLICT(key) DO UPDATE SET value = CAST(value AS INTEGER) + 1"
+            )
+
+    def created_tags(self) -> list[TagRecord]:
+        with self._lock:
+            rows = self._conn.execute("SELECT id, name, group_name, type FROM created_tags ORDER BY rowid").fetchall()
+        return [TagRecord(id=r[0], name=r[1], group_name=r[2], type=int(r[3])) for r in rows]
+
+    def add_tag(self, tag: TagRecord) -> TagRecord:
+        """Record a new tag; if another process created one of that name and group first, that one."""
+        with self._tx() as conn:
+            row = conn.execute(
+                "SELECT id, name, group_name, type FROM created_tags WHERE name = ? AND group_name = ?",
+                (tag.name, tag.group_name),
+            ).fetchone()
+            if row:
+                return TagRecord(id=row[0], name=row[1], group_name=row[2], type=int(row[3]))
+            conn.execute(
+                "INSERT INTO created_tags (id, name, group_name, type) VALUES (?, ?, ?, ?)",
+                (tag.id, tag.name, tag.group_name, tag.type),
+            )
+            return tag
+
     def messages(self, contact_id: str | None = None) -> list[OutboxMessage]:
         sql = (
             "SELECT message_id, contact_id, text, idempotency_key, sent_at, kind, content_hash, size, part FROM outbox"
@@ -306,6 +369,24 @@ class SandboxStore:
     def clear(self) -> None:
         with self._tx() as conn:
             conn.execute("DELETE FROM outbox")
+
+
+_CONTACT_FIELDS = {f.name for f in fields(ContactRecord)}
+
+
+def _contact_json(contact: ContactRecord) -> str:
+    data = asdict(contact)
+    data["added_at"] = contact.added_at.isoformat() if contact.added_at else None
+    return json.dumps(data, ensure_ascii=False, separators=(",", ":"))
+
+
+def _contact_from_json(text: str) -> ContactRecord:
+    data = {k: v for k, v in json.loads(text).items() if k in _CONTACT_FIELDS}
+    for key in ("phones", "tag_ids", "follow_user_ids"):
+        data[key] = tuple(data.get(key) or ())
+    added = data.get("added_at")
+    data["added_at"] = datetime.fromisoformat(added) if added else None
+    return ContactRecord(**data)
 
 
 def _sha256(data: bytes) -> str:
@@ -339,6 +420,8 @@ def _capabilities(settings: SandboxSettings) -> Capabilities:
         idempotent_sends=settings.honor_idempotency_key,
         max_batch=10_000 if batch else 1,
         supports=frozenset(PartKind),
+        tags=True,
+        events=True,
     )
 
 
@@ -354,7 +437,10 @@ class SandboxGateway(Gateway):
         self.faults: Faults = settings.faults
         self._rng = random.Random(settings.seed)
         self._store: SandboxStore | None = None
+        self._demo: list[ContactRecord] | None = None
         self._contacts: list[ContactRecord] | None = None
+        self._contacts_version = -1
+        self._sync_book: list[ContactRecord] | None = None  # the book a sync in progress pages through
         self._by_id: dict[str, ContactRecord] = {}
         self._state = LoginState.LOGGED_OUT
         self._qr_key: str | None = None
@@ -567,23 +653,39 @@ class SandboxGateway(Gateway):
         return await self.login_status()
 
     # -- contacts --------------------------------------------------------------------------------
-    def _all_contacts(self) -> list[ContactRecord]:
-        if self._contacts is None:
+    def _demo_book(self) -> list[ContactRecord]:
+        if self._demo is None:
             # "Added" dates count back from the day this sandbox was first used, so the demo always has
             # recent customers, and stays the same from one run to the next.
             epoch = self.store.get("demo_epoch")
             if epoch is None:
                 epoch = self.clock.now().replace(hour=0, minute=0, second=0, microsecond=0).isoformat()
                 self.store.put("demo_epoch", epoch)
-            self._contacts = demo_contacts(
-                self.settings.contacts, self.settings.seed, now=datetime.fromisoformat(epoch)
-            )
-            self._by_id = {c.id: c for c in self._contacts}
+            self._demo = demo_contacts(self.settings.contacts, self.settings.seed, now=datetime.fromisoformat(epoch))
+        return self._demo
+
+    def _all_contacts(self) -> list[ContactRecord]:
+        """The contact book: the demo one with the changes recorded in the store (by this process or another)."""
+        version = self.store.contacts_version()
+        if self._contacts is None or version != self._contacts_version:
+            changes = self.store.contact_changes()
+            book = []
+            for contact in self._demo_book():
+                if contact.id not in changes:
+                    book.append(contact)
+                elif (data := changes.pop(contact.id)) is not None:
+                    book.append(_contact_from_json(data))
+            book.extend(_contact_from_json(data) for data in changes.values() if data is not None)
+            self._contacts, self._contacts_version = book, version
+            self._by_id = {c.id: c for c in book}
         return self._contacts
 
     async def list_contacts(self, cursor: str | None = None, page_size: int = 500) -> ContactPage:
+        """Pages of the book as it was when the sync began (cursor None), so a change meanwhile shifts nothing."""
         self._require_login()
-        contacts = self._all_contacts()
+        if cursor is None or self._sync_book is None:
+            self._sync_book = self._all_contacts()
+        contacts = self._sync_book
         try:
             start = int(cursor) if cursor else 0
         except ValueError:
@@ -593,11 +695,144 @@ class SandboxGateway(Gateway):
 
     async def list_tags(self) -> list[TagRecord]:
         self._require_login()
-        return demo_tags()
+        return self._tags()
+
+    def _tags(self) -> list[TagRecord]:
+        return demo_tags() + self.store.created_tags()
 
     async def get_contact(self, contact_id: str) -> ContactRecord | None:
         self._all_contacts()
         return self._by_id.get(contact_id)
+
+    def _contact(self, contact_id: str) -> ContactRecord:
+        self._all_contacts()
+        contact = self._by_id.get(contact_id)
+        if contact is None:
+            raise PermanentError(f"unknown contact {contact_id}")
+        return contact
+
+    def _save(self, contact: ContactRecord) -> None:
+        self.store.put_contact(contact.id, _contact_json(contact))
+
+    # -- tags ------------------------------------------------------------------------------------
+    async def add_contact_tags(self, contact_id: str, tag_ids: Sequence[str]) -> None:
+        """Put tags on a contact (idempotent); a change is saved and announced as CONTACT_CHANGED."""
+        self._require_login()
+        self._retag(contact_id, tag_ids, add=True)
+
+    async def remove_contact_tags(self, contact_id: str, tag_ids: Sequence[str]) -> None:
+        """Take tags off a contact (idempotent); a change is saved and announced as CONTACT_CHANGED."""
+        self._require_login()
+        self._retag(contact_id, tag_ids, add=False)
+
+    def _retag(self, contact_id: str, tag_ids: Sequence[str], *, add: bool) -> None:
+        contact = self._contact(contact_id)
+        known = {t.id for t in self._tags()}
+        unknown = [t for t in tag_ids if t not in known]
+        if unknown:
+            raise PermanentError(f"unknown tag ids: {', '.join(unknown)}")
+        wanted = list(dict.fromkeys(tag_ids))
+        if add:
+            tags = (*contact.tag_ids, *(t for t in wanted if t not in contact.tag_ids))
+        else:
+            tags = tuple(t for t in contact.tag_ids if t not in wanted)
+        if tags != contact.tag_ids:
+            self._save(replace(contact, tag_ids=tags))
+            self.emit(EventKind.CONTACT_CHANGED, contact_id=contact_id)
+
+    async def create_tag(self, name: str, group_name: str = "") -> TagRecord:
+        """A new tag (corporate in a group, personal without one), or the existing one of that name and group."""
+        self._require_login()
+        return self._create_tag(name, group_name)
+
+    def _create_tag(self, name: str, group_name: str = "") -> TagRecord:
+        name, group_name = name.strip(), group_name.strip()
+        if not name:
+            raise PermanentError("a tag needs a name")
+        for tag in self._tags():
+            if tag.name == name and tag.group_name == group_name:
+                return tag
+        tag = TagRecord(id=f"tag-{secrets.token_hex(4)}", name=name, group_name=group_name, type=2 if group_name else 1)
+        return self.store.add_tag(tag)
+
+    # -- simulated customers ---------------------------------------------------------------------
+    def sandbox_add_contact(
+        self,
+        name: str,
+        *,
+        gender: int = 0,
+        city: str = "",
+        province: str = "",
+        alias: str = "",
+        phones: Sequence[str] = (),
+        tag_ids: Sequence[str] = (),
+        emit: bool = True,
+    ) -> ContactRecord:
+        """Sandbox only: a new customer adds the account. The contact is saved (the next sync lists it) and
+        CONTACT_ADDED is emitted, as a real gateway does (`emit=False`: the event is lost; only a sync finds it)."""
+        if not name.strip():
+            raise PermanentError("a new contact needs a name")
+        known = {t.id for t in self._tags()}
+        unknown = [t for t in tag_ids if t not in known]
+        if unknown:
+            raise PermanentError(f"unknown tag ids: {', '.join(unknown)}")
+        self._all_contacts()
+        contact_id = f"7881{secrets.randbelow(10**12):012d}"
+        while contact_id in self._by_id:
+            contact_id = f"7881{secrets.randbelow(10**12):012d}"
+        contact = ContactRecord(
+            id=contact_id,
+            name=name.strip(),
+            alias=alias,
+            gender=gender,
+            city=city,
+            province=province,
+            phones=tuple(phones),
+            friend=True,
+            type=1,
+            added_at=self.clock.now(),
+            tag_ids=tuple(dict.fromkeys(tag_ids)),
+            follow_user_ids=(ACCOUNT_ID,),
+        )
+        self._save(contact)
+        if emit:
+            self.emit(
+                EventKind.CONTACT_ADDED,
+                f"新客户 {contact.name}",
+                contact_id=contact_id,
+                staff_id=ACCOUNT_ID,
+                welcome_code="",
+            )
+        return contact
+
+    def sandbox_incoming_message(self, contact_id: str, text: str) -> GatewayEvent:
+        """Sandbox only: the customer writes to the account; emits MESSAGE with the text."""
+        contact = self._contact(contact_id)
+        if not contact.friend:
+            raise PermanentError(f"{contact_id} is not a friend of this account and cannot write to it")
+        message_id = "sbx-in-" + secrets.token_hex(8)
+        return self.emit(
+            EventKind.MESSAGE, text[:200], contact_id=contact_id, message_id=message_id, text=text, type="text"
+        )
+
+    def sandbox_tag(self, contact_id: str, tag: str, add: bool = True) -> TagRecord:
+        """Sandbox only: staff tag the customer on the phone (or untag): `tag` is a tag id or name (a new name is
+        created). The change is saved and CONTACT_CHANGED emitted, as WeCom's DIRTY does."""
+        record = next((t for t in self._tags() if tag in (t.id, t.name)), None)
+        if record is None:
+            if not add:
+                raise PermanentError(f"no tag {tag!r}")
+            record = self._create_tag(tag)
+        self._retag(contact_id, [record.id], add=add)
+        return record
+
+    def sandbox_remove_contact(self, contact_id: str, *, emit: bool = True) -> None:
+        """Sandbox only: the customer deletes the account. Gone from the book (the next sync misses it, sends to
+        it fail) and CONTACT_REMOVED emitted (`emit=False`: the event is lost)."""
+        self._contact(contact_id)
+        self.store.put_contact(contact_id, None)
+        if emit:
+            self.emit(EventKind.CONTACT_REMOVED, contact_id=contact_id, staff_id=ACCOUNT_ID, by="customer")
 
     # -- sending ---------------------------------------------------------------------------------
     def _require_login(self) -> None:

@@ -25,7 +25,8 @@ import asyncio
 import contextlib
 import logging
 import random
-from collections.abc import Awaitable, Callable, Iterable
+from collections import deque
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import replace
 from datetime import datetime
 from typing import Any, ClassVar, TypeVar
@@ -83,6 +84,7 @@ PAYLOAD_CONCURRENCY = 16  # per-id ContactPayload / TagPayload calls in flight a
 BATCH_CONCURRENCY = 4  # BatchContactPayload chunks in flight at once
 FIRST_EVENT_WAIT = 5.0  # juzi's client waits this long for the stream's first message
 ACCOUNT_NAME_WAIT = 5.0  # how long a login answer waits for the account's own name
+SENT_IDS_KEPT = 10_000  # ids of our own recent sends, whose MESSAGE echo needs no lookup
 
 
 class _RedactSecrets(logging.Filter):
@@ -119,7 +121,12 @@ class WorkproGateway(Gateway):
 
     name: ClassVar[str] = "workpro"
     capabilities = Capabilities(
-        direct_send=True, batch_send=False, idempotent_sends=False, supports=frozenset(PartKind)
+        direct_send=True,
+        batch_send=False,
+        idempotent_sends=False,
+        supports=frozenset(PartKind),
+        tags=True,
+        events=True,
     )
     first_event_wait: float = FIRST_EVENT_WAIT  # how long start() waits for the event stream to open
 
@@ -157,6 +164,10 @@ class WorkproGateway(Gateway):
         self.last_dong: datetime | None = None
         self._login = LoginMachine()
         self._name_task: asyncio.Task[None] | None = None  # looking up the account's own name after LOGIN
+        # MESSAGE and FRIENDSHIP events name a payload to look up; one worker does it, in the order they came.
+        self._lookups: asyncio.Queue[tuple[int, str]] = asyncio.Queue()
+        self._sent_ids: set[str] = set()
+        self._sent_order: deque[str] = deque()
         # contacts
         self._contact_ids: list[str] | None = None
         self._batch_supported: bool | None = None  # None: not tried yet
@@ -218,6 +229,7 @@ class WorkproGateway(Gateway):
                 await self._teardown()
                 raise
             self._ding_task = asyncio.create_task(self._ding_loop(), name="workpro-ding")
+            self._spawn(self._lookup_loop())
             self._started = True
             log.info("workpro: connected to %s", self._endpoint)
 
@@ -478,8 +490,59 @@ class WorkproGateway(Gateway):
             contact_id = payloads.parse_dirty(payload).contact_id
             if contact_id:
                 self.emit(EventKind.CONTACT_CHANGED, contact_id=contact_id)
+        elif kind == pb.EVENT_TYPE_MESSAGE:
+            message_id = payloads.parse_message_id(payload)
+            if message_id and message_id not in self._sent_ids:
+                self._lookups.put_nowait((kind, message_id))
+        elif kind == pb.EVENT_TYPE_FRIENDSHIP:
+            friendship_id = payloads.parse_friendship_id(payload)
+            if friendship_id:
+                self._lookups.put_nowait((kind, friendship_id))
         else:
             log.debug("workpro: event type %d ignored: %.200s", kind, response.payload)
+
+    async def _lookup_loop(self) -> None:
+        """Turn MESSAGE and FRIENDSHIP events into customer events, one payload lookup at a time (in order)."""
+        while True:
+            kind, item_id = await self._lookups.get()
+            try:
+                if kind == pb.EVENT_TYPE_MESSAGE:
+                    await self._on_message(item_id)
+                else:
+                    await self._on_friendship(item_id)
+            except GatewayError as exc:
+                log.warning("workpro: could not read the payload of event %d (%s): %s", kind, item_id, exc)
+            except Exception:  # one odd payload must not end the lookups
+                log.exception("workpro: could not handle event %d (%s)", kind, item_id)
+
+    async def _on_message(self, message_id: str) -> None:
+        if message_id in self._sent_ids:  # our own send, whose answer came after its echo was queued
+            return
+        response = await self._unary("MessagePayload", pb.MessagePayloadRequest(id=message_id))
+        message = payloads.incoming_message(response, self._login.account_id or "")
+        if message is not None:
+            self.emit(EventKind.MESSAGE, message.text[:200], **message.data())
+
+    async def _on_friendship(self, friendship_id: str) -> None:
+        response = await self._unary("FriendshipPayload", pb.FriendshipPayloadRequest(id=friendship_id))
+        staff = self._login.account_id or ""
+        if not response.contact_id:
+            log.info("workpro: friendship %s names no contact (type %d)", friendship_id, int(response.type))
+        elif response.type == pb.FRIENDSHIP_TYPE_CONFIRM:
+            self.emit(EventKind.CONTACT_ADDED, contact_id=response.contact_id, staff_id=staff, welcome_code="")
+        elif response.type in (pb.FRIENDSHIP_TYPE_DELETE, pb.FRIENDSHIP_TYPE_REMOVED):
+            by = "account" if response.type == pb.FRIENDSHIP_TYPE_DELETE else "customer"
+            self.emit(EventKind.CONTACT_REMOVED, contact_id=response.contact_id, staff_id=staff, by=by)
+        else:  # a request (RECEIVE) or a verification: not a contact yet
+            log.info("workpro: friendship %s of type %d ignored", friendship_id, int(response.type))
+
+    def _remember_sent(self, message_id: str) -> None:
+        if not message_id or message_id in self._sent_ids:
+            return
+        self._sent_ids.add(message_id)
+        self._sent_order.append(message_id)
+        if len(self._sent_order) > SENT_IDS_KEPT:
+            self._sent_ids.discard(self._sent_order.popleft())
 
     def _on_login(self, account_id: str) -> None:
         emits = self._login.on_login(account_id)
@@ -782,12 +845,73 @@ class WorkproGateway(Gateway):
             return parts.filebox_url(media.name, media.url, media.size)
         return await self.files.get(media, IMAGE_MAX_BYTES if image else FILE_MAX_BYTES)
 
-    @staticmethod
-    def _message_id(response: Any, method: str, contact_id: str) -> str:
-        """The sent message's id: field 2, else the old wrapped field 1 (servers fill either or both)."""
+    def _message_id(self, response: Any, method: str, contact_id: str) -> str:
+        """The sent message's id: field 2, else the old wrapped field 1 (servers fill either or both). Remembered,
+        so the server's MESSAGE echo of our own send is not looked up."""
         message_id: str = response.id
         if not message_id and response.HasField("id_string_value_deprecated"):
             message_id = response.id_string_value_deprecated.value
         if not message_id:
             log.warning("workpro: %s to %s succeeded without a message id", method, contact_id)
+        self._remember_sent(message_id)
         return message_id
+
+    # -- tags ------------------------------------------------------------------------------------
+    async def add_contact_tags(self, contact_id: str, tag_ids: Sequence[str]) -> None:
+        """TagContactTagAdd (idempotent: a tag already there is no error; the server answers with a DIRTY)."""
+        await self._change_tags("TagContactTagAdd", contact_id, tag_ids)
+
+    async def remove_contact_tags(self, contact_id: str, tag_ids: Sequence[str]) -> None:
+        """TagContactTagRemove (idempotent: a tag not there is no error)."""
+        await self._change_tags("TagContactTagRemove", contact_id, tag_ids)
+
+    async def _change_tags(self, method: str, contact_id: str, tag_ids: Sequence[str]) -> None:
+        ids = list(dict.fromkeys(t for t in tag_ids if t))
+        if not contact_id:
+            raise PermanentError("no contact id to tag")
+        if not ids:
+            return
+        await self._ensure_started()
+        self._require_login("change tags")
+        request_type = pb.TagContactTagAddRequest if method == "TagContactTagAdd" else pb.TagContactTagRemoveRequest
+        # Not `mutating`: doing it twice is harmless, so a timeout is worth a retry rather than "unknown".
+        await self._unary(
+            method, request_type(tag_ids=ids, contact_ids=[contact_id]), what=f"the tags {', '.join(ids)}"
+        )
+
+    async def create_tag(self, name: str, group_name: str = "") -> TagRecord:
+        """The tag `name` in `group_name` (TagGroupAdd when the group is new, then TagTagAdd), or the existing one."""
+        name, group_name = name.strip(), group_name.strip()
+        if not name:
+            raise PermanentError("a tag needs a name")
+        await self._ensure_started()
+        self._require_login("create tags")
+        for tag in await self.list_tags():
+            if tag.name == name and tag.group_name == group_name:
+                return tag
+        group_id = await self._tag_group_id(group_name) if group_name else ""
+        response = await self._unary(
+            "TagTagAdd", pb.TagTagAddRequest(tag_group_id=group_id, tag_name=[name]), what=f"the tag {name!r}"
+        )
+        info = next((i for i in response.tag_info if i.tag_name == name), None)
+        tag_id = info.tag_id if info is not None else response.deprecated_tag_id
+        if not tag_id:
+            raise PermanentError(f"WorkPro created the tag {name!r} without saying its id")
+        payload = await self._tag_payload(tag_id)
+        kind = int(payload.type) if payload is not None else int(pb.TAG_TYPE_CORPORATION if group_id else 0)
+        return TagRecord(id=tag_id, name=name, group_name=group_name, type=kind)
+
+    async def _tag_group_id(self, name: str) -> str:
+        """The id of the tag group called `name`, created when there is none."""
+        group_ids: list[str] = list((await self._unary("TagGroupList", pb.TagGroupListRequest())).tag_group_ids)
+        groups = await self._gather_limited(group_ids, self._group_payload)
+        for group_id, group in zip(group_ids, groups, strict=True):
+            if group is not None and group.name == name:
+                return group_id
+        response = await self._unary(
+            "TagGroupAdd", pb.TagGroupAddRequest(tag_group_name=name), what=f"the tag group {name!r}"
+        )
+        created: str = response.tag_group_id
+        if not created:
+            raise PermanentError(f"WorkPro created the tag group {name!r} without saying its id")
+        return created

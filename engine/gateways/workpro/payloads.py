@@ -229,3 +229,44 @@ def contact_record(p: pb.ContactPayloadResponse, follow_user_id: str = "") -> Co
         tag_ids=tuple(dict.fromkeys(tag for tag in p.tag_ids if tag)),
         follow_user_ids=(follow_user_id,) if follow_user_id else (),
     )
+
+
+# -- customer events --------------------------------------------------------------------------------------
+def parse_message_id(payload: dict[str, Any]) -> str:
+    """MESSAGE(2): the id of the message to look up with MessagePayload."""
+    return _str(payload, "messageId", "message_id")
+
+
+def parse_friendship_id(payload: dict[str, Any]) -> str:
+    """FRIENDSHIP(17): the id of the friendship to look up with FriendshipPayload."""
+    return _str(payload, "friendshipId", "friendship_id", "id")
+
+
+def message_type_name(value: int) -> str:
+    """A MessageType as a short lower-case name ("text", "image", "url", "mini_program", ...)."""
+    try:
+        return str(pb.MessageType.Name(value)).removeprefix("MESSAGE_TYPE_").lower()
+    except ValueError:
+        return f"type_{value}"
+
+
+@dataclass(frozen=True)
+class IncomingMessage:
+    """A customer wrote to the account (one-to-one): the data of a MESSAGE gateway event."""
+
+    contact_id: str
+    message_id: str
+    text: str  # the text of a text message; "" for any other type
+    type: str  # message_type_name
+
+    def data(self) -> dict[str, str]:
+        return {"contact_id": self.contact_id, "message_id": self.message_id, "text": self.text, "type": self.type}
+
+
+def incoming_message(p: pb.MessagePayloadResponse, account_id: str) -> IncomingMessage | None:
+    """The customer's message, or None for what is not one: our own outgoing messages (the server announces
+    those too), group-chat messages, and payloads without a sender."""
+    if not p.talker_id or p.talker_id == account_id or p.room_id:
+        return None
+    text = p.text if p.type == pb.MESSAGE_TYPE_TEXT else ""
+    return IncomingMessage(p.talker_id, p.id, text, message_type_name(p.type))
