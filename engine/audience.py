@@ -497,6 +497,96 @@ class Selection:
     unknown_tags: list[str]
 
 
+class Selector:
+    """An audience applied to contacts a chunk at a time (planning streams them in id order): `limit` and the
+    listed ids carry over from one chunk to the next, so the chunks together decide exactly what one pass over all
+    the contacts would (`select`)."""
+
+    def __init__(
+        self,
+        *,
+        ids: Sequence[str] = (),
+        tags_any: Sequence[str] = (),
+        tags_all: Sequence[str] = (),
+        tags_none: Sequence[str] = (),
+        rules: Rule | None = None,
+        exclude_ids: Sequence[str] = (),
+        limit: int | None = None,
+        include_coworkers: bool = False,
+        now: datetime,
+        known_tags: Iterable[str] = (),
+    ) -> None:
+        self.id_set = frozenset(ids)
+        self.excl = frozenset(exclude_ids)
+        self.t_any, self.t_all, self.t_none = frozenset(tags_any), frozenset(tags_all), frozenset(tags_none)
+        self.rules = rules
+        self.limit = limit
+        self.include_coworkers = include_coworkers
+        self.now = now
+        self.selected = 0  # recipients so far, over every chunk (for `limit`)
+        self.seen_ids: set[str] = set()
+        known = frozenset(known_tags)
+        wanted = self.t_any | self.t_all | self.t_none
+        self.unknown_tags = sorted(wanted - known) if known else []
+        # The texts that do not depend on the contact, translated once (a plan may hold 100,000 exclusions).
+        self._listed = tr("listed in exclude_ids")
+        self._not_friend = tr("not a friend of this account (cannot receive messages)")
+        self._coworker = tr("coworker, not a customer")
+        self._none_of = tr("has none of the tags {tags}", tags=", ".join(sorted(self.t_any))) if self.t_any else ""
+        self._reasons: dict[tuple[str, frozenset[str]], str] = {}  # reasons naming tags, once per set of tags
+
+    @property
+    def unknown_ids(self) -> list[str]:
+        """Listed ids no contact seen so far has (all the contacts seen: every id that is not a contact)."""
+        return sorted(self.id_set - self.seen_ids)
+
+    def _naming(self, words: str, tags: frozenset[str]) -> str:
+        """`words` (translated) about these tags: made once per set of tags, however many contacts have them."""
+        reason = self._reasons.get((words, tags))
+        if reason is None:
+            reason = self._reasons[(words, tags)] = tr(words, tags=", ".join(sorted(tags)))
+        return reason
+
+    def take(self, contacts: Iterable[ContactView]) -> tuple[list[ContactView], list[Exclusion]]:
+        """The recipients among the next contacts (in their order) and why each of the others is left out."""
+        id_set, excl, rules, now = self.id_set, self.excl, self.rules, self.now
+        t_any, t_all, t_none = self.t_any, self.t_all, self.t_none
+        include_coworkers, limit = self.include_coworkers, self.limit
+        recipients: list[ContactView] = []
+        excluded: list[Exclusion] = []
+        for c in contacts:
+            cid = c["id"]
+            if id_set:
+                if cid not in id_set:
+                    continue  # not a candidate at all: ids narrow the audience, silently
+                self.seen_ids.add(cid)
+            reason: str | None = None
+            code = ReasonCode.RULE
+            tags: frozenset[str] = c.get("tags") or frozenset()
+            if cid in excl:
+                reason, code = self._listed, ReasonCode.EXCLUDE_IDS
+            elif not c.get("friend", True):
+                reason, code = self._not_friend, ReasonCode.NOT_FRIEND
+            elif c.get("coworker") and not include_coworkers:
+                reason, code = self._coworker, ReasonCode.COWORKER
+            elif t_none and tags & t_none:
+                reason, code = self._naming(N_("has excluded tag {tags}"), tags & t_none), ReasonCode.TAGS_NONE
+            elif t_any and not tags & t_any:
+                reason, code = self._none_of, ReasonCode.TAGS_ANY
+            elif t_all and not t_all <= tags:
+                reason, code = self._naming(N_("lacks tag {tags}"), t_all - tags), ReasonCode.TAGS_ALL
+            elif rules is not None:
+                reason = rules(c, now)
+            if reason is None and limit is not None and self.selected >= limit:
+                reason, code = tr("over the audience limit of {limit}", limit=limit), ReasonCode.LIMIT
+            if reason is None:
+                recipients.append(c)
+                self.selected += 1
+            else:
+                excluded.append(Exclusion(cid, str(c.get("name") or ""), reason, code))
+        return recipients, excluded
+
+
 def select(
     contacts: Iterable[ContactView],
     *,
@@ -513,51 +603,17 @@ def select(
 ) -> Selection:
     """Apply an audience to contacts (each a mapping with the contact fields and `tags`, a set of tag
     names and ids). Recipients keep the input order; `limit` keeps the first N."""
-    id_set = frozenset(ids)
-    excl = frozenset(exclude_ids)
-    t_any, t_all, t_none = frozenset(tags_any), frozenset(tags_all), frozenset(tags_none)
-    recipients: list[ContactView] = []
-    excluded: list[Exclusion] = []
-    seen_ids: set[str] = set()
-    # The texts that do not depend on the contact, translated once (a plan may hold 100,000 exclusions).
-    listed = tr("listed in exclude_ids")
-    not_friend = tr("not a friend of this account (cannot receive messages)")
-    coworker = tr("coworker, not a customer")
-    none_of = tr("has none of the tags {tags}", tags=", ".join(sorted(t_any))) if t_any else ""
-    for c in contacts:
-        cid = c["id"]
-        if id_set:
-            if cid not in id_set:
-                continue  # not a candidate at all: ids narrow the audience, silently
-            seen_ids.add(cid)
-        reason: str | None = None
-        code = ReasonCode.RULE
-        tags: frozenset[str] = c.get("tags") or frozenset()
-        if cid in excl:
-            reason, code = listed, ReasonCode.EXCLUDE_IDS
-        elif not c.get("friend", True):
-            reason, code = not_friend, ReasonCode.NOT_FRIEND
-        elif c.get("coworker") and not include_coworkers:
-            reason, code = coworker, ReasonCode.COWORKER
-        elif t_none and tags & t_none:
-            reason, code = tr("has excluded tag {tags}", tags=", ".join(sorted(tags & t_none))), ReasonCode.TAGS_NONE
-        elif t_any and not tags & t_any:
-            reason, code = none_of, ReasonCode.TAGS_ANY
-        elif t_all and not t_all <= tags:
-            reason, code = tr("lacks tag {tags}", tags=", ".join(sorted(t_all - tags))), ReasonCode.TAGS_ALL
-        elif rules is not None:
-            reason = rules(c, now)
-        if reason is None and limit is not None and len(recipients) >= limit:
-            reason, code = tr("over the audience limit of {limit}", limit=limit), ReasonCode.LIMIT
-        if reason is None:
-            recipients.append(c)
-        else:
-            excluded.append(Exclusion(cid, str(c.get("name") or ""), reason, code))
-    known = frozenset(known_tags)
-    wanted = t_any | t_all | t_none
-    return Selection(
-        recipients,
-        excluded,
-        unknown_ids=sorted(id_set - seen_ids),
-        unknown_tags=sorted(wanted - known) if known else [],
+    selector = Selector(
+        ids=ids,
+        tags_any=tags_any,
+        tags_all=tags_all,
+        tags_none=tags_none,
+        rules=rules,
+        exclude_ids=exclude_ids,
+        limit=limit,
+        include_coworkers=include_coworkers,
+        now=now,
+        known_tags=known_tags,
     )
+    recipients, excluded = selector.take(contacts)
+    return Selection(recipients, excluded, unknown_ids=selector.unknown_ids, unknown_tags=selector.unknown_tags)

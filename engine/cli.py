@@ -409,16 +409,15 @@ def validate(ctx: Ctx, paths: tuple[Path, ...], as_json: bool) -> None:
     db = make_db_engine(settings.database_url)
     try:
         from engine.clock import SystemClock
-        from storage.contacts import load_contact_views
+        from storage.contacts import count_contacts
 
         now = SystemClock().now()
-        views = load_contact_views(db)
-        if views:
+        if count_contacts(db):
             data_checked = True
             for campaign in result.campaigns:
                 # Everyone the targeting selects, whatever today's sends: a field missing for a contact the
-                # frequency cap holds back today is missing tomorrow.
-                preview = build_preview(db, campaign, now=now, contacts=views, policies=False)
+                # frequency cap holds back today is missing tomorrow. Counted, not listed (keep=0).
+                preview = build_preview(db, campaign, now=now, policies=False, keep=0)
                 problems.extend(str(p) for p in preview.problems())
     finally:
         db.dispose()
@@ -481,7 +480,9 @@ def preview(
         from engine.blocking import off_loop
 
         await app.ensure_contacts()
-        return await off_loop(app.preview, spec, run_key=run_key)
+        # Everything for --json and --csv (they promise every contact); otherwise only what is shown, counted in full.
+        keep = None if as_json or csv_path is not None or not show else show
+        return await off_loop(app.preview, spec, run_key=run_key, keep=keep)
 
     result = _run(_with_app(ctx, go))
     if csv_path is not None:
@@ -550,14 +551,14 @@ def _print_preview(p: Preview, show: int, full: bool) -> None:
             )
             + "[/yellow]"
         )
-    cats = p.excluded_by_category()
+    cats = p.excluded_by_category()  # counts of everyone (the lists below may be the first few only)
     by_cat = tr(", ").join(f"{_category(k)} {v}" for k, v in sorted(cats.items()))
     out.print(
         tr(
             "contacts {total}  →  recipients {recipients}  excluded {excluded}",
             total=p.total_contacts,
-            recipients=styled("green", str(len(p.recipients))),
-            excluded=len(p.excluded),
+            recipients=styled("green", str(p.recipient_count)),
+            excluded=p.excluded_count,
         )
         + (f" ({by_cat})" if by_cat else "")
         + "  "
@@ -600,8 +601,8 @@ def _print_preview(p: Preview, show: int, full: bool) -> None:
         for r in shown:
             table.add_row(r.contact_id, escape(r.name), escape(_message_lines(r.full_message())))
         out.print(table)
-    if limit and len(p.recipients) > limit:
-        more = len(p.recipients) - limit
+    if limit and p.recipient_count > limit:
+        more = p.recipient_count - limit
         out.print(styled("dim", tr("… and {n} more (--show 0 lists all, --csv FILE writes all)", n=more)))
     ordered = sorted(p.excluded, key=lambda e: e.category == "audience")
     if p.excluded:
@@ -611,8 +612,8 @@ def _print_preview(p: Preview, show: int, full: bool) -> None:
         for e in ordered[:limit]:
             table.add_row(e.contact_id, escape(e.name), escape(e.reason))
         out.print(table)
-        if limit and len(ordered) > limit:
-            out.print(styled("dim", tr("… and {n} more", n=len(ordered) - limit)))
+        if limit and p.excluded_count > limit:
+            out.print(styled("dim", tr("… and {n} more", n=p.excluded_count - limit)))
     if p.next_fires:
         out.print(tr("next fire times: {times}", times=tr(", ").join(_fire(t) for t in p.next_fires)), soft_wrap=False)
     elif c.schedule is None:

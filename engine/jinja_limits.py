@@ -183,13 +183,19 @@ class RenderedTextTooLong(TemplateLimitError):
 def bounded_concat(pieces: Iterable[str], error: type[TemplateLimitError] = TemplateLimitError) -> str:
     """Join rendered pieces (of a macro, a set block, a whole message), refusing once the text passes MAX_SIZE.
 
-    Pieces are taken `_CHUNK` at a time and weighed with C-level calls (this runs once per recipient, and a
-    message is a handful of pieces: one chunk): never more than a chunk past the cap is held."""
+    Pieces are joined `_CHUNK` at a time, each join weighed before the next is taken (this runs once per
+    recipient, and a message is a handful of pieces: one join, one failed look for more): never more than a chunk
+    past the cap is held."""
     iterator = iter(pieces)
-    out = [*islice(iterator, _CHUNK)]
-    total = sum(map(len, out))
-    if len(out) < _CHUNK and total <= MAX_SIZE:
-        return "".join(out)
+    text = "".join(islice(iterator, _CHUNK))
+    if len(text) > MAX_SIZE:
+        raise error(f"the rendered text would be larger than {MAX_SIZE:,} characters")
+    for piece in iterator:  # more than a chunk of pieces (a long loop's output)
+        return _concat_rest([text, piece], len(text) + len(piece), iterator, error)
+    return text
+
+
+def _concat_rest(out: list[str], total: int, iterator: Iterator[str], error: type[TemplateLimitError]) -> str:
     while total <= MAX_SIZE:
         chunk = [*islice(iterator, _CHUNK)]
         if not chunk:

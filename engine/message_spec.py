@@ -563,7 +563,26 @@ def render_messages(
     too_long: list[str] = []
     failed: dict[tuple[int, Check], list[str]] = {}
     templates = [f.template for f in fields]
-    for contact, values, lacking in render_each(templates, recipients, campaign=campaign, now=now):
+    outcomes = render_each(templates, recipients, campaign=campaign, now=now)
+    if plain:  # one text field (most messages): the same as below, without the per-field loop
+        only = fields[0]
+        check = only.check
+        for contact, values, lacking in outcomes:
+            cid = str(contact["id"])
+            if values is None:
+                for name in lacking:
+                    missing.setdefault(name, []).append(cid)
+                continue
+            value = values[0]
+            problem = check(value)
+            if problem is None:
+                texts[cid] = value or ""  # (None never passes its check)
+            elif problem is Check.TOO_LONG and only.max_chars is not None:
+                too_long.append(cid)
+            else:
+                failed.setdefault((0, problem), []).append(cid)
+        return RenderedMessages(texts, messages, missing, too_long, failed)
+    for contact, values, lacking in outcomes:
         cid = str(contact["id"])
         if values is None:
             for name in lacking:
@@ -582,11 +601,8 @@ def render_messages(
         if not ok:
             continue
         got = [v or "" for v in values]  # every value passed its checks: none is over the size cap
-        if plain:
-            texts[cid] = got[0]
-        else:
-            texts[cid] = got[text_slot] if text_slot is not None else ""
-            messages[cid] = compiled.build(got)
+        texts[cid] = got[text_slot] if text_slot is not None else ""
+        messages[cid] = compiled.build(got)
     return RenderedMessages(texts, messages, missing, too_long, failed)
 
 
@@ -613,16 +629,23 @@ def describe_problems(
 ) -> list[TemplateError]:
     """The per-recipient checks that failed (`RenderedMessages.too_long` and `.failed`), one error per field and
     check, at the field's file and line; `total`: how many recipients were rendered."""
+    return describe_problem_counts(compiled, len(too_long), {k: len(ids) for k, ids in failed.items()}, total=total)
+
+
+def describe_problem_counts(
+    compiled: CompiledMessage, too_long: int, failed: Mapping[tuple[int, Check], int], *, total: int
+) -> list[TemplateError]:
+    """`describe_problems` from counts: how many recipients' texts are too long, and how many failed each check."""
     out: list[TemplateError] = []
     text = compiled.text
     if too_long and text is not None:
         out.append(
             TemplateError(
-                f"the message is longer than message.max_length ({text.max_chars}) for {len(too_long)} recipients",
+                f"the message is longer than message.max_length ({text.max_chars}) for {too_long} recipients",
                 text.template.origin,
             )
         )
-    for (index, problem), ids in failed.items():
+    for (index, problem), n in failed.items():
         f = compiled.fields[index]
         what = f.path.rsplit(".", 1)[-1]
         detail = {
@@ -630,7 +653,7 @@ def describe_problems(
             Check.TOO_LONG: f"is longer than {f.limit()} (WeCom's limit)",
             Check.NOT_HTTPS: "is not an https URL",
         }[problem]
-        out.append(TemplateError(f"the {what} {detail} for {len(ids)} of {total} recipients", f.template.origin))
+        out.append(TemplateError(f"the {what} {detail} for {n} of {total} recipients", f.template.origin))
     return out
 
 

@@ -1,10 +1,13 @@
 """Planning: who gets what in a run, and the dry-run preview that shows it before anything is sent.
 
-`build_preview` is the single place the audience is selected, deduplicated, capped and rendered; the
-preview shows its result, and `plan_run` writes exactly that result: one pending delivery per recipient,
-and a skipped delivery (with the reason) for each contact the audience named but a policy held back —
-dedupe, frequency cap, exclusion lists, missing data — all in one transaction. Re-planning the same run
-changes nothing: the run's (campaign, run_key) and each delivery's dedupe key are unique in the database.
+`_steps` is the single place the audience is selected, deduplicated, capped and rendered, a chunk of contacts at
+a time (in id order; `CHUNK` contacts per step); the preview adds its steps up, and `plan_run` writes exactly
+what they decide: one pending delivery per recipient, and a skipped delivery (with the reason) for each contact
+the audience named but a policy held back — dedupe, frequency cap, exclusion lists, missing data — all in one
+transaction. Each step is selected, rendered and inserted before the next is read, so neither a plan nor a
+preview holds the audience in memory: a million recipients plan within the memory of one step. A preview keeps
+its counts complete and lists everyone, or a bounded sample (`keep`). Re-planning the same run changes nothing:
+the run's (campaign, run_key) and each delivery's dedupe key are unique in the database.
 
 Run keys name the schedule slot a run belongs to (`2026-11-23T02:00:00Z`), so a manual `wecast run` in the
 same week as the scheduler's firing is the *same* run and sends nothing twice. A campaign without a
@@ -15,21 +18,27 @@ from __future__ import annotations
 
 import uuid
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, tzinfo
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, Engine
 
 from engine import audience as aud
 from engine.audience import OPTED_OUT_REASON, ExclusionCategory, ReasonCode
 from engine.contacts import require_whole_list
 from engine.errors import NotFoundError, TemplateError
 from engine.i18n import tr
-from engine.message_spec import Check, describe_problems, render_messages
+from engine.message_spec import (
+    Check,
+    RenderedMessages,
+    describe_problem_counts,
+    describe_problems,
+    render_messages,
+)
 from engine.messages import Message
-from engine.render import describe_missing
+from engine.render import describe_missing, describe_missing_counts
 from engine.runsettings import RunSettings
 from engine.schedule import build_trigger, latest_fire_time, next_fire_times
 from engine.spec import Campaign
@@ -37,11 +46,11 @@ from storage import contacts as contacts_db
 from storage import deliveries as deliveries_db
 from storage import optouts as optouts_db
 from storage import runs as runs_db
-from storage.contacts import ContactView
-from storage.db import snapshot
-from storage.deliveries import Planned
-from storage.models import DeliveryStatus
+from storage.db import snapshot, transaction
+from storage.deliveries import PendingRow, Planned
 from storage.runs import NewRun, RunRow
+
+CHUNK = contacts_db.VIEW_CHUNK  # contacts per step of a plan or preview (see the module docstring)
 
 
 class Recipient(NamedTuple):
@@ -117,30 +126,56 @@ class TaskPlan:
         return out
 
 
-def plan_tasks(recipients: Sequence[Recipient], follows: Mapping[str, Sequence[str]], max_batch: int) -> TaskPlan:
-    """The tasks `recipients` make (see TaskPlan), each customer under their leading staff member."""
-    groups: Counter[tuple[str, str]] = Counter()
-    for r in recipients:
-        staff = next(iter(follows.get(r.contact_id, ())), "")
-        groups[(staff, r.message.content_hash() if r.message is not None else r.text)] += 1
-    by_staff: Counter[str] = Counter()
-    size = max(1, max_batch)
-    for (staff, _), count in groups.items():
-        by_staff[staff] += -(-count // size)
-    return TaskPlan(dict(sorted(by_staff.items())), len(recipients))
+class _TaskCount:
+    """Counts the 群发 tasks a plan's recipients make (see TaskPlan) as planning streams them: each customer under
+    their leading staff member, grouped by message (by its hash: a personalised campaign's million texts are not
+    kept), each group split at the gateway's maximum."""
+
+    def __init__(self, max_batch: int) -> None:
+        self.size = max(1, max_batch)
+        self.groups: Counter[tuple[str, int]] = Counter()
+        self.recipients = 0
+
+    def add(self, conn: Connection, step: _Step) -> None:
+        ids = [c["id"] for c in step.recipients]
+        follows = contacts_db.follow_users(conn, ids)
+        texts, messages = step.rendered.texts, step.rendered.messages
+        for cid in ids:
+            staff = next(iter(follows.get(cid, ())), "")
+            message = messages.get(cid)
+            self.groups[(staff, hash(message.content_hash() if message is not None else texts[cid]))] += 1
+        self.recipients += len(ids)
+
+    def plan(self) -> TaskPlan:
+        by_staff: Counter[str] = Counter()
+        for (staff, _), count in self.groups.items():
+            by_staff[staff] += -(-count // self.size)
+        return TaskPlan(dict(sorted(by_staff.items())), self.recipients)
 
 
 @dataclass(repr=False)
 class Preview:
+    """What a run does, or would do: counts of everything, and the recipients and excluded contacts themselves —
+    all of them, or (`keep`, see `build_preview`) a bounded sample, so a preview of a million contacts does not hold
+    a million messages. The counts are always complete."""
+
     campaign: Campaign
     run_key: str
     now: datetime
     total_contacts: int
-    recipients: list[Recipient]
-    excluded: list[Excluded]
-    missing: dict[str, list[str]] = field(default_factory=dict)
-    too_long: list[str] = field(default_factory=list)
+    recipients: list[Recipient]  # every recipient in id order, or the first `keep` (`recipient_count` counts all)
+    excluded: list[Excluded]  # every contact left out, or the first `keep` held back and the first `keep` not targeted
+    recipient_count: int = 0
+    excluded_count: int = 0
+    by_category: Counter[ExclusionCategory] = field(default_factory=Counter)
+    distinct_messages: int = 0  # how many different messages the recipients get (a task-based gateway's tasks)
+    missing: dict[str, list[str]] = field(default_factory=dict)  # field -> ids lacking it (at most `keep` each)
+    missing_counts: dict[str, int] = field(default_factory=dict)  # field -> how many lack it
+    too_long: list[str] = field(default_factory=list)  # ids whose message is over max_length (at most `keep`)
+    too_long_count: int = 0
     failed: dict[tuple[int, Check], list[str]] = field(default_factory=dict)  # fields failing their checks
+    failed_counts: dict[tuple[int, Check], int] = field(default_factory=dict)
+    unrendered: int = 0  # recipients left without a message by those problems, each counted once
     unknown_ids: list[str] = field(default_factory=list)
     unknown_tags: list[str] = field(default_factory=list)
     known_tags: list[str] = field(default_factory=list)  # every tag name contacts have (for "did you mean")
@@ -150,28 +185,30 @@ class Preview:
 
     def __repr__(self) -> str:
         return (
-            f"Preview({self.campaign.id!r}, run_key={self.run_key!r}, recipients={len(self.recipients)}, "
-            f"excluded={len(self.excluded)})"
+            f"Preview({self.campaign.id!r}, run_key={self.run_key!r}, recipients={self.recipient_count}, "
+            f"excluded={self.excluded_count})"
         )
 
     @property
-    def distinct_messages(self) -> int:
-        """How many different messages the recipients get (a task-based gateway sends one task per message)."""
-        return len({r.message.content_hash() if r.message is not None else r.text for r in self.recipients})
+    def complete(self) -> bool:
+        """Whether `recipients` and `excluded` list everyone (not a sample)."""
+        return len(self.recipients) == self.recipient_count and len(self.excluded) == self.excluded_count
 
     def excluded_by_category(self) -> Counter[ExclusionCategory]:
-        return Counter(e.category for e in self.excluded)
+        return Counter(self.by_category)
 
     def problems(self) -> list[TemplateError]:
         """Errors that stop a run: recipients lacking template fields, messages over the length limit, message
         fields that render empty, too long or not https."""
         out: list[TemplateError] = []
-        lacking: set[str] = set().union(*self.missing.values())  # a recipient may lack several fields
-        checked: set[str] = set(self.too_long).union(*self.failed.values())
-        total = len(self.recipients) + len(lacking | checked)
-        if self.missing:
-            out.append(TemplateError(describe_missing(self.missing, total), self.campaign.compiled.origin))
-        out.extend(describe_problems(self.campaign.compiled, self.too_long, self.failed, total=total))
+        total = self.recipient_count + self.unrendered
+        if self.missing_counts:
+            out.append(
+                TemplateError(describe_missing_counts(self.missing_counts, total), self.campaign.compiled.origin)
+            )
+        out.extend(
+            describe_problem_counts(self.campaign.compiled, self.too_long_count, self.failed_counts, total=total)
+        )
         return out
 
     def raise_for_problems(self) -> None:
@@ -221,44 +258,271 @@ def run_settings(campaign: Campaign) -> RunSettings:
     )
 
 
-def build_preview(
-    db: Engine,
-    campaign: Campaign,
-    *,
-    now: datetime,
-    run_key: str | None = None,
-    contacts: list[ContactView] | None = None,
-    policies: bool = True,
-) -> Preview:
-    """Everything a run would do, computed without writing anything (read in one snapshot of the database); a
-    contact list that a sync left half-written is refused (`engine.contacts.require_whole_list`).
-    `policies=False` leaves out what depends on earlier sends (dedupe, the frequency cap): validation checks the
-    template against everyone the targeting selects, whatever was sent today."""
-    key = run_key_for(campaign, now, run_key)
-    cap = campaign.frequency_cap if policies else None
-    with snapshot(db) as conn:
-        if policies and contacts is None:
-            require_whole_list(conn)  # never who a half-done sync happened to write
-        views = (
-            contacts if contacts is not None else contacts_db.load_contact_views(conn, columns=needed_columns(campaign))
-        )
-        known_tags = contacts_db.tag_names(conn)
-        suppressed = optouts_db.opted_out(conn)
-        existing_run = runs_db.find_run(conn, campaign.id, key)
-        held = (
-            deliveries_db.held_keys(conn, campaign.id)
-            if policies and (campaign.dedupe != "run" or existing_run)
-            else {}
-        )
+class _Policies:
+    """What a run holds back beyond the audience — opt-outs, dedupe, the dedupe window, the frequency cap — asked
+    of the database a chunk at a time (only for the chunk's contacts, so memory stays bounded by the chunk), and
+    only when there can be anything to find."""
+
+    def __init__(
+        self,
+        conn: Connection,
+        campaign: Campaign,
+        key: str,
+        now: datetime,
+        *,
+        policies: bool,
+        existing_run: RunRow | None,
+    ) -> None:
+        self.conn = conn
+        self.campaign = campaign
+        self.key = key
+        self.local = campaign.tz
+        self.check_opt_outs = optouts_db.any_opted_out(conn)
+        self.check_held = policies and (campaign.dedupe != "run" or existing_run is not None)
         window = campaign.dedupe_window if policies else None
-        recent = deliveries_db.last_sends(conn, campaign.id, now - window) if window else {}
+        self.window_since = now - window if window else None
+        self.cap = campaign.frequency_cap if policies else None
+        self.cap_window: tuple[datetime, datetime] | None = None
+        self.exclude_run = existing_run.id if existing_run else None
+        if self.cap is not None:
+            start, end = self.cap.window(now, campaign.tz)
+            # Nothing capped was handed over in the window (the usual first run of the day): nothing to count.
+            if deliveries_db.any_capped_between(conn, start, end, exclude_run=self.exclude_run):
+                self.cap_window = (start, end)
+        self.active = bool(self.check_opt_outs or self.check_held or self.window_since or self.cap_window)
+
+    def apply(self, chosen: list[aud.ContactView], excluded: list[Excluded]) -> list[aud.ContactView]:
+        """The chosen contacts the policies let through; the others are added to `excluded` with the reason."""
+        if not self.active or not chosen:
+            return chosen
+        conn, campaign, key, local = self.conn, self.campaign, self.key, self.local
+        ids = [c["id"] for c in chosen]
+        suppressed = optouts_db.opted_out(conn, ids) if self.check_opt_outs else set()
+        held = (
+            deliveries_db.held_by_keys(conn, [dedupe_key(campaign, key, cid) for cid in ids]) if self.check_held else {}
+        )
+        recent = deliveries_db.last_sends(conn, campaign.id, self.window_since, ids) if self.window_since else {}
         counts: dict[str, int] = {}
-        if cap is not None:
-            start, end = cap.window(now, campaign.tz)
-            counts = deliveries_db.cap_counts(conn, start, end, exclude_run=existing_run.id if existing_run else None)
+        cap = self.cap
+        if cap is not None and self.cap_window is not None:
+            counts = deliveries_db.cap_counts(conn, *self.cap_window, ids, exclude_run=self.exclude_run)
+        if not (suppressed or held or recent or counts):
+            return chosen
+        eligible: list[aud.ContactView] = []
+        for c in chosen:
+            cid = c["id"]
+            name = str(c.get("name") or "")
+            if cid in suppressed:
+                excluded.append(Excluded(cid, name, tr(OPTED_OUT_REASON), ReasonCode.OPTED_OUT))
+                continue
+            held_by = held.get(dedupe_key(campaign, key, cid)) if held else None
+            if held_by is not None:
+                fields = {"status": held_by.status.value, "run": held_by.run_id, "dedupe": campaign.dedupe}
+                why = (
+                    tr(
+                        "already {status} in run {run} on {at} (dedupe: {dedupe})",
+                        at=_local(held_by.sent_at, local),
+                        **fields,
+                    )
+                    if held_by.sent_at
+                    else tr("already {status} in run {run} (dedupe: {dedupe})", **fields)
+                )
+                excluded.append(Excluded(cid, name, why, ReasonCode.DEDUPE))
+                continue
+            last = recent.get(cid)
+            if last is not None:
+                excluded.append(
+                    Excluded(
+                        cid,
+                        name,
+                        tr(
+                            "got this campaign on {at}, within the dedupe window {window}",
+                            at=_local(last, local),
+                            window=campaign.dedupe,
+                        ),
+                        ReasonCode.DEDUPE_WINDOW,
+                    )
+                )
+                continue
+            if cap is not None and cap.reached(counts.get(cid, 0)):
+                excluded.append(Excluded(cid, name, cap.reason(counts[cid]), ReasonCode.FREQUENCY_CAP))
+                continue
+            eligible.append(c)
+        return eligible
+
+
+@dataclass
+class _Step:
+    """One chunk of contacts decided: who gets which message, who is left out (with why), and what failed."""
+
+    contacts: int  # contacts read in this chunk
+    recipients: list[aud.ContactView]  # in id order
+    rendered: RenderedMessages  # the recipients' messages (and who could not get one)
+    excluded: list[Excluded]
+
+
+def _steps(
+    conn: Connection,
+    campaign: Campaign,
+    key: str,
+    now: datetime,
+    *,
+    policies: bool,
+    existing_run: RunRow | None,
+    selector: aud.Selector,
+) -> Iterator[_Step]:
+    """The plan, a chunk of contacts at a time, in id order: select -> hold back (policies) -> render. The one
+    place the audience is selected, deduplicated, capped and rendered: preview and planning both consume it."""
+    held_back = _Policies(conn, campaign, key, now, policies=policies, existing_run=existing_run)
+    compiled = campaign.compiled.for_zone(campaign.timezone)
+    meta = {"id": campaign.id, "name": campaign.name}
+    local_now = now.astimezone(campaign.tz)
+    skip_missing = campaign.message.on_missing_field == "skip"
+    for views in contacts_db.contact_view_chunks(conn, columns=needed_columns(campaign), chunk=CHUNK):
+        chosen, left_out = selector.take(views)
+        excluded = [Excluded(e.contact_id, e.name, e.reason, e.code) for e in left_out]
+        eligible = held_back.apply(chosen, excluded)
+        rendered = render_messages(compiled, eligible, campaign=meta, now=local_now)
+        if rendered.missing and skip_missing:
+            lacking: dict[str, list[str]] = {}
+            for fname, ids in rendered.missing.items():
+                for cid in ids:
+                    lacking.setdefault(cid, []).append(fname)
+            for c in eligible:
+                fields = lacking.get(c["id"])
+                if fields is not None:
+                    excluded.append(
+                        Excluded(
+                            c["id"],
+                            str(c.get("name") or ""),
+                            tr("lacks {fields}, used by the template", fields=", ".join(fields)),
+                            ReasonCode.MISSING_FIELD,
+                        )
+                    )
+            rendered.missing = {}
+        texts = rendered.texts
+        recipients = eligible if len(texts) == len(eligible) else [c for c in eligible if c["id"] in texts]
+        yield _Step(len(views), recipients, rendered, excluded)
+
+
+class _Tally:
+    """Adds up a plan's steps into a Preview: every count, and the recipients and exclusions themselves up to
+    `keep` of each (None: all)."""
+
+    def __init__(self, keep: int | None) -> None:
+        self.keep = keep
+        self.total = 0
+        self.recipients: list[Recipient] = []
+        self.recipient_count = 0
+        self.excluded: list[Excluded] = []
+        self.targeted_out = 0  # audience exclusions kept (they share `keep` among themselves)
+        self.held_out = 0  # the other exclusions kept
+        self.excluded_count = 0
+        self.by_category: Counter[ExclusionCategory] = Counter()
+        self.distinct: set[int] = set()
+        self.missing: dict[str, list[str]] = {}
+        self.missing_counts: Counter[str] = Counter()
+        self.too_long: list[str] = []
+        self.too_long_count = 0
+        self.failed: dict[tuple[int, Check], list[str]] = {}
+        self.failed_counts: Counter[tuple[int, Check]] = Counter()
+        self.unrendered = 0
+
+    def _room(self, held: int) -> bool:
+        return self.keep is None or held < self.keep
+
+    def add(self, step: _Step) -> None:
+        self.total += step.contacts
+        rendered = step.rendered
+        texts, messages = rendered.texts, rendered.messages
+        self.recipient_count += len(step.recipients)
+        # Distinct messages, by hash: a million personal texts are a million ints here, not a million strings.
+        if messages:
+            self.distinct.update(hash(m.content_hash()) for m in messages.values())
+        else:
+            self.distinct.update(map(hash, texts.values()))
+        if self._room(len(self.recipients)):
+            for c in step.recipients[: None if self.keep is None else self.keep - len(self.recipients)]:
+                cid = c["id"]
+                self.recipients.append(Recipient(cid, str(c.get("name") or ""), texts[cid], messages.get(cid)))
+        self.excluded_count += len(step.excluded)
+        # In contact order (a step lists the audience's exclusions before the policies'): the same order whatever
+        # the chunk size.
+        excluded = sorted(step.excluded, key=_contact) if self._room(min(self.targeted_out, self.held_out)) else ()
+        for e in step.excluded:
+            self.by_category[e.code.category] += 1
+        for e in excluded:
+            targeted = e.code.category is ExclusionCategory.AUDIENCE
+            if self._room(self.targeted_out if targeted else self.held_out):
+                self.excluded.append(e)
+                if targeted:
+                    self.targeted_out += 1
+                else:
+                    self.held_out += 1
+        problems: set[str] = set(rendered.too_long)
+        for name, ids in rendered.missing.items():
+            self.missing_counts[name] += len(ids)
+            kept = self.missing.setdefault(name, [])
+            kept += ids[: None if self.keep is None else max(0, self.keep - len(kept))]
+            problems.update(ids)
+        self.too_long_count += len(rendered.too_long)
+        self.too_long += rendered.too_long[: None if self.keep is None else max(0, self.keep - len(self.too_long))]
+        for check, ids in rendered.failed.items():
+            self.failed_counts[check] += len(ids)
+            kept = self.failed.setdefault(check, [])
+            kept += ids[: None if self.keep is None else max(0, self.keep - len(kept))]
+            problems.update(ids)
+        self.unrendered += len(problems)
+
+    @property
+    def has_problems(self) -> bool:
+        return bool(self.missing_counts or self.too_long_count or self.failed_counts)
+
+    def preview(
+        self,
+        campaign: Campaign,
+        key: str,
+        now: datetime,
+        selector: aud.Selector,
+        known_tags: Sequence[str],
+        existing_run: RunRow | None,
+    ) -> Preview:
+        next_fires: list[datetime] = []
+        if campaign.schedule is not None and campaign.enabled:
+            next_fires = next_fire_times(build_trigger(campaign.schedule, campaign.tz), now, 5)
+        return Preview(
+            campaign=campaign,
+            run_key=key,
+            now=now,
+            total_contacts=self.total,
+            recipients=self.recipients,
+            excluded=self.excluded,
+            recipient_count=self.recipient_count,
+            excluded_count=self.excluded_count,
+            by_category=self.by_category,
+            distinct_messages=len(self.distinct),
+            missing=self.missing,
+            missing_counts=dict(self.missing_counts),
+            too_long=self.too_long,
+            too_long_count=self.too_long_count,
+            failed=self.failed,
+            failed_counts=dict(self.failed_counts),
+            unrendered=self.unrendered,
+            unknown_ids=selector.unknown_ids,
+            unknown_tags=selector.unknown_tags,
+            known_tags=sorted(known_tags),
+            next_fires=next_fires,
+            existing_run=existing_run,
+        )
+
+
+def _contact(e: Excluded) -> str:
+    return e.contact_id
+
+
+def _selector(campaign: Campaign, now: datetime, known_tags: Sequence[str]) -> aud.Selector:
     a = campaign.audience
-    selection = aud.select(
-        views,
+    return aud.Selector(
         ids=a.ids,
         tags_any=a.tags_any,
         tags_all=a.tags_all,
@@ -270,98 +534,49 @@ def build_preview(
         now=now,
         known_tags=known_tags,
     )
-    excluded = [Excluded(e.contact_id, e.name, e.reason, e.code) for e in selection.excluded]
-    eligible: list[Mapping[str, Any]] = []
-    local = campaign.tz
-    for c in selection.recipients:
-        cid = c["id"]
-        name = str(c.get("name") or "")
-        if cid in suppressed:
-            excluded.append(Excluded(cid, name, tr(OPTED_OUT_REASON), ReasonCode.OPTED_OUT))
-            continue
-        held_by = held.get(dedupe_key(campaign, key, cid)) if held else None
-        if held_by is not None:
-            fields = {"status": held_by.status.value, "run": held_by.run_id, "dedupe": campaign.dedupe}
-            why = (
-                tr(
-                    "already {status} in run {run} on {at} (dedupe: {dedupe})",
-                    at=_local(held_by.sent_at, local),
-                    **fields,
-                )
-                if held_by.sent_at
-                else tr("already {status} in run {run} (dedupe: {dedupe})", **fields)
-            )
-            excluded.append(Excluded(cid, name, why, ReasonCode.DEDUPE))
-            continue
-        last = recent.get(cid)
-        if last is not None:
-            excluded.append(
-                Excluded(
-                    cid,
-                    name,
-                    tr(
-                        "got this campaign on {at}, within the dedupe window {window}",
-                        at=_local(last, local),
-                        window=campaign.dedupe,
-                    ),
-                    ReasonCode.DEDUPE_WINDOW,
-                )
-            )
-            continue
-        if cap is not None and cap.reached(counts.get(cid, 0)):
-            excluded.append(Excluded(cid, name, cap.reason(counts[cid]), ReasonCode.FREQUENCY_CAP))
-            continue
-        eligible.append(c)
-    rendered = render_messages(
-        campaign.compiled.for_zone(campaign.timezone),
-        eligible,
-        campaign={"id": campaign.id, "name": campaign.name},
-        now=now.astimezone(local),
-    )
-    missing: dict[str, list[str]] = {}
-    recipients: list[Recipient] = []
-    skip_missing = campaign.message.on_missing_field == "skip"
-    lacking_by_id: dict[str, list[str]] = {}
-    for fname, ids in rendered.missing.items():
-        for cid in ids:
-            lacking_by_id.setdefault(cid, []).append(fname)
-    if not skip_missing:
-        missing = rendered.missing
-    messages = rendered.messages
-    for c in eligible:
-        cid = c["id"]
-        name = str(c.get("name") or "")
-        text = rendered.texts.get(cid)
-        if text is not None:
-            recipients.append(Recipient(cid, name, text, messages.get(cid)))
-        elif cid in lacking_by_id and skip_missing:
-            excluded.append(
-                Excluded(
-                    cid,
-                    name,
-                    tr("lacks {fields}, used by the template", fields=", ".join(lacking_by_id[cid])),
-                    ReasonCode.MISSING_FIELD,
-                )
-            )
-    next_fires: list[datetime] = []
-    if campaign.schedule is not None and campaign.enabled:
-        next_fires = next_fire_times(build_trigger(campaign.schedule, campaign.tz), now, 5)
-    return Preview(
-        campaign=campaign,
-        run_key=key,
-        now=now,
-        total_contacts=len(views),
-        recipients=recipients,
-        excluded=excluded,
-        missing=missing,
-        too_long=rendered.too_long,
-        failed=rendered.failed,
-        unknown_ids=selection.unknown_ids,
-        unknown_tags=selection.unknown_tags,
-        known_tags=sorted(known_tags),
-        next_fires=next_fires,
-        existing_run=existing_run,
-    )
+
+
+def build_preview(
+    db: Engine,
+    campaign: Campaign,
+    *,
+    now: datetime,
+    run_key: str | None = None,
+    policies: bool = True,
+    keep: int | None = None,
+    task_batch: int | None = None,
+) -> Preview:
+    """Everything a run would do, computed without writing anything (read in one snapshot of the database), a
+    chunk of contacts at a time; a contact list that a sync left half-written is refused
+    (`engine.contacts.require_whole_list`). `keep`: how many recipients, and how many exclusions of each kind (held
+    back, not targeted), to list (None: all; the counts are complete either way). `task_batch`: on a task-based
+    gateway (at most this many recipients a task), also count the 群发 tasks each staff member would have to
+    confirm (`Preview.tasks`). `policies=False` leaves out what depends on earlier sends (dedupe, the frequency
+    cap): validation checks the template against everyone the targeting selects, whatever was sent today."""
+    key = run_key_for(campaign, now, run_key)
+    with snapshot(db) as conn:
+        if policies:
+            require_whole_list(conn)  # never who a half-done sync happened to write
+        known_tags = contacts_db.tag_names(conn)
+        existing_run = runs_db.find_run(conn, campaign.id, key)
+        selector = _selector(campaign, now, known_tags)
+        tally = _Tally(keep)
+        tasks = _TaskCount(task_batch) if task_batch is not None else None
+        for step in _steps(
+            conn,
+            campaign,
+            key,
+            now,
+            policies=policies,
+            existing_run=existing_run,
+            selector=selector,
+        ):
+            tally.add(step)
+            if tasks is not None:
+                tasks.add(conn, step)
+    preview = tally.preview(campaign, key, now, selector, known_tags, existing_run)
+    preview.tasks = tasks.plan() if tasks is not None else None
+    return preview
 
 
 def _local(at: datetime, zone: tzinfo) -> str:
@@ -392,7 +607,20 @@ class PlanResult:
     created: bool
     planned: int = 0
     skipped: int = 0
-    preview: Preview | None = None
+    preview: Preview | None = None  # what this call planned (None when the run existed already)
+
+
+def _pending(step: _Step) -> list[PendingRow]:
+    """A step's recipients as pending deliveries (see `storage.deliveries.PendingRow`)."""
+    texts, messages = step.rendered.texts, step.rendered.messages
+    if not messages:  # plain text (a message is stored as its text alone)
+        return [(cid := c["id"], c.get("name") or "", texts[cid], None) for c in step.recipients]
+    rows: list[PendingRow] = []
+    for c in step.recipients:
+        cid = c["id"]
+        message = messages.get(cid)
+        rows.append((cid, c.get("name") or "", texts[cid], None if message is None else message.dumps()))
+    return rows
 
 
 def plan_run(
@@ -402,14 +630,14 @@ def plan_run(
     now: datetime,
     run_key: str | None = None,
     trigger: str = "manual",
-    preview: Preview | None = None,
+    keep: int | None = 0,
 ) -> PlanResult:
-    """Write the run and its deliveries in one transaction (or return the run that already exists)."""
-    preview = preview or build_preview(db, campaign, now=now, run_key=run_key)
-    if preview.existing_run is not None:
-        return PlanResult(preview.existing_run.id, preview.run_key, created=False, preview=preview)
-    preview.raise_for_problems()
-    key = preview.run_key
+    """Write the run and its deliveries in one transaction (or return the run that already exists), streaming:
+    each chunk of contacts is selected, rendered and inserted before the next is read, so memory is bounded by the
+    chunk, not the audience. A problem found anywhere (a field a recipient lacks, a message too long) raises
+    TemplateError and rolls everything back: nothing is half-planned. `keep`: recipients and exclusions the
+    returned preview lists (see `build_preview`; its counts are always complete)."""
+    key = run_key_for(campaign, now, run_key)
     scheduled_for = None
     if not key.startswith("manual-"):
         try:
@@ -417,45 +645,51 @@ def plan_run(
         except ValueError:
             scheduled_for = None
     settings = run_settings(campaign)
-    held_back = [e for e in preview.excluded if e.recorded]
-    recorded = runs_db.record_plan(
-        db,
-        NewRun(
-            campaign_id=campaign.id,
-            run_key=key,
-            trigger=trigger,
-            timezone=campaign.timezone,
-            settings=settings.to_json(),
-            created_at=now,
-            campaign_file=str(campaign.file),
-            campaign_hash=campaign.content_hash,
-            scheduled_for=scheduled_for,
-            planned=len(preview.recipients),
-            skipped_at_plan=len(held_back),
-        ),
-        (
-            Planned(
-                r.contact_id,
-                r.name,
-                r.text,
-                dedupe_key(campaign, key, r.contact_id),
-                message=r.message.dumps() if r.message is not None else None,
+    with transaction(db) as conn:
+        # The run first: its row takes the write lock, and a run planned before (or by a concurrent planner, who
+        # then holds the lock until it commits) is found here, before any work.
+        run_id, created = runs_db.create_run(
+            conn,
+            NewRun(
+                campaign_id=campaign.id,
+                run_key=key,
+                trigger=trigger,
+                timezone=campaign.timezone,
+                settings=settings.to_json(),
+                created_at=now,
+                campaign_file=str(campaign.file),
+                campaign_hash=campaign.content_hash,
+                scheduled_for=scheduled_for,
+            ),
+        )
+        if not created:
+            return PlanResult(run_id, key, created=False)
+        require_whole_list(conn)  # never who a half-done sync happened to write (raising rolls the run back)
+        known_tags = contacts_db.tag_names(conn)
+        selector = _selector(campaign, now, known_tags)
+        tally = _Tally(keep)
+        writer = deliveries_db.PlanWriter(
+            conn,
+            run_id,
+            campaign.id,
+            key_prefix=dedupe_key(campaign, key, ""),  # + the contact id
+            capped=settings.capped,
+            now=now,
+            with_messages=not campaign.compiled.plain_text,
+        )
+        for step in _steps(conn, campaign, key, now, policies=True, existing_run=None, selector=selector):
+            tally.add(step)
+            if tally.has_problems:
+                continue  # the plan will not be written: count the rest for the error, write nothing more
+            writer.pending(_pending(step))
+            writer.skipped(
+                Planned(e.contact_id, e.name, "", None, e.stored_reason) for e in step.excluded if e.recorded
             )
-            for r in preview.recipients
-        ),
-        (Planned(e.contact_id, e.name, "", None, e.stored_reason) for e in held_back),
-        capped=settings.capped,
-        with_messages=not campaign.compiled.plain_text,
-    )
-    if not recorded.created:  # planned concurrently by another process: theirs stands
-        return PlanResult(recorded.run_id, key, created=False, preview=preview)
+        preview = tally.preview(campaign, key, now, selector, known_tags, None)
+        preview.raise_for_problems()  # inside the transaction: rolls back the run and every delivery written
+        runs_db.set_plan_counts(conn, run_id, planned=writer.pending_count, skipped=writer.skipped_count)
     return PlanResult(
-        recorded.run_id,
-        key,
-        created=True,
-        planned=recorded.counts.get(DeliveryStatus.PENDING, 0),
-        skipped=recorded.counts.get(DeliveryStatus.SKIPPED, 0),
-        preview=preview,
+        run_id, key, created=True, planned=writer.pending_count, skipped=writer.skipped_count, preview=preview
     )
 
 
@@ -520,7 +754,7 @@ def plan_test_send(db: Engine, campaign: Campaign, contact_ids: Sequence[str], *
     the campaign's real runs. Raises NotFoundError for an unknown contact, TemplateError when a contact lacks a
     field or a field fails its checks."""
     wanted = list(dict.fromkeys(contact_ids))
-    views = {c["id"]: c for c in contacts_db.load_contact_views(db, columns=needed_columns(campaign))}
+    views = {c["id"]: c for c in contacts_db.load_contact_views(db, columns=needed_columns(campaign), ids=wanted)}
     unknown = [cid for cid in wanted if cid not in views]
     if unknown:
         raise NotFoundError(f"no contact {', '.join(unknown)} (see `wecast contacts list`)")

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime
@@ -120,6 +119,8 @@ class CompiledTemplate:
     origin: Location
     names: frozenset[str]
     tz: str = "Asia/Shanghai"
+    # The environment's globals the template names (`range`, `namespace` ...): only those go into its contexts.
+    globals_used: frozenset[str] = frozenset()
     _templates: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def template(self) -> Any:
@@ -129,7 +130,7 @@ class CompiledTemplate:
         return compiled
 
     def for_zone(self, tz: str) -> CompiledTemplate:
-        return CompiledTemplate(self.source, self.origin, self.names, tz)
+        return CompiledTemplate(self.source, self.origin, self.names, tz, self.globals_used)
 
     def render(self, context: Mapping[str, Any], *, prepared: bool = False) -> str:
         """Render for one recipient, within the bounds of engine.jinja_limits. Raises MissingField, or
@@ -218,7 +219,8 @@ def compile_template(source: str, origin: Location, tz: str = "Asia/Shanghai") -
     env = environment(tz)
     try:
         ast, names = _checked_tree(env, source, origin)
-        compiled = CompiledTemplate(source, origin, frozenset(names), tz)
+        used = frozenset(n.name for n in ast.find_all(nodes.Name) if n.name in env.globals)
+        compiled = CompiledTemplate(source, origin, frozenset(names), tz, used)
         compiled._templates[tz] = env.from_string(ast)
     except TemplateSyntaxError as exc:
         raise TemplateError(f"template syntax error: {exc.message}", _at(origin, exc.lineno)) from None
@@ -325,27 +327,44 @@ def contact_context(contact: Mapping[str, Any], names: frozenset[str] | None = N
     return ctx
 
 
-def _getter(name: str) -> Callable[[Mapping[str, Any]], Any]:
-    """A fast accessor for one template name (the hot loop of rendering 100,000 messages)."""
-    if name in ("display_name", "honorific", "phone", "gender", "friend", "coworker", "star"):
-        return lambda contact: _derive(contact, name)
-    return lambda contact: contact.get(name)
+def _display_name(contact: Mapping[str, Any]) -> Any:
+    return contact.get("alias") or contact.get("name")
+
+
+def _honorific(contact: Mapping[str, Any]) -> Any:
+    gender = contact.get("gender") or 0
+    return ("先生" if gender == 1 else "女士") if gender else None
+
+
+def _phone(contact: Mapping[str, Any]) -> Any:
+    phones = contact.get("phones") or ()
+    return phones[0] if phones else None
+
+
+def _gender(contact: Mapping[str, Any]) -> Any:
+    return contact.get("gender") or None
+
+
+def _flag(name: str) -> Callable[[Mapping[str, Any]], Any]:
+    return lambda contact: bool(contact.get(name))
+
+
+# Template names computed from the contact's columns (every other name is a column, read as it is). One small
+# function each: this runs for every recipient and name (the hot loop of rendering 100,000 messages).
+_DERIVERS: dict[str, Callable[[Mapping[str, Any]], Any]] = {
+    "display_name": _display_name,
+    "honorific": _honorific,
+    "phone": _phone,
+    "gender": _gender,
+    "friend": _flag("friend"),
+    "coworker": _flag("coworker"),
+    "star": _flag("star"),
+}
 
 
 def _derive(contact: Mapping[str, Any], name: str) -> Any:
-    if name == "display_name":
-        return contact.get("alias") or contact.get("name")
-    if name == "honorific":
-        gender = contact.get("gender") or 0
-        return ("先生" if gender == 1 else "女士") if gender else None
-    if name == "phone":
-        phones = contact.get("phones") or ()
-        return phones[0] if phones else None
-    if name == "gender":
-        return contact.get("gender") or None
-    if name in ("friend", "coworker", "star"):
-        return bool(contact.get(name))
-    return contact.get(name)
+    derive = _DERIVERS.get(name)
+    return contact.get(name) if derive is None else derive(contact)
 
 
 @dataclass
@@ -353,7 +372,6 @@ class Rendered:
     texts: dict[str, str]  # contact id -> message
     missing: dict[str, list[str]]  # field -> contact ids lacking it
     too_long: list[str]  # contact ids whose message exceeds max_length
-    groups: Counter[str] = field(default_factory=Counter)  # identical texts (a task-based gateway's tasks)
 
     @property
     def failed_ids(self) -> set[str]:
@@ -385,13 +403,12 @@ def render_all(
             too_long.append(cid)
         else:
             texts[cid] = values[0]
-    rendered = Rendered(texts, missing, too_long)
-    rendered.groups = Counter(texts.values())
-    return rendered
+    return Rendered(texts, missing, too_long)
 
 
 # (contact, each template's text — None when over the size cap — or None when fields are lacking, the lacking fields)
-Outcome = tuple[Mapping[str, Any], list[str | None] | None, list[str]]
+Outcome = tuple[Mapping[str, Any], list[str | None] | None, Sequence[str]]
+NOTHING_LACKING: tuple[str, ...] = ()
 
 
 def render_each(
@@ -402,7 +419,7 @@ def render_each(
     now: datetime,
 ) -> Iterator[Outcome]:
     """Render several templates (the templated fields of one message) for each recipient, in the same context:
-    yields (contact, the rendered values in template order, []) — or (contact, None, the fields it lacks, all of
+    yields (contact, the rendered values in template order, ()) — or (contact, None, the fields it lacks, all of
     them, over every template) for a recipient lacking fields. Templates may differ only in their names and
     sources; they share the zone of the first."""
     if not templates:
@@ -410,10 +427,15 @@ def render_each(
             yield contact, [], []
         return
     first = templates[0].template()
-    base = {**dict(first.globals), "campaign": dict(campaign), "now": now}
-    # Only the names the templates use go into their context: a smaller context renders faster, and
-    # 100,000 renders are the bulk of planning a large run.
+    # Only the names the templates use go into their context, and nothing is copied per recipient that the
+    # templates do not read: the environment's globals join a context only when a template names one, `campaign`
+    # and `now` only when used. 100,000 renders are the bulk of planning a large run.
     used: frozenset[str] = frozenset().union(*(t.names for t in templates))
+    base: dict[str, Any] = {g: first.globals[g] for g in frozenset().union(*(t.globals_used for t in templates))}
+    if "campaign" in used:
+        base["campaign"] = dict(campaign)
+    if "now" in used:
+        base["now"] = now
     wants_contact = "contact" in used
     wants_tags = "tags" in used
     compiled = [(t, t.template()) for t in templates]
@@ -436,21 +458,58 @@ def render_each(
                 raise template.failure(exc) from None
         return out
 
-    getters = None if wants_contact else [(n, _getter(n)) for n in used if n not in GLOBAL_NAMES]
+    if len(renderers) == 1:  # a plain text message (most campaigns): the same, without the loop
+        only, env, tname, blocks, root = renderers[0]
+
+        def render_one(ctx: dict[str, Any]) -> list[str | None]:
+            begin()
+            try:
+                return [bounded_text(root(new_context(env, tname, blocks, ctx, shared=True))).strip()]
+            except MissingField:
+                raise
+            except RenderedTextTooLong:
+                return [None]
+            except Exception as exc:
+                raise only.failure(exc) from None
+
+    fields_used = [n for n in used if n not in GLOBAL_NAMES]
+    plain = [n for n in fields_used if n not in _DERIVERS]  # read as they are (most names)
+    derived = [(n, _DERIVERS[n]) for n in fields_used if n in _DERIVERS]
+    sorted_tags: dict[tuple[str, ...], list[str]] = {}  # a contact's tag names, sorted once per combination
     for contact in recipients:
-        if getters is None:
+        if wants_contact:
             fields = contact_context(contact)
         else:
             fields = {}
-            for n, get in getters:
-                value = get(contact)
-                if value is not None and value != "" and value != [] and value != {}:
+            get = contact.get
+            for n in plain:
+                value = get(n)
+                # Present: not empty (0 and False are values; None, "", [] and {} are missing).
+                if value or (value is not None and value != "" and value != [] and value != {}):
                     fields[n] = value
-        ctx = {**base, **fields}
-        if wants_contact:
-            ctx["contact"] = fields
+            for n, derive in derived:
+                value = derive(contact)
+                if value or (value is not None and value != "" and value != [] and value != {}):
+                    fields[n] = value
+        ctx = fields if not wants_contact else {**fields, "contact": fields}
+        if base:
+            ctx.update(base)
         if wants_tags:
-            ctx["tags"] = sorted(contact.get("tags_named") or ())
+            named = contact.get("tags_named") or ()
+            if type(named) is not tuple:
+                named = tuple(named)
+            listed = sorted_tags.get(named)
+            if listed is None:
+                listed = sorted_tags[named] = sorted(named)
+            # One list shared by the contacts with these tags: the sandbox is immutable, no template can change it.
+            ctx["tags"] = listed
+        try:
+            rendered = render_one(ctx)
+        except MissingField:  # find every field this contact lacks (below), not just the first
+            pass
+        else:
+            yield contact, rendered, NOTHING_LACKING  # the usual case: one render, nothing missing
+            continue
         lacking: list[str] = []
         values: list[str | None] | None = None
         for _ in range(len(CONTACT_FIELDS) + 1):
@@ -471,8 +530,14 @@ def render_each(
 
 
 def describe_missing(missing: Mapping[str, Sequence[str]], total: int) -> str:
+    """The error for recipients lacking fields (field -> their ids), `total` recipients in all."""
+    return describe_missing_counts({name: len(ids) for name, ids in missing.items()}, total)
+
+
+def describe_missing_counts(missing: Mapping[str, int], total: int) -> str:
+    """The error for recipients lacking fields (field -> how many lack it), `total` recipients in all."""
     parts = [
-        f"{name!r} is missing for {len(ids)} of {total} recipients"
-        for name, ids in sorted(missing.items(), key=lambda kv: -len(kv[1]))
+        f"{name!r} is missing for {n} of {total} recipients"
+        for name, n in sorted(missing.items(), key=lambda kv: -kv[1])
     ]
     return "; ".join(parts) + ' – give a default in the template, e.g. {{ city | default("您所在的城市") }}'

@@ -27,7 +27,7 @@ from engine.i18n import tr
 from engine.journeys.runtime import JourneyEngine
 from engine.media import MediaStore
 from engine.message_spec import Attachment, direct_message
-from engine.plan import PlanResult, Preview, build_preview, plan_adhoc, plan_run, plan_tasks, plan_test_send
+from engine.plan import PlanResult, Preview, build_preview, plan_adhoc, plan_run, plan_test_send
 from engine.settings import Settings
 from engine.spec import Campaign
 from storage import contacts as contacts_db
@@ -125,14 +125,12 @@ class Wecast:
         return result
 
     # -- campaigns -------------------------------------------------------------------------------
-    def preview(self, campaign: Campaign, *, run_key: str | None = None) -> Preview:
-        """The dry run; on a task-based gateway also the 群发 tasks each staff member would have to confirm."""
-        preview = build_preview(self.db, campaign, now=self.clock.now(), run_key=run_key)
+    def preview(self, campaign: Campaign, *, run_key: str | None = None, keep: int | None = None) -> Preview:
+        """What running the campaign now would do (`keep`: how many recipients and exclusions to list; None: all);
+        on a task-based gateway also the 群发 tasks each staff member would have to confirm."""
         caps = self.gateway.capabilities
-        if caps.batch_send and not caps.direct_send:
-            follows = contacts_db.follow_users(self.db, [r.contact_id for r in preview.recipients])
-            preview.tasks = plan_tasks(preview.recipients, follows, caps.max_batch)
-        return preview
+        batch = caps.max_batch if caps.batch_send and not caps.direct_send else None
+        return build_preview(self.db, campaign, now=self.clock.now(), run_key=run_key, keep=keep, task_batch=batch)
 
     def plan(self, campaign: Campaign, *, run_key: str | None = None, trigger: str = "manual") -> PlanResult:
         return plan_run(self.db, campaign, now=self.clock.now(), run_key=run_key, trigger=trigger)

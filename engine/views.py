@@ -106,8 +106,8 @@ class PreviewView(View):
             existing_run=p.existing_run.id if p.existing_run else None,
             counts=PreviewCounts(
                 contacts=p.total_contacts,
-                recipients=len(p.recipients),
-                excluded=len(p.excluded),
+                recipients=p.recipient_count,
+                excluded=p.excluded_count,
                 distinct_messages=p.distinct_messages,
                 by_category=dict(p.excluded_by_category()),
             ),

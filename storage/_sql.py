@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 from sqlalchemy import Table, func, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.engine.interfaces import DBAPICursor
 from sqlalchemy.exc import DBAPIError
 
 from storage.errors import Failure, StorageError
@@ -138,6 +139,21 @@ def serialize(conn: Connection, name: str) -> None:
         conn.execute(select(func.pg_advisory_xact_lock(key)))
 
 
+@contextmanager
+def dbapi_cursor(conn: Connection) -> Iterator[DBAPICursor]:
+    """The driver's own cursor on `conn`'s connection, inside its transaction: for the bulk paths, where
+    SQLAlchemy's per-row result objects would cost more than reading the rows. The driver's errors come out as
+    SQLAlchemy's (what `mapping` turns into `StorageError`), as from any other statement."""
+    cursor = conn.connection.cursor()
+    base = conn.dialect.loaded_dbapi.Error
+    try:
+        yield cursor
+    except base as exc:
+        raise DBAPIError.instance(None, None, exc, base, dialect=conn.dialect) from exc
+    finally:
+        cursor.close()
+
+
 def chunks(items: Sequence[T], size: int = IN_CHUNK) -> Iterator[Sequence[T]]:
     for i in range(0, len(items), size):
         yield items[i : i + size]
@@ -173,35 +189,24 @@ def insert_ignore(conn: Connection, table: Table, rows: Sequence[dict[str, Any]]
 def insert_fast(
     conn: Connection, table: Table, rows: Iterable[tuple[Any, ...]], columns: Sequence[str], chunk: int = 20000
 ) -> int:
-    """INSERT … ON CONFLICT DO NOTHING for many rows given as tuples in `columns` order, through the DB-API
-    cursor (values must already be plain: str/int/float/None; times via `db_time`). Returns rows inserted."""
+    """INSERT … ON CONFLICT DO NOTHING for many rows given as tuples in `columns` order, through the driver's own
+    executemany (values must already be plain: str/int/float/None; times via `db_time`). Returns rows inserted."""
     cols = ", ".join(columns)
     marks = ", ".join(["?" if conn.dialect.paramstyle == "qmark" else "%s"] * len(columns))
     sql = f"INSERT INTO {table.name} ({cols}) VALUES ({marks}) ON CONFLICT DO NOTHING"
     inserted = 0
-    batch: list[tuple[Any, ...]] = []
-    for row in rows:
-        batch.append(row)
-        if len(batch) >= chunk:
-            inserted += _exec_many(conn, sql, batch)
-            batch = []
-    if batch:
-        inserted += _exec_many(conn, sql, batch)
+    with dbapi_cursor(conn) as cursor:
+        batch: list[tuple[Any, ...]] = []
+        for row in rows:
+            batch.append(row)
+            if len(batch) >= chunk:
+                cursor.executemany(sql, batch)
+                inserted += max(cursor.rowcount, 0)  # summed over the batch; rows passed over count 0
+                batch = []
+        if batch:
+            cursor.executemany(sql, batch)
+            inserted += max(cursor.rowcount, 0)
     return inserted
-
-
-def _exec_many(conn: Connection, sql: str, batch: list[tuple[Any, ...]]) -> int:
-    before = _changes(conn)
-    result = conn.exec_driver_sql(sql, batch)
-    if conn.dialect.name == "sqlite":
-        return _changes(conn) - before
-    return max(result.rowcount or 0, 0)
-
-
-def _changes(conn: Connection) -> int:
-    if conn.dialect.name != "sqlite":
-        return 0
-    return int(conn.exec_driver_sql("SELECT total_changes()").scalar() or 0)
 
 
 def db_time(conn: Connection, value: datetime | None) -> str | datetime | None:

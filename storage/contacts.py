@@ -8,15 +8,26 @@ safe when two processes sync at once (they insert the same new contacts and tags
 from __future__ import annotations
 
 import dataclasses
-import json
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
 from sqlalchemy import ColumnElement, String, and_, cast, delete, func, or_, select, update
+from sqlalchemy.engine import Connection
 
-from storage._sql import DB, aware, chunks, decode_json, insert_ignore, reading, serialize, upsert, writing
+from storage._sql import (
+    DB,
+    aware,
+    chunks,
+    dbapi_cursor,
+    decode_json,
+    insert_ignore,
+    reading,
+    serialize,
+    upsert,
+    writing,
+)
 from storage.models import CONTACT_SYNCS, CONTACT_TAGS, CONTACTS, TAGS
 
 _C = CONTACTS.c
@@ -297,43 +308,93 @@ _DECODERS: dict[str, Callable[[Any], Any]] = {
 }
 
 
-def load_contact_views(
-    db: DB, *, include_removed: bool = False, columns: Iterable[str] | None = None
-) -> list[ContactView]:
-    """Contacts as views (see `ContactView`), ordered by id.
+# Contacts per step of a streamed read (planning): enough that each query's fixed cost is small beside its rows,
+# few enough that a step's views, texts and insert batch stay a few megabytes whatever the audience.
+VIEW_CHUNK = 5_000
 
-    `columns` limits what is read (planning 100,000 recipients reads only the fields the audience and the
-    template use); `id` is always included. Rows are read through the DB-API cursor, not the ORM, and
-    JSON and time columns are decoded here, because this is the hot path of planning.
-    """
-    asked = None if columns is None else set(columns)
-    wanted = [c for c in CONTACT_COLUMNS if c != "tag_ids" and (asked is None or c in asked or c == "id")]
-    sql = f"SELECT {', '.join(wanted)}, tag_ids FROM contacts"
-    if not include_removed:
-        sql += " WHERE removed_at IS NULL"
-    special = [(i, name, _DECODERS[name]) for i, name in enumerate(wanted) if name in _DECODERS]
-    n = len(wanted)
-    out: list[ContactView] = []
-    # Many contacts share a tag combination: build each combination's sets once.
-    combos: dict[Any, tuple[frozenset[str], tuple[str, ...]]] = {None: (frozenset(), ()), "[]": (frozenset(), ())}
+
+class _Views:
+    """Reads contact rows as views (see `ContactView`) on one connection: the SELECT of the asked columns, and the
+    conversion of its rows (JSON and time columns decoded; each distinct tag list decoded once, since most contacts
+    share their tag combination with many others)."""
+
+    def __init__(self, conn: Connection, columns: Iterable[str] | None, include_removed: bool) -> None:
+        asked = None if columns is None else set(columns)
+        self.wanted = [c for c in CONTACT_COLUMNS if c != "tag_ids" and (asked is None or c in asked or c == "id")]
+        self.pg = conn.dialect.name == "postgresql"
+        self.mark = "%s" if self.pg else "?"
+        # The tag list as its JSON text on every backend (no decode and re-encode of PostgreSQL's jsonb).
+        tags = "tag_ids::text" if self.pg else "tag_ids"
+        self.select = f"SELECT {', '.join(self.wanted)}, {tags} FROM contacts WHERE "
+        self.select += "TRUE" if include_removed else "removed_at IS NULL"
+        self.special = [(i, name, _DECODERS[name]) for i, name in enumerate(self.wanted) if name in _DECODERS]
+        self.tag_name = {r[0]: r[1] for r in conn.exec_driver_sql("SELECT id, name FROM tags")}
+        self.combos: dict[str | None, tuple[frozenset[str], tuple[str, ...]]] = {None: (frozenset(), ())}
+
+    def convert(self, rows: Sequence[Any]) -> list[ContactView]:
+        wanted, special, combos, n = self.wanted, self.special, self.combos, len(self.wanted)
+        out: list[ContactView] = []
+        for row in rows:
+            view = dict(zip(wanted, row, strict=False))
+            for i, name, fn in special:
+                view[name] = fn(row[i])
+            joined = row[n]
+            combo = combos.get(joined)
+            if combo is None:
+                tag_ids = sorted(decode_json(joined) or ())
+                named = tuple(self.tag_name[t] for t in tag_ids if t in self.tag_name)
+                combo = combos[joined] = (frozenset(named).union(tag_ids), named)
+            view["tags"], view["tags_named"] = combo
+            out.append(view)
+        return out
+
+
+def contact_view_chunks(
+    db: DB, *, columns: Iterable[str] | None = None, include_removed: bool = False, chunk: int = VIEW_CHUNK
+) -> Iterator[list[ContactView]]:
+    """Contacts as views, in id order (the database's), `chunk` at a time: each chunk is one keyset query (the ids
+    after the last one read), so memory is bounded by the chunk, not the contact list. Read inside a caller's
+    transaction (`storage.db.snapshot` or `transaction`), the chunks are one consistent snapshot.
+
+    `columns` limits what is read (planning reads only the fields the audience and the template use); `id` is
+    always included. Rows come through the DB-API cursor, not the ORM: this is the hot path of planning."""
     with reading(db) as conn:
-        tag_name = {r[0]: r[1] for r in conn.exec_driver_sql("SELECT id, name FROM tags")}
-        rows = conn.exec_driver_sql(sql).fetchall()
-    for row in rows:
-        view = dict(zip(wanted, row, strict=False))
-        for i, name, fn in special:
-            view[name] = fn(row[i])
-        joined = row[n]
-        if not isinstance(joined, str | None):  # PostgreSQL returns JSON decoded
-            joined = json.dumps(joined)
-        combo = combos.get(joined)
-        if combo is None:
-            tag_ids = sorted(decode_json(joined))
-            named = tuple(tag_name[t] for t in tag_ids if t in tag_name)
-            combo = combos[joined] = (frozenset(named).union(tag_ids), named)
-        view["tags"], view["tags_named"] = combo
-        out.append(view)
-    out.sort(key=lambda v: v["id"])  # a stable order, so `limit` always keeps the same contacts
+        views = _Views(conn, columns, include_removed)
+        first = f"{views.select} ORDER BY id LIMIT {int(chunk)}"
+        after = f"{views.select} AND id > {views.mark} ORDER BY id LIMIT {int(chunk)}"
+        with dbapi_cursor(conn) as cursor:
+            last: str | None = None
+            while True:
+                if last is None:
+                    cursor.execute(first)
+                else:
+                    cursor.execute(after, (last,))
+                rows = cursor.fetchall()
+                if not rows:
+                    return
+                out = views.convert(rows)
+                last = out[-1]["id"]
+                yield out
+                if len(rows) < chunk:
+                    return
+
+
+def load_contact_views(
+    db: DB, *, include_removed: bool = False, columns: Iterable[str] | None = None, ids: Sequence[str] | None = None
+) -> list[ContactView]:
+    """Contacts as views (see `contact_view_chunks`) — every one, or only `ids` — ordered by id in code point
+    order (the same on every backend, so `limit` always keeps the same contacts)."""
+    if ids is None:
+        out = [v for views in contact_view_chunks(db, columns=columns, include_removed=include_removed) for v in views]
+    else:
+        out = []
+        with reading(db) as conn:
+            reader = _Views(conn, columns, include_removed)
+            for part in chunks(sorted(set(ids))):
+                marks = ", ".join([reader.mark] * len(part))
+                rows = conn.exec_driver_sql(f"{reader.select} AND id IN ({marks})", tuple(part)).fetchall()
+                out += reader.convert(rows)
+    out.sort(key=lambda v: v["id"])
     return out
 
 

@@ -270,6 +270,81 @@ def insert_planned(
     )
 
 
+# A recipient as `PlanWriter.pending` takes it: (contact id, contact name, text, the whole message as JSON or None).
+PendingRow = tuple[str, str, str, str | None]
+
+
+class PlanWriter:
+    """Writes one run's planned deliveries as planning streams them, a chunk at a time, in the caller's transaction
+    — the fast path, through the driver's executemany: the rows go to the database as plain tuples built here in
+    one pass. Each pending delivery's dedupe key is `key_prefix` + its contact id. Counts what it wrote (a dedupe
+    key already held, or a contact already in the run, is passed over)."""
+
+    def __init__(
+        self,
+        conn: Connection,
+        run_id: int,
+        campaign_id: str,
+        *,
+        key_prefix: str,
+        capped: bool,
+        now: datetime,
+        with_messages: bool,
+    ) -> None:
+        self.conn = conn
+        self.run_id = run_id
+        self.campaign_id = campaign_id
+        self.key_prefix = key_prefix
+        self.capped = capped
+        self.now = now
+        self.ts = db_time(conn, now)
+        self.with_messages = with_messages
+        self.pending_count = 0
+        self.skipped_count = 0
+
+    def pending(self, rows: Sequence[PendingRow]) -> None:
+        """Recipients: pending deliveries. Plain text plans leave `message` (and the other empty columns) to the
+        server defaults: fewer bound values per row."""
+        run_id, campaign_id, prefix, capped, ts = self.run_id, self.campaign_id, self.key_prefix, self.capped, self.ts
+        status = DeliveryStatus.PENDING.value
+        data: list[tuple[Any, ...]]
+        if self.with_messages:
+            data = [
+                (run_id, campaign_id, cid, name, text, prefix + cid, status, capped, ts, ts, message)
+                for cid, name, text, message in rows
+            ]
+            self.pending_count += insert_fast(self.conn, DELIVERIES, data, (*_PLAN_COLUMNS, "message"))
+        else:
+            data = [
+                (run_id, campaign_id, cid, name, text, prefix + cid, status, capped, ts, ts)
+                for cid, name, text, _ in rows
+            ]
+            self.pending_count += insert_fast(self.conn, DELIVERIES, data, _PLAN_COLUMNS)
+
+    def skipped(self, rows: Iterable[Planned]) -> None:
+        """Contacts held back: skipped deliveries, with their reason."""
+        self.skipped_count += insert_planned(
+            self.conn,
+            self.run_id,
+            self.campaign_id,
+            rows,
+            status=DeliveryStatus.SKIPPED,
+            capped=self.capped,
+            now=self.now,
+        )
+
+
+def held_by_keys(db: DB, keys: Sequence[str]) -> dict[str, Held]:
+    """Which of these dedupe keys are held already: by which run, in which state, sent when."""
+    out: dict[str, Held] = {}
+    with reading(db) as conn:
+        for part in chunks(keys):
+            stmt = select(_D.dedupe_key, _D.run_id, _D.status, _D.sent_at).where(_D.dedupe_key.in_(part))
+            for row in conn.execute(stmt):
+                out[row.dedupe_key] = Held(row.run_id, DeliveryStatus(row.status), row.sent_at)
+    return out
+
+
 def held_keys(db: DB, campaign_id: str) -> dict[str, Held]:
     """Every dedupe key this campaign holds."""
     stmt = select(_D.dedupe_key, _D.run_id, _D.status, _D.sent_at).where(*_campaign_range(db, campaign_id))
@@ -282,20 +357,41 @@ def _may_have_reached() -> ColumnElement[bool]:
     return or_(_D.status.in_(CAP_COUNTED_STATUSES), _D.in_doubt.is_(True))
 
 
-def last_sends(db: DB, campaign_id: str, since: datetime) -> dict[str, datetime]:
-    """contact id -> latest time this campaign sent (or may have sent) to them, since `since`."""
-    stmt = (
-        select(_D.contact_id, func.max(_D.sent_at).label("at"))
-        .where(*_campaign_range(db, campaign_id), _may_have_reached(), _D.sent_at >= since)
-        .group_by(_D.contact_id)
-    )
+def last_sends(
+    db: DB, campaign_id: str, since: datetime, contact_ids: Sequence[str] | None = None
+) -> dict[str, datetime]:
+    """contact id -> latest time this campaign sent (or may have sent) to them, since `since` (all contacts, or only
+    `contact_ids`: a plan asks a chunk at a time)."""
     out: dict[str, datetime] = {}
     with reading(db) as conn:
-        for row in conn.execute(stmt):
-            at = aware(row.at)  # an aggregate: SQLite hands back text, not the column's type
-            if at is not None:
-                out[row.contact_id] = at
+        base = (
+            select(_D.contact_id, func.max(_D.sent_at).label("at"))
+            .where(_D.campaign_id == campaign_id, _may_have_reached(), _D.sent_at >= since)
+            .group_by(_D.contact_id)
+        )
+        parts: Iterable[Sequence[str] | None]
+        if contact_ids is None:
+            base = base.where(*_campaign_range(db, campaign_id))
+            parts = [None]
+        else:
+            parts = chunks(contact_ids)
+        for part in parts:
+            stmt = base if part is None else base.where(_D.contact_id.in_(part))
+            for row in conn.execute(stmt):
+                at = aware(row.at)  # an aggregate: SQLite hands back text, not the column's type
+                if at is not None:
+                    out[row.contact_id] = at
     return out
+
+
+def any_capped_between(db: DB, start: datetime, end: datetime, *, exclude_run: int | None = None) -> bool:
+    """Whether any capped message was handed to the gateway in [start, end) (when none was, a plan need not count
+    its recipients' messages)."""
+    stmt = select(_D.id).where(_D.sent_at >= start, _D.sent_at < end, _D.capped.is_(True), _may_have_reached())
+    if exclude_run is not None:
+        stmt = stmt.where(_D.run_id != exclude_run)
+    with reading(db) as conn:
+        return conn.execute(stmt.limit(1)).first() is not None
 
 
 def cap_counts(

@@ -62,6 +62,12 @@ def opt_in(db: DB, contact_id: str) -> bool:
         return bool(conn.execute(delete(OPT_OUTS).where(_O.contact_id == contact_id)).rowcount)
 
 
+def any_opted_out(db: DB) -> bool:
+    """Whether the suppression list has anyone (a plan skips asking about each contact when it is empty)."""
+    with reading(db) as conn:
+        return conn.execute(select(_O.contact_id).limit(1)).first() is not None
+
+
 def opted_out(db: DB, contact_ids: Sequence[str] | None = None) -> set[str]:
     """Who of these contacts (or of everyone) is on the suppression list."""
     with reading(db) as conn:

@@ -8,6 +8,7 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import func, select, update
+from sqlalchemy.engine import Connection
 
 from storage import deliveries
 from storage._sql import DB, insert_ignore, reading, writing
@@ -76,6 +77,43 @@ class Recorded:
     counts: dict[DeliveryStatus, int]
 
 
+def create_run(conn: Connection, run: NewRun) -> tuple[int, bool]:
+    """Insert a run in the caller's transaction, unless the run (campaign, run_key) exists — planned earlier, or
+    concurrently by another process (this then waits for that transaction). Returns (its id, whether this call
+    created it)."""
+    inserted = insert_ignore(
+        conn,
+        RUNS,
+        [
+            {
+                "campaign_id": run.campaign_id,
+                "run_key": run.run_key,
+                "trigger": run.trigger,
+                "status": RunStatus.RUNNING,
+                "timezone": run.timezone,
+                "campaign_file": run.campaign_file,
+                "campaign_hash": run.campaign_hash,
+                "settings": run.settings,
+                "scheduled_for": run.scheduled_for,
+                "created_at": run.created_at,
+                "owner": "",
+                "error": "",
+                "planned": run.planned,
+                "skipped_at_plan": run.skipped_at_plan,
+            }
+        ],
+    )
+    run_id = conn.execute(
+        select(_R.id).where(_R.campaign_id == run.campaign_id, _R.run_key == run.run_key)
+    ).scalar_one()
+    return int(run_id), bool(inserted)
+
+
+def set_plan_counts(conn: Connection, run_id: int, *, planned: int, skipped: int) -> None:
+    """Record how many deliveries planning wrote (a streamed plan knows only at its end)."""
+    conn.execute(update(RUNS).where(_R.id == run_id).values(planned=planned, skipped_at_plan=skipped))
+
+
 def record_plan(
     db: DB,
     run: NewRun,
@@ -91,31 +129,7 @@ def record_plan(
     nothing and return it. `adhoc`: a direct send's few deliveries (not the bulk path). `with_messages`: the
     recipients carry whole messages (JSON), not only their text."""
     with writing(db) as conn:
-        inserted = insert_ignore(
-            conn,
-            RUNS,
-            [
-                {
-                    "campaign_id": run.campaign_id,
-                    "run_key": run.run_key,
-                    "trigger": run.trigger,
-                    "status": RunStatus.RUNNING,
-                    "timezone": run.timezone,
-                    "campaign_file": run.campaign_file,
-                    "campaign_hash": run.campaign_hash,
-                    "settings": run.settings,
-                    "scheduled_for": run.scheduled_for,
-                    "created_at": run.created_at,
-                    "owner": "",
-                    "error": "",
-                    "planned": run.planned,
-                    "skipped_at_plan": run.skipped_at_plan,
-                }
-            ],
-        )
-        run_id = conn.execute(
-            select(_R.id).where(_R.campaign_id == run.campaign_id, _R.run_key == run.run_key)
-        ).scalar_one()
+        run_id, inserted = create_run(conn, run)
         if not inserted:  # theirs stands
             return Recorded(run_id, False, deliveries.status_counts(conn, run_id))
         if adhoc:

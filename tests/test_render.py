@@ -239,11 +239,10 @@ def test_max_length() -> None:
     assert result.failed_ids == {"long"}
 
 
-def test_output_is_stripped_and_grouped() -> None:
-    """Rendered text is stripped of surrounding blank lines; identical texts are grouped with counts."""
+def test_output_is_stripped() -> None:
+    """Rendered text is stripped of surrounding blank lines."""
     result = render("\n  你好{{ '' }}  \n", person("a"), person("b"))
     assert result.texts == {"a": "你好", "b": "你好"}
-    assert result.groups["你好"] == 2
 
 
 @pytest.mark.parametrize(

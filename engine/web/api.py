@@ -457,7 +457,7 @@ def router(ctx: WebContext) -> APIRouter:
         campaign_id: Annotated[str, PathParam(max_length=64)],
         sample: Annotated[int, Query(ge=0, le=500)] = 20,
     ) -> PreviewView:
-        return PreviewView.from_preview(app.preview(ctx.campaign(campaign_id)), sample=sample)
+        return PreviewView.from_preview(app.preview(ctx.campaign(campaign_id), keep=sample), sample=sample)
 
     @r.post(
         "/campaigns/{campaign_id}/run",

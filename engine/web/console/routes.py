@@ -485,7 +485,7 @@ def router(ctx: WebContext, sessions: SessionTokens) -> APIRouter:
         show: Annotated[int, Query(ge=1, le=200)] = 20,
     ) -> HTMLResponse:
         try:
-            preview = app.preview(ctx.campaign(campaign_id))
+            preview = app.preview(ctx.campaign(campaign_id), keep=show)
         except WecastError as exc:
             return ui.notice(request, exc)
         view = PreviewView.from_preview(preview, sample=show)
