@@ -1,10 +1,11 @@
-"""wecast benchmarks: `python -m bench.run` (or `python -m bench.run plan|dispatch|rate`).
+"""wecast benchmarks: `python -m bench.run` (or name some: `python -m bench.run table healthz`).
 
-Prints, as medians of several runs (these machines are noisy), against the targets of issue 2:
+Prints, as medians of several runs (these machines are noisy), against their targets:
 
-* plan   – select + render + record 100,000 recipients: seconds and peak memory (target < 3 s, < 300 MB)
-* dispatch – sends per second on the sandbox with no latency (target >= 2,000/s)
-* rate   – achieved vs configured rate when every send takes 200 ms (20/s: within 5 %, never above)
+* table  – the scale table of issue 13 (bench/scale.py), each row on SQLite and PostgreSQL: plan 100k (as a ratio
+  to the floor measured beside it) and 1M (peak memory), dispatch, rate fidelity, contact sync, /get-all-user with
+  100,000 contacts, 200 concurrent /send-message. `--rows plan100k,plan1m,dispatch,rate,sync,getalluser,sendmessage`
+  and `--backend sqlite,postgresql` pick a part; `plan`, `dispatch` and `rate` are those rows alone
 * console – every web console page with 100,000 contacts and a 100,000-delivery run (p95 < 300 ms; bench/console.py)
 * healthz – /healthz latency (p50, p99, max) of a real `wecast serve` while it plans a 100,000-recipient run
   for POST /api/v1/campaigns/{id}/run (target p99 < 100 ms: planning never blocks the event loop)
@@ -20,7 +21,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -28,6 +28,8 @@ import tempfile
 import time
 from datetime import UTC, datetime
 from pathlib import Path
+
+from bench import scale
 
 ROOT = Path(__file__).resolve().parent.parent
 CAMPAIGN = """
@@ -92,98 +94,6 @@ def seed(folder: str, n: int) -> dict[str, float]:
     db = make_db_engine(settings.database_url)
     _seed_contacts(db, n)
     return {"contacts": n}
-
-
-def one_plan(folder: str) -> dict[str, float]:
-    """Plan every contact of a seeded database; report time and peak RSS of this process."""
-    import shutil
-
-    from engine.plan import plan_run
-    from storage.db import make_db_engine
-
-    with tempfile.TemporaryDirectory() as d:
-        tmp = Path(d)
-        shutil.copy(Path(folder) / "wecast.sqlite", tmp / "wecast.sqlite")
-        settings = _settings(tmp)
-        db = make_db_engine(settings.database_url)
-        campaign = _campaign(tmp, settings, 1000)
-        base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        t0 = time.perf_counter()
-        result = plan_run(db, campaign, now=datetime.now(UTC))
-        elapsed = time.perf_counter() - t0
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        return {
-            "seconds": elapsed,
-            "planned": result.planned,
-            "skipped": result.skipped,
-            "peak_rss_mb": peak / 1024,
-            "rss_before_mb": base_rss / 1024,
-        }
-
-
-def one_dispatch(n: int) -> dict[str, float]:
-    """Plan then dispatch n deliveries on the sandbox with no latency and no throttle."""
-    from engine.service import Wecast
-
-    async def go() -> dict[str, float]:
-        with tempfile.TemporaryDirectory() as d:
-            tmp = Path(d)
-            settings = _settings(tmp, concurrency=64, contacts=n)
-            async with Wecast(settings) as app:
-                await app.sync()
-                campaign = _campaign(tmp, settings, 1_000_000)
-                plan = app.plan(campaign)
-                t0 = time.perf_counter()
-                summary = await app.dispatcher.run(plan.run_id)
-                elapsed = time.perf_counter() - t0
-                outbox = app.gateway.store.count()  # type: ignore[attr-defined]
-                return {
-                    "seconds": elapsed,
-                    "sent": summary.sent,
-                    "per_second": summary.sent / elapsed,
-                    "outbox": outbox,
-                }
-
-    return asyncio.run(go())
-
-
-def one_rate(n: int, rate: float, latency_ms: float) -> dict[str, float]:
-    """Dispatch n deliveries at `rate`/s when each send takes `latency_ms`; report the achieved rate."""
-    from engine.service import Wecast
-
-    async def go() -> dict[str, float]:
-        with tempfile.TemporaryDirectory() as d:
-            tmp = Path(d)
-            settings = _settings(tmp, latency_ms=latency_ms, concurrency=16, contacts=int(n * 1.3) + 20)
-            async with Wecast(settings) as app:
-                await app.sync()
-                campaign = _campaign(tmp, settings, rate, limit=n)  # exactly n to send
-                plan = app.plan(campaign)
-                assert plan.planned == n, plan
-                starts: list[float] = []
-                gw = app.gateway
-                original = gw.send_text
-
-                async def timed(contact_id: str, text: str, *, idempotency_key: str):  # type: ignore[no-untyped-def]
-                    starts.append(time.perf_counter())
-                    return await original(contact_id, text, idempotency_key=idempotency_key)
-
-                gw.send_text = timed  # type: ignore[method-assign]
-                summary = await app.dispatcher.run(plan.run_id)
-                starts.sort()
-                # Rate over the sends' start times: (n - 1) gaps between the first and the last start.
-                achieved = (len(starts) - 1) / (starts[-1] - starts[0])
-                # The busiest 1-second window, to check "never above".
-                peak = max(sum(1 for t in starts if s <= t < s + 1.0) for s in starts)
-                return {
-                    "configured": rate,
-                    "achieved": achieved,
-                    "ratio": achieved / rate,
-                    "max_in_any_1s": peak,
-                    "sent": summary.sent,
-                }
-
-    return asyncio.run(go())
 
 
 def one_healthz(folder: str) -> dict[str, float]:
@@ -340,40 +250,31 @@ def _sub(kind: str, *args: str) -> dict[str, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("which", nargs="*", default=["plan", "dispatch", "rate", "healthz", "console", "wecom"])
+    parser.add_argument("which", nargs="*", default=["table", "healthz", "console", "wecom"])
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--plan-n", type=int, default=100_000)
-    parser.add_argument("--dispatch-n", type=int, default=10_000)
+    parser.add_argument("--rows", default=",".join(scale.MEASURE), help="rows of the scale table")
+    parser.add_argument("--backend", default="sqlite,postgresql", help="sqlite, postgresql or both")
     args = parser.parse_args()
     if args.which and args.which[0] == "_one":
         kind = args.which[1]
         if kind == "seed":
             result = seed(args.which[2], int(args.which[3]))
-        elif kind == "plan":
-            result = one_plan(args.which[2])
-        elif kind == "dispatch":
-            result = one_dispatch(int(args.which[2]))
         elif kind == "healthz":
             result = one_healthz(args.which[2])
-        elif kind == "wecom":
-            result = one_wecom(int(args.which[2]), int(args.which[3]))
         else:
-            result = one_rate(int(args.which[2]), float(args.which[3]), float(args.which[4]))
+            result = one_wecom(int(args.which[2]), int(args.which[3]))
         print(json.dumps(result))
         return
-    print(f"wecast benchmarks – median of {args.repeat} runs each, fresh process per run")
-    if "plan" in args.which:
-        with tempfile.TemporaryDirectory() as seeded:
-            _sub("seed", seeded, str(args.plan_n))
-            runs = [_sub("plan", seeded) for _ in range(args.repeat)]
-        secs = statistics.median(r["seconds"] for r in runs)
-        mem = statistics.median(r["peak_rss_mb"] for r in runs)
-        print(
-            f"plan {args.plan_n:,} recipients (select+render+record): {secs:.2f} s (target < 3 s), "
-            f"peak RSS {mem:.0f} MB (target < 300 MB; {runs[0]['rss_before_mb']:.0f} MB before planning); runs: "
-            + ", ".join(f"{r['seconds']:.2f}s" for r in runs)
-            + f"; planned {runs[0]['planned']:,.0f}"
-        )
+    rows = [r for r in args.rows.split(",") if r] if "table" in args.which else []
+    rows += [r for name, r in (("plan", "plan100k"), ("dispatch", "dispatch"), ("rate", "rate")) if name in args.which]
+    unknown = [r for r in rows if r not in scale.MEASURE]
+    if unknown:
+        parser.error(f"unknown rows {', '.join(unknown)}; rows are {', '.join(scale.MEASURE)}")
+    if rows:
+        scale.report(list(dict.fromkeys(rows)), [b for b in args.backend.split(",") if b], args.repeat)
+    if {"healthz", "console", "wecom"} & set(args.which):
+        print(f"wecast benchmarks – median of {args.repeat} runs each, fresh process per run")
     if "healthz" in args.which:
         with tempfile.TemporaryDirectory() as seeded:
             _sub("seed", seeded, str(args.plan_n))
@@ -389,14 +290,6 @@ def main() -> None:
         from bench import console
 
         console.report(args.plan_n)
-    if "dispatch" in args.which:
-        runs = [_sub("dispatch", str(args.dispatch_n)) for _ in range(args.repeat)]
-        rate = statistics.median(r["per_second"] for r in runs)
-        print(
-            f"dispatch on the sandbox, no latency: {rate:,.0f} deliveries/s (target >= 2,000/s); runs: "
-            + ", ".join(f"{r['per_second']:,.0f}/s" for r in runs)
-            + f"; sent {runs[0]['sent']:,.0f}, outbox {runs[0]['outbox']:,.0f}"
-        )
     if "wecom" in args.which:
         runs = [_sub("wecom", "10000", "20") for _ in range(args.repeat)]
         r0 = runs[0]
@@ -408,15 +301,6 @@ def main() -> None:
             f"{statistics.median(r['reconcile_seconds'] for r in runs):.2f} s: {r0['sent']:,.0f} sent, "
             f"{r0['received']:,.0f} received at the fake; runs (sync): "
             + ", ".join(f"{r['sync_seconds']:.2f}s" for r in runs)
-        )
-    if "rate" in args.which:
-        runs = [_sub("rate", "200", "20", "200") for _ in range(args.repeat)]
-        ratio = statistics.median(r["ratio"] for r in runs)
-        peak = max(r["max_in_any_1s"] for r in runs)
-        print(
-            f"rate with 200 ms sends, configured 20/s: achieved {ratio * 20:.2f}/s = {ratio:.3f} of configured "
-            f"(target 0.95–1.00); busiest 1 s window {peak:.0f} sends (limit 20); runs: "
-            + ", ".join(f"{r['achieved']:.2f}/s" for r in runs)
         )
 
 

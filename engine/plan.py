@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import uuid
 from collections import Counter
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, tzinfo
 from typing import NamedTuple
@@ -127,30 +127,38 @@ class TaskPlan:
 
 
 class _TaskCount:
-    """Counts the 群发 tasks a plan's recipients make (see TaskPlan) as planning streams them: each customer under
-    their leading staff member, grouped by message (by its hash: a personalised campaign's million texts are not
-    kept), each group split at the gateway's maximum."""
+    """Counts the 群发 tasks recipients make (see TaskPlan), as many at a time as planning streams: each customer
+    under their leading staff member, grouped by message (by its hash: a personalised campaign's million texts are
+    not kept), each group split at the gateway's maximum."""
 
     def __init__(self, max_batch: int) -> None:
         self.size = max(1, max_batch)
         self.groups: Counter[tuple[str, int]] = Counter()
         self.recipients = 0
 
-    def add(self, conn: Connection, step: _Step) -> None:
-        ids = [c["id"] for c in step.recipients]
-        follows = contacts_db.follow_users(conn, ids)
-        texts, messages = step.rendered.texts, step.rendered.messages
-        for cid in ids:
-            staff = next(iter(follows.get(cid, ())), "")
-            message = messages.get(cid)
-            self.groups[(staff, hash(message.content_hash() if message is not None else texts[cid]))] += 1
-        self.recipients += len(ids)
+    def add(self, recipients: Iterable[tuple[str, str]], follows: Mapping[str, Sequence[str]]) -> None:
+        """Recipients as (contact id, their message: its text, or a rich message's content hash)."""
+        for cid, content in recipients:
+            self.groups[(next(iter(follows.get(cid, ())), ""), hash(content))] += 1
+            self.recipients += 1
 
     def plan(self) -> TaskPlan:
         by_staff: Counter[str] = Counter()
         for (staff, _), count in self.groups.items():
             by_staff[staff] += -(-count // self.size)
         return TaskPlan(dict(sorted(by_staff.items())), self.recipients)
+
+
+def plan_tasks(recipients: Sequence[Recipient], follows: Mapping[str, Sequence[str]], max_batch: int) -> TaskPlan:
+    """The tasks `recipients` make (see TaskPlan), each customer under their leading staff member."""
+    count = _TaskCount(max_batch)
+    count.add(((r.contact_id, _content(r.text, r.message)) for r in recipients), follows)
+    return count.plan()
+
+
+def _content(text: str, message: Message | None) -> str:
+    """What makes two messages one 群发 task: the text of a plain one, the content of any other."""
+    return text if message is None else message.content_hash()
 
 
 @dataclass(repr=False)
@@ -573,7 +581,12 @@ def build_preview(
         ):
             tally.add(step)
             if tasks is not None:
-                tasks.add(conn, step)
+                ids = [c["id"] for c in step.recipients]
+                texts, messages = step.rendered.texts, step.rendered.messages
+                tasks.add(
+                    ((cid, _content(texts[cid], messages.get(cid))) for cid in ids),
+                    contacts_db.follow_users(conn, ids),
+                )
     preview = tally.preview(campaign, key, now, selector, known_tags, existing_run)
     preview.tasks = tasks.plan() if tasks is not None else None
     return preview

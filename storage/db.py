@@ -98,6 +98,15 @@ def make_db_engine(url: str, *, migrate: bool = True, echo: bool = False, busy_t
     return engine
 
 
+# SQLite's page cache, per connection (KiB). Sized for what is re-read, not for what is written: a plan streams its
+# recipients in id order, so its inserts touch only the right-hand edge of each index (a few pages), and the pages
+# it fills go to the WAL at commit whatever the cache; what a cache must hold is what dispatch and the API read
+# again and again — the open run's dispatch index and the contact pages being listed. Every connection of the pool
+# may grow one (serve runs several threads), so each stays small enough that they all fit beside a million-recipient
+# plan in 300 MB.
+CACHE_KIB = 16 * 1024
+
+
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any, *, busy_ms: int) -> None:
     # wecast begins its transactions itself (`_sqlite_begin`; the module docstring says why).
     dbapi_connection.isolation_level = None
@@ -108,8 +117,7 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any, *, busy_ms: int) -> Non
     cursor.execute("PRAGMA synchronous=NORMAL")
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.execute(f"PRAGMA busy_timeout={busy_ms}")
-    # Big plans touch several indexes at once; a 64 MB page cache keeps them in memory.
-    cursor.execute("PRAGMA cache_size=-65536")
+    cursor.execute(f"PRAGMA cache_size=-{CACHE_KIB}")
     cursor.close()
 
 
