@@ -12,11 +12,15 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 
 WORKDIR /app
 
-# Dependencies first, so code edits do not reinstall them.
+# Dependencies first (read from pyproject.toml), in a layer of their own: editing the code does not reinstall them.
 COPY pyproject.toml README.md ./
+RUN python -c "import tomllib; print(*tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies'], sep='\n')" \
+        > /tmp/requirements.txt \
+    && pip install -r /tmp/requirements.txt && rm /tmp/requirements.txt
+# Then the code (with its message catalogs, engine/locale/*/LC_MESSAGES/*.mo), without touching the dependencies.
 COPY engine ./engine
 COPY storage ./storage
-RUN pip install .
+RUN pip install --no-deps .
 
 COPY config.yaml ./config.yaml
 COPY campaigns ./campaigns
