@@ -56,8 +56,20 @@ if TYPE_CHECKING:  # the commands import what they need when they run: `wecast -
     from engine.spec import Campaign
 
 T = TypeVar("T")
-out = Console(highlight=False, soft_wrap=True)
-err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+class _Console(Console):
+    """rich's console, except that a reader who stops reading (`wecast preview … | head`) ends the command quietly
+    with status 0 (rich exits 1)."""
+
+    def on_broken_pipe(self) -> None:
+        self.quiet = True
+        _quiet_stdout()
+        raise SystemExit(0)
+
+
+out = _Console(highlight=False, soft_wrap=True)
+err = _Console(stderr=True, highlight=False, soft_wrap=True)
 log = logging.getLogger("wecast")
 
 EXIT_ERROR = 1
@@ -379,6 +391,27 @@ def main(click_ctx: click.Context, config: str | None, lang: str | None, verbose
     click_ctx.obj = Ctx(config, verbose)
 
 
+# -- init --------------------------------------------------------------------------------------------
+
+
+@main.command(
+    help=N_(
+        "Set up a folder for wecast: a starter config.yaml (the sandbox gateway, so everything works at once), "
+        "campaigns/ with an example campaign in Chinese, and data/. Existing files are never overwritten."
+    )
+)
+@click.argument("folder", default=".", type=click.Path(file_okay=False, path_type=Path))
+def init(folder: Path) -> None:
+    from engine.starter import init_folder
+
+    made = init_folder(folder)
+    for path in made.files:
+        out.print(tr("created {path}", path=path))
+    here = [] if folder.resolve() == Path.cwd().resolve() else [f"cd {folder}"]
+    steps = " && ".join([*here, "wecast preview welcome"])
+    out.print(tr("Next: {steps}   (a dry run: nothing is sent)", steps=steps))
+
+
 # -- validate ----------------------------------------------------------------------------------------
 
 
@@ -441,6 +474,10 @@ def validate(ctx: Ctx, paths: tuple[Path, ...], as_json: bool) -> None:
             err.print(styled("dim", tr("every field is described in the campaign reference: {doc}", doc=GUIDE)))
         if not data_checked:
             out.print(styled("dim", tr("templates not checked against contacts yet (run `wecast contacts sync`)")))
+        if problems:
+            err.print(ntr("{n} problem found", "{n} problems found", len(problems)))
+        else:
+            out.print(ntr("{n} campaign file is valid", "all {n} campaign files are valid", len(files)))
     if problems:
         sys.exit(EXIT_INVALID)
 
@@ -562,7 +599,8 @@ def _print_preview(p: Preview, show: int, full: bool) -> None:
         )
         + (f" ({by_cat})" if by_cat else "")
         + "  "
-        + tr("distinct messages {n}", n=p.distinct_messages)
+        + tr("distinct messages {n}", n=p.distinct_messages),
+        soft_wrap=False,
     )
     if p.tasks is not None:
         nobody = tr("(no staff member)")
@@ -1040,7 +1078,8 @@ def runs(ctx: Ctx, campaign: str | None, status: str | None, limit: int, as_json
         columns[3:3] = [tr("run key"), tr("trigger")]
     columns.append(tr("created"))
     table = _table(*columns)
-    table.columns[0].no_wrap = True
+    for column in table.columns:
+        column.no_wrap = column.header != tr("campaign")  # ids, times and counts stay on one line
     for r in rows:
         c = r.counts
         cells = [

@@ -201,7 +201,9 @@ class Wecast:
             raise NotFoundError(f"no run {run_id}")
         finished = self.clock.now() if to is RunStatus.CANCELLED else None
         if not runs_db.set_status(self.db, run_id, to, allowed=allowed, error=why, finished_at=finished):
-            raise WecastError(f"run {run_id} is {run.status}; it cannot be set to {to}")
+            raise WecastError(
+                tr("run {run} is {status}; it cannot be set to {to}", run=run_id, status=run.status, to=to)
+            )
 
     def pause_run(self, run_id: int, why: str = "paused by a person") -> None:
         """Stop sending a run; sends in flight finish. `resume_run` continues it."""

@@ -1,0 +1,249 @@
+"""Every CLI command speaks Chinese and English (`--lang`, config.yaml's `language:`, LANG), its tables fit an
+80-column terminal without cutting ids or message text, and the newcomer's stumbles are gone: running from another
+folder, `wecast init`, `| head`, validate checking everyone, did-you-mean for tags and fields."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from engine.cli import main
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def workdir(tmp_path: Path) -> Path:
+    """The demo campaigns and a config in a fresh folder, sending as fast as the sandbox takes it, at any hour."""
+    shutil.copytree(ROOT / "campaigns", tmp_path / "campaigns")
+    for path in (tmp_path / "campaigns").glob("*.yaml"):
+        text = path.read_text(encoding="utf-8")
+        text = re.sub(r"(?m)^throttle:.*(\n[ \t]+.*)*", "throttle: {per_second: 1000}", text)
+        # Whatever the hour the suite runs at: no quiet hours hold the sends these tests count.
+        text = re.sub(r"(?m)^quiet_hours:.*(\n[ \t]+.*)*", "", text) + "\nquiet_hours: false\n"
+        path.write_text(text, "utf-8")
+    (tmp_path / "config.yaml").write_text(
+        "version: 1\n"
+        f"database_url: sqlite:///{tmp_path}/data/wecast.sqlite\n"
+        f"campaigns_dir: {tmp_path}/campaigns\n"
+        "sending: {throttle: {per_second: 1000}, quiet_hours: null}\n"
+        f"sandbox: {{state_file: {tmp_path}/data/sandbox.sqlite}}\n",
+        encoding="utf-8",
+    )
+    return tmp_path
+
+
+def wecast(workdir: Path, *args: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:
+    runner = CliRunner(env={"COLUMNS": "80", **(env or {})})
+    result = runner.invoke(main, ["-c", str(workdir / "config.yaml"), *args], catch_exceptions=False)
+    return result.exit_code, result.stdout, result.stderr
+
+
+# (command, what it says in Chinese, what it says in English): one line per command, after a run has happened.
+COMMANDS = [
+    (["--help"], "用法:", "Usage:"),
+    (["preview", "--help"], "预览（不发送）", "Dry run"),
+    (["validate"], "个活动文件全部有效", "campaign files are valid"),
+    (["preview", "new_customer_care", "--show", "2"], "收件人", "Recipients"),
+    (["run", "store_opening"], "已发送", "sent"),
+    (["runs"], "计划时段", "slot"),
+    (["log", "--limit", "3"], "消息 / 原因", "message / reason"),
+    (["log", "--status", "unknown"], "没有符合条件的发送记录", "No delivery matches"),
+    (["contacts", "list", "--limit", "2"], "个客户中有", "contacts match"),
+    (["contacts", "sync"], "客户：共", "contacts:"),
+    (["sandbox", "outbox", "--limit", "2"], "沙箱发件箱中有", "in the sandbox outbox"),
+    (["pause", "1"], "不能改为", "cannot be set to"),  # run 1 is completed
+    (["cancel", "1"], "不能改为", "cannot be set to"),
+    (["run", "--resume"], "没有需要继续的中断批次", "no interrupted runs to resume"),
+    (["config"], "来自", "from"),
+    (["preview", "nope"], "错误：", "error:"),
+]
+
+
+@pytest.mark.parametrize("lang", ["zh", "en"])
+def test_every_command_speaks_the_chosen_language(workdir: Path, lang: str) -> None:
+    """Each command's output is in the language --lang names (and the Chinese output is not English)."""
+    wecast(workdir, "contacts", "sync")
+    wecast(workdir, "run", "weekly_vip")
+    for args, zh, en in COMMANDS:
+        _code, out, err = wecast(workdir, "--lang", lang, *args)
+        said = out + err
+        wanted, other = (zh, en) if lang == "zh" else (en, zh)
+        assert wanted in said, (args, said)
+        if lang == "zh" and args != ["config"]:
+            assert other not in said.replace("--", ""), (args, said)
+
+
+def test_language_from_config_then_locale(workdir: Path) -> None:
+    """Without --lang the config's language decides; without that, LANG (zh_CN.UTF-8 → Chinese)."""
+    _, out, _ = wecast(workdir, "runs", env={"LANG": "zh_CN.UTF-8"})
+    assert "还没有发送批次" in out
+    _, out, _ = wecast(workdir, "runs", env={"LANG": "C.UTF-8"})
+    assert "No runs yet" in out
+    config = workdir / "config.yaml"
+    config.write_text(config.read_text(encoding="utf-8") + "language: zh_CN\n", encoding="utf-8")
+    _, out, _ = wecast(workdir, "runs", env={"LANG": "en_US.UTF-8"})
+    assert "还没有发送批次" in out
+    _, out, _ = wecast(workdir, "--lang", "en", "runs", env={"LANG": "zh_CN.UTF-8"})
+    assert "No runs yet" in out
+
+
+def test_unknown_language_in_config_is_a_located_error(workdir: Path) -> None:
+    """`language: fr` is refused with file, line and field."""
+    config = workdir / "config.yaml"
+    config.write_text(config.read_text(encoding="utf-8") + "language: fr\n", encoding="utf-8")
+    code, _, err = wecast(workdir, "runs")
+    assert code == 1
+    assert "config.yaml:6: language: language must be zh_CN" in err
+
+
+def test_preview_reasons_in_chinese_with_codes_in_json(workdir: Path) -> None:
+    """Preview says why in Chinese (没有标签 VIP, 今天已收到 1 条营销消息（上限 1 条）); JSON carries reason_code."""
+    wecast(workdir, "run", "store_opening")  # uses today's frequency cap for some VIPs
+    _code, out, _ = wecast(workdir, "--lang", "zh", "preview", "weekly_vip", "--json")
+    data = json.loads(out)
+    reasons = {e["reason_code"]: e["reason"] for e in data["excluded"]}
+    assert reasons["tags_any"] == "没有标签 VIP"
+    assert reasons["frequency_cap"] == "今天已收到 1 条营销消息（上限 1 条）"
+    assert reasons["tags_none"] == "有排除标签 勿扰"
+    assert {e["category"] for e in data["excluded"]} <= {"audience", "exclusion", "frequency_cap", "dedupe"}
+    _, out, _ = wecast(workdir, "preview", "weekly_vip", "--json")
+    codes = {e["reason_code"]: e["reason"] for e in json.loads(out)["excluded"]}
+    assert codes["frequency_cap"] == "already got 1 marketing message today (max 1)"  # no repeated prefix
+
+
+def test_skip_reasons_in_the_log_carry_a_code_and_no_repeated_prefix(workdir: Path) -> None:
+    """A skipped delivery's reason reads once (no `frequency_cap: frequency cap: …`) and its code is separate."""
+    wecast(workdir, "run", "store_opening")
+    wecast(workdir, "run", "weekly_vip")
+    _, out, _ = wecast(workdir, "log", "--status", "skipped", "--limit", "500", "--json")
+    rows = json.loads(out)
+    capped = [r for r in rows if r["reason_code"] == "frequency_cap"]
+    assert capped and all(r["reason"].startswith("already got") for r in capped)
+    assert all(not r["reason"].startswith(r["reason_code"]) for r in rows)
+
+
+def test_preview_at_80_columns_keeps_ids_and_whole_messages(workdir: Path) -> None:
+    """At 80 columns no line is wider than 80, every contact id shows whole, and no message is cut with …"""
+    _, data, _ = wecast(workdir, "preview", "weekly_vip", "--json", "--show", "0")
+    preview = json.loads(data)
+    for lang in ("zh", "en"):
+        _, out, _ = wecast(workdir, "--lang", lang, "preview", "weekly_vip", "--show", "5")
+        from rich.cells import cell_len
+
+        assert max(cell_len(line.rstrip()) for line in out.splitlines()) <= 80, out
+        for r in preview["recipients"][:5]:
+            assert r["id"] in out
+        flat = re.sub(r"\s+", "", out)
+        for r in preview["recipients"][:5]:
+            assert re.sub(r"\s+", "", r["message"]) in flat  # wrapped, not truncated
+    _, full, _ = wecast(workdir, "preview", "weekly_vip", "--show", "2", "--full")
+    assert preview["recipients"][0]["message"].strip() in full
+
+
+def test_runs_fit_80_columns_with_local_short_times(workdir: Path) -> None:
+    """`wecast runs` fits 80 columns and shows local MM-DD HH:mm, not the UTC run key."""
+    wecast(workdir, "run", "weekly_vip")
+    wecast(workdir, "run", "store_opening")
+    _, out, _ = wecast(workdir, "runs")
+    from rich.cells import cell_len
+
+    assert max(cell_len(line.rstrip()) for line in out.splitlines()) <= 80, out
+    assert re.search(r"\b\d\d-\d\d \d\d:\d\d\b", out)
+    assert "T02:00:00Z" not in out
+
+
+def test_empty_results_are_a_sentence(workdir: Path) -> None:
+    """No runs, no deliveries, no outbox: a sentence, not an empty table."""
+    assert wecast(workdir, "runs")[1].strip() == "No runs yet: `wecast run CAMPAIGN` starts one."
+    assert wecast(workdir, "log")[1].strip() == "No deliveries yet: `wecast run CAMPAIGN` sends some."
+    assert wecast(workdir, "sandbox", "outbox")[1].startswith("The sandbox outbox is empty")
+
+
+def test_another_folder_says_where_it_looked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Run where there is no config.yaml: one line saying where it looked and how to point it, and no data/
+    created there; `wecast config` says there is no file instead of `# from config.yaml`."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("WECAST_CONFIG", raising=False)
+    result = CliRunner().invoke(main, ["runs"])
+    assert result.exit_code == 1
+    assert str(tmp_path / "config.yaml") in result.stderr
+    assert "-c FILE" in result.stderr and "WECAST_CONFIG" in result.stderr and "wecast init" in result.stderr
+    assert not (tmp_path / "data").exists()
+    result = CliRunner().invoke(main, ["config"])
+    assert result.exit_code == 0
+    assert result.stdout.startswith("# no config file (looked for")
+
+
+def test_init_sets_up_a_working_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`wecast init` writes config.yaml, campaigns/ (a Chinese example) and data/; the example previews at once;
+    a second init refuses to overwrite anything."""
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(main, ["--lang", "zh", "init"])
+    assert result.exit_code == 0, result.output
+    assert "wecast preview welcome" in result.stdout
+    assert (tmp_path / "data").is_dir()
+    assert "新客欢迎" in (tmp_path / "campaigns" / "welcome.yaml").read_text(encoding="utf-8")
+    result = CliRunner().invoke(main, ["preview", "welcome", "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["counts"]["recipients"] > 0
+    before = (tmp_path / "config.yaml").read_text(encoding="utf-8")
+    again = CliRunner().invoke(main, ["init"])
+    assert again.exit_code == 1 and "已存在" in again.stderr  # the starter config says language: zh_CN
+    assert (tmp_path / "config.yaml").read_text(encoding="utf-8") == before
+
+
+def test_preview_piped_into_head_exits_quietly(workdir: Path) -> None:
+    """`wecast preview … | head -3` ends with status 0 and nothing on stderr (no BrokenPipeError traceback)."""
+    command = (
+        f"{sys.executable} -m engine.cli -c {workdir / 'config.yaml'} preview weekly_vip --show 0 | head -3; "
+        "exit ${PIPESTATUS[0]}"
+    )
+    done = subprocess.run(["bash", "-c", command], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == ""
+    assert len(done.stdout.splitlines()) == 3
+
+
+def test_validate_checks_everyone_the_targeting_selects(workdir: Path) -> None:
+    """A contact the frequency cap holds back today is still checked for the template's fields: validate's verdict
+    does not depend on today's sends."""
+    (workdir / "campaigns" / "needs_title.yaml").write_text(
+        "name: 职位问候\naudience: {tags_any: [VIP]}\nmessage: {template: '{{ title }}您好'}\nquiet_hours: false\n",
+        encoding="utf-8",
+    )
+    wecast(workdir, "contacts", "sync")
+    code, _, err = wecast(workdir, "validate", str(workdir / "campaigns" / "needs_title.yaml"))
+    assert code == 2 and "title" in err
+    wecast(workdir, "run", "weekly_vip")  # every VIP now has today's one marketing message
+    code, _, err = wecast(workdir, "validate", str(workdir / "campaigns" / "needs_title.yaml"))
+    assert code == 2 and "title" in err
+
+
+def test_unknown_tag_suggests_close_ones(workdir: Path) -> None:
+    """A tag no contact has is named, with the known tags that look like it (did you mean)."""
+    wecast(workdir, "contacts", "sync")
+    _, out, err = wecast(workdir, "contacts", "list", "--tag", "VIP客户")
+    assert "no contact has the tag(s) VIP客户" in err and "did you mean" in err
+    (workdir / "campaigns" / "typo.yaml").write_text(
+        "name: 错字\naudience: {tags_any: [护肤品]}\nmessage: {template: hi}\nquiet_hours: false\n", encoding="utf-8"
+    )
+    _, out, _ = wecast(workdir, "--lang", "zh", "preview", str(workdir / "campaigns" / "typo.yaml"))
+    assert "没有客户有标签 护肤品" in out and "是不是 护肤" in out
+
+
+def test_unknown_rule_field_suggests_the_right_one(workdir: Path) -> None:
+    """A misspelt rule field is a located error with a did-you-mean."""
+    (workdir / "campaigns" / "typo.yaml").write_text(
+        "name: 错字\naudience: {rules: [{cty: 上海}]}\nmessage: {template: hi}\n", encoding="utf-8"
+    )
+    code, _, err = wecast(workdir, "validate", str(workdir / "campaigns" / "typo.yaml"))
+    assert code == 2
+    assert "typo.yaml:2: audience.rules[0].cty: unknown contact field 'cty' (did you mean city?)" in err
