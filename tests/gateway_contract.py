@@ -262,6 +262,17 @@ async def send_any(gateway: Gateway, contact_id: str, text: str, key: str, sende
         await gateway.submit_batch([contact_id], Message.of_text(text), idempotency_key=key, sender=sender)
 
 
+async def deliver_one(driver: GatewayDriver, gateway: Gateway, contact_id: str, text: str, key: str) -> None:
+    """One message sent and, on a task-based gateway, confirmed by staff and collected: delivered either way."""
+    if gateway.capabilities.direct_send:
+        await gateway.send_text(contact_id, text, idempotency_key=key)
+        return
+    sender = await sender_of(gateway, contact_id)
+    receipt = await gateway.submit_batch([contact_id], Message.of_text(text), idempotency_key=key, sender=sender)
+    await driver.confirm()
+    assert {r.outcome for r in await gateway.batch_results(receipt.task_id)} == {BatchOutcome.SENT}
+
+
 async def sender_of(gateway: Gateway, contact_id: str) -> str:
     """The staff member a task to this customer is sent by ('' where the gateway has one account)."""
     contact = await gateway.get_contact(contact_id)
@@ -699,19 +710,24 @@ class GatewayContract:
         assert [e.data["text"] for e in events.of(EventKind.MESSAGE)] == ["ＴＤ 退订", "marker"]
 
     async def test_new_and_removed_contacts_are_events(self, driver: GatewayDriver, gateway: Gateway) -> None:
-        """A customer who adds the account is a CONTACT_ADDED event and in the next sync; one who deletes it is a
-        CONTACT_REMOVED event. On a direct sender (a puppet: the account's own contact book) they are no friend in
-        the next sync and a send to them fails; WeCom's API keeps listing a one-way follow, so the official gateway
-        only promises the event."""
+        """A customer who adds the account is a CONTACT_ADDED event and a contact the next sync lists that was not
+        there before, and can be sent to; one who deletes it is a CONTACT_REMOVED event. On a direct sender (a puppet:
+        the account's own contact book) they are no friend in the next sync and a send to them fails; WeCom's API
+        keeps listing a one-way follow, so the official gateway only promises the event."""
         if not gateway.capabilities.events:
             pytest.skip(f"{gateway.name} emits no customer events")
         await log_in(driver)
+        before = await listed(gateway)
         events = EventRecorder(gateway)
         contact_id = await driver.customer_adds("陈晓雯")
         added = await events.wait_for(EventKind.CONTACT_ADDED, contact_id=contact_id)
         assert "staff_id" in added.data
         book = await listed(gateway)
+        assert contact_id not in before
+        assert set(book) == {*before, contact_id}
         assert book[contact_id].name == "陈晓雯"
+        await deliver_one(driver, gateway, contact_id, "欢迎！", "k-18")
+        assert [m.text for m in driver.sent_messages() if m.contact_id == contact_id] == ["欢迎！"]
         await driver.customer_removes(contact_id)
         await events.wait_for(EventKind.CONTACT_REMOVED, contact_id=contact_id)
         if gateway.capabilities.direct_send:
