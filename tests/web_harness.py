@@ -18,6 +18,7 @@ from engine.scheduler import CampaignScheduler
 from engine.service import Wecast
 from engine.settings import Settings
 from engine.web.app import create_app
+from engine.web.attempts import FailedAttempts
 
 T = TypeVar("T")
 
@@ -80,12 +81,24 @@ class LiveServer:
     """uvicorn in a thread on 127.0.0.1:<free port>; `with LiveServer(...) as s: s.client.get(...)`."""
 
     def __init__(
-        self, settings: Settings, *, require_key: bool = False, scheduler: bool = True, loopback_only: bool = True
+        self,
+        settings: Settings,
+        *,
+        require_key: bool = False,
+        scheduler: bool = True,
+        loopback_only: bool = True,
+        signin_attempts: FailedAttempts | None = None,
     ) -> None:
         """`loopback_only=False` serves as `wecast serve` does on a non-loopback address (any Host name)."""
         self.app = Wecast(settings)
         self.scheduler = CampaignScheduler(self.app) if scheduler else None
-        self.api = create_app(self.app, scheduler=self.scheduler, require_key=require_key, loopback_only=loopback_only)
+        self.api = create_app(
+            self.app,
+            scheduler=self.scheduler,
+            require_key=require_key,
+            loopback_only=loopback_only,
+            signin_attempts=signin_attempts,
+        )
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.bind(("127.0.0.1", 0))

@@ -24,6 +24,7 @@ from engine.scheduler import CampaignScheduler
 from engine.service import Wecast
 from engine.web import api as api_routes
 from engine.web import console, legacy, wecom_callback
+from engine.web.attempts import FailedAttempts
 from engine.web.context import WebContext
 from engine.web.errors import install_error_handlers
 from engine.web.metrics import DatabaseCollector, instrument_gateway
@@ -46,11 +47,13 @@ def create_app(
     workers: Workers | None = None,
     close_app: bool = True,
     loopback_only: bool = True,
+    signin_attempts: FailedAttempts | None = None,
 ) -> FastAPI:
     """The HTTP service for `app`. With `require_key`, every endpoint but /healthz needs the API key
     (`settings.api.key`); asking for that without a key configured is a ConfigError. `close_app`: close
     the Wecast instance when the server stops. `loopback_only`: the server listens on loopback, so requests
-    must name a loopback host (see `engine.web.security`)."""
+    must name a loopback host (see `engine.web.security`). `signin_attempts`: the console's limit on wrong keys
+    (`engine.web.attempts`; 5 per 10 minutes from one address unless given)."""
     settings = app.settings
     key = settings.api.key.get_secret_value() if settings.api.key is not None else None
     if require_key and not key:
@@ -102,7 +105,7 @@ def create_app(
     api.include_router(api_routes.router(ctx))
     api.include_router(wecom_callback.router(ctx))
     sessions = SessionTokens(key)
-    api.include_router(console.router(ctx, sessions))
+    api.include_router(console.router(ctx, sessions, signin_attempts))
     api.mount(f"{CONSOLE}/static", StaticFiles(directory=console.STATIC_DIR), name="console-static")
 
     @api.get("/", include_in_schema=False)

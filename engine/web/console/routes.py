@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import math
 import re
 from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Annotated, Any, TypeVar
@@ -30,6 +32,7 @@ from engine.i18n import Language, use_language
 from engine.messages import IMAGE_TYPES, ImagePart, LinkPart, Media, Message, MiniProgramPart, TextPart
 from engine.views import DeliveryView, PreviewView, Problem, RunView
 from engine.web import api
+from engine.web.attempts import FailedAttempts
 from engine.web.console.charts import bars, sends_over_time
 from engine.web.console.journeys import JourneyCounts, tree
 from engine.web.console.templating import build_environment, language_of, translator
@@ -47,6 +50,8 @@ from storage import runs as runs_db
 from storage.contacts import ContactFilter
 from storage.journeys import StepCount
 from storage.models import DeliveryStatus, RunStatus
+
+log = logging.getLogger("wecast.web")
 
 LANG_COOKIE = "wecast_lang"
 PAGE_SIZE = 50
@@ -258,9 +263,11 @@ def _safe_next(target: str) -> str:
     return CONSOLE + "/"
 
 
-def router(ctx: WebContext, sessions: SessionTokens) -> APIRouter:
-    """The console's routes, bound to `ctx`."""
+def router(ctx: WebContext, sessions: SessionTokens, attempts: FailedAttempts | None = None) -> APIRouter:
+    """The console's routes, bound to `ctx`. `attempts`: the limit on wrong keys at sign-in (5 per 10 minutes
+    from one address unless given)."""
     ui = Console(ctx, sessions)
+    limiter = attempts or FailedAttempts()
 
     async def speak(request: Request) -> AsyncIterator[None]:
         """The whole request in the page's language: the engine's own words (errors, reasons) too."""
@@ -293,12 +300,38 @@ def router(ctx: WebContext, sessions: SessionTokens) -> APIRouter:
             return ui.invalid(request, exc)
         if not sessions.key_required:
             return Response(status_code=204, headers={"hx-redirect": _safe_next(body.next)})
+        address = request.client.host if request.client else ""
+        wait = limiter.retry_after(address)
+        if wait is not None:  # refused before the key is looked at: a guess now tells nothing
+            return signin_refused(request, body.next, wait)
         if not sessions.check_key(body.key):
+            if limiter.failed(address) >= limiter.limit:
+                log.warning(
+                    "console sign-in: %d wrong API keys from %s within %d s; refusing it for %d s",
+                    limiter.limit,
+                    address,
+                    limiter.window,
+                    limiter.retry_after(address) or 0,
+                )
             return ui.render(request, "_signin_form.html", status=401, next=_safe_next(body.next), error="wrong key")
+        limiter.succeeded(address)
         response = Response(status_code=204, headers={"hx-redirect": _safe_next(body.next)})
         value = sessions.issue(SessionKind.KEY)
         response.headers.append("set-cookie", cookie_header(value, secure=request.url.scheme == "https"))
         return response
+
+    def signin_refused(request: Request, next_page: str, wait: int) -> HTMLResponse:
+        """429: too many wrong keys from this address; the form says for how long (in minutes), Retry-After in
+        seconds."""
+        return ui.render(
+            request,
+            "_signin_form.html",
+            status=429,
+            headers={"retry-after": str(wait)},
+            next=_safe_next(next_page),
+            error="too many",
+            minutes=max(1, math.ceil(wait / 60)),
+        )
 
     @r.post("/signout")
     def signout(request: Request) -> Response:
