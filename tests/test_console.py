@@ -583,3 +583,29 @@ def test_the_new_device_check_shows_its_second_qr(tmp_path: Path) -> None:
         assert second.status_code == 200 and "新设备安全验证" in second.text and 'id="login-qr"' in second.text
         done = client.post("/console/login/sandbox-scan", json={}, headers=h)
         assert 'data-state="logged_in"' in done.text
+
+
+def test_recent_events_refresh_without_reloading(open_server: LiveServer) -> None:
+    """The account page's recent-events card polls /console/events with the version it shows: 204 while nothing
+    happened, then — after the gateway's next event (a new QR) — the card again with that event and a new version."""
+    client = httpx.Client(base_url=open_server.url, timeout=30)
+    page = client.get("/console/login").text
+    card = re.search(r'id="recent-events" hx-get="/console/events\?v=([0-9a-f]+)" hx-trigger="every 3s"', page)
+    assert card, "the recent events card does not poll"
+    version = card.group(1)
+    assert client.get(f"/console/events?v={version}").status_code == 204
+    h = {"x-csrf-token": csrf_of(page), "hx-request": "true"}
+    client.post("/console/login/logout", json={}, headers=h)
+    client.post("/console/login/start", json={}, headers=h)
+    deadline = time.monotonic() + 20
+    while (fresh := client.get(f"/console/events?v={version}")).status_code == 204:
+        assert time.monotonic() < deadline, "the card never showed the new events"
+        time.sleep(0.05)
+    assert fresh.status_code == 200 and fresh.text.lstrip().startswith('<section class="card" id="recent-events"')
+    assert '<span class="tag">qr</span>' in fresh.text and "<html" not in fresh.text
+    again = re.search(r"/console/events\?v=([0-9a-f]+)", fresh.text)
+    assert again and again.group(1) != version
+    while (latest := client.get(f"/console/events?v={again.group(1)}")).status_code == 200:  # later events, if any
+        again = re.search(r"/console/events\?v=([0-9a-f]+)", latest.text)
+        assert again and time.monotonic() < deadline
+    assert latest.status_code == 204

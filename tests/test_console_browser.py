@@ -201,6 +201,9 @@ def test_a_marketers_day_in_the_browser(server: LiveServer, shots: Path, capsys:
         page.click("text=提交验证码")
         expect(page.locator("#account-name")).not_to_have_text("—")
         expect(page.locator("#login-panel")).to_have_attribute("data-state", "logged_in")
+        # The recent events card caught up by itself: the login happened after the page was loaded.
+        expect(page.locator("#recent-events .tag", has_text="login")).to_have_count(1)
+        assert page.evaluate("window.__notReloaded") is True, "the events must refresh without reloading the page"
         snap("04-login-done")
 
         # -- customers: search, open one -----------------------------------------------------------------

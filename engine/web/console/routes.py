@@ -48,6 +48,7 @@ from storage import journeys as journeys_db
 from storage import optouts as optouts_db
 from storage import runs as runs_db
 from storage.contacts import ContactFilter
+from storage.events import EventRow
 from storage.journeys import StepCount
 from storage.models import DeliveryStatus, RunStatus
 
@@ -55,6 +56,7 @@ log = logging.getLogger("wecast.web")
 
 LANG_COOKIE = "wecast_lang"
 PAGE_SIZE = 50
+RECENT_EVENTS = 15  # on the account page
 # The console's pages load nothing from elsewhere: scripts and styles are this package's files. Images may be
 # https (a link card's thumbnail is the campaign's URL).
 SECURITY_HEADERS = {
@@ -179,6 +181,12 @@ def login_version(status: LoginStatus) -> str:
     """A short fingerprint of what the login panel shows: the panel is redrawn only when it changes."""
     seen = (status.state.value, status.qrcode_key, status.second_verification, status.tries_left, status.account_id)
     return hashlib.sha256(json.dumps(seen).encode()).hexdigest()[:16]
+
+
+def events_version(events: list[EventRow]) -> str:
+    """A short fingerprint of the recent events shown: the card is redrawn only when it changes."""
+    seen = [(e.at.isoformat() if e.at else "", e.kind, e.message) for e in events]
+    return hashlib.sha256(json.dumps(seen, ensure_ascii=False).encode()).hexdigest()[:16]
 
 
 def progress_of(run: RunView) -> dict[str, Any]:
@@ -360,7 +368,7 @@ def router(ctx: WebContext, sessions: SessionTokens, attempts: FailedAttempts | 
     @r.get("/login", response_class=HTMLResponse)
     async def login_page(request: Request) -> HTMLResponse:
         status = await ctx.login_status()
-        recent = await ctx.db(events_db.recent_events, app.db, limit=15)
+        recent = await ctx.db(events_db.recent_events, app.db, limit=RECENT_EVENTS)
         return page(
             request,
             "login.html",
@@ -369,7 +377,17 @@ def router(ctx: WebContext, sessions: SessionTokens, attempts: FailedAttempts | 
             error=None,
             sandbox=isinstance(app.gateway, SandboxGateway),
             events=recent,
+            events_version=events_version(recent),
         )
+
+    @r.get("/events", response_class=HTMLResponse)
+    def events_poll(request: Request, v: Annotated[str, Query(max_length=64)] = "") -> Response:
+        """The recent events card, polled by the page: 204 while nothing new happened (htmx keeps what shows)."""
+        recent = events_db.recent_events(app.db, limit=RECENT_EVENTS)
+        version = events_version(recent)
+        if v == version:
+            return Response(status_code=204)
+        return page(request, "_events.html", events=recent, events_version=version)
 
     @r.get("/login/panel", response_class=HTMLResponse)
     async def login_poll(request: Request, v: Annotated[str, Query(max_length=64)] = "") -> Response:
