@@ -597,6 +597,8 @@ def one_getalluser(seeded: str, url: str, seconds: float) -> dict[str, float]:
                         times.append(time.perf_counter() - t1)
                     return statistics.median(times), [c["id"] for c in json.loads(body)["datas"]]
 
+                probe.close()  # idle through the load phase, past the server's keep-alive timeout: a fresh one
+                probe = await Client.open(host, port)
                 first_ms, first_ids = await alone(1)
                 last_ms, last_ids = await alone(last)
                 probe.close()

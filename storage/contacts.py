@@ -8,12 +8,14 @@ safe when two processes sync at once (they insert the same new contacts and tags
 from __future__ import annotations
 
 import dataclasses
+import threading
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import ColumnElement, String, and_, cast, delete, func, or_, select, update
+from sqlalchemy import ColumnElement, String, and_, cast, delete, event, func, or_, select, update
 from sqlalchemy.engine import Connection
 
 from storage._sql import (
@@ -132,6 +134,7 @@ def upsert_tags(db: DB, tags: Sequence[TagRow]) -> None:
         serialize(conn, _SYNC_LOCK)
         unique = {t.id: dataclasses.asdict(t) for t in tags}
         upsert(conn, TAGS, list(unique.values()), ("id",))
+        changed(conn)
 
 
 # Two processes syncing at once write the same rows: on PostgreSQL their page transactions take turns (on SQLite
@@ -170,7 +173,7 @@ def upsert_contacts(db: DB, contacts: Sequence[ContactRow], now: datetime) -> tu
             for row in conn.execute(select(CONTACTS).where(_C.id.in_(part))):
                 existing[row.id] = dict(row._mapping)
         compared = [f for f in _SYNCED if f != "added_at"]
-        new_rows, changed = [], []
+        new_rows, updated = [], []
         for values in fresh:
             old = existing.get(values["id"])
             if old is None:
@@ -180,10 +183,10 @@ def upsert_contacts(db: DB, contacts: Sequence[ContactRow], now: datetime) -> tu
                 or old.get("removed_at")
                 or (values.get("added_at") and old.get("added_at") != values.get("added_at"))
             ):
-                changed.append(values)
+                updated.append(values)
         if new_rows:  # another process syncing at once may have inserted them since they were read
             upsert(conn, CONTACTS, new_rows, ("id",))
-        for values in changed:
+        for values in updated:
             conn.execute(
                 update(CONTACTS)
                 .where(_C.id == values["id"])
@@ -193,7 +196,8 @@ def upsert_contacts(db: DB, contacts: Sequence[ContactRow], now: datetime) -> tu
             conn.execute(delete(CONTACT_TAGS).where(_CT.contact_id.in_(part)))
         links = [{"contact_id": v["id"], "tag_id": t} for v in fresh for t in v["tag_ids"]]
         insert_ignore(conn, CONTACT_TAGS, links)
-    return len(new_rows), len(changed)
+        changed(conn)
+    return len(new_rows), len(updated)
 
 
 def follow_users(db: DB, ids: Sequence[str]) -> dict[str, tuple[str, ...]]:
@@ -220,9 +224,9 @@ def mark_gone(db: DB, ids: Sequence[str], now: datetime) -> int:
     """These contacts are no longer in the gateway's list (a refresh found them gone): marked removed."""
     with writing(db) as conn:
         serialize(conn, _SYNC_LOCK)
-        changed = 0
+        gone = 0
         for part in chunks(ids):
-            changed += (
+            gone += (
                 conn.execute(
                     update(CONTACTS)
                     .where(_C.id.in_(part), _C.removed_at.is_(None))
@@ -230,7 +234,9 @@ def mark_gone(db: DB, ids: Sequence[str], now: datetime) -> int:
                 ).rowcount
                 or 0
             )
-    return changed
+        if gone:
+            changed(conn)
+    return gone
 
 
 @dataclass(frozen=True, slots=True)
@@ -430,11 +436,10 @@ def tags_with_counts(db: DB) -> list[TagCount]:
 
 
 def count_contacts(db: DB) -> int:
-    """How many contacts are synced (not removed)."""
+    """How many contacts are synced (not removed): counted once per version of the list (see `page_contacts`)."""
+    everyone = ContactFilter()
     with reading(db) as conn:
-        return int(
-            conn.execute(select(func.count()).select_from(CONTACTS).where(_C.removed_at.is_(None))).scalar() or 0
-        )
+        return _index(conn, everyone, and_(*_conditions(everyone))).total
 
 
 def _has_tag(names: Sequence[str]) -> ColumnElement[bool]:
@@ -477,22 +482,122 @@ def page_contacts(
     db: DB, where: ContactFilter, *, limit: int, offset: int = 0, cursor: str | None = None
 ) -> ContactsPage:
     """One page of contacts by id: after `cursor` (the last id of the previous page) or at `offset`, with
-    their tags and the total that match."""
+    their tags and the total that match.
+
+    Every page costs about the same, the first or the thousandth: the total and the page anchors (`_Index`) are
+    counted once per version of the contact list (see `changed`), and a page at an offset starts from the anchor
+    before it (a keyset condition), so the database skips fewer than `ANCHOR_EVERY` rows, never `offset` rows."""
     conds = and_(*_conditions(where))
     with reading(db) as conn:
-        total = conn.execute(select(func.count()).select_from(CONTACTS).where(conds)).scalar() or 0
+        index = _index(conn, where, conds)
         stmt = select(CONTACTS).where(conds)
-        stmt = stmt.where(_C.id > cursor) if cursor else stmt.offset(offset)
+        if cursor:
+            stmt = stmt.where(_C.id > cursor)
+        elif offset:
+            if offset >= index.total:
+                return ContactsPage(rows=[], total=index.total, has_next=False, next_cursor=None)
+            anchor = min(offset // ANCHOR_EVERY, len(index.anchors) - 1)
+            stmt = stmt.where(_C.id >= index.anchors[anchor]).offset(offset - anchor * ANCHOR_EVERY)
         rows = [dict(r._mapping) for r in conn.execute(stmt.order_by(_C.id).limit(limit + 1))]
         more = len(rows) > limit
         rows = rows[:limit]
         tags = _tags_of(conn, [r["id"] for r in rows])
     return ContactsPage(
         rows=[_contact_row(r, tags[r["id"]]) for r in rows],
-        total=int(total),
+        total=index.total,
         has_next=more,
         next_cursor=rows[-1]["id"] if more and rows else None,
     )
+
+
+# -- the listing index: how many contacts a filter matches, and where its pages start ---------------------
+
+# A page at an offset starts from the id at the anchor before it: one anchor every this many contacts (a 1,000,000
+# contact list keeps 5,000 ids; a page skips at most this many rows).
+ANCHOR_EVERY = 200
+# Indexes kept, over every database (the filters the API and the console were asked for lately).
+INDEXES_KEPT = 64
+
+
+@dataclass(frozen=True, slots=True)
+class _Index:
+    """What a filter matches in one version of the contact list: how many, and the id at every ANCHOR_EVERY-th
+    position (by id)."""
+
+    total: int
+    anchors: tuple[str, ...]
+
+
+_ListVersion = tuple[int, Any]  # (writes seen by this process, the latest sync as the database has it)
+_lock = threading.Lock()
+_writes: dict[str, int] = {}  # database -> contact writes this process made there
+_indexes: OrderedDict[tuple[str, tuple[Any, ...]], tuple[_ListVersion, _Index]] = OrderedDict()
+_CHANGED = "wecast_contacts_changed"
+
+
+def _database(db: DB) -> str:
+    return db.engine.url.render_as_string(hide_password=True)
+
+
+def changed(conn: Connection) -> None:
+    """The caller's transaction changed contacts, their tags or tag names: the totals and page anchors counted
+    before it are stale. Counted now and again when the connection goes back to the pool (after its commit or
+    rollback), so an index counted while the transaction was open is never taken for the committed list.
+
+    Writes by another process are seen at its next sync (a sync's pages and its finish change `contact_syncs`,
+    which is part of every version): cached until the next sync, as the listing promises."""
+    key = _database(conn)
+    _bump(key)
+    engine = conn.engine
+    if not event.contains(engine, "checkin", _on_checkin):
+        event.listen(engine, "checkin", _on_checkin)
+    conn.connection.info[_CHANGED] = key
+
+
+def _bump(key: str) -> None:
+    with _lock:
+        _writes[key] = _writes.get(key, 0) + 1
+
+
+def _on_checkin(_dbapi_connection: Any, record: Any) -> None:
+    key = record.info.pop(_CHANGED, None) if record is not None else None
+    if key is not None:
+        _bump(key)
+
+
+def _filter_key(where: ContactFilter) -> tuple[Any, ...]:
+    return tuple(tuple(v) if isinstance(v, list | tuple) else v for v in dataclasses.astuple(where))
+
+
+def _index(conn: Connection, where: ContactFilter, conds: ColumnElement[bool]) -> _Index:
+    """The filter's total and anchors in the contact list's current version: cached, counted when missing."""
+    database = _database(conn)
+    with _lock:
+        writes = _writes.get(database, 0)
+    latest = conn.execute(
+        select(_S.id, _S.heartbeat_at, _S.finished_at, _S.seen).order_by(_S.id.desc()).limit(1)
+    ).first()
+    version: _ListVersion = (writes, tuple(latest) if latest else None)
+    key = (database, _filter_key(where))
+    if not where.ids:  # a lookup by ids is cheap to count and rarely asked twice
+        with _lock:
+            found = _indexes.get(key)
+            if found is not None and found[0] == version:
+                _indexes.move_to_end(key)
+                return found[1]
+    total, anchors = 0, []
+    for (cid,) in conn.execute(select(_C.id).where(conds).order_by(_C.id)):
+        if total % ANCHOR_EVERY == 0:
+            anchors.append(cid)
+        total += 1
+    index = _Index(total, tuple(anchors))
+    if not where.ids:
+        with _lock:
+            _indexes[key] = (version, index)
+            _indexes.move_to_end(key)
+            while len(_indexes) > INDEXES_KEPT:
+                _indexes.popitem(last=False)
+    return index
 
 
 def _contact_row(values: dict[str, Any], tags: list[tuple[str, str]]) -> ContactRow:

@@ -19,6 +19,7 @@ from sqlalchemy import delete, func, insert, or_, select, update
 from sqlalchemy.engine import Connection
 
 from storage._sql import DB, aware, chunks, decode_json, insert_ignore, reading, writing
+from storage.contacts import changed as contacts_changed
 from storage.models import (
     CONTACTS,
     CUSTOMER_EVENTS,
@@ -291,12 +292,14 @@ def set_contact_tags(db: DB, contact_id: str, tag_ids: Sequence[str], now: datet
         known = {r[0] for r in conn.execute(select(TAGS.c.id).where(TAGS.c.id.in_(ids)))}
         if known:
             conn.execute(insert(CONTACT_TAGS), [{"contact_id": contact_id, "tag_id": t} for t in ids if t in known])
+        contacts_changed(conn)
 
 
 def add_tag(db: DB, tag_id: str, name: str, group_name: str = "") -> None:
     """Remember a tag the journey created in WeCom (the next sync would bring it too)."""
     with writing(db) as conn:
-        insert_ignore(conn, TAGS, [{"id": tag_id, "name": name, "group_name": group_name, "type": 2}])
+        if insert_ignore(conn, TAGS, [{"id": tag_id, "name": name, "group_name": group_name, "type": 2}]):
+            contacts_changed(conn)
 
 
 # -- enrolments ------------------------------------------------------------------------------------------------
