@@ -68,7 +68,11 @@ def test_ordinary_templates_render_as_before(source: str, expected: str) -> None
     ("source", "words"),
     [
         ("{% for i in range(10000) %}{% for j in range(10000) %}{% endfor %}{% endfor %}", "10,000 steps"),
-        ("{% for i in range(9000) %}{{ 'a' * 90000 in 'b' * 90000 }}{% endfor %}", "0.5 s to render"),
+        (
+            "{% for i in range(9000) %}{{ 'a' * 90000 in 'b' * 90000 or 'a' * 90000 in 'b' * 90000 "
+            "or 'a' * 90000 in 'b' * 90000 or 'a' * 90000 in 'b' * 90000 }}{% endfor %}",
+            "0.5 s to render",
+        ),
         ("{{ 'a' * 99999 ~ 'b' * 99999 }}", "larger than 100,000 characters"),
         ("{{ 'x' | center(10**9) }}", "center width 1,000,000,000 is more than 100,000"),
         ("{{ 2 ** 5000 }}", "more than 4,096 bits"),
@@ -129,7 +133,11 @@ def test_budgets_are_per_thread_and_work_outside_the_main_thread() -> None:
     """A hostile render in one worker thread hits its time budget while a legit render in another thread
     finishes normally; neither depends on signals."""
     # Slow only when name and city differ (a long failed substring search per step): fine at validation.
-    slow = compile_template("{% for i in range(9000) %}{{ name * 9000 in city * 9000 }}{% endfor %}", ORIGIN)
+    slow = compile_template(
+        "{% for i in range(9000) %}{{ name * 9000 in city * 9000 or name * 9000 in city * 9000 "
+        "or name * 9000 in city * 9000 or name * 9000 in city * 9000 }}{% endfor %}",
+        ORIGIN,
+    )
     legit = compile_template("{% for t in tags %}{{ t }}{% endfor %}", ORIGIN)
     outcomes: dict[str, object] = {}
 
