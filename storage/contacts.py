@@ -486,28 +486,93 @@ def page_contacts(
 
     Every page costs about the same, the first or the thousandth: the total and the page anchors (`_Index`) are
     counted once per version of the contact list (see `changed`), and a page at an offset starts from the anchor
-    before it (a keyset condition), so the database skips fewer than `ANCHOR_EVERY` rows, never `offset` rows."""
+    before it (a keyset condition), so the database skips fewer than `ANCHOR_EVERY` rows, never `offset` rows.
+    The page is read through the driver's cursor (the filter compiled once): the hot path of /get-all-user."""
     conds = and_(*_conditions(where))
     with reading(db) as conn:
         index = _index(conn, where, conds)
-        stmt = select(CONTACTS).where(conds)
-        if cursor:
-            stmt = stmt.where(_C.id > cursor)
-        elif offset:
+        clause, args = _where(conn, where, conds)
+        start, skip = cursor, 0
+        if not cursor and offset:
             if offset >= index.total:
                 return ContactsPage(rows=[], total=index.total, has_next=False, next_cursor=None)
             anchor = min(offset // ANCHOR_EVERY, len(index.anchors) - 1)
-            stmt = stmt.where(_C.id >= index.anchors[anchor]).offset(offset - anchor * ANCHOR_EVERY)
-        rows = [dict(r._mapping) for r in conn.execute(stmt.order_by(_C.id).limit(limit + 1))]
+            start, skip = index.anchors[anchor], offset - anchor * ANCHOR_EVERY
+        sql = f"SELECT {_ROW_COLUMNS} FROM contacts WHERE {clause}"
+        if start is not None:
+            sql += f" AND id {'>' if cursor else '>='} " + _mark(conn, "page_from")
+            args = _with(args, "page_from", start)
+        sql += f" ORDER BY id LIMIT {int(limit) + 1}" + (f" OFFSET {int(skip)}" if skip else "")
+        with dbapi_cursor(conn) as raw:
+            raw.execute(sql, args)
+            rows = raw.fetchall()
         more = len(rows) > limit
         rows = rows[:limit]
-        tags = _tags_of(conn, [r["id"] for r in rows])
+        tags = _tags_of(conn, [r[0] for r in rows])
     return ContactsPage(
-        rows=[_contact_row(r, tags[r["id"]]) for r in rows],
+        rows=[_raw_row(r, tags[r[0]]) for r in rows],
         total=index.total,
         has_next=more,
-        next_cursor=rows[-1]["id"] if more and rows else None,
+        next_cursor=rows[-1][0] if more and rows else None,
     )
+
+
+_ROW_COLUMNS = ", ".join(CONTACT_COLUMNS)
+
+
+def _json_list_or_dict(value: Any) -> Any:
+    """A JSON column as `decode_json` reads it, the empty list and object without parsing (most contacts' tags,
+    phones and extra info are empty)."""
+    if value == "[]":
+        return []
+    if value == "{}":
+        return {}
+    return decode_json(value)
+
+
+_ROW_DECODERS = [
+    (i, _json_list_or_dict if _DECODERS[name] is decode_json else _DECODERS[name])
+    for i, name in enumerate(CONTACT_COLUMNS)
+    if name in _DECODERS
+] + [(CONTACT_COLUMNS.index("tag_ids"), _json_list_or_dict)]
+_Args = tuple[Any, ...] | dict[str, Any]
+
+
+def _raw_row(row: Sequence[Any], tags: list[tuple[str, str]]) -> ContactRow:
+    values = list(row)
+    for i, fn in _ROW_DECODERS:
+        values[i] = fn(values[i])
+    return _contact_row(dict(zip(CONTACT_COLUMNS, values, strict=True)), tags)
+
+
+def _mark(conn: Connection, name: str) -> str:
+    return f"%({name})s" if conn.dialect.paramstyle == "pyformat" else "?"
+
+
+def _with(args: _Args, name: str, value: Any) -> _Args:
+    return {**args, name: value} if isinstance(args, dict) else (*args, value)
+
+
+_WHERE_KEPT = 256
+_wheres: OrderedDict[tuple[str, tuple[Any, ...]], tuple[str, _Args]] = OrderedDict()
+
+
+def _where(conn: Connection, where: ContactFilter, conds: ColumnElement[bool]) -> tuple[str, _Args]:
+    """The filter's conditions as the driver's SQL and parameters (compiled by SQLAlchemy once per filter)."""
+    key = (conn.dialect.name, _filter_key(where))
+    with _lock:
+        found = _wheres.get(key)
+    if found is not None:
+        return found
+    compiled = conds.compile(dialect=conn.dialect, compile_kwargs={"render_postcompile": True})
+    params = compiled.construct_params()
+    args: _Args = tuple(params[name] for name in compiled.positiontup or ()) if compiled.positional else dict(params)
+    made = (compiled.string, args)
+    with _lock:
+        _wheres[key] = made
+        while len(_wheres) > _WHERE_KEPT:
+            _wheres.popitem(last=False)
+    return made
 
 
 # -- the listing index: how many contacts a filter matches, and where its pages start ---------------------
@@ -613,17 +678,18 @@ def _contact_row(values: dict[str, Any], tags: list[tuple[str, str]]) -> Contact
     )
 
 
-def _tags_of(conn: Any, ids: list[str]) -> dict[str, list[tuple[str, str]]]:
+def _tags_of(conn: Connection, ids: list[str]) -> dict[str, list[tuple[str, str]]]:
     out: dict[str, list[tuple[str, str]]] = {i: [] for i in ids}
-    for part in chunks(ids):
-        stmt = (
-            select(_CT.contact_id, _T.id, _T.name)
-            .join(TAGS, _T.id == _CT.tag_id)
-            .where(_CT.contact_id.in_(part))
-            .order_by(_T.group_name, _T.name)
-        )
-        for cid, tid, name in conn.execute(stmt):
-            out[cid].append((tid, name))
+    mark = "%s" if conn.dialect.paramstyle in ("pyformat", "format") else "?"
+    with dbapi_cursor(conn) as raw:
+        for part in chunks(ids):
+            raw.execute(
+                "SELECT ct.contact_id, t.id, t.name FROM contact_tags ct JOIN tags t ON t.id = ct.tag_id "
+                f"WHERE ct.contact_id IN ({', '.join([mark] * len(part))}) ORDER BY t.group_name, t.name",
+                tuple(part),
+            )
+            for cid, tid, name in raw.fetchall():
+                out[cid].append((tid, name))
     return out
 
 

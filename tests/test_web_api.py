@@ -15,6 +15,7 @@ import zxingcpp
 from PIL import Image
 
 from engine.gateways.sandbox import SandboxGateway
+from engine.web.models import AllUsersPage, ContactsPageView
 
 try:
     from web_harness import BROKEN, CAMPAIGN, MANUAL, LiveServer, login, make_settings
@@ -73,6 +74,7 @@ def test_source_document_flow_end_to_end(live: LiveServer, client: httpx.Client)
             break
         page += 1
     assert page == 3 and len(seen) == len(set(seen)) == 60
+    assert AllUsersPage.model_validate(body).model_dump(mode="json") == body  # the documented shape, exactly
     contact = client.post("/get-all-user", json={"pageSize": 1}).json()["datas"][0]
     for name in (
         "id",
@@ -118,6 +120,7 @@ def test_source_document_flow_end_to_end(live: LiveServer, client: httpx.Client)
     assert len(outbox(live).outbox_messages(friend["id"])) == before + 1
 
     vip = client.get("/api/v1/contacts", params={"tag": "VIP", "friend": True, "coworker": False, "limit": 500}).json()
+    assert ContactsPageView.model_validate(vip).model_dump(mode="json") == vip
     total_before = len(outbox(live).outbox_messages())
     many = client.post("/send-message-all", json={"tag": "VIP", "message": "VIP专享：满500减50"})
     assert many.status_code == 200, many.text
