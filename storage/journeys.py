@@ -809,6 +809,12 @@ def activate(db: DB, journey_id: str, content_hash: str, now: datetime) -> Journ
     return JourneyStateRow(row.journey_id, aware(row.activated_at) or now, row.content_hash, aware(row.backfilled_at))
 
 
+def backfilled(db: DB, journey_id: str) -> bool:
+    """Whether a journey's backfill was done."""
+    with reading(db) as conn:
+        return conn.execute(select(_J.backfilled_at).where(_J.journey_id == journey_id)).scalar() is not None
+
+
 def mark_backfilled(db: DB, journey_id: str, now: datetime) -> bool:
     """Claim a journey's one backfill: True for the first caller only."""
     with writing(db) as conn:

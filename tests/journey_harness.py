@@ -86,14 +86,18 @@ class Harness:
         return sorted((r.dedupe_key or "", r.status, r.reason) for r in rows)
 
 
-async def harness(tmp: Path, db_url: str, start: datetime, *, contacts: int = 30, extra: str = "") -> Harness:
-    """A started harness: sandbox logged in, contacts synced, the engine listening to the gateway."""
+async def harness(
+    tmp: Path, db_url: str, start: datetime, *, contacts: int = 30, extra: str = "", synced: bool = True
+) -> Harness:
+    """A started harness: sandbox logged in, contacts synced (unless not `synced`: a fresh install), the engine
+    listening to the gateway."""
     (tmp / "campaigns").mkdir(exist_ok=True)
     settings = write_settings(tmp, db_url, contacts=contacts, extra=extra)
     clock = FakeClock(start)
     app = Wecast(settings, clock=clock)
     await app.start()
-    await app.sync()
+    if synced:
+        await app.sync()
     engine = app.journeys  # listening to the gateway since app.start()
     runner = JourneyRunner(engine, lambda run_id: app.dispatcher.run(run_id, login_wait=0))
     return Harness(tmp, settings, clock, app, engine, runner)

@@ -41,7 +41,7 @@ from sqlalchemy.engine import Connection, Engine
 from engine import audience as aud
 from engine.backoff import backoff_delay
 from engine.clock import Clock, SystemClock
-from engine.contacts import refresh_contact
+from engine.contacts import ListState, list_state, refresh_contact
 from engine.errors import GatewayError, PermanentError
 from engine.gateways.base import Gateway, GatewayEvent
 from engine.journeys import events as ev
@@ -410,16 +410,24 @@ class JourneyEngine:
         return entered
 
     def _backfills(self, report: TickReport) -> None:
+        """A new journey's one backfill: claimed in the transaction that enters its contacts (a crash in between
+        leaves it unclaimed, to be done again), and only over a whole contact list (none yet on a fresh install,
+        or a sync killed midway: the backfill waits for the sync that finishes it)."""
         now = self.clock.now()
         for journey in self.running:
-            if not journey.backfill or not store.mark_backfilled(self.db, journey.id, now):
+            if not journey.backfill or store.backfilled(self.db, journey.id):
                 continue
+            if list_state(self.db) is not ListState.WHOLE:
+                log.info("journey %s: backfill waits for a whole contact list (a sync to finish)", journey.id)
+                return
             views = all_views(self.db)
             t = journey.trigger
             if t.kind is TriggerKind.TAG_ADDED:
                 views = [v for v in views if t.tag in v["tags"]]
             candidates = [Candidate(str(v["id"]), "backfill", now) for v in views]
             with transaction(self.db) as conn:
+                if not store.mark_backfilled(conn, journey.id, now):
+                    continue  # another process did it meanwhile
                 entered = self._enter(conn, journey, candidates, {str(v["id"]): v for v in views}, now)
             report.entered += entered
             log.info("journey %s: backfill entered %d contacts", journey.id, entered)
