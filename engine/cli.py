@@ -43,7 +43,7 @@ from rich.table import Table
 from engine import __version__
 from engine.errors import CampaignError, WecastError
 from engine.i18n import N_, Language, choose, ntr, set_language, tr
-from engine.messages import Message, TextPart, describe
+from engine.messages import FilePart, ImagePart, LinkPart, Media, Message, MiniProgramPart, Part, TextPart, describe
 from engine.settings import Settings, load_settings, redact_url
 from storage.models import OPEN_STATUSES, TERMINAL_STATUSES, DeliveryStatus, RunStatus
 
@@ -538,7 +538,37 @@ def preview(
 
 def _message_lines(message: Message) -> str:
     """A message for the terminal: its parts in order, the text as it is and each attachment on a line of its own."""
-    return "\n".join(("" if isinstance(part, TextPart) else "+ ") + describe(part) for part in message.parts)
+    return "\n".join(("" if isinstance(part, TextPart) else "+ ") + _part_line(part) for part in message.parts)
+
+
+def _part_line(part: Part) -> str:
+    """One attachment for people, in their language: `image media/poster.png (20 KB)`, a link card's title,
+    description and URL, a mini-program's title, appid, page and cover."""
+    if isinstance(part, TextPart):
+        return part.text
+    if isinstance(part, ImagePart):
+        return tr("image {media}", media=_media_words(part.media))
+    if isinstance(part, FilePart):
+        return tr("file {media}", media=_media_words(part.media))
+    if isinstance(part, LinkPart):
+        line = tr("link {title}", title=part.title)
+        line += f" – {part.description}" if part.description else ""
+        line += f" <{part.url}>"
+        return line + (" · " + tr("thumbnail <{url}>", url=part.thumb_url) if part.thumb_url else "")
+    assert isinstance(part, MiniProgramPart)
+    line = tr("mini-program {title} ({appid}) {page}", title=part.title, appid=part.appid, page=part.page)
+    return line + (" · " + tr("cover {media}", media=_media_words(part.thumb)) if part.thumb else "")
+
+
+def _media_words(media: Media) -> str:
+    size = f" ({_human_size(media.size)})" if media.size else ""
+    return f"{media.name}{size}" + (f" <{media.url}>" if media.url else "")
+
+
+def _human_size(n: int) -> str:
+    if n >= 1024 * 1024:
+        return f"{n / (1024 * 1024):.1f} MB"
+    return f"{n / 1024:.0f} KB" if n >= 1024 else ntr("{n} byte", "{n} bytes", n)
 
 
 def _write_csv(p: Preview, path: Path) -> None:

@@ -247,7 +247,10 @@ def describe(part: Part) -> str:
     if isinstance(part, LinkPart):
         desc = f" – {part.description}" if part.description else ""
         return f"link {part.title}{desc} <{part.url}>"
-    return f"mini-program {part.title} ({part.appid}) {part.page}"
+    cover = (
+        f" cover {part.thumb.name}" + (f" ({_size(part.thumb.size)})" if part.thumb.size else "") if part.thumb else ""
+    )
+    return f"mini-program {part.title} ({part.appid}) {part.page}{cover}"
 
 
 def _size(n: int) -> str:
