@@ -27,7 +27,7 @@ import re
 import sys
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from datetime import datetime, tzinfo
+from datetime import datetime, timedelta, tzinfo
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -51,7 +51,7 @@ if TYPE_CHECKING:  # the commands import what they need when they run: `wecast -
     from engine.contacts import SyncResult
     from engine.dispatch import RunSummary
     from engine.gateways.base import LoginStatus
-    from engine.plan import Preview
+    from engine.plan import PlanResult, Preview
     from engine.service import Wecast
     from engine.spec import Campaign
 
@@ -438,6 +438,7 @@ def validate(ctx: Ctx, paths: tuple[Path, ...], as_json: bool) -> None:
         raise WecastError(tr("no campaign files found in {where}", where=where))
     result = load_campaigns(files, settings)
     problems: list[str] = [str(p) for e in result.errors for p in e.problems]
+    warnings = _schedule_warnings(result.campaigns)
     data_checked = False
     db = make_db_engine(settings.database_url)
     try:
@@ -461,6 +462,7 @@ def validate(ctx: Ctx, paths: tuple[Path, ...], as_json: bool) -> None:
                 "files": [str(f) for f in files],
                 "campaigns": [c.id for c in result.campaigns],
                 "problems": problems,
+                "warnings": warnings,
                 "checked_against_contacts": data_checked,
             }
         )
@@ -470,6 +472,8 @@ def validate(ctx: Ctx, paths: tuple[Path, ...], as_json: bool) -> None:
             out.print(f"{mark} {campaign.file}  ({campaign.id}: {escape(campaign.name)})")
         for problem in problems:
             err.print(styled("red", tr("error:")) + f" {escape(problem)}")
+        for warning in warnings:
+            err.print(styled("yellow", tr("warning:")) + f" {escape(warning)}")
         if problems:
             err.print(styled("dim", tr("every field is described in the campaign reference: {doc}", doc=GUIDE)))
         if not data_checked:
@@ -483,6 +487,29 @@ def validate(ctx: Ctx, paths: tuple[Path, ...], as_json: bool) -> None:
 
 
 GUIDE = "docs/guide.zh.md"
+
+
+def _schedule_warnings(campaigns: Sequence[Campaign]) -> list[str]:
+    """What is valid but surely not meant: a one-off date already past is never fired by the scheduler."""
+    from engine.clock import SystemClock
+    from engine.plan import one_off_slot
+
+    now = SystemClock().now()
+    out = []
+    for campaign in campaigns:
+        slot = one_off_slot(campaign)
+        if slot is not None and slot <= now:
+            out.append(
+                f"{campaign.location('schedule', 'at')}: "
+                + tr(
+                    "{when} ({zone}) is in the past: the scheduler never sends this one-off campaign "
+                    "(set a date to come, or `wecast run {campaign}` sends it now)",
+                    when=slot.astimezone(campaign.tz).strftime("%Y-%m-%d %H:%M"),
+                    zone=campaign.timezone,
+                    campaign=campaign.id,
+                )
+            )
+    return out
 
 
 # -- preview -----------------------------------------------------------------------------------------
@@ -729,6 +756,12 @@ def unknown_tags_warning(unknown: Sequence[str], known: Sequence[str]) -> str:
     metavar="ID[,ID]",
     help=N_("a test send: the campaign's exact message to these contacts only, outside dedupe and caps"),
 )
+@click.option(
+    "--now",
+    "send_now",
+    is_flag=True,
+    help=N_("send a one-off campaign whose date (schedule.at) is still ahead now, instead of at its time"),
+)
 @click.option("--json", "as_json", is_flag=True, help=N_("print the summary as JSON"))
 @pass_ctx
 def run(
@@ -739,6 +772,7 @@ def run(
     run_key: str | None,
     no_wait: bool,
     test_to: str | None,
+    send_now: bool,
     as_json: bool,
 ) -> None:
     from engine.spec import find_campaign
@@ -751,33 +785,53 @@ def run(
     quiet_max = 0.0 if no_wait else None
     spec = find_campaign(campaign, ctx.settings) if campaign else None
 
+    if spec is not None and test_to is None:
+        _refuse_future_slot(spec, send_now, run_key)
+
     async def go(app: Wecast) -> list[RunSummary]:
-        with _progress() as progress:
-            task = progress.add_task(tr("sending"), total=None)
+        progress = _progress()
+        task = progress.add_task(tr("sending"), total=None)
 
-            def on_progress(counts: dict[DeliveryStatus, int]) -> None:
-                total = sum(v for k, v in counts.items() if k != DeliveryStatus.SKIPPED)
-                done = sum(v for k, v in counts.items() if k in TERMINAL_STATUSES and k != DeliveryStatus.SKIPPED)
-                progress.update(
-                    task,
-                    total=total,
-                    completed=done,
-                    description=tr(
-                        "sent {sent}  failed {failed}",
-                        sent=counts.get(DeliveryStatus.SENT, 0),
-                        failed=counts.get(DeliveryStatus.FAILED, 0),
-                    ),
+        def on_progress(counts: dict[DeliveryStatus, int]) -> None:
+            total = sum(v for k, v in counts.items() if k != DeliveryStatus.SKIPPED)
+            done = sum(v for k, v in counts.items() if k in TERMINAL_STATUSES and k != DeliveryStatus.SKIPPED)
+            progress.update(
+                task,
+                total=total,
+                completed=done,
+                description=tr(
+                    "sent {sent}  failed {failed}",
+                    sent=counts.get(DeliveryStatus.SENT, 0),
+                    failed=counts.get(DeliveryStatus.FAILED, 0),
+                ),
+            )
+
+        def on_planned(plan: PlanResult) -> None:
+            # Only a plan that holds is worth a word about sending: a template problem raised before this.
+            assert spec is not None
+            if not plan.created:
+                err.print(
+                    "[yellow]"
+                    + tr(
+                        "run {run} ({key}) was already planned: only its unsent deliveries (if any) are sent",
+                        run=plan.run_id,
+                        key=plan.run_key,
+                    )
+                    + "[/yellow]"
                 )
+            _warn_quiet_hours(spec, app.clock.now(), no_wait)
+            progress.start()
 
+        try:
             if spec is not None and test_to is not None:
                 await app.ensure_contacts()
                 ids = [i.strip() for i in test_to.split(",") if i.strip()]
                 if not ids:
                     raise click.BadParameter(tr("name at least one contact id"), param_hint="--test-to")
+                progress.start()
                 return [await app.test_send(spec, ids, progress=on_progress, login_wait=login_wait)]
             if spec is not None:
                 await app.ensure_contacts()
-                _warn_quiet_hours(spec, app.clock.now(), no_wait)
                 outcome = await app.run_campaign(
                     spec,
                     run_key=run_key,
@@ -785,24 +839,17 @@ def run(
                     login_wait=login_wait,
                     quiet_wait_max=quiet_max,
                     confirm_wait=0,
+                    on_planned=on_planned,
                 )
-                if not outcome.plan.created:
-                    progress.stop()
-                    err.print(
-                        "[yellow]"
-                        + tr(
-                            "run {run} ({key}) was already planned: only its unsent deliveries (if any) are sent",
-                            run=outcome.plan.run_id,
-                            key=outcome.plan.run_key,
-                        )
-                        + "[/yellow]"
-                    )
                 return [outcome.summary] if outcome.summary else []
+            progress.start()
             return list(
                 await app.resume(
                     run_id, progress=on_progress, login_wait=login_wait, quiet_wait_max=quiet_max, confirm_wait=0
                 )
             )
+        finally:
+            progress.stop()
 
     summaries = _run(_with_app(ctx, go))
     if as_json:
@@ -851,6 +898,38 @@ def _print_summary(s: RunSummary) -> None:
         out.print("  " + tr("recovered after an interruption: {counts}", counts=s.recovered))
     if s.message and s.message not in ("done",):
         out.print(f"  {escape(s.message)}")
+
+
+def _refuse_future_slot(spec: Campaign, send_now: bool, run_key: str | None) -> None:
+    """A one-off campaign whose date is still ahead is sent then (by `wecast serve`), not today by a `wecast run`
+    that happened to be typed early: sending it now takes `--now`."""
+    from engine.clock import SystemClock
+    from engine.plan import future_slot
+
+    now = SystemClock().now()
+    slot = future_slot(spec, now, run_key)
+    if slot is None or send_now:
+        return
+    raise WecastError(
+        tr(
+            "{campaign} is a one-off campaign for {when} ({zone}), {ahead} from now: `wecast serve` sends it then. "
+            "To send it now, run `wecast run {campaign} --now`",
+            campaign=spec.id,
+            when=slot.astimezone(spec.tz).strftime("%Y-%m-%d %H:%M"),
+            zone=spec.timezone,
+            ahead=_ahead(slot - now),
+        )
+    )
+
+
+def _ahead(delta: timedelta) -> str:
+    """A time to come in words: 10 days, 5 hours, 12 minutes (rounded down, at least one minute)."""
+    seconds = max(int(delta.total_seconds()), 60)
+    if seconds >= 86400:
+        return ntr("{n} day", "{n} days", seconds // 86400)
+    if seconds >= 3600:
+        return ntr("{n} hour", "{n} hours", seconds // 3600)
+    return ntr("{n} minute", "{n} minutes", seconds // 60)
 
 
 def _warn_quiet_hours(spec: Campaign, now: datetime, no_wait: bool) -> None:

@@ -244,6 +244,21 @@ def run_key_for(campaign: Campaign, now: datetime, explicit: str | None = None) 
     return "manual-" + now.astimezone(campaign.tz).date().isoformat()
 
 
+def one_off_slot(campaign: Campaign) -> datetime | None:
+    """The time of a one-off campaign's only slot (`schedule: {at: ...}`, aware), None for every other schedule."""
+    if campaign.schedule is None or campaign.schedule.at is None:
+        return None
+    at = campaign.schedule.at
+    return at if at.tzinfo else at.replace(tzinfo=campaign.tz)
+
+
+def future_slot(campaign: Campaign, now: datetime, explicit: str | None = None) -> datetime | None:
+    """The one-off slot a start at `now` would send ahead of its time (None: the run belongs to now or the past).
+    A manual run of it must say so (`wecast run --now`): otherwise a greeting set for the 31st goes out today."""
+    slot = one_off_slot(campaign)
+    return slot if explicit is None and slot is not None and slot > now else None
+
+
 def slot_key(fire: datetime) -> str:
     return fire.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 

@@ -255,6 +255,15 @@ class CampaignScheduler:
         """The last slot handled for a campaign (a database read: async callers run it off the loop)."""
         return runs_db.last_fire(self.app.db, campaign_id)
 
+    def last_slot_fired(self, entry: CampaignEntry) -> datetime | None:
+        """The last slot of the campaign's schedule the scheduler handled, None if it has handled none. The stored
+        mark is also where counting starts (the server's start for a campaign first seen, the moment of an edit):
+        such a mark is not a slot of the schedule and is never shown as a fire."""
+        last = self.last_fire(entry.campaign.id)
+        if last is None or entry.trigger is None:
+            return None
+        return last if latest_fire_time(entry.trigger, last) == last else None
+
     async def _set_last_fire(self, campaign_id: str, when: datetime, *, only_if_later: bool = False) -> None:
         await off_loop(
             runs_db.set_last_fire, self.app.db, campaign_id, when, self.clock.now(), only_if_later=only_if_later
@@ -452,7 +461,7 @@ class CampaignScheduler:
         entry = self.entries[campaign_id]
         return {
             "next_fire": self.next_fire(entry.campaign),
-            "last_fire": self.last_fire(campaign_id),
+            "last_fire": self.last_slot_fired(entry),
             "active_run": self.workers.active_run(campaign_id),
             "waiting": campaign_id in self._deferred,
             "history": [asdict(f) for f in entry.history],

@@ -145,8 +145,13 @@ class Wecast:
         login_wait: float | None = None,
         quiet_wait_max: float | None = None,
         confirm_wait: float | None = None,
+        on_planned: Callable[[PlanResult], None] | None = None,
     ) -> RunOutcome:
+        """Plan the run (or find it planned) and send it. `on_planned` is called between the two: a plan that fails
+        (a field a recipient lacks) raises before anything about sending is said."""
         plan = await off_loop(self.plan, campaign, run_key=run_key, trigger=trigger)
+        if on_planned is not None:
+            on_planned(plan)
         summary = await self.dispatcher.run(
             plan.run_id,
             progress=progress,

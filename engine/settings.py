@@ -423,7 +423,7 @@ def load_settings(path: str | Path | None = None, *, overrides: dict[str, Any] |
     try:
         settings = Settings.model_validate({**data, "source": str(config_path)})
     except ValidationError as exc:
-        problems = yamlsrc.located(exc, lines)
+        problems = yamlsrc.located(exc, lines, reference=yamlsrc.Reference.CONFIG)
         first_loc, first_reason = problems[0]
         more = "".join(f"\n  {loc}: {reason}" for loc, reason in problems[1:])
         raise ConfigError(first_reason + more, first_loc) from None

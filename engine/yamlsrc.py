@@ -31,6 +31,7 @@ import stat
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import date
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +40,7 @@ from pydantic import ValidationError
 
 from engine.durations import check_date_range
 from engine.errors import Location
+from engine.i18n import tr
 
 Path_ = tuple[str | int, ...]
 
@@ -341,13 +343,22 @@ def load(text: str, file: str) -> tuple[Any, Lines]:
     return data, Lines(file, lines)
 
 
-def describe_pydantic_error(err: dict[str, Any]) -> str:
+class Reference(Enum):
+    """Which reference an unknown field sends the reader to (the sections of the 中文 guide, docs/guide.zh.md)."""
+
+    CAMPAIGN = "campaign"
+    CONFIG = "config"
+
+
+def describe_pydantic_error(err: dict[str, Any], reference: Reference = Reference.CAMPAIGN) -> str:
     """A short human reason for one pydantic error entry."""
     kind = err.get("type", "")
     if kind == "extra_forbidden":
-        return "unknown field (check the spelling; see the campaign reference in README.md)"
+        if reference is Reference.CONFIG:
+            return tr("unknown field (check the spelling; see the config.yaml reference in docs/guide.zh.md)")
+        return tr("unknown field (check the spelling; see the campaign reference in docs/guide.zh.md)")
     if kind == "missing":
-        return "required field is missing"
+        return tr("required field is missing")
     msg = str(err.get("msg", "invalid value"))
     return msg.removeprefix("Value error, ")
 
@@ -364,7 +375,9 @@ def _is_branch(part: str | int, path: Path_, lines: Lines) -> bool:
     return (part in _SCALAR_BRANCHES or part[:1].isupper()) and (*path, part) not in lines.by_path
 
 
-def located(exc: ValidationError, lines: Lines, prefix: Path_ = ()) -> list[tuple[Location, str]]:
+def located(
+    exc: ValidationError, lines: Lines, prefix: Path_ = (), reference: Reference = Reference.CAMPAIGN
+) -> list[tuple[Location, str]]:
     """Each pydantic error as (location, reason), with union-branch noise removed from the path.
 
     For a field like `bool | QuietHours`, a mapping fails the `bool` branch too; that error is dropped
@@ -379,7 +392,7 @@ def located(exc: ValidationError, lines: Lines, prefix: Path_ = ()) -> list[tupl
                 in_branch = True
             else:
                 path = (*path, part)
-        item = (lines.at(path), describe_pydantic_error(dict(err)))
+        item = (lines.at(path), describe_pydantic_error(dict(err), reference))
         kind = str(err.get("type", ""))
         scalar_miss = kind.endswith(("_type", "_parsing")) and kind != "model_type"
         if in_branch and isinstance(err.get("input"), dict) and scalar_miss:

@@ -52,7 +52,7 @@ COMMANDS = [
     (["preview", "--help"], "预览（不发送）", "Dry run"),
     (["validate"], "个活动文件全部有效", "campaign files are valid"),
     (["preview", "new_customer_care", "--show", "2"], "收件人", "Recipients"),
-    (["run", "store_opening"], "已发送", "sent"),
+    (["run", "store_opening", "--now"], "已发送", "sent"),
     (["runs"], "计划时段", "slot"),
     (["log", "--limit", "3"], "消息 / 原因", "message / reason"),
     (["log", "--status", "unknown"], "没有符合条件的发送记录", "No delivery matches"),
@@ -106,7 +106,7 @@ def test_unknown_language_in_config_is_a_located_error(workdir: Path) -> None:
 
 def test_preview_reasons_in_chinese_with_codes_in_json(workdir: Path) -> None:
     """Preview says why in Chinese (没有标签 VIP, 今天已收到 1 条营销消息（上限 1 条）); JSON carries reason_code."""
-    wecast(workdir, "run", "store_opening")  # uses today's frequency cap for some VIPs
+    wecast(workdir, "run", "store_opening", "--now")  # uses today's frequency cap for some VIPs
     _code, out, _ = wecast(workdir, "--lang", "zh", "preview", "weekly_vip", "--json")
     data = json.loads(out)
     reasons = {e["reason_code"]: e["reason"] for e in data["excluded"]}
@@ -121,7 +121,7 @@ def test_preview_reasons_in_chinese_with_codes_in_json(workdir: Path) -> None:
 
 def test_skip_reasons_in_the_log_carry_a_code_and_no_repeated_prefix(workdir: Path) -> None:
     """A skipped delivery's reason reads once (no `frequency_cap: frequency cap: …`) and its code is separate."""
-    wecast(workdir, "run", "store_opening")
+    wecast(workdir, "run", "store_opening", "--now")
     wecast(workdir, "run", "weekly_vip")
     _, out, _ = wecast(workdir, "log", "--status", "skipped", "--limit", "500", "--json")
     rows = json.loads(out)
@@ -151,7 +151,7 @@ def test_preview_at_80_columns_keeps_ids_and_whole_messages(workdir: Path) -> No
 def test_runs_fit_80_columns_with_local_short_times(workdir: Path) -> None:
     """`wecast runs` fits 80 columns and shows local MM-DD HH:mm, not the UTC run key."""
     wecast(workdir, "run", "weekly_vip")
-    wecast(workdir, "run", "store_opening")
+    wecast(workdir, "run", "store_opening", "--now")
     _, out, _ = wecast(workdir, "runs")
     from rich.cells import cell_len
 

@@ -17,13 +17,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import signal
+import socket
 import sys
 from collections.abc import Iterator
 
 import uvicorn
 
+from engine.errors import WecastError
+from engine.i18n import tr
 from engine.scheduler import CampaignScheduler
 from engine.service import Wecast
 from engine.settings import Settings
@@ -73,6 +77,33 @@ def configure_logging(level: str) -> None:
     logging.getLogger("wecast").setLevel(level)
 
 
+def listen(host: str, port: int) -> socket.socket:
+    """The server's socket, bound before anything else starts: a port another process holds is one clear error
+    before the database is opened, the campaigns loaded or the contacts synced (uvicorn binds only after its
+    lifespan has started all of that)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: a restart is not "in use"
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise WecastError(
+                tr(
+                    "port {port} on {host} is already in use (another `wecast serve`?): stop that process, "
+                    "or choose another port with --port (or api.port in config.yaml)",
+                    port=port,
+                    host=host,
+                )
+            ) from None
+        raise WecastError(
+            tr("cannot listen on {host}:{port}: {reason}", host=host, port=port, reason=exc.strerror or exc)
+        ) from None
+    sock.set_inheritable(True)
+    return sock
+
+
 def serve(settings: Settings, *, host: str | None = None, port: int | None = None) -> int:
     """Run the service until SIGINT/SIGTERM. Returns the process exit code (0 after a clean stop)."""
     host = host or settings.api.host
@@ -89,6 +120,7 @@ def serve(settings: Settings, *, host: str | None = None, port: int | None = Non
     # Planning, parsing and database calls run in worker threads beside the event loop; they share the GIL.
     # Handing it over every millisecond (Python's default: every 5 ms) lets the loop answer between a plan's
     # steps instead of after several of them.
+    sock = listen(host, port)
     sys.setswitchinterval(SWITCH_INTERVAL)
     try:
         return asyncio.run(
@@ -96,15 +128,20 @@ def serve(settings: Settings, *, host: str | None = None, port: int | None = Non
                 serve_settings(settings),
                 host,
                 port,
+                sock,
                 require_key=not loopback or settings.api.key is not None,
                 loopback=loopback,
             )
         )
     except KeyboardInterrupt:  # a second Ctrl-C while stopping
         return EXIT_FAILED
+    finally:
+        sock.close()
 
 
-async def _serve(settings: Settings, host: str, port: int, *, require_key: bool, loopback: bool) -> int:
+async def _serve(
+    settings: Settings, host: str, port: int, sock: socket.socket, *, require_key: bool, loopback: bool
+) -> int:
     app = Wecast(settings)
     scheduler = CampaignScheduler(app)
     api = create_app(app, scheduler=scheduler, require_key=require_key, close_app=False, loopback_only=loopback)
@@ -127,7 +164,7 @@ async def _serve(settings: Settings, host: str, port: int, *, require_key: bool,
         settings.campaigns_dir,
     )
     try:
-        await server.serve()
+        await server.serve(sockets=[sock])
     except SystemExit as exc:  # uvicorn exits this way when it cannot bind
         return int(exc.code) if isinstance(exc.code, int) else EXIT_FAILED
     finally:

@@ -1,0 +1,209 @@
+"""The newcomer's stumbles of issue 11 that tests/test_cli_i18n.py does not already cover, each as it was met:
+a one-off campaign run early, a past one-off date, `run --no-wait` on a campaign that cannot be planned, config
+errors pointing to the campaign reference, `/api/v1/scheduler` inventing a last fire, `wecast serve` on a taken port,
+and the database file deleted under a running process."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import socket
+from datetime import datetime, timedelta
+from pathlib import Path
+from zoneinfo import ZoneInfo
+
+import pytest
+from click.testing import CliRunner
+
+from engine.cli import main
+
+ROOT = Path(__file__).resolve().parent.parent
+SHANGHAI = ZoneInfo("Asia/Shanghai")
+
+
+@pytest.fixture
+def workdir(tmp_path: Path) -> Path:
+    """The demo campaigns and a config in a fresh folder, sending as fast as the sandbox takes it, at any hour."""
+    shutil.copytree(ROOT / "campaigns", tmp_path / "campaigns")
+    for path in (tmp_path / "campaigns").glob("*.yaml"):
+        text = path.read_text(encoding="utf-8")
+        text = re.sub(r"(?m)^throttle:.*(\n[ \t]+.*)*", "throttle: {per_second: 1000}", text)
+        text = re.sub(r"(?m)^quiet_hours:.*(\n[ \t]+.*)*", "", text) + "\nquiet_hours: false\n"
+        path.write_text(text, "utf-8")
+    (tmp_path / "config.yaml").write_text(
+        "version: 1\n"
+        f"database_url: sqlite:///{tmp_path}/data/wecast.sqlite\n"
+        f"campaigns_dir: {tmp_path}/campaigns\n"
+        "sending: {throttle: {per_second: 1000}, quiet_hours: null}\n"
+        f"sandbox: {{state_file: {tmp_path}/data/sandbox.sqlite}}\n",
+        encoding="utf-8",
+    )
+    return tmp_path
+
+
+def wecast(workdir: Path, *args: str) -> tuple[int, str, str]:
+    runner = CliRunner(env={"COLUMNS": "80"})
+    result = runner.invoke(main, ["-c", str(workdir / "config.yaml"), *args], catch_exceptions=False)
+    return result.exit_code, result.stdout, result.stderr
+
+
+def one_off(workdir: Path, name: str, at: datetime, template: str = "{{ display_name }}，新年快乐") -> Path:
+    path = workdir / "campaigns" / f"{name}.yaml"
+    path.write_text(
+        f"name: 一次性问候\nschedule:\n  at: {at:%Y-%m-%d %H:%M}\naudience: {{tags_any: [VIP]}}\n"
+        f"message: {{template: '{template}'}}\nfrequency_cap: false\nquiet_hours: false\n",
+        encoding="utf-8",
+    )
+    return path
+
+
+def test_a_future_one_off_slot_is_refused_without_now(workdir: Path) -> None:
+    """`wecast run` of a one-off campaign ten days ahead sends nothing and says when its slot is and how to send it
+    now; `--now` sends that slot's run now (once: the scheduler's fire later finds it planned)."""
+    at = (datetime.now(SHANGHAI) + timedelta(days=10, minutes=5)).replace(second=0, microsecond=0)
+    one_off(workdir, "later", at)
+    code, _, err = wecast(workdir, "run", "later")
+    assert code == 1
+    assert f"{at:%Y-%m-%d %H:%M} (Asia/Shanghai), 10 days from now" in err
+    assert "wecast run later --now" in err
+    assert wecast(workdir, "runs", "--json")[1].strip() == "[]"  # nothing planned
+    code, _, err = wecast(workdir, "--lang", "zh", "run", "later")
+    assert code == 1 and "还有 10 天" in err and "--now" in err
+    code, out, err = wecast(workdir, "run", "later", "--now", "--json")
+    assert code == 0, err
+    [summary] = json.loads(out)
+    assert summary["counts"]["sent"] > 0
+    [run] = json.loads(wecast(workdir, "runs", "--json")[1])
+    assert run["run_key"] == at.astimezone(ZoneInfo("UTC")).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def test_a_past_one_off_date_is_a_validation_warning(workdir: Path) -> None:
+    """A one-off date already gone is valid but never fired: validate warns at its line and still exits 0."""
+    path = one_off(workdir, "gone", datetime(2020, 1, 1, 20, 0))
+    code, _out, err = wecast(workdir, "validate", str(path))
+    assert code == 0, err
+    assert f"warning: {path}:3: schedule.at: 2020-01-01 20:00 (Asia/Shanghai) is in the past" in err
+    _, _, err = wecast(workdir, "--lang", "zh", "validate", str(path))
+    assert "警告：" in err and "已经过去" in err
+    data = json.loads(wecast(workdir, "validate", str(path), "--json")[1])
+    assert data["ok"] is True and len(data["warnings"]) == 1
+    future = one_off(workdir, "ahead", datetime.now(SHANGHAI) + timedelta(days=3))
+    assert json.loads(wecast(workdir, "validate", str(future), "--json")[1])["warnings"] == []
+
+
+def test_run_no_wait_fails_validation_before_saying_anything_about_sending(workdir: Path) -> None:
+    """A campaign that cannot be planned (a field its recipients lack) fails before the quiet-hours notice and the
+    progress bar: the error is all that is printed."""
+    now = datetime.now(SHANGHAI)
+    start, end = (now - timedelta(hours=1)).strftime("%H:%M"), (now + timedelta(hours=1)).strftime("%H:%M")
+    (workdir / "campaigns" / "broken.yaml").write_text(
+        "name: 缺字段\naudience: {tags_any: [VIP]}\nmessage: {template: '{{ title }}您好'}\nfrequency_cap: false\n"
+        f'quiet_hours: {{start: "{start}", end: "{end}"}}\n',
+        encoding="utf-8",
+    )
+    code, out, err = wecast(workdir, "run", "broken", "--no-wait")
+    assert code == 2
+    assert "title" in err
+    assert "quiet hours" not in err and "sending" not in err and "sent 0" not in err
+    assert out == ""
+
+
+def test_config_errors_point_to_the_config_reference(tmp_path: Path) -> None:
+    """An unknown key in config.yaml sends the reader to the config reference, not the campaign reference, in the
+    chosen language."""
+    (tmp_path / "config.yaml").write_text("version: 1\nsendng: {}\n", encoding="utf-8")
+    runner = CliRunner()
+    result = runner.invoke(main, ["-c", str(tmp_path / "config.yaml"), "runs"])
+    assert result.exit_code == 1
+    assert "config.yaml:2: sendng: unknown field" in result.stderr
+    assert "config.yaml reference in docs/guide.zh.md" in result.stderr
+    assert "campaign reference" not in result.stderr
+    result = runner.invoke(main, ["-c", str(tmp_path / "config.yaml"), "--lang", "zh", "runs"])
+    assert "未知配置项" in result.stderr and "docs/guide.zh.md" in result.stderr
+
+
+def test_wecast_config_names_its_file_only_when_there_is_one(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`wecast config` starts with `# from <file>` when it read one, and says it read none otherwise."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("WECAST_CONFIG", raising=False)
+    result = CliRunner().invoke(main, ["config"])
+    assert result.stdout.startswith("# no config file") and "# from" not in result.stdout
+    (tmp_path / "config.yaml").write_text("version: 1\n", encoding="utf-8")
+    result = CliRunner().invoke(main, ["config"])
+    assert result.stdout.startswith("# from config.yaml")
+
+
+def test_a_taken_port_fails_before_the_scheduler_and_the_database(tmp_path: Path) -> None:
+    """`wecast serve` on a port another process holds says so and exits before opening the database, loading the
+    campaigns or syncing contacts."""
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        (tmp_path / "config.yaml").write_text(
+            "version: 1\n"
+            f"database_url: sqlite:///{tmp_path}/data/wecast.sqlite\n"
+            f"campaigns_dir: {tmp_path}/campaigns\n"
+            f"sandbox: {{state_file: {tmp_path}/data/sandbox.sqlite}}\n",
+            encoding="utf-8",
+        )
+        (tmp_path / "campaigns").mkdir()
+        for lang, words in (("en", f"port {port} on 127.0.0.1 is already in use"), ("zh", f"端口 {port}")):
+            result = CliRunner().invoke(
+                main, ["-c", str(tmp_path / "config.yaml"), "--lang", lang, "serve", "--port", str(port)]
+            )
+            assert result.exit_code == 1, result.output
+            assert words in result.stderr
+            assert "--port" in result.stderr
+        assert not (tmp_path / "data" / "wecast.sqlite").exists()
+
+
+@pytest.mark.anyio
+async def test_scheduler_shows_no_last_fire_for_a_campaign_that_never_fired(tmp_path: Path) -> None:
+    """`last_fire` is null until the schedule fires (the server's start is where counting begins, not a fire), then
+    the slot it fired."""
+    from engine.clock import FakeClock
+    from engine.scheduler import CampaignScheduler
+    from engine.service import Wecast
+    from engine.settings import Settings
+
+    (tmp_path / "campaigns").mkdir()
+    (tmp_path / "campaigns" / "greet.yaml").write_text(
+        'name: 问候\nschedule: {cron: "0 10 * * *"}\naudience: {}\nmessage: {template: "{{ name }}您好"}\n'
+        "quiet_hours: false\nfrequency_cap: false\n",
+        encoding="utf-8",
+    )
+    settings = Settings.model_validate(
+        {
+            "version": 1,
+            "database_url": f"sqlite:///{tmp_path / 'w.sqlite'}",
+            "campaigns_dir": str(tmp_path / "campaigns"),
+            "sandbox": {"contacts": 5, "auto_login": True, "state_file": str(tmp_path / "sandbox.sqlite")},
+            "sending": {"throttle": {"per_second": 1000}},
+            "scheduler": {"contacts_sync": None},
+        }
+    )
+    clock = FakeClock(datetime(2026, 1, 5, 1, 30, tzinfo=ZoneInfo("UTC")))  # 09:30 in Shanghai
+    app = Wecast(settings, clock=clock)
+    await app.start()
+    sched = CampaignScheduler(app)
+    try:
+        await app.sync()
+        await sched.start(loop=False)
+        await sched.tick()
+        assert sched.last_fire("greet") is not None  # the mark counting starts from is stored ...
+        assert sched.describe("greet")["last_fire"] is None  # ... and is not shown as a fire
+        clock.set(datetime(2026, 1, 5, 2, 0, 3, tzinfo=ZoneInfo("UTC")))
+        assert [f.action for f in await sched.tick()] == ["started"]
+        assert sched.describe("greet")["last_fire"] == datetime(2026, 1, 5, 2, 0, tzinfo=ZoneInfo("UTC"))
+    finally:
+        await sched.stop()
+        app.dispatcher.stop()
+        await sched.workers.drain(5)
+        await app.close()
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
