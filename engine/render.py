@@ -35,6 +35,7 @@ from jinja2.runtime import new_context
 
 from engine.errors import Location, TemplateError
 from engine.gateways.base import ContactRecord
+from engine.i18n import tr
 from engine.jinja_limits import (
     BoundedEnvironment,
     RenderedTextTooLong,
@@ -536,8 +537,10 @@ def describe_missing(missing: Mapping[str, Sequence[str]], total: int) -> str:
 
 def describe_missing_counts(missing: Mapping[str, int], total: int) -> str:
     """The error for recipients lacking fields (field -> how many lack it), `total` recipients in all."""
+    ranked = sorted(missing.items(), key=lambda kv: -kv[1])
     parts = [
-        f"{name!r} is missing for {n} of {total} recipients"
-        for name, n in sorted(missing.items(), key=lambda kv: -kv[1])
+        tr("'{field}' is missing for {n} of {total} recipients", field=name, n=n, total=total) for name, n in ranked
     ]
-    return "; ".join(parts) + ' – give a default in the template, e.g. {{ city | default("您所在的城市") }}'
+    # The hint names the field that is missing (the one most recipients lack), never another one.
+    example = "{{ " + ranked[0][0] + ' | default("") }}' if ranked else ""
+    return tr("; ").join(parts) + tr(" – give a default in the template, e.g. {example}", example=example)

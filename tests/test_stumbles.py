@@ -207,3 +207,19 @@ async def test_scheduler_shows_no_last_fire_for_a_campaign_that_never_fired(tmp_
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
+
+
+def test_the_missing_field_hint_names_that_field(workdir: Path) -> None:
+    """validate's hint for a field some recipients lack shows a default for that field (not for `city`), in the
+    chosen language."""
+    path = workdir / "campaigns" / "needs_title.yaml"
+    path.write_text(
+        "name: 职位问候\naudience: {tags_any: [VIP]}\nmessage: {template: '{{ title }}您好'}\n", encoding="utf-8"
+    )
+    wecast(workdir, "contacts", "sync")
+    code, _, err = wecast(workdir, "validate", str(path))
+    assert code == 2
+    assert re.search(r"'title' is missing for \d+ of \d+ recipients", err)
+    assert '{{ title | default("") }}' in err and "city" not in err
+    _, _, err = wecast(workdir, "--lang", "zh", "validate", str(path))
+    assert re.search(r"\d+ 位收件人中有 \d+ 位缺少 'title'", err) and '{{ title | default("") }}' in err
