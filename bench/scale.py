@@ -656,7 +656,7 @@ def one_sendmessage(url: str) -> dict[str, float]:
                         {"Idempotency-Key": f"bench-{cid}"},
                     )
                     latencies.append(time.perf_counter() - t0)
-                    answers.append({"status": status, **json.loads(body)})
+                    answers.append({**json.loads(body), "http": status})  # the body has a "status" of its own
 
                 t0, cpu0 = time.perf_counter(), cpu_seconds(pid)
                 await asyncio.gather(*(send(c, cid) for c, cid in zip(clients, ids, strict=True)))
@@ -676,7 +676,7 @@ def one_sendmessage(url: str) -> dict[str, float]:
         "p50_ms": _pct(got["latencies"], 0.5) * 1000,
         "p99_ms": _pct(got["latencies"], 0.99) * 1000,
         "server_cpu_ms": got["cpu"] / SENDS * 1000,
-        "ok": sum(1 for a in got["answers"] if a["status"] == 200 and a.get("sent") == 1),
+        "ok": sum(1 for a in got["answers"] if a["http"] == 200 and a.get("sent") == 1),
         "duplicates": sum(1 for n in received if n > 1),
         "missing": sum(1 for n in received if n == 0),
     }

@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import dataclasses
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, fields
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import delete, func, select, update
 from sqlalchemy.engine import Connection
 
 from storage import deliveries
-from storage._sql import DB, insert_ignore, reading, writing
+from storage._sql import DB, dbapi_cursor, insert_ignore, reading, serialize, writing
 from storage.models import OPEN_STATUSES, RUNS, SCHEDULE_STATE, DeliveryStatus, RunStatus
 
 _R = RUNS.c
@@ -128,7 +129,17 @@ def record_plan(
     run (campaign, run_key) already exists — planned earlier, or concurrently by another process — change
     nothing and return it. `adhoc`: a direct send's few deliveries (not the bulk path). `with_messages`: the
     recipients carry whole messages (JSON), not only their text."""
+    recipients = list(recipients)
     with writing(db) as conn:
+        prefix = key_prefix(run.campaign_id, run.run_key)
+        if adhoc and recipients and all((r.dedupe_key or "").startswith(prefix) for r in recipients):
+            # A direct send under a key pooled single sends may have used (`record_direct_sends`): theirs stands.
+            serialize(conn, _DIRECT_LOCK)
+            used = _earlier_sends(conn, run.campaign_id, [run.run_key])
+            if used:
+                return Recorded(
+                    used[run.run_key].run_id, False, deliveries.status_counts(conn, used[run.run_key].run_id)
+                )
         run_id, inserted = create_run(conn, run)
         if not inserted:  # theirs stands
             return Recorded(run_id, False, deliveries.status_counts(conn, run_id))
@@ -282,3 +293,107 @@ def set_last_fire(db: DB, campaign_id: str, when: datetime, now: datetime, *, on
             if only_if_later:
                 stmt = stmt.where(_S.last_fire_at < when)
             conn.execute(stmt.values(last_fire_at=when, updated_at=now))
+
+
+# -- direct sends, pooled ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class DirectSend:
+    """One single send of the HTTP API (`record_direct_sends` pools many into one run): its key (the client's
+    Idempotency-Key, or a fresh one), the recipient and the message (its text, and its JSON when it is more)."""
+
+    key: str
+    contact_id: str
+    contact_name: str
+    text: str
+    message: str | None
+
+    def dedupe_key(self, campaign_id: str) -> str:
+        return f"{key_prefix(campaign_id, self.key)}{self.contact_id}"
+
+
+def key_prefix(campaign_id: str, key: str) -> str:
+    """What the dedupe key of every delivery a direct send planned under this key starts with (the format of
+    `engine.plan.plan_adhoc` too)."""
+    return f"{campaign_id}|{key}|"
+
+
+@dataclass(frozen=True, slots=True)
+class EarlierSend:
+    """What a key was used for before (a pooled send, or a whole run planned under it): the run and its
+    (contact id, text, message) deliveries under that key."""
+
+    run_id: int
+    deliveries: tuple[tuple[str, str, str | None], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class DirectSendsRecorded:
+    """What `record_direct_sends` did: the run it created (None when every key had been used before) and, for each
+    key used before, what it was used for."""
+
+    run_id: int | None
+    earlier: dict[str, EarlierSend]
+
+
+_DIRECT_LOCK = "wecast-direct-sends"
+
+
+def record_direct_sends(db: DB, run: NewRun, sends: Sequence[DirectSend]) -> DirectSendsRecorded:
+    """In one transaction: find what each send's key was used for before (any delivery whose dedupe key starts
+    with the key's prefix: a pooled send, or a run planned under it), and create one run with a pending delivery
+    for each of the others (at most one send per contact; not counted against the frequency cap).
+
+    Safe beside another process doing the same (their lookups and inserts take turns) and beside a run planned
+    under the same key at that moment (a delivery whose key was taken meanwhile is reported as used before)."""
+    if len({s.contact_id for s in sends}) != len(sends) or len({s.key for s in sends}) != len(sends):
+        raise ValueError("record_direct_sends: one send per contact and per key")
+    with writing(db) as conn:
+        serialize(conn, _DIRECT_LOCK)
+        earlier = _earlier_sends(conn, run.campaign_id, [s.key for s in sends])
+        new = [s for s in sends if s.key not in earlier]
+        if not new:
+            return DirectSendsRecorded(None, earlier)
+        run_id, _ = create_run(conn, dataclasses.replace(run, planned=len(new)))
+        planned = [
+            deliveries.Planned(s.contact_id, s.contact_name, s.text, s.dedupe_key(run.campaign_id), message=s.message)
+            for s in new
+        ]
+        inserted = deliveries.insert_adhoc(conn, run_id, run.campaign_id, planned, run.created_at)
+        if inserted < len(new):  # a run planned under one of these keys committed meanwhile: that one stands
+            taken = _earlier_sends(conn, run.campaign_id, [s.key for s in new], other_than=run_id)
+            earlier.update(taken)
+            if inserted == 0:
+                conn.execute(delete(RUNS).where(_R.id == run_id))
+                return DirectSendsRecorded(None, earlier)
+            conn.execute(update(RUNS).where(_R.id == run_id).values(planned=inserted))
+    return DirectSendsRecorded(run_id, earlier)
+
+
+def earlier_sends(db: DB, campaign_id: str, keys: Sequence[str]) -> dict[str, EarlierSend]:
+    """For each of these keys a direct send of `campaign_id` used before: the run and what its deliveries under
+    the key ask for."""
+    with reading(db) as conn:
+        return _earlier_sends(conn, campaign_id, keys)
+
+
+def _earlier_sends(
+    conn: Connection, campaign_id: str, keys: Sequence[str], other_than: int | None = None
+) -> dict[str, EarlierSend]:
+    """For each key with deliveries (outside run `other_than`): the run and what they ask for. The dedupe keys'
+    index serves each lookup as a range (code-point order on both backends)."""
+    mark = "?" if conn.dialect.paramstyle == "qmark" else "%s"
+    sql = (
+        f"SELECT run_id, contact_id, text, message, dedupe_key FROM deliveries WHERE dedupe_key >= {mark} "
+        f"AND dedupe_key < {mark}"
+    )
+    out: dict[str, EarlierSend] = {}
+    with dbapi_cursor(conn) as cursor:
+        for key in keys:
+            prefix = key_prefix(campaign_id, key)
+            cursor.execute(sql, (prefix, prefix[:-1] + chr(ord("|") + 1)))
+            rows = [r for r in cursor.fetchall() if r[4] == prefix + r[1] and r[0] != other_than]
+            if rows:
+                out[key] = EarlierSend(int(rows[0][0]), tuple((r[1], r[2], r[3]) for r in rows))
+    return out

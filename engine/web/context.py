@@ -12,6 +12,7 @@ from typing import Any, ParamSpec, TypeVar
 from prometheus_client import CollectorRegistry
 
 from engine.blocking import off_loop
+from engine.contacts import ListState
 from engine.errors import CampaignError, NotFoundError, NotLoggedInError
 from engine.gateways.base import EventKind, GatewayEvent, LoginState, LoginStatus
 from engine.qr import qr_terminal
@@ -60,6 +61,16 @@ class WebContext:
         status = await self.app.gateway.login_status()
         self.login_state = status.state
         return status
+
+    async def ensure_contacts(self) -> None:
+        """Contacts are served (and sends addressed) from the local copy: let a sync in progress finish, so no
+        answer is read from a half-written list, and fill the copy if it is not whole (just logged in, or a sync
+        was interrupted)."""
+        if self.workers.syncing:
+            await self.workers.wait_sync()
+        if await self.db(self.app.contact_list) is not ListState.WHOLE:
+            await self.require_login()
+            await self.workers.sync(self.app)
 
     async def require_login(self) -> LoginStatus:
         status = await self.login_status()

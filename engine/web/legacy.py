@@ -12,9 +12,11 @@ to wecast without changing their clients:
 POST /api/v1/media or given by https URL, link and mini-program cards — `engine.message_spec.Attachment`) follow it,
 so a poster goes out with its caption. Parts the gateway cannot send are refused (422) before anything is planned.
 
-Sends go through `plan_adhoc` and the Dispatcher, the same deduplicating, throttled, logged path as
-campaigns. A client retry with the same `Idempotency-Key` header is the same run and never sends twice.
-A send while logged out is refused at once (409); nothing is queued behind the caller's back.
+Sends go through the Dispatcher, the same deduplicating, logged path as campaigns: /send-message pooled with the
+calls that arrive beside it into one run (`engine.web.sends`), /send-message-all as a run of its own
+(`plan_adhoc`). A client retry with the same `Idempotency-Key` header answers the first result and never sends
+twice; the same key for another send is refused (409). A send while logged out is refused at once (409); nothing
+is queued behind the caller's back.
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ from engine.web.models import (
     VerifyAnswer,
     VerifyCodeBody,
 )
+from engine.web.sends import KEY_REUSED, DirectSends
 from storage import contacts as contacts_db
 from storage import deliveries as deliveries_db
 from storage import runs as runs_db
@@ -67,19 +70,8 @@ IdempotencyKey = Annotated[
 ]
 
 
-async def ensure_contacts(ctx: WebContext) -> None:
-    """Contacts are served (and sends addressed) from the local copy: let a sync in progress finish, so no
-    answer is read from a half-written list, and fill the copy if it is not whole (just logged in, or a sync was
-    interrupted)."""
-    if ctx.workers.syncing:
-        await ctx.workers.wait_sync()
-    if await ctx.db(ctx.app.contact_list) is not ListState.WHOLE:
-        await ctx.require_login()
-        await ctx.workers.sync(ctx.app)
-
-
 def _page_if_whole(ctx: WebContext, ask: Callable[[], contacts_db.ContactsPage]) -> contacts_db.ContactsPage | None:
-    """The page `ask` reads, if the contact list is whole (else None: `ensure_contacts` first)."""
+    """The page `ask` reads, if the contact list is whole (else None: `WebContext.ensure_contacts` first)."""
     return ask() if ctx.app.contact_list() is ListState.WHOLE else None
 
 
@@ -108,9 +100,13 @@ async def send_message(
     app = ctx.app
     run_key = idempotency_key.strip() if idempotency_key and idempotency_key.strip() else None
     existing = await ctx.db(runs_db.find_run, app.db, API_CAMPAIGN, run_key) if run_key else None
+    if existing is None and run_key:
+        earlier = await ctx.db(runs_db.earlier_sends, app.db, API_CAMPAIGN, [run_key])
+        if earlier:  # a single send (/send-message) used it, pooled in a run of another key
+            raise WecastError(KEY_REUSED)
     if existing is None:
         await ctx.require_login()
-        await ensure_contacts(ctx)
+        await ctx.ensure_contacts()
         names = await ctx.db(_known_contacts, ctx, contact_ids)
         plan = await ctx.db(
             plan_adhoc,
@@ -141,10 +137,7 @@ def _same_request(ctx: WebContext, run_id: int, contact_ids: list[str], message:
     rows = deliveries_db.recipients_and_messages(ctx.app.db, run_id)
     whole = None if message.is_plain_text() else message.dumps()
     if {cid for cid, _, _ in rows} != set(contact_ids) or any((t, m) != (message.text, whole) for _, t, m in rows):
-        raise WecastError(
-            "this Idempotency-Key was already used for a different send (other recipients or "
-            "message); use a new key for a new message"
-        )
+        raise WecastError(KEY_REUSED)
 
 
 def _known_contacts(ctx: WebContext, contact_ids: list[str]) -> dict[str, str]:
@@ -219,6 +212,7 @@ def _tagged(ctx: WebContext, tags: list[str]) -> list[str]:
 def router(ctx: WebContext) -> APIRouter:
     """The source document's endpoints, bound to `ctx`."""
     r = APIRouter(tags=["source document (legacy)"])
+    pool = DirectSends(ctx)
 
     @r.post("/goStart", response_model=LoginView, summary="Start the login: a QR to scan (printed in the log)")
     async def go_start() -> LoginView:
@@ -263,7 +257,7 @@ def router(ctx: WebContext) -> APIRouter:
         # One trip off the loop when the list is whole (the usual case): its state and the page together.
         found = None if ctx.workers.syncing else await ctx.db(_page_if_whole, ctx, ask)
         if found is None:
-            await ensure_contacts(ctx)
+            await ctx.ensure_contacts()
             found = await ctx.db(ask)
         # The page as AllUsersPage serializes it, built without the models (the hot path; same JSON).
         return Response(
@@ -288,7 +282,7 @@ def router(ctx: WebContext) -> APIRouter:
     )
     async def send_one(body: SendMessageBody, idempotency_key: IdempotencyKey = None) -> JSONResponse:
         message = body_message(ctx, body.message, body.attachments)
-        code, result = await send_message(ctx, [body.id.strip()], message, idempotency_key, what="send-message")
+        code, result = await pool.send(body.id.strip(), message, idempotency_key)
         if code == 200 and result.failed:
             first = result.results[0] if result.results else None
             result = result.model_copy(update={"error": (first.reason if first else "") or "not sent"})
@@ -309,7 +303,7 @@ def router(ctx: WebContext) -> APIRouter:
         recipients = list(ids)
         if tags:
             await ctx.require_login()
-            await ensure_contacts(ctx)
+            await ctx.ensure_contacts()
             recipients += await ctx.db(_tagged, ctx, tags)
         recipients = list(dict.fromkeys(recipients))
         if not recipients:
