@@ -40,7 +40,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from engine import __version__
+from engine import __version__, cli_journeys
 from engine.errors import CampaignError, WecastError
 from engine.i18n import N_, Language, choose, ntr, set_language, tr
 from engine.messages import FilePart, ImagePart, LinkPart, Media, Message, MiniProgramPart, Part, TextPart, describe
@@ -518,7 +518,8 @@ def _schedule_warnings(campaigns: Sequence[Campaign]) -> list[str]:
 @main.command(
     help=N_(
         "Dry run: who would get which message, who is left out and why. Sends nothing.\n\n"
-        "CAMPAIGN is a file path or a campaign id from campaigns_dir."
+        "CAMPAIGN is a file path or the id of a campaign or journey in campaigns_dir. For a journey: its steps as a "
+        "tree, who would enter now, and with --contact ID that contact's timeline from now."
     )
 )
 @click.argument("campaign")
@@ -532,13 +533,34 @@ def _schedule_warnings(campaigns: Sequence[Campaign]) -> list[str]:
 )
 @click.option("--show", default=20, show_default=True, help=N_("how many recipients and exclusions to list (0: all)"))
 @click.option("--full", is_flag=True, help=N_("each message in full below its recipient, instead of a table"))
+@click.option("--contact", help=N_("a journey: this contact's dry-run timeline from now"))
+@click.option(
+    "--assume",
+    multiple=True,
+    metavar="EVENT",
+    help=N_("with --contact: what the customer does (replied, message:TEXT, tag:TAG, untag:TAG, optout; @2d: later)"),
+)
 @pass_ctx
 def preview(
-    ctx: Ctx, campaign: str, run_key: str | None, as_json: bool, csv_path: Path | None, show: int, full: bool
+    ctx: Ctx,
+    campaign: str,
+    run_key: str | None,
+    as_json: bool,
+    csv_path: Path | None,
+    show: int,
+    full: bool,
+    contact: str | None,
+    assume: tuple[str, ...],
 ) -> None:
-    from engine.spec import find_campaign
+    from engine.definitions import find_definition
+    from engine.spec import Campaign
 
-    spec = find_campaign(campaign, ctx.settings)
+    spec = find_definition(campaign, ctx.settings)
+    if not isinstance(spec, Campaign):  # a journey (engine.cli_journeys)
+        cli_journeys.preview_journey(KIT, ctx, spec, contact, assume, as_json, show)
+        return
+    if contact is not None or assume:
+        raise click.UsageError(tr("--contact and --assume preview a journey; {id} is a campaign", id=spec.id))
 
     async def go(app: Wecast) -> Preview:
         from engine.blocking import off_loop
@@ -1091,6 +1113,7 @@ def contacts_list(ctx: Ctx, tags: tuple[str, ...], wheres: tuple[str, ...], limi
     from engine.views import ContactView
     from storage.contacts import ContactFilter, load_contact_views, page_contacts, tag_names
     from storage.db import make_db_engine
+    from storage.optouts import opted_out
 
     rules = []
     for w in wheres:
@@ -1109,6 +1132,7 @@ def contacts_list(ctx: Ctx, tags: tuple[str, ...], wheres: tuple[str, ...], limi
         # Friends only (others cannot receive messages), coworkers included: everyone a campaign could reach.
         chosen = select(views, tags_all=tags, rules=rule, now=SystemClock().now(), include_coworkers=True).recipients
         shown = chosen[:limit] if limit else chosen
+        opted = opted_out(db, [c["id"] for c in shown])
         if as_json:
             ids = [c["id"] for c in shown]
             rows = page_contacts(db, ContactFilter(ids=ids), limit=max(1, len(ids))).rows if ids else []
@@ -1134,7 +1158,7 @@ def contacts_list(ctx: Ctx, tags: tuple[str, ...], wheres: tuple[str, ...], limi
     for c in shown:
         row = [
             c["id"],
-            escape(c["name"]),
+            escape(c["name"]) + ("\n" + styled("yellow", tr("(opted out)")) if c["id"] in opted else ""),
             escape(c["alias"]),
             genders.get(c["gender"], ""),
             c["city"],
@@ -1522,6 +1546,22 @@ def show_config(ctx: Ctx) -> None:
     else:
         out.print("# " + tr("no config file (looked for {path}): the built-in defaults", path=Path(s.source).resolve()))
     out.print_json(json.dumps(data, ensure_ascii=False))
+
+
+# -- journeys, opt-outs, simulated customers (engine.cli_journeys) -------------------------------------------
+
+KIT = cli_journeys.Kit(
+    main=main,
+    contacts=contacts,
+    sandbox=sandbox,
+    out=out,
+    err=err,
+    table=_table,
+    with_app=_with_app,
+    print_json=_print_json,
+    short=_short,
+)
+cli_journeys.register(KIT)
 
 
 if __name__ == "__main__":  # pragma: no cover

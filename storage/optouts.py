@@ -86,3 +86,12 @@ def list_opt_outs(db: DB, limit: int = 1000) -> list[OptOutRow]:
             OptOutRow(r.contact_id, aware(r.opted_out_at), r.source, r.keyword, aware(r.confirmed_at), r.note)
             for r in rows
         ]
+
+
+def get_opt_out(db: DB, contact_id: str) -> OptOutRow | None:
+    """One contact's entry on the suppression list (None: not on it)."""
+    with reading(db) as conn:
+        r = conn.execute(select(OPT_OUTS).where(_O.contact_id == contact_id)).first()
+    if r is None:
+        return None
+    return OptOutRow(r.contact_id, aware(r.opted_out_at), r.source, r.keyword, aware(r.confirmed_at), r.note)

@@ -345,7 +345,7 @@ class JourneyEngine:
             past = history.get(c.contact_id, [])
             if any(p.trigger_key == c.trigger_key for p in past):
                 continue
-            if not _may_enter(journey, past, taken[c.contact_id], now):
+            if not may_enter(journey, past, taken[c.contact_id], now):
                 continue
             taken[c.contact_id] += 1
             items.append(
@@ -354,25 +354,13 @@ class JourneyEngine:
         return len(store.enrol(conn, items))
 
     def _select(self, journey: Journey, views: Sequence[Mapping[str, Any]], now: datetime) -> list[Mapping[str, Any]]:
-        a = journey.audience
-        result = aud.select(
-            views,
-            ids=a.ids,
-            tags_any=a.tags_any,
-            tags_all=a.tags_all,
-            tags_none=a.tags_none,
-            rules=journey.rules,
-            exclude_ids=a.exclude_ids,
-            include_coworkers=a.include_coworkers,
-            now=now,
-        )
-        return list(result.recipients)
+        return list(select_audience(journey, views, now).recipients)
 
     # -- 3. schedule and date triggers, backfills ------------------------------------------------------------
     def _fires(self, report: TickReport) -> None:
         now = self.clock.now()
         for journey in self.running:
-            spec = _fire_schedule(journey)
+            spec = fire_schedule(journey)
             if spec is None:
                 continue
             key = f"journey:{journey.id}"
@@ -399,7 +387,7 @@ class JourneyEngine:
         if t.kind is TriggerKind.DATE:
             assert t.date is not None
             day = fire.astimezone(journey.tz).date() + timedelta(days=t.date.days_before)
-            views = [v for v in views if _date_matches(v, t.date.field, day, t.date.each_year, journey)]
+            views = [v for v in views if date_matches(v, t.date.field, day, t.date.each_year, journey)]
             key = f"date:{day.year}" if t.date.each_year else f"date:{day.isoformat()}"
         else:
             key = "slot:" + slot_key(fire)
@@ -844,6 +832,25 @@ def all_views(db: Engine) -> list[dict[str, Any]]:
     return contacts_db.load_contact_views(db)
 
 
+def select_audience(
+    journey: Journey, views: Sequence[Mapping[str, Any]], now: datetime, *, known_tags: Iterable[str] = ()
+) -> aud.Selection:
+    """The journey's audience at entry (every limit-free audience rule of a campaign), with why others are left out."""
+    a = journey.audience
+    return aud.select(
+        views,
+        ids=a.ids,
+        tags_any=a.tags_any,
+        tags_all=a.tags_all,
+        tags_none=a.tags_none,
+        rules=journey.rules,
+        exclude_ids=a.exclude_ids,
+        include_coworkers=a.include_coworkers,
+        now=now,
+        known_tags=known_tags,
+    )
+
+
 def _named_steps(journey: Journey) -> frozenset[str]:
     """The send steps a journey's conditions ask about (`received: step`)."""
     named = set().union(*(c.steps for c in journey.exit_when))
@@ -853,7 +860,7 @@ def _named_steps(journey: Journey) -> frozenset[str]:
     return frozenset(named)
 
 
-def _may_enter(journey: Journey, past: Sequence[store.PastEntry], taken: int, now: datetime) -> bool:
+def may_enter(journey: Journey, past: Sequence[store.PastEntry], taken: int, now: datetime) -> bool:
     """The entry policy, given the contact's earlier enrolments in the journey (and entries in this batch)."""
     kind = journey.entry.kind
     if kind is EntryKind.EVERY_TIME:
@@ -866,7 +873,7 @@ def _may_enter(journey: Journey, past: Sequence[store.PastEntry], taken: int, no
     return last is None or (journey.entry.window is not None and now - last >= journey.entry.window)
 
 
-def _fire_schedule(journey: Journey) -> ScheduleSpec | None:
+def fire_schedule(journey: Journey) -> ScheduleSpec | None:
     t = journey.trigger
     if t.kind is TriggerKind.SCHEDULE:
         return t.schedule
@@ -888,7 +895,7 @@ def _choose(due: list[datetime], now: datetime, journey: Journey) -> list[dateti
     return sorted({*extra, *on_time[-1:]})
 
 
-def _date_matches(view: Mapping[str, Any], name: str, day: Any, each_year: bool, journey: Journey) -> bool:
+def date_matches(view: Mapping[str, Any], name: str, day: Any, each_year: bool, journey: Journey) -> bool:
     value = view.get(name) if name in view else (view.get("additional_info") or {}).get(name)
     when = _as_date(value, journey)
     if when is None:

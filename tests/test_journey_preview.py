@@ -1,0 +1,255 @@
+"""`engine.journeys.preview` agrees with the engine: a contact's dry-run timeline lists exactly the messages (text and
+local time), branches and end that an actual run on the sandbox with an injected clock then produces, with the
+customer doing what the preview assumed (through the simulated-customer path, engine.sandbox_events); and who a
+schedule journey's preview says would enter is who its next fire enters."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from zoneinfo import ZoneInfo
+
+import pytest
+from helpers import run
+from journey_harness import Harness, harness
+
+from engine.audience import ReasonCode
+from engine.errors import WecastError
+from engine.gateways.base import EventKind
+from engine.journeys.preview import Assumption, entry_preview, timeline, tree
+from engine.sandbox_events import SandboxEventBody, simulate
+from storage import deliveries as deliveries_db
+from storage import journeys as store
+from storage import optouts as optouts_db
+from storage.models import DeliveryStatus
+
+SHANGHAI = ZoneInfo("Asia/Shanghai")
+MONDAY_9 = datetime(2026, 11, 23, 9, 0, tzinfo=SHANGHAI).astimezone(UTC)
+
+JOURNEY = """kind: journey
+name: 预览一致
+timezone: Asia/Shanghai
+trigger: contact_added
+quiet_hours: {start: "21:00", end: "09:00"}
+frequency_cap: false
+exit_when: [{tag: 已购}]
+steps:
+  - id: welcome
+    send: {template: "{{ display_name }}您好，欢迎！"}
+    transactional: true
+  - wait: 13h
+  - id: late
+    send: {template: "晚上好，{{ display_name }}"}
+  - id: ask
+    wait: {for: reply, timeout: 2d}
+    on_timeout: [{id: nudge, send: {template: 还在吗？}}, {id: mark, tag: {add: [沉默]}}]
+  - id: check
+    if: {replied: true}
+    then: [{id: thanks, send: {template: 谢谢回复}}]
+    else: [{id: coupon, send: {template: "{{ display_name }}的优惠券"}}]
+  - wait: {days: 1, at: "10:00"}
+  - id: last
+    send: {template: 最后一条}
+"""
+
+
+def customer(h: Harness) -> str:
+    from storage.contacts import load_contact_views
+
+    views = [v for v in load_contact_views(h.db) if v["friend"] and not v["coworker"] and "勿扰" not in v["tags"]]
+    return str(views[0]["id"])
+
+
+# (assumptions, the sends expected as (step, local time), how it ends, the branch outcomes)
+CASES = {
+    "nobody writes": (
+        [],
+        [
+            ("welcome", "11-23 09:00"),
+            ("late", "11-24 09:00"),
+            ("nudge", "11-26 09:00"),
+            ("coupon", "11-26 09:00"),
+            ("last", "11-27 10:00"),
+        ],
+        "completed",
+    ),
+    "a reply in the afternoon": (
+        ["message:好的@30h"],
+        [("welcome", "11-23 09:00"), ("late", "11-24 09:00"), ("thanks", "11-24 15:00"), ("last", "11-25 10:00")],
+        "completed",
+    ),
+    "tagged 已购 while waiting": (
+        ["tag:已购@26h"],
+        [("welcome", "11-23 09:00"), ("late", "11-24 09:00")],
+        "exited",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_the_timeline_is_what_a_run_then_does(tmp_path: Path, case: str) -> None:
+    """The preview's sends (step, exact text, local time: quiet hours move the 22:00 send to 09:00), its branches
+    and its end are those of the run that follows, the customer doing what was assumed at the assumed time."""
+    assumed, expected, ends = CASES[case]
+
+    async def go() -> None:
+        h = await harness(tmp_path, f"sqlite:///{tmp_path}/w.sqlite", MONDAY_9)
+        h.write("agree", JOURNEY)
+        h.load()
+        cid = customer(h)
+        journey = h.engine.journeys["agree"]
+        assumptions = [Assumption.parse(a) for a in assumed]
+        line = timeline(h.db, journey, cid, MONDAY_9, assume=assumptions)
+        sends = [e for e in line.entries if e.outcome == "send"]
+        assert [(e.step, e.at.astimezone(SHANGHAI).strftime("%m-%d %H:%M")) for e in sends] == expected
+        assert line.ends == ends and line.sends == len(expected)
+        if case == "nobody writes":
+            assert any(e.outcome == "quiet_hours" and e.step == "late" for e in line.entries)
+
+        # The run: the contact adds us now; the clock visits each moment of the timeline and of the assumptions.
+        h.emit(EventKind.CONTACT_ADDED, cid)
+        acts = {MONDAY_9 + a.after: a for a in assumptions}
+        for moment in sorted({e.at for e in line.entries} | set(acts) | {MONDAY_9 + timedelta(days=6)}):
+            h.clock.set(moment)
+            act = acts.get(moment)
+            if act is not None:
+                if act.kind == "message":
+                    body = SandboxEventBody(action="message", contact_id=cid, text=act.value)
+                else:
+                    body = SandboxEventBody(action="tag", contact_id=cid, tag=act.value)
+                await simulate(h.db, h.gateway, h.clock, body)
+            await h.run()
+
+        got = sorted(
+            (
+                d
+                for d in deliveries_db.list_deliveries(h.db, contact_id=cid, limit=50)
+                if d.status is DeliveryStatus.SENT
+            ),
+            key=lambda d: d.id,
+        )
+        assert [(d.dedupe_key or "").rsplit("|", 1)[1] for d in got] == [e.step for e in sends]
+        assert [d.sent_at for d in got] == [e.at for e in sends]
+        assert [d.text for d in got] == [e.message for e in sends]
+        assert h.outbox(cid) == [e.message for e in sends]
+        (enrolment,) = store.enrolments(h.db, contact_id=cid)
+        assert enrolment.status.value == ends
+        branches = {"then", "else", "timeout", "event"}
+        ran = [(p.step, p.outcome) for p in store.contact_path(h.db, cid) if p.outcome in branches]
+        assert ran == [(e.step, e.outcome) for e in line.entries if e.outcome in branches]
+        await h.app.close()
+
+    run(go())
+
+
+def test_the_timeline_sends_and_writes_nothing(tmp_path: Path) -> None:
+    """A dry run leaves no enrolment, delivery, event or outbox message behind; the tree nests the branches."""
+
+    async def go() -> None:
+        h = await harness(tmp_path, f"sqlite:///{tmp_path}/w.sqlite", MONDAY_9)
+        h.write("agree", JOURNEY)
+        h.load()
+        cid = customer(h)
+        journey = h.engine.journeys["agree"]
+        line = timeline(h.db, journey, cid, MONDAY_9, assume=[Assumption.parse("tag:VIP")])
+        first = next(e for e in line.entries if e.outcome == "send")
+        assert line.sends == 5 and first.message == f"{line.name}您好，欢迎！"
+        assert store.enrolments(h.db, contact_id=cid) == []
+        assert deliveries_db.list_deliveries(h.db, contact_id=cid) == []
+        assert store.recent_events(h.db, contact_id=cid) == [] and h.outbox() == []
+        nodes = tree(journey)
+        assert [n.id for n in nodes] == ["welcome", "2", "late", "ask", "check", "6", "last"]
+        ask = nodes[3]
+        assert [(b.label, [s.id for s in b.steps]) for b in ask.branches] == [("on_timeout", ["nudge", "mark"])]
+        check = nodes[4]
+        assert [(b.label, [s.id for s in b.steps]) for b in check.branches] == [
+            ("then", ["thanks"]),
+            ("else", ["coupon"]),
+        ]
+        await h.app.close()
+
+    run(go())
+
+
+def test_a_contact_the_audience_or_the_entry_policy_keeps_out_would_not_enter(tmp_path: Path) -> None:
+    """Opted out: would not enter, with the campaign's words; after an entry, `entry: once` keeps them out."""
+
+    async def go() -> None:
+        h = await harness(tmp_path, f"sqlite:///{tmp_path}/w.sqlite", MONDAY_9)
+        h.write("agree", JOURNEY)
+        h.load()
+        cid = customer(h)
+        journey = h.engine.journeys["agree"]
+        optouts_db.opt_out(h.db, cid, MONDAY_9, source="manual")
+        line = timeline(h.db, journey, cid, MONDAY_9)
+        assert not line.enters and line.ends == "not_entered" and line.entries[-1].detail == "opted out"
+        optouts_db.opt_in(h.db, cid)
+        h.emit(EventKind.CONTACT_ADDED, cid)
+        await h.run()
+        again = timeline(h.db, journey, cid, MONDAY_9)
+        assert again.ends == "not_entered" and "already in this journey" in again.entries[-1].detail
+        await h.app.close()
+
+    run(go())
+
+
+SCHEDULED = """kind: journey
+name: 每日唤醒
+trigger: {schedule: {cron: "0 10 * * *"}}
+audience: {tags_none: [勿扰]}
+quiet_hours: false
+frequency_cap: false
+steps: [{id: hello, send: {template: 早上好}}]
+"""
+
+
+def test_who_a_schedule_journey_would_enter_is_who_its_next_fire_enters(tmp_path: Path) -> None:
+    """The preview at 09:00 names the 10:00 fire, leaves out the opted-out contact (opted_out) and those tagged 勿扰
+    (tags_none), and the fire then enters exactly the contacts it listed."""
+
+    async def go() -> None:
+        h = await harness(tmp_path, f"sqlite:///{tmp_path}/w.sqlite", MONDAY_9)
+        h.write("daily", SCHEDULED)
+        h.load()
+        await h.run()
+        cid = customer(h)
+        optouts_db.opt_out(h.db, cid, MONDAY_9, source="manual")
+        journey = h.engine.journeys["daily"]
+        p = entry_preview(h.db, journey, MONDAY_9, sample=None)
+        assert p.mode == "schedule" and p.at == MONDAY_9 + timedelta(hours=1)
+        codes = {e.id: e.reason_code for e in p.left_out}
+        assert codes[cid] is ReasonCode.OPTED_OUT
+        assert ReasonCode.TAGS_NONE in codes.values()
+        assert p.entering + p.excluded == p.contacts
+        await h.at(MONDAY_9 + timedelta(hours=1))
+        entered = {e.contact_id for e in store.enrolments(h.db, journey_id="daily", limit=10_000)}
+        assert entered == {e.id for e in p.entrants}
+        after = entry_preview(h.db, journey, MONDAY_9 + timedelta(hours=1), sample=None)
+        assert after.entering == p.entering  # every_time: the next fire enters them again
+        await h.app.close()
+
+    run(go())
+
+
+@pytest.mark.parametrize(
+    ("text", "kind", "value", "after"),
+    [
+        ("replied", "message", "OK", timedelta(0)),
+        ("message:价格", "message", "价格", timedelta(0)),
+        ("tag:已购@2d", "tag", "已购", timedelta(days=2)),
+        ("untag:VIP@90m", "untag", "VIP", timedelta(minutes=90)),
+        ("optout@1h", "optout", "", timedelta(hours=1)),
+        ("removed", "removed", "", timedelta(0)),
+    ],
+)
+def test_assumptions_parse(text: str, kind: str, value: str, after: timedelta) -> None:
+    """Each way of saying what the customer does, with its delay."""
+    a = Assumption.parse(text)
+    assert (a.kind, a.value, a.after) == (kind, value, after)
+
+
+@pytest.mark.parametrize("text", ["tag:", "buy:x", "replied@soon", "optout:x"])
+def test_a_wrong_assumption_says_what_may_be_assumed(text: str) -> None:
+    """A typo is an error naming the forms (never silently ignored)."""
+    with pytest.raises(WecastError, match=r"replied|duration"):
+        Assumption.parse(text)
