@@ -18,7 +18,7 @@ import secrets
 from collections.abc import Sequence
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from sqlalchemy.engine import Engine
 
 from engine.blocking import off_loop
@@ -44,6 +44,15 @@ class SandboxEventBody(BaseModel):
     name: str | None = Field(default=None, max_length=100, description="add_contact: the new customer's name")
     text: str | None = Field(default=None, max_length=4000, description="message: what the customer writes")
     tag: str | None = Field(default=None, max_length=100, description="tag / untag: a tag name or id")
+
+    @model_validator(mode="after")
+    def _needs_its_fields(self) -> SandboxEventBody:
+        wanted = {"message": ("contact_id", "text"), "tag": ("contact_id", "tag"), "untag": ("contact_id", "tag")}
+        for name in wanted.get(self.action, () if self.action == "add_contact" else ("contact_id",)):
+            value = getattr(self, name)
+            if value is None or not str(value).strip():
+                raise ValueError(f"{name} is required for action {self.action}")
+        return self
 
 
 class SimulatedEvent(BaseModel):

@@ -14,6 +14,8 @@ runs        GET /runs, GET /runs/{id}, POST /runs/{id}/pause | /resume | /cancel
 media       POST /media: upload an image or file (the raw bytes as the body) to send as an attachment
 scheduler   GET /scheduler
 sandbox     POST /sandbox/scan, GET /sandbox/phone, GET /sandbox/outbox (sandbox gateway only)
+journeys    GET /journeys, /journeys/{id}, /journeys/{id}/preview, /contacts/{id}/journeys, /optouts,
+            GET|PUT|DELETE /contacts/{id}/optout, POST /sandbox/events: engine.web.journeys_api
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from engine.qr import qr_png, qr_svg, qr_terminal
 from engine.schedule import build_trigger, next_fire_times
 from engine.spec import Campaign, load_campaigns, parse_campaign
 from engine.views import ContactView, DeliveryView, PreviewView, Problem, RunView, contact_json, json_bytes
+from engine.web import journeys_api
 from engine.web.context import WebContext
 from engine.web.errors import error_body
 from engine.web.models import (
@@ -660,4 +663,5 @@ def router(ctx: WebContext) -> APIRouter:
         messages = _sandbox(ctx).outbox_messages(contact_id)
         return OutboxView(total=len(messages), messages=[OutboxMessageView(**asdict(m)) for m in messages[-limit:]])
 
+    r.include_router(journeys_api.router(ctx))
     return r
