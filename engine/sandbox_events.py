@@ -79,6 +79,10 @@ def sandbox_of(gateway: Gateway) -> SandboxGateway:
 async def simulate(db: Engine, gateway: Gateway, clock: Clock, body: SandboxEventBody) -> SimulatedEvent:
     """Do what `body` says on the sandbox and record it in the inbox (see the module docstring)."""
     sandbox = sandbox_of(gateway)
+    # The inbox's newest event before the change: what is newer for this contact was recorded for it (here, or
+    # by an engine in this process that heard the same emit first).
+    latest = await off_loop(journeys_db.recent_events, db, limit=1)
+    since = latest[0].id if latest else 0
     seen: list[GatewayEvent] = []
     unsubscribe = sandbox.subscribe(seen.append)
     tag_name: str | None = None
@@ -104,7 +108,7 @@ async def simulate(db: Engine, gateway: Gateway, clock: Clock, body: SandboxEven
         raise WecastError(str(exc)) from None
     finally:
         unsubscribe()
-    recorded = await _record(db, gateway, clock, contact_id, seen)
+    recorded = await _record(db, gateway, clock, contact_id, seen, since)
     contact = await sandbox.get_contact(contact_id)
     return SimulatedEvent(
         action=body.action,
@@ -117,16 +121,15 @@ async def simulate(db: Engine, gateway: Gateway, clock: Clock, body: SandboxEven
 
 
 async def _record(
-    db: Engine, gateway: Gateway, clock: Clock, contact_id: str, seen: Sequence[GatewayEvent]
+    db: Engine, gateway: Gateway, clock: Clock, contact_id: str, seen: Sequence[GatewayEvent], since: int
 ) -> list[str]:
-    before = {e.id for e in await off_loop(journeys_db.recent_events, db, contact_id=contact_id, limit=50)}
     if any(e.kind in (EventKind.CONTACT_ADDED, EventKind.CONTACT_CHANGED, EventKind.CONTACT_REMOVED) for e in seen):
         await refresh_contact(gateway, db, contact_id, clock=clock)
     stream = [new for e in seen if (new := ev.from_gateway(e)) is not None]
     if stream:
         await off_loop(journeys_db.record_events, db, stream, clock.now())
     after = await off_loop(journeys_db.recent_events, db, contact_id=contact_id, limit=50)
-    return [e.kind.value for e in reversed(after) if e.id not in before]
+    return [e.kind.value for e in reversed(after) if e.id > since]
 
 
 def _needs(value: str | None, name: str) -> str:
