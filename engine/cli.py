@@ -41,10 +41,12 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from engine import __version__, cli_journeys
+from engine.dberrors import explain
 from engine.errors import CampaignError, WecastError
 from engine.i18n import N_, Language, choose, ntr, set_language, tr
 from engine.messages import FilePart, ImagePart, LinkPart, Media, Message, MiniProgramPart, Part, TextPart, describe
 from engine.settings import Settings, load_settings, redact_url
+from storage.errors import StorageError
 from storage.models import OPEN_STATUSES, TERMINAL_STATUSES, DeliveryStatus, RunStatus
 
 if TYPE_CHECKING:  # the commands import what they need when they run: `wecast --help` stays quick
@@ -295,6 +297,9 @@ class WecastGroup(TrGroup):
         except WecastError as exc:
             err.print(styled("red", tr("error:")) + f" {escape(str(exc))}")
             ctx.exit(EXIT_ERROR)
+        except StorageError as exc:  # the database's condition (full, locked, unreadable, newer), not a bug
+            err.print(styled("red", tr("error:")) + f" {escape(str(explain(exc)))}")
+            ctx.exit(EXIT_ERROR)
         except (click.exceptions.Exit, click.ClickException, click.Abort):
             raise
         except BrokenPipeError:
@@ -440,7 +445,7 @@ def validate(ctx: Ctx, paths: tuple[Path, ...], as_json: bool) -> None:
     problems: list[str] = [str(p) for e in result.errors for p in e.problems]
     warnings = _schedule_warnings(result.campaigns)
     data_checked = False
-    db = make_db_engine(settings.database_url)
+    db = make_db_engine(settings.database_url, busy_timeout=settings.database_busy_timeout.total_seconds())
     try:
         from engine.clock import SystemClock
         from storage.contacts import count_contacts
@@ -1125,7 +1130,7 @@ def contacts_list(ctx: Ctx, tags: tuple[str, ...], wheres: tuple[str, ...], limi
         rule = parse_rules(rules) if rules else None
     except RuleError as exc:
         raise click.BadParameter(exc.reason, param_hint="--where") from None
-    db = make_db_engine(ctx.settings.database_url)
+    db = make_db_engine(ctx.settings.database_url, busy_timeout=ctx.settings.database_busy_timeout.total_seconds())
     try:
         views = load_contact_views(db)
         known = tag_names(db)
@@ -1189,7 +1194,7 @@ def runs(ctx: Ctx, campaign: str | None, status: str | None, limit: int, as_json
     from storage.deliveries import status_counts
     from storage.runs import list_runs
 
-    db = make_db_engine(ctx.settings.database_url)
+    db = make_db_engine(ctx.settings.database_url, busy_timeout=ctx.settings.database_busy_timeout.total_seconds())
     try:
         found = list_runs(db, campaign_id=campaign, status=RunStatus(status) if status else None, limit=limit)
         rows = [RunView.from_row(r, status_counts(db, r.id)) for r in found]
@@ -1352,7 +1357,7 @@ def log_cmd(
     from storage.db import make_db_engine
     from storage.deliveries import list_deliveries, list_parts
 
-    db = make_db_engine(ctx.settings.database_url)
+    db = make_db_engine(ctx.settings.database_url, busy_timeout=ctx.settings.database_busy_timeout.total_seconds())
     try:
         rows = list_deliveries(
             db,

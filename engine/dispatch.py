@@ -16,6 +16,10 @@ Guarantees (each has a test):
   classified by `engine.outcome.classify` and acted on in one place: retried, requeued, recorded `unknown` or
   `failed`, or — when the gateway refuses the credentials — the run pauses with every unsent delivery still
   pending (tests/test_outcome.py, test_batch.py, test_dispatch.py::test_refused_credentials_*).
+* **Failing cleanly.** A store the sends need that cannot be written — wecast's database full or locked past the
+  busy timeout (a `StorageError` from storage), or the gateway's own (the sandbox's state file full: a
+  `DatabaseError`, nothing delivered) — stops the run with that one error once the sends in flight are recorded;
+  what was never handed over stays to send and `wecast run --resume` continues (tests/test_failing_cleanly.py).
 * **Policy at send time.** The per-contact frequency cap is re-checked just before each send (other
   campaigns may have sent since planning); quiet hours hold sends until the window opens; a logged-out
   account holds them until it logs in again; `max_errors` failures pause the run.
@@ -96,6 +100,7 @@ class Halt(Enum):
     NOT_RUNNING = "the run is no longer running"
     TOO_MANY_ERRORS = "max_errors reached"
     QUIET_HOURS = "quiet hours"
+    FATAL = "a store the sends need cannot be written (a full disk)"
 
 
 class Pacer:
@@ -354,6 +359,7 @@ class _RunSender:
         self.part_results: list[PartResult] = []  # parts whose calls failed, written with their deliveries' results
         self.logged_out = False
         self.auth_error = ""  # set when the gateway refused the credentials: the run pauses
+        self.fatal: WecastError | None = None  # set when nothing more can be sent (a full disk): raised by `loop`
         self.last_flush = d.clock.monotonic()
         self.last_beat = d.clock.monotonic()
         self.failed = 0
@@ -375,6 +381,8 @@ class _RunSender:
         reads it with the chunk's hand-over, `_prepare`)."""
         if self.d.stopping.is_set():
             return Halt.STOPPING
+        if self.fatal is not None:
+            return Halt.FATAL
         if self.auth_error:
             return Halt.AUTH
         if self.logged_out:
@@ -405,6 +413,9 @@ class _RunSender:
             halt = await self.must_stop()
             if halt is Halt.STOPPING:
                 return "stopped; unsent deliveries stay pending and resume on the next start"
+            if halt is Halt.FATAL and self.fatal is not None:
+                await self._wait_inflight()
+                raise self.fatal
             if halt is Halt.NOT_RUNNING:
                 return f"run {await self._run_status()}"
             if halt is Halt.AUTH:
@@ -583,6 +594,8 @@ class _RunSender:
             self.logged_out = True
         if outcome.verdict is Verdict.HALT:
             self.auth_error = outcome.reason
+        if outcome.stop and isinstance(exc, WecastError):
+            self.fatal = self.fatal or exc
         for row in rows:
             self._settle(row, outcome, part)
 

@@ -7,6 +7,9 @@ WecastError                       base; `str(e)` is the one-line message the CLI
 ├── AudienceError                 a rule cannot be evaluated against the data
 ├── NotFoundError                 a campaign, run, contact or delivery does not exist
 ├── LoginError                    login flow misuse: wrong verify code, expired QR, ...
+├── DatabaseError                 a database failed (full, locked too long, unreadable, written by a newer
+│                                 wecast): nothing of that step was written; the message says what to do
+│                                 (`engine.dberrors` words wecast's own database's failures)
 └── GatewayError                  a gateway call failed; `kind` tells the sender what to do
     ├── TransientError            retry with backoff (network blip, 5xx, UNAVAILABLE)
     │   └── RateLimitedError      retry after `retry_after` seconds and slow down
@@ -84,6 +87,16 @@ class LoginError(WecastError):
     def __init__(self, message: str, *, tries_left: int | None = None) -> None:
         super().__init__(message)
         self.tries_left = tries_left
+
+
+class DatabaseError(WecastError):
+    """A database could not do what was asked: wecast's own (`engine.dberrors.explain` words `storage`'s errors) or
+    one a gateway keeps (the sandbox's state file). Nothing of that step was written. `kind` is the machine-readable
+    cause (`storage.errors.Failure`'s values: full, busy, unavailable, schema_newer, schema_unreadable, migration)."""
+
+    def __init__(self, message: str, *, kind: str) -> None:
+        super().__init__(message)
+        self.kind = kind
 
 
 class GatewayError(WecastError):

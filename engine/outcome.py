@@ -11,6 +11,8 @@ in one place (`engine.dispatch`). The table (first match wins):
     AuthError                        HALT      pending; not an attempt             paused with the reason
     TransientError                   RETRY     pending, after a backoff            -
     UnknownOutcomeError              UNKNOWN   unknown                             -
+    DatabaseError (the gateway's     REQUEUE   pending; not an attempt             stops: the error is raised
+      own store: its disk full)                                                    once sends in flight are recorded
     any other GatewayError           FAILED    failed with the reason              counts toward max_errors
     any other Exception              UNKNOWN   unknown: a bug behind the gateway   -
                                                boundary, and the request may have left
@@ -27,6 +29,7 @@ from enum import StrEnum
 
 from engine.errors import (
     AuthError,
+    DatabaseError,
     GatewayError,
     NotLoggedInError,
     RateLimitedError,
@@ -54,6 +57,7 @@ class Outcome:
     retry_after: float | None = None  # RETRY: the gateway said how long to wait (None: back off)
     slow_down: bool = False  # the gateway is throttling us: every send of the run slows down
     logged_out: bool = False  # the account is logged out: hold every send until it logs in again
+    stop: bool = False  # nothing can be sent or recorded (a full disk): stop the run and raise the error
 
 
 def classify(exc: BaseException, *, timeout: float) -> Outcome:
@@ -71,6 +75,8 @@ def classify(exc: BaseException, *, timeout: float) -> Outcome:
         return Outcome(Verdict.RETRY, str(exc))
     if isinstance(exc, UnknownOutcomeError):
         return Outcome(Verdict.UNKNOWN, str(exc))
+    if isinstance(exc, DatabaseError):
+        return Outcome(Verdict.REQUEUE, str(exc), stop=True)
     if isinstance(exc, GatewayError):
         return Outcome(Verdict.FAILED, str(exc))
     return Outcome(Verdict.UNKNOWN, f"unexpected error: {type(exc).__name__}: {exc}")

@@ -58,7 +58,9 @@ class Wecast:
     ) -> None:
         self.settings = settings
         self.clock = clock or SystemClock()
-        self.db = db or make_db_engine(settings.database_url)
+        self.db = db or make_db_engine(
+            settings.database_url, busy_timeout=settings.database_busy_timeout.total_seconds()
+        )
         self.gateway = gateway or build_gateway(settings, self.clock)
         self.media = MediaStore(settings.media_dir)
         self.dispatcher = Dispatcher(self.db, self.gateway, settings, clock=self.clock)

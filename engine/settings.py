@@ -325,6 +325,8 @@ class Settings(Strict):
     gateway: GatewayName = "sandbox"
     timezone: str = DEFAULT_TIMEZONE
     database_url: str = "sqlite:///data/wecast.sqlite"
+    # SQLite: how long a write waits for another process's lock before it fails (a clear error; the run resumes).
+    database_busy_timeout: Duration = timedelta(seconds=30)
     campaigns_dir: Path = Path("campaigns")
     media_dir: Path = Path("data/media")  # uploaded images and files (POST /api/v1/media, `wecast send --image`)
     sending: Sending = Sending()

@@ -126,7 +126,7 @@ def mapped(exc: DBAPIError, where: str) -> StorageError | None:
     if kind is None:
         return None
     detail = str(orig).strip().splitlines()[0] if str(orig).strip() else type(orig).__name__
-    return StorageError(kind, f"{where}: {_ADVICE[kind]} ({detail})", detail=detail)
+    return StorageError(kind, f"{where}: {_ADVICE[kind]} ({detail})", detail=detail, where=where)
 
 
 def serialize(conn: Connection, name: str) -> None:

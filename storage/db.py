@@ -140,6 +140,9 @@ def schema_version(db: Engine | Connection) -> int | None:
             Failure.SCHEMA_UNREADABLE,
             f"{where(db)}: the schema version {value!r} stored in {META.name} is unreadable: this is not a database "
             "wecast wrote, or it was damaged; point database_url at wecast's database (or restore it from a backup)",
+            where=where(db),
+            found=str(value),
+            known=SCHEMA_VERSION,
         ) from None
 
 
@@ -162,11 +165,20 @@ def _ensure_schema(conn: Connection) -> None:
             Failure.SCHEMA_NEWER,
             f"{where(conn)}: database schema version {current} is newer than this wecast understands "
             f"({SCHEMA_VERSION}); upgrade wecast instead of using an older release on this database",
+            where=where(conn),
+            found=str(current),
+            known=SCHEMA_VERSION,
         )
     while current < SCHEMA_VERSION:
         step = MIGRATIONS.get(current)
         if step is None:
-            raise SchemaError(Failure.MIGRATION, f"{where(conn)}: no migration from schema version {current}")
+            raise SchemaError(
+                Failure.MIGRATION,
+                f"{where(conn)}: no migration from schema version {current}",
+                where=where(conn),
+                found=str(current),
+                known=SCHEMA_VERSION,
+            )
         step(conn)  # in the one transaction: a step that fails leaves the database as it was
         conn.execute(META.update().where(META.c.key == "schema_version").values(value=str(current + 1)))
         current += 1

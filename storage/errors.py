@@ -28,12 +28,20 @@ class Failure(StrEnum):
 
 
 class StorageError(RuntimeError):
-    """The database could not do what was asked (see the module docstring). `detail` is the driver's own words."""
+    """The database could not do what was asked (see the module docstring). `where` names the database (a SQLite
+    file's path, a server URL without its password), `detail` is the driver's own words, `found` the schema version
+    as stored (SCHEMA_NEWER, SCHEMA_UNREADABLE) and `known` this wecast's — what the engine needs to word the error
+    in the user's language."""
 
-    def __init__(self, kind: Failure, message: str, *, detail: str = "") -> None:
+    def __init__(
+        self, kind: Failure, message: str, *, detail: str = "", where: str = "", found: str = "", known: int = 0
+    ) -> None:
         super().__init__(message)
         self.kind = kind
         self.detail = detail
+        self.where = where
+        self.found = found
+        self.known = known
 
 
 class SchemaError(StorageError):

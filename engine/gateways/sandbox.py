@@ -44,6 +44,7 @@ from typing import Any, ClassVar
 
 from engine.clock import Clock
 from engine.errors import (
+    DatabaseError,
     LoginError,
     NotLoggedInError,
     PermanentError,
@@ -173,6 +174,26 @@ class Received:
         return cls(**{**data, "kind": PartKind(data["kind"])})
 
 
+# SQLite's primary result codes that are the state file's condition, not a bug: FULL, BUSY, LOCKED, IOERR.
+_STATE_FILE_FAILURES = {13: "full", 5: "busy", 6: "busy", 10: "unavailable"}
+
+
+@contextmanager
+def _state_file_errors(path: Path) -> Iterator[None]:
+    try:
+        yield
+    except sqlite3.Error as exc:
+        code = getattr(exc, "sqlite_errorcode", None)
+        kind = _STATE_FILE_FAILURES.get(code & 0xFF) if isinstance(code, int) else None
+        if kind is None:
+            raise
+        raise DatabaseError(
+            f"sandbox: its state file {path} could not be written ({exc}); nothing was delivered: "
+            + ("free some space, then resume" if kind == "full" else "resume when it can be written again"),
+            kind=kind,
+        ) from exc
+
+
 class SandboxStore:
     """The sandbox's SQLite file: login state and the outbox. Safe to open from several processes."""
 
@@ -202,13 +223,17 @@ class SandboxStore:
 
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
-        with self._lock:
+        """One write transaction. A write the file cannot take (its disk full, locked past the timeout, an I/O
+        error) is a `DatabaseError` saying so: nothing of it was written — a part being delivered was not."""
+        with self._lock, _state_file_errors(self.path):
             self._conn.execute("BEGIN IMMEDIATE")
             try:
                 yield self._conn
                 self._conn.execute("COMMIT")
             except BaseException:
-                self._conn.execute("ROLLBACK")
+                # SQLite may have rolled back already (a full disk does): a second ROLLBACK would fail and hide why.
+                if self._conn.in_transaction:
+                    self._conn.execute("ROLLBACK")
                 raise
 
     def get(self, key: str) -> str | None:

@@ -1,5 +1,6 @@
-"""Errors become answers at one boundary: every `WecastError` a clear JSON body with a fitting status, a bad
-request a 422 naming the field, anything unexpected a 500 that points to the log (never a stack trace)."""
+"""Errors become answers at one boundary: every `WecastError` a clear JSON body with a fitting status (the database's
+condition — full, locked, unreadable — a 503 saying what to do), a bad request a 422 naming the field, anything
+unexpected a 500 that points to the log (never a stack trace)."""
 
 from __future__ import annotations
 
@@ -11,8 +12,18 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
-from engine.errors import CampaignError, GatewayError, LoginError, NotFoundError, NotLoggedInError, WecastError
+from engine.dberrors import explain
+from engine.errors import (
+    CampaignError,
+    DatabaseError,
+    GatewayError,
+    LoginError,
+    NotFoundError,
+    NotLoggedInError,
+    WecastError,
+)
 from engine.views import Problem
+from storage.errors import StorageError
 
 log = logging.getLogger("wecast.web")
 
@@ -48,6 +59,8 @@ def answer_for(exc: WecastError) -> tuple[int, dict[str, Any]]:
         extra["problems"] = [p.model_dump() for p in Problem.all_of([exc])]
     elif isinstance(exc, GatewayError):
         code = 502
+    elif isinstance(exc, DatabaseError):
+        code, extra["reason"] = 503, exc.kind
     else:
         code = 409
     return code, extra
@@ -81,6 +94,10 @@ def install_error_handlers(api: FastAPI) -> None:
     async def wecast_error(_: Request, exc: WecastError) -> JSONResponse:
         code, extra = answer_for(exc)
         return JSONResponse(error_body(str(exc), **extra), status_code=code)
+
+    @api.exception_handler(StorageError)
+    async def storage_error(request: Request, exc: StorageError) -> JSONResponse:
+        return await wecast_error(request, explain(exc))
 
     @api.exception_handler(Exception)
     async def unexpected(_: Request, exc: Exception) -> JSONResponse:
