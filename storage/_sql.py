@@ -190,7 +190,11 @@ def insert_fast(
     conn: Connection, table: Table, rows: Iterable[tuple[Any, ...]], columns: Sequence[str], chunk: int = 20000
 ) -> int:
     """INSERT … ON CONFLICT DO NOTHING for many rows given as tuples in `columns` order, through the driver's own
-    executemany (values must already be plain: str/int/float/None; times via `db_time`). Returns rows inserted."""
+    bulk path (values must already be plain: str/int/float/bool/None; times via `db_time`): SQLite's executemany;
+    on PostgreSQL `COPY` into a temporary table, then one INSERT … SELECT … ON CONFLICT DO NOTHING (COPY itself
+    cannot pass over a conflict). Returns rows inserted."""
+    if conn.dialect.name == "postgresql":
+        return _copy_ignore(conn, table, rows, columns, chunk)
     cols = ", ".join(columns)
     marks = ", ".join(["?" if conn.dialect.paramstyle == "qmark" else "%s"] * len(columns))
     sql = f"INSERT INTO {table.name} ({cols}) VALUES ({marks}) ON CONFLICT DO NOTHING"
@@ -206,6 +210,38 @@ def insert_fast(
         if batch:
             cursor.executemany(sql, batch)
             inserted += max(cursor.rowcount, 0)
+    return inserted
+
+
+def _copy_ignore(
+    conn: Connection, table: Table, rows: Iterable[tuple[Any, ...]], columns: Sequence[str], chunk: int
+) -> int:
+    cols = ", ".join(columns)
+    # One staging table per table and column set, dropped at the end of the transaction.
+    staging = f"wecast_copy_{table.name}_{hashlib.blake2b(cols.encode(), digest_size=4).hexdigest()}"
+    inserted = 0
+    with dbapi_cursor(conn) as cursor:
+        cursor.execute(
+            f"CREATE TEMP TABLE IF NOT EXISTS {staging} ON COMMIT DROP AS SELECT {cols} FROM {table.name} WITH NO DATA"
+        )
+        batch: list[tuple[Any, ...]] = []
+
+        def flush() -> int:
+            with cursor.copy(f"COPY {staging} ({cols}) FROM STDIN") as copy:
+                for row in batch:
+                    copy.write_row(row)
+            cursor.execute(f"INSERT INTO {table.name} ({cols}) SELECT {cols} FROM {staging} ON CONFLICT DO NOTHING")
+            count = max(cursor.rowcount, 0)
+            cursor.execute(f"TRUNCATE {staging}")
+            return count
+
+        for row in rows:
+            batch.append(row)
+            if len(batch) >= chunk:
+                inserted += flush()
+                batch = []
+        if batch:
+            inserted += flush()
     return inserted
 
 
