@@ -133,7 +133,7 @@ def test_the_timeline_is_what_a_run_then_does(tmp_path: Path, case: str) -> None
         assert [d.text for d in got] == [e.message for e in sends]
         assert h.outbox(cid) == [e.message for e in sends]
         (enrolment,) = store.enrolments(h.db, contact_id=cid)
-        assert enrolment.status.value == ends
+        assert enrolment.status.value == ends and enrolment.ended_at == line.entries[-1].at  # when it ends, too
         branches = {"then", "else", "timeout", "event"}
         ran = [(p.step, p.outcome) for p in store.contact_path(h.db, cid) if p.outcome in branches]
         assert ran == [(e.step, e.outcome) for e in line.entries if e.outcome in branches]
