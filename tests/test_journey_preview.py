@@ -12,6 +12,7 @@ from zoneinfo import ZoneInfo
 import pytest
 from helpers import run
 from journey_harness import Harness, harness
+from test_journey_runtime import set_field
 
 from engine.audience import ReasonCode
 from engine.errors import WecastError
@@ -87,13 +88,13 @@ CASES = {
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_the_timeline_is_what_a_run_then_does(tmp_path: Path, case: str) -> None:
+def test_the_timeline_is_what_a_run_then_does(db_url: str, tmp_path: Path, case: str) -> None:
     """The preview's sends (step, exact text, local time: quiet hours move the 22:00 send to 09:00), its branches
     and its end are those of the run that follows, the customer doing what was assumed at the assumed time."""
     assumed, expected, ends = CASES[case]
 
     async def go() -> None:
-        h = await harness(tmp_path, f"sqlite:///{tmp_path}/w.sqlite", MONDAY_9)
+        h = await harness(tmp_path, db_url, MONDAY_9)
         h.write("agree", JOURNEY)
         h.load()
         cid = customer(h)
@@ -253,3 +254,65 @@ def test_a_wrong_assumption_says_what_may_be_assumed(text: str) -> None:
     """A typo is an error naming the forms (never silently ignored)."""
     with pytest.raises(WecastError, match=r"replied|duration"):
         Assumption.parse(text)
+
+
+BACKFILL = """kind: journey
+name: VIP欢迎
+trigger: {tag_added: VIP}
+backfill: true
+audience: {tags_none: [勿扰]}
+frequency_cap: false
+quiet_hours: false
+message: {template: VIP您好}
+"""
+
+
+def test_who_a_backfill_would_enter_is_who_the_first_load_enters(tmp_path: Path) -> None:
+    """Before the journey is first loaded its preview is a backfill: the contacts tagged VIP that the audience lets
+    in; loading it enters exactly those; afterwards no backfill is pending (only events enter)."""
+
+    async def go() -> None:
+        from engine.definitions import load_definitions
+
+        h = await harness(tmp_path, f"sqlite:///{tmp_path}/w.sqlite", MONDAY_9, contacts=60)
+        h.write("vip", BACKFILL)
+        (journey,) = load_definitions([h.tmp / "campaigns"], h.settings).journeys
+        p = entry_preview(h.db, journey, MONDAY_9, sample=None)
+        assert p.mode == "backfill" and p.entering > 0 and p.enters_without_event
+        assert all(
+            e.reason_code in (ReasonCode.TAGS_NONE, ReasonCode.NOT_FRIEND, ReasonCode.COWORKER) for e in p.left_out
+        )
+        h.load()
+        await h.run()
+        entered = {e.contact_id for e in store.enrolments(h.db, journey_id="vip", limit=10_000)}
+        assert entered == {e.id for e in p.entrants}
+        assert set(h.counts()) == entered
+        assert entry_preview(h.db, journey, MONDAY_9, sample=None).mode == "event"
+        await h.app.close()
+
+    run(go())
+
+
+def test_who_a_date_journey_would_enter_is_whose_date_the_next_fire_is(tmp_path: Path) -> None:
+    """A birthday journey at 09:30: the preview at 09:00 names the contact whose birthday is today, and the fire
+    enters exactly them."""
+
+    async def go() -> None:
+        h = await harness(tmp_path, f"sqlite:///{tmp_path}/w.sqlite", MONDAY_9)
+        h.write(
+            "birthday",
+            "name: 生日\ntrigger: {date: {field: birthday, at: '09:30'}}\nfrequency_cap: false\nquiet_hours: false\n"
+            "message: {template: 生日快乐}\n",
+        )
+        cid = customer(h)
+        set_field(h, cid, birthday="1990-11-23")
+        h.load()
+        await h.run()
+        p = entry_preview(h.db, h.engine.journeys["birthday"], MONDAY_9, sample=None)
+        assert p.mode == "date" and p.at == MONDAY_9 + timedelta(minutes=30)
+        assert [e.id for e in p.entrants] == [cid] and p.contacts == 1
+        await h.at(MONDAY_9 + timedelta(minutes=30))
+        assert {e.contact_id for e in store.enrolments(h.db, journey_id="birthday")} == {cid}
+        await h.app.close()
+
+    run(go())
