@@ -5,15 +5,26 @@ to its far side (scan the QR with the "phone", read the code the phone shows, co
 member would, look at what the recipient received). `tests/test_gateway_contract.py` builds one driver per gateway
 and runs `GatewayContract` on each.
 
-The capabilities decide which tests apply:
+The capabilities decide which tests apply, at collection: each gateway is a `Flavour` (its name, the capabilities
+its settings give it, known without building it, and how to build its driver), each test says which flavours it
+applies to (`@applies(predicate)`; none: every one), and `GatewayContract.pytest_generate_tests` parametrizes it
+over exactly those — nothing is collected only to be skipped. The driver fixture checks that the gateway it built
+has the capabilities its flavour claimed, so the selection cannot drift from the code. What a gateway claims is
+tested; what it lacks, it must refuse cleanly (for good, sending nothing):
 
 * `qr_login` — the QR + verification-code tests; a gateway that logs in with configured credentials (the official
   API) passes `test_credential_login` instead: start_login logs in at once, there is no code to submit, logout
   holds every call until start_login.
-* `direct_send` — the one-message-at-a-time tests (text and every part kind); a task-based gateway must refuse
-  `send_text` for good.
+* `direct_send` — the one-message-at-a-time tests (text and every part kind it supports); a task-based gateway
+  must refuse `send_text`, `send_part` and `send` for good.
 * `batch_send` — the 群发 task tests: nothing delivered before staff confirm, then exactly once per customer (every
-  part of the message), unknown customers rejected, a resubmission under the same key the same task.
+  part of the message), unknown customers rejected, a resubmission under the same key the same task; a direct
+  gateway must refuse `submit_batch` and the task calls for good.
+* `idempotent_sends`, `supports`, `tags`, `events` — the tests of each; a part kind outside `supports` is refused.
+* `welcome` — a gateway without it refuses `send_welcome` for good (the official API's welcome is tested with its
+  callbacks in tests/test_wecom_*.py).
+* What the far side can do: `Flavour.customer_messages` is False where a test cannot make a customer write (the
+  official API does not deliver customers' messages).
 """
 
 from __future__ import annotations
@@ -25,13 +36,14 @@ from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Protocol
+from typing import Any, ClassVar, Protocol, TypeVar
 
 import pytest
 
 from engine.errors import LoginError, NotLoggedInError, PermanentError
 from engine.gateways.base import (
     BatchOutcome,
+    Capabilities,
     ContactRecord,
     EventKind,
     Gateway,
@@ -102,6 +114,40 @@ class GatewayDriver(Protocol):
 
 
 DriverFactory = Callable[[], AbstractAsyncContextManager[GatewayDriver]]
+SEVERAL = frozenset({PartKind.TEXT, PartKind.IMAGE, PartKind.LINK})  # test_send_message_of_several_parts
+
+
+@dataclass(frozen=True)
+class Flavour:
+    """One gateway as the contract runs it, known at collection (see the module docstring). `capabilities`: what
+    the gateway built by `make` has (checked when it is built). `make(folder)`: a factory of its drivers, keeping
+    any state under `folder`."""
+
+    name: str
+    capabilities: Capabilities
+    make: Callable[[Path], DriverFactory]
+    customer_messages: bool = True  # the far side can make a customer write to the account
+
+    def sends(self, *kinds: PartKind) -> bool:
+        """Whether the gateway sends parts of these kinds directly (one contact at a time)."""
+        return self.capabilities.direct_send and set(kinds) <= self.capabilities.supports
+
+    def __str__(self) -> str:
+        return self.name
+
+
+TestFn = TypeVar("TestFn", bound=Callable[..., Any])
+
+
+def applies(predicate: Callable[..., bool]) -> Callable[[TestFn], TestFn]:
+    """The flavours a contract test runs on: `predicate(flavour)`, or `predicate(flavour, kind)` for a test that
+    takes a part `kind` (run for each pair it accepts)."""
+
+    def mark(test: TestFn) -> TestFn:
+        test.contract_applies = predicate  # type: ignore[attr-defined]
+        return test
+
+    return mark
 
 
 async def wait_for_state(gateway: Gateway, state: LoginState, timeout: float = 5.0) -> LoginStatus:
@@ -243,13 +289,6 @@ async def all_contacts(gateway: Gateway, page_size: int) -> list[str]:
     raise AssertionError("list_contacts never reached the last page")
 
 
-def needs(gateway: Gateway, **wanted: bool) -> None:
-    """Skip the test unless the gateway's capabilities have these values (the contract is per capability)."""
-    for name, value in wanted.items():
-        if getattr(gateway.capabilities, name) != value:
-            pytest.skip(f"{gateway.name}: capabilities.{name} is {not value} (the test is for {name}={value})")
-
-
 def customer_of(driver: GatewayDriver, index: int = 3) -> str:
     return sorted(driver.contact_ids())[index]
 
@@ -280,15 +319,44 @@ async def sender_of(gateway: Gateway, contact_id: str) -> str:
 
 
 class GatewayContract:
-    """The shared suite. Subclasses provide a `driver` fixture (an async generator of GatewayDriver)."""
+    """The shared suite. Subclasses list their gateways in `FLAVOURS`; each test gets a `flavour` parameter (and a
+    part `kind` where it takes one) for the flavours it applies to, and a `driver` built from it."""
+
+    FLAVOURS: ClassVar[tuple[Flavour, ...]] = ()
+
+    def pytest_generate_tests(self, metafunc: pytest.Metafunc) -> None:
+        """Parametrize each test over the flavours (and part kinds) it applies to (see the module docstring)."""
+        if "flavour" not in metafunc.fixturenames:
+            return
+        predicate: Callable[..., bool] = getattr(metafunc.function, "contract_applies", lambda *_: True)
+        name = metafunc.function.__name__
+        if "kind" in metafunc.fixturenames:
+            pairs = [(f, k) for f in self.FLAVOURS for k in PartKind if predicate(f, k)]
+            if not pairs:
+                raise ValueError(f"{name} applies to no gateway and part kind: it would never run")
+            metafunc.parametrize(("flavour", "kind"), pairs, ids=[f"{f.name}-{k.value}" for f, k in pairs])
+            return
+        chosen = [f for f in self.FLAVOURS if predicate(f)]
+        if not chosen:
+            raise ValueError(f"{name} applies to no gateway: it would never run")
+        metafunc.parametrize("flavour", chosen, ids=[f.name for f in chosen])
+
+    @pytest.fixture
+    async def driver(self, flavour: Flavour, tmp_path: Path) -> Any:
+        """The flavour's driver, whose gateway has the capabilities the flavour claimed at collection."""
+        async with flavour.make(tmp_path)() as driver:
+            assert driver.gateway.capabilities == flavour.capabilities, (
+                f"{flavour.name}: the gateway's capabilities are not the ones its flavour declares"
+            )
+            yield driver
 
     @pytest.fixture
     def gateway(self, driver: GatewayDriver) -> Gateway:
         return driver.gateway
 
+    @applies(lambda f: f.capabilities.qr_login)
     async def test_login_flow(self, driver: GatewayDriver, gateway: Gateway) -> None:
         """A QR with a key, a scan, a wrong code (LoginError with tries left), the right code, LOGIN."""
-        needs(gateway, qr_login=True)
         status = await gateway.start_login()
         assert status.state is LoginState.WAITING_SCAN
         assert status.qr_url
@@ -308,9 +376,9 @@ class GatewayContract:
         assert status.logged_in
         assert any(e.kind is EventKind.LOGIN for e in gateway.events)
 
+    @applies(lambda f: f.capabilities.qr_login)
     async def test_too_many_wrong_codes_need_a_new_qr(self, driver: GatewayDriver, gateway: Gateway) -> None:
         """After 3 wrong codes the error says so (tries_left 0) and a new QR is shown."""
-        needs(gateway, qr_login=True)
         first = await gateway.start_login()
         await driver.scan()
         await wait_for_state(gateway, LoginState.WAITING_VERIFY_CODE)
@@ -358,26 +426,26 @@ class GatewayContract:
         assert contact.id == contact_id
         assert await gateway.get_contact(driver.unknown_contact_id) is None
 
+    @applies(lambda f: f.capabilities.direct_send)
     async def test_send_text(self, driver: GatewayDriver, gateway: Gateway) -> None:
         """send_text returns a message id, and the recipient received exactly that message."""
-        needs(gateway, direct_send=True)
         await log_in(driver)
         contact_id = sorted(driver.contact_ids())[3]
         receipt = await gateway.send_text(contact_id, "您好，周末店庆全场八折 🎉", idempotency_key="k-1")
         assert receipt.message_id
         assert Delivered(contact_id, "您好，周末店庆全场八折 🎉", receipt.message_id) in driver.sent_messages()
 
+    @applies(lambda f: f.capabilities.direct_send)
     async def test_send_to_unknown_contact_is_permanent(self, driver: GatewayDriver, gateway: Gateway) -> None:
         """Sending to an id the account does not know fails for good, and nothing is delivered."""
-        needs(gateway, direct_send=True)
         await log_in(driver)
         with pytest.raises(PermanentError):
             await gateway.send_text(driver.unknown_contact_id, "hello", idempotency_key="k-2")
         assert driver.sent_messages() == []
 
+    @applies(lambda f: f.capabilities.qr_login)
     async def test_logout_then_new_qr(self, driver: GatewayDriver, gateway: Gateway) -> None:
         """logout ends the session (LOGOUT event), and start_login then shows a new QR."""
-        needs(gateway, qr_login=True)
         first = await gateway.start_login()
         await log_in(driver)
         status = await gateway.logout()
@@ -388,10 +456,10 @@ class GatewayContract:
         assert again.qrcode_key
         assert again.qrcode_key != first.qrcode_key
 
+    @applies(lambda f: not f.capabilities.qr_login)
     async def test_credential_login(self, driver: GatewayDriver, gateway: Gateway) -> None:
         """Without a QR: start_login logs in at once (LOGIN), a verify code is refused, logout (LOGOUT) holds calls
         until start_login logs in again."""
-        needs(gateway, qr_login=False)
         status = await gateway.start_login()
         assert status.logged_in, status.message
         assert any(e.kind is EventKind.LOGIN for e in gateway.events)
@@ -419,9 +487,9 @@ class GatewayContract:
         await driver.confirm()
         assert driver.sent_messages() == []
 
+    @applies(lambda f: f.capabilities.direct_send)
     async def test_send_message_of_one_text_part(self, driver: GatewayDriver, gateway: Gateway) -> None:
         """send() of a one-part text message delivers that text once and returns one receipt for part 0."""
-        needs(gateway, direct_send=True)
         await log_in(driver)
         contact_id = sorted(driver.contact_ids())[3]
         receipts = await gateway.send(contact_id, Message.of_text("新品到店，欢迎试穿"), idempotency_key="k-5")
@@ -445,15 +513,12 @@ class GatewayContract:
         assert driver.sent_messages() == []
 
     # -- rich messages: every part kind the gateway supports ---------------------------------------------
-    @pytest.mark.parametrize("kind", list(PartKind))
+    @applies(lambda f, kind: f.sends(kind))
     async def test_send_each_part_kind(
         self, driver: GatewayDriver, gateway: Gateway, tmp_path: Path, kind: PartKind
     ) -> None:
         """A part of each supported kind reaches the recipient once, as that kind, with its content intact (an
         image's or file's bytes by sha256 and size, a card's title and target)."""
-        needs(gateway, direct_send=True)
-        if kind not in gateway.capabilities.supports:
-            pytest.skip(f"{gateway.name} does not send {kind.value} parts")
         await log_in(driver)
         contact_id = (await friends(gateway))[4]
         part = sample_parts(tmp_path)[kind]
@@ -470,13 +535,11 @@ class GatewayContract:
         else:
             assert got.text == part.title
 
+    @applies(lambda f: f.sends(*SEVERAL))
     async def test_send_message_of_several_parts(self, driver: GatewayDriver, gateway: Gateway, tmp_path: Path) -> None:
         """send() delivers every part in order with one receipt each; after a refused part it stops, and a resend
         that skips the parts already sent delivers only the rest."""
-        needs(gateway, direct_send=True)
-        kinds = [PartKind.TEXT, PartKind.IMAGE, PartKind.LINK]
-        if not set(kinds) <= gateway.capabilities.supports:
-            pytest.skip(f"{gateway.name} does not send images and link cards")
+        kinds = [PartKind.TEXT, PartKind.IMAGE, PartKind.LINK]  # SEVERAL, in order
         await log_in(driver)
         parts = sample_parts(tmp_path)
         message = Message(tuple(parts[k] for k in kinds))
@@ -493,12 +556,10 @@ class GatewayContract:
         assert [r.index for r in rest] == [1, 2]
         assert [d.kind for d in driver.sent_messages() if d.contact_id == second] == kinds
 
+    @applies(lambda f: f.sends(PartKind.IMAGE))
     async def test_refused_part_names_the_reason(self, driver: GatewayDriver, gateway: Gateway, tmp_path: Path) -> None:
         """A part the far side refuses is a PermanentError carrying the server's reason; nothing is delivered, and
         the next part of that kind goes through."""
-        needs(gateway, direct_send=True)
-        if PartKind.IMAGE not in gateway.capabilities.supports:
-            pytest.skip(f"{gateway.name} does not send images")
         await log_in(driver)
         contact_id = (await friends(gateway))[4]
         part = sample_parts(tmp_path)[PartKind.IMAGE]
@@ -509,12 +570,10 @@ class GatewayContract:
         await gateway.send_part(contact_id, part, idempotency_key="k-11")
         assert [d.kind for d in driver.sent_messages()] == [PartKind.IMAGE]
 
+    @applies(lambda f: f.sends(PartKind.IMAGE))
     async def test_media_is_read_once(self, driver: GatewayDriver, gateway: Gateway, tmp_path: Path) -> None:
         """An image sent to many contacts is read once: after the first send the file may even be gone, and every
         later recipient still gets exactly the content that was checked."""
-        needs(gateway, direct_send=True)
-        if PartKind.IMAGE not in gateway.capabilities.supports:
-            pytest.skip(f"{gateway.name} does not send images")
         await log_in(driver)
         part = sample_parts(tmp_path)[PartKind.IMAGE]
         assert isinstance(part, ImagePart) and part.media.path is not None
@@ -527,13 +586,11 @@ class GatewayContract:
         assert [d.contact_id for d in got] == contacts
         assert {(d.sha256, d.size) for d in got} == {(part.media.sha256, part.media.size)}
 
+    @applies(lambda f: f.sends(PartKind.FILE))
     async def test_bad_media_is_refused_before_sending(
         self, driver: GatewayDriver, gateway: Gateway, tmp_path: Path
     ) -> None:
         """A missing file, or one whose content is not the one checked (sha256), fails for good and sends nothing."""
-        needs(gateway, direct_send=True)
-        if PartKind.FILE not in gateway.capabilities.supports:
-            pytest.skip(f"{gateway.name} does not send files")
         await log_in(driver)
         contact_id = (await friends(gateway))[4]
         part = sample_parts(tmp_path)[PartKind.FILE]
@@ -546,12 +603,10 @@ class GatewayContract:
             await gateway.send_part(contact_id, part, idempotency_key="k-14")
         assert driver.sent_messages() == []
 
+    @applies(lambda f: f.sends(PartKind.LINK) and f.capabilities.idempotent_sends)
     async def test_a_part_key_delivers_once(self, driver: GatewayDriver, gateway: Gateway, tmp_path: Path) -> None:
         """On a gateway that honours idempotency keys, sending a part again under its key delivers nothing new
         and answers with the first message id."""
-        needs(gateway, direct_send=True)
-        if not gateway.capabilities.idempotent_sends or PartKind.LINK not in gateway.capabilities.supports:
-            pytest.skip(f"{gateway.name} does not honour idempotency keys for link cards")
         await log_in(driver)
         contact_id = (await friends(gateway))[4]
         part = sample_parts(tmp_path)[PartKind.LINK]
@@ -561,19 +616,46 @@ class GatewayContract:
         assert len(driver.sent_messages()) == 1
 
     # -- task-based sending (群发) ------------------------------------------------------------------------
+    @applies(lambda f: not f.capabilities.direct_send)
     async def test_task_based_gateways_refuse_direct_sends(self, driver: GatewayDriver, gateway: Gateway) -> None:
-        """A gateway without direct_send refuses send_text for good (the dispatcher must use tasks), sending nothing."""
-        needs(gateway, direct_send=False)
+        """A gateway without direct_send refuses send_text, send_part and send for good (the dispatcher must use
+        tasks), sending nothing."""
         await log_in(driver)
+        contact_id = customer_of(driver)
         with pytest.raises(PermanentError):
-            await gateway.send_text(customer_of(driver), "hi", idempotency_key="k-7")
+            await gateway.send_text(contact_id, "hi", idempotency_key="k-7")
+        with pytest.raises(PermanentError):
+            await gateway.send_part(contact_id, TextPart("hi"), idempotency_key="k-7#0")
+        with pytest.raises(PermanentError):
+            await gateway.send(contact_id, Message.of_text("hi"), idempotency_key="k-7b")
         await driver.confirm()
         assert driver.sent_messages() == []
 
+    @applies(lambda f: not f.capabilities.batch_send)
+    async def test_direct_gateways_refuse_tasks(self, driver: GatewayDriver, gateway: Gateway) -> None:
+        """A gateway without batch_send refuses submit_batch and every task call for good, sending nothing."""
+        await log_in(driver)
+        contact_id = customer_of(driver)
+        with pytest.raises(PermanentError, match="batch tasks"):
+            await gateway.submit_batch([contact_id], Message.of_text("hi"), idempotency_key="t-0")
+        for call in (gateway.batch_results, gateway.remind_batch, gateway.cancel_batch):
+            with pytest.raises(PermanentError, match="batch tasks"):
+                await call("task-1")
+        assert driver.sent_messages() == []
+
+    @applies(lambda f: not f.capabilities.welcome)
+    async def test_gateways_without_welcome_refuse_it(self, driver: GatewayDriver, gateway: Gateway) -> None:
+        """A gateway without welcome refuses send_welcome for good (a journey's first send then goes the usual
+        way), sending nothing."""
+        await log_in(driver)
+        with pytest.raises(PermanentError, match="welcome"):
+            await gateway.send_welcome("welcome-code-1", Message.of_text("欢迎！"))
+        assert driver.sent_messages() == []
+
+    @applies(lambda f: f.capabilities.batch_send)
     async def test_a_task_delivers_only_after_staff_confirm(self, driver: GatewayDriver, gateway: Gateway) -> None:
         """submit_batch: the task covers the customers, nothing is delivered and results are pending until staff
         confirm; then each customer got the text exactly once, and the results say sent with that message id."""
-        needs(gateway, batch_send=True)
         await log_in(driver)
         sender = await sender_of(gateway, customer_of(driver, 0))
         page = await gateway.list_contacts(None, 1000)
@@ -596,10 +678,10 @@ class GatewayContract:
         assert {(m.contact_id, m.message_id) for m in delivered} == {(cid, results[cid].message_id) for cid in sent}
         assert all(r.reason for r in results.values() if r.outcome is BatchOutcome.FAILED)
 
+    @applies(lambda f: f.capabilities.batch_send)
     async def test_a_task_carries_every_part(self, driver: GatewayDriver, gateway: Gateway, tmp_path: Path) -> None:
         """A task of text, image, link and mini-program parts reaches each customer with every supported part once
         (an image by its content), in order."""
-        needs(gateway, batch_send=True)
         await log_in(driver)
         parts = sample_parts(tmp_path)
         kinds = [k for k in (PartKind.TEXT, PartKind.IMAGE, PartKind.LINK) if k in gateway.capabilities.supports]
@@ -618,9 +700,9 @@ class GatewayContract:
                 (image.media.sha256, image.media.size)
             ]
 
+    @applies(lambda f: f.capabilities.batch_send)
     async def test_a_task_rejects_unknown_customers(self, driver: GatewayDriver, gateway: Gateway) -> None:
         """An id the account does not know is rejected with a reason; the others are still covered."""
-        needs(gateway, batch_send=True)
         await log_in(driver)
         known = customer_of(driver, 1)
         sender = await sender_of(gateway, known)
@@ -630,12 +712,12 @@ class GatewayContract:
         assert known in receipt.accepted
         assert receipt.rejected[driver.unknown_contact_id]
 
+    @applies(lambda f: f.capabilities.batch_send and f.capabilities.idempotent_sends)
     async def test_a_task_resubmitted_under_its_key_is_the_same_task(
         self, driver: GatewayDriver, gateway: Gateway
     ) -> None:
         """With idempotent_sends, submitting the same key again (after a crash) answers the same task, and each
         customer still receives the message once."""
-        needs(gateway, batch_send=True, idempotent_sends=True)
         await log_in(driver)
         contact_id = customer_of(driver, 2)
         sender = await sender_of(gateway, contact_id)
@@ -647,10 +729,9 @@ class GatewayContract:
         assert [m.contact_id for m in driver.sent_messages() if m.text == "一次"] == [contact_id]
 
     # -- tags ----------------------------------------------------------------------------------------------
+    @applies(lambda f: f.capabilities.tags)
     async def test_tags_added_and_removed_show_in_the_next_sync(self, driver: GatewayDriver, gateway: Gateway) -> None:
         """Tags put on a contact appear in the next list_contacts and go again when taken off; both are idempotent."""
-        if not gateway.capabilities.tags:
-            pytest.skip(f"{gateway.name} cannot change tags")
         await log_in(driver)
         contact_id = (await friends(gateway))[2]
         before = (await listed(gateway))[contact_id].tag_ids
@@ -663,10 +744,9 @@ class GatewayContract:
         await gateway.remove_contact_tags(contact_id, new)  # not there any more: no error
         assert set((await listed(gateway))[contact_id].tag_ids) == set(before)
 
+    @applies(lambda f: f.capabilities.tags)
     async def test_unknown_tag_is_refused(self, driver: GatewayDriver, gateway: Gateway) -> None:
         """Putting a tag id the account does not have on a contact fails for good and changes nothing."""
-        if not gateway.capabilities.tags:
-            pytest.skip(f"{gateway.name} cannot change tags")
         await log_in(driver)
         contact_id = (await friends(gateway))[2]
         before = (await listed(gateway))[contact_id].tag_ids
@@ -674,11 +754,10 @@ class GatewayContract:
             await gateway.add_contact_tags(contact_id, ["no-such-tag-0000"])
         assert (await listed(gateway))[contact_id].tag_ids == before
 
+    @applies(lambda f: f.capabilities.tags)
     async def test_create_tag(self, driver: GatewayDriver, gateway: Gateway) -> None:
         """create_tag makes a tag in its group (created when missing) that list_tags shows and contacts can carry;
         asking again returns the same tag."""
-        if not gateway.capabilities.tags:
-            pytest.skip(f"{gateway.name} cannot change tags")
         await log_in(driver)
         tag = await gateway.create_tag("已购", "购买状态")
         assert tag.id
@@ -690,11 +769,10 @@ class GatewayContract:
         assert tag.id in (await listed(gateway))[contact_id].tag_ids
 
     # -- customer events -------------------------------------------------------------------------------------
+    @applies(lambda f: f.capabilities.events and f.customer_messages)
     async def test_incoming_message_is_a_message_event(self, driver: GatewayDriver, gateway: Gateway) -> None:
         """A customer's text arrives as one MESSAGE event with the contact and the text; our own sends are not
         reported as messages from customers."""
-        if not gateway.capabilities.events:
-            pytest.skip(f"{gateway.name} emits no customer events")
         await log_in(driver)
         events = EventRecorder(gateway)
         contact_id = (await friends(gateway))[1]
@@ -709,13 +787,12 @@ class GatewayContract:
         await events.wait_for(EventKind.MESSAGE, text="marker")
         assert [e.data["text"] for e in events.of(EventKind.MESSAGE)] == ["ＴＤ 退订", "marker"]
 
+    @applies(lambda f: f.capabilities.events)
     async def test_new_and_removed_contacts_are_events(self, driver: GatewayDriver, gateway: Gateway) -> None:
         """A customer who adds the account is a CONTACT_ADDED event and a contact the next sync lists that was not
         there before, and can be sent to; one who deletes it is a CONTACT_REMOVED event. On a direct sender (a puppet:
         the account's own contact book) they are no friend in the next sync and a send to them fails; WeCom's API
         keeps listing a one-way follow, so the official gateway only promises the event."""
-        if not gateway.capabilities.events:
-            pytest.skip(f"{gateway.name} emits no customer events")
         await log_in(driver)
         before = await listed(gateway)
         events = EventRecorder(gateway)

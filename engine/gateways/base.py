@@ -36,7 +36,7 @@ from enum import StrEnum
 from typing import Any, ClassVar
 
 from engine.clock import Clock, SystemClock
-from engine.errors import GatewayError, PermanentError
+from engine.errors import PermanentError
 from engine.messages import Message, Part, PartKind, TextPart, part_key
 from engine.settings import Settings
 
@@ -328,38 +328,38 @@ class Gateway(ABC):
         """Submit one message for many contacts as a task that staff confirm (task-based gateways only).
         `sender`: the staff member (WeCom userid) whose customers these are ('' where a gateway has one account).
         A plain `str` is a text-only message (kept for callers written before rich messages)."""
-        raise GatewayError(f"the {self.name} gateway cannot submit batch tasks")
+        raise PermanentError(f"the {self.name} gateway cannot submit batch tasks")
 
     async def batch_results(self, task_id: str) -> list[BatchResult]:
         """Per-contact results of a submitted task, as far as they are known."""
-        raise GatewayError(f"the {self.name} gateway has no batch tasks")
+        raise PermanentError(f"the {self.name} gateway has no batch tasks")
 
     async def remind_batch(self, task_id: str) -> None:
         """Remind the staff member to confirm a task (WeCom allows 3 reminders per task per 24 h)."""
-        raise GatewayError(f"the {self.name} gateway has no batch tasks")
+        raise PermanentError(f"the {self.name} gateway has no batch tasks")
 
     async def cancel_batch(self, task_id: str) -> None:
         """Stop a task's unsent messages (messages already sent cannot be recalled)."""
-        raise GatewayError(f"the {self.name} gateway has no batch tasks")
+        raise PermanentError(f"the {self.name} gateway has no batch tasks")
 
     async def send_welcome(self, welcome_code: str, message: Message) -> SendReceipt:
         """Send the welcome message of a new customer with the event's single-use WelcomeCode, within WeCom's
         20-second window (the official API only: `capabilities.welcome`)."""
-        raise GatewayError(f"the {self.name} gateway cannot send welcome messages")
+        raise PermanentError(f"the {self.name} gateway cannot send welcome messages")
 
     # -- tags ------------------------------------------------------------------------------------
     async def add_contact_tags(self, contact_id: str, tag_ids: Sequence[str]) -> None:
         """Put tags (by id) on a contact, in WeCom. Idempotent: a tag already there is no error."""
-        raise GatewayError(f"the {self.name} gateway cannot change tags")
+        raise PermanentError(f"the {self.name} gateway cannot change tags")
 
     async def remove_contact_tags(self, contact_id: str, tag_ids: Sequence[str]) -> None:
         """Take tags (by id) off a contact, in WeCom. Idempotent: a tag not there is no error."""
-        raise GatewayError(f"the {self.name} gateway cannot change tags")
+        raise PermanentError(f"the {self.name} gateway cannot change tags")
 
     async def create_tag(self, name: str, group_name: str = "") -> TagRecord:
         """Create a tag (in `group_name`, created when missing) and return it; an existing tag of that name and
         group is returned as it is."""
-        raise GatewayError(f"the {self.name} gateway cannot change tags")
+        raise PermanentError(f"the {self.name} gateway cannot change tags")
 
     # -- events ----------------------------------------------------------------------------------
     def subscribe(self, listener: Listener) -> Callable[[], None]:

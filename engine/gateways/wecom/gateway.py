@@ -137,6 +137,18 @@ class WecomGateway(Gateway):
 
     name: ClassVar[str] = "wecom"
 
+    capabilities = Capabilities(
+        direct_send=False,
+        batch_send=True,
+        idempotent_sends=True,
+        max_batch=MAX_TASK_RECIPIENTS,
+        supports=frozenset(PartKind),
+        tags=True,
+        welcome=True,
+        events=True,
+        qr_login=False,
+    )
+
     def __init__(
         self,
         settings: WecomSettings,
@@ -147,17 +159,6 @@ class WecomGateway(Gateway):
     ) -> None:
         super().__init__(clock)
         self.settings = settings
-        self.capabilities = Capabilities(
-            direct_send=False,
-            batch_send=True,
-            idempotent_sends=True,
-            max_batch=MAX_TASK_RECIPIENTS,
-            supports=frozenset(PartKind),
-            tags=True,
-            welcome=True,
-            events=True,
-            qr_login=False,
-        )
         self.client = WecomClient(settings, self.clock, transport=transport, rng=rng)
         self._store: WecomStore | None = None
         self._logged_in = False
