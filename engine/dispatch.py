@@ -38,7 +38,7 @@ import logging
 import math
 import random
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -261,9 +261,13 @@ class Dispatcher:
         clock: Clock | None = None,
         owner: str | None = None,
         rng: random.Random | None = None,
+        on_finished: Callable[[int], Awaitable[None]] | None = None,
     ) -> None:
+        """`on_finished(run_id)`: awaited once when this dispatcher marks a run completed (its summary for
+        people: `engine.notify`); it must not raise."""
         self.db = db
         self.gateway = gateway
+        self.on_finished = on_finished
         self.settings = settings
         self.clock = clock or SystemClock()
         self.owner = owner or process_owner()
@@ -468,7 +472,8 @@ class _RunSender:
                             )
                         await self._idle(RECONCILE_EVERY)
                         continue
-                    await off_loop(runs_db.finish_if_done, d.db, self.run_id, d.clock.now())
+                    if await off_loop(runs_db.finish_if_done, d.db, self.run_id, d.clock.now()) and d.on_finished:
+                        await d.on_finished(self.run_id)
                     return "done"
                 await self._idle(min(max(0.0, (due - d.clock.now()).total_seconds()), 5.0))
                 continue

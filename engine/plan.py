@@ -278,6 +278,7 @@ def run_settings(campaign: Campaign) -> RunSettings:
         max_errors=campaign.max_errors,
         frequency_cap=campaign.frequency_cap,
         quiet_hours=campaign.quiet_hours,
+        notify=campaign.notify,
     )
 
 

@@ -21,6 +21,20 @@ from engine.errors import WecastError
 from engine.settings import FrequencyCap, QuietHours, Strict, check_timezone
 
 
+class RunNotify(Strict):
+    """Who hears of the run when it finishes (a campaign's `notify:` resolved against config.yaml's). Never a
+    secret: a robot is named by where its URL is (config.yaml's `notify.robot`, or the environment variable a
+    campaign's `${NAME}` names), read when the summary is sent."""
+
+    staff: list[str] = []  # WeCom userids (message/send: gateway wecom)
+    config_robot: bool = False  # config.yaml's notify.robot
+    robot_env: str | None = None  # the environment variable holding the campaign's own robot URL
+
+    @property
+    def anyone(self) -> bool:
+        return bool(self.staff or self.config_robot or self.robot_env)
+
+
 class RunSettings(Strict):
     """How one run is sent (see the module docstring)."""
 
@@ -34,6 +48,7 @@ class RunSettings(Strict):
     # True for replies to a customer's own message (an opt-out confirmation, a keyword journey's transactional
     # send): they go out even to a contact on the suppression list. Everything else skips opted-out contacts.
     opt_out_exempt: bool = False
+    notify: RunNotify | None = None  # a campaign run's summary when it finishes (None: nobody is told)
 
     _tz = field_validator("timezone")(lambda v: check_timezone(v))
 

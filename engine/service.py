@@ -27,6 +27,7 @@ from engine.i18n import tr
 from engine.journeys.runtime import JourneyEngine
 from engine.media import MediaStore
 from engine.message_spec import Attachment, direct_message
+from engine.notify import RunNotifier
 from engine.plan import PlanResult, Preview, build_preview, plan_adhoc, plan_run, plan_test_send
 from engine.settings import Settings
 from engine.spec import Campaign
@@ -63,7 +64,11 @@ class Wecast:
         )
         self.gateway = gateway or build_gateway(settings, self.clock)
         self.media = MediaStore(settings.media_dir)
-        self.dispatcher = Dispatcher(self.db, self.gateway, settings, clock=self.clock)
+        # Run summaries for people, once a run completes (whoever completes it: the dispatcher or a reconcile).
+        self.notifier = RunNotifier(self.db, self.gateway, settings)
+        self.dispatcher = Dispatcher(
+            self.db, self.gateway, settings, clock=self.clock, on_finished=self.notifier.run_finished
+        )
         # The journeys (the rule engine) of this instance; the scheduler of `wecast serve` loads and ticks them.
         self.journeys = JourneyEngine(self.db, self.gateway, settings, clock=self.clock)
         self._unsubscribe: Callable[[], None] | None = None
@@ -241,7 +246,8 @@ class Wecast:
         out: dict[int, Reconciled] = {}
         for each in ids:
             out[each] = await reconcile_run(self.db, self.gateway, each, self.clock)
-            await off_loop(runs_db.finish_if_done, self.db, each, self.clock.now())
+            if await off_loop(runs_db.finish_if_done, self.db, each, self.clock.now()):
+                await self.notifier.run_finished(each)
         return out
 
     async def remind(self, run_id: int) -> tuple[int, list[str]]:

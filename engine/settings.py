@@ -14,6 +14,7 @@ import re
 from datetime import UTC, datetime, time, timedelta
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import (
@@ -293,6 +294,45 @@ class ApiSettings(Strict):
         return SecretStr(key)
 
 
+_USERID = re.compile(r"^[A-Za-z0-9_.@-]{1,64}$")
+
+
+def check_robot_url(value: str) -> str:
+    """A group robot's webhook URL: https (plain http only to this machine, for tests and local relays)."""
+    parts = urlsplit(value.strip())
+    loopback = parts.hostname in ("127.0.0.1", "localhost", "::1")
+    if not parts.hostname or parts.scheme not in ("https", "http") or (parts.scheme == "http" and not loopback):
+        raise ValueError(
+            "a group robot's webhook URL is https://qyapi.weixin.qq.com/cgi-bin/webhook/send?key=... "
+            "(the URL WeCom shows when the robot is added to the group)"
+        )
+    return value.strip()
+
+
+def check_userids(value: list[str]) -> list[str]:
+    for userid in value:
+        if not _USERID.match(userid):
+            raise ValueError(f"{userid!r} is not a WeCom userid (letters, digits, _ . @ -; as in the admin console)")
+    return value
+
+
+class NotifySettings(Strict):
+    """Run summaries for people (`notify:`): when a campaign's run finishes, its counts go to these staff members
+    (WeCom userids, as an application message through `message/send`: gateway wecom only, with `wecom.agent_id`)
+    and/or to a group robot's webhook (any gateway). The webhook URL carries the robot's key: give it as `${ENV}`.
+    A campaign may turn them off (`notify: false`) or name its own (`engine.spec`)."""
+
+    staff: list[str] = []
+    robot: SecretStr | None = None
+
+    _staff = field_validator("staff")(lambda v: check_userids(v))
+
+    @field_validator("robot")
+    @classmethod
+    def _robot(cls, v: SecretStr | None) -> SecretStr | None:
+        return None if v is None else SecretStr(check_robot_url(v.get_secret_value()))
+
+
 class SchedulerSettings(Strict):
     catch_up: Literal["skip", "once", "all"] = "once"
     grace: Duration = timedelta(hours=1)  # a missed fire is caught up only if this recent
@@ -336,6 +376,7 @@ class Settings(Strict):
     api: ApiSettings = ApiSettings()
     scheduler: SchedulerSettings = SchedulerSettings()
     opt_out: OptOutSettings = OptOutSettings()
+    notify: NotifySettings = NotifySettings()
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     # zh_CN or en: the language of the CLI, the API's messages and the console (`--lang` and `?lang=` override it);
     # left out: the locale's (LANG starting with zh: Chinese), else English.
@@ -369,6 +410,7 @@ _SECRET_ENV = {
     ("wecom", "callback_token"): "WECAST_WECOM_CALLBACK_TOKEN",
     ("wecom", "encoding_aes_key"): "WECAST_WECOM_AES_KEY",
     ("wecom", "webhook_key"): "WECAST_WECOM_WEBHOOK_KEY",
+    ("notify", "robot"): "WECAST_NOTIFY_ROBOT",
 }
 
 
@@ -429,6 +471,12 @@ def load_settings(path: str | Path | None = None, *, overrides: dict[str, Any] |
         first_loc, first_reason = problems[0]
         more = "".join(f"\n  {loc}: {reason}" for loc, reason in problems[1:])
         raise ConfigError(first_reason + more, first_loc) from None
+    if settings.notify.staff and settings.gateway != "wecom":
+        raise ConfigError(
+            "staff are notified through WeCom's message/send, which needs gateway wecom; "
+            "on this gateway use notify.robot (a group robot's webhook)",
+            lines.at(("notify", "staff")),
+        )
     return _resolve_paths(settings, base)
 
 

@@ -26,6 +26,7 @@ configured gateway can send). All problems in a file are reported together.
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -40,8 +41,9 @@ from engine.audience import Rule, RuleError, parse_rules
 from engine.durations import DurationTooLong, parse_duration
 from engine.errors import CampaignError, Location
 from engine.message_spec import CompiledMessage, MessageSpec, compile_message
+from engine.runsettings import RunNotify
 from engine.schedule import ScheduleError, ScheduleSpec, build_trigger
-from engine.settings import FrequencyCap, QuietHours, Settings, Strict, Throttle, check_timezone
+from engine.settings import FrequencyCap, QuietHours, Settings, Strict, Throttle, check_timezone, check_userids
 
 ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
@@ -71,6 +73,29 @@ def _parse_dedupe(value: Any) -> str:
     return str(value)
 
 
+ENV_REF = re.compile(r"^\$\{([A-Z_][A-Z0-9_]*)\}$")
+
+
+class CampaignNotify(Strict):
+    """A campaign's own `notify:` (replacing config.yaml's): staff userids and/or a robot whose webhook URL is in
+    an environment variable, written `${NAME}` (a campaign file is no place for the robot's key)."""
+
+    staff: list[str] = []
+    robot: str | None = None
+
+    _staff = field_validator("staff")(lambda v: check_userids(v))
+
+    @field_validator("robot")
+    @classmethod
+    def _robot(cls, v: str | None) -> str | None:
+        if v is None:
+            return None
+        found = ENV_REF.match(v.strip())
+        if not found:
+            raise ValueError("give the robot's webhook URL as ${ENV_NAME}: the URL carries the robot's key")
+        return found.group(1)
+
+
 class CampaignModel(Strict):
     kind: Literal["campaign"] | None = None  # `kind: journey` (or a `trigger:`) makes the file a journey
     id: str | None = None
@@ -87,6 +112,7 @@ class CampaignModel(Strict):
     throttle: Throttle | None = None
     max_errors: int | None = Field(default=None, ge=0)
     tags: list[str] = []  # labels for people, not audience tags
+    notify: bool | CampaignNotify = True  # true: config.yaml's notify; false: nobody; or the campaign's own
 
     _tz = field_validator("timezone")(lambda v: check_timezone(v) if v is not None else v)
     _dedupe = field_validator("dedupe", mode="before")(lambda v: _parse_dedupe(v))
@@ -130,6 +156,7 @@ class Campaign:
     max_errors: int
     description: str = ""
     content_hash: str = ""
+    notify: RunNotify | None = None  # who hears of a run when it finishes
     lines: yamlsrc.Lines = field(default_factory=lambda: yamlsrc.Lines(""))
 
     @property
@@ -233,6 +260,7 @@ def parse_campaign(text: str, file: Path, settings: Settings) -> Campaign:
     _raise_all(problems)
     assert compiled is not None
 
+    notify = _notify(model.notify, settings, lines)
     sending = settings.sending
     cap: FrequencyCap | None
     if model.frequency_cap is True:
@@ -268,7 +296,28 @@ def parse_campaign(text: str, file: Path, settings: Settings) -> Campaign:
         description=model.description,
         content_hash=hashlib.sha256((text + compiled.source).encode()).hexdigest()[:16],
         lines=lines,
+        notify=notify,
     )
+
+
+def _notify(given: bool | CampaignNotify, settings: Settings, lines: yamlsrc.Lines) -> RunNotify | None:
+    """The campaign's `notify:` resolved against config.yaml's (None: nobody is told)."""
+    if given is False:
+        return None
+    if given is True:
+        key = settings.gateway == "wecom" and settings.wecom.webhook_key is not None  # WecomGateway.notify_robot
+        robot = settings.notify.robot is not None or key
+        found = RunNotify(staff=settings.notify.staff, config_robot=robot)
+        return found if found.anyone else None
+    problems = []
+    if given.staff and settings.gateway != "wecom":
+        problems.append(
+            _err(lines, ("notify", "staff"), "staff are notified through WeCom's message/send: gateway wecom only")
+        )
+    if given.robot is not None and given.robot not in os.environ:
+        problems.append(_err(lines, ("notify", "robot"), f"environment variable {given.robot} is not set"))
+    _raise_all(problems)
+    return RunNotify(staff=given.staff, robot_env=given.robot)
 
 
 @dataclass
