@@ -805,6 +805,30 @@ def submitted(db: DB, run_id: int) -> list[Submitted]:
         return [Submitted(*r) for r in conn.execute(stmt)]
 
 
+class TaskCount(NamedTuple):
+    """One 群发 task of a run, as its deliveries stand: `first_contact` (the smallest contact id: its leading staff
+    member sent the task), `waiting` (deliveries still submitted: staff have not confirmed, or nobody looked
+    since) of `total`."""
+
+    task_id: str
+    first_contact: str
+    waiting: int
+    total: int
+
+
+def task_counts(db: DB, run_id: int) -> list[TaskCount]:
+    """A run's 群发 tasks with how many of each task's deliveries still wait, by task id."""
+    waiting = func.sum(case((_D.status == DeliveryStatus.SUBMITTED, 1), else_=0))
+    stmt = (
+        select(_D.gateway_task_id, func.min(_D.contact_id), waiting, func.count())
+        .where(_D.run_id == run_id, _D.gateway_task_id != "")
+        .group_by(_D.gateway_task_id)
+        .order_by(_D.gateway_task_id)
+    )
+    with reading(db) as conn:
+        return [TaskCount(str(t), str(c), int(w or 0), int(n)) for t, c, w, n in conn.execute(stmt)]
+
+
 def runs_with_submitted(db: DB) -> list[int]:
     """The runs that have deliveries waiting in 群发 tasks, oldest first."""
     stmt = select(_D.run_id).where(_D.status == DeliveryStatus.SUBMITTED).group_by(_D.run_id).order_by(_D.run_id)

@@ -35,10 +35,11 @@ from engine.web import api
 from engine.web.attempts import FailedAttempts
 from engine.web.console.charts import bars, sends_over_time
 from engine.web.console.journeys import JourneyCounts, tree
+from engine.web.console.tasks import staff_tasks
 from engine.web.console.templating import build_environment, language_of, translator
 from engine.web.context import WebContext
 from engine.web.errors import answer_for, describe_invalid
-from engine.web.models import TestSendBody, VerifyCodeBody
+from engine.web.models import TasksView, TestSendBody, VerifyCodeBody
 from engine.web.security import CONSOLE, SIGNIN
 from engine.web.sessions import COOKIE, Session, SessionKind, SessionTokens, cookie_header
 from storage import contacts as contacts_db
@@ -262,6 +263,21 @@ def message_parts(message: Message, media: MediaIndex) -> list[dict[str, Any]]:
         else:
             out.append({"kind": "file", "name": part.media.name, "size": human_size(part.media.size)})
     return out
+
+
+def tasks_notice(action: str, done: TasksView, gettext: Callable[..., str], ngettext: Callable[..., str]) -> str:
+    """What a reconcile or remind did, in words (the problems, WeCom's, follow as they are)."""
+    if action == "remind":
+        text = ngettext("%(num)d task reminded.", "%(num)d tasks reminded.", done.reminded)
+    else:
+        text = gettext(
+            "Checked %(tasks)s tasks: %(sent)s sent, %(failed)s failed, %(waiting)s still awaiting confirmation.",
+            tasks=done.tasks,
+            sent=done.sent,
+            failed=done.failed,
+            waiting=done.waiting,
+        )
+    return " ".join([text, *done.problems])
 
 
 def _safe_next(target: str) -> str:
@@ -586,12 +602,16 @@ def router(ctx: WebContext, sessions: SessionTokens, attempts: FailedAttempts | 
         )
         failures = [(x.reason or x.status.value, x.count) for x in reasons if x.status in FAILED_STATUSES]
         skips = [(x.reason or x.status.value, x.count) for x in reasons if x.status is DeliveryStatus.SKIPPED]
+        tasks = staff_tasks(app.db, run_id) if app.gateway.capabilities.batch_send else []
         return {
             "run": run,
             "progress": progress_of(run),
             "times": times,
             "failures": failures,
             "skips": skips,
+            "tasks": tasks,
+            "tasks_waiting": sum(t.waiting for t in tasks),
+            "tasks_notice": "",
         }
 
     def run_charts(values: dict[str, Any], gettext: Callable[..., str]) -> dict[str, Any]:
@@ -641,11 +661,13 @@ def router(ctx: WebContext, sessions: SessionTokens, attempts: FailedAttempts | 
     def run_action(name: str, act: Callable[[WebContext, int], Any]) -> None:
         async def route(request: Request, run_id: Annotated[int, PathParam(ge=1, le=2**62)]) -> Response:
             try:
-                await act(ctx, run_id)
+                done = await act(ctx, run_id)
                 values = await ctx.db(run_page_values, run_id)
             except WecastError as exc:
                 return ui.notice(request, exc)
-            gettext, _ = translator(ui.language(request))
+            gettext, ngettext = translator(ui.language(request))
+            if isinstance(done, TasksView):
+                values["tasks_notice"] = tasks_notice(name, done, gettext, ngettext)
             return ui.render(request, "_run_live.html", **values, **run_charts(values, gettext))
 
         r.add_api_route(f"/runs/{{run_id}}/{name}", route, methods=["POST"], response_class=HTMLResponse)
@@ -653,6 +675,9 @@ def router(ctx: WebContext, sessions: SessionTokens, attempts: FailedAttempts | 
     run_action("pause", lambda c, i: api.pause_run(c, i, "paused in the console"))
     run_action("resume", api.resume_run)
     run_action("cancel", lambda c, i: api.cancel_run(c, i, "cancelled in the console"))
+    # 群发 tasks (task-based gateways): collect the staff's confirmations now, remind those who have not confirmed.
+    run_action("reconcile", api.reconcile_run)
+    run_action("remind", api.remind_run)
 
     # -- deliveries ------------------------------------------------------------------------------
     @r.get("/deliveries", response_class=HTMLResponse)
