@@ -314,6 +314,10 @@ def test_login_flow_shows_errors_and_tries_left(open_server: LiveServer) -> None
     assert bad.status_code == 422 and "verifyCode" in bad.text
     ok = client.post("/console/login/verify", json={"verifyCode": code}, headers=h)
     assert ok.status_code == 200 and 'data-state="logged_in"' in ok.text
+    # The header's state badge follows out of band (it was drawn with the page, before the login).
+    assert re.search(r'id="login-badge" class="badge login-logged_in"[^>]*hx-swap-oob="true">已登录<', ok.text)
+    page = client.get("/console/login").text
+    assert page.count('id="login-badge"') == 1 and "hx-swap-oob" not in page
 
 
 def test_pages_render_in_chinese_by_default_and_english_on_request(open_server: LiveServer) -> None:

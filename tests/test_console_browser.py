@@ -203,6 +203,7 @@ def test_a_marketers_day_in_the_browser(server: LiveServer, shots: Path, capsys:
         expect(page.locator("#login-panel")).to_have_attribute("data-state", "logged_in")
         # The recent events card caught up by itself: the login happened after the page was loaded.
         expect(page.locator("#recent-events .tag", has_text="login")).to_have_count(1)
+        expect(page.locator("#login-badge")).to_have_text("已登录")  # the header follows without a reload
         assert page.evaluate("window.__notReloaded") is True, "the events must refresh without reloading the page"
         snap("04-login-done")
 

@@ -375,6 +375,7 @@ def router(ctx: WebContext, sessions: SessionTokens, attempts: FailedAttempts | 
             request,
             "_login_panel.html",
             status=code,
+            oob=True,
             login=status,
             version=login_version(status),
             error=error,
