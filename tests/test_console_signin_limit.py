@@ -144,3 +144,34 @@ def test_failed_attempts_slide_and_stay_bounded() -> None:
     attempts.failed("c")  # "a" failed least recently: forgotten
     assert attempts.retry_after("a") is None
     assert attempts.failed("a") == 1
+
+
+def test_wrong_bearer_keys_count_too(server: LiveServer, clock: Clock, caplog: pytest.LogCaptureFixture) -> None:
+    """The Authorization header is no way around the limit: five wrong Bearer keys from an address, and every
+    request presenting a key from there — the right one too — is 429 with Retry-After, and so is the console's
+    sign-in (one limit); requests without a key are answered as before, other addresses are not affected."""
+    caplog.set_level(logging.DEBUG)
+    api = httpx.Client(base_url=server.url, timeout=30)
+    try:
+        for guess in GUESSES[:5]:
+            assert api.get("/api/v1/contacts", headers={"authorization": f"Bearer {guess}"}).status_code == 401
+        refused = api.get("/api/v1/contacts", headers={"authorization": f"Bearer {KEY}"})
+        assert refused.status_code == 429 and refused.headers["retry-after"] == "600"
+        assert "too many wrong API keys" in refused.json()["error"]
+        assert api.get("/healthz").status_code == 200
+        assert api.get("/api/v1/contacts").status_code == 401  # no key presented: the usual answer
+    finally:
+        api.close()
+    browser_client, token = browser(server)
+    try:
+        assert sign_in(browser_client, token, KEY).status_code == 429
+    finally:
+        browser_client.close()
+    other = httpx.Client(base_url=server.url, timeout=30, transport=httpx.HTTPTransport(local_address="127.0.0.2"))
+    try:
+        assert other.get("/api/v1/contacts", headers={"authorization": f"Bearer {KEY}"}).status_code == 200
+    finally:
+        other.close()
+    logged = "\n".join(r.getMessage() for r in caplog.records)
+    assert "5 wrong API keys from 127.0.0.1" in logged
+    assert KEY not in logged and not any(g in logged for g in GUESSES)

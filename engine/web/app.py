@@ -52,8 +52,9 @@ def create_app(
     """The HTTP service for `app`. With `require_key`, every endpoint but /healthz needs the API key
     (`settings.api.key`); asking for that without a key configured is a ConfigError. `close_app`: close
     the Wecast instance when the server stops. `loopback_only`: the server listens on loopback, so requests
-    must name a loopback host (see `engine.web.security`). `signin_attempts`: the console's limit on wrong keys
-    (`engine.web.attempts`; 5 per 10 minutes from one address unless given)."""
+    must name a loopback host (see `engine.web.security`). `signin_attempts`: the limit on wrong keys, at the console's
+    sign-in and in the Authorization header (`engine.web.attempts`; 5 per 10 minutes from one address unless
+    given)."""
     settings = app.settings
     key = settings.api.key.get_secret_value() if settings.api.key is not None else None
     if require_key and not key:
@@ -105,7 +106,8 @@ def create_app(
     api.include_router(api_routes.router(ctx))
     api.include_router(wecom_callback.router(ctx))
     sessions = SessionTokens(key)
-    api.include_router(console.router(ctx, sessions, signin_attempts))
+    attempts = signin_attempts or FailedAttempts()  # one limit on wrong keys: the console's form and Bearer
+    api.include_router(console.router(ctx, sessions, attempts))
     api.mount(f"{CONSOLE}/static", StaticFiles(directory=console.STATIC_DIR), name="console-static")
 
     @api.get("/", include_in_schema=False)
@@ -120,7 +122,7 @@ def create_app(
     def metrics() -> Response:
         return Response(generate_latest(ctx.registry), media_type=CONTENT_TYPE_LATEST)
 
-    api.add_middleware(Authentication, sessions=sessions)
+    api.add_middleware(Authentication, sessions=sessions, attempts=attempts)
     # Added last, so it runs first: a forged Host or a cross-site request is refused before anything else.
     api.add_middleware(RequestGuard, loopback_only=loopback_only)
     return api

@@ -22,6 +22,9 @@
   in constant time) or the console's session cookie, which its sign-in form gives for the key
   (`engine.web.sessions`). A browser asking for a console page without either is sent to the sign-in page;
   everything else gets 401. The key is never logged or echoed.
+* **Guessing**: wrong keys count per client address, in the Authorization header and at the console's sign-in
+  alike (`engine.web.attempts`: 5 in 10 minutes); past that, a request that presents a key gets 429 with
+  Retry-After, without the key being checked, until the oldest failure is 10 minutes old.
 * **CSRF**: a state-changing request that rides on the cookie — every one to the console, and any to the API
   that is not made with the Bearer header — must carry the session's token in `X-CSRF-Token` (403 otherwise).
   The console's pages send it with every change they make; a cross-site page cannot read it.
@@ -31,12 +34,16 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import logging
 from collections.abc import Awaitable, Callable, Collection, MutableMapping
 from typing import Any
 from urllib.parse import quote, urlsplit
 
+from engine.web.attempts import FailedAttempts
 from engine.web.errors import error_body
 from engine.web.sessions import CSRF_HEADER, SessionTokens, cookie_value
+
+log = logging.getLogger("wecast.web")
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -175,9 +182,10 @@ class RequestGuard:
 class Authentication:
     """The key (Bearer header or console session) and the CSRF token (see the module docstring)."""
 
-    def __init__(self, app: ASGIApp, *, sessions: SessionTokens) -> None:
+    def __init__(self, app: ASGIApp, *, sessions: SessionTokens, attempts: FailedAttempts | None = None) -> None:
         self.app = app
         self.sessions = sessions
+        self.attempts = attempts or FailedAttempts()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -186,7 +194,33 @@ class Authentication:
         path: str = scope.get("path", "")
         headers = _headers(scope)
         session = self.sessions.read(cookie_value(headers.get(b"cookie", b"").decode("latin-1")))
+        client = scope.get("client")
+        address = str(client[0]) if client else ""
+        presented = bool(headers.get(b"authorization", b"").strip())
+        if presented and self.sessions.key_required:
+            wait = self.attempts.retry_after(address)
+            if wait is not None:  # the console's sign-in and the Bearer header share the limit on wrong keys
+                await _refuse(
+                    send,
+                    429,
+                    f"too many wrong API keys from this address: try again in {wait} seconds",
+                    [(b"retry-after", str(wait).encode())],
+                )
+                return
         bearer = self._bearer_ok(headers)
+        if (
+            presented
+            and self.sessions.key_required
+            and not bearer
+            and self.attempts.failed(address) >= self.attempts.limit
+        ):
+            log.warning(
+                "%d wrong API keys from %s within %d s (Authorization header); refusing it for %d s",
+                self.attempts.limit,
+                address,
+                self.attempts.window,
+                self.attempts.retry_after(address) or 0,
+            )
         if self.sessions.key_required and not is_open(path) and not bearer and not (session and session.signed_in):
             await self._refuse_unsigned(scope, headers, send)
             return
