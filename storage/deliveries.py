@@ -636,6 +636,7 @@ def list_parts(db: DB, delivery_ids: Sequence[int]) -> dict[int, list[PartState]
     return {d: [states[i] for i in sorted(states)] for d, states in part_states(db, delivery_ids).items()}
 
 
+WELCOME_TASK = "welcome"  # gateway_task_id of a delivery sent as a WeCom welcome message (send_welcome)
 IN_DOUBT_REASON = "an earlier attempt was interrupted and may have been delivered"
 
 
@@ -693,6 +694,19 @@ def recover_run(db: DB, run_id: int, *, resend_in_flight: bool, now: datetime) -
             .values(status=DeliveryStatus.PENDING, claim_token="", updated_at=now)
         ).rowcount
         in_flight = (_D.run_id == run_id, _D.status == DeliveryStatus.SENDING)
+        # A journey's welcome message caught being sent (engine.journeys.runtime: its code was good once, for 20 s,
+        # and the usual path has no key that would recognise it): unknown, never resent another way.
+        welcomes = conn.execute(
+            update(DELIVERIES)
+            .where(*in_flight, _D.gateway_task_id == WELCOME_TASK)
+            .values(
+                status=DeliveryStatus.UNKNOWN,
+                claim_token="",
+                updated_at=now,
+                reason="interrupted while sending the welcome message: it may or may not have arrived; "
+                "not retried automatically",
+            )
+        ).rowcount
         if resend_in_flight:
             # Resent under the same key (the gateway answers a repeat with the first message), but in doubt until
             # then: if the resend never gets through, it may still have arrived the first time.
@@ -701,7 +715,12 @@ def recover_run(db: DB, run_id: int, *, resend_in_flight: bool, now: datetime) -
                 .where(*in_flight)
                 .values(status=DeliveryStatus.PENDING, claim_token="", updated_at=now, in_doubt=True)
             ).rowcount
-            return {"requeued": back or 0, "resent": (resent or 0) + settled["resent"], "unknown": 0, **_sent(settled)}
+            return {
+                "requeued": back or 0,
+                "resent": (resent or 0) + settled["resent"],
+                "unknown": welcomes or 0,
+                **_sent(settled),
+            }
         unknown = conn.execute(
             update(DELIVERIES)
             .where(*in_flight)
@@ -716,7 +735,7 @@ def recover_run(db: DB, run_id: int, *, resend_in_flight: bool, now: datetime) -
     return {
         "requeued": back or 0,
         "resent": settled["resent"],
-        "unknown": (unknown or 0) + settled["unknown"],
+        "unknown": (unknown or 0) + (welcomes or 0) + settled["unknown"],
         **_sent(settled),
     }
 

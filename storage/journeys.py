@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, fields
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import delete, func, insert, or_, select, update
+from sqlalchemy import bindparam, delete, func, insert, or_, select, update
 from sqlalchemy.engine import Connection
 
 from storage._sql import DB, aware, chunks, decode_json, insert_ignore, reading, writing
@@ -381,41 +381,62 @@ def past_entries(db: DB, journey_id: str, contact_ids: Sequence[str]) -> dict[st
 
 def enrol(db: DB, items: Sequence[NewEnrolment]) -> list[int]:
     """Enter contacts into journeys (entry number = the contact's last + 1). A trigger that already entered a
-    contact into a journey enters nothing (unique journey, contact, trigger_key). Returns the new ids."""
+    contact into a journey enters nothing (unique journey, contact, trigger_key). Returns the new ids.
+
+    In bulk: per journey, one read of the contacts' earlier entries a chunk at a time, one multi-row insert and one
+    read of the new ids (inside the caller's write transaction: on SQLite it holds the write lock, on PostgreSQL the
+    unique constraints still refuse a concurrent duplicate, which is then skipped)."""
     new: list[int] = []
+    by_journey: dict[str, list[NewEnrolment]] = defaultdict(list)
+    for item in items:
+        by_journey[item.journey_id].append(item)
     with writing(db) as conn:
-        for item in items:
-            last = conn.execute(
-                select(func.max(_N.entry)).where(_N.journey_id == item.journey_id, _N.contact_id == item.contact_id)
-            ).scalar()
-            values = {
-                "journey_id": item.journey_id,
-                "contact_id": item.contact_id,
-                "entry": int(last or 0) + 1,
-                "trigger_key": item.trigger_key[:300],
-                "event_id": item.event_id,
-                "status": EnrolmentStatus.ACTIVE.value,
-                "step": item.step,
-                "due_at": item.now,
-                "step_started_at": item.step_started_at,
-                "delivery_key": "",
-                "attempts": 0,
-                "version": 0,
-                "reason": "",
-                "entered_at": item.now,
-                "updated_at": item.now,
-                "ended_at": None,
-            }
-            if insert_ignore(conn, ENROLMENTS, [values]):
-                new_id = conn.execute(
-                    select(_N.id).where(
-                        _N.journey_id == item.journey_id,
-                        _N.contact_id == item.contact_id,
-                        _N.trigger_key == values["trigger_key"],
-                    )
-                ).scalar_one()
-                new.append(int(new_id))
-    return new
+        for journey_id, group in by_journey.items():
+            last: dict[str, int] = {}
+            taken: set[tuple[str, str]] = set()
+            for part in chunks(sorted({i.contact_id for i in group})):
+                stmt = select(_N.contact_id, _N.entry, _N.trigger_key).where(
+                    _N.journey_id == journey_id, _N.contact_id.in_(part)
+                )
+                for contact_id, entry, trigger_key in conn.execute(stmt):
+                    last[contact_id] = max(last.get(contact_id, 0), int(entry))
+                    taken.add((contact_id, trigger_key))
+            rows: list[dict[str, Any]] = []
+            for item in group:
+                key = (item.contact_id, item.trigger_key[:300])
+                if key in taken:
+                    continue
+                taken.add(key)
+                last[item.contact_id] = last.get(item.contact_id, 0) + 1
+                rows.append(
+                    {
+                        "journey_id": journey_id,
+                        "contact_id": item.contact_id,
+                        "entry": last[item.contact_id],
+                        "trigger_key": key[1],
+                        "event_id": item.event_id,
+                        "status": EnrolmentStatus.ACTIVE.value,
+                        "step": item.step,
+                        "due_at": item.now,
+                        "step_started_at": item.step_started_at,
+                        "delivery_key": "",
+                        "attempts": 0,
+                        "version": 0,
+                        "reason": "",
+                        "entered_at": item.now,
+                        "updated_at": item.now,
+                        "ended_at": None,
+                    }
+                )
+            if not rows or not insert_ignore(conn, ENROLMENTS, rows):
+                continue
+            wanted = {(r["contact_id"], r["entry"], r["trigger_key"]) for r in rows}
+            for part in chunks(sorted({r["contact_id"] for r in rows})):
+                stmt = select(_N.id, _N.contact_id, _N.entry, _N.trigger_key).where(
+                    _N.journey_id == journey_id, _N.contact_id.in_(part)
+                )
+                new.extend(int(r.id) for r in conn.execute(stmt) if (r.contact_id, r.entry, r.trigger_key) in wanted)
+    return sorted(new)
 
 
 def due_enrolments(db: DB, now: datetime, journey_ids: Sequence[str], limit: int = 1000) -> list[EnrolmentRow]:
@@ -521,35 +542,64 @@ class NewDelivery:
     capped: bool
     reason: str = ""
     message: str | None = None  # the whole message as JSON, when it is more than `text`
+    claim_token: str = ""  # planned claimed (status CLAIMED) by this token: a welcome the engine sends itself
+
+
+_MOVE = (
+    update(ENROLMENTS)
+    .where(_N.id == bindparam("m_id"), _N.version == bindparam("m_version"))
+    .values(
+        status=bindparam("m_status"),
+        step=bindparam("m_step"),
+        due_at=bindparam("m_due_at"),
+        step_started_at=bindparam("m_step_started_at"),
+        delivery_key=bindparam("m_delivery_key"),
+        attempts=bindparam("m_attempts"),
+        reason=bindparam("m_reason"),
+        version=bindparam("m_next_version"),
+        updated_at=bindparam("m_now"),
+        ended_at=bindparam("m_ended_at"),
+    )
+)
 
 
 def apply_moves(db: DB, journey_of: dict[int, tuple[str, str]], moves: Sequence[Move]) -> list[int]:
     """Apply moves (see `Move`); `journey_of` maps enrolment id -> (journey id, contact id) for the path log.
-    Returns the ids of the moves that won (the others were moved by someone else meanwhile)."""
+    Returns the ids of the moves that won (the others were moved by someone else meanwhile).
+
+    Compare-and-set in bulk: the versions are read (rows locked on PostgreSQL; SQLite's write transaction holds
+    the whole database) a chunk at a time, and the winners updated in one executemany of one statement, each
+    still `WHERE id = … AND version = …`."""
     won: list[int] = []
     logs: list[dict[str, Any]] = []
     deliveries: list[NewDelivery] = []
     with writing(db) as conn:
+        current: dict[int, int] = {}
+        for part in chunks(sorted({m.id for m in moves})):
+            stmt = select(_N.id, _N.version).where(_N.id.in_(part)).with_for_update()
+            current.update((int(i), int(v)) for i, v in conn.execute(stmt))
+        params: list[dict[str, Any]] = []
         for move in moves:
-            ended = move.status not in OPEN_ENROLMENT_STATUSES
-            changed = conn.execute(
-                update(ENROLMENTS)
-                .where(_N.id == move.id, _N.version == move.version)
-                .values(
-                    status=move.status.value,
-                    step=move.step,
-                    due_at=move.due_at,
-                    step_started_at=move.step_started_at,
-                    delivery_key=move.delivery_key,
-                    attempts=move.attempts,
-                    reason=move.reason,
-                    version=move.version + 1,
-                    updated_at=move.now,
-                    ended_at=move.now if ended else None,
-                )
-            ).rowcount
-            if not changed:
+            if current.get(move.id) != move.version:
                 continue
+            current[move.id] = move.version + 1
+            ended = move.status not in OPEN_ENROLMENT_STATUSES
+            params.append(
+                {
+                    "m_id": move.id,
+                    "m_version": move.version,
+                    "m_status": move.status.value,
+                    "m_step": move.step,
+                    "m_due_at": move.due_at,
+                    "m_step_started_at": move.step_started_at,
+                    "m_delivery_key": move.delivery_key,
+                    "m_attempts": move.attempts,
+                    "m_reason": move.reason,
+                    "m_next_version": move.version + 1,
+                    "m_now": move.now,
+                    "m_ended_at": move.now if ended else None,
+                }
+            )
             won.append(move.id)
             journey_id, contact_id = journey_of[move.id]
             logs.extend(
@@ -565,6 +615,8 @@ def apply_moves(db: DB, journey_of: dict[int, tuple[str, str]], moves: Sequence[
                 for entry in move.log
             )
             deliveries.extend(move.deliveries)
+        if params:
+            conn.execute(_MOVE, params)
         if logs:
             conn.execute(insert(ENROLMENT_STEPS), logs)
         insert_deliveries(conn, deliveries, moves[0].now if moves else None)
@@ -589,7 +641,7 @@ def insert_deliveries(db: DB, items: Sequence[NewDelivery], now: datetime | None
             "capped": d.capped,
             "gateway_message_id": "",
             "gateway_task_id": "",
-            "claim_token": "",
+            "claim_token": d.claim_token,
             "next_attempt_at": None,
             "created_at": now,
             "updated_at": now,
@@ -599,6 +651,32 @@ def insert_deliveries(db: DB, items: Sequence[NewDelivery], now: datetime | None
     ]
     with writing(db) as conn:
         return insert_ignore(conn, DELIVERIES, rows)
+
+
+def start_welcome(db: DB, dedupe_key: str, token: str, now: datetime) -> int | None:
+    """Move the delivery planned claimed by `token` under `dedupe_key` to `sending` (one more attempt; marked as a
+    welcome in gateway_task_id, for recovery) before the gateway is called. Returns its id, or None when it is no
+    longer claimed by `token` (recovered, or sent)."""
+    with writing(db) as conn:
+        found = conn.execute(
+            select(_D.id).where(
+                _D.dedupe_key == dedupe_key, _D.status == DeliveryStatus.CLAIMED.value, _D.claim_token == token
+            )
+        ).scalar()
+        if found is None:
+            return None
+        conn.execute(
+            update(DELIVERIES)
+            .where(_D.id == found, _D.status == DeliveryStatus.CLAIMED.value)
+            .values(
+                status=DeliveryStatus.SENDING.value,
+                attempts=_D.attempts + 1,
+                sent_at=now,
+                updated_at=now,
+                gateway_task_id=token,
+            )
+        )
+    return int(found)
 
 
 @dataclass(frozen=True, slots=True)

@@ -72,3 +72,78 @@ def test_a_backfill_that_fails_midway_is_claimed_by_nobody_and_done_by_the_next_
         await h.app.close()
 
     run(go())
+
+
+def test_entries_and_moves_in_bulk_keep_their_one_winner(db_url: str) -> None:
+    """`enrol` numbers each contact's entries and enters a trigger once (also twice in one batch); `apply_moves`
+    lets exactly one of two moves made from the same version win, and a move from a stale version none."""
+    from datetime import timedelta
+
+    from storage.db import make_db_engine, transaction
+    from storage.models import EnrolmentStatus
+
+    db = make_db_engine(db_url)
+    now = MONDAY_9
+    first = [store.NewEnrolment("j", f"c{i}", "slot:1", "s1", now, now) for i in range(3)]
+    with transaction(db) as conn:
+        ids = store.enrol(conn, [*first, first[0]])
+    assert len(ids) == 3
+    again = [
+        store.NewEnrolment("j", "c0", "slot:1", "s1", now, now),
+        store.NewEnrolment("j", "c0", "slot:2", "s1", now, now),
+    ]
+    assert len(store.enrol(db, again)) == 1
+    rows = store.enrolments(db, contact_id="c0")
+    assert sorted((r.entry, r.trigger_key) for r in rows) == [(1, "slot:1"), (2, "slot:2")]
+
+    target = next(r for r in store.enrolments(db, contact_id="c1"))
+    later = now + timedelta(hours=1)
+
+    def move(version: int, step: str) -> store.Move:
+        return store.Move(target.id, version, EnrolmentStatus.ACTIVE, step, later, later, later)
+
+    who = {target.id: (target.journey_id, target.contact_id)}
+    assert store.apply_moves(db, who, [move(0, "a"), move(0, "b")]) == [target.id]
+    assert store.apply_moves(db, who, [move(0, "c")]) == []
+    (row,) = store.enrolments(db, contact_id="c1")
+    assert (row.step, row.version, row.due_at) == ("a", 1, later)
+    assert store.apply_moves(db, who, [move(1, "d")]) == [target.id]
+    db.dispose()
+
+
+def test_a_welcome_caught_by_a_crash_is_never_sent_another_way(db_url: str) -> None:
+    """A journey send planned for WeCom's welcome message and interrupted: still claimed (send_welcome was never
+    called) it goes back to the normal path; caught `sending` (the welcome may have arrived, and its code cannot be
+    used again) it is recorded unknown — not resent as a 群发 task, even on a gateway that dedupes by key."""
+    from storage import deliveries as deliveries_db
+    from storage.db import make_db_engine
+    from storage.models import DeliveryStatus
+
+    db = make_db_engine(db_url)
+    now = MONDAY_9
+    run_id, _ = store.journey_run(
+        db, journey_id="welcome", run_key="k", timezone="Asia/Shanghai", settings={}, file="", now=now
+    )
+    planned = [
+        store.NewDelivery(
+            run_id,
+            "welcome",
+            cid,
+            "新客",
+            "您好",
+            f"welcome|{cid}|1|hello",
+            DeliveryStatus.CLAIMED,
+            False,
+            claim_token=deliveries_db.WELCOME_TASK,
+        )
+        for cid in ("c-claimed", "c-sending")
+    ]
+    store.insert_deliveries(db, planned, now)
+    assert store.start_welcome(db, "welcome|c-sending|1|hello", deliveries_db.WELCOME_TASK, now) is not None
+    assert store.start_welcome(db, "welcome|c-sending|1|hello", deliveries_db.WELCOME_TASK, now) is None
+    recovered = deliveries_db.recover_run(db, run_id, resend_in_flight=True, now=now)
+    assert (recovered["requeued"], recovered["resent"], recovered["unknown"]) == (1, 0, 1)
+    rows = {r.contact_id: r for r in deliveries_db.list_deliveries(db, run_id=run_id, limit=10)}
+    assert rows["c-claimed"].status is DeliveryStatus.PENDING
+    assert rows["c-sending"].status is DeliveryStatus.UNKNOWN and "welcome" in rows["c-sending"].reason
+    db.dispose()

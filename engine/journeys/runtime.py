@@ -42,7 +42,7 @@ from engine import audience as aud
 from engine.backoff import backoff_delay
 from engine.clock import Clock, SystemClock
 from engine.contacts import ListState, list_state, refresh_contact
-from engine.errors import GatewayError, PermanentError
+from engine.errors import GatewayError, NotLoggedInError, PermanentError, TransientError, UnknownOutcomeError
 from engine.gateways.base import Gateway, GatewayEvent
 from engine.journeys import events as ev
 from engine.journeys.conditions import Facts
@@ -50,6 +50,7 @@ from engine.journeys.spec import EntryKind, IfStep, Journey, SendStep, TagStep, 
 from engine.journeys.stepper import End, GotoDue, Hold, Pass, Position, SendDue, TagDue, advance
 from engine.keywords import Matcher
 from engine.message_spec import render_messages
+from engine.messages import Message
 from engine.plan import slot_key
 from engine.runsettings import RunSettings
 from engine.schedule import ScheduleSpec, build_trigger, latest_fire_time, next_fire_times
@@ -68,6 +69,9 @@ OPT_OUT_CAMPAIGN = "_opt_out"  # the ledger's campaign id for opt-out confirmati
 TAG_ATTEMPTS = 5  # a tag action failing with transient errors is retried this often, then recorded failed
 EVENT_PATIENCE = timedelta(hours=1)  # a contact_added event waits this long for its contact to be known
 LATE_AFTER = timedelta(seconds=60)  # a trigger fire handled this late is still on time
+# WeCom's WelcomeCode is valid this long after the add_external_contact callback, and for one welcome message.
+WELCOME_WINDOW = timedelta(seconds=20)
+WELCOME_TOKEN = deliveries_db.WELCOME_TASK  # the claim token (and gateway_task_id) of a send_welcome delivery
 
 
 @dataclass
@@ -95,6 +99,17 @@ class Candidate:
     trigger_key: str
     started: datetime
     event_id: int | None = None
+
+
+@dataclass(frozen=True)
+class Welcome:
+    """A journey send planned to go out by the gateway's welcome message (`send_welcome`) with the WelcomeCode of
+    the contact_added event that started the enrolment: planned claimed by the engine, so no dispatcher takes it."""
+
+    dedupe_key: str
+    contact_id: str
+    code: str
+    message: Message
 
 
 def dedupe_key(journey_id: str, contact_id: str, entry: int, step_id: str) -> str:
@@ -127,6 +142,8 @@ class JourneyEngine:
         self.opt_in_words = Matcher.build(opt.opt_in_keywords, opt.match)
         self._buffer: list[store.NewEvent] = []
         self._refresh: set[str] = set()
+        self._welcomes: list[Welcome] = []  # planned by the last _step_due, sent by the tick right after it
+        self._welcome_used: set[str] = set()  # codes this process tried (each is good for one welcome)
         self._lock = asyncio.Lock()
         self.wakeup = asyncio.Event()
 
@@ -198,9 +215,12 @@ class JourneyEngine:
             while True:
                 finished = await asyncio.to_thread(self._finish_sends, report)
                 tags = await asyncio.to_thread(self._step_due, report)
+                welcomes, self._welcomes = self._welcomes, []
+                if welcomes:
+                    await self._send_welcomes(welcomes)
                 if tags:
                     await self._tag_actions(tags, report)
-                if not (finished or tags) and not await asyncio.to_thread(self._anything_due):
+                if not (finished or tags or welcomes) and not await asyncio.to_thread(self._anything_due):
                     break
             report.runs = [run_id for run_id, journey_id in store.open_journey_runs(self.db)]
             report.next_due = store.next_due(self.db, [j.id for j in self.running])
@@ -536,7 +556,7 @@ class JourneyEngine:
                     )
                 )
         with transaction(self.db) as conn:
-            moves += self._plan_sends(conn, sends, views, blocked, now, report)
+            moves += self._plan_sends(conn, sends, views, blocked, now, report, trigger_events)
             moves += self._gotos(conn, gotos, views, now, report)
             won = set(store.apply_moves(conn, {e.id: (e.journey_id, e.contact_id) for e in due}, moves))
         report.stepped += len(won)
@@ -579,10 +599,14 @@ class JourneyEngine:
         blocked: set[str],
         now: datetime,
         report: TickReport,
+        triggers: Mapping[int, store.EventRow] | None = None,
     ) -> list[store.Move]:
         """Plan the due sends into the ledger (rendered now, for the contact as they are now); each enrolment
-        waits in `sending` for its delivery."""
+        waits in `sending` for its delivery. A new contact's send within WeCom's welcome window of its event (with
+        the event's WelcomeCode, on a gateway that sends welcome messages) is planned for `send_welcome`
+        (`_welcome_code`): claimed by the engine, which sends it right after this transaction commits."""
         moves: list[store.Move] = []
+        welcomes: list[Welcome] = []
         by_step: dict[tuple[str, str], list[tuple[store.EnrolmentRow, Pass]]] = defaultdict(list)
         for e, result, journey in sends:
             by_step[(journey.id, result.position.step or "")].append((e, result))
@@ -672,6 +696,10 @@ class JourneyEngine:
                         reason = f"too_long: the message is longer than message.max_length ({step.message.max_length})"
                 whole = rendered.messages.get(e.contact_id) if text is not None else None
                 status = DeliveryStatus.SKIPPED if reason else DeliveryStatus.PENDING
+                code = "" if reason or text is None else self._welcome_code(journey, e, triggers, now)
+                if code:
+                    status = DeliveryStatus.CLAIMED
+                    welcomes.append(Welcome(key, e.contact_id, code, rendered.message(e.contact_id)))
                 delivery = store.NewDelivery(
                     run_id,
                     journey.id,
@@ -683,6 +711,7 @@ class JourneyEngine:
                     capped=step.frequency_cap is not None,
                     reason=reason,
                     message=whole.dumps() if whole is not None and not reason else None,
+                    claim_token=WELCOME_TOKEN if code else "",
                 )
                 moves.append(
                     store.Move(
@@ -700,7 +729,70 @@ class JourneyEngine:
                 )
                 if not reason:
                     report.planned += 1
+        self._welcomes.extend(welcomes)
         return moves
+
+    def _welcome_code(
+        self, journey: Journey, e: store.EnrolmentRow, triggers: Mapping[int, store.EventRow] | None, now: datetime
+    ) -> str:
+        """The WelcomeCode this send may go out with ('' for the normal path): a contact_added journey, the event
+        that entered the contact carries a code not tried yet, less than WELCOME_WINDOW old, and the gateway sends
+        welcome messages."""
+        if journey.trigger.kind is not TriggerKind.CONTACT_ADDED or not self.gateway.capabilities.welcome:
+            return ""
+        event = (triggers or {}).get(e.event_id) if e.event_id is not None else None
+        if event is None or event.kind is not CustomerEventKind.CONTACT_ADDED:
+            return ""
+        code = str(event.data.get("welcome_code") or "")
+        if not code or code in self._welcome_used or now - event.occurred_at >= WELCOME_WINDOW:
+            return ""
+        self._welcome_used.add(code)
+        return code
+
+    async def _send_welcomes(self, welcomes: Sequence[Welcome]) -> None:
+        """Send planned welcomes by `gateway.send_welcome`, each recorded in the ledger like any send: sent; back
+        to the normal path (pending, for the dispatcher) when the gateway refused the code or could not be reached
+        before sending; `unknown` when the outcome is not known (the code cannot be used twice, and a second
+        message by the normal path might be a duplicate). Only deliveries still claimed for a welcome are sent
+        (a crash before this point leaves them claimed: the run's recovery hands them to the dispatcher)."""
+        for w in welcomes:
+            now = self.clock.now()
+            delivery_id = await asyncio.to_thread(store.start_welcome, self.db, w.dedupe_key, WELCOME_TOKEN, now)
+            if delivery_id is None:
+                continue
+            try:
+                receipt = await self.gateway.send_welcome(w.code, w.message)
+            except UnknownOutcomeError as exc:
+                result = deliveries_db.Result(
+                    delivery_id,
+                    DeliveryStatus.UNKNOWN,
+                    reason=f"the welcome message may or may not have arrived: {exc}; not retried",
+                    last_error=str(exc),
+                )
+            except (PermanentError, TransientError, NotLoggedInError) as exc:
+                # Not sent (the code refused or expired, or no call reached WeCom): the normal path sends it.
+                log.info("contact %s: no welcome message (%s); sending it the usual way", w.contact_id, exc)
+                result = deliveries_db.Result(
+                    delivery_id, DeliveryStatus.PENDING, last_error=f"welcome: {exc}", gateway_task_id=""
+                )
+            except GatewayError as exc:
+                result = deliveries_db.Result(
+                    delivery_id,
+                    DeliveryStatus.UNKNOWN,
+                    reason=f"the welcome message may or may not have arrived: {exc}; not retried",
+                    last_error=str(exc),
+                )
+            else:
+                result = deliveries_db.Result(
+                    delivery_id,
+                    DeliveryStatus.SENT,
+                    gateway_message_id=receipt.message_id,
+                    sent_at=self.clock.now(),
+                    last_error="",
+                    reason="",
+                )
+            await asyncio.to_thread(deliveries_db.write_results, self.db, [result], self.clock.now())
+            self.poke()
 
     def _cap_counts(
         self, conn: Connection, step: SendStep, journey: Journey, contact_ids: list[str], now: datetime
