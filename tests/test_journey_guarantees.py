@@ -147,3 +147,32 @@ def test_a_welcome_caught_by_a_crash_is_never_sent_another_way(db_url: str) -> N
     assert rows["c-claimed"].status is DeliveryStatus.PENDING
     assert rows["c-sending"].status is DeliveryStatus.UNKNOWN and "welcome" in rows["c-sending"].reason
     db.dispose()
+
+
+@pytest.mark.parametrize(("policy", "slots"), [("skip", 0), ("once", 1), ("all", 3)])
+def test_fires_missed_while_down_follow_the_catch_up_policy(tmp_path: Path, policy: str, slots: int) -> None:
+    """A daily 10:00 journey, wecast down from Monday 09:00 to Wednesday 11:00 (three fires missed, all within the
+    grace): `skip` enters nobody for them, `once` the latest, `all` each — each contact once per fire entered."""
+    from test_journey_runtime import local
+
+    async def go() -> None:
+        h = await harness(tmp_path, f"sqlite:///{tmp_path}/w.sqlite", MONDAY_9, contacts=12)
+        h.write(
+            "daily",
+            "name: 每日\ntrigger: {schedule: {cron: '0 10 * * *'}}\nfrequency_cap: false\nquiet_hours: false\n"
+            f"catch_up: {policy}\ngrace: 3d\nentry: every_time\n"
+            "audience: {tags_any: [VIP, 普通会员]}\nmessage: {template: 早安}\n",
+        )
+        h.load()
+        await h.run()
+        await h.at(local(25, 11))
+        counts = h.counts()
+        if slots == 0:
+            assert counts == {}
+        else:
+            assert counts and set(counts.values()) == {slots}
+        await h.at(local(26, 10))  # and the next fire, on time, enters everyone once more
+        assert h.counts() and set(h.counts().values()) == {slots + 1}
+        await h.app.close()
+
+    run(go())
