@@ -46,6 +46,7 @@ from typing import Any
 from engine.blocking import off_loop
 from engine.clock import Clock
 from engine.contacts import ListState
+from engine.dberrors import explain
 from engine.definitions import Definitions, load_definitions
 from engine.errors import CampaignError, WecastError
 from engine.gateways.base import EventKind, GatewayEvent
@@ -56,6 +57,7 @@ from engine.service import Wecast
 from engine.spec import Campaign, campaign_files
 from engine.workers import Workers
 from storage import runs as runs_db
+from storage.errors import StorageError
 from storage.journeys import JOURNEY_TRIGGER
 
 log = logging.getLogger("wecast.scheduler")
@@ -160,6 +162,8 @@ class CampaignScheduler:
         while not self._stopping:
             try:
                 await self.tick()
+            except StorageError as exc:  # the database's condition (full, locked): one line; the next tick retries
+                log.error("scheduler tick failed: %s", explain(exc))
             except Exception:  # one bad tick must not end scheduling
                 log.exception("scheduler tick failed")
             self._wake.clear()

@@ -12,9 +12,11 @@ from datetime import datetime
 from typing import Any
 
 from engine.contacts import SyncResult, refresh_contact
+from engine.dberrors import explain
 from engine.errors import WecastError
 from engine.plan import API_CAMPAIGN
 from engine.service import Wecast
+from storage.errors import StorageError
 
 log = logging.getLogger("wecast.workers")
 
@@ -89,6 +91,9 @@ class Workers:
             raise
         except WecastError as exc:  # said in one line: another process owns the run, the run's settings are bad, ...
             log.warning("run %s: not dispatched here: %s", run_id, exc)
+            return None
+        except StorageError as exc:  # the database's condition (full, locked): one line, not a traceback
+            log.error("run %s: stopped, unsent deliveries stay to send: %s", run_id, explain(exc))
             return None
         except Exception:  # a background task has nobody to raise to: log it, keep the service up
             log.exception("run %s: dispatch failed", run_id)

@@ -269,3 +269,17 @@ def test_busy_timeout_is_a_setting(tmp_path: Path) -> None:
         holder.execute("ROLLBACK")
         holder.close()
     assert raised.value.kind is Failure.BUSY
+
+
+def test_a_database_failure_in_the_service_is_logged_in_one_line(caplog: pytest.LogCaptureFixture) -> None:
+    """In `wecast serve` a run stopped by a full disk is one log line saying so (no traceback); the service stays."""
+    from engine.workers import Workers
+
+    async def fails() -> None:
+        raise StorageError(Failure.FULL, "full", detail="database or disk is full", where="/srv/wecast.sqlite")
+
+    with caplog.at_level("ERROR", logger="wecast.workers"):
+        assert run(Workers._guard(7, fails())) is None
+    [record] = caplog.records
+    assert record.exc_info is None
+    assert record.getMessage().startswith("run 7: stopped, unsent deliveries stay to send: /srv/wecast.sqlite: the")
