@@ -12,6 +12,8 @@ Prints, as medians of several runs (these machines are noisy), against their tar
 * wecom  – the official-API gateway against the fake WeCom server on loopback (issue 12): sync 10,000 customers
   of 20 staff members (every 7th followed by two), then a plain-text campaign to all of them as 群发 tasks
   (one per staff member), staff confirm, reconciliation to final states; seconds for each, calls made
+* journeys – event -> send latency (p50, p99) at 100 events/s on the sandbox, and one journey tick with 100,000
+  enrolled contacts of which 10,000 are due (targets p99 < 2 s, tick < 5 s; bench/journeys.py)
 
 Each measurement runs in a fresh subprocess so peak memory (ru_maxrss) belongs to that measurement only.
 """
@@ -250,7 +252,7 @@ def _sub(kind: str, *args: str) -> dict[str, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("which", nargs="*", default=["table", "healthz", "console", "wecom"])
+    parser.add_argument("which", nargs="*", default=["table", "healthz", "console", "wecom", "journeys"])
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--plan-n", type=int, default=100_000)
     parser.add_argument("--rows", default=",".join(scale.MEASURE), help="rows of the scale table")
@@ -290,6 +292,10 @@ def main() -> None:
         from bench import console
 
         console.report(args.plan_n)
+    if "journeys" in args.which:  # event -> send latency and one tick at 100,000 enrolled (bench/journeys.py)
+        from bench import journeys
+
+        journeys.report(args.repeat)
     if "wecom" in args.which:
         runs = [_sub("wecom", "10000", "20") for _ in range(args.repeat)]
         r0 = runs[0]
