@@ -151,3 +151,40 @@ def test_make_poster_draws_both_images(tmp_path: Path) -> None:
         with Image.open(tmp_path / name) as drawn, Image.open(MEDIA / name) as committed:
             assert (drawn.format, drawn.size) == ("PNG", committed.size)
         assert (tmp_path / name).stat().st_size <= 100 * 1024
+
+
+def test_wecast_send_sends_the_text_then_the_poster(workdir: Path) -> None:
+    """`wecast send CONTACT --text T --image poster.png`: the text, then the image by its content; an --image that
+    is not a JPG/PNG by content is refused before anything is sent."""
+    [contact] = [r["id"] for r in wecast_json(workdir, "preview", "double11_poster")["recipients"][:1]]
+    poster = MEDIA / "poster_1111.png"
+    [result] = [wecast_json(workdir, "send", contact, "--text", "会员日海报请查收", "--image", str(poster))]
+    assert result["counts"] == {"sent": 1}
+    got = [(m["kind"], m["content_hash"]) for m in wecast_json(workdir, "sandbox", "outbox", "--contact", contact)]
+    assert [k for k, _ in got] == ["text", "image"]
+    assert got[1][1] == hashlib.sha256(poster.read_bytes()).hexdigest()
+    args = ["-c", str(workdir / "config.yaml"), "--lang", "en", "send", contact, "--image", str(ROOT / "README.md")]
+    refused = CliRunner().invoke(main, args, catch_exceptions=False)
+    assert refused.exit_code == 2
+    assert "'README.md' is not a JPG or PNG image (by its content" in refused.stderr
+    assert len(wecast_json(workdir, "sandbox", "outbox", "--contact", contact)) == 2
+
+
+def test_test_to_sends_the_exact_message_to_named_contacts_only(workdir: Path) -> None:
+    """`wecast run CAMPAIGN --test-to A,B` sends every part to A and B only, in a run marked test, outside
+    dedupe: the real run afterwards still reaches everyone, A and B included."""
+    recipients = [r["id"] for r in wecast_json(workdir, "preview", "double11_poster")["recipients"]]
+    named = recipients[:2]
+    [test] = wecast_json(workdir, "run", "double11_poster", "--test-to", ",".join(named))
+    assert test["counts"] == {"sent": 2}
+    outbox = wecast_json(workdir, "sandbox", "outbox", "--limit", "0")
+    assert Counter((m["contact_id"], m["kind"]) for m in outbox) == Counter(
+        (cid, kind) for cid in named for kind in ("image", "text")
+    )
+    assert [r["trigger"] for r in wecast_json(workdir, "runs")] == ["test"]
+    [real] = wecast_json(workdir, "run", "double11_poster")
+    assert real["counts"]["sent"] == len(recipients)
+    images = Counter(
+        m["contact_id"] for m in wecast_json(workdir, "sandbox", "outbox", "--limit", "0") if m["kind"] == "image"
+    )
+    assert images == Counter(recipients) + Counter(named)
