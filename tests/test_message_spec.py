@@ -17,6 +17,7 @@ import pytest
 
 from engine.errors import CampaignError, TemplateError
 from engine.gateways.base import Capabilities
+from engine.gateways.registry import GATEWAYS, build_gateway, gateway_capabilities
 from engine.gateways.sandbox import SandboxGateway
 from engine.message_spec import Check, describe_problems, render_message, render_messages
 from engine.messages import FilePart, ImagePart, LinkPart, MiniProgramPart, PartKind, TextPart
@@ -253,3 +254,25 @@ def test_a_changed_poster_changes_the_campaign_hash(tmp_path: Path, settings: Se
     after = load_campaign(path, settings)
     assert before.content_hash != after.content_hash
     assert (before.compiled.media()[0].mime, after.compiled.media()[0].mime) == ("image/png", "image/jpeg")
+
+
+@pytest.mark.parametrize("name", GATEWAYS)
+def test_validation_knows_each_gateways_parts_as_the_gateway_does(name: str, tmp_path: Path) -> None:
+    """What validation asks (`gateway_capabilities`, without building a gateway) is what the built gateway says
+    it can do, for every gateway we ship; so a rich campaign validates for a gateway exactly when it can send it
+    (the official API sends every part kind, as 群发 attachments)."""
+    settings = Settings.model_validate(
+        {
+            "version": 1,
+            "gateway": name,
+            "campaigns_dir": str(tmp_path),
+            "sandbox": {"state_file": str(tmp_path / "sandbox.sqlite")},
+            "workpro": {"token": "puppet_workpro_0123456789abcdef", "endpoint": "127.0.0.1:9"},
+            "wecom": {"corp_id": "ww0123456789abcdef", "secret": "s", "state_file": str(tmp_path / "wecom.sqlite")},
+        }
+    )
+    built = build_gateway(settings)
+    assert gateway_capabilities(settings) == built.capabilities
+    shutil.copytree(CASES / "valid", tmp_path / "valid")
+    compiled = load_campaign(tmp_path / "valid" / "every_part.yaml", settings).compiled
+    assert compiled.kinds == set(PartKind) <= built.capabilities.supports

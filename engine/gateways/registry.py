@@ -50,4 +50,8 @@ def gateway_capabilities(settings: Settings) -> Capabilities:
         from engine.gateways.workpro import WorkproGateway
 
         return WorkproGateway.capabilities_for(settings)
-    return Capabilities()  # wecom, not in this release: text, as the contract's default
+    if name == "wecom":
+        from engine.gateways.wecom.gateway import WecomGateway
+
+        return WecomGateway.capabilities_for(settings)
+    raise ConfigError(f"unknown gateway {name!r}; choose one of {', '.join(GATEWAYS)}")

@@ -136,7 +136,7 @@ class WecomGateway(Gateway):
     """The official WeCom server API. See the module docstring."""
 
     name: ClassVar[str] = "wecom"
-
+    # Class-level, so validation knows them without building the gateway (registry.gateway_capabilities).
     capabilities = Capabilities(
         direct_send=False,
         batch_send=True,
