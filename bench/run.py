@@ -9,6 +9,8 @@ Prints, as medians of several runs (these machines are noisy), against their tar
 * console – every web console page with 100,000 contacts and a 100,000-delivery run (p95 < 300 ms; bench/console.py)
 * healthz – /healthz latency (p50, p99, max) of a real `wecast serve` while it plans a 100,000-recipient run
   for POST /api/v1/campaigns/{id}/run (target p99 < 100 ms: planning never blocks the event loop)
+* rich   – a 1,000-recipient campaign with a 5 MB image vs the same text-only run: peak RSS on the sandbox and on
+  workpro against the fake puppet (target: within 50 MB of text-only; bench/rich.py)
 * wecom  – the official-API gateway against the fake WeCom server on loopback (issue 12): sync 10,000 customers
   of 20 staff members (every 7th followed by two), then a plain-text campaign to all of them as 群发 tasks
   (one per staff member), staff confirm, reconciliation to final states; seconds for each, calls made
@@ -252,7 +254,7 @@ def _sub(kind: str, *args: str) -> dict[str, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("which", nargs="*", default=["table", "healthz", "console", "wecom", "journeys"])
+    parser.add_argument("which", nargs="*", default=["table", "healthz", "console", "wecom", "journeys", "rich"])
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--plan-n", type=int, default=100_000)
     parser.add_argument("--rows", default=",".join(scale.MEASURE), help="rows of the scale table")
@@ -296,6 +298,10 @@ def main() -> None:
         from bench import journeys
 
         journeys.report(args.repeat)
+    if "rich" in args.which:  # a 5 MB image to 1,000 recipients vs text only (bench/rich.py)
+        from bench import rich
+
+        rich.report(args.repeat)
     if "wecom" in args.which:
         runs = [_sub("wecom", "10000", "20") for _ in range(args.repeat)]
         r0 = runs[0]

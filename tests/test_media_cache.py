@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from engine.errors import PermanentError
-from engine.gateways.media_cache import MediaCache, MediaContent
+from engine.gateways.media_cache import InFlight, MediaCache, MediaContent
 from engine.messages import Media
 
 pytestmark = pytest.mark.anyio
@@ -84,3 +84,39 @@ async def test_encoding_sees_the_checked_content(tmp_path: Path) -> None:
     item = media(tmp_path, "a.pdf", b"%PDF-1.4")
     assert await cache.get(item, 100) == item.sha256
     assert seen[0].data == b"%PDF-1.4"
+
+
+async def _hold(bound: InFlight, n: int, seen: list[int], gate: asyncio.Event) -> None:
+    await bound.acquire(n)
+    try:
+        seen.append(bound.used)
+        await gate.wait()
+    finally:
+        bound.release(n)
+
+
+async def test_in_flight_bytes_are_bounded() -> None:
+    """Requests of 60 bytes under a 100-byte bound go one at a time, ten of 10 bytes all at once, and one bigger
+    than the bound goes alone; every one of them is served."""
+    for size, count, most in ((60, 5, 60), (10, 10, 100), (250, 3, 250)):
+        bound = InFlight(100)
+        seen: list[int] = []
+        gate = asyncio.Event()
+        tasks = [asyncio.create_task(_hold(bound, size, seen, gate)) for _ in range(count)]
+        await asyncio.sleep(0.01)
+        gate.set()
+        await asyncio.gather(*tasks)
+        assert (len(seen), bound.peak, bound.used) == (count, most, 0)
+
+
+async def test_a_cancelled_wait_takes_nothing() -> None:
+    """A send cancelled while it waits for room holds no share, and the others still get theirs."""
+    bound = InFlight(100)
+    await bound.acquire(80)
+    waiting = asyncio.create_task(bound.acquire(50))
+    later = asyncio.create_task(bound.acquire(50))
+    await asyncio.sleep(0.01)
+    waiting.cancel()
+    bound.release(80)
+    await later
+    assert waiting.cancelled() and bound.used == 50

@@ -626,6 +626,37 @@ async def test_five_megabyte_image_is_read_and_encoded_once(
     ]
 
 
+async def test_concurrent_image_sends_carry_one_filebox_at_a_time(
+    make_fake: Factory, make_gateway: Factory, tmp_path: Path
+) -> None:
+    """Eight sends of a 5 MB poster at once (the dispatcher's default concurrency) build and send one request
+    carrying it at a time — each request is a copy of the FileBox — while small files still go side by side; every
+    customer receives the poster exactly once, and nothing is left counted in flight."""
+    fake = await make_fake()
+    gateway = await make_gateway(settings_for(fake, call_timeout=timedelta(seconds=30)))
+    await login(gateway, fake)
+    data = b"\x89PNG\r\n\x1a\n" + random.Random(6).randbytes(5 * 1024 * 1024)
+    path = tmp_path / "poster.png"
+    path.write_bytes(data)
+    poster = ImagePart(
+        Media(name="poster.png", path=path, size=len(data), sha256=hashlib.sha256(data).hexdigest(), mime="image/png")
+    )
+    contacts = fake.contact_ids()[:8]
+    await asyncio.gather(*(gateway.send_part(c, poster, idempotency_key=f"p-{c}") for c in contacts))
+    box = len(await gateway._filebox(poster))
+    assert box > 5 * 1024 * 1024  # base64: the request is bigger than the file
+    assert gateway.in_flight.peak == box  # one at a time
+    assert gateway.in_flight.used == 0
+    assert sorted(s.contact_id for s in fake.sends) == sorted(contacts)
+    small_data = b"\x89PNG\r\n\x1a\n" + random.Random(7).randbytes(50_000)
+    (tmp_path / "small.png").write_bytes(small_data)
+    small = ImagePart(Media(name="small.png", path=tmp_path / "small.png", size=len(small_data), mime="image/png"))
+    gateway.in_flight.peak = 0
+    await asyncio.gather(*(gateway.send_part(c, small, idempotency_key=f"s-{c}") for c in contacts))
+    assert gateway.in_flight.peak > len(await gateway._filebox(small))  # several at once
+    assert gateway.in_flight.used == 0
+
+
 async def test_refused_image_is_that_parts_failure(make_fake: Factory, make_gateway: Factory, tmp_path: Path) -> None:
     """WorkPro's refusal of an image (23060) is a PermanentError naming the image and the server's reason; a
     throttled image (20001) is rate limited like a text."""

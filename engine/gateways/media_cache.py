@@ -5,13 +5,18 @@ that was validated (its sha256), turns it into what it sends (WorkPro: a FileBox
 the sandbox: the content's hash and size) and keeps that by content, so every later send reuses it. Entries are
 kept least-recently-used first out, within `max_bytes`; reading and encoding run in a worker thread, so the event
 loop never waits on the disk; concurrent sends of one file wait for the same read.
+
+Sending is the other half: every request carrying a file inline is a copy of it (WorkPro: the FileBox string in
+the protobuf message, its serialized bytes, gRPC's own buffer — about 20 MB for a 5 MB image), so `InFlight`
+bounds how many such bytes are in flight at once, whatever the dispatcher's concurrency: a 5 MB poster goes one
+request at a time while small files and cards still go side by side.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Generic, TypeVar
@@ -118,3 +123,41 @@ class MediaCache(Generic[T]):
         while self._bytes > self.max_bytes and len(self._entries) > 1:
             _, (_, dropped) = self._entries.popitem(last=False)
             self._bytes -= dropped
+
+
+DEFAULT_IN_FLIGHT_BYTES = 8 * 1024 * 1024  # one 5 MB image's FileBox (6.7 MB of base64) at a time
+
+
+class InFlight:
+    """At most `limit` bytes of requests in flight at once; a request bigger than that goes alone. Released
+    synchronously, so a cancelled send never holds its share."""
+
+    def __init__(self, limit: int = DEFAULT_IN_FLIGHT_BYTES) -> None:
+        self.limit = limit
+        self.used = 0
+        self.peak = 0  # the most bytes ever in flight at once (what the bound is checked by)
+        self._waiters: deque[asyncio.Future[None]] = deque()
+
+    def _fits(self, n: int) -> bool:
+        return self.used == 0 or self.used + n <= self.limit
+
+    async def acquire(self, n: int) -> None:
+        """Wait until `n` more bytes fit (or nothing else is in flight), then count them in."""
+        while not self._fits(n):
+            waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._waiters.append(waiter)
+            try:
+                await waiter
+            finally:
+                if waiter in self._waiters:
+                    self._waiters.remove(waiter)
+        self.used += n
+        self.peak = max(self.peak, self.used)
+
+    def release(self, n: int) -> None:
+        """Count `n` bytes out and let the waiting requests look again."""
+        self.used -= n
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)

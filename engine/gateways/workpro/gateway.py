@@ -57,7 +57,7 @@ from engine.gateways.base import (
     SendReceipt,
     TagRecord,
 )
-from engine.gateways.media_cache import MediaCache
+from engine.gateways.media_cache import InFlight, MediaCache
 from engine.gateways.proto import puppet_pb2 as pb
 from engine.gateways.proto import puppet_pb2_grpc as pb_grpc
 from engine.gateways.workpro.login import Emit, LoginMachine
@@ -177,6 +177,7 @@ class WorkproGateway(Gateway):
         self.files: MediaCache[str] = MediaCache(
             lambda media, content: parts.filebox_inline(media.name, content.data), len
         )
+        self.in_flight = InFlight()  # ... and sent a bounded number of bytes at a time, not once per send at once
 
     def __repr__(self) -> str:
         return f"WorkproGateway(endpoint={self._endpoint!r}, state={self._login.state.value!r})"
@@ -823,11 +824,10 @@ class WorkproGateway(Gateway):
             raise PermanentError("no contact id to send to")
         await self._ensure_started()
         self._require_login("send")
-        request: Any
         if isinstance(part, ImagePart | FilePart):
-            method = "MessageSendFile"
-            request = pb.MessageSendFileRequest(conversation_id=contact_id, file_box=await self._filebox(part))
-        elif isinstance(part, LinkPart):
+            return await self._send_file(contact_id, part)
+        request: Any
+        if isinstance(part, LinkPart):
             method = "MessageSendUrl"
             request = pb.MessageSendUrlRequest(conversation_id=contact_id, url_link=parts.url_link(part))
         else:
@@ -836,6 +836,24 @@ class WorkproGateway(Gateway):
                 conversation_id=contact_id, mini_program=parts.mini_program(part)
             )
         response = await self._unary(method, request, mutating=True, what=parts.describe(part))
+        return SendReceipt(message_id=self._message_id(response, method, contact_id))
+
+    async def _send_file(self, contact_id: str, part: ImagePart | FilePart) -> SendReceipt:
+        """MessageSendFile. A FileBox carrying the content is encoded once per content (`files`), but each request
+        is a copy of it (the protobuf message, its serialized bytes, gRPC's buffer): such requests are built only
+        once their bytes fit in `in_flight`, so a 5 MB poster to 10,000 customers costs a few copies of it at any
+        moment, whatever the dispatcher's concurrency."""
+        method = "MessageSendFile"
+        box = await self._filebox(part)
+        inline = 0 if part.media.url is not None else len(box)
+        await self.in_flight.acquire(inline)
+        try:
+            request = pb.MessageSendFileRequest(conversation_id=contact_id, file_box=box)
+            del box
+            response = await self._unary(method, request, mutating=True, what=parts.describe(part))
+            del request
+        finally:
+            self.in_flight.release(inline)
         return SendReceipt(message_id=self._message_id(response, method, contact_id))
 
     async def _filebox(self, part: ImagePart | FilePart) -> str:
