@@ -120,3 +120,15 @@ async def test_a_cancelled_wait_takes_nothing() -> None:
     bound.release(80)
     await later
     assert waiting.cancelled() and bound.used == 50
+
+
+async def test_a_wait_for_room_has_a_limit() -> None:
+    """A request that finds no room within its timeout raises TimeoutError and takes nothing."""
+    bound = InFlight(100)
+    await bound.acquire(80)
+    with pytest.raises(TimeoutError):
+        await bound.acquire(50, timeout=0.05)
+    assert bound.used == 80
+    bound.release(80)
+    await bound.acquire(50, timeout=0.05)
+    assert bound.used == 50

@@ -657,6 +657,27 @@ async def test_concurrent_image_sends_carry_one_filebox_at_a_time(
     assert gateway.in_flight.used == 0
 
 
+async def test_a_file_send_that_finds_no_room_is_transient_and_never_left(
+    make_fake: Factory, make_gateway: Factory, tmp_path: Path
+) -> None:
+    """While other large files fill the bytes in flight, a file send waits at most half the call timeout, then is
+    a TransientError (retried later) — not a timeout the dispatcher would have to call an unknown outcome; the
+    fake received nothing."""
+    fake = await make_fake()
+    gateway = await make_gateway(settings_for(fake, call_timeout=timedelta(seconds=0.2)))
+    await login(gateway, fake)
+    data = b"\x89PNG\r\n\x1a\n" + random.Random(8).randbytes(2000)
+    (tmp_path / "p.png").write_bytes(data)
+    part = ImagePart(Media(name="p.png", path=tmp_path / "p.png", size=len(data), mime="image/png"))
+    await gateway.in_flight.acquire(gateway.in_flight.limit)  # another send's 8 MiB
+    with pytest.raises(TransientError, match=r"not sent: waited 0.1 s for other sends of large files"):
+        await gateway.send_part(fake.contact_ids()[0], part, idempotency_key="wait")
+    assert fake.sends == [] and gateway.in_flight.used == gateway.in_flight.limit
+    gateway.in_flight.release(gateway.in_flight.limit)
+    await gateway.send_part(fake.contact_ids()[0], part, idempotency_key="wait")
+    assert [s.kind for s in fake.sends] == [PartKind.IMAGE]
+
+
 async def test_refused_image_is_that_parts_failure(make_fake: Factory, make_gateway: Factory, tmp_path: Path) -> None:
     """WorkPro's refusal of an image (23060) is a PermanentError naming the image and the server's reason; a
     throttled image (20001) is rate limited like a text."""

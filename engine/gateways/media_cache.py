@@ -141,16 +141,18 @@ class InFlight:
     def _fits(self, n: int) -> bool:
         return self.used == 0 or self.used + n <= self.limit
 
-    async def acquire(self, n: int) -> None:
-        """Wait until `n` more bytes fit (or nothing else is in flight), then count them in."""
-        while not self._fits(n):
-            waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-            self._waiters.append(waiter)
-            try:
-                await waiter
-            finally:
-                if waiter in self._waiters:
-                    self._waiters.remove(waiter)
+    async def acquire(self, n: int, timeout: float | None = None) -> None:
+        """Wait until `n` more bytes fit (or nothing else is in flight), then count them in. Raises TimeoutError
+        after `timeout` seconds of waiting, having taken nothing."""
+        async with asyncio.timeout(timeout):
+            while not self._fits(n):
+                waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+                self._waiters.append(waiter)
+                try:
+                    await waiter
+                finally:
+                    if waiter in self._waiters:
+                        self._waiters.remove(waiter)
         self.used += n
         self.peak = max(self.peak, self.used)
 

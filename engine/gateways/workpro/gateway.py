@@ -842,11 +842,19 @@ class WorkproGateway(Gateway):
         """MessageSendFile. A FileBox carrying the content is encoded once per content (`files`), but each request
         is a copy of it (the protobuf message, its serialized bytes, gRPC's buffer): such requests are built only
         once their bytes fit in `in_flight`, so a 5 MB poster to 10,000 customers costs a few copies of it at any
-        moment, whatever the dispatcher's concurrency."""
+        moment, whatever the dispatcher's concurrency. A send waits for room at most half the call timeout, then
+        is a TransientError: it never left, so it is retried later rather than caught by the dispatcher's send
+        timeout as an outcome nobody knows."""
         method = "MessageSendFile"
         box = await self._filebox(part)
         inline = 0 if part.media.url is not None else len(box)
-        await self.in_flight.acquire(inline)
+        wait = self._timeout() / 2
+        try:
+            await self.in_flight.acquire(inline, timeout=wait)
+        except TimeoutError:
+            raise TransientError(
+                f"not sent: waited {wait:g} s for other sends of large files to finish ({parts.describe(part)})"
+            ) from None
         try:
             request = pb.MessageSendFileRequest(conversation_id=contact_id, file_box=box)
             del box
