@@ -206,10 +206,11 @@ def one(gateway: str, kind: str, image: str, n: int) -> dict[str, Any]:
                 t0 = time.perf_counter()
                 summary = await app.dispatcher.run(plan.run_id)
                 seconds = time.perf_counter() - t0
+                peak = _peak_mb()  # before the outbox is read back to check it
                 reads = gw.files.reads
                 received = _sandbox_received(gw) if puppet is None else {}
             return {
-                "peak_mb": _peak_mb(),
+                "peak_mb": peak,
                 "before_plan_mb": before,
                 "seconds": seconds,
                 "sent": summary.sent,
@@ -229,11 +230,13 @@ def one(gateway: str, kind: str, image: str, n: int) -> dict[str, Any]:
 
 
 def _sandbox_received(gateway: Any) -> dict[str, Any]:
-    images = [m for m in gateway.store.messages() if m.kind == "image"]
-    return {
-        "image_recipients": len({m.contact_id for m in images}),
-        "image_hashes": sorted({m.content_hash for m in images}),
-    }
+    recipients: set[str] = set()
+    hashes: set[str] = set()
+    for m in gateway.store.messages():
+        if m.kind == "image":
+            recipients.add(m.contact_id)
+            hashes.add(m.content_hash)
+    return {"image_recipients": len(recipients), "image_hashes": sorted(hashes)}
 
 
 # -- the report ---------------------------------------------------------------------------------------------
