@@ -3,6 +3,7 @@
     from engine.i18n import tr, ntr, N_
 
     tr("no contact has the tag {tag}", tag=name)          # translated now, then formatted
+    Lazy(N_("no run {run}"), run=5)                       # translated each time it is shown (str())
     ntr("{n} recipient", "{n} recipients", n)             # plural; `n` is passed to the format too
     HELP = N_("send a campaign now")                      # marked for extraction, translated when shown: tr(HELP)
 
@@ -155,6 +156,21 @@ def tr(message: str, /, **fields: object) -> str:
 def ntr(singular: str, plural: str, n: int, /, **fields: object) -> str:
     """The singular or plural form for `n` in the current language, formatted with `n` and the fields."""
     return translations(current()).ngettext(singular, plural, n).format(n=n, **fields)
+
+
+class Lazy:
+    """Text translated when it is shown, in the language in force *then*: for an error made in one context and shown
+    in another (a pooled send refused in a background task, answered to each waiting request in its own language).
+    `str(Lazy(N_("no run {run}"), run=5))`; an exception given one shows it translated."""
+
+    __slots__ = ("fields", "message")
+
+    def __init__(self, message: str, /, **fields: object) -> None:
+        self.message = message
+        self.fields = fields
+
+    def __str__(self) -> str:
+        return tr(self.message, **self.fields)
 
 
 def N_(message: str) -> str:  # gettext's name for "mark for extraction, translate later"

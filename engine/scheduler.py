@@ -50,6 +50,7 @@ from engine.dberrors import explain
 from engine.definitions import Definitions, load_definitions
 from engine.errors import CampaignError, WecastError
 from engine.gateways.base import EventKind, GatewayEvent
+from engine.i18n import tr
 from engine.journeys.runtime import Dispatch, JourneyRunner
 from engine.plan import slot_key
 from engine.schedule import ScheduleSpec, Trigger, build_trigger, latest_fire_time, next_fire_times
@@ -234,15 +235,13 @@ class CampaignScheduler:
         self.errors = errors
         self.loaded_at = now
         log.info(
-            "campaigns loaded from %s: %d valid%s%s%s",
-            self.campaigns_dir,
-            len(entries),
-            f", {len(errors)} invalid" if errors else "",
-            f"; added {', '.join(added)}" if added else "",
-            f"; removed {', '.join(removed)}" if removed else "",
+            tr("campaigns loaded from {folder}: {valid} valid", folder=self.campaigns_dir, valid=len(entries))
+            + (tr(", {n} invalid", n=len(errors)) if errors else "")
+            + (tr("; added {ids}", ids=", ".join(added)) if added else "")
+            + (tr("; removed {ids}", ids=", ".join(removed)) if removed else "")
         )
         for error in errors:
-            log.error("invalid campaign file (not scheduled until fixed): %s", error)
+            log.error(tr("invalid campaign file (not scheduled until fixed): {error}", error=error))
         return errors
 
     async def _maybe_reload(self) -> None:

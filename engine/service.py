@@ -188,7 +188,7 @@ class Wecast:
         API send is (`engine.message_spec.direct_message`), logged as a run of its own."""
         names = await off_loop(contacts_db.contact_names, self.db, [contact_id])
         if contact_id not in names:
-            raise NotFoundError(f"no contact {contact_id!r} (see `wecast contacts list`)")
+            raise NotFoundError(tr("no contact {id} (see `wecast contacts list`)", id=repr(contact_id)))
         supports = self.gateway.capabilities.supports
         message = direct_message(text, attachments, store=self.media, supports=supports, gateway=self.gateway.name)
         plan = await off_loop(
@@ -210,7 +210,7 @@ class Wecast:
         its next send. Raises WecastError when the run is not in an allowed state."""
         run = runs_db.get_run(self.db, run_id)
         if run is None:
-            raise NotFoundError(f"no run {run_id}")
+            raise NotFoundError(tr("no run {run}", run=run_id))
         finished = self.clock.now() if to is RunStatus.CANCELLED else None
         if not runs_db.set_status(self.db, run_id, to, allowed=allowed, error=why, finished_at=finished):
             raise WecastError(
@@ -234,7 +234,7 @@ class Wecast:
     def task_ids(self, run_id: int) -> list[str]:
         """The 群发 tasks a run's deliveries wait in (NotFoundError for an unknown run)."""
         if runs_db.get_run(self.db, run_id) is None:
-            raise NotFoundError(f"no run {run_id}")
+            raise NotFoundError(tr("no run {run}", run=run_id))
         return sorted({r.task_id for r in deliveries_db.submitted(self.db, run_id)})
 
     async def reconcile(self, run_id: int | None = None) -> dict[int, Reconciled]:

@@ -31,6 +31,7 @@ from fastapi.responses import JSONResponse
 from engine.errors import CampaignError, LoginError, NotFoundError, WecastError
 from engine.gateways.base import LoginState
 from engine.gateways.sandbox import SandboxGateway
+from engine.i18n import tr
 from engine.media import MediaError, MediaTooLarge, MediaTypeRefused, max_bytes
 from engine.messages import PartKind
 from engine.plan import plan_test_send
@@ -121,7 +122,7 @@ def run_by_id(ctx: WebContext, run_id: int) -> RunView:
 def _run(ctx: WebContext, run_id: int) -> RunRow:
     run = runs_db.get_run(ctx.app.db, run_id)
     if run is None:
-        raise NotFoundError(f"no run {run_id}")
+        raise NotFoundError(tr("no run {run}", run=run_id))
     return run
 
 
@@ -129,14 +130,14 @@ def _campaign_files(ctx: WebContext) -> tuple[list[Campaign], list[CampaignError
     """Every campaign file, read now (not the scheduler's copy)."""
     directory = ctx.app.settings.campaigns_dir
     if not directory.is_dir():
-        return [], [CampaignError(f"campaigns folder not found: {directory}")]
+        return [], [CampaignError(tr("campaigns folder not found: {folder}", folder=directory))]
     result = load_campaigns([directory], ctx.app.settings)
     return result.campaigns, result.errors
 
 
 def _sandbox(ctx: WebContext) -> SandboxGateway:
     if not isinstance(ctx.app.gateway, SandboxGateway):
-        raise NotFoundError("sandbox endpoints exist only with `gateway: sandbox`")
+        raise NotFoundError(tr("sandbox endpoints exist only with `gateway: sandbox`"))
     return ctx.app.gateway
 
 
@@ -207,7 +208,9 @@ async def resume_run(ctx: WebContext, run_id: int) -> RunView:
     if row.status is RunStatus.PAUSED:
         await ctx.db(ctx.app.reopen_run, run_id)
     elif row.status is not RunStatus.RUNNING:
-        raise WecastError(f"run {run_id} is {row.status}; only paused or running runs can be resumed")
+        raise WecastError(
+            tr("run {run} is {status}; only paused or running runs can be resumed", run=run_id, status=row.status)
+        )
     if ctx.workers.task(run_id) is None:
         ctx.dispatch(run_id, row.campaign_id)
     return await ctx.db(lambda: run_view(ctx, _run(ctx, run_id)))
@@ -288,7 +291,12 @@ def router(ctx: WebContext) -> APIRouter:
     async def current_qr() -> str:
         status = await ctx.login_status()
         if not status.qr_url:
-            raise NotFoundError(f"no QR code is showing (login state: {status.state.value}); POST /goStart to get one")
+            raise NotFoundError(
+                tr(
+                    "no QR code is showing (login state: {state}); POST /goStart to get one",
+                    state=status.state.value,
+                )
+            )
         return status.qr_url
 
     no_qr: dict[int | str, dict[str, Any]] = {404: {"description": "no QR showing"}}
@@ -385,7 +393,7 @@ def router(ctx: WebContext) -> APIRouter:
     def contact(contact_id: Annotated[str, PathParam(max_length=200)]) -> ContactView:
         page = contacts_db.page_contacts(app.db, ContactFilter(ids=[contact_id]), limit=1)
         if not page.rows:
-            raise NotFoundError(f"no contact {contact_id!r}")
+            raise NotFoundError(tr("no contact {id}", id=repr(contact_id)))
         return ContactView.from_row(page.rows[0])
 
     @r.post("/contacts/sync", response_model=SyncView, tags=["contacts"], summary="Re-sync contacts now")
@@ -578,16 +586,24 @@ def router(ctx: WebContext) -> APIRouter:
         declared = request.headers.get("content-length", "")
         if declared.isdigit() and int(declared) > max_bytes(part):
             return JSONResponse(
-                error_body(f"{name!r} is larger than {max_bytes(part) // (1024 * 1024)} MB, WeCom's limit"), 413
+                error_body(
+                    tr(
+                        "{name} is larger than {mb} MB, WeCom's limit",
+                        name=repr(name),
+                        mb=max_bytes(part) // (1024 * 1024),
+                    ),
+                    code="too_large",
+                ),
+                413,
             )
         try:
             stored = await app.media.save_stream(request.stream(), name, part)
         except MediaTooLarge as exc:
-            return JSONResponse(error_body(str(exc)), 413)
+            return JSONResponse(error_body(str(exc), code="too_large"), 413)
         except MediaTypeRefused as exc:
-            return JSONResponse(error_body(str(exc)), 415)
+            return JSONResponse(error_body(str(exc), code="unsupported_media_type"), 415)
         except MediaError as exc:
-            return JSONResponse(error_body(str(exc), field="body"), 422)
+            return JSONResponse(error_body(str(exc), code="invalid_request", field="body"), 422)
         m = stored.media
         view = MediaView(id=stored.id, name=m.name, kind=kind, mime=m.mime, size=m.size, created=stored.created)
         return JSONResponse(view.model_dump(), status_code=201 if stored.created else 200)
@@ -630,7 +646,7 @@ def router(ctx: WebContext) -> APIRouter:
         if status.state is LoginState.WAITING_SCAN:
             status = await gw.sandbox_scan()
         elif status.state is LoginState.LOGGED_OUT:
-            raise LoginError("no QR is showing: call POST /goStart first")
+            raise LoginError(tr("no QR is showing: call POST /goStart first"))
         ctx.login_state = status.state
         return SandboxScanView(**LoginView.from_status(status).model_dump(), phoneCode=gw.sandbox_phone_code())
 

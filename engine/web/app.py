@@ -27,6 +27,7 @@ from engine.web import console, legacy, wecom_callback
 from engine.web.attempts import FailedAttempts
 from engine.web.context import WebContext
 from engine.web.errors import install_error_handlers
+from engine.web.language import SpeakLanguage
 from engine.web.metrics import DatabaseCollector, instrument_gateway
 from engine.web.security import CONSOLE, Authentication, RequestGuard
 from engine.web.sessions import SessionTokens
@@ -123,6 +124,8 @@ def create_app(
         return Response(generate_latest(ctx.registry), media_type=CONTENT_TYPE_LATEST)
 
     api.add_middleware(Authentication, sessions=sessions, attempts=attempts)
-    # Added last, so it runs first: a forged Host or a cross-site request is refused before anything else.
+    # Added after the authentication, so it runs before: a forged Host or a cross-site request is refused first.
     api.add_middleware(RequestGuard, loopback_only=loopback_only)
+    # Outermost: every answer, the guards' refusals too, in the request's language.
+    api.add_middleware(SpeakLanguage, config=settings.language)
     return api

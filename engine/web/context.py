@@ -15,6 +15,7 @@ from engine.blocking import off_loop
 from engine.contacts import ListState
 from engine.errors import CampaignError, NotFoundError, NotLoggedInError
 from engine.gateways.base import EventKind, GatewayEvent, LoginState, LoginStatus
+from engine.i18n import N_, tr
 from engine.qr import qr_terminal
 from engine.scheduler import CampaignScheduler
 from engine.service import Wecast
@@ -22,6 +23,11 @@ from engine.spec import Campaign, load_campaigns
 from engine.workers import Workers
 from storage import events as events_db
 from storage.events import EventRow
+
+NOT_LOGGED_IN = N_(
+    "the WeCom account is not logged in, so nothing was sent: call POST /goStart, scan the QR code and submit the "
+    "verification code first"
+)
 
 log = logging.getLogger("wecast.web")
 
@@ -75,10 +81,7 @@ class WebContext:
     async def require_login(self) -> LoginStatus:
         status = await self.login_status()
         if not status.logged_in:
-            raise NotLoggedInError(
-                "the WeCom account is not logged in, so nothing was sent: call POST /goStart, "
-                "scan the QR and submit the verification code first"
-            )
+            raise NotLoggedInError(tr(NOT_LOGGED_IN))
         return status
 
     def print_qr(self, status: LoginStatus | GatewayEvent, *, again: bool = False) -> None:
@@ -92,11 +95,12 @@ class WebContext:
             return
         self._qr_printed = key
         what = (
-            "WeCom security check (second verification): scan this QR with WeCom on the phone"
+            tr("WeCom security check (second verification): scan this QR code with WeCom on the phone")
             if second
-            else "scan this QR with WeCom on the phone to log in"
+            else tr("scan this QR code with WeCom on the phone to log in")
         )
-        log.info("%s (qrcodeKey %s; also at /api/v1/login/qr.png):\n%s%s", what, key, qr_terminal(url), url)
+        where = tr("qrcodeKey {key}; also at /api/v1/login/qr.png", key=key)
+        log.info("%s (%s):\n%s%s", what, where, qr_terminal(url), url)
 
     # -- campaigns -------------------------------------------------------------------------------
     def campaigns(self) -> tuple[list[Campaign], list[CampaignError]]:
@@ -118,7 +122,9 @@ class WebContext:
         broken = [e for e in errors if e.location.file and campaign_id in e.location.file]
         if broken:
             raise broken[0]
-        raise NotFoundError(f"no campaign {campaign_id!r} in {self.app.settings.campaigns_dir}")
+        raise NotFoundError(
+            tr("no campaign {id} in {folder}", id=repr(campaign_id), folder=self.app.settings.campaigns_dir)
+        )
 
     # -- runs ------------------------------------------------------------------------------------
     def dispatch(self, run_id: int, campaign_id: str) -> asyncio.Task[Any]:

@@ -1,6 +1,20 @@
 """Errors become answers at one boundary: every `WecastError` a clear JSON body with a fitting status (the database's
 condition — full, locked, unreadable — a 503 saying what to do), a bad request a 422 naming the field, anything
-unexpected a 500 that points to the log (never a stack trace)."""
+unexpected a 500 that points to the log (never a stack trace).
+
+Each body is `{"error": words for people, in the request's language (engine.web.language), "code": a stable
+English code for scripts, ...machine-readable extras}`. The codes:
+
+    invalid_request       422  the request's body, query or path is wrong (`field`, `problems`)
+    invalid_campaign      422  a campaign file or text is invalid (`problems`: file, line, field)
+    not_found             404  no such contact, campaign, run, tag, QR
+    not_logged_in         409  the account is logged out (`state`)
+    login_failed          400  a wrong verification code (`triesLeft`); 409 when nothing is waiting for one
+    gateway_error         502  the gateway failed (`kind` says how)
+    database_unavailable  503  the database cannot be used now (`reason`: full, busy, unavailable, ...)
+    conflict              409  not possible in the current state (a run's status, a reused Idempotency-Key)
+    internal_error        500  a bug: see the server log
+"""
 
 from __future__ import annotations
 
@@ -22,6 +36,7 @@ from engine.errors import (
     NotLoggedInError,
     WecastError,
 )
+from engine.i18n import N_, tr
 from engine.views import Problem
 from storage.errors import StorageError
 
@@ -31,6 +46,20 @@ log = logging.getLogger("wecast.web")
 def error_body(message: str, **extra: Any) -> dict[str, Any]:
     """The JSON of every error answer: `error` (one line, for people) plus machine-readable extras."""
     return {"error": message, **extra}
+
+
+class Code:
+    """The machine-readable `code` of each error answer (see the module docstring)."""
+
+    INVALID_REQUEST = "invalid_request"
+    INVALID_CAMPAIGN = "invalid_campaign"
+    NOT_FOUND = "not_found"
+    NOT_LOGGED_IN = "not_logged_in"
+    LOGIN_FAILED = "login_failed"
+    GATEWAY_ERROR = "gateway_error"
+    DATABASE_UNAVAILABLE = "database_unavailable"
+    CONFLICT = "conflict"
+    INTERNAL_ERROR = "internal_error"
 
 
 def invalid(field: str, message: str) -> RequestValidationError:
@@ -48,22 +77,41 @@ def answer_for(exc: WecastError) -> tuple[int, dict[str, Any]]:
     console's pages answer the same error the same way)."""
     extra: dict[str, Any] = {}
     if isinstance(exc, LoginError):
-        extra["triesLeft"] = exc.tries_left
+        extra["code"], extra["triesLeft"] = Code.LOGIN_FAILED, exc.tries_left
         code = 400 if exc.tries_left is not None else 409
     elif isinstance(exc, NotLoggedInError):
-        code, extra["state"] = 409, "logged_out"
+        code, extra["code"], extra["state"] = 409, Code.NOT_LOGGED_IN, "logged_out"
     elif isinstance(exc, NotFoundError):
-        code = 404
+        code, extra["code"] = 404, Code.NOT_FOUND
     elif isinstance(exc, CampaignError):
-        code = 422
+        code, extra["code"] = 422, Code.INVALID_CAMPAIGN
         extra["problems"] = [p.model_dump() for p in Problem.all_of([exc])]
     elif isinstance(exc, GatewayError):
-        code = 502
+        code, extra["code"], extra["kind"] = 502, Code.GATEWAY_ERROR, exc.kind
     elif isinstance(exc, DatabaseError):
-        code, extra["reason"] = 503, exc.kind
+        code, extra["code"], extra["reason"] = 503, Code.DATABASE_UNAVAILABLE, exc.kind
     else:
-        code = 409
+        code, extra["code"] = 409, Code.CONFLICT
     return code, extra
+
+
+# pydantic's words for the mistakes people make most, in the request's language (the rest stay pydantic's).
+_REASONS = {
+    "missing": N_("required field is missing"),
+    "extra_forbidden": N_("unknown field"),
+    "json_invalid": N_("the body is not valid JSON"),
+    "model_attributes_type": N_("expected a JSON object"),
+    "dict_type": N_("expected a JSON object"),
+    "string_type": N_("expected text"),
+    "int_parsing": N_("expected a whole number"),
+    "int_type": N_("expected a whole number"),
+    "list_type": N_("expected a list"),
+}
+
+
+def _reason(error: Any) -> str:
+    known = _REASONS.get(str(error.get("type", "")))
+    return tr(known) if known else str(error.get("msg", "invalid"))
 
 
 def describe_invalid(errors: Sequence[Any]) -> tuple[str, list[dict[str, str]]]:
@@ -71,13 +119,11 @@ def describe_invalid(errors: Sequence[Any]) -> tuple[str, list[dict[str, str]]]:
     problems = []
     for e in errors:
         loc = tuple(e.get("loc", ()))
-        problems.append(
-            {"field": _field_name(loc), "in": str(loc[0]) if loc else "body", "message": str(e.get("msg", "invalid"))}
-        )
-    first = problems[0] if problems else {"field": "body", "message": "invalid request"}
-    message = f"invalid request: {first['field']}: {first['message']}"
+        problems.append({"field": _field_name(loc), "in": str(loc[0]) if loc else "body", "message": _reason(e)})
+    first = problems[0] if problems else {"field": "body", "message": tr("invalid request")}
+    message = tr("invalid request: {field}: {reason}", field=first["field"], reason=first["message"])
     if len(problems) > 1:
-        message += f" (and {len(problems) - 1} more)"
+        message += tr(" (and {n} more)", n=len(problems) - 1)
     return message, problems
 
 
@@ -88,7 +134,8 @@ def install_error_handlers(api: FastAPI) -> None:
     async def bad_request(_: Request, exc: RequestValidationError) -> JSONResponse:
         message, problems = describe_invalid(exc.errors())
         first = problems[0] if problems else {"field": "body"}
-        return JSONResponse(error_body(message, field=first["field"], problems=problems), status_code=422)
+        body = error_body(message, code=Code.INVALID_REQUEST, field=first["field"], problems=problems)
+        return JSONResponse(body, status_code=422)
 
     @api.exception_handler(WecastError)
     async def wecast_error(_: Request, exc: WecastError) -> JSONResponse:
@@ -102,4 +149,5 @@ def install_error_handlers(api: FastAPI) -> None:
     @api.exception_handler(Exception)
     async def unexpected(_: Request, exc: Exception) -> JSONResponse:
         log.exception("unexpected error handling a request")
-        return JSONResponse(error_body(f"internal error ({type(exc).__name__}); see the server log"), status_code=500)
+        message = tr("internal error ({kind}); see the server log", kind=type(exc).__name__)
+        return JSONResponse(error_body(message, code=Code.INTERNAL_ERROR), status_code=500)

@@ -33,6 +33,7 @@ from fastapi.responses import JSONResponse, Response
 
 from engine.contacts import ListState
 from engine.errors import NotFoundError, WecastError
+from engine.i18n import tr
 from engine.message_spec import Attachment, PartError, direct_message
 from engine.messages import Message
 from engine.plan import API_CAMPAIGN, plan_adhoc
@@ -50,7 +51,7 @@ from engine.web.models import (
     VerifyAnswer,
     VerifyCodeBody,
 )
-from engine.web.sends import KEY_REUSED, DirectSends
+from engine.web.sends import KEY_REUSED, NO_CONTACT, DirectSends
 from storage import contacts as contacts_db
 from storage import deliveries as deliveries_db
 from storage import runs as runs_db
@@ -103,7 +104,7 @@ async def send_message(
     if existing is None and run_key:
         earlier = await ctx.db(runs_db.earlier_sends, app.db, API_CAMPAIGN, [run_key])
         if earlier:  # a single send (/send-message) used it, pooled in a run of another key
-            raise WecastError(KEY_REUSED)
+            raise WecastError(tr(KEY_REUSED))
     if existing is None:
         await ctx.require_login()
         await ctx.ensure_contacts()
@@ -137,18 +138,15 @@ def _same_request(ctx: WebContext, run_id: int, contact_ids: list[str], message:
     rows = deliveries_db.recipients_and_messages(ctx.app.db, run_id)
     whole = None if message.is_plain_text() else message.dumps()
     if {cid for cid, _, _ in rows} != set(contact_ids) or any((t, m) != (message.text, whole) for _, t, m in rows):
-        raise WecastError(KEY_REUSED)
+        raise WecastError(tr(KEY_REUSED))
 
 
 def _known_contacts(ctx: WebContext, contact_ids: list[str]) -> dict[str, str]:
     names = contacts_db.contact_names(ctx.app.db, contact_ids)
     unknown = [i for i in contact_ids if i not in names]
     if unknown:
-        shown = ", ".join(unknown[:5]) + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else "")
-        raise NotFoundError(
-            f"no contact with id {shown} (ids come from /get-all-user; after changes on the "
-            "phone, re-sync with POST /api/v1/contacts/sync)"
-        )
+        shown = ", ".join(unknown[:5]) + (tr(" and {n} more", n=len(unknown) - 5) if len(unknown) > 5 else "")
+        raise NotFoundError(tr(NO_CONTACT, ids=shown))
     return names
 
 
@@ -169,11 +167,20 @@ def run_result(ctx: WebContext, run_id: int, *, what: str, replayed: bool = Fals
     sent = counts.get(DeliveryStatus.SENT, 0)
     failed = counts.get(DeliveryStatus.FAILED, 0) + counts.get(DeliveryStatus.UNKNOWN, 0)
     if pending:
-        message = f"{what}: {sent} sent, {pending} still going out (see /api/v1/runs/{run_id})"
+        message = (
+            what
+            + ": "
+            + tr(
+                "{sent} sent, {pending} still going out (see /api/v1/runs/{run})",
+                sent=sent,
+                pending=pending,
+                run=run_id,
+            )
+        )
     elif failed:
-        message = f"{what}: {sent} sent, {failed} not sent (see results)"
+        message = what + ": " + tr("{sent} sent, {failed} not sent (see results)", sent=sent, failed=failed)
     else:
-        message = f"{what}: 发送成功 (sent {sent})"
+        message = what + ": " + tr("sent successfully ({sent} sent)", sent=sent)
     return SendResult(
         message=message,
         runId=run_id,
@@ -202,7 +209,7 @@ def _tagged(ctx: WebContext, tags: list[str]) -> list[str]:
     known = contacts_db.tag_keys(ctx.app.db)
     unknown = [x for x in tags if x not in known]
     if unknown:
-        raise NotFoundError(f"no tag {', '.join(repr(u) for u in unknown)}; see GET /api/v1/tags")
+        raise NotFoundError(tr("no tag {tags}; see GET /api/v1/tags", tags=", ".join(repr(u) for u in unknown)))
     return contacts_db.customers_tagged(ctx.app.db, tags)
 
 
@@ -219,24 +226,24 @@ def router(ctx: WebContext) -> APIRouter:
         status = await ctx.app.gateway.start_login()
         ctx.login_state = status.state
         if status.logged_in:
-            return LoginView.from_status(status, f"已登录 (already logged in as {status.account_name})")
+            return LoginView.from_status(status, tr("already logged in as {account}", account=status.account_name))
         ctx.print_qr(status)  # a QR already showing is printed again for whoever missed it
-        return LoginView.from_status(status, status.message or "请扫描日志中的二维码")
+        return LoginView.from_status(status, status.message or tr("scan the QR code printed in the log"))
 
     @r.post("/submit-verify-code", response_model=VerifyAnswer, summary="Submit the 6-digit code the phone shows")
     async def submit_verify_code(body: VerifyCodeBody) -> VerifyAnswer:
         status = await ctx.app.gateway.submit_verify_code(body.verifyCode, body.qrcodeKey)
         ctx.login_state = status.state
         if status.logged_in:
-            message = f"验证码已接收，登录成功 (logged in as {status.account_name})"
+            message = tr("verification code accepted: logged in as {account}", account=status.account_name)
         elif status.second_verification:
             ctx.print_qr(status)
-            message = (
-                "验证码已接收；企业微信要求二次验证：请扫描日志中的新二维码 "
-                "(WeCom asks for a second verification: scan the new QR in the log)"
+            message = tr(
+                "verification code accepted; WeCom asks for a second verification: scan the new QR code printed "
+                "in the log"
             )
         else:
-            message = "验证码已接收"
+            message = tr("verification code accepted")
         view = LoginView.from_status(status, message)
         return VerifyAnswer(**view.model_dump(), verifyCode=body.verifyCode)
 
@@ -244,7 +251,7 @@ def router(ctx: WebContext) -> APIRouter:
     async def get_all_user(body: GetAllUserBody | None = None) -> Response:
         body = body or GetAllUserBody()
         if body.page is not None and body.cursor:
-            raise invalid("cursor", "give page or cursor, not both")
+            raise invalid("cursor", tr("give page or cursor, not both"))
         page = body.page or 1
         ask = functools.partial(
             contacts_db.page_contacts,
@@ -285,7 +292,7 @@ def router(ctx: WebContext) -> APIRouter:
         code, result = await pool.send(body.id.strip(), message, idempotency_key)
         if code == 200 and result.failed:
             first = result.results[0] if result.results else None
-            result = result.model_copy(update={"error": (first.reason if first else "") or "not sent"})
+            result = result.model_copy(update={"error": (first.reason if first else "") or tr("not sent")})
             code = 502
         return JSONResponse(jsonable_encoder(result), status_code=code)
 
@@ -298,7 +305,7 @@ def router(ctx: WebContext) -> APIRouter:
     async def send_message_all(body: SendAllBody, idempotency_key: IdempotencyKey = None) -> JSONResponse:
         ids, tags = body.recipient_ids(), body.tag_names()
         if not ids and not tags:
-            raise invalid("ids", "give the recipients: ids (or id) and/or tag")
+            raise invalid("ids", tr("give the recipients: ids (or id) and/or tag"))
         message = body_message(ctx, body.message, body.attachments)
         recipients = list(ids)
         if tags:
@@ -307,7 +314,7 @@ def router(ctx: WebContext) -> APIRouter:
             recipients += await ctx.db(_tagged, ctx, tags)
         recipients = list(dict.fromkeys(recipients))
         if not recipients:
-            raise NotFoundError(f"no contacts to send to: nobody has the tag {', '.join(tags)}")
+            raise NotFoundError(tr("no contacts to send to: nobody has the tag {tags}", tags=", ".join(tags)))
         code, result = await send_message(ctx, recipients, message, idempotency_key, what="send-message-all")
         return JSONResponse(jsonable_encoder(result), status_code=code)
 
@@ -315,8 +322,6 @@ def router(ctx: WebContext) -> APIRouter:
     async def go_end() -> LoginView:
         status = await ctx.app.gateway.logout()
         ctx.login_state = status.state
-        return LoginView.from_status(
-            status, "已退出登录：调用 /goStart 获取新的二维码 (logged out: call /goStart for a new QR)"
-        )
+        return LoginView.from_status(status, tr("logged out: call /goStart for a new QR code"))
 
     return r

@@ -39,6 +39,7 @@ from collections.abc import Awaitable, Callable, Collection, MutableMapping
 from typing import Any
 from urllib.parse import quote, urlsplit
 
+from engine.i18n import tr
 from engine.web.attempts import FailedAttempts
 from engine.web.errors import error_body
 from engine.web.sessions import CSRF_HEADER, SessionTokens, cookie_value
@@ -99,8 +100,10 @@ def _headers(scope: Scope) -> dict[bytes, bytes]:
     return {name.lower(): value for name, value in scope.get("headers", [])}
 
 
-async def _refuse(send: Send, status: int, message: str, headers: Collection[tuple[bytes, bytes]] = ()) -> None:
-    body = json.dumps(error_body(message)).encode()
+async def _refuse(
+    send: Send, status: int, message: str, code: str, headers: Collection[tuple[bytes, bytes]] = ()
+) -> None:
+    body = json.dumps(error_body(message, code=code), ensure_ascii=False).encode()
     await send(
         {
             "type": "http.response.start",
@@ -129,22 +132,34 @@ class RequestGuard:
             await _refuse(
                 send,
                 421,
-                f"this server only answers to loopback names (127.0.0.1, localhost), not {host or 'no Host'!r}",
+                tr(
+                    "this server only answers to loopback names (127.0.0.1, localhost), not {host}",
+                    host=repr(host) if host else tr("no Host"),
+                ),
+                "misdirected_request",
             )
             return
         if scope.get("method", "GET") in STATE_CHANGING:
             problem = self._cross_site(headers, host)
             if problem:
-                await _refuse(send, 403, problem)
+                await _refuse(send, 403, problem, "cross_site")
                 return
             if scope.get("path") in UPLOAD_PATHS:
                 if self._media_type(headers) in PREFLIGHT_FREE:
                     await _refuse(
-                        send, 415, "send the file's bytes with its type, e.g. 'Content-Type: application/octet-stream'"
+                        send,
+                        415,
+                        tr("send the file's bytes with its type, e.g. 'Content-Type: application/octet-stream'"),
+                        "unsupported_media_type",
                     )
                     return
             elif self._has_body(headers) and not self._is_json(headers) and scope.get("path") not in SIGNED_PATHS:
-                await _refuse(send, 415, "send the body as JSON, with the header 'Content-Type: application/json'")
+                await _refuse(
+                    send,
+                    415,
+                    tr("send the body as JSON, with the header 'Content-Type: application/json'"),
+                    "unsupported_media_type",
+                )
                 return
         await self.app(scope, receive, send)
 
@@ -152,14 +167,17 @@ class RequestGuard:
     def _cross_site(headers: dict[bytes, bytes], host: str) -> str:
         """Why a state-changing request comes from another site ('' when it does not)."""
         if headers.get(b"sec-fetch-site", b"").lower() == b"cross-site":
-            return "cross-site requests cannot change anything here"
+            return tr("cross-site requests cannot change anything here")
         origin = headers.get(b"origin")
         if origin is None:
             return ""
         text = origin.decode("latin-1")
         parts = urlsplit(text)
         if text == "null" or parts.scheme not in ("http", "https") or parts.netloc.lower() != host.lower():
-            return f"requests from {text!r} cannot change anything here (only this server's own pages can)"
+            return tr(
+                "requests from {origin} cannot change anything here (only this server's own pages can)",
+                origin=repr(text),
+            )
         return ""
 
     @staticmethod
@@ -203,7 +221,8 @@ class Authentication:
                 await _refuse(
                     send,
                     429,
-                    f"too many wrong API keys from this address: try again in {wait} seconds",
+                    tr("too many wrong API keys from this address: try again in {n} seconds", n=wait),
+                    "too_many_attempts",
                     [(b"retry-after", str(wait).encode())],
                 )
                 return
@@ -228,7 +247,9 @@ class Authentication:
         if scope.get("method", "GET") in STATE_CHANGING and on_cookie:
             token = headers.get(CSRF_HEADER.encode(), b"").decode("latin-1")
             if session is None or not self.sessions.check_csrf(session, token):
-                await _refuse(send, 403, "missing or wrong CSRF token: reload the page and try again")
+                await _refuse(
+                    send, 403, tr("missing or wrong CSRF token: reload the page and try again"), "csrf_failed"
+                )
                 return
         await self.app(scope, receive, send)
 
@@ -244,7 +265,7 @@ class Authentication:
         wants_page = scope.get("method") == "GET" and b"text/html" in headers.get(b"accept", b"")
         if is_console(path) and b"hx-request" in headers:
             # An htmx request would swap the sign-in page into a fragment: tell htmx to go there instead.
-            await _refuse(send, 401, "sign in first", [(b"hx-redirect", SIGNIN.encode())])
+            await _refuse(send, 401, tr("sign in first"), "unauthorized", [(b"hx-redirect", SIGNIN.encode())])
         elif (is_console(path) or path == "/") and wants_page:
             await send(
                 {
@@ -258,6 +279,7 @@ class Authentication:
             await _refuse(
                 send,
                 401,
-                "missing or wrong API key: send the header 'Authorization: Bearer <key>'",
+                tr("missing or wrong API key: send the header 'Authorization: Bearer <key>'"),
+                "unauthorized",
                 [(b"www-authenticate", b"Bearer")],
             )

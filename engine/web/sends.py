@@ -28,10 +28,11 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from engine.errors import NotFoundError, NotLoggedInError, WecastError
+from engine.i18n import N_, Lazy
 from engine.messages import Message
 from engine.plan import API_CAMPAIGN
 from engine.runsettings import RunSettings
-from engine.web.context import WebContext
+from engine.web.context import NOT_LOGGED_IN, WebContext
 from engine.web.models import SendResult, SendResultItem
 from storage import contacts as contacts_db
 from storage import deliveries as deliveries_db
@@ -42,7 +43,12 @@ from storage.runs import DirectSend, DirectSendsRecorded, EarlierSend, NewRun
 
 log = logging.getLogger("wecast.web")
 
-KEY_REUSED = (
+# Made in the pool's task, shown to each waiting request: translated when shown (Lazy), in that request's language.
+NO_CONTACT = N_(
+    "no contact with id {ids} (ids come from /get-all-user; after changes on the phone, re-sync with "
+    "POST /api/v1/contacts/sync)"
+)
+KEY_REUSED = N_(
     "this Idempotency-Key was already used for a different send (other recipients or message); use a new key for "
     "a new message"
 )
@@ -145,7 +151,7 @@ class DirectSends:
                 if ask.same_as(earlier):
                     ask.planned.set_result((earlier.run_id, True))
                 else:
-                    ask.planned.set_exception(WecastError(KEY_REUSED))
+                    ask.planned.set_exception(WecastError(Lazy(KEY_REUSED)))
             else:
                 assert recorded.run_id is not None
                 ask.planned.set_result((recorded.run_id, False))
@@ -213,20 +219,14 @@ def _record(
         earlier = runs_db.earlier_sends(db, API_CAMPAIGN, [a.key for a in group])
         for ask in group:
             if ask.key not in earlier:
-                refused[ask] = NotLoggedInError(
-                    "the WeCom account is not logged in, so nothing was sent: call POST /goStart, "
-                    "scan the QR and submit the verification code first"
-                )
+                refused[ask] = NotLoggedInError(Lazy(NOT_LOGGED_IN))
         return DirectSendsRecorded(None, earlier), refused
     names = contacts_db.contact_names(db, [a.contact_id for a in group])
     unknown = [a for a in group if a.contact_id not in names]
     earlier = runs_db.earlier_sends(db, API_CAMPAIGN, [a.key for a in unknown]) if unknown else {}
     for ask in unknown:
         if ask.key not in earlier:
-            refused[ask] = NotFoundError(
-                f"no contact with id {ask.contact_id} (ids come from /get-all-user; after changes on the phone, "
-                "re-sync with POST /api/v1/contacts/sync)"
-            )
+            refused[ask] = NotFoundError(Lazy(NO_CONTACT, ids=ask.contact_id))
     sends = [
         DirectSend(
             ask.key,

@@ -112,9 +112,11 @@ def serve(settings: Settings, *, host: str | None = None, port: int | None = Non
     loopback = is_loopback(host)
     if not loopback and settings.api.key is None:
         log.error(
-            "refusing to listen on %s without an API key: anyone who can reach it could send messages "
-            "as your WeCom account. Set WECAST_API_KEY (or api.key in config.yaml), or bind 127.0.0.1",
-            host,
+            tr(
+                "refusing to listen on {host} without an API key: anyone who can reach it could send messages "
+                "as your WeCom account. Set WECAST_API_KEY (or api.key in config.yaml), or bind 127.0.0.1",
+                host=host,
+            )
         )
         return EXIT_CONFIG
     # Planning, parsing and database calls run in worker threads beside the event loop; they share the GIL.
@@ -156,12 +158,14 @@ async def _serve(
     )
     server = _Server(config)
     log.info(
-        "wecast serve: gateway %s, http://%s:%s (API key %s), campaigns in %s",
-        settings.gateway,
-        host,
-        port,
-        "required" if require_key else "not required on loopback",
-        settings.campaigns_dir,
+        tr(
+            "wecast serve: gateway {gateway}, http://{host}:{port} ({key}), campaigns in {folder}",
+            gateway=settings.gateway,
+            host=host,
+            port=port,
+            key=tr("API key required") if require_key else tr("no API key needed on loopback"),
+            folder=settings.campaigns_dir,
+        )
     )
     try:
         await server.serve(sockets=[sock])

@@ -1,0 +1,154 @@
+"""API errors and messages in the request's language (issue 11 item 4), on a real server: the source document's
+endpoints and /api/v1 answer in Chinese or English as `?lang=`, Accept-Language or config.yaml's `language:` say
+(English when nothing does), in one language per answer, never mixed; the JSON keys and `code` stay English; two
+requests in different languages at once never mix."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+
+try:
+    from web_harness import CAMPAIGN, LiveServer, login, make_settings
+except ImportError:  # pragma: no cover - if tests/ becomes a package
+    from tests.web_harness import CAMPAIGN, LiveServer, login, make_settings
+
+from engine.i18n import Language
+from engine.web.language import request_language
+
+HAN = re.compile(r"[\u4e00-\u9fff]")
+ZH = {"Accept-Language": "zh-CN,zh;q=0.9,en;q=0.5"}
+EN = {"Accept-Language": "en-US,en;q=0.8"}
+
+
+@pytest.fixture(scope="module")
+def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
+    root: Path = tmp_path_factory.mktemp("lang")
+    (root / "campaigns").mkdir()
+    (root / "campaigns" / "vip_daily.yaml").write_text(CAMPAIGN, encoding="utf-8")
+    with LiveServer(make_settings(root)) as server:
+        yield server
+
+
+@pytest.fixture
+def client(live: LiveServer) -> httpx.Client:
+    return live.client
+
+
+def test_the_language_of_a_request() -> None:
+    """?lang= first, then Accept-Language (by quality), then the config, then English; nonsense is ignored."""
+    assert request_language("zh", "en", Language.EN) is Language.ZH
+    assert request_language(None, "fr;q=1, zh-CN;q=0.8, en;q=0.5", None) is Language.ZH
+    assert request_language(None, "en, zh;q=0.1", Language.ZH) is Language.EN
+    assert request_language(None, None, Language.ZH) is Language.ZH
+    assert request_language("klingon", "fr", None) is Language.EN
+
+
+# (method, path, JSON body, status, code, Chinese words, English words): one error of each kind.
+CASES = [
+    (
+        "post",
+        "/send-message",
+        {"message": "hi"},
+        422,
+        "invalid_request",
+        "请求无效：id：缺少必填字段",
+        "invalid request",
+    ),
+    ("post", "/send-message-all", {"message": "hi"}, 422, "invalid_request", "请给出收件人", "give the recipients"),
+    ("get", "/api/v1/runs/999999", None, 404, "not_found", "没有发送批次 999999", "no run 999999"),
+    ("get", "/api/v1/contacts/nobody", None, 404, "not_found", "没有客户 'nobody'", "no contact 'nobody'"),
+    ("get", "/api/v1/campaigns/nope/preview", None, 404, "not_found", "中没有活动 'nope'", "no campaign 'nope'"),
+    ("post", "/get-all-user", {"page": 1, "cursor": "x"}, 422, "invalid_request", "只能给一个", "not both"),
+]
+
+
+@pytest.mark.parametrize("lang", ["zh", "en"])
+def test_errors_answer_in_the_requests_language_with_english_codes(client: httpx.Client, lang: str) -> None:
+    """Each error's words are in the language asked for (header or ?lang=), its `code` and keys English."""
+    login(client)
+    for method, path, body, status, code, zh, en in CASES:
+        for ask in ({"headers": ZH if lang == "zh" else EN}, {"params": {"lang": lang}}):
+            answer = client.request(method.upper(), path, json=body, **ask)  # type: ignore[arg-type]
+            assert answer.status_code == status, (path, answer.text)
+            data = answer.json()
+            assert data["code"] == code and set(data) >= {"error", "code"}, data
+            assert (zh if lang == "zh" else en) in data["error"], (path, data)
+            if lang == "en":
+                assert not HAN.search(data["error"]), data  # English, not a mix
+            assert answer.headers["content-language"] == ("zh-CN" if lang == "zh" else "en")
+
+
+def test_without_a_choice_the_answer_is_english(client: httpx.Client) -> None:
+    """A script that asks for nothing gets English (and can rely on `code`)."""
+    answer = client.get("/api/v1/runs/999999")
+    assert answer.json() == {"error": "no run 999999", "code": "not_found"}
+    assert answer.headers["content-language"] == "en"
+
+
+@pytest.mark.parametrize("lang", ["zh", "en"])
+def test_the_source_documents_flow_speaks_one_language(client: httpx.Client, lang: str) -> None:
+    """goStart, submit-verify-code, send-message and goEnd: every message in the chosen language only (the old
+    answers mixed 已登录 with English)."""
+    ask = {"lang": lang}
+    client.post("/goEnd", params=ask)
+    started = client.post("/goStart", params=ask).json()
+    client.post("/api/v1/sandbox/scan")
+    code = client.get("/api/v1/sandbox/phone").json()["verifyCode"]
+    verified = client.post(
+        "/submit-verify-code", params=ask, json={"verifyCode": code, "qrcodeKey": started["qrcodeKey"]}
+    ).json()
+    contact = client.post("/get-all-user", json={"pageSize": 1}).json()["datas"][0]
+    sent = client.post("/send-message", params=ask, json={"id": contact["id"], "message": "您好"}).json()
+    again = client.post("/goStart", params=ask).json()  # logged out by nobody: already logged in
+    ended = client.post("/goEnd", params=ask).json()
+    messages = [verified["message"], sent["message"], again["message"], ended["message"]]
+    if lang == "zh":
+        assert verified["message"].startswith("验证码已接收，登录成功")
+        assert sent["message"] == "send-message: 发送成功（1 条）"
+        assert again["message"].startswith("已登录")
+        assert ended["message"] == "已退出登录：调用 /goStart 获取新的二维码"
+        assert all("logged" not in m and "sent " not in m for m in messages), messages
+    else:
+        assert verified["message"].startswith("verification code accepted: logged in as")
+        assert sent["message"] == "send-message: sent successfully (1 sent)"
+        assert ended["message"] == "logged out: call /goStart for a new QR code"
+        assert not any(HAN.search(m.split(" as ")[0]) for m in messages), messages  # the account's name may be 中文
+    login(client)
+
+
+def test_the_guards_refusals_are_translated(client: httpx.Client) -> None:
+    """A body that is not JSON (415) and a forged Host (421) are refused in the request's language too."""
+    answer = client.post("/send-message", content=b"id=1", headers={"content-type": "text/plain", **ZH})
+    assert answer.status_code == 415 and answer.json()["code"] == "unsupported_media_type"
+    assert "请求体请用 JSON" in answer.json()["error"]
+    answer = client.get("/api/v1/runs", headers={"host": "evil.example", **EN})
+    assert answer.status_code == 421 and answer.json()["code"] == "misdirected_request"
+    assert "only answers to loopback names" in answer.json()["error"]
+
+
+def test_two_languages_at_once_never_mix(client: httpx.Client) -> None:
+    """Forty concurrent requests, half Chinese and half English: each answer is in its own request's language."""
+
+    def ask(i: int) -> tuple[bool, str]:
+        zh = i % 2 == 0
+        answer = client.get(f"/api/v1/runs/{900000 + i}", headers=ZH if zh else EN)
+        return zh, answer.json()["error"]
+
+    with ThreadPoolExecutor(8) as pool:
+        for zh, error in pool.map(ask, range(40)):
+            assert bool(HAN.search(error)) == zh, error
+
+
+def test_config_language_is_the_default(tmp_path: Path) -> None:
+    """With `language: zh_CN` in config.yaml, a request that asks for nothing is answered in Chinese."""
+    settings = make_settings(tmp_path, language="zh_CN")
+    with LiveServer(settings, scheduler=False) as server:
+        answer = server.client.get("/api/v1/runs/5")
+        assert answer.json()["error"] == "没有发送批次 5"
+        assert server.client.get("/api/v1/runs/5", params={"lang": "en"}).json()["error"] == "no run 5"
