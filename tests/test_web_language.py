@@ -152,3 +152,25 @@ def test_config_language_is_the_default(tmp_path: Path) -> None:
         answer = server.client.get("/api/v1/runs/5")
         assert answer.json()["error"] == "没有发送批次 5"
         assert server.client.get("/api/v1/runs/5", params={"lang": "en"}).json()["error"] == "no run 5"
+
+
+def test_pooled_sends_refused_answer_each_caller_in_its_language(client: httpx.Client) -> None:
+    """Sends made at once are planned together in one pool; refused (logged out, an unknown id), each caller still
+    reads the refusal in its own request's language."""
+    login(client)
+    contact = client.post("/get-all-user", json={"pageSize": 1}).json()["datas"][0]
+    client.post("/goEnd")
+
+    def send(i: int) -> tuple[bool, httpx.Response]:
+        zh = i % 2 == 0
+        body = {"id": contact["id"] if i % 4 < 2 else f"nobody-{i}", "message": "您好"}
+        return zh, client.post("/send-message", json=body, headers=ZH if zh else EN)
+
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(send, range(16)))
+    for zh, answer in answers:
+        assert answer.status_code == 409 and answer.json()["code"] == "not_logged_in", answer.text
+        assert bool(HAN.search(answer.json()["error"])) == zh, answer.text
+    login(client)
+    unknown = client.post("/send-message", json={"id": "nobody", "message": "您好"}, headers=ZH)
+    assert unknown.status_code == 404 and "没有 id 为 nobody 的客户" in unknown.json()["error"]

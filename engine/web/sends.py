@@ -28,7 +28,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from engine.errors import NotFoundError, NotLoggedInError, WecastError
-from engine.i18n import N_, Lazy
+from engine.i18n import N_, Lazy, tr
 from engine.messages import Message
 from engine.plan import API_CAMPAIGN
 from engine.runsettings import RunSettings
@@ -264,12 +264,15 @@ def _result(run_id: int, key: str, row: DeliveryRow | None, *, replayed: bool) -
     pending = int(status in OPEN_STATUSES)
     sent = int(status is DeliveryStatus.SENT)
     failed = int(status in (DeliveryStatus.FAILED, DeliveryStatus.UNKNOWN))
+    # Built in the waiting request (its language), in the same words as a run's result.
     if pending:
-        message = f"send-message: {sent} sent, {pending} still going out (see /api/v1/runs/{run_id})"
+        message = "send-message: " + tr(
+            "{sent} sent, {pending} still going out (see /api/v1/runs/{run})", sent=sent, pending=pending, run=run_id
+        )
     elif failed:
-        message = f"send-message: {sent} sent, {failed} not sent (see results)"
+        message = "send-message: " + tr("{sent} sent, {failed} not sent (see results)", sent=sent, failed=failed)
     else:
-        message = f"send-message: 发送成功 (sent {sent})"
+        message = "send-message: " + tr("sent successfully ({sent} sent)", sent=sent)
     return SendResult(
         message=message,
         runId=run_id,
