@@ -14,6 +14,8 @@ are one step across processes; a reading one begins deferred, one snapshot that 
 from __future__ import annotations
 
 import functools
+import os
+import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -24,7 +26,7 @@ from sqlalchemy.engine import Connection, Engine, make_url
 from sqlmodel import SQLModel, create_engine
 
 from storage._sql import READ_ONLY, reading, serialize, where, writing
-from storage.errors import Failure, SchemaError
+from storage.errors import Failure, SchemaError, StorageError
 from storage.models import (
     CONTACT_SYNCS,
     CONTACTS,
@@ -35,7 +37,15 @@ from storage.models import (
     SCHEMA_VERSION,
 )
 
-__all__ = ["SchemaError", "ensure_schema", "make_db_engine", "schema_version", "snapshot", "transaction"]
+__all__ = [
+    "SchemaError",
+    "ensure_schema",
+    "file_gone",
+    "make_db_engine",
+    "schema_version",
+    "snapshot",
+    "transaction",
+]
 
 
 def _add_journey_tables(conn: Connection) -> None:
@@ -91,8 +101,12 @@ def make_db_engine(url: str, *, migrate: bool = True, echo: bool = False, busy_t
         kwargs["connect_args"] = {"check_same_thread": False, "timeout": busy_timeout}
     engine = create_engine(url, **kwargs)
     if parsed.get_backend_name() == "sqlite":
+        database = parsed.database
+        watch = _FileWatch(database) if database and database != ":memory:" else None
         event.listen(engine, "connect", functools.partial(_sqlite_pragmas, busy_ms=round(busy_timeout * 1000)))
-        event.listen(engine, "begin", _sqlite_begin)
+        event.listen(engine, "begin", functools.partial(_sqlite_begin, watch=watch))
+        if watch is not None:
+            _WATCHES[engine] = watch
     if migrate:
         ensure_schema(engine)
     return engine
@@ -121,7 +135,52 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any, *, busy_ms: int) -> Non
     cursor.close()
 
 
-def _sqlite_begin(conn: Connection) -> None:
+class _FileWatch:
+    """The SQLite file an engine opened, by identity (device and inode): a file deleted or replaced under a running
+    wecast is noticed at the next transaction, instead of every write going on into the unlinked inode (which
+    SQLite allows: the data would vanish when the process ends, and each "sent" be recorded nowhere)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = os.path.abspath(path)  # the file opened, whatever the working directory becomes
+        self.identity: tuple[int, int] | None = None
+
+    def _now(self) -> tuple[int, int] | None:
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            return None
+        return (st.st_dev, st.st_ino)
+
+    def gone(self) -> bool:
+        """Whether the file is no longer the one opened (the first look, at the first transaction, remembers it:
+        SQLite created the file when it connected)."""
+        if self.identity is None:
+            self.identity = self._now()
+            return False
+        return self._now() != self.identity
+
+
+GONE = "the file was deleted or replaced while wecast was running"
+_WATCHES: weakref.WeakKeyDictionary[Engine, _FileWatch] = weakref.WeakKeyDictionary()
+
+
+def file_gone(engine: Engine) -> str | None:
+    """The path of the engine's SQLite file when it was deleted or replaced since it was opened (None while it is
+    there, and for other databases). One stat: a health check may ask on every request."""
+    watch = _WATCHES.get(engine)
+    return watch.path if watch is not None and watch.identity is not None and watch.gone() else None
+
+
+def _sqlite_begin(conn: Connection, *, watch: _FileWatch | None) -> None:
+    if watch is not None and watch.gone():
+        # Nothing more is written to the unlinked file: every transaction from now on fails, so no delivery is
+        # claimed (and sent) that could not be recorded.
+        raise StorageError(
+            Failure.UNAVAILABLE,
+            f"{watch.path}: {GONE}: nothing more is written to it; restart wecast (restore the file from a backup "
+            "first if it was not meant)",
+            detail=GONE,
+        )
     conn.exec_driver_sql("BEGIN" if conn.get_execution_options().get(READ_ONLY) else "BEGIN IMMEDIATE")
 
 

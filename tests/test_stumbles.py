@@ -223,3 +223,101 @@ def test_the_missing_field_hint_names_that_field(workdir: Path) -> None:
     assert '{{ title | default("") }}' in err and "city" not in err
     _, _, err = wecast(workdir, "--lang", "zh", "validate", str(path))
     assert re.search(r"\d+ 位收件人中有 \d+ 位缺少 'title'", err) and '{{ title | default("") }}' in err
+
+
+def test_a_deleted_database_file_fails_every_transaction(tmp_path: Path) -> None:
+    """Once its SQLite file is deleted, an engine refuses every transaction with an error naming the file (the
+    unlinked inode would otherwise take every write and lose it), and no new empty file appears in its place."""
+    from storage import contacts as contacts_db
+    from storage.db import file_gone, make_db_engine
+    from storage.errors import StorageError
+
+    path = tmp_path / "w.sqlite"
+    db = make_db_engine(f"sqlite:///{path}")
+    try:
+        assert contacts_db.count_contacts(db) == 0 and file_gone(db) is None
+        path.unlink()
+        assert file_gone(db) == str(path)
+        with pytest.raises(StorageError, match="deleted or replaced while wecast was running") as caught:
+            contacts_db.count_contacts(db)
+        assert str(path) in str(caught.value)
+        assert not path.exists()
+    finally:
+        db.dispose()
+
+
+@pytest.mark.anyio
+async def test_a_run_whose_database_is_deleted_stops_sending(tmp_path: Path) -> None:
+    """The database file deleted in the middle of `wecast run`: the run stops with the error, and the sandbox received
+    only what was sent before (no delivery is claimed, sent and "recorded" into the deleted file afterwards)."""
+    from engine.gateways.base import SendReceipt
+    from engine.gateways.sandbox import SandboxGateway
+    from engine.service import Wecast
+    from engine.settings import Settings
+    from engine.spec import load_campaign
+    from storage.errors import StorageError
+
+    (tmp_path / "campaigns").mkdir()
+    (tmp_path / "campaigns" / "all.yaml").write_text(
+        'name: 全体\naudience: {}\nmessage: {template: "{{ name }}您好"}\nquiet_hours: false\nfrequency_cap: false\n',
+        encoding="utf-8",
+    )
+    path = tmp_path / "w.sqlite"
+    settings = Settings.model_validate(
+        {
+            "version": 1,
+            "database_url": f"sqlite:///{path}",
+            "campaigns_dir": str(tmp_path / "campaigns"),
+            "sandbox": {"contacts": 60, "auto_login": True, "state_file": str(tmp_path / "sandbox.sqlite")},
+            "sending": {"throttle": {"per_second": 1000}, "concurrency": 1, "quiet_hours": None},
+        }
+    )
+
+    class Deleting(SandboxGateway):
+        """Deletes wecast's database file after its third send, as a person cleaning up data/ might."""
+
+        sends = 0
+
+        async def send_text(self, contact_id: str, text: str, *, idempotency_key: str) -> SendReceipt:
+            receipt = await super().send_text(contact_id, text, idempotency_key=idempotency_key)
+            Deleting.sends += 1
+            if Deleting.sends == 3:
+                path.unlink()
+            return receipt
+
+    gateway = Deleting(settings.sandbox)
+    async with Wecast(settings, gateway=gateway) as app:
+        await app.sync()
+        campaign = load_campaign(tmp_path / "campaigns" / "all.yaml", settings)
+        with pytest.raises(StorageError, match="deleted or replaced"):
+            await app.run_campaign(campaign, login_wait=0, quiet_wait_max=0, confirm_wait=0)
+        received = len(gateway.outbox_messages())
+    assert 3 <= received <= 4, received  # at most the one send already in flight when the file went
+    assert not path.exists()
+
+
+def test_healthz_fails_when_the_database_file_is_deleted(tmp_path: Path) -> None:
+    """A running `wecast serve` whose database file is deleted answers /healthz 503 with the reason (a monitor sees
+    it), and a send is refused instead of answered "sent"."""
+    try:
+        from web_harness import LiveServer, login, make_settings
+    except ImportError:  # pragma: no cover - if tests/ becomes a package
+        from tests.web_harness import LiveServer, login, make_settings
+
+    with LiveServer(make_settings(tmp_path), scheduler=False) as server:
+        client = server.client
+        login(client)
+        assert client.get("/healthz").json()["status"] == "ok"
+        contact = client.post("/get-all-user", json={"pageSize": 1}).json()["datas"][0]
+        (tmp_path / "wecast.sqlite").unlink()
+        health = client.get("/healthz")
+        assert health.status_code == 503
+        body = health.json()
+        assert body["status"] == "error" and body["code"] == "database_gone"
+        assert str(tmp_path / "wecast.sqlite") in body["error"] and "deleted or replaced" in body["error"]
+        zh = client.get("/healthz", headers={"Accept-Language": "zh-CN"}).json()["error"]
+        assert "在 wecast 运行时被删除或替换" in zh
+        sent = client.post("/send-message", json={"id": contact["id"], "message": "您好"})
+        assert sent.status_code == 503 and sent.json()["code"] == "database_unavailable", sent.text
+        assert "deleted or replaced" in sent.json()["error"]
+        assert not server.app.gateway.outbox_messages()  # type: ignore[attr-defined]

@@ -13,13 +13,14 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
-from fastapi.responses import RedirectResponse, Response
+from fastapi.responses import JSONResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from fastapi_offline import FastAPIOffline
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel
 
 from engine.errors import ConfigError
+from engine.i18n import tr
 from engine.scheduler import CampaignScheduler
 from engine.service import Wecast
 from engine.web import api as api_routes
@@ -32,12 +33,15 @@ from engine.web.metrics import DatabaseCollector, instrument_gateway
 from engine.web.security import CONSOLE, Authentication, RequestGuard
 from engine.web.sessions import SessionTokens
 from engine.workers import Workers
+from storage.db import file_gone
 
 
 class Health(BaseModel):
-    status: str
+    status: str  # ok | error
     gateway: str
     login: str
+    error: str | None = None  # why not ok, for people (503)
+    code: str | None = None  # why not ok, for scripts: database_gone
 
 
 def create_app(
@@ -115,9 +119,25 @@ def create_app(
     def home() -> Response:
         return RedirectResponse(f"{CONSOLE}/", status_code=303)
 
-    @api.get("/healthz", response_model=Health, tags=["ops"], summary="Liveness (no auth)")
-    async def healthz() -> Health:
-        return Health(status="ok", gateway=app.gateway.name, login=ctx.login_state.value)
+    @api.get(
+        "/healthz",
+        response_model=Health,
+        tags=["ops"],
+        summary="Liveness (no auth): 503 when the database file was deleted or replaced under the server",
+        responses={503: {"model": Health, "description": "not healthy: `error` says why"}},
+    )
+    async def healthz() -> Response:
+        health = Health(status="ok", gateway=app.gateway.name, login=ctx.login_state.value)
+        gone = file_gone(app.db)
+        if gone is None:
+            return JSONResponse(health.model_dump(exclude_none=True))
+        error = tr(
+            "the database file {path} was deleted or replaced while wecast was running: nothing more is recorded "
+            "or sent; restart wecast (restore the file from a backup first if it was not meant)",
+            path=gone,
+        )
+        body = health.model_copy(update={"status": "error", "error": error, "code": "database_gone"})
+        return JSONResponse(body.model_dump(), status_code=503)
 
     @api.get("/metrics", tags=["ops"], summary="Prometheus metrics", response_class=Response)
     def metrics() -> Response:
