@@ -38,7 +38,7 @@ SEED = 7
 STEPS = ("s1", "s2")
 START = datetime(2026, 11, 23, 1, 0, tzinfo=UTC)  # Monday 09:00 in Shanghai
 RUNNER = Path(__file__).with_name("journey_kill_runner.py")
-TRIAL_DEADLINE = 60.0  # seconds a trial may take before it counts as stuck
+TRIAL_DEADLINE = 60.0  # seconds a trial may go without any progress (a send, a kill, a jump) before it counts as stuck
 
 JOURNEY = """kind: journey
 id: care
@@ -186,14 +186,18 @@ def run_trial(tmp: Path, seed: int, contacts: int, expected: int) -> Trial:
     ]
     plan.sort(key=lambda k: (k[0] != "outbox", k[1]))
     kills = jumps = 0
-    began = time.monotonic()
+    began = progressed = time.monotonic()
+    seen: tuple[int, int, int] = (-1, 0, 0)
     child.start()
     try:
         while True:
-            assert time.monotonic() - began < TRIAL_DEADLINE, f"trial {seed} made no progress:\n{child.log()}"
+            # Stuck means no progress for a while, not slow: under a loaded machine a whole trial may take minutes.
+            assert time.monotonic() - progressed < TRIAL_DEADLINE, f"trial {seed} made no progress:\n{child.log()}"
             if not child.alive():
                 child.start()
             sent = child.sent()
+            if (sent, kills, jumps) != seen:
+                seen, progressed = (sent, kills, jumps), time.monotonic()
             if plan:
                 kind, value = plan[0]
                 if (kind == "outbox" and sent >= value) or (
@@ -221,7 +225,7 @@ def run_trial(tmp: Path, seed: int, contacts: int, expected: int) -> Trial:
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(600)
+@pytest.mark.timeout(1200)
 def test_kill_9_at_random_points_of_a_journey_with_waits_sends_every_step_exactly_once(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
