@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, fields
-from datetime import datetime
+from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Any, NamedTuple
 
@@ -637,6 +637,7 @@ def list_parts(db: DB, delivery_ids: Sequence[int]) -> dict[int, list[PartState]
 
 
 WELCOME_TASK = "welcome"  # gateway_task_id of a delivery sent as a WeCom welcome message (send_welcome)
+WELCOME_HOLD = timedelta(seconds=60)  # a welcome claimed or being sent this recently belongs to a live engine
 IN_DOUBT_REASON = "an earlier attempt was interrupted and may have been delivered"
 
 
@@ -688,17 +689,26 @@ def recover_run(db: DB, run_id: int, *, resend_in_flight: bool, now: datetime) -
     its parts (`_recover_parts`): every part sent is a sent delivery; otherwise the part caught `sending` decides."""
     with writing(db) as conn:
         settled = _recover_parts(conn, run_id, resend_in_flight=resend_in_flight, now=now)
+        # A journey's welcome message (engine.journeys.runtime) is planned claimed by the journey engine and sent
+        # within the same tick: one touched in the last WELCOME_HOLD belongs to a live engine and is left to it (a
+        # dispatcher starting meanwhile must not take it back); an older one was abandoned by a crash.
+        welcome = _D.gateway_task_id == WELCOME_TASK
+        live = _D.updated_at > now - WELCOME_HOLD
         back = conn.execute(
             update(DELIVERIES)
-            .where(_D.run_id == run_id, _D.status == DeliveryStatus.CLAIMED)
+            .where(
+                _D.run_id == run_id,
+                _D.status == DeliveryStatus.CLAIMED,
+                ~((_D.claim_token == WELCOME_TASK) & live),
+            )
             .values(status=DeliveryStatus.PENDING, claim_token="", updated_at=now)
         ).rowcount
-        in_flight = (_D.run_id == run_id, _D.status == DeliveryStatus.SENDING)
-        # A journey's welcome message caught being sent (engine.journeys.runtime: its code was good once, for 20 s,
-        # and the usual path has no key that would recognise it): unknown, never resent another way.
+        sending = (_D.run_id == run_id, _D.status == DeliveryStatus.SENDING)
+        # A welcome caught being sent: its code was good once, for 20 s, and the usual path has no key that would
+        # recognise it, so it is unknown — never resent another way.
         welcomes = conn.execute(
             update(DELIVERIES)
-            .where(*in_flight, _D.gateway_task_id == WELCOME_TASK)
+            .where(*sending, welcome, ~live)
             .values(
                 status=DeliveryStatus.UNKNOWN,
                 claim_token="",
@@ -707,6 +717,7 @@ def recover_run(db: DB, run_id: int, *, resend_in_flight: bool, now: datetime) -
                 "not retried automatically",
             )
         ).rowcount
+        in_flight = (*sending, ~welcome)
         if resend_in_flight:
             # Resent under the same key (the gateway answers a repeat with the first message), but in doubt until
             # then: if the resend never gets through, it may still have arrived the first time.

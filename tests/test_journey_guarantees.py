@@ -114,7 +114,10 @@ def test_entries_and_moves_in_bulk_keep_their_one_winner(db_url: str) -> None:
 def test_a_welcome_caught_by_a_crash_is_never_sent_another_way(db_url: str) -> None:
     """A journey send planned for WeCom's welcome message and interrupted: still claimed (send_welcome was never
     called) it goes back to the normal path; caught `sending` (the welcome may have arrived, and its code cannot be
-    used again) it is recorded unknown — not resent as a 群发 task, even on a gateway that dedupes by key."""
+    used again) it is recorded unknown — not resent as a 群发 task, even on a gateway that dedupes by key. While
+    the engine may still be at it (the last minute), recovery leaves both alone."""
+    from datetime import timedelta
+
     from storage import deliveries as deliveries_db
     from storage.db import make_db_engine
     from storage.models import DeliveryStatus
@@ -141,7 +144,17 @@ def test_a_welcome_caught_by_a_crash_is_never_sent_another_way(db_url: str) -> N
     store.insert_deliveries(db, planned, now)
     assert store.start_welcome(db, "welcome|c-sending|1|hello", deliveries_db.WELCOME_TASK, now) is not None
     assert store.start_welcome(db, "welcome|c-sending|1|hello", deliveries_db.WELCOME_TASK, now) is None
-    recovered = deliveries_db.recover_run(db, run_id, resend_in_flight=True, now=now)
+    # A dispatcher of the run starting meanwhile (every start recovers its run) leaves a live engine's welcomes be.
+    soon = now + timedelta(seconds=5)
+    assert deliveries_db.recover_run(db, run_id, resend_in_flight=True, now=soon) == {
+        "requeued": 0,
+        "resent": 0,
+        "unknown": 0,
+    }
+    states = {r.contact_id: r.status for r in deliveries_db.list_deliveries(db, run_id=run_id, limit=10)}
+    assert states == {"c-claimed": DeliveryStatus.CLAIMED, "c-sending": DeliveryStatus.SENDING}
+    later = now + deliveries_db.WELCOME_HOLD + timedelta(seconds=1)  # abandoned: the engine would be long done
+    recovered = deliveries_db.recover_run(db, run_id, resend_in_flight=True, now=later)
     assert (recovered["requeued"], recovered["resent"], recovered["unknown"]) == (1, 0, 1)
     rows = {r.contact_id: r for r in deliveries_db.list_deliveries(db, run_id=run_id, limit=10)}
     assert rows["c-claimed"].status is DeliveryStatus.PENDING
