@@ -24,6 +24,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
+from engine.i18n import tr
+
 MatchKind = Literal["contains", "exact", "regex"]
 # Stripped from both ends before an exact comparison: spaces, and the punctuation people add to a short reply.
 _EDGES = " \t\r\n.,!?;:~…。，！？；：、～\"'“”‘’()（）[]【】"
@@ -102,6 +104,10 @@ class Matcher:
 
     def describe(self) -> str:
         if not self.keywords:
-            return "any message"
-        how = {"contains": "contains", "exact": "is", "regex": "matches"}[self.match]
-        return f"message {how} " + " / ".join(self.keywords)
+            return tr("any message")
+        words = " / ".join(self.keywords)
+        if self.match == "exact":
+            return tr("message is {words}", words=words)
+        if self.match == "regex":
+            return tr("message matches {words}", words=words)
+        return tr("message contains {words}", words=words)

@@ -22,6 +22,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from engine.audience import RuleError, parse_rules
+from engine.i18n import N_, tr
 from engine.keywords import KeywordSpec
 
 JOURNEY_LEAVES = ("replied", "received", "opted_out", "removed", "message")
@@ -78,9 +79,11 @@ def parse_condition(raw: Any, path: tuple[str | int, ...] = ()) -> Condition:
         inner = parse_condition(arg, here)
 
         def negate(f: Facts) -> str | None:
-            return f"matches excluded condition: {inner.text}" if inner.test(f) is None else None
+            if inner.test(f) is not None:
+                return None
+            return tr("matches excluded condition: {condition}", condition=inner.text)
 
-        return Condition(negate, f"not ({inner.text})", inner.fields, inner.steps)
+        return Condition(negate, tr("not ({condition})", condition=inner.text), inner.fields, inner.steps)
     if key in ("replied", "opted_out", "removed"):
         return _flag(key, arg, here)
     if key == "received":
@@ -95,11 +98,11 @@ def _flag(key: str, arg: Any, path: tuple[str | int, ...]) -> Condition:
     if not isinstance(arg, bool):
         raise RuleError(f"{key} is true or false, not {arg!r}", path)
     words = {
-        "replied": ("replied since entering", "has not replied since entering"),
-        "opted_out": ("opted out", "has not opted out"),
-        "removed": ("no longer a contact", "still a contact"),
+        "replied": (N_("replied since entering"), N_("has not replied since entering")),
+        "opted_out": (N_("opted out"), N_("has not opted out")),
+        "removed": (N_("no longer a contact"), N_("still a contact")),
     }[key]
-    yes, no = words
+    yes, no = tr(words[0]), tr(words[1])
 
     def test(f: Facts) -> str | None:
         value: bool = getattr(f, key)
@@ -115,9 +118,9 @@ def _received(arg: Any, path: tuple[str | int, ...]) -> Condition:
         raise RuleError("received names a send step by its id, like `received: welcome`", path)
 
     def test(f: Facts) -> str | None:
-        return None if arg in f.received else f"did not receive step {arg}"
+        return None if arg in f.received else tr("did not receive step {step}", step=arg)
 
-    return Condition(test, f"received step {arg}", steps=frozenset({arg}))
+    return Condition(test, tr("received step {step}", step=arg), steps=frozenset({arg}))
 
 
 def _message(arg: Any, path: tuple[str | int, ...]) -> Condition:
@@ -134,7 +137,7 @@ def _message(arg: Any, path: tuple[str | int, ...]) -> Condition:
         raise RuleError("message takes keywords, like `message: {keywords: [价格]}`", path)
 
     def test(f: Facts) -> str | None:
-        return None if matcher(f.message_text) else f"the message does not match ({matcher.describe()})"
+        return None if matcher(f.message_text) else tr("the message does not match ({words})", words=matcher.describe())
 
     return Condition(test, matcher.describe())
 
@@ -152,7 +155,7 @@ def _all(parts: list[Condition]) -> Condition:
 
     return Condition(
         test,
-        " and ".join(p.text for p in parts),
+        tr(" and ").join(p.text for p in parts),
         frozenset().union(*(p.fields for p in parts)),
         frozenset().union(*(p.steps for p in parts)),
     )
@@ -166,11 +169,11 @@ def _any(parts: list[Condition]) -> Condition:
             if reason is None:
                 return None
             reasons.append(reason)
-        return "matches none of: " + "; ".join(reasons)
+        return tr("matches none of: {reasons}", reasons="; ".join(reasons))
 
     return Condition(
         test,
-        "any of (" + "; ".join(p.text for p in parts) + ")",
+        tr("any of ({conditions})", conditions="; ".join(p.text for p in parts)),
         frozenset().union(*(p.fields for p in parts)),
         frozenset().union(*(p.steps for p in parts)),
     )

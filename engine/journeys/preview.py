@@ -180,7 +180,7 @@ def describe_trigger(journey: Journey) -> str:
     if t.kind is TriggerKind.MESSAGE and t.matcher is not None:
         if not t.matcher.keywords:
             return tr("the customer writes anything")
-        return tr("the customer writes: {words} ({match})", words=" / ".join(t.matcher.keywords), match=t.matcher.match)
+        return tr("the customer writes: {words}", words=t.matcher.describe())
     if t.kind is TriggerKind.DATE and t.date is not None:
         d = t.date
         at = d.at.strftime("%H:%M")
