@@ -141,7 +141,7 @@ CHAINS = [
         2500,
         False,
         True,
-        (("contacts", "sync"), ("run", "c1"), ("run", "c1"), ("run", "c2"), ("run", "c2")),
+        (("contacts", "sync"), ("contacts", "sync"), ("run", "c1"), ("run", "c1"), ("run", "c2")),
         pick=60,
     ),
 ]
