@@ -333,6 +333,7 @@ class _Compiler:
         self.problems: list[CampaignError] = []
         self.source: list[str] = []
         self.root = campaign_root(settings.campaigns_dir, file)
+        self.local_covers = True  # all_parts asks the configured gateway
 
     def error(self, where: tuple[str | int, ...], reason: str) -> None:
         self.problems.append(CampaignError(reason, self.lines.at(where)))
@@ -340,7 +341,9 @@ class _Compiler:
     def all_parts(self, parts: list[PartSpec]) -> None:
         from engine.gateways.registry import gateway_capabilities
 
-        supports = gateway_capabilities(self.settings).supports
+        capabilities = gateway_capabilities(self.settings)
+        supports = capabilities.supports
+        self.local_covers = capabilities.local_covers
         texts = 0
         attachments = 0
         for i, part in enumerate(parts):
@@ -467,6 +470,9 @@ class _Compiler:
         title = self.slot((*here, "title"), mini.title, required=True, max_bytes=MINIPROGRAM_TITLE_MAX)
         page = self.slot((*here, "page"), mini.page, required=True, max_bytes=URL_MAX)
         thumb = self.media((*here, "thumbnail"), mini.thumbnail, PartKind.IMAGE)
+        if thumb is not None and thumb.url is None and not self.local_covers:
+            self.error((*here, "thumbnail"), _no_local_cover(self.settings.gateway, thumb.name))
+            thumb = None
         if ok and title is not None and page is not None and thumb is not None:
             self.source.append(f"{appid}|{mini.username}")
             self.parts.append(
@@ -719,6 +725,7 @@ def direct_message(
     store: MediaStore,
     supports: frozenset[PartKind],
     gateway: str,
+    local_covers: bool = True,
 ) -> Message:
     """A message given whole — its text, then its attachments — checked as a campaign's message is: at most nine
     attachments, media that exist in `store` and are of the right kind, https URLs, WeCom's lengths, and only
@@ -751,6 +758,8 @@ def direct_message(
             if not re.fullmatch(r"[A-Za-z0-9_]{1,64}", appid):
                 raise PartError(f"{here}.appid", "give the mini-program's AppID (letters and digits, like wx12…)")
             thumb = _given_media(f"{here}.thumbnail", a.thumbnail_media_id, a.thumbnail_url, PartKind.IMAGE, store)
+            if thumb.url is None and not local_covers:
+                raise PartError(f"{here}.thumbnail", _no_local_cover(gateway, thumb.name))
             parts.append(
                 MiniProgramPart(
                     appid=appid,
@@ -763,6 +772,13 @@ def direct_message(
     if not parts:
         raise PartError("message", "give the text to send (message), attachments, or both")
     return Message(tuple(parts))
+
+
+def _no_local_cover(gateway: str, name: str) -> str:
+    return (
+        f"the {gateway} gateway takes a mini-program cover by https URL only, and {name!r} is a local file: "
+        "give the cover as an https URL"
+    )
 
 
 def _given(path: str, value: str, **checks: Any) -> str:

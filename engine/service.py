@@ -189,8 +189,15 @@ class Wecast:
         names = await off_loop(contacts_db.contact_names, self.db, [contact_id])
         if contact_id not in names:
             raise NotFoundError(tr("no contact {id} (see `wecast contacts list`)", id=repr(contact_id)))
-        supports = self.gateway.capabilities.supports
-        message = direct_message(text, attachments, store=self.media, supports=supports, gateway=self.gateway.name)
+        caps = self.gateway.capabilities
+        message = direct_message(
+            text,
+            attachments,
+            store=self.media,
+            supports=caps.supports,
+            gateway=self.gateway.name,
+            local_covers=caps.local_covers,
+        )
         plan = await off_loop(
             lambda: plan_adhoc(
                 self.db,

@@ -274,5 +274,53 @@ def test_validation_knows_each_gateways_parts_as_the_gateway_does(name: str, tmp
     built = build_gateway(settings)
     assert gateway_capabilities(settings) == built.capabilities
     shutil.copytree(CASES / "valid", tmp_path / "valid")
-    compiled = load_campaign(tmp_path / "valid" / "every_part.yaml", settings).compiled
+    every = tmp_path / "valid" / "every_part.yaml"  # its cover by URL: WorkPro takes no local cover (test below)
+    text = every.read_text(encoding="utf-8")
+    every.write_text(text.replace("thumbnail: media/cover.jpg", "thumbnail: https://cdn.example.com/c.jpg"), "utf-8")
+    compiled = load_campaign(every, settings).compiled
     assert compiled.kinds == set(PartKind) <= built.capabilities.supports
+
+
+COVERED = """name: 领券
+audience: {}
+message:
+  parts:
+    - miniprogram:
+        appid: wx1234567890abcdef
+        title: 领取会员券
+        page: pages/coupon/index
+        thumbnail: %s
+"""
+
+
+@pytest.mark.parametrize(("gateway", "local_ok"), [("sandbox", True), ("workpro", False), ("wecom", True)])
+def test_a_local_cover_is_refused_for_a_gateway_that_takes_covers_by_url(
+    gateway: str, local_ok: bool, tmp_path: Path
+) -> None:
+    """WorkPro's puppet takes a mini-program cover by URL only: a local cover file is a validation error at the
+    thumbnail's line for it (not a failed send for every recipient); the sandbox and the official API upload it.
+    An https cover is fine everywhere."""
+    shutil.copy(CASES / "valid" / "media" / "cover.jpg", tmp_path / "cover.jpg")
+    settings = Settings.model_validate(
+        {
+            "version": 1,
+            "gateway": gateway,
+            "campaigns_dir": str(tmp_path),
+            "workpro": {"token": "puppet_workpro_0123456789abcdef", "endpoint": "127.0.0.1:9"},
+            "wecom": {"corp_id": "ww0123456789abcdef", "secret": "s", "state_file": str(tmp_path / "wecom.sqlite")},
+        }
+    )
+    local = tmp_path / "local.yaml"
+    local.write_text(COVERED % "cover.jpg", encoding="utf-8")
+    if local_ok:
+        assert load_campaign(local, settings).compiled.media()[0].path == tmp_path / "cover.jpg"
+    else:
+        with pytest.raises(CampaignError) as info:
+            load_campaign(local, settings)
+        assert str(info.value).startswith(
+            f"{local}:9: message.parts[0].miniprogram.thumbnail: the workpro gateway takes a mini-program cover by "
+            "https URL only, and 'cover.jpg' is a local file"
+        )
+    remote = tmp_path / "remote.yaml"
+    remote.write_text(COVERED % "https://cdn.example.com/cover.jpg", encoding="utf-8")
+    assert load_campaign(remote, settings).compiled.media()[0].url == "https://cdn.example.com/cover.jpg"

@@ -289,3 +289,23 @@ def test_a_part_the_gateway_cannot_send_is_refused(
     assert answer.status_code == 422
     assert "attachments[3]" in answer.text and "cannot send miniprogram parts" in answer.text
     assert received(live, contact) == []
+
+
+def test_a_local_cover_is_refused_where_covers_go_by_url(
+    live: LiveServer, client: httpx.Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On a gateway that takes mini-program covers by URL only (WorkPro), an uploaded cover is a 422 on the
+    attachment's thumbnail; the same card with an https cover is sent."""
+    body = rich_body(client)
+    gateway = sandbox(live)
+    url_only = Capabilities(supports=frozenset(PartKind), local_covers=False)
+    monkeypatch.setattr(type(gateway), "capabilities", property(lambda self: url_only))
+    [contact] = friends(client, 1, offset=28)
+    answer = client.post("/send-message", json={"id": contact, **body})
+    assert answer.status_code == 422
+    assert "attachments[3].thumbnail" in answer.text and "by https URL only" in answer.text
+    assert received(live, contact) == []
+    card = {**body["attachments"][3], "thumbnail_media_id": None, "thumbnail_url": "https://cdn.example.com/c.jpg"}
+    sent = client.post("/send-message", json={"id": contact, "attachments": [card]})
+    assert sent.status_code == 200, sent.text
+    assert [k for k, _ in received(live, contact)] == [PartKind.MINIPROGRAM]

@@ -194,6 +194,9 @@ class Capabilities:
     # Logs in by QR + verify code (the puppets, the sandbox). False: by configured credentials (the official API):
     # start_login logs in at once or says why not, and there is never a code to submit.
     qr_login: bool = True
+    # A mini-program card's cover may be a local file (uploaded by the gateway). False: only an https URL the far
+    # side fetches itself (WorkPro: the puppet runs on juzi's servers) — validation refuses a local cover for it.
+    local_covers: bool = True
 
 
 Listener = Callable[[GatewayEvent], None]

@@ -84,8 +84,14 @@ def body_message(ctx: WebContext, text: str | None, attachments: list[Attachment
     Raises a 422 naming the field."""
     gateway = ctx.app.gateway
     try:
+        caps = gateway.capabilities
         return direct_message(
-            text, attachments, store=ctx.app.media, supports=gateway.capabilities.supports, gateway=gateway.name
+            text,
+            attachments,
+            store=ctx.app.media,
+            supports=caps.supports,
+            gateway=gateway.name,
+            local_covers=caps.local_covers,
         )
     except PartError as exc:
         raise invalid(exc.field, exc.reason) from None

@@ -127,6 +127,7 @@ class WorkproGateway(Gateway):
         supports=frozenset(PartKind),
         tags=True,
         events=True,
+        local_covers=False,  # MiniProgramPayload carries the cover as thumb_url only (parts.mini_program)
     )
     first_event_wait: float = FIRST_EVENT_WAIT  # how long start() waits for the event stream to open
 
