@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 import httpx
@@ -24,8 +25,6 @@ from sqlalchemy.engine import Engine
 
 from engine.blocking import off_loop
 from engine.gateways.base import Gateway
-from engine.gateways.wecom.client import install_log_redaction
-from engine.gateways.wecom.gateway import WecomGateway
 from engine.i18n import tr, use_language
 from engine.runsettings import RunNotify, RunSettings
 from engine.settings import Settings
@@ -33,6 +32,9 @@ from storage import deliveries as deliveries_db
 from storage import runs as runs_db
 from storage.models import DeliveryStatus
 from storage.runs import RunRow
+
+if TYPE_CHECKING:  # imported where used: a process on another gateway never loads the wecom package
+    from engine.gateways.wecom.gateway import WecomGateway
 
 log = logging.getLogger("wecast.notify")
 TIMEOUT = 10.0  # seconds for one robot POST
@@ -43,6 +45,15 @@ def masked(url: str) -> str:
     """A webhook URL as logs may show it: scheme, host and path, never its query (the robot's key)."""
     parts = urlsplit(url)
     return f"{parts.scheme}://{parts.netloc}{parts.path}"
+
+
+def _wecom(gateway: Gateway) -> WecomGateway | None:
+    """The gateway as the wecom one (staff messages, its robot key), or None on any other."""
+    if gateway.name != "wecom":
+        return None
+    from engine.gateways.wecom.gateway import WecomGateway
+
+    return gateway if isinstance(gateway, WecomGateway) else None
 
 
 def summary_text(run: RunRow, settings: RunSettings, counts: dict[DeliveryStatus, int]) -> str:
@@ -98,12 +109,12 @@ class RunNotifier:
         await self._robot(run_id, target, text)
 
     async def _staff(self, run_id: int, target: RunNotify, text: str) -> None:
-        gateway = self.gateway
-        if not isinstance(gateway, WecomGateway):
+        gateway = _wecom(self.gateway)
+        if gateway is None:
             log.warning(
                 "run %s: notify.staff needs gateway wecom (message/send); the %s gateway cannot tell %s",
                 run_id,
-                gateway.name,
+                self.gateway.name,
                 ", ".join(target.staff),
             )
             return
@@ -126,8 +137,8 @@ class RunNotifier:
             await self._post(run_id, url, text)
         elif target.config_robot and self.settings.notify.robot is not None:
             await self._post(run_id, self.settings.notify.robot.get_secret_value(), text)
-        elif target.config_robot and isinstance(self.gateway, WecomGateway):
-            await self._gateway_robot(run_id, self.gateway, text)
+        elif target.config_robot and (wecom := _wecom(self.gateway)) is not None:
+            await self._gateway_robot(run_id, wecom, text)
 
     async def _gateway_robot(self, run_id: int, gateway: WecomGateway, text: str) -> None:
         try:
@@ -139,6 +150,8 @@ class RunNotifier:
 
     async def _post(self, run_id: int, url: str, text: str) -> None:
         body = {"msgtype": "text", "text": {"content": text}}
+        from engine.gateways.wecom.client import install_log_redaction
+
         install_log_redaction()  # httpx logs each request's URL: the robot's key= is masked there
         try:
             async with httpx.AsyncClient(transport=self.transport, timeout=TIMEOUT, trust_env=False) as client:
