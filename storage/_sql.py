@@ -144,6 +144,11 @@ def dbapi_cursor(conn: Connection) -> Iterator[DBAPICursor]:
     """The driver's own cursor on `conn`'s connection, inside its transaction: for the bulk paths, where
     SQLAlchemy's per-row result objects would cost more than reading the rows. The driver's errors come out as
     SQLAlchemy's (what `mapping` turns into `StorageError`), as from any other statement."""
+    if not conn.in_transaction():
+        # The driver's cursor does not begin SQLAlchemy's transaction by itself: begin it, so a read made only of
+        # these statements is one snapshot too, and the begin hooks run (`storage.db`: SQLite's BEGIN, the check
+        # that the database file is still there).
+        conn.begin()
     cursor = conn.connection.cursor()
     base = conn.dialect.loaded_dbapi.Error
     try:

@@ -256,10 +256,25 @@ class SyncRow:
 
 
 def latest_sync(db: DB) -> SyncRow | None:
-    """The most recent sync (finished or not), or None when the list was never synced."""
+    """The most recent sync (finished or not), or None when the list was never synced. Read through the driver's
+    cursor: every /get-all-user asks (is the list whole?), and so does every contact page (its version)."""
     with reading(db) as conn:
-        row = conn.execute(select(CONTACT_SYNCS).order_by(_S.id.desc()).limit(1)).first()
-    return SyncRow(**row._mapping) if row else None
+        return _latest_sync(conn)
+
+
+_LATEST_SYNC = (
+    "SELECT id, owner, started_at, heartbeat_at, finished_at, seen FROM contact_syncs ORDER BY id DESC LIMIT 1"
+)
+
+
+def _latest_sync(conn: Connection) -> SyncRow | None:
+    with dbapi_cursor(conn) as cursor:
+        cursor.execute(_LATEST_SYNC)
+        row = cursor.fetchone()
+    if row is None:
+        return None
+    sync_id, owner, started, beat, finished, seen = row
+    return SyncRow(int(sync_id), owner, aware(started), aware(beat), aware(finished), int(seen))
 
 
 def ever_synced(db: DB) -> bool:
@@ -639,10 +654,7 @@ def _index(conn: Connection, where: ContactFilter, conds: ColumnElement[bool]) -
     database = _database(conn)
     with _lock:
         writes = _writes.get(database, 0)
-    latest = conn.execute(
-        select(_S.id, _S.heartbeat_at, _S.finished_at, _S.seen).order_by(_S.id.desc()).limit(1)
-    ).first()
-    version: _ListVersion = (writes, tuple(latest) if latest else None)
+    version: _ListVersion = (writes, _latest_sync(conn))
     key = (database, _filter_key(where))
     if not where.ids:  # a lookup by ids is cheap to count and rarely asked twice
         with _lock:
