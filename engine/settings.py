@@ -214,6 +214,18 @@ class SandboxSettings(Strict):
     mode: Literal["direct", "batch"] = "direct"
     confirm_delay: Duration = timedelta(0)
     faults: Faults = Faults()
+    # The message parts this account can send (all by default): fewer simulates a gateway that sends text only,
+    # so validation refuses a campaign's other parts for it, and a send of one is refused for good.
+    supports: list[Literal["text", "image", "link", "miniprogram", "file"]] = Field(
+        default=["text", "image", "link", "miniprogram", "file"], min_length=1
+    )
+
+    @field_validator("supports")
+    @classmethod
+    def _text_always(cls, value: list[str]) -> list[str]:
+        if "text" not in value:
+            raise ValueError(tr("every gateway sends text: keep text in the list"))
+        return value
 
 
 class WorkproSettings(Strict):

@@ -164,10 +164,10 @@ def delivered(m: OutboxMessage) -> Delivered:
     )
 
 
-def sandbox_driver_factory(tmp_path: Path, mode: str = "direct") -> DriverFactory:
+def sandbox_driver_factory(tmp_path: Path, mode: str = "direct", supports: tuple[str, ...] = ()) -> DriverFactory:
     @asynccontextmanager
     async def make() -> AsyncIterator[GatewayDriver]:
-        gateway = SandboxGateway(_sandbox_settings(tmp_path, mode))
+        gateway = SandboxGateway(_sandbox_settings(tmp_path, mode, supports))
         try:
             await gateway.start()
             yield SandboxDriver(gateway)
@@ -248,9 +248,10 @@ def wecom_driver_factory(tmp_path: Path) -> DriverFactory:
     return make
 
 
-def _sandbox_settings(folder: Path, mode: str) -> SandboxSettings:
+def _sandbox_settings(folder: Path, mode: str, supports: tuple[str, ...] = ()) -> SandboxSettings:
     return SandboxSettings.model_validate(
         {
+            **({"supports": list(supports)} if supports else {}),
             "contacts": 60,
             "auto_login": False,
             "scan_delay": timedelta(hours=1),
@@ -261,15 +262,22 @@ def _sandbox_settings(folder: Path, mode: str) -> SandboxSettings:
     )
 
 
-def _sandbox_capabilities(mode: str) -> Capabilities:
+def _sandbox_capabilities(mode: str, supports: tuple[str, ...] = ()) -> Capabilities:
     """What a sandbox of `mode` can do, as the configured one reports it (built, never started: no files)."""
-    return SandboxGateway(_sandbox_settings(Path("unused"), mode)).capabilities
+    return SandboxGateway(_sandbox_settings(Path("unused"), mode, supports)).capabilities
 
 
 FLAVOURS = (
     Flavour("workpro", WorkproGateway.capabilities, lambda _: workpro_driver),
     Flavour("sandbox", _sandbox_capabilities("direct"), sandbox_driver_factory),
     Flavour("sandbox-batch", _sandbox_capabilities("batch"), lambda folder: sandbox_driver_factory(folder, "batch")),
+    # A sandbox that sends text and images only (sandbox.supports): every real gateway sends every part kind, so
+    # this one is what proves that the parts a gateway lacks are refused.
+    Flavour(
+        "sandbox-text-image",
+        _sandbox_capabilities("direct", ("text", "image")),
+        lambda folder: sandbox_driver_factory(folder, "direct", ("text", "image")),
+    ),
     # The official API does not deliver customers' messages (only 会话存档 does): no test can make one write.
     Flavour("wecom", WecomGateway.capabilities, wecom_driver_factory, customer_messages=False),
 )

@@ -324,3 +324,22 @@ def test_a_local_cover_is_refused_for_a_gateway_that_takes_covers_by_url(
     remote = tmp_path / "remote.yaml"
     remote.write_text(COVERED % "https://cdn.example.com/cover.jpg", encoding="utf-8")
     assert load_campaign(remote, settings).compiled.media()[0].url == "https://cdn.example.com/cover.jpg"
+
+
+def test_a_sandbox_that_sends_fewer_parts_refuses_the_others_at_validation(tmp_path: Path) -> None:
+    """`sandbox.supports` narrows what the simulated account sends; validation then refuses a campaign's other
+    parts at their file:line (as for a real gateway lacking them), and a list without text is a config error."""
+    settings = Settings.model_validate(
+        {"version": 1, "campaigns_dir": str(tmp_path), "sandbox": {"supports": ["text", "image"]}}
+    )
+    assert gateway_capabilities(settings).supports == {PartKind.TEXT, PartKind.IMAGE}
+    path = tmp_path / "c.yaml"
+    path.write_text(
+        "name: x\naudience: {}\nmessage:\n  parts:\n    - text: 你好\n"
+        "    - link: {url: 'https://m.example.com/a', title: 新品}\n",
+        encoding="utf-8",
+    )
+    with pytest.raises(CampaignError, match=r"c\.yaml:6: message\.parts\[1\]\.link: .*link"):
+        load_campaign(path, settings)
+    with pytest.raises(Exception, match="text"):
+        Settings.model_validate({"version": 1, "sandbox": {"supports": ["image"]}})

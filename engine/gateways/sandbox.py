@@ -444,7 +444,7 @@ def _capabilities(settings: SandboxSettings) -> Capabilities:
         batch_send=batch,
         idempotent_sends=settings.honor_idempotency_key,
         max_batch=10_000 if batch else 1,
-        supports=frozenset(PartKind),
+        supports=frozenset(PartKind(kind) for kind in settings.supports),
         tags=True,
         events=True,
     )
@@ -883,6 +883,8 @@ class SandboxGateway(Gateway):
         self._all_contacts()
         if self.settings.mode == "batch":
             raise PermanentError("this account sends through mass-message tasks (群发) only")
+        if part.kind not in self.capabilities.supports:
+            raise PermanentError(f"this account cannot send {part.kind.value} parts (sandbox.supports)")
         problem = self._reachable(contact_id)
         if problem:
             raise PermanentError(problem)
