@@ -555,12 +555,14 @@ def test_a_journeys_tree_counts_the_contacts_at_each_step(open_server: LiveServe
     newcomer = client.get("/api/v1/contacts", params={"friend": True, "limit": 1}).json()["items"][0]["id"]
     listed = client.get("/console/journeys").text
     assert "新客欢迎" in listed and 'href="/console/journeys/welcome"' in listed
+    assert "新客户添加我们" in listed and "仅一次" in listed and "contact added" not in listed  # trigger, entry
     open_server.on_loop(lambda: gateway.emit(EventKind.CONTACT_ADDED, contact_id=newcomer))
     deadline = time.monotonic() + 30
     while "later" not in [e.step for e in journeys_db.enrolments(open_server.app.db, journey_id="welcome")]:
         assert time.monotonic() < deadline, "the new contact never reached the wait"
         time.sleep(0.05)
     page = client.get("/console/journeys/welcome").text
+    assert "新客户添加我们" in page and "仅一次" in page
     steps = re.findall(r'data-step="([^"]+)"', page)
     assert steps[:2] == ["hello", "later"] and {"vip_tip", "tip"} <= set(steps)
     at = {m[0]: int(m[1]) for m in re.findall(r'data-step="([^"]+)".*?<b>(\d+)</b>', page, flags=re.S)}

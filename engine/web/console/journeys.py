@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from engine.journeys.preview import describe_wait
 from engine.journeys.spec import ExitStep, GotoStep, IfStep, Journey, SendStep, Step, TagStep, WaitStep
 from engine.web.console.templating import N_
 from storage.journeys import StepCount
@@ -82,7 +83,7 @@ def _node(step: Step, counts: JourneyCounts) -> Node:
         return Node(step.id, kind, words, here, passed)
     if isinstance(step, WaitStep):
         branches = [Branch(N_("on timeout"), _nodes(step.on_timeout, counts))] if step.on_timeout else []
-        return Node(step.id, N_("Wait"), step.describe(), here, passed, branches)
+        return Node(step.id, N_("Wait"), describe_wait(step), here, passed, branches)
     if isinstance(step, IfStep):
         branches = [Branch(N_("then"), _nodes(step.then, counts)), Branch(N_("else"), _nodes(step.otherwise, counts))]
         return Node(step.id, N_("If"), step.condition.text, here, passed, branches)

@@ -25,6 +25,7 @@ from jinja2 import Environment, PackageLoader, StrictUndefined
 from engine.audience import ExclusionCategory
 from engine.gateways.base import LoginState
 from engine.i18n import Language, negotiate
+from engine.journeys.preview import describe_entry, describe_trigger
 from storage.models import DeliveryStatus, EnrolmentStatus, RunStatus
 
 LOCALE_DIR = Path(__file__).parent / "locale"
@@ -135,6 +136,9 @@ def build_environment(tz: ZoneInfo) -> Environment:
     env.filters["local"] = lambda value, seconds=False: local_time(value, tz, seconds=seconds)
     env.filters["number"] = lambda n: f"{n:,}"
     env.filters["schedule"] = schedule_text
+    # A journey's trigger and entry policy in the request's language (engine.i18n: the request runs under it).
+    env.filters["trigger_text"] = describe_trigger
+    env.filters["entry_text"] = describe_entry
     env.globals.update(
         STATUS_TEXT=STATUS_TEXT,
         LOGIN_TEXT=LOGIN_TEXT,
