@@ -224,9 +224,11 @@ class CampaignScheduler:
                 # An edited schedule counts from the edit: its past slots are not "missed".
                 await self._set_last_fire(campaign.id, now, only_if_later=True)
                 log.info(
-                    "campaign %s: schedule changed; next fire %s",
-                    campaign.id,
-                    self._show(self.next_fire(campaign)),
+                    tr(
+                        "campaign {campaign}: schedule changed; next fire {when}",
+                        campaign=campaign.id,
+                        when=self._show(self.next_fire(campaign)),
+                    )
                 )
             entries[campaign.id] = CampaignEntry(campaign, trigger, campaign.schedule, old.history if old else [])
         added = sorted(set(entries) - set(self.entries))
@@ -330,10 +332,12 @@ class CampaignScheduler:
         if busy is not None:
             if campaign.id not in self._deferred:
                 log.info(
-                    "campaign %s: fire at %s waits for run %s to finish (runs never overlap)",
-                    campaign.id,
-                    self._show(due[-1]),
-                    busy,
+                    tr(
+                        "campaign {campaign}: fire at {when} waits for run {run} to finish (runs never overlap)",
+                        campaign=campaign.id,
+                        when=self._show(due[-1]),
+                        run=busy,
+                    )
                 )
             self._deferred.add(campaign.id)
             return []
@@ -343,12 +347,16 @@ class CampaignScheduler:
             if state is not ListState.WHOLE:
                 if campaign.id not in self._deferred:
                     log.warning(
-                        "campaign %s: fire at %s waits: %s",
-                        campaign.id,
-                        self._show(due[-1]),
-                        "no contacts synced yet (log in first)"
-                        if state is ListState.EMPTY
-                        else "the last contact sync did not finish (log in, or wait for the sync running elsewhere)",
+                        tr(
+                            "campaign {campaign}: fire at {when} waits: {why}",
+                            campaign=campaign.id,
+                            when=self._show(due[-1]),
+                            why=tr("no contacts synced yet (log in first)")
+                            if state is ListState.EMPTY
+                            else tr(
+                                "the last contact sync did not finish (log in, or wait for the sync running elsewhere)"
+                            ),
+                        )
                     )
                 self._deferred.add(campaign.id)
                 return []
@@ -365,11 +373,15 @@ class CampaignScheduler:
                 f"grace: {self.config.grace})"
             )
             log.warning(
-                "campaign %s: skipping %d missed fire(s) (latest %s): %s",
-                campaign.id,
-                len(skipped),
-                self._show(skipped[-1]),
-                why,
+                tr(
+                    "campaign {campaign}: skipping {n} missed fire(s) (latest {when}): missed while the service was "
+                    "down or busy (catch_up: {policy}, grace: {grace})",
+                    campaign=campaign.id,
+                    n=len(skipped),
+                    when=self._show(skipped[-1]),
+                    policy=self.config.catch_up,
+                    grace=self.config.grace,
+                )
             )
             acted += [
                 self._record(entry, Fire(campaign.id, f, slot_key(f), "skipped", reason=why)) for f in skipped[-5:]
@@ -380,18 +392,27 @@ class CampaignScheduler:
             try:
                 plan = await off_loop(self.app.plan, campaign, run_key=key, trigger="schedule")
             except WecastError as exc:
-                log.error("campaign %s: fire at %s could not be planned: %s", campaign.id, self._show(fire), exc)
+                log.error(
+                    tr(
+                        "campaign {campaign}: fire at {when} could not be planned: {error}",
+                        campaign=campaign.id,
+                        when=self._show(fire),
+                        error=exc,
+                    )
+                )
                 acted.append(self._record(entry, Fire(campaign.id, fire, key, "failed", reason=str(exc))))
                 continue
             late = now - fire > LATE_AFTER
             log.info(
-                "campaign %s: fired for %s%s: run %s (%s, %d to send)",
-                campaign.id,
-                self._show(fire),
-                " (catch-up)" if late else "",
-                plan.run_id,
-                "new" if plan.created else "already planned",
-                plan.planned,
+                tr(
+                    "campaign {campaign}: fired for {when}{late}: run {run} ({state}, {n} to send)",
+                    campaign=campaign.id,
+                    when=self._show(fire),
+                    late=tr(" (catch-up)") if late else "",
+                    run=plan.run_id,
+                    state=tr("new") if plan.created else tr("already planned"),
+                    n=plan.planned,
+                )
             )
             planned.append(plan.run_id)
             acted.append(
@@ -433,7 +454,7 @@ class CampaignScheduler:
                 continue
             started.append(run_id)
         if started:
-            log.info("resuming interrupted runs: %s", ", ".join(map(str, started)))
+            log.info(tr("resuming interrupted runs: {runs}", runs=", ".join(map(str, started))))
         return started
 
     async def _dispatch_journey_run(self, run_id: int) -> None:

@@ -321,3 +321,53 @@ def test_healthz_fails_when_the_database_file_is_deleted(tmp_path: Path) -> None
         assert sent.status_code == 503 and sent.json()["code"] == "database_unavailable", sent.text
         assert "deleted or replaced" in sent.json()["error"]
         assert not server.app.gateway.outbox_messages()  # type: ignore[attr-defined]
+
+
+@pytest.mark.anyio
+async def test_the_schedulers_log_lines_speak_the_chosen_language(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Log lines meant for people (campaigns loaded, a fire) are in the language wecast speaks (`--lang`, config)."""
+    import logging
+
+    from engine.clock import FakeClock
+    from engine.i18n import Language, use_language
+    from engine.scheduler import CampaignScheduler
+    from engine.service import Wecast
+    from engine.settings import Settings
+
+    (tmp_path / "campaigns").mkdir()
+    (tmp_path / "campaigns" / "greet.yaml").write_text(
+        'name: 问候\nschedule: {cron: "0 10 * * *"}\naudience: {}\nmessage: {template: "{{ name }}您好"}\n'
+        "quiet_hours: false\nfrequency_cap: false\n",
+        encoding="utf-8",
+    )
+    settings = Settings.model_validate(
+        {
+            "version": 1,
+            "database_url": f"sqlite:///{tmp_path / 'w.sqlite'}",
+            "campaigns_dir": str(tmp_path / "campaigns"),
+            "sandbox": {"contacts": 5, "auto_login": True, "state_file": str(tmp_path / "sandbox.sqlite")},
+            "scheduler": {"contacts_sync": None},
+        }
+    )
+    clock = FakeClock(datetime(2026, 1, 5, 1, 30, tzinfo=ZoneInfo("UTC")))
+    caplog.set_level(logging.INFO, logger="wecast")
+    with use_language(Language.ZH):
+        app = Wecast(settings, clock=clock)
+        await app.start()
+        sched = CampaignScheduler(app)
+        try:
+            await app.sync()
+            await sched.start(loop=False)
+            await sched.tick()
+            clock.set(datetime(2026, 1, 5, 2, 0, 3, tzinfo=ZoneInfo("UTC")))
+            await sched.tick()
+        finally:
+            await sched.stop()
+            app.dispatcher.stop()
+            await sched.workers.drain(5)
+            await app.close()
+    said = "\n".join(r.getMessage() for r in caplog.records if r.name.startswith("wecast"))
+    assert "已从" in said and "加载活动：1 个有效" in said
+    assert "活动 greet：已按 2026-01-05T10:00:00+08:00 触发：批次" in said and "新建" in said

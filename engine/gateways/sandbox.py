@@ -69,6 +69,7 @@ from engine.gateways.base import (
 )
 from engine.gateways.demo_data import demo_contacts, demo_tags
 from engine.gateways.media_cache import MediaCache
+from engine.i18n import N_, tr
 from engine.messages import (
     FILE_MAX_BYTES,
     IMAGE_MAX_BYTES,
@@ -531,17 +532,20 @@ class SandboxGateway(Gateway):
         )
 
     def _message(self) -> str:
-        return {
-            LoginState.LOGGED_OUT: "未登录：请调用 /goStart 获取二维码 (not logged in: call /goStart for a QR)",
-            LoginState.WAITING_SCAN: (
-                "请用手机企业微信扫码进行安全验证 (scan the security-check QR)"
+        # In the language in force where the status is asked for (a request's, the CLI's). The code prompt is
+        # WeCom's own wording, as the puppet passes it on.
+        if self._state is LoginState.WAITING_VERIFY_CODE:
+            return "请输入企业微信手机端展示的验证码，以继续登录"
+        return tr(
+            {
+                LoginState.LOGGED_OUT: N_("not logged in: call /goStart for a QR code"),
+                LoginState.WAITING_SCAN: N_("scan the security-check QR code with WeCom on the phone")
                 if self._second_pending
-                else "请用手机企业微信扫描二维码 (scan the QR with WeCom on the phone)"
-            ),
-            LoginState.SCANNED: "已扫码，请在手机上确认 (scanned: confirm on the phone)",
-            LoginState.WAITING_VERIFY_CODE: "请输入企业微信手机端展示的验证码，以继续登录",
-            LoginState.LOGGED_IN: "已登录 (logged in)",
-        }[self._state]
+                else N_("scan the QR code with WeCom on the phone"),
+                LoginState.SCANNED: N_("QR code scanned: confirm on the phone"),
+                LoginState.LOGGED_IN: N_("logged in"),
+            }[self._state]
+        )
 
     def _qr_url(self) -> str:
         base = "https://wx.work.weixin.qq.com/cgi-bin/crtx_auth?key="
@@ -586,7 +590,7 @@ class SandboxGateway(Gateway):
         """Sandbox only: the simulated phone scans the current QR and confirms."""
         if self._state is not LoginState.WAITING_SCAN:
             raise LoginError("no QR is waiting to be scanned; call start_login (POST /goStart) first")
-        self.emit(EventKind.SCANNED, "二维码已扫描 (QR scanned)")
+        self.emit(EventKind.SCANNED, tr("QR code scanned"))
         if self._second_pending:
             # The security check needs only the scan; the session carries on.
             self._second_pending = False
