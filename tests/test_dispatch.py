@@ -503,12 +503,15 @@ def test_a_locked_database_stalls_only_the_run_not_the_event_loop(make_settings:
         dispatch = asyncio.ensure_future(app.dispatcher.run(plan.run_id))
         await asyncio.sleep(1.0)
         assert not dispatch.done()
+        turns_while_locked = len(lags)
         holder.rollback()
         holder.close()
         summary = await dispatch
         watch.cancel()
         assert summary.status is RunStatus.COMPLETED and summary.sent == plan.planned
-        assert max(lags) < 0.3, f"the event loop stalled for {max(lags):.2f}s"
+        # A loop blocked by the lock would turn about once in that second; a free one about 100 times. Counted
+        # turns, not the longest gap: on a loaded machine the whole process may wait a second for a core.
+        assert turns_while_locked >= 10, f"the event loop turned {turns_while_locked} times in the locked second"
         await app.close()
 
     run(go())
