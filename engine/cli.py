@@ -562,6 +562,8 @@ def preview(
 
     spec = find_definition(campaign, ctx.settings)
     if not isinstance(spec, Campaign):  # a journey (engine.cli_journeys)
+        if csv_path is not None or run_key or full:
+            raise click.UsageError(tr("--csv, --full and --run-key preview a campaign; {id} is a journey", id=spec.id))
         cli_journeys.preview_journey(KIT, ctx, spec, contact, assume, as_json, show)
         return
     if contact is not None or assume:

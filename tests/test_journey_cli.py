@@ -38,6 +38,7 @@ COMMANDS = [
     (["preview", "keyword_reply", "--contact", "CID", "--assume", "message:地址"], "门店地址", "门店地址"),
     (["preview", "welcome_new", "--assume", "replied"], "需与 --contact 一起使用", "goes with --contact"),
     (["preview", "welcome_new", "--contact", "CID", "--assume", "buy"], "可假设", "assume replied"),
+    (["preview", "welcome_new", "--csv", "-"], "用于预览活动", "preview a campaign"),
     (["journeys"], "进入规则", "entry"),
     (["journeys", "show", "welcome_new"], "当前在旅程中", "in the journey now"),
     (["journeys", "show", "nope"], "没有旅程", "no journey"),
