@@ -324,7 +324,9 @@ def test_kill_9_at_random_moments_with_faults_then_resume(tmp_path: Path) -> Non
     assert tally.clean, tally.notes[:20]
     assert tally.trials >= 20, phases
     # The trials hit every phase, and the faults really happened (retries, unknowns after timeouts).
-    assert phases["sync"] >= 2 and phases["dispatch"] >= 8, phases
+    # (A sync kill needs the process caught before its sync ends: on a quiet machine one of the two planned may
+    # find it already whole, so one is required.)
+    assert phases["sync"] >= 1 and phases["dispatch"] >= 8, phases
     assert statuses["sent"] > 0 and statuses["unknown"] > 0, statuses
 
 

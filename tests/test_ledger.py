@@ -247,10 +247,13 @@ def test_a_service_that_loses_a_run_to_another_process_says_so_in_one_line(
             app.db, plan.run_id, expected_owner="", owner=other, now=datetime.now(UTC), resend_in_flight=True
         )
         workers = Workers()
-        with caplog.at_level(logging.WARNING):
+        # What this start logged at WARNING and above, whatever level an earlier test's configure_logging left on
+        # the `wecast` logger (INFO lets the login's lines in; a higher one would drop the warning).
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="wecast"):
             result = await workers.start(plan.run_id, "c1", lambda: app.dispatcher.run(plan.run_id))
         assert result is None
-        lines = [r for r in caplog.records if r.name.startswith("wecast")]
+        lines = [r for r in caplog.records if r.name.startswith("wecast") and r.levelno >= logging.WARNING]
         assert [r.getMessage() for r in lines] == [
             f"run {plan.run_id}: not dispatched here: run {plan.run_id} is being sent by another process "
             f"({other.rsplit(':', 1)[0]}); wait for it, or stop that process first"
