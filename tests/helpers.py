@@ -6,6 +6,8 @@ Import as `from helpers import ...`: pytest puts this folder on sys.path for the
 from __future__ import annotations
 
 import asyncio
+import re
+import shutil
 from collections import Counter
 from collections.abc import Coroutine
 from datetime import UTC, datetime
@@ -108,3 +110,23 @@ def record_part_calls(gateway: Gateway, fail: dict[PartKind, list[Exception]] | 
 
     gateway.send_part = send_part  # type: ignore[method-assign]
     return calls
+
+
+def demo_workdir(folder: Path) -> Path:
+    """The shipped campaigns and a config in `folder`, sending as fast as the sandbox takes them, at any hour
+    (no throttle worth the name, no quiet hours: whatever the hour the suite runs at)."""
+    shutil.copytree(Path(__file__).resolve().parent.parent / "campaigns", folder / "campaigns")
+    for path in (folder / "campaigns").glob("*.yaml"):
+        text = path.read_text(encoding="utf-8")
+        text = re.sub(r"(?m)^throttle:.*(\n[ \t]+.*)*", "throttle: {per_second: 1000}", text)
+        text = re.sub(r"(?m)^quiet_hours:.*(\n[ \t]+.*)*", "", text) + "\nquiet_hours: false\n"
+        path.write_text(text, encoding="utf-8")
+    (folder / "config.yaml").write_text(
+        "version: 1\n"
+        f"database_url: sqlite:///{folder}/data/wecast.sqlite\n"
+        f"campaigns_dir: {folder}/campaigns\n"
+        "sending: {throttle: {per_second: 1000}, quiet_hours: null}\n"
+        f"sandbox: {{state_file: {folder}/data/sandbox.sqlite}}\n",
+        encoding="utf-8",
+    )
+    return folder

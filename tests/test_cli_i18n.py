@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from helpers import demo_workdir
 
 from engine.cli import main
 
@@ -22,22 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent
 @pytest.fixture
 def workdir(tmp_path: Path) -> Path:
     """The demo campaigns and a config in a fresh folder, sending as fast as the sandbox takes it, at any hour."""
-    shutil.copytree(ROOT / "campaigns", tmp_path / "campaigns")
-    for path in (tmp_path / "campaigns").glob("*.yaml"):
-        text = path.read_text(encoding="utf-8")
-        text = re.sub(r"(?m)^throttle:.*(\n[ \t]+.*)*", "throttle: {per_second: 1000}", text)
-        # Whatever the hour the suite runs at: no quiet hours hold the sends these tests count.
-        text = re.sub(r"(?m)^quiet_hours:.*(\n[ \t]+.*)*", "", text) + "\nquiet_hours: false\n"
-        path.write_text(text, "utf-8")
-    (tmp_path / "config.yaml").write_text(
-        "version: 1\n"
-        f"database_url: sqlite:///{tmp_path}/data/wecast.sqlite\n"
-        f"campaigns_dir: {tmp_path}/campaigns\n"
-        "sending: {throttle: {per_second: 1000}, quiet_hours: null}\n"
-        f"sandbox: {{state_file: {tmp_path}/data/sandbox.sqlite}}\n",
-        encoding="utf-8",
-    )
-    return tmp_path
+    return demo_workdir(tmp_path)
 
 
 def wecast(workdir: Path, *args: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-import shutil
 import subprocess
 import sys
 from collections import Counter
@@ -16,6 +15,7 @@ from typing import Any
 
 import pytest
 from click.testing import CliRunner
+from helpers import demo_workdir
 
 from engine.cli import main
 from engine.media import sniff
@@ -33,21 +33,7 @@ EXAMPLES = {
 @pytest.fixture
 def workdir(tmp_path: Path) -> Path:
     """The shipped campaigns in a fresh folder, sending as fast as the sandbox takes them, at any hour."""
-    shutil.copytree(ROOT / "campaigns", tmp_path / "campaigns")
-    for path in (tmp_path / "campaigns").glob("*.yaml"):
-        text = path.read_text(encoding="utf-8")
-        text = re.sub(r"(?m)^throttle:.*(\n[ \t]+.*)*", "throttle: {per_second: 1000}", text)
-        text = re.sub(r"(?m)^quiet_hours:.*(\n[ \t]+.*)*", "", text) + "\nquiet_hours: false\n"
-        path.write_text(text, encoding="utf-8")
-    (tmp_path / "config.yaml").write_text(
-        "version: 1\n"
-        f"database_url: sqlite:///{tmp_path}/data/wecast.sqlite\n"
-        f"campaigns_dir: {tmp_path}/campaigns\n"
-        "sending: {throttle: {per_second: 1000}, quiet_hours: null}\n"
-        f"sandbox: {{state_file: {tmp_path}/data/sandbox.sqlite}}\n",
-        encoding="utf-8",
-    )
-    return tmp_path
+    return demo_workdir(tmp_path)
 
 
 def wecast(workdir: Path, *args: str) -> tuple[int, str]:
