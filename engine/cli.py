@@ -55,7 +55,8 @@ if TYPE_CHECKING:  # the commands import what they need when they run: `wecast -
     from engine.gateways.base import LoginStatus
     from engine.plan import PlanResult, Preview
     from engine.service import Wecast
-    from engine.spec import Campaign
+from engine.spec import Campaign
+from engine.textwrap_cjk import Wrapped
 
 T = TypeVar("T")
 
@@ -723,7 +724,7 @@ def _print_preview(p: Preview, show: int, full: bool) -> None:
         table.columns[0].no_wrap = True  # ids are never cut
         table.columns[2].overflow = "fold"  # text without spaces (Chinese) wraps too, nothing is cut
         for r in shown:
-            table.add_row(r.contact_id, escape(r.name), escape(_message_lines(r.full_message())))
+            table.add_row(r.contact_id, escape(r.name), Wrapped(_message_lines(r.full_message())))
         out.print(table)
     if limit and p.recipient_count > limit:
         more = p.recipient_count - limit
@@ -734,7 +735,7 @@ def _print_preview(p: Preview, show: int, full: bool) -> None:
         table.columns[0].no_wrap = True
         table.columns[2].overflow = "fold"
         for e in ordered[:limit]:
-            table.add_row(e.contact_id, escape(e.name), escape(e.reason))
+            table.add_row(e.contact_id, escape(e.name), Wrapped(e.reason))
         out.print(table)
         if limit and p.excluded_count > limit:
             out.print(styled("dim", tr("… and {n} more", n=p.excluded_count - limit)))
