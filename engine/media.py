@@ -25,8 +25,9 @@ from collections.abc import AsyncIterable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from engine.i18n import tr
 from engine.messages import FILE_MAX_BYTES, IMAGE_MAX_BYTES, IMAGE_TYPES, Media, PartKind
-from engine.paths import CampaignFile, CampaignFileError
+from engine.paths import CampaignFile, CampaignFileError, file_kind
 
 CHUNK = 1024 * 1024
 _SIGNATURES: tuple[tuple[bytes, str], ...] = (
@@ -59,8 +60,10 @@ def max_bytes(kind: PartKind) -> int:
 def check_type(kind: PartKind, mime: str, name: str) -> None:
     """Refuse content a part of `kind` cannot carry: images must be JPEG or PNG. Raises MediaError."""
     if kind is not PartKind.FILE and mime not in IMAGE_TYPES:
-        what = "not an image wecast recognises" if mime == "application/octet-stream" else mime
-        raise MediaTypeRefused(f"{name!r} is not a JPG or PNG image (by its content: {what})")
+        what = tr("not an image wecast recognises") if mime == "application/octet-stream" else mime
+        raise MediaTypeRefused(
+            tr("{name} is not a JPG or PNG image (by its content: {what})", name=repr(name), what=what)
+        )
 
 
 class MediaError(ValueError):
@@ -96,9 +99,15 @@ def describe(checked: CampaignFile, kind: PartKind) -> Media:
             digest.update(chunk)
             size += len(chunk)
             if size > checked.max_bytes:
-                raise CampaignFileError(f"{kind.value} file {checked.name!r} grew past the size limit while read")
+                raise CampaignFileError(
+                    tr(
+                        "{kind} {name} grew past the size limit while read",
+                        kind=file_kind(kind.value),
+                        name=repr(checked.name),
+                    )
+                )
     if size == 0:
-        raise MediaError(f"{kind.value} file {checked.name!r} is empty")
+        raise MediaError(tr("{kind} {name} is empty", kind=file_kind(kind.value), name=repr(checked.name)))
     mime = sniff(head)
     check_type(kind, mime, checked.name)
     media = Media(name=checked.name, path=checked.path, size=size, sha256=digest.hexdigest(), mime=mime)
@@ -128,13 +137,13 @@ class MediaStore:
         """The stored file `media_id`. Raises MediaError when there is none (or the id is not one)."""
         media_id = media_id.strip().lower()
         if not MEDIA_ID.match(media_id):
-            raise MediaError("a media id is the 64 hex digits POST /api/v1/media returned")
+            raise MediaError(tr("a media id is the 64 hex digits POST /api/v1/media returned"))
         path = self._path(media_id)
         try:
             meta = json.loads(path.with_suffix(".json").read_text(encoding="utf-8"))
             size = path.stat().st_size
         except (OSError, ValueError):
-            raise MediaError(f"no stored media {media_id}; upload it with POST /api/v1/media") from None
+            raise MediaError(tr("no stored media {id}; upload it with POST /api/v1/media", id=media_id)) from None
         return Media(name=str(meta["name"]), path=path, size=size, sha256=media_id, mime=str(meta["mime"]))
 
     def save(self, chunks: Iterable[bytes], name: str, kind: PartKind) -> Stored:
@@ -184,7 +193,9 @@ class _Receiving:
     def add(self, chunk: bytes) -> None:
         self.size += len(chunk)
         if self.size > self.limit:
-            raise MediaTooLarge(f"{self.name!r} is larger than {self.limit // (1024 * 1024)} MB, WeCom's limit")
+            raise MediaTooLarge(
+                tr("{name} is larger than {mb} MB, WeCom's limit", name=repr(self.name), mb=self.limit // (1024 * 1024))
+            )
         if len(self.head) < 16:
             self.head += chunk[: 16 - len(self.head)]
         self.digest.update(chunk)
@@ -192,7 +203,7 @@ class _Receiving:
 
     def keep(self) -> Stored:
         if self.size == 0:
-            raise MediaError(f"{self.name!r} is empty")
+            raise MediaError(tr("{name} is empty", name=repr(self.name)))
         mime = sniff(self.head)
         check_type(self.kind, mime, self.name)
         self.handle.close()

@@ -52,6 +52,7 @@ from pydantic import Field, field_validator, model_validator
 
 from engine import yamlsrc
 from engine.errors import CampaignError, Location, TemplateError, WecastError
+from engine.i18n import ntr, tr
 from engine.media import MediaError, MediaStore, check_type, describe, max_bytes
 from engine.messages import (
     LINK_DESC_MAX,
@@ -88,7 +89,7 @@ class TextSpec(Strict):
     @model_validator(mode="after")
     def _one(self) -> TextSpec:
         if (self.template is None) == (self.template_file is None):
-            raise ValueError("give exactly one of template (inline) or template_file (a path)")
+            raise ValueError(tr("give exactly one of template (inline) or template_file (a path)"))
         return self
 
 
@@ -120,7 +121,7 @@ class PartSpec(Strict):
     def _one(self) -> PartSpec:
         given = [k.value for k in PartKind if getattr(self, k.value) is not None]
         if len(given) != 1:
-            raise ValueError("a part is one of text:, image:, link:, miniprogram: or file:" + _found(given))
+            raise ValueError(tr("a part is one of text:, image:, link:, miniprogram: or file:") + _found(given))
         return self
 
     @property
@@ -129,7 +130,7 @@ class PartSpec(Strict):
 
 
 def _found(given: list[str]) -> str:
-    return f" (found {', '.join(given)})" if given else ""
+    return tr(" (found {keys})", keys=", ".join(given)) if given else ""
 
 
 class MessageSpec(Strict):
@@ -147,8 +148,11 @@ class MessageSpec(Strict):
     def _type(cls, value: str | None) -> str | None:
         if value not in (None, "text"):
             raise ValueError(
-                f"message type {value!r}: `type` is not used any more; list the message's parts under parts: "
-                "(text, image, link, miniprogram, file)"
+                tr(
+                    "message type {value!r}: `type` is not used any more; list the message's parts under parts: "
+                    "(text, image, link, miniprogram, file)",
+                    value=value,
+                )
             )
         return value
 
@@ -157,7 +161,7 @@ class MessageSpec(Strict):
         given = [k for k in ("template", "template_file", "parts") if getattr(self, k) is not None]
         if len(given) != 1:
             raise ValueError(
-                "give exactly one of template (inline), template_file (a path) or parts (a list)" + _found(given)
+                tr("give exactly one of template (inline), template_file (a path) or parts (a list)") + _found(given)
             )
         return self
 
@@ -200,9 +204,10 @@ class TemplatedField:
         return None
 
     def limit(self) -> str:
+        """The field's limit in words of the reader's language ("2000 characters", "128 bytes")."""
         if self.max_chars is not None:
-            return f"{self.max_chars} characters"
-        return f"{self.max_bytes} bytes"
+            return ntr("{n} character", "{n} characters", self.max_chars)
+        return ntr("{n} byte", "{n} bytes", self.max_bytes or 0)
 
 
 @dataclass(frozen=True)
@@ -352,19 +357,17 @@ class _Compiler:
             if kind is PartKind.TEXT:
                 texts += 1
                 if texts > 1:
-                    self.error((*here, "text"), "a message has at most one text part (WeCom's 群发 allows one)")
+                    self.error((*here, "text"), tr("a message has at most one text part (WeCom's 群发 allows one)"))
                     continue
             else:
                 attachments += 1
                 if attachments > MAX_ATTACHMENTS:
-                    self.error(here, f"a message has at most {MAX_ATTACHMENTS} attachments besides its text (WeCom)")
+                    self.error(
+                        here, tr("a message has at most {n} attachments besides its text (WeCom)", n=MAX_ATTACHMENTS)
+                    )
                     continue
             if kind not in supports:
-                can = ", ".join(sorted(k.value for k in supports))
-                self.error(
-                    (*here, kind.value),
-                    f"the {self.settings.gateway} gateway cannot send {kind.value} parts (it sends: {can})",
-                )
+                self.error((*here, kind.value), _cannot_send(self.settings.gateway, kind, supports))
                 continue
             if part.text is not None:
                 bare = isinstance(part.text, str)
@@ -429,10 +432,16 @@ class _Compiler:
         value = value.strip()
         if "://" in value or value.lower().startswith(("http:", "https:")):
             if not _is_https(value):
-                self.error(here, f"{value!r} is not an https URL; give https://… or a file under the campaigns folder")
+                self.error(
+                    here,
+                    tr(
+                        "{url} is not an https URL; give https://… or a file under the campaigns folder",
+                        url=repr(value),
+                    ),
+                )
                 return None
             if len(value.encode()) > URL_MAX:
-                self.error(here, f"the URL is longer than {URL_MAX} bytes (WeCom's limit)")
+                self.error(here, tr("the URL is longer than {n} bytes (WeCom's limit)", n=URL_MAX))
                 return None
             self.source.append(value)
             name = urlsplit(value).path.rsplit("/", 1)[-1] or kind.value
@@ -462,10 +471,13 @@ class _Compiler:
         appid = mini.appid.strip()
         ok = True
         if not appid:
-            self.error((*here, "appid"), "the appid is empty; give the mini-program's AppID (wx…)")
+            self.error((*here, "appid"), tr("the appid is empty; give the mini-program's AppID (wx…)"))
             ok = False
         elif _TEMPLATE_SYNTAX.search(appid) or not re.fullmatch(r"[A-Za-z0-9_]{1,64}", appid):
-            self.error((*here, "appid"), f"{appid!r} is not an AppID (letters and digits, like wx1234567890abcdef)")
+            self.error(
+                (*here, "appid"),
+                tr("{appid} is not an AppID (letters and digits, like wx1234567890abcdef)", appid=repr(appid)),
+            )
             ok = False
         title = self.slot((*here, "title"), mini.title, required=True, max_bytes=MINIPROGRAM_TITLE_MAX)
         page = self.slot((*here, "page"), mini.page, required=True, max_bytes=URL_MAX)
@@ -493,7 +505,7 @@ class _Compiler:
             self.source.append(constant)
             return Slot(value=constant)
         if checks.get("https") and not value.lstrip().lower().startswith("https://"):
-            self.error(here, "a URL must start with https:// (the template may fill in what follows)")
+            self.error(here, tr("a URL must start with https:// (the template may fill in what follows)"))
             return None
         line = self.lines.line(here) or 1
         origin = Location(str(self.file), line + 1 if text_has_block(self.text, line) else line, dotted)
@@ -518,11 +530,11 @@ def _is_https(value: str) -> bool:
 def _describe_check(problem: Check, f: TemplatedField, value: str = "") -> str:
     what = f.path.rsplit(".", 1)[-1]
     if problem is Check.EMPTY:
-        return f"the {what} is empty"
+        return tr("the {what} is empty", what=what)
     if problem is Check.TOO_LONG:
         size = len(value) if f.max_chars is not None else len(value.encode())
-        return f"the {what} is longer than {f.limit()} ({size}; WeCom's limit)"
-    return f"{value!r} is not an https URL"
+        return tr("the {what} is longer than {limit} ({size}; WeCom's limit)", what=what, limit=f.limit(), size=size)
+    return tr("{url} is not an https URL", url=repr(value))
 
 
 def text_has_block(text: str, key_line: int) -> bool:
@@ -647,19 +659,31 @@ def describe_problem_counts(
     if too_long and text is not None:
         out.append(
             TemplateError(
-                f"the message is longer than message.max_length ({text.max_chars}) for {too_long} recipients",
+                ntr(
+                    "the message is longer than message.max_length ({max}) for {n} recipient",
+                    "the message is longer than message.max_length ({max}) for {n} recipients",
+                    too_long,
+                    max=text.max_chars,
+                ),
                 text.template.origin,
             )
         )
     for (index, problem), n in failed.items():
         f = compiled.fields[index]
         what = f.path.rsplit(".", 1)[-1]
-        detail = {
-            Check.EMPTY: "renders empty",
-            Check.TOO_LONG: f"is longer than {f.limit()} (WeCom's limit)",
-            Check.NOT_HTTPS: "is not an https URL",
-        }[problem]
-        out.append(TemplateError(f"the {what} {detail} for {n} of {total} recipients", f.template.origin))
+        if problem is Check.EMPTY:
+            reason = tr("the {what} renders empty for {n} of {total} recipients", what=what, n=n, total=total)
+        elif problem is Check.TOO_LONG:
+            reason = tr(
+                "the {what} is longer than {limit} (WeCom's limit) for {n} of {total} recipients",
+                what=what,
+                limit=f.limit(),
+                n=n,
+                total=total,
+            )
+        else:
+            reason = tr("the {what} is not an https URL for {n} of {total} recipients", what=what, n=n, total=total)
+        out.append(TemplateError(reason, f.template.origin))
     return out
 
 
@@ -734,13 +758,12 @@ def direct_message(
     if text is not None and text.strip():
         parts.append(TextPart(text))
     if len(attachments) > MAX_ATTACHMENTS:
-        raise PartError("attachments", f"at most {MAX_ATTACHMENTS} attachments (WeCom's 群发 limit)")
+        raise PartError("attachments", tr("at most {n} attachments (WeCom's 群发 limit)", n=MAX_ATTACHMENTS))
     for i, a in enumerate(attachments):
         here = f"attachments[{i}]"
         kind = PartKind(a.kind)
         if kind not in supports:
-            can = ", ".join(sorted(k.value for k in supports))
-            raise PartError(here, f"the {gateway} gateway cannot send {kind.value} parts (it sends: {can})")
+            raise PartError(here, _cannot_send(gateway, kind, supports))
         if isinstance(a, ImageAttachment | FileAttachment):
             media = _given_media(here, a.media_id, a.url, kind, store)
             parts.append(ImagePart(media) if kind is PartKind.IMAGE else FilePart(media))
@@ -756,7 +779,7 @@ def direct_message(
         else:
             appid = a.appid.strip()
             if not re.fullmatch(r"[A-Za-z0-9_]{1,64}", appid):
-                raise PartError(f"{here}.appid", "give the mini-program's AppID (letters and digits, like wx12…)")
+                raise PartError(f"{here}.appid", tr("give the mini-program's AppID (letters and digits, like wx12…)"))
             thumb = _given_media(f"{here}.thumbnail", a.thumbnail_media_id, a.thumbnail_url, PartKind.IMAGE, store)
             if thumb.url is None and not local_covers:
                 raise PartError(f"{here}.thumbnail", _no_local_cover(gateway, thumb.name))
@@ -770,14 +793,23 @@ def direct_message(
                 )
             )
     if not parts:
-        raise PartError("message", "give the text to send (message), attachments, or both")
+        raise PartError("message", tr("give the text to send (message), attachments, or both"))
     return Message(tuple(parts))
 
 
+def _cannot_send(gateway: str, kind: PartKind, supports: frozenset[PartKind]) -> str:
+    can = ", ".join(sorted(k.value for k in supports))
+    return tr(
+        "the {gateway} gateway cannot send {kind} parts (it sends: {can})", gateway=gateway, kind=kind.value, can=can
+    )
+
+
 def _no_local_cover(gateway: str, name: str) -> str:
-    return (
-        f"the {gateway} gateway takes a mini-program cover by https URL only, and {name!r} is a local file: "
-        "give the cover as an https URL"
+    return tr(
+        "the {gateway} gateway takes a mini-program cover by https URL only, and {name} is a local file: "
+        "give the cover as an https URL",
+        gateway=gateway,
+        name=repr(name),
     )
 
 
@@ -792,7 +824,7 @@ def _given(path: str, value: str, **checks: Any) -> str:
 
 def _given_media(path: str, media_id: str | None, url: str | None, kind: PartKind, store: MediaStore) -> Media:
     if (media_id is None) == (url is None):
-        raise PartError(path, "give media_id (from POST /api/v1/media) or url, one of them")
+        raise PartError(path, tr("give media_id (from POST /api/v1/media) or url, one of them"))
     if url is not None:
         url = _given(path, url, required=True, max_bytes=URL_MAX, https=True)
         return Media(name=urlsplit(url).path.rsplit("/", 1)[-1] or kind.value, url=url)

@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
+from engine.i18n import N_, ntr, tr
+
 # Templates: at most 32,768 characters (engine.render.MAX_TEMPLATE_CHARS) of up to 4 bytes each in UTF-8.
 MAX_TEMPLATE_BYTES = 128 * 1024
 
@@ -48,12 +50,12 @@ class CampaignFile:
         try:
             fd = os.open(self.path, flags)
         except OSError:
-            raise CampaignFileError(f"file {self.name!r} cannot be read") from None
+            raise CampaignFileError(tr("file {name} cannot be read", name=repr(self.name))) from None
         handle = os.fdopen(fd, "rb")
         info = os.fstat(fd)
         if (info.st_dev, info.st_ino) != self._identity or not stat.S_ISREG(info.st_mode):
             handle.close()
-            raise CampaignFileError(f"file {self.name!r} changed while it was being read")
+            raise CampaignFileError(tr("file {name} changed while it was being read", name=repr(self.name)))
         return handle
 
     def read_bytes(self) -> bytes:
@@ -61,7 +63,9 @@ class CampaignFile:
         with self.open() as handle:
             data = handle.read(self.max_bytes + 1)
         if len(data) > self.max_bytes:
-            raise CampaignFileError(f"file {self.name!r} is larger than {_size(self.max_bytes)}")
+            raise CampaignFileError(
+                tr("file {name} is larger than {size}", name=repr(self.name), size=_size(self.max_bytes))
+            )
         return data
 
     def read_text(self) -> str:
@@ -70,9 +74,9 @@ class CampaignFile:
         try:
             text = data.decode("utf-8")
         except UnicodeDecodeError:
-            raise CampaignFileError(f"file {self.name!r} is not UTF-8 text") from None
+            raise CampaignFileError(tr("file {name} is not UTF-8 text", name=repr(self.name))) from None
         if "\x00" in text:
-            raise CampaignFileError(f"file {self.name!r} is binary (it contains NUL bytes), not text")
+            raise CampaignFileError(tr("file {name} is binary (it contains NUL bytes), not text", name=repr(self.name)))
         return text
 
 
@@ -90,12 +94,17 @@ def resolve_campaign_file(root: Path, base: Path, name: str, *, kind: str, max_b
     "image", ...): inside `root` after resolving `..` and symlinks, a regular file, at most `max_bytes`.
 
     Raises CampaignFileError. Every path outside the root gets the same message, existing or not."""
+    what = file_kind(kind)
     outside = CampaignFileError(
-        f"{kind} file {name!r} is outside the campaigns directory; give a path relative to the campaign file "
-        "that stays inside the campaigns directory"
+        tr(
+            "{kind} {name} is outside the campaigns directory; give a path relative to the campaign file "
+            "that stays inside the campaigns directory",
+            kind=what,
+            name=repr(name),
+        )
     )
     if not name.strip():
-        raise CampaignFileError(f"the {kind} file name is empty")
+        raise CampaignFileError(tr("the {kind} name is empty", kind=what))
     if "\x00" in name or Path(name).is_absolute():
         raise outside
     resolved = Path(os.path.realpath(base / name))
@@ -104,14 +113,28 @@ def resolve_campaign_file(root: Path, base: Path, name: str, *, kind: str, max_b
     try:
         info = os.stat(resolved)
     except FileNotFoundError:
-        raise CampaignFileError(f"{kind} file not found: {name}") from None
+        raise CampaignFileError(tr("{kind} not found: {name}", kind=what, name=name)) from None
     except OSError:
-        raise CampaignFileError(f"{kind} file {name!r} cannot be read") from None
+        raise CampaignFileError(tr("{kind} {name} cannot be read", kind=what, name=repr(name))) from None
     if not stat.S_ISREG(info.st_mode):
-        raise CampaignFileError(f"{kind} file {name!r} is not a regular file (a directory, FIFO or device)")
+        raise CampaignFileError(
+            tr("{kind} {name} is not a regular file (a directory, FIFO or device)", kind=what, name=repr(name))
+        )
     if info.st_size > max_bytes:
-        raise CampaignFileError(f"{kind} file {name!r} is larger than {_size(max_bytes)}")
+        raise CampaignFileError(
+            tr("{kind} {name} is larger than {size}", kind=what, name=repr(name), size=_size(max_bytes))
+        )
     return CampaignFile(name, resolved, info.st_size, max_bytes, (info.st_dev, info.st_ino))
+
+
+# What a campaign uses a file as ("template", "image", "file"), in words: "image file 'x.png' is empty".
+_KINDS = {"template": N_("template file"), "image": N_("image file"), "file": N_("file")}
+
+
+def file_kind(kind: str) -> str:
+    """The words for a file a campaign uses as `kind`, in the reader's language."""
+    words = _KINDS.get(kind)
+    return tr(words) if words is not None else tr("{kind} file", kind=kind)
 
 
 def _size(n: int) -> str:
@@ -119,4 +142,4 @@ def _size(n: int) -> str:
         return f"{n // (1024 * 1024)} MiB"
     if n >= 1024 and n % 1024 == 0:
         return f"{n // 1024} KiB"
-    return f"{n} bytes"
+    return ntr("{n} byte", "{n} bytes", n)

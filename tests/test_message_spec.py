@@ -112,7 +112,7 @@ def test_image_type_is_read_from_content_not_name(tmp_path: Path, settings: Sett
     ("kind", "limit_mb", "message"),
     [
         ("image", 10, "image file 'big.bin' is larger than 10 MiB"),
-        ("file", 20, "file file 'big.bin' is larger than 20"),
+        ("file", 20, "file 'big.bin' is larger than 20"),
     ],
 )
 def test_oversized_files_are_refused_at_their_line(

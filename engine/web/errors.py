@@ -110,8 +110,15 @@ _REASONS = {
 
 
 def _reason(error: Any) -> str:
-    known = _REASONS.get(str(error.get("type", "")))
-    return tr(known) if known else str(error.get("msg", "invalid"))
+    kind = str(error.get("type", ""))
+    known = _REASONS.get(kind)
+    if known:
+        return tr(known)
+    ctx = error.get("ctx") or {}
+    if kind == "too_long" and "max_length" in ctx:  # a list over its length (attachments: WeCom's nine)
+        return tr("at most {n} items (found {found})", n=ctx["max_length"], found=ctx.get("actual_length", "?"))
+    # A validator's own reason is already in the request's language; pydantic prefixes it with "Value error, ".
+    return str(error.get("msg", "invalid")).removeprefix("Value error, ")
 
 
 def describe_invalid(errors: Sequence[Any]) -> tuple[str, list[dict[str, str]]]:

@@ -9,6 +9,7 @@ from typing import Annotated, Any
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from engine.gateways.base import LoginStatus
+from engine.i18n import tr
 from engine.message_spec import Attachment
 from engine.settings import FrequencyCap, QuietHours, Throttle
 from engine.views import ContactView, DeliveryView, Problem, RunView, View
@@ -45,7 +46,7 @@ class GetAllUserBody(Legacy):
 
 def _text(v: str) -> str:
     if not v.strip():
-        raise ValueError("must not be empty")
+        raise ValueError(tr("must not be empty"))
     return v
 
 
