@@ -433,8 +433,10 @@ def init(folder: Path) -> None:
 @click.option("--json", "as_json", is_flag=True, help=N_("machine-readable output"))
 @pass_ctx
 def validate(ctx: Ctx, paths: tuple[Path, ...], as_json: bool) -> None:
+    from engine.definitions import load_definitions
+    from engine.journeys.spec import Journey
     from engine.plan import build_preview
-    from engine.spec import campaign_files, load_campaigns
+    from engine.spec import campaign_files
     from storage.db import make_db_engine
 
     settings = ctx.settings
@@ -442,7 +444,7 @@ def validate(ctx: Ctx, paths: tuple[Path, ...], as_json: bool) -> None:
     if not files:
         where = ", ".join(str(p) for p in paths) or str(settings.campaigns_dir)
         raise WecastError(tr("no campaign files found in {where}", where=where))
-    result = load_campaigns(files, settings)
+    result = load_definitions(files, settings)  # journeys too: a broken journey is a problem, not "valid"
     problems: list[str] = [str(p) for e in result.errors for p in e.problems]
     warnings = _schedule_warnings(result.campaigns)
     data_checked = False
@@ -467,15 +469,17 @@ def validate(ctx: Ctx, paths: tuple[Path, ...], as_json: bool) -> None:
                 "ok": not problems,
                 "files": [str(f) for f in files],
                 "campaigns": [c.id for c in result.campaigns],
+                "journeys": [j.id for j in result.journeys],
                 "problems": problems,
                 "warnings": warnings,
                 "checked_against_contacts": data_checked,
             }
         )
     else:
-        for campaign in result.campaigns:
-            mark = "[green]ok[/green]" if not any(str(campaign.file) in p for p in problems) else "[red]!![/red]"
-            out.print(f"{mark} {campaign.file}  ({campaign.id}: {escape(campaign.name)})")
+        loaded_files: list[Campaign | Journey] = [*result.campaigns, *result.journeys]
+        for loaded in loaded_files:
+            mark = "[green]ok[/green]" if not any(str(loaded.file) in p for p in problems) else "[red]!![/red]"
+            out.print(f"{mark} {loaded.file}  ({loaded.id}: {escape(loaded.name)})")
         for problem in problems:
             err.print(styled("red", tr("error:")) + f" {escape(problem)}")
         for warning in warnings:

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from engine.errors import CampaignError, NotFoundError
+from engine.i18n import tr
 from engine.journeys.spec import GotoStep, Journey, load_journey_data
 from engine.settings import Settings
 from engine.spec import Campaign, JourneyFileError, campaign_files, load_campaign, load_campaigns, parse_campaign
@@ -57,7 +58,10 @@ def load_definitions(paths: list[Path], settings: Settings) -> Definitions:
         assert isinstance(journey, Journey)
         if journey.id in seen:
             out.errors.append(
-                CampaignError(f"id {journey.id!r} is already used by {seen[journey.id]}", journey.location("id"))
+                CampaignError(
+                    tr("id {id} is already used by {file}", id=repr(journey.id), file=seen[journey.id]),
+                    journey.location("id"),
+                )
             )
             continue
         seen[journey.id] = file
@@ -76,11 +80,11 @@ def _check_gotos(defs: Definitions) -> None:
             if not isinstance(step, GotoStep):
                 continue
             if step.journey == journey.id:
-                why = "a journey cannot goto itself (use entry: every_time and a trigger to start again)"
+                why = tr("a journey cannot goto itself (use entry: every_time and a trigger to start again)")
             elif step.journey in campaign_ids:
-                why = f"{step.journey!r} is a campaign; goto names a journey"
+                why = tr("{name} is a campaign; goto names a journey", name=repr(step.journey))
             elif step.journey not in ids:
-                why = f"no journey {step.journey!r} in the campaigns folder"
+                why = tr("no journey {name} in the campaigns folder", name=repr(step.journey))
             else:
                 continue
             defs.errors.append(CampaignError(why, journey.location(*step.path, "goto")))
@@ -103,4 +107,6 @@ def find_definition(ref: str, settings: Settings) -> Definition:
     for d in every:
         if d.id == ref:
             return d
-    raise NotFoundError(f"no campaign or journey {ref!r}: not a file, and no such id in {directory}")
+    raise NotFoundError(
+        tr("no campaign or journey {ref}: not a file, and no such id in {folder}", ref=repr(ref), folder=directory)
+    )

@@ -15,6 +15,8 @@ from typing import Annotated, Any
 
 from pydantic import BeforeValidator, PlainSerializer
 
+from engine.i18n import tr
+
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 _RE = re.compile(r"^\s*(\d+)(\.\d+)?\s*([smhdw])\s*$")
 MAX_DURATION = timedelta(days=36_500)
@@ -30,17 +32,24 @@ class DurationTooLong(ValueError):
 def check_date_range(value: date) -> None:
     """Raise ValueError for a date (or date and time) outside MIN_YEAR..MAX_YEAR."""
     if not MIN_YEAR <= value.year <= MAX_YEAR:
-        raise ValueError(f"dates must be in the years {MIN_YEAR} to {MAX_YEAR} (got {value.isoformat()})")
+        raise ValueError(
+            tr(
+                "dates must be in the years {low} to {high} (got {value})",
+                low=MIN_YEAR,
+                high=MAX_YEAR,
+                value=value.isoformat(),
+            )
+        )
 
 
 def parse_duration(value: Any) -> timedelta:
     if isinstance(value, timedelta):
         return _bounded(value.total_seconds(), value)
     if isinstance(value, bool):
-        raise ValueError("expected a duration like 30s, 15m, 2h or 7d")
+        raise ValueError(tr("expected a duration like 30s, 15m, 2h or 7d"))
     if isinstance(value, int | float):
         if value < 0:
-            raise ValueError("a duration cannot be negative")
+            raise ValueError(tr("a duration cannot be negative"))
         return _bounded(value, value)
     if isinstance(value, str):
         match = _RE.match(value)
@@ -49,14 +58,20 @@ def parse_duration(value: Any) -> timedelta:
             if len(whole) > 15:  # thousands of digits: too long, without float() making it inf
                 return _bounded(math.inf, value)
             return _bounded(float(whole + (fraction or "")[:16]) * _UNITS[unit], value)
-    raise ValueError(f"{_short(value)} is not a duration; write it like 30s, 15m, 2h, 7d or 1w")
+    raise ValueError(tr("{value} is not a duration; write it like 30s, 15m, 2h, 7d or 1w", value=_short(value)))
 
 
 def _bounded(seconds: float, written: Any) -> timedelta:
     if math.isnan(seconds):
-        raise ValueError(f"{_short(written)} is not a duration; write it like 30s, 15m, 2h, 7d or 1w")
+        raise ValueError(tr("{value} is not a duration; write it like 30s, 15m, 2h, 7d or 1w", value=_short(written)))
     if seconds > MAX_DURATION.total_seconds():
-        raise DurationTooLong(f"{_short(written)} is longer than the longest duration allowed ({MAX_DURATION.days}d)")
+        raise DurationTooLong(
+            tr(
+                "{value} is longer than the longest duration allowed ({days}d)",
+                value=_short(written),
+                days=MAX_DURATION.days,
+            )
+        )
     return timedelta(seconds=seconds)
 
 

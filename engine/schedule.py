@@ -18,6 +18,7 @@ from apscheduler.triggers.interval import IntervalTrigger
 from pydantic import field_validator, model_validator
 
 from engine.durations import Duration, check_date_range
+from engine.i18n import tr
 from engine.settings import Strict
 
 
@@ -41,11 +42,11 @@ class ScheduleSpec(Strict):
     def _one_kind(self) -> ScheduleSpec:
         kinds = [k for k in ("cron", "at", "every") if getattr(self, k) is not None]
         if len(kinds) > 1:
-            raise ValueError(f"give only one of cron, at, every (found {', '.join(kinds)})")
+            raise ValueError(tr("give only one of cron, at, every (found {kinds})", kinds=", ".join(kinds)))
         if not kinds:
-            raise ValueError('give one of cron (e.g. "0 10 * * MON"), at (a date and time) or every (e.g. 1d)')
+            raise ValueError(tr('give one of cron (e.g. "0 10 * * MON"), at (a date and time) or every (e.g. 1d)'))
         if self.every is not None and self.every < timedelta(minutes=1):
-            raise ValueError("every must be at least 1m")
+            raise ValueError(tr("every must be at least 1m"))
         return self
 
 
@@ -78,13 +79,16 @@ def build_trigger(spec: ScheduleSpec, tz: ZoneInfo) -> Trigger:
     start = _aware(spec.start, tz)
     end = _aware(spec.end, tz, end=True)
     if start and end and end <= start:
-        raise ScheduleError("end must be after start", "end")
+        raise ScheduleError(tr("end must be after start"), "end")
     if spec.cron is not None:
         fields = spec.cron.split()
         if len(fields) != 5:
-            raise ScheduleError(
-                f"cron needs 5 fields (minute hour day month weekday), got {len(fields)}: {spec.cron!r}", "cron"
+            why = tr(
+                "cron needs 5 fields (minute hour day month weekday), got {n}: {cron}",
+                n=len(fields),
+                cron=repr(spec.cron),
             )
+            raise ScheduleError(why, "cron")
         try:
             cron = CronTrigger(
                 minute=fields[0],
@@ -97,7 +101,9 @@ def build_trigger(spec: ScheduleSpec, tz: ZoneInfo) -> Trigger:
                 end_date=end,
             )
         except ValueError as exc:
-            raise ScheduleError(f"invalid cron expression {spec.cron!r}: {exc}", "cron") from None
+            raise ScheduleError(
+                tr("invalid cron expression {cron}: {why}", cron=repr(spec.cron), why=exc), "cron"
+            ) from None
         return cast(Trigger, cron)
     if spec.at is not None:
         return cast(Trigger, DateTrigger(run_date=_aware(spec.at, tz), timezone=tz))
@@ -163,7 +169,7 @@ def cron_weekdays(field: str) -> str:
             lo, _, hi = body.partition("-")
             first, last = int(lo), int(hi or lo)
             if not (0 <= first <= 7 and 0 <= last <= 7) or first > last:
-                raise ValueError(f"weekday {body!r} out of range 0-7")
+                raise ValueError(tr("weekday {day} out of range 0-7", day=repr(body)))
             days = list(range(first, last + 1, int(step) if step else 1)) if step or hi else [first]
             out.extend(_DOW[d] for d in days)
         else:

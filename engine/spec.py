@@ -40,6 +40,7 @@ from engine import yamlsrc
 from engine.audience import Rule, RuleError, parse_rules
 from engine.durations import DurationTooLong, parse_duration
 from engine.errors import CampaignError, Location
+from engine.i18n import tr
 from engine.message_spec import CompiledMessage, MessageSpec, compile_message
 from engine.runsettings import RunNotify
 from engine.schedule import ScheduleError, ScheduleSpec, build_trigger
@@ -69,7 +70,8 @@ def _parse_dedupe(value: Any) -> str:
     except DurationTooLong:
         raise
     except ValueError:
-        raise ValueError(f"dedupe must be run, once or a window like 7d (got {value!r:.40})") from None
+        got = f"{value!r:.40}"
+        raise ValueError(tr("dedupe must be run, once or a window like 7d (got {value})", value=got)) from None
     return str(value)
 
 
@@ -92,7 +94,7 @@ class CampaignNotify(Strict):
             return None
         found = ENV_REF.match(v.strip())
         if not found:
-            raise ValueError("give the robot's webhook URL as ${ENV_NAME}: the URL carries the robot's key")
+            raise ValueError(tr("give the robot's webhook URL as ${ENV_NAME}: the URL carries the robot's key"))
         return found.group(1)
 
 
@@ -121,7 +123,7 @@ class CampaignModel(Strict):
     @classmethod
     def _id(cls, v: str | None) -> str | None:
         if v is not None and not ID_RE.match(v):
-            raise ValueError("id may use letters, digits, _ . - (up to 64), starting with a letter or digit")
+            raise ValueError(tr("id may use letters, digits, _ . - (up to 64), starting with a letter or digit"))
         return v
 
     @field_validator("quiet_hours")
@@ -223,11 +225,15 @@ def parse_campaign(text: str, file: Path, settings: Settings) -> Campaign:
     except yamlsrc.YamlError as exc:
         raise CampaignError(str(exc), Location(name, exc.line)) from None
     if not isinstance(data, dict):
-        raise CampaignError("a campaign file must be a mapping (name:, audience:, message:, ...)", Location(name, 1))
+        raise CampaignError(
+            tr("a campaign file must be a mapping (name:, audience:, message:, ...)"), Location(name, 1)
+        )
     if is_journey_data(data):
-        raise JourneyFileError("this file is a journey, not a campaign", lines.at(("trigger",)), data, lines, text)
+        raise JourneyFileError(tr("this file is a journey, not a campaign"), lines.at(("trigger",)), data, lines, text)
     if data.get("kind") not in (None, "campaign"):
-        raise CampaignError(f"kind must be campaign or journey, not {data['kind']!r}", lines.at(("kind",)))
+        raise CampaignError(
+            tr("kind must be campaign or journey, not {kind}", kind=repr(data["kind"])), lines.at(("kind",))
+        )
     try:
         model = CampaignModel.model_validate(data)
     except ValidationError as exc:
@@ -380,4 +386,6 @@ def find_campaign(ref: str, settings: Settings) -> Campaign:
             return campaign
     from engine.errors import NotFoundError
 
-    raise NotFoundError(f"no campaign {ref!r}: not a file, and no campaign with that id in {directory}")
+    raise NotFoundError(
+        tr("no campaign {ref}: not a file, and no campaign with that id in {folder}", ref=repr(ref), folder=directory)
+    )

@@ -62,6 +62,7 @@ from engine import yamlsrc
 from engine.audience import Rule, RuleError, parse_rules
 from engine.durations import Duration
 from engine.errors import CampaignError, Location
+from engine.i18n import tr
 from engine.journeys.conditions import Condition, parse_condition
 from engine.keywords import KeywordSpec, Matcher
 from engine.message_spec import CompiledMessage, MessageSpec, compile_message
@@ -135,14 +136,14 @@ class TriggerModel(Strict):
     @classmethod
     def _added(cls, value: bool | None) -> bool | None:
         if value is False:
-            raise ValueError("contact_added: false would never trigger; write `trigger: contact_added`")
+            raise ValueError(tr("contact_added: false would never trigger; write `trigger: contact_added`"))
         return value
 
     @field_validator("tag_added", "tag_removed")
     @classmethod
     def _tag(cls, value: str | None) -> str | None:
         if value is not None and not value.strip():
-            raise ValueError("name a tag, like tag_added: 已购")
+            raise ValueError(tr("name a tag, like tag_added: 已购"))
         return value
 
     @model_validator(mode="after")
@@ -169,7 +170,7 @@ class EventWaitModel(Strict):
         if value == "reply":
             return {"message": {}}
         if not isinstance(value, dict):
-            raise ValueError("wait for reply, {message: {keywords: [...]}}, {tag_added: TAG} or {tag_removed: TAG}")
+            raise ValueError(tr("wait for reply, {message: {keywords: [...]}}, {tag_added: TAG} or {tag_removed: TAG}"))
         return value
 
     @model_validator(mode="after")
@@ -206,27 +207,34 @@ class WaitModel(Strict):
     def _weekdays(cls, value: list[str] | None) -> list[str] | None:
         if value is not None:
             if not value:
-                raise ValueError("weekday takes one or more days (mon ... sun)")
+                raise ValueError(tr("weekday takes one or more days (mon ... sun)"))
             for day in value:
                 if str(day).lower() not in WEEKDAYS:
-                    raise ValueError(f"unknown weekday {day!r}; use mon, tue, wed, thu, fri, sat, sun (or 周一 … 周日)")
+                    raise ValueError(
+                        tr(
+                            "unknown weekday {day}; use mon, tue, wed, thu, fri, sat, sun (or 周一 … 周日)",
+                            day=repr(day),
+                        )
+                    )
         return value
 
     @model_validator(mode="after")
     def _shape(self) -> WaitModel:
         timed = [k for k in ("duration", "days", "until", "weekday") if getattr(self, k) is not None]
         if self.at is not None and self.days is None:
-            raise ValueError("at goes with days (wait: {days: 1, at: 10:00}); for a time of day use until")
+            raise ValueError(tr("at goes with days (wait: {days: 1, at: 10:00}); for a time of day use until"))
         if self.for_ is not None:
             if timed or self.at is not None:
-                raise ValueError(f"wait for an event takes only timeout, not {', '.join(timed or ['at'])}")
+                raise ValueError(
+                    tr("wait for an event takes only timeout, not {keys}", keys=", ".join(timed or ["at"]))
+                )
             if self.timeout is None:
-                raise ValueError("wait for an event needs a timeout, e.g. timeout: 3d")
+                raise ValueError(tr("wait for an event needs a timeout, e.g. timeout: 3d"))
         else:
             if self.timeout is not None:
-                raise ValueError("timeout goes with for (wait for an event)")
+                raise ValueError(tr("timeout goes with for (wait for an event)"))
             if not timed:
-                raise ValueError("a wait needs a duration (wait: 1d), days/at, until/weekday, or for + timeout")
+                raise ValueError(tr("a wait needs a duration (wait: 1d), days/at, until/weekday, or for + timeout"))
         return self
 
 
@@ -244,13 +252,13 @@ class TagModel(Strict):
     @model_validator(mode="after")
     def _some(self) -> TagModel:
         if not self.add and not self.remove:
-            raise ValueError("a tag step adds or removes at least one tag: tag: {add: [老客], remove: [新客]}")
+            raise ValueError(tr("a tag step adds or removes at least one tag: tag: {add: [老客], remove: [新客]}"))
         both = sorted(set(self.add) & set(self.remove))
         if both:
-            raise ValueError(f"tag {', '.join(both)} is both added and removed")
+            raise ValueError(tr("tag {tags} is both added and removed", tags=", ".join(both)))
         for name in (*self.add, *self.remove):
             if not str(name).strip():
-                raise ValueError("a tag name cannot be empty")
+                raise ValueError(tr("a tag name cannot be empty"))
         return self
 
 
@@ -282,14 +290,14 @@ class JourneyModel(Strict):
     @classmethod
     def _id(cls, v: str | None) -> str | None:
         if v is not None and not ID_RE.match(v):
-            raise ValueError("id may use letters, digits, _ . - (up to 64), starting with a letter or digit")
+            raise ValueError(tr("id may use letters, digits, _ . - (up to 64), starting with a letter or digit"))
         return v
 
     @field_validator("quiet_hours")
     @classmethod
     def _quiet(cls, v: bool | QuietHours | None) -> bool | QuietHours | None:
         if v is True:
-            raise ValueError("quiet_hours: true is ambiguous; leave it out for config.yaml's, give {start, end}")
+            raise ValueError(tr("quiet_hours: true is ambiguous; leave it out for config.yaml's, give {start, end}"))
         return v
 
 
@@ -811,7 +819,7 @@ def parse_journey(text: str, file: Path, settings: Settings) -> Journey:
     except yamlsrc.YamlError as exc:
         raise CampaignError(str(exc), Location(name, exc.line)) from None
     if not isinstance(data, dict):
-        raise CampaignError("a journey file must be a mapping (name:, trigger:, steps:, ...)", Location(name, 1))
+        raise CampaignError(tr("a journey file must be a mapping (name:, trigger:, steps:, ...)"), Location(name, 1))
     return load_journey_data(data, lines, text, file, settings)
 
 
