@@ -114,17 +114,26 @@ class Counts:
 
     @classmethod
     def of(cls, db: Engine, journey_id: str) -> Counts:
+        return cls.from_rows(journey_id, store.step_counts(db, journey_id), store.passed_counts(db, journey_id))
+
+    @classmethod
+    def from_rows(
+        cls, journey_id: str, counts: Sequence[store.StepCount], passed: Mapping[tuple[str, str], int]
+    ) -> Counts:
+        """From storage's rows (`counts` may hold other journeys' too: the console reads them all at once)."""
         at_step: dict[str, int] = {}
         ended: dict[str, int] = {}
-        for c in store.step_counts(db, journey_id):
+        for c in counts:
+            if c.journey_id != journey_id:
+                continue
             if c.status in OPEN_ENROLMENT_STATUSES:
                 at_step[c.step] = at_step.get(c.step, 0) + c.count
             else:
                 ended[c.status.value] = ended.get(c.status.value, 0) + c.count
-        passed: dict[str, int] = {}
-        for (step, _), n in store.passed_counts(db, journey_id).items():
-            passed[step] = passed.get(step, 0) + n
-        return cls(at_step, ended, passed)
+        by_step: dict[str, int] = {}
+        for (step, _), n in passed.items():
+            by_step[step] = by_step.get(step, 0) + n
+        return cls(at_step, ended, by_step)
 
 
 def tree(journey: Journey, counts: Counts | None = None) -> list[StepNode]:

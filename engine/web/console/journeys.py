@@ -6,11 +6,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from engine.journeys.preview import describe_wait
+from engine.journeys.preview import Counts, describe_wait
 from engine.journeys.spec import ExitStep, GotoStep, IfStep, Journey, SendStep, Step, TagStep, WaitStep
 from engine.web.console.templating import N_
-from storage.journeys import StepCount
-from storage.models import OPEN_ENROLMENT_STATUSES
 
 
 @dataclass(frozen=True)
@@ -33,33 +31,7 @@ class Node:
     branches: list[Branch] = field(default_factory=list)
 
 
-@dataclass(frozen=True)
-class JourneyCounts:
-    """A journey's enrolments: open ones by step, ended ones by status, how many times each step was passed."""
-
-    at_step: dict[str, int]
-    ended: dict[str, int]
-    passed: dict[str, int]
-
-    @property
-    def active(self) -> int:
-        return sum(self.at_step.values())
-
-    @classmethod
-    def of(cls, journey_id: str, counts: Sequence[StepCount], passed: dict[tuple[str, str], int]) -> JourneyCounts:
-        at_step: dict[str, int] = {}
-        ended: dict[str, int] = {}
-        for c in counts:
-            if c.journey_id != journey_id:
-                continue
-            if c.status in OPEN_ENROLMENT_STATUSES:
-                at_step[c.step] = at_step.get(c.step, 0) + c.count
-            else:
-                ended[c.status.value] = ended.get(c.status.value, 0) + c.count
-        by_step: dict[str, int] = {}
-        for (step, _), n in passed.items():
-            by_step[step] = by_step.get(step, 0) + n
-        return cls(at_step, ended, by_step)
+JourneyCounts = Counts  # the console's tree counts are the preview's (engine.journeys.preview.Counts)
 
 
 def tree(journey: Journey, counts: JourneyCounts) -> list[Node]:

@@ -715,7 +715,7 @@ def router(ctx: WebContext, sessions: SessionTokens, attempts: FailedAttempts | 
 
     # -- journeys --------------------------------------------------------------------------------
     def journey_counts(journey_id: str, counts: list[StepCount]) -> JourneyCounts:
-        return JourneyCounts.of(journey_id, counts, journeys_db.passed_counts(app.db, journey_id))
+        return JourneyCounts.from_rows(journey_id, counts, journeys_db.passed_counts(app.db, journey_id))
 
     @r.get("/journeys", response_class=HTMLResponse)
     def journeys(request: Request) -> HTMLResponse:
