@@ -492,15 +492,11 @@ def mark_sending(db: DB, rows: Sequence[Claimed], now: datetime, *, task_key: st
     values = {"status": DeliveryStatus.SENDING, "updated_at": now, "sent_at": now}
     if task_key is not None:
         values["gateway_task_id"] = task_key
-    stmt = update(DELIVERIES).where(_D.id == bindparam("_id")).values(attempts=bindparam("_attempts"), **values)
     with writing(db) as conn:
-        if conn.dialect.name == "postgresql":  # one statement for the chunk, not one a row
-            _pg_update(conn, [(r.id, r.attempts + 1) for r in rows], {"attempts": "integer"}, values)
-            return
-        conn.execute(stmt, [{"_id": r.id, "_attempts": r.attempts + 1} for r in rows])
+        _update_many(conn, [(r.id, r.attempts + 1) for r in rows], {"attempts": "integer"}, values)
 
 
-# The PostgreSQL types of the columns a batched update sets per row (`_pg_update`).
+# The PostgreSQL types of the columns a batched update sets per row (`_update_many`).
 _PG_TYPES = {
     "status": "text",
     "reason": "text",
@@ -514,12 +510,14 @@ _PG_TYPES = {
 }
 
 
-def _pg_update(
+def _update_many(
     conn: Connection, rows: Sequence[tuple[Any, ...]], per_row: dict[str, str], same: dict[str, Any]
 ) -> None:
-    """UPDATE deliveries in one statement on PostgreSQL: `rows` are (id, value, ...) for the `per_row` columns
-    (name -> type), `same` the values every row gets. An executemany sends one UPDATE a row: at thousands of
-    deliveries a second that is most of the server's work."""
+    """UPDATE many deliveries by id: `rows` are (id, value, ...) for the `per_row` columns (name -> PostgreSQL
+    type), `same` the values every row gets. The hot path of dispatch (two of these per chunk of deliveries), so
+    it skips SQLAlchemy's per-row parameter processing: PostgreSQL gets one statement for all the rows (an
+    executemany sends one UPDATE a row: at thousands of deliveries a second that is most of the server's work),
+    SQLite the driver's own executemany of plain values."""
 
     def plain(value: Any) -> Any:
         if isinstance(value, datetime):
@@ -527,15 +525,22 @@ def _pg_update(
         return value.value if isinstance(value, StrEnum) else value
 
     names = list(per_row)
-    arrays = [[row[0] for row in rows], *([plain(row[i + 1]) for row in rows] for i in range(len(names)))]
-    unnest = ", ".join(["%s::bigint[]", *(f"%s::{per_row[n]}[]" for n in names)])
-    sets = [f"{n} = v.{n}" for n in names] + [f"{n} = %s" for n in same]
-    sql = (
-        f"UPDATE deliveries AS d SET {', '.join(sets)} FROM unnest({unnest}) AS v(id, {', '.join(names)}) "
-        "WHERE d.id = v.id"
-    )
     with dbapi_cursor(conn) as cursor:
-        cursor.execute(sql, (*(plain(v) for v in same.values()), *arrays))  # in the order they appear
+        if conn.dialect.name == "postgresql":
+            arrays = [[row[0] for row in rows], *([plain(row[i + 1]) for row in rows] for i in range(len(names)))]
+            unnest = ", ".join(["%s::bigint[]", *(f"%s::{per_row[n]}[]" for n in names)])
+            sets = [f"{n} = v.{n}" for n in names] + [f"{n} = %s" for n in same]
+            cursor.execute(
+                f"UPDATE deliveries AS d SET {', '.join(sets)} FROM unnest({unnest}) AS v(id, {', '.join(names)}) "
+                "WHERE d.id = v.id",
+                (*(plain(v) for v in same.values()), *arrays),  # in the order they appear
+            )
+            return
+        shared = tuple(plain(v) for v in same.values())
+        cursor.executemany(
+            f"UPDATE deliveries SET {', '.join(f'{n} = ?' for n in (*names, *same))} WHERE id = ?",
+            [(*(plain(v) for v in row[1:]), *shared, row[0]) for row in rows],
+        )
 
 
 def write_results(db: DB, results: Sequence[Result], now: datetime, parts: Sequence[PartResult] = ()) -> None:
@@ -543,22 +548,13 @@ def write_results(db: DB, results: Sequence[Result], now: datetime, parts: Seque
     the failed parts of multi-part deliveries among them, in the same transaction."""
     if not results and not parts:
         return
-    by_columns: dict[tuple[str, ...], list[dict[str, Any]]] = defaultdict(list)
+    by_columns: dict[tuple[str, ...], list[tuple[Any, ...]]] = defaultdict(list)
     for r in results:
-        values = {name: getattr(r, name) for name in _RESULT_FIELDS if getattr(r, name) is not None}
-        by_columns[tuple(values)].append({"_id": r.id, **{f"_{k}": v for k, v in values.items()}})
+        values = {name: value for name in _RESULT_FIELDS if (value := getattr(r, name)) is not None}
+        by_columns[tuple(values)].append((r.id, *values.values()))
     with writing(db) as conn:
         for columns, group in by_columns.items():
-            if conn.dialect.name == "postgresql":  # one statement for the group, not one a row
-                rows = [(g["_id"], *(g[f"_{k}"] for k in columns)) for g in group]
-                _pg_update(conn, rows, {k: _PG_TYPES[k] for k in columns}, {"claim_token": "", "updated_at": now})
-                continue
-            stmt = (
-                update(DELIVERIES)
-                .where(_D.id == bindparam("_id"))
-                .values({**{k: bindparam(f"_{k}") for k in columns}, "claim_token": "", "updated_at": now})
-            )
-            conn.execute(stmt, group)
+            _update_many(conn, group, {k: _PG_TYPES[k] for k in columns}, {"claim_token": "", "updated_at": now})
         if parts:
             conn.execute(
                 update(DELIVERY_PARTS)

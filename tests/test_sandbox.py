@@ -3,14 +3,16 @@ mode) that carry whole messages."""
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 from collections.abc import AsyncIterator
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from engine.errors import PermanentError
+from engine.errors import DatabaseError, PermanentError
 from engine.gateways.base import BatchOutcome, EventKind, GatewayEvent
 from engine.gateways.sandbox import SandboxGateway, SandboxStore
 from engine.messages import ImagePart, Media, Message, PartKind, TextPart, part_key
@@ -186,3 +188,76 @@ async def test_simulation_refuses_what_cannot_be(two_sandboxes: tuple[SandboxGat
     contact = (await gateway.list_contacts(None, 1)).contacts[0]
     with pytest.raises(PermanentError, match="no tag"):
         gateway.sandbox_tag(contact.id, "没有这个标签", add=False)
+
+
+@pytest.fixture
+async def sandbox(tmp_path: Path) -> AsyncIterator[SandboxGateway]:
+    gateway = SandboxGateway(SandboxSettings(contacts=40, auto_login=True, state_file=tmp_path / "sandbox.sqlite"))
+    await gateway.start()
+    try:
+        yield gateway
+    finally:
+        await gateway.close()
+
+
+async def _friends(gateway: SandboxGateway, n: int) -> list[str]:
+    return [c.id for c in (await gateway.list_contacts(None, 100)).contacts if c.friend and not c.coworker][:n]
+
+
+async def test_sends_in_one_turn_are_one_commit_each_on_record_once(sandbox: SandboxGateway) -> None:
+    """Sends that reach the outbox in the same turn of the event loop are written together (group commit), and
+    each still gets its own message id; the same idempotency key twice in one batch is one message, the second
+    call answered with the first's id as a duplicate."""
+    gateway = sandbox
+    ids = await _friends(gateway, 8)
+    batches: list[int] = []
+    write = gateway.store.deliver_many
+
+    def counted(parts: Any) -> Any:
+        batches.append(len(parts))
+        return write(parts)
+
+    gateway.store.deliver_many = counted  # type: ignore[method-assign]
+    receipts = await asyncio.gather(
+        *(gateway.send_text(cid, f"第{i}条", idempotency_key=f"k-{cid}") for i, cid in enumerate(ids)),
+        gateway.send_text(ids[0], "第0条", idempotency_key=f"k-{ids[0]}"),
+    )
+    assert batches == [len(ids) + 1]  # one transaction for all of them
+    first, again = receipts[0], receipts[-1]
+    assert (again.message_id, again.duplicate, first.duplicate) == (first.message_id, True, False)
+    assert len({r.message_id for r in receipts[:-1]}) == len(ids)
+    assert sorted((m.contact_id, m.idempotency_key) for m in gateway.outbox_messages()) == sorted(
+        (cid, f"k-{cid}") for cid in ids
+    )
+
+
+async def test_a_batch_the_file_cannot_take_is_refused_whole(sandbox: SandboxGateway) -> None:
+    """A full state file refuses the whole batch: every send of it raises the sandbox's DatabaseError saying
+    nothing was delivered, and nothing of it is in the outbox."""
+    gateway = sandbox
+    ids = await _friends(gateway, 5)
+    before = len(gateway.outbox_messages())
+    with sqlite3.connect(gateway.settings.state_file) as conn:
+        pages = conn.execute("PRAGMA page_count").fetchone()[0]
+    gateway.store._conn.execute(f"PRAGMA max_page_count = {pages}")  # the disk is full from here on
+    long = "满" * 20_000  # a row that needs new pages
+    results = await asyncio.gather(
+        *(gateway.send_text(cid, long, idempotency_key=f"full-{cid}") for cid in ids), return_exceptions=True
+    )
+    assert all(isinstance(r, DatabaseError) and "nothing was delivered" in str(r) for r in results), results
+    assert len(gateway.outbox_messages()) == before
+
+
+async def test_a_send_cancelled_while_its_part_is_recorded_still_arrives(sandbox: SandboxGateway) -> None:
+    """A send whose caller gives up (its timeout) after the part went out is on record all the same: the customer
+    got it, as with a real server whose answer was lost; the retry under the same key is a duplicate."""
+    gateway = sandbox
+    [cid] = await _friends(gateway, 1)
+    task = asyncio.ensure_future(gateway.send_text(cid, "您好", idempotency_key="cancelled-1"))
+    await asyncio.sleep(0)  # the send is waiting for its batch to be written
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    again = await gateway.send_text(cid, "您好", idempotency_key="cancelled-1")
+    assert again.duplicate
+    assert [m.idempotency_key for m in gateway.outbox_messages()].count("cancelled-1") == 1
