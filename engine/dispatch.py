@@ -48,7 +48,7 @@ from sqlalchemy.engine import Connection, Engine
 
 from engine.audience import OPTED_OUT_REASON, ReasonCode
 from engine.backoff import backoff_delay
-from engine.blocking import off_loop
+from engine.blocking import GroupCommit, off_loop
 from engine.clock import Clock, SystemClock
 from engine.errors import GatewayError, NotFoundError, WecastError
 from engine.gateways.base import BatchOutcome, Gateway, LoginStatus
@@ -361,6 +361,11 @@ class _RunSender:
         self.inflight: set[asyncio.Task[None]] = set()
         self.results: list[Result] = []
         self.part_results: list[PartResult] = []  # parts whose calls failed, written with their deliveries' results
+        # Parts accepted by the gateway, each recorded (with the next part's mark) before that next part goes: the
+        # multi-part sends in flight together share the commit.
+        self.parts_sent: GroupCommit[deliveries_db.PartSent] = GroupCommit(
+            lambda sent: deliveries_db.parts_sent(d.db, sent, d.clock.now())
+        )
         self.logged_out = False
         self.auth_error = ""  # set when the gateway refused the credentials: the run pauses
         self.fatal: WecastError | None = None  # set when nothing more can be sent (a full disk): raised by `loop`
@@ -574,7 +579,7 @@ class _RunSender:
             if n + 1 < len(todo):
                 following = todo[n + 1]
                 then = PartMark(row.id, following, message.parts[following].kind.value, hashes[following])
-            await off_loop(deliveries_db.part_sent, d.db, row.id, index, receipt.message_id, d.clock.now(), then)
+            await self.parts_sent.put(deliveries_db.PartSent(row.id, index, receipt.message_id, then))
         self._record(
             Result(
                 row.id,

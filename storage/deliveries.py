@@ -614,17 +614,35 @@ def mark_parts_sending(db: DB, marks: Sequence[PartMark], now: datetime) -> None
         upsert(conn, DELIVERY_PARTS, rows, ("delivery_id", "part_index"))
 
 
+class PartSent(NamedTuple):
+    """The gateway accepted part `part_index` of a delivery (its message id), and `then` — the delivery's next part,
+    if any — is about to be handed over."""
+
+    delivery_id: int
+    part_index: int
+    message_id: str
+    then: PartMark | None
+
+
 def part_sent(db: DB, delivery_id: int, index: int, message_id: str, now: datetime, then: PartMark | None) -> None:
     """The gateway accepted part `index`: record it, and mark the part `then` (the next one, if any) as being
     handed over — in one transaction, so there is never a moment when neither is on record."""
+    parts_sent(db, [PartSent(delivery_id, index, message_id, then)], now)
+
+
+def parts_sent(db: DB, sent: Sequence[PartSent], now: datetime) -> None:
+    """`part_sent` for the parts of many deliveries, in one transaction (the dispatcher's group commit: the
+    multi-part sends in flight together record their parts together)."""
+    if not sent:
+        return
     with writing(db) as conn:
         conn.execute(
             update(DELIVERY_PARTS)
-            .where(_P.delivery_id == delivery_id, _P.part_index == index)
-            .values(status=PartStatus.SENT, gateway_message_id=message_id, error="", updated_at=now)
+            .where(_P.delivery_id == bindparam("_id"), _P.part_index == bindparam("_index"))
+            .values(status=PartStatus.SENT, gateway_message_id=bindparam("_message_id"), error="", updated_at=now),
+            [{"_id": p.delivery_id, "_index": p.part_index, "_message_id": p.message_id} for p in sent],
         )
-        if then is not None:
-            mark_parts_sending(conn, [then], now)
+        mark_parts_sending(conn, [p.then for p in sent if p.then is not None], now)
 
 
 def list_parts(db: DB, delivery_ids: Sequence[int]) -> dict[int, list[PartState]]:
