@@ -138,7 +138,10 @@ def preview_journey(
         entry = await off_loop(pv.entry_preview, app.db, journey, now, sample=None if as_json or not show else show)
         line = None
         if contact is not None:
-            line = await off_loop(lambda: pv.timeline(app.db, journey, contact, now, assume=assumptions))
+            targets = {j.id: j for j in (await off_loop(load_journeys, app.settings))[0]}
+            line = await off_loop(
+                lambda: pv.timeline(app.db, journey, contact, now, assume=assumptions, journeys=targets)
+            )
         return entry, line
 
     entry, line = asyncio_run(kit.with_app(ctx, go))
@@ -306,12 +309,14 @@ def print_timeline(kit: Kit, line: Timeline) -> None:
             what += "".join(
                 f"\n+ {p.get('kind')} {p.get('title') or p.get('name') or p.get('url') or ''}" for p in extra
             )
-        table.add_row(e.local, e.step, escape(what))
+        step = e.step if e.journey == line.journey else f"{e.journey} › {e.step}"
+        table.add_row(e.local, escape(step), escape(what))
     out.print(table)
     ends = {
         "completed": tr("ends: completes the journey"),
         "exited": tr("ends: exits the journey"),
-        "goto": tr("ends: goes on to another journey"),
+        "goto": tr("ends: leaves at a goto the dry run does not follow (see above)"),
+        "loop": tr("ends: goes back to a journey shown above"),
         "waiting": tr("ends: still waiting when the dry run stops"),
         "not_entered": tr("ends: would not enter"),
     }[line.ends]

@@ -93,6 +93,29 @@ def test_preview_json_has_stable_keys_and_the_exact_messages(workdir: Path) -> N
     assert json.loads(out) == []
 
 
+@pytest.mark.parametrize("lang", ["zh", "en"])
+def test_preview_follows_a_goto_into_the_next_journey(workdir: Path, lang: str) -> None:
+    """`preview JOURNEY --contact` goes on past a goto into the target's steps (shown as `target › step`), and a
+    goto back to a journey already shown ends the dry run saying so, in the chosen language."""
+    from test_journey_preview import FIRST, SECOND
+
+    (workdir / "campaigns" / "first.yaml").write_text(FIRST, encoding="utf-8")
+    (workdir / "campaigns" / "second.yaml").write_text(SECOND, encoding="utf-8")
+    wecast(workdir, "contacts", "sync")
+    cid = first_customer(workdir)
+    code, out, _ = wecast(workdir, "--lang", lang, "preview", "first", "--contact", cid)
+    assert code == 0, out
+    assert "second › more" in out and "第二段的最后一条" in out
+    ends = "结果：回到上面已显示的旅程" if lang == "zh" else "ends: goes back to a journey shown above"
+    assert ends in out
+    if lang == "zh":
+        assert "goes back" not in out and "enters journey" not in out
+    _, out, _ = wecast(workdir, "preview", "first", "--contact", cid, "--json")
+    line = json.loads(out)["timeline"]
+    assert line["journeys"] == ["first", "second"] and line["ends"] == "loop"
+    assert [e["journey"] for e in line["entries"] if e["outcome"] == "send"] == ["first", "second", "second"]
+
+
 def test_journeys_show_counts_and_a_contacts_path_after_a_run(workdir: Path) -> None:
     """After a simulated new customer is welcomed (`wecast serve`'s engine, driven here in-process by `run
     --resume`-free means: the CLI records; a tick enters), `journeys` counts them and `--contact` shows the path."""

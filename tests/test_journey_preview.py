@@ -316,3 +316,87 @@ def test_who_a_date_journey_would_enter_is_whose_date_the_next_fire_is(tmp_path:
         await h.app.close()
 
     run(go())
+
+
+FIRST = """name: 第一段
+trigger: contact_added
+steps:
+  - id: hello
+    send: {template: "{{ display_name }}您好"}
+  - wait: 1d
+  - id: onward
+    goto: second
+"""
+SECOND = """name: 第二段
+trigger: {tag_added: 老客}
+frequency_cap: false
+steps:
+  - id: more
+    send: {template: 第二段的第一条}
+  - wait: 2h
+  - id: bye
+    send: {template: 第二段的最后一条}
+  - id: back
+    goto: first
+"""
+
+
+def test_the_timeline_follows_a_goto_into_the_target_journey_and_stops_at_a_loop(tmp_path: Path) -> None:
+    """A goto does not end the dry run: the contact goes on through the target journey's steps (its sends, at the
+    times a run then sends them); the target's goto back to the first journey ends the timeline saying so."""
+
+    async def go() -> None:
+        h = await harness(tmp_path, f"sqlite:///{tmp_path}/w.sqlite", MONDAY_9)
+        h.write("first", FIRST)
+        h.write("second", SECOND)
+        h.load()
+        cid = customer(h)
+        line = timeline(h.db, h.engine.journeys["first"], cid, MONDAY_9, journeys=h.engine.journeys)
+        sends = [e for e in line.entries if e.outcome == "send"]
+        assert [(e.journey, e.step) for e in sends] == [("first", "hello"), ("second", "more"), ("second", "bye")]
+        assert line.journeys == ["first", "second"] and line.ends == "loop" and line.sends == 3
+        gotos = [e for e in line.entries if e.outcome == "goto"]
+        assert [(e.journey, e.step) for e in gotos] == [("first", "onward"), ("second", "back")]
+        assert "first" in gotos[-1].detail and line.entries[-1] == gotos[-1]
+        assert any(e.outcome == "entered" and e.journey == "second" and e.step == "more" for e in line.entries)
+
+        # The run sends the same messages at the same times, then leaves both journeys (first is entered once).
+        h.emit(EventKind.CONTACT_ADDED, cid)
+        for moment in sorted({e.at for e in line.entries} | {MONDAY_9 + timedelta(days=3)}):
+            await h.at(moment)
+        got = sorted(
+            (
+                d
+                for d in deliveries_db.list_deliveries(h.db, contact_id=cid, limit=50)
+                if d.status is DeliveryStatus.SENT
+            ),
+            key=lambda d: d.id,
+        )
+        assert [(d.text, d.sent_at) for d in got] == [(e.message, e.at) for e in sends]
+        states = {e.journey_id: e.reason for e in store.enrolments(h.db, contact_id=cid)}
+        assert states == {"first": "goto second", "second": "goto first"}
+        await h.app.close()
+
+    run(go())
+
+
+def test_a_goto_the_target_would_refuse_or_that_leads_nowhere_ends_the_timeline_saying_why(tmp_path: Path) -> None:
+    """A target whose audience keeps the contact out, and a target that is not loaded: the timeline ends at the goto
+    with the reason, not in the target's steps."""
+
+    async def go() -> None:
+        h = await harness(tmp_path, f"sqlite:///{tmp_path}/w.sqlite", MONDAY_9)
+        h.write("first", FIRST)
+        h.write("second", SECOND.replace("steps:", "audience: {tags_any: [没有人有的标签]}\nsteps:"))
+        h.load()
+        cid = customer(h)
+        journeys = h.engine.journeys
+        line = timeline(h.db, journeys["first"], cid, MONDAY_9, journeys=journeys)
+        assert line.ends == "goto" and line.journeys == ["first"] and line.sends == 1
+        assert line.entries[-1].outcome == "goto" and "second" in line.entries[-1].detail
+        alone = timeline(h.db, journeys["first"], cid, MONDAY_9, journeys={"first": journeys["first"]})
+        assert alone.ends == "goto" and alone.entries[-1].outcome == "goto"
+        assert alone.entries[-1].detail != line.entries[-1].detail
+        await h.app.close()
+
+    run(go())

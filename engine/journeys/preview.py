@@ -450,11 +450,13 @@ OUTCOME_NAMES = {
 
 
 class TimelineEntry(View):
-    """One moment of the dry run: when (UTC, and `local` in the journey's zone), at which step, what happens
-    (`outcome`, a stable key), in words (`detail`), and for a send the exact message (`message`, `parts`)."""
+    """One moment of the dry run: when (UTC, and `local` in the journey's zone), in which journey (another one
+    after a `goto`) at which step, what happens (`outcome`, a stable key), in words (`detail`), and for a send the
+    exact message (`message`, `parts`)."""
 
     at: datetime
     local: str
+    journey: str
     step: str
     outcome: Outcome
     detail: str = ""
@@ -462,7 +464,13 @@ class TimelineEntry(View):
     parts: list[dict[str, Any]] | None = None
 
 
+TimelineEnd = Literal["completed", "exited", "goto", "loop", "waiting", "not_entered"]
+
+
 class Timeline(View):
+    """The dry run. `ends`: `goto` when it stops at a goto it does not follow (the target is not running or would
+    not let the contact in), `loop` when a goto leads back to a journey already shown."""
+
     journey: str
     contact: str
     name: str
@@ -471,8 +479,9 @@ class Timeline(View):
     enters: bool
     assumptions: list[str]
     entries: list[TimelineEntry]
-    ends: Literal["completed", "exited", "goto", "waiting", "not_entered"]
+    ends: TimelineEnd
     sends: int
+    journeys: list[str] = []  # the journeys the contact passes through, in order (more than one after a goto)
 
 
 @dataclass
@@ -490,6 +499,7 @@ class _Sim:
             TimelineEntry(
                 at=when,
                 local=f"{local:%Y-%m-%d %H:%M} " + tr(WEEKDAY_NAMES[local.weekday()]),
+                journey=self.journey.id,
                 step=step,
                 outcome=outcome,
                 detail=detail,
@@ -528,9 +538,13 @@ def timeline(
     *,
     assume: Sequence[Assumption] = (),
     check_entry: bool = True,
+    journeys: Mapping[str, Journey] | None = None,
 ) -> Timeline:
     """The dry run of `contact_id` entering `journey` at `now` (see the module docstring). Reads only.
-    `check_entry` False: simulate even when the audience or entry policy would keep them out."""
+    `check_entry` False: simulate even when the audience or entry policy would keep them out.
+    `journeys` (by id) are where a `goto` may lead: the dry run follows the contact into the target as the runtime
+    enters them (the target's audience, opt-out and entry policy apply), and stops at a goto back to a journey it
+    has shown already. Without them it stops at the goto."""
     found = store.contact_views(db, [contact_id])
     if contact_id not in found:
         raise NotFoundError(tr("no contact {id!r} (see `wecast contacts list`)", id=contact_id))
@@ -583,8 +597,9 @@ def timeline(
     sim.at(now, journey.first, "entered", describe_trigger(journey))
 
     events: list[store.EventRow] = []
-    received: set[str] = set()
-    replied = False
+    received: set[str] = set()  # the steps sent in the current journey
+    entered_at = now  # ... and when the contact entered it (replies count from then, as the runtime counts them)
+    shown = [journey.id]
     removed = bool(view.get("removed_at"))
     capped_sent: list[datetime] = []  # the dry run's own capped sends (the cap counts them too)
     next_id = -1
@@ -599,7 +614,7 @@ def timeline(
     position = Position(journey.first, now)
     clock = now
     sends = 0
-    end: Literal["completed", "exited", "goto", "waiting"] = "waiting"
+    end: TimelineEnd = "waiting"
     for _ in range(MAX_ENTRIES):
         # What the customer does by now happens first (the runtime is woken by each event as it comes).
         while pending and now + pending[0].after <= clock:
@@ -607,7 +622,6 @@ def timeline(
             when = now + a.after
             sim.at(when, position.step or "", "assumed", a.describe())
             if a.kind == "message":
-                replied = True
                 event(CustomerEventKind.MESSAGE, when, text=a.value, type="text")
             elif a.kind in ("tag", "untag"):
                 for kind, tag_id in sim.retag(*([[a.value], []] if a.kind == "tag" else [[], [a.value]])):
@@ -620,7 +634,7 @@ def timeline(
         facts = Facts(
             contact=sim.view,
             now=clock,
-            replied=replied,
+            replied=any(e.kind is CustomerEventKind.MESSAGE and e.occurred_at >= entered_at for e in events),
             received=frozenset(received),
             opted_out=sim.opted_out,
             removed=removed,
@@ -639,14 +653,20 @@ def timeline(
                 )
             break
         if isinstance(stop, GotoDue):
-            sim.at(
-                clock,
-                stop.step.id,
-                "goto",
-                tr("enters journey {id} (its audience and entry policy apply)", id=stop.step.journey),
-            )
-            end = "goto"
-            break
+            target = _goto_target(db, sim, stop.step, clock, journeys, shown)
+            if target is None:
+                end = "loop" if stop.step.journey in shown else "goto"
+                break
+            # The runtime completes this enrolment and enters the target at its first step, a new enrolment: no
+            # trigger message, nothing received yet, replies counted from now.
+            journey = target
+            tz = journey.tz
+            shown.append(journey.id)
+            trigger_text = ""
+            received = set()
+            entered_at = clock
+            position = Position(journey.first, clock)
+            continue
         if isinstance(stop, TagDue):
             changes = sim.retag(stop.step.add, stop.step.remove)
             text = " ".join([f"+{x}" for x in stop.step.add] + [f"-{x}" for x in stop.step.remove])
@@ -712,7 +732,50 @@ def timeline(
             )
             break
         clock = max(clock, wake)
-    return base.model_copy(update={"entries": sim.entries, "enters": True, "ends": end, "sends": sends})
+    return base.model_copy(
+        update={"entries": sim.entries, "enters": True, "ends": end, "sends": sends, "journeys": shown}
+    )
+
+
+def _goto_target(
+    db: Engine,
+    sim: _Sim,
+    step: GotoStep,
+    clock: datetime,
+    journeys: Mapping[str, Journey] | None,
+    shown: Sequence[str],
+) -> Journey | None:
+    """The journey a goto leads the simulated contact into, its timeline entries written; None where the dry run
+    stops: a goto back to a journey already shown, a target that is not running, or one that keeps them out."""
+    target_id = step.journey
+    if target_id in shown:
+        sim.at(
+            clock,
+            step.id,
+            "goto",
+            tr("goes back to journey {id}, shown above (the dry run stops here)", id=target_id),
+        )
+        return None
+    target = journeys.get(target_id) if journeys is not None else None
+    if journeys is None:
+        sim.at(clock, step.id, "goto", tr("enters journey {id} (its audience and entry policy apply)", id=target_id))
+        return None
+    if target is None or not target.enabled:
+        sim.at(
+            clock,
+            step.id,
+            "goto",
+            tr("journey {id} is not running: the contact leaves this journey and enters none", id=target_id),
+        )
+        return None
+    refusal = _entry_refusal(db, target, sim.view, sim.opted_out, clock)
+    if refusal:
+        sim.at(clock, step.id, "goto", tr("would not enter journey {id}: {reason}", id=target_id, reason=refusal))
+        return None
+    sim.at(clock, step.id, "goto", tr("enters journey {id}", id=target_id))
+    sim.journey = target
+    sim.at(clock, target.first or "", "entered", tr("from journey {id} (goto)", id=shown[-1]))
+    return target
 
 
 def _local(when: datetime, journey: Journey) -> str:

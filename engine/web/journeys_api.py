@@ -105,7 +105,11 @@ def journey_preview(
         exit_when=[c.text for c in journey.exit_when],
         steps=pv.tree(journey),
         enter_now=pv.entry_preview(db, journey, now, sample=sample),
-        timeline=pv.timeline(db, journey, contact, now, assume=assumptions) if contact else None,
+        timeline=(
+            pv.timeline(db, journey, contact, now, assume=assumptions, journeys={j.id: j for j in journeys_of(ctx)[0]})
+            if contact
+            else None
+        ),
     )
 
 
