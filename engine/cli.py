@@ -1122,10 +1122,10 @@ def contacts_sync(ctx: Ctx) -> None:
 def contacts_list(ctx: Ctx, tags: tuple[str, ...], wheres: tuple[str, ...], limit: int, as_json: bool) -> None:
     from engine.audience import RuleError, parse_rules, select
     from engine.clock import SystemClock
-    from engine.views import ContactView
+    from engine.views import ListedContactView, contact_fields
     from storage.contacts import ContactFilter, load_contact_views, page_contacts, tag_names
     from storage.db import make_db_engine
-    from storage.optouts import opted_out
+    from storage.optouts import opted_out_since
 
     rules = []
     for w in wheres:
@@ -1144,11 +1144,16 @@ def contacts_list(ctx: Ctx, tags: tuple[str, ...], wheres: tuple[str, ...], limi
         # Friends only (others cannot receive messages), coworkers included: everyone a campaign could reach.
         chosen = select(views, tags_all=tags, rules=rule, now=SystemClock().now(), include_coworkers=True).recipients
         shown = chosen[:limit] if limit else chosen
-        opted = opted_out(db, [c["id"] for c in shown])
+        opted = opted_out_since(db, [c["id"] for c in shown])
         if as_json:
             ids = [c["id"] for c in shown]
             rows = page_contacts(db, ContactFilter(ids=ids), limit=max(1, len(ids))).rows if ids else []
-            _print_json([ContactView.from_row(r) for r in rows])
+            _print_json(
+                [
+                    ListedContactView(**contact_fields(r), opted_out=r.id in opted, opted_out_at=opted.get(r.id))
+                    for r in rows
+                ]
+            )
             return
     finally:
         db.dispose()

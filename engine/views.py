@@ -280,6 +280,14 @@ class ContactView(View):
         return cls(**contact_fields(row))
 
 
+class ListedContactView(ContactView):
+    """`wecast contacts list --json`: a contact and whether they opted out, and since when (the `opted_out` and
+    `opted_out_at` of /api/v1/contacts/{id}/optout), since a script picking recipients needs to know."""
+
+    opted_out: bool = False
+    opted_out_at: datetime | None = None
+
+
 def contact_fields(row: ContactRow) -> dict[str, Any]:
     """A contact's `ContactView` fields (typed values)."""
     return {

@@ -79,6 +79,19 @@ def opted_out(db: DB, contact_ids: Sequence[str] | None = None) -> set[str]:
         return out
 
 
+def opted_out_since(db: DB, contact_ids: Sequence[str]) -> dict[str, datetime]:
+    """Who of these contacts is on the suppression list, and since when (UTC)."""
+    out: dict[str, datetime] = {}
+    with reading(db) as conn:
+        for part in chunks(sorted(set(contact_ids))):
+            query = select(_O.contact_id, _O.opted_out_at).where(_O.contact_id.in_(part))
+            for r in conn.execute(query):
+                when = aware(r.opted_out_at)
+                if when is not None:  # opt_out always sets it
+                    out[r.contact_id] = when
+    return out
+
+
 def list_opt_outs(db: DB, limit: int = 1000) -> list[OptOutRow]:
     with reading(db) as conn:
         rows = conn.execute(select(OPT_OUTS).order_by(_O.opted_out_at.desc()).limit(limit))

@@ -177,6 +177,29 @@ def test_optouts_edit_and_list_with_json(workdir: Path) -> None:
     assert code == 1 and "nobody" in err
 
 
+def test_contacts_list_json_says_who_opted_out_and_when(workdir: Path) -> None:
+    """`contacts list --json` gives each contact `opted_out` and `opted_out_at` (UTC ISO), as the contact's
+    /optout route and `contacts optouts --json` give them; opting back in clears both."""
+    from datetime import datetime
+
+    wecast(workdir, "contacts", "sync")
+    cid = first_customer(workdir)
+    assert wecast(workdir, "contacts", "optout", cid)[0] == 0
+    _, out, _ = wecast(workdir, "contacts", "optouts", "--json")
+    (row,) = json.loads(out)
+    _, out, _ = wecast(workdir, "contacts", "list", "--limit", "0", "--json")
+    listed = {c["id"]: c for c in json.loads(out)}
+    assert listed[cid]["opted_out"] is True and listed[cid]["opted_out_at"] == row["opted_out_at"]
+    assert datetime.fromisoformat(listed[cid]["opted_out_at"]).utcoffset() is not None
+    others = [c for i, c in listed.items() if i != cid]
+    assert others and all(c["opted_out"] is False and c["opted_out_at"] is None for c in others)
+    assert {"id", "name", "tags", "addedAt"} <= set(listed[cid])  # the contact's own keys stay as they were
+    assert wecast(workdir, "contacts", "optin", cid)[0] == 0
+    _, out, _ = wecast(workdir, "contacts", "list", "--limit", "0", "--json")
+    again = {c["id"]: c for c in json.loads(out)}
+    assert again[cid]["opted_out"] is False and again[cid]["opted_out_at"] is None
+
+
 def test_sandbox_events_refuse_another_gateway_and_unknown_contacts(workdir: Path) -> None:
     """On the sandbox an unknown contact is a clear error; the commands say they are for the sandbox only."""
     code, _, err = wecast(workdir, "sandbox", "event", "message", "nobody", "hi")
