@@ -35,7 +35,7 @@ import click
 from pydantic_core import to_json
 from rich import box
 from rich.cells import cell_len
-from rich.console import Console
+from rich.console import Console, RenderableType
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
@@ -1185,9 +1185,12 @@ def contacts_list(ctx: Ctx, tags: tuple[str, ...], wheres: tuple[str, ...], limi
             row.append(c["added_at"].date().isoformat() if c.get("added_at") else "")
         table.add_row(*row)
     out.print(table)
-    summary = tr("{n} of {total} contacts match", n=len(chosen), total=len(views))
     if len(shown) < len(chosen):
-        summary += " " + tr("(showing {n})", n=len(shown))
+        summary = tr(
+            "{n} of {total} contacts match (showing {shown})", n=len(chosen), total=len(views), shown=len(shown)
+        )
+    else:
+        summary = tr("{n} of {total} contacts match", n=len(chosen), total=len(views))
     out.print(summary)
 
 
@@ -1230,6 +1233,10 @@ def runs(ctx: Ctx, campaign: str | None, status: str | None, limit: int, as_json
     table = _table(*columns)
     for column in table.columns:
         column.no_wrap = column.header != tr("campaign")  # ids, times and counts stay on one line
+    # Nine columns leave the campaign id two cells of 80 with the usual padding ("st…"): one space between columns
+    # instead, and a long id folds onto the next line, whole.
+    table.collapse_padding = True
+    table.columns[1].overflow = "fold"
     for r in rows:
         c = r.counts
         cells = [
@@ -1403,13 +1410,13 @@ def log_cmd(
     table.columns[-1].overflow = "fold"
     for d in rows:
         detail = split_reason(d.reason or d.last_error)[1] if d.status is not DeliveryStatus.SENT else d.text
-        cells = [
+        cells: list[RenderableType] = [
             str(d.id),
             str(d.run_id),
             d.contact_id,
             status_name(d.status),
             _short(d.sent_at or d.updated_at, tz),
-            escape(detail or ""),
+            Wrapped(detail or ""),
         ]
         if wide:
             cells[2:2] = [d.campaign_id]
@@ -1537,7 +1544,7 @@ def sandbox_outbox(ctx: Ctx, contact: str | None, limit: int, as_json: bool) -> 
     table.columns[-3].no_wrap = True
     table.columns[-1].overflow = "fold"
     for m in shown:
-        cells = [m.contact_id, _short(datetime.fromisoformat(m.sent_at), tz), escape(m.text)]
+        cells: list[RenderableType] = [m.contact_id, _short(datetime.fromisoformat(m.sent_at), tz), Wrapped(m.text)]
         if _wide():
             cells.insert(0, m.message_id)
         table.add_row(*cells)

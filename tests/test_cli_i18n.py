@@ -145,6 +145,30 @@ def test_runs_fit_80_columns_with_local_short_times(workdir: Path) -> None:
     assert "T02:00:00Z" not in out
 
 
+def test_chinese_tables_at_80_columns_keep_ids_whole_and_lines_as_chinese_is_set(workdir: Path) -> None:
+    """In Chinese at 80 columns: `runs` shows each campaign id whole (folded, never `st…`), the outbox and the log
+    never start a line with closing punctuation (`回复TD退订` / `。`), the contacts summary has no stray space."""
+    from rich.cells import cell_len
+
+    wecast(workdir, "run", "store_opening", "--now")
+    wecast(workdir, "run", "weekly_vip")
+    _, out, _ = wecast(workdir, "--lang", "zh", "runs")
+    assert max(cell_len(line.rstrip()) for line in out.splitlines()) <= 80, out
+    assert "…" not in out
+    header, _, *rows = out.splitlines()
+    start, end = (cell_len(header[: header.index(h)]) for h in ("活动", "计划时段"))
+    column = "".join(row[start:end].strip() for row in rows)  # the campaign column, read down (rows are ASCII)
+    assert "store_opening" in column and "weekly_vip" in column, out
+    closing = re.compile(r"^\s+[。，、！？）]")
+    for args in (["sandbox", "outbox", "--limit", "0"], ["log", "--limit", "100"]):
+        _, out, _ = wecast(workdir, "--lang", "zh", *args)
+        table = out.splitlines()[:-1] if args[0] == "sandbox" else out.splitlines()  # the last: the outbox's path
+        assert max(cell_len(line.rstrip()) for line in table) <= 80, out
+        assert not [line for line in table if closing.match(line)], out
+    _, out, _ = wecast(workdir, "--lang", "zh", "contacts", "list", "--limit", "2")
+    assert out.strip().endswith("个符合（显示 2 个）"), out
+
+
 def test_empty_results_are_a_sentence(workdir: Path) -> None:
     """No runs, no deliveries, no outbox: a sentence, not an empty table."""
     assert wecast(workdir, "runs")[1].strip() == "No runs yet: `wecast run CAMPAIGN` starts one."
