@@ -209,13 +209,30 @@ def _raise_all(problems: list[CampaignError]) -> None:
 def load_campaign(path: str | Path, settings: Settings) -> Campaign:
     """Read and validate one campaign file. Raises CampaignError (all problems, first one first)."""
     file = Path(path)
+    if _links_out_of_its_folder(file):
+        raise CampaignError(
+            tr("this file is a link to a file outside its folder; put the file itself in the folder"),
+            Location(str(file)),
+        )
     try:
         text = yamlsrc.read_text(file)
     except FileNotFoundError:
-        raise CampaignError("file not found", Location(str(file))) from None
+        raise CampaignError(tr("file not found"), Location(str(file))) from None
     except yamlsrc.YamlError as exc:
         raise CampaignError(str(exc), Location(str(file), exc.line)) from None
     return parse_campaign(text, file, settings)
+
+
+def _links_out_of_its_folder(file: Path) -> bool:
+    """Whether `file` is a symlink that leads out of the folder it is in. Whoever may put a file in campaigns/
+    could otherwise have wecast read any file the service can (`campaigns/x.yaml -> /etc/…`, or a campaign kept
+    elsewhere and not reviewed): the files a campaign names are confined to the folder (engine.paths), and so is
+    the campaign file itself. A link within the folder, and a campaigns folder that is itself a link, are fine.
+    Where it leads is not said (as engine.paths says nothing about what exists outside)."""
+    try:
+        return file.is_symlink() and not file.resolve().is_relative_to(file.parent.resolve())
+    except (OSError, RuntimeError):  # a link loop: reading it says what is wrong
+        return False
 
 
 def parse_campaign(text: str, file: Path, settings: Settings) -> Campaign:
@@ -361,7 +378,8 @@ def load_campaigns(paths: list[Path], settings: Settings) -> LoadResult:
         if campaign.id in seen:
             result.errors.append(
                 CampaignError(
-                    f"campaign id {campaign.id!r} is already used by {seen[campaign.id]}", campaign.location("id")
+                    tr("id {id} is already used by {file}", id=repr(campaign.id), file=seen[campaign.id]),
+                    campaign.location("id"),
                 )
             )
             continue

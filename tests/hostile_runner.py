@@ -245,6 +245,29 @@ def _fifo_template(folder: Path) -> Path:
     return folder / "t.j2"
 
 
+def _link_in_campaigns(tmp: Path, target: Path | str, name: str = "c.yaml") -> Path:
+    """campaigns/<name>, a symlink to `target`."""
+    folder = tmp / "campaigns"
+    folder.mkdir(exist_ok=True)
+    (folder / name).symlink_to(target)
+    return folder / name
+
+
+def _linked_folder(tmp: Path) -> Path:
+    """A campaigns folder that is itself a link (a deployment's layout), holding a plain campaign file."""
+    (tmp / "real").mkdir()
+    _write(tmp / "real", "c.yaml", CAMPAIGN_HEAD)
+    (tmp / "campaigns").symlink_to(tmp / "real")
+    return tmp / "campaigns" / "c.yaml"
+
+
+def _link_within_the_folder(tmp: Path) -> Path:
+    """campaigns/c.yaml -> real.yaml, beside it."""
+    (tmp / "campaigns").mkdir()
+    _write(tmp / "campaigns", "real.yaml", CAMPAIGN_HEAD)
+    return _link_in_campaigns(tmp, "real.yaml")
+
+
 def _indented(levels: int) -> str:
     return "x:\n" + "".join(" " * (i + 1) + f"k{i}:\n" for i in range(levels)) + " " * (levels + 1) + "v: 1\n"
 
@@ -321,6 +344,27 @@ GENERATED: dict[str, tuple[str, Builder, Expected | None]] = {
         lambda t: _template_file(t, lambda f: _write(f, "t.j2", "{{ name|e }}" * 2700)),
         None,
     ),
+    "campaign_is_a_link_out_of_its_folder": (
+        "campaign",
+        lambda t: _link_in_campaigns(t, _write(t, "elsewhere.yaml", CAMPAIGN_HEAD)),
+        Expected(None, None, "a link to a file outside its folder"),
+    ),
+    "campaign_is_a_link_to_etc_passwd": (
+        "campaign",
+        lambda t: _link_in_campaigns(t, "/etc/passwd"),
+        Expected(None, None, "a link to a file outside its folder"),
+    ),
+    "campaign_is_a_relative_link_out_of_its_folder": (
+        "campaign",
+        lambda t: _link_in_campaigns(t, Path("..") / _write(t, "up.yaml", CAMPAIGN_HEAD).name),
+        Expected(None, None, "a link to a file outside its folder"),
+    ),
+    "campaign_link_within_its_folder_is_accepted": (
+        "campaign",
+        _link_within_the_folder,
+        None,
+    ),
+    "campaign_in_a_linked_campaigns_folder_is_accepted": ("campaign", _linked_folder, None),
     "config_is_dev_zero": ("config", lambda t: Path("/dev/zero"), Expected(None, None, "not a regular file")),
     "config_is_a_fifo": ("config", _fifo, Expected(None, None, "not a regular file")),
     "config_is_a_folder": ("config", _folder, Expected(None, None, "a folder, not a YAML file")),

@@ -7,6 +7,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
+import pytest
 from helpers import run
 from journey_harness import Harness, harness
 
@@ -321,6 +322,47 @@ def test_goto_enters_the_other_journey_under_its_own_entry_policy(tmp_path: Path
         states = {e.journey_id: (e.status, e.reason) for e in store.enrolments(h.db, contact_id=cid)}
         assert states["first"] == (EnrolmentStatus.COMPLETED, "goto vip")
         assert states["vip"][0] is EnrolmentStatus.COMPLETED
+        await h.app.close()
+
+    run(go())
+
+
+RING = "name: {name}\ntrigger: {trigger}\nentry: {entry}\nfrequency_cap: false\nquiet_hours: false\nsteps:\n" + (
+    "  - send: {{template: {name}}}\n  - goto: {target}\n"
+)
+
+
+@pytest.mark.parametrize("lang", ["zh", "en"])
+def test_a_ring_of_every_time_journeys_is_refused_and_sends_nothing(tmp_path: Path, lang: str) -> None:
+    """Two `entry: every_time` journeys that goto each other would send a contact their messages without end (335
+    in 20 s before): both files are refused at their goto, naming the ring, and nothing is sent. With one of them
+    entered once the ring ends: each message goes out as often as the entry policies allow, and no more."""
+    from engine.definitions import load_definitions
+    from engine.i18n import Language, use_language
+
+    async def go() -> None:
+        h = await harness(tmp_path, f"sqlite:///{tmp_path}/w.sqlite", MONDAY_9)
+        h.write("ring_a", RING.format(name="甲", trigger="contact_added", entry="every_time", target="ring_b"))
+        h.write("ring_b", RING.format(name="乙", trigger="{tag_added: X}", entry="every_time", target="ring_a"))
+        with use_language(Language.ZH if lang == "zh" else Language.EN):
+            defs = load_definitions([tmp_path / "campaigns"], h.settings)
+        said = sorted(str(e) for e in defs.errors)
+        assert len(said) == 2 and not defs.journeys
+        words = "所有旅程都是 entry: every_time" if lang == "zh" else "all have entry: every_time"
+        assert "ring_a.yaml:8: steps[1].goto:" in said[0] and "ring_a → ring_b → ring_a" in said[0]
+        assert all(words in s for s in said), said
+        h.engine.set_journeys(defs.journeys)
+        cid = customer(h)
+        h.emit(EventKind.CONTACT_ADDED, cid)
+        await h.run()
+        assert h.outbox(cid) == []
+
+        h.write("ring_b", RING.format(name="乙", trigger="{tag_added: X}", entry="once", target="ring_a"))
+        h.load()
+        other = customer(h, 1)
+        h.emit(EventKind.CONTACT_ADDED, other)
+        await h.run()
+        assert h.outbox(other) == ["甲", "乙", "甲"]  # b is entered once: the second goto into it is refused
         await h.app.close()
 
     run(go())
