@@ -36,7 +36,7 @@ from engine.errors import WecastError
 from engine.gateways.base import ContactRecord, Gateway, TagRecord
 from engine.i18n import tr
 from engine.journeys.events import SYNC, diff
-from engine.owners import owner_alive, process_owner
+from engine.owners import HEARTBEAT_EVERY, owner_alive, process_owner
 from storage import contacts as contacts_db
 from storage import journeys as journeys_db
 from storage.contacts import ContactRow, SyncRow, TagRow
@@ -106,6 +106,9 @@ def require_whole_list(db: Engine | Connection) -> None:
     )
 
 
+WRITE_BATCH = 5000  # contacts a sync writes in one transaction (its gateway pages are smaller)
+
+
 async def sync_contacts(
     gateway: Gateway,
     db: Engine,
@@ -136,22 +139,42 @@ async def _sync(
     await off_loop(contacts_db.upsert_tags, db, [tag_to_row(t) for t in tags])
     result.tags = len(tags)
     seen: set[str] = set()
-    cursor: str | None = None
-    while True:
-        page = await gateway.list_contacts(cursor, page_size)
-        fresh = [c for c in page.contacts if c.id not in seen]
-        seen.update(c.id for c in fresh)
-        added, updated, events = await off_loop(
-            _write_page, db, sync.id, [record_to_row(c) for c in fresh], clock.now(), baseline
-        )
-        result.added += added
-        result.updated += updated
-        result.events += events
-        if progress:
-            progress(len(seen), page.total)
-        if page.next_cursor is None:
-            break
-        cursor = page.next_cursor
+    fetching = asyncio.ensure_future(gateway.list_contacts(None, page_size))
+    batch: list[ContactRow] = []
+    last_write = clock.monotonic()
+    try:
+        while True:
+            try:
+                page = await fetching
+            except Exception:
+                if batch:  # the pages fetched before the gateway failed are kept, as if written page by page
+                    await off_loop(_write_page, db, sync.id, batch, clock.now(), baseline)
+                raise
+            if page.next_cursor is not None:
+                # The next page is asked for while this one is written: the gateway's round trip (or the
+                # sandbox's work) and the database's overlap. Writes still go one at a time, in order.
+                fetching = asyncio.ensure_future(gateway.list_contacts(page.next_cursor, page_size))
+            fresh = [c for c in page.contacts if c.id not in seen]
+            seen.update(c.id for c in fresh)
+            batch += [record_to_row(c) for c in fresh]
+            if progress:
+                progress(len(seen), page.total)
+            # Pages are written a few thousand contacts at a time (a transaction, and on PostgreSQL a commit's
+            # flush to disk, per 500-contact page cost a big first sync more than its rows did), and at least
+            # every HEARTBEAT_EVERY seconds: each write is also the sync's heartbeat.
+            due = clock.monotonic() - last_write >= HEARTBEAT_EVERY
+            if len(batch) < WRITE_BATCH and not due and page.next_cursor is not None:
+                continue
+            added, updated, events = await off_loop(_write_page, db, sync.id, batch, clock.now(), baseline)
+            batch, last_write = [], clock.monotonic()
+            result.added += added
+            result.updated += updated
+            result.events += events
+            if page.next_cursor is None:
+                break
+    finally:
+        if not fetching.done():  # the write failed or the sync was cancelled: the page asked for is not wanted
+            fetching.cancel()
     removed, events = await off_loop(_finish, db, sync.id, seen, clock.now(), baseline)
     result.removed = removed
     result.events += events

@@ -8,6 +8,7 @@ safe when two processes sync at once (they insert the same new contacts and tags
 from __future__ import annotations
 
 import dataclasses
+import json
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -22,8 +23,10 @@ from storage._sql import (
     DB,
     aware,
     chunks,
+    db_time,
     dbapi_cursor,
     decode_json,
+    insert_fast,
     insert_ignore,
     reading,
     serialize,
@@ -156,6 +159,26 @@ def _columns(c: ContactRow) -> dict[str, Any]:
     return values
 
 
+_JSON_COLUMNS = frozenset({"phones", "tag_ids", "follow_user_ids", "additional_info"})
+_TIME_COLUMNS = frozenset({"added_at", "created_at", "updated_at", "removed_at"})
+
+
+def _insert_new(conn: Connection, rows: list[dict[str, Any]]) -> None:
+    """Contacts new to the database, through the driver's bulk path (`insert_fast`: COPY on PostgreSQL; a first
+    sync of a big account is all new rows). Should a writer outside the sync have added one of them since they
+    were read, they all go through the upsert instead: the same values, none lost."""
+    columns = list(rows[0])
+
+    def plain(column: str, value: Any) -> Any:
+        if column in _JSON_COLUMNS:
+            return json.dumps(value, ensure_ascii=False)
+        return db_time(conn, value) if column in _TIME_COLUMNS else value
+
+    values = [tuple(plain(c, row[c]) for c in columns) for row in rows]
+    if insert_fast(conn, CONTACTS, values, columns) < len(rows):
+        upsert(conn, CONTACTS, rows, ("id",))
+
+
 def upsert_contacts(db: DB, contacts: Sequence[ContactRow], now: datetime) -> tuple[int, int]:
     """Insert or update contacts (a page of a sync) and replace their tag links; tag ids not known as tags
     are dropped. A contact seen again is no longer removed. Returns (added, updated)."""
@@ -184,18 +207,14 @@ def upsert_contacts(db: DB, contacts: Sequence[ContactRow], now: datetime) -> tu
                 or (values.get("added_at") and old.get("added_at") != values.get("added_at"))
             ):
                 updated.append(values)
-        if new_rows:  # another process syncing at once may have inserted them since they were read
-            upsert(conn, CONTACTS, new_rows, ("id",))
-        for values in updated:
-            conn.execute(
-                update(CONTACTS)
-                .where(_C.id == values["id"])
-                .values(**{k: v for k, v in values.items() if k != "id"}, updated_at=now, removed_at=None)
-            )
+        if new_rows:
+            _insert_new(conn, new_rows)
+        if updated:  # every synced column of a changed contact, in one statement (its created_at kept)
+            upsert(conn, CONTACTS, [{**v, "updated_at": now, "removed_at": None} for v in updated], ("id",))
         for part in chunks(ids):
             conn.execute(delete(CONTACT_TAGS).where(_CT.contact_id.in_(part)))
-        links = [{"contact_id": v["id"], "tag_id": t} for v in fresh for t in v["tag_ids"]]
-        insert_ignore(conn, CONTACT_TAGS, links)
+        links = [(v["id"], t) for v in fresh for t in v["tag_ids"]]
+        insert_fast(conn, CONTACT_TAGS, links, ("contact_id", "tag_id"))
         changed(conn)
     return len(new_rows), len(updated)
 

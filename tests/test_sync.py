@@ -19,7 +19,7 @@ from engine.contacts import ListState
 from engine.errors import TransientError, WecastError
 from engine.gateways.base import ContactPage, Gateway
 from engine.gateways.sandbox import SandboxGateway
-from engine.owners import BEAT_WITHIN, STALE_AFTER
+from engine.owners import BEAT_WITHIN, HEARTBEAT_EVERY, STALE_AFTER
 from engine.service import Wecast
 from engine.settings import Settings
 from storage import contacts as contacts_db
@@ -168,3 +168,46 @@ def test_a_run_waiting_out_quiet_hours_keeps_its_heartbeat_fresh(
         await app.close()
 
     run(go())
+
+
+def test_a_sync_writes_in_few_transactions_and_beats_while_a_slow_gateway_pages(
+    make_settings: MakeSettings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A sync writes thousands of contacts a transaction, not one 500-contact page each (a commit per page cost a
+    big first sync more than its rows), yet never goes `HEARTBEAT_EVERY` seconds without a write — each is the
+    sync's heartbeat, nor `BEAT_WITHIN` — when every page of the gateway takes 2 s; every contact arrives, once."""
+    settings = make_settings(contacts=12_000)  # 24 pages of 500
+    clock = FakeClock(MONDAY_10)
+    writes: list[tuple[datetime, int]] = []
+    original = contacts_db.upsert_contacts
+
+    def recording(db: Any, rows: Any, now: datetime) -> tuple[int, int]:
+        writes.append((now, len(rows)))
+        return original(db, rows, now)
+
+    monkeypatch.setattr(contacts_db, "upsert_contacts", recording)
+
+    async def go(page_seconds: float) -> int:
+        writes.clear()
+        app = Wecast(settings, clock=clock)
+        await app.start()
+        fetch = app.gateway.list_contacts
+
+        async def slow(cursor: str | None = None, page_size: int = 500) -> ContactPage:
+            clock.advance(page_seconds)
+            return await fetch(cursor, page_size)
+
+        app.gateway.list_contacts = slow  # type: ignore[method-assign]
+        result = await app.sync()
+        count = contacts_db.count_contacts(app.db)
+        await app.close()
+        assert result.seen == count == 12_000
+        return count
+
+    run(go(0))
+    assert len(writes) == 3 and sum(n for _, n in writes) == 12_000  # 5,000 + 5,000 + 2,000
+    run(go(2.0))
+    gaps = [b - a for (a, _), (b, _) in itertools.pairwise([(MONDAY_10, 0), *writes])]
+    # A write at the first page past the beat (the page fetched ahead counts too), well within BEAT_WITHIN.
+    assert max(gaps) <= timedelta(seconds=HEARTBEAT_EVERY + 2 * 2.0) <= timedelta(seconds=BEAT_WITHIN)
+    assert 3 < len(writes) < 24
