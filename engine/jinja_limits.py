@@ -46,6 +46,8 @@ from jinja2.runtime import BlockReference, Context, LoopContext, Macro, Undefine
 from jinja2.sandbox import ImmutableSandboxedEnvironment, SandboxedFormatter
 from jinja2.utils import Cycler, Joiner, Namespace, generate_lorem_ipsum
 
+from engine.i18n import N_, tr
+
 MAX_SIZE = 100_000  # characters (or weighed items) in any value a template builds, and in the rendered text
 MAX_STEPS = 10_000  # loop iterations + filter uses + calls, per render
 MAX_RANGE = 10_000  # items in range(...)
@@ -111,13 +113,16 @@ def tick() -> None:
 def _check(b: Budget) -> None:
     if b.steps < 0:
         raise TemplateLimitError(
-            f"the template takes more than {MAX_STEPS:,} steps (loop iterations, filters and calls) to render"
+            tr(
+                "the template takes more than {n} steps (loop iterations, filters and calls) to render",
+                n=format(MAX_STEPS, ","),
+            )
         )
     now = time.thread_time()
     if not b.deadline:
         b.deadline = now + TIME_BUDGET
     elif now > b.deadline:
-        raise TemplateLimitError(f"the template takes more than {TIME_BUDGET:g} s to render")
+        raise TemplateLimitError(tr("the template takes more than {n} s to render", n=format(TIME_BUDGET, "g")))
     b.next_check = b.steps - CHECK_EVERY
 
 
@@ -155,25 +160,35 @@ def size_of(value: Any, limit: int = MAX_SIZE) -> int:
     return total
 
 
-def _too_large(what: str) -> TemplateLimitError:
-    return TemplateLimitError(f"{what} would be larger than {MAX_SIZE:,} characters")
+def _too_large(what: str, **fields: object) -> TemplateLimitError:
+    """`what` (an N_ message, with its `fields`) would be too large: said in the reader's language."""
+    return TemplateLimitError(
+        tr("{what} would be larger than {n} characters", what=tr(what, **fields), n=format(MAX_SIZE, ","))
+    )
 
 
-def check_size(value: Any, what: str = "a value the template builds") -> None:
+def check_size(value: Any, what: str = N_("a value the template builds"), **fields: object) -> None:
     if type(value) is str:
         if len(value) > MAX_SIZE:
-            raise _too_large(what)
+            raise _too_large(what, **fields)
     elif size_of(value) > MAX_SIZE:
-        raise _too_large(what)
+        raise _too_large(what, **fields)
 
 
 def _too_many_bits() -> TemplateLimitError:
-    return TemplateLimitError(f"a number in the template would have more than {MAX_INT_BITS:,} bits")
+    return TemplateLimitError(tr("a number in the template would have more than {n} bits", n=format(MAX_INT_BITS, ",")))
 
 
-def _check_width(width: Any, what: str) -> None:
+def _check_width(width: Any, what: str, **fields: object) -> None:
     if isinstance(width, int) and width > MAX_SIZE:
-        raise TemplateLimitError(f"{what} {width:,} is more than {MAX_SIZE:,}")
+        raise TemplateLimitError(
+            tr(
+                "{what} {width} is more than {max}",
+                what=tr(what, **fields),
+                width=format(width, ","),
+                max=format(MAX_SIZE, ","),
+            )
+        )
 
 
 class RenderedTextTooLong(TemplateLimitError):
@@ -216,7 +231,7 @@ def join_parts(parts: tuple[Any, ...]) -> str:
     for part in parts:
         total += len(part) if type(part) is str else size_of(part)
     if total > MAX_SIZE:
-        raise _too_large("a string joined with ~")
+        raise _too_large(N_("a string joined with ~"))
     return "".join([str(part) for part in parts])
 
 
@@ -224,7 +239,7 @@ def to_text(value: Any) -> str:
     """Every `{{ ... }}` value as text, weighed before it is turned into text."""
     if type(value) is str:
         return value
-    check_size(value, "a value the template outputs")
+    check_size(value, N_("a value the template outputs"))
     return str(value)
 
 
@@ -235,7 +250,9 @@ def buffered_text(value: Any) -> str:
     b = _local.budget
     b.buffered -= len(text)
     if b.buffered < 0:
-        raise TemplateLimitError(f"macros and blocks would collect more than {MAX_BUFFERED:,} characters")
+        raise TemplateLimitError(
+            tr("macros and blocks would collect more than {n} characters", n=format(MAX_BUFFERED, ","))
+        )
     return text
 
 
@@ -265,14 +282,16 @@ def check_printf(fmt: str, args: Any) -> None:
         conversions += 1
         for number in (width, precision):
             if number == "*":
-                raise TemplateLimitError("a width taken from the arguments (%*d) is not allowed in templates")
+                raise TemplateLimitError(tr("a width taken from the arguments (%*d) is not allowed in templates"))
             if number and (len(number) > 7 or int(number) > MAX_SIZE):
-                raise TemplateLimitError(f"a format width or precision over {MAX_SIZE:,} is not allowed")
+                raise TemplateLimitError(
+                    tr("a format width or precision over {n} is not allowed", n=format(MAX_SIZE, ","))
+                )
             total += int(number or 0)
     if conversions:
         total += conversions * size_of(args)
     if total > MAX_SIZE:
-        raise _too_large("the formatted text")
+        raise _too_large(N_("the formatted text"))
 
 
 class _Formatter(SandboxedFormatter):
@@ -281,7 +300,9 @@ class _Formatter(SandboxedFormatter):
     def format_field(self, value: Any, format_spec: str) -> Any:
         for number in re.findall(r"\d+", format_spec):
             if len(number) > 7 or int(number) > MAX_SIZE:
-                raise TemplateLimitError(f"a format width or precision over {MAX_SIZE:,} is not allowed")
+                raise TemplateLimitError(
+                    tr("a format width or precision over {n} is not allowed", n=format(MAX_SIZE, ","))
+                )
         return super().format_field(value, format_spec)
 
 
@@ -298,7 +319,7 @@ class _BoundedFormat:
             kwargs, args = args[0], ()
         fields = sum(1 for _, name, _, _ in string.Formatter().parse(self.fmt) if name is not None)
         if len(self.fmt) + fields * (size_of(args) + size_of(kwargs)) > MAX_SIZE:
-            raise _too_large("the formatted text")
+            raise _too_large(N_("the formatted text"))
         return str(_Formatter(self.env).vformat(self.fmt, args, kwargs))
 
 
@@ -312,14 +333,14 @@ def _arg(args: tuple[Any, ...], kwargs: Mapping[str, Any], index: int, name: str
 
 
 def _pre_center(value: Any, *args: Any, **kwargs: Any) -> None:
-    _check_width(_arg(args, kwargs, 0, "width", 80), "center width")
+    _check_width(_arg(args, kwargs, 0, "width", 80), N_("center width"))
 
 
 def _pre_indent(value: Any, *args: Any, **kwargs: Any) -> None:
     width = _arg(args, kwargs, 0, "width", 4)
     per_line = len(width) if isinstance(width, str) else width if isinstance(width, int) else 0
     if (str(value).count("\n") + 1) * per_line + len(str(value)) > MAX_SIZE:
-        raise _too_large("the indented text")
+        raise _too_large(N_("the indented text"))
 
 
 def _pre_wordwrap(value: Any, *args: Any, **kwargs: Any) -> None:
@@ -328,7 +349,7 @@ def _pre_wordwrap(value: Any, *args: Any, **kwargs: Any) -> None:
     if isinstance(width, int) and isinstance(wrap, str):
         text = str(value)
         if len(text) + (len(text) // max(width, 1) + text.count("\n") + 1) * len(wrap) > MAX_SIZE:
-            raise _too_large("the wrapped text")
+            raise _too_large(N_("the wrapped text"))
 
 
 def _replacement_size(text: str, old: Any, new: Any, count: Any) -> int:
@@ -343,7 +364,7 @@ def _replacement_size(text: str, old: Any, new: Any, count: Any) -> int:
 def _pre_replace(value: Any, *args: Any, **kwargs: Any) -> None:
     old, new = _arg(args, kwargs, 0, "old"), _arg(args, kwargs, 1, "new")
     if _replacement_size(str(value), old, new, _arg(args, kwargs, 2, "count")) > MAX_SIZE:
-        raise _too_large("the replaced text")
+        raise _too_large(N_("the replaced text"))
 
 
 def _joined_size(items: Iterable[Any], separator: Any) -> int:
@@ -356,30 +377,30 @@ def _pre_format(value: Any, *args: Any, **kwargs: Any) -> None:
 
 
 def _pre_batch(value: Any, *args: Any, **kwargs: Any) -> None:
-    _check_width(_arg(args, kwargs, 0, "linecount"), "batch size")
+    _check_width(_arg(args, kwargs, 0, "linecount"), N_("batch size"))
 
 
 def _pre_slice(value: Any, *args: Any, **kwargs: Any) -> None:
     slices = _arg(args, kwargs, 0, "slices")
     if isinstance(slices, int) and slices > MAX_RANGE:
-        raise TemplateLimitError(f"slice into more than {MAX_RANGE:,} parts is not allowed")
+        raise TemplateLimitError(tr("slice into more than {n} parts is not allowed", n=format(MAX_RANGE, ",")))
 
 
 def _pre_tojson(value: Any, *args: Any, **kwargs: Any) -> None:
     indent = _arg(args, kwargs, 0, "indent")
     if isinstance(indent, int) and indent > 8:
-        raise TemplateLimitError("tojson indent may be at most 8")
+        raise TemplateLimitError(tr("tojson indent may be at most 8"))
 
 
 def _pre_sum(value: Any, *args: Any, **kwargs: Any) -> None:
     start = _arg(args, kwargs, 1, "start", 0)
     if not isinstance(start, int | float):
-        raise TemplateLimitError("sum adds numbers only (its start must be a number)")
+        raise TemplateLimitError(tr("sum adds numbers only (its start must be a number)"))
 
 
 def _pre_strftime(fmt: Any) -> None:
     if isinstance(fmt, str) and len(fmt) + fmt.count("%") * 40 > MAX_SIZE:
-        raise _too_large("the formatted date")
+        raise _too_large(N_("the formatted date"))
 
 
 def _pre_datefmt(value: Any, *args: Any, **kwargs: Any) -> None:
@@ -426,12 +447,12 @@ def _guard_filter(name: str, func: Callable[..., Any]) -> Callable[..., Any]:
         if is_join:  # weigh the items once, as a list, and hand the same list on
             value = value if isinstance(value, list | tuple | str) else list(value)
             if _joined_size(value, _arg(args, kwargs, 0, "d", "")) > MAX_SIZE:
-                raise _too_large("the joined text")
+                raise _too_large(N_("the joined text"))
         elif type(value) is not str or len(value) > MAX_SIZE:
-            check_size(value, f"the input of the {name} filter")
+            check_size(value, N_("the input of the {name} filter"), name=name)
         if args or kwargs:
             for arg in (*args, *kwargs.values()):
-                check_size(arg, f"an argument of the {name} filter")
+                check_size(arg, N_("an argument of the {name} filter"), name=name)
         if precheck is not None:
             precheck(value, *args, **kwargs)
         if passing is None:
@@ -443,7 +464,7 @@ def _guard_filter(name: str, func: Callable[..., Any]) -> Callable[..., Any]:
         else:
             result = func(context.environment, value, *args, **kwargs)
         if type(result) is not str or len(result) > MAX_SIZE:
-            check_size(result, f"the result of the {name} filter")
+            check_size(result, N_("the result of the {name} filter"), name=name)
         return result
 
     return guarded
@@ -456,14 +477,20 @@ def bounded_range(*args: int) -> range:
     """`range` with at most MAX_RANGE items."""
     rng = range(*args)
     if len(rng) > MAX_RANGE:
-        raise TemplateLimitError(f"range() may have at most {MAX_RANGE:,} items (this one has {len(rng):,})")
+        raise TemplateLimitError(
+            tr(
+                "range() may have at most {n} items (this one has {has})",
+                n=format(MAX_RANGE, ","),
+                has=format(len(rng), ","),
+            )
+        )
     return rng
 
 
 def bounded_lipsum(n: int = 5, html: bool = True, min: int = 20, max: int = 100) -> str:
     """Jinja's `lipsum`, at most 20 paragraphs of at most 200 words."""
     if n > 20 or max > 200 or min > max:
-        raise TemplateLimitError("lipsum is limited to 20 paragraphs of at most 200 words")
+        raise TemplateLimitError(tr("lipsum is limited to 20 paragraphs of at most 200 words"))
     return str(generate_lorem_ipsum(n, html, min, max))
 
 
@@ -494,15 +521,15 @@ _GLOBALS: tuple[Any, ...] = (bounded_range, bounded_lipsum, dict, Namespace, Cyc
 
 def _check_str_call(method: str, text: str, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> None:
     if method in ("center", "ljust", "rjust", "zfill"):
-        _check_width(_arg(args, kwargs, 0, "width"), f"{method} width")
+        _check_width(_arg(args, kwargs, 0, "width"), N_("{method} width"), method=method)
     elif method == "expandtabs":
         size = _arg(args, kwargs, 0, "tabsize", 8)
         if isinstance(size, int) and len(text) + text.count("\t") * size > MAX_SIZE:
-            raise _too_large("the expanded text")
+            raise _too_large(N_("the expanded text"))
     elif method == "replace":
         _pre_replace(text, *args, **kwargs)  # the filter's arguments, in the same order
     elif method == "join" and args and _joined_size(args[0], text) > MAX_SIZE:
-        raise _too_large("the joined text")
+        raise _too_large(N_("the joined text"))
 
 
 def _check_call(obj: Any, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> tuple[Any, ...]:
@@ -525,8 +552,12 @@ def _check_call(obj: Any, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> t
             if method == "strftime":
                 _pre_strftime(_arg(args, kwargs, 0, "format"))
             return args
-        raise SecurityError(f"calling {type(owner).__name__}.{method}() is not allowed in templates")
-    raise SecurityError(f"calling {getattr(obj, '__name__', type(obj).__name__)} is not allowed in templates")
+        raise SecurityError(
+            tr("calling {method} is not allowed in templates", method=type(owner).__name__ + "." + method + "()")
+        )
+    raise SecurityError(
+        tr("calling {method} is not allowed in templates", method=getattr(obj, "__name__", type(obj).__name__))
+    )
 
 
 # -- the environment ------------------------------------------------------------------------------------
@@ -603,7 +634,7 @@ class BoundedEnvironment(ImmutableSandboxedEnvironment):
             return left % right
         if operator == "+":
             if isinstance(left, str | list | tuple) and size_of(left) + size_of(right) > MAX_SIZE:
-                raise _too_large("a value joined with +")
+                raise _too_large(N_("a value joined with +"))
             return left + right
         if operator == "**":
             if isinstance(left, int) and isinstance(right, int) and max(left.bit_length(), 1) * right > MAX_INT_BITS:
@@ -613,7 +644,7 @@ class BoundedEnvironment(ImmutableSandboxedEnvironment):
         for seq, times in ((left, right), (right, left)):
             if isinstance(seq, str | list | tuple) and isinstance(times, int):
                 if size_of(seq) * times > MAX_SIZE:
-                    raise _too_large("a value repeated with *")
+                    raise _too_large(N_("a value repeated with *"))
                 return left * right
         if isinstance(left, int) and isinstance(right, int) and left.bit_length() + right.bit_length() > MAX_INT_BITS:
             raise _too_many_bits()
@@ -622,10 +653,10 @@ class BoundedEnvironment(ImmutableSandboxedEnvironment):
     def call(self, context: Context, obj: Any, /, *args: Any, **kwargs: Any) -> Any:
         tick()
         for arg in (*args, *kwargs.values()):
-            check_size(arg, "an argument of a call")
+            check_size(arg, N_("an argument of a call"))
         args = _check_call(obj, args, kwargs)
         result = context.call(obj, *args, **kwargs)
-        check_size(result, "the result of a call")
+        check_size(result, N_("the result of a call"))
         return result
 
     def wrap_str_format(self, value: Any) -> Callable[..., str] | None:

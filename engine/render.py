@@ -161,10 +161,10 @@ class CompiledTemplate:
             return MissingField(_undefined_name(str(exc)))  # an attribute of a present value that does not exist
         where = self._line_of_error(exc)
         if isinstance(exc, TemplateLimitError):
-            return TemplateRefused(f"the template goes over a limit: {exc}", where)
+            return TemplateRefused(tr("the template goes over a limit: {why}", why=exc), where)
         if isinstance(exc, SecurityError):
-            return TemplateRefused(f"the template tried something not allowed: {exc}", where)
-        return TemplateError(f"the template failed: {type(exc).__name__}: {exc}", where)
+            return TemplateRefused(tr("the template tried something not allowed: {why}", why=exc), where)
+        return TemplateError(tr("the template failed: {why}", why=type(exc).__name__ + ": " + str(exc)), where)
 
     def _line_of_error(self, exc: BaseException) -> Location:
         """The origin, moved to the template line of the innermost template frame in the traceback."""
@@ -212,10 +212,14 @@ def compile_template(source: str, origin: Location, tz: str = "Asia/Shanghai") -
     """Parse and check a template: size, syntax, the names it uses, and a trial render within the bounds of
     engine.jinja_limits. Raises TemplateError."""
     if not source.strip():
-        raise TemplateError("the message template is empty", origin)
+        raise TemplateError(tr("the message template is empty"), origin)
     if len(source) > MAX_TEMPLATE_CHARS:
         raise TemplateError(
-            f"the template is longer than {MAX_TEMPLATE_CHARS:,} characters (a message is at most 10,000)", origin
+            tr(
+                "the template is longer than {n} characters (a message is at most 10,000)",
+                n=format(MAX_TEMPLATE_CHARS, ","),
+            ),
+            origin,
         )
     env = environment(tz)
     try:
@@ -224,11 +228,11 @@ def compile_template(source: str, origin: Location, tz: str = "Asia/Shanghai") -
         compiled = CompiledTemplate(source, origin, frozenset(names), tz, used)
         compiled._templates[tz] = env.from_string(ast)
     except TemplateSyntaxError as exc:
-        raise TemplateError(f"template syntax error: {exc.message}", _at(origin, exc.lineno)) from None
+        raise TemplateError(tr("template syntax error: {why}", why=exc.message), _at(origin, exc.lineno)) from None
     except (RecursionError, SyntaxError):
         # Jinja's parser and code generator recurse, and Python compiles at most 20 nested loops.
         raise TemplateError(
-            "the template nests too deeply (brackets, or loops and blocks inside each other)", origin
+            tr("the template nests too deeply (brackets, or loops and blocks inside each other)"), origin
         ) from None
     _trial_render(compiled)
     return compiled
@@ -240,32 +244,45 @@ def _checked_tree(env: BoundedEnvironment, source: str, origin: Location) -> tup
     # No loader is configured, and these are refused outright: a message template never reads another file.
     for reader in ast.find_all((nodes.Include, nodes.Import, nodes.FromImport, nodes.Extends)):
         raise TemplateError(
-            f"{{% {_FILE_TAGS[type(reader)]} %}} is not allowed: a message template is one file and cannot read others",
+            tr(
+                "{tag} is not allowed: a message template is one file and cannot read others",
+                tag="{% " + _FILE_TAGS[type(reader)] + " %}",
+            ),
             _at(origin, reader.lineno),
         )
     for modifier in ast.find_all(nodes.EvalContextModifier):
-        raise TemplateError("{% autoescape %} is not supported: messages are plain text", _at(origin, modifier.lineno))
+        raise TemplateError(
+            tr("{tag} is not supported: messages are plain text", tag="{% autoescape %}"), _at(origin, modifier.lineno)
+        )
     for filt in ast.find_all(nodes.Filter):  # before find_undeclared_variables, which fails on them
         if filt.name not in env.filters:
-            raise TemplateError(f"unknown filter {filt.name!r}", _at(origin, filt.lineno))
+            raise TemplateError(tr("unknown filter {name}", name=repr(filt.name)), _at(origin, filt.lineno))
     for test in ast.find_all(nodes.Test):  # Jinja defers unknown tests in `if` to render time
         if test.name not in env.tests:
-            raise TemplateError(f"unknown test {test.name!r}", _at(origin, test.lineno))
+            raise TemplateError(tr("unknown test {name}", name=repr(test.name)), _at(origin, test.lineno))
     try:
         names = meta.find_undeclared_variables(ast)
     except TemplateSyntaxError as exc:  # e.g. an unknown test (`is foo`)
-        raise TemplateError(f"template error: {exc.message}", _at(origin, exc.lineno or 1)) from None
+        raise TemplateError(tr("template error: {why}", why=exc.message), _at(origin, exc.lineno or 1)) from None
     for name in sorted(names):
         if name not in KNOWN_NAMES:
             raise TemplateError(
-                f"unknown field {name!r} in the template; contact fields are: {', '.join(CONTACT_FIELDS)}",
+                tr(
+                    "unknown field {name} in the template; contact fields are: {fields}",
+                    name=repr(name),
+                    fields=", ".join(CONTACT_FIELDS),
+                ),
                 _at(origin, _line_of(source, name)),
             )
     for node in ast.find_all(nodes.Getattr):
         if node.attr.startswith("_"):
-            raise TemplateError(f"attribute {node.attr!r} is not allowed in templates", _at(origin, node.lineno))
+            raise TemplateError(
+                tr("attribute {name} is not allowed in templates", name=repr(node.attr)), _at(origin, node.lineno)
+            )
         if isinstance(node.node, nodes.Name) and node.node.name == "contact" and node.attr not in CONTACT_FIELDS:
-            raise TemplateError(f"unknown field 'contact.{node.attr}' in the template", _at(origin, node.lineno))
+            raise TemplateError(
+                tr("unknown field {name} in the template", name=repr("contact." + node.attr)), _at(origin, node.lineno)
+            )
     return ast, names
 
 

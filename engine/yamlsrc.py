@@ -40,7 +40,7 @@ from pydantic import ValidationError
 
 from engine.durations import check_date_range
 from engine.errors import Location
-from engine.i18n import tr
+from engine.i18n import N_, tr
 
 Path_ = tuple[str | int, ...]
 
@@ -88,6 +88,14 @@ def dotted(path: Iterable[str | int]) -> str:
     return out
 
 
+def _too_deep_words() -> str:
+    return tr("nesting deeper than {n} levels", n=MAX_DEPTH)
+
+
+def _tag_words(tag: str) -> str:
+    return tr("the YAML tag {tag} is not supported here", tag=tag.replace(_TAG, "!!"))
+
+
 class YamlError(ValueError):
     """A YAML source wecast cannot use; `line` is where (None: the file as a whole)."""
 
@@ -105,25 +113,25 @@ def read_text(path: Path) -> str:
     except FileNotFoundError:
         raise
     except OSError as exc:
-        raise YamlError(f"cannot read the file: {exc.strerror}", None) from None
+        raise YamlError(tr("cannot read the file: {why}", why=exc.strerror), None) from None
     try:
         info = os.fstat(fd)
         if stat.S_ISDIR(info.st_mode):
-            raise YamlError("this is a folder, not a YAML file", None)
+            raise YamlError(tr("this is a folder, not a YAML file"), None)
         if not stat.S_ISREG(info.st_mode):
-            raise YamlError("not a regular file (a FIFO, socket or device)", None)
+            raise YamlError(tr("not a regular file (a FIFO, socket or device)"), None)
         with os.fdopen(fd, "rb", closefd=False) as handle:
             data = handle.read(MAX_BYTES + 1)
     finally:
         os.close(fd)
     if len(data) > MAX_BYTES:
-        raise YamlError(f"the file is larger than {MAX_BYTES // 1024} KiB", None)
+        raise YamlError(tr("the file is larger than {size} KiB", size=MAX_BYTES // 1024), None)
     if b"\x00" in data:
-        raise YamlError("the file is binary (it contains NUL bytes), not YAML text", None)
+        raise YamlError(tr("the file is binary (it contains NUL bytes), not YAML text"), None)
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise YamlError("the file is not UTF-8 text", data.count(b"\n", 0, exc.start) + 1) from None
+        raise YamlError(tr("the file is not UTF-8 text"), data.count(b"\n", 0, exc.start) + 1) from None
 
 
 class _MergeGuard:
@@ -134,7 +142,7 @@ class _MergeGuard:
 
     def flatten_mapping(self, node: yaml.MappingNode, depth: int = 0) -> None:
         if depth > MAX_DEPTH:  # merges of merges ..., or a mapping that merges itself
-            raise YamlError(f"nesting deeper than {MAX_DEPTH} levels", node.start_mark.line + 1)
+            raise YamlError(_too_deep_words(), node.start_mark.line + 1)
         own: list[tuple[yaml.Node, yaml.Node]] = []
         sources: list[yaml.Node] = []
         for key_node, value_node in node.value:
@@ -148,7 +156,9 @@ class _MergeGuard:
         merged: list[tuple[yaml.Node, yaml.Node]] = []
         for source in sources:
             if not isinstance(source, yaml.MappingNode):
-                raise YamlError("a merge key (<<) takes a mapping or a list of mappings", source.start_mark.line + 1)
+                raise YamlError(
+                    tr("a merge key (<<) takes a mapping or a list of mappings"), source.start_mark.line + 1
+                )
             self.flatten_mapping(source, depth + 1)
             self.merge_budget -= len(source.value)
             if self.merge_budget < 0:
@@ -171,7 +181,7 @@ class _PythonLoader(_MergeGuard, yaml.SafeLoader):
     it reads (the composer recurses, and the scanner slows down with every open bracket). About 9x slower."""
 
     def _too_deep(self) -> YamlError:
-        return YamlError(f"nesting deeper than {MAX_DEPTH} levels", self.get_mark().line + 1)
+        return YamlError(_too_deep_words(), self.get_mark().line + 1)
 
     def fetch_flow_collection_start(self, TokenClass: Any) -> None:
         if self.flow_level >= MAX_DEPTH:
@@ -196,22 +206,22 @@ else:  # pragma: no cover - PyYAML's wheels include libyaml; tests run the fallb
 def _scalar(node: yaml.ScalarNode, loader: Any) -> Any:
     line = node.start_mark.line + 1
     if node.tag not in _SCALAR_TAGS:
-        raise YamlError(f"the YAML tag {node.tag.replace(_TAG, '!!')} is not supported here", line)
+        raise YamlError(_tag_words(node.tag), line)
     if node.tag == f"{_TAG}int" and len(node.value) > 40:  # before int() spends time on thousands of digits
-        raise YamlError("integer out of range (at most 64 bits)", line)
+        raise YamlError(tr("integer out of range (at most 64 bits)"), line)
     if node.tag == f"{_TAG}str":  # most values: what PyYAML's constructor would return, without its overhead
         value = node.value
     else:
         try:
             value = loader.construct_object(node, deep=True)
         except (ValueError, OverflowError) as exc:  # dates that do not exist, numbers Python refuses
-            raise YamlError(f"invalid value {node.value[:40]!r}: {exc}", line) from None
+            raise YamlError(tr("invalid value {value}: {why}", value=repr(node.value[:40]), why=exc), line) from None
     if isinstance(value, bool):
         return value
     if isinstance(value, int) and not -_INT64 <= value < _INT64:
-        raise YamlError("integer out of range (at most 64 bits)", line)
+        raise YamlError(tr("integer out of range (at most 64 bits)"), line)
     if isinstance(value, float) and not math.isfinite(value):
-        raise YamlError(f"{node.value[:40]!r} is not a finite number", line)
+        raise YamlError(tr("{value} is not a finite number", value=repr(node.value[:40])), line)
     if isinstance(value, date):
         try:
             check_date_range(value)
@@ -220,14 +230,20 @@ def _scalar(node: yaml.ScalarNode, loader: Any) -> Any:
     if isinstance(value, str):
         bad = _CONTROL.search(value)
         if bad:
-            raise YamlError(f"control character U+{ord(bad.group()):04X} in a value", line)
+            raise YamlError(
+                tr("control character {char} in a value", char="U+" + format(ord(bad.group()), "04X")), line
+            )
     return value
 
 
 def _expands(node: yaml.Node) -> YamlError:
     return YamlError(
-        f"the document expands to more than {MAX_VALUES:,} values or {MAX_CHARS:,} characters (aliases and merge "
-        "keys repeat what their anchors hold)",
+        tr(
+            "the document expands to more than {values} values or {chars} characters (aliases and merge keys repeat "
+            "what their anchors hold)",
+            values=format(MAX_VALUES, ","),
+            chars=format(MAX_CHARS, ","),
+        ),
         node.start_mark.line + 1,
     )
 
@@ -242,7 +258,7 @@ def _weigh(root: yaml.Node, loader: _MergeGuard) -> None:
         known = weights.get(id(node))
         if known is None:
             if depth > MAX_DEPTH:  # also ends an alias that refers to its own anchor
-                raise YamlError(f"nesting deeper than {MAX_DEPTH} levels", node.start_mark.line + 1)
+                raise YamlError(_too_deep_words(), node.start_mark.line + 1)
             values, chars, height = 1, 0, 0
             if isinstance(node, yaml.ScalarNode):
                 chars = len(node.value)
@@ -259,7 +275,7 @@ def _weigh(root: yaml.Node, loader: _MergeGuard) -> None:
             if values > MAX_VALUES or chars > MAX_CHARS:
                 raise _expands(node)
         if depth + known[2] > MAX_DEPTH:
-            raise YamlError(f"nesting deeper than {MAX_DEPTH} levels", node.start_mark.line + 1)
+            raise YamlError(_too_deep_words(), node.start_mark.line + 1)
         return known
 
     weigh(root, 0)
@@ -272,26 +288,22 @@ def _build(node: yaml.Node, path: Path_, lines: dict[Path_, int], loader: Any) -
         return _scalar(node, loader)
     if isinstance(node, yaml.MappingNode):
         if node.tag != f"{_TAG}map":
-            raise YamlError(
-                f"the YAML tag {node.tag.replace(_TAG, '!!')} is not supported here", node.start_mark.line + 1
-            )
+            raise YamlError(_tag_words(node.tag), node.start_mark.line + 1)
         out: dict[Any, Any] = {}
         for key_node, value_node in node.value:
             line = key_node.start_mark.line + 1
             if not isinstance(key_node, yaml.ScalarNode):
-                raise YamlError("mapping keys must be plain values", line)
+                raise YamlError(tr("mapping keys must be plain values"), line)
             key = _scalar(key_node, loader)
             if key in out:
-                raise YamlError(f"duplicate key {key!r}", line)
+                raise YamlError(tr("duplicate key {key}", key=repr(key)), line)
             child: Path_ = (*path, str(key))
             lines[child] = line
             out[key] = _build(value_node, child, lines, loader)
         return out
     if isinstance(node, yaml.SequenceNode):
         if node.tag != f"{_TAG}seq":
-            raise YamlError(
-                f"the YAML tag {node.tag.replace(_TAG, '!!')} is not supported here", node.start_mark.line + 1
-            )
+            raise YamlError(_tag_words(node.tag), node.start_mark.line + 1)
         return [_build(item, (*path, i), lines, loader) for i, item in enumerate(node.value)]
     raise YamlError("unsupported YAML node", node.start_mark.line + 1)  # pragma: no cover - PyYAML has no others
 
@@ -301,31 +313,35 @@ def _syntax_error(exc: yaml.MarkedYAMLError, text: str) -> YamlError:
     mark = exc.problem_mark or exc.context_mark
     problem = str(exc.problem or exc)
     if "maximum nesting depth" in problem:  # libyaml's own limit (1,000 levels), reached before ours is checked
-        return YamlError(f"nesting deeper than {MAX_DEPTH} levels", mark.line + 1 if mark else None)
+        return YamlError(_too_deep_words(), mark.line + 1 if mark else None)
     if exc.context_mark is not None and "quoted scalar" in str(exc.context):
         # An unclosed quote is found at the end of the file; point at where it opened.
-        mark, problem = exc.context_mark, f"unclosed quote ({problem})"
+        mark, problem = exc.context_mark, tr("unclosed quote ({problem})", problem=problem)
     elif problem == "found character that cannot start any token" and mark is not None:
         lines = text.splitlines()  # libyaml does not say which character (PyYAML does)
         if mark.line < len(lines) and mark.column < len(lines[mark.line]):
-            problem = f"found character {lines[mark.line][mark.column]!r} that cannot start any token"
-    return YamlError(f"invalid YAML: {problem}", mark.line + 1 if mark else None)
+            problem = tr("found character {char} that cannot start any token", char=repr(lines[mark.line][mark.column]))
+    return YamlError(tr("invalid YAML: {problem}", problem=problem), mark.line + 1 if mark else None)
 
 
 def load(text: str, file: str) -> tuple[Any, Lines]:
     """Parse one YAML document, keeping the line of every field. Raises YamlError."""
     lines: dict[Path_, int] = {}
     if len(text) > MAX_BYTES or len(text.encode("utf-8")) > MAX_BYTES:
-        raise YamlError(f"the YAML text is larger than {MAX_BYTES // 1024} KiB", None)
+        raise YamlError(tr("the YAML text is larger than {size} KiB", size=MAX_BYTES // 1024), None)
     bad = _CONTROL.search(text)
     if bad:
         at = text.count("\n", 0, bad.start()) + 1
-        raise YamlError(f"control character U+{ord(bad.group()):04X} is not allowed in YAML text", at)
+        raise YamlError(
+            tr("control character {char} is not allowed in YAML text", char="U+" + format(ord(bad.group()), "04X")), at
+        )
     try:
         loader: Any = LOADER(text)  # type: ignore[call-arg]
     except yaml.reader.ReaderError as exc:  # the reader rejects other unprintable characters before parsing
         at = text.count("\n", 0, exc.position) + 1
-        raise YamlError(f"invalid YAML: character #x{exc.character:04x} is not allowed", at) from None
+        raise YamlError(
+            tr("invalid YAML: character {char} is not allowed", char="#x" + format(exc.character, "04x")), at
+        ) from None
     try:
         node = loader.get_single_node()
         if node is None:
@@ -335,9 +351,9 @@ def load(text: str, file: str) -> tuple[Any, Lines]:
     except yaml.MarkedYAMLError as exc:
         raise _syntax_error(exc, text) from None
     except yaml.YAMLError as exc:
-        raise YamlError(f"invalid YAML: {exc}", None) from None
+        raise YamlError(tr("invalid YAML: {problem}", problem=exc), None) from None
     except RecursionError:  # pragma: no cover - MAX_DEPTH keeps every recursion well inside Python's limit
-        raise YamlError(f"nesting deeper than {MAX_DEPTH} levels", None) from None
+        raise YamlError(_too_deep_words(), None) from None
     finally:
         loader.dispose()
     return data, Lines(file, lines)
@@ -360,8 +376,44 @@ def describe_pydantic_error(err: dict[str, Any], reference: Reference = Referenc
     if kind == "missing":
         return tr("required field is missing")
     msg = str(err.get("msg", "invalid value"))
-    return msg.removeprefix("Value error, ")
+    known = _PYDANTIC_WORDS.get(kind)
+    if known is not None:
+        words, keys = known
+        ctx = err.get("ctx") or {}
+        fields = {name: ctx[key] for name, key in keys.items() if key in ctx}
+        if len(fields) == len(keys) and words.format(**fields) == msg:  # the English is pydantic's, word for word
+            return tr(words, **fields)
+    return msg.removeprefix("Value error, ")  # a validator's own reason: already in the reader's language
 
+
+# pydantic's messages for the mistakes people make in a file, as catalog entries (the English msgid is pydantic's
+# own text, so English output is unchanged; a message that reads otherwise, in another pydantic version, stays
+# pydantic's): the type, the words, and which of the words' fields come from which key of the error's ctx.
+_PYDANTIC_WORDS: dict[str, tuple[str, dict[str, str]]] = {
+    "finite_number": (N_("Input should be a finite number"), {}),
+    "int_parsing": (N_("Input should be a valid integer, unable to parse string as an integer"), {}),
+    "int_type": (N_("Input should be a valid integer"), {}),
+    "int_from_float": (N_("Input should be a valid integer, got a number with a fractional part"), {}),
+    "float_parsing": (N_("Input should be a valid number, unable to parse string as a number"), {}),
+    "float_type": (N_("Input should be a valid number"), {}),
+    "bool_parsing": (N_("Input should be a valid boolean, unable to interpret input"), {}),
+    "bool_type": (N_("Input should be a valid boolean"), {}),
+    "string_type": (N_("Input should be a valid string"), {}),
+    "list_type": (N_("Input should be a valid list"), {}),
+    "dict_type": (N_("Input should be a valid dictionary"), {}),
+    "literal_error": (N_("Input should be {expected}"), {"expected": "expected"}),
+    "enum": (N_("Input should be {expected}"), {"expected": "expected"}),
+    "less_than_equal": (N_("Input should be less than or equal to {n}"), {"n": "le"}),
+    "less_than": (N_("Input should be less than {n}"), {"n": "lt"}),
+    "greater_than_equal": (N_("Input should be greater than or equal to {n}"), {"n": "ge"}),
+    "greater_than": (N_("Input should be greater than {n}"), {"n": "gt"}),
+    "string_too_long": (N_("String should have at most {n} characters"), {"n": "max_length"}),
+    "string_too_short": (N_("String should have at least {n} characters"), {"n": "min_length"}),
+    "too_long": (
+        N_("List should have at most {n} items after validation, not {found}"),
+        {"n": "max_length", "found": "actual_length"},
+    ),
+}
 
 _SCALAR_BRANCHES = frozenset({"bool", "int", "float", "str", "none"})
 

@@ -137,6 +137,31 @@ def _contacts(path: Path) -> str | None:
     return None if text == case["text"] else f"rendered {text!r}, expected {case['text']!r} ({result.missing})"
 
 
+def first_error_line(kind: str, name: str) -> str | None:
+    """The first line of the error the case file tests/cases/hostile/<kind>/<name> ends in (None: no error), in the
+    current language: for checking the words, where `run_file` checks the outcome."""
+    from datetime import UTC, datetime
+
+    from engine.errors import CampaignError, ConfigError, Location, TemplateError
+    from engine.render import compile_template, render_all
+    from engine.settings import Settings, load_settings
+    from engine.spec import load_campaign
+
+    path = HOSTILE / kind / name
+    try:
+        if kind == "campaigns":
+            load_campaign(path, Settings(version=1, campaigns_dir=path.parent))
+        elif kind == "config":
+            load_settings(path)
+        else:
+            template = compile_template(path.read_text(encoding="utf-8"), Location(str(path), 1, "message.template"))
+            person = {"id": "c1", "name": "王芳", "gender": 2, "city": "上海", "tags_named": ("VIP",)}
+            render_all(template, [person], campaign={"id": "h", "name": "h"}, now=datetime(2026, 1, 1, tzinfo=UTC))
+    except (CampaignError, ConfigError, TemplateError) as exc:
+        return str(exc).splitlines()[0]
+    return None
+
+
 def run_file(kind: str, name: str, yaml_loader: str = "libyaml") -> Outcome:
     """Run the case file tests/cases/hostile/<kind>/<name>; `yaml_loader="python"`: with PyYAML's pure-Python
     loader, the fallback for a PyYAML built without libyaml."""

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -97,6 +98,26 @@ def test_hostile_file(child: Child, kind: str, name: str) -> None:
 
 
 YAML_CASES = [(kind, name) for kind, name in FILE_CASES if kind in ("campaigns", "config")]
+
+
+CJK = re.compile(r"[\u4e00-\u9fff]")
+
+
+@pytest.mark.parametrize(("kind", "name"), [c for c in FILE_CASES if c[0] != "contacts"])
+def test_hostile_file_errors_speak_chinese(kind: str, name: str) -> None:
+    """Every refusal of a hostile file (YAML guards, file checks, template bounds) says why in Chinese under zh,
+    after the same `file:line: field:` prefix as in English (the English words are tested by the cases above)."""
+    from engine.i18n import Language, use_language
+
+    with use_language(Language.EN):
+        english = hostile_runner.first_error_line(kind, name)
+    with use_language(Language.ZH):
+        chinese = hostile_runner.first_error_line(kind, name)
+    assert english is not None and chinese is not None
+    where = english.split(": ")[0]  # file:line
+    assert chinese.startswith(where + ": "), (english, chinese)
+    reason = chinese.removeprefix(str(HOSTILE / kind / name))
+    assert CJK.search(reason), chinese
 
 
 @pytest.mark.parametrize(("kind", "name"), YAML_CASES, ids=[f"{k}/{n}" for k, n in YAML_CASES])
