@@ -263,6 +263,16 @@ async def test_discovery_not_found_and_unreachable(make_gateway: Factory) -> Non
         with pytest.raises(TransientError) as unreachable:
             await make_gateway(settings_for(None, discovery_authorities=["a.example"]), client)
     assert TOKEN not in str(unreachable.value)
+    assert "workpro.endpoint" in str(unreachable.value)  # the way around it, named
+    # A discovery service that is down or busy says nothing about the token: transient, never "not registered"
+    # (wechaty-token retries 5xx; only a 4xx or 0.0.0.0 / port 0 means not found).
+    busy: dict[str, tuple[int, Any]] = {"a.example": (503, {"error": "busy"}), "b.example": (429, {})}
+    async with discovery(busy, seen) as client:
+        with pytest.raises(TransientError) as down_answer:
+            await make_gateway(settings_for(None, discovery_authorities=list(busy)), client)
+    text = str(down_answer.value)
+    assert "HTTP 503" in text and "HTTP 429" in text and "workpro.endpoint" in text
+    assert TOKEN not in text
 
 
 async def test_explicit_endpoint_skips_discovery(make_fake: Factory, make_gateway: Factory) -> None:
@@ -472,6 +482,69 @@ async def test_reconnect_does_not_need_seq(make_fake: Factory, make_gateway: Fac
     assert fake.event_requests[1] == (0, SELF_ID)
     await until(lambda: fake._stream is not None)
     assert (await gateway.login_status()).logged_in
+
+
+async def test_a_silent_stream_is_given_up_and_reopened(make_fake: Factory, make_gateway: Factory) -> None:
+    """A stream that stays open but delivers nothing (a connection a NAT forgot, no reset) is given up after
+    three Ding intervals without an event, as juzi's client's watchdog does, and re-opened: the login holds and
+    the customers' new messages arrive again."""
+    fake = await make_fake()
+    gateway = await make_gateway(settings_for(fake, ding_interval=timedelta(seconds=0.2)))
+    await login(gateway, fake)
+    customer = fake.contact_ids()[0]
+    fake.stall_event_stream()
+    fake.incoming_message(customer, "lost with the dead connection")
+    await until(lambda: len(fake.event_requests) >= 2 and fake._stream is not None)
+    lost = [e for e in kinds(gateway, EventKind.CONNECTION) if e.data.get("state") == "reconnecting"]
+    assert lost and "no event for 0.6 s" in lost[0].message
+    await until(lambda: gateway._stream_up)
+    assert (await gateway.login_status()).logged_in
+    assert len(kinds(gateway, EventKind.LOGIN)) == 1
+    fake.incoming_message(customer, "在吗")
+    await until(lambda: any(e.data.get("text") == "在吗" for e in kinds(gateway, EventKind.MESSAGE)))
+
+
+async def test_the_resume_point_is_forgotten_after_a_logout(make_fake: Factory, make_gateway: Factory) -> None:
+    """juzi's client resumes the stream with the last seq and account, but forgets both on LOGOUT (and a seq
+    older than 2 minutes): after a logout the gateway asks for no account's cached events."""
+    fake = await make_fake()
+    gateway = await make_gateway(settings_for(fake))
+    await login(gateway, fake)
+    gateway._last_event_at -= 600  # the last event was 10 minutes ago: its seq is not worth asking for
+    fake.drop_event_stream()
+    await until(lambda: len(fake.event_requests) == 2 and gateway._stream_up)
+    assert fake.event_requests[1] == (0, SELF_ID)
+    await until(lambda: gateway._last_seq > 0)  # the replayed events carry fresh seqs
+    await gateway.logout()
+    fake.drop_event_stream()
+    await until(lambda: len(fake.event_requests) == 3)
+    assert fake.event_requests[2][1] == ""
+
+
+async def test_a_send_cut_by_a_server_restart_is_unknown_and_never_resent(
+    make_fake: Factory, make_gateway: Factory
+) -> None:
+    """The puppet service restarts while a send is in flight: the message was delivered, so the send is an
+    unknown outcome (never retried blindly); sends while it is down never left (transient); once it is back the
+    gateway reconnects, starts the account again and is still logged in, and the next send goes out once."""
+    fake = await make_fake()
+    gateway = await make_gateway(settings_for(fake))
+    await login(gateway, fake)
+    customer = fake.contact_ids()[0]
+    fake.send_delay = 2.0
+    send = asyncio.create_task(gateway.send_text(customer, "周年庆通知", idempotency_key="d1"))
+    await until(lambda: len(fake.sends) == 1)
+    await fake._server.stop(grace=0)  # the service goes down with the send in flight ...
+    with pytest.raises(UnknownOutcomeError):
+        await send
+    with pytest.raises(TransientError):  # ... and nothing is listening for a moment
+        await gateway.send_text(customer, "second", idempotency_key="d2")
+    fake.send_delay = 0.0
+    await fake.restart()  # ... then it is back, its event seq starting again
+    await until(lambda: fake.running and gateway._stream_up, timeout=10)
+    assert (await gateway.login_status()).logged_in
+    await gateway.send_text(customer, "second", idempotency_key="d2")
+    assert [s.text for s in fake.sent_to(customer)] == ["周年庆通知", "second"]
 
 
 # -- contacts ---------------------------------------------------------------------------------------

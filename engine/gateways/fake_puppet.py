@@ -6,11 +6,12 @@ WeCom QR URL, the phone's scan, the VERIFY_CODE event whose id is the QR key, En
 tries, LOGIN, READY (twice), WeCom's optional "new device" second QR, Logout, a deterministic Chinese
 contact book with tags and tag groups, and sends of every part kind recorded in memory (`sends`: text, images
 and files decoded from their FileBox, link and mini-program cards). Faults are switched on through a Python
-control API (`drop_event_stream`, `fail_sends`, `throttle_sends`, `refuse_parts`, `send_delay`, `batch_mode`);
-sends a fault refused are kept in `rejected`. Customers act through it too, with the events the real server
-pushes: `incoming_message` (MESSAGE, then MessagePayload), `add_contact` / `remove_contact` (FRIENDSHIP, then
-FriendshipPayload), `tag` / `touch_contact` (DIRTY); `deliver=False` loses the event, as a broken stream would.
-Tags are created with TagGroupAdd / TagTagAdd and put on with TagContactTagAdd / Remove.
+control API (`drop_event_stream`, `stall_event_stream`, `restart`, `fail_sends`, `throttle_sends`,
+`refuse_parts`, `send_delay`, `batch_mode`); sends a fault refused are kept in `rejected`. Customers act
+through it too, with the events the real server pushes: `incoming_message` (MESSAGE, then MessagePayload),
+`add_contact` / `remove_contact` (FRIENDSHIP, then FriendshipPayload), `tag` / `touch_contact` (DIRTY);
+`deliver=False` loses the event, as a broken stream would. Tags are created with TagGroupAdd / TagTagAdd and
+put on with TagContactTagAdd / Remove.
 
 Tests drive it in-process. As a manual demo:
 
@@ -326,6 +327,30 @@ class FakePuppet(pb_grpc.PuppetServicer):  # type: ignore[misc]
         self.phase = "waiting_code"
         self.emit(pb.EVENT_TYPE_VERIFY_CODE, {"id": self.qr_key, "scene": 1, "status": 1, "message": VERIFY_TEXT})
 
+    def stall_event_stream(self) -> None:
+        """The open Event stream goes silent without ending, as when a NAT or proxy forgets the connection: nothing
+        more is delivered on it (events are lost) until the client gives up on it and opens a new one."""
+        if self._stream is not None:
+            self._stream.put_nowait("stall")
+
+    async def restart(self, *, keep_login: bool = True) -> None:
+        """The puppet service restarts on the same port: every call in flight fails, the stream ends, the event seq
+        starts again at 1, and the account must be started again (`Start`); it stays logged in with `keep_login`
+        (WorkPro keeps the WeCom session behind the service), else it shows a new QR once started."""
+        port = self.port
+        for task in list(self._tasks):
+            task.cancel()
+        if self._server is not None:
+            await self._server.stop(grace=0)
+        self._stream = None
+        self._seq = 0
+        self.running = False
+        if not keep_login:
+            self.logged_in = False
+            self.phase = "idle"
+            self._cached_scan = None
+        await self.start(port=port)
+
     def drop_event_stream(self) -> None:
         """Break the open Event stream the way a network reset does (the client sees UNAVAILABLE)."""
         if self._stream is not None:
@@ -553,6 +578,8 @@ class FakePuppet(pb_grpc.PuppetServicer):  # type: ignore[misc]
                 event = await queue.get()
                 if event == "drop":  # what a client sees when a proxy or the network resets the stream
                     await context.abort(grpc.StatusCode.UNAVAILABLE, "Stream removed")
+                if event == "stall":  # open, silent, until the client cancels it (GeneratorExit / CancelledError)
+                    await asyncio.Event().wait()
                 if isinstance(event, str):  # Stop: the real server ends the stream with OK
                     return
                 yield event

@@ -85,6 +85,8 @@ BATCH_CONCURRENCY = 4  # BatchContactPayload chunks in flight at once
 FIRST_EVENT_WAIT = 5.0  # juzi's client waits this long for the stream's first message
 ACCOUNT_NAME_WAIT = 5.0  # how long a login answer waits for the account's own name
 SENT_IDS_KEPT = 10_000  # ids of our own recent sends, whose MESSAGE echo needs no lookup
+DINGS_PER_IDLE_LIMIT = 3  # the event stream is given up as dead after this many Ding intervals without an event
+EVENT_CACHE_MAX_AGE = 120.0  # seconds: a resume seq older than this is not sent (juzi's client: timeoutSeconds=2 min)
 
 
 class _RedactSecrets(logging.Filter):
@@ -161,7 +163,10 @@ class WorkproGateway(Gateway):
         self._fatal: GatewayError | None = None  # the server rejected us; reconnecting will not help
         self._connects = 0
         self._last_seq = 0
+        self._last_event_at = 0.0  # loop time of the last event that carried a seq
         self._resume_account = ""
+        # No event at all for this long (the server answers each Ding with a DONG) means the stream is dead.
+        self.stream_idle_timeout = DINGS_PER_IDLE_LIMIT * settings.ding_interval.total_seconds()
         self.last_dong: datetime | None = None
         self._login = LoginMachine()
         self._name_task: asyncio.Task[None] | None = None  # looking up the account's own name after LOGIN
@@ -284,6 +289,13 @@ class WorkproGateway(Gateway):
                     problems.append(f"{host}: {type(exc).__name__}")
                     log.warning("workpro discovery: %s unreachable (%s)", host, type(exc).__name__)
                     continue
+                if response.status_code >= 500 or response.status_code == 429:
+                    # wechaty-token's discover() retries these: the service is down or busy, which says nothing
+                    # about the token (only a 4xx, or 0.0.0.0 / port 0, means "not registered here").
+                    unreachable += 1
+                    problems.append(f"{host}: HTTP {response.status_code}")
+                    log.warning("workpro discovery: %s answered HTTP %s", host, response.status_code)
+                    continue
                 endpoint = self._discovery_answer(response)
                 if endpoint:
                     log.info("workpro discovery: %s resolved the token to %s", host, endpoint)
@@ -295,10 +307,14 @@ class WorkproGateway(Gateway):
                 await client.aclose()
         tried = "; ".join(problems) or "no discovery_authorities configured"
         if problems and unreachable == len(problems):
-            raise TransientError(f"cannot reach any WorkPro discovery service ({tried})")
+            raise TransientError(
+                f"cannot reach any WorkPro discovery service ({tried}); set workpro.endpoint to the puppet's "
+                "host:port to connect without discovery, or check workpro.discovery_authorities"
+            )
         raise PermanentError(
-            f"the WorkPro token is not registered with any discovery service ({tried}); "
-            "check workpro.token, or set workpro.endpoint to host:port"
+            f"the WorkPro token is not registered with any discovery service ({tried}); check workpro.token and "
+            "workpro.discovery_authorities (juzi names each token's discovery host), or set workpro.endpoint "
+            "to host:port"
         )
 
     @staticmethod
@@ -325,11 +341,26 @@ class WorkproGateway(Gateway):
         """Consume the Event stream for as long as the gateway lives, re-opening it when it drops."""
         attempt = 0
         while not self._closing:
-            request = pb.EventRequest(seq=self._last_seq, account_id=self._resume_account)
+            request = pb.EventRequest(seq=self._resume_seq(), account_id=self._resume_account)
             reason = "the puppet ended the event stream"
+            call: Any = None
             try:
                 call = self._stub.Event(request, metadata=self._metadata)
-                async for response in call:
+                while True:
+                    try:
+                        async with asyncio.timeout(self.stream_idle_timeout):
+                            response = await call.read()
+                    except TimeoutError:
+                        # A connection that died without a reset (a NAT or proxy dropping it) leaves the stream
+                        # open and silent for ever. Ding is answered by a DONG on this stream, so this long with
+                        # no event at all means the stream is dead: juzi's client resets it the same way
+                        # (wechaty-puppet src/agents/watchdog-agent.ts: no `heartbeat` for 60 s -> reset(); the
+                        # client turns every event into a heartbeat, wechaty-puppet-service puppet-service.ts).
+                        reason = f"no event for {self.stream_idle_timeout:g} s, not even the DONG answering Ding"
+                        log.warning("workpro: %s; re-opening the event stream", reason)
+                        break
+                    if response is grpc.aio.EOF:
+                        break
                     if not self._stream_up:
                         self._on_stream_up()
                         attempt = 0
@@ -355,6 +386,9 @@ class WorkproGateway(Gateway):
             except Exception as exc:  # never let the event task die: it is the gateway's lifeline
                 log.exception("workpro: event stream failed")
                 reason = f"{type(exc).__name__} in the event stream"
+            finally:
+                if call is not None and not call.done():
+                    call.cancel()  # a stream we gave up on: tell the server, so it frees the token's one stream
             was_up = self._stream_up
             self._stream_up = False
             self._changed()
@@ -375,6 +409,20 @@ class WorkproGateway(Gateway):
             else:
                 log.info("workpro: reconnect attempt %d failed (%s); next in %.1fs", attempt, reason, delay)
             await self.clock.sleep(delay)
+
+    def _resume_seq(self) -> int:
+        """The seq to resume the stream from: the last one seen, unless it is older than the server's event cache
+        is worth (juzi's client then asks for none: "will not request event cache", puppet-service.ts
+        getMiscellaneousStoreData)."""
+        if self._last_seq and asyncio.get_running_loop().time() - self._last_event_at > EVENT_CACHE_MAX_AGE:
+            return 0
+        return self._last_seq
+
+    def _forget_resume_point(self) -> None:
+        """A logout, or another account logging in: the saved seq and account belong to a session that is over
+        (juzi's client resets its event cache then: puppet-service.ts resetMiscellaneousStoreData)."""
+        self._last_seq = 0
+        self._resume_account = ""
 
     def _on_stream_up(self) -> None:
         self._connects += 1
@@ -454,6 +502,8 @@ class WorkproGateway(Gateway):
         for item in emits:
             if item.kind in (EventKind.LOGIN, EventKind.LOGOUT):
                 self._contact_ids = None
+            if item.kind is EventKind.LOGOUT:
+                self._forget_resume_point()
             self.emit(item.kind, item.message, **item.data)
         self._changed()
 
@@ -461,6 +511,7 @@ class WorkproGateway(Gateway):
         kind = int(response.type)
         if response.seq:
             self._last_seq = response.seq
+            self._last_event_at = asyncio.get_running_loop().time()
         payload = payloads.parse_payload(response.payload)
         if kind == pb.EVENT_TYPE_HEARTBEAT:
             log.debug("workpro: heartbeat %s", payload.get("data", ""))
@@ -550,6 +601,8 @@ class WorkproGateway(Gateway):
         emits = self._login.on_login(account_id)
         if not emits:
             return  # replayed on reconnect
+        if self._resume_account and self._login.account_id != self._resume_account:
+            self._last_seq = 0  # another account's events: the old seq means nothing to it
         self._resume_account = self._login.account_id or ""
         self._apply(emits)
         if self._login.account_id:

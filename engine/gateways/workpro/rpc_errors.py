@@ -68,6 +68,8 @@ AFTER_SEND_MARKERS = (
     "broken pipe",
     "stream closed",
     "end of tcp stream",
+    "cancelling all calls",  # the server shut down with the call in flight (gRPC's own server-stop text)
+    "keepalive watchdog timeout",  # the connection was found dead mid-call
 )
 BEFORE_SEND_MARKERS = (
     "failed to connect",
