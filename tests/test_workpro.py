@@ -382,6 +382,18 @@ async def test_too_many_tries_message(make_fake: Factory, make_gateway: Factory)
     assert final.value.tries_left == 0
 
 
+async def test_a_slider_check_is_reported(make_fake: Factory, make_gateway: Factory) -> None:
+    """VERIFY_SLIDE after the scan (no RPC answers it): the login status and an ERROR event say so at once."""
+    fake = await make_fake()
+    gateway = await make_gateway(settings_for(fake))
+    await gateway.start_login()
+    await fake.scan()
+    fake.ask_slider()
+    await until(lambda: bool(kinds(gateway, EventKind.ERROR)))
+    assert kinds(gateway, EventKind.ERROR)[0].data == {"verify_slide": True}
+    assert "slider" in (await gateway.login_status()).message
+
+
 async def test_second_verification_qr(make_fake: Factory, make_gateway: Factory) -> None:
     """After login WeCom may log out with the new-device text and show a secondaryEquipment QR; scanning it
     logs in again."""

@@ -89,7 +89,14 @@ CASES: list[tuple[grpc.StatusCode, str, str, bool, Failure, type[GatewayError]]]
     (C.UNAVAILABLE, "", "MessageSendText", True, Failure.UNAVAILABLE, TransientError),
     (C.CANCELLED, "Cancelled", "MessageSendMiniProgram", True, Failure.CANCELLED, UnknownOutcomeError),
     (C.CANCELLED, "Cancelled", "TagTagList", False, Failure.CANCELLED, TransientError),
-    (C.ALREADY_EXISTS, "Event stream already exists", "Event", False, Failure.STREAM_TAKEN, TransientError),
+    (
+        C.ALREADY_EXISTS,
+        "GrpcServerImpl.event() can not call twice.",
+        "Event",
+        False,
+        Failure.STREAM_TAKEN,
+        TransientError,
+    ),
     (C.ALREADY_EXISTS, "tag already exists", "TagTagAdd", True, Failure.REFUSED, PermanentError),
     (C.UNIMPLEMENTED, "Method not found!", "BatchContactPayload", False, Failure.UNSUPPORTED, PermanentError),
     (

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from engine.gateways.base import EventKind, LoginState
 from engine.gateways.workpro.login import CODE_ACCEPTED, VERIFY_TRIES, Emit, LoginMachine
-from engine.gateways.workpro.payloads import ScanEvent, VerifyCodeEvent
+from engine.gateways.workpro.payloads import ScanEvent, VerifyCodeEvent, VerifySlideEvent
 
 URL = "https://wx.work.weixin.qq.com/cgi-bin/crtx_auth?key={key}&wx=1"
 NEW_DEVICE = "你正在一台新设备上使用企业微信，需通过手机企业微信扫码进行安全验证"
@@ -90,7 +90,11 @@ def test_wrong_codes_count_down_and_a_new_qr_resets() -> None:
 def test_replays_change_nothing() -> None:
     """The cached SCAN replayed on reconnect while a code is pending, and a replayed LOGIN, emit nothing."""
     machine = LoginMachine()
-    at_code(machine)
+    machine.on_scan(qr("AB"))
+    assert machine.on_scan(qr("AB")) == []  # the stream re-opened while the QR shows: no second QR event
+    assert machine.status().state is LoginState.WAITING_SCAN
+    machine.on_scan(ScanEvent(status=3))
+    machine.on_verify_code(VerifyCodeEvent(id="AB"))
     assert machine.on_scan(qr("AB")) == []
     assert machine.status().state is LoginState.WAITING_VERIFY_CODE
     machine.on_login(ACCOUNT)
@@ -118,9 +122,39 @@ def test_qr_while_logged_in_ends_the_session() -> None:
     """A QR arriving while logged in means the session is over: logged out, the new QR showing."""
     machine = LoginMachine()
     machine.on_login(ACCOUNT)
-    machine.on_scan(qr("IJ"))
+    emits = machine.on_scan(qr("IJ"))
+    assert kinds(emits) == [EventKind.LOGOUT, EventKind.QR]  # the engine learns the session is over
+    assert emits[0].data == {} and "new QR" in emits[0].message
     status = machine.status()
     assert (status.state, status.account_id, status.qrcode_key) == (LoginState.WAITING_SCAN, None, "IJ")
+
+
+def test_a_code_for_another_qr_or_scene_is_ignored() -> None:
+    """juzi's demo acts on VERIFY_CODE only for scene LOGIN and the latest QR's key: a code for a dead key (a
+    SCAN replayed after a reconnect) or another scene leaves the live QR and its key alone."""
+    machine = LoginMachine()
+    machine.on_scan(qr("NEW"))
+    machine.on_scan(ScanEvent(status=3))
+    assert machine.on_verify_code(VerifyCodeEvent(id="OLD", scene=1)) == []
+    assert machine.on_verify_code(VerifyCodeEvent(id="NEW", scene=7)) == []
+    assert machine.on_verify_code(VerifyCodeEvent(id="OLD", status=2)) == []  # another QR's expiry
+    assert machine.status().state is LoginState.SCANNED
+    assert kinds(machine.on_verify_code(VerifyCodeEvent(id="NEW", scene=1))) == [EventKind.VERIFY_CODE]
+    assert machine.code_key() == "NEW"
+
+
+def test_a_slider_check_is_said_not_waited_for() -> None:
+    """VERIFY_SLIDE (WeCom's slider puzzle) has no answering RPC: the status says so at once, with an ERROR
+    event, instead of waiting for a LOGIN that cannot come; its expiry logs out. Ignored once logged in."""
+    machine = LoginMachine()
+    machine.on_scan(qr("AB"))
+    emits = machine.on_verify_slide(VerifySlideEvent(status=1, scene=1))
+    assert kinds(emits) == [EventKind.ERROR] and emits[0].data == {"verify_slide": True}
+    assert "slider" in machine.status().message
+    assert kinds(machine.on_verify_slide(VerifySlideEvent(status=2, scene=1))) == [EventKind.ERROR]
+    assert machine.status().state is LoginState.LOGGED_OUT
+    machine.on_login(ACCOUNT)
+    assert machine.on_verify_slide(VerifySlideEvent(status=1, scene=1)) == []
 
 
 def test_expiry_and_session_loss() -> None:

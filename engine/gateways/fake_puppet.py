@@ -327,6 +327,19 @@ class FakePuppet(pb_grpc.PuppetServicer):  # type: ignore[misc]
         self.phase = "waiting_code"
         self.emit(pb.EVENT_TYPE_VERIFY_CODE, {"id": self.qr_key, "scene": 1, "status": 1, "message": VERIFY_TEXT})
 
+    def ask_slider(self) -> None:
+        """WeCom wants its slider puzzle solved before this login: VERIFY_SLIDE(34) with juzi's payload shape
+        (juzibot/wechaty-puppet src/schemas/event.ts EventVerifySlidePayload). No RPC answers it."""
+        self.emit(
+            pb.EVENT_TYPE_VERIFY_SLIDE,
+            {
+                "scene": 1,
+                "status": 1,
+                "sliderVerifyEncrypt": f"enc-{self.qr_key}",
+                "sliderExeUrl": "https://wx.work.weixin.qq.com/slider/verify.exe",
+            },
+        )
+
     def stall_event_stream(self) -> None:
         """The open Event stream goes silent without ending, as when a NAT or proxy forgets the connection: nothing
         more is delivered on it (events are lost) until the client gives up on it and opens a new one."""
@@ -560,7 +573,8 @@ class FakePuppet(pb_grpc.PuppetServicer):  # type: ignore[misc]
         self, request: pb.EventRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.EventResponse]:
         if self._stream is not None:
-            await context.abort(grpc.StatusCode.ALREADY_EXISTS, "Event stream already exists")
+            # juzi's PuppetServer: "GrpcServerImpl.event() can not call twice." (puppet-implementation.ts event)
+            await context.abort(grpc.StatusCode.ALREADY_EXISTS, "GrpcServerImpl.event() can not call twice.")
         self.event_requests.append((request.seq, request.account_id))
         queue: asyncio.Queue[pb.EventResponse | str] = asyncio.Queue()
         self._stream = queue

@@ -530,6 +530,10 @@ class WorkproGateway(Gateway):
                 verify.id == self._login.qr_key,
             )
             self._apply(self._login.on_verify_code(verify))
+        elif kind == pb.EVENT_TYPE_VERIFY_SLIDE:
+            slide = payloads.parse_verify_slide(payload)
+            log.warning("workpro: verify-slide status=%s scene=%s", slide.status, slide.scene)
+            self._apply(self._login.on_verify_slide(slide))
         elif kind == pb.EVENT_TYPE_LOGIN:
             self._on_login(payloads.parse_login(payload))
         elif kind == pb.EVENT_TYPE_READY:

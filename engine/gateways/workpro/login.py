@@ -24,10 +24,14 @@ from engine.gateways.workpro.payloads import (
     SCAN_IDLE,
     SCAN_SCANNED,
     SCAN_TIMEOUT,
+    SCENE_LOGIN,
+    SCENE_UNKNOWN,
     VERIFY_EXPIRED,
+    VERIFY_WAITING,
     VERIFY_WRONG,
     ScanEvent,
     VerifyCodeEvent,
+    VerifySlideEvent,
 )
 from engine.gateways.workpro.rpc_errors import NEW_DEVICE_MARKERS
 
@@ -41,6 +45,11 @@ SECURITY_NEXT = (
 SCANNED = "scanned; confirm the login on the phone"
 ENTER_CODE = "enter the verification code shown by WeCom on the phone"
 CODE_ACCEPTED = "code accepted; waiting for WeCom to log in"
+SLIDER = (
+    "WeCom asks for a slider check before this login (VERIFY_SLIDE); WorkPro's gRPC service has no call to "
+    "answer it, so wecast cannot: wait a few minutes and start the login again, or ask juzi's support"
+)
+SLIDER_EXPIRED = "the slider check expired; start the login again"
 
 
 @dataclass(frozen=True)
@@ -115,18 +124,22 @@ class LoginMachine:
 
     def _show_qr(self, event: ScanEvent) -> list[Emit]:
         key = event.key
-        if key and key == self.qr_key and self.state in (LoginState.SCANNED, LoginState.WAITING_VERIFY_CODE):
+        if (
+            key
+            and key == self.qr_key
+            and self.state in (LoginState.WAITING_SCAN, LoginState.SCANNED, LoginState.WAITING_VERIFY_CODE)
+        ):
             return []  # the server replays its cached SCAN on every reconnect: not a new QR
         second = event.verification or self.expect_second
         self.expect_second = False
-        if self.logged_in:  # a QR while logged in: the session has ended
-            self._logged_out("")
+        # A QR while logged in: the session has ended, though no LOGOUT said so (it was lost with a stream).
+        emits = self.session_lost("WorkPro shows a new QR code: the session has ended")
         if key != self.qr_key:
             self.tries_left = VERIFY_TRIES
         self.state = LoginState.WAITING_SCAN
         self.qr_url, self.qr_key, self.verify_id, self.second = event.url, key, None, second
         self.message = SECURITY_QR if second else SCAN_QR
-        emits = [
+        emits += [
             Emit(
                 EventKind.QR,
                 self.message,
@@ -138,6 +151,11 @@ class LoginMachine:
         return emits
 
     def on_verify_code(self, event: VerifyCodeEvent) -> list[Emit]:
+        if event.scene not in (SCENE_UNKNOWN, SCENE_LOGIN) or (event.id and self.qr_key and event.id != self.qr_key):
+            # Not about the QR showing: juzi's demo acts only on scene LOGIN and id == the latest QR's key
+            # (RPAChat/workpro-getting-started latest-features index.ts); after a reconnect the server may still
+            # replay an older SCAN, and a code for its dead key must not replace the live one.
+            return []
         verify_id = event.id or self.qr_key
         if event.status == VERIFY_EXPIRED:
             self.state = LoginState.LOGGED_OUT
@@ -154,6 +172,20 @@ class LoginMachine:
             self.tries_left = VERIFY_TRIES
         self.message = event.message or ENTER_CODE
         return [Emit(EventKind.VERIFY_CODE, self.message, {"qrcode_key": verify_id})]
+
+    def on_verify_slide(self, event: VerifySlideEvent) -> list[Emit]:
+        """VERIFY_SLIDE: a challenge wecast cannot answer, said so instead of waiting silently for a LOGIN."""
+        if self.logged_in or event.scene not in (SCENE_UNKNOWN, SCENE_LOGIN):
+            return []
+        if event.status == VERIFY_EXPIRED:
+            self.state = LoginState.LOGGED_OUT
+            self.qr_url = self.qr_key = self.verify_id = None
+            self.message = SLIDER_EXPIRED
+            return [Emit(EventKind.ERROR, self.message, {"verify_slide": True})]
+        if event.status != VERIFY_WAITING:
+            return []
+        self.message = SLIDER
+        return [Emit(EventKind.ERROR, self.message, {"verify_slide": True})]
 
     def on_login(self, account_id: str) -> list[Emit]:
         """LOGIN: logged in as `account_id`. A replay (same account, or none named) changes nothing."""

@@ -22,8 +22,10 @@ log = logging.getLogger("wecast.gateway.workpro")
 # ScanStatus (juzi/wechaty-puppet src/schemas/event.ts)
 SCAN_UNKNOWN, SCAN_CANCEL, SCAN_WAITING, SCAN_SCANNED, SCAN_CONFIRMED, SCAN_TIMEOUT, SCAN_IDLE = range(7)
 SCAN_TYPE_VERIFY = 2  # ScanType.Verify (UNCERTAIN whether WorkPro fills `type`)
-# VerifyCodeStatus
+# VerifyCodeStatus (src/schemas/verify-code.ts); VerifySlideStatus (verify-slide.ts) shares 1 and 2
 VERIFY_WAITING, VERIFY_EXPIRED, VERIFY_WRONG = 1, 2, 3
+# VerifyCodeScene / VerifySlideScene
+SCENE_UNKNOWN, SCENE_LOGIN = 0, 1
 
 _INVISIBLE = re.compile(r"[\s\u200b-\u200f\u202a-\u202e\u2060-\u2064\ufeff]")
 
@@ -129,6 +131,21 @@ def parse_verify_code(payload: dict[str, Any]) -> VerifyCodeEvent:
         status=_int(payload.get("status"), VERIFY_WAITING),
         scene=_int(payload.get("scene"), 0),
         message=_str(payload, "message"),
+    )
+
+
+@dataclass(frozen=True)
+class VerifySlideEvent:
+    """VERIFY_SLIDE(34): WeCom wants a slider puzzle solved before it logs in (`sliderExeUrl` and
+    `sliderVerifyEncrypt` are for juzi's own tool; no RPC of @juzi/wechaty-grpc 1.0.100 answers it)."""
+
+    status: int
+    scene: int = SCENE_UNKNOWN
+
+
+def parse_verify_slide(payload: dict[str, Any]) -> VerifySlideEvent:
+    return VerifySlideEvent(
+        status=_int(payload.get("status"), VERIFY_WAITING), scene=_int(payload.get("scene"), SCENE_UNKNOWN)
     )
 
 
