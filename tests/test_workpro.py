@@ -605,6 +605,26 @@ async def all_ids(gateway: WorkproGateway, page_size: int) -> list[str]:
         cursor = page.next_cursor
 
 
+@pytest.mark.parametrize("mode", ["ok", "fail", "not_a_function"])
+async def test_contacts_that_vanish_mid_sync_are_skipped(mode: str, make_fake: Factory, make_gateway: Factory) -> None:
+    """ContactList gives every id at once (no server paging); customers who delete the account before their page
+    is read are simply missing from it (BatchContactPayload leaves them out, ContactPayload answers 'contact not
+    found'): the sync goes on with everyone else, no error, nobody twice."""
+    fake = await make_fake(contacts=120, batch_mode=mode)
+    gateway = await make_gateway(settings_for(fake, contact_batch_size=50))
+    await login(gateway, fake)
+    first = await gateway.list_contacts(None, 60)
+    assert first.total == 120 and first.next_cursor == "60"
+    gone = fake.contact_ids()[70:75]
+    for contact_id in gone:
+        fake.remove_contact(contact_id, deliver=False)
+    rest = await gateway.list_contacts(first.next_cursor, 60)
+    assert rest.next_cursor is None
+    seen = [c.id for c in first.contacts + rest.contacts]
+    assert len(seen) == len(set(seen)) == 115
+    assert not set(gone) & set(seen)
+
+
 async def test_ten_thousand_contacts_sync_fast(make_fake: Factory, make_gateway: Factory) -> None:
     """10,000 contacts: one ContactList and 100 batch calls, no per-contact call on the critical path."""
     fake = await make_fake(contacts=10_000)
