@@ -67,6 +67,14 @@ CASES: list[tuple[grpc.StatusCode, str, str, bool, Failure, type[GatewayError]]]
     (C.UNAVAILABLE, "Socket closed", "MessageSendUrl", True, Failure.BROKEN, UnknownOutcomeError),
     (C.UNAVAILABLE, "Stream removed", "MessageSendText", True, Failure.BROKEN, UnknownOutcomeError),
     (C.UNAVAILABLE, "Socket closed", "ContactList", False, Failure.BROKEN, TransientError),
+    (
+        C.INTERNAL,
+        "Received RST_STREAM with error code 2",
+        "MessageSendText",
+        True,
+        Failure.BROKEN,
+        UnknownOutcomeError,
+    ),
     # the service restarted with the send in flight (what tests/test_workpro.py's restart sees): maybe sent
     (C.UNAVAILABLE, "Cancelling all calls", "MessageSendText", True, Failure.BROKEN, UnknownOutcomeError),
     (C.UNAVAILABLE, "keepalive watchdog timeout", "MessageSendFile", True, Failure.BROKEN, UnknownOutcomeError),

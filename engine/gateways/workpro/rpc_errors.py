@@ -119,6 +119,9 @@ RULES: tuple[Rule, ...] = (
     Rule(Failure.TIMEOUT, codes=_codes(Code.DEADLINE_EXCEEDED)),
     Rule(Failure.BROKEN, codes=_codes(Code.UNAVAILABLE), markers=AFTER_SEND_MARKERS, unless=BEFORE_SEND_MARKERS),
     Rule(Failure.UNAVAILABLE, codes=_codes(Code.UNAVAILABLE)),
+    # gRPC's transport reports a stream reset by the peer as INTERNAL ("Received RST_STREAM with error code 2"):
+    # the connection broke mid-call, not a refusal from WorkPro, whose own errors never name RST_STREAM.
+    Rule(Failure.BROKEN, codes=_codes(Code.INTERNAL), markers=("rst_stream",)),
     Rule(Failure.STREAM_TAKEN, codes=_codes(Code.ALREADY_EXISTS), methods=frozenset({"Event"})),
     Rule(Failure.CANCELLED, codes=_codes(Code.CANCELLED)),
     Rule(Failure.UNSUPPORTED, codes=_codes(Code.UNIMPLEMENTED)),
