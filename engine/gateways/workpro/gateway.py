@@ -348,7 +348,7 @@ class WorkproGateway(Gateway):
                 call = self._stub.Event(request, metadata=self._metadata)
                 while True:
                     try:
-                        async with asyncio.timeout(self.stream_idle_timeout):
+                        async with asyncio.timeout(self.stream_idle_timeout or None):  # 0: no watchdog
                             response = await call.read()
                     except TimeoutError:
                         # A connection that died without a reset (a NAT or proxy dropping it) leaves the stream
