@@ -126,6 +126,10 @@ class Workers:
         async with self._sync_lock:
             try:
                 result = await app.sync()
+            except StorageError as exc:  # a read-only or full database: words, not a traceback every tick
+                failed = explain(exc)
+                self.last_sync_error = str(failed)
+                raise failed from None
             except WecastError as exc:
                 self.last_sync_error = str(exc)
                 raise
@@ -166,8 +170,9 @@ class Workers:
             async with self._sync_lock:
                 try:
                     exists = await refresh_contact(app.gateway, app.db, contact_id, clock=app.clock)
-                except WecastError as exc:
-                    log.warning("contact %s changed, but could not be re-read: %s", contact_id, exc)
+                except (WecastError, StorageError) as exc:
+                    failed = explain(exc) if isinstance(exc, StorageError) else exc
+                    log.warning("contact %s changed, but could not be re-read: %s", contact_id, failed)
                     return
             log.info("contact %s %s", contact_id, "refreshed" if exists else "is gone: marked removed")
             app.journeys.poke()  # the refresh recorded what changed (tags, removal) as customer events

@@ -40,7 +40,8 @@ from pydantic import ValidationError
 
 from engine.durations import check_date_range
 from engine.errors import Location
-from engine.i18n import N_, tr
+from engine.i18n import tr
+from engine.validation_words import pydantic_words
 
 Path_ = tuple[str | int, ...]
 
@@ -55,7 +56,7 @@ _INT64 = 2**63
 _TAG = "tag:yaml.org,2002:"
 _SCALAR_TAGS = frozenset(f"{_TAG}{name}" for name in ("str", "int", "float", "bool", "null", "timestamp"))
 # C0 controls but tab, LF and CR; DEL; C1 controls. (PyYAML's reader refuses some raw, escapes make any.)
-_CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
+CONTROL_CHARACTERS = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")  # but tab, line feed, carriage return
 
 
 @dataclass
@@ -228,7 +229,7 @@ def _scalar(node: yaml.ScalarNode, loader: Any) -> Any:
         except ValueError as exc:
             raise YamlError(str(exc), line) from None
     if isinstance(value, str):
-        bad = _CONTROL.search(value)
+        bad = CONTROL_CHARACTERS.search(value)
         if bad:
             raise YamlError(
                 tr("control character {char} in a value", char="U+" + format(ord(bad.group()), "04X")), line
@@ -329,7 +330,7 @@ def load(text: str, file: str) -> tuple[Any, Lines]:
     lines: dict[Path_, int] = {}
     if len(text) > MAX_BYTES or len(text.encode("utf-8")) > MAX_BYTES:
         raise YamlError(tr("the YAML text is larger than {size} KiB", size=MAX_BYTES // 1024), None)
-    bad = _CONTROL.search(text)
+    bad = CONTROL_CHARACTERS.search(text)
     if bad:
         at = text.count("\n", 0, bad.start()) + 1
         raise YamlError(
@@ -376,44 +377,8 @@ def describe_pydantic_error(err: dict[str, Any], reference: Reference = Referenc
     if kind == "missing":
         return tr("required field is missing")
     msg = str(err.get("msg", "invalid value"))
-    known = _PYDANTIC_WORDS.get(kind)
-    if known is not None:
-        words, keys = known
-        ctx = err.get("ctx") or {}
-        fields = {name: ctx[key] for name, key in keys.items() if key in ctx}
-        if len(fields) == len(keys) and words.format(**fields) == msg:  # the English is pydantic's, word for word
-            return tr(words, **fields)
-    return msg.removeprefix("Value error, ")  # a validator's own reason: already in the reader's language
+    return pydantic_words(err) or msg.removeprefix("Value error, ")  # a validator's own reason is already translated
 
-
-# pydantic's messages for the mistakes people make in a file, as catalog entries (the English msgid is pydantic's
-# own text, so English output is unchanged; a message that reads otherwise, in another pydantic version, stays
-# pydantic's): the type, the words, and which of the words' fields come from which key of the error's ctx.
-_PYDANTIC_WORDS: dict[str, tuple[str, dict[str, str]]] = {
-    "finite_number": (N_("Input should be a finite number"), {}),
-    "int_parsing": (N_("Input should be a valid integer, unable to parse string as an integer"), {}),
-    "int_type": (N_("Input should be a valid integer"), {}),
-    "int_from_float": (N_("Input should be a valid integer, got a number with a fractional part"), {}),
-    "float_parsing": (N_("Input should be a valid number, unable to parse string as a number"), {}),
-    "float_type": (N_("Input should be a valid number"), {}),
-    "bool_parsing": (N_("Input should be a valid boolean, unable to interpret input"), {}),
-    "bool_type": (N_("Input should be a valid boolean"), {}),
-    "string_type": (N_("Input should be a valid string"), {}),
-    "list_type": (N_("Input should be a valid list"), {}),
-    "dict_type": (N_("Input should be a valid dictionary"), {}),
-    "literal_error": (N_("Input should be {expected}"), {"expected": "expected"}),
-    "enum": (N_("Input should be {expected}"), {"expected": "expected"}),
-    "less_than_equal": (N_("Input should be less than or equal to {n}"), {"n": "le"}),
-    "less_than": (N_("Input should be less than {n}"), {"n": "lt"}),
-    "greater_than_equal": (N_("Input should be greater than or equal to {n}"), {"n": "ge"}),
-    "greater_than": (N_("Input should be greater than {n}"), {"n": "gt"}),
-    "string_too_long": (N_("String should have at most {n} characters"), {"n": "max_length"}),
-    "string_too_short": (N_("String should have at least {n} characters"), {"n": "min_length"}),
-    "too_long": (
-        N_("List should have at most {n} items after validation, not {found}"),
-        {"n": "max_length", "found": "actual_length"},
-    ),
-}
 
 _SCALAR_BRANCHES = frozenset({"bool", "int", "float", "str", "none"})
 

@@ -283,3 +283,29 @@ def test_a_database_failure_in_the_service_is_logged_in_one_line(caplog: pytest.
     [record] = caplog.records
     assert record.exc_info is None
     assert record.getMessage().startswith("run 7: stopped, unsent deliveries stay to send: /srv/wecast.sqlite: the")
+
+
+def test_a_read_only_database_fails_the_background_sync_in_one_line(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`wecast serve` on a database it may read but not write (SQLite's own read-only refusal): the background
+    contact sync logged 'Task exception was never retrieved' with a traceback every few seconds; now its failure is
+    the database's one translated line, kept as the last sync error, and the task ends without an exception."""
+    from sqlalchemy import event
+
+    from engine.workers import Workers
+
+    async def go() -> None:
+        app = await started(write_settings(tmp_path, f"sqlite:///{tmp_path}/w.sqlite", contacts=20))
+        event.listen(app.db, "connect", lambda conn, _record: conn.execute("PRAGMA query_only = ON"))
+        app.db.dispose()  # every connection from now on is read-only
+        workers = Workers()
+        with caplog.at_level("WARNING", logger="wecast.workers"):
+            assert await workers.sync_in_background(app) is None
+        assert "attempt to write a readonly database" in workers.last_sync_error
+        assert "may be read and written" in workers.last_sync_error  # what to do, from engine.dberrors
+        (line,) = [r.getMessage() for r in caplog.records if r.name == "wecast.workers"]
+        assert line.startswith("contact sync failed: ") and "\n" not in line
+        await app.close()
+
+    run(go())

@@ -65,6 +65,17 @@ CASES = [
     ("get", "/api/v1/contacts/nobody", None, 404, "not_found", "没有客户 'nobody'", "no contact 'nobody'"),
     ("get", "/api/v1/campaigns/nope/preview", None, 404, "not_found", "中没有活动 'nope'", "no campaign 'nope'"),
     ("post", "/get-all-user", {"page": 1, "cursor": "x"}, 422, "invalid_request", "只能给一个", "not both"),
+    # pydantic's own checks, in pydantic's English word for word, and in Chinese
+    (
+        "post",
+        "/send-message",
+        {"id": "x" * 201, "message": "hi"},
+        422,
+        "invalid_request",
+        "最多 200 个字符",
+        "at most 200",
+    ),
+    ("post", "/send-message", {"id": "x", "message": "a\u0000b"}, 422, "invalid_request", "控制字符 U+0000", "U+0000"),
 ]
 
 
@@ -130,6 +141,18 @@ def test_the_guards_refusals_are_translated(client: httpx.Client) -> None:
     answer = client.get("/api/v1/runs", headers={"host": "evil.example", **EN})
     assert answer.status_code == 421 and answer.json()["code"] == "misdirected_request"
     assert "only answers to loopback names" in answer.json()["error"]
+
+
+def test_a_body_too_deeply_nested_for_the_json_decoder_is_a_bad_request_in_words(client: httpx.Client) -> None:
+    """JSON nested 100,000 deep (the decoder's RecursionError) was answered {"detail": "There was an error parsing
+    the body"}, English whatever the language: now a 400 like every other bad request, in the request's language."""
+    body = b'{"id": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    for headers, words in ((ZH, "无法按 JSON 读取"), (EN, "could not be read as JSON")):
+        answer = client.post("/send-message", content=body, headers={"content-type": "application/json", **headers})
+        assert answer.status_code == 400, answer.text
+        data = answer.json()
+        assert data["code"] == "invalid_request" and data["field"] == "body" and words in data["error"], data
+    assert client.get("/healthz").status_code == 200
 
 
 def test_two_languages_at_once_never_mix(client: httpx.Client) -> None:

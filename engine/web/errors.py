@@ -23,8 +23,10 @@ from collections.abc import Sequence
 from typing import Any
 
 from fastapi import FastAPI, Request
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from engine.dberrors import explain
 from engine.errors import (
@@ -37,6 +39,7 @@ from engine.errors import (
     WecastError,
 )
 from engine.i18n import N_, tr
+from engine.validation_words import pydantic_words
 from engine.views import Problem
 from storage.errors import StorageError
 
@@ -46,6 +49,9 @@ log = logging.getLogger("wecast.web")
 def error_body(message: str, **extra: Any) -> dict[str, Any]:
     """The JSON of every error answer: `error` (one line, for people) plus machine-readable extras."""
     return {"error": message, **extra}
+
+
+BODY_PARSE_ERROR = "There was an error parsing the body"  # fastapi.routing's words for a body it cannot decode
 
 
 class Code:
@@ -118,7 +124,7 @@ def _reason(error: Any) -> str:
     if kind == "too_long" and "max_length" in ctx:  # a list over its length (attachments: WeCom's nine)
         return tr("at most {n} items (found {found})", n=ctx["max_length"], found=ctx.get("actual_length", "?"))
     # A validator's own reason is already in the request's language; pydantic prefixes it with "Value error, ".
-    return str(error.get("msg", "invalid")).removeprefix("Value error, ")
+    return pydantic_words(error) or str(error.get("msg", "invalid")).removeprefix("Value error, ")
 
 
 def describe_invalid(errors: Sequence[Any]) -> tuple[str, list[dict[str, str]]]:
@@ -143,6 +149,15 @@ def install_error_handlers(api: FastAPI) -> None:
         first = problems[0] if problems else {"field": "body"}
         body = error_body(message, code=Code.INVALID_REQUEST, field=first["field"], problems=problems)
         return JSONResponse(body, status_code=422)
+
+    @api.exception_handler(StarletteHTTPException)
+    async def unreadable_body(request: Request, exc: StarletteHTTPException) -> Response:
+        # FastAPI's answer to a JSON body its decoder cannot take (nested 100,000 deep: a RecursionError) was an
+        # English {"detail": ...}; it is a bad request like any other. Other HTTP errors keep Starlette's answer.
+        if exc.status_code == 400 and exc.detail == BODY_PARSE_ERROR:
+            message = tr("invalid request: body: the body could not be read as JSON (nested too deeply?)")
+            return JSONResponse(error_body(message, code=Code.INVALID_REQUEST, field="body"), status_code=400)
+        return await http_exception_handler(request, exc)
 
     @api.exception_handler(WecastError)
     async def wecast_error(_: Request, exc: WecastError) -> JSONResponse:

@@ -13,6 +13,7 @@ from engine.i18n import tr
 from engine.message_spec import Attachment
 from engine.settings import FrequencyCap, QuietHours, Throttle
 from engine.views import ContactView, DeliveryView, Problem, RunView, View
+from engine.yamlsrc import CONTROL_CHARACTERS
 
 MAX_MESSAGE = 4000
 
@@ -47,6 +48,9 @@ class GetAllUserBody(Legacy):
 def _text(v: str) -> str:
     if not v.strip():
         raise ValueError(tr("must not be empty"))
+    bad = CONTROL_CHARACTERS.search(v)
+    if bad:  # NUL and the like: WeCom shows garbage, and PostgreSQL cannot store a NUL in a text column
+        raise ValueError(tr("control character {char} in the text", char="U+" + format(ord(bad.group()), "04X")))
     return v
 
 
