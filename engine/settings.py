@@ -43,11 +43,40 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
+def check_database_url(value: str) -> str:
+    """A database wecast can keep its ledger in: SQLite or PostgreSQL, with its driver installed. Anything else was
+    an "internal error" at the first command (`mysql://…`: ModuleNotFoundError; `not a url`: SQLAlchemy's
+    ArgumentError); storage's SQL (ON CONFLICT, unnest) is written for these two."""
+    from storage.db import UrlProblem, url_problem
+
+    example = "sqlite:///data/wecast.sqlite, postgresql+psycopg://user@host/wecast"
+    found = url_problem(value)
+    if found is None:
+        return value
+    problem, name = found
+    if problem is UrlProblem.UNPARSABLE:
+        words = tr("{value} is not a database URL; write one like {example}", value=repr(value), example=example)
+    elif problem is UrlProblem.BACKEND:
+        words = tr(
+            "wecast keeps its data in SQLite or PostgreSQL, not {backend}; write a URL like {example}",
+            backend=name,
+            example=example,
+        )
+    else:
+        words = tr(
+            "the database driver {driver} is not installed; use postgresql+psycopg://… (installed with wecast)",
+            driver=repr(name),
+        )
+    raise ValueError(words)
+
+
 def check_timezone(value: str) -> str:
     try:
         ZoneInfo(value)
     except (ZoneInfoNotFoundError, ValueError):
-        raise ValueError(f"unknown time zone {value!r}; use an IANA name such as Asia/Shanghai") from None
+        raise ValueError(
+            tr("unknown time zone {value}; use an IANA name such as Asia/Shanghai", value=repr(value))
+        ) from None
     return value
 
 
@@ -61,7 +90,7 @@ def parse_hhmm(value: Any) -> time:
         value = f"{value // 60:02d}:{value % 60:02d}"
     match = _HHMM.match(str(value))
     if not match:
-        raise ValueError(f"{value!r} is not a time of day; write it like 21:00")
+        raise ValueError(tr("{value} is not a time of day; write it like 21:00", value=repr(value)))
     return time(int(match.group(1)), int(match.group(2)))
 
 
@@ -143,7 +172,7 @@ class QuietHours(Strict):
     @model_validator(mode="after")
     def _not_empty(self) -> QuietHours:
         if self.start == self.end:
-            raise ValueError("quiet hours start and end are the same time")
+            raise ValueError(tr("quiet hours start and end are the same time"))
         return self
 
     @field_serializer("start", "end", when_used="json")
@@ -281,7 +310,7 @@ class WecomSettings(Strict):
     @classmethod
     def _aes_key_shape(cls, value: SecretStr | None) -> SecretStr | None:
         if value is not None and not _AES_KEY.match(value.get_secret_value()):
-            raise ValueError("the EncodingAESKey is 43 letters and digits (as the WeCom admin console shows it)")
+            raise ValueError(tr("the EncodingAESKey is 43 letters and digits (as the WeCom admin console shows it)"))
         return value
 
 
@@ -302,7 +331,7 @@ class ApiSettings(Strict):
             return None
         key = v.get_secret_value().strip()
         if not key:
-            raise ValueError("the API key is empty or only whitespace; set a real key, or leave api.key out")
+            raise ValueError(tr("the API key is empty or only whitespace; set a real key, or leave api.key out"))
         return SecretStr(key)
 
 
@@ -315,8 +344,10 @@ def check_robot_url(value: str) -> str:
     loopback = parts.hostname in ("127.0.0.1", "localhost", "::1")
     if not parts.hostname or parts.scheme not in ("https", "http") or (parts.scheme == "http" and not loopback):
         raise ValueError(
-            "a group robot's webhook URL is https://qyapi.weixin.qq.com/cgi-bin/webhook/send?key=... "
-            "(the URL WeCom shows when the robot is added to the group)"
+            tr(
+                "a group robot's webhook URL is https://qyapi.weixin.qq.com/cgi-bin/webhook/send?key=... "
+                "(the URL WeCom shows when the robot is added to the group)"
+            )
         )
     return value.strip()
 
@@ -324,7 +355,12 @@ def check_robot_url(value: str) -> str:
 def check_userids(value: list[str]) -> list[str]:
     for userid in value:
         if not _USERID.match(userid):
-            raise ValueError(f"{userid!r} is not a WeCom userid (letters, digits, _ . @ -; as in the admin console)")
+            raise ValueError(
+                tr(
+                    "{userid} is not a WeCom userid (letters, digits, _ . @ -; as in the admin console)",
+                    userid=repr(userid),
+                )
+            )
     return value
 
 
@@ -368,7 +404,7 @@ class OptOutSettings(Strict):
         KeywordSpec(keywords=self.opt_in_keywords, match=self.match)
         both = {normalize(k) for k in self.keywords} & {normalize(k) for k in self.opt_in_keywords}
         if both:
-            raise ValueError(f"{', '.join(sorted(both))} is both an opt-out and an opt-in keyword")
+            raise ValueError(tr("{words} is both an opt-out and an opt-in keyword", words=", ".join(sorted(both))))
         return self
 
 
@@ -377,6 +413,7 @@ class Settings(Strict):
     gateway: GatewayName = "sandbox"
     timezone: str = DEFAULT_TIMEZONE
     database_url: str = "sqlite:///data/wecast.sqlite"
+    _database = field_validator("database_url")(lambda v: check_database_url(v))
     # SQLite: how long a write waits for another process's lock before it fails (a clear error; the run resumes).
     database_busy_timeout: Duration = timedelta(seconds=30)
     campaigns_dir: Path = Path("campaigns")
@@ -436,7 +473,7 @@ def _expand_env(data: Any, lines: yamlsrc.Lines, path: tuple[str | int, ...] = (
         if match:
             name = match.group(1)
             if name not in os.environ:
-                raise ConfigError(f"environment variable {name} is not set", lines.at(path))
+                raise ConfigError(tr("environment variable {name} is not set", name=name), lines.at(path))
             return os.environ[name]
     return data
 
@@ -452,18 +489,18 @@ def load_settings(path: str | Path | None = None, *, overrides: dict[str, Any] |
         try:
             raw, lines = yamlsrc.load(yamlsrc.read_text(config_path), str(config_path))
         except FileNotFoundError:  # removed since exists(): as if it had not been there
-            raise ConfigError(f"config file not found: {config_path}") from None
+            raise ConfigError(tr("config file not found: {path}", path=config_path)) from None
         except yamlsrc.YamlError as exc:
             raise ConfigError(str(exc), Location(str(config_path), exc.line)) from None
         if raw is None:
             raw = {}
         if not isinstance(raw, dict):
-            raise ConfigError("config must be a mapping of keys to values", Location(str(config_path), 1))
+            raise ConfigError(tr("config must be a mapping of keys to values"), Location(str(config_path), 1))
         if "version" not in raw:
-            raise ConfigError("missing `version: 1` at the top", Location(str(config_path), 1, "version"))
+            raise ConfigError(tr("missing `version: 1` at the top"), Location(str(config_path), 1, "version"))
         data = _expand_env(raw, lines)
     elif explicit:
-        raise ConfigError(f"config file not found: {config_path}")
+        raise ConfigError(tr("config file not found: {path}", path=config_path))
     base = config_path.resolve().parent
     for (section, key), env in _SECRET_ENV.items():
         if os.environ.get(env):
@@ -485,8 +522,10 @@ def load_settings(path: str | Path | None = None, *, overrides: dict[str, Any] |
         raise ConfigError(first_reason + more, first_loc) from None
     if settings.notify.staff and settings.gateway != "wecom":
         raise ConfigError(
-            "staff are notified through WeCom's message/send, which needs gateway wecom; "
-            "on this gateway use notify.robot (a group robot's webhook)",
+            tr(
+                "staff are notified through WeCom's message/send, which needs gateway wecom; "
+                "on this gateway use notify.robot (a group robot's webhook)"
+            ),
             lines.at(("notify", "staff")),
         )
     return _resolve_paths(settings, base)

@@ -24,6 +24,7 @@ WORDS: dict[str, tuple[str, dict[str, str]]] = {
     "string_unicode": (N_("Input should be a valid string, unable to parse raw data as a unicode string"), {}),
     "list_type": (N_("Input should be a valid list"), {}),
     "dict_type": (N_("Input should be a valid dictionary"), {}),
+    "model_type": (N_("Input should be a valid dictionary or instance of {name}"), {"name": "class_name"}),
     "literal_error": (N_("Input should be {expected}"), {"expected": "expected"}),
     "enum": (N_("Input should be {expected}"), {"expected": "expected"}),
     "less_than_equal": (N_("Input should be less than or equal to {n}"), {"n": "le"}),
@@ -47,7 +48,12 @@ def pydantic_words(error: Mapping[str, Any]) -> str | None:
         return None
     words, keys = known
     ctx = error.get("ctx") or {}
-    fields = {name: ctx[key] for name, key in keys.items() if key in ctx}
+    fields = {name: _as_pydantic_shows(ctx[key]) for name, key in keys.items() if key in ctx}
     if len(fields) != len(keys) or words.format(**fields) != str(error.get("msg", "")):
         return None
     return tr(words, **fields)
+
+
+def _as_pydantic_shows(value: object) -> object:
+    """A bound as pydantic's message prints it: `gt=0` on a float field is 0.0 in ctx and "0" in the words."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value

@@ -18,11 +18,13 @@ import os
 import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import event, func, inspect, select, text
 from sqlalchemy.engine import Connection, Engine, make_url
+from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 from sqlmodel import SQLModel, create_engine
 
 from storage._sql import READ_ONLY, reading, serialize, where, writing
@@ -87,6 +89,29 @@ MIGRATIONS: dict[int, Callable[[Connection], None]] = {
     3: _rich_messages,
     4: _ledger_truth,
 }
+
+
+class UrlProblem(Enum):
+    """Why `url_problem` refuses a database URL (the caller words it)."""
+
+    UNPARSABLE = "unparsable"
+    BACKEND = "backend"  # not SQLite or PostgreSQL: the SQL here is written for those two
+    DRIVER = "driver"  # the URL's DBAPI driver is not installed
+
+
+def url_problem(url: str) -> tuple[UrlProblem, str] | None:
+    """What keeps `make_db_engine` from using `url` (with the backend's or driver's name), or None when nothing."""
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        return UrlProblem.UNPARSABLE, ""
+    if parsed.get_backend_name() not in ("sqlite", "postgresql"):
+        return UrlProblem.BACKEND, parsed.get_backend_name()
+    try:
+        parsed.get_dialect().import_dbapi()
+    except (ImportError, NoSuchModuleError):
+        return UrlProblem.DRIVER, parsed.get_driver_name()
+    return None
 
 
 def make_db_engine(url: str, *, migrate: bool = True, echo: bool = False, busy_timeout: float = 30.0) -> Engine:

@@ -36,38 +36,45 @@ def write(tmp_path: Path, text: str, name: str = "config.yaml") -> Path:
     return path
 
 
-@pytest.mark.parametrize(
-    ("body", "line", "field", "reason"),
-    [
-        ("version: 1\nsendng:\n  concurrency: 4\n", 2, "sendng", "unknown field"),
-        (
-            "version: 1\nsending:\n  throttle: {per_second: 5, per_hour: 9}\n",
-            3,
-            "sending.throttle.per_hour",
-            "unknown field",
-        ),
-        ("version: 1\ngateway: sandbox\nsending:\n  concurrency: many\n", 4, "sending.concurrency", "valid integer"),
-        ("version: 1\napi:\n  port: 70000\n", 3, "api.port", "less than or equal to 65535"),
-        ("version: 1\ngateway: wechat\n", 2, "gateway", "'sandbox', 'workpro' or 'wecom'"),
-        ("# 配置\nversion: 2\n", 2, "version", "Input should be 1"),
-        ("version: 1\ntimezone: Asia/Beijing\n", 2, "timezone", "unknown time zone 'Asia/Beijing'"),
-        ("version: 1\nscheduler:\n  grace: 1 hour\n", 3, "scheduler.grace", "'1 hour' is not a duration"),
-        ("version: 1\nsending:\n  retry: {base_delay: 5x}\n", 3, "sending.retry.base_delay", "not a duration"),
-        (
-            "version: 1\nsending:\n  quiet_hours: {start: '25:00', end: '09:00'}\n",
-            3,
-            "sending.quiet_hours.start",
-            "not a time of day",
-        ),
-        (
-            "version: 1\nsandbox:\n  faults: {error_rate: 1.5}\n",
-            3,
-            "sandbox.faults.error_rate",
-            "less than or equal to 1",
-        ),
-        ("gateway: sandbox\ntimezone: UTC\n", 1, "version", "missing `version: 1`"),
-    ],
-)
+MISTAKES = [
+    ("version: 1\nsendng:\n  concurrency: 4\n", 2, "sendng", "unknown field"),
+    (
+        "version: 1\nsending:\n  throttle: {per_second: 5, per_hour: 9}\n",
+        3,
+        "sending.throttle.per_hour",
+        "unknown field",
+    ),
+    ("version: 1\ngateway: sandbox\nsending:\n  concurrency: many\n", 4, "sending.concurrency", "valid integer"),
+    ("version: 1\napi:\n  port: 70000\n", 3, "api.port", "less than or equal to 65535"),
+    ("version: 1\ngateway: wechat\n", 2, "gateway", "'sandbox', 'workpro' or 'wecom'"),
+    ("# 配置\nversion: 2\n", 2, "version", "Input should be 1"),
+    ("version: 1\ntimezone: Asia/Beijing\n", 2, "timezone", "unknown time zone 'Asia/Beijing'"),
+    ("version: 1\nscheduler:\n  grace: 1 hour\n", 3, "scheduler.grace", "'1 hour' is not a duration"),
+    ("version: 1\nsending:\n  retry: {base_delay: 5x}\n", 3, "sending.retry.base_delay", "not a duration"),
+    (
+        "version: 1\nsending:\n  quiet_hours: {start: '25:00', end: '09:00'}\n",
+        3,
+        "sending.quiet_hours.start",
+        "not a time of day",
+    ),
+    (
+        "version: 1\nsandbox:\n  faults: {error_rate: 1.5}\n",
+        3,
+        "sandbox.faults.error_rate",
+        "less than or equal to 1",
+    ),
+    ("gateway: sandbox\ntimezone: UTC\n", 1, "version", "missing `version: 1`"),
+    ("version: 1\ndatabase_url: 'mysql://u@h/db'\n", 2, "database_url", "in SQLite or PostgreSQL, not mysql"),
+    ("version: 1\ndatabase_url: not a url\n", 2, "database_url", "'not a url' is not a database URL"),
+    ("version: 1\ndatabase_url: 'postgresql+psycopg2://u@h/db'\n", 2, "database_url", "'psycopg2' is not installed"),
+    ("version: 1\nsending: {throttle: {per_second: -5}}\n", 2, "sending.throttle.per_second", "greater than 0"),
+    ("version: 1\nsending: [1, 2]\n", 2, "sending", "valid dictionary or instance of Sending"),
+    ("version: 1\nsending: {quiet_hours: {start: '09:00', end: '09:00'}}\n", 2, "sending.quiet_hours", "same time"),
+    ("version: 1\napi: {key: '  '}\n", 2, "api.key", "only whitespace"),
+]
+
+
+@pytest.mark.parametrize(("body", "line", "field", "reason"), MISTAKES)
 def test_config_error_names_file_line_and_field(tmp_path: Path, body: str, line: int, field: str, reason: str) -> None:
     """Each kind of config.yaml mistake is a ConfigError starting `file:line: field:` with the reason."""
     path = write(tmp_path, body)
@@ -76,6 +83,22 @@ def test_config_error_names_file_line_and_field(tmp_path: Path, body: str, line:
     first = str(info.value).splitlines()[0]
     assert first.startswith(f"{path}:{line}: {field}: "), first
     assert reason in first
+
+
+@pytest.mark.parametrize(("body", "line", "field", "reason"), MISTAKES)
+def test_config_errors_speak_chinese(tmp_path: Path, body: str, line: int, field: str, reason: str) -> None:
+    """Under zh each mistake says why in Chinese after the same `file:line: field:` (a wrong database_url was an
+    "internal error", the time zone, quiet hours, API key and pydantic's checks were English)."""
+    import re
+
+    from engine.i18n import Language, use_language
+
+    path = write(tmp_path, body)
+    with use_language(Language.ZH), pytest.raises(ConfigError) as info:
+        load_settings(path)
+    first = str(info.value).splitlines()[0]
+    assert first.startswith(f"{path}:{line}: {field}: "), first
+    assert re.search(r"[\u4e00-\u9fff]", first.removeprefix(f"{path}:{line}: {field}: ")), first
 
 
 def test_config_reports_every_problem(tmp_path: Path) -> None:
