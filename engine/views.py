@@ -7,12 +7,12 @@ exactly what both say. Keys are stable English names; times are ISO 8601 with th
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import asdict
 from datetime import datetime
 from typing import Any
 
+import pydantic_core
 from pydantic import BaseModel, ConfigDict
 
 from engine.audience import ExclusionCategory, ReasonCode
@@ -332,5 +332,6 @@ def contact_json(row: ContactRow) -> dict[str, Any]:
 
 
 def json_bytes(value: Any) -> bytes:
-    """Compact UTF-8 JSON, as pydantic writes it."""
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode()
+    """Compact UTF-8 JSON, written by pydantic's own serializer (what a response model would write; several times
+    faster than `json.dumps` for a page of contacts)."""
+    return pydantic_core.to_json(value)

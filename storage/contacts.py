@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+import pydantic_core
 from sqlalchemy import ColumnElement, String, and_, cast, delete, event, func, or_, select, update
 from sqlalchemy.engine import Connection
 
@@ -124,6 +125,9 @@ class ContactsPage:
     total: int
     has_next: bool
     next_cursor: str | None
+    # The latest contact sync as the page's own transaction read it (None: never synced): whether the list the page
+    # came from was whole, without asking the database again (see `engine.contacts.list_state_of`).
+    latest_sync: SyncRow | None = None
 
 
 # -- sync ---------------------------------------------------------------------------------------------
@@ -471,9 +475,8 @@ def tags_with_counts(db: DB) -> list[TagCount]:
 
 def count_contacts(db: DB) -> int:
     """How many contacts are synced (not removed): counted once per version of the list (see `page_contacts`)."""
-    everyone = ContactFilter()
     with reading(db) as conn:
-        return _index(conn, everyone, and_(*_conditions(everyone))).total
+        return _index(conn, ContactFilter(), _latest_sync(conn)).total
 
 
 def _has_tag(names: Sequence[str]) -> ColumnElement[bool]:
@@ -521,15 +524,16 @@ def page_contacts(
     Every page costs about the same, the first or the thousandth: the total and the page anchors (`_Index`) are
     counted once per version of the contact list (see `changed`), and a page at an offset starts from the anchor
     before it (a keyset condition), so the database skips fewer than `ANCHOR_EVERY` rows, never `offset` rows.
-    The page is read through the driver's cursor (the filter compiled once): the hot path of /get-all-user."""
-    conds = and_(*_conditions(where))
+    The page is read through the driver's cursor (the filter built and compiled once, its rows made into
+    `ContactRow`s by position): the hot path of /get-all-user and /api/v1/contacts."""
     with reading(db) as conn:
-        index = _index(conn, where, conds)
-        clause, args = _where(conn, where, conds)
+        latest = _latest_sync(conn)
+        index = _index(conn, where, latest)
+        clause, args = _where(conn, where)
         start, skip = cursor, 0
         if not cursor and offset:
             if offset >= index.total:
-                return ContactsPage(rows=[], total=index.total, has_next=False, next_cursor=None)
+                return ContactsPage(rows=[], total=index.total, has_next=False, next_cursor=None, latest_sync=latest)
             anchor = min(offset // ANCHOR_EVERY, len(index.anchors) - 1)
             start, skip = index.anchors[anchor], offset - anchor * ANCHOR_EVERY
         sql = f"SELECT {_ROW_COLUMNS} FROM contacts WHERE {clause}"
@@ -544,39 +548,72 @@ def page_contacts(
         rows = rows[:limit]
         tags = _tags_of(conn, [r[0] for r in rows])
     return ContactsPage(
-        rows=[_raw_row(r, tags[r[0]]) for r in rows],
+        rows=[_page_row(r, tags[r[0]]) for r in rows],
         total=index.total,
         has_next=more,
         next_cursor=rows[-1][0] if more and rows else None,
+        latest_sync=latest,
     )
 
 
-_ROW_COLUMNS = ", ".join(CONTACT_COLUMNS)
+# A page's columns are ContactRow's fields in their order (all but `tags`, read beside them): a row becomes a
+# ContactRow by position, its few typed columns converted in place.
+_PAGE_FIELDS = tuple(f.name for f in dataclasses.fields(ContactRow) if f.name != "tags")
+_ROW_COLUMNS = ", ".join(_PAGE_FIELDS)
+_KNOWN_LISTS: dict[str, tuple[str, ...]] = {"[]": ()}
+_KNOWN_LISTS_KEPT = 4096
 
 
-def _json_list_or_dict(value: Any) -> Any:
-    """A JSON column as `decode_json` reads it, the empty list and object without parsing (most contacts' tags,
-    phones and extra info are empty)."""
-    if value == "[]":
-        return []
-    if value == "{}":
+def _page_json(value: Any) -> Any:
+    """A JSON column of a page row: text on SQLite, parsed by pydantic's parser (several times faster than the
+    standard library's, the same values; the standard library's for what it refuses: a lone surrogate escape);
+    decoded already on PostgreSQL."""
+    if not isinstance(value, str):
+        return value
+    try:
+        return pydantic_core.from_json(value)
+    except ValueError:
+        return json.loads(value)
+
+
+def _json_tuple(value: Any) -> tuple[str, ...]:
+    """A JSON list column (phones, tag ids, the users a contact follows) as a tuple. Its JSON text decoded once
+    while it repeats (most contacts share their tags and followers with many others; empty lists are most
+    phones); on PostgreSQL the driver decoded it already."""
+    if not isinstance(value, str):
+        return tuple(value or ())
+    found = _KNOWN_LISTS.get(value)
+    if found is None:
+        found = tuple(_page_json(value) or ())
+        if len(_KNOWN_LISTS) >= _KNOWN_LISTS_KEPT:
+            _KNOWN_LISTS.clear()
+            _KNOWN_LISTS["[]"] = ()
+        _KNOWN_LISTS[value] = found
+    return found
+
+
+def _json_dict(value: Any) -> dict[str, Any]:
+    """The extra-info column as a dict of its own (a fresh one each row: the caller may change it)."""
+    if value == "{}" or value is None:
         return {}
-    return decode_json(value)
+    return _page_json(value) or {}
 
 
-_ROW_DECODERS = [
-    (i, _json_list_or_dict if _DECODERS[name] is decode_json else _DECODERS[name])
-    for i, name in enumerate(CONTACT_COLUMNS)
-    if name in _DECODERS
-] + [(CONTACT_COLUMNS.index("tag_ids"), _json_list_or_dict)]
+_PAGE_DECODERS: list[tuple[int, Callable[[Any], Any]]] = [
+    (i, {"phones": _json_tuple, "tag_ids": _json_tuple, "follow_user_ids": _json_tuple, "additional_info": _json_dict}
+     .get(name) or _DECODERS[name])
+    for i, name in enumerate(_PAGE_FIELDS)
+    if name in _DECODERS or name == "tag_ids"
+]  # fmt: skip
 _Args = tuple[Any, ...] | dict[str, Any]
 
 
-def _raw_row(row: Sequence[Any], tags: list[tuple[str, str]]) -> ContactRow:
+def _page_row(row: Sequence[Any], tags: list[tuple[str, str]]) -> ContactRow:
     values = list(row)
-    for i, fn in _ROW_DECODERS:
+    for i, fn in _PAGE_DECODERS:
         values[i] = fn(values[i])
-    return _contact_row(dict(zip(CONTACT_COLUMNS, values, strict=True)), tags)
+    values.append(tuple(tags))
+    return ContactRow(*values)
 
 
 def _mark(conn: Connection, name: str) -> str:
@@ -591,14 +628,15 @@ _WHERE_KEPT = 256
 _wheres: OrderedDict[tuple[str, tuple[Any, ...]], tuple[str, _Args]] = OrderedDict()
 
 
-def _where(conn: Connection, where: ContactFilter, conds: ColumnElement[bool]) -> tuple[str, _Args]:
-    """The filter's conditions as the driver's SQL and parameters (compiled by SQLAlchemy once per filter)."""
+def _where(conn: Connection, where: ContactFilter) -> tuple[str, _Args]:
+    """The filter's conditions as the driver's SQL and parameters (built and compiled by SQLAlchemy once per
+    filter)."""
     key = (conn.dialect.name, _filter_key(where))
     with _lock:
         found = _wheres.get(key)
     if found is not None:
         return found
-    compiled = conds.compile(dialect=conn.dialect, compile_kwargs={"render_postcompile": True})
+    compiled = and_(*_conditions(where)).compile(dialect=conn.dialect, compile_kwargs={"render_postcompile": True})
     params = compiled.construct_params()
     args: _Args = tuple(params[name] for name in compiled.positiontup or ()) if compiled.positional else dict(params)
     made = (compiled.string, args)
@@ -664,16 +702,21 @@ def _on_checkin(_dbapi_connection: Any, record: Any) -> None:
         _bump(key)
 
 
+_FILTER_FIELDS = tuple(f.name for f in dataclasses.fields(ContactFilter))
+
+
 def _filter_key(where: ContactFilter) -> tuple[Any, ...]:
-    return tuple(tuple(v) if isinstance(v, list | tuple) else v for v in dataclasses.astuple(where))
+    """The filter as a hashable key (its lists as tuples; not `dataclasses.astuple`, which deep-copies)."""
+    return tuple(tuple(v) if isinstance(v, list | tuple) else v for v in map(where.__getattribute__, _FILTER_FIELDS))
 
 
-def _index(conn: Connection, where: ContactFilter, conds: ColumnElement[bool]) -> _Index:
-    """The filter's total and anchors in the contact list's current version: cached, counted when missing."""
+def _index(conn: Connection, where: ContactFilter, latest: SyncRow | None) -> _Index:
+    """The filter's total and anchors in the contact list's current version (`latest`: its latest sync, read in
+    `conn`'s transaction): cached, counted when missing."""
     database = _database(conn)
     with _lock:
         writes = _writes.get(database, 0)
-    version: _ListVersion = (writes, _latest_sync(conn))
+    version: _ListVersion = (writes, latest)
     key = (database, _filter_key(where))
     if not where.ids:  # a lookup by ids is cheap to count and rarely asked twice
         with _lock:
@@ -682,7 +725,7 @@ def _index(conn: Connection, where: ContactFilter, conds: ColumnElement[bool]) -
                 _indexes.move_to_end(key)
                 return found[1]
     total, anchors = 0, []
-    for (cid,) in conn.execute(select(_C.id).where(conds).order_by(_C.id)):
+    for (cid,) in conn.execute(select(_C.id).where(*_conditions(where)).order_by(_C.id)):
         if total % ANCHOR_EVERY == 0:
             anchors.append(cid)
         total += 1
@@ -694,19 +737,6 @@ def _index(conn: Connection, where: ContactFilter, conds: ColumnElement[bool]) -
             while len(_indexes) > INDEXES_KEPT:
                 _indexes.popitem(last=False)
     return index
-
-
-def _contact_row(values: dict[str, Any], tags: list[tuple[str, str]]) -> ContactRow:
-    return ContactRow(
-        **{
-            **values,
-            "phones": tuple(values["phones"] or ()),
-            "tag_ids": tuple(values["tag_ids"] or ()),
-            "follow_user_ids": tuple(values.get("follow_user_ids") or ()),
-            "additional_info": values["additional_info"] or {},
-        },
-        tags=tuple(tags),
-    )
 
 
 def _tags_of(conn: Connection, ids: list[str]) -> dict[str, list[tuple[str, str]]]:

@@ -31,7 +31,7 @@ from fastapi import APIRouter, Header
 from fastapi.encoders import jsonable_encoder
 from fastapi.responses import JSONResponse, Response
 
-from engine.contacts import ListState
+from engine.contacts import ListState, list_state_of
 from engine.errors import NotFoundError, WecastError
 from engine.i18n import tr
 from engine.message_spec import Attachment, PartError, direct_message
@@ -71,9 +71,12 @@ IdempotencyKey = Annotated[
 ]
 
 
-def _page_if_whole(ctx: WebContext, ask: Callable[[], contacts_db.ContactsPage]) -> contacts_db.ContactsPage | None:
-    """The page `ask` reads, if the contact list is whole (else None: `WebContext.ensure_contacts` first)."""
-    return ask() if ctx.app.contact_list() is ListState.WHOLE else None
+def _page_if_whole(ask: Callable[[], contacts_db.ContactsPage]) -> contacts_db.ContactsPage | None:
+    """The page of all contacts `ask` reads, if the list it was read from is whole (else None:
+    `WebContext.ensure_contacts` first). Whole is judged from the latest sync read in the page's own transaction
+    and, never synced, from its total (of every contact): no second connection for the list's state."""
+    page = ask()
+    return page if list_state_of(page.latest_sync, lambda: page.total) is ListState.WHOLE else None
 
 
 # -- sends -------------------------------------------------------------------------------------------
@@ -268,7 +271,7 @@ def router(ctx: WebContext) -> APIRouter:
             cursor=body.cursor,
         )
         # One trip off the loop when the list is whole (the usual case): its state and the page together.
-        found = None if ctx.workers.syncing else await ctx.db(_page_if_whole, ctx, ask)
+        found = None if ctx.workers.syncing else await ctx.db(_page_if_whole, ask)
         if found is None:
             await ctx.ensure_contacts()
             found = await ctx.db(ask)
