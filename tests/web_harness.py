@@ -104,8 +104,16 @@ class LiveServer:
         self.sock.bind(("127.0.0.1", 0))
         self.port = self.sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
+        # asyncio's loop, as before `wecast serve` moved to uvloop (tests/test_web_serve.py runs the real serve on
+        # it): several tests read contacts right after a login and rely on asyncio running the login's sync first.
         config = uvicorn.Config(
-            self.api, log_config=None, lifespan="on", ws="none", http="h11", timeout_graceful_shutdown=10
+            self.api,
+            log_config=None,
+            lifespan="on",
+            ws="none",
+            http="h11",
+            loop="asyncio",
+            timeout_graceful_shutdown=10,
         )
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
