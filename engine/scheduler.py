@@ -67,6 +67,7 @@ log = logging.getLogger("wecast.scheduler")
 LATE_AFTER = timedelta(seconds=60)  # a fire handled this late is still "on time", not a catch-up
 MAX_CATCH_UP = 100  # `catch_up: all` runs at most this many missed slots
 IDLE_CAP = 60.0  # the loop wakes at least this often (seconds)
+SYNC_RETRY = timedelta(minutes=5)  # after a failed contact sync (a database it cannot write, the gateway down)
 
 
 @dataclass
@@ -471,7 +472,11 @@ class CampaignScheduler:
     async def _maybe_sync(self) -> None:
         interval = self.config.contacts_sync
         last = self.workers.last_sync_at
-        due = self._sync_wanted or (interval is not None and (last is None or self.clock.now() - last >= interval))
+        now = self.clock.now()
+        due = self._sync_wanted or (interval is not None and (last is None or now - last >= interval))
+        failed = self.workers.last_sync_failed_at
+        if failed is not None and not self._sync_wanted:  # a failed sync is tried again after a pause, not each tick
+            due = due and now - failed >= min(SYNC_RETRY, interval or SYNC_RETRY)
         if not due or self.workers.syncing:
             return
         if not (await self.app.gateway.login_status()).logged_in:

@@ -34,6 +34,7 @@ class Workers:
         self.last_sync_at: datetime | None = None
         self.last_sync: SyncResult | None = None
         self.last_sync_error: str = ""
+        self.last_sync_failed_at: datetime | None = None  # when the last sync failed (None: it succeeded)
 
     # -- runs ------------------------------------------------------------------------------------
     def active_run(self, campaign_id: str) -> int | None:
@@ -128,13 +129,13 @@ class Workers:
                 result = await app.sync()
             except StorageError as exc:  # a read-only or full database: words, not a traceback every tick
                 failed = explain(exc)
-                self.last_sync_error = str(failed)
+                self.last_sync_error, self.last_sync_failed_at = str(failed), app.clock.now()
                 raise failed from None
             except WecastError as exc:
-                self.last_sync_error = str(exc)
+                self.last_sync_error, self.last_sync_failed_at = str(exc), app.clock.now()
                 raise
             self.last_sync_at = app.clock.now()
-            self.last_sync, self.last_sync_error = result, ""
+            self.last_sync, self.last_sync_error, self.last_sync_failed_at = result, "", None
             log.info(
                 "contacts synced: %s seen, %s added, %s updated, %s removed",
                 result.seen,

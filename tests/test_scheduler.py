@@ -256,6 +256,44 @@ async def test_contacts_resync_on_schedule(tmp_path: Path) -> None:
         assert sched.workers.last_sync_at >= first + timedelta(hours=1)
 
 
+async def test_a_failed_contact_sync_is_retried_after_a_pause_not_every_tick(tmp_path: Path) -> None:
+    """A sync that fails (here: the database refuses writes, SQLite's query_only) was retried on every scheduler
+    tick, a warning each time, since only a success counts as the last sync: now the next try waits
+    SYNC_RETRY (or the sync interval, if shorter), and a success clears the failure."""
+    from sqlalchemy import event
+
+    from engine.scheduler import SYNC_RETRY
+
+    write_campaign(tmp_path, '{cron: "0 10 1 1 *"}')  # fires on 1 January only: no plan meets the read-only database
+    clock = FakeClock(T0)
+    async with service(tmp_path, clock, contacts_sync="1h") as (app, sched):
+        await sched.tick()
+        await sched.workers.wait_sync()
+        read_only = {"on": True}
+
+        def pragmas(conn: Any, _record: Any) -> None:
+            conn.execute(f"PRAGMA query_only = {'ON' if read_only['on'] else 'OFF'}")
+
+        event.listen(app.db, "connect", pragmas)
+        app.db.dispose()
+        clock.advance(3600)
+        await sched.tick()
+        await sched.workers.wait_sync()
+        failed = sched.workers.last_sync_failed_at
+        assert failed == clock.now() and "readonly" in sched.workers.last_sync_error
+        for _ in range(3):  # ticks a few seconds apart: no new attempt
+            clock.advance(5)
+            await sched.tick()
+            await sched.workers.wait_sync()
+            assert sched.workers.last_sync_failed_at == failed
+        read_only["on"] = False
+        app.db.dispose()
+        clock.advance(SYNC_RETRY.total_seconds())
+        await sched.tick()
+        await sched.workers.wait_sync()
+        assert sched.workers.last_sync_at == clock.now() and sched.workers.last_sync_failed_at is None
+
+
 async def test_a_fire_is_planned_off_the_event_loop(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The tick plans a fire in a worker thread: while planning is held, other coroutines keep running (here the
     one that releases it), so a 100,000-recipient plan never stalls sends or HTTP answers."""
