@@ -155,10 +155,17 @@ def _campaign(folder: Path, settings: Any, rate: float, limit: int | None = None
 
 
 def _wipe_runs(db: Any) -> None:
-    """Forget every run (a plan measured again starts from the seeded contacts alone)."""
+    """Forget every run (a plan measured again starts from the seeded contacts alone). On PostgreSQL the deleted
+    rows are vacuumed away too, so a plan finds the tables as SQLite's plan finds its copy of the seeded file: the
+    runs before it left nothing (else each new row's unique-index check visits the dead row of the run before,
+    which had the same dedupe key: about 0.3 s of server time a 100,000-row plan that no real plan pays)."""
+    tables = ("delivery_parts", "deliveries", "campaign_runs")
     with db.begin() as conn:
-        for table in ("delivery_parts", "deliveries", "campaign_runs"):
+        for table in tables:
             conn.exec_driver_sql(f"DELETE FROM {table}")
+    if db.dialect.name == "postgresql":
+        with db.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+            conn.exec_driver_sql(f"VACUUM {', '.join(tables)}")
 
 
 # -- seeding ------------------------------------------------------------------------------------------------

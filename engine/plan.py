@@ -4,8 +4,9 @@
 a time (in id order; `CHUNK` contacts per step); the preview adds its steps up, and `plan_run` writes exactly
 what they decide: one pending delivery per recipient, and a skipped delivery (with the reason) for each contact
 the audience named but a policy held back — dedupe, frequency cap, exclusion lists, missing data — all in one
-transaction. Each step is selected, rendered and inserted before the next is read, so neither a plan nor a
-preview holds the audience in memory: a million recipients plan within the memory of one step. A preview keeps
+transaction. Each step is selected and rendered, and inserted while the next one renders (on PostgreSQL the
+server ingests one chunk while Python renders the next), so neither a plan nor a preview holds the audience in
+memory: a million recipients plan within the memory of two steps. A preview keeps
 its counts complete and lists everyone, or a bounded sample (`keep`). Re-planning the same run changes nothing:
 the run's (campaign, run_key) and each delivery's dedupe key are unique in the database.
 
@@ -18,7 +19,7 @@ from __future__ import annotations
 
 import uuid
 from collections import Counter
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, tzinfo
 from typing import NamedTuple
@@ -394,9 +395,12 @@ def _steps(
     policies: bool,
     existing_run: RunRow | None,
     selector: aud.Selector,
+    rendering: Callable[[], None] | None = None,
 ) -> Iterator[_Step]:
     """The plan, a chunk of contacts at a time, in id order: select -> hold back (policies) -> render. The one
-    place the audience is selected, deduplicated, capped and rendered: preview and planning both consume it."""
+    place the audience is selected, deduplicated, capped and rendered: preview and planning both consume it.
+    `rendering` is called when a chunk's reads are done and before it is rendered (the connection is left alone
+    from then until the step is taken: `plan_run` writes the step before meanwhile)."""
     held_back = _Policies(conn, campaign, key, now, policies=policies, existing_run=existing_run)
     compiled = campaign.compiled.for_zone(campaign.timezone)
     meta = {"id": campaign.id, "name": campaign.name}
@@ -406,6 +410,8 @@ def _steps(
         chosen, left_out = selector.take(views)
         excluded = [Excluded(e.contact_id, e.name, e.reason, e.code) for e in left_out]
         eligible = held_back.apply(chosen, excluded)
+        if rendering is not None:
+            rendering()
         rendered = render_messages(compiled, eligible, campaign=meta, now=local_now)
         if rendered.missing and skip_missing:
             lacking: dict[str, list[str]] = {}
@@ -662,11 +668,23 @@ def plan_run(
     keep: int | None = 0,
 ) -> PlanResult:
     """Write the run and its deliveries in one transaction (or return the run that already exists), streaming:
-    each chunk of contacts is selected, rendered and inserted before the next is read, so memory is bounded by the
-    chunk, not the audience. A problem found anywhere (a field a recipient lacks, a message too long) raises
+    each chunk of contacts is selected and rendered, and inserted while the next one renders, so memory is bounded
+    by the chunk, not the audience. A problem found anywhere (a field a recipient lacks, a message too long) raises
     TemplateError and rolls everything back: nothing is half-planned. `keep`: recipients and exclusions the
     returned preview lists (see `build_preview`; its counts are always complete)."""
     key = run_key_for(campaign, now, run_key)
+    try:
+        return _plan(db, campaign, key, now, trigger, keep, careful=False)
+    except deliveries_db.PlanConflict:
+        # Another planner took some of these dedupe keys after this plan looked (the fast path copies rows
+        # straight in, and cannot pass over one): everything was rolled back; plan again the careful way, which
+        # holds those contacts back as already planned.
+        return _plan(db, campaign, key, now, trigger, keep, careful=True)
+
+
+def _plan(
+    db: Engine, campaign: Campaign, key: str, now: datetime, trigger: str, keep: int | None, *, careful: bool
+) -> PlanResult:
     scheduled_for = None
     if not key.startswith("manual-"):
         try:
@@ -705,15 +723,27 @@ def plan_run(
             capped=settings.capped,
             now=now,
             with_messages=not campaign.compiled.plain_text,
+            careful=careful,
         )
-        for step in _steps(conn, campaign, key, now, policies=True, existing_run=None, selector=selector):
-            tally.add(step)
-            if tally.has_problems:
-                continue  # the plan will not be written: count the rest for the error, write nothing more
-            writer.pending(_pending(step))
-            writer.skipped(
-                Planned(e.contact_id, e.name, "", None, e.stored_reason) for e in step.excluded if e.recorded
-            )
+        try:
+            # Chunk k is written while chunk k+1 renders: `_steps` calls `writer.start` once k+1 is read, and the
+            # connection is free again (`wait`) before k+2 is read. PostgreSQL ingests in its own process while
+            # Python renders, so on two cores the plan takes about the longer of the two, not their sum.
+            for step in _steps(
+                conn, campaign, key, now, policies=True, existing_run=None, selector=selector, rendering=writer.start
+            ):
+                writer.wait()
+                tally.add(step)
+                if tally.has_problems:
+                    continue  # the plan will not be written: count the rest for the error, write nothing more
+                writer.pending(_pending(step))
+                writer.skipped(
+                    Planned(e.contact_id, e.name, "", None, e.stored_reason) for e in step.excluded if e.recorded
+                )
+            writer.start()
+            writer.wait()
+        finally:
+            writer.close()
         preview = tally.preview(campaign, key, now, selector, known_tags, None)
         preview.raise_for_problems()  # inside the transaction: rolls back the run and every delivery written
         runs_db.set_plan_counts(conn, run_id, planned=writer.pending_count, skipped=writer.skipped_count)

@@ -28,6 +28,8 @@ from sqlalchemy.engine import Connection
 
 from storage._sql import (
     DB,
+    BackgroundCopy,
+    CopyConflict,
     aware,
     chunks,
     db_time,
@@ -275,12 +277,27 @@ def insert_planned(
 # A recipient as `PlanWriter.pending` takes it: (contact id, contact name, text, the whole message as JSON or None).
 PendingRow = tuple[str, str, str, str | None]
 
+# The binary COPY's types of `_PLAN_COLUMNS` + reason (+ message), as PostgreSQL names them.
+_PLAN_TYPES = ("int4", "text", "text", "text", "text", "text", "text", "bool", "timestamp", "timestamp", "text")
+
+
+# A planned delivery collided with a unique constraint while `PlanWriter` copied it straight into the table (another
+# planner took a dedupe key after this plan looked): the transaction is lost. Plan again with `careful=True`, which
+# passes over such rows (and whose dedupe check then sees the other plan's keys).
+PlanConflict = CopyConflict
+
 
 class PlanWriter:
-    """Writes one run's planned deliveries as planning streams them, a chunk at a time, in the caller's transaction
-    — the fast path, through the driver's executemany: the rows go to the database as plain tuples built here in
-    one pass. Each pending delivery's dedupe key is `key_prefix` + its contact id. Counts what it wrote (a dedupe
-    key already held, or a contact already in the run, is passed over)."""
+    """Writes one run's planned deliveries as planning streams them, a chunk at a time, in the caller's transaction.
+    Each pending delivery's dedupe key is `key_prefix` + its contact id. Counts what it wrote.
+
+    `pending` and `skipped` take a chunk's rows; `start` begins writing them, `wait` returns once they are written
+    (the counts include them from then on). On PostgreSQL (unless `careful`) a chunk is one binary COPY straight into
+    the table that runs in the background between `start` and `wait` — the caller renders the next chunk meanwhile
+    and must leave the connection alone until `wait` — and a row that collides with a unique constraint raises
+    `PlanConflict` (COPY cannot pass over it). Otherwise (SQLite; `careful`) each chunk is written by `insert_fast`
+    at `start`, passing over a dedupe key already held or a contact already in the run. Call `close` at the end,
+    also on an error."""
 
     def __init__(
         self,
@@ -292,6 +309,7 @@ class PlanWriter:
         capped: bool,
         now: datetime,
         with_messages: bool,
+        careful: bool = False,
     ) -> None:
         self.conn = conn
         self.run_id = run_id
@@ -303,37 +321,112 @@ class PlanWriter:
         self.with_messages = with_messages
         self.pending_count = 0
         self.skipped_count = 0
+        self.copy: BackgroundCopy | None = None
+        if conn.dialect.name == "postgresql" and not careful:
+            columns: tuple[str, ...] = (*_PLAN_COLUMNS, "reason")
+            types: tuple[str, ...] = _PLAN_TYPES
+            if with_messages:
+                columns, types = (*columns, "message"), (*types, "text")
+            self.copy = BackgroundCopy(conn, DELIVERIES, columns, types)
+        self.rows: list[tuple[Any, ...]] = []  # the chunk `start` writes next
+        self.pending_rows: list[tuple[Any, ...]] = []  # the same, for `insert_fast`: pending and skipped apart
+        self.skipped_rows: list[Planned] = []
+        self.counts = (0, 0)  # pending and skipped rows in `rows`
+        self.started = (0, 0)  # the same, in the chunk being copied
 
     def pending(self, rows: Sequence[PendingRow]) -> None:
-        """Recipients: pending deliveries. Plain text plans leave `message` (and the other empty columns) to the
-        server defaults: fewer bound values per row."""
+        """Recipients: pending deliveries. Plain text plans leave `message` to its NULL default."""
         run_id, campaign_id, prefix, capped, ts = self.run_id, self.campaign_id, self.key_prefix, self.capped, self.ts
         status = DeliveryStatus.PENDING.value
-        data: list[tuple[Any, ...]]
-        if self.with_messages:
-            data = [
+        if self.copy is not None:  # one column set for the chunk's pending and skipped rows: one COPY
+            if self.with_messages:
+                self.rows += [
+                    (run_id, campaign_id, cid, name, text, prefix + cid, status, capped, ts, ts, "", message)
+                    for cid, name, text, message in rows
+                ]
+            else:
+                self.rows += [
+                    (run_id, campaign_id, cid, name, text, prefix + cid, status, capped, ts, ts, "")
+                    for cid, name, text, _ in rows
+                ]
+            self.counts = (self.counts[0] + len(rows), self.counts[1])
+        elif self.with_messages:
+            self.pending_rows += [
                 (run_id, campaign_id, cid, name, text, prefix + cid, status, capped, ts, ts, message)
                 for cid, name, text, message in rows
             ]
-            self.pending_count += insert_fast(self.conn, DELIVERIES, data, (*_PLAN_COLUMNS, "message"))
         else:
-            data = [
+            self.pending_rows += [
                 (run_id, campaign_id, cid, name, text, prefix + cid, status, capped, ts, ts)
                 for cid, name, text, _ in rows
             ]
-            self.pending_count += insert_fast(self.conn, DELIVERIES, data, _PLAN_COLUMNS)
 
     def skipped(self, rows: Iterable[Planned]) -> None:
         """Contacts held back: skipped deliveries, with their reason."""
-        self.skipped_count += insert_planned(
-            self.conn,
-            self.run_id,
-            self.campaign_id,
-            rows,
-            status=DeliveryStatus.SKIPPED,
-            capped=self.capped,
-            now=self.now,
-        )
+        if self.copy is None:
+            self.skipped_rows += rows
+            return
+        run_id, campaign_id, capped, ts = self.run_id, self.campaign_id, self.capped, self.ts
+        status = DeliveryStatus.SKIPPED.value
+        extra = (None,) if self.with_messages else ()
+        before = len(self.rows)
+        self.rows += [
+            (
+                run_id,
+                campaign_id,
+                r.contact_id,
+                r.contact_name,
+                r.text,
+                r.dedupe_key,
+                status,
+                capped,
+                ts,
+                ts,
+                r.reason,
+                *extra,
+            )
+            for r in rows
+        ]
+        self.counts = (self.counts[0], self.counts[1] + len(self.rows) - before)
+
+    def start(self) -> None:
+        """Begin writing the rows given since the last `start` (waits for the chunk before them first)."""
+        if self.copy is not None:
+            self._copied(self.copy.start(self.rows))
+            self.rows, self.counts, self.started = [], (0, 0), self.counts
+            return
+        if self.pending_rows:
+            columns = (*_PLAN_COLUMNS, "message") if self.with_messages else _PLAN_COLUMNS
+            self.pending_count += insert_fast(self.conn, DELIVERIES, self.pending_rows, columns)
+        if self.skipped_rows:
+            self.skipped_count += insert_planned(
+                self.conn,
+                self.run_id,
+                self.campaign_id,
+                self.skipped_rows,
+                status=DeliveryStatus.SKIPPED,
+                capped=self.capped,
+                now=self.now,
+            )
+        self.pending_rows, self.skipped_rows = [], []
+
+    def wait(self) -> None:
+        """Until what `start` began is written: the connection is the caller's again."""
+        if self.copy is not None:
+            self._copied(self.copy.wait())
+
+    def _copied(self, rows: int) -> None:
+        if rows:
+            pending, skipped = self.started
+            self.pending_count += pending
+            self.skipped_count += skipped
+            self.started = (0, 0)
+
+    def close(self) -> None:
+        """Stop the background copy (waiting for a chunk in flight, whatever it raises: the caller leaves on an
+        error of its own, or waited already)."""
+        if self.copy is not None:
+            self.copy.close()
 
 
 def held_by_keys(db: DB, keys: Sequence[str]) -> dict[str, Held]:

@@ -28,7 +28,7 @@ from sqlalchemy.engine import Dialect
 from sqlalchemy.types import TypeDecorator
 from sqlmodel import Field, SQLModel
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 
 
 class UTCDateTime(TypeDecorator[datetime]):
@@ -217,6 +217,7 @@ class Delivery(SQLModel, table=True):
         ),
     )
     id: int | None = Field(default=None, primary_key=True)
+    # A foreign key on SQLite; on PostgreSQL a check once a statement, as strict and far cheaper (storage.db).
     run_id: int = Field(foreign_key="campaign_runs.id")
     campaign_id: str
     contact_id: str
