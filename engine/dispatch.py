@@ -52,7 +52,7 @@ from engine.blocking import GroupCommit, off_loop
 from engine.clock import Clock, SystemClock
 from engine.errors import GatewayError, NotFoundError, WecastError
 from engine.gateways.base import BatchOutcome, Gateway, LoginStatus
-from engine.i18n import tr
+from engine.i18n import N_, tr
 from engine.messages import Message, PartKind, part_key
 from engine.outcome import Outcome, Verdict, classify
 from engine.owners import BEAT_WITHIN, HEARTBEAT_EVERY, owner_alive, process_owner
@@ -89,6 +89,15 @@ class RunSummary:
 
 
 Progress = Callable[[dict[DeliveryStatus, int]], None]
+
+
+# What a run that stopped being sendable meanwhile says (RunSummary.message).
+_NOT_RUNNING = {
+    RunStatus.PAUSED: N_("the run was paused meanwhile; `wecast resume` sends the rest"),
+    RunStatus.CANCELLED: N_("the run was cancelled meanwhile"),
+    RunStatus.COMPLETED: N_("the run is completed"),
+}
+_NO_LONGER_RUNNING = N_("the run is no longer running")
 
 
 class Halt(Enum):
@@ -320,8 +329,11 @@ class Dispatcher:
         now = self.clock.now()
         if run.owner and run.owner != self.owner and owner_alive(run.owner, run.heartbeat_at, now):
             raise WecastError(
-                f"run {run.id} is being sent by another process ({run.owner.rsplit(':', 1)[0]}); "
-                "wait for it, or stop that process first"
+                tr(
+                    "run {run} is being sent by another process ({owner}); wait for it, or stop that process first",
+                    run=run.id,
+                    owner=run.owner.rsplit(":", 1)[0],
+                )
             )
         recovered = await off_loop(
             runs_db.take_over,
@@ -333,7 +345,7 @@ class Dispatcher:
             resend_in_flight=self.gateway.capabilities.idempotent_sends,
         )
         if recovered is None:
-            raise WecastError(f"run {run.id} was taken over by another process just now")
+            raise WecastError(tr("run {run} was taken over by another process just now", run=run.id))
         if any(recovered.values()):
             log.warning("run %s: recovered after an interruption: %s", run.id, recovered)
         return recovered
@@ -421,26 +433,28 @@ class _RunSender:
         while True:
             halt = await self.must_stop()
             if halt is Halt.STOPPING:
-                return "stopped; unsent deliveries stay pending and resume on the next start"
+                return tr("stopped; unsent deliveries stay pending and resume on the next start")
             if halt is Halt.FATAL and self.fatal is not None:
                 await self._wait_inflight()
                 raise self.fatal
             if halt is Halt.NOT_RUNNING:
-                return f"run {await self._run_status()}"
+                status = await self._run_status()
+                return tr(_NOT_RUNNING[status]) if status in _NOT_RUNNING else tr(_NO_LONGER_RUNNING)
             if halt is Halt.AUTH:
                 await self._wait_inflight()
                 await self._pause(f"paused: {self.auth_error}")
-                return f"paused: {self.auth_error}; fix it, then `wecast resume {self.run_id}`"
+                return tr("paused: {error}; fix it, then `wecast resume {run}`", error=self.auth_error, run=self.run_id)
             if halt is Halt.TOO_MANY_ERRORS:
                 await self._wait_inflight()
                 await self._pause(f"paused after {self.failed} failed deliveries (max_errors {self.max_errors})")
-                return f"paused after {self.failed} failures; see `wecast log --status failed`"
+                return tr("paused after {n} failures; see `wecast log --status failed`", n=self.failed)
             if halt is Halt.QUIET_HOURS:
                 wait = self.quiet_wait()
                 if quiet_wait_max is not None and wait > quiet_wait_max:
-                    return (
-                        f"quiet hours ({self.quiet}): sends wait; "
-                        "they go out when the window opens (`wecast serve`, or `wecast run --resume`)"
+                    return tr(
+                        "quiet hours ({window}): sends wait; they go out when the window opens (`wecast serve`, "
+                        "or `wecast run --resume`)",
+                        window=self.quiet,
                     )
                 log.info("run %s: quiet hours, waiting %.0fs", self.run_id, wait)
                 await self._idle(min(wait, 60.0))
@@ -452,9 +466,9 @@ class _RunSender:
                     continue
                 if not status_now.logged_in:
                     if login_wait is not None:
-                        return (
-                            "the WeCom account is not logged in: deliveries stay pending and go out "
-                            "after login (`wecast login`, then `wecast run --resume`)"
+                        return tr(
+                            "the WeCom account is not logged in: deliveries stay pending and go out after login "
+                            "(`wecast login`, then `wecast run --resume`)"
                         )
                     continue
                 self.logged_out = False
@@ -470,10 +484,11 @@ class _RunSender:
                     waiting = await self._reconcile() if self.batch else 0
                     if waiting:
                         if confirm_deadline is not None and d.clock.monotonic() >= confirm_deadline:
-                            return (
-                                f"{waiting} deliveries were submitted as WeCom mass-message tasks and wait for "
-                                "staff to confirm them in WeCom; `wecast run --resume` (or `wecast serve`) "
-                                "collects the results"
+                            return tr(
+                                "{n} deliveries were submitted as WeCom mass-message tasks and wait for staff to "
+                                "confirm them in WeCom; `wecast run --resume` (or `wecast serve`) collects the "
+                                "results",
+                                n=waiting,
                             )
                         await self._idle(RECONCILE_EVERY)
                         continue

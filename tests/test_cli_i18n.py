@@ -256,3 +256,27 @@ def test_unknown_rule_field_suggests_the_right_one(workdir: Path) -> None:
     code, _, err = wecast(workdir, "validate", str(workdir / "campaigns" / "typo.yaml"))
     assert code == 2
     assert "typo.yaml:2: audience.rules[0].cty: unknown contact field 'cty' (did you mean city?)" in err
+
+
+@pytest.mark.parametrize(
+    ("lang", "says", "not_says"), [("zh", "免打扰时段", "quiet hours"), ("en", "quiet hours", "免打扰")]
+)
+def test_a_run_held_by_quiet_hours_ends_in_the_chosen_language(
+    workdir: Path, lang: str, says: str, not_says: str
+) -> None:
+    """`wecast run --no-wait` inside the campaign's quiet hours leaves its sends pending and says why — in the
+    language chosen, as the rest of its output (the dispatcher's summary line was English under zh)."""
+    from datetime import datetime, timedelta
+    from zoneinfo import ZoneInfo
+
+    now = datetime.now(ZoneInfo("Asia/Shanghai"))
+    start, end = (now - timedelta(hours=1)).strftime("%H:%M"), (now + timedelta(hours=2)).strftime("%H:%M")
+    path = workdir / "campaigns" / "store_opening.yaml"
+    text = path.read_text(encoding="utf-8").replace(
+        "quiet_hours: false", f'quiet_hours: {{start: "{start}", end: "{end}"}}'
+    )
+    path.write_text(text, encoding="utf-8")
+    code, out, _ = wecast(workdir, "--lang", lang, "run", "store_opening_hz", "--now", "--no-wait")
+    assert code == 0, out
+    tail = out.strip().splitlines()[-1]
+    assert says in tail and not_says not in tail, out
