@@ -136,3 +136,25 @@ def test_an_empty_list_logged_out_is_refused(db_url: str, tmp_path: Path) -> Non
         refused = live.client.post("/get-all-user", json={"pageSize": 10})
         assert refused.status_code == 409, refused.text
         assert refused.json()["code"] == "not_logged_in"
+
+
+def test_the_contacts_api_lists_the_list_a_sync_makes_whole(db_url: str, tmp_path: Path) -> None:
+    """/api/v1/contacts on a list a sync left unfinished: logged out it lists what is stored (a listing, not a
+    send); logged in it lets the sync make the list whole first, as /get-all-user does — never the half-written
+    list, whatever order the event loop runs the login's sync in (it answered a login's first read empty on
+    uvloop)."""
+    db = make_db_engine(db_url)
+    contacts_db.upsert_tags(db, TAGS)
+    contacts_db.upsert_contacts(db, _stored(), NOW)
+    assert contacts_db.begin_sync(db, "a process killed midway", NOW, after=0) is not None
+    with _server(tmp_path, db_url) as live:
+        stored = live.client.get("/api/v1/contacts", params={"limit": 100})
+        assert stored.status_code == 200, stored.text
+        assert {c["id"] for c in stored.json()["items"]} == {"wm001", "wm002", "wm003"}
+        login(live.client)
+        answer = live.client.get("/api/v1/contacts", params={"limit": 100})
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["total"] == 60  # the sandbox's customers, synced now
+        latest = contacts_db.latest_sync(db)
+        assert latest is not None and latest.finished
+    db.dispose()

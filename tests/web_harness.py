@@ -104,15 +104,15 @@ class LiveServer:
         self.sock.bind(("127.0.0.1", 0))
         self.port = self.sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
-        # asyncio's loop, as before `wecast serve` moved to uvloop (tests/test_web_serve.py runs the real serve on
-        # it): several tests read contacts right after a login and rely on asyncio running the login's sync first.
+        # The loop `wecast serve` runs on (uvloop): tests that read contacts right after a login get the list the
+        # login's sync makes, on any loop's order of callbacks (the contact listings wait for it).
         config = uvicorn.Config(
             self.api,
             log_config=None,
             lifespan="on",
             ws="none",
             http="h11",
-            loop="asyncio",
+            loop="uvloop",
             timeout_graceful_shutdown=10,
         )
         self.server = uvicorn.Server(config)

@@ -21,6 +21,8 @@ journeys    GET /journeys, /journeys/{id}, /journeys/{id}/preview, /contacts/{id
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 from dataclasses import asdict
 from typing import Annotated, Any, Literal
 
@@ -28,7 +30,7 @@ from fastapi import APIRouter, Body, Query, Request, Response
 from fastapi import Path as PathParam
 from fastapi.responses import JSONResponse
 
-from engine.errors import CampaignError, LoginError, NotFoundError, WecastError
+from engine.errors import CampaignError, LoginError, NotFoundError, NotLoggedInError, WecastError
 from engine.gateways.base import LoginState
 from engine.gateways.sandbox import SandboxGateway
 from engine.i18n import tr
@@ -346,7 +348,7 @@ def router(ctx: WebContext) -> APIRouter:
 
     # -- contacts --------------------------------------------------------------------------------
     @r.get("/contacts", response_model=ContactsPageView, tags=["contacts"], summary="Contacts, filtered, paginated")
-    def contacts(
+    async def contacts(
         tag: Annotated[
             list[str] | None, Query(max_length=20, description="tag name or id; repeat: all must match")
         ] = None,
@@ -373,7 +375,14 @@ def router(ctx: WebContext) -> APIRouter:
             star=star,
             text=q,
         )
-        page = contacts_db.page_contacts(app.db, where, limit=limit, offset=offset, cursor=cursor)
+        ask = functools.partial(contacts_db.page_contacts, app.db, where, limit=limit, offset=offset, cursor=cursor)
+        page = None if ctx.workers.syncing else await ctx.db(ask)
+        if page is None or not (page.latest_sync and page.latest_sync.finished):
+            # A sync in progress (just logged in), interrupted or never run: as /get-all-user, the list is read
+            # once a sync has made it whole. Logged out, what is stored is listed as it is.
+            with contextlib.suppress(NotLoggedInError):
+                await ctx.ensure_contacts()
+            page = await ctx.db(ask)
         # As ContactsPageView serializes it, built without the models (a hot path; the same JSON).
         return Response(
             json_bytes(
