@@ -1,6 +1,7 @@
 """Rich messages' memory: a 1,000-recipient campaign with a 5 MB image beside the same campaign as text only.
 
     python -m bench.rich [--repeat 3] [--n 1000] [--image-mb 5] [--gateways sandbox,workpro]
+                         [--workpro-uploads ok|unimplemented]
     python -m bench.run rich                  # the same, with bench.run's --repeat
 
 Each run is a fresh process that syncs the contacts, plans the campaign and dispatches it to the end; its peak
@@ -9,8 +10,10 @@ stays within 50 MB of the text-only run — the poster is read and hashed once, 
 
 * sandbox: the simulated account in the process (it keeps each image's hash and size in its outbox).
 * workpro: the gateway against the fake WorkPro puppet on loopback gRPC. The fake runs in a process of its own,
-  so its memory (it decodes every FileBox it receives) is not counted; it reports what it received, which is
-  checked: every recipient got the image once, with the content's sha256.
+  so its memory is not counted; it reports what it received, which is checked: every recipient got the image
+  once, with the content's sha256. The image goes as juzi's client sends it: streamed with `Upload` for each
+  send (read in chunks, never whole), then a FileBox naming the upload (`--workpro-uploads unimplemented`: a
+  server without Upload, where it goes inline as base64, encoded once).
 
 The image is a real PNG of random pixels (it does not compress), made once per benchmark with Pillow.
 """
@@ -68,13 +71,13 @@ def _peak_mb() -> float:
 # -- the fake puppet's process ------------------------------------------------------------------------------
 
 
-def puppet_main(contacts: int) -> None:
+def puppet_main(contacts: int, uploads: str = "ok") -> None:
     """Serve a FakePuppet; print `port N`, then `code XXXXXX` when the phone shows one; answer `count` on stdin
     with what it received (JSON: parts by kind, images and their distinct sha256)."""
     from engine.gateways.fake_puppet import FakePuppet
 
     async def go() -> None:
-        fake = FakePuppet(contacts=contacts, auto_scan_after=0.05)
+        fake = FakePuppet(contacts=contacts, auto_scan_after=0.05, uploads=uploads)  # type: ignore[arg-type]
         port = await fake.start()
         print(f"port {port}", flush=True)
         loop = asyncio.get_running_loop()
@@ -113,9 +116,9 @@ def puppet_main(contacts: int) -> None:
 class Puppet:
     """The fake puppet in a child process, spoken to over its stdin and stdout."""
 
-    def __init__(self, contacts: int) -> None:
+    def __init__(self, contacts: int, uploads: str = "ok") -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "bench.rich", "_puppet", str(contacts)],
+            [sys.executable, "-m", "bench.rich", "_puppet", str(contacts), uploads],
             cwd=ROOT,
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
@@ -152,7 +155,7 @@ class Puppet:
 # -- one measured run ---------------------------------------------------------------------------------------
 
 
-def one(gateway: str, kind: str, image: str, n: int) -> dict[str, Any]:
+def one(gateway: str, kind: str, image: str, n: int, uploads: str = "ok") -> dict[str, Any]:
     """Sync, plan and dispatch the campaign (`kind`: text or image) to n recipients on `gateway`, in this (fresh)
     process; its peak RSS and what the gateway received."""
     from engine.service import Wecast
@@ -168,7 +171,7 @@ def one(gateway: str, kind: str, image: str, n: int) -> dict[str, Any]:
             CAMPAIGN.replace("%(n)s", str(n)).replace("%(image)s", IMAGE_PART if kind == "image" else ""),
             encoding="utf-8",
         )
-        puppet = Puppet(contacts) if gateway == "workpro" else None
+        puppet = Puppet(contacts, uploads) if gateway == "workpro" else None
         extra = (
             "gateway: workpro\n"
             f"workpro: {{endpoint: '127.0.0.1:{puppet.port}', token: puppet_workpro_fake0123456789abcdef, "
@@ -208,6 +211,7 @@ def one(gateway: str, kind: str, image: str, n: int) -> dict[str, Any]:
                 seconds = time.perf_counter() - t0
                 peak = _peak_mb()  # before the outbox is read back to check it
                 reads = gw.files.reads
+                uploads = getattr(gw, "uploads", 0)
                 received = _sandbox_received(gw) if puppet is None else {}
             return {
                 "peak_mb": peak,
@@ -216,6 +220,7 @@ def one(gateway: str, kind: str, image: str, n: int) -> dict[str, Any]:
                 "sent": summary.sent,
                 "counts": {str(k): v for k, v in summary.counts.items()},
                 "file_reads": reads,
+                "uploads": uploads,
                 "received": received,
             }
 
@@ -252,7 +257,11 @@ def _sub(*args: str) -> dict[str, Any]:
 
 
 def report(
-    repeat: int = 3, n: int = 1000, image_mb: float = 5, gateways: tuple[str, ...] = ("sandbox", "workpro")
+    repeat: int = 3,
+    n: int = 1000,
+    image_mb: float = 5,
+    gateways: tuple[str, ...] = ("sandbox", "workpro"),
+    uploads: str = "ok",
 ) -> bool:
     """Print the figures; True when every gateway is within the target."""
     print(f"rich messages – {n:,} recipients, a {image_mb:g} MB image vs text only; peak RSS, median of {repeat} runs")
@@ -266,7 +275,7 @@ def report(
             runs: dict[str, list[dict[str, Any]]] = {"text": [], "image": []}
             for _ in range(repeat):  # interleaved, so a noisy minute hits both
                 for kind in ("text", "image"):
-                    r = _sub(gateway, kind, str(image), str(n))
+                    r = _sub(gateway, kind, str(image), str(n), uploads)
                     assert r["sent"] == n, r
                     runs[kind].append(r)
             for r in runs["image"]:
@@ -279,7 +288,8 @@ def report(
             print(
                 f"  {gateway:8} text-only {text:6.1f} MB, with the {size_mb:.1f} MB image {img:6.1f} MB: "
                 f"+{img - text:.1f} MB (target ≤ {TARGET_MB} MB) {'ok' if within else 'OVER'}; "
-                f"image read {statistics.median(r['file_reads'] for r in runs['image']):.0f}x for {n:,} recipients; "
+                f"image read whole {statistics.median(r['file_reads'] for r in runs['image']):.0f}x, "
+                f"uploaded {statistics.median(r['uploads'] for r in runs['image']):.0f}x for {n:,} recipients; "
                 f"dispatch {statistics.median(r['seconds'] for r in runs['text']):.1f} s text, "
                 f"{statistics.median(r['seconds'] for r in runs['image']):.1f} s image; "
                 f"runs (text/image MB): "
@@ -297,15 +307,17 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=1000)
     parser.add_argument("--image-mb", type=float, default=5)
     parser.add_argument("--gateways", default="sandbox,workpro")
+    parser.add_argument("--workpro-uploads", choices=("ok", "unimplemented"), default="ok", help="the fake's Upload")
     args = parser.parse_args()
     if args.which and args.which[0] == "_one":
-        gateway, kind, image, n = args.which[1:5]
-        print(json.dumps(one(gateway, kind, image, int(n))))
+        gateway, kind, image, n, uploads = args.which[1:6]
+        print(json.dumps(one(gateway, kind, image, int(n), uploads)))
         return
     if args.which and args.which[0] == "_puppet":
-        puppet_main(int(args.which[1]))
+        puppet_main(int(args.which[1]), args.which[2])
         return
-    ok = report(args.repeat, args.n, args.image_mb, tuple(g for g in args.gateways.split(",") if g))
+    gateways = tuple(g for g in args.gateways.split(",") if g)
+    ok = report(args.repeat, args.n, args.image_mb, gateways, args.workpro_uploads)
     sys.exit(0 if ok else 1)
 
 

@@ -8,6 +8,7 @@ import hashlib
 import logging
 import random
 import time
+import tracemalloc
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import timedelta
 from pathlib import Path
@@ -31,7 +32,7 @@ from engine.gateways.fake_puppet import NEW_DEVICE_TEXT, SELF_ID, SELF_NAME, Fak
 from engine.gateways.proto import generate
 from engine.gateways.proto import puppet_pb2 as pb
 from engine.gateways.workpro import WorkproGateway
-from engine.messages import ImagePart, Media, PartKind
+from engine.messages import IMAGE_MAX_BYTES, FilePart, ImagePart, Media, PartKind
 from engine.settings import WorkproSettings
 
 pytestmark = pytest.mark.anyio
@@ -709,12 +710,12 @@ async def test_message_id_falls_back_to_field_one(
     assert receipt.message_id == fake.sends[-1].message_id
 
 
-async def test_five_megabyte_image_is_read_and_encoded_once(
+async def test_without_upload_a_five_megabyte_image_is_read_and_encoded_once(
     make_fake: Factory, make_gateway: Factory, tmp_path: Path
 ) -> None:
-    """A 5 MB poster to 10 customers: the file is read and base64-encoded into a FileBox once (cached by content),
-    and every customer receives exactly its bytes."""
-    fake = await make_fake()
+    """On a server without Upload, a 5 MB poster to 10 customers: the file is read and base64-encoded into a
+    FileBox once (cached by content), and every customer receives exactly its bytes."""
+    fake = await make_fake(uploads="unimplemented")
     gateway = await make_gateway(settings_for(fake))
     await login(gateway, fake)
     data = b"\x89PNG\r\n\x1a\n" + random.Random(5).randbytes(5 * 1024 * 1024)
@@ -731,13 +732,14 @@ async def test_five_megabyte_image_is_read_and_encoded_once(
     ]
 
 
-async def test_concurrent_image_sends_carry_one_filebox_at_a_time(
+async def test_without_upload_concurrent_image_sends_carry_one_filebox_at_a_time(
     make_fake: Factory, make_gateway: Factory, tmp_path: Path
 ) -> None:
-    """Eight sends of a 5 MB poster at once (the dispatcher's default concurrency) build and send one request
-    carrying it at a time — each request is a copy of the FileBox — while small files still go side by side; every
-    customer receives the poster exactly once, and nothing is left counted in flight."""
-    fake = await make_fake()
+    """On a server without Upload, eight sends of a 5 MB poster at once (the dispatcher's default concurrency)
+    build and send one request carrying it inline at a time — each request is a copy of the FileBox — while small
+    files still go side by side; every customer receives the poster exactly once, and nothing is left counted in
+    flight."""
+    fake = await make_fake(uploads="unimplemented")
     gateway = await make_gateway(settings_for(fake, call_timeout=timedelta(seconds=30)))
     await login(gateway, fake)
     data = b"\x89PNG\r\n\x1a\n" + random.Random(6).randbytes(5 * 1024 * 1024)
@@ -748,7 +750,7 @@ async def test_concurrent_image_sends_carry_one_filebox_at_a_time(
     )
     contacts = fake.contact_ids()[:8]
     await asyncio.gather(*(gateway.send_part(c, poster, idempotency_key=f"p-{c}") for c in contacts))
-    box = len(await gateway._filebox(poster))
+    box = len(await gateway.files.get(poster.media, IMAGE_MAX_BYTES))
     assert box > 5 * 1024 * 1024  # base64: the request is bigger than the file
     assert gateway.in_flight.peak == box  # one at a time
     assert gateway.in_flight.used == 0
@@ -758,7 +760,7 @@ async def test_concurrent_image_sends_carry_one_filebox_at_a_time(
     small = ImagePart(Media(name="small.png", path=tmp_path / "small.png", size=len(small_data), mime="image/png"))
     gateway.in_flight.peak = 0
     await asyncio.gather(*(gateway.send_part(c, small, idempotency_key=f"s-{c}") for c in contacts))
-    assert gateway.in_flight.peak > len(await gateway._filebox(small))  # several at once
+    assert gateway.in_flight.peak > len(await gateway.files.get(small.media, IMAGE_MAX_BYTES))  # several at once
     assert gateway.in_flight.used == 0
 
 
@@ -781,6 +783,143 @@ async def test_a_file_send_that_finds_no_room_is_transient_and_never_left(
     gateway.in_flight.release(gateway.in_flight.limit)
     await gateway.send_part(fake.contact_ids()[0], part, idempotency_key="wait")
     assert [s.kind for s in fake.sends] == [PartKind.IMAGE]
+
+
+def poster_file(tmp_path: Path, seed: int, size: int, name: str = "poster.png") -> ImagePart:
+    """A PNG-looking local image of `size` random bytes, declared with its sha256 as the campaign checks it."""
+    data = b"\x89PNG\r\n\x1a\n" + random.Random(seed).randbytes(size)
+    path = tmp_path / name
+    path.write_bytes(data)
+    return ImagePart(
+        Media(name=name, path=path, size=len(data), sha256=hashlib.sha256(data).hexdigest(), mime="image/png")
+    )
+
+
+async def test_local_files_go_by_upload_then_a_uuid_filebox(
+    make_fake: Factory, make_gateway: Factory, tmp_path: Path
+) -> None:
+    """As juzi's client sends them: each send of local content first streams the bytes with Upload (in chunks, the
+    file never read whole), then MessageSendFile carries a FileBox of type Uuid (7) naming that upload with the
+    name and size — never base64. One upload per send (an uploaded uuid is loadable once); every customer got
+    exactly the file's bytes."""
+    fake = await make_fake()
+    gateway = await make_gateway(settings_for(fake))
+    await login(gateway, fake)
+    poster = poster_file(tmp_path, 11, 700_000)  # three chunks
+    (tmp_path / "价目表.pdf").write_bytes(b"%PDF-1.4 price list")
+    price_list = FilePart(Media(name="价目表.pdf", path=tmp_path / "价目表.pdf"))
+    contacts = fake.contact_ids()[:3]
+    for contact_id in contacts:
+        await gateway.send_part(contact_id, poster, idempotency_key=f"p-{contact_id}")
+    await gateway.send_part(contacts[0], price_list, idempotency_key="pdf")
+    calls = [c for c in fake.calls if c in ("Upload", "MessageSendFile")]
+    assert calls == ["Upload", "MessageSendFile"] * 4
+    assert [(b["type"], b["boxType"], b["name"], b["size"]) for b in fake.file_boxes] == [
+        (7, 7, "poster.png", poster.media.size)
+    ] * 3 + [(7, 7, "价目表.pdf", 19)]
+    assert [b["uuid"] for b in fake.file_boxes] == list(fake.uploads)  # each upload named by one send
+    assert all(u.used for u in fake.uploads.values())
+    assert [(s.contact_id, s.kind, s.sha256, s.size) for s in fake.sends] == [
+        (c, PartKind.IMAGE, poster.media.sha256, poster.media.size) for c in contacts
+    ] + [(contacts[0], PartKind.FILE, hashlib.sha256(b"%PDF-1.4 price list").hexdigest(), 19)]
+    assert gateway.uploads == 4 and gateway.files.reads == 0  # nothing encoded as base64
+    assert gateway.in_flight.used == 0
+
+
+async def test_a_server_without_upload_gets_base64_once_told(
+    make_fake: Factory, make_gateway: Factory, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An older or open-source server answers Upload with UNIMPLEMENTED: the gateway falls back to the inline
+    (base64) FileBox, says so in one log line, and does not try Upload again on that connection."""
+    fake = await make_fake(uploads="unimplemented")
+    gateway = await make_gateway(settings_for(fake))
+    await login(gateway, fake)
+    poster = poster_file(tmp_path, 12, 300_000)
+    contacts = fake.contact_ids()[:3]
+    with caplog.at_level(logging.WARNING, logger="wecast.gateway.workpro"):
+        for contact_id in contacts:
+            await gateway.send_part(contact_id, poster, idempotency_key=f"p-{contact_id}")
+            if contact_id == contacts[0]:
+                # one, or two when gRPC lost the first answer to a chunk's write (then an empty Upload asks again)
+                asked = fake.calls.count("Upload")
+                assert asked in (1, 2)
+    assert fake.calls.count("Upload") == asked  # not asked again on this connection
+    assert [b["type"] for b in fake.file_boxes] == [1, 1, 1]
+    assert [(s.contact_id, s.sha256) for s in fake.sends] == [(c, poster.media.sha256) for c in contacts]
+    told = [r.getMessage() for r in caplog.records if "Upload" in r.getMessage()]
+    assert told == ["workpro: the server has no Upload; local images and files go inline (base64)"]
+
+
+async def test_a_cut_upload_is_not_sent_and_its_retry_arrives_once(
+    make_fake: Factory, make_gateway: Factory, tmp_path: Path
+) -> None:
+    """An upload cut mid-stream (the connection reset) delivered nothing: a TransientError saying so — not an
+    unknown outcome — and the retry uploads again and arrives exactly once."""
+    fake = await make_fake()
+    gateway = await make_gateway(settings_for(fake))
+    await login(gateway, fake)
+    poster = poster_file(tmp_path, 13, 900_000)
+    first, contact_id = fake.contact_ids()[:2]
+    await gateway.send_part(first, poster, idempotency_key="first")
+    fake.cut_uploads(1)
+    with pytest.raises(TransientError) as cut:
+        await gateway.send_part(contact_id, poster, idempotency_key="p")
+    assert not isinstance(cut.value, UnknownOutcomeError)
+    # gRPC's client reports the reset, or (when a chunk's write meets the ended call) its own failure to write
+    assert str(cut.value) in {
+        f"not sent: the upload of poster.png to WorkPro failed ({why})"
+        for why in ("Connection reset by peer", "Internal error from Core")
+    }
+    assert [s.contact_id for s in fake.sends] == [first] and len(fake.uploads) == 1 and fake.cut_upload_count == 1
+    assert fake.calls.count("MessageSendFile") == 1 and gateway.in_flight.used == 0
+    await gateway.send_part(contact_id, poster, idempotency_key="p")
+    assert [(s.contact_id, s.sha256, s.size) for s in fake.sends] == [
+        (c, poster.media.sha256, poster.media.size) for c in (first, contact_id)
+    ]
+
+
+async def test_a_file_changed_since_it_was_checked_is_uploaded_but_never_sent(
+    make_fake: Factory, make_gateway: Factory, tmp_path: Path
+) -> None:
+    """The content is hashed as it streams: a file that changed after the campaign checked it is refused
+    (PermanentError) once its upload ends, and no message names that upload."""
+    fake = await make_fake()
+    gateway = await make_gateway(settings_for(fake))
+    await login(gateway, fake)
+    poster = poster_file(tmp_path, 14, 400_000)
+    assert poster.media.path is not None
+    poster.media.path.write_bytes(b"\x89PNG\r\n\x1a\n another picture")
+    with pytest.raises(PermanentError, match=r"changed after it was checked"):
+        await gateway.send_part(fake.contact_ids()[0], poster, idempotency_key="p")
+    assert fake.sends == [] and "MessageSendFile" not in fake.calls
+    (tmp_path / "empty.png").write_bytes(b"")
+    empty = ImagePart(Media("empty.png", tmp_path / "empty.png"))
+    with pytest.raises(PermanentError, match=r"is empty"):
+        await gateway.send_part(fake.contact_ids()[0], empty, idempotency_key="e")
+    assert fake.sends == [] and fake.calls.count("Upload") == 1  # the empty file was not even uploaded
+
+
+async def test_an_upload_holds_a_few_chunks_of_the_file_not_the_file(
+    make_fake: Factory, make_gateway: Factory, tmp_path: Path
+) -> None:
+    """Memory: sending a 5 MB poster by Upload allocates (Python heap, the fake's side included) well under the
+    file's size — it is streamed a chunk at a time, never read whole nor encoded — where the inline path
+    holds a 6.7 MB base64 copy at least; eight at once stay within `in_flight` and all arrive once."""
+    fake = await make_fake()
+    gateway = await make_gateway(settings_for(fake, call_timeout=timedelta(seconds=30)))
+    await login(gateway, fake)
+    poster = poster_file(tmp_path, 15, 5 * 1024 * 1024)
+    contacts = fake.contact_ids()[:8]
+    tracemalloc.start()
+    try:
+        await gateway.send_part(contacts[0], poster, idempotency_key="one")
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 2 * 1024 * 1024, peak
+    await asyncio.gather(*(gateway.send_part(c, poster, idempotency_key=f"p-{c}") for c in contacts[1:]))
+    assert gateway.in_flight.peak <= gateway.in_flight.limit and gateway.in_flight.used == 0
+    assert sorted((s.contact_id, s.sha256) for s in fake.sends) == sorted((c, poster.media.sha256) for c in contacts)
 
 
 async def test_refused_image_is_that_parts_failure(make_fake: Factory, make_gateway: Factory, tmp_path: Path) -> None:

@@ -299,3 +299,65 @@ async def test_a_changed_contact_is_refreshed_from_the_dirty_event(tmp_path: Pat
         await scheduler.stop()
         await app.close()
         await fake.stop()
+
+
+POSTER_CAMPAIGN = """\
+id: poster_day
+name: 海报日
+audience: {}
+message:
+  parts:
+    - image: poster.png
+    - text: "{{ name }}您好，海报请查收"
+quiet_hours: false
+frequency_cap: false
+throttle: {per_second: 1000}
+"""
+
+
+@pytest.mark.anyio
+async def test_a_poster_campaign_through_cut_uploads_reaches_everyone_once(tmp_path: Path) -> None:
+    """A 40-recipient poster campaign whose uploads the connection cuts three times: each cut upload delivered
+    nothing, so its send is retried (TransientError), and every recipient gets the poster exactly once — each
+    send named its own fresh upload, whose bytes have the poster's sha256."""
+    import hashlib
+    import random
+
+    fake = FakePuppet(token=TOKEN, contacts=40)
+    await fake.start()
+    settings = workpro_settings(
+        tmp_path,
+        fake,
+        sending={"concurrency": 4, "retry": {"max_attempts": 10, "base_delay": "0.05s", "max_delay": "0.2s"}},
+    )
+    poster = tmp_path / "campaigns" / "poster.png"
+    pixels = random.Random(40).randbytes(300 * 300 * 3)
+    Image.frombytes("RGB", (300, 300), pixels).save(poster, format="PNG")
+    digest = hashlib.sha256(poster.read_bytes()).hexdigest()
+    (tmp_path / "campaigns" / "poster_day.yaml").write_text(POSTER_CAMPAIGN, encoding="utf-8")
+    app = Wecast(settings)
+    gateway = app.gateway
+    assert isinstance(gateway, WorkproGateway)
+    try:
+        await app.start()
+        await log_in(gateway, fake)
+        assert (await app.sync()).seen == 40
+        campaign = load_campaign(tmp_path / "campaigns" / "poster_day.yaml", settings)
+        run = asyncio.create_task(app.run_campaign(campaign, login_wait=5))
+        await until(lambda: len(fake.sends) >= 6, what="a few sends")
+        fake.cut_uploads(3)
+        outcome = await asyncio.wait_for(run, 30)
+    finally:
+        await app.close()
+        await fake.stop()
+
+    images = [s for s in fake.sends if s.kind.value == "image"]
+    assert Counter(s.contact_id for s in images) == Counter(fake.contact_ids())
+    assert {(s.sha256, s.size) for s in images} == {(digest, poster.stat().st_size)}
+    assert fake.cut_upload_count == 3
+    named = [b["uuid"] for b in fake.file_boxes]
+    assert len(named) == len(set(named)) == 40 and all(fake.uploads[u].used for u in named)
+    assert outcome.summary is not None and outcome.summary.status == "completed"
+    rows = list_deliveries(app.db, run_id=outcome.plan.run_id, limit=1000)
+    assert {r.status for r in rows} == {"sent"} and len(rows) == 40
+    assert sum(r.attempts for r in rows) == 40 + 3

@@ -143,6 +143,14 @@ CASES: list[tuple[grpc.StatusCode, str, str, bool, Failure, type[GatewayError]]]
         Failure.REFUSED,
         PermanentError,
     ),
+    # An Upload delivers nothing: however it fails, the send is safe to retry (TransientError, never unknown).
+    (C.UNAVAILABLE, "Connection reset by peer", "Upload", False, Failure.BROKEN, TransientError),
+    (C.DEADLINE_EXCEEDED, "Deadline Exceeded", "Upload", False, Failure.TIMEOUT, TransientError),
+    (C.UNKNOWN, "Error: ENOSPC: no space left on device, write", "Upload", False, Failure.REFUSED, TransientError),
+    (C.UNIMPLEMENTED, "Method not found!", "Upload", False, Failure.UNSUPPORTED, PermanentError),
+    # gRPC's client failing to write on a call that just ended: the call broke; for a send, maybe delivered.
+    (C.INTERNAL, "Internal error from Core", "Upload", False, Failure.BROKEN, TransientError),
+    (C.INTERNAL, "Internal error from Core", "MessageSendFile", True, Failure.BROKEN, UnknownOutcomeError),
 ]
 
 

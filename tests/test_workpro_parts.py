@@ -10,7 +10,14 @@ from pathlib import Path
 import pytest
 
 from engine.errors import PermanentError
-from engine.gateways.workpro.parts import filebox_inline, filebox_name, filebox_url, mini_program, url_link
+from engine.gateways.workpro.parts import (
+    filebox_inline,
+    filebox_name,
+    filebox_url,
+    filebox_uuid,
+    mini_program,
+    url_link,
+)
 from engine.messages import LinkPart, Media, MiniProgramPart
 
 
@@ -29,6 +36,21 @@ def test_url_filebox() -> None:
     box = json.loads(filebox_url("poster.jpg", "https://img.example.com/p.jpg", 2048))
     assert (box["type"], box["boxType"], box["url"], box["size"]) == (2, 2, "https://img.example.com/p.jpg", 2048)
     assert "size" not in json.loads(filebox_url("poster.jpg", "https://img.example.com/p.jpg"))
+
+
+def test_uuid_filebox_names_an_upload() -> None:
+    """A box naming an upload has FileBoxType Uuid (7) under `type` and `boxType`, the upload's id, the name and
+    the size — the shape file-box's `toJSON` gives `FileBoxUuid.fromUuid(uuid, {name, size})` (no md5 when
+    unknown) — and carries no content."""
+    box = json.loads(filebox_uuid("海报.png", "6f88b03c-1237-4f46-8db2-98ef23200551", 5242880))
+    assert box == {
+        "metadata": {},
+        "name": "海报.png",
+        "size": 5242880,
+        "uuid": "6f88b03c-1237-4f46-8db2-98ef23200551",
+        "type": 7,
+        "boxType": 7,
+    }
 
 
 def test_image_names_carry_their_type() -> None:

@@ -5,9 +5,13 @@ token auth on every RPC, HEARTBEAT on connect (then LOGIN/READY when logged in, 
 WeCom QR URL, the phone's scan, the VERIFY_CODE event whose id is the QR key, EnterVerifyCode with 3
 tries, LOGIN, READY (twice), WeCom's optional "new device" second QR, Logout, a deterministic Chinese
 contact book with tags and tag groups, and sends of every part kind recorded in memory (`sends`: text, images
-and files decoded from their FileBox, link and mini-program cards). Faults are switched on through a Python
-control API (`drop_event_stream`, `stall_event_stream`, `restart`, `fail_sends`, `throttle_sends`,
-`refuse_parts`, `send_delay`, `batch_mode`); sends a fault refused are kept in `rejected`. Customers act
+and files decoded from their FileBox, link and mini-program cards). Files come as juzi's client sends them: the
+bytes by the client-streaming `Upload` (chunks; an empty first request is skipped), then a FileBox of type Uuid
+naming the upload, resolved here to what was uploaded (its sha256 and size; the bytes are not kept) and usable
+once, as file-box's registry documents; `uploads="unimplemented"` plays a server without Upload (base64 boxes
+then), `cut_uploads` breaks uploads mid-stream. Faults are switched on through a Python control API
+(`drop_event_stream`, `stall_event_stream`, `restart`, `fail_sends`, `throttle_sends`, `refuse_parts`,
+`cut_uploads`, `send_delay`, `batch_mode`, `uploads`); sends a fault refused are kept in `rejected`. Customers act
 through it too, with the events the real server pushes: `incoming_message` (MESSAGE, then MessagePayload),
 `add_contact` / `remove_contact` (FRIENDSHIP, then FriendshipPayload), `tag` / `touch_contact` (DIRTY);
 `deliver=False` loses the event, as a broken stream would. Tags are created with TagGroupAdd / TagTagAdd and
@@ -59,6 +63,7 @@ VERIFY_TEXT = "请输入企业微信手机端展示的验证码，以继续登�
 JS_STACK = "\n    at PuppetWorkPro.{fn} (/app/node_modules/@juzi/puppet-workpro/dist/cjs/src/puppet.js:{line}:17)"
 
 BatchMode = Literal["ok", "unimplemented", "not_a_function", "fail"]
+UploadMode = Literal["ok", "unimplemented"]
 
 _CITIES = [
     ("上海", "上海"),
@@ -101,6 +106,15 @@ class SentMessage:
     size: int = 0
     url: str = ""
     payload: dict[str, Any] = field(default_factory=dict)  # a card's fields as received
+
+
+@dataclass
+class Upload:
+    """One finished upload, as the server keeps it (its content's sha256 and size; `used` once a send named it)."""
+
+    sha256: str
+    size: int
+    used: bool = False
 
 
 @dataclass
@@ -182,6 +196,15 @@ class _AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grp
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
             yield None  # pragma: no cover - abort raises
 
+        async def deny_stream_in(requests: Any, context: grpc.aio.ServicerContext) -> Any:
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+
+        if handler.stream_unary:
+            return grpc.stream_unary_rpc_method_handler(
+                deny_stream_in,
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
         if handler.unary_stream:
             return grpc.unary_stream_rpc_method_handler(
                 deny_stream,
@@ -210,9 +233,15 @@ class FakePuppet(pb_grpc.PuppetServicer):  # type: ignore[misc]
         auto_scan_after: float | None = None,
         ready_delay: float = 0.01,
         zero_seq: bool = False,
+        uploads: UploadMode = "ok",
     ) -> None:
         self.token = token
         self.batch_mode: BatchMode = batch_mode
+        self.upload_mode: UploadMode = uploads
+        self.uploads: dict[str, Upload] = {}  # finished uploads by id
+        self.file_boxes: list[dict[str, Any]] = []  # every MessageSendFile's FileBox JSON (without its base64)
+        self.cut_upload_count = 0  # uploads cut mid-stream so far (nothing kept of them)
+        self._cuts = 0  # how many of the next uploads to cut
         self.second_verification = second_verification  # ask for WeCom's "new device" QR after the next login
         self.ready_twice = ready_twice
         self.auto_scan_after = auto_scan_after  # the phone scans each QR this long after it shows
@@ -387,6 +416,11 @@ class FakePuppet(pb_grpc.PuppetServicer):  # type: ignore[misc]
     ) -> None:
         """The next `count` sends of that kind of part fail with `code` and `details` (nothing is recorded)."""
         self._part_faults.setdefault(kind, []).extend([(code, details)] * count)
+
+    def cut_uploads(self, count: int) -> None:
+        """The next `count` uploads break after their first chunk, the way a reset connection does (UNAVAILABLE,
+        "Connection reset by peer"); nothing of them is kept."""
+        self._cuts += count
 
     def throttle_sends(self, count: int) -> None:
         """The next `count` sends get WorkPro's rate-limit answer (13 INTERNAL, WorkproErrorCode 20001)."""
@@ -735,35 +769,61 @@ class FakePuppet(pb_grpc.PuppetServicer):  # type: ignore[misc]
         )
         return _with_id(pb.MessageSendTextResponse(), message_id)
 
+    async def Upload(self, request_iterator: AsyncIterator[pb.UploadRequest], context: grpc.aio.ServicerContext) -> Any:
+        """The bytes of a file, in chunks (juzi's client writes an empty request first: empty chunks are skipped),
+        answered with the upload's id. Hashed as they come; only the hash and size are kept."""
+        if self.upload_mode == "unimplemented":
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, "Method not found!")
+        digest = hashlib.sha256()
+        size = 0
+        async for request in request_iterator:
+            if not request.chunk:
+                continue
+            if self._cuts:
+                self._cuts -= 1
+                self.cut_upload_count += 1
+                await context.abort(grpc.StatusCode.UNAVAILABLE, "Connection reset by peer")
+            digest.update(request.chunk)
+            size += len(request.chunk)
+        upload_id = f"{self._rng.getrandbits(128):032x}"
+        self.uploads[upload_id] = Upload(digest.hexdigest(), size)
+        return pb.UploadResponse(id=upload_id)
+
     async def MessageSendFile(
         self, request: pb.MessageSendFileRequest, context: grpc.aio.ServicerContext
     ) -> pb.MessageSendFileResponse:
+        upload: Upload | None = None
         try:
             box = json.loads(request.file_box)
+            self.file_boxes.append({k: v for k, v in box.items() if k != "base64"})
             name = str(box["name"])
             box_type = int(box.get("type", box.get("boxType", 0)))
             data = base64.b64decode(box["base64"], validate=True) if box_type == 1 else b""
             url = str(box["url"]) if box_type == 2 else ""
+            uuid = str(box["uuid"]) if box_type == 7 else ""
         except (ValueError, KeyError, TypeError, binascii.Error) as exc:
             await context.abort(grpc.StatusCode.UNKNOWN, f"Error: unknown filebox json object: {exc}")
-        if box_type not in (1, 2):
+        if box_type not in (1, 2, 7):
             await context.abort(grpc.StatusCode.UNKNOWN, f"Error: unknown filebox json object{{type}}: {box_type}")
+        if box_type == 7:
+            upload = self.uploads.get(uuid)
+            if upload is None or upload.used:
+                await context.abort(
+                    grpc.StatusCode.UNKNOWN,
+                    f"Error: ENOENT: no such file or directory, open '/tmp/file-box-urn-registry/{uuid}.dat'",
+                )
         kind = PartKind.IMAGE if name.lower().endswith(IMAGE_NAMES) else PartKind.FILE
-        message_id = await self._accept(
-            context,
-            "messageSendFile",
-            request.conversation_id,
-            kind,
-            lambda mid: SentMessage(
-                request.conversation_id,
-                name,
-                mid,
-                kind=kind,
-                sha256=hashlib.sha256(data).hexdigest() if data else "",
-                size=len(data) if data else int(box.get("size") or 0),
-                url=url,
-            ),
-        )
+
+        def received(mid: str) -> SentMessage:
+            if upload is not None:
+                upload.used = True
+                sha256, size = upload.sha256, upload.size
+            else:
+                sha256 = hashlib.sha256(data).hexdigest() if data else ""
+                size = len(data) if data else int(box.get("size") or 0)
+            return SentMessage(request.conversation_id, name, mid, kind=kind, sha256=sha256, size=size, url=url)
+
+        message_id = await self._accept(context, "messageSendFile", request.conversation_id, kind, received)
         return _with_id(pb.MessageSendFileResponse(), message_id)
 
     async def MessageSendUrl(

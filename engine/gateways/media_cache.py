@@ -19,7 +19,7 @@ import hashlib
 from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Generic, TypeVar
+from typing import BinaryIO, Generic, TypeVar
 
 from engine.errors import PermanentError
 from engine.messages import Media
@@ -36,28 +36,97 @@ class MediaContent:
     sha256: str
 
 
+def _checked_size(media: Media, limit: int) -> int:
+    """The size of a local media file, refusing it (PermanentError) if it is a URL, missing, not a regular file,
+    or over `limit` bytes. OSError passes through (the callers word it)."""
+    if media.path is None:
+        raise PermanentError(f"{media.name} is a URL, not a local file")
+    if not media.path.is_file():
+        raise PermanentError(f"the file {media.name} is missing or not a regular file ({media.path})")
+    size = media.path.stat().st_size
+    if size > limit:
+        raise PermanentError(f"the file {media.name} is {size:,} bytes, over the limit of {limit:,}")
+    return size
+
+
+def _unreadable(media: Media, exc: OSError) -> PermanentError:
+    return PermanentError(f"cannot read the file {media.name}: {exc.strerror or exc}")
+
+
+def _empty(media: Media) -> PermanentError:
+    return PermanentError(f"the file {media.name} is empty")
+
+
+def _check_content(media: Media, size: int, digest: str, limit: int) -> None:
+    """Refuse what was read if it is empty, grew over `limit`, or is not the content that was checked."""
+    if not size:
+        raise _empty(media)
+    if size > limit:  # it grew after the size check
+        raise PermanentError(f"the file {media.name} is {size:,} bytes, over the limit of {limit:,}")
+    if media.sha256 and digest != media.sha256:
+        raise PermanentError(f"the file {media.name} changed after it was checked (its sha256 differs)")
+
+
 def read_media(media: Media, limit: int) -> MediaContent:
     """Read a local media file, refusing it (PermanentError) if it is missing, not a regular file, over `limit`
     bytes, empty, or not the content that was checked (its declared sha256)."""
-    if media.path is None:
-        raise PermanentError(f"{media.name} is a URL, not a local file")
     try:
-        if not media.path.is_file():
-            raise PermanentError(f"the file {media.name} is missing or not a regular file ({media.path})")
-        size = media.path.stat().st_size
-        if size > limit:
-            raise PermanentError(f"the file {media.name} is {size:,} bytes, over the limit of {limit:,}")
+        _checked_size(media, limit)
         data = media.read()
     except OSError as exc:
-        raise PermanentError(f"cannot read the file {media.name}: {exc.strerror or exc}") from None
-    if not data:
-        raise PermanentError(f"the file {media.name} is empty")
-    if len(data) > limit:  # it grew after the size check
-        raise PermanentError(f"the file {media.name} is {len(data):,} bytes, over the limit of {limit:,}")
+        raise _unreadable(media, exc) from None
     digest = hashlib.sha256(data).hexdigest()
-    if media.sha256 and digest != media.sha256:
-        raise PermanentError(f"the file {media.name} changed after it was checked (its sha256 differs)")
+    _check_content(media, len(data), digest, limit)
     return MediaContent(data, digest)
+
+
+class MediaStream:
+    """A local media file read a chunk at a time (for a gateway that streams it, e.g. WorkPro's Upload), hashed
+    as it goes: at most one chunk of it is in memory. The same checks as `read_media`, the content ones (empty,
+    grown, changed) by `finish()` once the last chunk is read — so a stream of a bad file must not be used.
+    Blocking (disk) calls: run `open` and `read` in a worker thread."""
+
+    def __init__(self, media: Media, limit: int, chunk_bytes: int) -> None:
+        self.media = media
+        self.limit = limit
+        self.chunk_bytes = chunk_bytes
+        self.size = 0  # the size the file had when opened
+        self.read_bytes = 0
+        self._hash = hashlib.sha256()
+        self._file: BinaryIO | None = None
+
+    def open(self) -> None:
+        try:
+            self.size = _checked_size(self.media, self.limit)
+            if not self.size:  # refused before anything is streamed
+                raise _empty(self.media)
+            assert self.media.path is not None  # _checked_size refuses URLs
+            self._file = self.media.path.open("rb")
+        except OSError as exc:
+            raise _unreadable(self.media, exc) from None
+
+    def read(self) -> bytes:
+        """The next chunk (b"" at the end); stops early, with nothing more, once the file is over the limit."""
+        if self._file is None or self.read_bytes > self.limit:
+            return b""
+        try:
+            chunk = self._file.read(self.chunk_bytes)
+        except OSError as exc:
+            raise _unreadable(self.media, exc) from None
+        self.read_bytes += len(chunk)
+        self._hash.update(chunk)
+        return chunk
+
+    def finish(self) -> str:
+        """The content's sha256, after checking what was read (PermanentError as `read_media`)."""
+        digest = self._hash.hexdigest()
+        _check_content(self.media, self.read_bytes, digest, self.limit)
+        return digest
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
 
 
 class MediaCache(Generic[T]):

@@ -189,6 +189,16 @@ class PuppetStub:
                 request_serializer=puppet__pb2.TagPayloadRequest.SerializeToString,
                 response_deserializer=puppet__pb2.TagPayloadResponse.FromString,
                 _registered_method=True)
+        self.Download = channel.unary_stream(
+                '/wechaty.Puppet/Download',
+                request_serializer=puppet__pb2.DownloadRequest.SerializeToString,
+                response_deserializer=puppet__pb2.DownloadResponse.FromString,
+                _registered_method=True)
+        self.Upload = channel.stream_unary(
+                '/wechaty.Puppet/Upload',
+                request_serializer=puppet__pb2.UploadRequest.SerializeToString,
+                response_deserializer=puppet__pb2.UploadResponse.FromString,
+                _registered_method=True)
 
 
 class PuppetServicer:
@@ -382,6 +392,20 @@ class PuppetServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Download(self, request, context):
+        """Client stream: a file's bytes in chunks (juzi's client writes an empty request first); the answer names the
+        upload, which a FileBox of type Uuid (7) then refers to. Download streams an upload back.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Upload(self, request_iterator, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_PuppetServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -539,6 +563,16 @@ def add_PuppetServicer_to_server(servicer, server):
                     servicer.TagPayload,
                     request_deserializer=puppet__pb2.TagPayloadRequest.FromString,
                     response_serializer=puppet__pb2.TagPayloadResponse.SerializeToString,
+            ),
+            'Download': grpc.unary_stream_rpc_method_handler(
+                    servicer.Download,
+                    request_deserializer=puppet__pb2.DownloadRequest.FromString,
+                    response_serializer=puppet__pb2.DownloadResponse.SerializeToString,
+            ),
+            'Upload': grpc.stream_unary_rpc_method_handler(
+                    servicer.Upload,
+                    request_deserializer=puppet__pb2.UploadRequest.FromString,
+                    response_serializer=puppet__pb2.UploadResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1378,6 +1412,60 @@ class Puppet:
             '/wechaty.Puppet/TagPayload',
             puppet__pb2.TagPayloadRequest.SerializeToString,
             puppet__pb2.TagPayloadResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Download(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/wechaty.Puppet/Download',
+            puppet__pb2.DownloadRequest.SerializeToString,
+            puppet__pb2.DownloadResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Upload(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/wechaty.Puppet/Upload',
+            puppet__pb2.UploadRequest.SerializeToString,
+            puppet__pb2.UploadResponse.FromString,
             options,
             channel_credentials,
             insecure,

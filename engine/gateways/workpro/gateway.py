@@ -26,7 +26,7 @@ import contextlib
 import logging
 import random
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import replace
 from datetime import datetime
 from typing import Any, ClassVar, TypeVar
@@ -57,18 +57,19 @@ from engine.gateways.base import (
     SendReceipt,
     TagRecord,
 )
-from engine.gateways.media_cache import InFlight, MediaCache
+from engine.gateways.media_cache import InFlight, MediaCache, MediaStream
 from engine.gateways.proto import puppet_pb2 as pb
 from engine.gateways.proto import puppet_pb2_grpc as pb_grpc
 from engine.gateways.workpro.login import Emit, LoginMachine
 from engine.gateways.workpro.payloads import clean_verify_code, contact_record
-from engine.gateways.workpro.rpc_errors import Failure, classify, map_rpc_error, server_text
+from engine.gateways.workpro.rpc_errors import Failure, classify, map_rpc_error, server_text, status_lost
 from engine.messages import (
     FILE_MAX_BYTES,
     IMAGE_MAX_BYTES,
     FilePart,
     ImagePart,
     LinkPart,
+    Media,
     Part,
     PartKind,
     TextPart,
@@ -86,6 +87,11 @@ FIRST_EVENT_WAIT = 5.0  # juzi's client waits this long for the stream's first m
 ACCOUNT_NAME_WAIT = 5.0  # how long a login answer waits for the account's own name
 SENT_IDS_KEPT = 10_000  # ids of our own recent sends, whose MESSAGE echo needs no lookup
 DINGS_PER_IDLE_LIMIT = 3  # the event stream is given up as dead after this many Ding intervals without an event
+# Upload: chunks of 256 KiB (juzi's Node client streams 64 KiB file chunks, its Go client 4 MB), a few of them
+# buffered per upload; an upload's deadline grows with the file (1 MB/s at least, on top of the call timeout).
+UPLOAD_CHUNK_BYTES = 256 * 1024
+UPLOAD_CHUNKS_IN_FLIGHT = 4
+UPLOAD_MIN_BYTES_PER_SECOND = 1_000_000
 EVENT_CACHE_MAX_AGE = 120.0  # seconds: a resume seq older than this is not sent (juzi's client: timeoutSeconds=2 min)
 
 
@@ -184,6 +190,10 @@ class WorkproGateway(Gateway):
             lambda media, content: parts.filebox_inline(media.name, content.data), len
         )
         self.in_flight = InFlight()  # ... and sent a bounded number of bytes at a time, not once per send at once
+        # Local content goes by Upload first (juzi's client's way); None: not tried on this connection yet.
+        self._upload_supported: bool | None = None
+        self._upload_probe = asyncio.Lock()  # ... and tried by one upload at a time until known
+        self.uploads = 0  # files uploaded so far (one per send of local content)
 
     def __repr__(self) -> str:
         return f"WorkproGateway(endpoint={self._endpoint!r}, state={self._login.state.value!r})"
@@ -206,6 +216,7 @@ class WorkproGateway(Gateway):
             self._closing = False
             self._connects = 0
             self._fatal = self._stream_error = None
+            self._upload_supported = None  # a new connection may reach another server
             self._endpoint = self.settings.endpoint or await self._discover()
             options = [
                 ("grpc.default_authority", self._token),
@@ -897,37 +908,142 @@ class WorkproGateway(Gateway):
         return SendReceipt(message_id=self._message_id(response, method, contact_id))
 
     async def _send_file(self, contact_id: str, part: ImagePart | FilePart) -> SendReceipt:
-        """MessageSendFile. A FileBox carrying the content is encoded once per content (`files`), but each request
-        is a copy of it (the protobuf message, its serialized bytes, gRPC's buffer): such requests are built only
-        once their bytes fit in `in_flight`, so a 5 MB poster to 10,000 customers costs a few copies of it at any
-        moment, whatever the dispatcher's concurrency. A send waits for room at most half the call timeout, then
-        is a TransientError: it never left, so it is retried later rather than caught by the dispatcher's send
-        timeout as an outcome nobody knows."""
-        method = "MessageSendFile"
-        box = await self._filebox(part)
-        inline = 0 if part.media.url is not None else len(box)
+        """MessageSendFile with a FileBox: by URL when the media is one; local content uploaded first (`_upload`,
+        as juzi's own client does) and named by a Uuid box; inline (base64) only on a server without Upload."""
+        image = isinstance(part, ImagePart)
+        media = replace(part.media, name=parts.filebox_name(part.media, image=image))
+        limit = IMAGE_MAX_BYTES if image else FILE_MAX_BYTES
+        if media.url is not None:
+            return await self._send_box(contact_id, part, parts.filebox_url(media.name, media.url, media.size))
+        if self._upload_supported is not False:
+            upload = await self._upload(media, limit, part)
+            if upload is not None:
+                uuid, size = upload
+                return await self._send_box(contact_id, part, parts.filebox_uuid(media.name, uuid, size))
+        return await self._send_inline(contact_id, part, media, limit)
+
+    async def _send_box(self, contact_id: str, part: ImagePart | FilePart, box: str) -> SendReceipt:
+        request = pb.MessageSendFileRequest(conversation_id=contact_id, file_box=box)
+        response = await self._unary("MessageSendFile", request, mutating=True, what=parts.describe(part))
+        return SendReceipt(message_id=self._message_id(response, "MessageSendFile", contact_id))
+
+    async def _room_in_flight(self, n: int, part: ImagePart | FilePart) -> None:
+        """Wait for `n` bytes to fit in `in_flight`, at most half the call timeout; then a TransientError: the
+        send never left, so it is retried later rather than caught by the dispatcher's send timeout as an
+        outcome nobody knows."""
         wait = self._timeout() / 2
         try:
-            await self.in_flight.acquire(inline, timeout=wait)
+            await self.in_flight.acquire(n, timeout=wait)
         except TimeoutError:
             raise TransientError(
                 f"not sent: waited {wait:g} s for other sends of large files to finish ({parts.describe(part)})"
             ) from None
-        try:
-            request = pb.MessageSendFileRequest(conversation_id=contact_id, file_box=box)
-            del box
-            response = await self._unary(method, request, mutating=True, what=parts.describe(part))
-            del request
-        finally:
-            self.in_flight.release(inline)
-        return SendReceipt(message_id=self._message_id(response, method, contact_id))
 
-    async def _filebox(self, part: ImagePart | FilePart) -> str:
-        image = isinstance(part, ImagePart)
-        media = replace(part.media, name=parts.filebox_name(part.media, image=image))
-        if media.url is not None:
-            return parts.filebox_url(media.name, media.url, media.size)
-        return await self.files.get(media, IMAGE_MAX_BYTES if image else FILE_MAX_BYTES)
+    async def _upload(self, media: Media, limit: int, part: ImagePart | FilePart) -> tuple[str, int] | None:
+        """Stream a local file to the server with the client-streaming Upload RPC, as juzi's client does (an
+        empty request first, then the chunks); the upload's id and size, or None when the server has no Upload
+        (remembered for this connection: every later file goes inline).
+
+        Memory: the file is read a chunk at a time in a worker thread and hashed as it goes (checked against
+        the declared sha256 at the end); the chunks of all uploads in flight count in `in_flight`. Uploads are
+        per send, never reused: juzi's file-box registry documents an uploaded uuid as loadable once, and its
+        client uploads again for every send. A failed upload delivered nothing, so it is a TransientError
+        (retried by the dispatcher); a file refused by the checks is a PermanentError, sent to no one."""
+        stream = MediaStream(media, limit, UPLOAD_CHUNK_BYTES)
+        await asyncio.to_thread(stream.open)
+        try:
+            if self._upload_supported is None:
+                # Until the server has answered one Upload, uploads go one at a time: a server without it answers
+                # while the chunks are still going out, and only the first upload should meet that.
+                async with self._upload_probe:
+                    upload_id = None if self._upload_supported is False else await self._upload_within(stream, part)
+            else:
+                upload_id = await self._upload_within(stream, part)
+        finally:
+            stream.close()
+        if upload_id is None:
+            return None
+        digest = stream.finish()  # the file changed, grew or could not be read: refused, and nothing was sent
+        self.uploads += 1
+        log.debug("workpro: uploaded %s (%d bytes, sha256 %s) as %s", media.name, stream.read_bytes, digest, upload_id)
+        return upload_id, stream.read_bytes
+
+    async def _upload_within(self, stream: MediaStream, part: ImagePart | FilePart) -> str | None:
+        """`_upload_call`, its chunks counted in `in_flight` meanwhile."""
+        window = UPLOAD_CHUNKS_IN_FLIGHT * UPLOAD_CHUNK_BYTES
+        await self._room_in_flight(window, part)
+        try:
+            return await self._upload_call(stream)
+        finally:
+            self.in_flight.release(window)
+
+    async def _upload_call(self, stream: MediaStream) -> str | None:
+        """The Upload call itself: its id, or None (and Upload remembered as missing) on UNIMPLEMENTED. A read
+        that fails mid-way ends the request stream (gRPC would cancel the call on an exception from it) and is
+        raised once the call is over."""
+        if self._stub is None:
+            raise TransientError("the WorkPro gateway is not connected")
+        read_failure: list[PermanentError] = []
+        call: Any = None
+
+        async def requests() -> AsyncIterator[pb.UploadRequest]:
+            yield pb.UploadRequest()  # juzi's client opens every upload with an empty request
+            while call is None or not call.done():  # a write after the server's answer would hide that answer
+                try:
+                    chunk = await asyncio.to_thread(stream.read)
+                except PermanentError as exc:
+                    read_failure.append(exc)
+                    return
+                if not chunk:
+                    return
+                yield pb.UploadRequest(chunk=chunk)
+
+        timeout = self._timeout() + stream.size / UPLOAD_MIN_BYTES_PER_SECOND
+        try:
+            call = self._stub.Upload(requests(), metadata=self._metadata, timeout=timeout)
+            response = await call
+        except grpc.aio.AioRpcError as exc:
+            if read_failure:
+                raise read_failure[0] from None
+            unsupported = classify(exc.code(), exc.details(), "Upload") is Failure.UNSUPPORTED
+            if not unsupported and self._upload_supported is None and status_lost(exc.code(), exc.details()):
+                unsupported = await self._server_lacks_upload()
+            if unsupported:
+                if self._upload_supported is not False:
+                    log.warning("workpro: the server has no Upload; local images and files go inline (base64)")
+                self._upload_supported = False
+                return None
+            raise self._rpc_error(exc, "Upload", mutating=False, what=stream.media.name) from None
+        if read_failure:
+            raise read_failure[0]
+        self._upload_supported = True
+        upload_id: str = response.id
+        if not upload_id:
+            raise TransientError(f"not sent: WorkPro's Upload of {stream.media.name} returned no id")
+        return upload_id
+
+    async def _server_lacks_upload(self) -> bool:
+        """Whether the server answers UNIMPLEMENTED to an Upload of nothing (the empty request alone: no chunk
+        whose write could race the answer). Asked when the first upload's answer was lost to such a race."""
+        try:
+            await self._stub.Upload(iter([pb.UploadRequest()]), metadata=self._metadata, timeout=self._timeout())
+        except grpc.aio.AioRpcError as exc:
+            return classify(exc.code(), exc.details(), "Upload") is Failure.UNSUPPORTED
+        return False
+
+    async def _send_inline(self, contact_id: str, part: ImagePart | FilePart, media: Media, limit: int) -> SendReceipt:
+        """The content inline, as a base64 FileBox (servers without Upload). The box is encoded once per content
+        (`files`), but each request is a copy of it (the protobuf message, its serialized bytes, gRPC's buffer):
+        such requests are built only once their bytes fit in `in_flight`, so a 5 MB poster to 10,000 customers
+        costs a few copies of it at any moment, whatever the dispatcher's concurrency."""
+        box = await self.files.get(media, limit)
+        inline = len(box)
+        await self._room_in_flight(inline, part)
+        try:
+            return await self._send_box(contact_id, part, box)
+        finally:
+            del box
+            self.in_flight.release(inline)
 
     def _message_id(self, response: Any, method: str, contact_id: str) -> str:
         """The sent message's id: field 2, else the old wrapped field 1 (servers fill either or both). Remembered,

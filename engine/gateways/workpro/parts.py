@@ -5,10 +5,15 @@ The FileBox JSON is what npm `file-box` 1.x's `toJSON()` writes and `FileBox.fro
 
     {"metadata": {}, "name": "poster.jpg", "size": 5242880, "base64": "...", "type": 1, "boxType": 1}   inline
     {"metadata": {}, "name": "poster.jpg", "url": "https://...", "type": 2, "boxType": 2}              by URL
+    {"metadata": {}, "name": "poster.jpg", "size": 5242880, "uuid": "6f88b03c-...", "type": 7, "boxType": 7}
+                                                                                      uploaded (the Upload RPC)
 
-(`type` is FileBoxType: 1 Base64, 2 Url; `boxType` repeats it for servers older than file-box 1.0; `size` is left
-out when unknown.) The server treats a box as an image or a file by the name's extension, so an image's name is
-given the extension of its type.
+(`type` is FileBoxType: 1 Base64, 2 Url, 7 Uuid; `boxType` repeats it for servers older than file-box 1.0; `size`
+is left out when unknown.) Juzi's own client sends local content only the third way: it streams the bytes with
+`Upload` first and sends the box naming the upload (wechaty-puppet-service `normalizeFileBoxUuid`, whose
+`FileBoxUuid.fromUuid(uuid, {md5, name, size})` leaves `md5` out when unknown, as here).
+The server treats a box as an image or a file by the name's extension, so an image's name is given the extension
+of its type.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from engine.messages import FilePart, ImagePart, LinkPart, Media, MiniProgramPar
 
 FILEBOX_BASE64 = 1
 FILEBOX_URL = 2
+FILEBOX_UUID = 7
 IMAGE_EXTENSIONS = {"image/jpeg": ".jpg", "image/png": ".png"}
 
 
@@ -53,6 +59,11 @@ def filebox_url(name: str, url: str, size: int = 0) -> str:
     if size > 0:
         fields["size"] = size
     return _box(fields, FILEBOX_URL)
+
+
+def filebox_uuid(name: str, uuid: str, size: int) -> str:
+    """A FileBox naming content uploaded before with the Upload RPC (`uuid` is the upload's id)."""
+    return _box({"name": name, "size": size, "uuid": uuid}, FILEBOX_UUID)
 
 
 def describe(part: ImagePart | FilePart | LinkPart | MiniProgramPart) -> str:

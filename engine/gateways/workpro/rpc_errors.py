@@ -4,7 +4,8 @@ WorkPro reports most failures as INTERNAL or UNKNOWN with the meaning in the det
 first line, e.g. `WorkproErrorCode: 20001, Feature temporarily unavailable.`), so the table matches status codes
 *and* substrings of the details' first line (lower-cased). The first matching row names a `Failure`; `to_error`
 turns it into the engine's error, where `mutating` (the call may have had effects: a send) decides whether a
-broken call is an unknown outcome or safe to retry.
+broken call is an unknown outcome or safe to retry. An `Upload` (a file's bytes before the send that names
+them) is not a delivery: every failure of it is safe to retry, a refusal included.
 
     classify(code, details, method) -> Failure          the table (RULES), first match wins
     map_rpc_error(code, details, ...) -> GatewayError   classify + to_error, with the server's text scrubbed
@@ -71,6 +72,7 @@ AFTER_SEND_MARKERS = (
     "cancelling all calls",  # the server shut down with the call in flight (gRPC's own server-stop text)
     "keepalive watchdog timeout",  # the connection was found dead mid-call
 )
+STATUS_LOST = "internal error from core"  # gRPC's client: a write failed on a call that ended, its status lost
 BEFORE_SEND_MARKERS = (
     "failed to connect",
     "connection refused",
@@ -107,6 +109,11 @@ def _codes(*codes: Code) -> frozenset[Code]:
 
 
 VERIFY = frozenset({"EnterVerifyCode"})
+# Calls that deliver nothing: however they fail, nothing reached a customer, so retrying is always safe.
+NOT_A_DELIVERY = frozenset({"Upload"})
+NOT_DELIVERED_RETRIED = frozenset(
+    {Failure.TIMEOUT, Failure.BROKEN, Failure.UNAVAILABLE, Failure.CANCELLED, Failure.REFUSED}
+)
 
 # Order matters: a 20001 arrives as INTERNAL, a wrong code too; texts beat codes wherever a text is known.
 RULES: tuple[Rule, ...] = (
@@ -122,12 +129,20 @@ RULES: tuple[Rule, ...] = (
     # gRPC's transport reports a stream reset by the peer as INTERNAL ("Received RST_STREAM with error code 2"):
     # the connection broke mid-call, not a refusal from WorkPro, whose own errors never name RST_STREAM.
     Rule(Failure.BROKEN, codes=_codes(Code.INTERNAL), markers=("rst_stream",)),
+    # gRPC's own client reports a message it could not write on a call that had just ended this way (an Upload
+    # the server answered, e.g. UNIMPLEMENTED, while chunks were still going out): its real status is lost.
+    Rule(Failure.BROKEN, codes=_codes(Code.INTERNAL), markers=(STATUS_LOST,)),
     Rule(Failure.STREAM_TAKEN, codes=_codes(Code.ALREADY_EXISTS), methods=frozenset({"Event"})),
     Rule(Failure.CANCELLED, codes=_codes(Code.CANCELLED)),
     Rule(Failure.UNSUPPORTED, codes=_codes(Code.UNIMPLEMENTED)),
     Rule(Failure.UNSUPPORTED, markers=NOT_IMPLEMENTED_MARKERS),
     Rule(Failure.RATE_LIMITED, codes=_codes(Code.RESOURCE_EXHAUSTED), unless=("larger than max",)),
 )
+
+
+def status_lost(code: Code | None, details: str | None) -> bool:
+    """gRPC's own client failed to write on a call the server had just ended: the server's answer is lost."""
+    return code == Code.INTERNAL and STATUS_LOST in first_line(details or "").lower()
 
 
 def server_text(details: str | None, secrets: Iterable[str] = ()) -> str:
@@ -154,6 +169,10 @@ def to_error(
     """The engine error for a failure. `text`: the scrubbed server text; `what`: what was being done, for
     REFUSED (e.g. "the image poster.jpg"), so a refused part says which part and why."""
     shown = text or "no details"
+    if method in NOT_A_DELIVERY and failure in NOT_DELIVERED_RETRIED:
+        # Broken, timed out, cancelled or refused (the server's disk, a stream it could not read): nothing reached
+        # anyone, so the send is tried again later; the dispatcher's retry limit ends it if this keeps happening.
+        return TransientError(f"not sent: the upload of {what or 'a file'} to WorkPro failed ({shown})")
     if failure is Failure.RATE_LIMITED:
         return RateLimitedError(f"WorkPro is throttling requests ({shown}); slow down", retry_after=throttle_backoff)
     if failure is Failure.AUTH:
