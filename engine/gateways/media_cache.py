@@ -1,15 +1,18 @@
 """Media files read once per gateway, not once per recipient.
 
 A campaign sends the same 5 MB poster to 10,000 customers: a gateway reads the file once, checks it is the file
-that was validated (its sha256), turns it into what it sends (WorkPro: a FileBox JSON with the content as base64;
-the sandbox: the content's hash and size) and keeps that by content, so every later send reuses it. Entries are
-kept least-recently-used first out, within `max_bytes`; reading and encoding run in a worker thread, so the event
-loop never waits on the disk; concurrent sends of one file wait for the same read.
+that was validated (its sha256), turns it into what it sends (WorkPro on a server without Upload: a FileBox JSON
+with the content as base64; the sandbox: the content's hash and size) and keeps that by content, so every later
+send reuses it. Entries are kept least-recently-used first out, within `max_bytes`; reading and encoding run in a
+worker thread, so the event loop never waits on the disk; concurrent sends of one file wait for the same read.
 
 Sending is the other half: every request carrying a file inline is a copy of it (WorkPro: the FileBox string in
 the protobuf message, its serialized bytes, gRPC's own buffer — about 20 MB for a 5 MB image), so `InFlight`
 bounds how many such bytes are in flight at once, whatever the dispatcher's concurrency: a 5 MB poster goes one
 request at a time while small files and cards still go side by side.
+
+A gateway that streams a file instead (WorkPro's Upload) reads it with `MediaStream`: a chunk at a time, hashed
+as it goes, checked as `read_media` checks — never the whole file in memory, so nothing to cache.
 """
 
 from __future__ import annotations
