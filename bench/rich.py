@@ -11,8 +11,8 @@ stays within 50 MB of the text-only run — the poster is read and hashed once, 
 * sandbox: the simulated account in the process (it keeps each image's hash and size in its outbox).
 * workpro: the gateway against the fake WorkPro puppet on loopback gRPC. The fake runs in a process of its own,
   so its memory is not counted; it reports what it received, which is checked: every recipient got the image
-  once, with the content's sha256. The image goes as juzi's client sends it: streamed with `Upload` for each
-  send (read in chunks, never whole), then a FileBox naming the upload (`--workpro-uploads unimplemented`: a
+  once, with the content's sha256. The image goes as juzi's client sends it: read once, streamed with `Upload`
+  for each send, then a FileBox naming the upload (`--workpro-uploads unimplemented`: a
   server without Upload, where it goes inline as base64, encoded once).
 
 The image is a real PNG of random pixels (it does not compress), made once per benchmark with Pillow.
@@ -210,7 +210,7 @@ def one(gateway: str, kind: str, image: str, n: int, uploads: str = "ok") -> dic
                 summary = await app.dispatcher.run(plan.run_id)
                 seconds = time.perf_counter() - t0
                 peak = _peak_mb()  # before the outbox is read back to check it
-                reads = gw.files.reads
+                reads = gw.files.reads + (gw.contents.reads if puppet is not None else 0)  # workpro: raw + base64
                 uploads = getattr(gw, "uploads", 0)
                 received = _sandbox_received(gw) if puppet is None else {}
             return {

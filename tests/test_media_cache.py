@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from engine.errors import PermanentError
-from engine.gateways.media_cache import InFlight, MediaCache, MediaContent, MediaStream
+from engine.gateways.media_cache import InFlight, MediaCache, MediaContent
 from engine.messages import Media
 
 pytestmark = pytest.mark.anyio
@@ -132,45 +132,3 @@ async def test_a_wait_for_room_has_a_limit() -> None:
     bound.release(80)
     await bound.acquire(50, timeout=0.05)
     assert bound.used == 50
-
-
-def read_all(stream: MediaStream) -> list[bytes]:
-    stream.open()
-    try:
-        return list(iter(stream.read, b""))
-    finally:
-        stream.close()
-
-
-def test_a_media_stream_reads_in_chunks_and_checks_at_the_end(tmp_path: Path) -> None:
-    """A streamed file comes in chunks of the given size, hashed as it goes: `finish` gives the sha256 of what was
-    read, and refuses a file that changed since it was checked or grew over the limit while read (its reading
-    stops past the limit); an empty or missing file is refused before anything is read."""
-    data = bytes(range(256)) * 40  # 10,240 bytes
-    good = media(tmp_path, "a.bin", data)
-    stream = MediaStream(good, limit=20_000, chunk_bytes=4096)
-    assert [len(c) for c in read_all(stream)] == [4096, 4096, 2048]
-    assert stream.finish() == hashlib.sha256(data).hexdigest()
-
-    changed = media(tmp_path, "b.bin", data)
-    assert changed.path is not None
-    changed.path.write_bytes(data[::-1])
-    stream = MediaStream(changed, limit=20_000, chunk_bytes=4096)
-    read_all(stream)
-    with pytest.raises(PermanentError, match="changed after it was checked"):
-        stream.finish()
-
-    grown = MediaStream(media(tmp_path, "c.bin", data), limit=20_000, chunk_bytes=4096)
-    grown.open()
-    assert grown.media.path is not None
-    grown.media.path.write_bytes(data * 3)  # 30,720 bytes: grew past the limit after the size check
-    chunks = list(iter(grown.read, b""))
-    grown.close()
-    assert sum(map(len, chunks)) <= 20_000 + 4096
-    with pytest.raises(PermanentError, match="over the limit"):
-        grown.finish()
-
-    with pytest.raises(PermanentError, match="is empty"):
-        MediaStream(media(tmp_path, "d.bin", b""), limit=20_000, chunk_bytes=4096).open()
-    with pytest.raises(PermanentError, match="missing"):
-        MediaStream(Media(name="e.bin", path=tmp_path / "nope.bin"), limit=20_000, chunk_bytes=4096).open()

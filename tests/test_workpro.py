@@ -798,10 +798,10 @@ def poster_file(tmp_path: Path, seed: int, size: int, name: str = "poster.png") 
 async def test_local_files_go_by_upload_then_a_uuid_filebox(
     make_fake: Factory, make_gateway: Factory, tmp_path: Path
 ) -> None:
-    """As juzi's client sends them: each send of local content first streams the bytes with Upload (in chunks, the
-    file never read whole), then MessageSendFile carries a FileBox of type Uuid (7) naming that upload with the
-    name and size — never base64. One upload per send (an uploaded uuid is loadable once); every customer got
-    exactly the file's bytes."""
+    """As juzi's client sends them: each send of local content first streams the bytes with Upload (in chunks,
+    the file read once per content), then MessageSendFile carries a FileBox of type Uuid (7) naming that upload
+    with the name and size — never base64. One upload per send (an uploaded uuid is loadable once); every
+    customer got exactly the file's bytes."""
     fake = await make_fake()
     gateway = await make_gateway(settings_for(fake))
     await login(gateway, fake)
@@ -822,7 +822,8 @@ async def test_local_files_go_by_upload_then_a_uuid_filebox(
     assert [(s.contact_id, s.kind, s.sha256, s.size) for s in fake.sends] == [
         (c, PartKind.IMAGE, poster.media.sha256, poster.media.size) for c in contacts
     ] + [(contacts[0], PartKind.FILE, hashlib.sha256(b"%PDF-1.4 price list").hexdigest(), 19)]
-    assert gateway.uploads == 4 and gateway.files.reads == 0  # nothing encoded as base64
+    assert gateway.uploads == 4 and gateway.contents.reads == 2  # each file read once
+    assert gateway.files.reads == 0  # nothing encoded as base64
     assert gateway.in_flight.used == 0
 
 
@@ -878,11 +879,11 @@ async def test_a_cut_upload_is_not_sent_and_its_retry_arrives_once(
     ]
 
 
-async def test_a_file_changed_since_it_was_checked_is_uploaded_but_never_sent(
+async def test_a_changed_or_empty_file_is_never_uploaded_nor_sent(
     make_fake: Factory, make_gateway: Factory, tmp_path: Path
 ) -> None:
-    """The content is hashed as it streams: a file that changed after the campaign checked it is refused
-    (PermanentError) once its upload ends, and no message names that upload."""
+    """A file that changed after the campaign checked it (its sha256), or is empty, is refused (PermanentError)
+    before anything is uploaded or sent."""
     fake = await make_fake()
     gateway = await make_gateway(settings_for(fake))
     await login(gateway, fake)
@@ -891,25 +892,27 @@ async def test_a_file_changed_since_it_was_checked_is_uploaded_but_never_sent(
     poster.media.path.write_bytes(b"\x89PNG\r\n\x1a\n another picture")
     with pytest.raises(PermanentError, match=r"changed after it was checked"):
         await gateway.send_part(fake.contact_ids()[0], poster, idempotency_key="p")
-    assert fake.sends == [] and "MessageSendFile" not in fake.calls
+    assert fake.sends == [] and "MessageSendFile" not in fake.calls and "Upload" not in fake.calls
     (tmp_path / "empty.png").write_bytes(b"")
     empty = ImagePart(Media("empty.png", tmp_path / "empty.png"))
     with pytest.raises(PermanentError, match=r"is empty"):
         await gateway.send_part(fake.contact_ids()[0], empty, idempotency_key="e")
-    assert fake.sends == [] and fake.calls.count("Upload") == 1  # the empty file was not even uploaded
+    assert fake.sends == [] and "Upload" not in fake.calls
 
 
 async def test_an_upload_holds_a_few_chunks_of_the_file_not_the_file(
     make_fake: Factory, make_gateway: Factory, tmp_path: Path
 ) -> None:
-    """Memory: sending a 5 MB poster by Upload allocates (Python heap, the fake's side included) well under the
-    file's size — it is streamed a chunk at a time, never read whole nor encoded — where the inline path
-    holds a 6.7 MB base64 copy at least; eight at once stay within `in_flight` and all arrive once."""
+    """Memory: once the 5 MB poster is read (one copy, kept by content), another send of it by Upload allocates
+    (Python heap, the fake's side included) well under the file's size — a chunk at a time, never a copy of the
+    whole nor an encoding — where the inline path builds a 6.7 MB request at least; eight at once stay within
+    `in_flight` and all arrive once, the file read once."""
     fake = await make_fake()
     gateway = await make_gateway(settings_for(fake, call_timeout=timedelta(seconds=30)))
     await login(gateway, fake)
     poster = poster_file(tmp_path, 15, 5 * 1024 * 1024)
     contacts = fake.contact_ids()[:8]
+    await gateway.send_part(contacts[0], poster, idempotency_key="zero")
     tracemalloc.start()
     try:
         await gateway.send_part(contacts[0], poster, idempotency_key="one")
@@ -919,7 +922,10 @@ async def test_an_upload_holds_a_few_chunks_of_the_file_not_the_file(
     assert peak < 2 * 1024 * 1024, peak
     await asyncio.gather(*(gateway.send_part(c, poster, idempotency_key=f"p-{c}") for c in contacts[1:]))
     assert gateway.in_flight.peak <= gateway.in_flight.limit and gateway.in_flight.used == 0
-    assert sorted((s.contact_id, s.sha256) for s in fake.sends) == sorted((c, poster.media.sha256) for c in contacts)
+    assert sorted((s.contact_id, s.sha256) for s in fake.sends) == sorted(
+        (c, poster.media.sha256) for c in [contacts[0], *contacts]
+    )
+    assert gateway.contents.reads == 1
 
 
 async def test_refused_image_is_that_parts_failure(make_fake: Factory, make_gateway: Factory, tmp_path: Path) -> None:

@@ -11,8 +11,8 @@ the protobuf message, its serialized bytes, gRPC's own buffer — about 20 MB fo
 bounds how many such bytes are in flight at once, whatever the dispatcher's concurrency: a 5 MB poster goes one
 request at a time while small files and cards still go side by side.
 
-A gateway that streams a file instead (WorkPro's Upload) reads it with `MediaStream`: a chunk at a time, hashed
-as it goes, checked as `read_media` checks — never the whole file in memory, so nothing to cache.
+WorkPro's Upload keeps the bytes as read (`MediaContent`) and streams slices of them per send: one copy of the
+file, however many recipients.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import hashlib
 from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import BinaryIO, Generic, TypeVar
+from typing import Generic, TypeVar
 
 from engine.errors import PermanentError
 from engine.messages import Media
@@ -81,55 +81,6 @@ def read_media(media: Media, limit: int) -> MediaContent:
     digest = hashlib.sha256(data).hexdigest()
     _check_content(media, len(data), digest, limit)
     return MediaContent(data, digest)
-
-
-class MediaStream:
-    """A local media file read a chunk at a time (for a gateway that streams it, e.g. WorkPro's Upload), hashed
-    as it goes: at most one chunk of it is in memory. The same checks as `read_media`, the content ones (empty,
-    grown, changed) by `finish()` once the last chunk is read — so a stream of a bad file must not be used.
-    Blocking (disk) calls: run `open` and `read` in a worker thread."""
-
-    def __init__(self, media: Media, limit: int, chunk_bytes: int) -> None:
-        self.media = media
-        self.limit = limit
-        self.chunk_bytes = chunk_bytes
-        self.size = 0  # the size the file had when opened
-        self.read_bytes = 0
-        self._hash = hashlib.sha256()
-        self._file: BinaryIO | None = None
-
-    def open(self) -> None:
-        try:
-            self.size = _checked_size(self.media, self.limit)
-            if not self.size:  # refused before anything is streamed
-                raise _empty(self.media)
-            assert self.media.path is not None  # _checked_size refuses URLs
-            self._file = self.media.path.open("rb")
-        except OSError as exc:
-            raise _unreadable(self.media, exc) from None
-
-    def read(self) -> bytes:
-        """The next chunk (b"" at the end); stops early, with nothing more, once the file is over the limit."""
-        if self._file is None or self.read_bytes > self.limit:
-            return b""
-        try:
-            chunk = self._file.read(self.chunk_bytes)
-        except OSError as exc:
-            raise _unreadable(self.media, exc) from None
-        self.read_bytes += len(chunk)
-        self._hash.update(chunk)
-        return chunk
-
-    def finish(self) -> str:
-        """The content's sha256, after checking what was read (PermanentError as `read_media`)."""
-        digest = self._hash.hexdigest()
-        _check_content(self.media, self.read_bytes, digest, self.limit)
-        return digest
-
-    def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
 
 
 class MediaCache(Generic[T]):

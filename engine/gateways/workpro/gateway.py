@@ -57,7 +57,7 @@ from engine.gateways.base import (
     SendReceipt,
     TagRecord,
 )
-from engine.gateways.media_cache import InFlight, MediaCache, MediaStream
+from engine.gateways.media_cache import InFlight, MediaCache, MediaContent
 from engine.gateways.proto import puppet_pb2 as pb
 from engine.gateways.proto import puppet_pb2_grpc as pb_grpc
 from engine.gateways.workpro.login import Emit, LoginMachine
@@ -185,7 +185,9 @@ class WorkproGateway(Gateway):
         self._batch_supported: bool | None = None  # None: not tried yet
         self._payload_sem = asyncio.Semaphore(PAYLOAD_CONCURRENCY)
         self._batch_sem = asyncio.Semaphore(BATCH_CONCURRENCY)
-        # Images and files as FileBox JSON, encoded once per content (a poster to 10,000 customers is read once).
+        # Images and files read once per content (a poster to 10,000 customers is read once): their bytes, which
+        # each send uploads, and — on a server without Upload — their FileBox JSON with the content inline.
+        self.contents: MediaCache[MediaContent] = MediaCache(lambda media, content: content, lambda c: len(c.data))
         self.files: MediaCache[str] = MediaCache(
             lambda media, content: parts.filebox_inline(media.name, content.data), len
         )
@@ -944,67 +946,53 @@ class WorkproGateway(Gateway):
         empty request first, then the chunks); the upload's id and size, or None when the server has no Upload
         (remembered for this connection: every later file goes inline).
 
-        Memory: the file is read a chunk at a time in a worker thread and hashed as it goes (checked against
-        the declared sha256 at the end); the chunks of all uploads in flight count in `in_flight`. Uploads are
-        per send, never reused: juzi's file-box registry documents an uploaded uuid as loadable once, and its
-        client uploads again for every send. A failed upload delivered nothing, so it is a TransientError
-        (retried by the dispatcher); a file refused by the checks is a PermanentError, sent to no one."""
-        stream = MediaStream(media, limit, UPLOAD_CHUNK_BYTES)
-        await asyncio.to_thread(stream.open)
-        try:
-            if self._upload_supported is None:
-                # Until the server has answered one Upload, uploads go one at a time: a server without it answers
-                # while the chunks are still going out, and only the first upload should meet that.
-                async with self._upload_probe:
-                    upload_id = None if self._upload_supported is False else await self._upload_within(stream, part)
-            else:
-                upload_id = await self._upload_within(stream, part)
-        finally:
-            stream.close()
+        Memory: the file is read and checked once per content (`contents`: its bytes, once, as the contract
+        wants — every later recipient gets the content that was checked, even if the file is gone), and each
+        upload streams chunks of it (slices, one at a time) counted in `in_flight`. Uploads are per send, never
+        reused: juzi's file-box registry documents an uploaded uuid as loadable once, and its client uploads
+        again for every send. A failed upload delivered nothing, so it is a TransientError (retried by the
+        dispatcher); a file refused by the checks is a PermanentError, sent to no one."""
+        content = await self.contents.get(media, limit)
+        if self._upload_supported is None:
+            # Until the server has answered one Upload, uploads go one at a time: a server without it answers
+            # while the chunks are still going out, and only the first upload should meet that.
+            async with self._upload_probe:
+                upload_id = None if self._upload_supported is False else await self._upload_within(content, part)
+        else:
+            upload_id = await self._upload_within(content, part)
         if upload_id is None:
             return None
-        digest = stream.finish()  # the file changed, grew or could not be read: refused, and nothing was sent
         self.uploads += 1
-        log.debug("workpro: uploaded %s (%d bytes, sha256 %s) as %s", media.name, stream.read_bytes, digest, upload_id)
-        return upload_id, stream.read_bytes
+        log.debug("workpro: uploaded %s (%d bytes) as %s", media.name, len(content.data), upload_id)
+        return upload_id, len(content.data)
 
-    async def _upload_within(self, stream: MediaStream, part: ImagePart | FilePart) -> str | None:
+    async def _upload_within(self, content: MediaContent, part: ImagePart | FilePart) -> str | None:
         """`_upload_call`, its chunks counted in `in_flight` meanwhile."""
         window = UPLOAD_CHUNKS_IN_FLIGHT * UPLOAD_CHUNK_BYTES
         await self._room_in_flight(window, part)
         try:
-            return await self._upload_call(stream)
+            return await self._upload_call(content.data, part.media.name)
         finally:
             self.in_flight.release(window)
 
-    async def _upload_call(self, stream: MediaStream) -> str | None:
-        """The Upload call itself: its id, or None (and Upload remembered as missing) on UNIMPLEMENTED. A read
-        that fails mid-way ends the request stream (gRPC would cancel the call on an exception from it) and is
-        raised once the call is over."""
+    async def _upload_call(self, data: bytes, name: str) -> str | None:
+        """The Upload call itself: its id, or None (and Upload remembered as missing) on UNIMPLEMENTED."""
         if self._stub is None:
             raise TransientError("the WorkPro gateway is not connected")
-        read_failure: list[PermanentError] = []
         call: Any = None
 
         async def requests() -> AsyncIterator[pb.UploadRequest]:
             yield pb.UploadRequest()  # juzi's client opens every upload with an empty request
-            while call is None or not call.done():  # a write after the server's answer would hide that answer
-                try:
-                    chunk = await asyncio.to_thread(stream.read)
-                except PermanentError as exc:
-                    read_failure.append(exc)
+            for offset in range(0, len(data), UPLOAD_CHUNK_BYTES):
+                if call is not None and call.done():  # a write after the server's answer would hide that answer
                     return
-                if not chunk:
-                    return
-                yield pb.UploadRequest(chunk=chunk)
+                yield pb.UploadRequest(chunk=data[offset : offset + UPLOAD_CHUNK_BYTES])
 
-        timeout = self._timeout() + stream.size / UPLOAD_MIN_BYTES_PER_SECOND
+        timeout = self._timeout() + len(data) / UPLOAD_MIN_BYTES_PER_SECOND
         try:
             call = self._stub.Upload(requests(), metadata=self._metadata, timeout=timeout)
             response = await call
         except grpc.aio.AioRpcError as exc:
-            if read_failure:
-                raise read_failure[0] from None
             unsupported = classify(exc.code(), exc.details(), "Upload") is Failure.UNSUPPORTED
             if not unsupported and self._upload_supported is None and status_lost(exc.code(), exc.details()):
                 unsupported = await self._server_lacks_upload()
@@ -1013,13 +1001,11 @@ class WorkproGateway(Gateway):
                     log.warning("workpro: the server has no Upload; local images and files go inline (base64)")
                 self._upload_supported = False
                 return None
-            raise self._rpc_error(exc, "Upload", mutating=False, what=stream.media.name) from None
-        if read_failure:
-            raise read_failure[0]
+            raise self._rpc_error(exc, "Upload", mutating=False, what=name) from None
         self._upload_supported = True
         upload_id: str = response.id
         if not upload_id:
-            raise TransientError(f"not sent: WorkPro's Upload of {stream.media.name} returned no id")
+            raise TransientError(f"not sent: WorkPro's Upload of {name} returned no id")
         return upload_id
 
     async def _server_lacks_upload(self) -> bool:
