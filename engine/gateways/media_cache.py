@@ -39,47 +39,27 @@ class MediaContent:
     sha256: str
 
 
-def _checked_size(media: Media, limit: int) -> int:
-    """The size of a local media file, refusing it (PermanentError) if it is a URL, missing, not a regular file,
-    or over `limit` bytes. OSError passes through (the callers word it)."""
-    if media.path is None:
-        raise PermanentError(f"{media.name} is a URL, not a local file")
-    if not media.path.is_file():
-        raise PermanentError(f"the file {media.name} is missing or not a regular file ({media.path})")
-    size = media.path.stat().st_size
-    if size > limit:
-        raise PermanentError(f"the file {media.name} is {size:,} bytes, over the limit of {limit:,}")
-    return size
-
-
-def _unreadable(media: Media, exc: OSError) -> PermanentError:
-    return PermanentError(f"cannot read the file {media.name}: {exc.strerror or exc}")
-
-
-def _empty(media: Media) -> PermanentError:
-    return PermanentError(f"the file {media.name} is empty")
-
-
-def _check_content(media: Media, size: int, digest: str, limit: int) -> None:
-    """Refuse what was read if it is empty, grew over `limit`, or is not the content that was checked."""
-    if not size:
-        raise _empty(media)
-    if size > limit:  # it grew after the size check
-        raise PermanentError(f"the file {media.name} is {size:,} bytes, over the limit of {limit:,}")
-    if media.sha256 and digest != media.sha256:
-        raise PermanentError(f"the file {media.name} changed after it was checked (its sha256 differs)")
-
-
 def read_media(media: Media, limit: int) -> MediaContent:
     """Read a local media file, refusing it (PermanentError) if it is missing, not a regular file, over `limit`
     bytes, empty, or not the content that was checked (its declared sha256)."""
+    if media.path is None:
+        raise PermanentError(f"{media.name} is a URL, not a local file")
     try:
-        _checked_size(media, limit)
+        if not media.path.is_file():
+            raise PermanentError(f"the file {media.name} is missing or not a regular file ({media.path})")
+        size = media.path.stat().st_size
+        if size > limit:
+            raise PermanentError(f"the file {media.name} is {size:,} bytes, over the limit of {limit:,}")
         data = media.read()
     except OSError as exc:
-        raise _unreadable(media, exc) from None
+        raise PermanentError(f"cannot read the file {media.name}: {exc.strerror or exc}") from None
+    if not data:
+        raise PermanentError(f"the file {media.name} is empty")
+    if len(data) > limit:  # it grew after the size check
+        raise PermanentError(f"the file {media.name} is {len(data):,} bytes, over the limit of {limit:,}")
     digest = hashlib.sha256(data).hexdigest()
-    _check_content(media, len(data), digest, limit)
+    if media.sha256 and digest != media.sha256:
+        raise PermanentError(f"the file {media.name} changed after it was checked (its sha256 differs)")
     return MediaContent(data, digest)
 
 
