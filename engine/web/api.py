@@ -376,13 +376,13 @@ def router(ctx: WebContext) -> APIRouter:
             text=q,
         )
         ask = functools.partial(contacts_db.page_contacts, app.db, where, limit=limit, offset=offset, cursor=cursor)
-        page = None if ctx.workers.syncing else await ctx.db(ask)
+        page = None if ctx.workers.syncing else await ctx.read_page(ask)
         if page is None or not (page.latest_sync and page.latest_sync.finished):
             # A sync in progress (just logged in), interrupted or never run: as /get-all-user, the list is read
             # once a sync has made it whole. Logged out, what is stored is listed as it is.
             with contextlib.suppress(NotLoggedInError):
                 await ctx.ensure_contacts()
-            page = await ctx.db(ask)
+            page = await ctx.read_page(ask)
         # As ContactsPageView serializes it, built without the models (a hot path; the same JSON).
         return Response(
             json_bytes(

@@ -271,10 +271,10 @@ def router(ctx: WebContext) -> APIRouter:
             cursor=body.cursor,
         )
         # One trip off the loop when the list is whole (the usual case): its state and the page together.
-        found = None if ctx.workers.syncing else await ctx.db(_page_if_whole, ask)
+        found = None if ctx.workers.syncing else await ctx.read_page(_page_if_whole, ask)
         if found is None:
             await ctx.ensure_contacts()
-            found = await ctx.db(ask)
+            found = await ctx.read_page(ask)
         # The page as AllUsersPage serializes it, built without the models (the hot path; same JSON).
         return Response(
             json_bytes(
