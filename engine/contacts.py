@@ -27,6 +27,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
+from typing import Any
 
 from sqlalchemy.engine import Connection, Engine
 
@@ -65,12 +66,23 @@ _SHARED = [f.name for f in dataclasses.fields(ContactRecord) if f.name in _STORE
 
 
 def record_to_row(c: ContactRecord) -> ContactRow:
-    """A gateway's contact as the database stores it (the same field names)."""
-    return ContactRow(**{name: getattr(c, name) for name in _SHARED})
+    """A gateway's contact as the database stores it (the same field names), its text without NUL characters."""
+    return ContactRow(**{name: _text(getattr(c, name)) for name in _SHARED})
 
 
 def tag_to_row(t: TagRecord) -> TagRow:
-    return TagRow(t.id, t.name, t.group_name, t.type)
+    return TagRow(_text(t.id), _text(t.name), _text(t.group_name), t.type)
+
+
+def _text(value: Any) -> Any:
+    """A gateway's text as stored: without NUL, which PostgreSQL's text columns refuse ("cannot contain NUL") — a
+    customer who put one in a name or a remark would otherwise stop every sync of the account. (JSON columns keep
+    theirs: JSON writes it as the escape \\u0000.)"""
+    if isinstance(value, str):
+        return value.replace("\x00", "") if "\x00" in value else value
+    if isinstance(value, tuple) and any(isinstance(v, str) and "\x00" in v for v in value):
+        return tuple(_text(v) for v in value)
+    return value
 
 
 class ListState(StrEnum):

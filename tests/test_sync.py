@@ -211,3 +211,20 @@ def test_a_sync_writes_in_few_transactions_and_beats_while_a_slow_gateway_pages(
     # A write at the first page past the beat (the page fetched ahead counts too), well within BEAT_WITHIN.
     assert max(gaps) <= timedelta(seconds=HEARTBEAT_EVERY + 2 * 2.0) <= timedelta(seconds=BEAT_WITHIN)
     assert 3 < len(writes) < 24
+
+
+def test_a_nul_in_a_customers_text_does_not_stop_the_sync(make_settings: MakeSettings) -> None:
+    """A customer whose name, remark or phone carries a NUL character (PostgreSQL's text refuses it: the whole
+    sync failed there) is synced without it, on every backend; JSON fields keep it, as JSON's escape."""
+    from engine.contacts import record_to_row
+    from engine.gateways.base import ContactRecord
+
+    app = Wecast(make_settings(contacts=5), clock=FakeClock(MONDAY_10))
+    record = ContactRecord(
+        "wm-nul", name="张\x00三", alias="老\x00客户", phones=("138\x000000",), additional_info={"备注": "a\x00b"}
+    )
+    contacts_db.upsert_contacts(app.db, [record_to_row(record)], MONDAY_10)
+    [view] = journeys_db.contact_views(app.db, ["wm-nul"]).values()
+    assert (view["name"], view["alias"], list(view["phones"])) == ("张三", "老客户", ["1380000"])
+    assert view["additional_info"] == {"备注": "a\x00b"}
+    app.db.dispose()
