@@ -112,7 +112,7 @@ class LiveServer:
             lifespan="on",
             ws="none",
             http="h11",
-            loop="uvloop",
+            loop="auto",  # uvloop where installed, as `wecast serve`
             timeout_graceful_shutdown=10,
         )
         self.server = uvicorn.Server(config)

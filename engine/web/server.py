@@ -22,10 +22,9 @@ import logging
 import signal
 import socket
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import uvicorn
-import uvloop
 
 from engine.errors import WecastError
 from engine.i18n import tr
@@ -132,7 +131,7 @@ def serve(settings: Settings, *, host: str | None = None, port: int | None = Non
         # uvloop's event loop (libuv) with httptools' parser (see `_serve`): the loop's and the HTTP layer's own
         # CPU per request is about a third of asyncio's with h11, and under one GIL that CPU sets how many
         # requests a second the server answers.
-        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        with asyncio.Runner(loop_factory=_loop_factory()) as runner:
             return runner.run(
                 _serve(
                     serve_settings(settings),
@@ -147,6 +146,15 @@ def serve(settings: Settings, *, host: str | None = None, port: int | None = Non
         return EXIT_FAILED
     finally:
         sock.close()
+
+
+def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop's loop where it exists (not on Windows, where pyproject does not install it): asyncio's own there."""
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    return uvloop.new_event_loop
 
 
 async def _serve(
