@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import functools
 import os
+import sqlite3
+import time
 import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -237,12 +239,31 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any, *, busy_ms: int) -> Non
     cursor = dbapi_connection.cursor()
     # WAL lets readers (the CLI, the API) run beside the dispatcher; NORMAL sync is durable across process
     # crashes (the kill -9 case), which is what the delivery log needs.
-    cursor.execute("PRAGMA journal_mode=WAL")
+    _wal(cursor, busy_ms)
     cursor.execute("PRAGMA synchronous=NORMAL")
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.execute(f"PRAGMA busy_timeout={busy_ms}")
     cursor.execute(f"PRAGMA cache_size=-{CACHE_KIB}")
     cursor.close()
+
+
+def _wal(cursor: Any, busy_ms: int) -> None:
+    """Switch a connection to WAL, waiting out other processes as any statement would. Turning a new file's journal
+    to WAL needs its exclusive lock, and SQLite answers "database is locked" at once, without calling the busy
+    handler, when waiting could deadlock (this connection holds the shared lock another is waiting to upgrade past):
+    several processes opening one new database at the same moment hit that. So the switch is retried, for as long as
+    the busy timeout would have waited."""
+    deadline = time.monotonic() + busy_ms / 1000
+    pause = 0.005
+    while True:
+        try:
+            cursor.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() + pause > deadline:
+                raise
+        time.sleep(pause)
+        pause = min(pause * 2, 0.1)
 
 
 class _FileWatch:
