@@ -320,15 +320,10 @@ def contact_fields(row: ContactRow) -> dict[str, Any]:
     }
 
 
-def contact_json(row: ContactRow) -> dict[str, Any]:
-    """A contact as `ContactView` serializes it to JSON (the same keys and values; tests/test_contact_pages.py checks
-    they are equal), built without the model: a page of contacts is the hot path of /get-all-user."""
-    out = contact_fields(row)
-    added = row.added_at
-    if added is not None:
-        text = added.isoformat()
-        out["addedAt"] = text[:-6] + "Z" if text.endswith("+00:00") else text  # pydantic writes UTC as Z
-    return out
+def json_page(key: str, items: bytes, rest: dict[str, Any]) -> bytes:
+    """A page's JSON object: `key` first, its value the JSON array `items` (written already, see
+    `storage.contacts.page_contacts_json`), then `rest`."""
+    return b'{"' + key.encode() + b'":' + items + (b"," + json_bytes(rest)[1:] if rest else b"}")
 
 
 def json_bytes(value: Any) -> bytes:

@@ -16,7 +16,7 @@ import pytest
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
 
-from engine.views import ContactView, contact_json, json_bytes
+from engine.views import ContactView
 from storage import contacts as contacts_db
 from storage import journeys as journeys_db
 from storage.contacts import ContactFilter, ContactRow, TagRow, page_contacts
@@ -122,10 +122,10 @@ def test_the_list_is_counted_once_and_no_page_skips_far(db: Engine, monkeypatch:
     finally:
         event.remove(db, "before_cursor_execute", seen)
     assert not [s for s, _ in statements if "count(" in s.lower()]
-    reads = [s for s, _ in statements if re.search(r"\bFROM contacts\b", s)]
-    assert len(reads) == 4 and all("LIMIT" in s for s in reads)  # the pages alone, none reading the whole list
-    skipped = [int(m) for s in reads for m in re.findall(r"OFFSET (\d+)", s)]
-    assert skipped and all(n < ANCHOR for n in skipped)
+    reads = [(s, p) for s, p in statements if re.search(r"\bFROM contacts\b", s)]
+    assert len(reads) == 4 and all("LIMIT" in s for s, _ in reads)  # the pages alone, none reading the whole list
+    skipped = [p["page_skip"] if isinstance(p, dict) else p[-1] for _, p in reads]  # (the last parameter)
+    assert any(skipped) and all(0 <= n < ANCHOR for n in skipped), skipped
 
 
 def test_writes_show_in_the_next_page(db: Engine) -> None:
@@ -180,22 +180,61 @@ def test_another_process_sync_shows_in_the_next_page(db: Engine, db_url: str) ->
     assert page.total == CONTACTS + 1 and [r.id for r in page.rows] == ["wm9999"]
 
 
-@pytest.mark.parametrize(
-    "added", [None, datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC), datetime(2026, 1, 2, 3, 4, 5, 678901, tzinfo=UTC)]
-)
-def test_the_fast_json_is_the_models_json(added: datetime | None) -> None:
-    """contact_json (the pages' hot path) writes what ContactView.from_row's JSON says, field for field."""
-    row = ContactRow(
-        "wm1",
-        name="张三\u2028",
-        alias='备注"',
-        gender=1,
-        phones=("13800000000",),
-        friend=True,
-        star=True,
-        type=2,
-        additional_info={"来源": ["门店", {"级别": 3}], "x": None},
-        added_at=added,
-        tags=(("t1", "VIP"), ("t2", "回头客")),
+HOSTILE = '引号"反斜杠\\ 换行\n制表\t响铃\x07 \x1f\x7f \u2028\u2029 😀 </script> {{ 7*7 }}'
+
+
+def test_the_pages_the_database_writes_are_the_models_json(db_url: str) -> None:
+    """page_contacts_json (the API's hot path: each contact's JSON written by SQLite or PostgreSQL) lists what
+    ContactView's JSON says of the same page, field for field, with hostile text (quotes, backslashes, control
+    characters, line separators, emoji, template syntax), nested extra info, tags of several groups (in the pages'
+    order), and added times with and without a fraction or unknown; filtered, at an offset and by cursor."""
+    db = make_db_engine(db_url)
+    contacts_db.upsert_tags(
+        db, [TagRow("t-b", "B组标签", "g2"), TagRow("t-a2", "Z标签", "g1"), TagRow("t-a1", HOSTILE, "g1")]
     )
-    assert json.loads(json_bytes(contact_json(row))) == json.loads(ContactView.from_row(row).model_dump_json())
+    rows = [
+        ContactRow(
+            f"wm{i:03d}",
+            name=HOSTILE if i % 2 else f"客户{i}",
+            alias=f"备注{i}\\",
+            avatar="https://wework.qpic.cn/a?x=1&y=2",
+            gender=i % 3,
+            city="上海",
+            phones=("13800000000", HOSTILE) if i % 3 == 0 else (),
+            friend=i % 2 == 0,
+            coworker=i % 5 == 0,
+            star=i % 7 == 0,
+            type=i % 3,
+            description=HOSTILE,
+            additional_info={"来源": ["门店", {"级别": i, "备注": HOSTILE}], "空": None, "真": True, "小数": 1.5}
+            if i % 4
+            else {},
+            corp_id="ww1",
+            tag_ids=(("t-b", "t-a2", "t-a1") if i % 2 else ("t-a2",)) if i % 3 else (),
+            added_at=(None, datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC), datetime(2026, 1, 2, 3, 4, 5, 6, tzinfo=UTC))[
+                i % 3
+            ],
+        )
+        for i in range(30)
+    ]
+    contacts_db.upsert_contacts(db, rows, NOW)
+    asks: list[tuple[ContactFilter, dict[str, Any]]] = [
+        (ContactFilter(), {"limit": 50}),
+        (ContactFilter(), {"limit": 7, "offset": 9}),
+        (ContactFilter(), {"limit": 7, "cursor": "wm011"}),
+        (ContactFilter(tags_all=["Z标签"], friend=False), {"limit": 4}),
+        (ContactFilter(text="反斜杠"), {"limit": 100, "offset": 3}),
+        (ContactFilter(), {"limit": 5, "offset": 300}),
+    ]
+    for where, kwargs in asks:
+        page = page_contacts(db, where, **kwargs)
+        fast = contacts_db.page_contacts_json(db, where, **kwargs)
+        expected = [json.loads(ContactView.from_row(r).model_dump_json()) for r in page.rows]
+        assert json.loads(fast.items) == expected, (where, kwargs)
+        assert (fast.total, fast.has_next, fast.next_cursor) == (page.total, page.has_next, page.next_cursor)
+    one = json.loads(contacts_db.page_contacts_json(db, ContactFilter(ids=["wm001"]), limit=1).items)[0]
+    assert one["tags"] == ["Z标签", HOSTILE, "B组标签"] and one["tagIds"] == ["t-a2", "t-a1", "t-b"]
+    assert one["addedAt"] == "2026-01-02T03:04:05Z" and one["name"] == HOSTILE
+    two = json.loads(contacts_db.page_contacts_json(db, ContactFilter(ids=["wm002"]), limit=1).items)[0]
+    assert two["addedAt"] == "2026-01-02T03:04:05.000006Z" and two["friend"] is True and two["phone"] == []
+    db.dispose()

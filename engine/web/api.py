@@ -40,7 +40,7 @@ from engine.plan import plan_test_send
 from engine.qr import qr_png, qr_svg, qr_terminal
 from engine.schedule import build_trigger, next_fire_times
 from engine.spec import Campaign, load_campaigns, parse_campaign
-from engine.views import ContactView, DeliveryView, PreviewView, Problem, RunView, contact_json, json_bytes
+from engine.views import ContactView, DeliveryView, PreviewView, Problem, RunView, json_page
 from engine.web import journeys_api
 from engine.web.context import WebContext
 from engine.web.errors import error_body
@@ -375,7 +375,9 @@ def router(ctx: WebContext) -> APIRouter:
             star=star,
             text=q,
         )
-        ask = functools.partial(contacts_db.page_contacts, app.db, where, limit=limit, offset=offset, cursor=cursor)
+        ask = functools.partial(
+            contacts_db.page_contacts_json, app.db, where, limit=limit, offset=offset, cursor=cursor
+        )
         page = None if ctx.workers.syncing else await ctx.read_page(ask)
         if page is None or not (page.latest_sync and page.latest_sync.finished):
             # A sync in progress (just logged in), interrupted or never run: as /get-all-user, the list is read
@@ -383,20 +385,15 @@ def router(ctx: WebContext) -> APIRouter:
             with contextlib.suppress(NotLoggedInError):
                 await ctx.ensure_contacts()
             page = await ctx.read_page(ask)
-        # As ContactsPageView serializes it, built without the models (a hot path; the same JSON).
-        return Response(
-            json_bytes(
-                {
-                    "items": [contact_json(c) for c in page.rows],
-                    "total": page.total,
-                    "hasNextPage": page.has_next,
-                    "nextCursor": page.next_cursor,
-                    "limit": limit,
-                    "offset": None if cursor else offset,
-                }
-            ),
-            media_type="application/json",
-        )
+        # As ContactsPageView serializes it, its contacts as the database wrote them (a hot path).
+        rest = {
+            "total": page.total,
+            "hasNextPage": page.has_next,
+            "nextCursor": page.next_cursor,
+            "limit": limit,
+            "offset": None if cursor else offset,
+        }
+        return Response(json_page("items", page.items, rest), media_type="application/json")
 
     @r.get("/contacts/{contact_id}", response_model=ContactView, tags=["contacts"], summary="One contact")
     def contact(contact_id: Annotated[str, PathParam(max_length=200)]) -> ContactView:

@@ -37,7 +37,7 @@ from engine.i18n import tr
 from engine.message_spec import Attachment, PartError, direct_message
 from engine.messages import Message
 from engine.plan import API_CAMPAIGN, plan_adhoc
-from engine.views import contact_json, json_bytes
+from engine.views import json_page
 from engine.web.context import WebContext
 from engine.web.errors import invalid
 from engine.web.models import (
@@ -71,7 +71,7 @@ IdempotencyKey = Annotated[
 ]
 
 
-def _page_if_whole(ask: Callable[[], contacts_db.ContactsPage]) -> contacts_db.ContactsPage | None:
+def _page_if_whole(ask: Callable[[], contacts_db.JsonPage]) -> contacts_db.JsonPage | None:
     """The page of all contacts `ask` reads, if the list it was read from is whole (else None:
     `WebContext.ensure_contacts` first). Whole is judged from the latest sync read in the page's own transaction
     and, never synced, from its total (of every contact): no second connection for the list's state."""
@@ -263,7 +263,7 @@ def router(ctx: WebContext) -> APIRouter:
             raise invalid("cursor", tr("give page or cursor, not both"))
         page = body.page or 1
         ask = functools.partial(
-            contacts_db.page_contacts,
+            contacts_db.page_contacts_json,
             ctx.app.db,
             ContactFilter(),
             limit=body.pageSize,
@@ -275,20 +275,15 @@ def router(ctx: WebContext) -> APIRouter:
         if found is None:
             await ctx.ensure_contacts()
             found = await ctx.read_page(ask)
-        # The page as AllUsersPage serializes it, built without the models (the hot path; same JSON).
-        return Response(
-            json_bytes(
-                {
-                    "datas": [contact_json(c) for c in found.rows],
-                    "hasNextPage": found.has_next,
-                    "nextCursor": found.next_cursor,
-                    "total": found.total,
-                    "page": None if body.cursor else page,
-                    "pageSize": body.pageSize,
-                }
-            ),
-            media_type="application/json",
-        )
+        # The page as AllUsersPage serializes it, its contacts as the database wrote them (the hot path).
+        rest = {
+            "hasNextPage": found.has_next,
+            "nextCursor": found.next_cursor,
+            "total": found.total,
+            "page": None if body.cursor else page,
+            "pageSize": body.pageSize,
+        }
+        return Response(json_page("datas", found.items, rest), media_type="application/json")
 
     @r.post(
         "/send-message",
