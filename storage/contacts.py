@@ -29,7 +29,6 @@ from storage._sql import (
     decode_json,
     insert_fast,
     insert_ignore,
-    iso_z,
     reading,
     serialize,
     upsert,
@@ -555,20 +554,20 @@ class JsonPage:
 def page_contacts_json(
     db: DB, where: ContactFilter, *, limit: int, offset: int = 0, cursor: str | None = None
 ) -> JsonPage:
-    """`page_contacts`, each contact's JSON object written by the database itself (SQLite's `json_object`,
-    PostgreSQL's `json_build_object`, their tags beside them in the same statement): the hot path of
-    /get-all-user and /api/v1/contacts, where building the rows, their dicts and their JSON in Python cost more than
-    the rest of the request. The added time is the one field finished here (the databases' own time formats are
-    not pydantic's)."""
+    """`page_contacts` as the API writes it, written by the database itself: each contact's JSON object
+    (SQLite's `json_object`, PostgreSQL's `json_build_object`, its tags aggregated beside it) and the page's array of
+    them come back as one value of one row. The hot path of /get-all-user and /api/v1/contacts: no row, dict or
+    serializer per contact in Python, and a page is three or four steps of the driver, not one per contact (each
+    step lets the GIL go, and a worker thread that takes it back from a busy event loop a few dozen times per page
+    cost more than the page itself)."""
     with reading(db) as conn:
-        columns = _PG_JSON_COLUMNS if conn.dialect.name == "postgresql" else _SQLITE_JSON_COLUMNS
-        latest, total, rows, more = _read_page(conn, where, columns, limit, offset, cursor)
-    items = ",".join([f'{obj[:-1]},"tags":{tags},"addedAt":{_added_json(added)}}}' for _, obj, tags, added in rows])
+        latest, total, page, more = _read_page(conn, where, "json", limit, offset, cursor)
+    items, count, last = page[0] if page else ("[]", 0, None)
     return JsonPage(
-        items=f"[{items}]".encode(),
+        items=items.encode(),
         total=total,
         has_next=more,
-        next_cursor=rows[-1][0] if more and rows else None,
+        next_cursor=last if more and count else None,
         latest_sync=latest,
     )
 
@@ -576,8 +575,9 @@ def page_contacts_json(
 def _read_page(
     conn: Connection, where: ContactFilter, columns: str, limit: int, offset: int, cursor: str | None
 ) -> tuple[SyncRow | None, int, Sequence[Any], bool]:
-    """(the latest sync, the total, up to `limit` rows of `columns` — the contact's id first —, whether more
-    follow) of a page, read in `conn`'s transaction."""
+    """(the latest sync, the total, the page, whether more follow), read in `conn`'s transaction. The page: up to
+    `limit` rows of `columns` (the contact's id first); or, for `columns` "json", one row of (the JSON array of
+    the contacts' objects, how many, the last one's id)."""
     latest = _latest_sync(conn)
     index = _index(conn, where, latest)
     clause, args = _where(conn, where)
@@ -592,16 +592,43 @@ def _read_page(
         args = _with(args, "page_from", start)
     # The limit and the skip are parameters: one statement text for every page, which the drivers prepare once.
     window = f"ORDER BY contacts.id LIMIT {_mark(conn, 'page_limit')} OFFSET {_mark(conn, 'page_skip')}"
-    args = _with(_with(args, "page_limit", int(limit) + 1), "page_skip", int(skip))
-    if columns is _ROW_COLUMNS or conn.dialect.name == "sqlite":
-        sql = f"SELECT {columns} FROM contacts WHERE {clause} {window}"
-    else:  # PostgreSQL works out a row's columns for the rows it skips too: the JSON only for the page's own
-        page = f"SELECT contacts.id FROM contacts WHERE {clause} {window}"
-        sql = f"SELECT {columns} FROM contacts WHERE contacts.id IN ({page}) ORDER BY contacts.id"
+    if columns != "json":
+        args = _with(_with(args, "page_limit", int(limit) + 1), "page_skip", int(skip))
+        with dbapi_cursor(conn) as raw:
+            raw.execute(f"SELECT {columns} FROM contacts WHERE {clause} {window}", args)
+            rows = raw.fetchall()
+        return latest, index.total, rows[:limit], len(rows) > limit
+    args = _with(_with(args, "page_limit", int(limit)), "page_skip", int(skip))
     with dbapi_cursor(conn) as raw:
-        raw.execute(sql, args)
-        rows = raw.fetchall()
-    return latest, index.total, rows[:limit], len(rows) > limit
+        if conn.dialect.name == "sqlite":
+            raw.execute(_SQLITE_JSON_PAGE.replace("{clause}", clause).replace("{window}", window), args)
+            page = raw.fetchall()
+        else:
+            # PostgreSQL: the page's ids, then their objects. Its plan for a LIMIT and OFFSET given as parameters
+            # is a fresh one each time (a generic one scans the whole table); planned each time, the objects' long
+            # statement cost more than reading them, while by ids its generic plan, made once, is the right one.
+            raw.execute(f"SELECT contacts.id FROM contacts WHERE {clause} {window}", args)
+            ids = [row[0] for row in raw.fetchall()]
+            items = "[]"
+            if ids:
+                raw.execute(_PG_JSON_PAGE, (ids,))
+                (items,) = raw.fetchall()[0]
+            page = [(items, len(ids), ids[-1] if ids else None)]
+        count, last = page[0][1], page[0][2]
+        if cursor or not offset:  # whether a contact follows the page's last, read (by offset: counted already)
+            more = count == limit and _follows(raw, conn, where, last)
+        else:
+            more = offset + count < index.total
+    return latest, index.total, page, more
+
+
+def _follows(raw: Any, conn: Connection, where: ContactFilter, last: str) -> bool:
+    clause, args = _where(conn, where)
+    raw.execute(
+        f"SELECT 1 FROM contacts WHERE {clause} AND contacts.id > {_mark(conn, 'page_from')} LIMIT 1",
+        _with(args, "page_from", last),
+    )
+    return raw.fetchone() is not None
 
 
 # `ContactView`'s JSON keys but its tags and added time, in its order, each with its column and what kind of value
@@ -618,10 +645,11 @@ _JSON_FIELDS = (
 _TAGGED = "FROM contact_tags ct JOIN tags t ON t.id = ct.tag_id WHERE ct.contact_id = contacts.id"
 
 
-def _json_columns(dialect: str) -> str:
-    """The columns `page_contacts_json` reads: the id; the contact's JSON object without its tags and added time;
-    its tags' names, then `,"tagIds":` and their ids, as JSON (one pass over its tags, in `_tags_of`'s order:
-    SQLite aggregates the rows in the order its subquery gives them); the added time."""
+def _json_object(dialect: str) -> str:
+    """A contact's `ContactView` JSON object, as an expression over its row: the database's JSON object of its
+    columns (its last value a string, so its text ends with `"}`), then its tags' names and ids (one pass over its
+    tags, in `_tags_of`'s order: SQLite aggregates the rows in the order its subquery gives them) and its added time
+    as pydantic writes a time (ISO 8601, UTC as Z, no fraction when it is zero)."""
     sqlite = dialect == "sqlite"
     values = []
     for key, column, kind in _JSON_FIELDS:
@@ -631,11 +659,20 @@ def _json_columns(dialect: str) -> str:
         elif kind == "bool" and sqlite:
             value = f"json(CASE WHEN {value} THEN 'true' ELSE 'false' END)"
         values.append(f"'{key}', {value}")
+    added = "contacts.added_at"
     if sqlite:
         obj = f"json_object({', '.join(values)})"
         tags = (
             """(SELECT json_group_array(name) || ',"tagIds":' || json_group_array(id) """
             f"FROM (SELECT t.name, t.id {_TAGGED} ORDER BY t.group_name, t.name))"
+        )
+        # SQLAlchemy's text ('2026-01-02 03:04:05.000006', naive UTC); another text as SQLite reads it
+        when = (
+            f"CASE WHEN {added} IS NULL THEN 'null' "
+            f"WHEN length({added}) = 26 AND substr({added}, 20, 7) = '.000000' "
+            f"""THEN '"' || substr({added}, 1, 10) || 'T' || substr({added}, 12, 8) || 'Z"' """
+            f"""WHEN length({added}) = 26 THEN '"' || substr({added}, 1, 10) || 'T' || substr({added}, 12) || 'Z"' """
+            f"""ELSE coalesce('"' || strftime('%Y-%m-%dT%H:%M:%SZ', {added}) || '"', 'null') END"""
         )
     else:
         obj = f"json_build_object({', '.join(values)})::text"
@@ -644,23 +681,25 @@ def _json_columns(dialect: str) -> str:
             f"""(SELECT coalesce(json_agg(t.name {ordered} || ',"tagIds":' || coalesce(json_agg(t.id {ordered} """
             f"{_TAGGED})"
         )
-    return f"contacts.id, {obj}, {tags}, contacts.added_at"
+        when = (  # a naive UTC timestamp
+            f"CASE WHEN {added} IS NULL THEN 'null' "
+            f"""WHEN date_trunc('second', {added}) = {added} THEN '"' || to_char({added}, 'YYYY-MM-DD"T"HH24:MI:SS') """
+            f"""|| 'Z"' ELSE '"' || to_char({added}, 'YYYY-MM-DD"T"HH24:MI:SS.US') || 'Z"' END"""
+        )
+    return f"""rtrim({obj}, '}}') || ',"tags":' || {tags} || ',"addedAt":' || {when} || '}}'"""
 
 
-_SQLITE_JSON_COLUMNS = _json_columns("sqlite")
-_PG_JSON_COLUMNS = _json_columns("postgresql")
-
-
-def _added_json(value: Any) -> str:
-    """The added time as `ContactView` writes it (pydantic: ISO 8601, UTC as Z, no fraction when it is zero), from
-    the column as the driver reads it (SQLAlchemy's text on SQLite, a datetime on PostgreSQL); null when unknown."""
-    if value is None:
-        return "null"
-    if isinstance(value, str) and len(value) == 26 and value[10] == " " and value[19] == ".":  # the usual SQLite text
-        fraction = value[20:]
-        return f'"{value[:10]}T{value[11:19]}{"" if fraction == "000000" else "." + fraction}Z"'
-    moment = aware(value)
-    return "null" if moment is None else f'"{iso_z(moment)}"'
+# `page_contacts_json`'s statements. SQLite's, its {clause} and {window} to fill with the filter's and the page's:
+# one row of (the page's JSON array, how many contacts, the last one's id). PostgreSQL's: the JSON array of the
+# contacts of a list of ids.
+_SQLITE_JSON_PAGE = (
+    "SELECT '[' || coalesce(group_concat(obj, ','), '') || ']', count(*), max(id) FROM ("
+    f"SELECT contacts.id AS id, {_json_object('sqlite')} AS obj FROM contacts WHERE {{clause}} {{window}})"
+)
+_PG_JSON_PAGE = (
+    "SELECT '[' || coalesce(string_agg(obj, ',' ORDER BY id), '') || ']' FROM ("
+    f"SELECT contacts.id AS id, {_json_object('postgresql')} AS obj FROM contacts WHERE contacts.id = ANY(%s)) page"
+)
 
 
 # A page's columns are ContactRow's fields in their order (all but `tags`, read beside them): a row becomes a

@@ -225,6 +225,11 @@ def test_the_pages_the_database_writes_are_the_models_json(db_url: str) -> None:
         (ContactFilter(tags_all=["Z标签"], friend=False), {"limit": 4}),
         (ContactFilter(text="反斜杠"), {"limit": 100, "offset": 3}),
         (ContactFilter(), {"limit": 5, "offset": 300}),
+        (ContactFilter(), {"limit": 10, "offset": 20}),  # the last page, exactly full
+        (ContactFilter(), {"limit": 10, "offset": 19}),
+        (ContactFilter(), {"limit": 10, "cursor": "wm019"}),  # the last page by cursor, exactly full
+        (ContactFilter(), {"limit": 10, "cursor": "wm029"}),
+        (ContactFilter(friend=True), {"limit": 5, "cursor": "wm018"}),
     ]
     for where, kwargs in asks:
         page = page_contacts(db, where, **kwargs)
@@ -232,6 +237,14 @@ def test_the_pages_the_database_writes_are_the_models_json(db_url: str) -> None:
         expected = [json.loads(ContactView.from_row(r).model_dump_json()) for r in page.rows]
         assert json.loads(fast.items) == expected, (where, kwargs)
         assert (fast.total, fast.has_next, fast.next_cursor) == (page.total, page.has_next, page.next_cursor)
+    walked, cursor = [], None
+    while True:  # by cursor, the whole list
+        fast = contacts_db.page_contacts_json(db, ContactFilter(star=False), limit=4, cursor=cursor)
+        walked += [c["id"] for c in json.loads(fast.items)]
+        if not fast.has_next:
+            break
+        cursor = fast.next_cursor
+    assert walked == [r.id for r in rows if not r.star]
     one = json.loads(contacts_db.page_contacts_json(db, ContactFilter(ids=["wm001"]), limit=1).items)[0]
     assert one["tags"] == ["Z标签", HOSTILE, "B组标签"] and one["tagIds"] == ["t-a2", "t-a1", "t-b"]
     assert one["addedAt"] == "2026-01-02T03:04:05Z" and one["name"] == HOSTILE
