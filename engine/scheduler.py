@@ -388,6 +388,8 @@ class CampaignScheduler:
                 self._record(entry, Fire(campaign.id, f, slot_key(f), "skipped", reason=why)) for f in skipped[-5:]
             ]
         planned: list[int] = []
+        if chosen:  # a sync this process runs (one starts at login) would have the plan refuse its half-written list
+            await self.workers.wait_sync()
         for fire in chosen:
             key = slot_key(fire)
             try:

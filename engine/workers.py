@@ -120,7 +120,8 @@ class Workers:
     # -- contact sync ----------------------------------------------------------------------------
     @property
     def syncing(self) -> bool:
-        return self._sync_task is not None and not self._sync_task.done()
+        """A contact sync runs in this process: in the background, or for a caller of `sync`."""
+        return (self._sync_task is not None and not self._sync_task.done()) or self._sync_lock.locked()
 
     async def sync(self, app: Wecast) -> SyncResult:
         """Sync contacts now (waits for a sync already in progress first)."""
@@ -161,8 +162,11 @@ class Workers:
         return self._sync_task
 
     async def wait_sync(self) -> None:
-        if self._sync_task is not None:
-            await self._sync_task
+        """Wait for the contact syncs this process is running, if any (their outcomes are their callers')."""
+        if self._sync_task is not None and not self._sync_task.done():
+            await asyncio.wait([self._sync_task])
+        async with self._sync_lock:
+            pass
 
     def refresh_in_background(self, app: Wecast, contact_id: str) -> asyncio.Task[None]:
         """Re-read one contact the gateway says changed (its remark, its tags), after any sync in progress."""

@@ -3,6 +3,7 @@ idempotent sends, refusal while logged out, 422s that name the field, and the /a
 
 from __future__ import annotations
 
+import asyncio
 import io
 import threading
 from collections.abc import Iterator
@@ -14,6 +15,7 @@ import pytest
 import zxingcpp
 from PIL import Image
 
+from engine.contacts import ListState
 from engine.gateways.sandbox import SandboxGateway
 from engine.web.models import AllUsersPage, ContactsPageView
 
@@ -326,3 +328,45 @@ def test_planning_and_preview_run_off_the_event_loop(
         release.set()
         worker.join(30)
     assert answers and answers[0].status_code in (200, 202), answers[0].text if answers else "no answer"
+
+
+def test_a_run_started_while_this_process_syncs_waits_for_the_whole_list(tmp_path: Path) -> None:
+    """ "Run now" while a contact sync of this same process is halfway (one starts at every login) plans once the
+    sync has finished, from the whole list, instead of refusing it as incomplete (409) as if another process had
+    left it half-written (seen as a flaky console test under load)."""
+    settings = make_settings(tmp_path)
+    (tmp_path / "campaigns" / "vip_daily.yaml").write_text(CAMPAIGN, encoding="utf-8")
+    with LiveServer(settings) as server:
+        client = server.client
+        login(client)
+        assert client.get("/api/v1/contacts").status_code == 200  # the login's own sync, finished
+        gateway = server.app.gateway
+        listing, release, halfway = gateway.list_contacts, threading.Event(), threading.Event()
+
+        async def slow(cursor: str | None = None, page_size: int = 500) -> Any:
+            page = await listing(cursor, page_size)
+            halfway.set()
+            await asyncio.to_thread(release.wait, 30)
+            return page
+
+        gateway.list_contacts = slow  # type: ignore[method-assign]
+        answers: dict[str, httpx.Response] = {}
+
+        def post(name: str, path: str) -> None:
+            with httpx.Client(base_url=server.url, timeout=30) as other:
+                answers[name] = other.post(path)
+
+        syncing = threading.Thread(target=post, args=("sync", "/api/v1/contacts/sync"))
+        syncing.start()
+        assert halfway.wait(10)
+        assert server.app.contact_list() is ListState.INCOMPLETE
+        running = threading.Thread(target=post, args=("run", "/api/v1/campaigns/vip_daily/run"))
+        running.start()
+        running.join(0.5)
+        assert running.is_alive() and "run" not in answers  # waiting for the sync, not refused
+        release.set()
+        syncing.join(30)
+        running.join(30)
+        assert answers["sync"].status_code == 200
+        assert answers["run"].status_code == 202, answers["run"].text
+        assert answers["run"].json()["run"]["planned"] > 0
