@@ -40,18 +40,13 @@ READ_ONLY = "wecast_read_only"
 
 @contextmanager
 def reading(db: DB) -> Iterator[Connection]:
-    """A connection to read with: the caller's, or a fresh one (one transaction: what it reads is one snapshot).
-    The fresh one's transaction ends in a commit, not the rollback SQLAlchemy would give it: psycopg forgets every
-    statement it prepared on the connection at a ROLLBACK (and deallocates them on the server), so reads that
-    ended that way had PostgreSQL parse and plan each statement again, every time."""
+    """A connection to read with: the caller's, or a fresh one (one transaction: what it reads is one snapshot)."""
     if isinstance(db, Connection):
         yield db
     else:
         with mapping(db), db.connect() as conn:
             conn.execution_options(**{READ_ONLY: True})
             yield conn
-            if conn.in_transaction():
-                conn.commit()
 
 
 @contextmanager

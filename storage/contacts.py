@@ -562,6 +562,11 @@ def page_contacts_json(
     cost more than the page itself)."""
     with reading(db) as conn:
         latest, total, page, more = _read_page(conn, where, "json", limit, offset, cursor)
+        # Ended in a commit, not the rollback SQLAlchemy would give it: psycopg forgets (and deallocates) every
+        # statement it prepared on the connection at a ROLLBACK, and PostgreSQL would plan the page's statements
+        # afresh every time. (Only here: with every read ending so, dispatch's statements were prepared too, and
+        # their generic plans halved PostgreSQL's dispatch, 2,500 -> 1,700 deliveries/s.)
+        conn.commit()
     items, count, last = page[0] if page else ("[]", 0, None)
     return JsonPage(
         items=items.encode(),
