@@ -17,9 +17,12 @@ schedule (or before its first slot) gets one manual run key per local day.
 
 from __future__ import annotations
 
+import gc
+import threading
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, tzinfo
 from typing import NamedTuple
@@ -48,7 +51,7 @@ from storage import deliveries as deliveries_db
 from storage import optouts as optouts_db
 from storage import runs as runs_db
 from storage.db import snapshot, transaction
-from storage.deliveries import PendingRow, Planned
+from storage.deliveries import Planned
 from storage.runs import NewRun, RunRow
 
 CHUNK = contacts_db.VIEW_CHUNK  # contacts per step of a plan or preview (see the module docstring)
@@ -584,7 +587,7 @@ def build_preview(
     confirm (`Preview.tasks`). `policies=False` leaves out what depends on earlier sends (dedupe, the frequency
     cap): validation checks the template against everyone the targeting selects, whatever was sent today."""
     key = run_key_for(campaign, now, run_key)
-    with snapshot(db) as conn:
+    with _old_objects_left_alone(), snapshot(db) as conn:
         if policies:
             require_whole_list(conn)  # never who a half-done sync happened to write
         known_tags = contacts_db.tag_names(conn)
@@ -635,6 +638,32 @@ def needed_columns(campaign: Campaign) -> set[str] | None:
     return cols
 
 
+_frozen_lock = threading.Lock()
+_frozen_plans = 0  # plans and previews under way in this process (see `_old_objects_left_alone`)
+
+
+@contextmanager
+def _old_objects_left_alone() -> Iterator[None]:
+    """Plan or preview with the objects alive before it started out of the cyclic garbage collector's way
+    (`gc.freeze`, undone when the last plan in the process ends). Streaming a big audience keeps a few containers
+    alive per contact of a step (rows, views, row tuples), and every few thousand of them the collector runs; its
+    full passes traversed the whole long-lived heap each time (the modules, SQLAlchemy's and pydantic's
+    structures): 0.15-0.25 s of a 100,000-recipient plan on SQLite, against 0.02 s for the objects the plan itself
+    made. What the plan makes is collected as before; garbage older than the plan waits for its end."""
+    global _frozen_plans
+    with _frozen_lock:
+        if _frozen_plans == 0:
+            gc.freeze()
+        _frozen_plans += 1
+    try:
+        yield
+    finally:
+        with _frozen_lock:
+            _frozen_plans -= 1
+            if _frozen_plans == 0:
+                gc.unfreeze()
+
+
 @dataclass
 class PlanResult:
     run_id: int
@@ -645,17 +674,16 @@ class PlanResult:
     preview: Preview | None = None  # what this call planned (None when the run existed already)
 
 
-def _pending(step: _Step) -> list[PendingRow]:
-    """A step's recipients as pending deliveries (see `storage.deliveries.PendingRow`)."""
+def _pending(step: _Step) -> tuple[list[str], list[str], list[str], list[str | None] | None]:
+    """A step's recipients as pending deliveries, column by column (see `storage.deliveries.PlanWriter.pending`):
+    contact ids, names, texts, and each one's whole message as JSON unless the messages are plain text."""
     texts, messages = step.rendered.texts, step.rendered.messages
+    ids = [c["id"] for c in step.recipients]
+    names = [c.get("name") or "" for c in step.recipients]
+    body = list(map(texts.__getitem__, ids))
     if not messages:  # plain text (a message is stored as its text alone)
-        return [(cid := c["id"], c.get("name") or "", texts[cid], None) for c in step.recipients]
-    rows: list[PendingRow] = []
-    for c in step.recipients:
-        cid = c["id"]
-        message = messages.get(cid)
-        rows.append((cid, c.get("name") or "", texts[cid], None if message is None else message.dumps()))
-    return rows
+        return ids, names, body, None
+    return ids, names, body, [None if (m := messages.get(cid)) is None else m.dumps() for cid in ids]
 
 
 def plan_run(
@@ -673,13 +701,14 @@ def plan_run(
     TemplateError and rolls everything back: nothing is half-planned. `keep`: recipients and exclusions the
     returned preview lists (see `build_preview`; its counts are always complete)."""
     key = run_key_for(campaign, now, run_key)
-    try:
-        return _plan(db, campaign, key, now, trigger, keep, careful=False)
-    except deliveries_db.PlanConflict:
-        # Another planner took some of these dedupe keys after this plan looked (the fast path copies rows
-        # straight in, and cannot pass over one): everything was rolled back; plan again the careful way, which
-        # holds those contacts back as already planned.
-        return _plan(db, campaign, key, now, trigger, keep, careful=True)
+    with _old_objects_left_alone():
+        try:
+            return _plan(db, campaign, key, now, trigger, keep, careful=False)
+        except deliveries_db.PlanConflict:
+            # Another planner took some of these dedupe keys after this plan looked (the fast path copies rows
+            # straight in, and cannot pass over one): everything was rolled back; plan again the careful way, which
+            # holds those contacts back as already planned.
+            return _plan(db, campaign, key, now, trigger, keep, careful=True)
 
 
 def _plan(
@@ -736,7 +765,7 @@ def _plan(
                 tally.add(step)
                 if tally.has_problems:
                     continue  # the plan will not be written: count the rest for the error, write nothing more
-                writer.pending(_pending(step))
+                writer.pending(*_pending(step))
                 writer.skipped(
                     Planned(e.contact_id, e.name, "", None, e.stored_reason) for e in step.excluded if e.recorded
                 )

@@ -201,27 +201,18 @@ def insert_fast(
     conn: Connection, table: Table, rows: Iterable[tuple[Any, ...]], columns: Sequence[str], chunk: int = 20000
 ) -> int:
     """INSERT … ON CONFLICT DO NOTHING for many rows given as tuples in `columns` order, through the driver's own
-    bulk path (values must already be plain: str/int/float/bool/None; times via `db_time`): SQLite's executemany;
-    on PostgreSQL `COPY` into a temporary table, then one INSERT … SELECT … ON CONFLICT DO NOTHING (COPY itself
+    bulk path (values must already be plain: str/int/float/bool/None; times via `db_time`): SQLite's executemany,
+    which takes the rows one at a time from `rows` (an iterator is never held as a list); on PostgreSQL `COPY`
+    into a temporary table, `chunk` rows at a time, then one INSERT … SELECT … ON CONFLICT DO NOTHING (COPY itself
     cannot pass over a conflict). Returns rows inserted."""
     if conn.dialect.name == "postgresql":
         return _copy_ignore(conn, table, rows, columns, chunk)
     cols = ", ".join(columns)
     marks = ", ".join(["?" if conn.dialect.paramstyle == "qmark" else "%s"] * len(columns))
     sql = f"INSERT INTO {table.name} ({cols}) VALUES ({marks}) ON CONFLICT DO NOTHING"
-    inserted = 0
     with dbapi_cursor(conn) as cursor:
-        batch: list[tuple[Any, ...]] = []
-        for row in rows:
-            batch.append(row)
-            if len(batch) >= chunk:
-                cursor.executemany(sql, batch)
-                inserted += max(cursor.rowcount, 0)  # summed over the batch; rows passed over count 0
-                batch = []
-        if batch:
-            cursor.executemany(sql, batch)
-            inserted += max(cursor.rowcount, 0)
-    return inserted
+        cursor.executemany(sql, rows)  # type: ignore[arg-type]  # sqlite3 takes any iterable
+        return max(cursor.rowcount, 0)  # summed over the rows; rows passed over count 0
 
 
 def _copy_ignore(
@@ -324,6 +315,13 @@ def db_time(conn: Connection, value: datetime | None) -> str | datetime | None:
         return None
     naive = value.astimezone(UTC).replace(tzinfo=None)
     return naive.strftime("%Y-%m-%d %H:%M:%S.%f") if conn.dialect.name == "sqlite" else naive
+
+
+def db_bool(conn: Connection, value: bool) -> bool | int:
+    """A boolean as a bulk insert binds it: 1 or 0 on SQLite (what the column stores either way). The sqlite3 module
+    binds an exact int as it is, but looks for an adapter for every bool (a tuple built, a registry and two
+    attribute lookups, per value): a tenth of a second over 100,000 planned rows."""
+    return int(value) if conn.dialect.name == "sqlite" else value
 
 
 def aware(value: Any) -> datetime | None:

@@ -371,26 +371,52 @@ class _Views:
         tags = "tag_ids::text" if self.pg else "tag_ids"
         self.select = f"SELECT {', '.join(self.wanted)}, {tags} FROM contacts WHERE "
         self.select += "TRUE" if include_removed else "removed_at IS NULL"
-        self.special = [(i, name, _DECODERS[name]) for i, name in enumerate(self.wanted) if name in _DECODERS]
+        self.make = _view_maker(self.wanted)
         self.tag_name = {r[0]: r[1] for r in conn.exec_driver_sql("SELECT id, name FROM tags")}
         self.combos: dict[str | None, tuple[frozenset[str], tuple[str, ...]]] = {None: (frozenset(), ())}
 
-    def convert(self, rows: Sequence[Any]) -> list[ContactView]:
-        wanted, special, combos, n = self.wanted, self.special, self.combos, len(self.wanted)
+    def convert(self, rows: Iterable[Sequence[Any]]) -> list[ContactView]:
+        make, combos, n = self.make, self.combos, len(self.wanted)
         out: list[ContactView] = []
+        append = out.append
         for row in rows:
-            view = dict(zip(wanted, row, strict=False))
-            for i, name, fn in special:
-                view[name] = fn(row[i])
             joined = row[n]
             combo = combos.get(joined)
             if combo is None:
                 tag_ids = sorted(decode_json(joined) or ())
                 named = tuple(self.tag_name[t] for t in tag_ids if t in self.tag_name)
                 combo = combos[joined] = (frozenset(named).union(tag_ids), named)
-            view["tags"], view["tags_named"] = combo
-            out.append(view)
+            append(make(row, combo))
         return out
+
+
+_MAKERS: dict[tuple[str, ...], Callable[[Sequence[Any], tuple[frozenset[str], tuple[str, ...]]], ContactView]] = {}
+
+
+def _view_maker(
+    columns: Sequence[str],
+) -> Callable[[Sequence[Any], tuple[frozenset[str], tuple[str, ...]]], ContactView]:
+    """A function making the view of one row of these columns (then the tag list) and its tags: one dict display,
+    `{"id": row[0], "friend": bool(row[5]), ..., "tags": combo[0], "tags_named": combo[1]}`, generated once per
+    column set (like `collections.namedtuple`'s methods; the names are the table's own, never input). A plan makes
+    100,000 views: half the time of filling each dict column by column."""
+    key = tuple(columns)
+    maker = _MAKERS.get(key)
+    if maker is None:
+        if not set(key) <= set(CONTACT_COLUMNS):  # pragma: no cover - `_Views` asks for the table's columns only
+            raise ValueError(f"not contact columns: {key!r}")
+        scope: dict[str, Any] = {}
+        items = []
+        for i, name in enumerate(key):
+            if name in _DECODERS:
+                scope[f"_{name}"] = _DECODERS[name]
+                items.append(f"{name!r}: _{name}(row[{i}])")
+            else:
+                items.append(f"{name!r}: row[{i}]")
+        source = f"def view(row, combo):\n    return {{{', '.join(items)}, 'tags': combo[0], 'tags_named': combo[1]}}\n"
+        exec(compile(source, f"<contact view {len(key)} columns>", "exec"), scope)  # the names: see above
+        maker = _MAKERS[key] = scope["view"]
+    return maker
 
 
 def contact_view_chunks(
@@ -413,13 +439,14 @@ def contact_view_chunks(
                     cursor.execute(first)
                 else:
                     cursor.execute(after, (last,))
-                rows = cursor.fetchall()
-                if not rows:
+                # Row by row off the cursor: no list of the chunk's rows beside its views (fewer objects alive
+                # at once: fewer runs of the garbage collector).
+                out = views.convert(cursor)  # type: ignore[arg-type]  # a DB-API cursor iterates its rows
+                if not out:
                     return
-                out = views.convert(rows)
                 last = out[-1]["id"]
                 yield out
-                if len(rows) < chunk:
+                if len(out) < chunk:
                     return
 
 

@@ -17,10 +17,11 @@ would be skipped (a cancel, the cap, an opt-out) it is recorded `unknown` instea
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, fields
 from datetime import datetime, timedelta
 from enum import StrEnum
+from itertools import repeat
 from typing import Any, NamedTuple
 
 from sqlalchemy import ColumnElement, Integer, bindparam, case, cast, func, literal, or_, select, update
@@ -32,6 +33,7 @@ from storage._sql import (
     CopyConflict,
     aware,
     chunks,
+    db_bool,
     db_time,
     dbapi_cursor,
     decode_json,
@@ -218,6 +220,7 @@ def insert_planned(
     besides their text. Returns how many were written."""
     ts = db_time(conn, now)
     value = status.value
+    flag = db_bool(conn, capped)
     if status is DeliveryStatus.SKIPPED:
         return insert_fast(
             conn,
@@ -231,7 +234,7 @@ def insert_planned(
                     r.text,
                     r.dedupe_key,
                     value,
-                    capped,
+                    flag,
                     ts,
                     ts,
                     r.reason,
@@ -253,7 +256,7 @@ def insert_planned(
                     r.text,
                     r.dedupe_key,
                     value,
-                    capped,
+                    flag,
                     ts,
                     ts,
                     r.message,
@@ -266,16 +269,13 @@ def insert_planned(
     return insert_fast(
         conn,
         DELIVERIES,
-        (
-            (run_id, campaign_id, r.contact_id, r.contact_name, r.text, r.dedupe_key, value, capped, ts, ts)
-            for r in rows
-        ),
+        ((run_id, campaign_id, r.contact_id, r.contact_name, r.text, r.dedupe_key, value, flag, ts, ts) for r in rows),
         _PLAN_COLUMNS,
     )
 
 
-# A recipient as `PlanWriter.pending` takes it: (contact id, contact name, text, the whole message as JSON or None).
-PendingRow = tuple[str, str, str, str | None]
+# A chunk of pending deliveries, column by column (see `PlanWriter.pending`): contact ids, names, texts, messages.
+_Columns = tuple[Sequence[str], Sequence[str], Sequence[str], Sequence[str | None] | None]
 
 # The binary COPY's types of `_PLAN_COLUMNS` + reason (+ message), as PostgreSQL names them.
 _PLAN_TYPES = ("int4", "text", "text", "text", "text", "text", "text", "bool", "timestamp", "timestamp", "text")
@@ -316,6 +316,7 @@ class PlanWriter:
         self.campaign_id = campaign_id
         self.key_prefix = key_prefix
         self.capped = capped
+        self.bound_capped = db_bool(conn, capped)  # as `insert_fast` binds it
         self.now = now
         self.ts = db_time(conn, now)
         self.with_messages = with_messages
@@ -329,37 +330,41 @@ class PlanWriter:
                 columns, types = (*columns, "message"), (*types, "text")
             self.copy = BackgroundCopy(conn, DELIVERIES, columns, types)
         self.rows: list[tuple[Any, ...]] = []  # the chunk `start` writes next
-        self.pending_rows: list[tuple[Any, ...]] = []  # the same, for `insert_fast`: pending and skipped apart
+        self.pending_columns: list[_Columns] = []  # the same, for `insert_fast`: pending and skipped apart
         self.skipped_rows: list[Planned] = []
         self.counts = (0, 0)  # pending and skipped rows in `rows`
         self.started = (0, 0)  # the same, in the chunk being copied
 
-    def pending(self, rows: Sequence[PendingRow]) -> None:
-        """Recipients: pending deliveries. Plain text plans leave `message` to its NULL default."""
-        run_id, campaign_id, prefix, capped, ts = self.run_id, self.campaign_id, self.key_prefix, self.capped, self.ts
-        status = DeliveryStatus.PENDING.value
+    def pending(
+        self,
+        ids: Sequence[str],
+        names: Sequence[str],
+        texts: Sequence[str],
+        messages: Sequence[str | None] | None = None,
+    ) -> None:
+        """Recipients, as pending deliveries, column by column (the same length each, in the same order): contact
+        ids, names, texts, and for a message that is more than its text each one's JSON (None: a plain text plan
+        leaves `message` to its NULL default). The sequences are read until they are written (`start`): leave them
+        as they are until then."""
+        if not len(ids) == len(names) == len(texts) == (len(ids) if messages is None else len(messages)):
+            raise ValueError("pending deliveries: columns of different lengths")
         if self.copy is not None:  # one column set for the chunk's pending and skipped rows: one COPY
-            if self.with_messages:
-                self.rows += [
-                    (run_id, campaign_id, cid, name, text, prefix + cid, status, capped, ts, ts, "", message)
-                    for cid, name, text, message in rows
-                ]
-            else:
-                self.rows += [
-                    (run_id, campaign_id, cid, name, text, prefix + cid, status, capped, ts, ts, "")
-                    for cid, name, text, _ in rows
-                ]
-            self.counts = (self.counts[0] + len(rows), self.counts[1])
-        elif self.with_messages:
-            self.pending_rows += [
-                (run_id, campaign_id, cid, name, text, prefix + cid, status, capped, ts, ts, message)
-                for cid, name, text, message in rows
-            ]
+            self.rows += self._pending_rows((ids, names, texts, messages), self.capped, "")
+            self.counts = (self.counts[0] + len(ids), self.counts[1])
         else:
-            self.pending_rows += [
-                (run_id, campaign_id, cid, name, text, prefix + cid, status, capped, ts, ts)
-                for cid, name, text, _ in rows
-            ]
+            self.pending_columns.append((ids, names, texts, messages))
+
+    def _pending_rows(self, columns: _Columns, capped: bool | int, *reason: str) -> Iterator[tuple[Any, ...]]:
+        """Rows in `_PLAN_COLUMNS` order (+ `reason`) (+ message), made by `zip` out of the columns and constants:
+        no Python code runs per row, and a row that is written and let go before the next (an executemany's) is
+        the very tuple the next one reuses."""
+        ids, names, texts, messages = columns
+        status, ts = DeliveryStatus.PENDING.value, self.ts
+        rows = [repeat(self.run_id), repeat(self.campaign_id), ids, names, texts, map(self.key_prefix.__add__, ids)]
+        rows += [repeat(status), repeat(capped), repeat(ts), repeat(ts), *(repeat(r) for r in reason)]
+        if self.with_messages:
+            rows.append(repeat(None) if messages is None else messages)
+        return zip(*rows)  # noqa: B905 - the repeats are endless; the columns' lengths are checked in `pending`
 
     def skipped(self, rows: Iterable[Planned]) -> None:
         """Contacts held back: skipped deliveries, with their reason."""
@@ -395,9 +400,11 @@ class PlanWriter:
             self._copied(self.copy.start(self.rows))
             self.rows, self.counts, self.started = [], (0, 0), self.counts
             return
-        if self.pending_rows:
+        if self.pending_columns:
             columns = (*_PLAN_COLUMNS, "message") if self.with_messages else _PLAN_COLUMNS
-            self.pending_count += insert_fast(self.conn, DELIVERIES, self.pending_rows, columns)
+            for pending in self.pending_columns:
+                rows = self._pending_rows(pending, self.bound_capped)
+                self.pending_count += insert_fast(self.conn, DELIVERIES, rows, columns)
         if self.skipped_rows:
             self.skipped_count += insert_planned(
                 self.conn,
@@ -408,7 +415,7 @@ class PlanWriter:
                 capped=self.capped,
                 now=self.now,
             )
-        self.pending_rows, self.skipped_rows = [], []
+        self.pending_columns, self.skipped_rows = [], []
 
     def wait(self) -> None:
         """Until what `start` began is written: the connection is the caller's again."""

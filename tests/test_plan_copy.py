@@ -46,7 +46,7 @@ def _copy_one(conn: Connection, run_id: int) -> None:
         conn, run_id, "other", key_prefix=f"other|{run_id}|", capped=False, now=MONDAY_10, with_messages=False
     )
     try:
-        writer.pending([("wm2", "", "hi", None)])
+        writer.pending(["wm2"], [""], ["hi"])
         writer.start()
         writer.wait()
     finally:
@@ -135,7 +135,7 @@ def test_deliveries_always_name_a_run_that_exists(db_url: str) -> None:
         writer = deliveries_db.PlanWriter(
             conn, run_id, "other", key_prefix="other|k1|", capped=False, now=MONDAY_10, with_messages=False
         )
-        writer.pending([("wm1", "客户", "您好", None)])
+        writer.pending(["wm1"], ["客户"], ["您好"])
         writer.start()
         writer.wait()
         writer.close()

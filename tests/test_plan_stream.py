@@ -150,3 +150,45 @@ def test_planning_holds_one_chunk_at_a_time(make_settings: MakeSettings, monkeyp
     whole, streamed = peak(10_000, "whole"), peak(100, "streamed")
     assert streamed * 3 < whole, (streamed, whole)
     run(app.close())
+
+
+def test_planning_leaves_the_garbage_collector_as_it_found_it(app: Wecast, monkeypatch: pytest.MonkeyPatch) -> None:
+    """While a plan or preview streams, the objects older than it are out of the collector's scans (gc.freeze);
+    afterwards — also when the plan fails, and only once the last of two overlapping plans ends — every object is
+    the collector's again, and garbage that was made before the plan is collected."""
+    import gc
+    import weakref
+
+    class Node:
+        pass
+
+    assert gc.get_freeze_count() == 0
+    during: list[int] = []
+    chunks = plan.contacts_db.contact_view_chunks
+
+    def watched(*args: object, **kwargs: object):  # type: ignore[no-untyped-def]
+        during.append(gc.get_freeze_count())
+        yield from chunks(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(plan.contacts_db, "contact_view_chunks", watched)
+    cycle = Node()
+    cycle.self = cycle  # type: ignore[attr-defined]
+    gone = weakref.ref(cycle)
+    del cycle
+    c = campaign(app.settings, PLAIN)
+    assert plan_run(app.db, c, now=MONDAY_10, run_key="r").planned > 0
+    build_preview(app.db, c, now=MONDAY_10, run_key="r2")
+    lacking = campaign(app.settings, PLAIN.replace("{{ display_name }}您好", "{{ city }}您好"))
+    with pytest.raises(TemplateError):
+        plan_run(app.db, lacking, now=MONDAY_10, run_key="r3")
+    assert len(during) == 3 and all(n > 0 for n in during), during
+    assert gc.get_freeze_count() == 0
+    gc.collect()
+    assert gone() is None  # made before the plans, collected after them
+
+    with plan._old_objects_left_alone():
+        with plan._old_objects_left_alone():
+            assert gc.get_freeze_count() > 0
+        assert gc.get_freeze_count() > 0  # the other plan is still under way
+    assert gc.get_freeze_count() == 0
+    run(app.close())

@@ -128,7 +128,16 @@ def test_contact_sync_from_the_sandbox(make_settings: MakeSettings, tmp_path: Pa
         assert v["created_at"] == orm[v["id"]].created_at == MONDAY_10
         if v["added_at"] is not None:
             assert v["added_at"].tzinfo is not None and v["added_at"] == orm[v["id"]].added_at
+        assert all(type(v[flag]) is bool and v[flag] == getattr(orm[v["id"]], flag) for flag in FLAGS)
+        assert list(v)[-2:] == ["tags", "tags_named"] and next(iter(v)) == "id"
+    # A plan's read of some columns: the same values, in the same order, as the view of every column.
+    some = {"name", "friend", "added_at", "phones", "city"}
+    for part, whole in zip(load_contact_views(app.db, columns=some), views, strict=True):
+        assert list(part.items()) == [(k, v) for k, v in whole.items() if k in some | {"id", "tags", "tags_named"}]
     app.db.dispose()
+
+
+FLAGS = ("friend", "coworker", "star")
 
 
 def test_preview_and_plan_record_skips_and_replanning_is_idempotent(make_settings: MakeSettings) -> None:
