@@ -569,9 +569,9 @@ class Selector:
                 reason, code = self._not_friend, ReasonCode.NOT_FRIEND
             elif c.get("coworker") and not include_coworkers:
                 reason, code = self._coworker, ReasonCode.COWORKER
-            elif t_none and tags & t_none:
+            elif t_none and not t_none.isdisjoint(tags):  # (no set made for the contacts it passes)
                 reason, code = self._naming(N_("has excluded tag {tags}"), tags & t_none), ReasonCode.TAGS_NONE
-            elif t_any and not tags & t_any:
+            elif t_any and t_any.isdisjoint(tags):
                 reason, code = self._none_of, ReasonCode.TAGS_ANY
             elif t_all and not t_all <= tags:
                 reason, code = self._naming(N_("lacks tag {tags}"), t_all - tags), ReasonCode.TAGS_ALL
