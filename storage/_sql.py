@@ -340,12 +340,6 @@ def aware(value: Any) -> datetime | None:
     return datetime.fromisoformat(text).replace(tzinfo=UTC)  # (a date alone reads "+00:00" as a time)
 
 
-def iso_z(value: datetime) -> str:
-    """A time as pydantic writes it to JSON: ISO 8601, UTC as Z."""
-    text = value.isoformat()
-    return text[:-6] + "Z" if text.endswith("+00:00") else text
-
-
 def decode_json(value: Any) -> Any:
     """A JSON column read through the raw cursor: text on SQLite, decoded already on PostgreSQL."""
     return json.loads(value) if isinstance(value, str) else value

@@ -554,14 +554,20 @@ def page_contacts(
     The page is read through the driver's cursor (the filter built and compiled once, its rows made into
     `ContactRow`s by position). `page_contacts_json` is the same page as the API writes it."""
     with reading(db) as conn:
-        latest, total, rows, more = _read_page(conn, where, _ROW_COLUMNS, limit, offset, cursor)
+        at = _page_at(conn, where, limit + 1, offset, cursor)
+        rows: Sequence[Any] = []
+        if not at.past_end:
+            with dbapi_cursor(conn) as raw:
+                raw.execute(f"SELECT {_ROW_COLUMNS} FROM contacts WHERE {at.clause} {at.window}", at.args)
+                rows = raw.fetchall()
+        more, rows = len(rows) > limit, rows[:limit]
         tags = _tags_of(conn, [r[0] for r in rows])
     return ContactsPage(
         rows=[_page_row(r, tags[r[0]]) for r in rows],
-        total=total,
+        total=at.total,
         has_next=more,
         next_cursor=rows[-1][0] if more and rows else None,
-        latest_sync=latest,
+        latest_sync=at.latest,
     )
 
 
@@ -588,35 +594,67 @@ def page_contacts_json(
     step lets the GIL go, and a worker thread that takes it back from a busy event loop a few dozen times per page
     cost more than the page itself)."""
     with reading(db) as conn:
-        latest, total, page, more = _read_page(conn, where, "json", limit, offset, cursor)
+        at = _page_at(conn, where, limit, offset, cursor)
+        items, count, last = "[]", 0, None
+        with dbapi_cursor(conn) as raw:
+            if at.past_end:
+                pass
+            elif conn.dialect.name == "sqlite":
+                raw.execute(_SQLITE_JSON_PAGE.replace("{clause}", at.clause).replace("{window}", at.window), at.args)
+                items, count, last = raw.fetchall()[0]
+            else:
+                # PostgreSQL: the page's ids, then their objects. Its plan for a LIMIT and OFFSET given as
+                # parameters is a fresh one each time (a generic one scans the whole table); planned each time, the
+                # objects' long statement cost more than reading them, while by ids its generic plan, made once, is
+                # the right one.
+                raw.execute(f"SELECT contacts.id FROM contacts WHERE {at.clause} {at.window}", at.args)
+                ids = [row[0] for row in raw.fetchall()]
+                if ids:
+                    raw.execute(_PG_JSON_PAGE, (ids,))
+                    (items,) = raw.fetchall()[0]
+                    count, last = len(ids), ids[-1]
+            if cursor or not offset:  # whether a contact follows the page's last, read (by offset: counted already)
+                more = count == limit and last is not None and _follows(raw, conn, where, last)
+            else:
+                more = offset + count < at.total
         # Ended in a commit, not the rollback SQLAlchemy would give it: psycopg forgets (and deallocates) every
         # statement it prepared on the connection at a ROLLBACK, and PostgreSQL would plan the page's statements
         # afresh every time. (Only here: with every read ending so, dispatch's statements were prepared too, and
         # their generic plans halved PostgreSQL's dispatch, 2,500 -> 1,700 deliveries/s.)
         conn.commit()
-    items, count, last = page[0] if page else ("[]", 0, None)
     return JsonPage(
         items=items.encode(),
-        total=total,
+        total=at.total,
         has_next=more,
-        next_cursor=last if more and count else None,
-        latest_sync=latest,
+        next_cursor=last if more else None,
+        latest_sync=at.latest,
     )
 
 
-def _read_page(
-    conn: Connection, where: ContactFilter, columns: str, limit: int, offset: int, cursor: str | None
-) -> tuple[SyncRow | None, int, Sequence[Any], bool]:
-    """(the latest sync, the total, the page, whether more follow), read in `conn`'s transaction. The page: up to
-    `limit` rows of `columns` (the contact's id first); or, for `columns` "json", one row of (the JSON array of
-    the contacts' objects, how many, the last one's id)."""
+@dataclass(frozen=True, slots=True)
+class _PageAt:
+    """Where a page starts, in one version of the list: the filter's clause with the keyset condition, its
+    parameters with the window's, and the window (`ORDER BY id LIMIT … OFFSET …`); `past_end` when an offset lies
+    beyond the list."""
+
+    latest: SyncRow | None
+    total: int
+    clause: str
+    args: _Args
+    window: str
+    past_end: bool
+
+
+def _page_at(conn: Connection, where: ContactFilter, rows: int, offset: int, cursor: str | None) -> _PageAt:
+    """The start of a page of `rows` rows after `cursor` or at `offset`, in `conn`'s transaction: from the anchor
+    before the offset (see `page_contacts`)."""
     latest = _latest_sync(conn)
     index = _index(conn, where, latest)
     clause, args = _where(conn, where)
     start, skip = cursor, 0
     if not cursor and offset:
         if offset >= index.total:
-            return latest, index.total, [], False
+            return _PageAt(latest, index.total, clause, args, "", past_end=True)
         anchor = min(offset // ANCHOR_EVERY, len(index.anchors) - 1)
         start, skip = index.anchors[anchor], offset - anchor * ANCHOR_EVERY
     if start is not None:
@@ -624,34 +662,8 @@ def _read_page(
         args = _with(args, "page_from", start)
     # The limit and the skip are parameters: one statement text for every page, which the drivers prepare once.
     window = f"ORDER BY contacts.id LIMIT {_mark(conn, 'page_limit')} OFFSET {_mark(conn, 'page_skip')}"
-    if columns != "json":
-        args = _with(_with(args, "page_limit", int(limit) + 1), "page_skip", int(skip))
-        with dbapi_cursor(conn) as raw:
-            raw.execute(f"SELECT {columns} FROM contacts WHERE {clause} {window}", args)
-            rows = raw.fetchall()
-        return latest, index.total, rows[:limit], len(rows) > limit
-    args = _with(_with(args, "page_limit", int(limit)), "page_skip", int(skip))
-    with dbapi_cursor(conn) as raw:
-        if conn.dialect.name == "sqlite":
-            raw.execute(_SQLITE_JSON_PAGE.replace("{clause}", clause).replace("{window}", window), args)
-            page = raw.fetchall()
-        else:
-            # PostgreSQL: the page's ids, then their objects. Its plan for a LIMIT and OFFSET given as parameters
-            # is a fresh one each time (a generic one scans the whole table); planned each time, the objects' long
-            # statement cost more than reading them, while by ids its generic plan, made once, is the right one.
-            raw.execute(f"SELECT contacts.id FROM contacts WHERE {clause} {window}", args)
-            ids = [row[0] for row in raw.fetchall()]
-            items = "[]"
-            if ids:
-                raw.execute(_PG_JSON_PAGE, (ids,))
-                (items,) = raw.fetchall()[0]
-            page = [(items, len(ids), ids[-1] if ids else None)]
-        count, last = page[0][1], page[0][2]
-        if cursor or not offset:  # whether a contact follows the page's last, read (by offset: counted already)
-            more = count == limit and _follows(raw, conn, where, last)
-        else:
-            more = offset + count < index.total
-    return latest, index.total, page, more
+    args = _with(_with(args, "page_limit", int(rows)), "page_skip", int(skip))
+    return _PageAt(latest, index.total, clause, args, window, past_end=False)
 
 
 def _follows(raw: Any, conn: Connection, where: ContactFilter, last: str) -> bool:
