@@ -1,11 +1,17 @@
 """API errors and messages in the request's language (issue 11 item 4), on a real server: the source document's
-endpoints and /api/v1 answer in Chinese or English as `?lang=`, Accept-Language or config.yaml's `language:` say
-(English when nothing does), in one language per answer, never mixed; the JSON keys and `code` stay English; two
-requests in different languages at once never mix."""
+endpoints and /api/v1 answer in Chinese or English as `?lang=`, Accept-Language, config.yaml's `language:` or the
+server's own locale say (English when nothing does), in one language per answer, never mixed; the JSON keys and
+`code` stay English; two requests in different languages at once never mix."""
 
 from __future__ import annotations
 
+import os
 import re
+import signal
+import socket
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -18,7 +24,7 @@ try:
 except ImportError:  # pragma: no cover - if tests/ becomes a package
     from tests.web_harness import CAMPAIGN, LiveServer, login, make_settings
 
-from engine.i18n import Language
+from engine.i18n import Language, use_language
 from engine.web.language import request_language
 
 HAN = re.compile(r"[\u4e00-\u9fff]")
@@ -41,12 +47,17 @@ def client(live: LiveServer) -> httpx.Client:
 
 
 def test_the_language_of_a_request() -> None:
-    """?lang= first, then Accept-Language (by quality), then the config, then English; nonsense is ignored."""
+    """?lang= first, then Accept-Language (by quality), then the config, then the process's language (English here:
+    the tests run in LANG=C.UTF-8); nonsense is ignored."""
     assert request_language("zh", "en", Language.EN) is Language.ZH
     assert request_language(None, "fr;q=1, zh-CN;q=0.8, en;q=0.5", None) is Language.ZH
     assert request_language(None, "en, zh;q=0.1", Language.ZH) is Language.EN
     assert request_language(None, None, Language.ZH) is Language.ZH
     assert request_language("klingon", "fr", None) is Language.EN
+    with use_language(Language.ZH):  # a process whose CLI chose Chinese (its --lang or a zh_CN locale)
+        assert request_language(None, None, None) is Language.ZH
+        assert request_language(None, None, Language.EN) is Language.EN
+        assert request_language(None, "en", None) is Language.EN
 
 
 # (method, path, JSON body, status, code, Chinese words, English words): one error of each kind.
@@ -197,3 +208,49 @@ def test_pooled_sends_refused_answer_each_caller_in_its_language(client: httpx.C
     login(client)
     unknown = client.post("/send-message", json={"id": "nobody", "message": "您好"}, headers=ZH)
     assert unknown.status_code == 404 and "没有 id 为 nobody 的客户" in unknown.json()["error"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("locale", "chinese"), [("zh_CN.UTF-8", True), ("C.UTF-8", False)])
+def test_serve_answers_in_its_locale_when_the_request_asks_for_nothing(
+    tmp_path: Path, locale: str, chinese: bool
+) -> None:
+    """A real `wecast serve` started in a zh_CN locale answers a bare curl of the source document's /goStart in
+    Chinese, as the original service did (before, English unless the request or config.yaml asked), and its log
+    line for the login's event is Chinese too; in an English locale, English. A request's own choice still wins."""
+    (tmp_path / "config.yaml").write_text("version: 1\nsandbox:\n  contacts: 5\n  scan_delay: 1h\n", encoding="utf-8")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = int(s.getsockname()[1])
+    env = {k: v for k, v in os.environ.items() if k not in ("LC_ALL", "LC_MESSAGES", "LANGUAGE")}
+    env |= {"LANG": locale, "WECAST_CONFIG": str(tmp_path / "config.yaml")}
+    env |= {"PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    cmd = [sys.executable, "-c", "from engine.cli import main; main()", "serve", "--port", str(port)]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert proc.poll() is None and time.monotonic() < deadline, "serve did not start"
+            time.sleep(0.1)
+        bare = httpx.post(f"{url}/goStart")
+        asked = httpx.post(f"{url}/goStart", headers=EN if chinese else ZH)
+        unknown = httpx.get(f"{url}/api/v1/runs/7")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=30)
+    assert bare.json()["state"] == "waiting_scan"
+    assert bool(HAN.search(bare.json()["message"])) == chinese, bare.text
+    assert bare.headers["content-language"] == ("zh-CN" if chinese else "en")
+    assert unknown.json()["error"] == ("没有发送批次 7" if chinese else "no run 7")
+    assert bool(HAN.search(asked.json()["message"])) != chinese, asked.text  # the request's own choice wins
+    assert unknown.json()["code"] == "not_found"
+    # The log line of the bare request's QR event (the first), in the server's language.
+    logged = [line for line in out.splitlines() if "wecast.gateway" in line and ": qr" in line]
+    assert logged, out
+    assert bool(HAN.search(logged[0])) == chinese, logged

@@ -1,8 +1,10 @@
 """Every HTTP answer in the request's language: the API's and the source document's endpoints pick it per request
-(`?lang=zh|en`, then Accept-Language, then config.yaml's `language:`, then English, which scripts and curl get
-unless they ask), run the whole request under `engine.i18n.use_language`, and say which it was in
-`Content-Language`. The console picks its own (its cookie, Chinese by default: `engine.web.console.templating`)
-inside this. Only the words change: JSON keys and machine codes (`code`, `state`, `reason_code`) stay English."""
+(`?lang=zh|en`, then Accept-Language, then config.yaml's `language:`, then the server's own language, the one
+`wecast --lang` or its locale gives it: a `wecast serve` started in a zh_CN locale answers curl in Chinese, as the
+source document's service did; English when nothing says otherwise), run the whole request under
+`engine.i18n.use_language`, and say which it was in `Content-Language`. The console picks its own (its cookie,
+Chinese by default: `engine.web.console.templating`) inside this. Only the words change: JSON keys and machine
+codes (`code`, `state`, `reason_code`) stay English."""
 
 from __future__ import annotations
 
@@ -10,13 +12,14 @@ from urllib.parse import parse_qs
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from engine.i18n import Language, negotiate, use_language
+from engine.i18n import Language, current, negotiate, use_language
 
 
 def request_language(query_lang: str | None, accept_language: str | None, config: Language | None) -> Language:
-    """The language of an API answer (see the module docstring); an unknown `?lang=` is ignored, not an error."""
+    """The language of an API answer (see the module docstring); an unknown `?lang=` is ignored, not an error. Called
+    outside any request's language, so `current()` is the process's (English unless the CLI set another)."""
     lang = Language.parse(query_lang) if query_lang else None
-    return lang or negotiate(accept_language) or config or Language.EN
+    return lang or negotiate(accept_language) or config or current()
 
 
 class SpeakLanguage:
