@@ -198,6 +198,31 @@ def test_sign_in_exchanges_the_key_for_an_httponly_samesite_cookie(keyed: LiveSe
     assert client.get("/api/v1/contacts").status_code == 200
 
 
+@pytest.mark.parametrize(
+    ("given", "goes_to"),
+    [
+        ("/console/runs\r\nSet-Cookie: planted=1", "/console/runs%0D%0ASet-Cookie:%20planted=1"),
+        ("/console/\x00", "/console/%00"),
+        ("/console/\x7f", "/console/%7F"),
+        ("/console/customers?q=İ王", "/console/customers?q=%C4%B0%E7%8E%8B"),
+        ("/console/customers?q=%E7%8E%8B&tag=VIP", "/console/customers?q=%E7%8E%8B&tag=VIP"),
+    ],
+)
+def test_the_page_after_sign_in_is_always_a_clean_header(
+    keyed: LiveServer, open_server: LiveServer, given: str, goes_to: str
+) -> None:
+    """Whatever `next` the sign-in form carries (line breaks, NUL, DEL, characters beyond Latin-1), the answer is
+    a 204 whose hx-redirect is that console page percent-encoded: no header is planted, the connection is not
+    dropped, no 500 — with the key and without."""
+    for server, key in ((keyed, KEY), (open_server, "")):
+        client = httpx.Client(base_url=server.url, timeout=30)
+        token = csrf_of(client.get("/console/signin").text)
+        answer = client.post("/console/signin", json={"key": key, "next": given}, headers={"x-csrf-token": token})
+        assert answer.status_code == 204, answer.text
+        assert answer.headers["hx-redirect"] == goes_to
+        assert "planted" not in answer.headers.get("set-cookie", "")
+
+
 def test_changes_on_the_cookie_need_the_csrf_token(keyed: LiveServer) -> None:
     """With the session cookie, a change without the page's CSRF token (or with a wrong one) is refused — for the
     console and for the API alike — while the Bearer header needs none (browsers never add it by themselves)."""

@@ -16,7 +16,7 @@ import math
 import re
 from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Annotated, Any, TypeVar
-from urllib.parse import urlencode
+from urllib.parse import quote, urlencode
 from zoneinfo import ZoneInfo
 
 from fastapi import APIRouter, Depends, Query, Request
@@ -280,10 +280,16 @@ def tasks_notice(action: str, done: TasksView, gettext: Callable[..., str], nget
     return " ".join([text, *done.problems])
 
 
+# What stays as given in the page to go to after signing in; everything else is percent-encoded.
+_NEXT_KEEPS = "/?&=%#+,;:@!$'()*~"
+
+
 def _safe_next(target: str) -> str:
-    """Where to go after signing in: a console page of this server, never another site."""
+    """Where to go after signing in: a console page of this server, never another site. It becomes a header
+    (hx-redirect), so it is percent-encoded: a line break, a NUL or a character beyond Latin-1 in the form's
+    `next` would plant a header or drop the connection."""
     if target.startswith(CONSOLE + "/") and not target.startswith("//") and "\\" not in target:
-        return target
+        return quote(target, safe=_NEXT_KEEPS)
     return CONSOLE + "/"
 
 
