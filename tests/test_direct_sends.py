@@ -20,6 +20,7 @@ from engine.gateways.sandbox import SandboxGateway
 from storage import runs as runs_db
 from storage.contacts import ContactRow, upsert_contacts
 from storage.db import make_db_engine
+from storage.optouts import opt_out
 from storage.runs import DirectSend, NewRun
 
 try:
@@ -189,3 +190,26 @@ def test_record_direct_sends_reports_keys_used_before(db_url: str, monkeypatch: 
     assert raced.run_id is None and raced.earlier["k1"].run_id == first.run_id
     assert runs_db.find_run(db, "api", "p3") is None
     db.dispose()
+
+
+@pytest.mark.parametrize(
+    ("lang", "left_out", "all_sent"), [("zh", "1 条未发", "发送成功"), ("en", "1 left out", "sent successfully")]
+)
+def test_a_send_left_out_is_not_called_a_success(live: LiveServer, lang: str, left_out: str, all_sent: str) -> None:
+    """/send-message to a customer who opted out, and /send-message-all to them and another: nothing reaches the
+    opted-out customer, and the answer's message says one was left out (each result says why) instead of
+    "sent successfully (0 sent)"; "sent successfully" stays for the sends that all went out."""
+    quiet, other = _friends(live, 2)
+    assert opt_out(live.app.db, quiet, datetime.now(UTC), source="api")
+    before = _outbox(live)
+    ask = {"lang": lang}
+    one = live.client.post("/send-message", params=ask, json={"id": quiet, "message": "会员日"}).json()
+    many = live.client.post("/send-message-all", params=ask, json={"ids": [quiet, other], "message": "会员日"}).json()
+    fine = live.client.post("/send-message", params=ask, json={"id": other, "message": "到店礼"}).json()
+    assert one["sent"] == 0 and one["counts"] == {"skipped": 1} and one["results"][0]["reason"].startswith("opted_out")
+    assert left_out in one["message"] and all_sent not in one["message"], one
+    assert many["sent"] == 1 and many["counts"] == {"sent": 1, "skipped": 1}
+    assert left_out in many["message"] and all_sent not in many["message"], many
+    assert all_sent in fine["message"] and fine["sent"] == 1
+    after = _outbox(live)
+    assert after[quiet] == before[quiet] and after[other] - before[other] == 2

@@ -51,12 +51,12 @@ from engine.web.models import (
     VerifyAnswer,
     VerifyCodeBody,
 )
-from engine.web.sends import KEY_REUSED, NO_CONTACT, DirectSends
+from engine.web.sends import KEY_REUSED, NO_CONTACT, DirectSends, run_open, send_summary
 from storage import contacts as contacts_db
 from storage import deliveries as deliveries_db
 from storage import runs as runs_db
 from storage.contacts import ContactFilter
-from storage.models import OPEN_STATUSES, DeliveryStatus, RunStatus
+from storage.models import OPEN_STATUSES, DeliveryStatus
 
 IdempotencyKey = Annotated[
     str | None,
@@ -135,7 +135,7 @@ async def send_message(
         run_id = existing.id
         await ctx.db(_same_request, ctx, run_id, contact_ids, message)
     task = ctx.workers.task(run_id)
-    if task is None and await ctx.db(_open, ctx, run_id):
+    if task is None and await ctx.db(run_open, ctx, run_id):
         task = ctx.dispatch(run_id, API_CAMPAIGN)
     if task is not None:
         await asyncio.wait({asyncio.shield(task)} if not task.done() else {task}, timeout=ctx.send_wait)
@@ -159,14 +159,6 @@ def _known_contacts(ctx: WebContext, contact_ids: list[str]) -> dict[str, str]:
     return names
 
 
-def _open(ctx: WebContext, run_id: int) -> bool:
-    """Whether a run still has deliveries to send or to reconcile (and is sendable)."""
-    if runs_db.run_status(ctx.app.db, run_id) is not RunStatus.RUNNING:
-        return False
-    counts = deliveries_db.status_counts(ctx.app.db, run_id)
-    return any(counts.get(s, 0) for s in OPEN_STATUSES)
-
-
 def run_result(ctx: WebContext, run_id: int, *, what: str, replayed: bool = False, limit: int = 200) -> SendResult:
     """A send's outcome: counts and per-recipient results."""
     counts = deliveries_db.status_counts(ctx.app.db, run_id)
@@ -175,21 +167,8 @@ def run_result(ctx: WebContext, run_id: int, *, what: str, replayed: bool = Fals
     pending = sum(counts.get(s, 0) for s in OPEN_STATUSES)
     sent = counts.get(DeliveryStatus.SENT, 0)
     failed = counts.get(DeliveryStatus.FAILED, 0) + counts.get(DeliveryStatus.UNKNOWN, 0)
-    if pending:
-        message = (
-            what
-            + ": "
-            + tr(
-                "{sent} sent, {pending} still going out (see /api/v1/runs/{run})",
-                sent=sent,
-                pending=pending,
-                run=run_id,
-            )
-        )
-    elif failed:
-        message = what + ": " + tr("{sent} sent, {failed} not sent (see results)", sent=sent, failed=failed)
-    else:
-        message = what + ": " + tr("sent successfully ({sent} sent)", sent=sent)
+    skipped = counts.get(DeliveryStatus.SKIPPED, 0)
+    message = send_summary(what, run_id, sent=sent, failed=failed, pending=pending, skipped=skipped)
     return SendResult(
         message=message,
         runId=run_id,

@@ -201,7 +201,7 @@ class DirectSends:
         is sending: after a restart)."""
         ctx = self.ctx
         task = ctx.workers.task(run_id)
-        if task is None and await ctx.db(_open, ctx, run_id):
+        if task is None and await ctx.db(run_open, ctx, run_id):
             task = ctx.dispatch(run_id, API_CAMPAIGN)
         if task is not None and not task.done():
             await asyncio.wait({asyncio.shield(task)}, timeout=ctx.send_wait)
@@ -251,11 +251,29 @@ def _row_of(ctx: WebContext, run_id: int, contact_id: str) -> DeliveryRow | None
     return rows[0] if rows else None
 
 
-def _open(ctx: WebContext, run_id: int) -> bool:
+def run_open(ctx: WebContext, run_id: int) -> bool:
+    """Whether a run still has deliveries to send or to reconcile (and is sendable)."""
     if runs_db.run_status(ctx.app.db, run_id) is not RunStatus.RUNNING:
         return False
     counts = deliveries_db.status_counts(ctx.app.db, run_id)
     return any(counts.get(s, 0) for s in OPEN_STATUSES)
+
+
+def send_summary(what: str, run_id: int, *, sent: int, failed: int, pending: int, skipped: int) -> str:
+    """The `message` of a send's answer, in the request's language: what is still going out, what failed, what was
+    left out (an opted-out customer, one over the frequency cap, a duplicate: each result says why) — "sent
+    successfully" only when every recipient was sent to."""
+    if pending:
+        text = tr(
+            "{sent} sent, {pending} still going out (see /api/v1/runs/{run})", sent=sent, pending=pending, run=run_id
+        )
+    elif failed:
+        text = tr("{sent} sent, {failed} not sent (see results)", sent=sent, failed=failed)
+    elif skipped:
+        text = tr("{sent} sent, {skipped} left out (see results for why)", sent=sent, skipped=skipped)
+    else:
+        text = tr("sent successfully ({sent} sent)", sent=sent)
+    return f"{what}: {text}"
 
 
 def _result(run_id: int, key: str, row: DeliveryRow | None, *, replayed: bool) -> SendResult:
@@ -264,15 +282,9 @@ def _result(run_id: int, key: str, row: DeliveryRow | None, *, replayed: bool) -
     pending = int(status in OPEN_STATUSES)
     sent = int(status is DeliveryStatus.SENT)
     failed = int(status in (DeliveryStatus.FAILED, DeliveryStatus.UNKNOWN))
+    skipped = int(status is DeliveryStatus.SKIPPED)
     # Built in the waiting request (its language), in the same words as a run's result.
-    if pending:
-        message = "send-message: " + tr(
-            "{sent} sent, {pending} still going out (see /api/v1/runs/{run})", sent=sent, pending=pending, run=run_id
-        )
-    elif failed:
-        message = "send-message: " + tr("{sent} sent, {failed} not sent (see results)", sent=sent, failed=failed)
-    else:
-        message = "send-message: " + tr("sent successfully ({sent} sent)", sent=sent)
+    message = send_summary("send-message", run_id, sent=sent, failed=failed, pending=pending, skipped=skipped)
     return SendResult(
         message=message,
         runId=run_id,
