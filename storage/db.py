@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import os
+import select as io_select
 import sqlite3
 import time
 import weakref
@@ -26,7 +27,7 @@ from typing import Any
 
 from sqlalchemy import event, func, inspect, select, text
 from sqlalchemy.engine import Connection, Engine, make_url
-from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+from sqlalchemy.exc import ArgumentError, DisconnectionError, NoSuchModuleError
 from sqlmodel import SQLModel, create_engine
 
 from storage._sql import READ_ONLY, reading, serialize, where, writing
@@ -219,6 +220,8 @@ def make_db_engine(url: str, *, migrate: bool = True, echo: bool = False, busy_t
         event.listen(engine, "begin", functools.partial(_sqlite_begin, watch=watch))
         if watch is not None:
             _WATCHES[engine] = watch
+    else:
+        event.listen(engine.pool, "checkout", _server_hung_up)
     if migrate:
         ensure_schema(engine)
     return engine
@@ -245,6 +248,30 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any, *, busy_ms: int) -> Non
     cursor.execute(f"PRAGMA busy_timeout={busy_ms}")
     cursor.execute(f"PRAGMA cache_size=-{CACHE_KIB}")
     cursor.close()
+
+
+def _server_hung_up(dbapi_connection: Any, _record: Any, _proxy: Any) -> None:
+    """Refuse a pooled server connection the server has closed while it sat idle in the pool, so the pool opens a
+    new one instead of handing it out (SQLAlchemy reconnects on `DisconnectionError`). A restarted server, an
+    administrator's `pg_terminate_backend`, an idle-session timeout or a failover all end the connections of a
+    running wecast between two of its transactions; without this check the next step of whatever used the
+    connection next (a dispatch's claim, an HTTP request, a sync) failed on the dead connection though the server
+    was back. Idle, the connection has no query outstanding, so anything the server sent since (the FATAL that
+    ends the session, then the closed socket) makes its socket readable: one non-blocking `select`, no round trip
+    — where `pool_pre_ping` would add one to every transaction. (A notification would also make it readable;
+    wecast LISTENs for none, and a needless reconnect is harmless anyway.)"""
+    try:
+        fd = dbapi_connection.fileno()
+    except AttributeError:  # a driver that does not expose its socket: nothing to look at
+        return
+    except Exception as exc:  # the driver already knows the connection is closed
+        raise DisconnectionError(f"the connection is closed ({exc})") from exc
+    try:
+        readable, _, _ = io_select.select([fd], [], [], 0)
+    except (OSError, ValueError) as exc:
+        raise DisconnectionError(f"the connection's socket is unusable ({exc})") from exc
+    if readable:
+        raise DisconnectionError("the server closed this connection while it was idle in the pool")
 
 
 def _wal(cursor: Any, busy_ms: int) -> None:
