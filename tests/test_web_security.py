@@ -4,6 +4,9 @@ check), and an API key of whitespace is refused at start. Clients that are not b
 
 from __future__ import annotations
 
+import json
+import socket
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -144,3 +147,81 @@ def test_a_whitespace_api_key_is_refused_at_start(tmp_path: Path, monkeypatch: p
     cfg.write_text("version: 1\n", encoding="utf-8")
     key = load_settings(cfg).api.key
     assert key is not None and key.get_secret_value() == "s3cret"
+
+
+def _raw(live: LiveServer, head: bytes, chunks: Iterator[bytes] = iter(())) -> tuple[int, bytes]:
+    """Send `head` (and then `chunks`, as long as the server reads them) on a socket of its own; the answer's status
+    and body."""
+    with socket.create_connection(("127.0.0.1", live.port), timeout=20) as sock:
+        sock.sendall(head)
+        try:
+            for chunk in chunks:
+                sock.sendall(chunk)
+        except OSError:  # the server answered and closed: what it said is still to be read
+            pass
+        answer = b""
+        while b"\r\n\r\n" not in answer or len(answer) < answer.index(b"\r\n\r\n") + 4 + _length(answer):
+            data = sock.recv(65536)
+            if not data:
+                break
+            answer += data
+    status = int(answer.split(b" ", 2)[1])
+    return status, answer.partition(b"\r\n\r\n")[2]
+
+
+def _length(answer: bytes) -> int:
+    for line in answer.partition(b"\r\n\r\n")[0].split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            return int(value)
+    return 0
+
+
+def test_a_body_announced_over_the_limit_is_refused_unread(live: LiveServer) -> None:
+    """A request whose Content-Length is over the limit (here 100 GB) is answered 413 at once, before any of its
+    body is sent: the server never waits for it, never holds it in memory."""
+    head = (
+        b"POST /send-message HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        b"Content-Length: 100000000000\r\n\r\n"
+    )
+    started = time.monotonic()
+    status, body = _raw(live, head)
+    assert status == 413, body
+    assert json.loads(body)["code"] == "too_large"
+    assert time.monotonic() - started < 5
+    assert live.client.get("/healthz").status_code == 200
+
+
+def test_a_streamed_body_is_stopped_at_the_limit(live: LiveServer) -> None:
+    """A body sent without a length (chunked) is refused with 413 once it passes the limit; the rest of it is not
+    read, and nothing is sent."""
+    before = outbox_size(live)
+    sent = 0
+
+    def chunks() -> Iterator[bytes]:
+        nonlocal sent
+        yield b'8\r\n{"id": "\r\n'
+        piece = b"a" * (1024 * 1024)
+        for _ in range(64):
+            sent += len(piece)
+            yield f"{len(piece):x}\r\n".encode() + piece + b"\r\n"
+        yield b'2\r\n"}\r\n0\r\n\r\n'
+
+    head = (
+        b"POST /send-message HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n"
+    )
+    status, body = _raw(live, head, chunks())
+    assert status == 413, body[:300]
+    assert sent < 40 * 1024 * 1024  # stopped well before the 64 MB were all sent
+    assert outbox_size(live) == before
+    assert live.client.get("/healthz").status_code == 200
+
+
+def test_the_largest_body_the_api_takes_fits_the_limit(live: LiveServer) -> None:
+    """A /send-message-all to 100,000 ids (its documented maximum) of 64 characters each is read and answered as
+    usual, not refused for its size."""
+    ids = [f"wm{i:062d}" for i in range(100_000)]
+    answer = live.client.post("/send-message-all", json={"ids": ids, "message": "hi"})
+    assert answer.status_code == 404, answer.text[:300]  # none of them is a contact: read, looked up, answered
+    assert answer.json()["code"] == "not_found"

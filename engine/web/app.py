@@ -30,7 +30,7 @@ from engine.web.context import WebContext
 from engine.web.errors import install_error_handlers
 from engine.web.language import SpeakLanguage
 from engine.web.metrics import DatabaseCollector, instrument_gateway
-from engine.web.security import CONSOLE, Authentication, RequestGuard
+from engine.web.security import CONSOLE, Authentication, BodyLimit, RequestGuard
 from engine.web.sessions import SessionTokens
 from engine.workers import Workers
 from storage.db import file_gone
@@ -146,6 +146,8 @@ def create_app(
     api.add_middleware(Authentication, sessions=sessions, attempts=attempts)
     # Added after the authentication, so it runs before: a forged Host or a cross-site request is refused first.
     api.add_middleware(RequestGuard, loopback_only=loopback_only)
+    # Before the guards read anything: a body over the limit is refused however the request is otherwise.
+    api.add_middleware(BodyLimit)
     # Outermost: every answer, the guards' refusals too, in the request's language.
     api.add_middleware(SpeakLanguage, config=settings.language)
     return api

@@ -13,6 +13,7 @@ English code for scripts, ...machine-readable extras}`. The codes:
     gateway_error         502  the gateway failed (`kind` says how)
     database_unavailable  503  the database cannot be used now (`reason`: full, busy, unavailable, ...)
     conflict              409  not possible in the current state (a run's status, a reused Idempotency-Key)
+    too_large             413  the request body is over the limit (engine.web.security), an upload over WeCom's
     internal_error        500  a bug: see the server log
 """
 
