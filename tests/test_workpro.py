@@ -801,7 +801,7 @@ async def test_local_files_go_by_upload_then_a_uuid_filebox(
     """As juzi's client sends them: each send of local content first streams the bytes with Upload (in chunks,
     the file read once per content), then MessageSendFile carries a FileBox of type Uuid (7) naming that upload
     with the name and size — never base64. One upload per send (an uploaded uuid is loadable once); every
-    customer got exactly the file's bytes."""
+    customer got exactly the file's bytes; no request of an upload is empty (juzi's server fails on one)."""
     fake = await make_fake()
     gateway = await make_gateway(settings_for(fake))
     await login(gateway, fake)
@@ -823,6 +823,7 @@ async def test_local_files_go_by_upload_then_a_uuid_filebox(
         (c, PartKind.IMAGE, poster.media.sha256, poster.media.size) for c in contacts
     ] + [(contacts[0], PartKind.FILE, hashlib.sha256(b"%PDF-1.4 price list").hexdigest(), 19)]
     assert gateway.uploads == 4 and gateway.contents.reads == 2  # each file read once
+    assert fake.empty_upload_chunks == 0
     assert gateway.files.reads == 0  # nothing encoded as base64
     assert gateway.in_flight.used == 0
 
@@ -841,7 +842,7 @@ async def test_a_server_without_upload_gets_base64_once_told(
         for contact_id in contacts:
             await gateway.send_part(contact_id, poster, idempotency_key=f"p-{contact_id}")
             if contact_id == contacts[0]:
-                # one, or two when gRPC lost the first answer to a chunk's write (then an empty Upload asks again)
+                # one, or two when gRPC lost the first answer to a chunk's write (then an Upload of nothing asks again)
                 asked = fake.calls.count("Upload")
                 assert asked in (1, 2)
     assert fake.calls.count("Upload") == asked  # not asked again on this connection

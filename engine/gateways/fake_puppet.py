@@ -6,7 +6,7 @@ WeCom QR URL, the phone's scan, the VERIFY_CODE event whose id is the QR key, En
 tries, LOGIN, READY (twice), WeCom's optional "new device" second QR, Logout, a deterministic Chinese
 contact book with tags and tag groups, and sends of every part kind recorded in memory (`sends`: text, images
 and files decoded from their FileBox, link and mini-program cards). Files come as juzi's client sends them: the
-bytes by the client-streaming `Upload` (chunks; an empty first request is skipped), then a FileBox of type Uuid
+bytes by the client-streaming `Upload` (chunks; a request without bytes fails it), then a FileBox of type Uuid
 naming the upload, resolved here to what was uploaded (its sha256 and size; the bytes are not kept) and usable
 once, as file-box's registry documents; `uploads="unimplemented"` plays a server without Upload (base64 boxes
 then), `cut_uploads` breaks uploads mid-stream. Faults are switched on through a Python control API
@@ -241,6 +241,7 @@ class FakePuppet(pb_grpc.PuppetServicer):  # type: ignore[misc]
         self.uploads: dict[str, Upload] = {}  # finished uploads by id
         self.file_boxes: list[dict[str, Any]] = []  # every MessageSendFile's FileBox JSON (without its base64)
         self.cut_upload_count = 0  # uploads cut mid-stream so far (nothing kept of them)
+        self.empty_upload_chunks = 0  # Upload requests that carried no bytes (each failed its upload)
         self._cuts = 0  # how many of the next uploads to cut
         self.second_verification = second_verification  # ask for WeCom's "new device" QR after the next login
         self.ready_twice = ready_twice
@@ -770,15 +771,18 @@ class FakePuppet(pb_grpc.PuppetServicer):  # type: ignore[misc]
         return _with_id(pb.MessageSendTextResponse(), message_id)
 
     async def Upload(self, request_iterator: AsyncIterator[pb.UploadRequest], context: grpc.aio.ServicerContext) -> Any:
-        """The bytes of a file, in chunks (juzi's client writes an empty request first: empty chunks are skipped),
-        answered with the upload's id. Hashed as they come; only the hash and size are kept."""
+        """The bytes of a file, in chunks, answered with the upload's id. Hashed as they come; only the hash and
+        size are kept. A request without bytes fails the upload, as on juzi's open-source server."""
         if self.upload_mode == "unimplemented":
             await context.abort(grpc.StatusCode.UNIMPLEMENTED, "Method not found!")
         digest = hashlib.sha256()
         size = 0
         async for request in request_iterator:
             if not request.chunk:
-                continue
+                # juzi's server decodes the stream with wechaty-grpc's chunkDecoder, which fails on a request
+                # without bytes (`NOCHUNK`); there the failure is unhandled and ends the server process.
+                self.empty_upload_chunks += 1
+                await context.abort(grpc.StatusCode.UNKNOWN, "Error: NOCHUNK")
             if self._cuts:
                 self._cuts -= 1
                 self.cut_upload_count += 1

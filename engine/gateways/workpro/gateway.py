@@ -942,9 +942,11 @@ class WorkproGateway(Gateway):
             ) from None
 
     async def _upload(self, media: Media, limit: int, part: ImagePart | FilePart) -> tuple[str, int] | None:
-        """Stream a local file to the server with the client-streaming Upload RPC, as juzi's client does (an
-        empty request first, then the chunks); the upload's id and size, or None when the server has no Upload
-        (remembered for this connection: every later file goes inline).
+        """Stream a local file to the server with the client-streaming Upload RPC, as juzi's client does; the
+        upload's id and size, or None when the server has no Upload (remembered for this connection: every later
+        file goes inline). Every request carries bytes: juzi's client opens an upload with an empty request, but
+        juzi's open-source server decodes the stream with wechaty-grpc's chunkDecoder, which fails on one
+        (`NOCHUNK`, unhandled there: it ends the server process), while a server that joins chunks needs none.
 
         Memory: the file is read and checked once per content (`contents`: its bytes, once, as the contract
         wants — every later recipient gets the content that was checked, even if the file is gone), and each
@@ -982,7 +984,6 @@ class WorkproGateway(Gateway):
         call: Any = None
 
         async def requests() -> AsyncIterator[pb.UploadRequest]:
-            yield pb.UploadRequest()  # juzi's client opens every upload with an empty request
             for offset in range(0, len(data), UPLOAD_CHUNK_BYTES):
                 if call is not None and call.done():  # a write after the server's answer would hide that answer
                     return
@@ -1009,10 +1010,11 @@ class WorkproGateway(Gateway):
         return upload_id
 
     async def _server_lacks_upload(self) -> bool:
-        """Whether the server answers UNIMPLEMENTED to an Upload of nothing (the empty request alone: no chunk
-        whose write could race the answer). Asked when the first upload's answer was lost to such a race."""
+        """Whether the server answers UNIMPLEMENTED to an Upload of nothing (no request at all: no chunk whose
+        write could race the answer, and no empty one). Asked when the first upload's answer was lost to such a
+        race."""
         try:
-            await self._stub.Upload(iter([pb.UploadRequest()]), metadata=self._metadata, timeout=self._timeout())
+            await self._stub.Upload(iter(()), metadata=self._metadata, timeout=self._timeout())
         except grpc.aio.AioRpcError as exc:
             return classify(exc.code(), exc.details(), "Upload") is Failure.UNSUPPORTED
         return False
