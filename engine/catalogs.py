@@ -137,11 +137,16 @@ def problems(template: Catalog | None = None) -> list[str]:
             elif have.fuzzy or not _translated(have):
                 found.append(f"{where}: not translated" + (" (fuzzy)" if have.fuzzy else ""))
             else:
-                expected = set().union(*(placeholders(i) for i in _ids(wanted)))
+                forms = [placeholders(i) for i in _ids(wanted)]
+                expected = set().union(*forms)
+                # A plural's form may have the fields of either msgid form or of both (click's "Did you mean
+                # {possibility}?" / "(… one of: {possibilities}?)"), and may leave out {n} ("一条" for one); it may
+                # never invent a field or drop one that both forms have.
+                allowed = [expected] if len(forms) == 1 else [*forms, expected]
+                allowed += [] if len(forms) == 1 else [a - {"n"} for a in allowed]
                 for text in _strings(have):
                     got = placeholders(text)
-                    # A plural may leave out {n} ("一条" for one); it may never invent or drop another field.
-                    if got != expected and not (len(_ids(wanted)) > 1 and got == expected - {"n"}):
+                    if got not in allowed:
                         found.append(
                             f"{where}: placeholders differ: msgid has {sorted(expected)}, translation {sorted(got)}"
                         )

@@ -40,7 +40,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from engine import __version__, cli_journeys
+from engine import __version__, cli_journeys, click_words
 from engine.dberrors import explain
 from engine.errors import CampaignError, WecastError
 from engine.i18n import N_, Language, choose, ntr, set_language, tr
@@ -287,6 +287,7 @@ class WecastGroup(TrGroup):
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
         set_language(language_for(args, os.environ))
+        click_words.install()  # click's own errors and help labels in that language too
         return super().parse_args(ctx, args)
 
     def invoke(self, ctx: click.Context) -> Any:
@@ -389,7 +390,7 @@ def _wide() -> bool:
     help=N_("language of the output: zh (中文) or en (default: config.yaml's language, then LANG)"),
 )
 @click.option("-v", "--verbose", count=True, help=N_("more logging (-vv for debug); tracebacks on errors"))
-@click.version_option(__version__, prog_name="wecast")
+@click.version_option(__version__, prog_name="wecast", message="%(prog)s %(version)s")  # no words: any language
 @click.pass_context
 def main(click_ctx: click.Context, config: str | None, lang: str | None, verbose: int) -> None:
     """The `wecast` group: the language was chosen before parsing (`WecastGroup.parse_args`)."""

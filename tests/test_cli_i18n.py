@@ -66,6 +66,35 @@ def test_every_command_speaks_the_chosen_language(workdir: Path, lang: str) -> N
             assert other not in said.replace("--", ""), (args, said)
 
 
+# A newcomer's typos, which click itself answers: (arguments, what the Chinese answer says, the English one).
+CLICK_MISTAKES = [
+    (["preview"], "缺少参数 'CAMPAIGN'", "Missing argument 'CAMPAIGN'"),
+    (["preview", "weekly_vip", "--shwo", "3"], "没有选项 '--shwo'。 是不是要输入", "No such option '--shwo'."),
+    (["prevew", "weekly_vip"], "没有命令 'prevew'。 是不是要输入 'preview'？", "No such command 'prevew'."),
+    (["log", "--status", "sentt"], "'--status' 的值无效：'sentt' 不是可选的值", "is not one of"),
+    (["runs", "--limit", "abc"], "'--limit' 的值无效：'abc' 不是有效的数字。", "'abc' is not a valid integer."),
+    (["cancel", "abc"], "'abc' 不是有效的数字", "is not a valid integer"),
+    (["preview", "a", "b"], "多余的参数（b）", "Got unexpected extra argument (b)"),
+    (["preview", "weekly_vip", "--show"], "选项 '--show' 需要 1 个值", "Option '--show' requires an argument."),
+    (["send", "x", "--image", "/no/such.png"], "'/no/such.png' 不存在", "File '/no/such.png' does not exist."),
+    (["preview", "--help"], "[默认：20]", "[default: 20]"),
+]
+
+
+@pytest.mark.parametrize(("args", "zh", "en"), CLICK_MISTAKES, ids=[" ".join(c[0]) for c in CLICK_MISTAKES])
+def test_click_answers_mistakes_in_the_chosen_language(workdir: Path, args: list[str], zh: str, en: str) -> None:
+    """click's own usage errors and help labels speak the chosen language: no `Error: No such option` or
+    `[default: 20]` in Chinese output, and English output keeps click's words."""
+    code, out, err = wecast(workdir, "--lang", "zh", *args)
+    said = out + err
+    assert zh in said, said
+    assert not re.search(r"Error|Try |Invalid|Missing|default:|No such|is not|does not", said), said
+    if args[-1] != "--help":
+        assert code == 2 and said.startswith(("用法:", "错误：")), said
+    code, out, err = wecast(workdir, "--lang", "en", *args)
+    assert en in " ".join((out + err).split()), out + err  # help wraps "[default:" and "20]" apart
+
+
 def test_language_from_config_then_locale(workdir: Path) -> None:
     """Without --lang the config's language decides; without that, LANG (zh_CN.UTF-8 → Chinese)."""
     _, out, _ = wecast(workdir, "runs", env={"LANG": "zh_CN.UTF-8"})

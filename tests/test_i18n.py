@@ -32,11 +32,14 @@ def test_check_reports_a_missing_message_and_a_placeholder_mismatch(
     template = Catalog(domain="wecast")
     template.add("recipients {n}")
     template.add("brand new message")
+    template.add(("Did you mean {one}?", "(one of: {many}?)"))  # click's: each form its own field
     zh = Catalog(locale="zh_CN", domain="wecast")
     zh.add("recipients {n}", "收件人 {count}")
+    zh.add(("Did you mean {one}?", "(one of: {many}?)"), ("是不是 {many}？{who}",))
     en = Catalog(locale="en", domain="wecast")
     en.add("recipients {n}", "recipients {n}")
     en.add("brand new message", "brand new message")
+    en.add(("Did you mean {one}?", "(one of: {many}?)"), ("Did you mean {one}?", "(one of: {many}?)"))
     folder = tmp_path / "engine" / "locale"
     monkeypatch.setattr(catalogs, "LOCALE_DIR", folder)
     monkeypatch.setattr(catalogs, "ROOT", tmp_path)
@@ -51,6 +54,7 @@ def test_check_reports_a_missing_message_and_a_placeholder_mismatch(
     found = catalogs.problems(template)
     assert any("'brand new message': not in the catalog" in line and "zh_CN" in line for line in found), found
     assert any("placeholders differ" in line and "['n']" in line and "['count']" in line for line in found), found
+    assert any("placeholders differ" in line and "['many', 'who']" in line for line in found), found  # invented
     assert not any("en/" in line for line in found), found
 
 
