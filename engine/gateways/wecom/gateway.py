@@ -64,6 +64,7 @@ from engine.gateways.base import (
     SendReceipt,
     TagRecord,
 )
+from engine.gateways.fetch import fetch_public
 from engine.gateways.media_cache import read_media
 from engine.gateways.wecom import customers
 from engine.gateways.wecom.callbacks import CallbackEvent, CallbackReceiver
@@ -628,20 +629,8 @@ class WecomGateway(Gateway):
         if media.path is not None:
             return (await asyncio.to_thread(read_media, media, limit)).data
         assert media.url is not None  # a Media is a path or a URL
-        async with (
-            httpx.AsyncClient(timeout=30, follow_redirects=True) as http,
-            http.stream("GET", media.url) as response,
-        ):
-            if response.status_code != 200:
-                raise PermanentError(f"{media.name}: HTTP {response.status_code} fetching the file")
-            chunks: list[bytes] = []
-            size = 0
-            async for chunk in response.aiter_bytes():
-                size += len(chunk)
-                if size > limit:
-                    raise PermanentError(f"{media.name} is larger than {limit:,} bytes")
-                chunks.append(chunk)
-        return b"".join(chunks)
+        # Only from the public internet, https at every hop (engine.gateways.fetch): what is fetched is sent out.
+        return await fetch_public(media.url, limit, name=media.name)
 
     def _now(self) -> float:
         return self.clock.now().timestamp()
