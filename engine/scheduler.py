@@ -28,6 +28,11 @@ Rules:
 * **Start and stop.** `start()` resumes runs interrupted by the last shutdown or crash (`Wecast.resume`; journey
   runs are resumed by the journey runner's first tick); `stop()` ends the loops, and `Workers.drain` lets in-flight
   sends be recorded.
+* **Runs nobody sends are taken over** while the service runs, not only at its start (`adopt_orphans`, every
+  `ADOPT_EVERY`): a run whose owner died (another `wecast serve` or `wecast run` killed, `engine.owners`) at once;
+  a run without an owner (released by a process that stopped, or left waiting by `wecast run --no-wait`) once it
+  has stayed so for `ADOPT_AFTER`, so the process that planned it dispatches it first. A run a live process owns
+  is left to it.
 * **Never on the event loop:** reading campaign files, planning a fire and every database call run in worker
   threads (`engine.blocking.off_loop`), so a 100,000-recipient plan does not stall sends or HTTP answers.
 """
@@ -52,6 +57,7 @@ from engine.errors import CampaignError, WecastError
 from engine.gateways.base import EventKind, GatewayEvent
 from engine.i18n import tr
 from engine.journeys.runtime import Dispatch, JourneyRunner
+from engine.owners import owner_alive
 from engine.plan import slot_key
 from engine.schedule import ScheduleSpec, Trigger, build_trigger, latest_fire_time, next_fire_times
 from engine.service import Wecast
@@ -68,6 +74,8 @@ LATE_AFTER = timedelta(seconds=60)  # a fire handled this late is still "on time
 MAX_CATCH_UP = 100  # `catch_up: all` runs at most this many missed slots
 IDLE_CAP = 60.0  # the loop wakes at least this often (seconds)
 SYNC_RETRY = timedelta(minutes=5)  # after a failed contact sync (a database it cannot write, the gateway down)
+ADOPT_EVERY = 10.0  # seconds between looks for runs nobody is sending
+ADOPT_AFTER = 60.0  # seconds a run stays without an owner before this process takes it over
 
 
 @dataclass
@@ -114,6 +122,8 @@ class CampaignScheduler:
         self._last_poll: float | None = None
         self._deferred: set[str] = set()
         self._sync_wanted = False
+        self._last_adopt: float | None = None
+        self._ownerless: dict[int, float] = {}  # run id -> when this process first saw it without an owner
         self._stopping = False
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task[None] | None = None
@@ -180,7 +190,7 @@ class CampaignScheduler:
     def seconds_until_next(self) -> float:
         """How long the loop may sleep: until the next fire, file poll or contact sync."""
         now = self.clock.now()
-        waits = [IDLE_CAP, self.config.reload_interval.total_seconds()]
+        waits = [IDLE_CAP, self.config.reload_interval.total_seconds(), ADOPT_EVERY]
         for entry in self.entries.values():
             nxt = self.next_fire(entry.campaign)
             if nxt is not None:
@@ -292,6 +302,7 @@ class CampaignScheduler:
             if entry.campaign.enabled and entry.trigger is not None:
                 acted += await self._check(entry, entry.trigger)
         await self._maybe_sync()
+        await self.adopt_orphans()
         return acted
 
     def _due(self, trigger: Trigger, last: datetime, now: datetime) -> list[datetime]:
@@ -458,6 +469,36 @@ class CampaignScheduler:
             started.append(run_id)
         if started:
             log.info(tr("resuming interrupted runs: {runs}", runs=", ".join(map(str, started))))
+        return started
+
+    async def adopt_orphans(self) -> list[int]:
+        """Start dispatching the runs nobody is sending (see the module docstring), at most every `ADOPT_EVERY`
+        seconds. Returns the runs started."""
+        mono = self.clock.monotonic()
+        if self._last_adopt is not None and mono - self._last_adopt < ADOPT_EVERY:
+            return []
+        self._last_adopt = mono
+        now = self.clock.now()
+        ownerless: dict[int, float] = {}
+        started = []
+        for run in await off_loop(runs_db.unfinished_runs, self.app.db):
+            if run.trigger == JOURNEY_TRIGGER or self.workers.task(run.id) is not None:
+                continue  # the journey runner sends journey runs (and takes them over the same way)
+            if not run.owner:
+                ownerless[run.id] = seen = self._ownerless.get(run.id, mono)
+                if mono - seen < ADOPT_AFTER:
+                    continue
+            elif owner_alive(run.owner, run.heartbeat_at, now):
+                continue
+            try:
+                self.workers.start(run.id, run.campaign_id, functools.partial(self._resume, run.id))
+            except WecastError:
+                continue  # this process is sending another run of that campaign: taken over after it
+            ownerless.pop(run.id, None)
+            started.append(run.id)
+        self._ownerless = ownerless
+        if started:
+            log.warning(tr("taking over runs nobody is sending: {runs}", runs=", ".join(map(str, started))))
         return started
 
     async def _dispatch_journey_run(self, run_id: int) -> None:

@@ -5,6 +5,11 @@ invalid files, interrupted runs resumed, contact re-sync."""
 from __future__ import annotations
 
 import asyncio
+import os
+import socket
+import subprocess
+import sys
+from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
@@ -15,12 +20,12 @@ import pytest
 
 from engine.clock import FakeClock
 from engine.gateways.base import SendReceipt
-from engine.gateways.sandbox import SandboxGateway
-from engine.scheduler import CampaignScheduler
+from engine.gateways.sandbox import SandboxGateway, SandboxStore
+from engine.scheduler import ADOPT_AFTER, CampaignScheduler
 from engine.service import Wecast
 from engine.settings import Settings
 from engine.spec import load_campaign
-from storage.runs import RunRow, get_run, list_runs
+from storage.runs import RunRow, get_run, heartbeat, list_runs, take_over
 
 pytestmark = pytest.mark.anyio
 
@@ -33,11 +38,11 @@ def anyio_backend() -> str:
     return "asyncio"
 
 
-def settings_for(root: Path, **scheduler: Any) -> Settings:
+def settings_for(root: Path, db_url: str | None = None, **scheduler: Any) -> Settings:
     return Settings.model_validate(
         {
             "version": 1,
-            "database_url": f"sqlite:///{root / 'w.sqlite'}",
+            "database_url": db_url or f"sqlite:///{root / 'w.sqlite'}",
             "campaigns_dir": str(root / "campaigns"),
             "sandbox": {"contacts": 30, "auto_login": True, "state_file": str(root / "sandbox.sqlite")},
             "sending": {"throttle": {"per_second": 1000}, "quiet_hours": None, "frequency_cap": None},
@@ -72,10 +77,10 @@ class GatedSandbox(SandboxGateway):
 
 @asynccontextmanager
 async def service(
-    root: Path, clock: FakeClock, *, gated: bool = False, **scheduler: Any
+    root: Path, clock: FakeClock, *, gated: bool = False, db_url: str | None = None, **scheduler: Any
 ) -> AsyncIterator[tuple[Wecast, CampaignScheduler]]:
     """A started Wecast (synced contacts) and a scheduler driven by hand (no loop)."""
-    settings = settings_for(root, **scheduler)
+    settings = settings_for(root, db_url, **scheduler)
     gateway = GatedSandbox(settings.sandbox, clock) if gated else None
     app = Wecast(settings, clock=clock, gateway=gateway)
     await app.start()
@@ -234,6 +239,48 @@ async def test_interrupted_runs_resume_on_start(tmp_path: Path) -> None:
         await settle(sched)
         run = get_run(app.db, plan.run_id)
         assert run is not None and run.status == "completed"
+
+
+def _dead_owner() -> str:
+    """The owner id a process that has ended left behind (as after `kill -9`): this host, a pid that is gone."""
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return f"{socket.gethostname()}:{proc.pid}:deadbeef"
+
+
+async def test_a_running_service_takes_over_runs_nobody_is_sending(tmp_path: Path, db_url: str) -> None:
+    """Beside another process on the same database: a run whose owner died (killed mid-run) is taken over at once
+    and finished, without a restart; a run without an owner (released, or planned by `wecast run --no-wait`) after
+    `ADOPT_AFTER`, so its planner goes first; a run a live process sends is left to it. Each customer gets one."""
+    write_campaign(tmp_path, '{cron: "0 10 * * *"}')
+    write_campaign(tmp_path, '{cron: "0 11 * * *"}', name="idle")
+    write_campaign(tmp_path, '{cron: "0 12 * * *"}', name="busy")
+    clock = FakeClock(T0)
+    async with service(tmp_path, clock, db_url=db_url) as (app, sched):
+        orphan = app.plan(sched.entries["greet"].campaign, run_key="killed")
+        assert take_over(app.db, orphan.run_id, expected_owner="", owner=_dead_owner(), now=T0, resend_in_flight=True)
+        waiting = app.plan(sched.entries["idle"].campaign, run_key="no-wait")
+        alive = app.plan(sched.entries["busy"].campaign, run_key="elsewhere")
+        other = f"{socket.gethostname()}:{os.getpid()}:0ther0wn"  # a live process (this one, another dispatcher)
+        assert take_over(app.db, alive.run_id, expected_owner="", owner=other, now=T0, resend_in_flight=True)
+
+        assert await sched.adopt_orphans() == [orphan.run_id]
+        await settle(sched)
+        assert [r.status for r in runs(app)] == ["completed"]
+        clock.advance(ADOPT_AFTER / 2)
+        assert await sched.adopt_orphans() == []  # not ownerless long enough yet
+        heartbeat(app.db, alive.run_id, clock.now())  # the live owner keeps beating
+        clock.advance(ADOPT_AFTER / 2)
+        await sched.tick()  # the scheduler's own loop looks, too
+        await settle(sched)
+        assert [r.status for r in runs(app, "idle")] == ["completed"]
+        assert [(r.status, r.owner) for r in runs(app, "busy")] == [("running", other)]
+        store = SandboxStore(app.settings.sandbox.state_file)
+        try:
+            received = Counter(m.idempotency_key for m in store.messages())
+        finally:
+            store.close()
+        assert set(received.values()) == {1} and len(received) == orphan.planned + waiting.planned
 
 
 async def test_contacts_resync_on_schedule(tmp_path: Path) -> None:
