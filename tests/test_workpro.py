@@ -4,11 +4,13 @@ reconnects, contact sync at scale, error mapping, and the token staying out of l
 from __future__ import annotations
 
 import asyncio
+import gc
 import hashlib
 import logging
 import random
 import time
 import tracemalloc
+import warnings
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import timedelta
 from pathlib import Path
@@ -309,15 +311,67 @@ async def test_connection_refused_is_transient(make_gateway: Factory) -> None:
     assert time.monotonic() - started < 4
 
 
-async def test_second_client_is_refused_politely(make_fake: Factory, make_gateway: Factory) -> None:
-    """Only one event stream per token: a second gateway gets a clear, retryable error."""
+async def test_a_second_client_works_without_the_event_stream(make_fake: Factory, make_gateway: Factory) -> None:
+    """Only one event stream per token (juzi's server answers a second one ALREADY_EXISTS), but a second client —
+    a CLI command while `wecast serve` runs — still starts: it learns the login from CurrentUser, lists contacts
+    and sends; and it takes the stream over once the first client lets it go (then events reach it)."""
+    fake = await make_fake()
+    first = await make_gateway(settings_for(fake))
+    await login(first, fake)
+    second = await make_gateway(settings_for(fake), start=False)
+    second.first_event_wait = 0.5  # start() waits this long in case the other stream is a stale one
+    await second.start()
+    assert fake.calls.count("Event") >= 3 and not second._stream_up
+    status = await second.login_status()
+    assert status.logged_in and status.account_id == SELF_ID
+    page = await second.list_contacts(page_size=10)
+    assert len(page.contacts) == 10
+    contact_id = fake.contact_ids()[3]
+    await second.send_text(contact_id, "你好", idempotency_key="k")
+    assert [s.text for s in fake.sent_to(contact_id)] == ["你好"]
+    await first.close()
+    await until(lambda: second._stream_up)
+    fake.incoming_message(contact_id, "在吗")
+    await until(lambda: any(e.data.get("text") == "在吗" for e in kinds(second, EventKind.MESSAGE)))
+
+
+async def test_a_second_client_cannot_show_the_qr(make_fake: Factory, make_gateway: Factory) -> None:
+    """The QR and the verify code go to the client holding the event stream: a second client asked to log in
+    says so (a TransientError), instead of waiting for a QR that never comes to it."""
     fake = await make_fake()
     await make_gateway(settings_for(fake))
     second = await make_gateway(settings_for(fake), start=False)
-    second.first_event_wait = 0.5  # start() keeps retrying this long in case the other stream is a stale one
-    with pytest.raises(TransientError, match="already connected"):
-        await second.start()
-    assert fake.calls.count("Event") >= 3
+    second.first_event_wait = 0.5
+    await second.start()
+    assert not (await second.login_status()).logged_in
+    with pytest.raises(TransientError, match="gets its QR code"):
+        await second.start_login()
+
+
+async def test_start_login_when_already_logged_in_names_the_account(make_fake: Factory, make_gateway: Factory) -> None:
+    """A new process finds the account logged in (the server replays LOGIN): `wecast login` answers "already
+    logged in as <name>", not as the account's id, so start_login waits for the name's lookup."""
+    fake = await make_fake()
+    first = await make_gateway(settings_for(fake))
+    await login(first, fake)
+    await first.close()
+    fake.self_payload_delay = 0.3  # the name's lookup is still under way when start() returns
+    again = await make_gateway(settings_for(fake))
+    status = await again.start_login()
+    assert status.logged_in and status.account_name == SELF_NAME
+
+
+async def test_closing_at_once_leaves_no_coroutine_never_awaited(make_fake: Factory, make_gateway: Factory) -> None:
+    """Background work cancelled before it ran (a short CLI command closes right after start) is closed with its
+    task: no "coroutine ... was never awaited" RuntimeWarning when it is collected."""
+    fake = await make_fake()
+    gateway = await make_gateway(settings_for(fake))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        gateway._spawn(gateway._check_current_user())
+        await gateway.close()
+        gc.collect()
+    assert [str(w.message) for w in caught if "never awaited" in str(w.message)] == []
 
 
 async def test_event_stream_first_then_start_and_ding(make_fake: Factory, make_gateway: Factory) -> None:

@@ -26,7 +26,7 @@ import contextlib
 import logging
 import random
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable, Sequence
 from dataclasses import replace
 from datetime import datetime
 from typing import Any, ClassVar, TypeVar
@@ -218,6 +218,7 @@ class WorkproGateway(Gateway):
             self._closing = False
             self._connects = 0
             self._fatal = self._stream_error = None
+            self._stream_taken = False
             self._upload_supported = None  # a new connection may reach another server
             self._endpoint = self.settings.endpoint or await self._discover()
             options = [
@@ -239,12 +240,21 @@ class WorkproGateway(Gateway):
                 ),
                 self.first_event_wait,
             )
-            failure = self._fatal or (None if self._stream_up else self._stream_error)
+            # Another client holding the token's one event stream (`wecast serve` while a CLI command runs, or the
+            # other way round) does not stop this one: calls need no stream. The stream is retried meanwhile.
+            shared = not self._stream_up and self._stream_taken
+            failure = self._fatal or (None if self._stream_up or shared else self._stream_error)
             if failure is not None:
                 await self._teardown()
                 raise failure
             try:
                 await self._unary("Start", pb.StartRequest())
+                if shared:
+                    log.warning(
+                        "workpro: another client holds this token's event stream; this process sends and reads "
+                        "contacts without it (no QR, no customer events) until it is free"
+                    )
+                    await self._check_current_user()
             except GatewayError:
                 await self._teardown()
                 raise
@@ -440,6 +450,7 @@ class WorkproGateway(Gateway):
     def _on_stream_up(self) -> None:
         self._connects += 1
         self._stream_error = None
+        self._stream_taken = False
         self._stream_up = True
         if self._connects > 1:
             self.emit(EventKind.CONNECTION, "event stream re-opened", state="up", reconnects=self._connects - 1)
@@ -451,12 +462,21 @@ class WorkproGateway(Gateway):
         """After a reconnect: Start again (a no-op while running) and check who, if anyone, is logged in."""
         try:
             await self._unary("Start", pb.StartRequest())
+        except GatewayError as exc:
+            log.info("workpro: Start after reconnecting failed: %s", exc)
+            return
+        await self._check_current_user()
+
+    async def _check_current_user(self) -> None:
+        """Ask the server who is logged in (CurrentUser), for when its events may have been missed: after a
+        reconnect, or while another client holds the event stream."""
+        try:
             user = await self._unary("CurrentUser", pb.CurrentUserRequest())
         except NotLoggedInError:
             self._apply(self._login.session_lost("the session ended while the event stream was down"))
             return
         except GatewayError as exc:  # CurrentUser is juzi-only; an old server may lack it
-            log.info("workpro: could not check the current user after reconnecting: %s", exc)
+            log.info("workpro: could not check the current user: %s", exc)
             return
         if user.user_id and not self._login.logged_in:
             self._on_login(user.user_id)
@@ -469,11 +489,10 @@ class WorkproGateway(Gateway):
             except GatewayError as exc:
                 log.info("workpro: Ding failed: %s", exc)
 
-    def _spawn(self, coro: Awaitable[Any]) -> asyncio.Task[None]:
-        async def run() -> None:
-            await coro
-
-        task = asyncio.create_task(run())
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        # The coroutine itself, not a wrapper awaiting it: a task cancelled before it ran (a short CLI command
+        # closing at once) then closes the coroutine instead of leaving it "never awaited".
+        task = asyncio.create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return task
@@ -657,8 +676,16 @@ class WorkproGateway(Gateway):
     async def start_login(self) -> LoginStatus:
         """Start the puppet if needed and return the QR to scan (or the logged-in status)."""
         await self._ensure_started()
+        if self._login.logged_in:
+            await self._account_name_settled(ACCOUNT_NAME_WAIT)  # "already logged in as <name>", not as an id
+            return self._login.status()
         if self._login.qr_showing():
             return self._login.status()
+        if not self._stream_up and self._stream_taken:
+            raise TransientError(
+                "another client is connected with this WorkPro token and gets its QR code (one event stream per "
+                "token, e.g. a running `wecast serve`): log in there, or stop it and try again"
+            )
         wait = self.settings.qr_wait.total_seconds()
         # Start usually makes the server push a SCAN by itself; only ask for a new QR if none comes.
         if not await self._wait_for(self._login.qr_showing, min(0.5, wait)):
