@@ -10,11 +10,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from engine.errors import CampaignError, NotFoundError
+from engine.errors import CampaignError
 from engine.i18n import tr
 from engine.journeys.spec import EntryKind, GotoStep, Journey, load_journey_data
 from engine.settings import Settings
-from engine.spec import Campaign, JourneyFileError, campaign_files, load_campaign, load_campaigns, parse_campaign
+from engine.spec import Campaign, JourneyFileError, find, load_campaign, load_campaigns, parse_campaign
 
 Definition = Campaign | Journey
 
@@ -141,20 +141,18 @@ def _path(targets: dict[str, list[tuple[GotoStep, str]]], start: str, goal: str)
 
 
 def find_definition(ref: str, settings: Settings) -> Definition:
-    """A campaign or journey by file path, or by id among the files in campaigns_dir."""
-    path = Path(ref)
-    if path.suffix in (".yaml", ".yml") or path.exists():
-        return load_definition(path, settings)
-    directory = settings.campaigns_dir
-    candidates = campaign_files([directory]) if directory.is_dir() else []
-    for file in candidates:
-        if file.stem == ref:
-            return load_definition(file, settings)
-    defs = load_definitions(candidates, settings)
-    every: list[Definition] = [*defs.campaigns, *defs.journeys]
-    for d in every:
-        if d.id == ref:
-            return d
-    raise NotFoundError(
-        tr("no campaign or journey {ref}: not a file, and no such id in {folder}", ref=repr(ref), folder=directory)
+    """A campaign or journey by file path, or by id among the files in campaigns_dir (see `engine.spec.find`)."""
+
+    def load_all(files: list[Path]) -> tuple[list[Definition], list[CampaignError]]:
+        defs = load_definitions(files, settings)
+        return [*defs.campaigns, *defs.journeys], defs.errors
+
+    return find(
+        ref,
+        settings,
+        lambda path: load_definition(path, settings),
+        load_all,
+        lambda ref, folder: tr(
+            "no campaign or journey {ref}: not a file, and no such id in {folder}", ref=repr(ref), folder=folder
+        ),
     )

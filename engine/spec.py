@@ -28,10 +28,11 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol, TypeVar
 from zoneinfo import ZoneInfo
 
 from pydantic import Field, ValidationError, field_validator
@@ -388,22 +389,82 @@ def load_campaigns(paths: list[Path], settings: Settings) -> LoadResult:
     return result
 
 
-def find_campaign(ref: str, settings: Settings) -> Campaign:
-    """A campaign by file path, or by id among the files in campaigns_dir."""
-    path = Path(ref)
-    if path.suffix in (".yaml", ".yml") or path.exists():
-        return load_campaign(path, settings)
-    directory = settings.campaigns_dir
-    candidates = campaign_files([directory]) if directory.is_dir() else []
-    for file in candidates:
-        if file.stem == ref:
-            return load_campaign(file, settings)
-    result = load_campaigns(candidates, settings)
-    for campaign in result.campaigns:
-        if campaign.id == ref:
-            return campaign
+class Named(Protocol):
+    """What `find` needs of a loaded definition (a Campaign or a Journey)."""
+
+    @property
+    def id(self) -> str: ...
+    @property
+    def file(self) -> Path: ...
+    def location(self, *path: str | int) -> Location: ...
+
+
+D = TypeVar("D", bound=Named)
+
+
+def find(
+    ref: str,
+    settings: Settings,
+    load_one: Callable[[Path], D],
+    load_all: Callable[[list[Path]], tuple[Sequence[D], Sequence[CampaignError]]],
+    not_found: Callable[[str, Path], str],
+) -> D:
+    """The definition `ref` names — a file path, or an id (else a file name) among the files in campaigns_dir — as
+    `load_all` loads the folder, which is what `wecast serve` schedules and the API runs: an id two files give is
+    the first file's (the other is an error, whether named by its path or its file name), so a command never runs
+    one campaign's content under another's id, its runs and dedupe. Raises CampaignError, NotFoundError."""
     from engine.errors import NotFoundError
 
-    raise NotFoundError(
-        tr("no campaign {ref}: not a file, and no campaign with that id in {folder}", ref=repr(ref), folder=directory)
+    directory = settings.campaigns_dir
+    candidates = campaign_files([directory]) if directory.is_dir() else []
+    path = Path(ref)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        found = load_one(path)
+        if _in_folder(path, directory):
+            loaded, _ = load_all(candidates)
+            owner = next((d for d in loaded if d.id == found.id), None)
+            if owner is not None and not _same_file(owner.file, path):
+                raise CampaignError(
+                    tr("id {id} is already used by {file}", id=repr(found.id), file=owner.file), found.location("id")
+                )
+        return found
+    loaded, errors = load_all(candidates)
+    named = next((d for d in loaded if d.id == ref), None) or next((d for d in loaded if d.file.stem == ref), None)
+    if named is not None:
+        return named
+    for error in errors:  # the file of that name is broken (or lost its id to another): say why
+        if error.location.file and Path(error.location.file).stem == ref:
+            raise error
+    raise NotFoundError(not_found(ref, directory))
+
+
+def _in_folder(path: Path, folder: Path) -> bool:
+    try:
+        return path.resolve().parent == folder.resolve()
+    except (OSError, RuntimeError):
+        return False
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return a.resolve() == b.resolve()
+    except (OSError, RuntimeError):
+        return a == b
+
+
+def find_campaign(ref: str, settings: Settings) -> Campaign:
+    """A campaign by file path, or by id among the files in campaigns_dir (see `find`)."""
+
+    def load_all(files: list[Path]) -> tuple[list[Campaign], list[CampaignError]]:
+        result = load_campaigns(files, settings)
+        return result.campaigns, result.errors
+
+    return find(
+        ref,
+        settings,
+        lambda path: load_campaign(path, settings),
+        load_all,
+        lambda ref, folder: tr(
+            "no campaign {ref}: not a file, and no campaign with that id in {folder}", ref=repr(ref), folder=folder
+        ),
     )

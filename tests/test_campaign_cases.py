@@ -223,6 +223,37 @@ def test_load_campaigns_rejects_duplicate_ids_naming_both_files(tmp_path: Path, 
     assert "same" in message
 
 
+def test_a_command_runs_the_campaign_an_id_belongs_to(tmp_path: Path) -> None:
+    """`wecast run/preview ID` picks what the server schedules: a.yaml says `id: b` and b.yaml is named b, so b is
+    a.yaml's (b.yaml is the duplicate, refused by its path and by its name alike) — never b.yaml's content under
+    the id, runs and dedupe of a.yaml's campaign. A file named otherwise is still found by its name, and a broken
+    one says why."""
+    from engine.definitions import find_definition
+    from engine.errors import NotFoundError
+    from engine.spec import find_campaign
+
+    folder = tmp_path / "campaigns"
+    folder.mkdir()
+    body = "name: {name}\naudience: {{}}\nmessage: {{template: {name}}}\n"
+    (folder / "a.yaml").write_text("id: b\n" + body.format(name="来自A"), encoding="utf-8")
+    (folder / "b.yaml").write_text(body.format(name="来自B"), encoding="utf-8")
+    (folder / "x.yaml").write_text("id: promo\n" + body.format(name="促销"), encoding="utf-8")
+    (folder / "broken.yaml").write_text("name: 坏\naudience: {}\n", encoding="utf-8")
+    settings = Settings(version=1, campaigns_dir=folder)
+    for find in (find_campaign, find_definition):
+        assert find("b", settings).file == folder / "a.yaml"
+        for ref in (str(folder / "b.yaml"), str(tmp_path / "campaigns" / "." / "b.yaml")):
+            with pytest.raises(CampaignError, match=r"id 'b' is already used by .*a\.yaml") as refused:
+                find(ref, settings)
+            assert refused.value.location.file == ref and refused.value.location.field == "id"
+        assert find(str(folder / "a.yaml"), settings).id == "b"
+        assert find("x", settings).id == find("promo", settings).id == "promo"
+        with pytest.raises(CampaignError, match="message"):
+            find("broken", settings)
+        with pytest.raises(NotFoundError):
+            find("nothing", settings)
+
+
 def test_load_campaigns_expands_folders_to_yaml_files(tmp_path: Path, settings: Settings) -> None:
     """A folder argument means its *.yaml and *.yml files; other files are ignored."""
     (tmp_path / "a.yaml").write_text("name: a\naudience: {}\nmessage: {template: hi}\n", encoding="utf-8")
