@@ -301,7 +301,7 @@ class Dispatcher:
         (for a login, for quiet hours to end, for staff to confirm mass-message tasks)."""
         run = await off_loop(runs_db.get_run, self.db, run_id)
         if run is None:
-            raise NotFoundError(f"no run {run_id}")
+            raise NotFoundError(tr("no run {run}", run=run_id))
         if run.status is not RunStatus.RUNNING:
             return await self._summary(run_id, run.status, f"run {run_id} is {run.status}")
         settings = RunSettings.from_json(run.settings, run_id=run_id)

@@ -845,7 +845,7 @@ def plan_test_send(db: Engine, campaign: Campaign, contact_ids: Sequence[str], *
     views = {c["id"]: c for c in contacts_db.load_contact_views(db, columns=needed_columns(campaign), ids=wanted)}
     unknown = [cid for cid in wanted if cid not in views]
     if unknown:
-        raise NotFoundError(f"no contact {', '.join(unknown)} (see `wecast contacts list`)")
+        raise NotFoundError(tr("no contact {id} (see `wecast contacts list`)", id=", ".join(unknown)))
     chosen = [views[cid] for cid in wanted]
     rendered = render_messages(
         campaign.compiled.for_zone(campaign.timezone),

@@ -18,6 +18,7 @@ from zoneinfo import ZoneInfo
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from engine.errors import WecastError
+from engine.i18n import tr
 from engine.settings import FrequencyCap, QuietHours, Strict, check_timezone
 
 
@@ -89,7 +90,11 @@ class RunSettings(Strict):
             first = exc.errors()[0]
             where = ".".join(str(p) for p in first.get("loc", ())) or "settings"
             raise WecastError(
-                f"run {run_id}: its stored settings are unreadable ({where}: {first.get('msg', 'invalid')}); "
-                "it was written by another program or a newer wecast: cancel it (`wecast cancel "
-                f"{run_id}`) and plan the campaign again"
+                tr(
+                    "run {run}: its stored settings are unreadable ({where}: {why}); it was written by another "
+                    "program or a newer wecast: cancel it (`wecast cancel {run}`) and plan the campaign again",
+                    run=run_id,
+                    where=where,
+                    why=first.get("msg", "invalid"),
+                )
             ) from None

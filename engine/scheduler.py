@@ -216,7 +216,9 @@ class CampaignScheduler:
     def _load(self) -> tuple[dict[str, tuple[int, int]], Definitions]:
         snapshot = self._files_snapshot()
         if not self.campaigns_dir.is_dir():
-            return snapshot, Definitions(errors=[CampaignError(f"campaigns folder not found: {self.campaigns_dir}")])
+            return snapshot, Definitions(
+                errors=[CampaignError(tr("campaigns folder not found: {path}", path=self.campaigns_dir))]
+            )
         return snapshot, load_definitions([self.campaigns_dir], self.app.settings)
 
     async def reload(self) -> list[CampaignError]:

@@ -14,6 +14,7 @@ from typing import Any
 from engine.contacts import SyncResult, refresh_contact
 from engine.dberrors import explain
 from engine.errors import WecastError
+from engine.i18n import tr
 from engine.plan import API_CAMPAIGN
 from engine.service import Wecast
 from storage.errors import StorageError
@@ -65,8 +66,12 @@ class Workers:
         other = self._campaigns.get(campaign_id) if exclusive else None
         if other is not None:
             raise WecastError(
-                f"campaign {campaign_id!r} is still sending run {other}; a campaign's runs never "
-                "overlap: wait for it, or pause or cancel it first"
+                tr(
+                    "campaign {id!r} is still sending run {run}; a campaign's runs never overlap: wait for it, "
+                    "or pause or cancel it first",
+                    id=campaign_id,
+                    run=other,
+                )
             )
         task = asyncio.get_running_loop().create_task(self._guard(run_id, work()), name=f"wecast-run-{run_id}")
         self._runs[run_id] = task

@@ -334,7 +334,7 @@ def test_login_flow_shows_errors_and_tries_left(open_server: LiveServer) -> None
         "/console/login/verify", json={"verifyCode": "000000" if code != "000000" else "111111"}, headers=h
     )
     assert wrong.status_code == 400
-    assert "wrong verification code; 2 tries left" in wrong.text and "还可以尝试 2 次" in wrong.text
+    assert "验证码错误；还可以尝试 2 次" in wrong.text and "wrong verification code" not in wrong.text
     bad = client.post("/console/login/verify", json={"verifyCode": "12"}, headers=h)
     assert bad.status_code == 422 and "verifyCode" in bad.text
     ok = client.post("/console/login/verify", json={"verifyCode": code}, headers=h)

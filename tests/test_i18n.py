@@ -127,6 +127,76 @@ def test_every_marked_message_is_extractable() -> None:
     assert _unextractable() == []
 
 
+# The errors a person reads as they are (the CLI's one line, an API answer's `error`, validation's file:line: field:).
+# Not GatewayError's branches: those are a delivery's recorded reason, kept as the gateway said it.
+USER_ERRORS = {
+    "ConfigError",
+    "CampaignError",
+    "TemplateError",
+    "AudienceError",
+    "NotFoundError",
+    "LoginError",
+    "RuleError",
+    "WecastError",
+    "UsageError",
+    "BadParameter",
+}
+
+
+def _untranslated_errors() -> list[str]:
+    """User-facing errors made from a bare string or f-string instead of tr/ntr/Lazy (English in Chinese output)."""
+    found = []
+    for path in sorted((ROOT / "engine").rglob("*.py")):
+        if "proto" in path.parts or "console" in path.parts:  # the console has its own catalog and extraction
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if not isinstance(node, ast.Call) or not node.args:
+                continue
+            func = node.func
+            name = func.id if isinstance(func, ast.Name) else func.attr if isinstance(func, ast.Attribute) else ""
+            first = node.args[0]
+            literal = isinstance(first, ast.Constant) and isinstance(first.value, str)
+            bare = literal or isinstance(first, ast.JoinedStr)
+            if name in USER_ERRORS and bare:
+                found.append(f"{path.relative_to(ROOT)}:{node.lineno}: {name}({ast.unparse(first)[:60]}…)")
+    return found
+
+
+def test_errors_people_read_come_from_the_catalogs() -> None:
+    """A user-facing error (config, campaign, journey, not found, login, usage) is made from tr/ntr/Lazy, so
+    `wecast --lang zh` never answers `gateway workpro needs a token` or `wrong verification code; 2 tries left`."""
+    assert _untranslated_errors() == []
+
+
+def test_login_errors_speak_the_language_in_force(tmp_path: Path) -> None:
+    """The sandbox's wrong-code answer (what /submit-verify-code and `wecast login` show) is in the caller's
+    language, plural and all."""
+    from engine.clock import FakeClock
+    from engine.errors import LoginError
+    from engine.gateways.sandbox import SandboxGateway
+    from engine.settings import SandboxSettings
+
+    async def wrong_code(lang: Language) -> str:
+        gateway = SandboxGateway(
+            SandboxSettings(state_file=tmp_path / f"{lang.value}.sqlite", auto_login=False, scan_delay="1h"),
+            FakeClock(),
+        )
+        await gateway.start()
+        try:
+            await gateway.start_login(schedule_phone=False)
+            await gateway.sandbox_scan(quiet=True)
+            code = gateway.sandbox_phone_code()
+            assert code is not None
+            with use_language(lang), pytest.raises(LoginError) as caught:
+                await gateway.submit_verify_code("000000" if code != "000000" else "111111")
+            return str(caught.value)
+        finally:
+            await gateway.close()
+
+    assert asyncio.run(wrong_code(Language.ZH)) == "验证码错误；还可以尝试 2 次"
+    assert asyncio.run(wrong_code(Language.EN)) == "wrong verification code; 2 tries left"
+
+
 @pytest.mark.parametrize(
     ("cli", "config", "env", "expected"),
     [

@@ -8,6 +8,7 @@ from __future__ import annotations
 from engine.clock import Clock
 from engine.errors import ConfigError
 from engine.gateways.base import Capabilities, Gateway
+from engine.i18n import tr
 from engine.settings import Settings
 
 GATEWAYS = ("sandbox", "workpro", "wecom")
@@ -24,18 +25,20 @@ def build_gateway(settings: Settings, clock: Clock | None = None) -> Gateway:
         from engine.gateways.workpro import WorkproGateway
 
         if settings.workpro.token is None:
-            raise ConfigError("gateway workpro needs a token: set WECAST_WORKPRO_TOKEN or workpro.token")
+            raise ConfigError(tr("gateway workpro needs a token: set WECAST_WORKPRO_TOKEN or workpro.token"))
         return WorkproGateway(settings.workpro, clock)
     if name == "wecom":
         from engine.gateways.wecom.gateway import WecomGateway
 
         if settings.wecom.corp_id is None or settings.wecom.secret is None:
             raise ConfigError(
-                "gateway wecom needs the corp id and the app secret: set WECAST_WECOM_CORP_ID and WECAST_WECOM_SECRET "
-                "(or wecom.corp_id / wecom.secret as ${ENV} references)"
+                tr(
+                    "gateway wecom needs the corp id and the app secret: set WECAST_WECOM_CORP_ID and "
+                    "WECAST_WECOM_SECRET (or wecom.corp_id / wecom.secret as ${ENV} references)"
+                )
             )
         return WecomGateway(settings.wecom, clock)
-    raise ConfigError(f"unknown gateway {name!r}; choose one of {', '.join(GATEWAYS)}")
+    raise ConfigError(tr("unknown gateway {name!r}; choose one of {names}", name=name, names=", ".join(GATEWAYS)))
 
 
 def gateway_capabilities(settings: Settings) -> Capabilities:
@@ -54,4 +57,4 @@ def gateway_capabilities(settings: Settings) -> Capabilities:
         from engine.gateways.wecom.gateway import WecomGateway
 
         return WecomGateway.capabilities_for(settings)
-    raise ConfigError(f"unknown gateway {name!r}; choose one of {', '.join(GATEWAYS)}")
+    raise ConfigError(tr("unknown gateway {name!r}; choose one of {names}", name=name, names=", ".join(GATEWAYS)))

@@ -69,7 +69,7 @@ from engine.gateways.base import (
 )
 from engine.gateways.demo_data import demo_contacts, demo_tags
 from engine.gateways.media_cache import MediaCache
-from engine.i18n import N_, tr
+from engine.i18n import N_, ntr, tr
 from engine.messages import (
     FILE_MAX_BYTES,
     IMAGE_MAX_BYTES,
@@ -617,7 +617,7 @@ class SandboxGateway(Gateway):
     async def sandbox_scan(self, *, quiet: bool = False) -> LoginStatus:
         """Sandbox only: the simulated phone scans the current QR and confirms."""
         if self._state is not LoginState.WAITING_SCAN:
-            raise LoginError("no QR is waiting to be scanned; call start_login (POST /goStart) first")
+            raise LoginError(tr("no QR is waiting to be scanned; call start_login (POST /goStart) first"))
         self.emit(EventKind.SCANNED, tr("QR code scanned"))
         if self._second_pending:
             # The security check needs only the scan; the session carries on.
@@ -642,22 +642,22 @@ class SandboxGateway(Gateway):
 
     async def submit_verify_code(self, code: str, qrcode_key: str | None = None) -> LoginStatus:
         if self._state is LoginState.LOGGED_IN:
-            raise LoginError("already logged in; no verification code is needed")
+            raise LoginError(tr("already logged in; no verification code is needed"))
         if self._state is not LoginState.WAITING_VERIFY_CODE:
             raise LoginError(
-                "no verification code is expected now: scan the QR first"
+                tr("no verification code is expected now: scan the QR first")
                 if self._state is not LoginState.LOGGED_OUT
-                else "no login in progress; call /goStart first"
+                else tr("no login in progress; call /goStart first")
             )
         if qrcode_key and qrcode_key != self._qr_key:
             raise LoginError(
-                "qrcodeKey does not match the current QR code (it may have expired); use the key of the latest QR",
+                tr("qrcodeKey does not match the current QR code (it may have expired); use the key of the latest QR"),
                 tries_left=self._tries_left,
             )
         cleaned = "".join(ch for ch in str(code) if ch.isdigit())
         if len(cleaned) != 6:
             raise LoginError(
-                "the verification code must be the 6 digits shown on the phone", tries_left=self._tries_left
+                tr("the verification code must be the 6 digits shown on the phone"), tries_left=self._tries_left
             )
         if cleaned != self._code:
             self._tries_left -= 1
@@ -666,10 +666,15 @@ class SandboxGateway(Gateway):
                 self._new_qr()
                 self._schedule_phone_if_running()
                 raise LoginError(
-                    "too many wrong verification codes: a new QR code is shown, scan it again", tries_left=0
+                    tr("too many wrong verification codes: a new QR code is shown, scan it again"), tries_left=0
                 )
             self.emit(EventKind.VERIFY_CODE_WRONG, "验证码错误输入错误，请重新输入", tries_left=self._tries_left)
-            raise LoginError(f"wrong verification code; {self._tries_left} tries left", tries_left=self._tries_left)
+            raise LoginError(
+                ntr(
+                    "wrong verification code; {n} try left", "wrong verification code; {n} tries left", self._tries_left
+                ),
+                tries_left=self._tries_left,
+            )
         self._logged_in()
         if self.settings.second_verification and not self._second_done:
             # WeCom's "new device" check: the session drops and a security QR follows.

@@ -61,18 +61,18 @@ def parse_condition(raw: Any, path: tuple[str | int, ...] = ()) -> Condition:
     """Compile a condition (a list means all of them). Raises RuleError with a path relative to `raw`."""
     if isinstance(raw, list):
         if not raw:
-            raise RuleError("an empty list of conditions", path)
+            raise RuleError(tr("an empty list of conditions"), path)
         return _all([parse_condition(r, (*path, i)) for i, r in enumerate(raw)])
     if not isinstance(raw, dict) or len(raw) != 1:
         raise RuleError(
-            "a condition is a mapping with one key, like `tag: 已购`, `replied: true` or `any: [...]`", path
+            tr("a condition is a mapping with one key, like `tag: 已购`, `replied: true` or `any: [...]`"), path
         )
     ((key, arg),) = raw.items()
     key = str(key)
     here = (*path, key)
     if key in ("all", "any"):
         if not isinstance(arg, list) or not arg:
-            raise RuleError(f"{key} takes a non-empty list of conditions", here)
+            raise RuleError(tr("{key} takes a non-empty list of conditions", key=key), here)
         parts = [parse_condition(r, (*here, i)) for i, r in enumerate(arg)]
         return _all(parts) if key == "all" else _any(parts)
     if key == "not":
@@ -96,7 +96,7 @@ def parse_condition(raw: Any, path: tuple[str | int, ...] = ()) -> Condition:
 
 def _flag(key: str, arg: Any, path: tuple[str | int, ...]) -> Condition:
     if not isinstance(arg, bool):
-        raise RuleError(f"{key} is true or false, not {arg!r}", path)
+        raise RuleError(tr("{key} is true or false, not {value!r}", key=key, value=arg), path)
     words = {
         "replied": (N_("replied since entering"), N_("has not replied since entering")),
         "opted_out": (N_("opted out"), N_("has not opted out")),
@@ -115,7 +115,7 @@ def _flag(key: str, arg: Any, path: tuple[str | int, ...]) -> Condition:
 
 def _received(arg: Any, path: tuple[str | int, ...]) -> Condition:
     if not isinstance(arg, str) or not arg:
-        raise RuleError("received names a send step by its id, like `received: welcome`", path)
+        raise RuleError(tr("received names a send step by its id, like `received: welcome`"), path)
 
     def test(f: Facts) -> str | None:
         return None if arg in f.received else tr("did not receive step {step}", step=arg)
@@ -134,7 +134,7 @@ def _message(arg: Any, path: tuple[str | int, ...]) -> Condition:
         raise RuleError(str(first["msg"]).removeprefix("Value error, "), (*path, *where)) from None
     matcher = spec.matcher()
     if not spec.keywords:
-        raise RuleError("message takes keywords, like `message: {keywords: [价格]}`", path)
+        raise RuleError(tr("message takes keywords, like `message: {keywords: [价格]}`"), path)
 
     def test(f: Facts) -> str | None:
         return None if matcher(f.message_text) else tr("the message does not match ({words})", words=matcher.describe())

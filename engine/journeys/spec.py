@@ -705,7 +705,9 @@ class _Parser:
 
 def _trigger(raw: Any, lines: yamlsrc.Lines, tz: ZoneInfo, problems: list[CampaignError]) -> Trigger | None:
     if raw is None:
-        problems.append(CampaignError("required field is missing (what makes a contact enter)", lines.at(("trigger",))))
+        problems.append(
+            CampaignError(tr("required field is missing (what makes a contact enter)"), lines.at(("trigger",)))
+        )
         return None
     try:
         model = TriggerModel.model_validate(raw)
@@ -766,10 +768,12 @@ def _entry(raw: Any, trigger: Trigger | None, lines: yamlsrc.Lines, problems: li
             problems.extend(CampaignError(r, loc) for loc, r in yamlsrc.located(exc, lines, prefix=("entry",)))
             return EntryPolicy(EntryKind.ONCE)
         if window <= timedelta(0):
-            problems.append(CampaignError("again_after must be longer than 0", lines.at(("entry", "again_after"))))
+            problems.append(CampaignError(tr("again_after must be longer than 0"), lines.at(("entry", "again_after"))))
         return EntryPolicy(EntryKind.AGAIN_AFTER, window)
     problems.append(
-        CampaignError(f"entry is once, every_time or {{again_after: 30d}}, not {raw!r}", lines.at(("entry",)))
+        CampaignError(
+            tr("entry is once, every_time or {{again_after: 30d}}, not {value!r}", value=raw), lines.at(("entry",))
+        )
     )
     return EntryPolicy(EntryKind.ONCE)
 
@@ -835,7 +839,10 @@ def load_journey_data(data: dict[str, Any], lines: yamlsrc.Lines, text: str, fil
     journey_id = model.id or file.stem
     if not ID_RE.match(journey_id):
         problems.append(
-            CampaignError(f"the file name {file.stem!r} is not a valid journey id; add an id: field", lines.at(("id",)))
+            CampaignError(
+                tr("the file name {name!r} is not a valid journey id; add an id: field", name=file.stem),
+                lines.at(("id",)),
+            )
         )
     tz_name = model.timezone or settings.timezone
     trigger = _trigger(model.trigger, lines, ZoneInfo(tz_name), problems)
@@ -843,7 +850,7 @@ def load_journey_data(data: dict[str, Any], lines: yamlsrc.Lines, text: str, fil
     if model.backfill and trigger is not None and trigger.kind not in BACKFILLS:
         problems.append(
             CampaignError(
-                f"backfill works with contact_added and tag_added triggers, not {trigger.kind.value}",
+                tr("backfill works with contact_added and tag_added triggers, not {kind}", kind=trigger.kind.value),
                 lines.at(("backfill",)),
             )
         )
@@ -874,9 +881,13 @@ def load_journey_data(data: dict[str, Any], lines: yamlsrc.Lines, text: str, fil
 
     parser = _Parser(text, file, lines, settings, quiet, cap)
     if (model.steps is None) == (model.message is None):
-        why = "not both" if model.steps is not None else "required field is missing"
         problems.append(
-            CampaignError(f"give steps: (a list of steps) or message: (one send step), {why}", lines.at(("steps",)))
+            CampaignError(
+                tr("give steps: (a list of steps) or message: (one send step), not both")
+                if model.steps is not None
+                else tr("give steps: (a list of steps) or message: (one send step), required field is missing"),
+                lines.at(("steps",)),
+            )
         )
         steps: tuple[Step, ...] = ()
     elif model.message is not None:
@@ -894,7 +905,10 @@ def load_journey_data(data: dict[str, Any], lines: yamlsrc.Lines, text: str, fil
     for ids, where in named:
         for missing in sorted(ids - sends):
             problems.append(
-                CampaignError(f"received names {missing!r}, which is not a send step of this journey", lines.at(where))
+                CampaignError(
+                    tr("received names {step!r}, which is not a send step of this journey", step=missing),
+                    lines.at(where),
+                )
             )
     _raise_all(problems)
     assert trigger is not None

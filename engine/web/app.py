@@ -63,7 +63,7 @@ def create_app(
     settings = app.settings
     key = settings.api.key.get_secret_value() if settings.api.key is not None else None
     if require_key and not key:
-        raise ConfigError("an API key is required (set WECAST_API_KEY or api.key in config.yaml)")
+        raise ConfigError(tr("an API key is required (set WECAST_API_KEY or api.key in config.yaml)"))
     ctx = WebContext(
         app=app,
         workers=workers or (scheduler.workers if scheduler else Workers()),

@@ -21,7 +21,7 @@ from pydantic import BaseModel, Field
 
 from engine.errors import NotFoundError, WecastError
 from engine.gateways.sandbox import SandboxGateway
-from engine.i18n import Language, use_language
+from engine.i18n import Language, tr, use_language
 from engine.journeys import overview
 from engine.journeys import preview as pv
 from engine.journeys.spec import Journey
@@ -82,7 +82,7 @@ def journey_of(ctx: WebContext, journey_id: str) -> Journey:
     for j in found:
         if j.id == journey_id:
             return j
-    raise NotFoundError(f"no journey {journey_id!r} in {ctx.app.settings.campaigns_dir}")
+    raise NotFoundError(tr("no journey {id!r} in {folder}", id=journey_id, folder=ctx.app.settings.campaigns_dir))
 
 
 def journey_preview(
@@ -204,7 +204,7 @@ def router(ctx: WebContext) -> APIRouter:
     )
     async def sandbox_events(body: SandboxEventBody) -> SimulatedEvent:
         if not isinstance(app.gateway, SandboxGateway):
-            raise NotFoundError("sandbox endpoints exist only with `gateway: sandbox`")
+            raise NotFoundError(tr("sandbox endpoints exist only with `gateway: sandbox`"))
         done = await simulate(app.db, app.gateway, app.clock, body)
         app.journeys.poke()
         return done

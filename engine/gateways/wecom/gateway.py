@@ -72,6 +72,7 @@ from engine.gateways.wecom.client import WecomClient
 from engine.gateways.wecom.crypto import CallbackError, MessageCrypt
 from engine.gateways.wecom.errors import WecomPermanentError
 from engine.gateways.wecom.store import TaskRow, WecomStore
+from engine.i18n import tr
 from engine.messages import (
     FILE_MAX_BYTES,
     IMAGE_MAX_BYTES,
@@ -219,7 +220,7 @@ class WecomGateway(Gateway):
         return await self.login_status()
 
     async def submit_verify_code(self, code: str, qrcode_key: str | None = None) -> LoginStatus:
-        raise LoginError("the wecom gateway logs in with the app's credentials: there is no verification code")
+        raise LoginError(tr("the wecom gateway logs in with the app's credentials: there is no verification code"))
 
     async def logout(self) -> LoginStatus:
         """Drop the token; nothing is called until start_login."""

@@ -63,6 +63,7 @@ from engine.gateways.proto import puppet_pb2_grpc as pb_grpc
 from engine.gateways.workpro.login import Emit, LoginMachine
 from engine.gateways.workpro.payloads import clean_verify_code, contact_record
 from engine.gateways.workpro.rpc_errors import Failure, classify, map_rpc_error, server_text, status_lost
+from engine.i18n import ntr, tr
 from engine.messages import (
     FILE_MAX_BYTES,
     IMAGE_MAX_BYTES,
@@ -710,10 +711,10 @@ class WorkproGateway(Gateway):
             return machine.status()
         key = machine.code_key(qrcode_key)
         if not key:
-            raise LoginError("no QR code is waiting for a verification code: start the login and scan the QR first")
+            raise LoginError(tr("no QR code is waiting for a verification code: start the login and scan the QR first"))
         clean = clean_verify_code(code)
         if not clean:
-            raise LoginError("the verification code is empty", tries_left=machine.tries_left)
+            raise LoginError(tr("the verification code is empty"), tries_left=machine.tries_left)
         try:
             await self._stub.EnterVerifyCode(
                 pb.EnterVerifyCodeRequest(id=key, code=clean), metadata=self._metadata, timeout=self._timeout()
@@ -732,22 +733,30 @@ class WorkproGateway(Gateway):
         if failure is Failure.TOO_MANY_TRIES:
             self._apply(self._login.code_tries_exhausted(key, text))
             return LoginError(
-                "too many wrong verification codes: scan the new QR code with WeCom on the phone "
-                "and enter the new code",
+                tr(
+                    "too many wrong verification codes: scan the new QR code with WeCom on the phone "
+                    "and enter the new code"
+                ),
                 tries_left=0,
             )
         if failure is Failure.WRONG_CODE:
             self._apply(self._login.code_wrong(key, text))
             tries = self._login.tries_left
-            return LoginError(
-                f"wrong verification code: check the code shown in WeCom on the phone and try again "
-                f"({tries} tries left)",
-                tries_left=tries,
+            wrong = (
+                tr("wrong verification code: check the code shown in WeCom on the phone and try again")
+                if tries is None
+                else ntr(
+                    "wrong verification code: check the code shown in WeCom on the phone and try again ({n} try left)",
+                    "wrong verification code: check the code shown in WeCom on the phone and try again "
+                    "({n} tries left)",
+                    tries,
+                )
             )
+            return LoginError(wrong, tries_left=tries)
         if failure is Failure.REFUSED:
             # e.g. an expired QR or a key that is not the latest one: a login problem, not a send failure
             return LoginError(
-                f"WorkPro did not accept the code: {text}; start the login again if the QR has expired",
+                tr("WorkPro did not accept the code: {text}; start the login again if the QR has expired", text=text),
                 tries_left=self._login.tries_left,
             )
         return self._rpc_error(exc, "EnterVerifyCode", mutating=False)
