@@ -266,8 +266,11 @@ def _server_hung_up(dbapi_connection: Any, _record: Any, _proxy: Any) -> None:
         return
     except Exception as exc:  # the driver already knows the connection is closed
         raise DisconnectionError(f"the connection is closed ({exc})") from exc
+    # poll, not select: select refuses a descriptor past FD_SETSIZE (1024), which a busy server process reaches.
+    watch = io_select.poll()
     try:
-        readable, _, _ = io_select.select([fd], [], [], 0)
+        watch.register(fd, io_select.POLLIN)
+        readable = watch.poll(0)
     except (OSError, ValueError) as exc:
         raise DisconnectionError(f"the connection's socket is unusable ({exc})") from exc
     if readable:

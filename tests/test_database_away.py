@@ -8,6 +8,8 @@ never stopped: other test sessions use it), chosen by the `application_name` eac
 
 from __future__ import annotations
 
+import os
+import resource
 import time
 import uuid
 from pathlib import Path
@@ -62,6 +64,30 @@ def test_the_first_step_after_the_server_ended_the_pooled_connections_works(db_u
     with db.begin() as conn:
         conn.execute(text("SELECT 1"))
     db.dispose()
+
+
+def test_the_check_at_checkout_works_for_a_connection_past_descriptor_1024(db_url: str) -> None:
+    """A busy server process holds more than 1,024 descriptors (connections, files, sockets): a pooled connection
+    with a higher number is still checked out and used (select() refuses descriptors past FD_SETSIZE, which made
+    every checkout a 'disconnection', retried, then failed), and one the server ended there is still replaced."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < 1200:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 4096), hard))
+    filler = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)]
+    url, name = _named(db_url)
+    db = make_db_engine(url)
+    try:
+        with db.connect() as conn:
+            assert conn.connection.dbapi_connection.fileno() > 1024  # type: ignore[union-attr]
+            conn.execute(text("SELECT 1"))
+        assert contacts_db.count_contacts(db) == 0  # checked out again from the pool
+        assert _terminate(url, name) >= 1
+        assert contacts_db.count_contacts(db) == 0  # replaced
+    finally:
+        db.dispose()
+        for fd in filler:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
 def test_a_run_after_the_server_restarted_sends_everyone_once(tmp_path: Path, db_url: str) -> None:
