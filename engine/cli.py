@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import csv
+import errno
 import io
 import json
 import logging
@@ -314,12 +315,38 @@ class WecastGroup(TrGroup):
             obj = ctx.find_object(Ctx)
             if obj is not None and obj.verbose:
                 raise
+            if isinstance(exc, OSError) and exc.filename is not None:  # a path the user gave or configured
+                err.print(styled("red", tr("error:")) + f" {escape(file_problem(exc))}")
+                ctx.exit(EXIT_ERROR)
             err.print(
                 styled("red", tr("internal error:"))
                 + f" {type(exc).__name__}: {escape(str(exc))} "
                 + tr("(run with -v to see where)")
             )
             ctx.exit(EXIT_INTERNAL)
+
+
+# What the system says about a path, in the reader's language (anything else: the system's own words).
+_FILE_PROBLEMS = {
+    errno.ENOENT: N_("{path}: no such file or folder"),
+    errno.ENOTDIR: N_("{path}: a part of this path is a file, not a folder"),
+    errno.EISDIR: N_("{path}: this is a folder, not a file"),
+    errno.EACCES: N_("{path}: permission denied"),
+    errno.EPERM: N_("{path}: permission denied"),
+    errno.EROFS: N_("{path}: the file system is read-only"),
+    errno.ENOSPC: N_("{path}: no space left on the device"),
+    errno.EEXIST: N_("{path}: already exists"),
+}
+
+
+def file_problem(exc: OSError) -> str:
+    """An OSError about a file (`--csv /no/such/dir/x.csv`, a data folder that cannot be made) as one line naming
+    the path — not an "internal error" with Python's class name."""
+    path = os.fsdecode(exc.filename)
+    words = _FILE_PROBLEMS.get(exc.errno or 0)
+    if words is None:
+        return f"{path}: {exc.strerror or exc}"
+    return tr(words, path=path)
 
 
 def _quiet_stdout() -> None:

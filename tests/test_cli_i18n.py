@@ -95,6 +95,24 @@ def test_click_answers_mistakes_in_the_chosen_language(workdir: Path, args: list
     assert en in " ".join((out + err).split()), out + err  # help wraps "[default:" and "20]" apart
 
 
+def test_a_path_that_cannot_be_used_is_an_error_naming_it(workdir: Path, tmp_path: Path) -> None:
+    """`--csv` into a folder that does not exist, `init` under a file, a SQLite file under a file: one line naming the
+    path and why, in the reader's language, exit 1 — not `internal error: FileNotFoundError` (exit 70)."""
+    missing = tmp_path / "no" / "such" / "x.csv"
+    code, _, err = wecast(workdir, "--lang", "zh", "preview", "weekly_vip", "--csv", str(missing))
+    assert (code, err.strip()) == (1, f"错误： {missing}：文件或文件夹不存在"), err
+    code, _, err = wecast(workdir, "--lang", "en", "preview", "weekly_vip", "--csv", str(missing))
+    assert (code, err.strip()) == (1, f"error: {missing}: no such file or folder"), err
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x", encoding="utf-8")
+    code, _, err = wecast(workdir, "--lang", "zh", "init", str(a_file / "here"))
+    assert code == 1 and "路径中有一部分是文件" in err and "internal" not in err and "内部错误" not in err, err
+    code, _, err = wecast(
+        workdir, "--lang", "zh", "runs", env={"WECAST_DATABASE_URL": f"sqlite:///{a_file}/db/wecast.sqlite"}
+    )
+    assert code == 1 and str(a_file) in err and "内部错误" not in err, err
+
+
 def test_language_from_config_then_locale(workdir: Path) -> None:
     """Without --lang the config's language decides; without that, LANG (zh_CN.UTF-8 → Chinese)."""
     _, out, _ = wecast(workdir, "runs", env={"LANG": "zh_CN.UTF-8"})
