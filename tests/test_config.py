@@ -265,6 +265,18 @@ def test_absolute_paths_and_other_urls_are_kept(tmp_path: Path) -> None:
         assert load_settings(write(tmp_path, f"version: 1\ndatabase_url: '{url}'\n")).database_url == url
 
 
+def test_the_postgresql_driver_installs_with_wecast(tmp_path: Path) -> None:
+    """The driver a wrong database_url is pointed to ("use postgresql+psycopg://… (installed with wecast)") is one of
+    wecast's own dependencies, not only the tests': after the README's `pip install -e .` a PostgreSQL URL works."""
+    import tomllib
+
+    root = Path(__file__).resolve().parent.parent
+    project = tomllib.loads((root / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    assert any(dep.replace(" ", "").startswith("psycopg[binary]") for dep in project["dependencies"]), project
+    with pytest.raises(ConfigError, match=r"installed with wecast"):
+        load_settings(write(tmp_path, "version: 1\ndatabase_url: 'postgresql+pg8000://u@h/db'\n"))
+
+
 def test_shipped_config_loads() -> None:
     """The repository's config.yaml is valid and uses the documented defaults."""
     root = Path(__file__).resolve().parent.parent
