@@ -260,6 +260,10 @@ class SandboxSettings(Strict):
 class WorkproSettings(Strict):
     token: SecretStr | None = None
     endpoint: str | None = None  # host:port skips discovery
+    # WorkPro serves plaintext; juzi's open-source PuppetServer serves TLS unless told not to (workpro/tls.py).
+    tls: bool = False
+    tls_server_name: str | None = None  # the name on the server's certificate (default: the token's prefix)
+    tls_ca_cert: Path | None = None  # PEM of the CA that signed it (default: the Wechaty community root CA)
     discovery_authorities: list[str] = ["token-service-discovery-test.juzibot.com", "api.chatie.io"]
     ding_interval: Duration = timedelta(seconds=60)
     call_timeout: Duration = timedelta(seconds=30)
@@ -540,6 +544,8 @@ def _resolve_paths(settings: Settings, base: Path) -> Settings:
         url = "sqlite:///" + str(rel(Path(url.removeprefix("sqlite:///"))))
     sandbox = settings.sandbox.model_copy(update={"state_file": rel(settings.sandbox.state_file)})
     wecom = settings.wecom.model_copy(update={"state_file": rel(settings.wecom.state_file)})
+    ca_cert = settings.workpro.tls_ca_cert
+    workpro = settings.workpro.model_copy(update={"tls_ca_cert": rel(ca_cert) if ca_cert else None})
     return settings.model_copy(
         update={
             "database_url": url,
@@ -547,6 +553,7 @@ def _resolve_paths(settings: Settings, base: Path) -> Settings:
             "media_dir": rel(settings.media_dir),
             "sandbox": sandbox,
             "wecom": wecom,
+            "workpro": workpro,
         }
     )
 

@@ -234,8 +234,10 @@ class FakePuppet(pb_grpc.PuppetServicer):  # type: ignore[misc]
         ready_delay: float = 0.01,
         zero_seq: bool = False,
         uploads: UploadMode = "ok",
+        tls: tuple[bytes, bytes] | None = None,
     ) -> None:
         self.token = token
+        self.tls = tls  # (private key, certificate chain) as PEM: serve TLS, as juzi's PuppetServer does by default
         self.batch_mode: BatchMode = batch_mode
         self.upload_mode: UploadMode = uploads
         self.uploads: dict[str, Upload] = {}  # finished uploads by id
@@ -296,7 +298,11 @@ class FakePuppet(pb_grpc.PuppetServicer):  # type: ignore[misc]
         """Listen on host:port (0: any free port); returns the port."""
         self._server = grpc.aio.server(interceptors=[_AuthInterceptor(self)], options=GRPC_OPTIONS)
         pb_grpc.add_PuppetServicer_to_server(self, self._server)
-        self.port = self._server.add_insecure_port(f"{host}:{port}")
+        address = f"{host}:{port}"
+        if self.tls is None:
+            self.port = self._server.add_insecure_port(address)
+        else:
+            self.port = self._server.add_secure_port(address, grpc.ssl_server_credentials([self.tls]))
         await self._server.start()
         return int(self.port)
 

@@ -37,6 +37,7 @@ import httpx
 
 import engine.gateways.workpro.parts as parts
 import engine.gateways.workpro.payloads as payloads
+import engine.gateways.workpro.tls as tls
 from engine.backoff import backoff_delay
 from engine.clock import Clock
 from engine.errors import (
@@ -227,7 +228,7 @@ class WorkproGateway(Gateway):
                 ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
                 ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ]
-            self._channel = grpc.aio.insecure_channel(self._endpoint, options=options)
+            self._channel = self._open_channel(self._endpoint, options)
             self._stub = pb_grpc.PuppetStub(self._channel)
             self._stream_up = False
             self._event_task = asyncio.create_task(self._event_loop(), name="workpro-events")
@@ -263,6 +264,16 @@ class WorkproGateway(Gateway):
             self._spawn(self._lookup_loop())
             self._started = True
             log.info("workpro: connected to %s", self._endpoint)
+
+    def _open_channel(self, endpoint: str, options: list[tuple[str, Any]]) -> Any:
+        """Plaintext (WorkPro), or TLS checked against the CA for the server name (juzi's open-source server)."""
+        if not self.settings.tls:
+            return grpc.aio.insecure_channel(endpoint, options=options)
+        name = tls.server_name(self._token, self.settings.tls_server_name)
+        credentials = tls.channel_credentials(self.settings.tls_ca_cert)
+        return grpc.aio.secure_channel(
+            endpoint, credentials, options=[*options, ("grpc.ssl_target_name_override", name)]
+        )
 
     async def close(self) -> None:
         """Stop the background tasks and close the channel (the account stays logged in on the puppet)."""
@@ -522,6 +533,11 @@ class WorkproGateway(Gateway):
             secrets=(self._token,),
             what=what,
         )
+        if exc.code() == grpc.StatusCode.UNAVAILABLE and type(error) is TransientError:
+            name = self.settings.tls_server_name or tls.token_sni(self._token)
+            hint = tls.connect_hint(exc.details(), tls=self.settings.tls, name=name)
+            if hint:
+                error = TransientError(f"{error}; {hint}")
         log.debug("workpro: %s failed: %s", method, error)
         return error
 
