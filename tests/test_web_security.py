@@ -225,3 +225,36 @@ def test_the_largest_body_the_api_takes_fits_the_limit(live: LiveServer) -> None
     answer = live.client.post("/send-message-all", json={"ids": ids, "message": "hi"})
     assert answer.status_code == 404, answer.text[:300]  # none of them is a contact: read, looked up, answered
     assert answer.json()["code"] == "not_found"
+
+
+NUL_REQUESTS = [
+    ("POST", "/send-message", {"id": "abc\u0000def", "message": "hi"}, "id"),
+    ("POST", "/send-message-all", {"ids": ["ok", "a\u0000"], "message": "hi"}, "ids.1"),
+    ("POST", "/get-all-user", {"cursor": "a\u0000"}, "cursor"),
+    ("GET", "/api/v1/contacts?q=%00", None, "q"),
+    ("GET", "/api/v1/contacts?tag=VIP&tag=%00", None, "tag"),
+    ("GET", "/api/v1/contacts/a%00b", None, "contact_id"),
+    ("GET", "/api/v1/deliveries?contact_id=a%00b", None, "contact_id"),
+    ("GET", "/api/v1/runs?campaign=a%00b", None, "campaign"),
+    ("GET", "/api/v1/contacts/a%00/journeys", None, "contact_id"),
+    ("PUT", "/api/v1/contacts/a%00/optout", {"note": "x"}, "contact_id"),
+    ("PUT", "/api/v1/contacts/a/optout", {"note": "x\u0000"}, "note"),
+    ("GET", "/console/customers?q=%00", None, "q"),
+    ("GET", "/console/customers/a%00b", None, "contact_id"),
+]
+
+
+def test_a_nul_character_anywhere_is_a_bad_request_on_both_databases(tmp_path: Path, db_url: str) -> None:
+    """A NUL (U+0000) in a path, a query parameter or a JSON string is a 422 naming the field, on SQLite and on
+    PostgreSQL alike (whose text cannot hold one: a NUL reaching a query was a 500 there); nothing is sent, and an
+    escaped backslash before "u0000" is only text."""
+    with LiveServer(make_settings(tmp_path, database_url=db_url), scheduler=False) as server:
+        login(server.client)
+        for method, path, body, field in NUL_REQUESTS:
+            answer = server.client.request(method, path, json=body)
+            assert answer.status_code == 422, (path, answer.text)
+            assert answer.json()["code"] == "invalid_request" and answer.json()["field"] == field, answer.text
+            assert "U+0000" in answer.json()["error"]
+        assert outbox_size(server) == 0
+        literal = server.client.post("/send-message", json={"id": "no-such-\\u0000", "message": "hi"})
+        assert literal.status_code == 404, literal.text  # the text \u0000, not a NUL: an id like any other

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 from fastapi.responses import JSONResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from fastapi_offline import FastAPIOffline
@@ -30,7 +30,7 @@ from engine.web.context import WebContext
 from engine.web.errors import install_error_handlers
 from engine.web.language import SpeakLanguage
 from engine.web.metrics import DatabaseCollector, instrument_gateway
-from engine.web.security import CONSOLE, Authentication, BodyLimit, RequestGuard
+from engine.web.security import CONSOLE, Authentication, BodyLimit, RequestGuard, no_nul_characters
 from engine.web.sessions import SessionTokens
 from engine.workers import Workers
 from storage.db import file_gone
@@ -102,6 +102,7 @@ def create_app(
             "JSON (`Content-Type: application/json`); browsers may change things only from this server's own pages."
         ),
         lifespan=lifespan,
+        dependencies=[Depends(no_nul_characters)],
         static_url="/docs-assets",
         favicon_url="/docs-assets/favicon.png",
     )

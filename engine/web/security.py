@@ -20,6 +20,11 @@ at once when its Content-Length says so (nothing of it is read) and as soon as t
 sent without one (chunked). The largest body the API takes is a `/send-message-all` to its 100,000 ids. Uploads
 (`UPLOAD_PATHS`) are streamed to disk and stopped at WeCom's limit for their kind by the media store instead.
 
+`no_nul_characters` (a dependency of every route) refuses a NUL character (U+0000) anywhere in a request — the path,
+a query parameter, a string of the JSON body (as the escape `\u0000`) — with 422 naming the field: PostgreSQL's
+text cannot hold one, so a NUL that reached a query was a 500 there (and "no such contact" on SQLite). Message text
+refuses every control character already (`engine.web.models`); a name, an id or a search never needs a NUL.
+
 `Authentication` (always on) lets people in:
 
 * **The key**: when a key is configured (always beyond loopback), every path but /healthz, the console's
@@ -40,10 +45,13 @@ from __future__ import annotations
 import ipaddress
 import json
 import logging
+import re
 from collections.abc import Awaitable, Callable, Collection, MutableMapping
 from typing import Any
 from urllib.parse import quote, urlsplit
 
+from fastapi import Request
+from fastapi.exceptions import RequestValidationError
 from starlette.requests import ClientDisconnect
 
 from engine.i18n import tr
@@ -205,6 +213,50 @@ class RequestGuard:
     def _is_json(cls, headers: dict[bytes, bytes]) -> bool:
         media = cls._media_type(headers)
         return media == b"application/json" or (media.startswith(b"application/") and media.endswith(b"+json"))
+
+
+NUL = "\x00"
+# The JSON escape of a NUL: `\u0000` after an even number of backslashes (`\\u0000` is a backslash and "u0000").
+_JSON_NUL = re.compile(rb"(?<!\\)(?:\\\\)*\\u0000")
+
+
+def _nul_at(value: Any, path: tuple[str | int, ...] = ()) -> tuple[str | int, ...] | None:
+    """Where in a parsed JSON value a string (a key or a value) holds a NUL, or None."""
+    if isinstance(value, str):
+        return path if NUL in value else None
+    if isinstance(value, dict):
+        for key, item in value.items():
+            found = (*path, key) if NUL in key else _nul_at(item, (*path, key))
+            if found is not None:
+                return found
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            found = _nul_at(item, (*path, index))
+            if found is not None:
+                return found
+    return None
+
+
+async def no_nul_characters(request: Request) -> None:
+    """Refuse a request with a NUL character anywhere (see the module docstring): RequestValidationError."""
+    where: tuple[str | int, ...] | None = None
+    named = {value: name for name, value in request.path_params.items() if isinstance(value, str)}
+    if NUL in request.url.path:
+        where = ("path", next((name for value, name in named.items() if NUL in value), "path"))
+    else:
+        where = next((("query", k) for k, v in request.query_params.multi_items() if NUL in k or NUL in v), None)
+    json_body = request.url.path not in UPLOAD_PATHS and RequestGuard._is_json(_headers(request.scope))
+    if where is None and request.method in STATE_CHANGING and json_body:
+        body = await request.body()  # already read for the route (Starlette keeps it): no second read
+        if _JSON_NUL.search(body):
+            try:
+                found = _nul_at(json.loads(body))
+            except ValueError:  # not JSON after all: the route says so
+                found = None
+            where = ("body", *found) if found is not None else None
+    if where is not None:
+        reason = tr("control character {char} in the text", char="U+0000")
+        raise RequestValidationError([{"loc": where, "msg": reason, "type": "value_error"}])
 
 
 class BodyLimit:
