@@ -506,21 +506,27 @@ def load_settings(path: str | Path | None = None, *, overrides: dict[str, Any] |
     elif explicit:
         raise ConfigError(tr("config file not found: {path}", path=config_path))
     base = config_path.resolve().parent
+    from_env: dict[str, str] = {}  # field -> the environment variable its value came from
     for (section, key), env in _SECRET_ENV.items():
         if os.environ.get(env):
             data.setdefault(section, {})
             if isinstance(data[section], dict):
                 data[section] = {**data[section], key: os.environ[env]}
-    if os.environ.get("WECAST_DATABASE_URL"):
-        data["database_url"] = os.environ["WECAST_DATABASE_URL"]
-    if os.environ.get("WECAST_GATEWAY"):
-        data["gateway"] = os.environ["WECAST_GATEWAY"]
+                from_env[f"{section}.{key}"] = env
+    for key, env in (("database_url", "WECAST_DATABASE_URL"), ("gateway", "WECAST_GATEWAY")):
+        if os.environ.get(env):
+            data[key] = os.environ[env]
+            from_env[key] = env
     for key, value in (overrides or {}).items():
         data[key] = value
+        from_env.pop(key, None)
     try:
         settings = Settings.model_validate({**data, "source": str(config_path)})
     except ValidationError as exc:
-        problems = yamlsrc.located(exc, lines, reference=yamlsrc.Reference.CONFIG)
+        problems = [
+            (_env_location(loc, from_env), reason)
+            for loc, reason in yamlsrc.located(exc, lines, reference=yamlsrc.Reference.CONFIG)
+        ]
         first_loc, first_reason = problems[0]
         more = "".join(f"\n  {loc}: {reason}" for loc, reason in problems[1:])
         raise ConfigError(first_reason + more, first_loc) from None
@@ -533,6 +539,16 @@ def load_settings(path: str | Path | None = None, *, overrides: dict[str, Any] |
             lines.at(("notify", "staff")),
         )
     return _resolve_paths(settings, base)
+
+
+def _env_location(location: Location, from_env: dict[str, str]) -> Location:
+    """Where a bad value came from: the environment variable that set it (`WECAST_GATEWAY=foo` is not a mistake at
+    config.yaml's `gateway:` line, which may say `sandbox`), else the file's line."""
+    field = location.field or ""
+    for name, env in from_env.items():
+        if field == name or field.startswith(name + "."):
+            return Location(tr("environment variable {name}", name=env), None, field)
+    return location
 
 
 def _resolve_paths(settings: Settings, base: Path) -> Settings:

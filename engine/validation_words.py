@@ -51,7 +51,22 @@ def pydantic_words(error: Mapping[str, Any]) -> str | None:
     fields = {name: _as_pydantic_shows(ctx[key]) for name, key in keys.items() if key in ctx}
     if len(fields) != len(keys) or words.format(**fields) != str(error.get("msg", "")):
         return None
+    if "expected" in fields:
+        fields["expected"] = _one_of(str(fields["expected"]))
     return tr(words, **fields)
+
+
+def _one_of(expected: str) -> str:
+    """pydantic's list of choices (`'sandbox', 'workpro' or 'wecom'`) joined in the current language: its English
+    "or" was the one word left in Chinese (`应为 'sandbox', 'workpro' or 'wecom'`)."""
+    head, sep, last = expected.rpartition(" or ")
+    if not sep:
+        return expected
+    items = head.split(", ")
+    joined = items[0]
+    for item in items[1:]:
+        joined = tr("{first}, {next}", first=joined, next=item)
+    return tr("{first} or {last}", first=joined, last=last)
 
 
 def _as_pydantic_shows(value: object) -> object:

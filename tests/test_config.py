@@ -71,6 +71,7 @@ MISTAKES = [
     ("version: 1\nsending: [1, 2]\n", 2, "sending", "valid dictionary or instance of Sending"),
     ("version: 1\nsending: {quiet_hours: {start: '09:00', end: '09:00'}}\n", 2, "sending.quiet_hours", "same time"),
     ("version: 1\napi: {key: '  '}\n", 2, "api.key", "only whitespace"),
+    ("version: 1\ngateway: sandbx\n", 2, "gateway", "Input should be 'sandbox', 'workpro' or 'wecom'"),
 ]
 
 
@@ -166,6 +167,34 @@ def test_env_overrides_database_url_and_api_key(tmp_path: Path, monkeypatch: pyt
     assert after.api.key is not None
     assert after.api.key.get_secret_value() == SECRET
     assert after.gateway == "workpro"
+
+
+def test_a_bad_value_from_the_environment_names_the_variable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """WECAST_GATEWAY=foo is reported at WECAST_GATEWAY, not at config.yaml's `gateway:` line (which may be right), and
+    the choices are joined in the reader's language (no English "or" in Chinese)."""
+    from engine.i18n import Language, use_language
+
+    path = write(tmp_path, "version: 1\ngateway: sandbox\ndatabase_url: sqlite:///data/w.sqlite\n")
+    monkeypatch.setenv("WECAST_GATEWAY", "foo")
+    with pytest.raises(ConfigError) as info:
+        load_settings(path)
+    assert (
+        str(info.value)
+        == "environment variable WECAST_GATEWAY: gateway: Input should be 'sandbox', 'workpro' or 'wecom'"
+    )
+    with use_language(Language.ZH), pytest.raises(ConfigError) as info:
+        load_settings(path)
+    assert str(info.value) == "环境变量 WECAST_GATEWAY: gateway: 应为 'sandbox'、'workpro' 或 'wecom'"
+    monkeypatch.delenv("WECAST_GATEWAY")
+    monkeypatch.setenv("WECAST_DATABASE_URL", "mysql://u@h/db")
+    with pytest.raises(ConfigError) as info:
+        load_settings(path)
+    assert str(info.value).startswith("environment variable WECAST_DATABASE_URL: database_url: "), info.value
+    monkeypatch.setenv("WECAST_DATABASE_URL", "sqlite:///data/env.sqlite")
+    path.write_text("version: 1\ngateway: sandbx\n", encoding="utf-8")  # the file's own mistake keeps its line
+    with pytest.raises(ConfigError) as info:
+        load_settings(path)
+    assert str(info.value).startswith(f"{path}:2: gateway: "), info.value
 
 
 def test_secret_env_vars_fill_missing_sections(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
