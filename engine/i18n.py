@@ -125,6 +125,12 @@ def set_language(lang: Language) -> None:
     _default = lang
 
 
+def process_language() -> Language:
+    """The process default (the CLI's `--lang` / config.yaml / locale, also `wecast serve`'s): the language of log
+    lines, which a request's own language (`?lang=en` on a Chinese server) must not change."""
+    return _default
+
+
 def current() -> Language:
     """The language in force here: this context's (a request, a call), else the process default."""
     return _current.get() or _default

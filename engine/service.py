@@ -23,7 +23,7 @@ from engine.dispatch import Dispatcher, Progress, Reconciled, RunSummary, reconc
 from engine.errors import NotFoundError, WecastError
 from engine.gateways.base import Gateway
 from engine.gateways.registry import build_gateway
-from engine.i18n import tr
+from engine.i18n import process_language, tr, use_language
 from engine.journeys.runtime import JourneyEngine
 from engine.media import MediaStore
 from engine.message_spec import Attachment, direct_message
@@ -124,7 +124,8 @@ class Wecast:
         if not (await self.gateway.login_status()).logged_in:
             return None
         if state is ListState.INCOMPLETE:
-            log.warning(tr("the last contact sync did not finish: syncing the contacts again before planning"))
+            with use_language(process_language()):  # a log line: the server's language, not a request's
+                log.warning(tr("the last contact sync did not finish: syncing the contacts again before planning"))
         result = await self.sync()
         # Another process may have started a sync while this one ran: wait for it; if it died, finish its work.
         if await wait_for_syncs(self.db, self.clock) is ListState.INCOMPLETE:

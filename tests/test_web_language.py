@@ -188,6 +188,31 @@ def test_config_language_is_the_default(tmp_path: Path) -> None:
         assert server.client.get("/api/v1/runs/5", params={"lang": "en"}).json()["error"] == "no run 5"
 
 
+def test_the_login_qr_is_logged_in_the_servers_language(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The log line that tells whoever watches `wecast serve` to scan the QR is in the server's language, whatever
+    the request that started the login asked for (`/goStart?lang=en` on a Chinese server logged it in English)."""
+    import logging
+
+    from engine import i18n
+
+    before = i18n.process_language()
+    i18n.set_language(Language.ZH)  # a server started with --lang zh (or in a zh_CN locale)
+    try:
+        with LiveServer(make_settings(tmp_path), scheduler=False) as server, caplog.at_level(logging.INFO, "wecast"):
+            server.client.post("/goEnd")
+            answer = server.client.post("/goStart", params={"lang": "en"})
+            assert answer.json()["state"] == "waiting_scan" and not HAN.search(answer.json()["message"]), answer.text
+            server.client.post("/api/v1/sandbox/scan")
+            en = server.client.get("/api/v1/sandbox/phone", params={"lang": "en"}).json()  # was Chinese in any language
+            zh = server.client.get("/api/v1/sandbox/phone", params={"lang": "zh"}).json()
+            assert en["message"] == f"WeCom on the phone shows the verification code {en['verifyCode']}", en
+            assert zh["message"] == f"手机企业微信显示验证码 {zh['verifyCode']}", zh
+    finally:
+        i18n.set_language(before)
+    logged = [r.getMessage() for r in caplog.records if r.name == "wecast.web" and "qrcodeKey" in r.getMessage()]
+    assert logged and all(line.startswith("请用手机企业微信扫描这个二维码登录") for line in logged), logged
+
+
 def test_pooled_sends_refused_answer_each_caller_in_its_language(client: httpx.Client) -> None:
     """Sends made at once are planned together in one pool; refused (logged out, an unknown id), each caller still
     reads the refusal in its own request's language."""

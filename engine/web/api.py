@@ -672,7 +672,9 @@ def router(ctx: WebContext) -> APIRouter:
             verifyCode=code,
             qrcodeKey=status.qrcode_key,
             state=status.state.value,
-            message=f"手机企业微信显示验证码 {code}" if code else "the phone shows no code now",
+            message=tr("WeCom on the phone shows the verification code {code}", code=code)
+            if code
+            else tr("the phone shows no code now"),
         )
 
     @r.get(

@@ -15,7 +15,7 @@ from engine.blocking import off_loop
 from engine.contacts import ListState
 from engine.errors import CampaignError, NotFoundError, NotLoggedInError
 from engine.gateways.base import EventKind, GatewayEvent, LoginState, LoginStatus
-from engine.i18n import N_, tr
+from engine.i18n import N_, process_language, tr, use_language
 from engine.qr import qr_terminal
 from engine.scheduler import CampaignScheduler
 from engine.service import Wecast
@@ -105,12 +105,13 @@ class WebContext:
         if not url or (key == self._qr_printed and not again):
             return
         self._qr_printed = key
-        what = (
-            tr("WeCom security check (second verification): scan this QR code with WeCom on the phone")
-            if second
-            else tr("scan this QR code with WeCom on the phone to log in")
-        )
-        where = tr("qrcodeKey {key}; also at /api/v1/login/qr.png", key=key)
+        with use_language(process_language()):  # the log's reader, not the request's (often another language)
+            what = (
+                tr("WeCom security check (second verification): scan this QR code with WeCom on the phone")
+                if second
+                else tr("scan this QR code with WeCom on the phone to log in")
+            )
+            where = tr("qrcodeKey {key}; also at /api/v1/login/qr.png", key=key)
         log.info("%s (%s):\n%s%s", what, where, qr_terminal(url), url)
 
     # -- campaigns -------------------------------------------------------------------------------
