@@ -437,6 +437,38 @@ async def test_too_many_tries_message(make_fake: Factory, make_gateway: Factory)
     assert final.value.tries_left == 0
 
 
+@pytest.mark.parametrize("server_pushes_a_qr", [True, False])
+async def test_after_too_many_tries_the_dead_qr_is_dropped_and_a_new_one_shown(
+    server_pushes_a_qr: bool, make_fake: Factory, make_gateway: Factory
+) -> None:
+    """After the third wrong code that QR is dead: the status stops asking for a code for it (a code typed
+    then is refused here, not sent for the dead key) until the new QR comes — pushed by the server, or asked
+    for with RefreshQRCode when none comes — with 3 tries again; its code logs in."""
+    fake = await make_fake()
+    fake.new_qr_after_tries = server_pushes_a_qr
+    gateway = await make_gateway(settings_for(fake, qr_wait=timedelta(seconds=0.3)))
+    first = (await gateway.start_login()).qrcode_key
+    await fake.scan()
+    await until(lambda: gateway._login.state is LoginState.WAITING_VERIFY_CODE)
+    for _ in range(3):
+        with pytest.raises(LoginError):
+            await gateway.submit_verify_code("000000" if fake.phone_code() != "000000" else "111111")
+    status = await gateway.login_status()
+    if status.qrcode_key is None:  # the new QR has not come yet
+        assert status.state is LoginState.LOGGED_OUT and "wait for the new QR" in status.message
+        with pytest.raises(LoginError, match="no QR code is waiting"):
+            await gateway.submit_verify_code("123456")
+    await until(lambda: gateway._login.qr_key not in (None, first))
+    assert ("RefreshQRCode" in fake.calls) is not server_pushes_a_qr
+    status = await gateway.login_status()
+    assert status.state is LoginState.WAITING_SCAN and status.tries_left == 3 and status.qrcode_key == fake.qr_key
+    await fake.scan()
+    await until(lambda: gateway._login.state is LoginState.WAITING_VERIFY_CODE)
+    code = fake.phone_code()
+    assert code is not None
+    assert (await gateway.submit_verify_code(code)).logged_in
+
+
 async def test_a_slider_check_is_reported(make_fake: Factory, make_gateway: Factory) -> None:
     """VERIFY_SLIDE after the scan (no RPC answers it): the login status and an ERROR event say so at once."""
     fake = await make_fake()

@@ -82,9 +82,21 @@ def test_wrong_codes_count_down_and_a_new_qr_resets() -> None:
     assert [machine.code_wrong("AB", "Invalid verify code!")[0].data["tries_left"] for _ in range(2)] == [2, 1]
     machine.code_tries_exhausted("AB", "验证码错误次数超过阈值，请重新扫码")
     assert machine.status().tries_left == 0
+    dead = machine.status()  # that QR is dead: no key to send a code for, no QR to show
+    assert (dead.state, dead.qr_url, dead.qrcode_key, machine.code_key()) == (LoginState.LOGGED_OUT, None, None, None)
     machine.on_scan(qr("CD"))
     assert machine.status().tries_left == VERIFY_TRIES
     assert machine.status().qrcode_key == "CD"
+
+
+def test_a_new_qr_before_the_too_many_tries_answer_is_kept() -> None:
+    """The server's new QR can arrive before EnterVerifyCode's answer: the answer about the old key leaves it."""
+    machine = LoginMachine()
+    at_code(machine)
+    machine.on_scan(qr("CD"))
+    machine.code_tries_exhausted("AB", "验证码错误次数超过阈值，请重新扫码")
+    status = machine.status()
+    assert (status.state, status.qrcode_key, status.tries_left) == (LoginState.WAITING_SCAN, "CD", VERIFY_TRIES)
 
 
 def test_replays_change_nothing() -> None:

@@ -251,6 +251,7 @@ class FakePuppet(pb_grpc.PuppetServicer):  # type: ignore[misc]
         self.ready_delay = ready_delay
         self.zero_seq = zero_seq  # like juzi's open-source server: EventResponse.seq is 0
         self.send_delay = 0.0  # seconds each MessageSendText takes (after recording)
+        self.new_qr_after_tries = True  # after the third wrong code, push a new QR (False: wait for RefreshQRCode)
         self.self_payload_delay = 0.0  # seconds ContactPayload of the account itself takes (its name lookup)
         self.sends: list[SentMessage] = []
         self.rejected: list[RejectedSend] = []  # sends refused by `fail_sends` / `throttle_sends`
@@ -693,7 +694,9 @@ class FakePuppet(pb_grpc.PuppetServicer):  # type: ignore[misc]
         if request.code != self._code:
             self._tries -= 1
             if self._tries <= 0:
-                self._later(0.01, self._new_qr)
+                self.phase = "idle"  # that QR is dead
+                if self.new_qr_after_tries:
+                    self._later(0.01, self._new_qr)
                 await context.abort(grpc.StatusCode.INTERNAL, "验证码错误次数超过阈值，请重新扫码")
             await context.abort(grpc.StatusCode.INTERNAL, "Invalid verify code!")
         self.emit(pb.EVENT_TYPE_SCAN, {"status": 4, "qrcode": self.qr_url, "timestamp": _ms()})

@@ -705,18 +705,23 @@ class WorkproGateway(Gateway):
             )
         wait = self.settings.qr_wait.total_seconds()
         # Start usually makes the server push a SCAN by itself; only ask for a new QR if none comes.
-        if not await self._wait_for(self._login.qr_showing, min(0.5, wait)):
-            try:
-                await self._unary("RefreshQRCode", pb.RefreshQRCodeRequest())
-            except GatewayError as exc:
-                log.info("workpro: RefreshQRCode failed (%s); waiting for the puppet's own QR", exc)
-            await self._wait_for(self._login.qr_showing, wait)
+        await self._refresh_qr_unless_one_comes(min(0.5, wait))
+        await self._wait_for(self._login.qr_showing, wait)
         if self._fatal is not None:
             raise self._fatal
         status = self._login.status()
         if not self._login.qr_showing():
             return LoginStatus(state=status.state, message="no QR code from WorkPro yet; try again in a moment")
         return status
+
+    async def _refresh_qr_unless_one_comes(self, grace: float) -> None:
+        """Give the server `grace` seconds to push a QR by itself; then ask for one (RefreshQRCode)."""
+        if await self._wait_for(self._login.qr_showing, grace):
+            return
+        try:
+            await self._unary("RefreshQRCode", pb.RefreshQRCodeRequest())
+        except GatewayError as exc:
+            log.info("workpro: RefreshQRCode failed (%s); waiting for the puppet's own QR", exc)
 
     async def submit_verify_code(self, code: str, qrcode_key: str | None = None) -> LoginStatus:
         """EnterVerifyCode(id=<QR key>, code=<digits as a string>); wrong codes raise LoginError. Answers once
@@ -748,6 +753,8 @@ class WorkproGateway(Gateway):
         text = server_text(exc.details(), [self._token])
         if failure is Failure.TOO_MANY_TRIES:
             self._apply(self._login.code_tries_exhausted(key, text))
+            # That QR is dead. The server is said to show a new one (events may come ~10 s late): ask if it doesn't.
+            self._spawn(self._refresh_qr_unless_one_comes(self.settings.qr_wait.total_seconds()))
             return LoginError(
                 tr(
                     "too many wrong verification codes: scan the new QR code with WeCom on the phone "

@@ -3,9 +3,9 @@ security QR. No gRPC, no asyncio, no clock: the gateway feeds it parsed events (
 own calls, and emits the `Emit`s each step returns. Tests drive it directly (`tests/test_workpro_login.py`).
 
     LOGGED_OUT ──SCAN(2)──▶ WAITING_SCAN ──SCAN(3/4)──▶ SCANNED ──VERIFY_CODE──▶ WAITING_VERIFY_CODE
-        ▲                        ▲  (a new QR: tries reset)                           │ wrong code: tries - 1
-        │                        └─────────── too many tries: the server shows a new QR ◀─┘
-        └──LOGOUT / session lost── LOGGED_IN ◀──LOGIN──────────────────────────────────┘ (code accepted)
+      ▲   ▲                 (a new QR: tries reset)                                 │ wrong code: tries - 1
+      │   └──────── too many tries: that QR is dead; a new one comes (or is asked for) ◀┤
+      └──LOGOUT / session lost── LOGGED_IN ◀──LOGIN────────────────────────────────────┘ (code accepted)
 
 Facts it encodes (`shared/reference/workpro_puppet.md` §1.5, §8): the server replays its cached SCAN and LOGIN on
 every reconnect (a replay changes nothing); a LOGOUT whose reason is WeCom's new-device text announces a security
@@ -45,6 +45,7 @@ SECURITY_NEXT = (
 SCANNED = "scanned; confirm the login on the phone"
 ENTER_CODE = "enter the verification code shown by WeCom on the phone"
 CODE_ACCEPTED = "code accepted; waiting for WeCom to log in"
+NEW_QR_AFTER_TRIES = "too many wrong verification codes: wait for the new QR code, scan it and enter the new code"
 SLIDER = (
     "WeCom asks for a slider check before this login (VERIFY_SLIDE); WorkPro's gRPC service has no call to "
     "answer it, so wecast cannot: wait a few minutes and start the login again, or ask juzi's support"
@@ -248,8 +249,14 @@ class LoginMachine:
         return [Emit(EventKind.VERIFY_CODE_WRONG, text, {"qrcode_key": key, "tries_left": self.tries_left})]
 
     def code_tries_exhausted(self, key: str, text: str) -> list[Emit]:
-        """EnterVerifyCode said too many wrong codes: a new QR must be scanned (the server shows one)."""
-        self.tries_left = 0
+        """EnterVerifyCode said too many wrong codes: that QR is dead and a new one must be scanned. The dead QR
+        is dropped (no more codes are asked for it) unless the new one has already come."""
+        if not self.logged_in and key in (self.qr_key, self.verify_id):
+            self.state = LoginState.LOGGED_OUT
+            self.qr_url = self.qr_key = self.verify_id = None
+            self.second = False
+            self.message = NEW_QR_AFTER_TRIES
+            self.tries_left = 0
         return [Emit(EventKind.VERIFY_CODE_WRONG, text, {"qrcode_key": key, "tries_left": 0})]
 
     # -- internals -------------------------------------------------------------------------------
