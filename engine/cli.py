@@ -48,7 +48,7 @@ from engine.i18n import N_, Language, choose, ntr, set_language, tr
 from engine.messages import FilePart, ImagePart, LinkPart, Media, Message, MiniProgramPart, Part, TextPart, describe
 from engine.settings import Settings, load_settings, redact_url
 from storage.errors import StorageError
-from storage.models import OPEN_STATUSES, TERMINAL_STATUSES, DeliveryStatus, RunStatus
+from storage.models import MAX_ID, OPEN_STATUSES, TERMINAL_STATUSES, DeliveryStatus, RunStatus
 
 if TYPE_CHECKING:  # the commands import what they need when they run: `wecast --help` stays quick
     from engine.contacts import SyncResult
@@ -81,6 +81,25 @@ EXIT_INVALID = 2
 EXIT_INTERNAL = 70
 WIDE = 120  # from this many columns on, tables add the columns an 80-column terminal leaves out
 LANG_CHOICES = ("zh", "zh_CN", "en")
+
+
+class Bounded(click.types.IntParamType):
+    """A whole number from `low` to `high`, shown as INTEGER in the help (click's IntRange adds its range to every
+    option's help line); one outside is click's usage error, in the chosen language (engine.click_words)."""
+
+    def __init__(self, low: int, high: int | None = None) -> None:
+        self.low, self.high = low, high
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        number: int = super().convert(value, param, ctx)
+        if number < self.low or (self.high is not None and number > self.high):
+            bounds = f"{self.low}<=x<={self.high}" if self.high is not None else f"x>={self.low}"
+            self.fail(tr("{value} is not in the range {range}.", value=number, range=bounds), param, ctx)
+        return number
+
+
+RUN_ID = Bounded(1, MAX_ID)  # a run id the database can hold (PostgreSQL refused a larger one: an internal error)
+COUNT = Bounded(0)  # --limit / --show: how many (0: all)
 # click's own words, translated where wecast formats help (see TrCommand).
 N_("Show this message and exit.")
 N_("Show the version and exit.")
@@ -569,7 +588,9 @@ def _schedule_warnings(campaigns: Sequence[Campaign]) -> list[str]:
     type=click.Path(dir_okay=False, path_type=Path),
     help=N_("write every contact with its decision and message to this CSV file ('-' for stdout)"),
 )
-@click.option("--show", default=20, show_default=True, help=N_("how many recipients and exclusions to list (0: all)"))
+@click.option(
+    "--show", default=20, show_default=True, type=COUNT, help=N_("how many recipients and exclusions to list (0: all)")
+)
 @click.option("--full", is_flag=True, help=N_("each message in full below its recipient, instead of a table"))
 @click.option("--contact", help=N_("a journey: this contact's dry-run timeline from now"))
 @click.option(
@@ -809,7 +830,7 @@ def unknown_tags_warning(unknown: Sequence[str], known: Sequence[str]) -> str:
 )
 @click.argument("campaign", required=False)
 @click.option("--resume", "resume_run", is_flag=True, help=N_("continue interrupted runs instead of starting one"))
-@click.option("--run", "run_id", type=int, help=N_("with --resume: only this run"))
+@click.option("--run", "run_id", type=RUN_ID, help=N_("with --resume: only this run"))
 @click.option("--run-key", help=N_("name the run explicitly (default: the current schedule slot)"))
 @click.option("--no-wait", is_flag=True, help=N_("don't wait for login or quiet hours; leave those sends pending"))
 @click.option(
@@ -1144,7 +1165,7 @@ def contacts_sync(ctx: Ctx) -> None:
     metavar="FIELD=VALUE",
     help=N_("field filter, e.g. city=上海 or gender=female (repeatable)"),
 )
-@click.option("--limit", default=50, show_default=True, help=N_("0: all"))
+@click.option("--limit", default=50, show_default=True, type=COUNT, help=N_("0: all"))
 @click.option("--json", "as_json", is_flag=True, help=N_("machine-readable output"))
 @pass_ctx
 def contacts_list(ctx: Ctx, tags: tuple[str, ...], wheres: tuple[str, ...], limit: int, as_json: bool) -> None:
@@ -1228,7 +1249,7 @@ def contacts_list(ctx: Ctx, tags: tuple[str, ...], wheres: tuple[str, ...], limi
 @main.command(help=N_("Run history with per-status counts."))
 @click.option("--campaign", help=N_("only this campaign id"))
 @click.option("--status", type=click.Choice([s.value for s in RunStatus]), help=N_("only runs in this state"))
-@click.option("--limit", default=30, show_default=True, help=N_("at most this many, newest first"))
+@click.option("--limit", default=30, show_default=True, type=COUNT, help=N_("at most this many, newest first"))
 @click.option("--json", "as_json", is_flag=True, help=N_("machine-readable output"))
 @pass_ctx
 def runs(ctx: Ctx, campaign: str | None, status: str | None, limit: int, as_json: bool) -> None:
@@ -1290,7 +1311,7 @@ def runs(ctx: Ctx, campaign: str | None, status: str | None, limit: int, as_json
         "Works on a run being sent by `wecast serve` or another `wecast run`: they notice before their next send."
     )
 )
-@click.argument("run_id", type=int)
+@click.argument("run_id", type=RUN_ID)
 @pass_ctx
 def pause(ctx: Ctx, run_id: int) -> None:
     app = _app(ctx)
@@ -1302,7 +1323,7 @@ def pause(ctx: Ctx, run_id: int) -> None:
 
 
 @main.command(help=N_("Cancel a run: its unsent deliveries are skipped and recorded as cancelled."))
-@click.argument("run_id", type=int)
+@click.argument("run_id", type=RUN_ID)
 @pass_ctx
 def cancel(ctx: Ctx, run_id: int) -> None:
     app = _app(ctx)
@@ -1332,7 +1353,7 @@ def cancel(ctx: Ctx, run_id: int) -> None:
         "confirmed become sent, or failed with WeCom's reason; a run with nothing left open completes."
     )
 )
-@click.argument("run_id", type=int, required=False)
+@click.argument("run_id", type=RUN_ID, required=False)
 @pass_ctx
 def reconcile(ctx: Ctx, run_id: int | None) -> None:
     found = _run(_with_app(ctx, lambda app: app.reconcile(run_id)))
@@ -1355,7 +1376,7 @@ def reconcile(ctx: Ctx, run_id: int | None) -> None:
 @main.command(
     help=N_("Remind staff to confirm a run's 群发 tasks in WeCom (WeCom allows 3 reminders per task per 24 hours).")
 )
-@click.argument("run_id", type=int)
+@click.argument("run_id", type=RUN_ID)
 @pass_ctx
 def remind(ctx: Ctx, run_id: int) -> None:
     reminded, problems = _run(_with_app(ctx, lambda app: app.remind(run_id)))
@@ -1367,7 +1388,7 @@ def remind(ctx: Ctx, run_id: int) -> None:
 
 
 @main.command(help=N_("Resume a paused (or interrupted) run and send what is left."))
-@click.argument("run_id", type=int)
+@click.argument("run_id", type=RUN_ID)
 @click.option("--no-wait", is_flag=True, help=N_("don't wait for login or quiet hours; leave those sends pending"))
 @pass_ctx
 def resume(ctx: Ctx, run_id: int, no_wait: bool) -> None:
@@ -1383,12 +1404,12 @@ def resume(ctx: Ctx, run_id: int, no_wait: bool) -> None:
 
 @main.command("log", help=N_("The delivery log, newest first."))
 @click.option("--campaign", help=N_("campaign id"))
-@click.option("--run", "run_id", type=int, help=N_("run id"))
+@click.option("--run", "run_id", type=RUN_ID, help=N_("run id"))
 @click.option(
     "--status", type=click.Choice([s.value for s in DeliveryStatus]), help=N_("only deliveries in this state")
 )
 @click.option("--contact", help=N_("contact id"))
-@click.option("--limit", default=50, show_default=True, help=N_("at most this many, newest first"))
+@click.option("--limit", default=50, show_default=True, type=COUNT, help=N_("at most this many, newest first"))
 @click.option("--json", "as_json", is_flag=True, help=N_("machine-readable output"))
 @pass_ctx
 def log_cmd(
@@ -1548,7 +1569,7 @@ def sandbox() -> None:
 
 @sandbox.command("outbox", help=N_("Messages the sandbox's customers received (newest last)."))
 @click.option("--contact", help=N_("only messages to this contact id"))
-@click.option("--limit", default=30, show_default=True, help=N_("0: all"))
+@click.option("--limit", default=30, show_default=True, type=COUNT, help=N_("0: all"))
 @click.option("--json", "as_json", is_flag=True, help=N_("machine-readable output"))
 @pass_ctx
 def sandbox_outbox(ctx: Ctx, contact: str | None, limit: int, as_json: bool) -> None:

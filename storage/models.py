@@ -29,6 +29,9 @@ from sqlalchemy.types import TypeDecorator
 from sqlmodel import Field, SQLModel
 
 SCHEMA_VERSION = 6
+# The largest id of every table: PostgreSQL's integer (SQLite's ids go further). An id beyond it names no row; asked
+# for, it is refused where it comes in (a 422, a usage error), as PostgreSQL would refuse the query.
+MAX_ID = 2**31 - 1
 
 
 class UTCDateTime(TypeDecorator[datetime]):

@@ -266,3 +266,25 @@ def test_preview_json_is_the_api_preview(workdir: Path) -> None:
     assert set(api) == set(cli)
     for key in set(cli) - {"now"}:
         assert api[key] == cli[key], key
+
+
+def test_run_ids_and_limits_out_of_range_are_usage_errors_on_both_databases(tmp_path: Path, db_url: str) -> None:
+    """`wecast pause/log --run` with a run id past the largest the database holds, and a negative --limit, are
+    usage errors (exit 2) naming the option, not internal errors (PostgreSQL refused the query: exit 70); the
+    largest id is looked up as usual."""
+    from storage.models import MAX_ID
+
+    (tmp_path / "campaigns").mkdir()
+    (tmp_path / "config.yaml").write_text(
+        f"version: 1\ndatabase_url: '{db_url}'\ncampaigns_dir: {tmp_path}/campaigns\n"
+        f"sandbox: {{state_file: {tmp_path}/sandbox.sqlite}}\n",
+        encoding="utf-8",
+    )
+    for args in (["pause", str(MAX_ID + 1)], ["log", "--run", str(MAX_ID + 1)], ["log", "--limit", "-1"]):
+        code, _, err = wecast(tmp_path, "--lang", "en", *args)
+        assert code == 2, (args, err)
+        assert "not in the range" in err and "internal error" not in err, err
+    code, _, err = wecast(tmp_path, "--lang", "en", "pause", str(MAX_ID))
+    assert code == 1 and f"no run {MAX_ID}" in err, err
+    code, _, err = wecast(tmp_path, "--lang", "en", "log", "--run", str(MAX_ID))
+    assert code == 0, err

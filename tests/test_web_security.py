@@ -258,3 +258,22 @@ def test_a_nul_character_anywhere_is_a_bad_request_on_both_databases(tmp_path: P
         assert outbox_size(server) == 0
         literal = server.client.post("/send-message", json={"id": "no-such-\\u0000", "message": "hi"})
         assert literal.status_code == 404, literal.text  # the text \u0000, not a NUL: an id like any other
+
+
+def test_ids_beyond_what_the_database_holds_are_refused_on_both_databases(tmp_path: Path, db_url: str) -> None:
+    """A run or delivery id past the largest the database holds (PostgreSQL's integer) is a 422 naming the field —
+    it was a 500 on PostgreSQL — while the largest one is looked up as usual (and is not found)."""
+    from storage.models import MAX_ID
+
+    with LiveServer(make_settings(tmp_path, database_url=db_url), scheduler=False) as server:
+        for path in (
+            f"/api/v1/runs/{MAX_ID + 1}",
+            f"/api/v1/deliveries?run_id={MAX_ID + 1}",
+            f"/console/runs/{MAX_ID + 1}",
+            f"/console/deliveries?before={MAX_ID + 1}",
+        ):
+            answer = server.client.get(path)
+            assert answer.status_code == 422, (path, answer.text)
+        assert server.client.get(f"/api/v1/runs/{MAX_ID}").status_code == 404
+        assert server.client.get(f"/api/v1/deliveries?run_id={MAX_ID}").json() == {"deliveries": []}
+        assert server.client.get(f"/console/runs/{MAX_ID}").status_code == 404

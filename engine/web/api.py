@@ -78,10 +78,10 @@ from storage import deliveries as deliveries_db
 from storage import events as events_db
 from storage import runs as runs_db
 from storage.contacts import ContactFilter
-from storage.models import DeliveryStatus, RunStatus
+from storage.models import MAX_ID, DeliveryStatus, RunStatus
 from storage.runs import RunRow
 
-RunId = Annotated[int, PathParam(ge=1, le=2**62, description="run id")]
+RunId = Annotated[int, PathParam(ge=1, le=MAX_ID, description="run id")]
 Limit = Annotated[int, Query(ge=1, le=500)]
 Offset = Annotated[int, Query(ge=0, le=10**9)]
 
@@ -554,7 +554,7 @@ def router(ctx: WebContext) -> APIRouter:
 
     @r.get("/deliveries", response_model=DeliveriesView, tags=["runs"], summary="Deliveries, newest first, filtered")
     def deliveries(
-        run_id: Annotated[int | None, Query(ge=1, le=2**62)] = None,
+        run_id: Annotated[int | None, Query(ge=1, le=MAX_ID)] = None,
         campaign: Annotated[str | None, Query(max_length=64)] = None,
         status: DeliveryStatus | None = None,
         contact_id: Annotated[str | None, Query(max_length=200)] = None,

@@ -51,7 +51,7 @@ from storage import runs as runs_db
 from storage.contacts import ContactFilter
 from storage.events import EventRow
 from storage.journeys import StepCount
-from storage.models import DeliveryStatus, RunStatus
+from storage.models import MAX_ID, DeliveryStatus, RunStatus
 
 log = logging.getLogger("wecast.web")
 
@@ -648,7 +648,7 @@ def router(ctx: WebContext, sessions: SessionTokens, attempts: FailedAttempts | 
         )
 
     @r.get("/runs/{run_id}", response_class=HTMLResponse)
-    def run(request: Request, run_id: Annotated[int, PathParam(ge=1, le=2**62)]) -> HTMLResponse:
+    def run(request: Request, run_id: Annotated[int, PathParam(ge=1, le=MAX_ID)]) -> HTMLResponse:
         try:
             values = run_page_values(run_id)
         except WecastError as exc:
@@ -657,7 +657,7 @@ def router(ctx: WebContext, sessions: SessionTokens, attempts: FailedAttempts | 
         return page(request, "run.html", **values, **run_charts(values, gettext))
 
     @r.get("/runs/{run_id}/progress", response_class=HTMLResponse)
-    def run_progress(request: Request, run_id: Annotated[int, PathParam(ge=1, le=2**62)]) -> HTMLResponse:
+    def run_progress(request: Request, run_id: Annotated[int, PathParam(ge=1, le=MAX_ID)]) -> HTMLResponse:
         try:
             values = run_page_values(run_id)
         except WecastError as exc:
@@ -666,7 +666,7 @@ def router(ctx: WebContext, sessions: SessionTokens, attempts: FailedAttempts | 
         return page(request, "_run_live.html", **values, **run_charts(values, gettext))
 
     def run_action(name: str, act: Callable[[WebContext, int], Any]) -> None:
-        async def route(request: Request, run_id: Annotated[int, PathParam(ge=1, le=2**62)]) -> Response:
+        async def route(request: Request, run_id: Annotated[int, PathParam(ge=1, le=MAX_ID)]) -> Response:
             try:
                 done = await act(ctx, run_id)
                 values = await ctx.db(run_page_values, run_id)
@@ -694,7 +694,7 @@ def router(ctx: WebContext, sessions: SessionTokens, attempts: FailedAttempts | 
         run: Annotated[str, Query(pattern=r"^\d{0,18}$")] = "",
         status: Annotated[str, Query(max_length=20)] = "",
         contact: Annotated[str, Query(max_length=200)] = "",
-        before: Annotated[int | None, Query(ge=1, le=2**62)] = None,
+        before: Annotated[int | None, Query(ge=1, le=MAX_ID)] = None,
     ) -> HTMLResponse:
         wanted = DeliveryStatus(status) if status in set(DeliveryStatus) else None
         rows = deliveries_db.list_deliveries(
