@@ -719,7 +719,8 @@ class FakePuppet(pb_grpc.PuppetServicer):  # type: ignore[misc]
         self, request: pb.ContactListRequest, context: grpc.aio.ServicerContext
     ) -> pb.ContactListResponse:
         await self._need_login(context, "contactList")
-        return pb.ContactListResponse(ids=list(self._contacts))
+        # The account itself is listed too, as wechaty puppets' contactList() does (UNCERTAIN for WorkPro).
+        return pb.ContactListResponse(ids=[SELF_ID, *self._contacts])
 
     def _payload(self, contact_id: str) -> pb.ContactPayloadResponse | None:
         if contact_id == SELF_ID:

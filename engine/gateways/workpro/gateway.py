@@ -801,14 +801,17 @@ class WorkproGateway(Gateway):
         return contact_record(payload, self._login.account_id or "")
 
     async def list_contacts(self, cursor: str | None = None, page_size: int = 500) -> ContactPage:
-        """ContactList once per sync (cursor None), then payloads for one page of ids, in batches."""
+        """ContactList once per sync (cursor None), then payloads for one page of ids, in batches; the logged-in
+        account itself is left out."""
         await self._ensure_started()
         self._require_login("list contacts")
         if page_size < 1:
             raise PermanentError("page_size must be at least 1")
         if cursor is None or self._contact_ids is None:
             response = await self._unary("ContactList", pb.ContactListRequest())
-            self._contact_ids = list(dict.fromkeys(i for i in response.ids if i))
+            # The account itself is no customer (a puppet's contact list may hold it): never synced, never sent to.
+            account = self._login.account_id
+            self._contact_ids = list(dict.fromkeys(i for i in response.ids if i and i != account))
         ids = self._contact_ids
         try:
             offset = int(cursor) if cursor else 0
