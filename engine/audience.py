@@ -165,6 +165,8 @@ def _moment(value: Any, path: tuple[str | int, ...]) -> datetime:
 
 
 def _compare(field: str, op: str, arg: Any, path: tuple[str | int, ...]) -> Rule:
+    if field == "tags" and op in _TAG_OPS:
+        return _tag_rule(op, arg, path)
     label = field if field != "gender" else "gender"
 
     def shown(v: Any) -> str:
@@ -285,6 +287,41 @@ def _compare(field: str, op: str, arg: Any, path: tuple[str | int, ...]) -> Rule
         return Rule(cmp, lambda: f"{label} {symbol} {shown(target)}", _reads(field))
 
     raise RuleError(_unknown_operator(op), path)
+
+
+# `tag: 彩妆` and the like, said as the tag filters say it ("没有标签 彩妆"), not as a comparison of the contact's
+# whole tag set, ids and all ("tags 是 [VIP, tag-baby, tag-skincare, …]，不满足 = 彩妆").
+_TAG_OPS = {"eq": "eq", "contains": "eq", "ne": "ne", "not_contains": "ne", "in": "in", "not_in": "not_in"}
+
+
+def _tag_rule(op: str, arg: Any, path: tuple[str | int, ...]) -> Rule:
+    kind = _TAG_OPS[op]
+    if kind in ("in", "not_in"):
+        if not isinstance(arg, list) or not arg:
+            raise RuleError(tr("{op} takes a non-empty list", op=op), path)
+        wanted = frozenset(str(_norm("tags", v, (*path, i))) for i, v in enumerate(arg))
+    else:
+        wanted = frozenset({str(_norm("tags", arg, path))})
+    listed = ", ".join(sorted(wanted))
+
+    def has(c: ContactView) -> frozenset[str]:
+        tags: frozenset[str] = c.get("tags") or frozenset()
+        return tags & wanted
+
+    if kind in ("eq", "in"):
+        lacking = N_("lacks tag {tags}") if kind == "eq" else N_("has none of the tags {tags}")
+
+        def check(c: ContactView, _now: datetime) -> str | None:
+            return None if has(c) else tr(lacking, tags=listed)
+
+        described = N_("has tag {tags}") if kind == "eq" else N_("has one of the tags {tags}")
+        return Rule(check, lambda: tr(described, tags=listed), _reads("tags"))
+
+    def check_not(c: ContactView, _now: datetime) -> str | None:
+        found = has(c)
+        return tr("has excluded tag {tags}", tags=", ".join(sorted(found))) if found else None
+
+    return Rule(check_not, lambda: tr("has none of the tags {tags}", tags=listed), _reads("tags"))
 
 
 def _unknown_operator(op: str) -> str:

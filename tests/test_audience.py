@@ -306,6 +306,32 @@ def test_coworkers_and_non_friends_are_excluded() -> None:
     assert "not a friend" in reasons(s)["cw_gone"]
 
 
+@pytest.mark.parametrize(
+    ("rule", "zh", "en", "passes"),
+    [
+        ({"tag": "彩妆"}, "缺少标签 彩妆", "lacks tag 彩妆", True),
+        ({"tag": ["彩妆", "新客"]}, "没有标签 彩妆, 新客", "has none of the tags 彩妆, 新客", True),
+        ({"tags": {"ne": "VIP"}}, "有排除标签 VIP", "has excluded tag VIP", True),
+        ({"tags": {"not_in": ["VIP", "彩妆"]}}, "有排除标签 VIP", "has excluded tag VIP", False),
+        ({"tags": {"contains": "彩妆"}}, "缺少标签 彩妆", "lacks tag 彩妆", True),
+    ],
+)
+def test_tag_rules_say_which_tag_not_the_whole_tag_set(rule: Any, zh: str, en: str, passes: bool) -> None:
+    """A `tag:` rule's reason names the tag wanted, as the tag filters do — not the contact's whole tag set, ids and
+    all (`tags is [VIP, tag-vip, 护肤, …], not = 彩妆`); its text reads the same way (a journey's exit_when)."""
+    from engine.i18n import Language, use_language
+
+    person = contact("wang", tags={"VIP", "tag-vip", "护肤", "tag-skincare"})
+    compiled = parse_rules(rule)
+    assert compiled(person, NOW) == en
+    with use_language(Language.ZH):
+        assert compiled(person, NOW) == zh
+    assert (compiled(contact("other", tags={"彩妆", "新客"}), NOW) is None) is passes
+    assert parse_rules({"tag": "已购"}).text == "has tag 已购"
+    with use_language(Language.ZH):
+        assert parse_rules({"tag": "已购"}).text == "有标签 已购"
+
+
 def test_rules_apply_after_tag_filters_with_rule_reason() -> None:
     """A contact passing the tag filters but failing a rule is excluded with the rule's reason."""
     s = select(PEOPLE, tags_any=["VIP"], rules=parse_rules({"city": "上海"}), now=NOW)

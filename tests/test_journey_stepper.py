@@ -103,7 +103,7 @@ def test_exit_when_is_checked_before_every_step(tmp_path: Path) -> None:
     """Tagged 已购 while waiting: at the next look the enrolment exits with the condition as its reason."""
     j = journey(WELCOME, tmp_path)
     result = advance(j, Position("day3", at(24, 10)), facts(at(25, 9), tags={"已购"}), at(25, 9))
-    assert result.stop == End(EnrolmentStatus.EXITED, "exit_when: tags = 已购")
+    assert result.stop == End(EnrolmentStatus.EXITED, "exit_when: has tag 已购")
 
 
 def test_opted_out_and_removed_contacts_leave_every_journey_but_replies_to_their_own_message(tmp_path: Path) -> None:
