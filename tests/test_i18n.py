@@ -197,6 +197,42 @@ def test_login_errors_speak_the_language_in_force(tmp_path: Path) -> None:
     assert asyncio.run(wrong_code(Language.EN)) == "wrong verification code; 2 tries left"
 
 
+def test_the_sandbox_phone_logs_its_code_in_the_process_language(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`wecast login` on the sandbox: the only place the code shows is the simulated phone's log line, in the
+    language the CLI chose (it was English under `--lang zh`), even when a request in another language scanned."""
+    import logging
+
+    from engine.clock import FakeClock
+    from engine.gateways.sandbox import SandboxGateway
+    from engine.settings import SandboxSettings
+
+    async def scan() -> str | None:
+        gateway = SandboxGateway(
+            SandboxSettings(state_file=tmp_path / "s.sqlite", auto_login=False, scan_delay="1h"), FakeClock()
+        )
+        await gateway.start()
+        try:
+            await gateway.start_login(schedule_phone=False)
+            with use_language(Language.EN):  # e.g. POST /api/v1/sandbox/scan?lang=en
+                await gateway.sandbox_scan()
+            return gateway.sandbox_phone_code()
+        finally:
+            await gateway.close()
+
+    before = i18n.process_language()
+    i18n.set_language(Language.ZH)
+    try:
+        with caplog.at_level(logging.WARNING, "wecast.sandbox"):
+            code = asyncio.run(scan())
+    finally:
+        i18n.set_language(before)
+    assert next(r.getMessage() for r in caplog.records if r.name == "wecast.sandbox").startswith(
+        f"沙箱手机：企业微信显示验证码 {code}（二维码 "
+    )
+
+
 @pytest.mark.parametrize(
     ("cli", "config", "env", "expected"),
     [

@@ -69,7 +69,7 @@ from engine.gateways.base import (
 )
 from engine.gateways.demo_data import demo_contacts, demo_tags
 from engine.gateways.media_cache import MediaCache
-from engine.i18n import N_, ntr, tr
+from engine.i18n import N_, ntr, process_language, tr, use_language
 from engine.messages import (
     FILE_MAX_BYTES,
     IMAGE_MAX_BYTES,
@@ -627,12 +627,11 @@ class SandboxGateway(Gateway):
             return await self.login_status()
         self._code = f"{self._rng.randrange(10**6):06d}"
         self._state = LoginState.WAITING_VERIFY_CODE
-        log.log(
-            logging.INFO if quiet else logging.WARNING,
-            "sandbox phone: WeCom shows verification code %s for QR %s",
-            self._code,
-            self._qr_key,
-        )
+        with use_language(process_language()):  # a log line: the reader of the log, whoever asked for the scan
+            shown = tr(
+                "sandbox phone: WeCom shows verification code {code} for QR {key}", code=self._code, key=self._qr_key
+            )
+        log.log(logging.INFO if quiet else logging.WARNING, "%s", shown)
         self.emit(EventKind.VERIFY_CODE, self._message(), qrcode_key=self._qr_key)
         return await self.login_status()
 
