@@ -303,6 +303,25 @@ async def test_wrong_token_is_a_clear_error_without_the_token(
     assert fake.calls == ["Event"]  # Start is not even tried
 
 
+@pytest.mark.parametrize("pasted", [f"{TOKEN}\n", f"  {TOKEN} ", f"\t{TOKEN}\r\n"])
+async def test_a_pasted_token_with_spaces_around_works(pasted: str, make_fake: Factory, make_gateway: Factory) -> None:
+    """A token from an env file or a chat with a newline or spaces around it is the same token (sent as it was,
+    it is invalid gRPC metadata, or an unknown :authority to juzi's server)."""
+    fake = await make_fake()
+    gateway = await make_gateway(settings_for(fake, token=SecretStr(pasted)))
+    await login(gateway, fake)
+
+
+async def test_a_token_with_spaces_inside_is_refused_first(make_fake: Factory, make_gateway: Factory) -> None:
+    """Spaces or control characters inside the token: a PermanentError saying so, nothing sent, the token not
+    shown."""
+    fake = await make_fake()
+    broken = TOKEN[:20] + " \x00" + TOKEN[20:]
+    with pytest.raises(PermanentError, match="spaces or control characters") as refused:
+        await make_gateway(settings_for(fake, token=SecretStr(broken)))
+    assert fake.calls == [] and "s3cr3t" not in str(refused.value)
+
+
 async def test_connection_refused_is_transient(make_gateway: Factory) -> None:
     """Nothing listening: start raises TransientError quickly (and can be retried)."""
     started = time.monotonic()

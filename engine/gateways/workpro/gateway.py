@@ -30,7 +30,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Itera
 from dataclasses import replace
 from datetime import datetime
 from typing import Any, ClassVar, TypeVar
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 import grpc
 import httpx
@@ -152,9 +152,12 @@ class WorkproGateway(Gateway):
         super().__init__(clock)
         self.settings = settings
         self._rng = rng or random.Random()  # reconnect jitter
-        self._token = settings.token.get_secret_value() if settings.token else ""
+        # A token pasted with a newline or spaces around it (an env file, a copy from a chat) is the same token;
+        # sent as it is, it is invalid gRPC metadata or an unknown :authority.
+        self._token = settings.token.get_secret_value().strip() if settings.token else ""
         if self._token:
             _protect_secret(self._token)
+            _protect_secret(quote(self._token, safe=""))  # as it stands in the discovery URL
         self._http = http_client
         self._endpoint: str | None = None
         self._channel: Any = None
@@ -217,6 +220,11 @@ class WorkproGateway(Gateway):
                 return
             if not self._token:
                 raise PermanentError("no WorkPro token: set workpro.token in config.yaml or WECAST_WORKPRO_TOKEN")
+            if any(ch.isspace() or not ch.isprintable() for ch in self._token):
+                raise PermanentError(
+                    "the WorkPro token has spaces or control characters inside it: copy the puppet_workpro_… "
+                    "token again into workpro.token or WECAST_WORKPRO_TOKEN"
+                )
             self._closing = False
             self._connects = 0
             self._fatal = self._stream_error = None
@@ -318,7 +326,7 @@ class WorkproGateway(Gateway):
                     base = f"https://{base}"
                 host = urlsplit(base).netloc or authority
                 try:
-                    response = await client.get(f"{base}/v0/hosties/{self._token}")
+                    response = await client.get(f"{base}/v0/hosties/{quote(self._token, safe='')}")
                 except httpx.HTTPError as exc:
                     unreachable += 1
                     problems.append(f"{host}: {type(exc).__name__}")
