@@ -633,7 +633,7 @@ def test_recent_events_refresh_without_reloading(open_server: LiveServer) -> Non
         assert time.monotonic() < deadline, "the card never showed the new events"
         time.sleep(0.05)
     assert fresh.status_code == 200 and fresh.text.lstrip().startswith('<section class="card" id="recent-events"')
-    assert '<span class="tag">qr</span>' in fresh.text and "<html" not in fresh.text
+    assert '<span class="tag" title="qr">二维码</span>' in fresh.text and "<html" not in fresh.text  # not the code "qr"
     again = re.search(r"/console/events\?v=([0-9a-f]+)", fresh.text)
     assert again and again.group(1) != version
     while (latest := client.get(f"/console/events?v={again.group(1)}")).status_code == 200:  # later events, if any

@@ -23,7 +23,7 @@ from zoneinfo import ZoneInfo
 from jinja2 import Environment, PackageLoader, StrictUndefined
 
 from engine.audience import ExclusionCategory
-from engine.gateways.base import LoginState
+from engine.gateways.base import EventKind, LoginState
 from engine.i18n import Language, negotiate
 from engine.journeys.preview import describe_entry, describe_trigger
 from storage.models import DeliveryStatus, EnrolmentStatus, RunStatus
@@ -66,6 +66,24 @@ ENROLMENT_TEXT: dict[str, str] = {
     EnrolmentStatus.SENDING: N_("sending"),
     EnrolmentStatus.COMPLETED: N_("completed"),
     EnrolmentStatus.EXITED: N_("left early"),
+}
+
+# A gateway event's kind as the account page's "recent events" shows it (the kind itself is a code).
+EVENT_TEXT: dict[str, str] = {
+    EventKind.QR: N_("QR code"),
+    EventKind.SCANNED: N_("Scanned"),
+    EventKind.VERIFY_CODE: N_("Code shown"),
+    EventKind.VERIFY_CODE_WRONG: N_("Wrong code"),
+    EventKind.LOGIN: N_("Login"),
+    EventKind.READY: N_("Contacts loaded"),
+    EventKind.LOGOUT: N_("Logout"),
+    EventKind.SECOND_VERIFICATION: N_("Security check"),
+    EventKind.CONTACT_CHANGED: N_("Customer changed"),
+    EventKind.MESSAGE: N_("Message"),
+    EventKind.CONTACT_ADDED: N_("Customer added"),
+    EventKind.CONTACT_REMOVED: N_("Customer removed"),
+    EventKind.ERROR: N_("Error"),
+    EventKind.CONNECTION: N_("Connection"),
 }
 
 CATEGORY_TEXT: dict[str, str] = {
@@ -144,6 +162,7 @@ def build_environment(tz: ZoneInfo) -> Environment:
         LOGIN_TEXT=LOGIN_TEXT,
         ENROLMENT_TEXT=ENROLMENT_TEXT,
         CATEGORY_TEXT=CATEGORY_TEXT,
+        EVENT_TEXT=EVENT_TEXT,
         qs=query_string,
     )
     return env
