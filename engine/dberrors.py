@@ -51,6 +51,14 @@ def explain(exc: StorageError) -> DatabaseError:
             found=exc.found,
             known=exc.known,
         )
+    elif exc.kind is Failure.UNREACHABLE:
+        text = tr(
+            "{db}: the database server cannot be reached or ended the connection ({detail}): the step in progress "
+            "was not finished; check that the server is running and that database_url (host, port, database, user, "
+            "password) is right; a running `wecast serve` tries again by itself, `wecast run --resume` continues a run",
+            db=db,
+            detail=detail,
+        )
     else:
         text = tr(
             "{db}: the database cannot be opened or read ({detail}): check database_url and that the file is "

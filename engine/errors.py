@@ -92,7 +92,8 @@ class LoginError(WecastError):
 class DatabaseError(WecastError):
     """A database could not do what was asked: wecast's own (`engine.dberrors.explain` words `storage`'s errors) or
     one a gateway keeps (the sandbox's state file). Nothing of that step was written. `kind` is the machine-readable
-    cause (`storage.errors.Failure`'s values: full, busy, unavailable, schema_newer, schema_unreadable, migration)."""
+    cause (`storage.errors.Failure`'s values: full, busy, unavailable, unreachable, schema_newer, schema_unreadable,
+    migration)."""
 
     def __init__(self, message: str, *, kind: str) -> None:
         super().__init__(message)

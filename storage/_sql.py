@@ -98,8 +98,9 @@ _POSTGRES = {
     "55P03": Failure.BUSY,  # lock_not_available (lock_timeout)
     "57014": Failure.BUSY,  # query_canceled (statement_timeout)
     "40P01": Failure.BUSY,  # deadlock_detected
-    "08": Failure.UNAVAILABLE,  # connection exceptions
-    "57P": Failure.UNAVAILABLE,  # the server is shutting down or restarting
+    "08": Failure.UNREACHABLE,  # connection exceptions
+    "57P04": Failure.UNAVAILABLE,  # database_dropped
+    "57P": Failure.UNREACHABLE,  # the server shut down or restarted, an administrator or a timeout ended the session
 }
 _ADVICE = {
     Failure.FULL: "the disk is full (or the database reached its size limit): nothing of the last step was written; "
@@ -107,6 +108,7 @@ _ADVICE = {
     Failure.BUSY: "another process held the database locked longer than the busy timeout: nothing of the last step "
     "was written; try again when it is done (`wecast run --resume` continues a run)",
     Failure.UNAVAILABLE: "the database cannot be used",
+    Failure.UNREACHABLE: "the database server cannot be reached or ended the connection; try again when it answers",
 }
 
 
@@ -120,10 +122,10 @@ def mapped(exc: DBAPIError, where: str) -> StorageError | None:
     else:
         state = str(getattr(orig, "sqlstate", "") or "")
         kind = next((k for prefix, k in _POSTGRES.items() if state and state.startswith(prefix)), None)
-        if kind is None and not state and exc.connection_invalidated:
-            kind = Failure.UNAVAILABLE
+        if kind is None and not state and exc.connection_invalidated:  # the connection broke while in use
+            kind = Failure.UNREACHABLE
         if kind is None and not state and type(orig).__name__ == "OperationalError":  # could not connect at all
-            kind = Failure.UNAVAILABLE
+            kind = Failure.UNREACHABLE
     if kind is None:
         return None
     detail = str(orig).strip().splitlines()[0] if str(orig).strip() else type(orig).__name__

@@ -4,7 +4,9 @@ function, so callers above storage never see SQLAlchemy's or a driver's exceptio
     StorageError                 the database could not do what was asked; nothing of that transaction was written
     ├── (kind FULL)              the disk, or the database's own size limit, is full: free space, then resume
     ├── (kind BUSY)              another process held the database locked longer than the busy timeout: resume later
-    ├── (kind UNAVAILABLE)       the database cannot be opened or read (no such server, I/O error, not a database)
+    ├── (kind UNAVAILABLE)       the database cannot be opened or read (I/O error, read-only, not a database)
+    ├── (kind UNREACHABLE)       the database server cannot be reached, or ended the connection in use (a restart,
+    │                            a failover, an administrator): try again when it answers
     └── SchemaError              the schema is newer than this wecast, unreadable, or a migration failed
 
 `kind` says which; `str(e)` is one line in English for logs, with what to do; the engine words it for people
@@ -22,6 +24,7 @@ class Failure(StrEnum):
     FULL = "full"
     BUSY = "busy"
     UNAVAILABLE = "unavailable"
+    UNREACHABLE = "unreachable"
     SCHEMA_NEWER = "schema_newer"
     SCHEMA_UNREADABLE = "schema_unreadable"
     MIGRATION = "migration"
