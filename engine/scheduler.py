@@ -112,7 +112,7 @@ class CampaignScheduler:
         self.app = app
         self.config = app.settings.scheduler
         self.clock = clock or app.clock
-        self.workers = workers or Workers()
+        self.workers = workers or Workers(sleep=self.clock.sleep)
         self.campaigns_dir = campaigns_dir or app.settings.campaigns_dir
         self.entries: dict[str, CampaignEntry] = {}
         self.errors: list[CampaignError] = []

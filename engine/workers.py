@@ -1,7 +1,13 @@
 """The background work of `wecast serve`, shared by the scheduler and the HTTP API (which also runs without a
 scheduler): dispatch tasks, one per run — and for a campaign one at a time, so a campaign's runs never overlap —
 and contact syncs, one at a time (two concurrent syncs would race on inserting the same new contacts), plus the
-refresh of single contacts the gateway says changed (DIRTY events)."""
+refresh of single contacts the gateway says changed (DIRTY events).
+
+A run whose dispatch stopped because the database failed in a way that passes by itself — its server restarted or
+could not be reached (`unreachable`), another process held it locked past the busy timeout (`busy`) — is dispatched
+again after a pause (5 s, doubling up to 2 min) until it ends: it is taken over as after a crash, so nothing is sent
+twice (tests/test_database_away.py). Other failures (a full disk, a deleted file, a newer schema) stop the run with
+one log line until someone acts (`wecast run --resume`, or the next start)."""
 
 from __future__ import annotations
 
@@ -17,15 +23,23 @@ from engine.errors import WecastError
 from engine.i18n import tr
 from engine.plan import API_CAMPAIGN
 from engine.service import Wecast
-from storage.errors import StorageError
+from storage.errors import Failure, StorageError
 
 log = logging.getLogger("wecast.workers")
+
+# The database failures a running service waits out (see the module docstring), and its pauses between tries.
+PASSING = frozenset({Failure.UNREACHABLE, Failure.BUSY})
+RETRY_FIRST = 5.0
+RETRY_MAX = 120.0
 
 
 class Workers:
     """The service's background work (see the module docstring)."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> None:
+        """`sleep`: how the pause before dispatching a run again after a database failure is waited (tests pass a
+        fake clock's)."""
+        self._sleep = sleep
         self._runs: dict[int, asyncio.Task[Any]] = {}
         self._campaigns: dict[str, int] = {}
         self._sync_lock = asyncio.Lock()
@@ -73,7 +87,7 @@ class Workers:
                     run=other,
                 )
             )
-        task = asyncio.get_running_loop().create_task(self._guard(run_id, work()), name=f"wecast-run-{run_id}")
+        task = asyncio.get_running_loop().create_task(self._guard(run_id, work), name=f"wecast-run-{run_id}")
         self._runs[run_id] = task
         if exclusive:
             self._campaigns[campaign_id] = run_id
@@ -88,23 +102,32 @@ class Workers:
         task.add_done_callback(done)
         return task
 
-    @staticmethod
-    async def _guard(run_id: int, work: Awaitable[Any]) -> Any:
-        try:
-            result = await work
-        except asyncio.CancelledError:
-            log.info("run %s: dispatch stopped; unsent deliveries stay pending until the run is resumed", run_id)
-            raise
-        except WecastError as exc:  # said in one line: another process owns the run, the run's settings are bad, ...
-            log.warning("run %s: not dispatched here: %s", run_id, exc)
-            return None
-        except StorageError as exc:  # the database's condition (full, locked): one line, not a traceback
-            log.error("run %s: stopped, unsent deliveries stay to send: %s", run_id, explain(exc))
-            return None
-        except Exception:  # a background task has nobody to raise to: log it, keep the service up
-            log.exception("run %s: dispatch failed", run_id)
-            return None
-        return result
+    async def _guard(self, run_id: int, work: Callable[[], Awaitable[Any]]) -> Any:
+        pause = RETRY_FIRST
+        while True:
+            try:
+                return await work()
+            except asyncio.CancelledError:
+                log.info("run %s: dispatch stopped; unsent deliveries stay pending until the run is resumed", run_id)
+                raise
+            except WecastError as exc:  # one line: another process owns the run, the run's settings are bad, ...
+                log.warning("run %s: not dispatched here: %s", run_id, exc)
+                return None
+            except StorageError as exc:  # the database's condition (full, locked, away): one line, not a traceback
+                if exc.kind not in PASSING:
+                    log.error("run %s: stopped, unsent deliveries stay to send: %s", run_id, explain(exc))
+                    return None
+                log.error(
+                    "run %s: stopped, unsent deliveries stay to send: %s; dispatching it again in %.0f s",
+                    run_id,
+                    explain(exc),
+                    pause,
+                )
+            except Exception:  # a background task has nobody to raise to: log it, keep the service up
+                log.exception("run %s: dispatch failed", run_id)
+                return None
+            await self._sleep(pause)
+            pause = min(pause * 2, RETRY_MAX)
 
     async def drain(self, timeout: float) -> list[int]:
         """Wait up to `timeout` seconds (real time) for the dispatch tasks, then cancel what remains (runs

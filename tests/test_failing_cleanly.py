@@ -279,7 +279,7 @@ def test_a_database_failure_in_the_service_is_logged_in_one_line(caplog: pytest.
         raise StorageError(Failure.FULL, "full", detail="database or disk is full", where="/srv/wecast.sqlite")
 
     with caplog.at_level("ERROR", logger="wecast.workers"):
-        assert run(Workers._guard(7, fails())) is None
+        assert run(Workers()._guard(7, fails)) is None
     [record] = caplog.records
     assert record.exc_info is None
     assert record.getMessage().startswith("run 7: stopped, unsent deliveries stay to send: /srv/wecast.sqlite: the")

@@ -42,6 +42,7 @@ from engine import audience as aud
 from engine.backoff import backoff_delay
 from engine.clock import Clock, SystemClock
 from engine.contacts import ListState, list_state, refresh_contact
+from engine.dberrors import explain
 from engine.errors import GatewayError, NotLoggedInError, PermanentError, TransientError, UnknownOutcomeError
 from engine.gateways.base import Gateway, GatewayEvent
 from engine.journeys import events as ev
@@ -60,6 +61,7 @@ from storage import deliveries as deliveries_db
 from storage import journeys as store
 from storage import optouts as optouts_db
 from storage.db import transaction
+from storage.errors import StorageError
 from storage.models import CustomerEventKind, DeliveryStatus, EnrolmentStatus, RunStatus
 
 log = logging.getLogger("wecast.journeys")
@@ -1056,6 +1058,7 @@ class JourneyRunner:
         self._loop_task: asyncio.Task[None] | None = None
         self._stopping = False
         self.last: TickReport | None = None
+        self._db_failure = ""  # the database failure the last tick logged ("" while ticks succeed)
 
     async def step(self) -> TickReport:
         """One tick, and dispatch tasks for the runs it reports."""
@@ -1092,9 +1095,19 @@ class JourneyRunner:
         while not self._stopping:
             try:
                 report = await self.step()
+            except StorageError as exc:  # the database's condition (away, full, locked): its words, once
+                said = str(explain(exc))
+                if said != self._db_failure:  # not the same line every poll while the database is away
+                    log.error("journey tick failed: %s (said once while it fails the same way)", said)
+                self._db_failure = said
+                report = TickReport()
             except Exception:  # one bad tick must not end the journeys
                 log.exception("journey tick failed")
                 report = TickReport()
+            else:
+                if self._db_failure:
+                    log.warning("journey ticks work again: the database answers")
+                    self._db_failure = ""
             wait = self.poll
             if report.next_due is not None:
                 wait = min(wait, max(0.0, (report.next_due - clock.now()).total_seconds()))

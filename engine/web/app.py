@@ -66,7 +66,7 @@ def create_app(
         raise ConfigError(tr("an API key is required (set WECAST_API_KEY or api.key in config.yaml)"))
     ctx = WebContext(
         app=app,
-        workers=workers or (scheduler.workers if scheduler else Workers()),
+        workers=workers or (scheduler.workers if scheduler else Workers(sleep=app.clock.sleep)),
         scheduler=scheduler,
         send_wait=settings.api.send_wait.total_seconds(),
         shutdown_timeout=settings.api.shutdown_timeout.total_seconds(),
