@@ -1,0 +1,240 @@
+"""The workpro gateway against juzi's own open-source puppet server (npm @juzi/wechaty-puppet-service's
+PuppetServer, in Node) around a WorkPro-like puppet (`tests/juzi/server.mjs`): the real server's auth, event
+stream, upload registry and error texts, which the fake puppet only imitates.
+
+Opt-in, as it needs Node and the npm packages (never fetched by the tests themselves):
+
+    mkdir -p /tmp/juzi && cd /tmp/juzi && npm init -y >/dev/null \\
+      && npm install @juzi/wechaty-puppet-service@1.0.113 @juzi/wechaty-puppet
+    WECAST_JUZI_SERVER_DIR=/tmp/juzi pytest tests/test_workpro_juzi.py
+
+Without WECAST_JUZI_SERVER_DIR every test here is skipped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydantic import SecretStr
+
+from engine.errors import LoginError, PermanentError, TransientError
+from engine.gateways.base import EventKind, LoginState
+from engine.gateways.workpro import WorkproGateway
+from engine.messages import FilePart, ImagePart, LinkPart, Media, MiniProgramPart
+from engine.settings import WorkproSettings
+
+pytestmark = pytest.mark.anyio
+
+TOKEN = "puppet_workpro_4f1d2c3b5a69788776"
+SELF_ID = "1688000000000001"
+CODE = "123456"
+SERVER_DIR = os.environ.get("WECAST_JUZI_SERVER_DIR", "")
+SCRIPT = Path(__file__).parent / "juzi" / "server.mjs"
+
+
+def _server_dir() -> Path:
+    if not SERVER_DIR:
+        pytest.skip("WECAST_JUZI_SERVER_DIR is not set (see this file's docstring)")
+    folder = Path(SERVER_DIR)
+    if shutil.which("node") is None or not (folder / "node_modules/@juzi/wechaty-puppet-service").is_dir():
+        pytest.skip(f"no node, or no @juzi/wechaty-puppet-service installed in {folder}")
+    return folder
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@dataclass
+class JuziServer:
+    process: subprocess.Popen[str]
+    port: int
+    tls: bool
+    lines: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def endpoint(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def sends(self) -> list[dict[str, Any]]:
+        return [line for line in self.lines if line.get("ev") == "send"]
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _start(tls: bool) -> JuziServer:
+    folder = _server_dir()
+    script = folder / "wecast-juzi-server.mjs"  # beside node_modules, so its imports resolve
+    shutil.copyfile(SCRIPT, script)
+    port = _free_port()
+    args = ["node", str(script), str(port), TOKEN, *(["tls"] if tls else [])]
+    env = {**os.environ, "WECHATY_LOG": "silent"}
+    process = subprocess.Popen(args, cwd=folder, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
+    server = JuziServer(process, port, tls)
+
+    def read() -> None:
+        assert process.stdout is not None
+        for line in process.stdout:
+            if line.startswith("{"):
+                server.lines.append(json.loads(line))
+
+    threading.Thread(target=read, daemon=True).start()
+    deadline = time.monotonic() + 30
+    while not any(line.get("ev") == "listening" for line in server.lines):
+        assert process.poll() is None and time.monotonic() < deadline, "the juzi server did not start"
+        time.sleep(0.05)
+    return server
+
+
+def _stop(server: JuziServer) -> None:
+    server.process.terminate()
+    try:
+        server.process.wait(10)
+    except subprocess.TimeoutExpired:
+        server.process.kill()
+
+
+@pytest.fixture
+def juzi() -> Iterator[JuziServer]:
+    server = _start(tls=False)
+    yield server
+    _stop(server)
+
+
+@pytest.fixture
+async def gateways() -> AsyncIterator[list[WorkproGateway]]:
+    made: list[WorkproGateway] = []
+    yield made
+    for gateway in made:
+        await gateway.close()
+
+
+async def connect(gateways: list[WorkproGateway], server: JuziServer, **settings: Any) -> WorkproGateway:
+    values: dict[str, Any] = {"token": SecretStr(TOKEN), "endpoint": server.endpoint, "call_timeout": "10s"}
+    gateway = WorkproGateway(WorkproSettings.model_validate({**values, **settings}))
+    gateways.append(gateway)
+    await gateway.start()
+    return gateway
+
+
+async def until(predicate: Any, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.02)
+
+
+async def log_in(gateway: WorkproGateway) -> None:
+    await gateway.start_login()
+    await until(lambda: gateway._login.state is LoginState.WAITING_VERIFY_CODE)
+    assert (await gateway.submit_verify_code(f" {CODE}\n")).logged_in
+
+
+async def test_login_with_wrong_codes_then_the_new_qr(juzi: JuziServer, gateways: list[WorkproGateway]) -> None:
+    """QR → VERIFY_CODE (id = the QR's key) → two wrong codes (tries left) → the third: the dead QR is dropped,
+    the server's new QR shown → its code logs in, named; logout, then a new QR."""
+    gateway = await connect(gateways, juzi)
+    first = (await gateway.start_login()).qrcode_key
+    assert first and len(first) == 32
+    await until(lambda: gateway._login.state is LoginState.WAITING_VERIFY_CODE)
+    for left in (2, 1):
+        with pytest.raises(LoginError) as wrong:
+            await gateway.submit_verify_code("000000")
+        assert wrong.value.tries_left == left
+    with pytest.raises(LoginError, match="scan the new QR"):
+        await gateway.submit_verify_code("000000")
+    await until(lambda: gateway._login.qr_key not in (None, first))
+    await until(lambda: gateway._login.state is LoginState.WAITING_VERIFY_CODE)
+    status = await gateway.submit_verify_code(CODE)
+    assert status.logged_in and status.account_id == SELF_ID and status.account_name == "客服小王"
+    await until(lambda: [line["id"] for line in juzi.lines if line.get("ev") == "enterVerifyCode"][-1] != first)
+    status = await gateway.logout()
+    assert status.state is not LoginState.LOGGED_IN
+    await until(lambda: gateway._login.qr_key is not None)
+
+
+async def test_sync_and_every_kind_of_send(juzi: JuziServer, gateways: list[WorkproGateway], tmp_path: Path) -> None:
+    """Contacts (the account itself left out, tags named), then a text, an uploaded image and file, a link card
+    and a mini-program card, each reaching the puppet once, whole; a customer's answer is a MESSAGE event, our own
+    echo is not; tags on and off. The server is still running afterwards (an empty upload request ended it)."""
+    gateway = await connect(gateways, juzi)
+    await log_in(gateway)
+    page = await gateway.list_contacts()
+    assert page.total == 25 and SELF_ID not in [c.id for c in page.contacts]
+    assert [t.name for t in await gateway.list_tags()] == ["VIP"]
+    contact = page.contacts[3].id
+    image = tmp_path / "poster.png"
+    image.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 2000)  # 512 KiB: several upload chunks
+    (tmp_path / "价目表.pdf").write_bytes(b"%PDF-1.4 " * 100)
+    await gateway.send_text(contact, "ECHO", idempotency_key="t")
+    await gateway.send_part(contact, ImagePart(Media("poster.png", image)), idempotency_key="i")
+    await gateway.send_part(contact, FilePart(Media("价目表.pdf", tmp_path / "价目表.pdf")), idempotency_key="f")
+    await gateway.send_part(contact, LinkPart(url="https://example.com/s", title="店庆"), idempotency_key="l")
+    await gateway.send_part(contact, MiniProgramPart(appid="wx1", title="领券", page="p/i"), idempotency_key="m")
+    await until(lambda: len(juzi.sends()) == 5)  # the server's stdout is read by a thread
+    got = [(s["kind"], s.get("name"), s.get("size")) for s in juzi.sends()]
+    assert got == [
+        ("text", None, None),
+        ("file", "poster.png", image.stat().st_size),
+        ("file", "价目表.pdf", 900),
+        ("url", None, None),
+        ("mini", None, None),
+    ]
+    await until(lambda: any(e.kind is EventKind.MESSAGE for e in gateway.events))
+    assert [e.data["text"] for e in gateway.events if e.kind is EventKind.MESSAGE] == ["价格多少"]
+    await gateway.add_contact_tags(contact, ["t1"])
+    await until(lambda: any(e.kind is EventKind.CONTACT_CHANGED for e in gateway.events))
+    assert "t1" in (await gateway.get_contact(contact) or page.contacts[0]).tag_ids
+    await gateway.remove_contact_tags(contact, ["t1"])
+    with pytest.raises(PermanentError, match="contact nobody not found"):
+        await gateway.send_text("nobody", "hi", idempotency_key="n")
+    assert juzi.alive()
+
+
+async def test_a_second_client_on_the_token_works(juzi: JuziServer, gateways: list[WorkproGateway]) -> None:
+    """juzi's server refuses a second event stream: a second process still sends, logged in by CurrentUser."""
+    first = await connect(gateways, juzi)
+    await log_in(first)
+    second = await connect(gateways, juzi)
+    assert (await second.login_status()).account_id == SELF_ID
+    await second.send_text("c0002", "from the second process", idempotency_key="s")
+    await until(lambda: bool(juzi.sends()))
+    assert [s["text"] for s in juzi.sends()] == ["from the second process"]
+
+
+async def test_tls_with_juzis_built_in_certificate(gateways: list[WorkproGateway]) -> None:
+    """juzi's server with TLS on and no certificate of its own: the token's name fails with a hint, the name
+    `insecure` (its built-in certificate's) with the embedded Wechaty root CA logs in and sends."""
+    server = _start(tls=True)
+    try:
+        with pytest.raises(TransientError, match=r"set workpro\.tls_server_name"):
+            await connect(gateways, server, tls=True)
+        with pytest.raises(TransientError, match=r"set workpro\.tls: true"):
+            await connect(gateways, server)
+        gateway = await connect(gateways, server, tls=True, tls_server_name="insecure")
+        await log_in(gateway)
+        await gateway.send_text("c0001", "over TLS", idempotency_key="t")
+        await until(lambda: bool(server.sends()))
+        assert [s["text"] for s in server.sends()] == ["over TLS"]
+    finally:
+        _stop(server)
