@@ -53,12 +53,12 @@ class KeywordSpec(BaseModel):
     def _usable(cls, value: list[str], info: ValidationInfo) -> list[str]:
         for word in value:
             if not _bare(str(word)):
-                raise ValueError("a keyword cannot be empty or only spaces and punctuation")
+                raise ValueError(tr("a keyword cannot be empty or only spaces and punctuation"))
             if info.data.get("match") == "regex":
                 try:
                     re.compile(normalize(word))
                 except re.error as exc:
-                    raise ValueError(f"invalid regular expression {word!r}: {exc}") from None
+                    raise ValueError(tr("invalid regular expression {word!r}: {error}", word=word, error=exc)) from None
         return value
 
     def matcher(self) -> Matcher:

@@ -90,11 +90,11 @@ def _env(tz: ZoneInfo) -> BoundedEnvironment:
             return str(value.strftime(fmt))
         if isinstance(value, date):
             return value.strftime(fmt)
-        raise TypeError(f"datefmt expects a date, got {type(value).__name__}")
+        raise TypeError(tr("datefmt expects a date, got {kind}", kind=type(value).__name__))
 
     def days_since(value: Any, now: datetime | None = None) -> int:
         if not isinstance(value, datetime):
-            raise TypeError(f"days_since expects a date and time, got {type(value).__name__}")
+            raise TypeError(tr("days_since expects a date and time, got {kind}", kind=type(value).__name__))
         ref = now or datetime.now(value.tzinfo)
         return max(0, (ref - value).days)
 

@@ -51,7 +51,7 @@ class SandboxEventBody(BaseModel):
         for name in wanted.get(self.action, () if self.action == "add_contact" else ("contact_id",)):
             value = getattr(self, name)
             if value is None or not str(value).strip():
-                raise ValueError(f"{name} is required for action {self.action}")
+                raise ValueError(tr("{name} is required for action {action}", name=name, action=self.action))
         return self
 
 

@@ -132,8 +132,10 @@ class CampaignModel(Strict):
     def _quiet(cls, v: bool | QuietHours | None) -> bool | QuietHours | None:
         if v is True:
             raise ValueError(
-                "quiet_hours: true is ambiguous; leave it out to use config.yaml's, "
-                "give {start, end}, or false for none"
+                tr(
+                    "quiet_hours: true is ambiguous; leave it out to use config.yaml's, "
+                    "give {start, end}, or false for none"
+                )
             )
         return v
 

@@ -143,22 +143,41 @@ USER_ERRORS = {
 }
 
 
+VALIDATORS = {"field_validator", "model_validator"}  # pydantic shows what these raise as the field's reason
+
+
+def _name(node: ast.expr) -> str:
+    target = node.func if isinstance(node, ast.Call) else node
+    return target.id if isinstance(target, ast.Name) else target.attr if isinstance(target, ast.Attribute) else ""
+
+
+def _bare(node: ast.expr) -> bool:
+    return isinstance(node, ast.JoinedStr) or (isinstance(node, ast.Constant) and isinstance(node.value, str))
+
+
+def _raises_bare(node: ast.Raise) -> bool:
+    return isinstance(node.exc, ast.Call) and bool(node.exc.args) and _bare(node.exc.args[0])
+
+
 def _untranslated_errors() -> list[str]:
-    """User-facing errors made from a bare string or f-string instead of tr/ntr/Lazy (English in Chinese output)."""
+    """User-facing errors made from a bare string or f-string instead of tr/ntr/Lazy (English in Chinese output):
+    the user-facing exception classes anywhere, and anything a pydantic validator raises."""
     found = []
     for path in sorted((ROOT / "engine").rglob("*.py")):
         if "proto" in path.parts or "console" in path.parts:  # the console has its own catalog and extraction
             continue
-        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-            if not isinstance(node, ast.Call) or not node.args:
-                continue
-            func = node.func
-            name = func.id if isinstance(func, ast.Name) else func.attr if isinstance(func, ast.Attribute) else ""
-            first = node.args[0]
-            literal = isinstance(first, ast.Constant) and isinstance(first.value, str)
-            bare = literal or isinstance(first, ast.JoinedStr)
-            if name in USER_ERRORS and bare:
-                found.append(f"{path.relative_to(ROOT)}:{node.lineno}: {name}({ast.unparse(first)[:60]}…)")
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        in_validator: set[int] = set()
+        for fn in ast.walk(tree):
+            if isinstance(fn, ast.FunctionDef) and VALIDATORS & {_name(d) for d in fn.decorator_list}:
+                in_validator |= {id(n) for n in ast.walk(fn) if isinstance(n, ast.Raise)}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Call) and node.args and _name(node) in USER_ERRORS and _bare(node.args[0]):
+                found.append(
+                    f"{path.relative_to(ROOT)}:{node.lineno}: {_name(node)}({ast.unparse(node.args[0])[:60]}…)"
+                )
+            elif isinstance(node, ast.Raise) and id(node) in in_validator and _raises_bare(node):
+                found.append(f"{path.relative_to(ROOT)}:{node.lineno}: a validator raises {ast.unparse(node)[:60]}…")
     return found
 
 

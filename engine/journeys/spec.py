@@ -177,7 +177,7 @@ class EventWaitModel(Strict):
     def _one(self) -> EventWaitModel:
         if sum(getattr(self, k) is not None for k in ("message", "tag_added", "tag_removed")) != 1:
             raise ValueError(
-                "wait for one of: reply, {message: {keywords: [...]}}, {tag_added: TAG}, {tag_removed: TAG}"
+                tr("wait for one of: reply, {message: {keywords: [...]}}, {tag_added: TAG}, {tag_removed: TAG}")
             )
         return self
 

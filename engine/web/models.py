@@ -35,7 +35,7 @@ class VerifyCodeBody(Legacy):
     def _six_digits(cls, v: str) -> str:
         digits = re.sub(r"\s", "", v)
         if not re.fullmatch(r"\d{6}", digits):
-            raise ValueError("must be the 6 digits shown on the phone")
+            raise ValueError(tr("must be the 6 digits shown on the phone"))
         return digits
 
 
