@@ -87,7 +87,24 @@ CASES = [
         "at most 200",
     ),
     ("post", "/send-message", {"id": "x", "message": "a\u0000b"}, 422, "invalid_request", "控制字符 U+0000", "U+0000"),
+    # a validator's own reason (was English in both)
+    (
+        "post",
+        "/submit-verify-code",
+        {"verifyCode": "12345"},
+        422,
+        "invalid_request",
+        "verifyCode：应为手机上显示的 6 位数字",
+        "must be the 6 digits shown on the phone",
+    ),
 ]
+
+
+def test_a_body_that_is_not_json_is_a_problem_of_the_body(client: httpx.Client) -> None:
+    """`-d 'not json'` names the body as the field, not the decoder's position (`field: "0"`, `请求无效：0：…`)."""
+    answer = client.post("/send-message", content=b"not json", headers={"content-type": "application/json", **ZH})
+    assert answer.status_code == 422
+    assert answer.json()["field"] == "body" and answer.json()["error"].startswith("请求无效：body："), answer.text
 
 
 @pytest.mark.parametrize("lang", ["zh", "en"])

@@ -133,7 +133,10 @@ def describe_invalid(errors: Sequence[Any]) -> tuple[str, list[dict[str, str]]]:
     problems = []
     for e in errors:
         loc = tuple(e.get("loc", ()))
-        problems.append({"field": _field_name(loc), "in": str(loc[0]) if loc else "body", "message": _reason(e)})
+        # A body that is not JSON is located at the character the decoder stopped at (("body", 0)): the field is
+        # the body, not "0".
+        field = "body" if e.get("type") == "json_invalid" else _field_name(loc)
+        problems.append({"field": field, "in": str(loc[0]) if loc else "body", "message": _reason(e)})
     first = problems[0] if problems else {"field": "body", "message": tr("invalid request")}
     message = tr("invalid request: {field}: {reason}", field=first["field"], reason=first["message"])
     if len(problems) > 1:
