@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time
@@ -32,6 +31,7 @@ from typing import Any
 from engine.durations import parse_duration
 from engine.gateways.base import ContactRecord
 from engine.i18n import N_, tr
+from engine.patterns import Pattern, PatternError, PatternTimeout, compile_pattern
 
 ContactView = Mapping[str, Any]
 Check = Callable[[ContactView, datetime], str | None]
@@ -80,6 +80,13 @@ class RuleError(ValueError):
         super().__init__(reason)
         self.reason = reason
         self.path = tuple(path)
+
+
+class Undecided(str):
+    """The reason a rule could not be decided for a contact (a `matches` pattern ran out of time on their text,
+    engine.patterns): the contact is left out, and `not` keeps it so instead of letting them in."""
+
+    __slots__ = ()
 
 
 @dataclass(frozen=True)
@@ -222,26 +229,31 @@ def _compare(field: str, op: str, arg: Any, path: tuple[str | int, ...]) -> Rule
     if op in ("contains", "not_contains", "startswith", "endswith", "matches"):
         if not isinstance(arg, str):
             raise RuleError(tr("{op} takes text", op=op), path)
-        pattern: re.Pattern[str] | None = None
+        pattern: Pattern | None = None
         if op == "matches":
             try:
-                pattern = re.compile(arg)
-            except re.error as exc:
+                pattern = compile_pattern(arg)
+            except PatternError as exc:
                 raise RuleError(
                     tr("invalid regular expression {arg!r}: {error}").format(arg=arg, error=exc), path
                 ) from None
 
         def text_op(c: ContactView, _now: datetime) -> str | None:
             v = _value(c, field)
-            if isinstance(v, frozenset | set | list | tuple):
-                ok = (
-                    arg in v
-                    if op in ("contains", "not_contains")
-                    else any(_text_ok(op, str(x), arg, pattern) for x in v)
+            try:
+                if isinstance(v, frozenset | set | list | tuple):
+                    ok = (
+                        arg in v
+                        if op in ("contains", "not_contains")
+                        else any(_text_ok(op, str(x), arg, pattern) for x in v)
+                    )
+                    ok = not ok if op == "not_contains" else ok
+                else:
+                    ok = _text_ok(op, "" if v is None else str(v), arg, pattern)
+            except PatternTimeout:
+                return Undecided(
+                    tr("{field} {op} {arg!r} could not be decided in time").format(field=label, op=op, arg=arg)
                 )
-                ok = not ok if op == "not_contains" else ok
-            else:
-                ok = _text_ok(op, "" if v is None else str(v), arg, pattern)
             if ok:
                 return None
             return tr("{field} {value} does not satisfy {op} {arg!r}").format(
@@ -330,7 +342,7 @@ def _unknown_operator(op: str) -> str:
     )
 
 
-def _text_ok(op: str, value: str, arg: str, pattern: re.Pattern[str] | None) -> bool:
+def _text_ok(op: str, value: str, arg: str, pattern: Pattern | None) -> bool:
     if op == "contains":
         return arg in value
     if op == "not_contains":
@@ -340,7 +352,7 @@ def _text_ok(op: str, value: str, arg: str, pattern: re.Pattern[str] | None) -> 
     if op == "endswith":
         return value.endswith(arg)
     assert pattern is not None
-    return pattern.search(value) is not None
+    return pattern.search(value)
 
 
 def _added(kind: str, arg: Any, path: tuple[str | int, ...]) -> Rule:
@@ -404,7 +416,10 @@ def parse_rules(raw: Any, path: tuple[str | int, ...] = ()) -> Rule:
         inner = parse_rules(arg, here)
 
         def negate(c: ContactView, now: datetime) -> str | None:
-            return tr("matches excluded rule: {rule}", rule=inner.text) if inner(c, now) is None else None
+            reason = inner(c, now)
+            if isinstance(reason, Undecided):  # not decided is not "does not match": left out either way
+                return reason
+            return tr("matches excluded rule: {rule}", rule=inner.text) if reason is None else None
 
         return Rule(negate, lambda: tr("not ({rule})", rule=inner.text), inner.fields)
     if key in ("added_within", "added_over", "added_after", "added_before"):

@@ -9,22 +9,24 @@ Three ways to match (`KeywordSpec.match`):
 * `contains` — the keyword appears anywhere in the message (价格 in "请问价格多少").
 * `exact` — the whole message is the keyword, give or take surrounding spaces and punctuation ("TD", "td。",
   " 退订！"). The default for opt-out, where "我不想退订" must not unsubscribe anyone.
-* `regex` — a regular expression searched in the normalized message (case-insensitive).
+* `regex` — a regular expression searched in the normalized message (case-insensitive), in bounded time
+  (engine.patterns: a search that backtracks past its time is no match).
 
-This module is a leaf (stdlib and pydantic only): config, journeys and opt-out all use it.
+This module is a leaf (stdlib, pydantic and engine.patterns): config, journeys and opt-out all use it.
 """
 
 from __future__ import annotations
 
-import re
 import unicodedata
 from collections.abc import Sequence
+from contextlib import suppress
 from dataclasses import dataclass
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from engine.i18n import tr
+from engine.patterns import IGNORECASE, Pattern, PatternError, PatternTimeout, compile_pattern
 
 MatchKind = Literal["contains", "exact", "regex"]
 # Stripped from both ends before an exact comparison: spaces, and the punctuation people add to a short reply.
@@ -56,8 +58,8 @@ class KeywordSpec(BaseModel):
                 raise ValueError(tr("a keyword cannot be empty or only spaces and punctuation"))
             if info.data.get("match") == "regex":
                 try:
-                    re.compile(normalize(word))
-                except re.error as exc:
+                    compile_pattern(normalize(word))
+                except PatternError as exc:
                     raise ValueError(tr("invalid regular expression {word!r}: {error}", word=word, error=exc)) from None
         return value
 
@@ -72,13 +74,13 @@ class Matcher:
     keywords: tuple[str, ...]
     match: MatchKind
     _normalized: tuple[str, ...]
-    _patterns: tuple[re.Pattern[str], ...]
+    _patterns: tuple[Pattern, ...]
 
     @classmethod
     def build(cls, keywords: Sequence[str], match: MatchKind = "contains") -> Matcher:
         words = tuple(str(k) for k in keywords)
         if match == "regex":
-            patterns = tuple(re.compile(normalize(w), re.IGNORECASE) for w in words)
+            patterns = tuple(compile_pattern(normalize(w), IGNORECASE) for w in words)
             return cls(words, match, (), patterns)
         normal = tuple(_bare(w) if match == "exact" else normalize(w) for w in words)
         return cls(words, match, normal, ())
@@ -90,8 +92,9 @@ class Matcher:
         if self.match == "regex":
             subject = normalize(text)
             for word, pattern in zip(self.keywords, self._patterns, strict=True):
-                if pattern.search(subject):
-                    return word
+                with suppress(PatternTimeout):  # out of time on this text (logged): not a match
+                    if pattern.search(subject):
+                        return word
             return None
         subject = _bare(text) if self.match == "exact" else normalize(text)
         for word, normal in zip(self.keywords, self._normalized, strict=True):

@@ -21,7 +21,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from engine.audience import RuleError, parse_rules
+from engine.audience import RuleError, Undecided, parse_rules
 from engine.i18n import N_, tr
 from engine.keywords import KeywordSpec
 
@@ -79,7 +79,10 @@ def parse_condition(raw: Any, path: tuple[str | int, ...] = ()) -> Condition:
         inner = parse_condition(arg, here)
 
         def negate(f: Facts) -> str | None:
-            if inner.test(f) is not None:
+            reason = inner.test(f)
+            if isinstance(reason, Undecided):  # a pattern out of time holds neither way (engine.patterns)
+                return reason
+            if reason is not None:
                 return None
             return tr("matches excluded condition: {condition}", condition=inner.text)
 
