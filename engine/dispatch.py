@@ -98,6 +98,12 @@ _NOT_RUNNING = {
     RunStatus.COMPLETED: N_("the run is completed"),
 }
 _NO_LONGER_RUNNING = N_("the run is no longer running")
+# A run asked to send that is not running (a second `wecast run` of a finished slot, resuming a cancelled run).
+_ALREADY = {
+    RunStatus.PAUSED: N_("run {run} is paused: `wecast resume {run}` sends the rest"),
+    RunStatus.CANCELLED: N_("run {run} was cancelled: nothing more is sent"),
+    RunStatus.COMPLETED: N_("run {run} is already completed: nothing more to send"),
+}
 
 
 class Halt(Enum):
@@ -303,7 +309,8 @@ class Dispatcher:
         if run is None:
             raise NotFoundError(tr("no run {run}", run=run_id))
         if run.status is not RunStatus.RUNNING:
-            return await self._summary(run_id, run.status, f"run {run_id} is {run.status}")
+            said = _ALREADY.get(run.status, N_("run {run} is {status}"))
+            return await self._summary(run_id, run.status, tr(said, run=run_id, status=run.status.value))
         settings = RunSettings.from_json(run.settings, run_id=run_id)
         recovered = await self._take_over(run)
         sending = _RunSender(self, run, settings, progress)

@@ -47,6 +47,7 @@ COMMANDS = [
     (["pause", "1"], "不能改为", "cannot be set to"),  # run 1 is completed
     (["cancel", "1"], "不能改为", "cannot be set to"),
     (["run", "--resume"], "没有需要继续的中断批次", "no interrupted runs to resume"),
+    (["run", "weekly_vip"], "已经完成：没有要发送的了", "is already completed"),  # run 1 again (was English)
     (["config"], "来自", "from"),
     (["preview", "nope"], "错误：", "error:"),
 ]
