@@ -43,6 +43,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from enum import Enum
+from typing import TypeVar
 
 from sqlalchemy.engine import Connection, Engine
 
@@ -68,6 +69,7 @@ from storage.models import OPEN_STATUSES, DeliveryStatus, PartStatus, RunStatus
 from storage.runs import RunRow
 
 log = logging.getLogger("wecast.dispatch")
+T = TypeVar("T")
 RECONCILE_EVERY = 30.0  # seconds between asking about mass-message tasks staff have not confirmed yet
 
 
@@ -262,6 +264,18 @@ def _held_back(row: Claimed, reason: str) -> Result:
     if row.in_doubt:
         return Result(row.id, DeliveryStatus.UNKNOWN, reason=f"{reason}; {IN_DOUBT_REASON}; not sent again")
     return Result(row.id, DeliveryStatus.SKIPPED, reason=reason)
+
+
+async def _committed(call: Awaitable[T]) -> T:
+    """Await a write running in a worker thread, which commits whatever its caller does meanwhile. A caller
+    cancelled while it runs still waits for its end (then the cancellation goes on): what the write did is done
+    before the caller's cleanup runs, never after it."""
+    future = asyncio.ensure_future(call)
+    try:
+        return await asyncio.shield(future)
+    except asyncio.CancelledError:
+        await asyncio.wait({future})
+        raise
 
 
 class Dispatcher:
@@ -479,7 +493,9 @@ class _RunSender:
                         )
                     continue
                 self.logged_out = False
-            rows = await off_loop(deliveries_db.claim, d.db, self.run_id, self.token, claim_size, d.clock.now())
+            rows = await _committed(
+                off_loop(deliveries_db.claim, d.db, self.run_id, self.token, claim_size, d.clock.now())
+            )  # cancelled meanwhile: its claims are committed before `drain` gives them back
             if not rows:
                 if self.inflight:
                     await self._wait_any()
@@ -520,21 +536,35 @@ class _RunSender:
             halt = self.halt(None)
             kept: list[_Job] = []
             if halt is None:
-                status, kept = await off_loop(self._prepare_jobs, chunk, self.d.clock.now())
+                marking = asyncio.ensure_future(off_loop(self._prepare_jobs, chunk, self.d.clock.now()))
+                try:
+                    status, kept = await asyncio.shield(marking)
+                except asyncio.CancelledError:
+                    # Stopped (Ctrl-C or SIGTERM cancels the CLI's task) while the rows were being marked: the
+                    # marks commit all the same, so the rows are in flight — they go out and are recorded (`drain`
+                    # waits for them) instead of being left `sending`, which a resume would have to call unknown.
+                    _, kept = await marking
+                    self._launch(len(chunk), kept)
+                    raise
                 halt = self.halt(status) if status is not RunStatus.RUNNING else None
             if halt is not None:
                 for _ in chunk:
                     self.sem.release()
                 await self._unclaim([r.id for r in rows[start:]])
                 return
-            for _ in range(len(chunk) - len(kept)):
-                self.sem.release()
-            for job in kept:
-                task = asyncio.get_running_loop().create_task(self._send_one(job))
-                self.inflight.add(task)
-                task.add_done_callback(self.inflight.discard)
+            self._launch(len(chunk), kept)
             await self._maybe_flush()
             await self._beat()
+
+    def _launch(self, acquired: int, jobs: list[_Job]) -> None:
+        """Start a send task for each job marked `sending` (each holds one of the `acquired` semaphore slots; the
+        rest are given back)."""
+        for _ in range(acquired - len(jobs)):
+            self.sem.release()
+        for job in jobs:
+            task = asyncio.get_running_loop().create_task(self._send_one(job))
+            self.inflight.add(task)
+            task.add_done_callback(self.inflight.discard)
 
     # -- one send --------------------------------------------------------------------------------
     async def _send_one(self, job: _Job) -> None:

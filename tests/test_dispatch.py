@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import itertools
 import threading
+import time
+from collections import Counter
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -14,12 +16,14 @@ from helpers import CAPPED, MONDAY_10, PLAIN, campaign, outbox_by_contact, run, 
 
 from engine.audience import ExclusionCategory, ReasonCode
 from engine.clock import FakeClock
+from engine.dispatch import _RunSender
 from engine.errors import PermanentError, WecastError
 from engine.gateways.sandbox import SandboxGateway
 from engine.plan import plan_run
 from engine.service import Wecast
 from engine.settings import Settings
 from engine.views import split_reason
+from storage import deliveries as deliveries_db
 from storage.deliveries import claim, list_deliveries
 from storage.models import DeliveryStatus, RunStatus
 from storage.runs import get_run
@@ -512,6 +516,58 @@ def test_a_locked_database_stalls_only_the_run_not_the_event_loop(make_settings:
         # A loop blocked by the lock would turn about once in that second; a free one about 100 times. Counted
         # turns, not the longest gap: on a loaded machine the whole process may wait a second for a core.
         assert turns_while_locked >= 10, f"the event loop turned {turns_while_locked} times in the locked second"
+        await app.close()
+
+    run(go())
+
+
+@pytest.mark.parametrize("write", ["claim", "mark"])
+def test_a_dispatch_cancelled_while_a_write_commits_leaves_nothing_claimed_or_sending(
+    make_settings: MakeSettings, monkeypatch: pytest.MonkeyPatch, write: str
+) -> None:
+    """The CLI's Ctrl-C and SIGTERM cancel a run's dispatch. Cancelled while its claim, or its `sending` marks, are
+    being committed in a worker thread, the run's cleanup comes after the write, never before: nothing is left
+    claimed or `sending` (which a resume on a gateway without idempotency keys must record `unknown`, unsent); the
+    rows marked go out and are recorded; the resume sends everyone else once, with no unknowns."""
+    settings = make_settings(contacts=60, idempotent=False)
+    entered, left = threading.Event(), threading.Event()
+
+    def slowly(original: Callable[..., Any]) -> Callable[..., Any]:
+        def call(*args: Any, **kwargs: Any) -> Any:
+            if entered.is_set():
+                return original(*args, **kwargs)
+            entered.set()
+            time.sleep(0.3)  # the cancellation lands while this write runs
+            try:
+                return original(*args, **kwargs)
+            finally:
+                left.set()
+
+        return call
+
+    if write == "claim":
+        monkeypatch.setattr(deliveries_db, "claim", slowly(deliveries_db.claim))
+    else:
+        monkeypatch.setattr(_RunSender, "_prepare_jobs", slowly(_RunSender._prepare_jobs))
+
+    async def go() -> None:
+        app = await started(settings)
+        plan = app.plan(campaign(settings, PLAIN))
+        task = asyncio.ensure_future(app.dispatcher.run(plan.run_id))
+        while not entered.is_set():
+            await asyncio.sleep(0.005)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert await asyncio.to_thread(left.wait, 5)  # the write has committed, whenever the cleanup ran
+        stopped = Counter(d.status for d in list_deliveries(app.db, run_id=plan.run_id, limit=1000))
+        assert not stopped[DeliveryStatus.CLAIMED] and not stopped[DeliveryStatus.SENDING], stopped
+        assert stopped[DeliveryStatus.SENT] == sum(outbox_by_contact(app.gateway).values())
+        assert stopped[DeliveryStatus.SENT] == (8 if write == "mark" else 0)  # the chunk marked went out
+        done = await app.dispatcher.run(plan.run_id)
+        assert done.status is RunStatus.COMPLETED and not done.counts.get(DeliveryStatus.UNKNOWN), done.counts
+        received = outbox_by_contact(app.gateway)
+        assert set(received.values()) == {1} and sum(received.values()) == done.counts[DeliveryStatus.SENT]
         await app.close()
 
     run(go())
