@@ -25,6 +25,7 @@ import json
 import logging
 import os
 import re
+import signal
 import sys
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -79,6 +80,8 @@ log = logging.getLogger("wecast")
 EXIT_ERROR = 1
 EXIT_INVALID = 2
 EXIT_INTERNAL = 70
+EXIT_INTERRUPTED = 130  # 128 + SIGINT
+EXIT_TERMINATED = 143  # 128 + SIGTERM
 WIDE = 120  # from this many columns on, tables add the columns an 80-column terminal leaves out
 LANG_CHOICES = ("zh", "zh_CN", "en")
 
@@ -311,6 +314,10 @@ class WecastGroup(TrGroup):
         return super().parse_args(ctx, args)
 
     def invoke(self, ctx: click.Context) -> Any:
+        with _terminate_as_interrupt() as terminated:
+            return self._invoke(ctx, terminated)
+
+    def _invoke(self, ctx: click.Context, terminated: list[bool]) -> Any:
         try:
             return super().invoke(ctx)
         except CampaignError as exc:
@@ -329,7 +336,7 @@ class WecastGroup(TrGroup):
             ctx.exit(0)
         except KeyboardInterrupt:
             err.print(tr("interrupted: unsent deliveries stay pending; `wecast run --resume` continues them"))
-            ctx.exit(130)
+            ctx.exit(EXIT_TERMINATED if terminated else EXIT_INTERRUPTED)
         except Exception as exc:
             obj = ctx.find_object(Ctx)
             if obj is not None and obj.verbose:
@@ -366,6 +373,35 @@ def file_problem(exc: OSError) -> str:
     if words is None:
         return f"{path}: {exc.strerror or exc}"
     return tr(words, path=path)
+
+
+@contextmanager
+def _terminate_as_interrupt() -> Iterator[list[bool]]:
+    """SIGTERM (`docker stop`, systemd, `timeout`, a CI job cancelled) stops a command as Ctrl-C does: the signal is
+    handed to whatever handles SIGINT at that moment — inside `asyncio.run`, the runner's, which cancels the command's
+    task, so a run stops claiming, its sends in flight finish and are recorded, and its claims are released; a
+    second signal stops at once. Left to Python's default, SIGTERM ended the process on the spot, like `kill -9`:
+    the sends in flight were never recorded, and on a gateway without idempotency keys each became `unknown` (most
+    never sent). The list yielded holds True once SIGTERM came (the exit status says which signal)."""
+    terminated: list[bool] = []
+
+    def forward(_signum: int, frame: Any) -> None:
+        terminated.append(True)
+        handler = signal.getsignal(signal.SIGINT)
+        if callable(handler):
+            handler(signal.SIGINT, frame)
+        else:  # SIGINT ignored or left to the system: stop here the same way
+            raise KeyboardInterrupt
+
+    try:
+        previous = signal.signal(signal.SIGTERM, forward)
+    except ValueError:  # not the main thread (an embedding caller): signals are not ours to handle
+        yield terminated
+        return
+    try:
+        yield terminated
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _quiet_stdout() -> None:

@@ -9,6 +9,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -137,3 +138,51 @@ def test_kill_9_without_idempotent_gateway_never_sends_twice_and_records_unknown
     assert set(received) <= sent | unknown
     assert len(sent) + len(unknown) == RECIPIENTS
     assert len(unknown) <= 64, "only sends in flight at the kill may be unknown"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_sigint_or_sigterm_mid_run_stops_gracefully_and_resume_finishes(tmp_path: Path, signum: int) -> None:
+    """Ctrl-C, and SIGTERM (`docker stop`, systemd, `timeout`), stop `wecast run` gracefully on a gateway without
+    idempotency keys: the sends in flight finish and are recorded, nothing is left claimed or sending, the exit
+    status names the signal; the resumed run sends everyone else, with no `unknown` and nobody twice."""
+    (tmp_path / "campaigns").mkdir()
+    (tmp_path / "campaigns" / "slow.yaml").write_text(
+        "id: slow\nname: 慢速发送\naudience: {}\nmessage: {template: '{{ display_name }}您好'}\n"
+        "frequency_cap: false\nquiet_hours: false\nthrottle: {per_second: 40}\n",
+        encoding="utf-8",
+    )
+    cfg = tmp_path / "config.yaml"
+    cfg.write_text(
+        "version: 1\n"
+        f"database_url: sqlite:///{tmp_path}/wecast.sqlite\n"
+        f"campaigns_dir: {tmp_path}/campaigns\n"
+        "sending: {concurrency: 8}\n"
+        f"sandbox: {{contacts: 150, seed: 3, state_file: {tmp_path}/sandbox.sqlite, "
+        "honor_idempotency_key: false, faults: {latency_ms: 400}}\n",
+        encoding="utf-8",
+    )
+    proc = _wecast(cfg, "--lang", "en", "run", "slow")
+    deadline = time.monotonic() + 60
+    while len(_outbox(tmp_path)) < 20:  # mid-run: sends in flight (400 ms each, 8 at a time)
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "the run made no progress"
+        time.sleep(0.02)
+    proc.send_signal(signum)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signum, err[-2000:]
+    assert "interrupted" in err and "Traceback" not in err, err[-2000:]
+    stopped = _deliveries(tmp_path)
+    assert "claimed" not in stopped.values() and "sending" not in stopped.values(), (
+        Counter(stopped.values()),
+        err[-1500:],
+    )
+    assert "pending" in stopped.values()  # stopped mid-run, not after it
+    assert sum(s == "sent" for s in stopped.values()) == len(_outbox(tmp_path))  # what left is recorded sent
+    done = _wecast(cfg, "run", "--resume")
+    _, err = done.communicate(timeout=120)
+    assert done.returncode == 0, err[-2000:]
+    received = [c for c, _ in _outbox(tmp_path)]
+    statuses = _deliveries(tmp_path)
+    assert set(statuses.values()) == {"sent"}, statuses
+    assert sorted(received) == sorted(statuses)
