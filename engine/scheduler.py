@@ -32,7 +32,7 @@ Rules:
   `ADOPT_EVERY`): a run whose owner died (another `wecast serve` or `wecast run` killed, `engine.owners`) at once;
   a run without an owner (released by a process that stopped, or left waiting by `wecast run --no-wait`) once it
   has stayed so for `ADOPT_AFTER`, so the process that planned it dispatches it first. A run a live process owns
-  is left to it.
+  is left to it, and so is one this process stopped on a failure that needs a person (`Workers.stopped_on_failure`).
 * **Never on the event loop:** reading campaign files, planning a fire and every database call run in worker
   threads (`engine.blocking.off_loop`), so a 100,000-recipient plan does not stall sends or HTTP answers.
 """
@@ -487,6 +487,8 @@ class CampaignScheduler:
             if run.trigger == JOURNEY_TRIGGER or self.workers.task(run.id) is not None:
                 continue  # the journey runner sends journey runs (and takes them over the same way)
             if not run.owner:
+                if run.id in self.workers.stopped_on_failure:
+                    continue  # stopped here by a failure that needs a person (logged then): not retried in a loop
                 ownerless[run.id] = seen = self._ownerless.get(run.id, mono)
                 if mono - seen < ADOPT_AFTER:
                     continue

@@ -251,12 +251,20 @@ def _dead_owner() -> str:
 async def test_a_running_service_takes_over_runs_nobody_is_sending(tmp_path: Path, db_url: str) -> None:
     """Beside another process on the same database: a run whose owner died (killed mid-run) is taken over at once
     and finished, without a restart; a run without an owner (released, or planned by `wecast run --no-wait`) after
-    `ADOPT_AFTER`, so its planner goes first; a run a live process sends is left to it. Each customer gets one."""
+    `ADOPT_AFTER`, so its planner goes first; a run a live process sends, or one whose dispatch here failed, is left
+    alone. Each customer gets one."""
     write_campaign(tmp_path, '{cron: "0 10 * * *"}')
     write_campaign(tmp_path, '{cron: "0 11 * * *"}', name="idle")
     write_campaign(tmp_path, '{cron: "0 12 * * *"}', name="busy")
+    write_campaign(tmp_path, '{cron: "0 13 * * *"}', name="broken")
     clock = FakeClock(T0)
     async with service(tmp_path, clock, db_url=db_url) as (app, sched):
+        failed = app.plan(sched.entries["broken"].campaign, run_key="failed-here")
+
+        async def bug() -> None:
+            raise RuntimeError("a bug in this dispatch")
+
+        await sched.workers.start(failed.run_id, "broken", bug)  # stopped here on a failure: left to a person
         orphan = app.plan(sched.entries["greet"].campaign, run_key="killed")
         assert take_over(app.db, orphan.run_id, expected_owner="", owner=_dead_owner(), now=T0, resend_in_flight=True)
         waiting = app.plan(sched.entries["idle"].campaign, run_key="no-wait")
@@ -275,6 +283,7 @@ async def test_a_running_service_takes_over_runs_nobody_is_sending(tmp_path: Pat
         await settle(sched)
         assert [r.status for r in runs(app, "idle")] == ["completed"]
         assert [(r.status, r.owner) for r in runs(app, "busy")] == [("running", other)]
+        assert [r.status for r in runs(app, "broken")] == ["running"]
         store = SandboxStore(app.settings.sandbox.state_file)
         try:
             received = Counter(m.idempotency_key for m in store.messages())
