@@ -274,6 +274,33 @@ class WorkproSettings(Strict):
     stop_on_close: bool = False  # call Stop on close (stops the account on the puppet)
     throttle_backoff: Duration = timedelta(seconds=30)  # sends pause this long after WorkproErrorCode 20001
 
+    @field_validator("endpoint")
+    @classmethod
+    def _endpoint_shape(cls, value: str | None) -> str | None:
+        return check_endpoint(value)
+
+
+_GRPC_TARGET = re.compile(r"^(dns|ipv4|ipv6|unix|unix-abstract|vsock):", re.IGNORECASE)
+_URL_SCHEME = re.compile(r"^(grpcs?|https?)://", re.IGNORECASE)
+
+
+def check_endpoint(value: str | None) -> str | None:
+    """The puppet's address as gRPC takes it: host:port. A URL's scheme and a trailing slash are dropped (gRPC took
+    `http://1.2.3.4:8788` for a host name, and a missing port for 443); gRPC's own target forms (dns:, ipv4:,
+    unix:, ...) pass as they are; anything else is an error at the config's line."""
+    if value is None or not value.strip():
+        return None
+    text = value.strip()
+    if _GRPC_TARGET.match(text):
+        return text
+    text = _URL_SCHEME.sub("", text).rstrip("/")
+    host, colon, port = text.rpartition(":")
+    if not colon or not host or "/" in text or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(
+            tr("the puppet's address is host:port (for example 1.2.3.4:8788), with the port and without a path")
+        )
+    return text
+
 
 _AES_KEY = re.compile(r"^[A-Za-z0-9]{43}$")
 

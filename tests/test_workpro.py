@@ -22,6 +22,7 @@ from pydantic import SecretStr
 
 from engine.errors import (
     AuthError,
+    ConfigError,
     LoginError,
     NotLoggedInError,
     PermanentError,
@@ -35,7 +36,7 @@ from engine.gateways.proto import generate
 from engine.gateways.proto import puppet_pb2 as pb
 from engine.gateways.workpro import WorkproGateway
 from engine.messages import IMAGE_MAX_BYTES, FilePart, ImagePart, Media, PartKind
-from engine.settings import WorkproSettings
+from engine.settings import WorkproSettings, load_settings
 
 pytestmark = pytest.mark.anyio
 
@@ -276,6 +277,32 @@ async def test_discovery_not_found_and_unreachable(make_gateway: Factory) -> Non
     text = str(down_answer.value)
     assert "HTTP 503" in text and "HTTP 429" in text and "workpro.endpoint" in text
     assert TOKEN not in text
+
+
+@pytest.mark.parametrize(
+    ("given", "taken"),
+    [
+        ("1.2.3.4:8788", "1.2.3.4:8788"),
+        ("http://127.0.0.1:50051/", "127.0.0.1:50051"),
+        ("grpc://puppet.example.com:443", "puppet.example.com:443"),
+        ("[::1]:50051", "[::1]:50051"),
+        ("dns:///puppet.example.com:8788", "dns:///puppet.example.com:8788"),
+        ("  ", None),
+    ],
+)
+def test_an_endpoint_is_taken_as_host_port(given: str, taken: str | None) -> None:
+    """workpro.endpoint as gRPC wants it: a URL's scheme and trailing slash dropped (gRPC took `http://…` for a
+    host name), gRPC's own target forms kept, blank meaning discovery."""
+    assert WorkproSettings(endpoint=given).endpoint == taken
+
+
+@pytest.mark.parametrize("given", ["127.0.0.1", "puppet:0", "puppet:99999", "1.2.3.4:8788/puppet", ":8788"])
+def test_an_endpoint_without_a_port_is_a_config_error(given: str, tmp_path: Path) -> None:
+    """No port (gRPC would quietly dial 443), a port out of range, or a path: an error at the config's line."""
+    config = tmp_path / "config.yaml"
+    config.write_text(f"version: 1\ngateway: workpro\nworkpro:\n  endpoint: '{given}'\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"config.yaml:4: workpro.endpoint: the puppet's address is host:port"):
+        load_settings(config)
 
 
 async def test_explicit_endpoint_skips_discovery(make_fake: Factory, make_gateway: Factory) -> None:
