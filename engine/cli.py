@@ -1125,6 +1125,8 @@ def send(
     from engine.message_spec import Attachment, FileAttachment, ImageAttachment
     from engine.messages import PartKind
 
+    if not (text and text.strip()) and not images and not files:  # (the API's words name its body's fields)
+        raise click.UsageError(tr("give what to send: --text, --image or --file (or several)"))
     login_wait = 0.0 if no_wait else ctx.settings.sending.login_wait.total_seconds()
 
     async def go(app: Wecast) -> RunSummary:

@@ -79,6 +79,8 @@ CLICK_MISTAKES = [
     (["preview", "weekly_vip", "--show"], "选项 '--show' 需要 1 个值", "Option '--show' requires an argument."),
     (["send", "x", "--image", "/no/such.png"], "'/no/such.png' 不存在", "File '/no/such.png' does not exist."),
     (["preview", "--help"], "[默认：20]", "[default: 20]"),
+    (["send", "x"], "请给出要发送的内容：--text、--image 或 --file", "give what to send: --text, --image or --file"),
+    (["send", "x", "--text", "  "], "请给出要发送的内容", "give what to send"),  # was the API's `message: …`
 ]
 
 
