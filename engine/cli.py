@@ -40,6 +40,7 @@ from rich.cells import cell_len
 from rich.console import Console, RenderableType
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.segment import Segment
 from rich.table import Table
 
 from engine import __version__, cli_journeys, click_words
@@ -63,14 +64,31 @@ from engine.textwrap_cjk import Wrapped
 T = TypeVar("T")
 
 
+# C0 and C1 control characters but tab and line feed, and DEL: what a terminal acts on instead of showing.
+_CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def _shown(found: re.Match[str]) -> str:
+    return f"\\x{ord(found.group()):02x}"
+
+
 class _Console(Console):
     """rich's console, except that a reader who stops reading (`wecast preview … | head`) ends the command quietly
-    with status 0 (rich exits 1)."""
+    with status 0 (rich exits 1), and that control characters in what is printed are shown, not obeyed: names,
+    remarks and messages come from customers, and an escape sequence in a nickname would clear the operator's
+    screen, forge lines or plant a link (`\\x1b[2J` is printed as those characters)."""
 
     def on_broken_pipe(self) -> None:
         self.quiet = True
         _quiet_stdout()
         raise SystemExit(0)
+
+    def _render_buffer(self, buffer: Iterable[Segment]) -> str:
+        # rich's own codes are control segments and the styles it renders around text: only the text is shown safe.
+        return super()._render_buffer(
+            Segment(_CONTROL.sub(_shown, text), style, control) if control is None else Segment(text, style, control)
+            for text, style, control in buffer
+        )
 
 
 out = _Console(highlight=False, soft_wrap=True)

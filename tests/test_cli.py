@@ -288,3 +288,18 @@ def test_run_ids_and_limits_out_of_range_are_usage_errors_on_both_databases(tmp_
     assert code == 1 and f"no run {MAX_ID}" in err, err
     code, _, err = wecast(tmp_path, "--lang", "en", "log", "--run", str(MAX_ID))
     assert code == 0, err
+
+
+def test_control_characters_from_customers_are_shown_not_obeyed(workdir: Path) -> None:
+    """A customer whose nickname carries terminal escape sequences (clear the screen, a hidden link, a carriage
+    return that overwrites the line) is listed with those characters shown as \\x1b, \\r: nothing wecast prints
+    from customer data reaches the terminal as a control character."""
+    name = "王\x1b[2J\x1b]8;;https://evil.example\x1b\\点我\x1b]8;;\x1b\\\rforged"
+    code, out, err = wecast(workdir, "sandbox", "event", "add-contact", "--name", name)
+    assert code == 0, err
+    assert "\x1b" not in out and "\r" not in out
+    assert wecast(workdir, "contacts", "sync")[0] == 0
+    code, out, err = wecast(workdir, "contacts", "list", "--limit", "0")
+    assert code == 0, err
+    assert "\x1b" not in out and "\r" not in out
+    assert "王\\x1b[2J\\x1b]8;;htt" in out  # (the table cuts the rest to its column)
