@@ -1599,7 +1599,9 @@ def logout(ctx: Ctx) -> None:
         return await app.gateway.logout()
 
     status = _run(_with_app(ctx, go))
-    out.print(tr("logged out ({state})", state=status.state.value))
+    out.print(
+        tr("logged out: `wecast login` logs in again with a new QR code") if not status.logged_in else status.message
+    )
 
 
 # -- serve -------------------------------------------------------------------------------------------

@@ -50,6 +50,7 @@ COMMANDS = [
     (["run", "weekly_vip"], "已经完成：没有要发送的了", "is already completed"),  # run 1 again (was English)
     (["config"], "来自", "from"),
     (["preview", "nope"], "错误：", "error:"),
+    (["logout"], "已退出登录：", "logged out: `wecast login` logs in again"),  # was 已退出（logged_out）
 ]
 
 
