@@ -20,6 +20,9 @@ Guarantees (each has a test):
   busy timeout (a `StorageError` from storage), or the gateway's own (the sandbox's state file full: a
   `DatabaseError`, nothing delivered) — stops the run with that one error once the sends in flight are recorded;
   what was never handed over stays to send and `wecast run --resume` continues (tests/test_failing_cleanly.py).
+  Results of sends already made are kept until written: a database server away for a moment (a restart) is waited
+  for, up to `RECORD_PATIENCE`, so they are recorded as what they were instead of being found `sending` by the next
+  take-over and recorded `unknown` (tests/test_database_away.py).
 * **Policy at send time.** The per-contact frequency cap is re-checked just before each send (other
   campaigns may have sent since planning); quiet hours hold sends until the window opens; a logged-out
   account holds them until it logs in again; `max_errors` failures pause the run.
@@ -65,12 +68,14 @@ from storage import optouts as optouts_db
 from storage import runs as runs_db
 from storage.db import transaction
 from storage.deliveries import IN_DOUBT_REASON, Claimed, PartMark, PartResult, PartState, Result
+from storage.errors import Failure, StorageError
 from storage.models import OPEN_STATUSES, DeliveryStatus, PartStatus, RunStatus
 from storage.runs import RunRow
 
 log = logging.getLogger("wecast.dispatch")
 T = TypeVar("T")
 RECONCILE_EVERY = 30.0  # seconds between asking about mass-message tasks staff have not confirmed yet
+RECORD_PATIENCE = 30.0  # seconds the results of sends made wait for a database server that is away
 
 
 @dataclass
@@ -839,9 +844,31 @@ class _RunSender:
             return
         batch, self.results = self.results, []
         parts, self.part_results = self.part_results, []
-        await off_loop(deliveries_db.write_results, self.d.db, batch, self.d.clock.now(), parts)
+        try:
+            await self._write_results(batch, parts)
+        except BaseException:
+            # Still to record (the sends happened): the next flush, the drain's at the latest, tries them again.
+            self.results[:0], self.part_results[:0] = batch, parts
+            raise
         if self.progress:
             self.progress(await off_loop(deliveries_db.status_counts, self.d.db, self.run_id))
+
+    async def _write_results(self, batch: list[Result], parts: list[PartResult]) -> None:
+        """Write results, waiting up to `RECORD_PATIENCE` for a database server that cannot be reached (the module
+        docstring says why). Sending waits meanwhile: the loop that flushes is the one that starts sends."""
+        waited, pause = 0.0, 0.25
+        while True:
+            try:
+                await off_loop(deliveries_db.write_results, self.d.db, batch, self.d.clock.now(), parts)
+                return
+            except StorageError as exc:
+                if exc.kind is not Failure.UNREACHABLE or waited >= RECORD_PATIENCE:
+                    raise
+                if not waited:
+                    log.warning("run %s: %d results wait for the database: %s", self.run_id, len(batch), exc.detail)
+            await self.d.clock.sleep(pause)
+            waited += pause
+            pause = min(pause * 2, 5.0)
 
     def _prepare(
         self, chunk: list[Claimed], now: datetime, *, mark: bool, conn: Connection | None = None

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import os
 import resource
+import threading
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
@@ -26,6 +28,7 @@ from web_harness import make_settings as web_settings
 
 from engine import i18n
 from engine.dberrors import explain
+from engine.service import Wecast
 from storage import contacts as contacts_db
 from storage import deliveries as deliveries_db
 from storage.db import make_db_engine, transaction
@@ -199,3 +202,40 @@ def test_serve_dispatches_a_run_again_when_the_server_is_back(
     assert set(received.values()) == {1}, received.most_common(3)
     assert counts[DeliveryStatus.SENT] + counts.get(DeliveryStatus.UNKNOWN, 0) >= sum(received.values())
     assert counts[DeliveryStatus.SENT] <= sum(received.values())
+
+
+def test_results_of_sends_made_wait_for_the_server_instead_of_turning_unknown(
+    tmp_path: Path, db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The server goes away (connections cut, then refused for a second) just as the dispatcher records a batch
+    of results: the sends have happened, so their results wait for the server and are written when it is back —
+    the run completes with everyone `sent` once, nothing `unknown`. Before, the batch was dropped and the run
+    stopped; its rows, left `sending`, became `unknown` at the next take-over (on a gateway that does not
+    deduplicate, as here)."""
+    with TcpProxy(*_server(db_url)) as proxy:
+        settings = write_settings(tmp_path, _through(db_url, proxy), contacts=40, idempotent=False)
+        real = deliveries_db.write_results
+        cuts: list[threading.Timer] = []
+
+        def away_once(db: Any, results: Any, *args: Any, **kwargs: Any) -> None:
+            if results and not cuts:  # the first batch of results of sends made (not a chunk's held-back rows)
+                proxy.down()
+                cuts.append(threading.Timer(1.0, proxy.up))
+                cuts[0].start()
+            real(db, results, *args, **kwargs)
+
+        async def go() -> None:
+            app = Wecast(settings)  # the real clock: the server is away for a second of real time
+            await app.start()
+            await app.sync()
+            plan = app.plan(campaign(settings, PLAIN))
+            monkeypatch.setattr(deliveries_db, "write_results", away_once)
+            summary = await app.dispatcher.run(plan.run_id)
+            counts = deliveries_db.status_counts(app.db, plan.run_id)
+            assert cuts and summary.open == 0, counts
+            assert counts.get(DeliveryStatus.SENT, 0) == plan.planned and DeliveryStatus.UNKNOWN not in counts, counts
+            received = outbox_by_contact(app.gateway)
+            assert sum(received.values()) == plan.planned and set(received.values()) == {1}
+            await app.close()
+
+        run(go())
