@@ -4,11 +4,18 @@ Only trigger classes are used here; `engine.scheduler` runs them. A cron express
 (minute hour day month day-of-week) and is read in the campaign's time zone; `at` without a zone is in
 the campaign's zone too; `every` counts from `start` (or the Unix epoch in the campaign's zone, so the
 slots are stable across restarts).
+
+Daylight-saving zones (a campaign in America/New_York, Europe/London, ...): a cron time that falls in the hour
+that repeats when the clocks go back fires once, at its first occurrence — not twice, which would send everyone
+the day's message twice, once per slot — and one in the hour that is skipped when they go forward fires at the
+same moment an hour later on the wall clock (APScheduler's choice). Fire times are stepped over in UTC: the wall
+clock of such a zone runs backwards once a year, and "a microsecond after 01:30 (the second one)" in local time
+is the first 01:30 again, which had the look-back of `latest_fire_time` loop forever (tests/test_scheduler.py).
 """
 
 from __future__ import annotations
 
-from datetime import date, datetime, time, timedelta
+from datetime import UTC, date, datetime, time, timedelta
 from typing import Protocol, cast
 from zoneinfo import ZoneInfo
 
@@ -55,6 +62,31 @@ class Trigger(Protocol):
 
     def get_next_fire_time(self, previous_fire_time: datetime | None, now: datetime) -> datetime | None:
         """The first fire time after `previous_fire_time` (None: the first one) that is not before `now`."""
+
+
+def _just_after(when: datetime) -> datetime:
+    """A microsecond after `when`, counted in UTC (see the module docstring)."""
+    return when.astimezone(UTC) + timedelta(microseconds=1)
+
+
+def _repeated(fire: datetime) -> bool:
+    """Whether `fire` is the second occurrence of its wall-clock time (the hour repeated when the clocks go back)."""
+    if not fire.fold:
+        return False
+    return fire.replace(fold=0).utcoffset() != fire.utcoffset()
+
+
+class _OncePerWallTime:
+    """A cron trigger that skips the second occurrence of a repeated wall-clock time (module docstring)."""
+
+    def __init__(self, cron: CronTrigger) -> None:
+        self.cron = cron
+
+    def get_next_fire_time(self, previous_fire_time: datetime | None, now: datetime) -> datetime | None:
+        fire = cast(datetime | None, self.cron.get_next_fire_time(previous_fire_time, now))
+        while fire is not None and _repeated(fire):
+            fire = cast(datetime | None, self.cron.get_next_fire_time(fire, _just_after(fire)))
+        return fire
 
 
 EPOCH = datetime(2020, 1, 6)  # a Monday; interval slots count from here when no start is given
@@ -104,7 +136,7 @@ def build_trigger(spec: ScheduleSpec, tz: ZoneInfo) -> Trigger:
             raise ScheduleError(
                 tr("invalid cron expression {cron}: {why}", cron=repr(spec.cron), why=exc), "cron"
             ) from None
-        return cast(Trigger, cron)
+        return _OncePerWallTime(cron)
     if spec.at is not None:
         return cast(Trigger, DateTrigger(run_date=_aware(spec.at, tz), timezone=tz))
     assert spec.every is not None
@@ -117,17 +149,17 @@ def next_fire_times(trigger: Trigger, after: datetime, count: int = 5) -> list[d
     """The next `count` fire times strictly after `after` (aware)."""
     out: list[datetime] = []
     previous: datetime | None = None
-    now = after + timedelta(microseconds=1)
+    now = _just_after(after)
     for _ in range(count):
         fire = trigger.get_next_fire_time(previous, now)
         if fire is None:
             break
         if fire <= after:  # a one-off date in the past is "next" to APScheduler, not to people
-            previous, now = fire, fire + timedelta(microseconds=1)
+            previous, now = fire, _just_after(fire)
             continue
         out.append(fire)
         previous = fire
-        now = fire + timedelta(microseconds=1)
+        now = _just_after(fire)
     return out
 
 
@@ -150,7 +182,7 @@ def latest_fire_time(trigger: Trigger, now: datetime) -> datetime | None:
         if fire is None or fire > now:
             continue
         while True:
-            following = trigger.get_next_fire_time(fire, fire + timedelta(microseconds=1))
+            following = trigger.get_next_fire_time(fire, _just_after(fire))
             if following is None or following > now:
                 return fire
             fire = following

@@ -15,12 +15,14 @@ from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import pytest
 
 from engine.clock import FakeClock
 from engine.gateways.base import SendReceipt
 from engine.gateways.sandbox import SandboxGateway, SandboxStore
+from engine.schedule import ScheduleSpec, build_trigger, next_fire_times
 from engine.scheduler import ADOPT_AFTER, CampaignScheduler
 from engine.service import Wecast
 from engine.settings import Settings
@@ -376,3 +378,41 @@ async def test_a_fire_is_planned_off_the_event_loop(tmp_path: Path, monkeypatch:
         fired = await tick
         assert released_in_time == [True] and [f.action for f in fired] == ["started"]
         await settle(sched)
+
+
+@pytest.mark.timeout(60)
+async def test_a_cron_in_a_daylight_saving_zone_fires_once_when_the_clocks_go_back(tmp_path: Path) -> None:
+    """A daily 01:30 America/New_York cron on 2026-11-01, when 01:30 comes twice (EDT at 05:30 UTC, EST at 06:30):
+    one run, at the first. Before, the second 01:30 was a slot of its own (everyone messaged twice that night), and
+    from it on the look-back for the latest fire looped forever on the event loop (the service froze); the next
+    fire times repeated it. A spring-forward 02:30 that does not exist fires once, an hour later on the wall."""
+    folder = tmp_path / "campaigns"
+    folder.mkdir()
+    (folder / "night.yaml").write_text(
+        "id: night\nname: 夜间\ntimezone: America/New_York\nschedule: {cron: '30 1 * * *'}\naudience: {}\n"
+        'message:\n  template: "{{ name }}您好"\nquiet_hours: false\nfrequency_cap: false\n',
+        encoding="utf-8",
+    )
+    clock = FakeClock(datetime(2026, 11, 1, 5, 0, tzinfo=UTC))
+    started: list[str] = []
+    async with service(tmp_path, clock) as (app, sched):
+        assert await sched.tick() == []  # first sight
+        for minutes in range(0, 181, 10):
+            clock.set(datetime(2026, 11, 1, 5, 0, tzinfo=UTC) + timedelta(minutes=minutes))
+            started += [f.run_key for f in await sched.tick() if f.action == "started"]
+            await settle(sched)
+        assert started == ["2026-11-01T05:30:00Z"]
+        assert [r.run_key for r in runs(app, "night")] == started
+        trigger = sched.entries["night"].trigger
+        assert trigger is not None
+        assert [f.astimezone(UTC) for f in next_fire_times(trigger, datetime(2026, 11, 1, 5, 0, tzinfo=UTC), 3)] == [
+            datetime(2026, 11, 1, 5, 30, tzinfo=UTC),
+            datetime(2026, 11, 2, 6, 30, tzinfo=UTC),
+            datetime(2026, 11, 3, 6, 30, tzinfo=UTC),
+        ]
+        at_0230 = build_trigger(ScheduleSpec(cron="30 2 * * *"), ZoneInfo("America/New_York"))
+        spring = next_fire_times(at_0230, datetime(2026, 3, 7, 12, 0, tzinfo=UTC), 2)
+        assert [f.astimezone(UTC) for f in spring] == [
+            datetime(2026, 3, 8, 7, 30, tzinfo=UTC),  # 03:30 EDT: 02:30 did not happen that night
+            datetime(2026, 3, 9, 6, 30, tzinfo=UTC),
+        ]
