@@ -735,6 +735,16 @@ def _human_size(n: int) -> str:
     return f"{n / 1024:.0f} KB" if n >= 1024 else ntr("{n} byte", "{n} bytes", n)
 
 
+# What a spreadsheet reads as the start of a formula (OWASP's list): `=HYPERLINK(…)` in a customer's nickname would
+# run in Excel when the preview's CSV is opened there.
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def _cell(text: str) -> str:
+    """A CSV cell a spreadsheet shows as the text it is: one that would start a formula gets a leading `'`."""
+    return "'" + text if text.startswith(_FORMULA_START) else text
+
+
 def _write_csv(p: Preview, path: Path) -> None:
     buffer = io.StringIO()
     writer = csv.writer(buffer)
@@ -742,9 +752,9 @@ def _write_csv(p: Preview, path: Path) -> None:
     writer.writerow(["contact_id", "name", "decision", "reason_code", "reason", "message", "attachments"])
     for r in p.recipients:
         attachments = "\n".join(describe(a) for a in r.full_message().attachments)
-        writer.writerow([r.contact_id, r.name, "send", "", "", r.text, attachments])
+        writer.writerow([_cell(r.contact_id), _cell(r.name), "send", "", "", _cell(r.text), _cell(attachments)])
     for e in p.excluded:
-        writer.writerow([e.contact_id, e.name, "excluded", e.code, e.reason, "", ""])
+        writer.writerow([_cell(e.contact_id), _cell(e.name), "excluded", e.code, _cell(e.reason), "", ""])
     if str(path) == "-":
         sys.stdout.write(buffer.getvalue())
     else:

