@@ -852,11 +852,23 @@ def journey_run(
     return int(run_id), RunStatus(status)
 
 
-def open_journey_runs(db: DB) -> list[tuple[int, str]]:
-    """(run id, journey id) of journey runs still running (with deliveries to send or being sent)."""
+@dataclass(frozen=True, slots=True)
+class OpenRun:
+    """A journey run still running, and who dispatches it ('' when nobody does now)."""
+
+    id: int
+    journey_id: str
+    owner: str
+    heartbeat_at: datetime | None
+
+
+def open_journey_runs(db: DB) -> list[OpenRun]:
+    """The journey runs still running (with deliveries to send or being sent), oldest first."""
     with reading(db) as conn:
-        stmt = select(_R.id, _R.campaign_id).where(_R.trigger == JOURNEY_TRIGGER, _R.status == RunStatus.RUNNING.value)
-        return [(int(i), str(c)) for i, c in conn.execute(stmt.order_by(_R.id))]
+        stmt = select(_R.id, _R.campaign_id, _R.owner, _R.heartbeat_at).where(
+            _R.trigger == JOURNEY_TRIGGER, _R.status == RunStatus.RUNNING.value
+        )
+        return [OpenRun(int(i), str(c), str(o or ""), b) for i, c, o, b in conn.execute(stmt.order_by(_R.id))]
 
 
 # -- journey state and the schedule memory of schedule/date triggers -------------------------------------------

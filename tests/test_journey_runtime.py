@@ -555,3 +555,40 @@ def test_wecast_serve_s_scheduler_loads_and_runs_journeys_beside_campaigns(tmp_p
         await h.app.close()
 
     run(go())
+
+
+def test_a_journey_run_another_live_process_sends_is_left_to_it_until_that_process_dies(
+    db_url: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Two `wecast serve` on one database: the runner does not ask, every tick, for a journey run a live process
+    dispatches (each ask was refused with a warning, once a second per open run); once that process is gone
+    (killed), the run is taken over and its reply sent, once."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from storage.runs import take_over
+
+    async def go() -> None:
+        h = await harness(tmp_path, db_url, MONDAY_9)
+        h.write("keywords", KEYWORDS)
+        h.load()
+        cid = customer(h)
+        h.emit(EventKind.MESSAGE, cid, message_id="m1", text="价格")
+        report = await h.engine.tick()  # planned, not dispatched
+        [run_id] = report.runs
+        alive = f"{socket.gethostname()}:{os.getpid()}:0ther0wn"  # another dispatcher, alive (this very process)
+        assert take_over(h.db, run_id, expected_owner="", owner=alive, now=h.clock.now(), resend_in_flight=False)
+        for _ in range(3):
+            assert (await h.runner.step()).owned == {run_id}
+        assert not h.runner.tasks and "not dispatched here" not in caplog.text and h.outbox(cid) == []
+        gone = subprocess.Popen([sys.executable, "-c", "pass"])
+        gone.wait()
+        dead = f"{socket.gethostname()}:{gone.pid}:deadbeef"  # then killed: its pid is gone
+        assert take_over(h.db, run_id, expected_owner=alive, owner=dead, now=h.clock.now(), resend_in_flight=False)
+        await h.run()
+        assert h.outbox(cid) == ["价格表"]
+        await h.app.close()
+
+    run(go())

@@ -52,6 +52,7 @@ from engine.journeys.stepper import End, GotoDue, Hold, Pass, Position, SendDue,
 from engine.keywords import Matcher
 from engine.message_spec import render_messages
 from engine.messages import Message
+from engine.owners import owner_alive
 from engine.plan import slot_key
 from engine.runsettings import RunSettings
 from engine.schedule import ScheduleSpec, build_trigger, latest_fire_time, next_fire_times
@@ -87,6 +88,8 @@ class TickReport:
     planned: int = 0
     opted_out: int = 0
     runs: list[int] = field(default_factory=list)  # journey runs with deliveries to send
+    # Of those, the runs a live process is dispatching now (this one, or another `wecast serve` on the database).
+    owned: set[int] = field(default_factory=set)
     next_due: datetime | None = None
 
     def busy(self) -> bool:
@@ -224,7 +227,11 @@ class JourneyEngine:
                     await self._tag_actions(tags, report)
                 if not (finished or tags or welcomes) and not await asyncio.to_thread(self._anything_due):
                     break
-            report.runs = [run_id for run_id, journey_id in store.open_journey_runs(self.db)]
+            now = self.clock.now()
+            for run in await asyncio.to_thread(store.open_journey_runs, self.db):
+                report.runs.append(run.id)
+                if owner_alive(run.owner, run.heartbeat_at, now):
+                    report.owned.add(run.id)
             report.next_due = store.next_due(self.db, [j.id for j in self.running])
             return report
 
@@ -1066,7 +1073,9 @@ class JourneyRunner:
         self.last = report
         for run_id in report.runs:
             task = self.tasks.get(run_id)
-            if task is None or task.done():
+            # A run another live process dispatches is its: asking for it every tick only logged a refusal
+            # each second. Once that owner is gone (killed, stopped), the run is started here (taken over).
+            if (task is None or task.done()) and run_id not in report.owned:
                 self.tasks[run_id] = self._start(run_id)
         return report
 
@@ -1132,6 +1141,7 @@ class JourneyRunner:
             if pending:
                 await asyncio.wait(pending, timeout=max(0.0, deadline - loop.time()))
                 continue
-            if not report.busy() and not report.runs and not store.has_unprocessed(self.engine.db):
+            ours = [r for r in report.runs if r not in report.owned]  # no task of ours runs: owned = elsewhere
+            if not report.busy() and not ours and not store.has_unprocessed(self.engine.db):
                 return report
         return report
