@@ -69,6 +69,7 @@ from engine.gateways.base import (
 )
 from engine.gateways.demo_data import demo_contacts, demo_tags
 from engine.gateways.media_cache import MediaCache
+from engine.gateways.statefile import open_state_file
 from engine.i18n import N_, ntr, process_language, tr, use_language
 from engine.messages import (
     FILE_MAX_BYTES,
@@ -206,9 +207,8 @@ class SandboxStore:
         self.path = Path(path)
         if str(path) != ":memory:":
             self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._conn = sqlite3.connect(str(path), timeout=30, isolation_level=None, check_same_thread=False)
+        self._conn = open_state_file(path)  # WAL, even when another process creates the file at the same moment
         self._lock = threading.Lock()
-        self._conn.execute("PRAGMA journal_mode=WAL")
         # The simulated account's file must survive its process being killed (the chaos tests count its outbox
         # after SIGKILL), which SQLite gives without syncing to disk: the OS has every write. Not syncing spares
         # the checkpoints' fsyncs, which otherwise cost a dispatch more wall time than all of wecast's own work.

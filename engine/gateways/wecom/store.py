@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from engine.gateways.statefile import open_state_file
+
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS tasks (
     key TEXT PRIMARY KEY,
@@ -69,10 +71,9 @@ class WecomStore:
 
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        self._conn = sqlite3.connect(str(path), check_same_thread=False, timeout=30, isolation_level=None)
+        self._conn = open_state_file(path)  # WAL, even when another process creates the file at the same moment
         self._lock = threading.Lock()
         with self._lock:
-            self._conn.execute("PRAGMA journal_mode=WAL")
             self._conn.executescript(_SCHEMA)
 
     def close(self) -> None:
