@@ -271,6 +271,7 @@ class WorkproSettings(Strict):
     reconnect_delay: Duration = timedelta(seconds=1)  # first wait after the event stream drops; doubles
     reconnect_max_delay: Duration = timedelta(seconds=60)  # ... up to this (jittered)
     qr_wait: Duration = timedelta(seconds=10)  # how long start_login waits for the QR to arrive
+    ready_wait: Duration = timedelta(seconds=30)  # after a login, how long a contact list waits for READY
     stop_on_close: bool = False  # call Stop on close (stops the account on the puppet)
     throttle_backoff: Duration = timedelta(seconds=30)  # sends pause this long after WorkproErrorCode 20001
 

@@ -713,6 +713,25 @@ async def test_contacts_and_tags(make_fake: Factory, make_gateway: Factory) -> N
     assert tags["pt_old"].type == 1
 
 
+async def test_a_list_right_after_the_login_waits_for_ready(make_fake: Factory, make_gateway: Factory) -> None:
+    """Between LOGIN and READY ("data ready") the puppet is still loading the account's contacts and lists only
+    some; a sync then would mark the rest removed. The first list after a login watched here waits for READY and
+    has everyone; a process that finds the account logged in already does not wait for a READY."""
+    fake = await make_fake(ready_delay=0.5)
+    fake.partial_until_ready = True
+    gateway = await make_gateway(settings_for(fake))
+    await login(gateway, fake)
+    assert fake.loading  # READY has not come yet
+    page = await gateway.list_contacts(None, 100)
+    assert page.total == 40 and [c.id for c in page.contacts] == fake.contact_ids()
+    await gateway.close()
+    fake.ready_delay = 5.0
+    again = await make_gateway(settings_for(fake))
+    started = time.monotonic()
+    assert (await again.list_contacts(None, 100)).total == 40
+    assert time.monotonic() - started < 2.0
+
+
 @pytest.mark.parametrize("mode", ["unimplemented", "not_a_function", "fail"])
 async def test_batch_fallback(mode: str, make_fake: Factory, make_gateway: Factory) -> None:
     """Without a working BatchContactPayload every contact still arrives, via ContactPayload per id."""

@@ -252,6 +252,9 @@ class FakePuppet(pb_grpc.PuppetServicer):  # type: ignore[misc]
         self.zero_seq = zero_seq  # like juzi's open-source server: EventResponse.seq is 0
         self.send_delay = 0.0  # seconds each MessageSendText takes (after recording)
         self.new_qr_after_tries = True  # after the third wrong code, push a new QR (False: wait for RefreshQRCode)
+        # Between a login and its READY the account's contacts are still loading: ContactList names only some.
+        self.partial_until_ready = False
+        self.loading = False
         self.self_payload_delay = 0.0  # seconds ContactPayload of the account itself takes (its name lookup)
         self.sends: list[SentMessage] = []
         self.rejected: list[RejectedSend] = []  # sends refused by `fail_sends` / `throttle_sends`
@@ -551,7 +554,13 @@ class FakePuppet(pb_grpc.PuppetServicer):  # type: ignore[misc]
         self.qr_key = self.qr_url = self._code = None
         self._cached_scan = None  # only a LOGIN clears the SCAN cache
         self.emit(pb.EVENT_TYPE_LOGIN, {"contactId": SELF_ID})
-        self._later(self.ready_delay, lambda: self.emit(pb.EVENT_TYPE_READY, {"data": "data ready"}))
+        self.loading = self.partial_until_ready
+
+        def ready() -> None:
+            self.loading = False
+            self.emit(pb.EVENT_TYPE_READY, {"data": "data ready"})
+
+        self._later(self.ready_delay, ready)
         if self.ready_twice:
             self._later(self.ready_delay * 3, lambda: self.emit(pb.EVENT_TYPE_READY, {"data": "ready"}))
         if self.second_verification:
@@ -720,7 +729,8 @@ class FakePuppet(pb_grpc.PuppetServicer):  # type: ignore[misc]
     ) -> pb.ContactListResponse:
         await self._need_login(context, "contactList")
         # The account itself is listed too, as wechaty puppets' contactList() does (UNCERTAIN for WorkPro).
-        return pb.ContactListResponse(ids=[SELF_ID, *self._contacts])
+        ids = list(self._contacts)
+        return pb.ContactListResponse(ids=[SELF_ID, *(ids[: len(ids) // 3] if self.loading else ids)])
 
     def _payload(self, contact_id: str) -> pb.ContactPayloadResponse | None:
         if contact_id == SELF_ID:

@@ -816,6 +816,7 @@ class WorkproGateway(Gateway):
         if page_size < 1:
             raise PermanentError("page_size must be at least 1")
         if cursor is None or self._contact_ids is None:
+            await self._contacts_loaded()
             response = await self._unary("ContactList", pb.ContactListRequest())
             # The account itself is no customer (a puppet's contact list may hold it): never synced, never sent to.
             account = self._login.account_id
@@ -832,6 +833,19 @@ class WorkproGateway(Gateway):
         contacts = [self._record(found[i]) for i in page_ids if i in found]
         end = offset + len(page_ids)
         return ContactPage(contacts=contacts, next_cursor=str(end) if end < len(ids) else None, total=len(ids))
+
+    async def _contacts_loaded(self) -> None:
+        """Right after a login the puppet is still loading the account's contacts until READY ("data ready"): a
+        list taken then is partial, and a sync would mark everyone missing from it removed. Wait for READY (up to
+        `ready_wait`) when this process saw the login happen; an account logged in before is taken as loaded."""
+        machine = self._login
+        if not machine.watched_login or machine.ready:
+            return
+        wait = self.settings.ready_wait.total_seconds()
+        log.info("workpro: waiting up to %g s for READY (the account's contacts are loading) to list them", wait)
+        if not await self._wait_for(lambda: machine.ready or not machine.logged_in, wait):
+            log.warning("workpro: no READY within %g s of the login; listing the contacts the puppet has", wait)
+        self._require_login("list contacts")
 
     async def get_contact(self, contact_id: str) -> ContactRecord | None:
         """One contact, fresh from the puppet (after a DIRTY event)."""

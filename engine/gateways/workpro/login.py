@@ -76,6 +76,9 @@ class LoginMachine:
         self.account_name: str | None = None
         self.tries_left: int | None = None
         self.ready = False
+        # This process saw the login happen (a QR, then LOGIN), so the account's data is still loading on the puppet
+        # until READY; a LOGIN replayed on connect (or learnt by CurrentUser) is an account logged in before.
+        self.watched_login = False
         self.message = ""
 
     # -- reading ---------------------------------------------------------------------------------
@@ -194,6 +197,7 @@ class LoginMachine:
             return []
         if account_id != self.account_id:
             self.account_name = None
+        self.watched_login = self.state in (LoginState.WAITING_SCAN, LoginState.SCANNED, LoginState.WAITING_VERIFY_CODE)
         self.state = LoginState.LOGGED_IN
         self.account_id = account_id or self.account_id
         self.qr_url = self.qr_key = self.verify_id = None
@@ -265,7 +269,7 @@ class LoginMachine:
 
     def _logged_out(self, reason: str) -> None:
         self.state = LoginState.LOGGED_OUT
-        self.ready = False
+        self.ready = self.watched_login = False
         self.account_id = self.account_name = None
         self.qr_url = self.qr_key = self.verify_id = None
         self.second = False
