@@ -194,7 +194,7 @@ def test_a_marketers_day_in_the_browser(server: LiveServer, shots: Path, capsys:
         code = phone.code()
         code_input.fill("000000" if code != "000000" else "111111")
         page.click("text=提交验证码")
-        expect(page.locator("#login-error")).to_contain_text("wrong verification code")
+        expect(page.locator("#login-error")).to_contain_text("验证码错误")  # the console speaks Chinese, errors too
         expect(page.locator("#tries-left")).to_contain_text("还可以尝试 2 次")
         snap("03-login-wrong-code")
         page.locator("input[name=verifyCode]").fill(code)
@@ -202,7 +202,9 @@ def test_a_marketers_day_in_the_browser(server: LiveServer, shots: Path, capsys:
         expect(page.locator("#account-name")).not_to_have_text("—")
         expect(page.locator("#login-panel")).to_have_attribute("data-state", "logged_in")
         # The recent events card caught up by itself: the login happened after the page was loaded.
-        expect(page.locator("#recent-events .tag", has_text="login")).to_have_count(1)
+        login_tag = page.locator('#recent-events .tag[title="login"]')
+        expect(login_tag).to_have_count(1)
+        expect(login_tag).to_have_text("登录")  # the kind in the page's language, the code as its title
         expect(page.locator("#login-badge")).to_have_text("已登录")  # the header follows without a reload
         assert page.evaluate("window.__notReloaded") is True, "the events must refresh without reloading the page"
         snap("04-login-done")
