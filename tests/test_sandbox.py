@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from engine.errors import DatabaseError, PermanentError
+from engine.errors import DatabaseError, LoginError, PermanentError
 from engine.gateways.base import BatchOutcome, EventKind, GatewayEvent
 from engine.gateways.sandbox import SandboxGateway, SandboxStore
 from engine.messages import ImagePart, Media, Message, PartKind, TextPart, part_key
@@ -261,3 +261,45 @@ async def test_a_send_cancelled_while_its_part_is_recorded_still_arrives(sandbox
     again = await gateway.send_text(cid, "您好", idempotency_key="cancelled-1")
     assert again.duplicate
     assert [m.idempotency_key for m in gateway.outbox_messages()].count("cancelled-1") == 1
+
+
+async def test_each_qr_gets_a_fresh_code_and_an_old_one_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two logins in two processes (same seed) were shown the same 6-digit code, so a code read off the first QR
+    logged in on the second; now each QR's code is fresh, never the one shown last, and an earlier QR's code or
+    key is refused."""
+    settings = SandboxSettings(contacts=10, auto_login=False, state_file=tmp_path / "sandbox.sqlite")
+
+    async def scanned(gateway: SandboxGateway) -> tuple[str, str]:
+        await gateway.start_login(schedule_phone=False)
+        await gateway.sandbox_scan(quiet=True)
+        code, key = gateway.sandbox_phone_code(), (await gateway.login_status()).qrcode_key
+        assert code is not None and key is not None
+        return code, key
+
+    first, second = SandboxGateway(settings), SandboxGateway(settings)  # `wecast login` run twice
+    try:
+        old_code, old_key = await scanned(first)
+        assert (await scanned(second))[0] != old_code
+    finally:
+        await first.close()
+        await second.close()
+
+    draws = iter([123456, 123456, 123456, 654321])  # the source repeating itself is not shown twice running
+    monkeypatch.setattr("engine.gateways.sandbox.secrets.randbelow", lambda _n: next(draws))
+    gateway = SandboxGateway(settings)
+    try:
+        old_code, old_key = await scanned(gateway)
+        for _ in range(3):
+            with pytest.raises(LoginError):
+                await gateway.submit_verify_code("000000")
+        code, key = await scanned(gateway)  # three wrong codes: a new QR
+        assert (old_code, code) == ("123456", "654321") and key != old_key
+        with pytest.raises(LoginError, match="qrcodeKey does not match"):
+            await gateway.submit_verify_code(code, old_key)
+        with pytest.raises(LoginError, match="wrong verification code; 2 tries left"):
+            await gateway.submit_verify_code(old_code, key)
+        assert (await gateway.submit_verify_code(code, key)).logged_in
+    finally:
+        await gateway.close()

@@ -4,7 +4,8 @@ It behaves like the real thing where it matters:
 
 * **Login**: `start_login` shows a QR (same URL shape as WorkPro's); the simulated phone scans it after
   `scan_delay` (or at once with `sandbox_scan()`), then shows a 6-digit code in the log and through
-  `sandbox_phone_code()`. Wrong codes are rejected with the tries left; after 3 a new QR is shown.
+  `sandbox_phone_code()`, a fresh one for each QR (a code read off an earlier QR is refused). Wrong codes are
+  rejected with the tries left; after 3 a new QR is shown.
   With `second_verification`, WeCom's "new device" QR follows the first login once.
 * **Customers**: about 200 realistic Chinese demo customers with tags (any number, deterministic per seed).
   Changes are kept in the state file, so every process sees them at its next sync: tags put on or taken off
@@ -498,6 +499,7 @@ class SandboxGateway(Gateway):
         self._state = LoginState.LOGGED_OUT
         self._qr_key: str | None = None
         self._code: str | None = None
+        self._last_code: str | None = None  # the code the phone showed last (for any QR), never shown twice running
         self._tries_left = MAX_CODE_TRIES
         self._second_pending = False
         self._second_done = False
@@ -625,7 +627,7 @@ class SandboxGateway(Gateway):
             self._second_done = True
             self._logged_in()
             return await self.login_status()
-        self._code = f"{self._rng.randrange(10**6):06d}"
+        self._code = self._fresh_code()
         self._state = LoginState.WAITING_VERIFY_CODE
         with use_language(process_language()):  # a log line: the reader of the log, whoever asked for the scan
             shown = tr(
@@ -634,6 +636,15 @@ class SandboxGateway(Gateway):
         log.log(logging.INFO if quiet else logging.WARNING, "%s", shown)
         self.emit(EventKind.VERIFY_CODE, self._message(), qrcode_key=self._qr_key)
         return await self.login_status()
+
+    def _fresh_code(self) -> str:
+        # Not from the seeded source: that would show every process (each `wecast login`) the same first code, so a
+        # code read off an earlier QR would log in on a later one. Never the code shown last, for the same reason.
+        while True:
+            code = f"{secrets.randbelow(10**6):06d}"
+            if code != self._last_code:
+                self._last_code = code
+                return code
 
     def sandbox_phone_code(self) -> str | None:
         """Sandbox only: the 6-digit code the simulated phone shows (None when no code is showing)."""
