@@ -8,9 +8,11 @@ slots are stable across restarts).
 Daylight-saving zones (a campaign in America/New_York, Europe/London, ...): a cron time that falls in the hour
 that repeats when the clocks go back fires once, at its first occurrence — not twice, which would send everyone
 the day's message twice, once per slot — and one in the hour that is skipped when they go forward fires at the
-same moment an hour later on the wall clock (APScheduler's choice). Fire times are stepped over in UTC: the wall
-clock of such a zone runs backwards once a year, and "a microsecond after 01:30 (the second one)" in local time
-is the first 01:30 again, which had the look-back of `latest_fire_time` loop forever (tests/test_scheduler.py).
+same moment an hour later on the wall clock (APScheduler's choice; `next_fire_times` and `latest_fire_time` give
+it as that wall time, 03:30 for a 02:30 that did not exist, so a preview shows when it really fires). Fire times
+are stepped over in UTC: the wall clock of such a zone runs backwards once a year, and "a microsecond after 01:30
+(the second one)" in local time is the first 01:30 again, which had the look-back of `latest_fire_time` loop
+forever (tests/test_scheduler.py).
 """
 
 from __future__ import annotations
@@ -145,8 +147,14 @@ def build_trigger(spec: ScheduleSpec, tz: ZoneInfo) -> Trigger:
     return cast(Trigger, IntervalTrigger(seconds=every, start_date=anchor, end_date=end, timezone=tz))
 
 
+def _as_lived(fire: datetime) -> datetime:
+    """`fire` on the wall clock it happens at: a spring-forward 02:30 that does not exist (APScheduler's answer, read
+    as the offset before the change) is the 03:30 it fires at. The same moment either way; only what is shown."""
+    return fire.astimezone(UTC).astimezone(fire.tzinfo)
+
+
 def next_fire_times(trigger: Trigger, after: datetime, count: int = 5) -> list[datetime]:
-    """The next `count` fire times strictly after `after` (aware)."""
+    """The next `count` fire times strictly after `after` (aware, on the wall clock they fire at)."""
     out: list[datetime] = []
     previous: datetime | None = None
     now = _just_after(after)
@@ -157,7 +165,7 @@ def next_fire_times(trigger: Trigger, after: datetime, count: int = 5) -> list[d
         if fire <= after:  # a one-off date in the past is "next" to APScheduler, not to people
             previous, now = fire, _just_after(fire)
             continue
-        out.append(fire)
+        out.append(_as_lived(fire))
         previous = fire
         now = _just_after(fire)
     return out
@@ -184,7 +192,7 @@ def latest_fire_time(trigger: Trigger, now: datetime) -> datetime | None:
         while True:
             following = trigger.get_next_fire_time(fire, _just_after(fire))
             if following is None or following > now:
-                return fire
+                return _as_lived(fire)
             fire = following
     return None
 

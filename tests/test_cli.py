@@ -251,6 +251,35 @@ def test_names_with_brackets_and_backslashes_print_exactly(workdir: Path) -> Non
     assert code == 0 and "C:\\[b]会员[/]日" in out and "路径 C:\\[red]x[/red]" in out
 
 
+def test_preview_shows_a_spring_forward_fire_at_the_time_it_really_fires(workdir: Path) -> None:
+    """A 02:30 America/New_York cron on the Sundays of March: on the second one the clocks jump from 02:00 to
+    03:00, and the schedule fires at 03:30 EDT. The preview showed `02:30 Sun`, a time that never happened that
+    day (and --json an offset of -05:00 in summer); now each fire time is the wall time it fires at."""
+    from datetime import UTC, datetime
+    from zoneinfo import ZoneInfo
+
+    new_york = ZoneInfo("America/New_York")
+    path = workdir / "campaigns" / "nyc.yaml"
+    path.write_text(
+        "name: 纽约早安\ntimezone: America/New_York\nschedule: {cron: '30 2 * 3 0'}\naudience: {tags_any: [VIP]}\n"
+        "message: {template: 早安}\nfrequency_cap: false\nquiet_hours: false\n",
+        encoding="utf-8",
+    )
+    code, out, err = wecast(workdir, "preview", str(path), "--show", "1")
+    assert code == 0, err
+    shown = re.findall(r"(\d{4}-\d\d-\d\d) (\d\d:\d\d) Sun", " ".join(out.split()))
+    assert len(shown) == 5, out  # five Sundays of March: one of them the second, when the clocks go forward
+    for day, hour in shown:
+        local = datetime.fromisoformat(f"{day}T{hour}").replace(tzinfo=new_york)
+        spring = local.astimezone(UTC).astimezone(new_york).replace(tzinfo=None) != local.replace(tzinfo=None)
+        assert not spring, f"{day} {hour} does not exist in New York"
+        assert hour == ("03:30" if 8 <= local.day <= 14 else "02:30"), (day, hour)
+    code, out, err = wecast(workdir, "preview", str(path), "--json")
+    assert code == 0, err
+    fires = [datetime.fromisoformat(t) for t in json.loads(out)["next_fires"]]
+    assert [f.utcoffset() == f.astimezone(new_york).utcoffset() for f in fires] == [True] * 5
+
+
 def test_preview_json_is_the_api_preview(workdir: Path) -> None:
     """`wecast preview --json` and GET /api/v1/campaigns/{id}/preview answer in one shape with the same content
     (one model, engine.views.PreviewView): the same keys, counts, recipients, exclusions and next fires."""
