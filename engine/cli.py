@@ -121,6 +121,7 @@ class Bounded(click.types.IntParamType):
 
 RUN_ID = Bounded(1, MAX_ID)  # a run id the database can hold (PostgreSQL refused a larger one: an internal error)
 COUNT = Bounded(0)  # --limit / --show: how many (0: all)
+PORT = Bounded(0, 65535)  # --port: 0 asks the system for a free one (a larger number was an internal error)
 # click's own words, translated where wecast formats help (see TrCommand).
 N_("Show this message and exit.")
 N_("Show the version and exit.")
@@ -1619,7 +1620,7 @@ def logout(ctx: Ctx) -> None:
 
 @main.command(help=N_("Run the HTTP API (the source document's endpoints + /api/v1) and the campaign scheduler."))
 @click.option("--host", help=N_("address to bind (default from config: 127.0.0.1)"))
-@click.option("--port", type=int, help=N_("port (default from config: 9898)"))
+@click.option("--port", type=PORT, help=N_("port (default from config: 9898)"))
 @pass_ctx
 def serve(ctx: Ctx, host: str | None, port: int | None) -> None:
     from engine.web.server import serve as run_server

@@ -145,6 +145,52 @@ def test_a_taken_port_fails_before_the_scheduler_and_the_database(tmp_path: Path
         assert not (tmp_path / "data" / "wecast.sqlite").exists()
 
 
+def test_serve_on_port_0_listens_on_a_free_port_not_the_configured_one(tmp_path: Path) -> None:
+    """`wecast serve --port 0` asks the system for a free port: it was read as "no port given" and bound api.port
+    (9898), so it failed, and tests that used it failed, whenever that port was taken. The log line names the
+    port chosen; a port out of range is a usage error in the chosen language, not an internal error."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        taken = holder.getsockname()[1]
+        (tmp_path / "config.yaml").write_text(
+            f"version: 1\napi: {{port: {taken}}}\nsandbox: {{contacts: 5}}\n", encoding="utf-8"
+        )
+        env = {**os.environ, "LANG": "C.UTF-8", "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+        cmd = [sys.executable, "-m", "engine.cli", "--lang", "en", "serve", "--port", "0"]
+        proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        try:
+            assert proc.stdout is not None
+            deadline = time.monotonic() + 30
+            line = ""
+            while "wecast serve: gateway" not in line:
+                line = proc.stdout.readline()
+                assert line and time.monotonic() < deadline, "serve did not start"
+            found = re.search(r"http://127\.0\.0\.1:(\d+) ", line)
+            assert found is not None, line
+            port = int(found[1])
+            assert port not in (0, taken), line
+            assert httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=10).status_code == 200
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            rest, _ = proc.communicate(timeout=30)
+        assert proc.returncode == 0, rest
+    for lang, words in (("en", "70000 is not in the range 0<=x<=65535"), ("zh", "70000 不在范围 0<=x<=65535 内")):
+        result = CliRunner().invoke(
+            main, ["-c", str(tmp_path / "config.yaml"), "--lang", lang, "serve", "--port", "70000"]
+        )
+        assert result.exit_code == 2, result.output
+        assert words in result.stderr and "Traceback" not in result.stderr and "internal" not in result.stderr
+
+
 @pytest.mark.anyio
 async def test_scheduler_shows_no_last_fire_for_a_campaign_that_never_fired(tmp_path: Path) -> None:
     """`last_fire` is null until the schedule fires (the server's start is where counting begins, not a fire), then

@@ -110,7 +110,7 @@ def listen(host: str, port: int) -> socket.socket:
 def serve(settings: Settings, *, host: str | None = None, port: int | None = None) -> int:
     """Run the service until SIGINT/SIGTERM. Returns the process exit code (0 after a clean stop)."""
     host = host or settings.api.host
-    port = port or settings.api.port
+    port = settings.api.port if port is None else port  # 0 is a port to ask for (any free one), not "the default"
     configure_logging(settings.log_level)
     loopback = is_loopback(host)
     if not loopback and settings.api.key is None:
@@ -126,6 +126,7 @@ def serve(settings: Settings, *, host: str | None = None, port: int | None = Non
     # Handing it over every millisecond (Python's default: every 5 ms) lets the loop answer between a plan's
     # steps instead of after several of them.
     sock = listen(host, port)
+    port = sock.getsockname()[1]  # the one the system chose for port 0, for the log line
     sys.setswitchinterval(SWITCH_INTERVAL)
     try:
         # uvloop's event loop (libuv) with httptools' parser (see `_serve`): the loop's and the HTTP layer's own
