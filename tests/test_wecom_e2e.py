@@ -14,37 +14,17 @@ from helpers import MONDAY_10, campaign
 
 from engine.clock import FakeClock
 from engine.gateways.wecom.fake_server import FakeWecom, FakeWecomServer
-from engine.gateways.wecom.gateway import WecomGateway
-from engine.service import Wecast
-from engine.settings import Settings, load_settings
 from storage.contacts import follow_users
 from storage.deliveries import list_deliveries, status_counts
 from storage.models import OPEN_STATUSES, DeliveryStatus
 
 TEMPLATE = "externalcontact/add_msg_template"
+try:
+    from wecom_harness import started, wecom_config
+except ImportError:  # pragma: no cover
+    from tests.wecom_harness import started, wecom_config
+
 PLAIN = "message: {template: '本周六会员日，全场八折，欢迎到店！'}\nfrequency_cap: false\nquiet_hours: false\n"
-
-
-def wecom_config(tmp: Path, db_url: str, fake: FakeWecom, url: str, extra: str = "") -> Settings:
-    """config.yaml for gateway wecom pointing at the fake (test-sized waits)."""
-    cfg = tmp / "config.yaml"
-    cfg.write_text(
-        "version: 1\n"
-        "gateway: wecom\n"
-        f"database_url: '{db_url}'\n"
-        f"campaigns_dir: {tmp}/campaigns\n"
-        "sending: {concurrency: 4, retry: {max_attempts: 6, base_delay: 1s, max_delay: 10s}}\n"
-        f"wecom:\n  corp_id: {fake.corp_id}\n  secret: {fake.secret}\n  base_url: {url}\n"
-        f"  state_file: {tmp}/wecom.sqlite\n  retry_delay: 0.01s\n  rate_limit_wait: 60s\n{extra}",
-        encoding="utf-8",
-    )
-    return load_settings(cfg)
-
-
-async def started(settings: Settings, clock: FakeClock) -> Wecast:
-    app = Wecast(settings, gateway=WecomGateway(settings.wecom, clock), clock=clock)
-    await app.start()
-    return app
 
 
 def leading_staff(fake: FakeWecom) -> dict[str, str]:

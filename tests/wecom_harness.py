@@ -10,10 +10,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from engine.clock import Clock
+from engine.clock import Clock, FakeClock
 from engine.gateways.wecom.fake_server import FakeWecom, FakeWecomServer
 from engine.gateways.wecom.gateway import WecomGateway
-from engine.settings import WecomSettings
+from engine.service import Wecast
+from engine.settings import Settings, WecomSettings, load_settings
 
 T = TypeVar("T")
 CALLBACK_TOKEN = "faketoken"
@@ -35,6 +36,28 @@ def wecom_settings(fake: FakeWecom, url: str, state_file: Path, **overrides: obj
     }
     values.update(overrides)
     return WecomSettings.model_validate(values)
+
+
+def wecom_config(tmp: Path, db_url: str, fake: FakeWecom, url: str, extra: str = "", *, attempts: int = 6) -> Settings:
+    """config.yaml for gateway wecom pointing at the fake (test-sized waits)."""
+    cfg = tmp / "config.yaml"
+    cfg.write_text(
+        "version: 1\n"
+        "gateway: wecom\n"
+        f"database_url: '{db_url}'\n"
+        f"campaigns_dir: {tmp}/campaigns\n"
+        f"sending: {{concurrency: 4, retry: {{max_attempts: {attempts}, base_delay: 1s, max_delay: 10s}}}}\n"
+        f"wecom:\n  corp_id: {fake.corp_id}\n  secret: {fake.secret}\n  base_url: {url}\n"
+        f"  state_file: {tmp}/wecom.sqlite\n  retry_delay: 0.01s\n  rate_limit_wait: 60s\n{extra}",
+        encoding="utf-8",
+    )
+    return load_settings(cfg)
+
+
+async def started(settings: Settings, clock: FakeClock) -> Wecast:
+    app = Wecast(settings, gateway=WecomGateway(settings.wecom, clock), clock=clock)
+    await app.start()
+    return app
 
 
 @dataclass

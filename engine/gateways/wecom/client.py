@@ -6,8 +6,15 @@
   refused for the credentials (40001 / 40013 / 40091) is fatal: every later call raises the same `AuthError`
   without asking WeCom again until `reset()` (WeCom blocks an IP for an hour after repeated secret errors).
 * **Errcodes.** HTTP 200 with a non-zero errcode is an error, mapped by `errors.error_for` (one table). -1, 6000,
-  41063, 45009 and 45033 are retried inside the call (up to `max_retries`; 45009 waits `rate_limit_wait`, the
-  others back off with jitter) before the error is raised to the caller.
+  41063, 45009 and 45033 are retried inside the call (up to `max_retries`) before the error is raised to the caller.
+* **HTTP 429 and 5xx** (WeCom's front end, or a proxy before it). A 429 refused the request before anything was
+  done, so it is retried for every call; a 5xx only for calls safe to repeat (for the others it may have taken
+  effect: `UnknownOutcomeError`). Both honour `Retry-After` (seconds or an HTTP-date).
+* **Waits** (`_wait`, the one policy for every retry inside a call): the backoff of `engine.backoff` from
+  `retry_delay` (45009: `rate_limit_wait`, the minute WeCom blocks), at least what `Retry-After` asked, and never
+  more than `rate_limit_wait` for one retry. When the retries run out, the error raised carries `retry_after` — what
+  the server asked, bounded by `MAX_RETRY_AFTER` — and the dispatcher waits that long (its attempts are counted: a
+  delivery whose attempts run out ends `failed`, never left pending).
 * **Transport.** A connection that never opened is retried like -1. A request that left but got no (or a garbled)
   answer is retried only for calls that are safe to repeat (`idempotent=True`); for the others it raises
   `UnknownOutcomeError`, and the caller decides (the 群发 path looks for the task it may have created).
@@ -23,20 +30,36 @@ import logging
 import random
 import re
 from collections import Counter
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
 from typing import Any
 
 import httpx
 
 from engine.backoff import backoff_delay
 from engine.clock import Clock
-from engine.errors import AuthError, GatewayError, PermanentError, TransientError, UnknownOutcomeError
-from engine.gateways.wecom.errors import Handling, error_for, handling_of, short_errmsg
+from engine.errors import (
+    AuthError,
+    GatewayError,
+    PermanentError,
+    RateLimitedError,
+    TransientError,
+    UnknownOutcomeError,
+)
+from engine.gateways.wecom.errors import (
+    Handling,
+    WecomHttpError,
+    error_for,
+    handling_of,
+    short_errmsg,
+)
 from engine.gateways.wecom.limiter import ApiLimiter, Window
 from engine.settings import WecomSettings
 
 log = logging.getLogger("wecast.wecom")
 
 JSON = dict[str, Any]
+MAX_RETRY_AFTER = 600.0  # seconds: a longer Retry-After is cut to this (a run never waits an hour on one header)
 _SECRET_PARAMS = re.compile(r"((?:access_token|corpsecret|corpid|key)=)[^&\s\"']+", re.IGNORECASE)
 
 
@@ -202,9 +225,12 @@ class WecomClient:
             try:
                 data = await self._send(api, method, query, body, files, idempotent=idempotent)
             except TransientError as exc:
+                hint = exc.retry_after if isinstance(exc, WecomHttpError) else None
                 if retries >= self.settings.max_retries:
-                    raise
-                await self._back_off(api, retries, str(exc))
+                    raise self._gave_up(exc, hint) from None
+                wait = self._wait(Handling.RETRY, retries, hint)
+                log.warning("%s; retrying in %.1fs", exc, wait)
+                await self.clock.sleep(wait)
                 retries += 1
                 continue
             errcode = _int(data.get("errcode"))
@@ -222,7 +248,8 @@ class WecomClient:
                 token_retried = True
                 self._drop_token(token)
                 continue
-            wait = self._wait_for(handling, retries)
+            retried = handling in (Handling.RATE_LIMITED, Handling.CONCURRENCY, Handling.RETRY)
+            wait = self._wait(handling, retries, None) if retried and handling is not None else 0.0
             error = error_for(
                 api,
                 errcode,
@@ -230,31 +257,32 @@ class WecomClient:
                 rate_limit_wait=self.settings.rate_limit_wait.total_seconds(),
                 concurrency_wait=wait,
             )
-            if wait and retries < self.settings.max_retries:
+            if retried and retries < self.settings.max_retries:
                 log.warning("WeCom %s: %s; retrying in %.1fs", api, error, wait)
                 await self.clock.sleep(wait)
                 retries += 1
                 continue
             raise error
 
-    def _wait_for(self, handling: Handling | None, retries: int) -> float:
-        """How long to wait before retrying an errcode of this handling (0: not retried)."""
+    def _wait(self, handling: Handling, retries: int, hint: float | None) -> float:
+        """Seconds before retry number `retries` (0 for the first) of a call that failed so (see the module
+        docstring): the backoff from `retry_delay`, at least what `Retry-After` asked (`hint`), never more than
+        `rate_limit_wait` (the cap) — which 45009 waits whole (WeCom blocks a minute limit for the minute: a shorter
+        wait is only refused again)."""
+        cap = max(self.settings.rate_limit_wait.total_seconds(), self.settings.retry_delay.total_seconds())
         if handling is Handling.RATE_LIMITED:
-            return self.settings.rate_limit_wait.total_seconds()
-        if handling in (Handling.CONCURRENCY, Handling.RETRY):
-            return self._delay(retries)
-        return 0.0
+            return cap
+        delay = backoff_delay(retries, base=self.settings.retry_delay.total_seconds(), cap=cap, rng=self.rng)
+        return min(cap, max(delay, hint or 0.0))
 
-    def _delay(self, retries: int) -> float:
-        base = self.settings.retry_delay.total_seconds()
-        return backoff_delay(
-            retries, base=base, cap=max(base, self.settings.rate_limit_wait.total_seconds()), rng=self.rng
-        )
-
-    async def _back_off(self, api: str, retries: int, why: str) -> None:
-        wait = self._delay(retries)
-        log.warning("%s; retrying %s in %.1fs", why, api, wait)
-        await self.clock.sleep(wait)
+    def _gave_up(self, exc: TransientError, hint: float | None) -> TransientError:
+        """The error to raise when a call's retries are used up: a 429, or a 5xx that said when to come back, as a
+        RateLimitedError whose `retry_after` (bounded by MAX_RETRY_AFTER) the dispatcher waits before its next
+        attempt; anything else as it was."""
+        if isinstance(exc, WecomHttpError) and (exc.status == 429 or hint is not None):
+            wait = hint if hint is not None else self.settings.rate_limit_wait.total_seconds()
+            return RateLimitedError(str(exc), retry_after=min(MAX_RETRY_AFTER, wait))
+        return exc
 
     async def _send(
         self,
@@ -266,7 +294,8 @@ class WecomClient:
         *,
         idempotent: bool,
     ) -> JSON:
-        """One HTTP exchange; transport failures mapped to engine errors (never showing the URL)."""
+        """One HTTP exchange, its answer checked; transport failures mapped to engine errors (never showing the URL
+        or the body: a proxy's error page may quote the request, token and all)."""
         try:
             async with self.limiter.call(api):
                 response = await self.http.request(method, api, params=query, json=body, files=files)
@@ -275,10 +304,16 @@ class WecomClient:
         except httpx.TransportError as exc:
             raise self._no_answer(api, f"no answer ({type(exc).__name__})", idempotent=idempotent) from None
         self.calls[api] += 1
-        if response.status_code >= 500:
-            raise self._no_answer(api, f"HTTP {response.status_code}", idempotent=idempotent)
-        if response.status_code != 200:
-            raise PermanentError(f"WeCom {api}: HTTP {response.status_code} (is wecom.base_url right?)")
+        status = response.status_code
+        if status == 429 or status >= 500:
+            hint = retry_after(response.headers.get("retry-after"), self.clock.now())
+            if status == 429:  # refused before anything was done: safe to repeat, writes included
+                raise WecomHttpError(f"WeCom {api}: HTTP 429 (too many requests)", status, hint)
+            if idempotent:
+                raise WecomHttpError(f"WeCom {api}: HTTP {status}", status, hint)
+            raise self._no_answer(api, f"HTTP {status}", idempotent=False)
+        if status != 200:
+            raise PermanentError(f"WeCom {api}: HTTP {status} (is wecom.base_url right?)")
         try:
             data = response.json()
         except ValueError:
@@ -292,6 +327,24 @@ class WecomClient:
         if idempotent:
             return TransientError(f"WeCom {api}: {what}")
         return UnknownOutcomeError(f"WeCom {api}: the request was sent but got {what}; it may have taken effect")
+
+
+def retry_after(value: str | None, now: datetime) -> float | None:
+    """The seconds a Retry-After header asks for — a number of seconds, or an HTTP-date (`now`: the clock's time) —
+    never negative; None when there is none, or it is neither."""
+    if value is None or not value.strip():
+        return None
+    text = value.strip()
+    if text.isdigit():
+        return float(text)
+    try:
+        when = parsedate_to_datetime(text)
+    except (TypeError, ValueError, IndexError):
+        log.warning("WeCom: a Retry-After that is neither seconds nor a date: %r", text[:40])
+        return None
+    if when.tzinfo is None:  # an HTTP-date is in GMT
+        when = when.replace(tzinfo=UTC)
+    return max(0.0, (when - now).total_seconds())
 
 
 def _int(value: object) -> int:

@@ -176,6 +176,16 @@ class WecomRateLimitedError(RateLimitedError):
         self.reason_code = reason_code
 
 
+class WecomHttpError(TransientError):
+    """WeCom's front end (or a proxy before it) answered HTTP 429 or a 5xx to a call that may be repeated.
+    `retry_after`: the seconds its Retry-After asked for (None: it said nothing)."""
+
+    def __init__(self, message: str, status: int, retry_after: float | None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.retry_after = retry_after
+
+
 WecomError = WecomAuthError | WecomPermanentError | WecomTransientError | WecomRateLimitedError
 
 

@@ -15,8 +15,11 @@ It implements the endpoints the wecom gateway calls, with their documented behav
   `add_external_contact`, single-use, 20 s); `message/send` and the group robot's `webhook/send` (20 a minute).
 * limits: `per_window` calls per API per `window` seconds (sliding), then 45009; more than `concurrency` calls of
   one API at once, 45033. Injected faults: `storm` (the next N calls of an API answer an errcode), `expire_tokens`,
-  `fail_after_processing` (the call takes effect, then the answer is an HTTP 502: the client cannot know) and
-  `fail_before_processing` (the same answer, but nothing was done).
+  `fail_after_processing` (the call takes effect, then the answer is an HTTP 502: the client cannot know),
+  `fail_before_processing` (the same answer, but nothing was done), and `fault` — after `skip` good answers, the
+  next calls answered with an HTTP status (429, 503 … with a Retry-After; nothing done), or done and answered with
+  other bytes (an HTML page, an empty or cut-off body) or with the answer changed (a list missing, a wrong type):
+  what a proxy, an overloaded front end or a bad day at WeCom gives, mid-sync.
 * callbacks: `add_customer` / `remove_follow` / `edit_follow` build the change_external_contact event WeCom would
   send, encrypted and signed (`callback`), and `deliver` POSTs it to wecast's callback URL.
 
@@ -37,7 +40,7 @@ import secrets
 import socket
 import string
 from collections import Counter, defaultdict, deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import timedelta
 from email import policy
@@ -140,6 +143,19 @@ class Welcome:
     used: bool = False
 
 
+@dataclass
+class Fault:
+    """How the calls of one API go wrong (`FakeWecom.fault`): after `skip` good answers, `count` bad ones."""
+
+    skip: int
+    count: int
+    status: int = 200  # not 200: answered so before anything is done
+    retry_after: str | None = None
+    raw: bytes | None = None  # the call is done, and these bytes are the answer
+    content_type: str = "application/json"
+    mutate: Callable[[JSON], JSON] | None = None  # the call is done, and its answer is changed so
+
+
 class FakeWecom:
     """The fake's state and behaviour (no HTTP here: `build_app` serves it)."""
 
@@ -203,6 +219,8 @@ class FakeWecom:
         self._storms: dict[str, list[int]] = {}  # api -> errcodes to answer, next first
         self._fail_after: Counter[str] = Counter()
         self._fail_before: Counter[str] = Counter()
+        self._faults: dict[str, list[Fault]] = defaultdict(list)
+        self.faulted: Counter[str] = Counter()  # calls answered by an injected `fault`, per API
         self._robot_sends: deque[float] = deque()
         self._ids = itertools.count(1)
         self._index: dict[str, list[str]] | None = None
@@ -356,6 +374,38 @@ class FakeWecom:
         """The next `count` calls of `api` take effect, but the answer is lost (an HTTP 502)."""
         self._fail_after[api] += count
 
+    def fault(
+        self,
+        api: str,
+        *,
+        skip: int = 0,
+        count: int = 1,
+        status: int = 200,
+        retry_after: str | None = None,
+        raw: bytes | None = None,
+        content_type: str = "application/json",
+        mutate: Callable[[JSON], JSON] | None = None,
+    ) -> None:
+        """After `skip` good answers, the next `count` calls of `api` go wrong: with `status` (and `Retry-After`),
+        refused before anything is done; else done, and answered with `raw` (as `content_type`) or with the answer
+        `mutate` makes of the real one (both the whole JSON, errcode included)."""
+        self._faults[api].append(Fault(skip, count, status, retry_after, raw, content_type, mutate))
+
+    def _fault(self, api: str) -> Fault | None:
+        """The fault that answers this call of `api`, if one does (each fault counts down its skips first)."""
+        faults = self._faults.get(api)
+        if not faults:
+            return None
+        fault = faults[0]
+        if fault.skip:
+            fault.skip -= 1
+            return None
+        fault.count -= 1
+        if fault.count <= 0:
+            faults.pop(0)
+        self.faulted[api] += 1
+        return fault
+
     def add_customer(self, userid: str, name: str = "新客户", *, welcome: bool = True, state: str = "") -> JSON:
         """A customer adds `userid`: the customer and the follow exist, and the callback event WeCom would send is
         returned (with a WelcomeCode, valid 20 s, unless `welcome` is False)."""
@@ -446,6 +496,11 @@ class FakeWecom:
             if self._fail_before[api]:
                 self._fail_before[api] -= 1
                 return PlainTextResponse("bad gateway", status_code=502)
+            fault = self._fault(api)
+            if fault is not None and fault.status != 200:
+                headers = {"Retry-After": fault.retry_after} if fault.retry_after is not None else None
+                page = fault.raw if fault.raw is not None else f"<html><body>{fault.status}</body></html>".encode()
+                return Response(page, status_code=fault.status, headers=headers, media_type=fault.content_type)
             if api != "webhook/send":
                 self._limit(api)
             storm = self._storms.get(api)
@@ -465,7 +520,12 @@ class FakeWecom:
             if self._fail_after[api]:
                 self._fail_after[api] -= 1
                 return PlainTextResponse("bad gateway", status_code=502)
-            return JSONResponse({"errcode": 0, "errmsg": "ok", **data})
+            answer: JSON = {"errcode": 0, "errmsg": "ok", **data}
+            if fault is not None and fault.raw is not None:
+                return Response(fault.raw, media_type=fault.content_type)
+            if fault is not None and fault.mutate is not None:
+                return JSONResponse(fault.mutate(answer))
+            return JSONResponse(answer)
         except FakeError as exc:
             self.errors[(api, exc.errcode)] += 1
             errmsg = f"{exc.errmsg}, hint: [{secrets.token_hex(4)}], from ip: 127.0.0.1, more info at https://open.work.weixin.qq.com/devtool/query?e={exc.errcode}"
