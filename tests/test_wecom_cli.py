@@ -93,3 +93,19 @@ def test_reconcile_of_an_unknown_run_is_an_error(setup: tuple[Path, FakeWecom, F
     result = wecast(cfg, fake, "reconcile", "99")
     assert result.exit_code == 1
     assert "no run 99" in result.output
+
+
+def test_a_proxys_error_page_mid_sync_is_one_clear_line(setup: tuple[Path, FakeWecom, FakeWecomThread]) -> None:
+    """A proxy answers the second sync's customer list with its HTML error page (quoting the request URL, token
+    and all), every retry too: `wecast contacts sync` exits 1 with one line naming the API and what came back — no
+    traceback, nothing of the page — and the customers of the first sync are all still there."""
+    cfg, fake, far = setup
+    assert wecast(cfg, fake, "contacts", "sync").exit_code == 0
+    page = b"<html><body>502 Bad Gateway: /cgi-bin/externalcontact/batch/get_by_user?access_token=LEAKED</body></html>"
+    far.call(lambda: fake.fault("externalcontact/batch/get_by_user", raw=page, content_type="text/html", count=20))
+    result = wecast(cfg, fake, "contacts", "sync")
+    assert result.exit_code == 1, result.output
+    assert "externalcontact/batch/get_by_user: an answer that is not JSON (text/html)" in result.output
+    assert "Traceback" not in result.output and "LEAKED" not in result.output and "<html>" not in result.output
+    listed = wecast(cfg, fake, "contacts", "list", "--json")
+    assert listed.output.count('"id": "wm') == 30

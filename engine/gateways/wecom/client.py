@@ -15,6 +15,11 @@
   more than `rate_limit_wait` for one retry. When the retries run out, the error raised carries `retry_after` — what
   the server asked, bounded by `MAX_RETRY_AFTER` — and the dispatcher waits that long (its attempts are counted: a
   delivery whose attempts run out ends `failed`, never left pending).
+* **Answers** are checked before the caller sees them: a body that is not a JSON object (an HTML page from a proxy,
+  an empty or cut-off body) is an error like a 5xx; so is an errcode 0 answer without a list the API always
+  returns, or with one of the wrong type (`ANSWER_LISTS`): WeCom answering "ok" without `external_contact_list`
+  must never read as "no customers". Calls safe to repeat are retried; then a TransientError naming the API and
+  the field.
 * **Transport.** A connection that never opened is retried like -1. A request that left but got no (or a garbled)
   answer is retried only for calls that are safe to repeat (`idempotent=True`); for the others it raises
   `UnknownOutcomeError`, and the caller decides (the 群发 path looks for the task it may have created).
@@ -48,6 +53,7 @@ from engine.errors import (
 )
 from engine.gateways.wecom.errors import (
     Handling,
+    WecomAnswerError,
     WecomHttpError,
     error_for,
     handling_of,
@@ -60,6 +66,18 @@ log = logging.getLogger("wecast.wecom")
 
 JSON = dict[str, Any]
 MAX_RETRY_AFTER = 600.0  # seconds: a longer Retry-After is cut to this (a run never waits an hour on one header)
+# The lists each API always returns when its errcode is 0 (shared/reference/wecom_api.md §2-§4: WeCom sends them,
+# empty when there is nothing, even beside most errcodes). An answer without one is refused, never read as empty.
+ANSWER_LISTS: dict[str, tuple[str, ...]] = {
+    "externalcontact/get_follow_user_list": ("follow_user",),
+    "externalcontact/list": ("external_userid",),
+    "externalcontact/get": ("follow_user",),
+    "externalcontact/batch/get_by_user": ("external_contact_list",),
+    "externalcontact/get_corp_tag_list": ("tag_group",),
+    "externalcontact/get_groupmsg_list_v2": ("group_msg_list",),
+    "externalcontact/get_groupmsg_task": ("task_list",),
+    "externalcontact/get_groupmsg_send_result": ("send_list",),
+}
 _SECRET_PARAMS = re.compile(r"((?:access_token|corpsecret|corpid|key)=)[^&\s\"']+", re.IGNORECASE)
 
 
@@ -314,12 +332,34 @@ class WecomClient:
             raise self._no_answer(api, f"HTTP {status}", idempotent=False)
         if status != 200:
             raise PermanentError(f"WeCom {api}: HTTP {status} (is wecom.base_url right?)")
+        return self._answer(api, response, idempotent=idempotent)
+
+    def _answer(self, api: str, response: httpx.Response, *, idempotent: bool) -> JSON:
+        """The JSON object of a 200 answer, with an errcode, and (errcode 0) the lists `api` always returns."""
+        what = ""
         try:
             data = response.json()
         except ValueError:
-            raise self._no_answer(api, "an answer that is not JSON", idempotent=idempotent) from None
-        if not isinstance(data, dict):
-            raise self._no_answer(api, "an answer that is not a JSON object", idempotent=idempotent)
+            kind = response.headers.get("content-type", "").split(";")[0].strip() or "no content type"
+            what = "an empty answer" if not response.content.strip() else f"an answer that is not JSON ({kind})"
+            data = None
+        if not what and not isinstance(data, dict):
+            what = f"a JSON {type(data).__name__}, not an object"
+        if not what and isinstance(data, dict) and "errcode" not in data:
+            what = "an answer without an errcode"
+        if what:
+            if not idempotent:
+                raise self._no_answer(api, what, idempotent=False)
+            raise WecomAnswerError(f"WeCom {api}: {what}", api, "body")
+        assert isinstance(data, dict)
+        if _int(data.get("errcode")) == 0:
+            for name in ANSWER_LISTS.get(api, ()):
+                value = data.get(name)
+                if not isinstance(value, list):
+                    found = "is missing" if value is None else f"is a {type(value).__name__}, not a list"
+                    raise WecomAnswerError(
+                        f"WeCom {api} answered ok, but its {name} {found}: the answer is not used", api, name
+                    )
         return data
 
     @staticmethod

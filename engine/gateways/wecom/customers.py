@@ -11,7 +11,10 @@ WeCom lists a customer once per staff member who added them (`batch/get_by_user`
 * `added_at` — the earliest add; `additional_info["follows"]` — each follow as WeCom gave it (add way, state …).
 
 Parsing is lenient, as the reference asks (§2.4: numbers may come as strings, fields as null): a field of the
-wrong shape becomes its empty value, never an exception.
+wrong shape becomes its empty value, never an exception. What an answer is made of is not: a list item that is not
+an object, an item without its id (a customer without `external_userid`, a follow without `userid`), a cursor that
+is not text or comes back again — each a `WecomAnswerError` naming the API and the field (`items`, `ident`,
+`next_cursor`), so a sync fails rather than leaving out customers it could not read (they would be marked removed).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from engine.gateways.base import ContactRecord, TagRecord
+from engine.gateways.wecom.errors import WecomAnswerError
 
 JSON = dict[str, Any]
 
@@ -48,6 +52,58 @@ def strings(value: object) -> list[str]:
 
 def obj(value: object) -> JSON:
     return value if isinstance(value, dict) else {}
+
+
+def items(api: str, data: JSON, name: str) -> list[JSON]:
+    """The objects of the list `name` of an answer of `api` (WecomAnswerError if it is no list, or an item is not an
+    object)."""
+    value = data.get(name)
+    if not isinstance(value, list):
+        raise WecomAnswerError(f"WeCom {api}: {name} is not a list: the answer is not used", api, name)
+    for i, item in enumerate(value):
+        if not isinstance(item, dict):
+            what = "null" if item is None else type(item).__name__
+            raise WecomAnswerError(
+                f"WeCom {api}: {name}[{i}] is {what}, not an object: the answer is not used", api, f"{name}[{i}]"
+            )
+    return value
+
+
+def ident(api: str, value: object, name: str) -> str:
+    """An id an answer must carry (a string, or a number WeCom sent as one); WecomAnswerError if it is missing,
+    empty or of another type."""
+    if isinstance(value, str) and value.strip():
+        return value
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    what = "missing" if value is None else "empty" if value == "" else f"a {type(value).__name__}"
+    raise WecomAnswerError(f"WeCom {api}: {name} is {what}: the answer is not used", api, name)
+
+
+def id_list(api: str, data: JSON, name: str) -> list[str]:
+    """A list of ids (`follow_user`): every one checked as `ident`."""
+    value = data.get(name)
+    if not isinstance(value, list):
+        raise WecomAnswerError(f"WeCom {api}: {name} is not a list: the answer is not used", api, name)
+    return [ident(api, v, f"{name}[{i}]") for i, v in enumerate(value)]
+
+
+def next_cursor(api: str, data: JSON, seen: set[str]) -> str:
+    """The `next_cursor` of a page ('' or absent: the last page), remembered in `seen`. A cursor that is not text,
+    or one given before (the same page again: an endless loop), is a WecomAnswerError."""
+    value = data.get("next_cursor")
+    if value is None or value == "":
+        return ""
+    if not isinstance(value, str):
+        raise WecomAnswerError(f"WeCom {api}: next_cursor is a {type(value).__name__}, not text", api, "next_cursor")
+    if value in seen:
+        raise WecomAnswerError(
+            f"WeCom {api}: next_cursor {value[:40]!r} came back again (the same page twice): paging stopped",
+            api,
+            "next_cursor",
+        )
+    seen.add(value)
+    return value
 
 
 def follow_from_batch(info: object) -> JSON:

@@ -186,6 +186,17 @@ class WecomHttpError(TransientError):
         self.retry_after = retry_after
 
 
+class WecomAnswerError(TransientError):
+    """WeCom answered, but not what the API returns: a body that is not a JSON object (an HTML page from a proxy,
+    an empty or cut-off body), no errcode, or errcode 0 without a list the API always sends (or with one of the wrong
+    shape). Nothing in it is used: a sync fails instead of reading a missing list as "no customers"."""
+
+    def __init__(self, message: str, api: str, field: str) -> None:
+        super().__init__(message)
+        self.api = api
+        self.field = field
+
+
 WecomError = WecomAuthError | WecomPermanentError | WecomTransientError | WecomRateLimitedError
 
 

@@ -391,6 +391,10 @@ class FakeWecom:
         `mutate` makes of the real one (both the whole JSON, errcode included)."""
         self._faults[api].append(Fault(skip, count, status, retry_after, raw, content_type, mutate))
 
+    def clear_faults(self) -> None:
+        """Every injected `fault` not spent yet is dropped: the next calls are answered properly."""
+        self._faults.clear()
+
     def _fault(self, api: str) -> Fault | None:
         """The fault that answers this call of `api`, if one does (each fault counts down its skips first)."""
         faults = self._faults.get(api)

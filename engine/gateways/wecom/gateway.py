@@ -31,6 +31,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import random
@@ -240,8 +241,8 @@ class WecomGateway(Gateway):
         """The staff members whose customers are synced and messaged."""
         if self.settings.staff:
             return list(self.settings.staff)
-        data = await self.client.get("externalcontact/get_follow_user_list")
-        return customers.strings(data.get("follow_user"))
+        api = "externalcontact/get_follow_user_list"
+        return customers.id_list(api, await self.client.get(api), "follow_user")
 
     async def list_contacts(self, cursor: str | None = None, page_size: int = 500) -> ContactPage:
         self._require_login()
@@ -258,58 +259,86 @@ class WecomGateway(Gateway):
         return ContactPage(records, str(_Cursor(position.sync, page[size - 1][0])), total=total)
 
     async def _snapshot(self) -> str:
-        """Fetch every (customer, staff member) pair into a new snapshot; returns its id."""
+        """Fetch every (customer, staff member) pair into a new snapshot; returns its id. An answer that is not what
+        the API returns fails the whole snapshot (dropped: nothing of it is handed out)."""
         sync = uuid.uuid4().hex
         now = self.clock.now().timestamp()
         await asyncio.to_thread(self.store.start_sync, sync, now, now - SNAPSHOT_STALE)
-        staff = await self.staff()
-        for start in range(0, len(staff), STAFF_PER_CALL):
-            group = staff[start : start + STAFF_PER_CALL]
-            cursor = ""
-            while True:
-                body: JSON = {"userid_list": group, "cursor": cursor, "limit": CUSTOMERS_PER_CALL}
-                data = await self.client.post("externalcontact/batch/get_by_user", body)
-                unlicensed = customers.strings(customers.obj(data.get("fail_info")).get("unlicensed_userid_list"))
-                if unlicensed:
-                    log.warning("wecom: staff without an interoperability licence were skipped: %s", unlicensed)
-                rows = []
-                for item in data.get("external_contact_list") or []:
-                    contact = customers.contact_fields(customers.obj(item).get("external_contact"))
-                    follow = customers.follow_from_batch(customers.obj(item).get("follow_info"))
-                    if contact["external_userid"] and follow["userid"]:
-                        rows.append((contact["external_userid"], follow["userid"], contact, follow))
-                await asyncio.to_thread(self.store.add_follows, sync, rows)
-                cursor = customers.text(data.get("next_cursor"))
-                if not cursor:
-                    break
-        total = await asyncio.to_thread(self.store.seal_sync, sync)
+        try:
+            staff = await self.staff()
+            for start in range(0, len(staff), STAFF_PER_CALL):
+                await self._fetch_follows(sync, staff[start : start + STAFF_PER_CALL])
+            total = await asyncio.to_thread(self.store.seal_sync, sync)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await asyncio.shield(asyncio.to_thread(self.store.end_sync, sync))
+            raise
         log.info("wecom: %d customers of %d staff members fetched", total, len(staff))
         return sync
 
+    async def _fetch_follows(self, sync: str, group: list[str]) -> None:
+        """Every page of `batch/get_by_user` for up to 100 staff members into the snapshot."""
+        api = "externalcontact/batch/get_by_user"
+        cursor = ""
+        seen: set[str] = set()
+        while True:
+            body: JSON = {"userid_list": group, "cursor": cursor, "limit": CUSTOMERS_PER_CALL}
+            data = await self.client.post(api, body)
+            unlicensed = customers.strings(customers.obj(data.get("fail_info")).get("unlicensed_userid_list"))
+            if unlicensed:
+                log.warning("wecom: staff without an interoperability licence were skipped: %s", unlicensed)
+            rows = []
+            for i, item in enumerate(customers.items(api, data, "external_contact_list")):
+                where = f"external_contact_list[{i}]"
+                raw_contact, raw_follow = item.get("external_contact"), item.get("follow_info")
+                ext_id = customers.obj(raw_contact).get("external_userid")
+                ext = customers.ident(api, ext_id, f"{where}.external_contact.external_userid")
+                userid = customers.ident(api, customers.obj(raw_follow).get("userid"), f"{where}.follow_info.userid")
+                contact = {**customers.contact_fields(raw_contact), "external_userid": ext}
+                follow = {**customers.follow_from_batch(raw_follow), "userid": userid}
+                rows.append((ext, userid, contact, follow))
+            await asyncio.to_thread(self.store.add_follows, sync, rows)
+            cursor = customers.next_cursor(api, data, seen)
+            if not cursor:
+                return
+
     async def get_contact(self, contact_id: str) -> ContactRecord | None:
         self._require_login()
+        api = "externalcontact/get"
         merged: JSON = {}
         follows: list[JSON] = []
         cursor = ""
+        seen: set[str] = set()
         while True:
             params = {"external_userid": contact_id, **({"cursor": cursor} if cursor else {})}
             try:
-                data = await self.client.get("externalcontact/get", params)
+                data = await self.client.get(api, params)
             except WecomPermanentError as exc:
                 if exc.reason_code in ("unknown_contact", "not_friend", "no_privilege"):
                     return None
                 raise
+            customers.ident(api, customers.obj(data.get("external_contact")).get("external_userid"), "external_userid")
+            for i, item in enumerate(customers.items(api, data, "follow_user")):
+                customers.ident(api, item.get("userid"), f"follow_user[{i}].userid")
+                follows.append(item)
             merged = merged or data
-            follows.extend(data.get("follow_user") or [])
-            cursor = customers.text(data.get("next_cursor"))
+            cursor = customers.next_cursor(api, data, seen)
             if not cursor:
                 break
         return customers.from_detail({**merged, "follow_user": follows})
 
     async def list_tags(self) -> list[TagRecord]:
         self._require_login()
-        data = await self.client.post("externalcontact/get_corp_tag_list", {})
-        return customers.tags_from_groups(data.get("tag_group") or [])
+        return customers.tags_from_groups(await self._tag_groups())
+
+    async def _tag_groups(self) -> list[JSON]:
+        """`get_corp_tag_list`'s tag groups, each group's `tag` list and every tag's id checked."""
+        api = "externalcontact/get_corp_tag_list"
+        groups = customers.items(api, await self.client.post(api, {}), "tag_group")
+        for i, group in enumerate(groups):
+            for j, tag in enumerate(customers.items(api, group, "tag") if "tag" in group else []):
+                customers.ident(api, tag.get("id"), f"tag_group[{i}].tag[{j}].id")
+        return groups
 
     # -- tags ------------------------------------------------------------------------------------
     async def _follows_of(self, contact_id: str) -> tuple[str, ...]:
@@ -337,8 +366,7 @@ class WecomGateway(Gateway):
         """The tag of that name in that group (WeCom needs a group: '' means 'wecast'), created when missing."""
         self._require_login()
         group_name = group_name or "wecast"
-        data = await self.client.post("externalcontact/get_corp_tag_list", {})
-        groups = [customers.obj(g) for g in data.get("tag_group") or []]
+        groups = await self._tag_groups()
         for tag in customers.tags_from_groups(groups):
             if tag.name == name and tag.group_name == group_name:
                 return tag
@@ -417,7 +445,9 @@ class WecomGateway(Gateway):
         start = max(int(row.started_at) - TASK_SEARCH_SLACK, now - 30 * 86_400 + 60)  # WeCom searches ≤ 1 month
         known = await asyncio.to_thread(self.store.known_msgids)
         candidates: list[str] = []
+        api = "externalcontact/get_groupmsg_list_v2"
         cursor = ""
+        seen: set[str] = set()
         while True:
             body: JSON = {
                 "chat_type": "single",
@@ -427,13 +457,12 @@ class WecomGateway(Gateway):
                 "limit": 100,
                 "cursor": cursor,
             }
-            data = await self.client.post("externalcontact/get_groupmsg_list_v2", body)
-            for item in data.get("group_msg_list") or []:
-                entry = customers.obj(item)
-                msgid = customers.text(entry.get("msgid"))
-                if msgid and msgid not in known and _same_content(entry, content):
+            data = await self.client.post(api, body)
+            for i, entry in enumerate(customers.items(api, data, "group_msg_list")):
+                msgid = customers.ident(api, entry.get("msgid"), f"group_msg_list[{i}].msgid")
+                if msgid not in known and _same_content(entry, content):
                     candidates.append(msgid)
-            cursor = customers.text(data.get("next_cursor"))
+            cursor = customers.next_cursor(api, data, seen)
             if not cursor:
                 break
         wanted = set(row.recipients)
@@ -449,28 +478,31 @@ class WecomGateway(Gateway):
         return None
 
     async def _task_staff(self, msgid: str) -> list[str]:
+        api = "externalcontact/get_groupmsg_task"
         staff: list[str] = []
         cursor = ""
+        seen: set[str] = set()
         while True:
             body: JSON = {"msgid": msgid, "limit": RESULTS_PER_CALL, "cursor": cursor}
-            data = await self.client.post("externalcontact/get_groupmsg_task", body)
-            staff.extend(customers.text(customers.obj(t).get("userid")) for t in data.get("task_list") or [])
-            cursor = customers.text(data.get("next_cursor"))
+            data = await self.client.post(api, body)
+            for i, task in enumerate(customers.items(api, data, "task_list")):
+                staff.append(customers.ident(api, task.get("userid"), f"task_list[{i}].userid"))
+            cursor = customers.next_cursor(api, data, seen)
             if not cursor:
-                return [s for s in staff if s]
+                return staff
 
     async def _send_results(self, msgid: str, userid: str) -> list[JSON]:
+        api = "externalcontact/get_groupmsg_send_result"
         out: list[JSON] = []
         cursor = ""
+        seen: set[str] = set()
         while True:
             body: JSON = {"msgid": msgid, "userid": userid, "limit": RESULTS_PER_CALL, "cursor": cursor}
-            data = await self.client.post("externalcontact/get_groupmsg_send_result", body)
-            for item in data.get("send_list") or []:
-                entry = customers.obj(item)
-                ext = customers.text(entry.get("external_userid"))
-                if ext:
-                    out.append({"external_userid": ext, "status": customers.number(entry.get("status"))})
-            cursor = customers.text(data.get("next_cursor"))
+            data = await self.client.post(api, body)
+            for i, entry in enumerate(customers.items(api, data, "send_list")):
+                ext = customers.ident(api, entry.get("external_userid"), f"send_list[{i}].external_userid")
+                out.append({"external_userid": ext, "status": customers.number(entry.get("status"))})
+            cursor = customers.next_cursor(api, data, seen)
             if not cursor:
                 return out
 
