@@ -127,7 +127,17 @@ class Phone:
         return str(self.http.get("/api/v1/sandbox/phone").json()["verifyCode"])
 
 
-def test_a_marketers_day_in_the_browser(server: LiveServer, shots: Path, capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.fixture
+def phone(server: LiveServer) -> Iterator[Phone]:
+    """The phone, its HTTP client closed after the test (it was left open: an unclosed socket at exit)."""
+    phone = Phone(server)
+    with phone.http:
+        yield phone
+
+
+def test_a_marketers_day_in_the_browser(
+    server: LiveServer, shots: Path, phone: Phone, capsys: pytest.CaptureFixture[str]
+) -> None:
     """Sign in, log in by QR (wrong code first, then the right one), find a customer, preview and run a campaign,
     watch its progress reach the end live, read its deliveries; every page screenshotted at two widths."""
     _need_chromium()
@@ -135,7 +145,6 @@ def test_a_marketers_day_in_the_browser(server: LiveServer, shots: Path, capsys:
 
     with capsys.disabled():
         print(f"\n[console screenshots] {shots}")
-    phone = Phone(server)
     gateway = server.app.gateway
     assert isinstance(gateway, SandboxGateway)
     profile = tempfile.mkdtemp(prefix="wecast-chromium-")
@@ -187,6 +196,10 @@ def test_a_marketers_day_in_the_browser(server: LiveServer, shots: Path, capsys:
         phone.http.post("/api/v1/login/start").raise_for_status()
         expect(qr).not_to_have_attribute("src", first_src or "")
         assert page.evaluate("window.__notReloaded") is True, "the QR must be replaced without reloading the page"
+        # The new picture loaded, not just named: a screenshot before that was blank on a busy machine.
+        page.wait_for_function(
+            "() => { const qr = document.querySelector('#login-qr'); return qr.complete && qr.naturalWidth > 0 }"
+        )
         url = phone.scan(qr.screenshot())
         assert (qr.get_attribute("src") or "").endswith(url.split("key=")[1].split("&")[0])
         code_input = page.locator("input[name=verifyCode]")
