@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -107,6 +108,23 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
         yield f"sqlite:///{tmp_path}/wecast.sqlite"
     else:
         yield from _fresh_pg_schema(request.getfixturevalue("pg_database"))
+
+
+@pytest.fixture
+def fresh_db_url(request: pytest.FixtureRequest, tmp_path: Path, db_url: str) -> Iterator[Callable[[], str]]:
+    """`fresh_db_url()`: one more new, empty database on the backend of this test's `db_url` (a SQLite file, a
+    PostgreSQL schema), for tests that need several (each dropped afterwards)."""
+    with ExitStack() as stack:
+        made = 0
+
+        def fresh() -> str:
+            nonlocal made
+            made += 1
+            if db_url.startswith("sqlite"):
+                return f"sqlite:///{tmp_path}/wecast-{made}.sqlite"
+            return stack.enter_context(contextmanager(_fresh_pg_schema)(request.getfixturevalue("pg_database")))
+
+        yield fresh
 
 
 @pytest.fixture
