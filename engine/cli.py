@@ -941,6 +941,8 @@ def run(
         task = progress.add_task(tr("sending"), total=None)
 
         def on_progress(counts: dict[DeliveryStatus, int]) -> None:
+            if not progress.live.is_started:  # a test send's bar: once its contacts are known, not before an error
+                progress.start()
             total = sum(v for k, v in counts.items() if k != DeliveryStatus.SKIPPED)
             done = sum(v for k, v in counts.items() if k in TERMINAL_STATUSES and k != DeliveryStatus.SKIPPED)
             progress.update(
@@ -976,7 +978,6 @@ def run(
                 ids = [i.strip() for i in test_to.split(",") if i.strip()]
                 if not ids:
                     raise click.BadParameter(tr("name at least one contact id"), param_hint="--test-to")
-                progress.start()
                 return [await app.test_send(spec, ids, progress=on_progress, login_wait=login_wait)]
             if spec is not None:
                 await app.ensure_contacts()

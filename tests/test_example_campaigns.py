@@ -156,6 +156,16 @@ def test_wecast_send_sends_the_text_then_the_poster(workdir: Path) -> None:
     assert len(wecast_json(workdir, "sandbox", "outbox", "--contact", contact)) == 2
 
 
+def test_test_to_an_unknown_contact_is_one_error_line(workdir: Path) -> None:
+    """`wecast run CAMPAIGN --test-to NOSUCH` says there is no such contact, exit 1, and nothing else: it drew an
+    empty "sending 0/?" progress bar first, as if something had started."""
+    args = ["-c", str(workdir / "config.yaml"), "--lang", "en", "run", "double11_poster", "--test-to", "nosuch"]
+    done = CliRunner().invoke(main, args, catch_exceptions=False)
+    assert done.exit_code == 1
+    assert done.stderr.strip() == "error: no contact nosuch (see `wecast contacts list`)", done.stderr
+    assert wecast_json(workdir, "sandbox", "outbox", "--limit", "0") == []
+
+
 def test_test_to_sends_the_exact_message_to_named_contacts_only(workdir: Path) -> None:
     """`wecast run CAMPAIGN --test-to A,B` sends every part to A and B only, in a run marked test, outside
     dedupe: the real run afterwards still reaches everyone, A and B included."""
