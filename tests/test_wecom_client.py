@@ -38,10 +38,10 @@ async def test_the_token_is_fetched_once_and_reused(tmp_path: Path) -> None:
         assert r.fake.calls[FOLLOW] == 30
 
 
-@pytest.mark.parametrize("expired_errcode", [42001, 40014])
+@pytest.mark.parametrize("expired_errcode", [42001, 40014, 40001])
 async def test_a_token_that_expires_mid_run_is_refreshed_once(tmp_path: Path, expired_errcode: int) -> None:
-    """WeCom drops the token early (42001, or 40014 as some do): twenty calls in flight at once each retry once,
-    and exactly one new token is fetched for all of them."""
+    """WeCom drops the token early (42001, 40014 as some do, 40001 as when the token's credential no longer holds):
+    twenty calls in flight at once each retry once, and exactly one new token is fetched for all of them."""
     async with running(tmp_path, expired_errcode=expired_errcode) as r:
         await r.gateway.client.get(FOLLOW)
         r.fake.expire_tokens()

@@ -1,10 +1,13 @@
 """The WeCom server API over httpx: one access token per app, every answer's errcode checked, a limiter per API.
 
 * **Token.** Fetched with `gettoken` on first use and cached until shortly before `expires_in`. When a call answers
-  40014 / 42001 / 41001 the token is dropped (only if it is still the current one) and fetched again — by one caller
-  only (a lock: many calls failing together cause one `gettoken`) — and the call is retried once. A `gettoken`
-  refused for the credentials (40001 / 40013 / 40091) is fatal: every later call raises the same `AuthError`
-  without asking WeCom again until `reset()` (WeCom blocks an IP for an hour after repeated secret errors).
+  40014 / 42001 / 41001 / 40001 (`errors.TOKEN_REFUSED`) the token is dropped (only if it is still the current one)
+  and fetched again — by one caller only (a lock: many calls failing together cause one `gettoken`) — and the call
+  is retried once. A `gettoken` refused for the credentials (40001 / 40013 / 40091) is fatal: every later call
+  raises the same `AuthError` without asking WeCom again until `reset()` (WeCom blocks an IP for an hour after
+  repeated secret errors). Each process keeps its own token in memory, never on disk: WeCom answers `gettoken` with
+  the token still valid (reference §1), so processes sharing the state file do not end each other's, and one whose
+  token is refused refreshes its own (once, as above).
 * **Errcodes.** HTTP 200 with a non-zero errcode is an error, mapped by `errors.error_for` (one table). -1, 6000,
   41063, 45009 and 45033 are retried inside the call (up to `max_retries`) before the error is raised to the caller.
 * **HTTP 429 and 5xx** (WeCom's front end, or a proxy before it). A 429 refused the request before anything was
@@ -52,6 +55,7 @@ from engine.errors import (
     UnknownOutcomeError,
 )
 from engine.gateways.wecom.errors import (
+    TOKEN_REFUSED,
     Handling,
     WecomAnswerError,
     WecomHttpError,
@@ -256,7 +260,7 @@ class WecomClient:
                 return data
             errmsg = str(data.get("errmsg") or "")
             handling = handling_of(errcode)
-            if handling is Handling.REFRESH_TOKEN and token is not None:
+            if errcode in TOKEN_REFUSED and token is not None:
                 if token_retried:
                     raise AuthError(
                         f"WeCom {api}: a freshly fetched access token was refused too (errcode {errcode}); "

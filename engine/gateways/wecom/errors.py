@@ -9,6 +9,10 @@ every answer goes through `error_for` unless its errcode is 0. What the client a
     CONFIG          40001 40013 40091 48002 60020 301002   AuthError            never retried (a wrong secret
                                                                                 retried gets the IP blocked); the
                                                                                 run pauses with sends pending
+
+40001 is CONFIG from `gettoken`; from a call made with a token (`TOKEN_REFUSED`) it means the token's credential no
+longer holds — the secret was reset, or WeCom dropped the token, since it was issued — so it is refreshed once like
+42001: `gettoken` then answers for the secret itself (40001 again: fatal, one call, no loop).
     RATE_LIMITED    45009                                  RateLimitedError     wait `rate_limit_wait` (WeCom blocks
                                                                                 a minute limit for 60 s), retry
     CONCURRENCY     45033 (45035, if it ever appears)      RateLimitedError     short backoff, retry
@@ -138,6 +142,10 @@ CODES: dict[int, Code] = {
     44004: Code(Handling.REQUEST, "empty_text", "the text is empty — 文本消息content参数为空"),
     45002: Code(Handling.REQUEST, "too_long", "the message is too long — 消息内容大小超过限制"),
 }
+
+
+# Codes that, answered to a call made with an access token, drop the token and fetch a new one (once per call).
+TOKEN_REFUSED = frozenset({40014, 42001, 41001, 40001})
 
 
 class WecomAuthError(AuthError):
