@@ -2,7 +2,8 @@
 
 A run being dispatched (`campaign_runs.owner`) and a contact sync running (`contact_syncs.owner`) carry their
 process's owner id (`host:pid:nonce`) and a heartbeat. Another process takes over only when the owner is gone: on
-the same host, its pid no longer exists; on any host, its heartbeat is older than `STALE_AFTER`. Owners beat every
+the same host, its pid no longer exists or is a zombie (killed, its parent not having collected its exit status
+yet: it will never beat again); on any host, its heartbeat is older than `STALE_AFTER`. Owners beat every
 `HEARTBEAT_EVERY` seconds while they work and never go longer than `BEAT_WITHIN` without a beat whatever they wait
 for (quiet hours to end, a login, staff to confirm a task, a retry's backoff), so a live owner is never judged stale
 by another host: the margin also covers a beat held up by a database lock for up to its busy timeout (30 s).
@@ -39,5 +40,18 @@ def owner_alive(owner: str, heartbeat: datetime | None, now: datetime) -> bool:
             return False
         except PermissionError:
             return fresh
-        return fresh
+        return fresh and not _zombie(int(pid_text))
     return fresh
+
+
+def _zombie(pid: int) -> bool:
+    """Whether `pid` has exited and only waits for its parent to collect its status (Linux: its state in
+    /proc/PID/stat is Z, or X while it goes). A `kill -9`'d wecast stays so until its parent waits for it; its pid
+    still answers signal 0. Elsewhere (no /proc) nothing is known: False."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            # "pid (comm) state ...": comm may hold spaces and parentheses, the state follows its last ')'.
+            state = stat.read().rpartition(b")")[2].split(maxsplit=1)[:1]
+    except OSError:
+        return False
+    return state in ([b"Z"], [b"X"])

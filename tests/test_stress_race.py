@@ -461,3 +461,33 @@ def test_two_servers_killed_at_random_run_a_journey_once_per_step(
     sending, a wait), some customers replying TD: every step reaches every customer once, one confirmation per
     opt-out and no step after it, every delivery final."""
     _rounds(tmp_path, fresh_db_url, journey_round)
+
+
+# -- take-over at once -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(300)
+def test_a_killed_run_not_yet_reaped_by_its_parent_is_taken_over_at_once(tmp_path: Path, db_url: str) -> None:
+    """`kill -9` of `wecast run` mid-send, its exit status not yet collected by its parent (a zombie, whose pid still
+    answers), then `wecast run --resume` at once: the run is taken over and finished — everyone once — instead of
+    being refused as "being sent by another process" until the dead owner's heartbeat went stale a minute later."""
+    cfg = _config(tmp_path, db_url, idempotent=False, faults="{latency_ms: 20}")
+    (tmp_path / "campaigns").mkdir()
+    (tmp_path / "campaigns" / "z.yaml").write_text(TEXT.format(id="z").replace("300", "40"), encoding="utf-8")
+    proc = start(cfg, "run", "z", "--run-key", "stress")
+    state = tmp_path / "sandbox.sqlite"
+    deadline = time.monotonic() + 60
+    while len(outbox_parts(state)) < 20:
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    try:
+        while Path(f"/proc/{proc.pid}/stat").read_bytes().rpartition(b")")[2].split()[0] != b"Z":
+            time.sleep(0.01)  # the signal is on its way: dead, not collected
+        resumed = finish(start(cfg, "run", "--resume"), timeout=120)
+    finally:
+        kill_9(proc)  # collected only now
+    assert resumed.code == 0, resumed.err[-2000:]
+    audit = Audit(0)
+    _audit_campaigns(audit, db_url, state, ("z",))
+    assert not audit.problems, (audit.problems, audit.notes)
