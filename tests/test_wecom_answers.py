@@ -91,6 +91,16 @@ SYNC_FAULTS: list[tuple[str, dict[str, Any], str]] = [
         {"mutate": item("external_contact_list", lambda e: {**e, "follow_info": None})},
         "external_contact_list[1].follow_info.userid is missing",
     ),
+    (
+        "tag ids a string",
+        {
+            "mutate": item(
+                "external_contact_list", lambda e: {**e, "follow_info": {**e["follow_info"], "tag_id": "et1"}}
+            )
+        },
+        "external_contact_list[1].follow_info.tag_id is a str, not a list",
+    ),
+    ("errcode not a number", {"mutate": setting("errcode", "ok")}, "an errcode that is not a number"),
     ("cursor an object", {"mutate": setting("next_cursor", {"page": 3})}, "next_cursor is a dict"),
     ("cursor loops", {"mutate": setting("next_cursor", "100")}, "next_cursor '100' came back again"),
 ]
@@ -151,8 +161,8 @@ async def test_staff_and_tag_lists_are_checked_too(tmp_path: Path, api: str, fau
 
 
 async def test_one_customers_detail_without_follows_is_an_error(tmp_path: Path) -> None:
-    """externalcontact/get answering ok without follow_user (or without the customer) is an error, not a customer
-    without staff members (who would read as no longer a friend)."""
+    """externalcontact/get answering ok without follow_user (or without the customer, or with a follow's tags not a
+    list) is an error, not a customer without staff members (who would read as no longer a friend) or tags."""
     async with running(tmp_path, customers=20, staff=2) as r:
         ext = next(iter(r.fake.customers))
         r.fake.fault(GET, count=50, mutate=without("follow_user"))
@@ -161,6 +171,11 @@ async def test_one_customers_detail_without_follows_is_an_error(tmp_path: Path) 
         r.fake.clear_faults()
         r.fake.fault(GET, count=50, mutate=setting("external_contact", {}))
         with pytest.raises(WecomAnswerError, match="external_userid is missing"):
+            await r.gateway.get_contact(ext)
+        r.fake.clear_faults()
+        tags_text = item("follow_user", lambda f: {**f, "tags": "VIP"})
+        r.fake.fault(GET, count=50, mutate=lambda a: tags_text({**a, "follow_user": a["follow_user"] * 2}))
+        with pytest.raises(WecomAnswerError, match=r"follow_user\[1\]\.tags is a str, not a list"):
             await r.gateway.get_contact(ext)
         r.fake.clear_faults()
         assert (await r.gateway.get_contact(ext)) is not None

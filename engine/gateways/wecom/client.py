@@ -61,7 +61,6 @@ from engine.gateways.wecom.errors import (
     WecomHttpError,
     error_for,
     handling_of,
-    short_errmsg,
 )
 from engine.gateways.wecom.limiter import ApiLimiter, Window
 from engine.settings import WecomSettings
@@ -349,8 +348,8 @@ class WecomClient:
             data = None
         if not what and not isinstance(data, dict):
             what = f"a JSON {type(data).__name__}, not an object"
-        if not what and isinstance(data, dict) and "errcode" not in data:
-            what = "an answer without an errcode"
+        if not what and isinstance(data, dict) and not _numeric(data.get("errcode")):
+            what = "an answer without an errcode" if data.get("errcode") is None else "an errcode that is not a number"
         if what:
             if not idempotent:
                 raise self._no_answer(api, what, idempotent=False)
@@ -391,16 +390,15 @@ def retry_after(value: str | None, now: datetime) -> float | None:
     return max(0.0, (when - now).total_seconds())
 
 
-def _int(value: object) -> int:
-    """An errcode or other integer as WeCom may send it (int, numeric string, or absent = 0)."""
-    if value is None or value == "":
-        return 0
+def _numeric(value: object) -> bool:
+    """Whether an errcode is one (an int, or a string of one: WeCom's answers may quote numbers)."""
     if isinstance(value, bool):
-        return int(value)
+        return False
     if isinstance(value, int):
-        return value
-    try:
-        return int(str(value).strip())
-    except ValueError:
-        log.warning("WeCom answered a non-numeric errcode %r", short_errmsg(str(value)))
-        return -1
+        return True
+    return isinstance(value, str) and value.strip().lstrip("-").isdigit()
+
+
+def _int(value: object) -> int:
+    """An errcode `_answer` has checked (`_numeric`): an int, or a string of one."""
+    return value if isinstance(value, int) else int(str(value).strip())

@@ -80,6 +80,13 @@ def ident(api: str, value: object, name: str) -> str:
     raise WecomAnswerError(f"WeCom {api}: {name} is {what}: the answer is not used", api, name)
 
 
+def optional_list(api: str, value: object, name: str) -> None:
+    """A list an item may leave out (a follow's `tag_id` or `tags`): absent or null is no items; anything but a list
+    is a WecomAnswerError — read as no tags, a customer would lose the tag that keeps them out of a campaign."""
+    if value is not None and not isinstance(value, list):
+        raise WecomAnswerError(f"WeCom {api}: {name} is a {type(value).__name__}, not a list", api, name)
+
+
 def id_list(api: str, data: JSON, name: str) -> list[str]:
     """A list of ids (`follow_user`): every one checked as `ident`."""
     value = data.get(name)

@@ -294,6 +294,7 @@ class WecomGateway(Gateway):
                 ext_id = customers.obj(raw_contact).get("external_userid")
                 ext = customers.ident(api, ext_id, f"{where}.external_contact.external_userid")
                 userid = customers.ident(api, customers.obj(raw_follow).get("userid"), f"{where}.follow_info.userid")
+                customers.optional_list(api, customers.obj(raw_follow).get("tag_id"), f"{where}.follow_info.tag_id")
                 contact = {**customers.contact_fields(raw_contact), "external_userid": ext}
                 follow = {**customers.follow_from_batch(raw_follow), "userid": userid}
                 rows.append((ext, userid, contact, follow))
@@ -320,6 +321,7 @@ class WecomGateway(Gateway):
             customers.ident(api, customers.obj(data.get("external_contact")).get("external_userid"), "external_userid")
             for i, item in enumerate(customers.items(api, data, "follow_user")):
                 customers.ident(api, item.get("userid"), f"follow_user[{i}].userid")
+                customers.optional_list(api, item.get("tags"), f"follow_user[{i}].tags")
                 follows.append(item)
             merged = merged or data
             cursor = customers.next_cursor(api, data, seen)
