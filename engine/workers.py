@@ -20,7 +20,7 @@ from typing import Any
 from engine.contacts import SyncResult, refresh_contact
 from engine.dberrors import explain
 from engine.errors import WecastError
-from engine.i18n import tr
+from engine.i18n import process_language, tr, use_language
 from engine.plan import API_CAMPAIGN
 from engine.service import Wecast
 from storage.errors import Failure, StorageError
@@ -170,13 +170,17 @@ class Workers:
                 raise
             self.last_sync_at = app.clock.now()
             self.last_sync, self.last_sync_error, self.last_sync_failed_at = result, "", None
-            log.info(
-                "contacts synced: %s seen, %s added, %s updated, %s removed",
-                result.seen,
-                result.added,
-                result.updated,
-                result.removed,
-            )
+            with use_language(process_language()):  # a log line: the server's language, not a request's
+                log.info(
+                    "%s",
+                    tr(
+                        "contacts synced: {seen} seen, {added} added, {updated} updated, {removed} removed",
+                        seen=result.seen,
+                        added=result.added,
+                        updated=result.updated,
+                        removed=result.removed,
+                    ),
+                )
             return result
 
     def sync_in_background(self, app: Wecast) -> asyncio.Task[SyncResult | None]:
@@ -188,7 +192,8 @@ class Workers:
             try:
                 return await self.sync(app)
             except WecastError as exc:
-                log.warning("contact sync failed: %s", exc)
+                with use_language(process_language()):
+                    log.warning("%s", tr("contact sync failed: {reason}", reason=exc))
                 return None
 
         self._sync_task = asyncio.get_running_loop().create_task(go(), name="wecast-contact-sync")

@@ -296,3 +296,13 @@ def test_serve_answers_in_its_locale_when_the_request_asks_for_nothing(
     logged = [line for line in out.splitlines() if "wecast.gateway" in line and ": qr" in line]
     assert logged, out
     assert bool(HAN.search(logged[0])) == chinese, logged
+    # Its stop too: these two lines were English in a Chinese server's log.
+    stopping = [line for line in out.splitlines() if "wecast.web" in line][-2:]
+    assert stopping, out
+    if chinese:
+        assert [line.split(": ", 1)[1] for line in stopping] == [
+            "正在停止：停止定时任务，等待正在发送的消息发完",
+            "已停止；正在发送的消息均已记录",
+        ], out
+    else:
+        assert "stopped; every in-flight send is recorded" in stopping[-1], out

@@ -171,16 +171,19 @@ class WebContext:
             await self.scheduler.start()
 
     async def shutdown(self, *, close_app: bool) -> None:
-        log.info("shutting down: stopping the scheduler, finishing in-flight sends")
+        log.info("%s", tr("shutting down: stopping the scheduler, finishing in-flight sends"))
         if self.scheduler is not None:
             await self.scheduler.stop()
         self.app.dispatcher.stop()
         cancelled = await self.workers.drain(self.shutdown_timeout)
         if cancelled:
             log.info(
-                "runs %s were waiting (login / quiet hours / throttle); their unsent deliveries stay "
-                "pending and resume on the next start",
-                ", ".join(map(str, cancelled)),
+                "%s",
+                tr(
+                    "runs {runs} were waiting (login / quiet hours / throttle); their unsent deliveries stay "
+                    "pending and resume on the next start",
+                    runs=", ".join(map(str, cancelled)),
+                ),
             )
         if self._unsubscribe is not None:
             self._unsubscribe()
@@ -188,4 +191,4 @@ class WebContext:
             await asyncio.wait({self._last_event_write}, timeout=self.shutdown_timeout)
         if close_app:
             await self.app.close()
-        log.info("stopped; every in-flight send is recorded")
+        log.info("%s", tr("stopped; every in-flight send is recorded"))
