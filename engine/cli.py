@@ -59,6 +59,7 @@ if TYPE_CHECKING:  # the commands import what they need when they run: `wecast -
     from engine.plan import PlanResult, Preview
     from engine.service import Wecast
 from engine.spec import Campaign
+from engine.status_words import status_name
 from engine.textwrap_cjk import Wrapped
 
 T = TypeVar("T")
@@ -1012,27 +1013,6 @@ def run(
             _print_summary(s)
     if any(s.status == RunStatus.PAUSED or s.counts.get(DeliveryStatus.FAILED) for s in summaries):
         sys.exit(EXIT_ERROR)
-
-
-STATUS_NAMES = {
-    "pending": N_("pending"),
-    "claimed": N_("claimed"),
-    "sending": N_("sending"),
-    "submitted": N_("submitted"),
-    "sent": N_("sent"),
-    "failed": N_("failed"),
-    "skipped": N_("skipped"),
-    "unknown": N_("unknown"),
-    "running": N_("running"),
-    "paused": N_("paused"),
-    "completed": N_("completed"),
-    "cancelled": N_("cancelled"),
-}
-
-
-def status_name(status: str) -> str:
-    """A delivery or run status in words (the JSON keeps the English value)."""
-    return tr(STATUS_NAMES[status]) if status in STATUS_NAMES else status
 
 
 def _counts(counts: dict[DeliveryStatus, int]) -> str:

@@ -31,6 +31,7 @@ from engine.notify import RunNotifier
 from engine.plan import PlanResult, Preview, build_preview, plan_adhoc, plan_run, plan_test_send
 from engine.settings import Settings
 from engine.spec import Campaign
+from engine.status_words import status_name
 from storage import contacts as contacts_db
 from storage import deliveries as deliveries_db
 from storage import runs as runs_db
@@ -222,7 +223,12 @@ class Wecast:
         finished = self.clock.now() if to is RunStatus.CANCELLED else None
         if not runs_db.set_status(self.db, run_id, to, allowed=allowed, error=why, finished_at=finished):
             raise WecastError(
-                tr("run {run} is {status}; it cannot be set to {to}", run=run_id, status=run.status, to=to)
+                tr(
+                    "run {run} is {status}; it cannot be set to {to}",
+                    run=run_id,
+                    status=status_name(run.status),
+                    to=status_name(to),
+                )
             )
 
     def pause_run(self, run_id: int, why: str = "paused by a person") -> None:

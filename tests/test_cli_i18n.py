@@ -44,8 +44,9 @@ COMMANDS = [
     (["contacts", "list", "--limit", "2"], "个客户中有", "contacts match"),
     (["contacts", "sync"], "客户：共", "contacts:"),
     (["sandbox", "outbox", "--limit", "2"], "沙箱发件箱中有", "in the sandbox outbox"),
-    (["pause", "1"], "不能改为", "cannot be set to"),  # run 1 is completed
-    (["cancel", "1"], "不能改为", "cannot be set to"),
+    # run 1 is completed; the statuses in words (Chinese output read "状态是 completed，不能改为 paused")
+    (["pause", "1"], "状态是 已完成，不能改为 已暂停", "is completed; it cannot be set to paused"),
+    (["cancel", "1"], "状态是 已完成，不能改为 已取消", "is completed; it cannot be set to cancelled"),
     (["run", "--resume"], "没有需要继续的中断批次", "no interrupted runs to resume"),
     (["run", "weekly_vip"], "已经完成：没有要发送的了", "is already completed"),  # run 1 again (was English)
     (["config"], "来自", "from"),

@@ -40,6 +40,7 @@ from engine.plan import plan_test_send
 from engine.qr import qr_png, qr_svg, qr_terminal
 from engine.schedule import build_trigger, next_fire_times
 from engine.spec import Campaign, load_campaigns, parse_campaign
+from engine.status_words import status_name
 from engine.views import ContactView, DeliveryView, PreviewView, Problem, RunView, json_page
 from engine.web import journeys_api
 from engine.web.context import WebContext
@@ -213,7 +214,11 @@ async def resume_run(ctx: WebContext, run_id: int) -> RunView:
         await ctx.db(ctx.app.reopen_run, run_id)
     elif row.status is not RunStatus.RUNNING:
         raise WecastError(
-            tr("run {run} is {status}; only paused or running runs can be resumed", run=run_id, status=row.status)
+            tr(
+                "run {run} is {status}; only paused or running runs can be resumed",
+                run=run_id,
+                status=status_name(row.status),
+            )
         )
     if ctx.workers.task(run_id) is None:
         ctx.dispatch(run_id, row.campaign_id)
