@@ -17,7 +17,9 @@ from engine.clock import FakeClock
 from engine.errors import RateLimitedError, TransientError, UnknownOutcomeError
 from engine.gateways.wecom.client import MAX_RETRY_AFTER, retry_after
 from engine.gateways.wecom.fake_server import FakeWecom, FakeWecomServer
-from storage.deliveries import list_deliveries
+from engine.gateways.wecom.gateway import WecomGateway
+from engine.service import Wecast
+from storage.deliveries import list_deliveries, status_counts
 from storage.models import OPEN_STATUSES, DeliveryStatus
 
 try:
@@ -126,14 +128,18 @@ async def test_a_429_to_a_write_is_retried_and_a_503_is_unknown(tmp_path: Path) 
         assert r.fake.calls[TEMPLATE] == 4  # 429, 429, ok, 503: the 503 was not repeated
 
 
-@pytest.mark.parametrize(("refusals", "completed"), [(5, True), (40, False)])
+@pytest.mark.parametrize(
+    ("header", "refusals", "completed", "calls_per_attempt"),
+    [("2", 5, True, 2), ("2", 40, False, 2), ("120", 2, True, 1), ("120", 40, False, 1)],
+)
 def test_a_run_through_429s_ends_with_every_delivery_recorded(
-    tmp_path: Path, db_url: str, refusals: int, completed: bool
+    tmp_path: Path, db_url: str, header: str, refusals: int, completed: bool, calls_per_attempt: int
 ) -> None:
-    """add_msg_template answers HTTP 429 (Retry-After: 120) again and again. Outlasting the gateway's retries but
-    not the dispatcher's attempts, the run completes with one task per staff member (each customer receives the
-    message once); outlasting both, every delivery ends failed with the reason (gave up, HTTP 429) — none left
-    pending or sending, no task created."""
+    """add_msg_template answers HTTP 429 again and again. A short Retry-After (2 s) is waited out inside the send
+    (one retry); a long one (120 s, past what a send may wait inside the gateway) goes to the dispatcher at once, as
+    the delivery's next attempt time. Outlasting the retries but not the dispatcher's attempts, the run completes
+    with one task per staff member (each customer receives the message once); outlasting both, every delivery ends
+    failed with the reason (gave up, HTTP 429) — none left pending or sending, no task created."""
     clock = FakeClock(MONDAY_10)
 
     async def go() -> None:
@@ -145,7 +151,7 @@ def test_a_run_through_429s_ends_with_every_delivery_recorded(
         app = await started(settings, clock)
         try:
             await app.sync()
-            fake.fault(TEMPLATE, status=429, retry_after="120", count=refusals)
+            fake.fault(TEMPLATE, status=429, retry_after=header, count=refusals)
             outcome = await app.run_campaign(campaign(app.settings, "audience: {}\n" + PLAIN), confirm_wait=0)
             assert outcome.summary is not None
             run_id = outcome.summary.run_id
@@ -164,7 +170,42 @@ def test_a_run_through_429s_ends_with_every_delivery_recorded(
                 assert fake.tasks == {}
                 assert {d.status for d in deliveries} == {DeliveryStatus.FAILED}
                 assert all("gave up after 3 attempts" in d.reason and "HTTP 429" in d.reason for d in deliveries)
-                assert fake.calls[TEMPLATE] == 2 * 3 * 2  # 2 staff x 3 attempts x (the call + 1 retry)
+                assert fake.calls[TEMPLATE] == 2 * 3 * calls_per_attempt  # 2 staff x 3 attempts x (the call, a retry)
+        finally:
+            await app.close()
+            await server.stop()
+
+    asyncio.run(go())
+
+
+def test_a_45009_block_longer_than_send_timeout_is_rescheduled_not_unknown(tmp_path: Path, db_url: str) -> None:
+    """On the real clock: add_msg_template answers 45009 twice, and waiting the block out inside the call
+    (rate_limit_wait 1.5 s, three retries) would outlast the dispatcher's send_timeout (1 s), which records a call
+    it timed out as unknown (it may have been sent). The gateway hands the refusal to the dispatcher instead (nothing
+    was created): the deliveries are rescheduled, the run submits one task per staff member, none is unknown."""
+
+    async def go() -> None:
+        fake = FakeWecom(customers=30, staff=2, shared_every=0)
+        server = FakeWecomServer(fake)
+        url = await server.start()
+        extra = "  max_retries: 3\n"
+        settings = wecom_config(tmp_path, db_url, fake, url, extra, send_timeout="1s")
+        settings = settings.model_copy(
+            update={"wecom": settings.wecom.model_copy(update={"rate_limit_wait": timedelta(seconds=1.5)})}
+        )
+        gateway = WecomGateway(settings.wecom)
+        gateway.send_wait_budget = 0.5  # scaled down with send_timeout (5 s of 30 s by default)
+        app = Wecast(settings, gateway=gateway)
+        await app.start()
+        try:
+            await app.sync()
+            fake.storm(TEMPLATE, 45009, 2)
+            outcome = await app.run_campaign(campaign(app.settings, "audience: {}\n" + PLAIN), confirm_wait=0)
+            assert outcome.summary is not None
+            counts = status_counts(app.db, outcome.summary.run_id)
+            assert counts.get(DeliveryStatus.UNKNOWN, 0) == 0, counts
+            assert counts[DeliveryStatus.SUBMITTED] == 30
+            assert len(fake.tasks) == 2 and fake.errors[(TEMPLATE, 45009)] == 2
         finally:
             await app.close()
             await server.stop()

@@ -38,7 +38,9 @@ def wecom_settings(fake: FakeWecom, url: str, state_file: Path, **overrides: obj
     return WecomSettings.model_validate(values)
 
 
-def wecom_config(tmp: Path, db_url: str, fake: FakeWecom, url: str, extra: str = "", *, attempts: int = 6) -> Settings:
+def wecom_config(
+    tmp: Path, db_url: str, fake: FakeWecom, url: str, extra: str = "", *, attempts: int = 6, send_timeout: str = "30s"
+) -> Settings:
     """config.yaml for gateway wecom pointing at the fake (test-sized waits)."""
     cfg = tmp / "config.yaml"
     cfg.write_text(
@@ -46,7 +48,8 @@ def wecom_config(tmp: Path, db_url: str, fake: FakeWecom, url: str, extra: str =
         "gateway: wecom\n"
         f"database_url: '{db_url}'\n"
         f"campaigns_dir: {tmp}/campaigns\n"
-        f"sending: {{concurrency: 4, retry: {{max_attempts: {attempts}, base_delay: 1s, max_delay: 10s}}}}\n"
+        f"sending: {{concurrency: 4, send_timeout: {send_timeout}, "
+        f"retry: {{max_attempts: {attempts}, base_delay: 1s, max_delay: 10s}}}}\n"
         f"wecom:\n  corp_id: {fake.corp_id}\n  secret: {fake.secret}\n  base_url: {url}\n"
         f"  state_file: {tmp}/wecom.sqlite\n  retry_delay: 0.01s\n  rate_limit_wait: 60s\n{extra}",
         encoding="utf-8",

@@ -17,7 +17,10 @@
   `retry_delay` (45009: `rate_limit_wait`, the minute WeCom blocks), at least what `Retry-After` asked, and never
   more than `rate_limit_wait` for one retry. When the retries run out, the error raised carries `retry_after` — what
   the server asked, bounded by `MAX_RETRY_AFTER` — and the dispatcher waits that long (its attempts are counted: a
-  delivery whose attempts run out ends `failed`, never left pending).
+  delivery whose attempts run out ends `failed`, never left pending). Inside `waiting_at_most(seconds)` — the
+  gateway's sends, which the dispatcher times with `sending.send_timeout` and records `unknown` past it — the waits
+  of every call add up to at most that: a retry that would wait longer raises its error now, for the dispatcher to
+  reschedule (a 45009 minute waited out inside a 30-second send_timeout would leave a refused task unknown).
 * **Answers** are checked before the caller sees them: a body that is not a JSON object (an HTML page from a proxy,
   an empty or cut-off body) is an error like a 5xx; so is an errcode 0 answer without a list the API always
   returns, or with one of the wrong type (`ANSWER_LISTS`): WeCom answering "ok" without `external_contact_list`
@@ -38,6 +41,10 @@ import logging
 import random
 import re
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from typing import Any
@@ -82,6 +89,36 @@ ANSWER_LISTS: dict[str, tuple[str, ...]] = {
     "externalcontact/get_groupmsg_send_result": ("send_list",),
 }
 _SECRET_PARAMS = re.compile(r"((?:access_token|corpsecret|corpid|key)=)[^&\s\"']+", re.IGNORECASE)
+
+
+@dataclass
+class _Budget:
+    left: float  # seconds of retry waits the calls inside `waiting_at_most` may still spend
+
+
+_budget: ContextVar[_Budget | None] = ContextVar("wecom_wait_budget", default=None)
+
+
+@contextmanager
+def waiting_at_most(seconds: float) -> Iterator[None]:
+    """The calls made inside (in this task) spend at most `seconds` waiting to retry, all together; a retry that
+    would wait past that raises its error at once (see the module docstring)."""
+    token = _budget.set(_Budget(seconds))
+    try:
+        yield
+    finally:
+        _budget.reset(token)
+
+
+def _spend(wait: float) -> bool:
+    """Whether a retry may wait `wait` seconds within the current budget (and spend them); True without one."""
+    budget = _budget.get()
+    if budget is None:
+        return True
+    if wait > budget.left:
+        return False
+    budget.left -= wait
+    return True
 
 
 def redact(text: str) -> str:
@@ -247,9 +284,9 @@ class WecomClient:
                 data = await self._send(api, method, query, body, files, idempotent=idempotent)
             except TransientError as exc:
                 hint = exc.retry_after if isinstance(exc, WecomHttpError) else None
-                if retries >= self.settings.max_retries:
-                    raise self._gave_up(exc, hint) from None
                 wait = self._wait(Handling.RETRY, retries, hint)
+                if retries >= self.settings.max_retries or not _spend(wait):
+                    raise self._gave_up(exc, hint) from None
                 log.warning("%s; retrying in %.1fs", exc, wait)
                 await self.clock.sleep(wait)
                 retries += 1
@@ -278,7 +315,7 @@ class WecomClient:
                 rate_limit_wait=self.settings.rate_limit_wait.total_seconds(),
                 concurrency_wait=wait,
             )
-            if retried and retries < self.settings.max_retries:
+            if retried and retries < self.settings.max_retries and _spend(wait):
                 log.warning("WeCom %s: %s; retrying in %.1fs", api, error, wait)
                 await self.clock.sleep(wait)
                 retries += 1

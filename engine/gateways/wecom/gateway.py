@@ -69,7 +69,7 @@ from engine.gateways.fetch import fetch_public
 from engine.gateways.media_cache import read_media
 from engine.gateways.wecom import customers
 from engine.gateways.wecom.callbacks import CallbackEvent, CallbackReceiver
-from engine.gateways.wecom.client import WecomClient
+from engine.gateways.wecom.client import WecomClient, waiting_at_most
 from engine.gateways.wecom.crypto import CallbackError, MessageCrypt
 from engine.gateways.wecom.errors import WecomPermanentError
 from engine.gateways.wecom.store import TaskRow, WecomStore
@@ -100,6 +100,10 @@ RESULTS_PER_CALL = 1000  # get_groupmsg_task / get_groupmsg_send_result: limit �
 WELCOME_WINDOW = 20.0  # seconds a WelcomeCode is valid
 TASK_SEARCH_SLACK = 300  # seconds before an attempt's start that a task lookup also searches (clock skew)
 SNAPSHOT_STALE = 86_400.0  # an abandoned contact sync snapshot is dropped after a day
+# Seconds of retry waits one send (submit_batch, send_welcome) may spend inside the gateway: well inside the
+# dispatcher's send_timeout (30 s by default), past which a send is recorded unknown. Longer waits (a 45009 minute)
+# go to the dispatcher as the error's retry_after, and it reschedules the deliveries (client.waiting_at_most).
+SEND_WAIT_BUDGET = 5.0
 SEND_STATUS = {
     0: (BatchOutcome.PENDING, "", ""),
     1: (BatchOutcome.SENT, "", ""),
@@ -171,6 +175,7 @@ class WecomGateway(Gateway):
         self._welcome_used: set[str] = set()
         self._media_locks: dict[tuple[str, str], asyncio.Lock] = {}
         self._pending: set[asyncio.Future[None]] = set()
+        self.send_wait_budget = SEND_WAIT_BUDGET  # a test on the real clock sets it under its short send_timeout
 
     # -- lifecycle -------------------------------------------------------------------------------
     @property
@@ -392,6 +397,12 @@ class WecomGateway(Gateway):
     ) -> BatchReceipt:
         """One add_msg_template for `sender`'s customers, idempotent by key (see the module docstring)."""
         self._require_login()
+        with waiting_at_most(self.send_wait_budget):
+            return await self._submit(contact_ids, message, idempotency_key, sender)
+
+    async def _submit(
+        self, contact_ids: list[str], message: Message | str, idempotency_key: str, sender: str
+    ) -> BatchReceipt:
         msg = Message.of_text(message) if isinstance(message, str) else message
         if not sender:
             raise PermanentError("a WeCom 群发 task is sent by one staff member, and none was given for it")
@@ -587,9 +598,11 @@ class WecomGateway(Gateway):
         received = self._welcome_codes.get(code)
         if received is not None and self.clock.monotonic() - received > WELCOME_WINDOW:
             raise PermanentError(f"the welcome code is older than WeCom's {WELCOME_WINDOW:.0f}-second window")
-        content = await self._content(message)
-        self._welcome_used.add(code)  # single-use: whatever happens next, it is not sent again
-        await self.client.post("externalcontact/send_welcome_msg", {"welcome_code": code, **content}, idempotent=False)
+        with waiting_at_most(self.send_wait_budget):
+            content = await self._content(message)
+            self._welcome_used.add(code)  # single-use: whatever happens next, it is not sent again
+            body = {"welcome_code": code, **content}
+            await self.client.post("externalcontact/send_welcome_msg", body, idempotent=False)
         return SendReceipt(message_id="welcome-" + hashlib.sha256(code.encode()).hexdigest()[:16])
 
     # -- message content ---------------------------------------------------------------------------
