@@ -178,7 +178,14 @@ def test_serve_on_port_0_listens_on_a_free_port_not_the_configured_one(tmp_path:
             assert found is not None, line
             port = int(found[1])
             assert port not in (0, taken), line
-            assert httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=10).status_code == 200
+            while True:  # bound at once, listening once the app has started
+                try:
+                    if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                assert proc.poll() is None and time.monotonic() < deadline, "serve did not answer"
+                time.sleep(0.1)
         finally:
             proc.send_signal(signal.SIGTERM)
             rest, _ = proc.communicate(timeout=30)
