@@ -341,13 +341,13 @@ class WecastGroup(TrGroup):
         try:
             return super().invoke(ctx)
         except CampaignError as exc:
-            err.print(styled("red", tr("error:")) + f" {escape(str(exc))}")
+            err.print(labelled("red", tr("error:"), escape(str(exc))))
             ctx.exit(EXIT_INVALID)
         except WecastError as exc:
-            err.print(styled("red", tr("error:")) + f" {escape(str(exc))}")
+            err.print(labelled("red", tr("error:"), escape(str(exc))))
             ctx.exit(EXIT_ERROR)
         except StorageError as exc:  # the database's condition (full, locked, unreadable, newer), not a bug
-            err.print(styled("red", tr("error:")) + f" {escape(str(explain(exc)))}")
+            err.print(labelled("red", tr("error:"), escape(str(explain(exc)))))
             ctx.exit(EXIT_ERROR)
         except (click.exceptions.Exit, click.ClickException, click.Abort):
             raise
@@ -362,11 +362,10 @@ class WecastGroup(TrGroup):
             if obj is not None and obj.verbose:
                 raise
             if isinstance(exc, OSError) and exc.filename is not None:  # a path the user gave or configured
-                err.print(styled("red", tr("error:")) + f" {escape(file_problem(exc))}")
+                err.print(labelled("red", tr("error:"), escape(file_problem(exc))))
                 ctx.exit(EXIT_ERROR)
             err.print(
-                styled("red", tr("internal error:"))
-                + f" {type(exc).__name__}: {escape(str(exc))} "
+                labelled("red", tr("internal error:"), f"{type(exc).__name__}: {escape(str(exc))} ")
                 + tr("(run with -v to see where)")
             )
             ctx.exit(EXIT_INTERNAL)
@@ -463,6 +462,11 @@ def _table(*columns: str, title: str | None = None) -> Table:
 def styled(style: str, text: str) -> str:
     """Rich markup around text (kept out of f-strings: Babel cannot extract a message written inside one)."""
     return f"[{style}]{text}[/{style}]"
+
+
+def labelled(style: str, label: str, text: str) -> str:
+    """`error: text`: a translated label, styled, before what it labels; after a Chinese colon (错误：) no space."""
+    return styled(style, label) + ("" if label.endswith("：") else " ") + text
 
 
 def _wide() -> bool:
@@ -584,9 +588,9 @@ def validate(ctx: Ctx, paths: tuple[Path, ...], as_json: bool) -> None:
             mark = "[green]ok[/green]" if not any(str(loaded.file) in p for p in problems) else "[red]!![/red]"
             out.print(f"{mark} {loaded.file}  ({loaded.id}: {escape(loaded.name)})")
         for problem in problems:
-            err.print(styled("red", tr("error:")) + f" {escape(problem)}")
+            err.print(labelled("red", tr("error:"), escape(problem)))
         for warning in warnings:
-            err.print(styled("yellow", tr("warning:")) + f" {escape(warning)}")
+            err.print(labelled("yellow", tr("warning:"), escape(warning)))
         if problems:
             err.print(styled("dim", tr("every field is described in the campaign reference: {doc}", doc=GUIDE)))
         if not data_checked:
@@ -698,7 +702,7 @@ def preview(
         _print_preview(result, show, full)
     if result.problems():
         for p in result.problems():
-            err.print(styled("red", tr("error:")) + f" {escape(str(p))}")
+            err.print(labelled("red", tr("error:"), escape(str(p))))
         sys.exit(EXIT_INVALID)
 
 

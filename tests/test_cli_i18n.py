@@ -105,7 +105,7 @@ def test_a_path_that_cannot_be_used_is_an_error_naming_it(workdir: Path, tmp_pat
     path and why, in the reader's language, exit 1 — not `internal error: FileNotFoundError` (exit 70)."""
     missing = tmp_path / "no" / "such" / "x.csv"
     code, _, err = wecast(workdir, "--lang", "zh", "preview", "weekly_vip", "--csv", str(missing))
-    assert (code, err.strip()) == (1, f"错误： {missing}：文件或文件夹不存在"), err
+    assert (code, err.strip()) == (1, f"错误：{missing}：文件或文件夹不存在"), err  # no space after 错误： (there was)
     code, _, err = wecast(workdir, "--lang", "en", "preview", "weekly_vip", "--csv", str(missing))
     assert (code, err.strip()) == (1, f"error: {missing}: no such file or folder"), err
     a_file = tmp_path / "a_file"
