@@ -33,6 +33,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -152,7 +153,7 @@ def _audit_campaigns(audit: Audit, db_url: str, state: Path, campaigns: tuple[st
     }
     in_doubt = {int(r[0]) for r in _rows(db_url, "SELECT delivery_id FROM delivery_parts WHERE status = 'unknown'")}
     for campaign in campaigns:
-        audit.check(runs[campaign] == 1, f"{campaign}: {runs[campaign]} runs for one run key")
+        audit.check(runs[campaign] == 1, f"{campaign}: {runs[campaign]} runs")
     twice = {k: n for k, n in received.items() if n > 1}
     audit.check(not twice, f"parts received more than once: {list(twice.items())[:5]}")
     keys: set[str] = set()
@@ -178,14 +179,15 @@ def _audit_campaigns(audit: Audit, db_url: str, state: Path, campaigns: tuple[st
         reached = {d.contact_id for d in rows if d.campaign == campaign and d.status != "skipped"}
         missing = expected - reached
         audit.check(not missing, f"{campaign}: {len(missing)} customers without a delivery, e.g. {sorted(missing)[:3]}")
-    audit.notes.append(str(Counter(d.status for d in rows)))
+    audit.notes.append(f"runs {dict(runs)} {dict(Counter(d.status for d in rows))}")
 
 
 # -- campaigns ---------------------------------------------------------------------------------------------------
 
 
-def _commands(rng: random.Random, a: str, b: str) -> list[tuple[str, ...]]:
-    """A wave: two to four commands started together, on campaigns a and b of run key `stress`."""
+def _commands(rng: random.Random, a: str, b: str, *, serves: bool = False) -> list[tuple[str, ...]]:
+    """A wave: two to four commands started together, on campaigns a and b of run key `stress` (`serves`: two
+    `wecast serve` and one or two others)."""
     key = ("--run-key", "stress")
     menu: list[tuple[str, ...]] = [
         ("run", a, *key),
@@ -193,8 +195,11 @@ def _commands(rng: random.Random, a: str, b: str) -> list[tuple[str, ...]]:
         ("run", b, *key),
         ("preview", a, *key),  # a dry run racing the run's planning
         ("run", "--resume"),
-        ("serve", "--port", "PORT"),
+        ("serve", "--port", "PORT"),  # takes over interrupted runs, fires the one-off campaign
+        ("serve", "--port", "PORT"),  # two of them at once
     ]
+    if serves:
+        return [*menu[-2:], *rng.sample(menu[:-2], rng.randint(1, 2))]
     return rng.sample(menu, rng.randint(2, 4))
 
 
@@ -204,7 +209,10 @@ def _wave(audit: Audit, cfg: Path, rng: random.Random, commands: list[tuple[str,
     plan = []
     for command in commands:
         args = tuple(str(_free_port()) if a == "PORT" else a for a in command)
-        kill_at = rng.uniform(0.3, 4.0) if command[0] == "serve" or rng.random() < 0.75 else None
+        if command[0] == "serve":
+            kill_at: float | None = rng.uniform(2.0, 9.0)  # as the one-off campaign comes due, or after
+        else:
+            kill_at = rng.uniform(0.3, 4.0) if rng.random() < 0.75 else None
         plan.append((args, rng.uniform(0, 0.3), kill_at))
     audit.notes.append(f"wave {[(' '.join(a), round(s, 2), k and round(k, 2)) for a, s, k in plan]}")
     began = time.monotonic()
@@ -223,11 +231,31 @@ def _wave(audit: Audit, cfg: Path, rng: random.Random, commands: list[tuple[str,
 
 
 def _finish_campaigns(audit: Audit, cfg: Path, campaigns: tuple[str, ...]) -> None:
-    for campaign in campaigns:
-        done = finish(start(cfg, "run", campaign, "--run-key", "stress"), timeout=180)
+    for args in [("run", campaign, "--run-key", "stress") for campaign in campaigns]:
+        done = finish(start(cfg, *args), timeout=180)
         # Exit 1 only for deliveries that failed after every retry (recorded, with the reason).
-        audit.check(done.code in (0, 1), f"final run {campaign}: exit {done.code}\n{done.err[-2000:]}")
-        audit.check("Traceback" not in done.err, f"final run {campaign} crashed:\n{done.err[-2000:]}")
+        audit.check(done.code in (0, 1), f"final {' '.join(args)}: exit {done.code}\n{done.err[-2000:]}")
+        audit.check("Traceback" not in done.err, f"final {' '.join(args)} crashed:\n{done.err[-2000:]}")
+
+
+def _serve_until_done(audit: Audit, cfg: Path, db_url: str, scheduled: str) -> None:
+    """One `wecast serve` until the one-off campaign has a run and no run is left unfinished, then stopped."""
+    server = Server(cfg)
+    server.start()
+    deadline = time.monotonic() + 120
+    try:
+        while time.monotonic() < deadline and server.alive():
+            runs = _rows(db_url, "SELECT campaign_id, status FROM campaign_runs")
+            if any(c == scheduled for c, _ in runs) and all(s in ("completed", "cancelled") for _, s in runs):
+                break
+            time.sleep(0.1)
+        else:
+            audit.problems.append(
+                f"serve did not finish the runs in 120 s: {_rows(db_url, 'SELECT * FROM campaign_runs')}"
+            )
+    finally:
+        server.stop()
+    audit.problems += server.errors
 
 
 def campaign_round(tmp: Path, db_url: str, seed: int) -> Audit:
@@ -236,15 +264,29 @@ def campaign_round(tmp: Path, db_url: str, seed: int) -> Audit:
     audit = Audit(seed)
     idempotent = rng.random() < 0.5
     cfg = _config(tmp, db_url, idempotent=idempotent, faults=FAULTS)
-    a, b = f"t{seed}", f"c{seed}"
+    a, b, one_off = f"t{seed}", f"c{seed}", f"s{seed}"
     (tmp / "campaigns").mkdir(exist_ok=True)
     (tmp / "campaigns" / f"{a}.yaml").write_text(TEXT.format(id=a), encoding="utf-8")
     (tmp / "campaigns" / f"{b}.yaml").write_text(CARD.format(id=b), encoding="utf-8")
+    # A one-off schedule, first seen by a serve (killed as soon as it has: the count of fires starts then), then
+    # made due a few seconds into the first wave, whose serves race to plan and send it (or the last catches it up).
+    path = tmp / "campaigns" / f"{one_off}.yaml"
+    path.write_text(TEXT.format(id=one_off) + "schedule: {at: '2099-01-01T00:00:00+00:00'}\n", encoding="utf-8")
+    first = start(cfg, "serve", "--port", str(_free_port()))
+    seen = "SELECT 1 FROM schedule_state WHERE campaign_id = :c"
+    deadline = time.monotonic() + 60
+    while not _rows(db_url, seen, c=one_off):
+        assert first.poll() is None and time.monotonic() < deadline, first.communicate()
+        time.sleep(0.05)
+    kill_9(first)
+    at = datetime.now(UTC).replace(microsecond=0) + timedelta(seconds=rng.randint(1, 5))
+    path.write_text(TEXT.format(id=one_off) + f"schedule: {{at: '{at.isoformat()}'}}\n", encoding="utf-8")
     audit.notes.append(f"idempotent={idempotent}")
-    for _ in range(2):
-        _wave(audit, cfg, rng, _commands(rng, a, b))
+    for serves in (True, False):
+        _wave(audit, cfg, rng, _commands(rng, a, b, serves=serves))
     _finish_campaigns(audit, cfg, (a, b))
-    _audit_campaigns(audit, db_url, tmp / "sandbox.sqlite", (a, b))
+    _serve_until_done(audit, cfg, db_url, one_off)
+    _audit_campaigns(audit, db_url, tmp / "sandbox.sqlite", (a, b, one_off))
     return audit
 
 
