@@ -54,7 +54,7 @@ from engine.audience import OPTED_OUT_REASON, ReasonCode
 from engine.backoff import backoff_delay
 from engine.blocking import GroupCommit, off_loop
 from engine.clock import Clock, SystemClock
-from engine.errors import GatewayError, NotFoundError, WecastError
+from engine.errors import GatewayError, NotFoundError, RunBusyError, WecastError
 from engine.gateways.base import BatchOutcome, Gateway, LoginStatus
 from engine.i18n import N_, tr
 from engine.messages import Message, PartKind, part_key
@@ -320,10 +320,13 @@ class Dispatcher:
         progress: Progress | None = None,
         quiet_wait_max: float | None = None,
         confirm_wait: float | None = None,
+        leave_if_busy: bool = False,
     ) -> RunSummary:
         """Send a run's pending deliveries. Returns when the run is done, paused, cancelled, or — with
         `login_wait` / `quiet_wait_max` / `confirm_wait` set — when it would have to wait longer than that
-        (for a login, for quiet hours to end, for staff to confirm mass-message tasks)."""
+        (for a login, for quiet hours to end, for staff to confirm mass-message tasks). A run another live process
+        is sending raises `RunBusyError`; with `leave_if_busy`, it is left to that process and its summary (still
+        running) says so."""
         run = await off_loop(runs_db.get_run, self.db, run_id)
         if run is None:
             raise NotFoundError(tr("no run {run}", run=run_id))
@@ -331,7 +334,12 @@ class Dispatcher:
             said = _ALREADY.get(run.status, N_("run {run} is {status}"))
             return await self._summary(run_id, run.status, tr(said, run=run_id, status=run.status.value))
         settings = RunSettings.from_json(run.settings, run_id=run_id)
-        recovered = await self._take_over(run)
+        try:
+            recovered = await self._take_over(run)
+        except RunBusyError as exc:
+            if not leave_if_busy:
+                raise
+            return await self._summary(run_id, run.status, str(exc))
         sending = _RunSender(self, run, settings, progress)
         try:
             await sending.start()
@@ -354,7 +362,7 @@ class Dispatcher:
     async def _take_over(self, run: RunRow) -> dict[str, int]:
         now = self.clock.now()
         if run.owner and run.owner != self.owner and owner_alive(run.owner, run.heartbeat_at, now):
-            raise WecastError(
+            raise RunBusyError(
                 tr(
                     "run {run} is being sent by another process ({owner}); wait for it, or stop that process first",
                     run=run.id,
@@ -371,7 +379,7 @@ class Dispatcher:
             resend_in_flight=self.gateway.capabilities.idempotent_sends,
         )
         if recovered is None:
-            raise WecastError(tr("run {run} was taken over by another process just now", run=run.id))
+            raise RunBusyError(tr("run {run} was taken over by another process just now", run=run.id))
         if any(recovered.values()):
             log.warning("run %s: recovered after an interruption: %s", run.id, recovered)
         return recovered

@@ -7,6 +7,8 @@ WecastError                       base; `str(e)` is the one-line message the CLI
 ├── AudienceError                 a rule cannot be evaluated against the data
 ├── NotFoundError                 a campaign, run, contact or delivery does not exist
 ├── LoginError                    login flow misuse: wrong verify code, expired QR, ...
+├── RunBusyError                  another live process is sending that run: leave it to that process (or
+│                                 stop it first); `wecast run --resume` goes on with the other runs
 ├── DatabaseError                 a database failed (full, locked too long, unreadable, written by a newer
 │                                 wecast): nothing of that step was written; the message says what to do
 │                                 (`engine.dberrors` words wecast's own database's failures)
@@ -87,6 +89,10 @@ class LoginError(WecastError):
     def __init__(self, message: str, *, tries_left: int | None = None) -> None:
         super().__init__(message)
         self.tries_left = tries_left
+
+
+class RunBusyError(WecastError):
+    """Another live process is sending the run (or took it over a moment ago): nothing was done to it here."""
 
 
 class DatabaseError(WecastError):

@@ -293,11 +293,17 @@ class Wecast:
         quiet_wait_max: float | None = None,
         confirm_wait: float | None = None,
     ) -> list[RunSummary]:
-        """Continue interrupted runs (all of them, or one)."""
+        """Continue interrupted runs (all of them, or one). Resuming all, a run another live process is sending is
+        left to it (its summary says so) and the others are resumed; one run named that way raises `RunBusyError`."""
         ids = [run_id] if run_id is not None else [r.id for r in await off_loop(runs_db.unfinished_runs, self.db)]
         return [
             await self.dispatcher.run(
-                i, progress=progress, login_wait=login_wait, quiet_wait_max=quiet_wait_max, confirm_wait=confirm_wait
+                i,
+                progress=progress,
+                login_wait=login_wait,
+                quiet_wait_max=quiet_wait_max,
+                confirm_wait=confirm_wait,
+                leave_if_busy=run_id is None,
             )
             for i in ids
         ]

@@ -546,3 +546,36 @@ def test_a_killed_run_not_yet_reaped_by_its_parent_is_taken_over_at_once(tmp_pat
     audit = Audit(0)
     _audit_campaigns(audit, db_url, state, ("z",))
     assert not audit.problems, (audit.problems, audit.notes)
+
+
+@pytest.mark.timeout(300)
+def test_resume_leaves_a_run_another_process_sends_to_it_and_resumes_the_others(tmp_path: Path, db_url: str) -> None:
+    """A run killed mid-send, and a slow run another `wecast run` is sending: `wecast run --resume` finishes the
+    killed one and leaves the other to its live owner (saying so), instead of stopping at the first with 'being
+    sent by another process' and leaving the killed run unsent."""
+    cfg = _config(tmp_path, db_url, idempotent=True, faults="{latency_ms: 5}")
+    (tmp_path / "campaigns").mkdir()
+    for name, rate in (("busy", 5), ("dead", 40)):
+        body = TEXT.format(id=name).replace("per_second: 300", f"per_second: {rate}")
+        (tmp_path / "campaigns" / f"{name}.yaml").write_text(body, encoding="utf-8")
+    state = tmp_path / "sandbox.sqlite"
+    busy = start(cfg, "run", "busy", "--run-key", "stress")  # run 1: 5 a second, ~30 s to go
+    try:
+        deadline = time.monotonic() + 60
+        while not any(k.startswith("busy|") for _, k, _ in outbox_parts(state)):
+            assert busy.poll() is None and time.monotonic() < deadline, busy.communicate()
+            time.sleep(0.05)
+        dead = start(cfg, "run", "dead", "--run-key", "stress")  # run 2, killed mid-send
+        while sum(k.startswith("dead|") for _, k, _ in outbox_parts(state)) < 20:
+            assert dead.poll() is None and time.monotonic() < deadline, dead.communicate()
+            time.sleep(0.02)
+        kill_9(dead)
+        resumed = finish(start(cfg, "run", "--resume"), timeout=120)
+        assert busy.poll() is None, "the busy run ended first: the test proves nothing"
+    finally:
+        kill_9(busy)
+    assert resumed.code == 0, resumed.err[-2000:]
+    assert "being sent by another process" in resumed.out, resumed.out
+    audit = Audit(0)
+    _audit_campaigns(audit, db_url, state, ("dead",))
+    assert not audit.problems, (audit.problems, audit.notes, resumed.out, resumed.err[-2000:])
