@@ -6,7 +6,9 @@ Guarantees (each has a test):
   `sending` — durably, before the gateway is called. After a crash (`kill -9`) the run is taken over by the
   next process: claimed rows go back to pending; rows caught `sending` are resent only when the gateway
   deduplicates by idempotency key (the sandbox does), and otherwise recorded as `unknown`, never retried
-  silently.
+  silently. A row is marked `sending` only while it is still claimed under the sender's own token, so a process
+  taken over while alive (its heartbeat went stale) sends none of what the new owner holds
+  (tests/test_stress_race.py, which also races and kills real processes at random on both databases).
 * **Nothing lost.** Every delivery ends `sent`, `failed` (with the reason), `skipped` (with the reason) or
   `unknown`. Transient errors retry with exponential backoff and jitter, up to `retry.max_attempts`.
 * **Rate.** Sends are spaced `1/rate` apart by a pacer that never catches up on missed slots, so the
@@ -888,7 +890,8 @@ class _RunSender:
 
         The cap's read and the marks are one step across processes (`deliveries.hold_cap`): two processes sending
         capped campaigns to the same contacts never both see room for one more. A row in doubt (an earlier attempt
-        may have arrived) that may not be sent again is recorded `unknown`, never skipped."""
+        may have arrived) that may not be sent again is recorded `unknown`, never skipped. Rows no longer claimed
+        under this sender's token (the run was taken over meanwhile) are dropped: their new owner sends them."""
         with transaction(self.d.db) if conn is None else nullcontext(conn) as conn:
             cap = self.cap
             if cap is not None and any(r.capped for r in chunk):
@@ -896,6 +899,16 @@ class _RunSender:
             status = runs_db.run_status(conn, self.run_id) or RunStatus.CANCELLED
             if status is not RunStatus.RUNNING:
                 return status, []
+            mine = deliveries_db.claimed_by(conn, [r.id for r in chunk], self.token)
+            if len(mine) < len(chunk):
+                # Taken back by a take-over of the run (this process was judged gone: its heartbeat went stale)
+                # and perhaps claimed by the new owner: whoever holds a row's claim sends it, never both.
+                log.warning(
+                    "run %s: %d deliveries claimed here were taken over by another process; left to it",
+                    self.run_id,
+                    len(chunk) - len(mine),
+                )
+                chunk = [r for r in chunk if r.id in mine]
             keep = chunk
             held: list[Result] = []
             if not self.settings.opt_out_exempt:
@@ -968,7 +981,7 @@ class _RunSender:
         """Give back claimed rows: to pending, or — when the run was cancelled meanwhile — to skipped."""
         if ids:
             cancelled = await self._run_status() is RunStatus.CANCELLED
-            await off_loop(deliveries_db.unclaim, self.d.db, ids, self.d.clock.now(), cancelled=cancelled)
+            await off_loop(deliveries_db.unclaim, self.d.db, ids, self.token, self.d.clock.now(), cancelled=cancelled)
 
     async def _run_status(self) -> RunStatus:
         status = await off_loop(runs_db.run_status, self.d.db, self.run_id)

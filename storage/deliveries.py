@@ -583,6 +583,24 @@ def claim(db: DB, run_id: int, token: str, limit: int, now: datetime) -> list[Cl
         return [Claimed(*r[:-1], in_doubt=bool(r[-1])) for r in rows]
 
 
+def claimed_by(conn: Connection, ids: Sequence[int], token: str) -> set[int]:
+    """Which of `ids` are still claimed under `token`, locked until the caller's transaction ends (call it first in
+    the transaction that marks them `sending`). A row missing was taken back by a take-over of the run (its owner
+    judged gone) and may be claimed by the new owner: the old one must not send it."""
+    if not ids:
+        return set()
+    mine: set[int] = set()
+    with writing(conn) as c:
+        for part in chunks(ids):
+            rows = c.execute(
+                select(_D.id)
+                .where(_D.id.in_(part), _D.status == DeliveryStatus.CLAIMED, _D.claim_token == token)
+                .with_for_update()
+            )
+            mine.update(int(r.id) for r in rows)
+    return mine
+
+
 def mark_sending(db: DB, rows: Sequence[Claimed], now: datetime, *, task_key: str | None = None) -> None:
     """Record, before the gateway is called, that these deliveries are being sent (one more attempt each;
     `sent_at` is the hand-over time, which the frequency cap counts). `task_key`: the 群发 task's
@@ -764,13 +782,18 @@ def _withdrawn(reason: str) -> dict[str, Any]:
     }
 
 
-def unclaim(db: DB, ids: Sequence[int], now: datetime, *, cancelled: bool) -> None:
-    """Give claimed deliveries back unsent: to pending, or — when their run was cancelled — to skipped (unknown
-    for those in doubt)."""
+def unclaim(db: DB, ids: Sequence[int], token: str, now: datetime, *, cancelled: bool) -> None:
+    """Give deliveries claimed under `token` back unsent: to pending, or — when their run was cancelled — to skipped
+    (unknown for those in doubt). Rows no longer claimed under it (a take-over gave them to another owner) are left
+    alone."""
     values = _withdrawn("run cancelled") if cancelled else {"status": DeliveryStatus.PENDING}
     with writing(db) as conn:
         for part in chunks(ids):
-            conn.execute(update(DELIVERIES).where(_D.id.in_(part)).values(**values, claim_token="", updated_at=now))
+            conn.execute(
+                update(DELIVERIES)
+                .where(_D.id.in_(part), _D.status == DeliveryStatus.CLAIMED, _D.claim_token == token)
+                .values(**values, claim_token="", updated_at=now)
+            )
 
 
 def release_claims(db: DB, run_id: int, token: str, now: datetime, *, cancelled: bool) -> int:

@@ -24,6 +24,7 @@ seed (default: drawn from the clock, printed).
 
 from __future__ import annotations
 
+import asyncio
 import os
 import random
 import signal
@@ -39,10 +40,15 @@ from typing import Any
 
 import pytest
 from chaos_harness import _query, finish, kill_9, ledger, outbox_parts, start
+from helpers import PLAIN, started
+from helpers import campaign as make_campaign
 from sqlalchemy import create_engine, text
 
+from engine.dispatch import Dispatcher
 from engine.gateways.demo_data import demo_contacts
-from engine.messages import part_key
+from engine.messages import Part, part_key
+from storage import deliveries as deliveries_db
+from storage import runs as runs_db
 
 pytestmark = pytest.mark.slow
 
@@ -579,3 +585,52 @@ def test_resume_leaves_a_run_another_process_sends_to_it_and_resumes_the_others(
     audit = Audit(0)
     _audit_campaigns(audit, db_url, state, ("dead",))
     assert not audit.problems, (audit.problems, audit.notes, resumed.out, resumed.err[-2000:])
+
+
+def test_a_dispatcher_whose_run_was_taken_over_never_sends_what_the_new_owner_holds(
+    make_settings: Callable[..., Any],
+) -> None:
+    """Dispatcher A (on another host, its heartbeat gone stale: paused, cut off) is taken over by B while A still
+    holds claimed rows in memory, and B claims them. A, waking, sends none of them — each row is sent by whoever
+    holds its claim — and gives none of them back: before, A marked B's rows `sending` and sent them, so with B's
+    own sends every one of those customers got the message twice."""
+    settings = make_settings(contacts=40, idempotent=False, extra="")
+
+    async def scenario() -> tuple[list[str], set[str], dict[str, int]]:
+        app = await started(settings)
+        try:
+            plan = app.plan(make_campaign(settings, PLAIN.replace("per_second: 1000", "per_second: 50"), "over"))
+            a = Dispatcher(app.db, app.gateway, settings, clock=app.clock, owner="elsewhere-a:1:aaaa")
+            b_held: set[str] = set()
+            calls: list[str] = []
+            original = app.gateway.send_part
+
+            async def send_part(contact_id: str, part: Part, *, idempotency_key: str) -> Any:
+                calls.append(contact_id)
+                if len(calls) == 1:  # A is in its first send when B, finding it stale, takes the run over
+                    now = app.clock.now()
+                    assert (
+                        runs_db.take_over(
+                            app.db,
+                            plan.run_id,
+                            expected_owner=a.owner,
+                            owner="elsewhere-b:2:bbbb",
+                            now=now,
+                            resend_in_flight=False,
+                        )
+                        is not None
+                    )
+                    b_held.update(r.contact_id for r in deliveries_db.claim(app.db, plan.run_id, "b", 1000, now))
+                return await original(contact_id, part, idempotency_key=idempotency_key)
+
+            app.gateway.send_part = send_part  # type: ignore[method-assign]
+            await asyncio.wait_for(a.run(plan.run_id), timeout=60)
+            still = deliveries_db.status_counts(app.db, plan.run_id)
+            return calls, b_held, {s.value: n for s, n in still.items()}
+        finally:
+            await app.close()
+
+    calls, b_held, counts = asyncio.run(scenario())
+    assert b_held, "B claimed nothing: the test proves nothing"
+    assert not b_held & set(calls), f"A sent {len(b_held & set(calls))} deliveries B holds"
+    assert counts.get("claimed", 0) == len(b_held), counts  # B's claims are still B's
