@@ -223,7 +223,11 @@ def make_db_engine(url: str, *, migrate: bool = True, echo: bool = False, busy_t
     else:
         event.listen(engine.pool, "checkout", _server_hung_up)
     if migrate:
-        ensure_schema(engine)
+        try:
+            ensure_schema(engine)
+        except BaseException:
+            engine.dispose()  # no caller will: its pooled connection was left open for the garbage collector
+            raise
     return engine
 
 

@@ -5,14 +5,17 @@ counts, crash recovery and claims behave the same on both backends."""
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
+from typing import Any
 from zoneinfo import ZoneInfo
 
 import pytest
 from helpers import CAPPED, MONDAY_10, PLAIN, campaign, outbox_by_contact, run, started
-from sqlalchemy import func, inspect, select, update
+from sqlalchemy import event, func, inspect, select, update
+from sqlalchemy.pool import Pool
 
 from engine.clock import FakeClock
 from engine.contacts import SyncResult
@@ -60,6 +63,38 @@ def test_a_database_from_a_newer_release_is_refused_not_damaged(db_url: str) -> 
     db.dispose()
     with pytest.raises(SchemaError, match="newer than this wecast"):
         make_db_engine(db_url)
+
+
+def test_a_refused_database_leaves_no_connection_open(db_url: str) -> None:
+    """`make_db_engine` refusing a database (here a newer release's) closes the connection it opened to check:
+    it stayed in the pool of an engine nobody held, closed by no one (psycopg: "deleted while still open")."""
+    db = make_db_engine(db_url)
+    with db.begin() as conn:
+        conn.execute(update(META).where(META.c.key == "schema_version").values(value=str(SCHEMA_VERSION + 1)))
+    db.dispose()
+    opened: list[Any] = []
+
+    def remember(dbapi_connection: Any, _record: Any) -> None:
+        opened.append(dbapi_connection)
+
+    event.listen(Pool, "connect", remember)
+    try:
+        with pytest.raises(SchemaError):
+            make_db_engine(db_url)
+    finally:
+        event.remove(Pool, "connect", remember)
+    assert opened
+
+    def is_open(dbapi_connection: Any) -> bool:
+        if isinstance(dbapi_connection, sqlite3.Connection):
+            try:
+                dbapi_connection.execute("SELECT 1")
+            except sqlite3.ProgrammingError:  # "Cannot operate on a closed database."
+                return False
+            return True
+        return not dbapi_connection.closed
+
+    assert [c for c in opened if is_open(c)] == []
 
 
 def test_times_are_stored_utc_and_returned_aware(db_url: str) -> None:
