@@ -88,6 +88,7 @@ class TcpProxy:
         finally:
             with self._lock:
                 self._pairs.discard(pair)
-            for s in pair:
+            for s in pair:  # shut down (which wakes the other direction's recv), then closed: left open, they leaked
                 with contextlib.suppress(OSError):
                     s.shutdown(socket.SHUT_RDWR)
+                s.close()

@@ -71,7 +71,7 @@ def _kill_when_outbox_reaches(proc: subprocess.Popen[str], tmp: Path, count: int
         assert time.monotonic() < deadline, "the run made no progress"
         time.sleep(0.01)
     os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    proc.communicate()  # reaps it and closes its pipes (wait() left them open: unclosed files)
 
 
 def _recorded_sent(tmp: Path) -> int:

@@ -197,7 +197,11 @@ def test_serve_dispatches_a_run_again_when_the_server_is_back(
     # journeys' not once a poll.
     assert not [r.getMessage() for r in caplog.records if r.exc_info], [r.getMessage() for r in caplog.records]
     assert len([r for r in caplog.records if r.name == "wecast.journeys" and r.levelname == "ERROR"]) <= 2
-    counts = deliveries_db.status_counts(make_db_engine(db_url, migrate=False), run_id)
+    db = make_db_engine(db_url, migrate=False)
+    try:
+        counts = deliveries_db.status_counts(db, run_id)
+    finally:
+        db.dispose()  # its connection was left to the garbage collector: "deleted while still open"
     assert not set(counts) - {DeliveryStatus.SENT, DeliveryStatus.UNKNOWN, DeliveryStatus.SKIPPED}, counts
     assert set(received.values()) == {1}, received.most_common(3)
     assert counts[DeliveryStatus.SENT] + counts.get(DeliveryStatus.UNKNOWN, 0) >= sum(received.values())

@@ -256,7 +256,8 @@ def test_a_customer_simulated_by_the_cli_reaches_a_running_serve(workdir: Path) 
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
-            proc.wait(timeout=30)
+            proc.communicate(timeout=30)  # reaps it and closes its pipe (wait() left it open: an unclosed file)
         except subprocess.TimeoutExpired:
             proc.kill()
+            proc.communicate()
         outbox.close()

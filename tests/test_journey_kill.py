@@ -118,12 +118,13 @@ class Child:
         self._write_clock()
 
     def start(self) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, str(RUNNER), str(self.config), str(self.clock)],
-            stdout=subprocess.DEVNULL,
-            stderr=open(self.tmp / "runner.log", "ab"),  # noqa: SIM115 (the child owns it)
-            cwd=RUNNER.parent.parent,
-        )
+        with open(self.tmp / "runner.log", "ab") as log:  # the child has its own copy; ours is closed here
+            self.proc = subprocess.Popen(
+                [sys.executable, str(RUNNER), str(self.config), str(self.clock)],
+                stdout=subprocess.DEVNULL,
+                stderr=log,
+                cwd=RUNNER.parent.parent,
+            )
         self.started = time.monotonic()
 
     def kill(self) -> None:
