@@ -1575,7 +1575,7 @@ def login(ctx: Ctx, timeout: int) -> None:
                     out.print(f"{escape(status.message)}\nqrcodeKey: {status.qrcode_key}")
                 if status.state is LoginState.WAITING_VERIFY_CODE:
                     code = await loop.run_in_executor(
-                        None, lambda: click.prompt(tr("verification code shown on the phone"))
+                        None, lambda: click.prompt(tr("verification code shown on the phone"), prompt_suffix=tr(": "))
                     )
                     try:
                         status = await gw.submit_verify_code(code, status.qrcode_key)

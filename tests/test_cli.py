@@ -199,8 +199,10 @@ def test_login_shows_the_qr_rejects_a_wrong_code_then_logs_in(workdir: Path, mon
 
     monkeypatch.setattr(SandboxGateway, "sandbox_scan", spy_scan)
     answers = iter(["000000", None])
+    asked: list[str] = []
 
-    def fake_prompt(text: str) -> str:
+    def fake_prompt(text: str, prompt_suffix: str = ": ") -> str:
+        asked.append(text + prompt_suffix)
         answer = next(answers)
         return answer if answer is not None else gateways[-1].sandbox_phone_code() or ""
 
@@ -211,8 +213,15 @@ def test_login_shows_the_qr_rejects_a_wrong_code_then_logs_in(workdir: Path, mon
     assert any(block in out for block in "█▀▄"), "the QR is drawn in the terminal"
     assert "wrong verification code; 2 tries left" in err
     assert "logged in" in out
+    assert asked[0] == "verification code shown on the phone: "
     code, out, _ = wecast(workdir, "login")
     assert "already logged in" in out
+    # In Chinese the prompt ends in a Chinese colon (it was '手机上显示的验证码: ', click's ASCII one).
+    wecast(workdir, "logout")
+    answers, asked[:] = iter([None]), []
+    code, _, err = wecast(workdir, "--lang", "zh", "login", "--timeout", "30")
+    assert code == 0, err
+    assert asked == ["手机上显示的验证码："]
 
 
 def test_run_during_quiet_hours_says_so_and_leaves_sends_pending(workdir: Path) -> None:
