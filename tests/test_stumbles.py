@@ -145,6 +145,29 @@ def test_a_taken_port_fails_before_the_scheduler_and_the_database(tmp_path: Path
         assert not (tmp_path / "data" / "wecast.sqlite").exists()
 
 
+@pytest.mark.parametrize(
+    ("host", "zh", "en"),
+    [
+        ("192.0.2.1", "本机没有这个地址", "this machine has no such address"),  # TEST-NET-1: never this machine's
+    ],
+)
+def test_an_address_serve_cannot_listen_on_is_said_in_the_chosen_language(host: str, zh: str, en: str) -> None:
+    """`wecast serve --host` with an address this machine lacks: one line in the reader's language. It ended with
+    the system's English words ('Cannot assign requested address') in the middle of the Chinese sentence. (A host
+    name that resolves to nothing is said the same way; not tested, as resolving it could leave the machine.)"""
+    from engine.errors import WecastError
+    from engine.i18n import Language, use_language
+    from engine.web.server import listen
+
+    for lang, words in ((Language.ZH, zh), (Language.EN, en)):
+        with use_language(lang), pytest.raises(WecastError) as refused:
+            listen(host, 0)
+        said = str(refused.value)
+        assert said.startswith(("无法监听", "cannot listen on")) and words in said, said
+        if lang is Language.ZH:
+            assert not re.search(r"[A-Za-z]{4,}", said.replace(host, "")), said  # nothing left in English
+
+
 def test_serve_on_port_0_listens_on_a_free_port_not_the_configured_one(tmp_path: Path) -> None:
     """`wecast serve --port 0` asks the system for a free port: it was read as "no port given" and bound api.port
     (9898), so it failed, and tests that used it failed, whenever that port was taken. The log line names the

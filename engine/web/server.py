@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterator
 import uvicorn
 
 from engine.errors import WecastError
-from engine.i18n import tr
+from engine.i18n import N_, tr
 from engine.scheduler import CampaignScheduler
 from engine.service import Wecast
 from engine.settings import Settings
@@ -77,6 +77,13 @@ def configure_logging(level: str) -> None:
     logging.getLogger("wecast").setLevel(level)
 
 
+# What the system says when a socket cannot bind, in the reader's language.
+_LISTEN_PROBLEMS = {
+    errno.EADDRNOTAVAIL: N_("this machine has no such address (use 127.0.0.1, 0.0.0.0 or one of its own)"),
+    errno.EACCES: N_("not allowed (a port below 1024 needs administrator rights: choose another with --port)"),
+}
+
+
 def listen(host: str, port: int) -> socket.socket:
     """The server's socket, bound before anything else starts: a port another process holds is one clear error
     before the database is opened, the campaigns loaded or the contacts synced (uvicorn binds only after its
@@ -100,9 +107,13 @@ def listen(host: str, port: int) -> socket.socket:
                     host=host,
                 )
             ) from None
-        raise WecastError(
-            tr("cannot listen on {host}:{port}: {reason}", host=host, port=port, reason=exc.strerror or exc)
-        ) from None
+        said = (
+            N_("no such host name (use an address such as 127.0.0.1 or 0.0.0.0)")
+            if isinstance(exc, socket.gaierror)
+            else _LISTEN_PROBLEMS.get(exc.errno or 0)
+        )
+        reason = tr(said) if said else exc.strerror or str(exc)  # else the system's own words
+        raise WecastError(tr("cannot listen on {host}:{port}: {reason}", host=host, port=port, reason=reason)) from None
     sock.set_inheritable(True)
     return sock
 
