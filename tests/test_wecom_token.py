@@ -65,6 +65,32 @@ async def test_a_token_dropped_mid_sync_is_refreshed_once_and_the_sync_goes_on(
         assert r.fake.errors[(BATCH, expired_errcode)] == 1
 
 
+@pytest.mark.parametrize(
+    ("change", "logged_in"),
+    [
+        ({"access_token": 12345}, False),
+        ({"access_token": ""}, False),
+        ({"access_token": None}, False),
+        ({"expires_in": "soon"}, True),
+        ({"expires_in": None}, True),
+        ({"expires_in": "7200"}, True),
+    ],
+)
+async def test_a_gettoken_answer_of_the_wrong_types(tmp_path: Path, change: JSON, logged_in: bool) -> None:
+    """gettoken answering ok with an access_token that is not text (or none) is an error naming it — the gateway
+    stays logged out, saying why, no traceback; an expires_in that is not a number is taken as WeCom's usual 7200 s
+    (a token dropped sooner is refreshed when refused)."""
+    async with running(tmp_path) as r:
+        r.fake.fault("gettoken", count=20, mutate=lambda a: {**a, **change})
+        status = await r.gateway.start_login()
+        assert status.logged_in is logged_in, status.message
+        if not logged_in:
+            assert "gettoken answered ok, but" in status.message and "access_token" in status.message
+        else:
+            r.fake.clear_faults()
+            assert (await r.gateway.client.get(FOLLOW))["follow_user"] == r.fake.staff
+
+
 async def test_a_secret_reset_mid_run_stops_after_one_gettoken(tmp_path: Path) -> None:
     """The app's secret is reset in the admin console while ten calls are in flight: their token is refused
     (40001), one gettoken is tried with the old secret and refused (40001), every call raises an AuthError naming

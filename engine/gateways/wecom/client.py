@@ -227,10 +227,12 @@ class WecomClient:
             except AuthError as exc:
                 self._refused = exc
                 raise
-            token = str(data.get("access_token") or "")
-            if not token:
-                raise TransientError("WeCom gettoken answered without an access_token")
-            expires_in = float(data.get("expires_in") or 7200)
+            token = data.get("access_token")
+            if not isinstance(token, str) or not token.strip():
+                what = "without an access_token" if not token else f"an access_token that is a {type(token).__name__}"
+                raise WecomAnswerError(f"WeCom gettoken answered ok, but {what}", "gettoken", "access_token")
+            expires = data.get("expires_in")
+            expires_in = float(str(expires)) if _numeric(expires) and float(str(expires)) > 0 else 7200.0
             # Refresh a little early (WeCom may also drop a token sooner: a call then refreshes it).
             self._token = token
             self._token_until = self.clock.monotonic() + max(1.0, expires_in - min(300.0, expires_in / 10))
