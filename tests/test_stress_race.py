@@ -30,6 +30,7 @@ import random
 import signal
 import socket
 import subprocess
+import sys
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -46,12 +47,15 @@ from sqlalchemy import create_engine, text
 
 from engine.dispatch import Dispatcher
 from engine.gateways.demo_data import demo_contacts
+from engine.gateways.sandbox import SandboxGateway
 from engine.messages import Part, part_key
+from engine.settings import SandboxSettings
 from storage import deliveries as deliveries_db
 from storage import runs as runs_db
 
 pytestmark = pytest.mark.slow
 
+ROOT = Path(__file__).resolve().parent.parent
 ROUNDS = int(os.environ.get("WECAST_STRESS_ROUNDS", "1"))
 FIRST_SEED = int(os.environ.get("WECAST_STRESS_SEED", "0")) or int(time.time()) % 100_000
 FINAL = ("sent", "failed", "skipped", "unknown")
@@ -634,3 +638,51 @@ def test_a_dispatcher_whose_run_was_taken_over_never_sends_what_the_new_owner_ho
     assert b_held, "B claimed nothing: the test proves nothing"
     assert not b_held & set(calls), f"A sent {len(b_held & set(calls))} deliveries B holds"
     assert counts.get("claimed", 0) == len(b_held), counts  # B's claims are still B's
+
+
+# -- the sandbox's state file ------------------------------------------------------------------------------------
+
+_TAGGER = """
+import asyncio, sys, time
+from pathlib import Path
+from engine.gateways.sandbox import SandboxGateway
+from engine.settings import SandboxSettings
+
+async def main(state, me, at, n):
+    gateway = SandboxGateway(SandboxSettings(contacts=20, seed=1, state_file=Path(state)))
+    await gateway.start()
+    contact = (await gateway.list_contacts()).contacts[0].id
+    tags = [await gateway.create_tag(f"{me}-{i}", "stress") for i in range(n)]
+    while time.time() < at:  # both processes start tagging at the same moment
+        time.sleep(0.001)
+    for tag in tags:
+        await gateway.add_contact_tags(contact, [tag.id])
+    await gateway.close()
+
+asyncio.run(main(sys.argv[1], sys.argv[2], float(sys.argv[3]), int(sys.argv[4])))
+"""
+
+
+def test_two_processes_tagging_one_sandbox_contact_at_once_keep_every_tag(tmp_path: Path) -> None:
+    """Two processes (two `wecast serve` running journeys' tag steps, a serve and `wecast sandbox event tag`) put
+    tags on the same sandbox customer at once: every tag is kept, as WeCom's server keeps both requests' tags.
+    Before, each process read the contact, then wrote it back with its tag added: about half the tags were lost."""
+    state, n = tmp_path / "sandbox.sqlite", 150
+    at = time.time() + 3
+    procs = [
+        subprocess.Popen([sys.executable, "-c", _TAGGER, str(state), me, str(at), str(n)], cwd=ROOT) for me in "ab"
+    ]
+    assert [p.wait(timeout=120) for p in procs] == [0, 0]
+
+    async def tags() -> set[str]:
+        gateway = SandboxGateway(SandboxSettings(contacts=20, seed=1, state_file=state))
+        await gateway.start()
+        try:
+            names = {t.id: t.name for t in await gateway.list_tags()}
+            contact = (await gateway.list_contacts()).contacts[0]
+            return {names[t] for t in contact.tag_ids if names.get(t, "")[:2] in ("a-", "b-")}
+        finally:
+            await gateway.close()
+
+    kept = asyncio.run(tags())
+    assert len(kept) == 2 * n, f"{2 * n - len(kept)} of {2 * n} tags lost"

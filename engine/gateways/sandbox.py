@@ -36,7 +36,7 @@ import random
 import secrets
 import sqlite3
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields, replace
 from datetime import UTC, datetime
@@ -373,16 +373,37 @@ class SandboxStore:
     def put_contact(self, contact_id: str, data: str | None) -> None:
         """Record a contact's new state (None: removed) and bump the book's version, in one transaction."""
         with self._tx() as conn:
-            conn.execute(
-                "INSERT INTO contact_changes (id, seq, data) VALUES "
-                "(?, (SELECT COALESCE(MAX(seq), 0) + 1 FROM contact_changes), ?) "
-                "ON CONFLICT(id) DO UPDATE SET data = excluded.data",
-                (contact_id, data),
-            )
-            conn.execute(
-                "INSERT INTO account (key, value) VALUES ('contacts_version', '1') "
-                "ON CONFLICT(key) DO UPDATE SET value = CAST(value AS INTEGER) + 1"
-            )
+            self._put_contact(conn, contact_id, data)
+
+    def edit_contact(self, contact_id: str, base: str | None, edit: Callable[[str], str]) -> bool:
+        """Change one contact as it is recorded now, in one write transaction — as a server applies each request to
+        the contact as it is when the request arrives, so two processes tagging one contact at once both keep their
+        change (a read in one step and a write in the next lost one of them). `edit` gets the contact's JSON (the
+        recorded one, or `base` — its demo record — if it was never changed) and returns the new JSON. A contact
+        removed (or unknown) is left alone. Returns whether it changed."""
+        with self._tx() as conn:
+            row = conn.execute("SELECT data FROM contact_changes WHERE id = ?", (contact_id,)).fetchone()
+            current = row[0] if row else base
+            if current is None:
+                return False
+            new = edit(current)
+            if new == current:
+                return False
+            self._put_contact(conn, contact_id, new)
+        return True
+
+    @staticmethod
+    def _put_contact(conn: sqlite3.Connection, contact_id: str, data: str | None) -> None:
+        conn.execute(
+            "INSERT INTO contact_changes (id, seq, data) VALUES "
+            "(?, (SELECT COALESCE(MAX(seq), 0) + 1 FROM contact_changes), ?) "
+            "ON CONFLICT(id) DO UPDATE SET data = excluded.data",
+            (contact_id, data),
+        )
+        conn.execute(
+            "INSERT INTO account (key, value) VALUES ('contacts_version', '1') "
+            "ON CONFLICT(key) DO UPDATE SET value = CAST(value AS INTEGER) + 1"
+        )
 
     def created_tags(self) -> list[TagRecord]:
         with self._lock:
@@ -492,6 +513,7 @@ class SandboxGateway(Gateway):
         self._rng = random.Random(settings.seed)
         self._store: SandboxStore | None = None
         self._demo: list[ContactRecord] | None = None
+        self._demo_by_id: dict[str, ContactRecord] = {}
         self._contacts: list[ContactRecord] | None = None
         self._contacts_version = -1
         self._sync_book: list[ContactRecord] | None = None  # the book a sync in progress pages through
@@ -734,6 +756,7 @@ class SandboxGateway(Gateway):
                 epoch = self.clock.now().replace(hour=0, minute=0, second=0, microsecond=0).isoformat()
                 self.store.put("demo_epoch", epoch)
             self._demo = demo_contacts(self.settings.contacts, self.settings.seed, now=datetime.fromisoformat(epoch))
+            self._demo_by_id = {c.id: c for c in self._demo}
         return self._demo
 
     def _all_contacts(self) -> list[ContactRecord]:
@@ -798,18 +821,25 @@ class SandboxGateway(Gateway):
         self._retag(contact_id, tag_ids, add=False)
 
     def _retag(self, contact_id: str, tag_ids: Sequence[str], *, add: bool) -> None:
-        contact = self._contact(contact_id)
+        self._contact(contact_id)  # an unknown contact is refused
         known = {t.id for t in self._tags()}
         unknown = [t for t in tag_ids if t not in known]
         if unknown:
             raise PermanentError(f"unknown tag ids: {', '.join(unknown)}")
         wanted = list(dict.fromkeys(tag_ids))
-        if add:
-            tags = (*contact.tag_ids, *(t for t in wanted if t not in contact.tag_ids))
-        else:
-            tags = tuple(t for t in contact.tag_ids if t not in wanted)
-        if tags != contact.tag_ids:
-            self._save(replace(contact, tag_ids=tags))
+
+        def edit(data: str) -> str:
+            contact = _contact_from_json(data)
+            if add:
+                tags = (*contact.tag_ids, *(t for t in wanted if t not in contact.tag_ids))
+            else:
+                tags = tuple(t for t in contact.tag_ids if t not in wanted)
+            return data if tags == contact.tag_ids else _contact_json(replace(contact, tag_ids=tags))
+
+        # On the contact as recorded now, not as this process last read it (another may have tagged it since).
+        self._demo_book()
+        demo = self._demo_by_id.get(contact_id)
+        if self.store.edit_contact(contact_id, None if demo is None else _contact_json(demo), edit):
             self.emit(EventKind.CONTACT_CHANGED, contact_id=contact_id)
 
     async def create_tag(self, name: str, group_name: str = "") -> TagRecord:
