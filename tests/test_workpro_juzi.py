@@ -2,13 +2,13 @@
 PuppetServer, in Node) around a WorkPro-like puppet (`tests/juzi/server.mjs`): the real server's auth, event
 stream, upload registry and error texts, which the fake puppet only imitates.
 
-Opt-in, as it needs Node and the npm packages (never fetched by the tests themselves):
+It needs Node and the npm packages, pinned in `.ci/juzi/package.json` and its lock, which `.ci/run` installs
+into `.ci/juzi/node_modules` (gitignored) and points WECAST_JUZI_SERVER_DIR at; the tests never fetch. By hand:
 
-    mkdir -p /tmp/juzi && cd /tmp/juzi && npm init -y >/dev/null \\
-      && npm install @juzi/wechaty-puppet-service@1.0.113 @juzi/wechaty-puppet
-    WECAST_JUZI_SERVER_DIR=/tmp/juzi pytest tests/test_workpro_juzi.py
+    npm ci --prefix .ci/juzi && pytest tests/test_workpro_juzi.py
 
-Without WECAST_JUZI_SERVER_DIR every test here is skipped.
+WECAST_JUZI_SERVER_DIR (default: `.ci/juzi`) names another folder holding the packages. Without them the tests
+skip, except under CI (`CI` set), where they fail: a green CI has run them.
 """
 
 from __future__ import annotations
@@ -40,17 +40,17 @@ pytestmark = pytest.mark.anyio
 TOKEN = "puppet_workpro_4f1d2c3b5a69788776"
 SELF_ID = "1688000000000001"
 CODE = "123456"
-SERVER_DIR = os.environ.get("WECAST_JUZI_SERVER_DIR", "")
 SCRIPT = Path(__file__).parent / "juzi" / "server.mjs"
+SERVER_DIR = Path(os.environ.get("WECAST_JUZI_SERVER_DIR") or Path(__file__).parents[1] / ".ci" / "juzi")
 
 
 def _server_dir() -> Path:
-    if not SERVER_DIR:
-        pytest.skip("WECAST_JUZI_SERVER_DIR is not set (see this file's docstring)")
-    folder = Path(SERVER_DIR)
-    if shutil.which("node") is None or not (folder / "node_modules/@juzi/wechaty-puppet-service").is_dir():
-        pytest.skip(f"no node, or no @juzi/wechaty-puppet-service installed in {folder}")
-    return folder
+    if shutil.which("node") is None or not (SERVER_DIR / "node_modules/@juzi/wechaty-puppet-service").is_dir():
+        message = f"no node, or no @juzi/wechaty-puppet-service installed in {SERVER_DIR} (see this file's docstring)"
+        if os.environ.get("CI", "").lower() not in ("", "0", "false"):
+            pytest.fail(message + " (CI is set: .ci/run installs it)", pytrace=False)
+        pytest.skip(message)
+    return SERVER_DIR
 
 
 @pytest.fixture
