@@ -330,6 +330,27 @@ async def test_wrong_token_is_a_clear_error_without_the_token(
     assert fake.calls == ["Event"]  # Start is not even tried
 
 
+async def test_token_and_login_errors_are_in_the_callers_language(make_fake: Factory, make_gateway: Factory) -> None:
+    """`wecast --lang zh`: a rejected token and a send before login say so in Chinese (the token not shown),
+    and so does the QR prompt; read in English, the same error and status are English."""
+    from engine.i18n import Language, use_language
+
+    fake = await make_fake()
+    wrong = "puppet_workpro_wr0ng0000000000000"
+    with use_language(Language.ZH), pytest.raises(AuthError) as caught:
+        await make_gateway(settings_for(fake, token=SecretStr(wrong)))
+    assert str(caught.value).startswith("WorkPro 服务拒绝了令牌（UNAUTHENTICATED）") and wrong not in str(caught.value)
+    gateway = await make_gateway(settings_for(fake))
+    with pytest.raises(NotLoggedInError) as held:
+        await gateway.send_text("c1", "hi", idempotency_key="k")
+    with use_language(Language.ZH):  # said in the language of whoever reads it (a request, the CLI)
+        assert str(held.value).startswith("无法发送：WorkPro 账号未登录（")
+    assert str(held.value).startswith("cannot send: the WorkPro account is not logged in (")
+    with use_language(Language.ZH):
+        assert (await gateway.start_login()).message == "请用手机企业微信扫描二维码"
+    assert (await gateway.login_status()).message == "scan the QR code with WeCom on the phone"
+
+
 @pytest.mark.parametrize("pasted", [f"{TOKEN}\n", f"  {TOKEN} ", f"\t{TOKEN}\r\n"])
 async def test_a_pasted_token_with_spaces_around_works(pasted: str, make_fake: Factory, make_gateway: Factory) -> None:
     """A token from an env file or a chat with a newline or spaces around it is the same token (sent as it was,

@@ -183,3 +183,33 @@ def test_expiry_and_session_loss() -> None:
     machine.on_login(ACCOUNT)
     assert kinds(machine.session_lost("gone")) == [EventKind.LOGOUT]
     assert machine.session_lost("gone") == []
+
+
+def test_messages_are_in_the_language_of_whoever_reads_them() -> None:
+    """The status message is translated when read (a request in Chinese, the CLI in English, of one machine);
+    an event's message in the language in force when it was made; WeCom's own prompt is passed on as it is."""
+    from engine.gateways.workpro.login import LOGGED_OUT
+    from engine.i18n import Language, Lazy, use_language
+
+    machine = LoginMachine()
+    with use_language(Language.ZH):
+        (shown,) = machine.on_scan(qr("AB"))
+    assert shown.message == "请用手机企业微信扫描二维码"
+    assert machine.status().message == "scan the QR code with WeCom on the phone"
+    with use_language(Language.ZH):
+        assert machine.status().message == "请用手机企业微信扫描二维码"
+        assert machine.on_scan(ScanEvent(status=3))[0].message == "已扫码，请在手机上确认登录"
+        machine.on_verify_code(VerifyCodeEvent(id="AB"))
+        assert machine.status().message == "请输入手机企业微信上显示的验证码"
+    machine.code_tries_exhausted("AB", "验证码错误次数超过阈值，请重新扫码")
+    with use_language(Language.ZH):
+        assert machine.status().message == "验证码错误次数过多：请等待新的二维码，扫码后输入新的验证码"
+    assert machine.status().message.startswith("too many wrong verification codes")
+    at_code(machine, "CD")
+    assert machine.status().message == "请输入企业微信手机端展示的验证码，以继续登录"  # the server's text
+    machine.on_login(ACCOUNT)
+    machine.on_account_name(ACCOUNT, "小王")
+    with use_language(Language.ZH):
+        assert machine.status().message == "已登录：小王"
+        assert machine.session_lost(Lazy(LOGGED_OUT))[0].message == "已退出登录"
+    assert machine.status().message == "logged out"

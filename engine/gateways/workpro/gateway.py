@@ -61,10 +61,10 @@ from engine.gateways.base import (
 from engine.gateways.media_cache import InFlight, MediaCache, MediaContent
 from engine.gateways.proto import puppet_pb2 as pb
 from engine.gateways.proto import puppet_pb2_grpc as pb_grpc
-from engine.gateways.workpro.login import Emit, LoginMachine
+from engine.gateways.workpro.login import LOGGED_OUT, Emit, LoginMachine
 from engine.gateways.workpro.payloads import clean_verify_code, contact_record
 from engine.gateways.workpro.rpc_errors import Failure, classify, map_rpc_error, server_text, status_lost
-from engine.i18n import ntr, tr
+from engine.i18n import N_, Lazy, ntr, tr
 from engine.messages import (
     FILE_MAX_BYTES,
     IMAGE_MAX_BYTES,
@@ -219,11 +219,13 @@ class WorkproGateway(Gateway):
             if self._started:
                 return
             if not self._token:
-                raise PermanentError("no WorkPro token: set workpro.token in config.yaml or WECAST_WORKPRO_TOKEN")
+                raise PermanentError(tr("no WorkPro token: set workpro.token in config.yaml or WECAST_WORKPRO_TOKEN"))
             if any(ch.isspace() or not ch.isprintable() for ch in self._token):
                 raise PermanentError(
-                    "the WorkPro token has spaces or control characters inside it: copy the puppet_workpro_… "
-                    "token again into workpro.token or WECAST_WORKPRO_TOKEN"
+                    tr(
+                        "the WorkPro token has spaces or control characters inside it: copy the puppet_workpro_… "
+                        "token again into workpro.token or WECAST_WORKPRO_TOKEN"
+                    )
                 )
             self._closing = False
             self._connects = 0
@@ -493,7 +495,7 @@ class WorkproGateway(Gateway):
         try:
             user = await self._unary("CurrentUser", pb.CurrentUserRequest())
         except NotLoggedInError:
-            self._apply(self._login.session_lost("the session ended while the event stream was down"))
+            self._apply(self._login.session_lost(Lazy(N_("the session ended while the event stream was down"))))
             return
         except GatewayError as exc:  # CurrentUser is juzi-only; an old server may lack it
             log.info("workpro: could not check the current user: %s", exc)
@@ -708,8 +710,10 @@ class WorkproGateway(Gateway):
             return self._login.status()
         if not self._stream_up and self._stream_taken:
             raise TransientError(
-                "another client is connected with this WorkPro token and gets its QR code (one event stream per "
-                "token, e.g. a running `wecast serve`): log in there, or stop it and try again"
+                tr(
+                    "another client is connected with this WorkPro token and gets its QR code (one event stream "
+                    "per token, e.g. a running `wecast serve`): log in there, or stop it and try again"
+                )
             )
         wait = self.settings.qr_wait.total_seconds()
         # Start usually makes the server push a SCAN by itself; only ask for a new QR if none comes.
@@ -719,7 +723,7 @@ class WorkproGateway(Gateway):
             raise self._fatal
         status = self._login.status()
         if not self._login.qr_showing():
-            return LoginStatus(state=status.state, message="no QR code from WorkPro yet; try again in a moment")
+            return LoginStatus(state=status.state, message=tr("no QR code from WorkPro yet; try again in a moment"))
         return status
 
     async def _refresh_qr_unless_one_comes(self, grace: float) -> None:
@@ -797,13 +801,20 @@ class WorkproGateway(Gateway):
         await self._ensure_started()
         await self._unary("Logout", pb.LogoutRequest())
         await self._wait_for(lambda: not self._login.logged_in, 3.0)
-        self._apply(self._login.session_lost("logged out"))  # no LOGOUT event came: trust the RPC's success
+        self._apply(self._login.session_lost(Lazy(LOGGED_OUT)))  # no LOGOUT event came: trust the RPC's success
         return self._login.status()
 
     # -- contacts --------------------------------------------------------------------------------
     def _require_login(self, action: str) -> None:
+        """`action`: a catalog key (N_), said in the language of whoever reads the error."""
         if not self._login.logged_in:
-            raise NotLoggedInError(f"cannot {action}: the WorkPro account is not logged in ({self._login.state.value})")
+            raise NotLoggedInError(
+                Lazy(
+                    N_("cannot {action}: the WorkPro account is not logged in ({state})"),
+                    action=Lazy(action),
+                    state=self._login.state.value,
+                )
+            )
 
     def _record(self, payload: pb.ContactPayloadResponse) -> ContactRecord:
         return contact_record(payload, self._login.account_id or "")
@@ -812,7 +823,7 @@ class WorkproGateway(Gateway):
         """ContactList once per sync (cursor None), then payloads for one page of ids, in batches; the logged-in
         account itself is left out."""
         await self._ensure_started()
-        self._require_login("list contacts")
+        self._require_login(N_("list contacts"))
         if page_size < 1:
             raise PermanentError("page_size must be at least 1")
         if cursor is None or self._contact_ids is None:
@@ -845,12 +856,12 @@ class WorkproGateway(Gateway):
         log.info("workpro: waiting up to %g s for READY (the account's contacts are loading) to list them", wait)
         if not await self._wait_for(lambda: machine.ready or not machine.logged_in, wait):
             log.warning("workpro: no READY within %g s of the login; listing the contacts the puppet has", wait)
-        self._require_login("list contacts")
+        self._require_login(N_("list contacts"))
 
     async def get_contact(self, contact_id: str) -> ContactRecord | None:
         """One contact, fresh from the puppet (after a DIRTY event)."""
         await self._ensure_started()
-        self._require_login("read a contact")
+        self._require_login(N_("read a contact"))
         found = await self._payloads([contact_id])
         payload = found.get(contact_id)
         return self._record(payload) if payload is not None else None
@@ -915,7 +926,7 @@ class WorkproGateway(Gateway):
     async def list_tags(self) -> list[TagRecord]:
         """TagTagList, then TagPayload per tag and TagGroupPayload per group, concurrently."""
         await self._ensure_started()
-        self._require_login("list tags")
+        self._require_login(N_("list tags"))
         try:
             tag_ids = list(dict.fromkeys((await self._unary("TagTagList", pb.TagTagListRequest())).tag_ids))
         except PermanentError as exc:
@@ -964,7 +975,7 @@ class WorkproGateway(Gateway):
         if not text:
             raise PermanentError("the message text is empty")
         await self._ensure_started()
-        self._require_login("send")
+        self._require_login(N_("send"))
         request = pb.MessageSendTextRequest(conversation_id=contact_id, text=text)
         response = await self._unary("MessageSendText", request, mutating=True)
         return SendReceipt(message_id=self._message_id(response, "MessageSendText", contact_id))
@@ -978,7 +989,7 @@ class WorkproGateway(Gateway):
         if not contact_id:
             raise PermanentError("no contact id to send to")
         await self._ensure_started()
-        self._require_login("send")
+        self._require_login(N_("send"))
         if isinstance(part, ImagePart | FilePart):
             return await self._send_file(contact_id, part)
         request: Any
@@ -1144,7 +1155,7 @@ class WorkproGateway(Gateway):
         if not ids:
             return
         await self._ensure_started()
-        self._require_login("change tags")
+        self._require_login(N_("change tags"))
         request_type = pb.TagContactTagAddRequest if method == "TagContactTagAdd" else pb.TagContactTagRemoveRequest
         # Not `mutating`: doing it twice is harmless, so a timeout is worth a retry rather than "unknown".
         await self._unary(
@@ -1157,7 +1168,7 @@ class WorkproGateway(Gateway):
         if not name:
             raise PermanentError("a tag needs a name")
         await self._ensure_started()
-        self._require_login("create tags")
+        self._require_login(N_("create tags"))
         for tag in await self.list_tags():
             if tag.name == name and tag.group_name == group_name:
                 return tag

@@ -34,23 +34,37 @@ from engine.gateways.workpro.payloads import (
     VerifySlideEvent,
 )
 from engine.gateways.workpro.rpc_errors import NEW_DEVICE_MARKERS
+from engine.i18n import N_, Lazy, tr
 
 VERIFY_TRIES = 3  # WeCom allows about 3 wrong codes, then the QR must be scanned again
 
-SCAN_QR = "scan the QR code with WeCom on the phone"
-SECURITY_QR = "WeCom asks for a security check on a new device: scan this QR with WeCom on the phone within 2 minutes"
-SECURITY_NEXT = (
+# The machine's messages are catalog keys: `status().message` is translated when the status is read (in the
+# language of the request or command asking), an `Emit`'s message when the event is made. Texts from the server
+# (WeCom's own code prompt, a LOGOUT reason) are passed on as they are.
+SCAN_QR = N_("scan the QR code with WeCom on the phone")
+SECURITY_QR = N_(
+    "WeCom asks for a security check on a new device: scan this QR with WeCom on the phone within 2 minutes"
+)
+SECURITY_NEXT = N_(
     "WeCom asks for a security check on a new device: scan the next QR with WeCom on the phone within 2 minutes"
 )
-SCANNED = "scanned; confirm the login on the phone"
-ENTER_CODE = "enter the verification code shown by WeCom on the phone"
-CODE_ACCEPTED = "code accepted; waiting for WeCom to log in"
-NEW_QR_AFTER_TRIES = "too many wrong verification codes: wait for the new QR code, scan it and enter the new code"
-SLIDER = (
+SCANNED = N_("scanned; confirm the login on the phone")
+ENTER_CODE = N_("enter the verification code shown by WeCom on the phone")
+CODE_ACCEPTED = N_("code accepted; waiting for WeCom to log in")
+NEW_QR_AFTER_TRIES = N_("too many wrong verification codes: wait for the new QR code, scan it and enter the new code")
+SLIDER = N_(
     "WeCom asks for a slider check before this login (VERIFY_SLIDE); WorkPro's gRPC service has no call to "
     "answer it, so wecast cannot: wait a few minutes and start the login again, or ask juzi's support"
 )
-SLIDER_EXPIRED = "the slider check expired; start the login again"
+SLIDER_EXPIRED = N_("the slider check expired; start the login again")
+WAITING_FOR_START = N_("the puppet waits for a login to be started")
+QR_EXPIRED = N_("the QR code expired or was cancelled; start the login again")
+CODE_EXPIRED = N_("the verification code expired; start the login again")
+WRONG_CODE = N_("wrong verification code")
+NEW_QR_ENDS_SESSION = N_("WorkPro shows a new QR code: the session has ended")
+LOGGED_IN = N_("logged in")
+LOGGED_IN_AS = N_("logged in as {name}")
+LOGGED_OUT = N_("logged out")
 
 
 @dataclass(frozen=True)
@@ -79,7 +93,7 @@ class LoginMachine:
         # This process saw the login happen (a QR, then LOGIN), so the account's data is still loading on the puppet
         # until READY; a LOGIN replayed on connect (or learnt by CurrentUser) is an account logged in before.
         self.watched_login = False
-        self.message = ""
+        self.message: str | Lazy = ""  # a catalog key (Lazy: translated when read) or the server's own text
 
     # -- reading ---------------------------------------------------------------------------------
     @property
@@ -103,7 +117,7 @@ class LoginMachine:
             account_id=self.account_id,
             account_name=self.account_name,
             tries_left=None if self.logged_in else self.tries_left,
-            message=self.message,
+            message=str(self.message),
         )
 
     # -- events from the server ------------------------------------------------------------------
@@ -113,17 +127,12 @@ class LoginMachine:
         if event.status in (SCAN_SCANNED, SCAN_CONFIRMED):
             if self.state in (LoginState.WAITING_SCAN, LoginState.LOGGED_OUT):
                 self.state = LoginState.SCANNED
-                self.message = SCANNED
-                return [Emit(EventKind.SCANNED, SCANNED, {"status": event.status})]
+                return [Emit(EventKind.SCANNED, self._say(SCANNED), {"status": event.status})]
             return []
         if event.status in (SCAN_CANCEL, SCAN_TIMEOUT, SCAN_IDLE) and not self.logged_in:
             self.state = LoginState.LOGGED_OUT
             self.qr_url = self.qr_key = self.verify_id = None
-            self.message = (
-                "the puppet waits for a login to be started"
-                if event.status == SCAN_IDLE
-                else "the QR code expired or was cancelled; start the login again"
-            )
+            self._say(WAITING_FOR_START if event.status == SCAN_IDLE else QR_EXPIRED)
         return []
 
     def _show_qr(self, event: ScanEvent) -> list[Emit]:
@@ -137,21 +146,21 @@ class LoginMachine:
         second = event.verification or self.expect_second
         self.expect_second = False
         # A QR while logged in: the session has ended, though no LOGOUT said so (it was lost with a stream).
-        emits = self.session_lost("WorkPro shows a new QR code: the session has ended")
+        emits = self.session_lost(Lazy(NEW_QR_ENDS_SESSION))
         if key != self.qr_key:
             self.tries_left = VERIFY_TRIES
         self.state = LoginState.WAITING_SCAN
         self.qr_url, self.qr_key, self.verify_id, self.second = event.url, key, None, second
-        self.message = SECURITY_QR if second else SCAN_QR
+        shown = self._say(SECURITY_QR if second else SCAN_QR)
         emits += [
             Emit(
                 EventKind.QR,
-                self.message,
+                shown,
                 {"qr_url": event.url, "qrcode_key": key, "second_verification": second, "status": event.status},
             )
         ]
         if second:
-            emits.append(Emit(EventKind.SECOND_VERIFICATION, self.message, {"qr_url": event.url, "qrcode_key": key}))
+            emits.append(Emit(EventKind.SECOND_VERIFICATION, shown, {"qr_url": event.url, "qrcode_key": key}))
         return emits
 
     def on_verify_code(self, event: VerifyCodeEvent) -> list[Emit]:
@@ -164,18 +173,19 @@ class LoginMachine:
         if event.status == VERIFY_EXPIRED:
             self.state = LoginState.LOGGED_OUT
             self.qr_url = self.qr_key = self.verify_id = None
-            self.message = "the verification code expired; start the login again"
-            return [Emit(EventKind.ERROR, self.message)]
+            return [Emit(EventKind.ERROR, self._say(CODE_EXPIRED))]
         if event.status == VERIFY_WRONG:
-            return [Emit(EventKind.VERIFY_CODE_WRONG, "wrong verification code", {"qrcode_key": verify_id})]
+            return [Emit(EventKind.VERIFY_CODE_WRONG, tr(WRONG_CODE), {"qrcode_key": verify_id})]
         if self.logged_in:
             return []
         self.state = LoginState.WAITING_VERIFY_CODE
         self.verify_id = verify_id
         if self.tries_left is None:
             self.tries_left = VERIFY_TRIES
-        self.message = event.message or ENTER_CODE
-        return [Emit(EventKind.VERIFY_CODE, self.message, {"qrcode_key": verify_id})]
+        if event.message:  # WeCom's own prompt, passed on
+            self.message = event.message
+            return [Emit(EventKind.VERIFY_CODE, event.message, {"qrcode_key": verify_id})]
+        return [Emit(EventKind.VERIFY_CODE, self._say(ENTER_CODE), {"qrcode_key": verify_id})]
 
     def on_verify_slide(self, event: VerifySlideEvent) -> list[Emit]:
         """VERIFY_SLIDE: a challenge wecast cannot answer, said so instead of waiting silently for a LOGIN."""
@@ -184,12 +194,10 @@ class LoginMachine:
         if event.status == VERIFY_EXPIRED:
             self.state = LoginState.LOGGED_OUT
             self.qr_url = self.qr_key = self.verify_id = None
-            self.message = SLIDER_EXPIRED
-            return [Emit(EventKind.ERROR, self.message, {"verify_slide": True})]
+            return [Emit(EventKind.ERROR, self._say(SLIDER_EXPIRED), {"verify_slide": True})]
         if event.status != VERIFY_WAITING:
             return []
-        self.message = SLIDER
-        return [Emit(EventKind.ERROR, self.message, {"verify_slide": True})]
+        return [Emit(EventKind.ERROR, self._say(SLIDER), {"verify_slide": True})]
 
     def on_login(self, account_id: str) -> list[Emit]:
         """LOGIN: logged in as `account_id`. A replay (same account, or none named) changes nothing."""
@@ -204,7 +212,9 @@ class LoginMachine:
         self.second = False
         self.tries_left = None
         self.message = self._logged_in_message()
-        return [Emit(EventKind.LOGIN, "logged in", {"account_id": self.account_id, "account_name": self.account_name})]
+        return [
+            Emit(EventKind.LOGIN, tr(LOGGED_IN), {"account_id": self.account_id, "account_name": self.account_name})
+        ]
 
     def on_account_name(self, account_id: str, name: str | None) -> None:
         """The account's own name, looked up after LOGIN (ignored if another account logged in meanwhile)."""
@@ -225,27 +235,30 @@ class LoginMachine:
         account = self.account_id
         self._logged_out(reason)
         emits = [
-            Emit(EventKind.LOGOUT, reason or "logged out", {"account_id": account, "second_verification": new_device})
+            Emit(
+                EventKind.LOGOUT,
+                reason or tr(LOGGED_OUT),
+                {"account_id": account, "second_verification": new_device},
+            )
         ]
         if new_device:
             self.expect_second = True
-            self.message = SECURITY_NEXT
-            emits.append(Emit(EventKind.SECOND_VERIFICATION, self.message))
+            emits.append(Emit(EventKind.SECOND_VERIFICATION, self._say(SECURITY_NEXT)))
         return emits
 
-    def session_lost(self, reason: str) -> list[Emit]:
+    def session_lost(self, reason: str | Lazy) -> list[Emit]:
         """We learnt without a LOGOUT event that the session is gone (it ended while the stream was down, or the
         Logout call succeeded and no event followed)."""
         if not self.logged_in:
             return []
         self._logged_out(reason)
-        return [Emit(EventKind.LOGOUT, reason)]
+        return [Emit(EventKind.LOGOUT, str(reason))]
 
     # -- outcomes of our own calls ---------------------------------------------------------------
     def code_accepted(self) -> None:
         """EnterVerifyCode succeeded. The LOGIN event may already have come (the server sends it first)."""
         if not self.logged_in:
-            self.message = CODE_ACCEPTED
+            self._say(CODE_ACCEPTED)
 
     def code_wrong(self, key: str, text: str) -> list[Emit]:
         """EnterVerifyCode said the code was wrong: one try less."""
@@ -259,15 +272,20 @@ class LoginMachine:
             self.state = LoginState.LOGGED_OUT
             self.qr_url = self.qr_key = self.verify_id = None
             self.second = False
-            self.message = NEW_QR_AFTER_TRIES
+            self._say(NEW_QR_AFTER_TRIES)
             self.tries_left = 0
         return [Emit(EventKind.VERIFY_CODE_WRONG, text, {"qrcode_key": key, "tries_left": 0})]
 
     # -- internals -------------------------------------------------------------------------------
-    def _logged_in_message(self) -> str:
-        return f"logged in as {self.account_name}" if self.account_name else "logged in"
+    def _say(self, message: str, /, **fields: object) -> str:
+        """Show the catalog message `message` (translated whenever the status is read); its text now, for an Emit."""
+        self.message = Lazy(message, **fields)
+        return str(self.message)
 
-    def _logged_out(self, reason: str) -> None:
+    def _logged_in_message(self) -> Lazy:
+        return Lazy(LOGGED_IN_AS, name=self.account_name) if self.account_name else Lazy(LOGGED_IN)
+
+    def _logged_out(self, reason: str | Lazy) -> None:
         self.state = LoginState.LOGGED_OUT
         self.ready = self.watched_login = False
         self.account_id = self.account_name = None

@@ -33,6 +33,7 @@ from engine.errors import (
     UnknownOutcomeError,
 )
 from engine.gateways.workpro.payloads import first_line
+from engine.i18n import tr
 
 Code: TypeAlias = grpc.StatusCode  # grpc ships no type information: this is Any to mypy
 
@@ -177,11 +178,13 @@ def to_error(
         return RateLimitedError(f"WorkPro is throttling requests ({shown}); slow down", retry_after=throttle_backoff)
     if failure is Failure.AUTH:
         return AuthError(
-            "the WorkPro puppet rejected the token (UNAUTHENTICATED): check workpro.token "
-            "(or WECAST_WORKPRO_TOKEN) and that it is a puppet_workpro_… token for this server"
+            tr(
+                "the WorkPro puppet rejected the token (UNAUTHENTICATED): check workpro.token "
+                "(or WECAST_WORKPRO_TOKEN) and that it is a puppet_workpro_… token for this server"
+            )
         )
     if failure is Failure.NOT_LOGGED_IN:
-        return NotLoggedInError(f"the WorkPro account is not logged in ({shown})")
+        return NotLoggedInError(tr("the WorkPro account is not logged in ({text})", text=shown))
     if failure is Failure.TIMEOUT:
         if mutating:
             return UnknownOutcomeError(f"WorkPro {method} timed out after the request was sent; it may have been done")
@@ -200,13 +203,15 @@ def to_error(
         return TransientError(f"WorkPro {method} was cancelled")
     if failure is Failure.STREAM_TAKEN:
         return TransientError(
-            "another client is already connected with this WorkPro token (one event stream is allowed); "
-            "stop it, or wait for its connection to time out"
+            tr(
+                "another client is already connected with this WorkPro token (one event stream is allowed); "
+                "stop it, or wait for its connection to time out"
+            )
         )
     if failure is Failure.UNSUPPORTED:
         return PermanentError(f"this WorkPro server does not offer {method} ({shown})")
     if failure in (Failure.WRONG_CODE, Failure.TOO_MANY_TRIES):
-        return PermanentError(f"WorkPro did not accept the verification code: {shown}")
+        return PermanentError(tr("WorkPro did not accept the verification code: {text}", text=shown))
     return PermanentError(f"WorkPro refused {what}: {shown}" if what else f"WorkPro {method} failed: {shown}")
 
 
