@@ -29,7 +29,7 @@ from typing import Any
 import pytest
 from pydantic import SecretStr
 
-from engine.errors import LoginError, PermanentError, TransientError
+from engine.errors import AuthError, LoginError, PermanentError, TransientError
 from engine.gateways.base import EventKind, LoginState
 from engine.gateways.workpro import WorkproGateway
 from engine.messages import FilePart, ImagePart, LinkPart, Media, MiniProgramPart
@@ -82,11 +82,11 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _start(tls: bool) -> JuziServer:
+def _start(tls: bool, port: int = 0) -> JuziServer:
     folder = _server_dir()
     script = folder / "wecast-juzi-server.mjs"  # beside node_modules, so its imports resolve
     shutil.copyfile(SCRIPT, script)
-    port = _free_port()
+    port = port or _free_port()
     args = ["node", str(script), str(port), TOKEN, *(["tls"] if tls else [])]
     env = {**os.environ, "WECHATY_LOG": "silent"}
     process = subprocess.Popen(args, cwd=folder, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
@@ -238,3 +238,37 @@ async def test_tls_with_juzis_built_in_certificate(gateways: list[WorkproGateway
         assert [s["text"] for s in server.sends()] == ["over TLS"]
     finally:
         _stop(server)
+
+
+async def test_contacts_come_in_pages_each_id_once(juzi: JuziServer, gateways: list[WorkproGateway]) -> None:
+    """25 contacts in pages of 10: cursors 10, 20, then none; every customer once, the account itself never."""
+    gateway = await connect(gateways, juzi)
+    await log_in(gateway)
+    seen: list[str] = []
+    cursors: list[str | None] = []
+    cursor: str | None = None
+    while True:
+        page = await gateway.list_contacts(cursor, page_size=10)
+        assert page.total == 25
+        seen += [c.id for c in page.contacts]
+        cursor = page.next_cursor
+        cursors.append(cursor)
+        if cursor is None:
+            break
+    assert cursors == ["10", "20", None]
+    assert seen == [f"c{i:04d}" for i in range(25)]
+    assert {c.name for c in (await gateway.list_contacts(None, page_size=1)).contacts} == {"客户c0000"}
+
+
+async def test_a_token_the_server_rejects(
+    juzi: JuziServer, gateways: list[WorkproGateway], caplog: pytest.LogCaptureFixture
+) -> None:
+    """juzi's server refuses another token: connecting fails with an error that says the token is wrong, and
+    neither the error nor the log shows the token."""
+    wrong = "puppet_workpro_0badc0ffee0badc0ffee"
+    caplog.set_level("DEBUG")
+    with pytest.raises(AuthError, match="token") as refused:
+        await connect(gateways, juzi, token=SecretStr(wrong))
+    assert wrong not in str(refused.value) and wrong[15:] not in str(refused.value)
+    assert wrong[15:] not in caplog.text
+    assert not juzi.sends() and juzi.alive()
