@@ -465,8 +465,8 @@ def journey_round(tmp: Path, db_url: str, seed: int) -> Audit:
     finally:
         for s in servers:
             s.stop()
-        for proc in replying.values():
-            if proc.poll() is None:
+        for contact, proc in replying.items():
+            if contact not in looked:  # ended but not collected, or still running: collected, its pipes closed
                 kill_9(proc)
     for s in servers:
         audit.problems += s.errors
