@@ -35,6 +35,7 @@ from engine.gateways.fake_puppet import NEW_DEVICE_TEXT, SELF_ID, SELF_NAME, Fak
 from engine.gateways.proto import generate
 from engine.gateways.proto import puppet_pb2 as pb
 from engine.gateways.workpro import WorkproGateway
+from engine.i18n import Language, use_language
 from engine.messages import IMAGE_MAX_BYTES, FilePart, ImagePart, Media, PartKind
 from engine.settings import WorkproSettings, load_settings
 
@@ -277,6 +278,14 @@ async def test_discovery_not_found_and_unreachable(make_gateway: Factory) -> Non
     text = str(down_answer.value)
     assert "HTTP 503" in text and "HTTP 429" in text and "workpro.endpoint" in text
     assert TOKEN not in text
+    with use_language(Language.ZH):  # `wecast --lang zh login`
+        async with discovery(answers, seen) as client:
+            with pytest.raises(PermanentError) as not_found:
+                await make_gateway(settings_for(None, discovery_authorities=list(answers)), client)
+    assert str(not_found.value).startswith(
+        "这个 WorkPro 令牌在所有服务发现地址上都没有登记（a.example：未登记（HTTP 404）"
+    )
+    assert TOKEN not in str(not_found.value)
 
 
 @pytest.mark.parametrize(
@@ -333,8 +342,6 @@ async def test_wrong_token_is_a_clear_error_without_the_token(
 async def test_token_and_login_errors_are_in_the_callers_language(make_fake: Factory, make_gateway: Factory) -> None:
     """`wecast --lang zh`: a rejected token and a send before login say so in Chinese (the token not shown),
     and so does the QR prompt; read in English, the same error and status are English."""
-    from engine.i18n import Language, use_language
-
     fake = await make_fake()
     wrong = "puppet_workpro_wr0ng0000000000000"
     with use_language(Language.ZH), pytest.raises(AuthError) as caught:

@@ -20,6 +20,7 @@ from engine.errors import PermanentError, TransientError
 from engine.gateways.fake_puppet import SELF_ID, FakePuppet
 from engine.gateways.workpro import WorkproGateway
 from engine.gateways.workpro.tls import WECHATY_ROOT_CA, token_sni
+from engine.i18n import Language, use_language
 from engine.settings import WorkproSettings, load_settings
 
 pytestmark = pytest.mark.anyio
@@ -194,6 +195,12 @@ async def test_bad_tls_settings_are_permanent(
     gateways.append(gateway)
     with pytest.raises(PermanentError, match=r"set workpro.tls_server_name"):
         await gateway.start()
+    with use_language(Language.ZH), pytest.raises(PermanentError) as in_chinese:
+        await connect(gateways, fake, tls=True, tls_ca_cert=tmp_path / "not.pem")
+    assert (
+        str(in_chinese.value)
+        == f"workpro.tls_ca_cert {tmp_path / 'not.pem'} 里没有 PEM 证书（-----BEGIN CERTIFICATE-----）"
+    )
 
 
 def test_a_relative_ca_file_is_relative_to_the_config(tmp_path: Path) -> None:

@@ -345,21 +345,27 @@ class WorkproGateway(Gateway):
                 if endpoint:
                     log.info("workpro discovery: %s resolved the token to %s", host, endpoint)
                     return endpoint
-                problems.append(f"{host}: not registered (HTTP {response.status_code})")
+                problems.append(tr("{host}: not registered (HTTP {status})", host=host, status=response.status_code))
                 log.info("workpro discovery: %s does not know the token (HTTP %s)", host, response.status_code)
         finally:
             if client is not self._http:
                 await client.aclose()
-        tried = "; ".join(problems) or "no discovery_authorities configured"
+        tried = "; ".join(problems) or tr("no discovery_authorities configured")
         if problems and unreachable == len(problems):
             raise TransientError(
-                f"cannot reach any WorkPro discovery service ({tried}); set workpro.endpoint to the puppet's "
-                "host:port to connect without discovery, or check workpro.discovery_authorities"
+                tr(
+                    "cannot reach any WorkPro discovery service ({tried}); set workpro.endpoint to the puppet's "
+                    "host:port to connect without discovery, or check workpro.discovery_authorities",
+                    tried=tried,
+                )
             )
         raise PermanentError(
-            f"the WorkPro token is not registered with any discovery service ({tried}); check workpro.token and "
-            "workpro.discovery_authorities (juzi names each token's discovery host), or set workpro.endpoint "
-            "to host:port"
+            tr(
+                "the WorkPro token is not registered with any discovery service ({tried}); check workpro.token "
+                "and workpro.discovery_authorities (juzi names each token's discovery host), or set "
+                "workpro.endpoint to host:port",
+                tried=tried,
+            )
         )
 
     @staticmethod

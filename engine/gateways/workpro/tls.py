@@ -19,6 +19,7 @@ from pathlib import Path
 import grpc
 
 from engine.errors import PermanentError
+from engine.i18n import tr
 
 # The Wechaty community root CA, CN=wechaty-root-ca, valid 2021-08-09 to 2031-08-07 (public: juzi's client
 # embeds it as TLS_CA_CERT, src/auth/ca.ts).
@@ -70,8 +71,10 @@ def server_name(token: str, configured: str | None) -> str:
     name = configured or token_sni(token)
     if not name:
         raise PermanentError(
-            "workpro.tls needs a server name: the token has no `prefix_` to take it from (juzi's client needs one "
-            "too); set workpro.tls_server_name to the name on the puppet's certificate"
+            tr(
+                "workpro.tls needs a server name: the token has no `prefix_` to take it from (juzi's client needs "
+                "one too); set workpro.tls_server_name to the name on the puppet's certificate"
+            )
         )
     return name
 
@@ -84,9 +87,13 @@ def root_certificates(ca_file: Path | None) -> bytes:
     try:
         data = ca_file.read_bytes()
     except OSError as exc:
-        raise PermanentError(f"cannot read workpro.tls_ca_cert {ca_file}: {exc.strerror or exc}") from None
+        raise PermanentError(
+            tr("cannot read workpro.tls_ca_cert {path}: {reason}", path=ca_file, reason=exc.strerror or exc)
+        ) from None
     if b"-----BEGIN CERTIFICATE-----" not in data:
-        raise PermanentError(f"workpro.tls_ca_cert {ca_file} holds no PEM certificate (-----BEGIN CERTIFICATE-----)")
+        raise PermanentError(
+            tr("workpro.tls_ca_cert {path} holds no PEM certificate (-----BEGIN CERTIFICATE-----)", path=ca_file)
+        )
     return data
 
 
