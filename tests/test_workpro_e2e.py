@@ -107,6 +107,9 @@ def test_source_document_flow_through_serve_on_workpro(tmp_path: Path) -> None:
             first = start.json()
             assert first["state"] == "waiting_scan"
             assert first["qrcodeKey"] == fake.qr_key and f"key={fake.qr_key}" in first["qrcodeUrl"]
+            assert first["message"] == "scan the QR code with WeCom on the phone"
+            zh = {"Accept-Language": "zh-CN,zh;q=0.9"}  # the same QR, asked for in Chinese
+            assert client.post("/goStart", headers=zh).json()["message"] == "请用手机企业微信扫描二维码"
             png = client.get("/api/v1/login/qr.png")
             assert zxingcpp.read_barcodes(Image.open(io.BytesIO(png.content)))[0].text == first["qrcodeUrl"]
 
@@ -122,6 +125,10 @@ def test_source_document_flow_through_serve_on_workpro(tmp_path: Path) -> None:
             assert bad.status_code == 400, bad.text
             assert bad.json()["triesLeft"] == 2 and "wrong verification code" in bad.json()["error"]
             assert "2 tries left" in bad.json()["error"] and not fake.logged_in
+            bad = client.post(
+                "/submit-verify-code", json={"verifyCode": wrong, "qrcodeKey": first["qrcodeKey"]}, headers=zh
+            )
+            assert bad.json()["triesLeft"] == 1 and bad.json()["error"].startswith("验证码错误"), bad.text
             ok = client.post("/submit-verify-code", json={"verifyCode": f" {code} ", "qrcodeKey": first["qrcodeKey"]})
             assert ok.status_code == 200, ok.text
             assert ok.json()["state"] == "logged_in" and ok.json()["accountId"] == SELF_ID and fake.logged_in
@@ -168,7 +175,7 @@ def test_source_document_flow_through_serve_on_workpro(tmp_path: Path) -> None:
             assert again["qrcodeKey"] != first["qrcodeKey"] and again["qrcodeKey"] == fake.qr_key
             refused = client.post("/send-message", json={"id": one, "message": "登出后不应发送"})
             assert refused.status_code == 409 and len(fake.sends) == 1 + len(vip)
-        assert "Logout" in fake.calls and fake.calls.count("EnterVerifyCode") == 2
+        assert "Logout" in fake.calls and fake.calls.count("EnterVerifyCode") == 3
 
 
 @pytest.fixture
