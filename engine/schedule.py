@@ -27,7 +27,7 @@ from apscheduler.triggers.interval import IntervalTrigger
 from pydantic import field_validator, model_validator
 
 from engine.durations import Duration, check_date_range
-from engine.i18n import tr
+from engine.i18n import N_, tr
 from engine.settings import Strict
 
 
@@ -108,6 +108,37 @@ def _aware(value: datetime | date | None, tz: ZoneInfo, *, end: bool = False) ->
     return value if value.tzinfo else value.replace(tzinfo=tz)
 
 
+# A cron expression's fields: APScheduler's name, the word for people, what a field may hold.
+_CRON_FIELDS = (
+    ("minute", N_("minute"), "0-59"),
+    ("hour", N_("hour"), "0-23"),
+    ("day", N_("day of the month"), "1-31"),
+    ("month", N_("month"), "1-12"),
+    ("day_of_week", N_("weekday"), "0-7"),
+)
+
+
+def _bad_cron_field(fields: list[str], tz: ZoneInfo) -> str | None:
+    """Which field of a cron expression APScheduler refused, in words (its own message is English only)."""
+    for (name, word, allowed), value in zip(_CRON_FIELDS, fields, strict=True):
+        given = value
+        if name == "day_of_week":
+            try:
+                given = cron_weekdays(value)
+            except ValueError:
+                return None  # our own words already ("weekday '9' out of range 0-7")
+        try:
+            CronTrigger(**{name: given}, timezone=tz)
+        except ValueError:
+            return tr(
+                "the {field} field {value} is not valid (numbers {allowed}, *, ranges a-b, lists a,b, steps */n)",
+                field=tr(word),
+                value=repr(value),
+                allowed=allowed,
+            )
+    return None
+
+
 def build_trigger(spec: ScheduleSpec, tz: ZoneInfo) -> Trigger:
     """An APScheduler trigger for `spec` in zone `tz`. Raises ScheduleError naming the field."""
     start = _aware(spec.start, tz)
@@ -135,9 +166,9 @@ def build_trigger(spec: ScheduleSpec, tz: ZoneInfo) -> Trigger:
                 end_date=end,
             )
         except ValueError as exc:
-            raise ScheduleError(
-                tr("invalid cron expression {cron}: {why}", cron=repr(spec.cron), why=exc), "cron"
-            ) from None
+            why = _bad_cron_field(fields, tz) or str(exc)
+            said = tr("invalid cron expression {cron}: {why}", cron=repr(spec.cron), why=why)
+            raise ScheduleError(said, "cron") from None
         return _OncePerWallTime(cron)
     if spec.at is not None:
         return cast(Trigger, DateTrigger(run_date=_aware(spec.at, tz), timezone=tz))

@@ -21,6 +21,11 @@ CASES = [
         "cron 需要 5 个字段",
         "cron needs 5 fields",
     ),
+    (  # APScheduler's refusal was passed on in English: "Error validating expression '25': the last value ..."
+        "schedule: {cron: '0 25 * * *'}\naudience: {}\nmessage: {template: 您好}\n",
+        "无效：小时字段 '25' 无效（可用：数字 0-23",
+        "the hour field '25' is not valid (numbers 0-23",
+    ),
     (
         "schedule: {every: 10s}\naudience: {}\nmessage: {template: 您好}\n",
         "every 至少为 1m",
