@@ -698,8 +698,9 @@ async def test_a_send_cut_by_a_server_restart_is_unknown_and_never_resent(
     make_fake: Factory, make_gateway: Factory
 ) -> None:
     """The puppet service restarts while a send is in flight: the message was delivered, so the send is an
-    unknown outcome (never retried blindly); sends while it is down never left (transient); once it is back the
-    gateway reconnects, starts the account again and is still logged in, and the next send goes out once."""
+    unknown outcome (never retried blindly); sends while it is down never left, and wait as for a login (not
+    logged in: the server cannot be reached); once it is back the gateway reconnects, starts the account again and
+    is still logged in, and the next send goes out once."""
     fake = await make_fake()
     gateway = await make_gateway(settings_for(fake))
     await login(gateway, fake)
@@ -710,8 +711,9 @@ async def test_a_send_cut_by_a_server_restart_is_unknown_and_never_resent(
     await fake._server.stop(grace=0)  # the service goes down with the send in flight ...
     with pytest.raises(UnknownOutcomeError):
         await send
-    with pytest.raises(TransientError):  # ... and nothing is listening for a moment
+    with pytest.raises(NotLoggedInError, match="cannot be reached"):  # ... and nothing is listening for a moment
         await gateway.send_text(customer, "second", idempotency_key="d2")
+    assert not (await gateway.login_status()).logged_in
     fake.send_delay = 0.0
     await fake.restart()  # ... then it is back, its event seq starting again
     await until(lambda: fake.running and gateway._stream_up, timeout=10)

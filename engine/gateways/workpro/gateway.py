@@ -54,6 +54,7 @@ from engine.gateways.base import (
     ContactRecord,
     EventKind,
     Gateway,
+    LoginState,
     LoginStatus,
     SendReceipt,
     TagRecord,
@@ -95,6 +96,13 @@ UPLOAD_CHUNK_BYTES = 256 * 1024
 UPLOAD_CHUNKS_IN_FLIGHT = 4
 UPLOAD_MIN_BYTES_PER_SECOND = 1_000_000
 EVENT_CACHE_MAX_AGE = 120.0  # seconds: a resume seq older than this is not sent (juzi's client: timeoutSeconds=2 min)
+# The status while the server cannot be connected to (a catalog key).
+UNREACHABLE = N_("WorkPro cannot be reached: sends wait until it answers again")
+
+
+def _cannot_connect(exc: grpc.aio.AioRpcError) -> bool:
+    """gRPC could not connect to the server at all (it is down, or not listening): the request never left."""
+    return exc.code() == grpc.StatusCode.UNAVAILABLE and "failed to connect" in (exc.details() or "").lower()
 
 
 class _RedactSecrets(logging.Filter):
@@ -171,6 +179,9 @@ class WorkproGateway(Gateway):
         self._stream_up = False
         self._stream_error: GatewayError | None = None  # why the stream last failed (None: it is fine)
         self._stream_taken = False  # ... because another client holds the token's one event stream
+        # The server cannot be connected to at all (it went away): sends wait, as for a login, instead of using up
+        # their attempts and failing for good; cleared when the event stream is up again.
+        self._unreachable = False
         self._fatal: GatewayError | None = None  # the server rejected us; reconnecting will not help
         self._connects = 0
         self._last_seq = 0
@@ -231,6 +242,7 @@ class WorkproGateway(Gateway):
             self._connects = 0
             self._fatal = self._stream_error = None
             self._stream_taken = False
+            self._unreachable = False
             self._upload_supported = None  # a new connection may reach another server
             self._endpoint = self.settings.endpoint or await self._discover()
             options = [
@@ -433,6 +445,8 @@ class WorkproGateway(Gateway):
                     return
                 self._stream_error = error
                 self._stream_taken = exc.code() == grpc.StatusCode.ALREADY_EXISTS
+                if _cannot_connect(exc):
+                    self._set_unreachable(True)
                 reason = str(error)
             except Exception as exc:  # never let the event task die: it is the gateway's lifeline
                 log.exception("workpro: event stream failed")
@@ -475,10 +489,17 @@ class WorkproGateway(Gateway):
         self._last_seq = 0
         self._resume_account = ""
 
+    def _set_unreachable(self, unreachable: bool) -> None:
+        if unreachable and not self._unreachable:
+            log.warning("workpro: %s cannot be reached; sends wait until it answers again", self._endpoint)
+        self._unreachable = unreachable
+        self._changed()
+
     def _on_stream_up(self) -> None:
         self._connects += 1
         self._stream_error = None
         self._stream_taken = False
+        self._set_unreachable(False)
         self._stream_up = True
         if self._connects > 1:
             self.emit(EventKind.CONNECTION, "event stream re-opened", state="up", reconnects=self._connects - 1)
@@ -537,7 +558,13 @@ class WorkproGateway(Gateway):
         try:
             return await call(request, metadata=self._metadata, timeout=timeout or self._timeout())
         except grpc.aio.AioRpcError as exc:
-            raise self._rpc_error(exc, method, mutating=mutating, what=what) from None
+            error = self._rpc_error(exc, method, mutating=mutating, what=what)
+            if mutating and type(error) is TransientError and _cannot_connect(exc) and not self._stream_up:
+                # Not even connected, so nothing left; the server is away (its event stream is down too). The
+                # dispatcher holds the run's sends until the gateway can send again, attempts unused.
+                self._set_unreachable(True)
+                raise NotLoggedInError(f"{tr(UNREACHABLE)} ({error})") from None
+            raise error from None
 
     def _rpc_error(self, exc: grpc.aio.AioRpcError, method: str, *, mutating: bool, what: str = "") -> GatewayError:
         error = map_rpc_error(
@@ -695,16 +722,23 @@ class WorkproGateway(Gateway):
 
     # -- login -----------------------------------------------------------------------------------
     async def login_status(self) -> LoginStatus:
-        return self._login.status()
+        return self._status()
+
+    def _status(self) -> LoginStatus:
+        """The login's status; not logged in while the server cannot be reached (nothing can be sent)."""
+        status = self._login.status()
+        if self._unreachable and status.logged_in:
+            return replace(status, state=LoginState.LOGGED_OUT, message=tr(UNREACHABLE))
+        return status
 
     async def wait_for_login(self, timeout: float) -> LoginStatus:
-        """Wait until logged in (and the account's name is known), or `timeout` seconds."""
+        """Wait until logged in, and the server reachable (and the account's name is known), or `timeout` seconds."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
-        await self._wait_for(lambda: self._login.logged_in, timeout)
+        await self._wait_for(lambda: self._login.logged_in and not self._unreachable, timeout)
         if self._login.logged_in:
             await self._account_name_settled(max(0.0, min(ACCOUNT_NAME_WAIT, deadline - loop.time())))
-        return self._login.status()
+        return self._status()
 
     async def start_login(self) -> LoginStatus:
         """Start the puppet if needed and return the QR to scan (or the logged-in status)."""
