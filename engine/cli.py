@@ -50,7 +50,7 @@ from engine.i18n import N_, Language, choose, ntr, set_language, tr
 from engine.messages import FilePart, ImagePart, LinkPart, Media, Message, MiniProgramPart, Part, TextPart, describe
 from engine.settings import Settings, load_settings, redact_url
 from storage.errors import StorageError
-from storage.models import MAX_ID, OPEN_STATUSES, TERMINAL_STATUSES, DeliveryStatus, RunStatus
+from storage.models import MAX_ID, MAX_RUN_KEY, OPEN_STATUSES, TERMINAL_STATUSES, DeliveryStatus, RunStatus
 
 if TYPE_CHECKING:  # the commands import what they need when they run: `wecast --help` stays quick
     from engine.contacts import SyncResult
@@ -120,6 +120,20 @@ class Bounded(click.types.IntParamType):
         return number
 
 
+class RunKey(click.types.StringParamType):
+    """A run key a person names (`--run-key`): at most MAX_RUN_KEY characters, as the API's Idempotency-Key; a
+    longer one is a usage error naming the option (it reached the database, which refused it: an internal error)."""
+
+    name = "text"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
+        key: str = super().convert(value, param, ctx)
+        if len(key) > MAX_RUN_KEY:
+            self.fail(tr("at most {n} characters (this one has {found})", n=MAX_RUN_KEY, found=len(key)), param, ctx)
+        return key
+
+
+RUN_KEY = RunKey()
 RUN_ID = Bounded(1, MAX_ID)  # a run id the database can hold (PostgreSQL refused a larger one: an internal error)
 COUNT = Bounded(0)  # --limit / --show: how many (0: all)
 PORT = Bounded(0, 65535)  # --port: 0 asks the system for a free one (a larger number was an internal error)
@@ -640,7 +654,7 @@ def _schedule_warnings(campaigns: Sequence[Campaign]) -> list[str]:
     )
 )
 @click.argument("campaign")
-@click.option("--run-key", help=N_("preview a specific run (default: the current schedule slot)"))
+@click.option("--run-key", type=RUN_KEY, help=N_("preview a specific run (default: the current schedule slot)"))
 @click.option("--json", "as_json", is_flag=True, help=N_("everything as JSON on stdout"))
 @click.option(
     "--csv",
@@ -901,7 +915,7 @@ def unknown_tags_warning(unknown: Sequence[str], known: Sequence[str]) -> str:
 @click.argument("campaign", required=False)
 @click.option("--resume", "resume_run", is_flag=True, help=N_("continue interrupted runs instead of starting one"))
 @click.option("--run", "run_id", type=RUN_ID, help=N_("with --resume: only this run"))
-@click.option("--run-key", help=N_("name the run explicitly (default: the current schedule slot)"))
+@click.option("--run-key", type=RUN_KEY, help=N_("name the run explicitly (default: the current schedule slot)"))
 @click.option("--no-wait", is_flag=True, help=N_("don't wait for login or quiet hours; leave those sends pending"))
 @click.option(
     "--test-to",

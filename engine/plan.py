@@ -52,6 +52,7 @@ from storage import optouts as optouts_db
 from storage import runs as runs_db
 from storage.db import snapshot, transaction
 from storage.deliveries import Planned
+from storage.models import fit_key
 from storage.runs import NewRun, RunRow
 
 CHUNK = contacts_db.VIEW_CHUNK  # contacts per step of a plan or preview (see the module docstring)
@@ -268,9 +269,13 @@ def slot_key(fire: datetime) -> str:
 
 
 def dedupe_key(campaign: Campaign, run_key: str, contact_id: str) -> str:
-    if campaign.dedupe == "once":
-        return f"{campaign.id}|once|{contact_id}"
-    return f"{campaign.id}|{run_key}|{contact_id}"
+    """The ledger key of one contact's delivery in one run (fitted to its column: a long run key or contact id)."""
+    return fit_key(_key_prefix(campaign, run_key) + contact_id)
+
+
+def _key_prefix(campaign: Campaign, run_key: str) -> str:
+    """What the dedupe keys of a run start with, before `fit_key`: + the contact id."""
+    return f"{campaign.id}|once|" if campaign.dedupe == "once" else f"{campaign.id}|{run_key}|"
 
 
 def run_settings(campaign: Campaign) -> RunSettings:
@@ -748,7 +753,7 @@ def _plan(
             conn,
             run_id,
             campaign.id,
-            key_prefix=dedupe_key(campaign, key, ""),  # + the contact id
+            key_prefix=_key_prefix(campaign, key),
             capped=settings.capped,
             now=now,
             with_messages=not campaign.compiled.plain_text,
@@ -822,7 +827,7 @@ def plan_adhoc(
                 cid,
                 name.get(cid, ""),
                 message.text,
-                f"{prefix}{run_key}|{cid}",
+                fit_key(f"{prefix}{run_key}|{cid}"),
                 message=None if message.is_plain_text() else message.dumps(),
             )
             for cid, message in unique

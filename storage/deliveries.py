@@ -48,11 +48,13 @@ from storage.models import (
     CAP_COUNTED_STATUSES,
     DELIVERIES,
     DELIVERY_PARTS,
+    KEY_LENGTH,
     QUEUED_STATUSES,
     RUNS,
     DeliveryStatus,
     PartStatus,
     RunStatus,
+    fit_key,
 )
 
 _D = DELIVERIES.c
@@ -289,7 +291,8 @@ PlanConflict = CopyConflict
 
 class PlanWriter:
     """Writes one run's planned deliveries as planning streams them, a chunk at a time, in the caller's transaction.
-    Each pending delivery's dedupe key is `key_prefix` + its contact id. Counts what it wrote.
+    Each pending delivery's dedupe key is `key_prefix` + its contact id (`fit_key`: fitted to its column). Counts
+    what it wrote.
 
     `pending` and `skipped` take a chunk's rows; `start` begins writing them, `wait` returns once they are written
     (the counts include them from then on). On PostgreSQL (unless `careful`) a chunk is one binary COPY straight into
@@ -360,7 +363,10 @@ class PlanWriter:
         the very tuple the next one reuses."""
         ids, names, texts, messages = columns
         status, ts = DeliveryStatus.PENDING.value, self.ts
-        rows = [repeat(self.run_id), repeat(self.campaign_id), ids, names, texts, map(self.key_prefix.__add__, ids)]
+        keys: Iterable[str] = map(self.key_prefix.__add__, ids)
+        if ids and len(self.key_prefix) + max(map(len, ids)) > KEY_LENGTH:  # a long contact id: rare, and costs more
+            keys = map(fit_key, keys)
+        rows = [repeat(self.run_id), repeat(self.campaign_id), ids, names, texts, keys]
         rows += [repeat(status), repeat(capped), repeat(ts), repeat(ts), *(repeat(r) for r in reason)]
         if self.with_messages:
             rows.append(repeat(None) if messages is None else messages)
@@ -1140,7 +1146,7 @@ def insert_adhoc(conn: Connection, run_id: int, campaign_id: str, rows: Sequence
                 "contact_name": r.contact_name,
                 "text": r.text,
                 "message": r.message,
-                "dedupe_key": r.dedupe_key,
+                "dedupe_key": None if r.dedupe_key is None else fit_key(r.dedupe_key),
                 "status": DeliveryStatus.PENDING,
                 "capped": False,
                 "created_at": now,

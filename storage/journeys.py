@@ -36,6 +36,7 @@ from storage.models import (
     DeliveryStatus,
     EnrolmentStatus,
     RunStatus,
+    fit_key,
 )
 
 JOURNEY_TRIGGER = "journey"  # the `trigger` of the runs that journey sends are planned into
@@ -137,7 +138,7 @@ def record_events(db: DB, events: Sequence[NewEvent], now: datetime) -> list[int
             new_id = conn.execute(
                 _insert_ignore_stmt(conn)
                 .values(
-                    key=key[:300],
+                    key=fit_key(key),
                     kind=event.kind.value,
                     contact_id=event.contact_id,
                     source=event.source,
@@ -403,7 +404,7 @@ def enrol(db: DB, items: Sequence[NewEnrolment]) -> list[int]:
                     taken.add((contact_id, trigger_key))
             rows: list[dict[str, Any]] = []
             for item in group:
-                key = (item.contact_id, item.trigger_key[:300])
+                key = (item.contact_id, fit_key(item.trigger_key))
                 if key in taken:
                     continue
                 taken.add(key)

@@ -19,6 +19,7 @@ only the parts not sent (see `PartStatus`). A plain text message has no part row
 
 from __future__ import annotations
 
+import hashlib
 from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
@@ -32,6 +33,26 @@ SCHEMA_VERSION = 6
 # The largest id of every table: PostgreSQL's integer (SQLite's ids go further). An id beyond it names no row; asked
 # for, it is refused where it comes in (a 422, a usage error), as PostgreSQL would refuse the query.
 MAX_ID = 2**31 - 1
+# The length of the key columns (deliveries.dedupe_key, customer_events.key, enrolments.trigger_key): keys made of
+# campaign or journey ids, run keys, contact ids and message ids. A longer key is stored as `fit_key` makes it, on
+# both databases (PostgreSQL would refuse it, SQLite keep it whole).
+KEY_LENGTH = 300
+# The longest run key a person or client may give (`wecast run --run-key`, the API's Idempotency-Key): refused beyond
+# it where it comes in (a usage error, a 422). Keys are fitted anyway; this keeps them whole in every key's head.
+MAX_RUN_KEY = 200
+# How much of a long key `fit_key` keeps as it is: room for `#` and the sha256 (64 hex digits).
+KEY_HEAD = KEY_LENGTH - 65
+
+
+def fit_key(key: str) -> str:
+    """`key` as a key column stores it: itself when it fits (nearly always), otherwise its first KEY_HEAD characters,
+    `#` and the sha256 of the whole key. The head keeps what lookups find keys by (a campaign's keys start with
+    `<campaign id>|`); the hash keeps two long keys that differ only after the head two keys. Of a key that fits
+    it is the key itself, so fitting twice changes nothing."""
+    if len(key) <= KEY_LENGTH:
+        return key
+    digest = hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()
+    return f"{key[:KEY_HEAD]}#{digest}"
 
 
 class UTCDateTime(TypeDecorator[datetime]):
@@ -232,7 +253,9 @@ class Delivery(SQLModel, table=True):
     # Code-point order on PostgreSQL too, so the index serves the per-campaign key ranges (queries._campaign_range).
     dedupe_key: str | None = Field(
         default=None,
-        sa_column=Column(String(300).with_variant(String(300, collation="C"), "postgresql"), nullable=True),
+        sa_column=Column(
+            String(KEY_LENGTH).with_variant(String(KEY_LENGTH, collation="C"), "postgresql"), nullable=True
+        ),
     )
     status: str = Field(default=DeliveryStatus.PENDING)  # indexed with run_id in ix_delivery_dispatch
     # Server defaults let a big plan insert only the columns that vary (fewer bound values per row).
@@ -345,7 +368,7 @@ class CustomerEvent(SQLModel, table=True):
         ),
     )
     id: int | None = Field(default=None, primary_key=True)
-    key: str = Field(sa_column=Column(String(300), nullable=False))
+    key: str = Field(sa_column=Column(String(KEY_LENGTH), nullable=False))  # fit_key
     kind: str
     contact_id: str
     source: str = ""  # stream | sync | journey | sandbox | api
@@ -370,7 +393,7 @@ class Enrolment(SQLModel, table=True):
     journey_id: str
     contact_id: str
     entry: int = 1
-    trigger_key: str = Field(sa_column=Column(String(300), nullable=False))
+    trigger_key: str = Field(sa_column=Column(String(KEY_LENGTH), nullable=False))  # fit_key
     event_id: int | None = None
     status: str = EnrolmentStatus.ACTIVE
     step: str = ""

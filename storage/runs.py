@@ -13,7 +13,7 @@ from sqlalchemy.engine import Connection
 
 from storage import deliveries
 from storage._sql import DB, dbapi_cursor, insert_ignore, reading, serialize, writing
-from storage.models import OPEN_STATUSES, RUNS, SCHEDULE_STATE, DeliveryStatus, RunStatus
+from storage.models import KEY_HEAD, OPEN_STATUSES, RUNS, SCHEDULE_STATE, DeliveryStatus, RunStatus, fit_key
 
 _R = RUNS.c
 _S = SCHEDULE_STATE.c
@@ -132,7 +132,7 @@ def record_plan(
     recipients = list(recipients)
     with writing(db) as conn:
         prefix = key_prefix(run.campaign_id, run.run_key)
-        if adhoc and recipients and all((r.dedupe_key or "").startswith(prefix) for r in recipients):
+        if adhoc and recipients and all((r.dedupe_key or "").startswith(prefix[:KEY_HEAD]) for r in recipients):
             # A direct send under a key pooled single sends may have used (`record_direct_sends`): theirs stands.
             serialize(conn, _DIRECT_LOCK)
             used = _earlier_sends(conn, run.campaign_id, [run.run_key])
@@ -310,12 +310,12 @@ class DirectSend:
     message: str | None
 
     def dedupe_key(self, campaign_id: str) -> str:
-        return f"{key_prefix(campaign_id, self.key)}{self.contact_id}"
+        return fit_key(f"{key_prefix(campaign_id, self.key)}{self.contact_id}")
 
 
 def key_prefix(campaign_id: str, key: str) -> str:
     """What the dedupe key of every delivery a direct send planned under this key starts with (the format of
-    `engine.plan.plan_adhoc` too)."""
+    `engine.plan.plan_adhoc` too), before `fit_key` (which keeps its first KEY_HEAD characters)."""
     return f"{campaign_id}|{key}|"
 
 
@@ -392,8 +392,9 @@ def _earlier_sends(
     with dbapi_cursor(conn) as cursor:
         for key in keys:
             prefix = key_prefix(campaign_id, key)
-            cursor.execute(sql, (prefix, prefix[:-1] + chr(ord("|") + 1)))
-            rows = [r for r in cursor.fetchall() if r[4] == prefix + r[1] and r[0] != other_than]
+            head = prefix[:KEY_HEAD]  # what the key of each of its deliveries starts with, fitted (`fit_key`) or not
+            cursor.execute(sql, (head, head[:-1] + chr(ord(head[-1]) + 1)))
+            rows = [r for r in cursor.fetchall() if r[4] == fit_key(prefix + r[1]) and r[0] != other_than]
             if rows:
                 out[key] = EarlierSend(int(rows[0][0]), tuple((r[1], r[2], r[3]) for r in rows))
     return out

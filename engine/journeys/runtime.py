@@ -63,7 +63,7 @@ from storage import journeys as store
 from storage import optouts as optouts_db
 from storage.db import transaction
 from storage.errors import StorageError
-from storage.models import CustomerEventKind, DeliveryStatus, EnrolmentStatus, RunStatus
+from storage.models import CustomerEventKind, DeliveryStatus, EnrolmentStatus, RunStatus, fit_key
 
 log = logging.getLogger("wecast.journeys")
 
@@ -118,8 +118,9 @@ class Welcome:
 
 
 def dedupe_key(journey_id: str, contact_id: str, entry: int, step_id: str) -> str:
-    """The ledger key of one journey send: one per journey, contact, entry and step, ever."""
-    return f"{journey_id}|{contact_id}|{entry}|{step_id}"
+    """The ledger key of one journey send: one per journey, contact, entry and step, ever (fitted to its column: a
+    long contact id)."""
+    return fit_key(f"{journey_id}|{contact_id}|{entry}|{step_id}")
 
 
 class JourneyEngine:

@@ -56,13 +56,13 @@ from storage import contacts as contacts_db
 from storage import deliveries as deliveries_db
 from storage import runs as runs_db
 from storage.contacts import ContactFilter
-from storage.models import OPEN_STATUSES, DeliveryStatus
+from storage.models import MAX_RUN_KEY, OPEN_STATUSES, DeliveryStatus
 
 IdempotencyKey = Annotated[
     str | None,
     Header(
         alias="Idempotency-Key",
-        max_length=200,
+        max_length=MAX_RUN_KEY,
         description=(
             "Any unique string per logical send (a UUID). A retry with the same key returns the first result "
             "and never sends twice."
