@@ -111,22 +111,43 @@ class Workers:
             try:
                 return await work()
             except asyncio.CancelledError:
-                log.info("run %s: dispatch stopped; unsent deliveries stay pending until the run is resumed", run_id)
+                with use_language(process_language()):
+                    log.info(
+                        "%s",
+                        tr(
+                            "run {run}: dispatch stopped; unsent deliveries stay pending until the run is resumed",
+                            run=run_id,
+                        ),
+                    )
                 raise
             except WecastError as exc:  # one line: another process owns the run, the run's settings are bad, ...
-                log.warning("run %s: not dispatched here: %s", run_id, exc)
+                with use_language(process_language()):
+                    log.warning("%s", tr("run {run}: not dispatched here: {why}", run=run_id, why=exc))
                 return None
             except StorageError as exc:  # the database's condition (full, locked, away): one line, not a traceback
                 if exc.kind not in PASSING:
-                    log.error("run %s: stopped, unsent deliveries stay to send: %s", run_id, explain(exc))
+                    with use_language(process_language()):
+                        log.error(
+                            "%s",
+                            tr(
+                                "run {run}: stopped, unsent deliveries stay to send: {why}",
+                                run=run_id,
+                                why=explain(exc),
+                            ),
+                        )
                     self.stopped_on_failure.add(run_id)
                     return None
-                log.error(
-                    "run %s: stopped, unsent deliveries stay to send: %s; dispatching it again in %.0f s",
-                    run_id,
-                    explain(exc),
-                    pause,
-                )
+                with use_language(process_language()):
+                    log.error(
+                        "%s",
+                        tr(
+                            "run {run}: stopped, unsent deliveries stay to send: {why}; dispatching it again in "
+                            "{pause:.0f} s",
+                            run=run_id,
+                            why=explain(exc),
+                            pause=pause,
+                        ),
+                    )
             except Exception:  # a background task has nobody to raise to: log it, keep the service up
                 log.exception("run %s: dispatch failed", run_id)
                 self.stopped_on_failure.add(run_id)

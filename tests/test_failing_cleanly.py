@@ -283,6 +283,16 @@ def test_a_database_failure_in_the_service_is_logged_in_one_line(caplog: pytest.
     [record] = caplog.records
     assert record.exc_info is None
     assert record.getMessage().startswith("run 7: stopped, unsent deliveries stay to send: /srv/wecast.sqlite: the")
+    # A Chinese server logs it in Chinese (it was English whatever the language).
+    from engine import i18n
+
+    caplog.clear()
+    i18n.set_language(i18n.Language.ZH)
+    with caplog.at_level("ERROR", logger="wecast.workers"):
+        assert run(Workers()._guard(7, fails)) is None
+    [record] = caplog.records
+    said = record.getMessage()
+    assert said.startswith("批次 7：已停止，未发出的消息保持待发送：/srv/wecast.sqlite"), said
 
 
 def test_a_read_only_database_fails_the_background_sync_in_one_line(
