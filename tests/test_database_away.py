@@ -8,8 +8,10 @@ never stopped: other test sessions use it), chosen by the `application_name` eac
 
 from __future__ import annotations
 
+import asyncio
 import os
 import resource
+import socket
 import threading
 import time
 import uuid
@@ -243,3 +245,67 @@ def test_results_of_sends_made_wait_for_the_server_instead_of_turning_unknown(
             await app.close()
 
         run(go())
+
+
+def test_healthz_says_the_database_is_away_and_livez_still_answers(tmp_path: Path, db_url: str) -> None:
+    """/healthz is readiness: with the PostgreSQL server away (connections cut, then refused) it answers 503 with
+    stable keys naming what is down — the database — and words in the reader's language, and 200 again once the
+    server is back; the gateway's login state is reported, not counted as down. /livez (liveness) answers 200
+    throughout. Before, /healthz answered 200 "ok" with the database away."""
+    with TcpProxy(*_server(db_url)) as proxy:
+        settings = web_settings(tmp_path, database_url=_through(db_url, proxy))
+        with LiveServer(settings, scheduler=False) as srv:
+            client = srv.client
+            before = client.get("/healthz")
+            assert before.status_code == 200, before.text
+            assert before.json()["checks"] == {"database": "ok", "gateway": "logged_out"}
+            login(client)
+            assert client.get("/healthz").json()["checks"] == {"database": "ok", "gateway": "logged_in"}
+            proxy.down()
+            away = client.get("/healthz")
+            assert away.status_code == 503, away.text
+            body = away.json()
+            assert body["status"] == "error" and body["code"] == "database_unreachable"
+            assert body["down"] == ["database"]
+            assert body["checks"] == {"database": "unreachable", "gateway": "logged_in"}
+            assert "the database does not answer" in body["error"]
+            assert str(proxy.port) not in body["error"]  # an open endpoint: nothing of database_url
+            zh = client.get("/healthz", headers={"Accept-Language": "zh-CN"}).json()["error"]
+            assert "数据库没有响应" in zh
+            live = client.get("/livez")
+            assert live.status_code == 200 and live.json() == {"status": "ok"}
+            proxy.up()
+            deadline = time.monotonic() + 10
+            while (back := client.get("/healthz")).status_code != 200:
+                assert time.monotonic() < deadline, back.text
+                time.sleep(0.1)
+            assert back.json()["status"] == "ok" and "down" not in back.json()
+
+
+def test_healthz_waits_for_a_server_that_does_not_answer_a_bounded_time(db_url: str) -> None:
+    """A database server that accepts the connection and then says nothing (a hung server, a half-open firewall)
+    is "not answering" after the check's timeout, not minutes later; and however many checks come meanwhile,
+    one probe waits on it (one worker thread held, not one per request)."""
+    from engine.web.app import DatabaseCheck
+
+    silent = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)  # the kernel completes the handshake; nobody ever reads or writes
+    url = make_url(db_url).set(host="127.0.0.1", port=silent.getsockname()[1]).render_as_string(hide_password=False)
+    db = make_db_engine(url, migrate=False)
+    check = DatabaseCheck(db, timeout=0.5)
+    threads = threading.active_count()
+
+    async def go() -> None:
+        try:
+            started = time.monotonic()
+            assert await asyncio.gather(*(check.answers() for _ in range(5))) == [False] * 5
+            assert time.monotonic() - started < 3
+            assert threading.active_count() <= threads + 1
+        finally:
+            silent.close()  # the probe's connection sees the end and its thread finishes (asyncio.run waits for it)
+
+    try:
+        asyncio.run(go())
+    finally:
+        db.dispose()

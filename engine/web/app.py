@@ -9,6 +9,7 @@ and the web console at / (`console`).
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -18,7 +19,9 @@ from fastapi.staticfiles import StaticFiles
 from fastapi_offline import FastAPIOffline
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel
+from sqlalchemy.engine import Engine
 
+from engine.blocking import off_loop
 from engine.errors import ConfigError
 from engine.i18n import tr
 from engine.scheduler import CampaignScheduler
@@ -33,15 +36,53 @@ from engine.web.metrics import DatabaseCollector, instrument_gateway
 from engine.web.security import CONSOLE, Authentication, BodyLimit, RequestGuard, no_nul_characters
 from engine.web.sessions import SessionTokens
 from engine.workers import Workers
-from storage.db import file_gone
+from storage.db import file_gone, schema_version
+
+# How long /healthz waits for the database to answer before it says it is unreachable (a black-holed server would
+# otherwise hold the probe for the system's TCP timeout, minutes).
+DB_CHECK_TIMEOUT = 2.0
 
 
 class Health(BaseModel):
     status: str  # ok | error
     gateway: str
     login: str
+    # What was checked and how it is: database ok | unreachable | gone; gateway: the login state (logged_out is
+    # not "down": the server must stay reachable for the login itself).
+    checks: dict[str, str] | None = None
+    down: list[str] | None = None  # what is down (503): database
     error: str | None = None  # why not ok, for people (503)
-    code: str | None = None  # why not ok, for scripts: database_gone
+    code: str | None = None  # why not ok, for scripts: database_gone | database_unreachable
+
+
+class Liveness(BaseModel):
+    status: str  # ok
+
+
+class DatabaseCheck:
+    """Whether the database answers a trivial read within `timeout` seconds. One probe at a time: a server that
+    does not answer holds one worker thread, however many health requests come meanwhile."""
+
+    def __init__(self, db: Engine, timeout: float = DB_CHECK_TIMEOUT) -> None:
+        self.db = db
+        self.timeout = timeout
+        self._probe: asyncio.Future[int | None] | None = None
+
+    async def answers(self) -> bool:
+        if self._probe is None or self._probe.done():
+            self._probe = asyncio.ensure_future(off_loop(schema_version, self.db))
+            self._probe.add_done_callback(_retrieve)
+        try:
+            await asyncio.wait_for(asyncio.shield(self._probe), self.timeout)
+        except Exception:  # any failure to read (refused, dropped, timed out, unreadable) is "not answering"
+            return False
+        return True
+
+
+def _retrieve(probe: asyncio.Future[int | None]) -> None:
+    """Take a probe's exception, so one nobody waited for any more is not reported as never retrieved."""
+    if not probe.cancelled():
+        probe.exception()
 
 
 def create_app(
@@ -120,25 +161,43 @@ def create_app(
     def home() -> Response:
         return RedirectResponse(f"{CONSOLE}/", status_code=303)
 
+    database = DatabaseCheck(app.db)
+
+    @api.get(
+        "/livez",
+        response_model=Liveness,
+        tags=["ops"],
+        summary="Liveness (no auth): the process answers; checks nothing else",
+    )
+    def livez() -> Liveness:
+        return Liveness(status="ok")
+
     @api.get(
         "/healthz",
         response_model=Health,
         tags=["ops"],
-        summary="Liveness (no auth): 503 when the database file was deleted or replaced under the server",
-        responses={503: {"model": Health, "description": "not healthy: `error` says why"}},
+        summary="Readiness (no auth): 503 when the database is unreachable, or its file was deleted or replaced",
+        responses={503: {"model": Health, "description": "not ready: `down` says what, `code` and `error` why"}},
     )
     async def healthz() -> Response:
-        health = Health(status="ok", gateway=app.gateway.name, login=ctx.login_state.value)
+        login = ctx.login_state.value
+        health = Health(status="ok", gateway=app.gateway.name, login=login, checks={"database": "ok", "gateway": login})
         gone = file_gone(app.db)
-        if gone is None:
-            return JSONResponse(health.model_dump(exclude_none=True))
-        error = tr(
-            "the database file {path} was deleted or replaced while wecast was running: nothing more is recorded "
-            "or sent; restart wecast (restore the file from a backup first if it was not meant)",
-            path=gone,
-        )
-        body = health.model_copy(update={"status": "error", "error": error, "code": "database_gone"})
-        return JSONResponse(body.model_dump(), status_code=503)
+        if gone is not None:
+            error = tr(
+                "the database file {path} was deleted or replaced while wecast was running: nothing more is "
+                "recorded or sent; restart wecast (restore the file from a backup first if it was not meant)",
+                path=gone,
+            )
+            return _not_ready(health, "gone", error, "database_gone")
+        if not await database.answers():
+            error = tr(
+                "the database does not answer (waited {seconds} s): nothing is recorded or sent until it is back; "
+                "check that the server is running and that database_url is right",
+                seconds=format(database.timeout, "g"),
+            )
+            return _not_ready(health, "unreachable", error, "database_unreachable")
+        return JSONResponse(health.model_dump(exclude_none=True))
 
     @api.get("/metrics", tags=["ops"], summary="Prometheus metrics", response_class=Response)
     def metrics() -> Response:
@@ -152,3 +211,11 @@ def create_app(
     # Outermost: every answer, the guards' refusals too, in the request's language.
     api.add_middleware(SpeakLanguage, config=settings.language)
     return api
+
+
+def _not_ready(health: Health, database: str, error: str, code: str) -> JSONResponse:
+    checks = {**(health.checks or {}), "database": database}
+    body = health.model_copy(
+        update={"status": "error", "checks": checks, "down": ["database"], "error": error, "code": code}
+    )
+    return JSONResponse(body.model_dump(), status_code=503)

@@ -27,7 +27,7 @@ refuses every control character already (`engine.web.models`); a name, an id or 
 
 `Authentication` (always on) lets people in:
 
-* **The key**: when a key is configured (always beyond loopback), every path but /healthz, the console's
+* **The key**: when a key is configured (always beyond loopback), every path but /healthz, /livez, the console's
   sign-in page and its static files, and WeCom's signed callbacks needs `Authorization: Bearer <key>` (compared
   in constant time) or the console's session cookie, which its sign-in form gives for the key
   (`engine.web.sessions`). A browser asking for a console page without either is sent to the sign-in page;
@@ -71,9 +71,9 @@ CONSOLE = "/console"
 SIGNIN = "/console/signin"
 # WeCom's callbacks (engine.web.wecom_callback): XML, no key; each is authenticated by its own signature instead.
 SIGNED_PATHS = frozenset({"/wecom/callback"})
-# What anyone may fetch: liveness, the console's sign-in page and its static files (vendored scripts, styles), and
-# the signed callbacks.
-OPEN_PATHS = frozenset({"/healthz", SIGNIN, *SIGNED_PATHS})
+# What anyone may fetch: liveness and readiness, the console's sign-in page and its static files (vendored scripts,
+# styles), and the signed callbacks.
+OPEN_PATHS = frozenset({"/healthz", "/livez", SIGNIN, *SIGNED_PATHS})
 OPEN_PREFIXES = (f"{CONSOLE}/static/",)
 UPLOAD_PATHS = frozenset({"/api/v1/media"})  # raw bodies (see the module docstring)
 # What a browser sends cross-site without a CORS preflight (the Fetch standard's CORS-safelisted types).

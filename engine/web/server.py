@@ -1,7 +1,7 @@
 """`wecast serve`: the Wecast instance, the scheduler and uvicorn, in one process and one event loop.
 
 Binding: 127.0.0.1 by default (`api.host`). On any other address the server refuses to start without an
-API key (`WECAST_API_KEY` or `api.key`), and with a key every endpoint but /healthz needs it.
+API key (`WECAST_API_KEY` or `api.key`), and with a key every endpoint but /healthz and /livez needs it.
 
 Sandbox: serve starts the sandbox *logged out* (whatever `sandbox.auto_login` says: that switch is for the
 CLI demo), so the source document's flow (POST /goStart, scan, POST /submit-verify-code) is the real way
