@@ -49,7 +49,7 @@ from engine.errors import CampaignError, WecastError
 from engine.i18n import N_, Language, choose, ntr, set_language, tr
 from engine.messages import FilePart, ImagePart, LinkPart, Media, Message, MiniProgramPart, Part, TextPart, describe
 from engine.settings import Settings, load_settings, redact_url
-from storage.errors import StorageError
+from storage.errors import Failure, StorageError
 from storage.models import MAX_ID, MAX_RUN_KEY, OPEN_STATUSES, TERMINAL_STATUSES, DeliveryStatus, RunStatus
 
 if TYPE_CHECKING:  # the commands import what they need when they run: `wecast --help` stays quick
@@ -99,6 +99,7 @@ log = logging.getLogger("wecast")
 EXIT_ERROR = 1
 EXIT_INVALID = 2
 EXIT_INTERNAL = 70
+EXIT_UNREACHABLE = 75  # sysexits' EX_TEMPFAIL: the database server cannot be reached; try again later
 EXIT_INTERRUPTED = 130  # 128 + SIGINT
 EXIT_TERMINATED = 143  # 128 + SIGTERM
 WIDE = 120  # from this many columns on, tables add the columns an 80-column terminal leaves out
@@ -362,7 +363,7 @@ class WecastGroup(TrGroup):
             ctx.exit(EXIT_ERROR)
         except StorageError as exc:  # the database's condition (full, locked, unreadable, newer), not a bug
             err.print(labelled("red", tr("error:"), escape(str(explain(exc)))))
-            ctx.exit(EXIT_ERROR)
+            ctx.exit(EXIT_UNREACHABLE if exc.kind is Failure.UNREACHABLE else EXIT_ERROR)
         except (click.exceptions.Exit, click.ClickException, click.Abort):
             raise
         except BrokenPipeError:

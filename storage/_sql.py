@@ -124,7 +124,9 @@ def mapped(exc: DBAPIError, where: str) -> StorageError | None:
         kind = next((k for prefix, k in _POSTGRES.items() if state and state.startswith(prefix)), None)
         if kind is None and not state and exc.connection_invalidated:  # the connection broke while in use
             kind = Failure.UNREACHABLE
-        if kind is None and not state and type(orig).__name__ == "OperationalError":  # could not connect at all
+        # Could not connect at all: refused, or no answer within connect_timeout (psycopg's ConnectionTimeout, a
+        # subclass of OperationalError without a SQLSTATE).
+        if kind is None and not state and any(c.__name__ == "OperationalError" for c in type(orig).__mro__):
             kind = Failure.UNREACHABLE
     if kind is None:
         return None

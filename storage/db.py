@@ -202,6 +202,10 @@ def url_problem(url: str) -> tuple[UrlProblem, str] | None:
     return None
 
 
+# Seconds a new PostgreSQL connection waits for the server before it is "cannot be reached" (libpq's connect_timeout).
+CONNECT_TIMEOUT = 10
+
+
 def make_db_engine(url: str, *, migrate: bool = True, echo: bool = False, busy_timeout: float = 30.0) -> Engine:
     """Create an engine for `url` (any SQLAlchemy URL) and make sure its schema is current. `busy_timeout`: how long
     (seconds) a SQLite transaction waits for another process's lock before it fails (a `StorageError`, kind BUSY)."""
@@ -212,6 +216,10 @@ def make_db_engine(url: str, *, migrate: bool = True, echo: bool = False, busy_t
         if database and database != ":memory:":
             Path(database).parent.mkdir(parents=True, exist_ok=True)
         kwargs["connect_args"] = {"check_same_thread": False, "timeout": busy_timeout}
+    elif "connect_timeout" not in parsed.query:
+        # A server that accepts the connection and never answers (hung, or a half-open firewall) would otherwise
+        # hold every new connection — `wecast run` included — for ever; `?connect_timeout=N` in the URL overrides.
+        kwargs["connect_args"] = {"connect_timeout": CONNECT_TIMEOUT}
     engine = create_engine(url, **kwargs)
     if parsed.get_backend_name() == "sqlite":
         database = parsed.database

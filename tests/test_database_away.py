@@ -12,6 +12,8 @@ import asyncio
 import os
 import resource
 import socket
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -309,3 +311,31 @@ def test_healthz_waits_for_a_server_that_does_not_answer_a_bounded_time(db_url: 
         asyncio.run(go())
     finally:
         db.dispose()
+
+
+def test_wecast_run_with_a_server_that_does_not_answer_ends_in_bounded_time(tmp_path: Path, db_url: str) -> None:
+    """`wecast run` whose database server accepts the connection and never answers gives up after the connect
+    timeout (10 s unless the URL says `connect_timeout`) with the catalogued words — Chinese here — and exit status
+    75 (try again later), not a traceback. Before, it waited for ever (no connect timeout), and a timeout was an
+    "internal error" (status 70)."""
+    silent = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)
+    url = make_url(db_url).set(host="127.0.0.1", port=silent.getsockname()[1]).render_as_string(hide_password=False)
+    write_settings(tmp_path, url)
+    (tmp_path / "campaigns").mkdir(exist_ok=True)
+    (tmp_path / "campaigns" / "all.yaml").write_text(
+        "id: all\nname: 全体\naudience: {}\nmessage: {template: '{{ name }}您好'}\n", encoding="utf-8"
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    cmd = [sys.executable, "-m", "engine.cli", "--lang", "zh", "-c", str(tmp_path / "config.yaml"), "run", "all"]
+    try:
+        started = time.monotonic()
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60, check=False)
+        waited = time.monotonic() - started
+    finally:
+        silent.close()
+    assert done.returncode == 75, (done.returncode, done.stderr)
+    assert "连接不上数据库服务器" in done.stderr and "connection timeout expired" in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr and "internal error" not in done.stderr
+    assert waited < 45, waited
