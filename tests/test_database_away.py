@@ -339,3 +339,31 @@ def test_wecast_run_with_a_server_that_does_not_answer_ends_in_bounded_time(tmp_
     assert "连接不上数据库服务器" in done.stderr and "connection timeout expired" in done.stderr, done.stderr
     assert "Traceback" not in done.stderr and "internal error" not in done.stderr
     assert waited < 45, waited
+
+
+@pytest.mark.parametrize(
+    ("lang", "words"), [("en", "the database server cannot be reached"), ("zh", "连接不上数据库服务器")]
+)
+def test_wecast_run_with_the_server_refusing_connections_is_one_line_and_exit_75(
+    tmp_path: Path, db_url: str, lang: str, words: str
+) -> None:
+    """`wecast run` whose database server refuses connections (stopped, wrong port): at once, one line in the
+    reader's language saying what to check, exit status 75 (try again later), no traceback and never the password
+    of database_url."""
+    from click.testing import CliRunner
+
+    from engine.cli import main
+
+    closed = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    closed.bind(("127.0.0.1", 0))
+    port = closed.getsockname()[1]
+    closed.close()  # nothing listens there now: connections are refused
+    write_settings(tmp_path, f"postgresql+psycopg://wecast:s3cret-pw@127.0.0.1:{port}/wecast", contacts=5)
+    (tmp_path / "campaigns").mkdir(exist_ok=True)
+    (tmp_path / "campaigns" / "c1.yaml").write_text("id: c1\nname: 测试\n" + PLAIN, encoding="utf-8")
+    started = time.monotonic()
+    result = CliRunner().invoke(main, ["--lang", lang, "-c", str(tmp_path / "config.yaml"), "run", "c1"])
+    assert time.monotonic() - started < 10
+    assert result.exit_code == 75, result.output
+    assert words in result.output and "Connection refused" in result.output, result.output
+    assert "Traceback" not in result.output and "s3cret-pw" not in result.output, result.output
