@@ -50,7 +50,7 @@ from engine.i18n import N_, Language, choose, ntr, set_language, tr
 from engine.messages import FilePart, ImagePart, LinkPart, Media, Message, MiniProgramPart, Part, TextPart, describe
 from engine.settings import Settings, load_settings, redact_url
 from storage.errors import Failure, StorageError
-from storage.models import MAX_ID, MAX_RUN_KEY, OPEN_STATUSES, TERMINAL_STATUSES, DeliveryStatus, RunStatus
+from storage.models import MAX_ID, OPEN_STATUSES, TERMINAL_STATUSES, DeliveryStatus, RunStatus
 
 if TYPE_CHECKING:  # the commands import what they need when they run: `wecast --help` stays quick
     from engine.contacts import SyncResult
@@ -122,15 +122,17 @@ class Bounded(click.types.IntParamType):
 
 
 class RunKey(click.types.StringParamType):
-    """A run key a person names (`--run-key`): at most MAX_RUN_KEY characters, as the API's Idempotency-Key; a
-    longer one is a usage error naming the option (it reached the database, which refused it: an internal error)."""
+    """A run key a person names (`--run-key`), checked as the API's Idempotency-Key (`engine.plan.run_key_problem`):
+    a usage error naming the option (a long one reached the database, which refused it: an internal error)."""
 
     name = "text"
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
+        from engine.plan import run_key_problem
+
         key: str = super().convert(value, param, ctx)
-        if len(key) > MAX_RUN_KEY:
-            self.fail(tr("at most {n} characters (this one has {found})", n=MAX_RUN_KEY, found=len(key)), param, ctx)
+        if (problem := run_key_problem(key)) is not None:
+            self.fail(problem, param, ctx)
         return key
 
 

@@ -52,7 +52,7 @@ from storage import optouts as optouts_db
 from storage import runs as runs_db
 from storage.db import snapshot, transaction
 from storage.deliveries import Planned
-from storage.models import fit_key
+from storage.models import KEY_SEPARATOR, MAX_RUN_KEY, fit_key
 from storage.runs import NewRun, RunRow
 
 CHUNK = contacts_db.VIEW_CHUNK  # contacts per step of a plan or preview (see the module docstring)
@@ -266,6 +266,18 @@ def future_slot(campaign: Campaign, now: datetime, explicit: str | None = None) 
 
 def slot_key(fire: datetime) -> str:
     return fire.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def run_key_problem(key: str) -> str | None:
+    """What is wrong with a run key a person or client gives (`wecast run --run-key`, the API's Idempotency-Key), in
+    the reader's language, or None. Beyond MAX_RUN_KEY characters it would not stay whole in its keys' heads; with
+    KEY_SEPARATOR in it, one delivery key could name two runs and contacts (run key `a|b` for contact `c` and run key
+    `a` for contact `b|c`), the second contact then skipped as "already sent"."""
+    if len(key) > MAX_RUN_KEY:
+        return tr("at most {n} characters (this one has {found})", n=MAX_RUN_KEY, found=len(key))
+    if KEY_SEPARATOR in key:
+        return tr("may not contain '{sep}': it separates the parts of a delivery's key", sep=KEY_SEPARATOR)
+    return None
 
 
 def dedupe_key(campaign: Campaign, run_key: str, contact_id: str) -> str:

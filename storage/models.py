@@ -40,6 +40,10 @@ KEY_LENGTH = 300
 # The longest run key a person or client may give (`wecast run --run-key`, the API's Idempotency-Key): refused beyond
 # it where it comes in (a usage error, a 422). Keys are fitted anyway; this keeps them whole in every key's head.
 MAX_RUN_KEY = 200
+# What separates the parts of a delivery's key (`{campaign}|{run key}|{contact}`). Campaign ids cannot hold it and a
+# run key a person or client gives may not (`run_key_problem`), so a key names one run and one contact: run key
+# `a|b` for contact `c` and run key `a` for contact `b|c` were one key, the second send wrongly "already sent".
+KEY_SEPARATOR = "|"
 # How much of a long key `fit_key` keeps as it is: room for `#` and the sha256 (64 hex digits).
 KEY_HEAD = KEY_LENGTH - 65
 

@@ -182,3 +182,44 @@ def test_the_api_takes_the_longest_idempotency_key_and_refuses_a_longer_one(tmp_
         assert [m.contact_id for m in live.app.gateway.outbox_messages()].count(cid) == 1
         bad = live.client.post("/send-message", json=body, headers={"Idempotency-Key": key + "i"})
         assert bad.status_code == 422 and "Idempotency-Key" in bad.text, bad.text
+
+
+def test_a_run_key_holding_the_key_separator_is_a_usage_error(tmp_path: Path) -> None:
+    """A delivery's key is `{campaign}|{run key}|{contact}`: run key `a|b` for contact `c` and run key `a` for contact
+    `b|c` were one key, so the second contact would be skipped as already sent. A run key with `|` is refused."""
+    write_settings(tmp_path, f"sqlite:///{tmp_path}/wecast.sqlite", contacts=3)
+    (tmp_path / "campaigns").mkdir(exist_ok=True)
+    (tmp_path / "campaigns" / "c1.yaml").write_text("id: c1\nname: 测试\n" + PLAIN, encoding="utf-8")
+    for lang, words in (("en", "may not contain '|'"), ("zh", "不能包含“|”")):
+        for command in ("run", "preview"):
+            result = CliRunner().invoke(
+                main, ["--config", str(tmp_path / "config.yaml"), "--lang", lang, command, "c1", "--run-key", "a|b"]
+            )
+            assert result.exit_code == 2, result.output
+            assert "--run-key" in result.output and words in result.output, result.output
+    engine = make_db_engine(f"sqlite:///{tmp_path}/wecast.sqlite")
+    try:
+        assert runs_db.list_runs(engine) == [], "nothing was planned"
+    finally:
+        engine.dispose()
+
+
+def test_an_idempotency_key_holding_the_key_separator_is_refused_before_anything_is_sent(tmp_path: Path) -> None:
+    settings = web_settings(tmp_path)
+    with LiveServer(settings, scheduler=False) as live:
+        login(live.client)
+        datas = live.client.post("/get-all-user", json={"pageSize": 100}).json()["datas"]
+        cid = next(c["id"] for c in datas if c["friend"] and not c["coworker"])
+        for path, body in (
+            ("/send-message", {"id": cid, "message": "您的订单已发货"}),
+            ("/send-message-all", {"ids": [cid], "message": "您的订单已发货"}),
+        ):
+            bad = live.client.post(path, json=body, headers={"Idempotency-Key": "order|1"})
+            assert bad.status_code == 422, bad.text
+            assert bad.json()["field"] == "Idempotency-Key" and "'|'" in bad.json()["error"], bad.text
+        assert isinstance(live.app.gateway, SandboxGateway)
+        assert live.app.gateway.outbox_messages() == []
+        ok = live.client.post(
+            "/send-message", json={"id": cid, "message": "您的订单已发货"}, headers={"Idempotency-Key": "order-1"}
+        )
+        assert ok.status_code == 200 and ok.json()["sent"] == 1, ok.text

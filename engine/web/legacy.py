@@ -36,7 +36,7 @@ from engine.errors import NotFoundError, WecastError
 from engine.i18n import tr
 from engine.message_spec import Attachment, PartError, direct_message
 from engine.messages import Message
-from engine.plan import API_CAMPAIGN, plan_adhoc
+from engine.plan import API_CAMPAIGN, plan_adhoc, run_key_problem
 from engine.views import json_page
 from engine.web.context import WebContext
 from engine.web.errors import invalid
@@ -69,6 +69,12 @@ IdempotencyKey = Annotated[
         ),
     ),
 ]
+
+
+def check_idempotency_key(key: str | None) -> None:
+    """A 422 naming the header when the key could not name one send (`engine.plan.run_key_problem`)."""
+    if key and key.strip() and (problem := run_key_problem(key.strip())) is not None:
+        raise invalid("Idempotency-Key", problem)
 
 
 def _page_if_whole(ask: Callable[[], contacts_db.JsonPage]) -> contacts_db.JsonPage | None:
@@ -271,6 +277,7 @@ def router(ctx: WebContext) -> APIRouter:
         responses={202: {"description": "accepted, still sending"}, 409: {"description": "not logged in"}},
     )
     async def send_one(body: SendMessageBody, idempotency_key: IdempotencyKey = None) -> JSONResponse:
+        check_idempotency_key(idempotency_key)
         message = body_message(ctx, body.message, body.attachments)
         code, result = await pool.send(body.id.strip(), message, idempotency_key)
         if code == 200 and result.failed:
@@ -286,6 +293,7 @@ def router(ctx: WebContext) -> APIRouter:
         responses={202: {"description": "accepted, still sending"}, 409: {"description": "not logged in"}},
     )
     async def send_message_all(body: SendAllBody, idempotency_key: IdempotencyKey = None) -> JSONResponse:
+        check_idempotency_key(idempotency_key)
         ids, tags = body.recipient_ids(), body.tag_names()
         if not ids and not tags:
             raise invalid("ids", tr("give the recipients: ids (or id) and/or tag"))
