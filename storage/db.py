@@ -204,6 +204,9 @@ def url_problem(url: str) -> tuple[UrlProblem, str] | None:
 
 # Seconds a new PostgreSQL connection waits for the server before it is "cannot be reached" (libpq's connect_timeout).
 CONNECT_TIMEOUT = 10
+# The drivers that take libpq's `connect_timeout` (pg8000 and asyncpg name theirs `timeout`: passed this one, every
+# connection would fail with an unknown keyword argument).
+LIBPQ_DRIVERS = frozenset({"psycopg", "psycopg2"})
 
 
 def make_db_engine(url: str, *, migrate: bool = True, echo: bool = False, busy_timeout: float = 30.0) -> Engine:
@@ -216,7 +219,7 @@ def make_db_engine(url: str, *, migrate: bool = True, echo: bool = False, busy_t
         if database and database != ":memory:":
             Path(database).parent.mkdir(parents=True, exist_ok=True)
         kwargs["connect_args"] = {"check_same_thread": False, "timeout": busy_timeout}
-    elif "connect_timeout" not in parsed.query:
+    elif parsed.get_driver_name() in LIBPQ_DRIVERS and "connect_timeout" not in parsed.query:
         # A server that accepts the connection and never answers (hung, or a half-open firewall) would otherwise
         # hold every new connection — `wecast run` included — for ever; `?connect_timeout=N` in the URL overrides.
         kwargs["connect_args"] = {"connect_timeout": CONNECT_TIMEOUT}

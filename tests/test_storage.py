@@ -23,10 +23,11 @@ from engine.gateways.sandbox import SandboxGateway
 from engine.plan import build_preview, plan_run
 from engine.service import Wecast
 from engine.settings import SandboxSettings, Settings
+from storage import db as storage_db
 from storage import deliveries as deliveries_db
 from storage import runs as runs_db
 from storage.contacts import load_contact_views
-from storage.db import SchemaError, make_db_engine, schema_version
+from storage.db import CONNECT_TIMEOUT, SchemaError, make_db_engine, schema_version
 from storage.deliveries import Planned, Result
 from storage.models import CONTACTS, DELIVERIES, META, SCHEMA_VERSION, DeliveryStatus
 from storage.runs import NewRun
@@ -307,3 +308,30 @@ def test_a_rule_that_reads_like_an_exclusion_records_no_skipped_rows(make_settin
     assert recorded and all(e.category == "exclusion" and e.reason.startswith("not a friend") for e in recorded)
     assert plan.skipped == len(recorded)
     run(app.close())
+
+
+@pytest.mark.parametrize(
+    ("url", "timeout"),
+    [
+        ("postgresql://wecast@127.0.0.1/test", CONNECT_TIMEOUT),
+        ("postgresql+psycopg://wecast@127.0.0.1/test", CONNECT_TIMEOUT),
+        ("postgresql+psycopg2://wecast@127.0.0.1/test", CONNECT_TIMEOUT),
+        ("postgresql+psycopg://wecast@127.0.0.1/test?connect_timeout=3", None),  # the URL's own is kept
+        ("postgresql+pg8000://wecast@127.0.0.1/test", None),  # pg8000 has no connect_timeout: it would refuse it
+        ("postgresql+asyncpg://wecast@127.0.0.1/test", None),
+    ],
+)
+def test_the_connect_timeout_goes_only_to_drivers_that_take_it(
+    url: str, timeout: int | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The engine's connect_args, caught before any driver is loaded (pg8000 and asyncpg are not installed here)."""
+    seen: dict[str, Any] = {}
+
+    def create_engine(url: str, **kwargs: Any) -> Any:
+        seen.update(kwargs.get("connect_args", {}))
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(storage_db, "create_engine", create_engine)
+    with pytest.raises(RuntimeError, match="stop here"):
+        make_db_engine(url, migrate=False)
+    assert seen.get("connect_timeout") == timeout, seen
