@@ -183,6 +183,27 @@ def test_a_body_too_deeply_nested_for_the_json_decoder_is_a_bad_request_in_words
     assert client.get("/healthz").status_code == 200
 
 
+@pytest.mark.parametrize(
+    ("content_type", "body"),
+    [
+        ("application/json", b'{"id": "\xff\xfe", "message": "hi"}'),  # not UTF-8 at all
+        ("application/json; charset=latin-1", '{"id": "caf\u00e9", "message": "hi"}'.encode("latin-1")),
+    ],
+)
+def test_a_json_body_that_is_not_utf8_is_a_bad_request_that_says_so(
+    client: httpx.Client, content_type: str, body: bytes
+) -> None:
+    """A JSON body in another encoding was answered "could not be read as JSON (nested too deeply?)", sending the
+    caller looking for nesting; it is refused (400, nothing sent) saying the body must be UTF-8, in both languages."""
+    for headers, words in ((ZH, "UTF-8"), (EN, "not UTF-8")):
+        answer = client.post("/send-message", content=body, headers={"content-type": content_type, **headers})
+        assert answer.status_code == 400, answer.text
+        data = answer.json()
+        assert data["code"] == "invalid_request" and data["field"] == "body", data
+        assert words in data["error"] and "nested" not in data["error"] and "嵌套" not in data["error"], data
+    assert client.get("/healthz").status_code == 200
+
+
 def test_two_languages_at_once_never_mix(client: httpx.Client) -> None:
     """Forty concurrent requests, half Chinese and half English: each answer is in its own request's language."""
 

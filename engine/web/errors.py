@@ -159,7 +159,11 @@ def install_error_handlers(api: FastAPI) -> None:
         # FastAPI's answer to a JSON body its decoder cannot take (nested 100,000 deep: a RecursionError) was an
         # English {"detail": ...}; it is a bad request like any other. Other HTTP errors keep Starlette's answer.
         if exc.status_code == 400 and exc.detail == BODY_PARSE_ERROR:
-            message = tr("invalid request: body: the body could not be read as JSON (nested too deeply?)")
+            # The decoder's own error is the cause: a body in another encoding is not a nesting problem.
+            if isinstance(exc.__cause__, UnicodeDecodeError):
+                message = tr("invalid request: body: the body is not UTF-8 text; send JSON encoded as UTF-8")
+            else:
+                message = tr("invalid request: body: the body could not be read as JSON (nested too deeply?)")
             return JSONResponse(error_body(message, code=Code.INVALID_REQUEST, field="body"), status_code=400)
         return await http_exception_handler(request, exc)
 
