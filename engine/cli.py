@@ -1223,6 +1223,15 @@ def contacts_sync(ctx: Ctx) -> None:
             tags=r.tags,
         )
     )
+    if r.unread_staff:
+        out.print(
+            tr(
+                "warning: the customers of these staff members could not be read, so {kept} contacts were kept as "
+                "they were: {staff}",
+                kept=r.kept,
+                staff=", ".join(f"{m.staff_id} ({m.reason})" for m in r.unread_staff),
+            )
+        )
 
 
 @contacts.command("list", help=N_("List synced contacts, filtered by tag and field."))

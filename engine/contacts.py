@@ -24,7 +24,7 @@ import contextlib
 import dataclasses
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
 from typing import Any
@@ -34,7 +34,7 @@ from sqlalchemy.engine import Connection, Engine
 from engine.blocking import off_loop
 from engine.clock import Clock, SystemClock
 from engine.errors import WecastError
-from engine.gateways.base import ContactRecord, Gateway, TagRecord
+from engine.gateways.base import ContactRecord, Gateway, TagRecord, UnreadStaff
 from engine.i18n import tr
 from engine.journeys.events import SYNC, diff
 from engine.owners import HEARTBEAT_EVERY, owner_alive, process_owner
@@ -57,6 +57,8 @@ class SyncResult:
     removed: int = 0
     tags: int = 0
     events: int = 0  # customer events the changes recorded (new contacts, removals, tag changes)
+    kept: int = 0  # contacts not listed but kept as they were: a staff member the gateway could not read follows them
+    unread_staff: list[UnreadStaff] = field(default_factory=list)  # those staff members, with why (a stable code)
 
 
 # The fields a contact record and a stored contact share (by name), `follow_user_ids` among them (the staff
@@ -172,6 +174,9 @@ async def _sync(
                 # The next page is asked for while this one is written: the gateway's round trip (or the
                 # sandbox's work) and the database's overlap. Writes still go one at a time, in order.
                 fetching = asyncio.ensure_future(gateway.list_contacts(page.next_cursor, page_size))
+            for member in page.unread_staff:
+                if member not in result.unread_staff:
+                    result.unread_staff.append(member)
             fresh = [c for c in page.contacts if c.id not in seen]
             seen.update(c.id for c in fresh)
             batch += [record_to_row(c) for c in fresh]
@@ -193,10 +198,23 @@ async def _sync(
     finally:
         if not fetching.done():  # the write failed or the sync was cancelled: the page asked for is not wanted
             fetching.cancel()
-    removed, events = await off_loop(_finish, db, sync.id, seen, clock.now(), baseline)
+    unread = {m.staff_id for m in result.unread_staff}
+    removed, kept, events = await off_loop(_finish, db, sync.id, seen, unread, clock.now(), baseline)
     result.removed = removed
+    result.kept = kept
     result.events += events
     result.seen = len(seen)
+    if result.unread_staff:
+        log.warning(
+            tr(
+                "contact sync: the customers of {count} staff members could not be read ({reasons}): {staff}; "
+                "{kept} contacts they follow were kept as they were, not marked removed",
+                count=len(result.unread_staff),
+                reasons=", ".join(sorted({m.reason for m in result.unread_staff})),
+                staff=", ".join(m.staff_id for m in result.unread_staff),
+                kept=kept,
+            )
+        )
     return result
 
 
@@ -245,16 +263,24 @@ def _write_page(
     return added, updated, events
 
 
-def _finish(db: Engine, sync_id: int, seen: set[str], now: datetime, baseline: bool) -> tuple[int, int]:
+def _finish(
+    db: Engine, sync_id: int, seen: set[str], unread: set[str], now: datetime, baseline: bool
+) -> tuple[int, int, int]:
     """End a sync in one transaction: the contacts it did not find marked removed (and their removals recorded),
-    the sync marked finished. Returns (removed, events recorded)."""
+    except those followed only by staff members the gateway could not read (`unread`: kept as they were, no event);
+    the sync marked finished. Returns (removed, kept, events recorded)."""
     with transaction(db) as conn:
         gone = contacts_db.unlisted(conn, seen)
+        kept = 0
+        if unread and gone:
+            follows = contacts_db.follow_users(conn, gone)
+            unreadable = {c for c, staff in follows.items() if unread.intersection(staff)}
+            gone, kept = [c for c in gone if c not in unreadable], len(unreadable)
         before = {} if baseline else journeys_db.contact_states(conn, gone)
         removed = contacts_db.mark_gone(conn, gone, now)
         events = 0 if baseline or not gone else _record_changes(conn, before, gone, now, SYNC)
         contacts_db.finish_sync(conn, sync_id, len(seen), now)
-    return removed, events
+    return removed, kept, events
 
 
 def _record_changes(

@@ -136,10 +136,21 @@ class TagRecord:
 
 
 @dataclass(frozen=True)
+class UnreadStaff:
+    """A staff member whose customers a sync could not read: those customers are kept as they were."""
+
+    staff_id: str
+    reason: str  # stable English code, e.g. "unlicensed" (no WeCom interoperability licence)
+
+
+@dataclass(frozen=True)
 class ContactPage:
     contacts: list[ContactRecord]
     next_cursor: str | None  # None: this was the last page
     total: int | None = None
+    # Staff members whose customers this list leaves out because they could not be read (not because they are
+    # gone): the sync keeps the customers they follow rather than mark them removed.
+    unread_staff: tuple[UnreadStaff, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -190,12 +190,19 @@ class MediaView(View):
     created: bool  # False: the same content was uploaded before (stored once)
 
 
+class UnreadStaffView(View):
+    staff_id: str
+    reason: str
+
+
 class SyncView(View):
     seen: int
     added: int
     updated: int
     removed: int
     tags: int
+    kept: int = 0
+    unread_staff: list[UnreadStaffView] = []
 
 
 class TagView(View):

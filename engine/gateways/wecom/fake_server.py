@@ -226,6 +226,9 @@ class FakeWecom:
         self._index: dict[str, list[str]] | None = None
         self._index_version = -1
         self._version = 0  # bumped whenever a follow is added or removed
+        # Staff without an interoperability licence: batch/get_by_user leaves their customers out and names them in
+        # fail_info.unlicensed_userid_list (701008 when no listed member has one).
+        self.unlicensed: set[str] = set()
         self._pairs: tuple[tuple[int, tuple[str, ...]], list[tuple[str, str]]] = ((-1, ()), [])
         self._seed = seed
         self._populate(customers, shared_every, seed)
@@ -645,6 +648,10 @@ class FakeWecom:
         limit = min(int(limit), 100)
         cursor = str(body.get("cursor") or "")
         start = int(cursor) if cursor.isdigit() else 0
+        unlicensed = [str(u) for u in users if str(u) in self.unlicensed]
+        if len(unlicensed) == len(users):
+            raise FakeError(701008, "没有合法的有互通license的用户", external_contact_list=[])
+        users = [u for u in users if str(u) not in self.unlicensed]
         key = (self._version, tuple(str(u) for u in users))
         if self._pairs[0] != key:  # the same userid_list pages on: list its pairs once
             self._pairs = (key, [(u, ext) for u in key[1] for ext in self.customers_of(u)])
@@ -670,7 +677,10 @@ class FakeWecom:
                 }
             )
         end = start + limit
-        return {"external_contact_list": items, "next_cursor": str(end) if end < len(pairs) else ""}
+        answer: JSON = {"external_contact_list": items, "next_cursor": str(end) if end < len(pairs) else ""}
+        if unlicensed:
+            answer["fail_info"] = {"unlicensed_userid_list": unlicensed}
+        return answer
 
     # tags ------------------------------------------------------------------------------------------------
     def _get_corp_tag_list(self, query: dict[str, str], body: JSON, upload: Any) -> JSON:

@@ -64,6 +64,7 @@ from engine.gateways.base import (
     LoginStatus,
     SendReceipt,
     TagRecord,
+    UnreadStaff,
 )
 from engine.gateways.fetch import fetch_public
 from engine.gateways.media_cache import read_media
@@ -104,6 +105,7 @@ SNAPSHOT_STALE = 86_400.0  # an abandoned contact sync snapshot is dropped after
 # dispatcher's send_timeout (30 s by default), past which a send is recorded unknown. Longer waits (a 45009 minute)
 # go to the dispatcher as the error's retry_after, and it reschedules the deliveries (client.waiting_at_most).
 SEND_WAIT_BUDGET = 5.0
+UNLICENSED = "unlicensed"  # ContactPage.unread_staff reason: the member has no interoperability licence
 SEND_STATUS = {
     0: (BatchOutcome.PENDING, "", ""),
     1: (BatchOutcome.SENT, "", ""),
@@ -170,6 +172,7 @@ class WecomGateway(Gateway):
         self._store: WecomStore | None = None
         self._logged_in = False
         self._login_message = "not logged in yet: start_login fetches an access token with the corp id and secret"
+        self._unread: dict[str, tuple[UnreadStaff, ...]] = {}  # snapshot -> staff whose customers it could not read
         self._receiver: CallbackReceiver | None = None
         self._welcome_codes: dict[str, float] = {}  # WelcomeCode -> monotonic time its callback came
         self._welcome_used: set[str] = set()
@@ -258,10 +261,13 @@ class WecomGateway(Gateway):
         size = max(1, page_size)
         page = await asyncio.to_thread(self.store.customers, position.sync, position.after, size + 1)
         records = [customers.merge(contact_of(pairs), [f for _, f in pairs]) for _, pairs in page[:size]]
+        unread = self._unread.get(position.sync, ())
         if len(page) <= size:
             await asyncio.to_thread(self.store.end_sync, position.sync)
-            return ContactPage(records, None, total=total)
-        return ContactPage(records, str(_Cursor(position.sync, page[size - 1][0])), total=total)
+            self._unread.pop(position.sync, None)
+            return ContactPage(records, None, total=total, unread_staff=unread)
+        cursor = str(_Cursor(position.sync, page[size - 1][0]))
+        return ContactPage(records, cursor, total=total, unread_staff=unread)
 
     async def _snapshot(self) -> str:
         """Fetch every (customer, staff member) pair into a new snapshot; returns its id. An answer that is not what
@@ -269,29 +275,48 @@ class WecomGateway(Gateway):
         sync = uuid.uuid4().hex
         now = self.clock.now().timestamp()
         await asyncio.to_thread(self.store.start_sync, sync, now, now - SNAPSHOT_STALE)
+        unread: dict[str, str] = {}
         try:
             staff = await self.staff()
             for start in range(0, len(staff), STAFF_PER_CALL):
-                await self._fetch_follows(sync, staff[start : start + STAFF_PER_CALL])
+                await self._fetch_follows(sync, staff[start : start + STAFF_PER_CALL], unread)
             total = await asyncio.to_thread(self.store.seal_sync, sync)
         except BaseException:
             with contextlib.suppress(Exception):
                 await asyncio.shield(asyncio.to_thread(self.store.end_sync, sync))
             raise
         log.info("wecom: %d customers of %d staff members fetched", total, len(staff))
+        if unread:
+            self._unread[sync] = tuple(UnreadStaff(u, reason) for u, reason in sorted(unread.items()))
+            log.warning(
+                tr(
+                    "wecom: {count} staff members have no interoperability licence ({code}): their customers could "
+                    "not be read and are kept as they were: {staff}",
+                    count=len(unread),
+                    code=UNLICENSED,
+                    staff=", ".join(sorted(unread)),
+                )
+            )
         return sync
 
-    async def _fetch_follows(self, sync: str, group: list[str]) -> None:
-        """Every page of `batch/get_by_user` for up to 100 staff members into the snapshot."""
+    async def _fetch_follows(self, sync: str, group: list[str], unread: dict[str, str]) -> None:
+        """Every page of `batch/get_by_user` for up to 100 staff members into the snapshot. Members WeCom would not
+        list customers of (no interoperability licence: `fail_info.unlicensed_userid_list`, or 701008 when none of
+        the group has one) go into `unread`, so that the sync keeps their customers rather than mark them removed."""
         api = "externalcontact/batch/get_by_user"
         cursor = ""
         seen: set[str] = set()
         while True:
             body: JSON = {"userid_list": group, "cursor": cursor, "limit": CUSTOMERS_PER_CALL}
-            data = await self.client.post(api, body)
-            unlicensed = customers.strings(customers.obj(data.get("fail_info")).get("unlicensed_userid_list"))
-            if unlicensed:
-                log.warning("wecom: staff without an interoperability licence were skipped: %s", unlicensed)
+            try:
+                data = await self.client.post(api, body)
+            except WecomPermanentError as exc:
+                if exc.reason_code != "no_licence":
+                    raise
+                unread.update(dict.fromkeys(group, UNLICENSED))
+                return
+            for userid in customers.strings(customers.obj(data.get("fail_info")).get("unlicensed_userid_list")):
+                unread[userid] = UNLICENSED
             rows = []
             for i, item in enumerate(customers.items(api, data, "external_contact_list")):
                 where = f"external_contact_list[{i}]"
