@@ -1224,12 +1224,20 @@ def contacts_sync(ctx: Ctx) -> None:
         )
     )
     if r.unread_staff:
-        out.print(
-            tr(
-                "warning: the customers of these staff members could not be read, so {kept} contacts were kept as "
-                "they were: {staff}",
-                kept=r.kept,
-                staff=", ".join(f"{m.staff_id} ({m.reason})" for m in r.unread_staff),
+        from engine.contacts import describe_unread
+
+        err.print(
+            labelled(
+                "yellow",
+                tr("warning:"),
+                escape(
+                    tr(
+                        "the customers of these staff members could not be read, so {kept} contacts were kept as "
+                        "they were: {staff}",
+                        kept=r.kept,
+                        staff=describe_unread(r.unread_staff),
+                    )
+                ),
             )
         )
 

@@ -35,7 +35,7 @@ from engine.blocking import off_loop
 from engine.clock import Clock, SystemClock
 from engine.errors import WecastError
 from engine.gateways.base import ContactRecord, Gateway, TagRecord, UnreadStaff
-from engine.i18n import tr
+from engine.i18n import N_, process_language, tr, use_language
 from engine.journeys.events import SYNC, diff
 from engine.owners import HEARTBEAT_EVERY, owner_alive, process_owner
 from storage import contacts as contacts_db
@@ -205,17 +205,29 @@ async def _sync(
     result.events += events
     result.seen = len(seen)
     if result.unread_staff:
-        log.warning(
-            tr(
-                "contact sync: the customers of {count} staff members could not be read ({reasons}): {staff}; "
-                "{kept} contacts they follow were kept as they were, not marked removed",
-                count=len(result.unread_staff),
-                reasons=", ".join(sorted({m.reason for m in result.unread_staff})),
-                staff=", ".join(m.staff_id for m in result.unread_staff),
-                kept=kept,
+        with use_language(process_language()):  # a log line: the server's language, not a request's
+            log.warning(
+                "%s",
+                tr(
+                    "contact sync: the customers of {count} staff members could not be read: {staff}; "
+                    "{kept} contacts they follow were kept as they were, not marked removed",
+                    count=len(result.unread_staff),
+                    staff=describe_unread(result.unread_staff),
+                    kept=kept,
+                ),
             )
-        )
     return result
+
+
+# Why a sync could not read a staff member's customers (UnreadStaff.reason, a stable code), in words.
+UNREAD_REASONS = {"unlicensed": N_("no interoperability licence")}
+
+
+def describe_unread(staff: Sequence[UnreadStaff]) -> str:
+    """`zhangsan (no interoperability licence), lisi (…)` in the reader's language (an unknown code as it is)."""
+    return ", ".join(
+        f"{m.staff_id} ({tr(UNREAD_REASONS[m.reason]) if m.reason in UNREAD_REASONS else m.reason})" for m in staff
+    )
 
 
 async def _running_elsewhere(db: Engine, clock: Clock, announced: bool) -> SyncRow | None:

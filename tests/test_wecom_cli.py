@@ -109,3 +109,28 @@ def test_a_proxys_error_page_mid_sync_is_one_clear_line(setup: tuple[Path, FakeW
     assert "Traceback" not in result.output and "LEAKED" not in result.output and "<html>" not in result.output
     listed = wecast(cfg, fake, "contacts", "list", "--json")
     assert listed.output.count('"id": "wm') == 30
+
+
+@pytest.mark.parametrize(
+    ("lang", "words"),
+    [
+        ("en", ["warning: the customers of these staff members could not be read", "(no interoperability licence)"]),
+        ("zh", ["警告：以下员工的客户无法读取", "(没有互通许可)"]),
+    ],
+)
+def test_a_sync_that_could_not_read_some_staff_says_so_in_words(
+    setup: tuple[Path, FakeWecom, FakeWecomThread], lang: str, words: list[str]
+) -> None:
+    """A staff member loses the interoperability licence: `wecast contacts sync` succeeds, keeps that member's
+    customers, and warns which member and why in the reader's language (not the code `unlicensed`)."""
+    cfg, fake, far = setup
+    assert wecast(cfg, fake, "contacts", "sync").exit_code == 0
+    lost = fake.staff[1]
+    far.call(lambda: setattr(fake, "unlicensed", {lost}))
+    result = wecast(cfg, fake, "--lang", lang, "contacts", "sync")
+    assert result.exit_code == 0, result.output
+    assert lost in result.output and "unlicensed" not in result.output, result.output
+    for w in words:
+        assert w in result.output, result.output
+    listed = wecast(cfg, fake, "contacts", "list", "--json")
+    assert listed.output.count('"id": "wm') == 30, "nobody was marked removed"
